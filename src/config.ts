@@ -1,0 +1,139 @@
+/**
+ * The one reader of the environment (CONTRACT.md, "Configuration"). `loadConfig` parses every variable once,
+ * reports every problem in one error, and returns a frozen object that the rest of the code receives.
+ */
+import { ConfigError } from './errors';
+
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+export interface FleetConfig {
+  /** `REDIS_URL`; null: start a local redis-server under `.fleet/` */
+  readonly redisUrl: string | null;
+  /** `DATABASE_URL`; null: start a local PostgreSQL under `.fleet/` */
+  readonly databaseUrl: string | null;
+  /** `FLEET_PREFIX` (default `fleet`): BullMQ prefix and stream key prefix */
+  readonly prefix: string;
+  /** `FLEET_PUBLIC_ENDPOINT_URL` (default unset): the fallback endpoint */
+  readonly publicEndpointUrl: string | null;
+  /** `FLEET_READY_WINDOW_S` (default 120) */
+  readonly readyWindowS: number;
+  /** `FLEET_SWEEP_EVERY_S` (default 30) */
+  readonly sweepEveryS: number;
+  /** `FLEET_ORPHAN_AFTER_S` (default 90) */
+  readonly orphanAfterS: number;
+  /** `FLEET_PROGRESS_DEADLINE_S` (default 1800) */
+  readonly progressDeadlineS: number;
+  /** `FLEET_STREAM_MAXLEN` (default 1000000) */
+  readonly streamMaxLen: number;
+  /** `FLEET_HTTP_PORT` (default 3000) */
+  readonly httpPort: number;
+  /** `FLEET_HTTP_HOST` (default 127.0.0.1) */
+  readonly httpHost: string;
+  /** `FLEET_BOARD_USER` / `FLEET_BOARD_PASSWORD` (default unset) */
+  readonly boardUser: string | null;
+  readonly boardPassword: string | null;
+  /** `FLEET_CONCURRENCY` (default 16) */
+  readonly concurrency: number;
+  /** `LOG_LEVEL` (default info) */
+  readonly logLevel: LogLevel;
+}
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', '::1', 'localhost']);
+
+export function isLoopbackHost(host: string): boolean {
+  return LOOPBACK_HOSTS.has(host) || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
+export function loadConfig(env: Env = process.env): FleetConfig {
+  const problems: string[] = [];
+  const read = (name: string): string | undefined => {
+    const value = env[name];
+    return value === undefined || value.trim() === '' ? undefined : value.trim();
+  };
+
+  const int = (name: string, fallback: number, min: number, max: number): number => {
+    const raw = read(name);
+    if (raw === undefined) return fallback;
+    if (!/^\d+$/.test(raw)) {
+      problems.push(`${name}: must be a whole number, got "${raw}"`);
+      return fallback;
+    }
+    const value = Number(raw);
+    if (value < min || value > max) {
+      problems.push(`${name}: must be between ${min} and ${max}, got ${value}`);
+      return fallback;
+    }
+    return value;
+  };
+
+  const url = (name: string, protocols: readonly string[]): string | null => {
+    const raw = read(name);
+    if (raw === undefined) return null;
+    let parsed: URL;
+    try {
+      parsed = new URL(raw);
+    } catch {
+      problems.push(`${name}: must be a URL (${protocols.join(' or ')}), got an unparsable value`);
+      return null;
+    }
+    if (!protocols.includes(parsed.protocol.replace(/:$/, ''))) {
+      // Never echo the value: it may carry a password.
+      problems.push(`${name}: scheme must be ${protocols.join(' or ')}, got "${parsed.protocol.replace(/:$/, '')}"`);
+      return null;
+    }
+    return raw;
+  };
+
+  const prefix = read('FLEET_PREFIX') ?? 'fleet';
+  if (!/^[A-Za-z0-9_.{}-]{1,64}$/.test(prefix)) {
+    problems.push(`FLEET_PREFIX: must be 1-64 characters of A-Za-z0-9_.-{} (no ':' or spaces), got "${prefix}"`);
+  }
+
+  const logLevel = read('LOG_LEVEL') ?? 'info';
+  if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
+    problems.push(`LOG_LEVEL: must be one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
+  }
+
+  const httpHost = read('FLEET_HTTP_HOST') ?? '127.0.0.1';
+  const boardUser = read('FLEET_BOARD_USER') ?? null;
+  const boardPassword = read('FLEET_BOARD_PASSWORD') ?? null;
+  if ((boardUser === null) !== (boardPassword === null)) {
+    problems.push('FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: set both or neither');
+  } else if (boardUser === null && !isLoopbackHost(httpHost)) {
+    problems.push(
+      `FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}")`,
+    );
+  }
+
+  const sweepEveryS = int('FLEET_SWEEP_EVERY_S', 30, 1, 3600);
+  const readyWindowS = int('FLEET_READY_WINDOW_S', 120, 1, 86_400);
+  if (readyWindowS <= sweepEveryS) {
+    problems.push(
+      `FLEET_READY_WINDOW_S: must be longer than FLEET_SWEEP_EVERY_S (${readyWindowS} <= ${sweepEveryS}), or every endpoint flaps between ticks`,
+    );
+  }
+
+  const config: FleetConfig = {
+    redisUrl: url('REDIS_URL', ['redis', 'rediss']),
+    databaseUrl: url('DATABASE_URL', ['postgres', 'postgresql']),
+    prefix,
+    publicEndpointUrl: url('FLEET_PUBLIC_ENDPOINT_URL', ['http', 'https']),
+    readyWindowS,
+    sweepEveryS,
+    orphanAfterS: int('FLEET_ORPHAN_AFTER_S', 90, 1, 86_400),
+    progressDeadlineS: int('FLEET_PROGRESS_DEADLINE_S', 1800, 1, 7 * 86_400),
+    streamMaxLen: int('FLEET_STREAM_MAXLEN', 1_000_000, 1000, 1_000_000_000),
+    httpPort: int('FLEET_HTTP_PORT', 3000, 0, 65_535),
+    httpHost,
+    boardUser,
+    boardPassword,
+    concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
+    logLevel: logLevel as LogLevel,
+  };
+
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(config);
+}

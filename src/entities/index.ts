@@ -1,0 +1,14 @@
+import { Attempt } from './attempt';
+import { Deployment } from './deployment';
+import { OutboxEntry } from './outbox-entry';
+import { ProcessedEvent } from './processed-event';
+import { StateTransition } from './state-transition';
+import { Initial1763900000000 } from './migrations/1763900000000-initial';
+
+export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
+
+/** The explicit entity list: no globs, so a compiled or bundled build finds the same set. */
+export const ENTITIES = [Deployment, Attempt, StateTransition, OutboxEntry, ProcessedEvent];
+
+/** Migrations in order. */
+export const MIGRATIONS = [Initial1763900000000];

@@ -1,0 +1,29 @@
+import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
+
+/**
+ * A transition waiting to be published on the stream, written in the same transaction as the transition.
+ * `fields` holds the stream entry's fields exactly as CONTRACT.md lists them.
+ */
+@Entity({ name: 'outbox' })
+export class OutboxEntry {
+  @PrimaryGeneratedColumn({ type: 'bigint' })
+  id!: string;
+
+  @Column({ name: 'deployment_id', type: 'uuid' })
+  deploymentId!: string;
+
+  @Column({ type: 'integer' })
+  version!: number;
+
+  @Column({ type: 'jsonb' })
+  fields!: Record<string, string>;
+
+  @Column({ name: 'created_at', type: 'timestamptz' })
+  createdAt!: Date;
+
+  @Column({ name: 'published_at', type: 'timestamptz', nullable: true })
+  publishedAt!: Date | null;
+
+  @Column({ name: 'stream_id', type: 'varchar', length: 64, nullable: true })
+  streamId!: string | null;
+}

@@ -1,0 +1,28 @@
+import { Column, Entity, PrimaryColumn } from 'typeorm';
+
+/** One row per decided eventId: a redelivered event finds its row and becomes a recorded noop. */
+@Entity({ name: 'processed_events' })
+export class ProcessedEvent {
+  @PrimaryColumn({ name: 'event_id', type: 'varchar', length: 200 })
+  eventId!: string;
+
+  @Column({ name: 'event_name', type: 'varchar', length: 64 })
+  eventName!: string;
+
+  @Column({ name: 'deployment_id', type: 'uuid' })
+  deploymentId!: string;
+
+  /** `applied` or `noop` */
+  @Column({ type: 'varchar', length: 16 })
+  outcome!: string;
+
+  @Column({ type: 'varchar', length: 64 })
+  reason!: string;
+
+  /** the deployment version the event produced (applied) or saw (noop) */
+  @Column({ type: 'integer', nullable: true })
+  version!: number | null;
+
+  @Column({ name: 'processed_at', type: 'timestamptz' })
+  processedAt!: Date;
+}

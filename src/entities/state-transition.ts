@@ -1,0 +1,34 @@
+import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
+import type { DeploymentState } from '../machine';
+
+/** Append-only history: one row per applied transition, unique per (deployment, version). */
+@Entity({ name: 'state_transitions' })
+export class StateTransition {
+  /** bigint: returned as a string by pg */
+  @PrimaryGeneratedColumn({ type: 'bigint' })
+  id!: string;
+
+  @Column({ name: 'deployment_id', type: 'uuid' })
+  deploymentId!: string;
+
+  @Column({ name: 'attempt_id', type: 'uuid', nullable: true })
+  attemptId!: string | null;
+
+  @Column({ name: 'from_state', type: 'varchar', length: 16, nullable: true })
+  fromState!: DeploymentState | null;
+
+  @Column({ name: 'to_state', type: 'varchar', length: 16 })
+  toState!: DeploymentState;
+
+  @Column({ type: 'integer' })
+  version!: number;
+
+  @Column({ type: 'varchar', length: 64 })
+  reason!: string;
+
+  @Column({ name: 'event_id', type: 'varchar', length: 200 })
+  eventId!: string;
+
+  @Column({ name: 'created_at', type: 'timestamptz' })
+  createdAt!: Date;
+}

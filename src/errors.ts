@@ -1,0 +1,109 @@
+/**
+ * The project's error classes: few, each with a stable `code` and readonly context. Workers and the HTTP layer
+ * map them to BullMQ and HTTP semantics in one place each.
+ */
+
+export abstract class FleetError extends Error {
+  abstract readonly code: string;
+  /** true when trying the same thing later may succeed */
+  abstract readonly retryable: boolean;
+}
+
+/** The environment is invalid; lists every problem at once. */
+export class ConfigError extends FleetError {
+  readonly code = 'invalid_config';
+  readonly retryable = false;
+  constructor(readonly problems: readonly string[]) {
+    super(`invalid configuration:\n  - ${problems.join('\n  - ')}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export interface FieldIssue {
+  /** dotted path of the offending field, `(root)` for the payload itself */
+  readonly field: string;
+  /** the rule it broke, in words */
+  readonly rule: string;
+}
+
+/** An event or payload that can never be applied: unknown name, wrong shape. Never retried. */
+export class ValidationError extends FleetError {
+  readonly retryable = false;
+  constructor(
+    readonly code: 'invalid_payload' | 'unknown_event',
+    readonly issues: readonly FieldIssue[],
+  ) {
+    super(`${code}: ${issues.map((i) => `${i.field}: ${i.rule}`).join('; ')}`);
+    this.name = 'ValidationError';
+  }
+}
+
+/** What the event names does not exist yet (its create may still be in flight). Retried with backoff. */
+export class NotYetError extends FleetError {
+  readonly retryable = true;
+  constructor(
+    readonly code: 'deployment_not_found' | 'attempt_not_found',
+    readonly deploymentId: string,
+    readonly attemptId?: string,
+  ) {
+    super(
+      code === 'deployment_not_found'
+        ? `deployment_not_found: deployment ${deploymentId} does not exist (yet)`
+        : `attempt_not_found: deployment ${deploymentId} has no attempt ${attemptId ?? ''} (yet)`,
+    );
+    this.name = 'NotYetError';
+  }
+}
+
+/** Concurrent writers kept winning the version check; every bounded in-process retry lost. Retried later. */
+export class ConflictError extends FleetError {
+  readonly code = 'version_conflict';
+  readonly retryable = true;
+  constructor(
+    readonly deploymentId: string,
+    readonly tries: number,
+  ) {
+    super(`version_conflict: deployment ${deploymentId} changed under ${tries} consecutive tries`);
+    this.name = 'ConflictError';
+  }
+}
+
+const TRANSIENT_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'EPIPE',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  // PostgreSQL SQLSTATEs: connection exceptions, shutdown, serialization, deadlock, too many connections
+  '08000',
+  '08001',
+  '08003',
+  '08004',
+  '08006',
+  '08P01',
+  '57P01',
+  '57P02',
+  '57P03',
+  '40001',
+  '40P01',
+  '53300',
+]);
+
+/**
+ * True when an error from PostgreSQL, Redis or the network means "try again later" rather than "this can never
+ * work". Unknown errors are not transient: a bug must surface, not loop.
+ */
+export function isTransient(err: unknown): boolean {
+  if (err instanceof FleetError) return err.retryable;
+  if (!(err instanceof Error)) return false;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string' && TRANSIENT_CODES.has(code)) return true;
+  const message = err.message;
+  return (
+    /Connection terminated|connection is closed|Connection is closed|terminating connection|timeout exceeded when trying to connect|Client has encountered a connection error|the database system is (starting up|shutting down|in recovery)|Stream isn't writeable|MaxRetriesPerRequestError|Reached the max retries per request/i.test(
+      message,
+    ) || (err.cause !== undefined && err.cause !== err && isTransient(err.cause))
+  );
+}

@@ -1,0 +1,20 @@
+export { decide, assertNever } from './decide';
+export { DEPLOYMENT_STATES, ATTEMPT_STATUSES, ENDPOINT_KINDS } from './types';
+export type {
+  AttemptChange,
+  AttemptSnapshot,
+  AttemptStatus,
+  Decision,
+  DeferReason,
+  DeploymentSnapshot,
+  DeploymentState,
+  Effects,
+  Endpoint,
+  EndpointKind,
+  MachineEvent,
+  MachineEventType,
+  NoopReason,
+  RejectionCode,
+  Snapshot,
+  TransitionReason,
+} from './types';

@@ -1,0 +1,61 @@
+/**
+ * Test isolation for PostgreSQL: each test file gets a database of its own, migrated, dropped afterwards.
+ */
+import { randomBytes } from 'node:crypto';
+import { Client } from 'pg';
+import type { DataSource } from 'typeorm';
+import { createDataSource } from '../../ormconfig';
+import { migrate } from '../../src/entities/migrate';
+import { testEnv } from './env';
+
+export interface TestDatabase {
+  readonly url: string;
+  readonly name: string;
+  readonly dataSource: DataSource;
+  /** closes the DataSource and drops the database */
+  close(): Promise<void>;
+}
+
+export async function createDatabase(): Promise<{ url: string; name: string; drop(): Promise<void> }> {
+  const adminUrl = testEnv().databaseUrl;
+  const name = `test_${randomBytes(6).toString('hex')}`;
+  const admin = new Client({ connectionString: adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`CREATE DATABASE ${name}`);
+  } finally {
+    await admin.end();
+  }
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  return {
+    url: url.toString(),
+    name,
+    async drop() {
+      const c = new Client({ connectionString: adminUrl });
+      await c.connect();
+      try {
+        await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      } finally {
+        await c.end();
+      }
+    },
+  };
+}
+
+/** A fresh, migrated database with a DataSource open on it. */
+export async function openTestDatabase(poolSize = 20): Promise<TestDatabase> {
+  const db = await createDatabase();
+  const dataSource = createDataSource({ url: db.url, poolSize, applicationName: 'lifecycle-fleet-test' });
+  await dataSource.initialize();
+  await migrate(dataSource);
+  return {
+    url: db.url,
+    name: db.name,
+    dataSource,
+    async close() {
+      if (dataSource.isInitialized) await dataSource.destroy();
+      await db.drop();
+    },
+  };
+}

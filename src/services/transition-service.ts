@@ -51,6 +51,13 @@ export type ApplyResult =
       readonly message: string;
     };
 
+export interface TransitionHooks {
+  /** after the snapshot was read and decided, before the version-checked write */
+  readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
+  /** right after the version-checked write, before anything else; throwing must roll everything back */
+  readonly afterUpdate?: (event: LifecycleEvent) => void | Promise<void>;
+}
+
 /** Outcomes of heartbeat and readiness stamps, which change no state. */
 export type StampNoopReason = 'stamped' | 'not_running' | 'not_ready';
 
@@ -68,11 +75,8 @@ export interface TransitionServiceOptions {
   /** version-check losses retried in-process before giving up with `ConflictError` (default 12) */
   readonly maxConflictRetries?: number;
   readonly logger?: Logger;
-  /**
-   * Test hook, called inside the transaction right after the deployment's UPDATE and before anything else is
-   * written; throwing from it must roll everything back.
-   */
-  readonly afterUpdate?: (event: LifecycleEvent) => void | Promise<void>;
+  /** Test hooks, called inside the transaction around the deployment's version-checked write. */
+  readonly hooks?: TransitionHooks;
 }
 
 interface SnapshotRow {
@@ -101,14 +105,14 @@ export class TransitionService {
   private readonly now: () => Date;
   private readonly maxConflictRetries: number;
   private readonly log: Logger;
-  private readonly afterUpdate: TransitionServiceOptions['afterUpdate'];
+  private readonly hooks: TransitionHooks;
 
   constructor(options: TransitionServiceOptions) {
     this.ds = options.dataSource;
     this.now = options.now ?? (() => new Date());
     this.maxConflictRetries = options.maxConflictRetries ?? 12;
     this.log = options.logger ?? silentLogger;
-    this.afterUpdate = options.afterUpdate;
+    this.hooks = options.hooks ?? {};
   }
 
   /**
@@ -131,24 +135,33 @@ export class TransitionService {
   private async transition(event: StateEvent): Promise<ApplyResult> {
     const machineEvent = toMachineEvent(event);
     for (let attempt = 1; ; attempt++) {
+      // Optimistic first. Once it has lost, take the deployment's row lock before reading, so a hot deployment
+      // cannot starve one writer: the version check still guards, and now it cannot lose.
+      const lock = attempt > 1;
       try {
-        return await this.inTransaction((q) => this.decideAndWrite(q, event, machineEvent));
+        return await this.inTransaction((q) => this.decideAndWrite(q, event, machineEvent, lock));
       } catch (err) {
         if (!(err instanceof VersionCheckLost)) throw err;
         if (attempt >= this.maxConflictRetries) {
           throw new ConflictError(event.data.deploymentId, attempt);
         }
         this.log.debug({ deploymentId: event.data.deploymentId, eventId: event.eventId, attempt }, 'version conflict, retrying');
-        await sleep(Math.random() * Math.min(100, 2 ** attempt));
+        await sleep(Math.random() * Math.min(50, 2 ** attempt));
       }
     }
   }
 
-  private async decideAndWrite(q: QueryRunner, event: LifecycleEvent, machineEvent: MachineEvent): Promise<ApplyResult> {
+  private async decideAndWrite(
+    q: QueryRunner,
+    event: LifecycleEvent,
+    machineEvent: MachineEvent,
+    lock: boolean,
+  ): Promise<ApplyResult> {
     const { deploymentId } = event.data;
     const attemptId = 'attemptId' in event.data ? event.data.attemptId : null;
     const base = { eventId: event.eventId, deploymentId };
 
+    if (lock) await run(q, `SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE`, [deploymentId]);
     const row = await this.readSnapshot(q, deploymentId, attemptId, event.eventId);
     if (row.p_outcome !== null) {
       return {
@@ -210,6 +223,7 @@ export class TransitionService {
       return { eventId: event.eventId, deploymentId, outcome: 'noop', reason: 'duplicate_event' };
     }
 
+    await this.hooks.beforeUpdate?.(event);
     if (fromVersion === null) {
       if (event.name !== 'deployment.create') throw new Error(`only deployment.create may insert (${event.name})`);
       const inserted = await run(
@@ -246,7 +260,7 @@ export class TransitionService {
       );
       if (updated.affected !== 1) throw new VersionCheckLost();
     }
-    await this.afterUpdate?.(event);
+    await this.hooks.afterUpdate?.(event);
 
     if (effects.createAttempt !== undefined) {
       // The UPDATE above holds the deployment's row lock, so numbering cannot race.

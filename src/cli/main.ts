@@ -1,0 +1,218 @@
+/**
+ * The `fleet` command. Each subcommand is a thin shell over the composition root and the SDK; errors become one
+ * clear line on stderr and a non-zero exit (2 for bad input, 1 for everything else).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Command, CommanderError } from 'commander';
+import { createDataSource } from '../../ormconfig';
+import { closeOnSignals, startFleet, type Endpoints } from '../app';
+import { loadConfig, type FleetConfig } from '../config';
+import { migrate } from '../entities/migrate';
+import { ConfigError, ValidationError } from '../errors';
+import { createLogger } from '../log';
+import { isProcessAlive, startLocalServices } from '../local/services';
+import { LifecycleProducer } from '../queues/producer';
+import { readDeploymentStatus } from './status';
+
+/** Thrown for bad input on the command line: exit code 2. */
+class UsageError extends Error {}
+
+function repoRoot(): string {
+  for (let dir = __dirname; ; dir = path.dirname(dir)) {
+    if (fs.existsSync(path.join(dir, 'package.json'))) return dir;
+    if (path.dirname(dir) === dir) return process.cwd();
+  }
+}
+
+/** Where `fleet start` records the local services it started, so other `fleet` commands can find them. */
+const localEndpointsFile = () => path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');
+
+/**
+ * REDIS_URL and DATABASE_URL, or else those of the local services a running `fleet start` brought up.
+ */
+function resolveEndpoints(config: FleetConfig): Endpoints {
+  if (config.redisUrl !== null && config.databaseUrl !== null) {
+    return { redisUrl: config.redisUrl, databaseUrl: config.databaseUrl };
+  }
+  try {
+    const local = JSON.parse(fs.readFileSync(localEndpointsFile(), 'utf8')) as Endpoints & { pid: number };
+    if (isProcessAlive(local.pid)) {
+      return { redisUrl: config.redisUrl ?? local.redisUrl, databaseUrl: config.databaseUrl ?? local.databaseUrl };
+    }
+  } catch {
+    // no local fleet running
+  }
+  const missing = [config.redisUrl === null ? 'REDIS_URL' : null, config.databaseUrl === null ? 'DATABASE_URL' : null]
+    .filter((v) => v !== null)
+    .join(' and ');
+  throw new UsageError(
+    `${missing} not set, and no local fleet is running: set ${missing}, or run \`npm start\` (it starts local Redis and PostgreSQL) in another terminal`,
+  );
+}
+
+async function runMigrate(): Promise<void> {
+  const config = loadConfig();
+  const endpoints = resolveEndpoints(config);
+  const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate' });
+  await ds.initialize();
+  try {
+    const { ran } = await migrate(ds);
+    process.stdout.write(ran.length === 0 ? 'schema is up to date\n' : `applied: ${ran.join(', ')}\n`);
+  } finally {
+    await ds.destroy();
+  }
+}
+
+async function runWorker(): Promise<void> {
+  const config = loadConfig();
+  const logger = createLogger(config.logLevel);
+  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: true });
+  logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started');
+  await closeOnSignals(fleet, logger);
+}
+
+async function runStart(): Promise<void> {
+  const config = loadConfig();
+  const logger = createLogger(config.logLevel);
+  let local: Awaited<ReturnType<typeof startLocalServices>> | null = null;
+  let endpoints: Endpoints;
+  if (config.redisUrl !== null && config.databaseUrl !== null) {
+    endpoints = { redisUrl: config.redisUrl, databaseUrl: config.databaseUrl };
+  } else {
+    const dir = path.join(repoRoot(), '.fleet', 'run');
+    local = await startLocalServices({
+      dir,
+      redis: config.redisUrl === null,
+      postgres: config.databaseUrl === null,
+      fresh: false,
+      fast: false,
+      log: (msg) => logger.info(msg),
+    });
+    endpoints = {
+      redisUrl: config.redisUrl ?? local.redisUrl ?? '',
+      databaseUrl: config.databaseUrl ?? local.databaseUrl ?? '',
+    };
+    fs.writeFileSync(localEndpointsFile(), JSON.stringify({ ...endpoints, pid: process.pid }));
+  }
+  try {
+    const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate' });
+    await ds.initialize();
+    try {
+      const { ran } = await migrate(ds);
+      if (ran.length > 0) logger.info({ migrations: ran }, 'migrated');
+    } finally {
+      await ds.destroy();
+    }
+    const fleet = await startFleet(config, endpoints, logger, { worker: true });
+    logger.info(
+      { redis: local?.redisUrl !== undefined ? endpoints.redisUrl : 'external', postgres: local?.databaseUrl !== undefined ? endpoints.databaseUrl : 'external' },
+      'lifecycle-fleet is running; Ctrl-C stops it',
+    );
+    await closeOnSignals(fleet, logger);
+  } finally {
+    if (local !== null) {
+      fs.rmSync(localEndpointsFile(), { force: true });
+      await local.stop();
+    }
+  }
+}
+
+async function runEnqueue(name: string, json: string): Promise<void> {
+  let payload: unknown;
+  try {
+    payload = JSON.parse(json);
+  } catch (err) {
+    throw new UsageError(`<json>: not valid JSON (${(err as Error).message})`);
+  }
+  const config = loadConfig();
+  const producer = new LifecycleProducer({ connection: resolveEndpoints(config).redisUrl, prefix: config.prefix });
+  try {
+    const result = await producer.enqueue(name, payload);
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+  } finally {
+    await producer.close();
+  }
+}
+
+async function runStatus(deploymentId: string, options: { json?: boolean }): Promise<void> {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(deploymentId)) {
+    throw new UsageError(`<deploymentId>: must be a UUID, got "${deploymentId}"`);
+  }
+  const config = loadConfig();
+  const ds = createDataSource({ url: resolveEndpoints(config).databaseUrl, poolSize: 1, applicationName: 'lifecycle-fleet-cli' });
+  await ds.initialize();
+  try {
+    const status = await readDeploymentStatus(ds, deploymentId);
+    if (status === null) {
+      process.stderr.write(`deployment ${deploymentId} not found\n`);
+      process.exitCode = 1;
+      return;
+    }
+    process.stdout.write(options.json === true ? `${JSON.stringify(status, null, 2)}\n` : status.text);
+  } finally {
+    await ds.destroy();
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command('fleet')
+    .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
+    .showHelpAfterError('(run `fleet --help` for usage)')
+    .exitOverride()
+    .addHelpText(
+      'after',
+      `
+Configuration comes from the environment (REDIS_URL, DATABASE_URL, FLEET_PREFIX, ...; see the README).
+With REDIS_URL/DATABASE_URL unset, \`fleet start\` runs local Redis and PostgreSQL under .fleet/, and the
+other commands use them while it runs.
+
+Examples:
+  fleet start
+  fleet enqueue deployment.create '{"deploymentId":"6f1c...","name":"web"}'
+  fleet status 6f1c2a9e-0d4b-4c55-9a55-3f1a0c6d2b11`,
+    );
+
+  program
+    .command('start')
+    .description('run everything in one process (local Redis/PostgreSQL when REDIS_URL/DATABASE_URL are unset)')
+    .action(runStart);
+  program.command('worker').description('run a lifecycle worker against REDIS_URL and DATABASE_URL').action(runWorker);
+  program.command('migrate').description('apply pending database migrations (once, under an advisory lock)').action(runMigrate);
+  program
+    .command('enqueue')
+    .description('validate and enqueue one lifecycle event; prints its eventId and jobId')
+    .argument('<name>', 'event name, e.g. deployment.create')
+    .argument('<json>', 'the payload as JSON')
+    .action(runEnqueue);
+  program
+    .command('status')
+    .description("show a deployment, its current attempt and its latest transitions")
+    .argument('<deploymentId>', 'the deployment id (UUID)')
+    .option('--json', 'print JSON instead of text')
+    .action(runStatus);
+  return program;
+}
+
+export async function main(argv: readonly string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync([...argv]);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      process.exitCode = err.exitCode;
+      return;
+    }
+    if (err instanceof ValidationError) {
+      process.stderr.write(`fleet: ${err.code}\n${err.issues.map((i) => `  ${i.field}: ${i.rule}`).join('\n')}\n`);
+      process.exitCode = 2;
+      return;
+    }
+    if (err instanceof ConfigError || err instanceof UsageError) {
+      process.stderr.write(`fleet: ${err.message}\n`);
+      process.exitCode = 2;
+      return;
+    }
+    process.stderr.write(`fleet: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exitCode = 1;
+  }
+}

@@ -1,0 +1,139 @@
+/**
+ * The producer SDK: typed, validated enqueueing of lifecycle events onto the `lifecycle` queue. The jobId is the
+ * eventId, so enqueueing the same event twice collapses into one job; the worker's processed_events table makes
+ * any delivery that still gets through a recorded noop.
+ */
+import { randomUUID } from 'node:crypto';
+import { Queue } from 'bullmq';
+import type { DefaultJobOptions, JobsOptions } from 'bullmq';
+import type IORedis from 'ioredis';
+import { parsePayload, type EventName, type EventPayloads } from '../events/schemas';
+import { LIFECYCLE_QUEUE } from './names';
+import { createRedis } from './redis';
+
+/** A payload as a producer writes it: `eventId` optional (derived when omitted). */
+export type EventInput<K extends EventName> = Omit<EventPayloads[K], 'eventId'> & { eventId?: string };
+
+export interface EnqueueResult {
+  readonly name: EventName;
+  readonly eventId: string;
+  readonly jobId: string;
+}
+
+/**
+ * Job options every lifecycle job gets unless the producer overrides them. The worker owns the retries that
+ * matter ("not created yet", conflicts, outages never use up `attempts`); `attempts` here only bounds retries of
+ * unexpected errors. Completed and failed jobs are kept long enough to inspect, and bounded so Redis does not grow.
+ */
+export const DEFAULT_JOB_OPTIONS: DefaultJobOptions = Object.freeze({
+  attempts: 5,
+  backoff: { type: 'exponential', delay: 1000, jitter: 0.5 },
+  removeOnComplete: { age: 24 * 3600, count: 10_000 },
+  removeOnFail: { age: 7 * 24 * 3600, count: 50_000 },
+});
+
+/** Events whose eventId is derived from what they name when the producer gives none: they happen once. */
+const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>([
+  'deployment.create',
+  'attempt.create',
+  'attempt.start',
+  'attempt.end',
+  'attempt.cancel',
+  'attempt.orphaned',
+  'attempt.expired',
+]);
+
+/**
+ * The eventId for a payload without one: `<name>.<attemptId>` for attempt events (`<name>.<deploymentId>` for
+ * deployment.create), so a retried producer call enqueues the same event. Heartbeats, readiness, teardowns and
+ * resolves can happen many times: they get a random id.
+ */
+export function deriveEventId(name: EventName, payload: { deploymentId: string; attemptId?: string }): string {
+  if (!ONCE_PER_SUBJECT.has(name)) return `${name}.${randomUUID()}`;
+  return `${name}.${payload.attemptId ?? payload.deploymentId}`;
+}
+
+/**
+ * The BullMQ jobId for an eventId. They are the same, except that BullMQ refuses integer-looking custom ids,
+ * which the contract allows as eventIds: those get the `int.` prefix.
+ */
+export function jobIdFor(eventId: string): string {
+  return `${parseInt(eventId, 10)}` === eventId ? `int.${eventId}` : eventId;
+}
+
+export interface LifecycleProducerOptions {
+  /** a Redis URL (a fail-fast connection is made and owned) or an existing ioredis connection (not closed by us) */
+  readonly connection: string | IORedis;
+  /** BullMQ key prefix (default `fleet`) */
+  readonly prefix?: string;
+  /** overrides of DEFAULT_JOB_OPTIONS */
+  readonly defaultJobOptions?: DefaultJobOptions;
+}
+
+export class LifecycleProducer {
+  readonly queue: Queue;
+  private readonly ownedConnection: IORedis | null;
+  private closing: Promise<void> | null = null;
+
+  constructor(options: LifecycleProducerOptions) {
+    this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'producer') : null;
+    this.queue = new Queue(LIFECYCLE_QUEUE, {
+      connection: this.ownedConnection ?? (options.connection as IORedis),
+      prefix: options.prefix ?? 'fleet',
+      defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...options.defaultJobOptions },
+      // fail fast while Redis is unreachable rather than waiting for it to come back
+      skipWaitingForReady: true,
+    });
+    // Connection errors surface on the calls that hit them; the queue's own event would be unhandled otherwise.
+    this.queue.on('error', () => undefined);
+  }
+
+  /** Validates and enqueues one event. Throws `ValidationError` (naming the field and rule) before touching Redis. */
+  async enqueue<K extends EventName>(name: K, payload: EventInput<K>, jobOptions?: JobsOptions): Promise<EnqueueResult>;
+  async enqueue(name: string, payload: unknown, jobOptions?: JobsOptions): Promise<EnqueueResult>;
+  async enqueue(name: string, payload: unknown, jobOptions: JobsOptions = {}): Promise<EnqueueResult> {
+    const data = parsePayload(name, payload);
+    const eventName = name as EventName;
+    const eventId = data.eventId ?? deriveEventId(eventName, data as { deploymentId: string; attemptId?: string });
+    const jobId = jobIdFor(eventId);
+    await this.queue.add(eventName, { ...data, eventId }, { ...jobOptions, jobId });
+    return { name: eventName, eventId, jobId };
+  }
+
+  createDeployment(input: EventInput<'deployment.create'>) {
+    return this.enqueue('deployment.create', input);
+  }
+  createAttempt(input: EventInput<'attempt.create'>) {
+    return this.enqueue('attempt.create', input);
+  }
+  startAttempt(input: EventInput<'attempt.start'>) {
+    return this.enqueue('attempt.start', input);
+  }
+  heartbeat(input: EventInput<'attempt.heartbeat'>) {
+    return this.enqueue('attempt.heartbeat', input);
+  }
+  endAttempt(input: EventInput<'attempt.end'>) {
+    return this.enqueue('attempt.end', input);
+  }
+  cancelAttempt(input: EventInput<'attempt.cancel'>) {
+    return this.enqueue('attempt.cancel', input);
+  }
+  teardown(input: EventInput<'deployment.teardown'>) {
+    return this.enqueue('deployment.teardown', input);
+  }
+  resolve(input: EventInput<'deployment.resolve'>) {
+    return this.enqueue('deployment.resolve', input);
+  }
+  readiness(input: EventInput<'deployment.readiness'>) {
+    return this.enqueue('deployment.readiness', input);
+  }
+
+  /** Closes the queue and the connection it owns. Safe to call twice. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await this.queue.close();
+      if (this.ownedConnection !== null) await this.ownedConnection.quit().catch(() => this.ownedConnection?.disconnect());
+    })();
+    return this.closing;
+  }
+}

@@ -1,0 +1,159 @@
+/**
+ * The lifecycle worker: a thin adapter from a BullMQ job to `TransitionService.apply`, mapping outcomes to BullMQ
+ * semantics in one place:
+ *
+ * - applied / noop                      -> completed, the result as the job's return value
+ * - rejected, invalid payload, unknown  -> UnrecoverableError (failed, no retries), the code in the reason
+ * - not created yet, version conflicts,
+ *   PostgreSQL or Redis unreachable     -> moved to delayed with backoff (DelayedError: uses up no `attempts`),
+ *                                          until the retry budget (10 min from enqueue) is spent, then failed
+ * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
+ */
+import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
+import type { Job } from 'bullmq';
+import type IORedis from 'ioredis';
+import { FleetError, isTransient, ValidationError } from '../errors';
+import { silentLogger, type Logger } from '../log';
+import { LIFECYCLE_QUEUE } from '../queues/names';
+import { createRedis } from '../queues/redis';
+import type { ApplyResult, TransitionService } from '../services/transition-service';
+
+export interface LifecycleWorkerOptions {
+  /** a Redis URL (the worker owns its connection) or an ioredis connection with `maxRetriesPerRequest: null` */
+  readonly connection: string | IORedis;
+  /** BullMQ key prefix (default `fleet`) */
+  readonly prefix?: string;
+  readonly service: TransitionService;
+  /** jobs processed at once by this process (default 16) */
+  readonly concurrency?: number;
+  readonly logger?: Logger;
+  /** how long after enqueue a job keeps being retried for "not yet", conflicts and outages (default 10 min) */
+  readonly retryBudgetMs?: number;
+  /**
+   * Lock duration (default 8 s; renewed every half of it) and stalled-check interval (default 4 s): a job held by
+   * a worker that died is back in the queue at most lockDuration + stalledInterval (12 s) after the last renewal,
+   * instead of BullMQ's default of up to a minute.
+   */
+  readonly lockDurationMs?: number;
+  readonly stalledIntervalMs?: number;
+  /** times a job may be orphaned by a dying worker before it fails (default 5; BullMQ's default is 1) */
+  readonly maxStalledCount?: number;
+  /** test hook: runs after the service has committed, before the job completes */
+  readonly afterApply?: (job: Job, result: ApplyResult) => void | Promise<void>;
+  /** start taking jobs at once (default true) */
+  readonly autorun?: boolean;
+}
+
+/** Backoff for the worker's own retries: 250 ms doubling to 30 s, with jitter. */
+export function retryDelayMs(retriesSoFar: number): number {
+  const base = Math.min(30_000, 250 * 2 ** Math.max(0, retriesSoFar));
+  return Math.round(base * (0.5 + Math.random() * 0.5));
+}
+
+export class LifecycleWorker {
+  readonly worker: Worker;
+  private readonly log: Logger;
+  private readonly ownedConnection: IORedis | null;
+  private closing: Promise<void> | null = null;
+
+  constructor(private readonly options: LifecycleWorkerOptions) {
+    this.log = (options.logger ?? silentLogger).child({ component: 'lifecycle-worker' });
+    this.ownedConnection =
+      typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-worker') : null;
+    this.worker = new Worker(LIFECYCLE_QUEUE, (job, token) => this.process(job, token), {
+      connection: this.ownedConnection ?? (options.connection as IORedis),
+      prefix: options.prefix ?? 'fleet',
+      concurrency: options.concurrency ?? 16,
+      lockDuration: options.lockDurationMs ?? 8000,
+      stalledInterval: options.stalledIntervalMs ?? 4000,
+      maxStalledCount: options.maxStalledCount ?? 5,
+      autorun: options.autorun ?? true,
+    });
+    this.worker.on('error', (err) => this.log.error({ err }, 'worker error'));
+    this.worker.on('stalled', (jobId) => this.log.warn({ jobId }, 'job stalled: its worker stopped renewing the lock'));
+  }
+
+  private async process(job: Job, token: string | undefined): Promise<ApplyResult> {
+    const started = performance.now();
+    const ids = idsOf(job);
+    let result: ApplyResult;
+    try {
+      result = await this.options.service.apply(job.name, job.data, {
+        fallbackEventId: job.id,
+        producedAt: new Date(job.timestamp),
+      });
+    } catch (err) {
+      return this.handleFailure(job, token, err, ids, started);
+    }
+    const durationMs = Math.round(performance.now() - started);
+    if (result.outcome === 'rejected') {
+      this.log.warn({ ...ids, eventId: result.eventId, outcome: 'rejected', code: result.code, durationMs }, result.message);
+      throw new UnrecoverableError(`${result.code}: ${result.message}`);
+    }
+    await this.options.afterApply?.(job, result);
+    const reason = result.outcome === 'applied' ? result.reason : result.reason;
+    const level = result.outcome === 'noop' && result.reason === 'stamped' ? 'debug' : 'info';
+    this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
+    return result;
+  }
+
+  private async handleFailure(
+    job: Job,
+    token: string | undefined,
+    err: unknown,
+    ids: Record<string, string | undefined>,
+    started: number,
+  ): Promise<never> {
+    const durationMs = Math.round(performance.now() - started);
+    const code = err instanceof FleetError ? err.code : ((err as { code?: string }).code ?? 'error');
+    const message = err instanceof Error ? err.message : String(err);
+    if (err instanceof ValidationError) {
+      this.log.warn({ ...ids, outcome: 'invalid', code, durationMs }, message);
+      throw new UnrecoverableError(message);
+    }
+    if (isTransient(err)) {
+      const ageMs = Date.now() - job.timestamp;
+      const budget = this.options.retryBudgetMs ?? 10 * 60_000;
+      if (ageMs >= budget) {
+        this.log.error({ ...ids, outcome: 'gave_up', code, ageMs, durationMs }, message);
+        throw new UnrecoverableError(`${code}: still failing ${Math.round(ageMs / 1000)} s after enqueue: ${message}`);
+      }
+      const delay = retryDelayMs(Math.max(0, job.attemptsStarted - 1));
+      this.log.info({ ...ids, outcome: 'retry', code, delayMs: delay, durationMs }, message);
+      await job.moveToDelayed(Date.now() + delay, token);
+      throw new DelayedError();
+    }
+    this.log.error({ ...ids, outcome: 'error', err, durationMs }, message);
+    throw err;
+  }
+
+  /**
+   * Stops taking jobs and lets in-flight jobs finish for up to `graceMs` (default 30 s). Past that it stops
+   * waiting and closes the connection: those jobs' locks expire and another worker runs them again (the
+   * processed_events table keeps that safe). Safe to call twice.
+   */
+  close(graceMs = 30_000): Promise<void> {
+    this.closing ??= (async () => {
+      const graceful = this.worker.close().then(() => 'closed' as const);
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = new Promise<'timeout'>((resolve) => {
+        timer = setTimeout(() => resolve('timeout'), graceMs);
+      });
+      const how = await Promise.race([graceful, timedOut]);
+      clearTimeout(timer);
+      if (how === 'timeout') this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
+      if (this.ownedConnection !== null) this.ownedConnection.disconnect();
+    })();
+    return this.closing;
+  }
+}
+
+function idsOf(job: Job): Record<string, string | undefined> {
+  const data: unknown = job.data;
+  const pick = (key: string): string | undefined => {
+    if (typeof data !== 'object' || data === null) return undefined;
+    const value = (data as Record<string, unknown>)[key];
+    return typeof value === 'string' ? value.slice(0, 200) : undefined;
+  };
+  return { jobId: job.id, name: job.name, deploymentId: pick('deploymentId'), attemptId: pick('attemptId') };
+}

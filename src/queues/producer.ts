@@ -94,7 +94,7 @@ export class LifecycleProducer {
   async enqueue(name: string, payload: unknown, jobOptions: JobsOptions = {}): Promise<EnqueueResult> {
     const data = parsePayload(name, payload);
     const eventName = name as EventName;
-    const eventId = data.eventId ?? deriveEventId(eventName, data as { deploymentId: string; attemptId?: string });
+    const eventId = data.eventId ?? deriveEventId(eventName, data);
     const jobId = jobIdFor(eventId);
     await this.queue.add(eventName, { ...data, eventId }, { ...jobOptions, jobId });
     return { name: eventName, eventId, jobId };

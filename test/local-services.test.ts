@@ -78,6 +78,7 @@ describe('local services (real redis-server and postgres)', function () {
   this.timeout(60_000);
   const root = repoRoot();
   let dir = '';
+  let pgData = '';
   const running: LocalServices[] = [];
   const start = async (o: Partial<LocalServicesOptions> = {}): Promise<LocalServices> => {
     const s = await startLocalServices({ dir, redis: true, postgres: true, fresh: false, fast: true, ...o });
@@ -94,13 +95,17 @@ describe('local services (real redis-server and postgres)', function () {
   after(async () => {
     await Promise.all(running.map((s) => s.stop()));
     fs.rmSync(dir, { recursive: true, force: true });
+    if (pgData !== '' && !pgData.startsWith(dir)) fs.rmSync(path.dirname(pgData), { recursive: true, force: true });
   });
 
   it('starts both, configured as required, and stop() (twice) leaves nothing behind', async () => {
     const s = await start({ fresh: true });
     expect(s.redisUrl).to.match(/^redis:\/\/127\.0\.0\.1:\d+$/);
     expect(s.databaseUrl).to.equal(`postgres://fleet@127.0.0.1:${s.pgPort}/fleet`);
-    expect(s.pgDataDir).to.equal(path.join(dir, 'pg'));
+    // under a checkout the fleetpg user cannot traverse (root in a 0700 temp dir), the data lives outside it
+    const location = path.join(dir, 'pg-location');
+    pgData = fs.existsSync(location) ? fs.readFileSync(location, 'utf8').trim() : path.join(dir, 'pg');
+    expect(s.pgDataDir).to.equal(pgData);
     const { redis: redisPid, pg: pgPid } = pidOf(s);
     const url = s.databaseUrl ?? '';
 
@@ -125,7 +130,7 @@ describe('local services (real redis-server and postgres)', function () {
     expect(await portIsFree(s.redisPort ?? 0)).to.equal(true);
     expect(await portIsFree(s.pgPort ?? 0)).to.equal(true);
     expect(fs.existsSync(path.join(dir, 'redis.pid'))).to.equal(false);
-    expect(fs.existsSync(path.join(dir, 'pg', 'postmaster.pid'))).to.equal(false);
+    expect(fs.existsSync(path.join(pgData, 'postmaster.pid'))).to.equal(false);
     await s.stop(); // idempotent
     for (const log of ['redis.log', 'postgres.log', 'initdb.log']) expect(fs.existsSync(path.join(dir, log))).to.equal(true);
   });
@@ -142,7 +147,7 @@ describe('local services (real redis-server and postgres)', function () {
     expect(await waitDead(pids.pg)).to.equal(true);
     expect(await waitDead(pids.redis)).to.equal(true);
     await s.stop();
-    expect(fs.existsSync(path.join(dir, 'pg', 'postmaster.pid'))).to.equal(true);
+    expect(fs.existsSync(path.join(pgData, 'postmaster.pid'))).to.equal(true);
     expect(fs.existsSync(path.join(dir, 'redis.pid'))).to.equal(true);
 
     const again = await start();

@@ -187,7 +187,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
   it('makes a SIGKILLed worker\'s committed job effectively-once when another worker picks it up', async () => {
     const deploymentId = randomUUID();
     const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'fixtures', 'dying-worker.js')], {
-      env: { ...process.env, DATABASE_URL: db.url, FLEET_PREFIX: prefix, LOCK_MS: '2000', STALLED_MS: '1000' },
+      env: { ...process.env, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     children.push(child);
@@ -201,12 +201,15 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect((await queue.getJobState(jobId))).to.equal('active'); // held by the dead worker's lock
 
     const killedAt = Date.now();
-    startWorker({ lockDurationMs: 2000, stalledIntervalMs: 1000 });
+    startWorker(); // production lock and stalled-check settings
     const [job] = await settled([jobId]);
     const rerunAfterMs = Date.now() - killedAt;
+    expect(await job?.getState(), job?.failedReason).to.equal('completed');
     expect(job?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     expect(await transitionsOf(deploymentId)).to.have.length(1);
-    expect(rerunAfterMs).to.be.below(10_000);
+    // DESIGN.md: a killed worker's jobs run again within 15 s (lock 8 s + stalled check every 4 s)
+    expect(rerunAfterMs).to.be.below(15_000);
+    process.stdout.write(`      (re-run ${rerunAfterMs} ms after the worker was killed)\n`);
   });
 
   it('stops cleanly on SIGTERM during a burst of 500 jobs; a restarted worker finishes the rest', async () => {

@@ -89,7 +89,7 @@ export function parsePayload(name: string, data: unknown): EventPayloads[EventNa
       { field: '(root)', rule: `must be at most ${MAX_PAYLOAD_BYTES} bytes as JSON, got ${size}` },
     ]);
   }
-  const result = EVENT_SCHEMAS[name].safeParse(data);
+  const result = EVENT_SCHEMAS[name].safeParse(data, { reportInput: true });
   if (!result.success) throw new ValidationError('invalid_payload', toIssues(result.error));
   return result.data;
 }
@@ -114,7 +114,7 @@ function toIssues(error: z.ZodError): FieldIssue[] {
     if (issue.code === 'unrecognized_keys') {
       return { field: field, rule: `unknown field(s): ${issue.keys.map((k) => truncate(k)).join(', ')}` };
     }
-    if (issue.code === 'invalid_type' && issue.input === undefined) return { field, rule: 'is required' };
+    if (issue.input === undefined && issue.path.length > 0) return { field, rule: 'is required' };
     return { field, rule: issue.message };
   });
 }

@@ -1,6 +1,17 @@
 /**
- * Root hooks: a test file that leaves a socket or timer behind keeps mocha's process alive; fail loudly instead.
+ * Root hooks: a test file that leaves a connection open would keep mocha's process alive (or hide a leak in the
+ * code under test). After all tests, any TCP socket or server still open fails the run.
  */
 import type { RootHookObject } from 'mocha';
 
-export const mochaHooks: RootHookObject = {};
+export const mochaHooks: RootHookObject = {
+  async afterAll() {
+    // let sockets that were ended in the last test finish closing
+    for (let i = 0; i < 40; i++) {
+      if (!process.getActiveResourcesInfo().some((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap')) return;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const open = process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap');
+    throw new Error(`tests left ${open.length} TCP handle(s) open: ${open.join(', ')}`);
+  },
+};

@@ -8,6 +8,7 @@ import type { FleetConfig } from './config';
 import { migrationsApplied } from './entities/migrate';
 import type { Logger } from './log';
 import { TransitionService } from './services/transition-service';
+import { OutboxRelay, transitionStreamKey } from './streams/outbox-relay';
 import { LifecycleWorker } from './workers/lifecycle-worker';
 
 export interface Endpoints {
@@ -18,12 +19,15 @@ export interface Endpoints {
 export interface FleetRoles {
   /** run the lifecycle worker (default true) */
   readonly worker?: boolean;
+  /** run an outbox relay: one is active fleet-wide, the others stand by (default true) */
+  readonly relay?: boolean;
 }
 
 export interface Fleet {
   readonly dataSource: DataSource;
   readonly service: TransitionService;
   readonly worker: LifecycleWorker | null;
+  readonly relay: OutboxRelay | null;
   /** graceful stop in reverse start order; safe to call twice */
   close(graceMs?: number): Promise<void>;
 }
@@ -54,6 +58,21 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
     }
 
     const service = new TransitionService({ dataSource, logger });
+    let relay: OutboxRelay | null = null;
+    if (roles.relay ?? true) {
+      const r = new OutboxRelay({
+        databaseUrl: endpoints.databaseUrl,
+        redis: endpoints.redisUrl,
+        streamKey: transitionStreamKey(config.prefix),
+        maxLen: config.streamMaxLen,
+        logger,
+      });
+      relay = r;
+      // started before the worker, so it stops after it: it publishes what the worker's last jobs committed
+      closers.push(() => r.close());
+      r.start();
+    }
+
     let worker: LifecycleWorker | null = null;
     if (roles.worker ?? true) {
       const w = new LifecycleWorker({
@@ -73,6 +92,7 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
       dataSource,
       service,
       worker,
+      relay,
       close: (graceMs = 30_000) => (closing ??= close(graceMs)),
     };
   } catch (err) {

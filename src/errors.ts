@@ -68,6 +68,27 @@ export class ConflictError extends FleetError {
   }
 }
 
+/**
+ * A stream consumer's position is older than what the stream still holds (like a Kubernetes watch's 410 Gone):
+ * entries were trimmed before it read them. Resync from the history API, then start again from `$`.
+ */
+export class ResyncRequiredError extends FleetError {
+  readonly code = 'resync_required';
+  readonly retryable = false;
+  readonly hint = 'GET /api/deployments/:id/transitions?afterVersion=<last version you have>';
+  constructor(
+    readonly streamKey: string,
+    readonly from: string,
+    readonly firstRetained: string,
+  ) {
+    super(
+      `resync_required: ${streamKey} no longer holds the entries after ${from} (it now starts at ${firstRetained}); ` +
+        'read GET /api/deployments/:id/transitions?afterVersion=<last version you have>, then consume from $',
+    );
+    this.name = 'ResyncRequiredError';
+  }
+}
+
 const TRANSIENT_CODES = new Set([
   'ECONNREFUSED',
   'ECONNRESET',

@@ -67,10 +67,11 @@ describe('lifecycle worker through real BullMQ queues', function () {
     return waitFor(
       `${jobIds.length} jobs to settle`,
       async () => {
+        const states = await Promise.all(jobIds.map((id) => queue.getJobState(id)));
+        if (!states.every((s) => s === 'completed' || s === 'failed')) return undefined;
+        // read the jobs only now: a job read before it finished carries no return value
         const jobs = (await Promise.all(jobIds.map((id) => queue.getJob(id)))).filter((j) => j !== undefined);
-        if (jobs.length < jobIds.length) return undefined;
-        const states = await Promise.all(jobs.map((j) => j.getState()));
-        return states.every((s) => s === 'completed' || s === 'failed') ? jobs : undefined;
+        return jobs.length === jobIds.length ? jobs : undefined;
       },
       timeoutMs,
     );

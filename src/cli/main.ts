@@ -9,11 +9,13 @@ import { createDataSource } from '../../ormconfig';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';
-import { ConfigError, ValidationError } from '../errors';
+import { ConfigError, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { isProcessAlive, startLocalServices } from '../local/services';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
+import { tail } from './tail';
+import { transitionStreamKey } from '../streams/outbox-relay';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
@@ -155,6 +157,34 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
   }
 }
 
+async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
+  if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
+  if (options.from !== undefined && !/^(\$|0|\d+(-\d+)?)$/.test(options.from)) {
+    throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+  }
+  const config = loadConfig();
+  const stop = new Promise<void>((resolve) => {
+    process.once('SIGINT', () => resolve());
+    process.once('SIGTERM', () => resolve());
+  });
+  try {
+    await tail({
+      redisUrl: resolveEndpoints(config).redisUrl,
+      streamKey: transitionStreamKey(config.prefix),
+      ...options,
+      write: (line) => process.stdout.write(`${line}\n`),
+      stop,
+    });
+  } catch (err) {
+    if (err instanceof ResyncRequiredError) {
+      process.stderr.write(`fleet: ${err.message}\n`);
+      process.exitCode = 3;
+      return;
+    }
+    throw err;
+  }
+}
+
 export function buildProgram(): Command {
   const program = new Command('fleet')
     .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
@@ -185,6 +215,14 @@ Examples:
     .argument('<name>', 'event name, e.g. deployment.create')
     .argument('<json>', 'the payload as JSON')
     .action(runEnqueue);
+  program
+    .command('tail')
+    .description('print transitions as they happen (exit 3 when --from was trimmed away: resync from the history API)')
+    .option('--group <group>', 'read through this consumer group (a durable position)')
+    .option('--consumer <name>', 'consumer name within the group (default tail-<pid>)')
+    .option('--from <id>', 'start at this stream id (0 = all retained, $ = new only; default $)')
+    .option('--json', 'one JSON object per line instead of text')
+    .action(runTail);
   program
     .command('status')
     .description("show a deployment, its current attempt and its latest transitions")

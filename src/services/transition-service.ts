@@ -23,6 +23,9 @@ import type {
 } from '../machine';
 import { silentLogger, type Logger } from '../log';
 
+/** The NOTIFY channel that wakes the outbox relay when a transaction wrote outbox rows (delivered on commit). */
+export const OUTBOX_CHANNEL = 'lifecycle_fleet_outbox';
+
 export type ApplyResult =
   | {
       readonly outcome: 'applied';
@@ -296,7 +299,7 @@ export class TransitionService {
            'version', $5::text, 'reason', $6::text, 'eventId', $7::text, 'at', $9::text),
          $8
        FROM t
-       RETURNING (SELECT id FROM t) AS id`,
+       RETURNING (SELECT id FROM t) AS id, pg_notify('${OUTBOX_CHANNEL}', '') AS notified`,
       [deploymentId, attemptId, decision.from, decision.to, version, decision.reason, event.eventId, now, at],
     );
     const transitionId = inserted.rows[0]?.id;

@@ -1,0 +1,82 @@
+/**
+ * `fleet tail`: prints transitions as they happen. Without a group it reads the stream directly from `--from`
+ * (default `$`, only new entries); with `--group/--consumer` it reads through a consumer group, so a restarted tail
+ * continues where it stopped.
+ */
+import type IORedis from 'ioredis';
+import { ResyncRequiredError } from '../errors';
+import { createRedis } from '../queues/redis';
+import { compareIds, parseEntry, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
+
+export interface TailOptions {
+  readonly redisUrl: string;
+  readonly streamKey: string;
+  readonly group?: string;
+  readonly consumer?: string;
+  readonly from?: string;
+  readonly json?: boolean;
+  readonly write: (line: string) => void;
+  /** resolves when the tail should stop (a signal) */
+  readonly stop: Promise<void>;
+}
+
+export function formatEntry(entry: TransitionEntry, json: boolean): string {
+  if (json) return JSON.stringify(entry);
+  const from = entry.from === '' ? '(new)' : entry.from;
+  const attempt = entry.attemptId === '' ? '' : `  attempt ${entry.attemptId}`;
+  return `${entry.at}  ${entry.deploymentId}  v${entry.version}  ${from} -> ${entry.to}  ${entry.reason}${attempt}  [${entry.eventId}]`;
+}
+
+export async function tail(options: TailOptions): Promise<void> {
+  const print = (entry: TransitionEntry) => options.write(formatEntry(entry, options.json === true));
+  if (options.group !== undefined) {
+    const consumer = new TransitionConsumer({
+      redis: options.redisUrl,
+      streamKey: options.streamKey,
+      group: options.group,
+      consumer: options.consumer ?? `tail-${process.pid}`,
+      startId: options.from ?? '$',
+      blockMs: 1000,
+      handler: print,
+    });
+    const running = consumer.run();
+    await Promise.race([running, options.stop]);
+    await consumer.close();
+    await running;
+    return;
+  }
+
+  const redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
+  let stopped = false;
+  void options.stop.then(() => {
+    stopped = true;
+  });
+  try {
+    let last = options.from ?? '$';
+    if (last !== '$') await refuseTrimmed(redis, options.streamKey, last);
+    while (!stopped) {
+      const reply = (await redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last));
+      const entries = reply?.[0]?.[1] ?? [];
+      for (const [id, fields] of entries) {
+        print(parseEntry(id, fields));
+        last = id;
+      }
+      if (last === '$' && entries.length === 0) {
+        // pin the position so that entries added between two reads are not skipped
+        const newest = (await redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0];
+        if (newest !== undefined) last = newest;
+      }
+    }
+  } finally {
+    redis.disconnect();
+  }
+}
+
+async function refuseTrimmed(redis: IORedis, streamKey: string, from: string): Promise<void> {
+  const first = (await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0];
+  const info = (await redis.xinfo('STREAM', streamKey).catch(() => null)) as unknown[] | null;
+  if (first === undefined || info === null) return;
+  const added = Number(info[info.indexOf('entries-added') + 1] ?? 0);
+  const length = Number(info[info.indexOf('length') + 1] ?? 0);
+  if (added > length && compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
+}

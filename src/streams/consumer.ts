@@ -1,0 +1,260 @@
+/**
+ * The consumer-group client for the transition stream, for services that react to transitions.
+ *
+ * - Creates the group if missing (at `startId`, default `$`: only new transitions).
+ * - Handles its own pending entries first (what it read but did not acknowledge before a restart), then claims
+ *   entries idle on other consumers for longer than `claimIdleMs` (XAUTOCLAIM: their consumer died), then reads new
+ *   entries with a blocking XREADGROUP.
+ * - Acknowledges an entry only after the handler succeeded; a failing handler is retried in place with backoff,
+ *   so later entries of the same deployment never overtake it.
+ * - Drops an entry whose version it has already seen for that deployment (the stream is at-least-once).
+ * - When the position it must read from has been trimmed away, it stops with `ResyncRequiredError` (like a
+ *   Kubernetes watch's 410 Gone): read the history from `GET /api/deployments/:id/transitions?afterVersion=`,
+ *   then start again from `$`.
+ */
+import type IORedis from 'ioredis';
+import { ResyncRequiredError } from '../errors';
+import { silentLogger, type Logger } from '../log';
+import { createRedis } from '../queues/redis';
+
+/** One stream entry, parsed (CONTRACT.md, "The transition stream"). */
+export interface TransitionEntry {
+  /** the Redis stream entry id */
+  readonly streamId: string;
+  readonly type: 'state_transition';
+  readonly transitionId: string;
+  readonly deploymentId: string;
+  /** empty when none */
+  readonly attemptId: string;
+  /** empty for creation */
+  readonly from: string;
+  readonly to: string;
+  readonly version: number;
+  readonly reason: string;
+  readonly eventId: string;
+  readonly at: string;
+}
+
+/** Remembers the highest version handled per deployment. The default keeps it in memory. */
+export interface VersionStore {
+  get(deploymentId: string): number | undefined | Promise<number | undefined>;
+  set(deploymentId: string, version: number): void | Promise<void>;
+}
+
+export function memoryVersionStore(): VersionStore {
+  const seen = new Map<string, number>();
+  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, v) };
+}
+
+export interface TransitionConsumerOptions {
+  /** Redis URL (a connection is made and owned) or an ioredis connection with `maxRetriesPerRequest: null` */
+  readonly redis: string | IORedis;
+  /** `<FLEET_PREFIX>:transitions` */
+  readonly streamKey: string;
+  readonly group: string;
+  readonly consumer: string;
+  /** where a new group starts: `$` (default, new entries only), `0` (everything retained), or a stream id */
+  readonly startId?: string;
+  readonly handler: (entry: TransitionEntry) => Promise<void> | void;
+  /** entries per read (default 100) */
+  readonly batchSize?: number;
+  /** how long a read blocks waiting for new entries (default 2000 ms); bounds how fast `close()` returns */
+  readonly blockMs?: number;
+  /** entries idle this long on another consumer are claimed (default 30 s) */
+  readonly claimIdleMs?: number;
+  readonly versions?: VersionStore;
+  readonly logger?: Logger;
+}
+
+export class TransitionConsumer {
+  private readonly redis: IORedis;
+  private readonly ownsRedis: boolean;
+  private readonly versions: VersionStore;
+  private readonly log: Logger;
+  private stopped = false;
+  private running: Promise<void> | null = null;
+  private lastClaim = 0;
+  /** entries handled (not dropped) since start */
+  handled = 0;
+  /** entries dropped as already seen */
+  dropped = 0;
+
+  constructor(private readonly options: TransitionConsumerOptions) {
+    this.ownsRedis = typeof options.redis === 'string';
+    this.redis =
+      typeof options.redis === 'string' ? createRedis(options.redis, 'worker', `lifecycle-fleet-consumer-${options.consumer}`) : options.redis;
+    this.versions = options.versions ?? memoryVersionStore();
+    this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
+  }
+
+  /** Runs until `close()`; rejects with `ResyncRequiredError` when the group's position was trimmed away. */
+  run(): Promise<void> {
+    this.running ??= this.loop();
+    return this.running;
+  }
+
+  /** Stops after the current read (at most `blockMs`) and the current handler. Safe to call twice. */
+  async close(): Promise<void> {
+    this.stopped = true;
+    await this.running?.catch(() => undefined);
+    if (this.ownsRedis) this.redis.disconnect();
+  }
+
+  private async loop(): Promise<void> {
+    const { streamKey, group } = this.options;
+    await this.ensureGroup();
+    await this.checkTrimmed();
+    // own pending entries first: read before a restart, never acknowledged
+    for (let from = '0'; !this.stopped; ) {
+      const entries = await this.readGroup(from, false);
+      if (entries.length === 0) break;
+      await this.handleAll(entries);
+      from = entries[entries.length - 1]?.streamId ?? from;
+    }
+    while (!this.stopped) {
+      await this.claimIdle();
+      const entries = await this.readGroup('>', true);
+      await this.handleAll(entries);
+    }
+    this.log.debug({ streamKey, group }, 'consumer stopped');
+  }
+
+  private async ensureGroup(): Promise<void> {
+    const { streamKey, group, startId = '$' } = this.options;
+    try {
+      // from the beginning, the group has read nothing yet: tell Redis, so it can count what the group misses
+      if (startId === '0' || startId === '0-0') await this.redis.xgroup('CREATE', streamKey, group, startId, 'MKSTREAM', 'ENTRIESREAD', 0);
+      else await this.redis.xgroup('CREATE', streamKey, group, startId, 'MKSTREAM');
+      this.log.info({ startId }, 'created consumer group');
+    } catch (err) {
+      if (!(err instanceof Error) || !err.message.includes('BUSYGROUP')) throw err;
+    }
+  }
+
+  /**
+   * Has the stream trimmed entries this group never read? Redis 7 counts entries added to the stream and entries
+   * read by the group; when the stream has dropped more entries than the group has read, the group missed some.
+   * (A group created at a position in the middle of the stream has no count; then any trimmed entry after its
+   * position counts as missed, which is conservative.)
+   */
+  private async checkTrimmed(): Promise<void> {
+    const { streamKey, group } = this.options;
+    const stream = pairs((await this.redis.xinfo('STREAM', streamKey)) as unknown[]);
+    const removed = Number(stream['entries-added'] ?? 0) - Number(stream.length ?? 0);
+    if (removed <= 0) return;
+    const firstRetained = typeof stream['recorded-first-entry-id'] === 'string' ? stream['recorded-first-entry-id'] : null;
+    const mine = ((await this.redis.xinfo('GROUPS', streamKey)) as unknown[][]).map(pairs).find((g) => g.name === group);
+    const lastDelivered = typeof mine?.['last-delivered-id'] === 'string' ? mine['last-delivered-id'] : '0-0';
+    if (firstRetained === null || compareIds(lastDelivered, firstRetained) >= 0) return;
+    const entriesRead = mine?.['entries-read'];
+    const missed = typeof entriesRead === 'number' || typeof entriesRead === 'string' ? removed - Number(entriesRead) : removed;
+    if (missed > 0) throw this.resync(lastDelivered, firstRetained);
+  }
+
+  private resync(from: string, firstRetained: string): ResyncRequiredError {
+    const err = new ResyncRequiredError(this.options.streamKey, from, firstRetained);
+    this.log.error({ from, firstRetained }, err.message);
+    return err;
+  }
+
+  private async claimIdle(): Promise<void> {
+    const idle = this.options.claimIdleMs ?? 30_000;
+    if (Date.now() - this.lastClaim < Math.min(idle, 5000)) return;
+    this.lastClaim = Date.now();
+    const { streamKey, group, consumer } = this.options;
+    for (let cursor = '0-0'; !this.stopped; ) {
+      const reply = (await this.redis.xautoclaim(streamKey, group, consumer, idle, cursor, 'COUNT', this.options.batchSize ?? 100)) as [
+        string,
+        Array<[string, string[]] | null>,
+        string[]?,
+      ];
+      const [next, claimed, deletedIds] = reply;
+      if (deletedIds !== undefined && deletedIds.length > 0) {
+        // claimed entries that were trimmed before anyone handled them
+        throw this.resync(deletedIds[0] ?? cursor, deletedIds[deletedIds.length - 1] ?? cursor);
+      }
+      const entries = claimed.filter((e): e is [string, string[]] => e !== null).map(([id, fields]) => parseEntry(id, fields));
+      if (entries.length > 0) this.log.info({ claimed: entries.length }, 'claimed entries idle on another consumer');
+      await this.handleAll(entries);
+      if (next === '0-0') break;
+      cursor = next;
+    }
+  }
+
+  private async readGroup(from: string, block: boolean): Promise<TransitionEntry[]> {
+    const { streamKey, group, consumer } = this.options;
+    const count = String(this.options.batchSize ?? 100);
+    const args: Array<string | number> = ['GROUP', group, consumer, 'COUNT', count];
+    if (block) args.push('BLOCK', this.options.blockMs ?? 2000);
+    args.push('STREAMS', streamKey, from);
+    const reply = (await this.redis.call('XREADGROUP', ...args)) as Array<[string, Array<[string, string[] | null]>]> | null;
+    const raw = reply?.[0]?.[1] ?? [];
+    const trimmed = raw.filter(([, fields]) => fields === null).map(([id]) => id);
+    if (trimmed.length > 0) throw this.resync(trimmed[0] ?? from, trimmed[trimmed.length - 1] ?? from);
+    return raw.map(([id, fields]) => parseEntry(id, fields ?? []));
+  }
+
+  private async handleAll(entries: readonly TransitionEntry[]): Promise<void> {
+    for (const entry of entries) {
+      const seen = await this.versions.get(entry.deploymentId);
+      if (seen !== undefined && entry.version <= seen) {
+        this.dropped++;
+      } else {
+        // closed while the handler kept failing: leave the entry pending for the next start or another consumer
+        if (!(await this.handleWithRetry(entry))) return;
+        await this.versions.set(entry.deploymentId, entry.version);
+        this.handled++;
+      }
+      await this.redis.xack(this.options.streamKey, this.options.group, entry.streamId);
+    }
+  }
+
+  /**
+   * Retries a failing handler in place (250 ms doubling to 10 s) so that later entries of the deployment never
+   * overtake it. Returns false only when closed before the handler succeeded.
+   */
+  private async handleWithRetry(entry: TransitionEntry): Promise<boolean> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.options.handler(entry);
+        return true;
+      } catch (err) {
+        if (this.stopped) return false;
+        const delay = Math.min(10_000, 250 * 2 ** attempt);
+        this.log.warn({ err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
+  }
+}
+
+function pairs(flat: unknown[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];
+  return out;
+}
+
+export function parseEntry(streamId: string, fields: readonly string[]): TransitionEntry {
+  const f: Record<string, string> = {};
+  for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i] ?? ''] = fields[i + 1] ?? '';
+  return {
+    streamId,
+    type: 'state_transition',
+    transitionId: f.transitionId ?? '',
+    deploymentId: f.deploymentId ?? '',
+    attemptId: f.attemptId ?? '',
+    from: f.from ?? '',
+    to: f.to ?? '',
+    version: Number(f.version ?? 0),
+    reason: f.reason ?? '',
+    eventId: f.eventId ?? '',
+    at: f.at ?? '',
+  };
+}
+
+/** Orders Redis stream ids (`ms-seq`). */
+export function compareIds(a: string, b: string): number {
+  const [am = 0n, as = 0n] = a.split('-').map((p) => BigInt(p));
+  const [bm = 0n, bs = 0n] = b.split('-').map((p) => BigInt(p));
+  return am === bm ? (as === bs ? 0 : as < bs ? -1 : 1) : am < bm ? -1 : 1;
+}

@@ -1,0 +1,365 @@
+import { spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import type IORedis from 'ioredis';
+import { ResyncRequiredError } from '../src/errors';
+import { TransitionService } from '../src/services/transition-service';
+import { parseEntry, TransitionConsumer, type TransitionEntry } from '../src/streams/consumer';
+import { OutboxRelay, relayLagSeconds } from '../src/streams/outbox-relay';
+import { openTestDatabase, type TestDatabase } from './helpers/db';
+import { testEnv } from './helpers/env';
+import { OwnRedis } from './helpers/redis-server';
+import { dropPrefix, testRedis, uniquePrefix } from './helpers/redis';
+import { waitFor } from './helpers/wait';
+
+const ROOT = path.resolve(__dirname, '..', '..');
+
+/** Ten transitions for one deployment: ready, then failed, then cancelled, then torn down. */
+async function tenTransitions(service: TransitionService, deploymentId: string): Promise<void> {
+  const [a, b, c] = [randomUUID(), randomUUID(), randomUUID()];
+  const steps: Array<[string, Record<string, unknown>]> = [
+    ['deployment.create', { name: 'web' }],
+    ['attempt.create', { attemptId: a }],
+    ['attempt.start', { attemptId: a }],
+    ['attempt.end', { attemptId: a, outcome: 'succeeded' }],
+    ['attempt.create', { attemptId: b }],
+    ['attempt.start', { attemptId: b }],
+    ['attempt.end', { attemptId: b, outcome: 'failed' }],
+    ['attempt.create', { attemptId: c }],
+    ['attempt.cancel', { attemptId: c }],
+    ['deployment.teardown', {}],
+  ];
+  for (const [name, data] of steps) {
+    const result = await service.apply(name, { deploymentId, ...data }, { fallbackEventId: randomUUID() });
+    if (result.outcome !== 'applied') throw new Error(`${name} was ${result.outcome}`);
+  }
+}
+
+async function readStream(redis: IORedis, key: string): Promise<TransitionEntry[]> {
+  const raw = (await redis.xrange(key, '-', '+')) as Array<[string, string[]]>;
+  return raw.map(([id, fields]) => parseEntry(id, fields));
+}
+
+/** Per deployment: the versions in stream order, with duplicates. */
+function versionsByDeployment(entries: readonly TransitionEntry[]): Map<string, number[]> {
+  const by = new Map<string, number[]>();
+  for (const e of entries) by.set(e.deploymentId, [...(by.get(e.deploymentId) ?? []), e.version]);
+  return by;
+}
+
+describe('transition fan-out: outbox relay, stream, consumer groups', function () {
+  this.timeout(90_000);
+  let db: TestDatabase;
+  let service: TransitionService;
+  let prefix: string;
+  let streamKey: string;
+  let redis: IORedis;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async () => {
+    db = await openTestDatabase(24);
+    service = new TransitionService({ dataSource: db.dataSource });
+    redis = testRedis();
+  });
+  after(async () => {
+    redis.disconnect();
+    await db?.close();
+  });
+  beforeEach(async () => {
+    prefix = uniquePrefix();
+    streamKey = `${prefix}:transitions`;
+    // every test starts with an empty outbox: earlier tests' rows must not be published to this test's stream
+    await db.dataSource.query(`UPDATE outbox SET published_at = now() WHERE published_at IS NULL`);
+  });
+  afterEach(async () => {
+    for (const close of closers.splice(0).reverse()) await close();
+    await dropPrefix(prefix);
+  });
+
+  function relay(options: Partial<ConstructorParameters<typeof OutboxRelay>[0]> = {}): OutboxRelay {
+    const r = new OutboxRelay({ databaseUrl: db.url, redis: testEnv().redisUrl, streamKey, standbyRetryMs: 200, ...options });
+    closers.push(() => r.close());
+    r.start();
+    return r;
+  }
+
+  it('publishes 1,000 transitions over 100 deployments in version order, through exactly one of two relays', async () => {
+    const [one, two] = [relay(), relay()];
+    const deployments = Array.from({ length: 100 }, () => randomUUID());
+    await Promise.all(deployments.map((id) => tenTransitions(service, id)));
+    await waitFor('1,000 stream entries', async () => ((await redis.xlen(streamKey)) >= 1000 ? true : undefined), 30_000);
+
+    const entries = await readStream(redis, streamKey);
+    expect(entries).to.have.length(1000); // no duplicates without a crash
+    const by = versionsByDeployment(entries);
+    expect([...by.keys()].sort()).to.deep.equal([...deployments].sort());
+    for (const versions of by.values()) expect(versions).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    expect([one.publishedCount, two.publishedCount].sort((a, b) => a - b)).to.deep.equal([0, 1000]);
+    expect([one.isLeader, two.isLeader].filter(Boolean)).to.have.length(1);
+
+    const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
+    expect(Number(row?.n)).to.equal(0);
+    expect(await relayLagSeconds((sql) => db.dataSource.query(sql))).to.equal(0);
+    const sample = entries[0];
+    expect(sample).to.include({ type: 'state_transition', from: '', to: 'pending', reason: 'created', version: 1 });
+    expect(sample?.transitionId).to.match(/^\d+$/);
+  });
+
+  it('hands over to a standby when the leader stops', async () => {
+    const first = relay();
+    await waitFor('a leader', () => (first.isLeader ? true : undefined));
+    const standby = relay();
+    await first.close();
+    await waitFor('the standby to take over', () => (standby.isLeader ? true : undefined), 5000);
+    const deploymentId = randomUUID();
+    await tenTransitions(service, deploymentId);
+    await waitFor('ten entries', async () => ((await redis.xlen(streamKey)) >= 10 ? true : undefined));
+    expect(standby.publishedCount).to.equal(10);
+  });
+
+  it('loses nothing when the relay is SIGKILLed between XADD and the mark; the consumer drops the repeats', async () => {
+    const deployments = Array.from({ length: 5 }, () => randomUUID());
+    for (const id of deployments) await tenTransitions(service, id); // 50 rows, one batch
+
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'fixtures', 'dying-relay.js')], {
+      env: { ...process.env, DATABASE_URL: db.url, STREAM_KEY: streamKey },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    const signal = await new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_c, s) => resolve(s)));
+    expect(signal).to.equal('SIGKILL');
+    expect(out).to.contain('"xadded":50');
+    expect(await redis.xlen(streamKey)).to.equal(50);
+    const [unmarked] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
+    expect(Number(unmarked?.n)).to.equal(50); // published but never marked
+
+    relay();
+    await waitFor('the republished batch', async () => ((await redis.xlen(streamKey)) >= 100 ? true : undefined));
+    const entries = await readStream(redis, streamKey);
+    for (const versions of versionsByDeployment(entries).values()) {
+      expect(versions).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    }
+
+    const handled: TransitionEntry[] = [];
+    const consumer = new TransitionConsumer({
+      redis: testEnv().redisUrl,
+      streamKey,
+      group: 'audit',
+      consumer: 'c1',
+      startId: '0',
+      blockMs: 100,
+      handler: (e) => void handled.push(e),
+    });
+    closers.push(() => consumer.close());
+    void consumer.run();
+    await waitFor('the consumer to go through the stream', () => (consumer.handled + consumer.dropped >= 100 ? true : undefined));
+    expect(consumer.dropped).to.equal(50);
+    for (const versions of versionsByDeployment(handled).values()) expect(versions).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+
+  it('lets another consumer claim and handle what a SIGKILLed consumer left un-acked mid-batch', async () => {
+    const deployments = Array.from({ length: 4 }, () => randomUUID());
+    relay();
+    for (const id of deployments) await tenTransitions(service, id);
+    await waitFor('40 entries', async () => ((await redis.xlen(streamKey)) >= 40 ? true : undefined));
+    await redis.xgroup('CREATE', streamKey, 'billing', '0');
+
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'fixtures', 'dying-consumer.js')], {
+      env: { ...process.env, STREAM_KEY: streamKey, GROUP: 'billing', KEEP: '5' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    const signal = await new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_c, s) => resolve(s)));
+    expect(signal).to.equal('SIGKILL');
+    const byDoomed = out.trim().split('\n');
+    expect(byDoomed).to.have.length(5);
+    const pending = (await redis.xpending(streamKey, 'billing')) as [number, ...unknown[]];
+    expect(pending[0]).to.equal(15); // the rest of its batch of 20: read, never acknowledged
+
+    const handled: string[] = [];
+    const survivor = new TransitionConsumer({
+      redis: testEnv().redisUrl,
+      streamKey,
+      group: 'billing',
+      consumer: 'survivor',
+      claimIdleMs: 200,
+      blockMs: 100,
+      handler: (e) => void handled.push(`${e.deploymentId}:${e.version}`),
+    });
+    closers.push(() => survivor.close());
+    void survivor.run();
+    await waitFor('the survivor to handle everything else', () => (handled.length >= 35 ? true : undefined));
+    const all = [...byDoomed, ...handled].sort();
+    const expected = deployments.flatMap((d) => Array.from({ length: 10 }, (_, i) => `${d}:${i + 1}`)).sort();
+    expect(all).to.deep.equal(expected);
+    await waitFor('nothing pending', async () => (((await redis.xpending(streamKey, 'billing')) as [number])[0] === 0 ? true : undefined));
+  });
+
+  it('reconnects after Redis is killed and restarted, and republishes what the crash may have lost', async () => {
+    const own = await OwnRedis.start();
+    closers.push(() => own.stop());
+    const r = new OutboxRelay({ databaseUrl: db.url, redis: own.url, streamKey, pollIntervalMs: 100 });
+    closers.push(() => r.close());
+    r.start();
+
+    const deployments = Array.from({ length: 30 }, () => randomUUID());
+    const writing = (async () => {
+      for (const id of deployments) await tenTransitions(service, id);
+    })();
+    const probe = new (await import('ioredis')).default(own.url, { maxRetriesPerRequest: null });
+    probe.on('error', () => undefined); // it is killed on purpose
+    closers.push(async () => probe.disconnect());
+    await waitFor('some entries', async () => ((await probe.xlen(streamKey)) >= 50 ? true : undefined));
+    await own.kill('SIGKILL'); // a crash: the AOF may miss its last second
+    await own.restart();
+    await writing;
+    await waitFor('every transition in the stream', async () => {
+      const entries = await readStream(probe, streamKey);
+      const by = versionsByDeployment(entries);
+      return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
+    }, 30_000);
+    const [unpublished] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
+    expect(Number(unpublished?.n)).to.equal(0);
+  });
+
+  describe('fleet tail', () => {
+    const FLEET = path.join(ROOT, 'bin', 'fleet.js');
+    function startTail(args: string[]) {
+      const child = spawn(process.execPath, [FLEET, 'tail', ...args], {
+        env: { ...process.env, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      const output = { out: '', err: '' };
+      child.stdout.on('data', (chunk: Buffer) => (output.out += chunk.toString()));
+      child.stderr.on('data', (chunk: Buffer) => (output.err += chunk.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      closers.push(async () => {
+        if (child.exitCode === null) child.kill('SIGKILL');
+        await exited;
+      });
+      return { child, output, exited };
+    }
+
+    it('prints transitions as they happen, as text or JSON, and stops on SIGINT', async () => {
+      relay();
+      const { child, output, exited } = startTail(['--json']);
+      const text = startTail([]);
+      // the tails start at `$`: wait until both are blocked reading before writing
+      await waitFor('both tails to connect', async () => {
+        const clients = await redis.client('LIST');
+        return String(clients).split('lifecycle-fleet-tail').length - 1 >= 2 ? true : undefined;
+      });
+      const deploymentId = randomUUID();
+      await tenTransitions(service, deploymentId);
+      await waitFor('ten JSON lines', () => (output.out.trim().split('\n').length >= 10 ? true : undefined));
+      const lines = output.out.trim().split('\n').map((l) => JSON.parse(l) as TransitionEntry);
+      expect(lines.map((l) => l.version)).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+      expect(lines[2]).to.include({ deploymentId, from: 'pending', to: 'deploying', reason: 'attempt_started' });
+      await waitFor('ten text lines', () => (text.output.out.trim().split('\n').length >= 10 ? true : undefined));
+      expect(text.output.out).to.contain(`${deploymentId}  v1  (new) -> pending  created`);
+      child.kill('SIGINT');
+      expect(await exited).to.equal(0);
+    });
+
+    it('resumes through a consumer group where it stopped', async () => {
+      relay();
+      const first = randomUUID();
+      await tenTransitions(service, first);
+      await waitFor('ten entries', async () => ((await redis.xlen(streamKey)) >= 10 ? true : undefined));
+      const a = startTail(['--group', 'ops', '--consumer', 'me', '--from', '0', '--json']);
+      await waitFor('the first ten', () => (a.output.out.trim().split('\n').length >= 10 ? true : undefined));
+      a.child.kill('SIGTERM');
+      expect(await a.exited).to.equal(0);
+      const second = randomUUID();
+      await tenTransitions(service, second);
+      await waitFor('twenty entries', async () => ((await redis.xlen(streamKey)) >= 20 ? true : undefined));
+      const b = startTail(['--group', 'ops', '--consumer', 'me', '--json']);
+      await waitFor('the next ten', () => (b.output.out.trim().split('\n').length >= 10 ? true : undefined));
+      const seen = b.output.out.trim().split('\n').map((l) => (JSON.parse(l) as TransitionEntry).deploymentId);
+      expect(new Set(seen)).to.deep.equal(new Set([second]));
+    });
+
+    it('exits 3 with the resync hint when --from was trimmed away, and 2 on a malformed --from', async () => {
+      let firstId = '';
+      for (let i = 0; i < 50; i++) {
+        const id = await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '1');
+        if (i === 0) firstId = id ?? '';
+      }
+      await redis.xtrim(streamKey, 'MAXLEN', 10);
+      const trimmed = startTail(['--from', firstId]);
+      expect(await trimmed.exited).to.equal(3);
+      expect(trimmed.output.err).to.contain('resync_required');
+      expect(trimmed.output.err).to.contain('/api/deployments/:id/transitions?afterVersion=');
+      const malformed = startTail(['--from', 'yesterday']);
+      expect(await malformed.exited).to.equal(2);
+      expect(malformed.output.err).to.contain('--from: must be a stream id');
+    });
+  });
+
+  describe('a position that was trimmed away', () => {
+    async function trimmedStream(): Promise<{ firstId: string }> {
+      let firstId = '';
+      for (let i = 0; i < 300; i++) {
+        const id = await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '1');
+        if (i === 0) firstId = id ?? '';
+      }
+      await redis.xtrim(streamKey, 'MAXLEN', 100);
+      return { firstId };
+    }
+
+    it('is refused with an explicit resync signal for a new group', async () => {
+      const { firstId } = await trimmedStream();
+      const consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'late',
+        consumer: 'c1',
+        startId: firstId,
+        handler: () => undefined,
+      });
+      closers.push(() => consumer.close());
+      const err = await consumer.run().catch((e: unknown) => e);
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      expect((err as ResyncRequiredError).code).to.equal('resync_required');
+      expect((err as Error).message).to.contain('/api/deployments/:id/transitions?afterVersion=');
+    });
+
+    it('is refused for an existing group that fell behind the trim', async () => {
+      await redis.xgroup('CREATE', streamKey, 'sleepy', '0', 'MKSTREAM');
+      await trimmedStream();
+      const consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'sleepy',
+        consumer: 'c1',
+        handler: () => undefined,
+      });
+      closers.push(() => consumer.close());
+      expect(await consumer.run().catch((e: unknown) => e)).to.be.instanceOf(ResyncRequiredError);
+    });
+
+    it('is not raised for a group that is ahead of the trim', async () => {
+      await trimmedStream();
+      await redis.xgroup('CREATE', streamKey, 'current', '$');
+      const seen: number[] = [];
+      const consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'current',
+        consumer: 'c1',
+        blockMs: 100,
+        handler: (e) => void seen.push(e.version),
+      });
+      closers.push(() => consumer.close());
+      const running = consumer.run();
+      await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '7');
+      await waitFor('the new entry', () => (seen.length === 1 ? true : undefined));
+      await consumer.close();
+      await running;
+      expect(seen).to.deep.equal([7]);
+    });
+  });
+});

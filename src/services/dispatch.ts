@@ -1,0 +1,92 @@
+/**
+ * Dispatch (DESIGN.md, "Heartbeats, orphans, deadlines, dispatch"): which endpoint to hand out for a deployment
+ * right now. A pure function of the deployment, the time and the configuration; it reads no clock and does no I/O.
+ *
+ *   not ready                 -> public
+ *   ready, cluster_dns        -> private, whatever the heartbeat (the cluster already drops unready pods)
+ *   ready, node_port          -> private only while last_ready_at >= now - window (a null stamp is stale)
+ *   ready, no endpoint        -> public
+ *   "public" with FLEET_PUBLIC_ENDPOINT_URL unset -> source "none", url null
+ */
+import type { DeploymentState, EndpointKind } from '../machine';
+
+/** Default readiness staleness window (FLEET_READY_WINDOW_S). */
+export const DEFAULT_READY_WINDOW_S = 120;
+
+/**
+ * Why dispatch answered as it did. Stable codes: consumers and dashboards may match on them.
+ * - `ready_heartbeat_fresh`: node_port endpoint whose readiness stamp is within the window (private)
+ * - `cluster_dns`: cluster DNS endpoint, served regardless of the stamp (private)
+ * - `not_ready`: the deployment is not `ready`
+ * - `no_endpoint`: ready, but it has no private endpoint
+ * - `no_heartbeat`: node_port endpoint never stamped (or the stamp is unreadable)
+ * - `ready_heartbeat_stale`: node_port endpoint whose stamp is older than the window
+ */
+export type DispatchReason =
+  | 'ready_heartbeat_fresh'
+  | 'cluster_dns'
+  | 'not_ready'
+  | 'no_endpoint'
+  | 'no_heartbeat'
+  | 'ready_heartbeat_stale';
+
+export type DispatchSource = 'private' | 'public' | 'none';
+
+/** The answer (CONTRACT.md, `GET /api/deployments/:id/endpoint`). `url` is null exactly when `source` is "none". */
+export interface ResolvedEndpoint {
+  readonly url: string | null;
+  readonly source: DispatchSource;
+  readonly reason: DispatchReason;
+}
+
+interface DispatchCommon {
+  readonly state: DeploymentState;
+  /** the readiness stamp: a Date (entity, raw row) or an ISO string (read model); null when never stamped */
+  readonly lastReadyAt: Date | string | null;
+}
+
+/**
+ * What dispatch needs of a deployment, in either of the shapes the project already has: the read model's
+ * `DeploymentView` (`endpoint: {url, kind} | null`) or the `Deployment` entity / a camel-cased row
+ * (`endpointUrl`, `endpointKind`).
+ */
+export type DispatchInput =
+  | (DispatchCommon & { readonly endpoint: { readonly url: string; readonly kind: EndpointKind } | null })
+  | (DispatchCommon & { readonly endpointUrl: string | null; readonly endpointKind: EndpointKind | null });
+
+export interface DispatchOptions {
+  /** FLEET_READY_WINDOW_S (default 120): how old a node_port readiness stamp may be and still be served */
+  readonly readyWindowS?: number;
+  /** FLEET_PUBLIC_ENDPOINT_URL (default unset): the fallback; when unset the fallback is `source: "none"` */
+  readonly publicEndpointUrl?: string | null;
+}
+
+export function resolveEndpoint(deployment: DispatchInput, now: Date, options: DispatchOptions = {}): ResolvedEndpoint {
+  const fallback = (reason: DispatchReason): ResolvedEndpoint => {
+    const url = options.publicEndpointUrl ?? null;
+    return url === null ? { url: null, source: 'none', reason } : { url, source: 'public', reason };
+  };
+
+  if (deployment.state !== 'ready') return fallback('not_ready');
+  const endpoint = endpointOf(deployment);
+  if (endpoint === null) return fallback('no_endpoint');
+  if (endpoint.kind === 'cluster_dns') return { url: endpoint.url, source: 'private', reason: 'cluster_dns' };
+
+  const stampedAt = timeOf(deployment.lastReadyAt);
+  if (stampedAt === null) return fallback('no_heartbeat');
+  const windowMs = (options.readyWindowS ?? DEFAULT_READY_WINDOW_S) * 1000;
+  // At exactly the window's edge the stamp is still fresh (>=).
+  if (stampedAt >= now.getTime() - windowMs) return { url: endpoint.url, source: 'private', reason: 'ready_heartbeat_fresh' };
+  return fallback('ready_heartbeat_stale');
+}
+
+function endpointOf(d: DispatchInput): { url: string; kind: EndpointKind } | null {
+  if ('endpoint' in d) return d.endpoint;
+  return d.endpointUrl !== null && d.endpointKind !== null ? { url: d.endpointUrl, kind: d.endpointKind } : null;
+}
+
+function timeOf(value: Date | string | null): number | null {
+  if (value === null) return null;
+  const ms = value instanceof Date ? value.getTime() : Date.parse(value);
+  return Number.isNaN(ms) ? null : ms;
+}

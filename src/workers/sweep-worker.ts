@@ -1,0 +1,277 @@
+/**
+ * The fleet-wide sweep tick (DESIGN.md, "Heartbeats, orphans, deadlines, dispatch"): a BullMQ job scheduler `sweep`
+ * on the `maintenance` queue yields one `sweep` job per FLEET_SWEEP_EVERY_S, and whichever worker process takes it
+ * runs `Sweeper.sweep()` once, returning the result as the job's return value.
+ *
+ * The scheduler is registered from one place, `ensureSweepScheduler`, which every worker process calls at start.
+ * BullMQ has a history of bugs around concurrent or repeated `upsertJobScheduler` calls: upserts in quick
+ * succession leaving several delayed iterations (taskforcesh/bullmq#2988, #2876), instances starting together and
+ * the scheduler ending up with no next job (#3085, #3381), remove-then-upsert leaving nothing scheduled (#3063),
+ * and upserts racing an iteration a worker has just taken (#3430). So the registration
+ *   - runs under a short Redis lock (one registration at a time, fleet-wide; a crashed holder's lock expires),
+ *   - does nothing when the existing scheduler already has this interval and job template and its next iteration
+ *     is pending (the common case: every process but the first, every restart), so the live schedule is not
+ *     touched while workers are taking iterations from it,
+ *   - upserts (never removes) when the scheduler is missing, differs, or has lost its next iteration.
+ * A process that finds the lock taken waits for it and then checks again, so a holder that died mid-registration
+ * cannot leave the scheduler unregistered.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import * as os from 'node:os';
+import { Queue, UnrecoverableError, Worker } from 'bullmq';
+import type { Job, JobSchedulerJson } from 'bullmq';
+import type IORedis from 'ioredis';
+import { silentLogger, type Logger } from '../log';
+import { MAINTENANCE_QUEUE } from '../queues/names';
+import { createRedis } from '../queues/redis';
+import type { SweepResult } from '../services/sweep';
+
+export const SWEEP_SCHEDULER_ID = 'sweep';
+export const SWEEP_JOB_NAME = 'sweep';
+
+/**
+ * Options of every `sweep` job: no retries (the next tick is the retry), and finished jobs kept long enough to
+ * inspect in Bull Board but bounded (a 30 s tick makes 2880 a day).
+ */
+export const SWEEP_JOB_OPTIONS = Object.freeze({
+  attempts: 1,
+  removeOnComplete: Object.freeze({ age: 24 * 3600, count: 1000 }),
+  removeOnFail: Object.freeze({ age: 7 * 24 * 3600, count: 1000 }),
+});
+
+/** Identifies the job template: a scheduler registered by code with other job options gets re-registered. */
+const TEMPLATE_FINGERPRINT = createHash('sha256')
+  .update(JSON.stringify({ name: SWEEP_JOB_NAME, opts: SWEEP_JOB_OPTIONS }))
+  .digest('hex')
+  .slice(0, 16);
+
+/** Job states in which an iteration will still run (or is running). */
+const PENDING_STATES: ReadonlySet<string> = new Set(['delayed', 'waiting', 'prioritized', 'active', 'waiting-children']);
+
+const RELEASE_LOCK = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end`;
+
+export interface EnsureSweepSchedulerOptions {
+  /** a Redis URL (a connection is made and closed) or an existing ioredis connection (left open) */
+  readonly connection: string | IORedis;
+  /** BullMQ key prefix (default `fleet`) */
+  readonly prefix?: string;
+  /** the tick, FLEET_SWEEP_EVERY_S */
+  readonly everyS: number;
+  readonly logger?: Logger;
+  /** the registration lock expires after this long if its holder dies (default 10 000 ms) */
+  readonly lockTtlMs?: number;
+  /** how long to wait for another process's registration before failing (default 30 000 ms) */
+  readonly waitMs?: number;
+}
+
+export interface EnsureSweepSchedulerResult {
+  /**
+   * `created`: there was none; `updated`: the interval or job template changed; `repaired`: it had no pending
+   * next iteration; `unchanged`: it was already right (nothing written)
+   */
+  readonly action: 'created' | 'updated' | 'repaired' | 'unchanged';
+  readonly everyMs: number;
+  /** when the next iteration is due (ms since the epoch), as far as known */
+  readonly next: number | null;
+}
+
+/** Registers the `sweep` job scheduler, or leaves it alone when it is already right. Safe to call concurrently. */
+export async function ensureSweepScheduler(options: EnsureSweepSchedulerOptions): Promise<EnsureSweepSchedulerResult> {
+  const everyMs = Math.round(options.everyS * 1000);
+  if (!Number.isFinite(everyMs) || everyMs < 1000) throw new Error(`everyS must be at least 1, got ${options.everyS}`);
+  const log = (options.logger ?? silentLogger).child({ component: 'sweep-scheduler' });
+  const owned = typeof options.connection === 'string' ? createRedis(options.connection, 'producer', 'lifecycle-fleet-scheduler') : null;
+  const redis = owned ?? (options.connection as IORedis);
+  const queue = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix: options.prefix ?? 'fleet', skipWaitingForReady: true });
+  queue.on('error', () => undefined); // errors surface on the calls below
+  try {
+    const lockKey = queue.toKey('sweep-scheduler-lock');
+    const token = randomUUID();
+    await acquireLock(redis, lockKey, token, options.lockTtlMs ?? 10_000, options.waitMs ?? 30_000);
+    try {
+      const result = await registerUnderLock(queue, everyMs);
+      const level = result.action === 'unchanged' ? 'debug' : 'info';
+      log[level]({ ...result, schedulerId: SWEEP_SCHEDULER_ID }, `sweep scheduler ${result.action}`);
+      return result;
+    } finally {
+      await redis.eval(RELEASE_LOCK, 1, lockKey, token).catch(() => undefined); // else it expires
+    }
+  } finally {
+    await queue.close();
+    if (owned !== null) await owned.quit().catch(() => owned.disconnect());
+  }
+}
+
+async function registerUnderLock(queue: Queue, everyMs: number): Promise<EnsureSweepSchedulerResult> {
+  const existing = await queue.getJobScheduler(SWEEP_SCHEDULER_ID);
+  let action: EnsureSweepSchedulerResult['action'];
+  if (existing === undefined) {
+    action = 'created';
+  } else if (!matches(existing, everyMs)) {
+    action = 'updated';
+  } else if (await hasPendingIteration(queue, existing)) {
+    return { action: 'unchanged', everyMs, next: existing.next ?? null };
+  } else {
+    action = 'repaired';
+  }
+  const job = await queue.upsertJobScheduler(
+    SWEEP_SCHEDULER_ID,
+    { every: everyMs },
+    { name: SWEEP_JOB_NAME, data: { fingerprint: TEMPLATE_FINGERPRINT }, opts: { ...SWEEP_JOB_OPTIONS } },
+  );
+  const next = (job as Job | undefined)?.opts.prevMillis;
+  return { action, everyMs, next: typeof next === 'number' ? next : null };
+}
+
+function matches(existing: JobSchedulerJson, everyMs: number): boolean {
+  const data: unknown = existing.template?.data;
+  const fingerprint = typeof data === 'object' && data !== null ? (data as Record<string, unknown>).fingerprint : undefined;
+  return existing.every === everyMs && existing.name === SWEEP_JOB_NAME && fingerprint === TEMPLATE_FINGERPRINT;
+}
+
+/**
+ * True when the scheduler's next iteration exists as a job that will run. A worker taking an iteration moves the
+ * scheduler on between our two reads, so a finished iteration is only believed after a second look.
+ */
+async function hasPendingIteration(queue: Queue, first: JobSchedulerJson): Promise<boolean> {
+  let scheduler: JobSchedulerJson | undefined = first;
+  for (let look = 0; look < 2 && scheduler !== undefined; look++) {
+    if (typeof scheduler.next !== 'number') return false;
+    const state = await queue.getJobState(`repeat:${SWEEP_SCHEDULER_ID}:${scheduler.next}`);
+    if (PENDING_STATES.has(state)) return true;
+    const again: JobSchedulerJson | undefined = await queue.getJobScheduler(SWEEP_SCHEDULER_ID);
+    if (again?.next === scheduler.next) return false;
+    scheduler = again;
+  }
+  return false;
+}
+
+async function acquireLock(redis: IORedis, key: string, token: string, ttlMs: number, waitMs: number): Promise<void> {
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    if ((await redis.set(key, token, 'PX', ttlMs, 'NX')) === 'OK') return;
+    if (Date.now() >= deadline) {
+      throw new Error(`sweep scheduler: another process held the registration lock for over ${waitMs} ms`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50 + Math.random() * 100));
+  }
+}
+
+export interface SweepWorkerOptions {
+  /** a Redis URL (the worker owns its connections) or an ioredis connection with `maxRetriesPerRequest: null` */
+  readonly connection: string | IORedis;
+  /** BullMQ key prefix (default `fleet`) */
+  readonly prefix?: string;
+  /** runs the tick; a `Sweeper` */
+  readonly sweeper: { sweep(): Promise<SweepResult> };
+  /** FLEET_SWEEP_EVERY_S: the interval `start()` registers */
+  readonly everyS: number;
+  readonly logger?: Logger;
+  /** shown as the job's `processedBy` (default `<hostname>:<pid>`) */
+  readonly name?: string;
+  /** lock duration of a running sweep (default 30 s; renewed while it runs) */
+  readonly lockDurationMs?: number;
+  /**
+   * How often a started worker checks the scheduler again, re-registering it if it was removed or lost its next
+   * iteration while every process kept running (default max(60 s, 10 ticks); 0: never)
+   */
+  readonly recheckEveryMs?: number;
+}
+
+/**
+ * Takes `sweep` jobs from the `maintenance` queue, one at a time per process. Whichever process takes a tick's
+ * job runs it; the others never see it (BullMQ hands each job to one worker).
+ */
+export class SweepWorker {
+  readonly worker: Worker<unknown, SweepResult>;
+  private readonly log: Logger;
+  private readonly ownedConnection: IORedis | null;
+  private closing: Promise<void> | null = null;
+  private recheckTimer: NodeJS.Timeout | null = null;
+  private rechecking: Promise<void> | null = null;
+
+  constructor(private readonly options: SweepWorkerOptions) {
+    this.log = (options.logger ?? silentLogger).child({ component: 'sweep-worker' });
+    this.ownedConnection =
+      typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
+    this.worker = new Worker<unknown, SweepResult>(MAINTENANCE_QUEUE, (job) => this.process(job), {
+      connection: this.ownedConnection ?? (options.connection as IORedis),
+      prefix: options.prefix ?? 'fleet',
+      concurrency: 1,
+      name: options.name ?? `${os.hostname()}:${process.pid}`,
+      lockDuration: options.lockDurationMs ?? 30_000,
+      autorun: false,
+    });
+    this.worker.on('error', (err) => this.log.error({ err }, 'sweep worker error'));
+    // the sweeper has logged the error itself
+    this.worker.on('failed', (job, err) => this.log.warn({ jobId: job?.id, reason: err.message }, 'sweep job failed'));
+  }
+
+  /**
+   * Registers the scheduler (see `ensureSweepScheduler`), starts taking sweep jobs, and from then on checks the
+   * scheduler every `recheckEveryMs`.
+   */
+  async start(): Promise<EnsureSweepSchedulerResult> {
+    const registered = await this.ensure();
+    if (this.closing !== null) return registered;
+    if (!this.worker.isRunning()) {
+      this.worker.run().catch((err: unknown) => this.log.error({ err }, 'sweep worker stopped'));
+    }
+    const every = this.options.recheckEveryMs ?? Math.max(60_000, 10 * this.options.everyS * 1000);
+    if (every > 0 && this.recheckTimer === null) {
+      this.recheckTimer = setInterval(() => this.recheck(), every);
+      this.recheckTimer.unref();
+    }
+    await this.worker.waitUntilReady();
+    return registered;
+  }
+
+  private ensure(): Promise<EnsureSweepSchedulerResult> {
+    return ensureSweepScheduler({
+      connection: this.options.connection,
+      prefix: this.options.prefix,
+      everyS: this.options.everyS,
+      logger: this.options.logger,
+    });
+  }
+
+  private recheck(): void {
+    if (this.rechecking !== null || this.closing !== null) return;
+    this.rechecking = this.ensure()
+      .then(
+        (result) => {
+          if (result.action !== 'unchanged') this.log.warn({ ...result }, `sweep scheduler was ${result.action} by a periodic check`);
+        },
+        (err: unknown) => this.log.warn({ err }, 'sweep scheduler check failed; trying again later'),
+      )
+      .finally(() => {
+        this.rechecking = null;
+      });
+  }
+
+  private async process(job: Job<unknown, SweepResult>): Promise<SweepResult> {
+    if (job.name !== SWEEP_JOB_NAME) throw new UnrecoverableError(`unknown_job: ${job.name} is not a maintenance job`);
+    return this.options.sweeper.sweep();
+  }
+
+  /**
+   * Stops taking jobs and lets a running sweep finish for up to `graceMs` (default 30 s); past that it stops
+   * waiting (the job's lock expires; the next tick sweeps again). Safe to call twice.
+   */
+  close(graceMs = 30_000): Promise<void> {
+    this.closing ??= (async () => {
+      if (this.recheckTimer !== null) clearInterval(this.recheckTimer);
+      const graceful = this.worker.close().then(() => 'closed' as const);
+      let timer: NodeJS.Timeout | undefined;
+      const timedOut = new Promise<'timeout'>((resolve) => {
+        timer = setTimeout(() => resolve('timeout'), graceMs);
+      });
+      const how = await Promise.race([graceful, timedOut]);
+      clearTimeout(timer);
+      if (how === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
+      await this.rechecking; // it closes the connections it opened
+      if (this.ownedConnection !== null) this.ownedConnection.disconnect();
+    })();
+    return this.closing;
+  }
+}

@@ -1,15 +1,28 @@
 /**
  * The composition root: builds the long-lived components in start order and closes them in reverse.
  * Nothing else wires components together.
+ *
+ * Start order: database -> producer -> relay -> sweep -> lifecycle worker -> HTTP.
+ * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
+ * its tick, the relay publishes what the last jobs committed, then the connections close.
  */
+import { Queue } from 'bullmq';
+import type { FastifyInstance } from 'fastify';
 import type { DataSource } from 'typeorm';
 import { createDataSource } from '../ormconfig';
 import type { FleetConfig } from './config';
 import { migrationsApplied } from './entities/migrate';
+import { buildHttpServer } from './http/server';
 import type { Logger } from './log';
+import { FleetMetrics } from './metrics';
+import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
+import { LifecycleProducer } from './queues/producer';
+import { createRedis } from './queues/redis';
+import { Sweeper } from './services/sweep';
 import { TransitionService } from './services/transition-service';
-import { OutboxRelay, transitionStreamKey } from './streams/outbox-relay';
+import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { LifecycleWorker } from './workers/lifecycle-worker';
+import { SweepWorker } from './workers/sweep-worker';
 
 export interface Endpoints {
   readonly redisUrl: string;
@@ -21,34 +34,48 @@ export interface FleetRoles {
   readonly worker?: boolean;
   /** run an outbox relay: one is active fleet-wide, the others stand by (default true) */
   readonly relay?: boolean;
+  /** register the sweep scheduler and take sweep jobs: one sweep per tick fleet-wide (default true) */
+  readonly sweep?: boolean;
+  /** serve HTTP on FLEET_HTTP_HOST:FLEET_HTTP_PORT (default false) */
+  readonly http?: boolean;
 }
 
 export interface Fleet {
   readonly dataSource: DataSource;
   readonly service: TransitionService;
+  readonly producer: LifecycleProducer;
+  readonly metrics: FleetMetrics;
   readonly worker: LifecycleWorker | null;
   readonly relay: OutboxRelay | null;
+  readonly sweep: SweepWorker | null;
+  readonly http: FastifyInstance | null;
+  /** where HTTP listens, e.g. `http://127.0.0.1:3000`; null without the http role */
+  readonly httpUrl: string | null;
   /** graceful stop in reverse start order; safe to call twice */
   close(graceMs?: number): Promise<void>;
 }
 
-export async function startFleet(config: FleetConfig, endpoints: Endpoints, logger: Logger, roles: FleetRoles = {}): Promise<Fleet> {
+export async function startFleet(
+  config: FleetConfig,
+  endpoints: Endpoints,
+  logger: Logger,
+  roles: FleetRoles = {},
+): Promise<Fleet> {
   const closers: Array<(graceMs: number) => Promise<void>> = [];
   const close = async (graceMs: number) => {
-    for (const closer of closers.reverse()) {
+    for (const closer of closers.splice(0).reverse()) {
       try {
         await closer(graceMs);
       } catch (err) {
         logger.error({ err }, 'error while closing');
       }
     }
-    closers.length = 0;
   };
 
   try {
     const dataSource = createDataSource({
       url: endpoints.databaseUrl,
-      poolSize: config.concurrency + 4,
+      poolSize: config.concurrency + 6,
       applicationName: 'lifecycle-fleet',
     });
     await dataSource.initialize();
@@ -57,7 +84,30 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
       throw new Error('the database schema is not up to date: run `fleet migrate` first');
     }
 
+    const producer = new LifecycleProducer({ connection: endpoints.redisUrl, prefix: config.prefix });
+    closers.push(() => producer.close());
+    // a second view of the maintenance queue, for queue-depth metrics and Bull Board
+    const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
+    monitorRedis.on('error', () => undefined);
+    const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitorRedis, prefix: config.prefix });
+    maintenance.on('error', () => undefined);
+    closers.push(async () => {
+      await maintenance.close();
+      monitorRedis.disconnect();
+    });
+
+    const metrics = new FleetMetrics({
+      queueCounts: async () => {
+        const states = ['waiting', 'active', 'delayed', 'completed', 'failed', 'prioritized'] as const;
+        return {
+          [LIFECYCLE_QUEUE]: await producer.queue.getJobCounts(...states),
+          [MAINTENANCE_QUEUE]: await maintenance.getJobCounts(...states),
+        };
+      },
+      relayLagSeconds: () => relayLagSeconds((sql) => dataSource.query(sql)),
+    });
     const service = new TransitionService({ dataSource, logger });
+
     let relay: OutboxRelay | null = null;
     if (roles.relay ?? true) {
       const r = new OutboxRelay({
@@ -66,11 +116,30 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
         streamKey: transitionStreamKey(config.prefix),
         maxLen: config.streamMaxLen,
         logger,
+        onPublished: (n) => metrics.publishedCount(n),
       });
       relay = r;
-      // started before the worker, so it stops after it: it publishes what the worker's last jobs committed
       closers.push(() => r.close());
       r.start();
+    }
+
+    let sweep: SweepWorker | null = null;
+    if (roles.sweep ?? true) {
+      const sweeper = new Sweeper({
+        dataSource,
+        producer,
+        readyWindowS: config.readyWindowS,
+        orphanAfterS: config.orphanAfterS,
+        progressDeadlineS: config.progressDeadlineS,
+        // no probe starts after 80% of the tick: a tick never runs into the next one
+        probeBudgetMs: Math.max(1000, config.sweepEveryS * 800),
+        logger,
+        metrics: { onSweep: (result) => metrics.sweep(result) },
+      });
+      const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger });
+      sweep = s;
+      closers.push((graceMs) => s.close(graceMs));
+      await s.start();
     }
 
     let worker: LifecycleWorker | null = null;
@@ -81,18 +150,44 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
         service,
         concurrency: config.concurrency,
         logger,
+        onJob: (report) => metrics.job(report),
       });
       worker = w;
       closers.push((graceMs) => w.close(graceMs));
       await w.worker.waitUntilReady();
     }
 
+    let http: FastifyInstance | null = null;
+    let httpUrl: string | null = null;
+    if (roles.http ?? false) {
+      const app = await buildHttpServer({
+        config,
+        dataSource,
+        producer,
+        redis: monitorRedis,
+        queues: [producer.queue, maintenance],
+        metrics,
+        logger,
+      });
+      http = app;
+      closers.push(() => app.close());
+      await app.listen({ host: config.httpHost, port: config.httpPort });
+      const address = app.server.address();
+      const port = typeof address === 'object' && address !== null ? address.port : config.httpPort;
+      httpUrl = `http://${config.httpHost.includes(':') ? `[${config.httpHost}]` : config.httpHost}:${port}`;
+    }
+
     let closing: Promise<void> | null = null;
     return {
       dataSource,
       service,
+      producer,
+      metrics,
       worker,
       relay,
+      sweep,
+      http,
+      httpUrl,
       close: (graceMs = 30_000) => (closing ??= close(graceMs)),
     };
   } catch (err) {
@@ -107,13 +202,16 @@ export async function startFleet(config: FleetConfig, endpoints: Endpoints, logg
  */
 export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }, logger: Logger, graceMs = 30_000): Promise<void> {
   return new Promise((resolve) => {
-    let stopping = false;
+    let stoppingSince: number | null = null;
     const onSignal = (signal: NodeJS.Signals) => {
-      if (stopping) {
+      if (stoppingSince !== null) {
+        // Ctrl-C under `npm start` reaches us twice at once (from the terminal and forwarded by npm): only a
+        // signal sent a moment later is a person asking to force the stop.
+        if (Date.now() - stoppingSince < 1000) return;
         logger.warn({ signal }, 'second signal: exiting without waiting');
         process.exit(1);
       }
-      stopping = true;
+      stoppingSince = Date.now();
       logger.info({ signal, graceMs }, 'stopping: finishing in-flight jobs');
       fleet.close(graceMs).then(
         () => {

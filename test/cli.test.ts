@@ -7,9 +7,18 @@ import { Queue } from 'bullmq';
 import { LIFECYCLE_QUEUE } from '../src/queues/names';
 import { LifecycleProducer } from '../src/queues/producer';
 import { ValidationError } from '../src/errors';
+import { isProcessAlive } from '../src/local/services';
 import { openTestDatabase, type TestDatabase } from './helpers/db';
 import { testEnv } from './helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from './helpers/redis';
+
+function readPid(file: string): number {
+  try {
+    return (JSON.parse(fs.readFileSync(file, 'utf8')) as { pid: number }).pid;
+  } catch {
+    return 0;
+  }
+}
 
 const FLEET = path.resolve(__dirname, '..', '..', 'bin', 'fleet.js');
 
@@ -147,7 +156,7 @@ describe('the fleet CLI and the producer SDK', function () {
 
   it('commands without URLs and without a running local fleet say what to do', async function () {
     const endpointsFile = path.resolve(__dirname, '..', '..', '.fleet', 'run', 'endpoints.json');
-    if (fs.existsSync(endpointsFile)) this.skip(); // a developer's `npm start` is running in this checkout
+    if (isProcessAlive(readPid(endpointsFile))) this.skip(); // a developer's `npm start` is running in this checkout
     const run = await fleet(['migrate'], { FLEET_PREFIX: prefix });
     expect(run.code).to.equal(2);
     expect(run.stderr).to.contain('REDIS_URL and DATABASE_URL not set');

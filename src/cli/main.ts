@@ -15,6 +15,7 @@ import { isProcessAlive, startLocalServices } from '../local/services';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { tail } from './tail';
+import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 
 /** Thrown for bad input on the command line: exit code 2. */
@@ -69,8 +70,16 @@ async function runMigrate(): Promise<void> {
 async function runWorker(): Promise<void> {
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
-  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: true });
-  logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started');
+  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: true, relay: true, sweep: true, http: false });
+  logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started (lifecycle jobs, outbox relay, sweep)');
+  await closeOnSignals(fleet, logger);
+}
+
+async function runHttp(): Promise<void> {
+  const config = loadConfig();
+  const logger = createLogger(config.logLevel);
+  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: false, relay: false, sweep: false, http: true });
+  logger.info({ url: fleet.httpUrl }, 'http started');
   await closeOnSignals(fleet, logger);
 }
 
@@ -106,10 +115,22 @@ async function runStart(): Promise<void> {
     } finally {
       await ds.destroy();
     }
-    const fleet = await startFleet(config, endpoints, logger, { worker: true });
-    logger.info(
-      { redis: local?.redisUrl !== undefined ? endpoints.redisUrl : 'external', postgres: local?.databaseUrl !== undefined ? endpoints.databaseUrl : 'external' },
-      'lifecycle-fleet is running; Ctrl-C stops it',
+    const fleet = await startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: true });
+    const url = fleet.httpUrl ?? '';
+    logger.info({ url }, 'lifecycle-fleet is running; Ctrl-C stops it');
+    process.stderr.write(
+      [
+        '',
+        'lifecycle-fleet is running',
+        `  Bull Board   ${url}/admin/queues`,
+        `  API          ${url}/api/deployments`,
+        `  metrics      ${url}/metrics`,
+        `  Redis        ${local?.redisUrl !== undefined ? endpoints.redisUrl : 'REDIS_URL'}`,
+        `  PostgreSQL   ${local?.databaseUrl !== undefined ? endpoints.databaseUrl : 'DATABASE_URL'}`,
+        '  in another terminal: npx fleet demo, npx fleet tail, npx fleet status <id>',
+        '',
+        '',
+      ].join('\n'),
     );
     await closeOnSignals(fleet, logger);
   } finally {
@@ -185,6 +206,23 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
   }
 }
 
+async function runDemoCommand(options: { api?: string }): Promise<void> {
+  const config = loadConfig();
+  const apiUrl = options.api ?? `http://${config.httpHost.includes(':') ? `[${config.httpHost}]` : config.httpHost}:${config.httpPort}`;
+  const tty = process.stderr.isTTY;
+  const report = await runDemo({
+    config,
+    redisUrl: resolveEndpoints(config).redisUrl,
+    apiUrl,
+    say: (line) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}${line}\n`),
+    progress: (line) => {
+      if (tty) process.stderr.write(`\r\x1b[K${line}`);
+    },
+  });
+  process.stdout.write(`${JSON.stringify(report)}\n`);
+  if (!report.ok) process.exitCode = 1;
+}
+
 export function buildProgram(): Command {
   const program = new Command('fleet')
     .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
@@ -207,7 +245,11 @@ Examples:
     .command('start')
     .description('run everything in one process (local Redis/PostgreSQL when REDIS_URL/DATABASE_URL are unset)')
     .action(runStart);
-  program.command('worker').description('run a lifecycle worker against REDIS_URL and DATABASE_URL').action(runWorker);
+  program
+    .command('worker')
+    .description('run a lifecycle worker, an outbox relay (standby unless it leads) and the sweep, against REDIS_URL and DATABASE_URL')
+    .action(runWorker);
+  program.command('http').description('serve the HTTP API, dispatch, /metrics and Bull Board').action(runHttp);
   program.command('migrate').description('apply pending database migrations (once, under an advisory lock)').action(runMigrate);
   program
     .command('enqueue')
@@ -223,6 +265,11 @@ Examples:
     .option('--from <id>', 'start at this stream id (0 = all retained, $ = new only; default $)')
     .option('--json', 'one JSON object per line instead of text')
     .action(runTail);
+  program
+    .command('demo')
+    .description('drive a realistic workload through a running fleet (`npm start`): every state, orphans, dispatch fallback')
+    .option('--api <url>', 'the fleet HTTP API (default http://FLEET_HTTP_HOST:FLEET_HTTP_PORT)')
+    .action(runDemoCommand);
   program
     .command('status')
     .description("show a deployment, its current attempt and its latest transitions")

@@ -201,6 +201,8 @@ function procStartTime(pid: number): string | null {
 
 /** Is `pid` a live (not zombie) process? */
 export function isProcessAlive(pid: number): boolean {
+  // 0 and negative numbers address process groups, not a process
+  if (!Number.isInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
   } catch (err) {

@@ -63,33 +63,56 @@ function attemptView(row: AttemptRow): AttemptView {
   };
 }
 
+interface DeploymentRow {
+  id: string;
+  name: string;
+  state: DeploymentState;
+  version: number;
+  endpoint_url: string | null;
+  endpoint_kind: EndpointKind | null;
+  last_ready_at: Date | null;
+  state_changed_at: Date;
+  created_at: Date;
+  updated_at: Date;
+  attempt: (Omit<AttemptRow, 'started_at' | 'ended_at' | 'last_heartbeat_at'> & Record<string, string | null>) | null;
+}
+
+const SELECT_DEPLOYMENT = `
+  SELECT d.id, d.name, d.state, d.version, d.endpoint_url, d.endpoint_kind, d.last_ready_at,
+         d.state_changed_at, d.created_at, d.updated_at,
+         CASE WHEN a.id IS NULL THEN NULL ELSE json_build_object(
+           'id', a.id, 'number', a.number, 'status', a.status, 'started_at', a.started_at, 'ended_at', a.ended_at,
+           'last_heartbeat_at', a.last_heartbeat_at, 'reason', a.reason) END AS attempt
+    FROM deployments d LEFT JOIN attempts a ON a.id = d.current_attempt_id`;
+
 export async function getDeployment(ds: DataSource, id: string): Promise<DeploymentView | null> {
-  const rows = await ds.query<
-    Array<{
-      id: string;
-      name: string;
-      state: DeploymentState;
-      version: number;
-      endpoint_url: string | null;
-      endpoint_kind: EndpointKind | null;
-      last_ready_at: Date | null;
-      state_changed_at: Date;
-      created_at: Date;
-      updated_at: Date;
-      attempt: (Omit<AttemptRow, 'started_at' | 'ended_at' | 'last_heartbeat_at'> & Record<string, string | null>) | null;
-    }>
-  >(
-    `SELECT d.id, d.name, d.state, d.version, d.endpoint_url, d.endpoint_kind, d.last_ready_at,
-            d.state_changed_at, d.created_at, d.updated_at,
-            CASE WHEN a.id IS NULL THEN NULL ELSE json_build_object(
-              'id', a.id, 'number', a.number, 'status', a.status, 'started_at', a.started_at, 'ended_at', a.ended_at,
-              'last_heartbeat_at', a.last_heartbeat_at, 'reason', a.reason) END AS attempt
-       FROM deployments d LEFT JOIN attempts a ON a.id = d.current_attempt_id
-      WHERE d.id = $1`,
-    [id],
-  );
+  const rows = await ds.query<DeploymentRow[]>(`${SELECT_DEPLOYMENT} WHERE d.id = $1`, [id]);
   const row = rows[0];
-  if (row === undefined) return null;
+  return row === undefined ? null : deploymentView(row);
+}
+
+export interface DeploymentPage {
+  readonly items: readonly DeploymentView[];
+  /** pass as `cursor` for the next page; null on the last page */
+  readonly nextCursor: string | null;
+}
+
+/** A page of deployments in id order (keyset paging: stable under concurrent inserts), optionally by state. */
+export async function listDeployments(
+  ds: DataSource,
+  options: { state?: DeploymentState | undefined; limit: number; after?: string | undefined },
+): Promise<DeploymentPage> {
+  const rows = await ds.query<DeploymentRow[]>(
+    `${SELECT_DEPLOYMENT}
+      WHERE ($1::varchar IS NULL OR d.state = $1) AND ($2::uuid IS NULL OR d.id > $2)
+      ORDER BY d.id LIMIT $3`,
+    [options.state ?? null, options.after ?? null, options.limit + 1],
+  );
+  const items = rows.slice(0, options.limit).map(deploymentView);
+  return { items, nextCursor: rows.length > options.limit ? (items[items.length - 1]?.id ?? null) : null };
+}
+
+function deploymentView(row: DeploymentRow): DeploymentView {
   const a = row.attempt;
   const date = (v: string | null | undefined) => (v == null ? null : new Date(v));
   return {

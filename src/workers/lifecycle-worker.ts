@@ -16,6 +16,7 @@ import { FleetError, isTransient, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
+import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transition-service';
 
 export interface LifecycleWorkerOptions {
@@ -38,6 +39,8 @@ export interface LifecycleWorkerOptions {
   readonly stalledIntervalMs?: number;
   /** times a job may be orphaned by a dying worker before it fails (default 5; BullMQ's default is 1) */
   readonly maxStalledCount?: number;
+  /** reports every job's outcome and duration (metrics) */
+  readonly onJob?: (report: JobReport) => void;
   /** test hook: runs after the service has committed, before the job completes */
   readonly afterApply?: (job: Job, result: ApplyResult) => void | Promise<void>;
   /** start taking jobs at once (default true) */
@@ -88,9 +91,16 @@ export class LifecycleWorker {
     const durationMs = Math.round(performance.now() - started);
     if (result.outcome === 'rejected') {
       this.log.warn({ ...ids, eventId: result.eventId, outcome: 'rejected', code: result.code, durationMs }, result.message);
+      this.options.onJob?.({ name: job.name, outcome: 'rejected', durationMs });
       throw new UnrecoverableError(`${result.code}: ${result.message}`);
     }
     await this.options.afterApply?.(job, result);
+    this.options.onJob?.({
+      name: job.name,
+      outcome: result.outcome,
+      durationMs,
+      ...(result.outcome === 'applied' ? { transition: { from: result.from, to: result.to, reason: result.reason } } : {}),
+    });
     const reason = result.outcome === 'applied' ? result.reason : result.reason;
     const level = result.outcome === 'noop' && result.reason === 'stamped' ? 'debug' : 'info';
     this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
@@ -107,8 +117,10 @@ export class LifecycleWorker {
     const durationMs = Math.round(performance.now() - started);
     const code = err instanceof FleetError ? err.code : ((err as { code?: string }).code ?? 'error');
     const message = err instanceof Error ? err.message : String(err);
+    const report = (outcome: string) => this.options.onJob?.({ name: job.name, outcome, durationMs });
     if (err instanceof ValidationError) {
       this.log.warn({ ...ids, outcome: 'invalid', code, durationMs }, message);
+      report('invalid');
       throw new UnrecoverableError(message);
     }
     if (isTransient(err)) {
@@ -116,14 +128,17 @@ export class LifecycleWorker {
       const budget = this.options.retryBudgetMs ?? 10 * 60_000;
       if (ageMs >= budget) {
         this.log.error({ ...ids, outcome: 'gave_up', code, ageMs, durationMs }, message);
+        report('gave_up');
         throw new UnrecoverableError(`${code}: still failing ${Math.round(ageMs / 1000)} s after enqueue: ${message}`);
       }
       const delay = retryDelayMs(Math.max(0, job.attemptsStarted - 1));
       this.log.info({ ...ids, outcome: 'retry', code, delayMs: delay, durationMs }, message);
+      report('retry');
       await job.moveToDelayed(Date.now() + delay, token);
       throw new DelayedError();
     }
     this.log.error({ ...ids, outcome: 'error', err, durationMs }, message);
+    report('error');
     throw err;
   }
 

@@ -1,0 +1,144 @@
+/**
+ * Prometheus metrics (prom-client), one registry per process: the components report through small hooks, and
+ * gauges that need I/O (queue depths, relay lag) are read when /metrics is scraped.
+ */
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+export interface JobReport {
+  readonly name: string;
+  /** applied, noop, rejected, invalid, retry, gave_up, error */
+  readonly outcome: string;
+  readonly durationMs: number;
+  /** for applied transitions */
+  readonly transition?: { readonly from: string | null; readonly to: string; readonly reason: string };
+}
+
+export interface SweepReport {
+  readonly stamped: number;
+  readonly stale: number;
+  readonly orphaned: number;
+  readonly expired: number;
+  readonly durationMs: number;
+}
+
+export interface FleetMetricsSources {
+  /** job counts per state for each queue, read at scrape time */
+  readonly queueCounts?: () => Promise<Record<string, Record<string, number>>>;
+  /** age of the oldest unpublished outbox row, read at scrape time */
+  readonly relayLagSeconds?: () => Promise<number>;
+}
+
+export class FleetMetrics {
+  readonly registry = new Registry();
+  private readonly transitions: Counter<'from' | 'to' | 'reason'>;
+  private readonly jobs: Counter<'name' | 'outcome'>;
+  private readonly jobDuration: Histogram<'name'>;
+  private readonly published: Counter;
+  private readonly sweepResults: Counter<'result'>;
+  private readonly sweepDuration: Histogram;
+  private readonly dispatch: Counter<'source' | 'reason'>;
+
+  constructor(sources: FleetMetricsSources = {}, options: { defaultMetrics?: boolean } = {}) {
+    const registers = [this.registry];
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'fleet_' });
+    this.transitions = new Counter({
+      name: 'fleet_transitions_total',
+      help: 'Applied state transitions by this process',
+      labelNames: ['from', 'to', 'reason'],
+      registers,
+    });
+    this.jobs = new Counter({
+      name: 'fleet_jobs_total',
+      help: 'Lifecycle jobs processed, by job name and outcome',
+      labelNames: ['name', 'outcome'],
+      registers,
+    });
+    this.jobDuration = new Histogram({
+      name: 'fleet_job_duration_seconds',
+      help: 'Lifecycle job processing time',
+      labelNames: ['name'],
+      buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers,
+    });
+    this.published = new Counter({
+      name: 'fleet_outbox_published_total',
+      help: 'Transitions published on the stream by this process',
+      registers,
+    });
+    this.sweepResults = new Counter({
+      name: 'fleet_sweep_results_total',
+      help: 'Sweep results: readiness stamps, stale probes, orphaned and expired attempts',
+      labelNames: ['result'],
+      registers,
+    });
+    this.sweepDuration = new Histogram({
+      name: 'fleet_sweep_duration_seconds',
+      help: 'Sweep tick duration',
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers,
+    });
+    this.dispatch = new Counter({
+      name: 'fleet_dispatch_total',
+      help: 'Dispatch answers by source and reason',
+      labelNames: ['source', 'reason'],
+      registers,
+    });
+    const queueCounts = sources.queueCounts;
+    if (queueCounts !== undefined) {
+      new Gauge({
+        name: 'fleet_queue_jobs',
+        help: 'Jobs per queue and state',
+        labelNames: ['queue', 'state'],
+        registers,
+        async collect() {
+          this.reset();
+          for (const [queue, counts] of Object.entries(await queueCounts())) {
+            for (const [state, n] of Object.entries(counts)) this.set({ queue, state }, n);
+          }
+        },
+      });
+    }
+    const lag = sources.relayLagSeconds;
+    if (lag !== undefined) {
+      new Gauge({
+        name: 'fleet_outbox_lag_seconds',
+        help: 'Age of the oldest transition not yet published on the stream (0 when none)',
+        registers,
+        async collect() {
+          this.set(await lag());
+        },
+      });
+    }
+  }
+
+  job(report: JobReport): void {
+    this.jobs.inc({ name: report.name, outcome: report.outcome });
+    this.jobDuration.observe({ name: report.name }, report.durationMs / 1000);
+    const t = report.transition;
+    if (t !== undefined) this.transitions.inc({ from: t.from ?? '', to: t.to, reason: t.reason });
+  }
+
+  publishedCount(count: number): void {
+    this.published.inc(count);
+  }
+
+  sweep(report: SweepReport): void {
+    this.sweepResults.inc({ result: 'stamped' }, report.stamped);
+    this.sweepResults.inc({ result: 'stale' }, report.stale);
+    this.sweepResults.inc({ result: 'orphaned' }, report.orphaned);
+    this.sweepResults.inc({ result: 'expired' }, report.expired);
+    this.sweepDuration.observe(report.durationMs / 1000);
+  }
+
+  dispatched(source: string, reason: string): void {
+    this.dispatch.inc({ source, reason });
+  }
+
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+}

@@ -5,21 +5,14 @@
  */
 import { spawn, execFile } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { expect } from 'chai';
+import { freePort } from './helpers/net';
 import { waitFor } from './helpers/wait';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const FLEET = path.join(ROOT, 'bin', 'fleet.js');
 
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 function localFleetRunning(): boolean {
   try {

@@ -16,6 +16,7 @@ import { FleetError, isTransient, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
+import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transition-service';
 
@@ -149,14 +150,9 @@ export class LifecycleWorker {
    */
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
-      const graceful = this.worker.close().then(() => 'closed' as const);
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = new Promise<'timeout'>((resolve) => {
-        timer = setTimeout(() => resolve('timeout'), graceMs);
-      });
-      const how = await Promise.race([graceful, timedOut]);
-      clearTimeout(timer);
-      if (how === 'timeout') this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
+      if ((await closeWithin(this.worker, graceMs)) === 'timeout') {
+        this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
+      }
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();
     return this.closing;

@@ -24,6 +24,7 @@ import type IORedis from 'ioredis';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
+import { closeWithin } from './close-within';
 import type { SweepResult } from '../services/sweep';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';
@@ -261,14 +262,7 @@ export class SweepWorker {
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
       if (this.recheckTimer !== null) clearInterval(this.recheckTimer);
-      const graceful = this.worker.close().then(() => 'closed' as const);
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = new Promise<'timeout'>((resolve) => {
-        timer = setTimeout(() => resolve('timeout'), graceMs);
-      });
-      const how = await Promise.race([graceful, timedOut]);
-      clearTimeout(timer);
-      if (how === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
+      if ((await closeWithin(this.worker, graceMs)) === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
       await this.rechecking; // it closes the connections it opened
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();

@@ -13,6 +13,12 @@ export interface DataSourceSettings {
   readonly poolSize?: number;
   /** pg application_name, shown in pg_stat_activity (default `lifecycle-fleet`) */
   readonly applicationName?: string;
+  /**
+   * Server-side limit for one statement, and for a transaction left idle (default 30 s; 0: none, for migrations).
+   * A statement stuck behind a hung server or a forgotten lock fails instead of holding a job, and a graceful stop,
+   * forever; the worker retries it like any outage.
+   */
+  readonly statementTimeoutMs?: number;
 }
 
 export function createDataSource(settings: DataSourceSettings): DataSource {
@@ -28,6 +34,8 @@ export function createDataSource(settings: DataSourceSettings): DataSource {
     applicationName: settings.applicationName ?? 'lifecycle-fleet',
     extra: {
       max: settings.poolSize ?? 10,
+      statement_timeout: settings.statementTimeoutMs ?? 30_000,
+      idle_in_transaction_session_timeout: settings.statementTimeoutMs ?? 30_000,
       // Fail fast when the database is unreachable: the worker turns it into a delayed retry.
       connectionTimeoutMillis: 5000,
       idleTimeoutMillis: 30_000,

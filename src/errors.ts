@@ -97,7 +97,8 @@ const TRANSIENT_CODES = new Set([
   'EHOSTUNREACH',
   'ENOTFOUND',
   'EAI_AGAIN',
-  // PostgreSQL SQLSTATEs: connection exceptions, shutdown, serialization, deadlock, too many connections
+  // PostgreSQL SQLSTATEs: connection exceptions, shutdown, serialization, deadlock, too many connections,
+  // statement timeout (57014) and idle-in-transaction timeout (25P03)
   '08000',
   '08001',
   '08003',
@@ -110,6 +111,8 @@ const TRANSIENT_CODES = new Set([
   '40001',
   '40P01',
   '53300',
+  '57014',
+  '25P03',
 ]);
 
 /**

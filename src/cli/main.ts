@@ -57,7 +57,7 @@ function resolveEndpoints(config: FleetConfig): Endpoints {
 async function runMigrate(): Promise<void> {
   const config = loadConfig();
   const endpoints = resolveEndpoints(config);
-  const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate' });
+  const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
   await ds.initialize();
   try {
     const { ran } = await migrate(ds);
@@ -107,7 +107,7 @@ async function runStart(): Promise<void> {
     fs.writeFileSync(localEndpointsFile(), JSON.stringify({ ...endpoints, pid: process.pid }));
   }
   try {
-    const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate' });
+    const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
     await ds.initialize();
     try {
       const { ran } = await migrate(ds);

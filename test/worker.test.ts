@@ -263,6 +263,36 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(Number(totals?.outbox)).to.equal(Number(totals?.versions));
   });
 
+  it('waits for an in-flight job on SIGTERM, and a second signal a moment later exits at once', async () => {
+    const target = new URL(db.url);
+    const proxy = new TcpProxy(target.hostname, Number(target.port));
+    const port = await proxy.listen();
+    try {
+      const child = spawn(process.execPath, [path.join(ROOT, 'bin', 'fleet.js'), 'worker'], {
+        env: { ...process.env, DATABASE_URL: TcpProxy.rewrite(db.url, port), FLEET_PREFIX: prefix, LOG_LEVEL: 'info' },
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      children.push(child);
+      let out = '';
+      child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      await waitFor('the worker to start', () => (out.includes('worker started') ? true : undefined));
+      proxy.stall(); // the database hangs: the next job cannot finish
+      const { jobId } = await producer.createDeployment({ deploymentId: randomUUID(), name: 'web' });
+      await waitFor('the job to be in flight', async () => ((await queue.getJobState(jobId)) === 'active' ? true : undefined));
+      child.kill('SIGTERM');
+      await waitFor('the worker to start stopping', () => (out.includes('stopping: finishing in-flight jobs') ? true : undefined));
+      // a graceful stop waits for the job: the process is still there
+      const stillThere = await Promise.race([exited.then(() => false), new Promise<boolean>((r) => setTimeout(() => r(true), 1200))]);
+      expect(stillThere).to.equal(true);
+      child.kill('SIGTERM');
+      expect(await exited).to.equal(1);
+      expect(out).to.contain('second signal: exiting without waiting');
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('retries through a database outage and applies every event', async () => {
     const target = new URL(db.url);
     const proxy = new TcpProxy(target.hostname, Number(target.port));

@@ -8,6 +8,7 @@ export class TcpProxy {
   private readonly server: net.Server;
   private readonly sockets = new Set<net.Socket>();
   private down = false;
+  private stalled = false;
 
   constructor(
     private readonly targetHost: string,
@@ -35,8 +36,16 @@ export class TcpProxy {
     this.sockets.clear();
   }
 
+  /** The line goes silent: bytes stop flowing both ways, nothing is closed (a hung server or network). */
+  stall(): void {
+    this.stalled = true;
+    for (const socket of this.sockets) socket.pause();
+  }
+
   restore(): void {
     this.down = false;
+    this.stalled = false;
+    for (const socket of this.sockets) socket.resume();
   }
 
   async close(): Promise<void> {
@@ -61,5 +70,9 @@ export class TcpProxy {
     client.on('error', drop).on('close', drop);
     upstream.on('error', drop).on('close', drop);
     client.pipe(upstream).pipe(client);
+    if (this.stalled) {
+      client.pause();
+      upstream.pause();
+    }
   }
 }

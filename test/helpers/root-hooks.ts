@@ -2,6 +2,7 @@
  * Root hooks: a test file that leaves a connection open would keep mocha's process alive (or hide a leak in the
  * code under test). After all tests, any TCP socket or server still open fails the run.
  */
+import { Socket } from 'node:net';
 import type { RootHookObject } from 'mocha';
 
 export const mochaHooks: RootHookObject = {
@@ -12,6 +13,11 @@ export const mochaHooks: RootHookObject = {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     const open = process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap');
-    throw new Error(`tests left ${open.length} TCP handle(s) open: ${open.join(', ')}`);
+    // name the sockets, so the leak can be traced to the server it talks to
+    const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles();
+    const sockets = handles
+      .filter((h): h is Socket => h instanceof Socket)
+      .map((h) => `${h.localAddress ?? '?'}:${h.localPort ?? '?'} -> ${h.remoteAddress ?? '?'}:${h.remotePort ?? '?'}`);
+    throw new Error(`tests left ${open.length} TCP handle(s) open: ${sockets.join(', ') || open.join(', ')}`);
   },
 };

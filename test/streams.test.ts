@@ -69,8 +69,9 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
   beforeEach(async () => {
     prefix = uniquePrefix();
     streamKey = `${prefix}:transitions`;
-    // every test starts with an empty outbox: earlier tests' rows must not be published to this test's stream
-    await db.dataSource.query(`UPDATE outbox SET published_at = now() WHERE published_at IS NULL`);
+    // Every test has a stream of its own over the one database: earlier tests' rows are neither pending nor
+    // traceable to this stream (a relay reconciles published rows against the stream it publishes to).
+    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();
@@ -196,6 +197,35 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     const expected = deployments.flatMap((d) => Array.from({ length: 10 }, (_, i) => `${d}:${i + 1}`)).sort();
     expect(all).to.deep.equal(expected);
     await waitFor('nothing pending', async () => (((await redis.xpending(streamKey, 'billing')) as [number])[0] === 0 ? true : undefined));
+  });
+
+  it('republishes what the stream lost before appending anything after the gap', async () => {
+    const r = relay();
+    const deployments: string[] = Array.from({ length: 3 }, () => randomUUID());
+    for (const id of deployments) await tenTransitions(service, id);
+    await waitFor('30 entries', async () => ((await redis.xlen(streamKey)) >= 30 ? true : undefined));
+    // Redis loses its last writes (a crash before fsync, a failover): the last 7 entries vanish
+    const tail = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 7)).map(([id]) => id);
+    await redis.xdel(streamKey, ...tail);
+    const more = randomUUID();
+    await tenTransitions(service, more);
+    await waitFor('every version of every deployment', async () => {
+      const by = versionsByDeployment(await readStream(redis, streamKey));
+      return [...deployments, more].every((d) => new Set(by.get(d)).size === 10) ? true : undefined;
+    });
+    // the lost entries came back before anything of the new deployment was appended after the gap
+    const entries = await readStream(redis, streamKey);
+    const firstNew = entries.findIndex((e) => e.deploymentId === more);
+    const lastOld = entries.map((e) => deployments.includes(e.deploymentId)).lastIndexOf(true);
+    expect(lastOld).to.be.below(firstNew);
+    expect(entries.filter((e) => deployments.includes(e.deploymentId))).to.have.length.of.at.least(30);
+    expect(entries.some((e) => tail.includes(e.streamId))).to.equal(false);
+    for (const d of deployments) {
+      const firsts: number[] = [];
+      for (const v of versionsByDeployment(entries).get(d) ?? []) if (!firsts.includes(v)) firsts.push(v);
+      expect(firsts).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    }
+    expect(r.isLeader).to.equal(true);
   });
 
   it('reconnects after Redis is killed and restarted, and republishes what the crash may have lost', async () => {

@@ -177,6 +177,38 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(job?.returnvalue).to.deep.include({ outcome: 'applied', version: 2 });
   });
 
+  it('counts the retry budget from the first failure, not from enqueue: an hour-old job still waits for its create', async () => {
+    startWorker();
+    const deploymentId = randomUUID();
+    const hourAgo = Date.now() - 3600_000;
+    await queue.add('attempt.create', { deploymentId, attemptId: randomUUID() }, { jobId: 'backlogged', timestamp: hourAgo });
+    await waitFor('the old job to be delayed, not failed', async () => ((await queue.getJobState('backlogged')) === 'delayed' ? true : undefined));
+    await producer.createDeployment({ deploymentId, name: 'web' });
+    const [job] = await settled(['backlogged']);
+    expect(await job?.getState(), job?.failedReason).to.equal('completed');
+    expect(job?.returnvalue).to.deep.include({ outcome: 'applied' });
+  });
+
+  it('does not take a new raw event for an old one when BullMQ reuses an auto-numbered job id', async () => {
+    startWorker();
+    const [one, two] = [randomUUID(), randomUUID()];
+    const first = await queue.add('deployment.create', { deploymentId: one, name: 'web' });
+    await settled([first.id ?? '']);
+    // the queue's id counter restarts (obliterated queue, Redis that lost data): the next job is "1" again
+    const redis = testRedis();
+    try {
+      await redis.del(`${prefix}:${LIFECYCLE_QUEUE}:id`);
+      await queue.remove(first.id ?? '');
+    } finally {
+      redis.disconnect();
+    }
+    const second = await queue.add('deployment.create', { deploymentId: two, name: 'web' });
+    expect(second.id).to.equal(first.id);
+    const [job] = await settled([second.id ?? '']);
+    expect(job?.returnvalue).to.deep.include({ outcome: 'applied', deploymentId: two });
+    expect(job?.returnvalue).to.have.property('eventId').that.matches(/^bullmq\.\d+\.\d+$/);
+  });
+
   it('gives up on "not yet" after the retry budget, with the reason', async () => {
     startWorker({ retryBudgetMs: 0 });
     await queue.add('attempt.start', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'never' });

@@ -93,10 +93,18 @@ export class TransitionConsumer {
     return this.running;
   }
 
-  /** Stops after the current read (at most `blockMs`) and the current handler. Safe to call twice. */
+  /**
+   * Stops after the current read (at most `blockMs`) and the current handler; if Redis is unreachable it stops
+   * waiting after `blockMs` + 5 s and drops the connection. Safe to call twice.
+   */
   async close(): Promise<void> {
     this.stopped = true;
-    await this.running?.catch(() => undefined);
+    let timer: NodeJS.Timeout | undefined;
+    const gaveUp = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, (this.options.blockMs ?? 2000) + 5000);
+    });
+    await Promise.race([this.running?.catch(() => undefined), gaveUp]);
+    clearTimeout(timer);
     if (this.ownsRedis) this.redis.disconnect();
   }
 

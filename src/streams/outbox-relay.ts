@@ -10,9 +10,13 @@
  *   published with their stream ids in one UPDATE. A crash between the XADD and the mark republishes them:
  *   consumers drop versions they have seen.
  * - Woken by NOTIFY from the transaction that wrote the row; polls every `pollIntervalMs` as the fallback.
- * - Redis with `appendfsync everysec` can lose its last second of writes when it crashes. When the relay sees a
- *   different Redis `run_id` after a reconnect, it republishes what it published in the last `republishWindowMs`.
- * - Published rows older than `retentionMs` are pruned by the leader.
+ * - Redis with `appendfsync everysec` can lose its last second of writes when it crashes, or a failover can lose
+ *   more. So every batch is appended by a script that first checks that the stream still ends with the last
+ *   entry this relay appended; if it does not (Redis lost entries, or this relay just became leader), the relay
+ *   reconciles before appending anything: every row whose stream id is beyond the stream's last entry is marked
+ *   unpublished and goes out again, in id order. No entry can land after a gap.
+ * - Published rows older than `retentionMs` are pruned by the leader, and `processed_events` rows older than
+ *   `processedRetentionMs`.
  */
 import { Client } from 'pg';
 import type IORedis from 'ioredis';
@@ -22,6 +26,28 @@ import { OUTBOX_CHANNEL } from '../services/transition-service';
 
 /** The advisory lock the active relay holds. */
 export const RELAY_LOCK_KEY = 'lifecycle-fleet:outbox-relay';
+
+/**
+ * Appends a batch to the stream only if the stream still ends with the entry the relay appended last
+ * (ARGV[1]; `0-0` for an empty stream). ARGV[2] is MAXLEN; then each entry is a field count followed by its
+ * fields. Returns the new entry ids, or the error `TAIL_MOVED <actual tail>`. One round trip, atomic.
+ */
+const APPEND_IF_TAIL = `
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local tail = '0-0'
+if #last > 0 then tail = last[1][1] end
+if tail ~= ARGV[1] then return redis.error_reply('TAIL_MOVED ' .. tail) end
+local ids = {}
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local args = {KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
+  for j = 1, n do args[#args + 1] = ARGV[i + j] end
+  ids[#ids + 1] = redis.call('XADD', unpack(args))
+  i = i + n + 1
+end
+return ids
+`;
 
 export function transitionStreamKey(prefix: string): string {
   return `${prefix}:transitions`;
@@ -44,8 +70,9 @@ export interface OutboxRelayOptions {
   readonly standbyRetryMs?: number;
   /** published rows are deleted after this long (default 24 h) */
   readonly retentionMs?: number;
-  /** after a Redis restart, republish rows published this recently (default 10 s) */
-  readonly republishWindowMs?: number;
+  /** processed_events rows are deleted after this long (default 7 days): the window in which a redelivered
+   * eventId is still recognised as a duplicate */
+  readonly processedRetentionMs?: number;
   readonly logger?: Logger;
   /** metrics hook: rows published by one cycle */
   readonly onPublished?: (count: number) => void;
@@ -68,16 +95,25 @@ export class OutboxRelay {
   private wake: (() => void) | null = null;
   private pending = false;
   private loop: Promise<void> | null = null;
-  private lastRunId: string | null = null;
+  /** the id of the last stream entry this relay appended; null: unknown, reconcile before appending */
+  private lastStreamId: string | null = null;
   private lastPrune = 0;
   private published = 0;
 
   constructor(private readonly options: OutboxRelayOptions) {
     this.log = (options.logger ?? silentLogger).child({ component: 'outbox-relay' });
     this.ownsRedis = typeof options.redis === 'string';
-    this.redis = typeof options.redis === 'string' ? createRedis(options.redis, 'worker', 'lifecycle-fleet-relay') : options.redis;
+    // fail fast: a command issued while Redis is away errors at once instead of waiting in memory, so a cycle (and
+    // close()) never hangs on an outage and nothing queued can reach a restarted Redis before the reconcile
+    this.redis =
+      typeof options.redis === 'string'
+        ? createRedis(options.redis, 'producer', 'lifecycle-fleet-relay', { enableOfflineQueue: false })
+        : options.redis;
     this.redis.on('error', (err) => this.log.debug({ err }, 'redis connection error'));
-    this.redis.on('ready', () => this.poke());
+    this.redis.on('ready', () => {
+      this.lastStreamId = null; // a new connection may be a new (or restarted) server: check before appending
+      this.poke();
+    });
   }
 
   /** true while this relay holds the lock and publishes */
@@ -117,22 +153,30 @@ export class OutboxRelay {
   }
 
   private async run(): Promise<void> {
+    let failures = 0;
     while (!this.stopped) {
       try {
         if (!this.leader) {
+          // a poke means "rows to publish": only the leader acts on it, a standby must not spin on it
+          this.pending = false;
           await this.tryLead();
           if (!this.leader) {
+            failures = 0;
             await this.idle(this.options.standbyRetryMs ?? 1000);
             continue;
           }
         }
         this.pending = false;
         const count = await this.cycle();
+        failures = 0;
         if (count === 0 && !this.pending) await this.idle(this.options.pollIntervalMs ?? 1000);
       } catch (err) {
-        this.log.warn({ err, leader: this.leader }, 'relay cycle failed; retrying');
+        failures++;
+        // one warning per outage, then quieter, and backing off (0.5 s doubling to 5 s) while it lasts
+        this.log[failures === 1 ? 'warn' : 'debug']({ err, leader: this.leader, failures }, 'relay cycle failed; retrying');
         if (this.client === null || !(await this.sessionAlive())) await this.dropSession();
-        await this.idle(500);
+        this.pending = false;
+        await this.idle(Math.min(5000, 500 * 2 ** (failures - 1)));
       }
     }
   }
@@ -143,6 +187,11 @@ export class OutboxRelay {
         connectionString: this.options.databaseUrl,
         application_name: 'lifecycle-fleet-relay',
         connectionTimeoutMillis: 5000,
+        // a partitioned leader must notice, and lose its session (and lock), in seconds, not at TCP's leisure
+        keepAlive: true,
+        keepAliveInitialDelayMillis: 5000,
+        statement_timeout: 30_000,
+        query_timeout: 35_000,
       });
       client.on('error', (err) => {
         this.log.warn({ err }, 'relay database session lost');
@@ -155,6 +204,9 @@ export class OutboxRelay {
     const result = await this.client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock(hashtext($1)) AS locked', [RELAY_LOCK_KEY]);
     if (result.rows[0]?.locked === true) {
       await this.client.query(`LISTEN ${OUTBOX_CHANNEL}`);
+      // the server side notices a vanished leader too, and frees the lock for a standby
+      await this.client.query(`SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3`);
+      this.lastStreamId = null;
       this.leader = true;
       this.log.info('became the active outbox relay');
     }
@@ -164,7 +216,8 @@ export class OutboxRelay {
   private async cycle(): Promise<number> {
     const client = this.client;
     if (client === null) throw new Error('no database session');
-    await this.checkRedisRestart(client);
+    if (this.redis.status !== 'ready') return 0; // its 'ready' event wakes the loop
+    if (this.lastStreamId === null) await this.reconcile(client);
 
     const rows = (
       await client.query<OutboxRow>(
@@ -173,18 +226,25 @@ export class OutboxRelay {
       )
     ).rows;
     if (rows.length > 0) {
-      const pipeline = this.redis.pipeline();
-      const maxLen = String(this.options.maxLen ?? 1_000_000);
+      const expected = this.lastStreamId ?? '0-0';
+      const args: string[] = [expected, String(this.options.maxLen ?? 1_000_000)];
       for (const row of rows) {
-        pipeline.xadd(this.options.streamKey, 'MAXLEN', '~', maxLen, '*', ...Object.entries(row.fields).flat());
+        const flat = Object.entries(row.fields).flat();
+        args.push(String(flat.length), ...flat);
       }
-      const replies = (await pipeline.exec()) ?? [];
-      const streamIds = replies.map(([err, id], i) => {
-        if (err !== null) throw err;
-        if (typeof id !== 'string') throw new Error(`XADD for outbox row ${rows[i]?.id ?? '?'} returned no id`);
-        return id;
-      });
+      let streamIds: string[];
+      try {
+        streamIds = (await this.redis.eval(APPEND_IF_TAIL, 1, this.options.streamKey, ...args)) as string[];
+      } catch (err) {
+        if (err instanceof Error && err.message.includes('TAIL_MOVED')) {
+          this.log.warn({ expected, found: err.message.split('TAIL_MOVED ')[1] }, 'the stream does not end where this relay left it');
+          this.lastStreamId = null; // reconcile on the next cycle, before appending anything
+          return 0;
+        }
+        throw err;
+      }
       const ids = rows.map((r) => r.id);
+      this.lastStreamId = streamIds[streamIds.length - 1] ?? expected;
       await this.options.afterXadd?.(ids);
       await client.query(
         `UPDATE outbox SET published_at = now(), stream_id = v.stream_id
@@ -200,21 +260,21 @@ export class OutboxRelay {
   }
 
   /**
-   * After Redis restarted, the last second of stream writes may be gone (AOF fsync every second): mark what was
-   * published recently as unpublished, so it is published again. Duplicates are allowed; gaps are not.
+   * Makes the outbox agree with the stream before anything is appended: rows marked published whose entries the
+   * stream no longer holds past its last entry (a Redis that lost writes, a restored snapshot, a failover) are
+   * marked unpublished, so they go out again in id order. Duplicates are allowed; gaps are not.
    */
-  private async checkRedisRestart(client: Client): Promise<void> {
-    const info = await this.redis.info('server');
-    const runId = /run_id:(\w+)/.exec(info)?.[1] ?? null;
-    if (this.lastRunId !== null && runId !== null && runId !== this.lastRunId) {
-      const { rowCount } = await client.query(
-        `UPDATE outbox SET published_at = NULL, stream_id = NULL
-          WHERE published_at > now() - make_interval(secs => $1::double precision / 1000)`,
-        [this.options.republishWindowMs ?? 10_000],
-      );
-      this.log.warn({ republish: rowCount }, 'redis restarted: republishing recently published transitions');
-    }
-    this.lastRunId = runId;
+  private async reconcile(client: Client): Promise<void> {
+    const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
+    const [ms, seq] = tail.split('-');
+    const { rowCount } = await client.query(
+      `UPDATE outbox SET published_at = NULL, stream_id = NULL
+        WHERE published_at IS NOT NULL AND stream_id IS NOT NULL
+          AND (split_part(stream_id, '-', 1)::numeric, split_part(stream_id, '-', 2)::numeric) > ($1::numeric, $2::numeric)`,
+      [ms ?? '0', seq ?? '0'],
+    );
+    if ((rowCount ?? 0) > 0) this.log.warn({ republish: rowCount, streamTail: tail }, 'the stream lost entries: republishing them');
+    this.lastStreamId = tail;
   }
 
   private async prune(client: Client): Promise<void> {
@@ -228,7 +288,16 @@ export class OutboxRelay {
           LIMIT 10000)`,
       [this.options.retentionMs ?? 24 * 3600_000],
     );
-    if ((rowCount ?? 0) > 0) this.log.info({ pruned: rowCount }, 'pruned published outbox rows');
+    const processed = await client.query(
+      `DELETE FROM processed_events WHERE event_id IN (
+         SELECT event_id FROM processed_events
+          WHERE processed_at < now() - make_interval(secs => $1::double precision / 1000)
+          LIMIT 10000)`,
+      [this.options.processedRetentionMs ?? 7 * 24 * 3600_000],
+    );
+    if ((rowCount ?? 0) > 0 || (processed.rowCount ?? 0) > 0) {
+      this.log.info({ outbox: rowCount, processedEvents: processed.rowCount }, 'pruned published outbox rows and old processed events');
+    }
   }
 
   private async sessionAlive(): Promise<boolean> {

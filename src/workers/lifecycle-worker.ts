@@ -29,7 +29,8 @@ export interface LifecycleWorkerOptions {
   /** jobs processed at once by this process (default 16) */
   readonly concurrency?: number;
   readonly logger?: Logger;
-  /** how long after enqueue a job keeps being retried for "not yet", conflicts and outages (default 10 min) */
+  /** how long a job keeps being retried for "not yet", conflicts and outages, as the sum of its backoff delays
+   * (default 10 min: 26 retries, 250 ms doubling to 30 s) */
   readonly retryBudgetMs?: number;
   /**
    * Lock duration (default 8 s; renewed every half of it) and stalled-check interval (default 4 s): a job held by
@@ -50,8 +51,29 @@ export interface LifecycleWorkerOptions {
 
 /** Backoff for the worker's own retries: 250 ms doubling to 30 s, with jitter. */
 export function retryDelayMs(retriesSoFar: number): number {
-  const base = Math.min(30_000, 250 * 2 ** Math.max(0, retriesSoFar));
-  return Math.round(base * (0.5 + Math.random() * 0.5));
+  return Math.round(baseDelayMs(retriesSoFar) * (0.5 + Math.random() * 0.5));
+}
+
+function baseDelayMs(retriesSoFar: number): number {
+  return Math.min(30_000, 250 * 2 ** Math.max(0, retriesSoFar));
+}
+
+/** How many retries fit in a budget at the un-jittered backoff (10 min: 26 retries). */
+export function retriesWithin(budgetMs: number): number {
+  let spent = 0;
+  let n = 0;
+  while (spent + baseDelayMs(n) <= budgetMs) spent += baseDelayMs(n++);
+  return n;
+}
+
+/**
+ * The eventId of a job whose payload has none: its jobId. A BullMQ auto-numbered id ("1", "2", ...) restarts
+ * when a queue is obliterated or Redis loses data, so it is qualified by the job's timestamp, or a new event could
+ * be taken for an old one and dropped as a duplicate.
+ */
+export function fallbackEventId(job: Pick<Job, 'id' | 'timestamp'>): string | undefined {
+  if (job.id === undefined) return undefined;
+  return /^\d+$/.test(job.id) ? `bullmq.${job.id}.${job.timestamp}` : job.id;
 }
 
 export class LifecycleWorker {
@@ -83,7 +105,7 @@ export class LifecycleWorker {
     let result: ApplyResult;
     try {
       result = await this.options.service.apply(job.name, job.data, {
-        fallbackEventId: job.id,
+        fallbackEventId: fallbackEventId(job),
         producedAt: new Date(job.timestamp),
       });
     } catch (err) {
@@ -125,17 +147,23 @@ export class LifecycleWorker {
       throw new UnrecoverableError(message);
     }
     if (isTransient(err)) {
-      const ageMs = Date.now() - job.timestamp;
-      const budget = this.options.retryBudgetMs ?? 10 * 60_000;
-      if (ageMs >= budget) {
-        this.log.error({ ...ids, outcome: 'gave_up', code, ageMs, durationMs }, message);
+      // The budget counts this job's own retries, not time since enqueue: a job that waited out a long backlog
+      // still gets its full ten minutes of retries.
+      const retries = Math.max(0, job.attemptsStarted - 1);
+      if (retries >= retriesWithin(this.options.retryBudgetMs ?? 10 * 60_000)) {
+        this.log.error({ ...ids, outcome: 'gave_up', code, retries, durationMs }, message);
         report('gave_up');
-        throw new UnrecoverableError(`${code}: still failing ${Math.round(ageMs / 1000)} s after enqueue: ${message}`);
+        throw new UnrecoverableError(`${code}: still failing after ${retries} retries: ${message}`);
       }
-      const delay = retryDelayMs(Math.max(0, job.attemptsStarted - 1));
+      const delay = retryDelayMs(retries);
       this.log.info({ ...ids, outcome: 'retry', code, delayMs: delay, durationMs }, message);
       report('retry');
-      await job.moveToDelayed(Date.now() + delay, token);
+      try {
+        await job.moveToDelayed(Date.now() + delay, token);
+      } catch (moveErr) {
+        // The lock was lost (Redis away longer than the lock): the stalled check hands the job out again.
+        this.log.warn({ ...ids, err: moveErr }, 'could not delay the job; it will be picked up again when its lock expires');
+      }
       throw new DelayedError();
     }
     this.log.error({ ...ids, outcome: 'error', err, durationMs }, message);

@@ -182,7 +182,9 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       try {
         checks[name] = (await withTimeout(fn(), 2000)) ? 'ok' : 'failing';
       } catch (err) {
-        checks[name] = `failing: ${err instanceof Error ? err.message.slice(0, 200) : 'error'}`;
+        // the details go to the log, not to an unauthenticated caller (they may name hosts or users)
+        deps.logger.warn({ err, check: name }, 'readiness check failed');
+        checks[name] = 'failing';
       }
     };
     await Promise.all([

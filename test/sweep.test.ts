@@ -372,6 +372,39 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       }
     });
 
+    it('retries an earlier failed orphan job for an attempt that is still due, instead of adding nothing', async () => {
+      const { t0, clock } = pastClock();
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
+      const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
+      const a = await running(service);
+      if (a === undefined) throw new Error('unreachable');
+      // The first orphan job meets a database outage and gives up (a zero retry budget makes that immediate).
+      const outage = new TransitionService({
+        dataSource: db.dataSource,
+        now: clock.now,
+        hooks: {
+          beforeUpdate: () => {
+            throw Object.assign(new Error('Connection terminated unexpectedly'), { code: 'ECONNRESET' });
+          },
+        },
+      });
+      const failing = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service: outage, retryBudgetMs: 0 });
+      clock.at(t0, 200);
+      expect((await sweep.sweep()).orphaned).to.equal(1);
+      const jobId = `attempt.orphaned.${a.attemptId}`;
+      const failed = await settledOne(jobId);
+      await failing.close();
+      expect(await failed.getState()).to.equal('failed');
+      expect(await stateOf(a.deploymentId)).to.deep.include({ state: 'deploying' });
+
+      // The next tick finds the attempt still due: the failed job is retried, and now it applies.
+      startWorker(service);
+      clock.at(t0, 230);
+      await sweep.sweep();
+      await waitFor('the retried orphan job', async () => ((await producer.queue.getJobState(jobId)) === 'completed' ? true : undefined));
+      expect(await stateOf(a.deploymentId)).to.deep.equal({ state: 'unknown', status: 'abandoned', reason: 'orphaned' });
+    });
+
     it('fails an attempt past the progress deadline with progress_deadline_exceeded, heartbeats or not', async () => {
       const { t0, clock } = pastClock();
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });

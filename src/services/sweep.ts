@@ -209,6 +209,14 @@ export class Sweeper {
     for (let i = 0; i < jobs.length; i += 500) {
       await this.producer.queue.addBulk(jobs.slice(i, i + 500));
     }
+    // A job with the same id that failed (say it gave up during a long outage) is kept for days, and adding it
+    // again does nothing: retry it instead, or the attempt would stay deploying.
+    for (const { opts } of jobs) {
+      if ((await this.producer.queue.getJobState(opts.jobId)) === 'failed') {
+        await (await this.producer.queue.getJob(opts.jobId))?.retry('failed');
+        this.log.warn({ jobId: opts.jobId }, 'retried an earlier failed sweep job for an attempt that is still due');
+      }
+    }
     if (orphaned.length > 0) {
       this.log.warn({ attempts: orphaned.slice(0, 20).map((r) => r.id), count: orphaned.length }, 'orphaned attempts: heartbeats stopped');
     }

@@ -3,8 +3,23 @@
  * by migrations, run by `fleet migrate` under an advisory lock).
  */
 import 'reflect-metadata';
+import { Client, type ClientConfig } from 'pg';
 import { DataSource } from 'typeorm';
 import { ENTITIES, MIGRATIONS } from './src/entities';
+
+/**
+ * A pool client that can never crash the process with an unhandled 'error' event. When a backend is terminated
+ * (`pg_terminate_backend`, a restart) just as a new pool connection finishes its start-up, the FATAL message can
+ * arrive in the same read as the start-up's end: pg emits 'error' synchronously, before TypeORM has attached its
+ * listener to the connection it was just handed (it does so a microtask later), and the process dies. Errors still
+ * reach every other listener and fail the queries in flight; this listener only keeps the process alive.
+ */
+export class GuardedClient extends Client {
+  constructor(config?: string | ClientConfig) {
+    super(config);
+    this.on('error', () => undefined);
+  }
+}
 
 export interface DataSourceSettings {
   /** a postgres:// URL */
@@ -33,6 +48,7 @@ export function createDataSource(settings: DataSourceSettings): DataSource {
     logging: false,
     applicationName: settings.applicationName ?? 'lifecycle-fleet',
     extra: {
+      Client: GuardedClient,
       max: settings.poolSize ?? 10,
       statement_timeout: settings.statementTimeoutMs ?? 30_000,
       idle_in_transaction_session_timeout: settings.statementTimeoutMs ?? 30_000,

@@ -1,4 +1,8 @@
 #!/usr/bin/env node
 'use strict';
 // The `fleet` command; compiled sources live in dist/ (`npm run build`).
-require('../dist/src/cli/main.js').main(process.argv);
+// Exit once the command is done, even if a library left a timer behind: BullMQ's Worker.close() never settles while
+// Redis is unreachable and keeps a retry timer, so a worker stopped during a Redis outage would otherwise never exit.
+require('../dist/src/cli/main.js')
+  .main(process.argv)
+  .then(() => process.exit());

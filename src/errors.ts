@@ -122,6 +122,8 @@ const TRANSIENT_CODES = new Set([
 export function isTransient(err: unknown): boolean {
   if (err instanceof FleetError) return err.retryable;
   if (!(err instanceof Error)) return false;
+  // TypeORM releases a query runner whose connection failed; the next statement on it reports this instead
+  if (err.name === 'QueryRunnerAlreadyReleasedError') return true;
   const code = (err as { code?: unknown }).code;
   if (typeof code === 'string' && TRANSIENT_CODES.has(code)) return true;
   const message = err.message;

@@ -11,6 +11,8 @@ export const REDACT_PATHS = [
   '*.redisUrl',
   'databaseUrl',
   '*.databaseUrl',
+  'connectionString',
+  '*.connectionString',
   'boardPassword',
   '*.boardPassword',
   'authorization',
@@ -19,11 +21,58 @@ export const REDACT_PATHS = [
   'req.headers.authorization',
 ];
 
+const CENSOR = '[redacted]';
+
+/** `scheme://user:password@` in any string: the password is replaced. */
+const URL_CREDENTIALS = /([a-z][a-z0-9+.-]*:\/\/[^\s:/@]*:)[^\s@/]+@/gi;
+
+/** Replaces the password of every URL in `text` (`redis://u:secret@h` -> `redis://u:[redacted]@h`). */
+export function scrubUrls(text: string): string {
+  return text.replace(URL_CREDENTIALS, `$1${CENSOR}@`);
+}
+
+/**
+ * Errors are serialized with pino's standard serializer, then scrubbed: ioredis attaches the failed command to
+ * its errors (`command: {name: 'auth', args: [user, password]}` when AUTH fails), and a message or stack may quote
+ * a connection URL. Command arguments are dropped (the name is enough to debug), URLs lose their password, and
+ * the same applies to the error's causes.
+ */
+export function serializeError(err: unknown): unknown {
+  if (!(err instanceof Error)) return err;
+  return scrub(pino.stdSerializers.err(err), 0);
+}
+
+function scrub(value: unknown, depth: number): unknown {
+  if (typeof value === 'string') return scrubUrls(value);
+  if (typeof value !== 'object' || value === null || depth > 6) return value;
+  if (Array.isArray(value)) return value.map((v) => scrub(v, depth + 1));
+  const out: Record<string, unknown> = {};
+  for (const [key, v] of Object.entries(value)) {
+    if (key === 'command' && typeof v === 'object' && v !== null && 'args' in v) {
+      out[key] = { ...(v as Record<string, unknown>), args: CENSOR };
+    } else if (key === 'options' || key === 'connectionOptions') {
+      // a client's options (host, port, password, tls keys) never belong in a log line
+      out[key] = CENSOR;
+    } else {
+      out[key] = scrub(v, depth + 1);
+    }
+  }
+  return out;
+}
+
 export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
   const options: pino.LoggerOptions = {
     level,
     base: { service: 'lifecycle-fleet' },
-    redact: { paths: REDACT_PATHS, censor: '[redacted]' },
+    redact: { paths: REDACT_PATHS, censor: CENSOR },
+    serializers: { err: serializeError, error: serializeError },
+    hooks: {
+      // messages are ours, but may quote an error's message or a URL
+      logMethod(args, method) {
+        const scrubbed = args.map((a: unknown) => (typeof a === 'string' ? scrubUrls(a) : a)) as Parameters<typeof method>;
+        return method.apply(this, scrubbed);
+      },
+    },
     timestamp: pino.stdTimeFunctions.isoTime,
   };
   return destination === undefined ? pino(options) : pino(options, destination);

@@ -10,7 +10,7 @@ import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';
 import { ConfigError, ResyncRequiredError, ValidationError } from '../errors';
-import { createLogger } from '../log';
+import { createLogger, scrubUrls } from '../log';
 import { isProcessAlive, startLocalServices } from '../local/services';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
@@ -104,7 +104,7 @@ async function runStart(): Promise<void> {
       redisUrl: config.redisUrl ?? local.redisUrl ?? '',
       databaseUrl: config.databaseUrl ?? local.databaseUrl ?? '',
     };
-    fs.writeFileSync(localEndpointsFile(), JSON.stringify({ ...endpoints, pid: process.pid }));
+    fs.writeFileSync(localEndpointsFile(), JSON.stringify({ ...endpoints, pid: process.pid }), { mode: 0o600 });
   }
   try {
     const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
@@ -125,8 +125,10 @@ async function runStart(): Promise<void> {
         `  Bull Board   ${url}/admin/queues`,
         `  API          ${url}/api/deployments`,
         `  metrics      ${url}/metrics`,
-        `  Redis        ${local?.redisUrl !== undefined ? endpoints.redisUrl : 'REDIS_URL'}`,
-        `  PostgreSQL   ${local?.databaseUrl !== undefined ? endpoints.databaseUrl : 'DATABASE_URL'}`,
+        // never a password on the terminal (it ends up in scrollback and CI logs): the URLs with theirs are in
+        // .fleet/run/endpoints.json (mode 0600) while this runs
+        `  Redis        ${local?.redisUrl !== undefined ? scrubUrls(endpoints.redisUrl) : 'REDIS_URL'}`,
+        `  PostgreSQL   ${local?.databaseUrl !== undefined ? scrubUrls(endpoints.databaseUrl) : 'DATABASE_URL'}`,
         '  in another terminal: npx fleet demo, npx fleet tail, npx fleet status <id>',
         '',
         '',

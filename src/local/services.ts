@@ -7,23 +7,33 @@
  * nothing here touches a system-wide Redis or PostgreSQL service.
  *
  * Layout of `dir`:
+ *   owner.lock        lock of the process currently owning these services (created with O_EXCL;
+ *                     taken over only when that process is dead)
+ *   credentials.json  (mode 0600) the Redis and PostgreSQL passwords, generated at first start
+ *   redis.conf        (mode 0600) the part of the Redis configuration that is secret (requirepass)
  *   redis/            Redis working dir (AOF lives in redis/appendonlydir)
  *   redis.pid         Redis pid file (left behind only if Redis was SIGKILLed)
  *   pg/               PostgreSQL data directory (unless `pg-location` says otherwise)
  *   pg-location       (root only) path of the data directory when it had to be
  *                     placed under the temp dir because `fleetpg` cannot reach `dir`
- *   owner.json        pid of the process currently owning these services
  *   *.log             output of redis-server, initdb, postgres, apt-get
+ *
+ * Both servers require a password: PostgreSQL (user `fleet`) password authentication on
+ * TCP, no Unix-domain socket at all; Redis `requirepass`. The returned URLs carry them, so
+ * treat those URLs as secrets. Data directories made by older versions (`initdb --auth=trust`)
+ * are switched to password authentication on their next start.
  *
  * When running as root, initdb/postgres run as the dedicated system user
  * `fleetpg` (PostgreSQL refuses to run as root). The servers are started in
  * their own session so that a terminal ^C reaches the application first; they
- * are stopped by `stop()`, on process exit, and on SIGINT/SIGTERM/SIGHUP when
- * nobody else handles those signals. Servers orphaned by a SIGKILLed parent are
- * found and stopped on the next start in the same directory.
+ * are stopped by `stop()`, on process exit, and on SIGINT/SIGTERM when nobody
+ * else handles those signals. SIGHUP is deliberately left alone (see CLEANUP_SIGNALS).
+ * Servers orphaned by a killed parent are found and stopped on the next start in
+ * the same directory; only processes that are provably ours are signalled: named
+ * exactly `redis-server`/`postgres` and running with our config file / data directory.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, createHmac, pbkdf2Sync, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -46,7 +56,9 @@ export interface LocalServicesOptions {
 }
 
 export interface LocalServices {
+  /** `redis://:<password>@127.0.0.1:<port>`: a secret, never log it */
   redisUrl?: string;
+  /** `postgres://fleet:<password>@127.0.0.1:<port>/fleet`: a secret, never log it */
   databaseUrl?: string;
   redisPort?: number;
   pgPort?: number;
@@ -59,6 +71,17 @@ export interface LocalServices {
   pgPid?: number;
   /** Stops both servers; idempotent; resolves once both processes are gone. */
   stop(): Promise<void>;
+  /**
+   * Kills redis-server (SIGKILL: a crash; SIGTERM: a clean shutdown), stays down for `downMs` (default 0), then
+   * starts it again on the same port and data directory and waits until it has loaded its AOF. For fault tests.
+   */
+  restartRedis(options?: { signal?: 'SIGKILL' | 'SIGTERM'; downMs?: number }): Promise<void>;
+  /**
+   * Stops PostgreSQL (`immediate`: SIGQUIT to the postmaster, a crash followed by recovery, as
+   * `pg_ctl restart -m immediate`; `fast`: SIGINT), stays down for `downMs` (default 0), then starts it again on the
+   * same port and data directory and waits until it accepts connections. For fault tests.
+   */
+  restartPostgres(options?: { mode?: 'immediate' | 'fast'; downMs?: number }): Promise<void>;
 }
 
 /** A required binary is missing and could not be installed; `message` is the command to run. */
@@ -161,28 +184,41 @@ function rotateLog(file: string): void {
 }
 
 interface ProcInfo {
+  /** the process name: /proc/<pid>/comm on Linux, else the basename of `ps -o comm=` */
   comm: string;
-  cmdline: string;
+  /** argv (Linux only; servers may overwrite it with a title) */
+  argv?: string[];
   /** resolved working directory; undefined when unknown (not Linux, or not permitted) */
   cwd?: string;
+  /** effective uid (Linux only) */
+  uid?: number;
 }
 
+const HAVE_PROC = fs.existsSync('/proc/self/stat');
+
 function procInfo(pid: number): ProcInfo | undefined {
-  if (fs.existsSync('/proc/self/stat')) {
+  if (HAVE_PROC) {
     const comm = readText(`/proc/${pid}/comm`);
     if (comm === undefined) return undefined;
-    const cmdline = (readText(`/proc/${pid}/cmdline`) ?? '').split('\0').join(' ');
+    const argv = (readText(`/proc/${pid}/cmdline`) ?? '').split('\0');
+    while (argv.length > 0 && argv[argv.length - 1] === '') argv.pop();
     let cwd: string | undefined;
     try {
       cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
     } catch {
       cwd = undefined;
     }
-    return { comm: comm.trim(), cmdline, cwd };
+    let uid: number | undefined;
+    try {
+      uid = fs.statSync(`/proc/${pid}`).uid;
+    } catch {
+      uid = undefined;
+    }
+    return { comm: comm.replace(/\n$/, ''), argv, cwd, uid };
   }
-  const ps = spawnSync('ps', ['-p', String(pid), '-o', 'comm='], { encoding: 'utf8' });
+  const ps = spawnSync('ps', ['-o', 'comm=', '-p', String(pid)], { encoding: 'utf8' });
   const comm = ps.status === 0 ? ps.stdout.trim() : '';
-  return comm ? { comm: path.basename(comm), cmdline: comm } : undefined;
+  return comm ? { comm: path.basename(comm) } : undefined;
 }
 
 /** Process state letter from /proc (Linux only). */
@@ -229,30 +265,93 @@ async function waitGone(pids: number[], timeoutMs: number): Promise<boolean> {
   return true;
 }
 
-/** Is `pid` a live process named like `name` whose cwd (when known) is `dir`? */
-function isOurServer(pid: number, name: string, dir: string): boolean {
-  if (pid === process.pid || !isProcessAlive(pid)) return false;
-  const info = procInfo(pid);
-  if (!info || !(info.comm.includes(name) || info.cmdline.includes(name))) return false;
-  return info.cwd === undefined || info.cwd === realpathOrSelf(dir);
+function samePath(a: string | undefined, b: string): boolean {
+  return a !== undefined && (path.resolve(a) === path.resolve(b) || realpathOrSelf(a) === realpathOrSelf(b));
 }
 
-/** Live processes named like `name` running with cwd `dir` (Linux only; [] elsewhere). */
-function serversInDir(name: string, dir: string): number[] {
-  if (!fs.existsSync('/proc/self/cwd') || !fs.existsSync(dir)) return [];
+/** Does `argv` hold `flag` followed by the path `p`? */
+function argvHasPath(argv: string[], flag: string, p: string): boolean {
+  return argv.some((a, i) => a === flag && samePath(argv[i + 1], p));
+}
+
+/** Live process `pid` (not us) named exactly `comm`, with its cwd `dir` when that is known. */
+function liveNamed(pid: number, comm: string, dir: string): ProcInfo | undefined {
+  if (pid === process.pid || !isProcessAlive(pid)) return undefined;
+  const info = procInfo(pid);
+  if (info?.comm !== comm) return undefined;
+  if (info.cwd !== undefined && info.cwd !== realpathOrSelf(dir)) return undefined;
+  return info;
+}
+
+/** Redis' default process title ("<argv0> <addr>:<port>", optionally "[cluster]"...), Redis < 6.2 has no other. */
+const REDIS_DEFAULT_TITLE = /^\S*redis-server \S+:\d+( \[\w+\])?$/;
+
+/**
+ * Is `pid` a redis-server of ours: named exactly `redis-server`, cwd the Redis dir, and its title (we set
+ * proc-title-template) ends with our config file, or its argv still holds `--dir <redisDir>`. A pid read from
+ * our pid file is also accepted with Redis' default title (Redis < 6.2, or started by an older version of this
+ * module), as long as name and cwd match. Off Linux only the name of a pid-file pid can be checked.
+ */
+function isOurRedis(pid: number, redisDir: string, confFile: string, fromPidFile: boolean): boolean {
+  const info = liveNamed(pid, 'redis-server', redisDir);
+  if (!info) return false;
+  if (info.argv === undefined) return fromPidFile; // no /proc: `ps -o comm=` matched exactly
+  const title = info.argv.filter(Boolean).join(' ').trim();
+  if ([confFile, realpathOrSelf(confFile)].some((c) => title.endsWith(` ${c}`))) return true;
+  if (argvHasPath(info.argv, '--dir', redisDir)) return true;
+  return fromPidFile && info.cwd !== undefined && REDIS_DEFAULT_TITLE.test(title);
+}
+
+/** Is `pid` a postmaster of ours: named exactly `postgres` and started with `-D <dataDir>`? */
+function isOurPostmaster(pid: number, dataDir: string, fromPidFile: boolean): boolean {
+  const info = liveNamed(pid, 'postgres', dataDir);
+  if (!info) return false;
+  if (info.argv === undefined) return fromPidFile; // no /proc: `ps -o comm=` matched exactly
+  return argvHasPath(info.argv, '-D', dataDir);
+}
+
+/**
+ * Is `pid` a child of one of our postmasters (a backend, the checkpointer, ...), possibly orphaned: named
+ * exactly `postgres`, titled `postgres: ...` (children overwrite their argv), cwd `dataDir`, and run by the
+ * owner of `dataDir` (PostgreSQL only runs as the owner of its data directory). Linux only.
+ */
+function isOurPgChild(pid: number, dataDir: string): boolean {
+  const info = liveNamed(pid, 'postgres', dataDir);
+  if (info?.argv === undefined || info.cwd === undefined) return false;
+  let owner: number;
+  try {
+    owner = fs.statSync(dataDir).uid;
+  } catch {
+    return false;
+  }
+  return (info.argv[0] ?? '').startsWith('postgres: ') && info.uid === owner;
+}
+
+/** Live processes with cwd `dir` that `isOurs` accepts (Linux only; [] elsewhere). */
+function processesInDir(dir: string, isOurs: (pid: number) => boolean): number[] {
+  if (!HAVE_PROC || !fs.existsSync(dir)) return [];
   const want = realpathOrSelf(dir);
   const found: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
     try {
       if (fs.readlinkSync(`/proc/${entry}/cwd`) !== want) continue;
     } catch {
       continue;
     }
-    if (isOurServer(pid, name, dir)) found.push(pid);
+    if (isOurs(Number(entry))) found.push(Number(entry));
   }
   return found;
+}
+
+/** Our redis-servers running in `redisDir` (Linux only). */
+function redisProcesses(redisDir: string, confFile: string): number[] {
+  return processesInDir(redisDir, (pid) => isOurRedis(pid, redisDir, confFile, false));
+}
+
+/** Our postmasters and their (possibly orphaned) children serving `dataDir` (Linux only). */
+function pgProcesses(dataDir: string): number[] {
+  return processesInDir(dataDir, (pid) => isOurPostmaster(pid, dataDir, false) || isOurPgChild(pid, dataDir));
 }
 
 function readPid(file: string): number | undefined {
@@ -261,13 +360,17 @@ function readPid(file: string): number | undefined {
   return Number.isInteger(pid) && pid > 0 ? pid : undefined;
 }
 
-/** Runs a command to completion with its output appended to `logFile`. */
+/** How long apt-get, initdb... may take before they are stopped and the start fails. */
+const RUN_TIMEOUT_MS = 15 * 60_000;
+
+/** Runs a command to completion with its output appended to `logFile`; stops it after `timeoutMs`. */
 async function runLogged(
   cmd: string,
   args: string[],
   logFile: string,
-  extra: { env?: NodeJS.ProcessEnv; runAs?: RunAs } = {},
+  extra: { env?: NodeJS.ProcessEnv; runAs?: RunAs; timeoutMs?: number } = {},
 ): Promise<void> {
+  const timeoutMs = extra.timeoutMs ?? RUN_TIMEOUT_MS;
   const fd = fs.openSync(logFile, 'a');
   const from = fileSize(logFile);
   fs.writeSync(fd, `\n$ ${[cmd, ...args].join(' ')}\n`);
@@ -281,13 +384,28 @@ async function runLogged(
   } finally {
     fs.closeSync(fd);
   }
+  let timedOut = false;
+  let killTimer: NodeJS.Timeout | undefined;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill('SIGTERM');
+    killTimer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+  }, timeoutMs);
   const result = await new Promise<{ code: number | null; sig: NodeJS.Signals | null; error?: Error }>((resolve) => {
     child.once('error', (error) => resolve({ code: null, sig: null, error }));
     child.once('exit', (code, sig) => resolve({ code, sig }));
+  }).finally(() => {
+    clearTimeout(timer);
+    clearTimeout(killTimer);
   });
+  const name = path.basename(cmd) + (args[0] && !args[0].startsWith('-') ? ` ${args[0]}` : ''); // e.g. `apt-get update`
+  if (timedOut) {
+    const limit = timeoutMs >= 60_000 ? `${Math.round(timeoutMs / 60_000)} min` : `${timeoutMs / 1000} s`;
+    throw new Error(`${name} did not finish within ${limit} and was stopped; log ${logFile}:\n${logTail(logFile, from)}`);
+  }
   if (result.code !== 0) {
     const why = result.error?.message ?? (result.sig ? `killed by ${result.sig}` : `exit code ${String(result.code)}`);
-    throw new Error(`${path.basename(cmd)} failed (${why}); log ${logFile}:\n${logTail(logFile, from)}`);
+    throw new Error(`${name} failed (${why}); log ${logFile}:\n${logTail(logFile, from)}`);
   }
 }
 
@@ -480,32 +598,266 @@ function choosePgDataDir(dir: string, user: RunAs | undefined, log: (m: string) 
 // ---------------------------------------------------------------------------
 // leftovers of earlier runs
 
-interface OwnerRecord {
+// ---------------------------------------------------------------------------
+// ownership of `dir`: one starter at a time
+
+interface LockRecord {
   pid: number;
+  /** process start time (Linux), tells a reused pid apart */
   start: string | null;
+  /** tells this lock apart from any other lock of the same process */
+  token: string;
 }
 
-function ownerFile(dir: string): string {
-  return path.join(dir, 'owner.json');
+const LOCK_FILE = 'owner.lock';
+/** held (created with O_EXCL) only for the few synchronous steps that remove a stale lock */
+const TAKEOVER_FILE = 'owner.lock.takeover';
+/** written by versions before owner.lock; honoured so that an old, still running owner is not trampled */
+const LEGACY_OWNER_FILE = 'owner.json';
+
+/** dirs this process is starting or running services in */
+const claimed = new Set<string>();
+
+interface LockState {
+  raw: string;
+  ino: number;
+  mtimeMs: number;
+  /** undefined: empty or unparsable (being written right now, or garbage) */
+  rec?: LockRecord;
 }
 
-/** Throws if another live process currently owns the services in `dir`. */
-function checkOwner(dir: string): void {
-  let rec: OwnerRecord;
+function readLock(file: string): LockState | undefined {
+  let st: fs.Stats;
+  let raw: string;
   try {
-    rec = JSON.parse(fs.readFileSync(ownerFile(dir), 'utf8')) as OwnerRecord;
+    st = fs.statSync(file);
+    raw = fs.readFileSync(file, 'utf8');
   } catch {
+    return undefined;
+  }
+  let rec: LockRecord | undefined;
+  try {
+    const v = JSON.parse(raw) as Partial<LockRecord>;
+    if (typeof v.pid === 'number' && typeof v.token === 'string') rec = { pid: v.pid, start: v.start ?? null, token: v.token };
+  } catch {
+    rec = undefined;
+  }
+  return { raw, ino: st.ino, mtimeMs: st.mtimeMs, rec };
+}
+
+/** Is the process that wrote `rec` still running (and not another process that got its pid)? */
+function holderAlive(rec: { pid: number; start?: string | null }): boolean {
+  // our own pid: a lock a previous instance in this process failed to remove (`claimed` rules out a live one)
+  if (rec.pid === process.pid || !isProcessAlive(rec.pid)) return false;
+  const start = procStartTime(rec.pid);
+  return rec.start === undefined || rec.start === null || start === null || start === rec.start;
+}
+
+function inUse(dir: string, pid: number): Error {
+  return new Error(`local services in ${dir} are in use by process ${pid}; stop it first or use another directory`);
+}
+
+/** Runs `fn` (synchronous, short) holding the takeover file of `dir`. */
+async function underTakeoverLock(dir: string, fn: () => void): Promise<void> {
+  const file = path.join(dir, TAKEOVER_FILE);
+  for (let attempt = 1; ; attempt++) {
+    try {
+      fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx' });
+      break;
+    } catch (err) {
+      if (errCode(err) !== 'EEXIST') throw err;
+    }
+    // it is held for a few synchronous file operations: one that stays belongs to a process killed meanwhile
+    const holder = readPid(file);
+    const age = Date.now() - (fs.statSync(file, { throwIfNoEntry: false })?.mtimeMs ?? Date.now());
+    if ((holder !== undefined && holder !== process.pid && !isProcessAlive(holder)) || age > 10_000) {
+      fs.rmSync(file, { force: true });
+    } else if (attempt > 1000) {
+      throw new Error(`${file} stays in the way; remove it if no other process is starting services in ${dir}`);
+    } else {
+      await sleep(10);
+    }
+  }
+  try {
+    fn();
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+}
+
+/**
+ * Makes this process the owner of `dir`: creates `owner.lock` with O_EXCL. A lock whose process is dead is
+ * removed, under the takeover file and only if it is still the very file found stale, then creation is tried
+ * again; so of any number of concurrent starters exactly one wins, and the others fail with "in use by N".
+ */
+async function acquireLock(dir: string): Promise<LockRecord> {
+  const file = path.join(dir, LOCK_FILE);
+  const mine: LockRecord = { pid: process.pid, start: procStartTime(process.pid), token: randomBytes(12).toString('hex') };
+  for (let attempt = 1; attempt <= 1000; attempt++) {
+    try {
+      const fd = fs.openSync(file, 'wx', 0o644);
+      try {
+        fs.writeSync(fd, `${JSON.stringify(mine)}\n`);
+      } finally {
+        fs.closeSync(fd);
+      }
+      if (readLock(file)?.rec?.token === mine.token) return mine; // re-check after writing
+      continue;
+    } catch (err) {
+      if (errCode(err) !== 'EEXIST') throw err;
+    }
+    const held = readLock(file);
+    if (held === undefined) continue; // released meanwhile
+    if (held.rec === undefined) {
+      // created but not written yet (a writer is between open and write): give it a moment
+      if (Date.now() - held.mtimeMs < 5000) {
+        await sleep(10);
+        continue;
+      }
+    } else if (holderAlive(held.rec)) {
+      throw inUse(dir, held.rec.pid);
+    }
+    await underTakeoverLock(dir, () => {
+      const now = readLock(file);
+      if (now?.ino === held.ino && now.raw === held.raw) fs.rmSync(file, { force: true });
+    });
+  }
+  throw new Error(`could not take ${file}`);
+}
+
+/** Removes our lock (synchronous: also used on process exit). */
+function releaseLock(dir: string, token: string): void {
+  const file = path.join(dir, LOCK_FILE);
+  if (readLock(file)?.rec?.token === token) fs.rmSync(file, { force: true });
+}
+
+/** Throws if an older version of this module, still running, owns `dir`; else removes its record. */
+function checkLegacyOwner(dir: string): void {
+  const file = path.join(dir, LEGACY_OWNER_FILE);
+  let rec: { pid?: unknown; start?: unknown };
+  try {
+    rec = JSON.parse(fs.readFileSync(file, 'utf8')) as { pid?: unknown; start?: unknown };
+  } catch {
+    fs.rmSync(file, { force: true });
     return;
   }
-  if (typeof rec.pid !== 'number' || rec.pid === process.pid || !isProcessAlive(rec.pid)) return;
-  if (rec.start !== null && procStartTime(rec.pid) !== rec.start) return; // pid was reused
-  throw new Error(`local services in ${dir} are in use by process ${rec.pid}; stop it first or use another directory`);
+  if (typeof rec.pid === 'number' && holderAlive({ pid: rec.pid, start: typeof rec.start === 'string' ? rec.start : null })) {
+    throw inUse(dir, rec.pid);
+  }
+  fs.rmSync(file, { force: true });
 }
 
-function writeOwner(dir: string): void {
-  const rec: OwnerRecord = { pid: process.pid, start: procStartTime(process.pid) };
-  fs.writeFileSync(ownerFile(dir), `${JSON.stringify(rec)}\n`);
+// ---------------------------------------------------------------------------
+// credentials
+
+interface Credentials {
+  redisPassword: string;
+  postgresPassword: string;
 }
+
+const CREDENTIALS_FILE = 'credentials.json';
+
+function newPassword(): string {
+  return randomBytes(24).toString('hex');
+}
+
+/** Writes `file` with mode 0600 (owned by `owner` when given), atomically. */
+function writePrivateFile(file: string, text: string, owner?: RunAs): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  fs.rmSync(tmp, { force: true });
+  fs.writeFileSync(tmp, text, { mode: 0o600, flag: 'wx' });
+  try {
+    if (owner) fs.chownSync(tmp, owner.uid, owner.gid);
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    fs.rmSync(tmp, { force: true });
+    throw err;
+  }
+}
+
+/**
+ * The passwords of `dir` from credentials.json (mode 0600), created or completed as needed. `created` lists
+ * the passwords made up just now (none existed before).
+ */
+function loadCredentials(dir: string): { creds: Credentials; created: Set<keyof Credentials> } {
+  const file = path.join(dir, CREDENTIALS_FILE);
+  let stored: Partial<Record<keyof Credentials, unknown>> = {};
+  const st = fs.lstatSync(file, { throwIfNoEntry: false });
+  if (st) {
+    if (!st.isFile()) throw new Error(`${file} is not a regular file`);
+    if ((st.mode & 0o077) !== 0) fs.chmodSync(file, 0o600);
+    try {
+      stored = JSON.parse(fs.readFileSync(file, 'utf8')) as typeof stored;
+    } catch {
+      stored = {};
+    }
+  }
+  const created = new Set<keyof Credentials>();
+  const pick = (key: keyof Credentials): string => {
+    const v = stored[key];
+    if (typeof v === 'string' && v !== '' && !/[\s"'\\]/.test(v)) return v;
+    created.add(key);
+    return newPassword();
+  };
+  const creds: Credentials = { redisPassword: pick('redisPassword'), postgresPassword: pick('postgresPassword') };
+  if (created.size > 0) writePrivateFile(file, `${JSON.stringify(creds, null, 2)}\n`);
+  return { creds, created };
+}
+
+/** A SCRAM-SHA-256 verifier for `password`, as PostgreSQL stores it (so the password itself never reaches it). */
+function scramVerifier(password: string): string {
+  const salt = randomBytes(16);
+  const iterations = 4096;
+  const salted = pbkdf2Sync(password, salt, iterations, 32, 'sha256');
+  const clientKey = createHmac('sha256', salted).update('Client Key').digest();
+  const storedKey = createHash('sha256').update(clientKey).digest();
+  const serverKey = createHmac('sha256', salted).update('Server Key').digest();
+  const b64 = (b: Buffer): string => b.toString('base64');
+  return `SCRAM-SHA-256$${iterations}:${b64(salt)}$${b64(storedKey)}:${b64(serverKey)}`;
+}
+
+/** pg_hba method for TCP: scram-sha-256 (PostgreSQL 14+ stores passwords that way); md5 before (accepts both). */
+function hostAuthMethod(major: number): string {
+  return major >= 14 ? 'scram-sha-256' : 'md5';
+}
+
+/** Does pg_hba.conf let TCP clients in without a password (a data directory of `initdb --auth=trust`)? */
+function hbaTrustsHost(dataDir: string): boolean {
+  const text = readText(path.join(dataDir, 'pg_hba.conf')) ?? '';
+  return text.split('\n').some((line) => {
+    const fields = line.replace(/#.*/, '').trim().split(/\s+/);
+    return (fields[0] ?? '').startsWith('host') && fields.includes('trust');
+  });
+}
+
+function hbaConf(method: string): string {
+  return [
+    '# written by lifecycle-fleet (src/local/services.ts): passwords over TCP; the Unix-domain socket is disabled',
+    '# TYPE  DATABASE        USER            ADDRESS                 METHOD',
+    'local   all             all                                     trust',
+    `host    all             all             127.0.0.1/32            ${method}`,
+    `host    all             all             ::1/128                 ${method}`,
+    'local   replication     all                                     trust',
+    `host    replication     all             127.0.0.1/32            ${method}`,
+    `host    replication     all             ::1/128                 ${method}`,
+    '',
+  ].join('\n');
+}
+
+/** Quotes `s` for a redis.conf line. */
+function redisQuote(s: string): string {
+  return `"${s.replace(/[\\"]/g, (c) => `\\${c}`).replace(/\n/g, '\\n')}"`;
+}
+
+/** Redis 6.2+ has proc-title-template, which lets us keep our config file in the process title. */
+function redisHasTitleTemplate(bin: string): boolean {
+  const r = spawnSync(bin, ['--version'], { encoding: 'utf8' });
+  const m = /v=(\d+)\.(\d+)/.exec(r.stdout ?? '');
+  return m !== null && (Number(m[1]) > 6 || (Number(m[1]) === 6 && Number(m[2]) >= 2));
+}
+
+// ---------------------------------------------------------------------------
+// leftovers of earlier runs
 
 async function terminate(pids: number[], sig: NodeJS.Signals, timeoutMs: number): Promise<void> {
   pids.forEach((p) => signal(p, sig));
@@ -514,12 +866,17 @@ async function terminate(pids: number[], sig: NodeJS.Signals, timeoutMs: number)
   await waitGone(pids, 5000);
 }
 
+function redisConfFile(dir: string): string {
+  return path.join(dir, 'redis.conf');
+}
+
 async function stopLeftoverRedis(dir: string, log: (m: string) => void): Promise<void> {
   const pidFile = path.join(dir, 'redis.pid');
   const redisDir = path.join(dir, 'redis');
-  const pids = new Set(serversInDir('redis', redisDir));
+  const conf = redisConfFile(dir);
+  const pids = new Set(redisProcesses(redisDir, conf));
   const filePid = readPid(pidFile);
-  if (filePid !== undefined && isOurServer(filePid, 'redis', redisDir)) pids.add(filePid);
+  if (filePid !== undefined && isOurRedis(filePid, redisDir, conf, true)) pids.add(filePid);
   if (pids.size > 0) {
     log(`stopping redis-server left over from an earlier run (pid ${[...pids].join(', ')})`);
     await terminate([...pids], 'SIGTERM', 10_000);
@@ -531,9 +888,9 @@ async function stopLeftoverPostgres(dataDir: string, log: (m: string) => void): 
   if (!fs.existsSync(dataDir)) return;
   const pidFile = path.join(dataDir, 'postmaster.pid');
   const filePid = readPid(pidFile);
-  const postmaster = filePid !== undefined && isOurServer(filePid, 'postgres', dataDir) ? filePid : undefined;
+  const postmaster = filePid !== undefined && isOurPostmaster(filePid, dataDir, true) ? filePid : undefined;
   // a SIGKILLed postmaster leaves backends behind (cwd = data dir) that keep its shared memory busy
-  const all = new Set(serversInDir('postgres', dataDir));
+  const all = new Set(pgProcesses(dataDir));
   if (postmaster !== undefined) {
     log(`stopping PostgreSQL left over from an earlier run (postmaster pid ${postmaster})`);
     signal(postmaster, 'SIGQUIT'); // = pg_ctl stop -m immediate
@@ -549,7 +906,7 @@ async function stopLeftoverPostgres(dataDir: string, log: (m: string) => void): 
   if (postmaster === undefined || !isProcessAlive(postmaster)) fs.rmSync(pidFile, { force: true });
 }
 
-/** Empties `dir` (keeping the directory itself and its mode) and removes its external PG data dir. */
+/** Empties `dir` (keeping the directory itself, its mode and our lock) and removes its external PG data dir. */
 function wipe(dir: string): void {
   if (dir === path.parse(dir).root || dir === os.homedir() || fs.existsSync(path.join(dir, '.git'))) {
     throw new Error(`refusing to wipe ${dir}`);
@@ -564,7 +921,10 @@ function wipe(dir: string): void {
       // not there
     }
   }
-  for (const entry of fs.readdirSync(dir)) fs.rmSync(path.join(dir, entry), { recursive: true, force: true });
+  for (const entry of fs.readdirSync(dir)) {
+    if (entry === LOCK_FILE || entry === TAKEOVER_FILE) continue;
+    fs.rmSync(path.join(dir, entry), { recursive: true, force: true });
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -659,8 +1019,13 @@ async function waitReady(server: Server, probe: () => Promise<boolean>, timeoutM
   }
 }
 
-/** Resolves true when the Redis on `port` is process `pid` and has finished loading its data. */
-function redisReady(port: number, pid: number): Promise<boolean> {
+/** RESP encoding of one command. */
+function resp(...args: string[]): string {
+  return `*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('')}`;
+}
+
+/** Resolves true when the Redis on `port` takes `password`, is process `pid` and has finished loading its data. */
+function redisReady(port: number, pid: number, password: string): Promise<boolean> {
   return new Promise((resolve) => {
     const sock = net.connect({ host: '127.0.0.1', port });
     let buf = '';
@@ -670,21 +1035,25 @@ function redisReady(port: number, pid: number): Promise<boolean> {
     };
     sock.setTimeout(1000, () => done(false));
     sock.once('error', () => done(false));
-    sock.once('connect', () => sock.write('INFO\r\n'));
+    sock.once('connect', () => sock.write(resp('AUTH', password) + resp('INFO')));
     sock.on('data', (chunk: Buffer) => {
       buf += chunk.toString('utf8');
-      const eol = buf.indexOf('\r\n');
+      const authEnd = buf.indexOf('\r\n');
+      if (authEnd < 0) return;
+      if (buf.slice(0, authEnd) !== '+OK') return done(false); // another Redis, or another password
+      const info = buf.slice(authEnd + 2);
+      const eol = info.indexOf('\r\n');
       if (eol < 0) return;
-      if (!buf.startsWith('$')) return done(false); // e.g. -LOADING
-      const len = Number(buf.slice(1, eol));
-      if (Buffer.byteLength(buf) < eol + 2 + len) return;
-      done(buf.includes(`\r\nprocess_id:${pid}\r\n`) && buf.includes('\r\nloading:0\r\n'));
+      if (!info.startsWith('$')) return done(false); // e.g. -LOADING
+      const len = Number(info.slice(1, eol));
+      if (Buffer.byteLength(info) < eol + 2 + len) return;
+      done(info.includes(`\r\nprocess_id:${pid}\r\n`) && info.includes('\r\nloading:0\r\n'));
     });
   });
 }
 
-async function pgQuery<T>(port: number, database: string, fn: (c: Client) => Promise<T>): Promise<T> {
-  const client = new Client({ host: '127.0.0.1', port, user: PG_USER, database, connectionTimeoutMillis: 2000 });
+async function pgQuery<T>(port: number, database: string, password: string, fn: (c: Client) => Promise<T>): Promise<T> {
+  const client = new Client({ host: '127.0.0.1', port, user: PG_USER, password, database, connectionTimeoutMillis: 2000 });
   client.on('error', () => undefined);
   try {
     await client.connect();
@@ -694,13 +1063,43 @@ async function pgQuery<T>(port: number, database: string, fn: (c: Client) => Pro
   }
 }
 
-/** Resolves true when the PostgreSQL on `port` accepts connections and serves `dataDir`. */
-async function pgReady(port: number, dataDir: string): Promise<boolean> {
+/** PostgreSQL's "password authentication failed" (28P01) and "no pg_hba.conf entry" (28000). */
+function isAuthFailure(err: unknown): boolean {
+  return err instanceof Error && 'code' in err && (err.code === '28P01' || err.code === '28000');
+}
+
+/**
+ * Resolves true when the PostgreSQL on `port` accepts connections and serves `dataDir`; throws when it
+ * rejects the password, which waiting does not fix.
+ */
+async function pgReady(port: number, dataDir: string, password: string, credentialsFile: string): Promise<boolean> {
   try {
-    const dd = await pgQuery(port, 'postgres', (c) => c.query<{ data_directory: string }>('SHOW data_directory'));
+    const dd = await pgQuery(port, 'postgres', password, (c) => c.query<{ data_directory: string }>('SHOW data_directory'));
     return realpathOrSelf(dd.rows[0]?.data_directory ?? '') === realpathOrSelf(dataDir);
+  } catch (err) {
+    if (isAuthFailure(err)) {
+      throw new Error(
+        `PostgreSQL in ${dataDir} rejects the password of ${credentialsFile} (${(err as Error).message}); ` +
+          `restore the credentials.json that belongs to it, or delete ${dataDir} (its data will be lost)`,
+      );
+    }
+    return false;
+  }
+}
+
+/** Does the PostgreSQL on `port` let a client in without the password (i.e. with a wrong one)? */
+async function pgAdmitsWithoutPassword(port: number): Promise<boolean> {
+  // not '' nor undefined: node-postgres would then fall back to PGPASSWORD and ~/.pgpass
+  const wrong = `not-${newPassword()}`;
+  const client = new Client({ host: '127.0.0.1', port, user: PG_USER, password: wrong, database: 'postgres', connectionTimeoutMillis: 2000 });
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    return true;
   } catch {
     return false;
+  } finally {
+    await client.end().catch(() => undefined);
   }
 }
 
@@ -717,10 +1116,20 @@ const PORT_RACE = /already in use/i; // port taken between choosing and binding,
 // process-wide cleanup: exit hook and default signal handling
 
 const active = new Set<Instance>();
-const CLEANUP_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+/**
+ * Not SIGHUP: with no listener of ours, SIGHUP keeps its meaning for the application. Under `nohup` (or an
+ * application that ignores SIGHUP or uses it to reload) a listener here would have stopped Redis/PostgreSQL
+ * underneath a process that goes on running, since Node replaces an inherited SIG_IGN once anyone listens.
+ * When SIGHUP does kill the process (its default action, e.g. the terminal closed), the servers, in their own
+ * session, outlive it and are stopped by the next start in the same directory.
+ */
+const CLEANUP_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM'];
 
 function onExit(): void {
-  for (const inst of active) inst.signalAll();
+  for (const inst of active) {
+    inst.signalAll();
+    inst.releaseLock();
+  }
 }
 
 function onSignal(sig: NodeJS.Signals): void {
@@ -749,12 +1158,15 @@ class Instance {
   redisPort?: number;
   pgPort?: number;
   pgDataDir?: string;
+  private redisStart?: { bin: string; args: string[]; logFile: string; dir: string };
+  private pgStart?: { bin: string; args: string[]; logFile: string; dataDir: string; runAs: RunAs | undefined };
   private stopping?: Promise<void>;
 
   constructor(
     readonly dir: string,
     private readonly opts: LocalServicesOptions,
     private readonly log: (m: string) => void,
+    private readonly lockToken: string,
   ) {
     active.add(this);
     installHooks();
@@ -764,15 +1176,28 @@ class Instance {
     this.log(`${s.name} exited unexpectedly (${why}); see ${s.logFile}`);
   };
 
-  async startRedis(bin: string, usedPorts: Set<number>): Promise<void> {
+  async startRedis(bin: string, password: string, usedPorts: Set<number>): Promise<void> {
     const redisDir = path.join(this.dir, 'redis');
     fs.mkdirSync(redisDir, { recursive: true });
+    // secrets go into a 0600 file, not onto the command line (argv is world-readable until Redis retitles itself);
+    // the title template keeps this file's path in the title, which is how a later start recognises the server
+    const conf = redisConfFile(this.dir);
+    writePrivateFile(
+      conf,
+      [
+        '# written by lifecycle-fleet (src/local/services.ts) at every start; the password is in credentials.json',
+        `requirepass ${redisQuote(password)}`,
+        ...(redisHasTitleTemplate(bin) ? ['proc-title-template "{title} {listen-addr} {server-mode} {config-file}"'] : []),
+        '',
+      ].join('\n'),
+    );
     const logFile = path.join(this.dir, 'redis.log');
     rotateLog(logFile);
     for (let attempt = 1; ; attempt++) {
       const port = await freePort(usedPorts);
       usedPorts.add(port);
       const args = [
+        conf,
         '--port', String(port), '--bind', '127.0.0.1', '--protected-mode', 'yes',
         '--dir', redisDir, '--appendonly', 'yes', '--save', '',
         '--maxmemory-policy', 'noeviction', '--daemonize', 'no',
@@ -783,8 +1208,9 @@ class Instance {
       this.redis = server;
       const pid = server.child.pid ?? -1;
       try {
-        await waitReady(server, () => redisReady(port, pid), 30_000);
+        await waitReady(server, () => redisReady(port, pid, password), 30_000);
         this.redisPort = port;
+        this.redisStart = { bin, args, logFile, dir: redisDir };
         return;
       } catch (err) {
         await server.stop([['SIGTERM', 5000]]);
@@ -793,10 +1219,25 @@ class Instance {
     }
   }
 
-  async startPostgres(binDir: string, runAs: RunAs | undefined, usedPorts: Set<number>): Promise<void> {
+  async startPostgres(
+    binDir: string,
+    runAs: RunAs | undefined,
+    password: string,
+    passwordIsNew: boolean,
+    usedPorts: Set<number>,
+  ): Promise<void> {
     const dataDir = choosePgDataDir(this.dir, runAs, this.log);
     this.pgDataDir = dataDir;
-    await this.initdb(binDir, dataDir, runAs);
+    const major = parseFloat(pgMajorVersion(binDir));
+    const credentialsFile = path.join(this.dir, CREDENTIALS_FILE);
+    const initialised = await this.initdb(binDir, dataDir, runAs, password);
+    const trusting = hbaTrustsHost(dataDir); // made by an older version: switched to passwords below
+    if (!initialised && passwordIsNew && !trusting) {
+      throw new Error(
+        `PostgreSQL in ${dataDir} requires a password, but ${credentialsFile} was missing; ` +
+          `restore it, or delete ${dataDir} (its data will be lost)`,
+      );
+    }
 
     const logFile = path.join(this.dir, 'postgres.log');
     rotateLog(logFile);
@@ -813,8 +1254,10 @@ class Instance {
       const server = spawnServer('postgres', path.join(binDir, 'postgres'), args, logFile, dataDir, runAs, this.unexpected);
       this.pg = server;
       try {
-        await waitReady(server, () => pgReady(port, dataDir), 120_000); // crash recovery may take a while
+        // crash recovery may take a while
+        await waitReady(server, () => pgReady(port, dataDir, password, credentialsFile), 120_000);
         this.pgPort = port;
+        this.pgStart = { bin: path.join(binDir, 'postgres'), args, logFile, dataDir, runAs };
         break;
       } catch (err) {
         await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);
@@ -822,13 +1265,30 @@ class Instance {
         await sleep(500 * attempt);
       }
     }
-    await pgQuery(port, 'postgres', async (c) => {
+    if (trusting) await this.requirePassword(port, dataDir, runAs, password, major);
+    await pgQuery(port, 'postgres', password, async (c) => {
       const exists = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [PG_DATABASE]);
       if (exists.rowCount === 0) await c.query(`CREATE DATABASE ${PG_DATABASE}`);
     });
   }
 
-  private async initdb(binDir: string, dataDir: string, runAs: RunAs | undefined): Promise<void> {
+  /** Switches a data directory of `initdb --auth=trust` (older versions) to password authentication. */
+  private async requirePassword(port: number, dataDir: string, runAs: RunAs | undefined, password: string, major: number): Promise<void> {
+    this.log(`switching PostgreSQL in ${dataDir} to password authentication (password in ${path.join(this.dir, CREDENTIALS_FILE)})`);
+    // a pre-hashed password: the password itself appears in no statement, hence in no server log
+    const verifier = major >= 10 ? scramVerifier(password) : `md5${createHash('md5').update(password + PG_USER).digest('hex')}`;
+    await pgQuery(port, 'postgres', password, (c) => c.query(`ALTER ROLE ${PG_USER} PASSWORD '${verifier}'`));
+    writePrivateFile(path.join(dataDir, 'pg_hba.conf'), hbaConf(hostAuthMethod(major)), runAs);
+    await pgQuery(port, 'postgres', password, (c) => c.query('SELECT pg_reload_conf()'));
+    const deadline = Date.now() + 10_000;
+    while (await pgAdmitsWithoutPassword(port)) {
+      if (Date.now() > deadline) throw new Error(`PostgreSQL in ${dataDir} still admits clients without a password after reloading pg_hba.conf`);
+      await sleep(50);
+    }
+  }
+
+  /** Creates the cluster unless it exists; true when it did. */
+  private async initdb(binDir: string, dataDir: string, runAs: RunAs | undefined, password: string): Promise<boolean> {
     const major = pgMajorVersion(binDir);
     const existing = readText(path.join(dataDir, 'PG_VERSION'))?.trim();
     if (existing !== undefined && fs.existsSync(path.join(dataDir, INITDB_MARKER))) {
@@ -841,7 +1301,7 @@ class Instance {
       if (runAs && fs.statSync(dataDir).uid !== runAs.uid) {
         spawnSync('chown', ['-R', `${runAs.uid}:${runAs.gid}`, dataDir], { stdio: 'ignore' });
       }
-      return;
+      return false;
     }
     if (fs.existsSync(dataDir)) {
       if (fs.readdirSync(dataDir).length > 0) this.log(`${dataDir} holds an incomplete cluster; re-creating it`);
@@ -852,10 +1312,63 @@ class Instance {
     if (!this.opts.fresh) this.log(`initialising PostgreSQL ${major} data directory ${dataDir}`);
     const logFile = path.join(this.dir, 'initdb.log');
     rotateLog(logFile);
-    const args = ['-D', dataDir, '--auth=trust', '-U', PG_USER, '-E', 'UTF8', '--no-locale', ...(this.opts.fast ? ['--no-sync'] : [])];
-    await runLogged(path.join(binDir, 'initdb'), args, logFile, runAs ? { runAs } : {});
+    // next to the data directory: a place the server's user can read (and, for root, only it and root)
+    const pwFile = path.join(path.dirname(dataDir), 'initdb.pw');
+    writePrivateFile(pwFile, `${password}\n`, runAs);
+    try {
+      const args = [
+        '-D', dataDir, '-U', PG_USER, '--pwfile', pwFile,
+        // no Unix-domain socket is ever opened (unix_socket_directories=''), so `local` is moot
+        '--auth-local=trust', `--auth-host=${hostAuthMethod(parseFloat(major))}`,
+        '-E', 'UTF8', '--no-locale', ...(this.opts.fast ? ['--no-sync'] : []),
+      ];
+      await runLogged(path.join(binDir, 'initdb'), args, logFile, runAs ? { runAs } : {});
+    } finally {
+      fs.rmSync(pwFile, { force: true });
+    }
     fs.writeFileSync(path.join(dataDir, INITDB_MARKER), `initialised ${new Date().toISOString()}\n`);
     if (runAs) fs.chownSync(path.join(dataDir, INITDB_MARKER), runAs.uid, runAs.gid);
+    return true;
+  }
+
+  async restartRedis(sig: 'SIGKILL' | 'SIGTERM', downMs: number, password: string): Promise<void> {
+    const start = this.redisStart;
+    const port = this.redisPort;
+    if (start === undefined || port === undefined || this.redis === undefined) throw new Error('redis-server is not running here');
+    this.assertNotStopping();
+    await this.redis.stop([[sig, 15_000]]);
+    if (downMs > 0) await sleep(downMs);
+    this.assertNotStopping();
+    const server = spawnServer('redis-server', start.bin, start.args, start.logFile, start.dir, undefined, this.unexpected);
+    this.redis = server;
+    const pid = server.child.pid ?? -1;
+    await waitReady(server, () => redisReady(port, pid, password), 60_000);
+  }
+
+  async restartPostgres(mode: 'immediate' | 'fast', downMs: number, password: string): Promise<void> {
+    const start = this.pgStart;
+    const port = this.pgPort;
+    if (start === undefined || port === undefined || this.pg === undefined) throw new Error('PostgreSQL is not running here');
+    this.assertNotStopping();
+    // SIGQUIT = pg_ctl stop -m immediate: the postmaster kills its backends at once and exits; the next start recovers
+    await this.pg.stop(mode === 'immediate' ? [['SIGQUIT', 15_000]] : [['SIGINT', 30_000], ['SIGQUIT', 5000]]);
+    // backends the postmaster left behind would keep its shared memory busy
+    await waitGone(pgProcesses(start.dataDir), 10_000);
+    if (downMs > 0) await sleep(downMs);
+    const credentialsFile = path.join(this.dir, CREDENTIALS_FILE);
+    for (let attempt = 1; ; attempt++) {
+      this.assertNotStopping();
+      const server = spawnServer('postgres', start.bin, start.args, start.logFile, start.dataDir, start.runAs, this.unexpected);
+      this.pg = server;
+      try {
+        await waitReady(server, () => pgReady(port, start.dataDir, password, credentialsFile), 120_000);
+        return;
+      } catch (err) {
+        await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);
+        if (attempt >= 5 || !PORT_RACE.test(logTail(start.logFile, server.logFrom))) throw err;
+        await sleep(500 * attempt);
+      }
+    }
   }
 
   private assertNotStopping(): void {
@@ -868,15 +1381,23 @@ class Instance {
     if (this.pg?.pid) signal(this.pg.pid, 'SIGINT'); // fast shutdown, completes on its own
   }
 
+  releaseLock(): void {
+    releaseLock(this.dir, this.lockToken);
+  }
+
   stop(): Promise<void> {
     this.stopping ??= (async () => {
-      await Promise.all([
-        this.redis?.stop([['SIGTERM', 15_000]]),
-        this.pg?.stop([['SIGINT', 30_000], ['SIGQUIT', 5000]]), // fast, then immediate
-      ]);
-      fs.rmSync(ownerFile(this.dir), { force: true });
-      active.delete(this);
-      if (active.size === 0) uninstallHooks();
+      try {
+        await Promise.all([
+          this.redis?.stop([['SIGTERM', 15_000]]),
+          this.pg?.stop([['SIGINT', 30_000], ['SIGQUIT', 5000]]), // fast, then immediate
+        ]);
+      } finally {
+        this.releaseLock();
+        claimed.delete(this.dir);
+        active.delete(this);
+        if (active.size === 0) uninstallHooks();
+      }
     })();
     return this.stopping;
   }
@@ -887,13 +1408,27 @@ class Instance {
 export async function startLocalServices(opts: LocalServicesOptions): Promise<LocalServices> {
   const dir = path.resolve(opts.dir);
   const log = opts.log ?? ((): void => undefined);
-  if ([...active].some((i) => i.dir === dir)) throw new Error(`local services in ${dir} are already running in this process`);
-  fs.mkdirSync(dir, { recursive: true });
-  checkOwner(dir);
+  if (claimed.has(dir)) throw new Error(`local services in ${dir} are already running in this process`);
+  claimed.add(dir);
+  let lock: LockRecord;
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    lock = await acquireLock(dir);
+    try {
+      checkLegacyOwner(dir);
+    } catch (err) {
+      releaseLock(dir, lock.token);
+      throw err;
+    }
+  } catch (err) {
+    claimed.delete(dir);
+    throw err;
+  }
 
-  const inst = new Instance(dir, opts, log);
+  const inst = new Instance(dir, opts, log, lock.token);
   const usedPorts = new Set<number>();
   const bins: Binaries = {};
+  let creds: Credentials;
   try {
     // whatever an earlier (killed) run left running in this dir goes first, wanted or not
     await stopLeftoverRedis(dir, log);
@@ -901,12 +1436,14 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
       if (dataDir) await stopLeftoverPostgres(dataDir, log);
     }
     if (opts.fresh) wipe(dir);
-    writeOwner(dir);
+    const loaded = loadCredentials(dir);
+    creds = loaded.creds;
     Object.assign(bins, await ensureBinaries(opts, dir, log));
     const runAs = opts.postgres && isRoot() ? ensureOsUser(log) : undefined;
+    const pgPassword = creds.postgresPassword;
     const results = await Promise.allSettled([
-      bins.redisBin ? inst.startRedis(bins.redisBin, usedPorts) : undefined,
-      bins.pgBinDir ? inst.startPostgres(bins.pgBinDir, runAs, usedPorts) : undefined,
+      bins.redisBin ? inst.startRedis(bins.redisBin, creds.redisPassword, usedPorts) : undefined,
+      bins.pgBinDir ? inst.startPostgres(bins.pgBinDir, runAs, pgPassword, loaded.created.has('postgresPassword'), usedPorts) : undefined,
     ]);
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   } catch (err) {
@@ -914,11 +1451,14 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
     throw err;
   }
 
+  const { redisPassword, postgresPassword } = creds;
   const services: LocalServices = {
     redisBin: bins.redisBin,
     pgBinDir: bins.pgBinDir,
     pgDataDir: inst.pgDataDir,
     stop: () => inst.stop(),
+    restartRedis: (o = {}) => inst.restartRedis(o.signal ?? 'SIGKILL', o.downMs ?? 0, redisPassword),
+    restartPostgres: (o = {}) => inst.restartPostgres(o.mode ?? 'immediate', o.downMs ?? 0, postgresPassword),
     get redisPid(): number | undefined {
       return inst.redis?.pid;
     },
@@ -928,11 +1468,11 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
   };
   if (inst.redisPort !== undefined) {
     services.redisPort = inst.redisPort;
-    services.redisUrl = `redis://127.0.0.1:${inst.redisPort}`;
+    services.redisUrl = `redis://:${encodeURIComponent(redisPassword)}@127.0.0.1:${inst.redisPort}`;
   }
   if (inst.pgPort !== undefined) {
     services.pgPort = inst.pgPort;
-    services.databaseUrl = `postgres://${PG_USER}@127.0.0.1:${inst.pgPort}/${PG_DATABASE}`;
+    services.databaseUrl = `postgres://${PG_USER}:${encodeURIComponent(postgresPassword)}@127.0.0.1:${inst.pgPort}/${PG_DATABASE}`;
   }
   return services;
 }

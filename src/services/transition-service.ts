@@ -1,12 +1,18 @@
 /**
- * The transition service: load a consistent snapshot, let the pure machine decide, and write the decision in ONE
- * transaction (DESIGN.md, "Optimistic locking, idempotency, the outbox"):
+ * The transition service: load a consistent snapshot, let the pure machine decide, and write the decision
+ * atomically (DESIGN.md, "Optimistic locking, idempotency, the outbox") in ONE statement:
  *
- *   processed_events row (the eventId's claim) -> version-checked UPDATE of the deployment -> attempt rows ->
+ *   version-checked UPDATE of the deployment -> processed_events row (the eventId's claim) -> attempt rows ->
  *   state_transitions row -> outbox row
  *
- * Zero rows from the version check means a concurrent writer won: roll back, reload, decide again, with bounded
- * retries and jitter. Noops record the eventId and write nothing else; rejections write nothing at all.
+ * A statement is atomic on its own, so the optimistic first try is two round trips: the snapshot read and the
+ * write, no transaction around them (bench/ found PostgreSQL's and the worker's CPU per transition to go mostly
+ * to per-statement overhead). Zero rows from the version check means a concurrent writer won, and nothing was
+ * written: reload, decide again, now holding the deployment's row lock in a transaction, with bounded retries and
+ * jitter. An eventId already claimed by another delivery makes the whole statement fail on the claim's primary
+ * key, so nothing of it stays, and the event is a duplicate. Noops record the eventId and write nothing else;
+ * rejections write nothing at all. After an applied write, the outbox relay is woken with a NOTIFY of its own
+ * (see `wakeRelay`).
  */
 import type { DataSource, QueryRunner } from 'typeorm';
 import { ConflictError, NotYetError, ValidationError } from '../errors';
@@ -23,7 +29,7 @@ import type {
 } from '../machine';
 import { silentLogger, type Logger } from '../log';
 
-/** The NOTIFY channel that wakes the outbox relay when a transaction wrote outbox rows (delivered on commit). */
+/** The NOTIFY channel that wakes the outbox relay after a transaction wrote outbox rows (see `wakeRelay`). */
 export const OUTBOX_CHANNEL = 'lifecycle_fleet_outbox';
 
 export type ApplyResult =
@@ -57,7 +63,11 @@ export type ApplyResult =
 export interface TransitionHooks {
   /** after the snapshot was read and decided, before the version-checked write */
   readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
-  /** right after the version-checked write, before anything else; throwing must roll everything back */
+  /**
+   * right after the write (deployment, claim, attempts, history, outbox: one statement), before the commit;
+   * throwing must roll everything back. With this hook set, every try runs in a transaction (so that there is a
+   * commit to come after the hook); without it, the optimistic try's write is a transaction of its own.
+   */
   readonly afterUpdate?: (event: LifecycleEvent) => void | Promise<void>;
 }
 
@@ -109,6 +119,9 @@ export class TransitionService {
   private readonly maxConflictRetries: number;
   private readonly log: Logger;
   private readonly hooks: TransitionHooks;
+  /** the relay wake-up in flight, if any (see `wakeRelay`) */
+  private wakeup: Promise<void> | null = null;
+  private wakeAgain = false;
 
   constructor(options: TransitionServiceOptions) {
     this.ds = options.dataSource;
@@ -138,12 +151,22 @@ export class TransitionService {
   private async transition(event: StateEvent): Promise<ApplyResult> {
     const machineEvent = toMachineEvent(event);
     for (let attempt = 1; ; attempt++) {
-      // Optimistic first. Once it has lost, take the deployment's row lock before reading, so a hot deployment
-      // cannot starve one writer: the version check still guards, and now it cannot lose.
+      // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
+      // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
+      // version check still guards, and now it cannot lose.
       const lock = attempt > 1;
       try {
-        return await this.inTransaction((q) => this.decideAndWrite(q, event, machineEvent, lock));
+        const result =
+          lock || this.hooks.afterUpdate !== undefined
+            ? await this.inTransaction((q) => this.decideAndWrite(q, event, machineEvent, lock))
+            : await this.withRunner((q) => this.decideAndWrite(q, event, machineEvent, false));
+        if (result.outcome === 'applied') this.wakeRelay();
+        return result;
       } catch (err) {
+        if (isClaimConflict(err)) {
+          // another delivery of this event claimed it between our read and our write; ours wrote nothing
+          return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+        }
         if (!(err instanceof VersionCheckLost)) throw err;
         if (attempt >= this.maxConflictRetries) {
           throw new ConflictError(event.data.deploymentId, attempt);
@@ -209,6 +232,14 @@ export class TransitionService {
     }
   }
 
+  /**
+   * Writes an applied decision in ONE statement (data-modifying CTEs): the version-checked UPDATE (or the INSERT
+   * of a new deployment); then, only if the deployment row was written, the eventId's claim, the attempt rows,
+   * the history row and the outbox row. The claim is a plain INSERT: if another delivery of the event has claimed
+   * it (committed), the statement fails on the primary key and leaves nothing; if that delivery has not committed
+   * yet, this one waits for it. The claim comes after the deployment's row lock, so two writers of one deployment
+   * always take their locks in the same order.
+   */
   private async write(
     q: QueryRunner,
     event: LifecycleEvent,
@@ -220,90 +251,105 @@ export class TransitionService {
     const { deploymentId } = event.data;
     const version = (fromVersion ?? 0) + 1;
     const { effects } = decision;
+    const params: unknown[] = [];
+    const param = (value: unknown, type: string): string => {
+      params.push(value);
+      return `$${params.length}::${type}`;
+    };
+    const id = param(deploymentId, 'uuid');
+    const at = param(now, 'timestamptz');
+    const newVersion = param(version, 'integer');
+    const reason = param(decision.reason, 'varchar');
+    const eventId = param(event.eventId, 'varchar');
+    const to = param(decision.to, 'varchar');
 
-    // Claim the eventId first: a concurrent delivery of the same event waits here, then sees the claim.
-    if (!(await this.claimEvent(q, event, 'applied', decision.reason, version, now))) {
-      return { eventId: event.eventId, deploymentId, outcome: 'noop', reason: 'duplicate_event' };
-    }
-
-    await this.hooks.beforeUpdate?.(event);
+    const ctes: string[] = [];
     if (fromVersion === null) {
       if (event.name !== 'deployment.create') throw new Error(`only deployment.create may insert (${event.name})`);
-      const inserted = await run(
-        q,
-        `INSERT INTO deployments (id, name, state, version, endpoint_url, endpoint_kind, state_changed_at, created_at, updated_at)
-         VALUES ($1, $2, $3, 1, $4, $5, $6, $6, $6)
-         ON CONFLICT (id) DO NOTHING`,
-        [deploymentId, event.data.name, decision.to, effects.endpoint?.url ?? null, effects.endpoint?.kind ?? null, now],
-      );
-      if (inserted.affected !== 1) throw new VersionCheckLost();
-    } else {
-      const updated = await run(
-        q,
-        `UPDATE deployments SET
-           state = $3, version = version + 1, state_changed_at = $4, updated_at = $4,
-           current_attempt_id = CASE WHEN $5::boolean THEN $6::uuid ELSE current_attempt_id END,
-           endpoint_url = CASE WHEN $7::boolean THEN $8::text ELSE endpoint_url END,
-           endpoint_kind = CASE WHEN $7::boolean THEN $9::varchar ELSE endpoint_kind END,
-           last_ready_at = CASE WHEN $10::boolean THEN $11::timestamptz ELSE last_ready_at END
-         WHERE id = $1 AND version = $2`,
-        [
-          deploymentId,
-          fromVersion,
-          decision.to,
-          now,
-          effects.currentAttemptId !== undefined,
-          effects.currentAttemptId ?? null,
-          effects.endpoint !== undefined,
-          effects.endpoint?.url ?? null,
-          effects.endpoint?.kind ?? null,
-          effects.lastReadyAt !== undefined,
-          effects.lastReadyAt ?? null,
-        ],
-      );
-      if (updated.affected !== 1) throw new VersionCheckLost();
-    }
-    await this.hooks.afterUpdate?.(event);
-
-    if (effects.createAttempt !== undefined) {
-      // The UPDATE above holds the deployment's row lock, so numbering cannot race.
-      await run(
-        q,
-        `INSERT INTO attempts (id, deployment_id, number, status, created_at)
-         VALUES ($1, $2, (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE deployment_id = $2), 'pending', $3)`,
-        [effects.createAttempt.attemptId, deploymentId, now],
-      );
-    }
-    for (const change of effects.attempts) {
-      await run(
-        q,
-        `UPDATE attempts SET status = $2, reason = COALESCE($3, reason),
-           started_at = COALESCE($4, started_at), ended_at = COALESCE($5, ended_at)
-         WHERE id = $1`,
-        [change.attemptId, change.status, change.reason ?? null, change.startedAt ?? null, change.endedAt ?? null],
-      );
-    }
-
-    const at = now.toISOString();
-    const inserted = await run<{ id: string }>(
-      q,
-      `WITH t AS (
-         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+      ctes.push(`dep AS (
+         INSERT INTO deployments (id, name, state, version, endpoint_url, endpoint_kind, state_changed_at, created_at, updated_at)
+         SELECT ${id}, ${param(event.data.name, 'varchar')}, ${to}, 1, ${param(effects.endpoint?.url ?? null, 'text')},
+                ${param(effects.endpoint?.kind ?? null, 'varchar')}, ${at}, ${at}, ${at}
+         ON CONFLICT (id) DO NOTHING
          RETURNING id
-       )
-       INSERT INTO outbox (deployment_id, version, fields, created_at)
-       SELECT $1, $5, jsonb_build_object(
-           'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', $1::text,
-           'attemptId', COALESCE($2::text, ''), 'from', COALESCE($3::text, ''), 'to', $4::text,
-           'version', $5::text, 'reason', $6::text, 'eventId', $7::text, 'at', $9::text),
-         $8
-       FROM t
-       RETURNING (SELECT id FROM t) AS id, pg_notify('${OUTBOX_CHANNEL}', '') AS notified`,
-      [deploymentId, attemptId, decision.from, decision.to, version, decision.reason, event.eventId, now, at],
+       )`);
+    } else {
+      ctes.push(`dep AS (
+         UPDATE deployments SET
+           state = ${to}, version = version + 1, state_changed_at = ${at}, updated_at = ${at},
+           current_attempt_id = CASE WHEN ${param(effects.currentAttemptId !== undefined, 'boolean')}
+                                     THEN ${param(effects.currentAttemptId ?? null, 'uuid')} ELSE current_attempt_id END,
+           endpoint_url = CASE WHEN ${param(effects.endpoint !== undefined, 'boolean')}
+                               THEN ${param(effects.endpoint?.url ?? null, 'text')} ELSE endpoint_url END,
+           endpoint_kind = CASE WHEN ${param(effects.endpoint !== undefined, 'boolean')}
+                                THEN ${param(effects.endpoint?.kind ?? null, 'varchar')} ELSE endpoint_kind END,
+           last_ready_at = CASE WHEN ${param(effects.lastReadyAt !== undefined, 'boolean')}
+                                THEN ${param(effects.lastReadyAt ?? null, 'timestamptz')} ELSE last_ready_at END
+         WHERE id = ${id} AND version = ${param(fromVersion, 'integer')}
+         RETURNING id
+       )`);
+    }
+    ctes.push(`claim AS (
+         INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, processed_at)
+         SELECT ${eventId}, ${param(event.name, 'varchar')}, dep.id, 'applied', ${reason}, ${newVersion}, ${at} FROM dep
+         RETURNING 1
+       )`);
+    if (effects.createAttempt !== undefined) {
+      // Numbering cannot race: every attempt insert comes with a version-checked write of the deployment row, so
+      // when this one's check passes, no attempt was added since the statement's snapshot.
+      ctes.push(`new_attempt AS (
+         INSERT INTO attempts (id, deployment_id, number, status, created_at)
+         SELECT ${param(effects.createAttempt.attemptId, 'uuid')}, dep.id,
+                (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE deployment_id = ${id}), 'pending', ${at}
+           FROM dep
+       )`);
+    }
+    if (effects.attempts.length > 0) {
+      const changes = effects.attempts;
+      ctes.push(`changed_attempts AS (
+         UPDATE attempts AS a SET status = v.status, reason = COALESCE(v.reason, a.reason),
+                started_at = COALESCE(v.started_at, a.started_at), ended_at = COALESCE(v.ended_at, a.ended_at)
+           FROM unnest(${param(changes.map((c) => c.attemptId), 'uuid[]')}, ${param(changes.map((c) => c.status), 'varchar[]')},
+                       ${param(changes.map((c) => c.reason ?? null), 'text[]')},
+                       ${param(changes.map((c) => c.startedAt ?? null), 'timestamptz[]')},
+                       ${param(changes.map((c) => c.endedAt ?? null), 'timestamptz[]')})
+                AS v(id, status, reason, started_at, ended_at)
+          WHERE a.id = v.id AND EXISTS (SELECT 1 FROM dep)
+       )`);
+    }
+    const attempt = param(attemptId, 'uuid');
+    const from = param(decision.from, 'varchar');
+    ctes.push(
+      `t AS (
+         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
+         SELECT dep.id, ${attempt}, ${from}, ${to}, ${newVersion}, ${reason}, ${eventId}, ${at} FROM dep
+         RETURNING id
+       )`,
+      `o AS (
+         INSERT INTO outbox (deployment_id, version, fields, created_at)
+         SELECT ${id}, ${newVersion}, jsonb_build_object(
+             'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', ${id}::text,
+             'attemptId', COALESCE(${attempt}::text, ''), 'from', COALESCE(${from}::text, ''), 'to', ${to}::text,
+             'version', ${newVersion}::text, 'reason', ${reason}::text, 'eventId', ${eventId}::text,
+             'at', ${param(now.toISOString(), 'text')}),
+           ${at}
+         FROM t
+       )`,
     );
-    const transitionId = inserted.rows[0]?.id;
-    if (transitionId === undefined) throw new Error('state_transitions insert returned no id');
+
+    await this.hooks.beforeUpdate?.(event);
+    const result = await run<{ written: number; transition_id: string | null }>(
+      q,
+      `WITH ${ctes.join(',\n')}
+       SELECT (SELECT count(*) FROM dep)::int AS written, (SELECT id FROM t)::text AS transition_id`,
+      params,
+    );
+    const row = result.rows[0];
+    if (row === undefined) throw new Error('transition write returned no row');
+    if (row.written !== 1) throw new VersionCheckLost(); // and nothing was written: everything hangs on `dep`
+    await this.hooks.afterUpdate?.(event);
+    const transitionId = row.transition_id;
+    if (transitionId === null) throw new Error('state_transitions insert returned no id');
 
     return {
       outcome: 'applied',
@@ -431,23 +477,59 @@ export class TransitionService {
     }
   }
 
+  /**
+   * Runs `fn` in a READ COMMITTED transaction on a connection of its own. The isolation level is set by the BEGIN
+   * itself (one round trip; TypeORM's startTransaction(level) spends two), and is explicit so that a server whose
+   * default_transaction_isolation differs does not change how the version check behaves.
+   */
   private async inTransaction<T>(fn: (q: QueryRunner) => Promise<T>): Promise<T> {
     const q = this.ds.createQueryRunner();
     await q.connect();
     try {
-      await q.startTransaction('READ COMMITTED');
+      await q.query('BEGIN ISOLATION LEVEL READ COMMITTED');
       try {
         const result = await fn(q);
-        await q.commitTransaction();
+        await q.query('COMMIT');
         return result;
       } catch (err) {
-        if (q.isTransactionActive) await q.rollbackTransaction().catch(() => undefined);
+        await q.query('ROLLBACK').catch(() => undefined);
         throw err;
       }
     } finally {
       await q.release();
     }
   }
+
+  /**
+   * Wakes the outbox relay after a commit that wrote an outbox row, with a NOTIFY of its own, never from inside
+   * the transition's transaction: PostgreSQL serializes the commits of all transactions that NOTIFY on one
+   * database-wide lock held across the commit's WAL flush, so a NOTIFY in every transition capped the whole fleet
+   * at one transition per fsync (measured in bench/, scenario 1). This NOTIFY's transaction writes nothing but the
+   * notification and does not wait for its flush (`synchronous_commit = off`): a lost wake-up costs at most the
+   * relay's polling interval, never a transition. Wake-ups are coalesced: at most one in flight per service, and
+   * one more after it when commits happened meanwhile. Errors are only logged (the relay polls as a fallback).
+   */
+  private wakeRelay(): void {
+    if (this.wakeup !== null) {
+      this.wakeAgain = true;
+      return;
+    }
+    this.wakeup = this.sendWakeups();
+  }
+
+  private async sendWakeups(): Promise<void> {
+    try {
+      do {
+        this.wakeAgain = false;
+        await this.ds.query(`SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')`, [OUTBOX_CHANNEL]);
+      } while (this.wakeAgain);
+    } catch (err) {
+      this.log.debug({ err }, 'could not wake the outbox relay; it will find the rows when it polls');
+    } finally {
+      this.wakeup = null;
+    }
+  }
+
 }
 
 function toMachineEvent(event: StateEvent): MachineEvent {
@@ -478,6 +560,15 @@ function toMachineEvent(event: StateEvent): MachineEvent {
       throw new ValidationError('unknown_event', [{ field: 'name', rule: `unhandled event ${JSON.stringify(never)}` }]);
     }
   }
+}
+
+/** The write failed on the processed_events primary key: another delivery of the event has claimed it. */
+function isClaimConflict(err: unknown): boolean {
+  if (typeof err !== 'object' || err === null) return false;
+  const e = err as { code?: unknown; constraint?: unknown; driverError?: { code?: unknown; constraint?: unknown } };
+  const code = e.code ?? e.driverError?.code;
+  const constraint = e.constraint ?? e.driverError?.constraint;
+  return code === '23505' && constraint === 'processed_events_pkey';
 }
 
 /** Runs SQL and returns rows and the affected count, whatever the statement (TypeORM's structured result). */

@@ -1,0 +1,325 @@
+/**
+ * The results file, the tables and the chart of a benchmark run.
+ */
+import type { DispatchResult } from '../scenarios/dispatch';
+import type { LatencyResult } from '../scenarios/latency';
+import type { SweepScenarioResult } from '../scenarios/sweep';
+import type { ThroughputResult } from '../scenarios/throughput';
+import { round } from './common';
+import { renderChart, type Panel } from './svg';
+
+export interface BenchMeta {
+  readonly startedAt: string;
+  readonly finishedAt: string;
+  readonly durationS: number;
+  readonly command: string;
+  readonly node: string;
+  readonly cpus: number;
+  readonly cpuModel: string;
+  readonly memGb: number;
+  readonly loadAvgStart: readonly number[];
+  readonly loadAvgEnd: readonly number[];
+  readonly services: string;
+  readonly git: string;
+  readonly quick: boolean;
+}
+
+export interface Target {
+  readonly id: string;
+  readonly target: string;
+  readonly measured: string;
+  /** measured / limit, oriented so that >= 1 means met (null when not measured) */
+  readonly ratio: number | null;
+  readonly met: boolean | null;
+}
+
+export interface BenchResults {
+  readonly meta: BenchMeta;
+  readonly throughput: ThroughputResult | null;
+  readonly latency: LatencyResult | null;
+  readonly sweep: SweepScenarioResult | null;
+  readonly dispatch: DispatchResult | null;
+  readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
+  readonly targets: readonly Target[];
+}
+
+export function rssSummary(t: ThroughputResult | null, l: LatencyResult | null): BenchResults['rss'] {
+  if (t === null && l === null) return null;
+  const max = (values: Array<number | null | undefined>): number | null => {
+    const v = values.filter((x): x is number => typeof x === 'number');
+    return v.length === 0 ? null : Math.max(...v);
+  };
+  const of = (kind: string) => (t?.runs ?? []).filter((r) => r.kind === kind).map((r) => r.peakRssMb);
+  return {
+    oursMaxMb: max([...of('ours'), l?.ours.peakRssMb]),
+    noopMaxMb: max([...of('noop'), l?.noop.peakRssMb]),
+    naiveMaxMb: max(of('naive')),
+  };
+}
+
+export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Target[] {
+  const targets: Target[] = [];
+  const t = r.throughput;
+  if (t !== null) {
+    targets.push({
+      id: 'throughput-vs-direct',
+      target: 'end-to-end throughput >= 0.5 x baseline (a) direct pg',
+      measured: `${round(t.best.ours.eventsPerSec)} vs ${round(t.best.direct.eventsPerSec)} events/s = ${t.ratios.vsDirect} x`,
+      ratio: round(t.ratios.vsDirect / 0.5, 2),
+      met: t.ratios.vsDirect >= 0.5,
+    });
+    targets.push({
+      id: 'throughput-vs-naive',
+      target: 'end-to-end throughput >= 2 x baseline (c) naive TypeORM save()',
+      measured:
+        t.best.naive === null || t.ratios.vsNaive === null
+          ? 'not measured'
+          : `${round(t.best.ours.eventsPerSec)} vs ${round(t.best.naive.eventsPerSec)} events/s = ${t.ratios.vsNaive} x`,
+      ratio: t.ratios.vsNaive === null ? null : round(t.ratios.vsNaive / 2, 2),
+      met: t.ratios.vsNaive === null ? null : t.ratios.vsNaive >= 2,
+    });
+  }
+  const l = r.latency;
+  if (l !== null) {
+    targets.push({
+      id: 'latency-p99',
+      target: 'p99 enqueue -> stream <= 25 ms at 50% of max throughput',
+      measured: `p99 ${l.ours.latencyMs.p99} ms at ${l.rate} events/s (p50 ${l.ours.latencyMs.p50} ms)`,
+      ratio: round(25 / l.ours.latencyMs.p99, 2),
+      met: l.ours.latencyMs.p99 <= 25,
+    });
+  }
+  const biggest = r.sweep?.sizes.find((s) => s.deployments === 100_000) ?? null;
+  if (biggest !== null) {
+    targets.push({
+      id: 'sweep-nothing-due',
+      target: 'sweep tick with 100k deployments and nothing due <= 50 ms',
+      measured: `median ${biggest.nothingDue.medianMs} ms, max ${biggest.nothingDue.maxMs} ms (cold tick included), ${biggest.nothingDue.statements} statements`,
+      ratio: round(50 / biggest.nothingDue.maxMs, 2),
+      met: biggest.nothingDue.maxMs <= 50,
+    });
+    targets.push({
+      id: 'sweep-one-stamp',
+      target: 'stamping 25k ready endpoints: one UPDATE',
+      measured: `${biggest.work.stamped} stamped by ${biggest.work.updates} UPDATE (${biggest.work.statements} statements, tick ${round(biggest.work.durationMs / 1000, 2)} s)`,
+      ratio: biggest.work.updates === 0 ? null : round(1 / biggest.work.updates, 2),
+      met: biggest.work.updates === 1 && biggest.work.stamped === 25_000,
+    });
+  }
+  if (r.rss !== null && r.rss.oursMaxMb !== null) {
+    targets.push({
+      id: 'worker-rss',
+      target: 'worker peak RSS <= 200 MB',
+      measured: `${r.rss.oursMaxMb} MiB (VmHWM, max over every worker run; no-op BullMQ worker ${r.rss.noopMaxMb ?? '?'} MiB)`,
+      ratio: round(200 / r.rss.oursMaxMb, 2),
+      met: r.rss.oursMaxMb <= 200,
+    });
+  }
+  return targets;
+}
+
+const n0 = (v: number | null | undefined): string => (v === null || v === undefined || Number.isNaN(v) ? '–' : String(Math.round(v)));
+const n1 = (v: number | null | undefined): string => (v === null || v === undefined || Number.isNaN(v) ? '–' : String(round(v, 1)));
+
+export function markdown(r: BenchResults): string {
+  const out: string[] = [];
+  const m = r.meta;
+  out.push(`Run ${m.startedAt} (${m.durationS} s${m.quick ? ', --quick' : ''}) on ${m.cpus} x ${m.cpuModel}, ${m.memGb} GB, Node ${m.node}; git ${m.git}.`);
+  out.push(`Services: ${m.services}. Load average at start ${m.loadAvgStart.join(' ')}, at end ${m.loadAvgEnd.join(' ')}.`);
+  out.push('');
+  const t = r.throughput;
+  if (t !== null) {
+    out.push('### 1. End-to-end throughput (events/s)');
+    out.push('');
+    out.push(`Workload: ${t.workload}.`);
+    out.push('');
+    out.push(
+      '| worker concurrency | ours: enqueue -> stream | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
+    );
+    out.push('|---:|---:|---:|---:|---:|---:|');
+    const cs = [...new Set([...t.runs.map((x) => x.concurrency), ...t.direct.map((d) => d.concurrency)])].sort((a, b) => a - b);
+    const direct = (c: number, variant: string) => t.direct.find((d) => d.concurrency === c && d.variant === variant)?.eventsPerSec;
+    for (const c of cs) {
+      const run = (kind: string) => t.runs.find((x) => x.kind === kind && x.concurrency === c);
+      const fail = (kind: string) => ((run(kind)?.failed ?? 0) > 0 ? ` (${run(kind)?.failed} failed)` : '');
+      out.push(
+        `| ${c} | ${n0(run('ours')?.eventsPerSec)}${fail('ours')} | ${n0(run('noop')?.eventsPerSec)}${fail('noop')} | ${n0(run('naive')?.eventsPerSec)}${fail('naive')} | ` +
+          `${n0(direct(c, 'statements'))} / ${n0(direct(c, 'one-statement'))} | ${n1(run('ours')?.peakRssMb)} |`,
+      );
+    }
+    out.push('');
+    out.push(
+      `Best: ours ${n0(t.best.ours.eventsPerSec)}/s (c=${t.best.ours.concurrency}); (a) ${n0(t.best.direct.eventsPerSec)}/s (${t.best.direct.variant}, c=${t.best.direct.concurrency}) -> **${t.ratios.vsDirect} x**; ` +
+        `(b) ${n0(t.best.noop?.eventsPerSec)}/s -> ${t.ratios.vsNoop ?? '–'} x; (c) ${n0(t.best.naive?.eventsPerSec)}/s (c=${t.best.naive?.concurrency ?? '–'}) -> **${t.ratios.vsNaive ?? '–'} x**.`,
+    );
+    out.push('');
+    out.push(
+      `Diagnostic: (a) with a NOTIFY inside each transaction (what the service did before these benchmarks) ` +
+        `${n0(t.directWithNotify.eventsPerSec)} tx/s at c=${t.directWithNotify.concurrency}: PostgreSQL serializes the commits of notifying transactions.`,
+    );
+    out.push('');
+    out.push('CPU ms per event by process at each best level (where the 2 cores go; `other` = everything else on the machine):');
+    out.push('');
+    const groups = ['worker', 'postgres', 'redis', 'bench', 'other'];
+    out.push(`| run | ${groups.join(' | ')} | total |`);
+    out.push(`|---|${groups.map(() => '---:').join('|')}|---:|`);
+    const rows: Array<[string, Record<string, number>]> = [[`ours c=${t.best.ours.concurrency}`, t.best.ours.cpuMsPerEvent]];
+    if (t.best.naive !== null) rows.push([`(c) naive c=${t.best.naive.concurrency}`, t.best.naive.cpuMsPerEvent]);
+    if (t.best.noop !== null) rows.push([`(b) no-op c=${t.best.noop.concurrency}`, t.best.noop.cpuMsPerEvent]);
+    rows.push([`(a) direct ${t.best.direct.variant} c=${t.best.direct.concurrency}`, t.best.direct.cpuMsPerEvent]);
+    for (const [label, cpu] of rows) {
+      const total = groups.filter((g) => g !== 'other').reduce((a, g) => a + (cpu[g] ?? 0), 0);
+      out.push(`| ${label} | ${groups.map((g) => (cpu[g] === undefined ? '–' : cpu[g].toFixed(2))).join(' | ')} | ${total.toFixed(2)} |`);
+    }
+    out.push('');
+  }
+  const l = r.latency;
+  if (l !== null) {
+    out.push(`### 2. Latency at ${l.rate} events/s offered (50% of ours' max), concurrency ${l.concurrency}, ${l.seconds} s (ms)`);
+    out.push('');
+    out.push('| path | p50 | p95 | p99 | max | achieved rate |');
+    out.push('|---|---:|---:|---:|---:|---:|');
+    const row = (label: string, x: LatencyResult['ours']) =>
+      `| ${label} | ${x.latencyMs.p50} | ${x.latencyMs.p95} | ${x.latencyMs.p99} | ${x.latencyMs.max} | ${x.achievedPerSec}/s |`;
+    out.push(row('ours: enqueue -> stream entry read by a consumer', l.ours));
+    out.push(row('(b) BullMQ no-op: enqueue -> job completed', l.noop));
+    out.push(row('(a) direct pg: scheduled start -> COMMIT', l.direct));
+    out.push('');
+  }
+  const s = r.sweep;
+  if (s !== null) {
+    out.push(`### 3. Sweep cost (probe concurrency ${s.probeConcurrency})`);
+    out.push('');
+    out.push(
+      '| deployments | nothing due: tick ms (median / max), statements | baseline: read the table once, ms | quarter ready: probes, tick s, statements, UPDATEs | baseline: same probes without SQL, s | baseline: one UPDATE per stamp, s | 250 ready: tick ms, statements |',
+    );
+    out.push('|---:|---|---:|---|---:|---:|---|');
+    for (const z of s.sizes) {
+      out.push(
+        `| ${z.deployments} | ${z.nothingDue.medianMs} / ${z.nothingDue.maxMs}, ${z.nothingDue.statements} | ${z.tableScanMs} | ` +
+          `${z.work.probed} probes (${z.work.stamped} stamped, ${z.work.orphaned} orphaned, ${z.work.expired} expired), ${round(z.work.durationMs / 1000, 2)} s, ${z.work.statements} statements, ${z.work.updates} UPDATE | ` +
+          `${round(z.probeFloorMs / 1000, 2)} | ${round(z.naiveStampMs / 1000, 2)} | ${z.fixedWork.durationMs}, ${z.fixedWork.statements} |`,
+      );
+    }
+    out.push('');
+  }
+  const d = r.dispatch;
+  if (d !== null) {
+    out.push(`### 4. Dispatch (${d.deployments} deployments, ${d.lanes} requests in flight)`);
+    out.push('');
+    out.push('| mode | resolveEndpoint /s | p50 / p99 ms | baseline | baseline /s | ratio |');
+    out.push('|---|---:|---|---|---:|---:|');
+    const lat = (x: { latencyMs?: { p50: number; p99: number } }) => (x.latencyMs === undefined ? '–' : `${x.latencyMs.p50} / ${x.latencyMs.p99}`);
+    out.push(
+      `| in-process (pure function) | ${d.inProcess.resolveEndpoint.perSec} | – | the row read it needs (getDeployment) | ${d.inProcess.baselineRowRead.perSec} | ${round(d.inProcess.resolveEndpoint.perSec / d.inProcess.baselineRowRead.perSec)} x |`,
+    );
+    out.push(
+      `| fastify inject: GET /api/deployments/:id/endpoint | ${d.inject.endpoint.perSec} | ${lat(d.inject.endpoint)} | GET /healthz (no database) | ${d.inject.baselineHealthz.perSec} | ${round(d.inject.endpoint.perSec / d.inject.baselineHealthz.perSec, 2)} x |`,
+    );
+    out.push(
+      `| HTTP keep-alive to \`fleet http\` | ${d.http.endpoint.perSec} | ${lat(d.http.endpoint)} | GET /healthz (no database) | ${d.http.baselineHealthz.perSec} | ${round(d.http.endpoint.perSec / d.http.baselineHealthz.perSec, 2)} x |`,
+    );
+    out.push('');
+  }
+  if (r.rss !== null) {
+    out.push('### 5. Worker peak RSS (VmHWM)');
+    out.push('');
+    out.push(`ours (\`fleet worker\`: lifecycle worker + relay + sweep) ${r.rss.oursMaxMb ?? '–'} MiB; (b) no-op BullMQ worker ${r.rss.noopMaxMb ?? '–'} MiB; (c) naive TypeORM worker ${r.rss.naiveMaxMb ?? '–'} MiB.`);
+    out.push('');
+  }
+  out.push('### Targets');
+  out.push('');
+  out.push('| target | measured | margin (>= 1 met) | met |');
+  out.push('|---|---|---:|---|');
+  for (const x of r.targets) out.push(`| ${x.target} | ${x.measured} | ${x.ratio ?? '–'} | ${x.met === null ? '–' : x.met ? 'yes' : '**no**'} |`);
+  out.push('');
+  return out.join('\n');
+}
+
+export function chart(r: BenchResults): string {
+  const panels: Panel[] = [];
+  const t = r.throughput;
+  if (t !== null) {
+    const cs = [...new Set(t.runs.map((x) => x.concurrency))].sort((a, b) => a - b);
+    const series = ['ours (-> stream)', '(b) BullMQ no-op', '(c) naive save()', '(a) direct pg'];
+    panels.push({
+      title: '1. End-to-end throughput by worker concurrency',
+      unit: 'events/s',
+      series,
+      groups: cs.map((c) => ({
+        label: `c=${c}`,
+        bars: [
+          { series: series[0] ?? '', value: t.runs.find((x) => x.kind === 'ours' && x.concurrency === c)?.eventsPerSec ?? null },
+          { series: series[1] ?? '', value: t.runs.find((x) => x.kind === 'noop' && x.concurrency === c)?.eventsPerSec ?? null },
+          { series: series[2] ?? '', value: t.runs.find((x) => x.kind === 'naive' && x.concurrency === c)?.eventsPerSec ?? null },
+          {
+            series: series[3] ?? '',
+            value: Math.max(0, ...t.direct.filter((x) => x.concurrency === c).map((x) => x.eventsPerSec)) || null,
+          },
+        ],
+      })),
+    });
+  }
+  const l = r.latency;
+  if (l !== null) {
+    const series = ['ours: enqueue -> stream', '(b) no-op: -> completed', '(a) direct: -> COMMIT'];
+    panels.push({
+      title: `2. Latency at ${l.rate} events/s (50% of max)`,
+      unit: 'ms',
+      log: true,
+      series,
+      lines: [{ value: 25, label: 'target p99 25 ms' }],
+      groups: (['p50', 'p95', 'p99', 'max'] as const).map((p) => ({
+        label: p,
+        bars: [
+          { series: series[0] ?? '', value: l.ours.latencyMs[p] },
+          { series: series[1] ?? '', value: l.noop.latencyMs[p] },
+          { series: series[2] ?? '', value: l.direct.latencyMs[p] },
+        ],
+      })),
+    });
+  }
+  const s = r.sweep;
+  if (s !== null) {
+    const series = ['nothing due (median)', 'read table once', '250 ready', 'quarter ready', 'probes alone', 'UPDATE per stamp'];
+    panels.push({
+      title: '3. Sweep tick by table size',
+      unit: 'ms',
+      log: true,
+      series,
+      lines: [{ value: 50, label: 'target 50 ms (nothing due, 100k)' }],
+      groups: s.sizes.map((z) => ({
+        label: `${z.deployments / 1000}k deployments`,
+        bars: [
+          { series: series[0] ?? '', value: z.nothingDue.medianMs },
+          { series: series[1] ?? '', value: z.tableScanMs },
+          { series: series[2] ?? '', value: z.fixedWork.durationMs },
+          { series: series[3] ?? '', value: z.work.durationMs },
+          { series: series[4] ?? '', value: z.probeFloorMs },
+          { series: series[5] ?? '', value: z.naiveStampMs },
+        ],
+      })),
+    });
+  }
+  const d = r.dispatch;
+  if (d !== null) {
+    const series = ['resolveEndpoint', 'baseline'];
+    panels.push({
+      title: '4. Dispatch answers per second',
+      unit: 'per second',
+      log: true,
+      series,
+      groups: [
+        { label: 'in-process vs row read', bars: [{ series: 'resolveEndpoint', value: d.inProcess.resolveEndpoint.perSec }, { series: 'baseline', value: d.inProcess.baselineRowRead.perSec }] },
+        { label: 'inject vs /healthz', bars: [{ series: 'resolveEndpoint', value: d.inject.endpoint.perSec }, { series: 'baseline', value: d.inject.baselineHealthz.perSec }] },
+        { label: 'HTTP vs /healthz', bars: [{ series: 'resolveEndpoint', value: d.http.endpoint.perSec }, { series: 'baseline', value: d.http.baselineHealthz.perSec }] },
+      ],
+    });
+  }
+  const met = r.targets.filter((x) => x.met === true).length;
+  return renderChart(
+    'lifecycle-fleet benchmarks',
+    `${r.meta.startedAt} · ${r.meta.cpus} CPUs · Node ${r.meta.node} · targets met ${met}/${r.targets.length}`,
+    panels,
+  );
+}

@@ -1,0 +1,212 @@
+/**
+ * Starting the measured worker processes and feeding them the workload.
+ *
+ * - `ours`: the real `node bin/fleet.js worker` (lifecycle worker, outbox relay and sweep in one process, as
+ *   deployed), LOG_LEVEL=info writing its log to a file. Done = the event's entry is on the transition stream.
+ * - `noop`: baseline (b), bench/fixtures/noop-worker. Done = the job completed.
+ * - `naive`: baseline (c), bench/fixtures/naive-worker. Done = the job completed (its transaction committed; it
+ *   publishes nothing, so it does strictly less than `ours` per event).
+ */
+import * as path from 'node:path';
+import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
+import { transitionStreamKey } from '../../src/streams/outbox-relay';
+import { MeasuredProcess } from './child';
+import { inLanes, now, within } from './common';
+import { cpuNow, cpuPerEvent } from './cpu';
+import { StreamWatcher } from './stream';
+import { TEARDOWN } from './workload';
+
+export type WorkerKind = 'ours' | 'noop' | 'naive';
+
+export interface WorkerSetup {
+  readonly kind: WorkerKind;
+  readonly concurrency: number;
+  readonly redisUrl: string;
+  readonly databaseUrl: string;
+  readonly prefix: string;
+  /** completions reported per `{"count"}` line by fixtures (`every:<k>`), or each (`each`) */
+  readonly report?: 'each' | number;
+  readonly cpuProfDir?: string;
+  /** server pids for CPU accounting */
+  readonly servicePids?: { readonly postgres?: number; readonly redis?: number };
+}
+
+/** A started worker process with a producer on its queue and a way to wait for completions. */
+export class WorkerUnderTest {
+  private readonly waiters: Array<{ count: number; resolve: (at: number) => void }> = [];
+  private reported = 0;
+  private reportedAt = 0;
+  private failures: string[] = [];
+  /** jobId -> performance.now() when the fixture reported it completed (report: 'each') */
+  readonly completions = new Map<string, number>();
+
+  private constructor(
+    readonly setup: WorkerSetup,
+    readonly proc: MeasuredProcess,
+    readonly producer: LifecycleProducer,
+    readonly watcher: StreamWatcher | null,
+  ) {
+    proc.onMessage((message, at) => {
+      if (typeof message['count'] === 'number') {
+        this.reported = message['count'];
+        this.reportedAt = at;
+      } else if (typeof message['id'] === 'string') {
+        this.completions.set(message['id'], at);
+        this.reported++;
+        this.reportedAt = at;
+      } else if ('failed' in message) {
+        this.failures.push(`${String(message['failed'])}: ${String(message['reason'])}`);
+      }
+      this.settle();
+    });
+  }
+
+  static async start(setup: WorkerSetup): Promise<WorkerUnderTest> {
+    const env = {
+      REDIS_URL: setup.redisUrl,
+      DATABASE_URL: setup.databaseUrl,
+      FLEET_PREFIX: setup.prefix,
+      FLEET_CONCURRENCY: String(setup.concurrency),
+      LOG_LEVEL: 'info',
+      BENCH_REPORT: setup.report === 'each' ? 'each' : `every:${setup.report ?? 100}`,
+    };
+    const label = `${setup.prefix}`;
+    const proc =
+      setup.kind === 'ours'
+        ? await MeasuredProcess.start({
+            label,
+            args: ['bin/fleet.js', 'worker'],
+            env,
+            ready: { kind: 'log', pattern: /worker started/ },
+            ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
+          })
+        : await MeasuredProcess.start({
+            label,
+            args: [path.join('dist', 'bench', 'fixtures', `${setup.kind}-worker.js`)],
+            env,
+            ready: { kind: 'json' },
+            ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
+          });
+    const producer = new LifecycleProducer({ connection: setup.redisUrl, prefix: setup.prefix });
+    let watcher: StreamWatcher | null = null;
+    if (setup.kind === 'ours') {
+      watcher = new StreamWatcher(setup.redisUrl, transitionStreamKey(setup.prefix));
+      watcher.start();
+    }
+    return new WorkerUnderTest(setup, proc, producer, watcher);
+  }
+
+  private settle(): void {
+    for (const w of [...this.waiters]) {
+      if (this.reported >= w.count) {
+        this.waiters.splice(this.waiters.indexOf(w), 1);
+        w.resolve(this.reportedAt);
+      }
+    }
+  }
+
+  /** Resolves with performance.now() of the moment `count` events in total were done. */
+  async waitDone(count: number, timeoutMs: number): Promise<number> {
+    const what = `${count} events done by ${this.setup.prefix}`;
+    if (this.watcher !== null) {
+      await within(this.watcher.waitFor(count), timeoutMs, what);
+      return this.watcher.lastArrivalAt;
+    }
+    if (this.reported >= count) return this.reportedAt;
+    return within(
+      new Promise<number>((resolve) => this.waiters.push({ count, resolve })),
+      timeoutMs,
+      `${what}${this.failures.length > 0 ? ` (failures: ${this.failures.slice(0, 3).join('; ')})` : ''}`,
+    );
+  }
+
+  /** When the event was done: stream arrival (ours) or completion report (fixtures, report 'each'). */
+  doneAt(result: EnqueueResult): number | undefined {
+    return this.watcher !== null ? this.watcher.arrivals.get(result.eventId) : this.completions.get(result.jobId);
+  }
+
+  async enqueueTeardown(deploymentId: string): Promise<EnqueueResult> {
+    const result = await this.producer.enqueue(TEARDOWN, { deploymentId });
+    this.watcher?.expect(result.eventId);
+    return result;
+  }
+
+  /** Enqueues teardowns of `ids` through the SDK, `window` calls in flight. */
+  async enqueueAll(ids: readonly string[], window = 64): Promise<void> {
+    await inLanes(ids.length, window, async (i) => {
+      const id = ids[i];
+      if (id !== undefined) await this.enqueueTeardown(id);
+    });
+  }
+
+  /** Stops the process; returns its peak RSS (MiB) and the queue's failed count. */
+  async stop(): Promise<{ peakRssMb: number | null; failed: number }> {
+    const peakRssMb = await this.proc.stop();
+    const counts = await this.producer.queue.getJobCounts('failed');
+    await this.producer.close();
+    await this.watcher?.close();
+    return { peakRssMb, failed: counts['failed'] ?? 0 };
+  }
+}
+
+export interface WorkerRun {
+  readonly kind: WorkerKind;
+  readonly concurrency: number;
+  readonly events: number;
+  readonly seconds: number;
+  readonly eventsPerSec: number;
+  readonly peakRssMb: number | null;
+  readonly failed: number;
+  /** CPU ms per event by process: worker, postgres (all backends), redis, bench (producer + stream reader) */
+  readonly cpuMsPerEvent: Record<string, number>;
+}
+
+/**
+ * One throughput level: seeds `warmup + events` deployments, starts the worker, runs the warm-up batch to
+ * completion (JIT, pools, connections), then enqueues `events` teardowns and times first enqueue -> last done.
+ */
+export async function runWorkerLevel(
+  setup: WorkerSetup,
+  ids: readonly string[],
+  warmup: number,
+): Promise<WorkerRun> {
+  const w = await WorkerUnderTest.start(setup);
+  const events = ids.length - warmup;
+  let seconds: number;
+  let cpu: Record<string, number>;
+  try {
+    await w.enqueueAll(ids.slice(0, warmup));
+    await w.waitDone(warmup, 60_000);
+    const groups = cpuGroups(setup, w.proc.pid);
+    const cpuBefore = cpuNow(groups);
+    const started = now();
+    await w.enqueueAll(ids.slice(warmup));
+    const doneAt = await w.waitDone(ids.length, 180_000);
+    seconds = (doneAt - started) / 1000;
+    cpu = cpuPerEvent(cpuBefore, cpuNow(groups), events);
+  } catch (err) {
+    await w.stop().catch(() => undefined);
+    throw err;
+  }
+  const stopped = await w.stop();
+  return {
+    kind: setup.kind,
+    concurrency: setup.concurrency,
+    events,
+    seconds,
+    eventsPerSec: events / seconds,
+    peakRssMb: stopped.peakRssMb,
+    failed: stopped.failed,
+    cpuMsPerEvent: cpu,
+  };
+}
+
+export function cpuGroups(setup: Pick<WorkerSetup, 'servicePids'>, workerPid: number | null): Parameters<typeof cpuNow>[0] {
+  const pids = setup.servicePids ?? {};
+  return {
+    ...(workerPid !== null ? { worker: { pid: workerPid, tree: false } } : {}),
+    postgres: pids.postgres !== undefined ? { pid: pids.postgres, tree: true } : undefined,
+    redis: pids.redis !== undefined ? { pid: pids.redis, tree: false } : undefined,
+    bench: { pid: process.pid, tree: false },
+  };
+}

@@ -1,0 +1,114 @@
+/**
+ * Scenario 1: end-to-end throughput, enqueue -> committed transition -> stream entry, one worker process, several
+ * concurrencies; baselines (a) direct pg, (b) BullMQ no-op, (c) naive TypeORM save(), all on the same services.
+ */
+import { log, round } from '../lib/common';
+import type { BenchServices } from '../lib/services';
+import { cpuGroups, runWorkerLevel, type WorkerKind, type WorkerRun } from '../lib/workers';
+import { runDirect, seedReadyDeployments, withClient, type DirectRun, type DirectVariant } from '../lib/workload';
+
+export interface ThroughputOptions {
+  readonly concurrencies: readonly number[];
+  readonly directConcurrencies: readonly number[];
+  /** measured events per level (after the warm-up) */
+  readonly events: (concurrency: number) => number;
+  readonly warmup: number;
+  readonly kinds: readonly WorkerKind[];
+  readonly cpuProfDir?: string;
+}
+
+export interface ThroughputResult {
+  readonly workload: string;
+  readonly runs: readonly WorkerRun[];
+  readonly direct: readonly DirectRun[];
+  readonly best: {
+    readonly ours: WorkerRun;
+    readonly noop: WorkerRun | null;
+    readonly naive: WorkerRun | null;
+    readonly direct: DirectRun;
+  };
+  /** diagnostic: baseline (a) with a NOTIFY inside each transaction, at (a)'s best concurrency */
+  readonly directWithNotify: DirectRun;
+  /** ours (best) / baseline (best) */
+  readonly ratios: { readonly vsDirect: number; readonly vsNoop: number | null; readonly vsNaive: number | null };
+}
+
+/**
+ * Each worker run has a stream (prefix) of its own over the one database: rows of earlier runs must be neither
+ * pending (the naive baseline publishes nothing) nor traceable to a stream, or the new run's relay would publish
+ * them (a relay that finds its stream behind the outbox republishes what the stream lacks).
+ */
+async function isolateOutbox(dbUrl: string): Promise<void> {
+  await withClient(dbUrl, (c) => c.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`));
+}
+
+export async function runThroughput(services: BenchServices, options: ThroughputOptions): Promise<ThroughputResult> {
+  const dbUrl = await services.createDatabase('e2e');
+  const runs: WorkerRun[] = [];
+  for (const concurrency of options.concurrencies) {
+    const events = options.events(concurrency);
+    for (const kind of options.kinds) {
+      await isolateOutbox(dbUrl);
+      const ids = await seedReadyDeployments(dbUrl, options.warmup + events);
+      const run = await runWorkerLevel(
+        {
+          kind,
+          concurrency,
+          redisUrl: services.redisUrl,
+          databaseUrl: dbUrl,
+          prefix: services.prefix(`${kind}-c${concurrency}`),
+          servicePids: services.pids,
+          ...(options.cpuProfDir !== undefined ? { cpuProfDir: options.cpuProfDir } : {}),
+        },
+        ids,
+        options.warmup,
+      );
+      log(
+        `throughput ${kind.padEnd(5)} c=${String(concurrency).padStart(2)}: ${round(run.eventsPerSec)} events/s ` +
+          `(${run.events} in ${round(run.seconds, 2)} s, peak RSS ${run.peakRssMb ?? '?'} MiB, failed ${run.failed}, ` +
+          `CPU ms/event ${JSON.stringify(run.cpuMsPerEvent)})`,
+      );
+      runs.push(run);
+    }
+  }
+
+  const direct: DirectRun[] = [];
+  const runDirectLevel = async (concurrency: number, variant: DirectVariant): Promise<DirectRun> => {
+    const n = options.events(concurrency);
+    const ids = await seedReadyDeployments(dbUrl, options.warmup + n);
+    await runDirect(dbUrl, ids.slice(0, options.warmup), concurrency, variant); // warm-up
+    const run = await runDirect(dbUrl, ids.slice(options.warmup), concurrency, variant, cpuGroups({ servicePids: services.pids }, null));
+    log(
+      `throughput direct (${variant}) c=${String(concurrency).padStart(2)}: ${round(run.eventsPerSec)} tx/s ` +
+        `(${run.events} in ${round(run.seconds, 2)} s, CPU ms/event ${JSON.stringify(run.cpuMsPerEvent)})`,
+    );
+    return run;
+  };
+  for (const concurrency of options.directConcurrencies) {
+    direct.push(await runDirectLevel(concurrency, 'statements'));
+    direct.push(await runDirectLevel(concurrency, 'one-statement'));
+  }
+
+  const bestOf = (kind: WorkerKind): WorkerRun | null =>
+    runs.filter((r) => r.kind === kind && r.failed === 0).sort((a, b) => b.eventsPerSec - a.eventsPerSec)[0] ?? null;
+  const ours = bestOf('ours');
+  const bestDirect = [...direct].sort((a, b) => b.eventsPerSec - a.eventsPerSec)[0];
+  if (ours === null || bestDirect === undefined) throw new Error('throughput: no successful run of ours or of baseline (a)');
+  const withNotify = await runDirectLevel(bestDirect.concurrency, 'statements+notify');
+  const noop = bestOf('noop');
+  const naive = bestOf('naive');
+  return {
+    workload:
+      'deployment.teardown of ready deployments, one event per deployment: each is one applied transition ' +
+      '(processed-event claim, version-checked UPDATE, history row, outbox row), enqueued through the SDK (64 in flight)',
+    runs,
+    direct,
+    best: { ours, noop, naive, direct: bestDirect },
+    directWithNotify: withNotify,
+    ratios: {
+      vsDirect: round(ours.eventsPerSec / bestDirect.eventsPerSec, 3),
+      vsNoop: noop === null ? null : round(ours.eventsPerSec / noop.eventsPerSec, 3),
+      vsNaive: naive === null ? null : round(ours.eventsPerSec / naive.eventsPerSec, 3),
+    },
+  };
+}

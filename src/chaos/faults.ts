@@ -1,0 +1,178 @@
+/**
+ * Fault injection for the chaos runner: worker processes it can SIGKILL and restart, the outbox relay leader
+ * found through PostgreSQL, Redis and PostgreSQL connections cut from the server side.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import type IORedis from 'ioredis';
+import type { Pool } from 'pg';
+
+export interface WorkerSpec {
+  readonly command: string;
+  readonly args: readonly string[];
+  readonly env: NodeJS.ProcessEnv;
+  /** stdout and stderr of every worker go here (appended) */
+  readonly logFile: string;
+}
+
+/**
+ * `count` worker processes kept running: one that dies (killed by a fault, or exiting because a service was down
+ * when it started) is started again after `restartDelayMs`, as a process supervisor would.
+ */
+export class WorkerPool {
+  private readonly slots: Array<ChildProcess | null>;
+  private stopped = false;
+  private readonly timers = new Set<NodeJS.Timeout>();
+  /** processes started, restarts included */
+  started = 0;
+  /** exits not asked for by `kill` or `stop` (e.g. a worker that could not start while a service was down) */
+  unexpectedExits = 0;
+  private readonly expected = new Set<number>();
+
+  constructor(
+    private readonly spec: WorkerSpec,
+    count: number,
+    private readonly restartDelayMs = 1000,
+    private readonly log: (line: string) => void = () => undefined,
+  ) {
+    this.slots = Array.from({ length: count }, () => null);
+  }
+
+  start(): void {
+    for (let i = 0; i < this.slots.length; i++) this.spawn(i);
+  }
+
+  /** pids of the live workers, by slot */
+  pids(): number[] {
+    return this.slots.map((c) => c?.pid ?? -1).filter((p) => p > 0);
+  }
+
+  private spawn(slot: number): void {
+    if (this.stopped) return;
+    const fd = fs.openSync(this.spec.logFile, 'a');
+    let child: ChildProcess;
+    try {
+      child = spawn(this.spec.command, [...this.spec.args], { env: this.spec.env, stdio: ['ignore', fd, fd] });
+    } finally {
+      fs.closeSync(fd);
+    }
+    this.started++;
+    this.slots[slot] = child;
+    child.once('exit', (code, signal) => {
+      const pid = child.pid ?? -1;
+      if (!this.expected.delete(pid) && !this.stopped) {
+        this.unexpectedExits++;
+        this.log(`worker pid ${pid} exited by itself (${signal ?? `code ${String(code)}`}); see ${this.spec.logFile}`);
+      }
+      if (this.slots[slot] === child) this.slots[slot] = null;
+      if (this.stopped) return;
+      const timer = setTimeout(() => {
+        this.timers.delete(timer);
+        this.spawn(slot);
+      }, this.restartDelayMs);
+      this.timers.add(timer);
+    });
+  }
+
+  /** SIGKILLs the worker with this pid (it is restarted); false when it is not one of ours. */
+  kill(pid: number): boolean {
+    const child = this.slots.find((c) => c?.pid === pid);
+    if (child === undefined || child === null) return false;
+    this.expected.add(pid);
+    child.kill('SIGKILL');
+    return true;
+  }
+
+  /** Stops every worker: SIGTERM (graceful), SIGKILL after `graceMs`. */
+  async stop(graceMs = 20_000): Promise<void> {
+    this.stopped = true;
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
+    const live = this.slots.filter((c): c is ChildProcess => c !== null && c.exitCode === null && c.signalCode === null);
+    await Promise.all(
+      live.map(
+        (child) =>
+          new Promise<void>((resolve) => {
+            const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
+            child.once('exit', () => {
+              clearTimeout(timer);
+              resolve();
+            });
+            child.kill('SIGTERM');
+          }),
+      ),
+    );
+  }
+
+  /** Synchronous last resort on process exit. */
+  killAll(): void {
+    this.stopped = true;
+    for (const c of this.slots) if (c !== null && c.exitCode === null) c.kill('SIGKILL');
+  }
+}
+
+/**
+ * The OS pid of the process whose relay holds the outbox advisory lock: PostgreSQL names the session's client port;
+ * /proc/net/tcp maps the port to a socket inode, and /proc/<pid>/fd to the process holding it (Linux).
+ */
+export async function findRelayLeader(pool: Pool, candidates: readonly number[]): Promise<number | null> {
+  const { rows } = await pool.query<{ client_port: number | null }>(
+    `SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+      WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'lifecycle-fleet-relay'`,
+  );
+  const port = rows[0]?.client_port;
+  if (port === undefined || port === null || port <= 0) return null;
+  const inodes = socketInodesForLocalPort(port);
+  if (inodes.size === 0) return null;
+  for (const pid of candidates) {
+    let fds: string[];
+    try {
+      fds = fs.readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+        if (m?.[1] !== undefined && inodes.has(m[1])) return pid;
+      } catch {
+        // fd closed meanwhile
+      }
+    }
+  }
+  return null;
+}
+
+function socketInodesForLocalPort(port: number): Set<string> {
+  const found = new Set<string>();
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let text: string;
+    try {
+      text = fs.readFileSync(table, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const cols = line.trim().split(/\s+/);
+      const local = cols[1];
+      const inode = cols[9];
+      if (local !== undefined && inode !== undefined && local.endsWith(`:${hexPort}`) && inode !== '0') found.add(inode);
+    }
+  }
+  return found;
+}
+
+/** Terminates every client backend of the database but the caller's; returns how many. */
+export async function terminateBackends(pool: Pool): Promise<number> {
+  const { rows } = await pool.query<{ n: string }>(
+    `SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
+      WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'`,
+  );
+  return Number(rows[0]?.n ?? 0);
+}
+
+/** Kills every normal Redis client connection but the caller's (`CLIENT KILL TYPE normal`); returns how many. */
+export async function killRedisClients(redis: IORedis): Promise<number> {
+  return Number(await redis.call('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes'));
+}

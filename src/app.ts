@@ -62,10 +62,14 @@ export async function startFleet(
   roles: FleetRoles = {},
 ): Promise<Fleet> {
   const closers: Array<(graceMs: number) => Promise<void>> = [];
+  // One deadline for the whole stop: a component that cannot stop (BullMQ's close and the relay's last publish wait
+  // for Redis, for ever, while it is unreachable) is left behind once its share is spent, and the stop goes on.
   const close = async (graceMs: number) => {
+    const deadline = Date.now() + graceMs;
     for (const closer of closers.splice(0).reverse()) {
+      const left = Math.max(1000, deadline - Date.now());
       try {
-        await closer(graceMs);
+        if ((await within(closer(left), left)) === 'timeout') logger.warn({ graceMs }, 'a component did not stop in time; leaving it behind');
       } catch (err) {
         logger.error({ err }, 'error while closing');
       }
@@ -230,4 +234,19 @@ export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
   });
+}
+
+/** Waits for `promise` at most `ms`; a promise still pending then is left to itself. */
+async function within(promise: Promise<void>, ms: number): Promise<'done' | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<'timeout'>((resolve) => {
+    timer = setTimeout(() => resolve('timeout'), ms);
+  });
+  const done = promise.then(() => 'done' as const);
+  done.catch(() => undefined); // rejected after the deadline: nobody is waiting any more
+  try {
+    return await Promise.race([done, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

@@ -10,7 +10,7 @@
  * generator intended (applied, noop, rejected with the expected code, or lost), checks every deployment's history and
  * the transition stream with the history checker, and compares every deployment with the state its script ends in.
  *
- * Usage: node dist/src/chaos/run.js [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S]
+ * Usage: npm run chaos -- [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S] [--drain-timeout S]
  *        [--phases MIN-MAX] [--concurrency N] [--seed N] [--dir DIR] [--json FILE]
  * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap and the checker is clean.
  */
@@ -634,7 +634,7 @@ export function formatReport(r: ChaosReport): string {
     `  history checker     ${r.checker.ok ? 'clean' : JSON.stringify(r.checker.violationCounts)}`,
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
-    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exits not caused by a fault's SIGKILL)`,
+    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);

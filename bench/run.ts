@@ -40,7 +40,7 @@ function parseArgs(argv: readonly string[]): Args {
   let rate: number | null = null;
   let concurrency: number | null = null;
   let cpuProf = false;
-  let out = path.join(repoRoot(), 'bench', 'results');
+  let out = defaultOut();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = (): string => {
@@ -61,6 +61,22 @@ function parseArgs(argv: readonly string[]): Args {
     else throw new Error(`unknown argument ${a ?? ''}`);
   }
   return { quick, only, rate, concurrency, cpuProf, out };
+}
+
+function defaultOut(): string {
+  return path.join(repoRoot(), 'bench', 'results');
+}
+
+/** A full run puts its tables into bench/README.md, between the results markers. */
+function updateReadme(table: string): void {
+  const file = path.join(repoRoot(), 'bench', 'README.md');
+  const start = '<!-- results:start -->';
+  const end = '<!-- results:end -->';
+  const text = fs.readFileSync(file, 'utf8');
+  const i = text.indexOf(start);
+  const j = text.indexOf(end);
+  if (i < 0 || j < i) return;
+  fs.writeFileSync(file, `${text.slice(0, i + start.length)}\n${table.replace(/^### /gm, '#### ')}\n${text.slice(j)}`);
 }
 
 function gitDescription(): string {
@@ -92,6 +108,7 @@ async function main(): Promise<void> {
         events: (c) => (args.quick ? 500 : c === 1 ? 1000 : 3000),
         warmup: args.quick ? 100 : 300,
         kinds: ['ours', 'noop', 'naive'],
+        rounds: args.quick ? 1 : 2,
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }
@@ -99,7 +116,13 @@ async function main(): Promise<void> {
       const rate = args.rate ?? (throughput !== null ? Math.round(throughput.best.ours.eventsPerSec * 0.5) : null);
       const concurrency = args.concurrency ?? throughput?.best.ours.concurrency ?? 16;
       if (rate === null) throw new Error('latency needs the throughput scenario or --rate');
-      latency = await runLatency(services, { rate, concurrency, seconds: args.quick ? 3 : 10, warmup: 200 });
+      latency = await runLatency(services, {
+        rate,
+        concurrency,
+        seconds: args.quick ? 3 : 10,
+        warmup: 200,
+        ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
+      });
     }
     if (args.only.has('sweep')) {
       sweep = await runSweep(services, args.quick ? [1000, 10_000] : [1000, 10_000, 100_000]);
@@ -138,6 +161,7 @@ async function main(): Promise<void> {
   fs.writeFileSync(path.join(args.out, 'latest.json'), `${JSON.stringify(results, null, 2)}\n`);
   fs.writeFileSync(path.join(args.out, 'latest.md'), `${table}\n`);
   fs.writeFileSync(path.join(args.out, 'latest.svg'), chart(results));
+  if (!args.quick && args.only.size === SCENARIOS.length && args.out === defaultOut()) updateReadme(table);
   process.stdout.write(`\n${table}\n`);
   log(`results: ${path.relative(process.cwd(), args.out) || '.'}/latest.{json,md,svg}`);
 }

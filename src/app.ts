@@ -110,8 +110,6 @@ export async function startFleet(
       },
       relayLagSeconds: () => relayLagSeconds((sql) => dataSource.query(sql)),
     });
-    const service = new TransitionService({ dataSource, logger });
-
     let relay: OutboxRelay | null = null;
     if (roles.relay ?? true) {
       const r = new OutboxRelay({
@@ -126,6 +124,8 @@ export async function startFleet(
       closers.push(() => r.close());
       r.start();
     }
+    // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
+    const service = new TransitionService({ dataSource, logger, relay: relay ?? undefined });
 
     let sweep: SweepWorker | null = null;
     if (roles.sweep ?? true) {

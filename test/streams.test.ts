@@ -78,6 +78,15 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await dropPrefix(prefix);
   });
 
+  /** outbox rows not marked published (of one deployment, or all) */
+  async function unmarkedCount(deploymentId?: string): Promise<number> {
+    const [row] = await db.dataSource.query<Array<{ n: string }>>(
+      `SELECT count(*) AS n FROM outbox WHERE published_at IS NULL AND ($1::uuid IS NULL OR deployment_id = $1::uuid)`,
+      [deploymentId ?? null],
+    );
+    return Number(row?.n);
+  }
+
   function relay(options: Partial<ConstructorParameters<typeof OutboxRelay>[0]> = {}): OutboxRelay {
     const r = new OutboxRelay({ databaseUrl: db.url, redis: testEnv().redisUrl, streamKey, standbyRetryMs: 200, ...options });
     closers.push(() => r.close());
@@ -99,12 +108,35 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     expect([one.publishedCount, two.publishedCount].sort((a, b) => a - b)).to.deep.equal([0, 1000]);
     expect([one.isLeader, two.isLeader].filter(Boolean)).to.have.length(1);
 
-    const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
-    expect(Number(row?.n)).to.equal(0);
+    // the last batch's mark goes out on its own once no commit has come for markDelayMs
+    await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
     expect(await relayLagSeconds((sql) => db.dataSource.query(sql))).to.equal(0);
     const sample = entries[0];
     expect(sample).to.include({ type: 'state_transition', from: '', to: 'pending', reason: 'created', version: 1 });
     expect(sample?.transitionId).to.match(/^\d+$/);
+  });
+
+  it("marks a batch with the next batch's read (one statement), and close() marks the last batch", async () => {
+    const r = relay({ markDelayMs: 60_000 }); // no mark on its own within the test: only the next read carries it
+    const first = randomUUID();
+    await tenTransitions(service, first);
+    await waitFor('ten entries', async () => ((await redis.xlen(streamKey)) >= 10 ? true : undefined));
+    expect(await unmarkedCount(first)).to.be.greaterThan(0); // at least the last batch waits for a carrier
+
+    const second = randomUUID();
+    await service.apply('deployment.create', { deploymentId: second, name: 'web' }, { fallbackEventId: randomUUID() });
+    await waitFor('the eleventh entry', async () => ((await redis.xlen(streamKey)) >= 11 ? true : undefined));
+    expect(await unmarkedCount(first)).to.equal(0); // carried by the read that found the new row
+    expect(await unmarkedCount(second)).to.equal(1); // and the new row now waits in turn
+
+    await r.close();
+    expect(await unmarkedCount()).to.equal(0);
+    const entries = await redis.xrange(streamKey, '-', '+');
+    const marked = await db.dataSource.query<Array<{ stream_id: string }>>(
+      `SELECT stream_id FROM outbox WHERE deployment_id = ANY($1::uuid[]) ORDER BY id`,
+      [[first, second]],
+    );
+    expect(marked.map((m) => m.stream_id)).to.deep.equal(entries.map(([id]) => id));
   });
 
   it('hands over to a standby when the leader stops', async () => {
@@ -251,8 +283,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       const by = versionsByDeployment(entries);
       return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
     }, 30_000);
-    const [unpublished] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
-    expect(Number(unpublished?.n)).to.equal(0);
+    await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
   });
 
   describe('fleet tail', () => {

@@ -49,7 +49,7 @@ export function rssSummary(t: ThroughputResult | null, l: LatencyResult | null):
     const v = values.filter((x): x is number => typeof x === 'number');
     return v.length === 0 ? null : Math.max(...v);
   };
-  const of = (kind: string) => (t?.runs ?? []).filter((r) => r.kind === kind).map((r) => r.peakRssMb);
+  const of = (kind: string) => (t?.allRuns ?? []).filter((r) => r.kind === kind).map((r) => r.peakRssMb);
   return {
     oursMaxMb: max([...of('ours'), l?.ours.peakRssMb]),
     noopMaxMb: max([...of('noop'), l?.noop.peakRssMb]),
@@ -126,12 +126,19 @@ export function markdown(r: BenchResults): string {
   const m = r.meta;
   out.push(`Run ${m.startedAt} (${m.durationS} s${m.quick ? ', --quick' : ''}) on ${m.cpus} x ${m.cpuModel}, ${m.memGb} GB, Node ${m.node}; git ${m.git}.`);
   out.push(`Services: ${m.services}. Load average at start ${m.loadAvgStart.join(' ')}, at end ${m.loadAvgEnd.join(' ')}.`);
+  if (Math.max(m.loadAvgStart[0] ?? 0, m.loadAvgEnd[0] ?? 0) > m.cpus * 0.75) {
+    out.push('');
+    out.push(
+      `**The machine was busy with other work during this run** (load average above ${m.cpus * 0.75} on ${m.cpus} CPUs; see the ` +
+        '`other` CPU columns): absolute figures are pessimistic, and latency most of all; the ratios to the baselines, measured alongside, are what to read.',
+    );
+  }
   out.push('');
   const t = r.throughput;
   if (t !== null) {
     out.push('### 1. End-to-end throughput (events/s)');
     out.push('');
-    out.push(`Workload: ${t.workload}.`);
+    out.push(`Workload: ${t.workload}. Each level ran ${t.rounds} time(s), rounds one after the other; the best run of each counts.`);
     out.push('');
     out.push(
       '| worker concurrency | ours: enqueue -> stream | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
@@ -177,14 +184,28 @@ export function markdown(r: BenchResults): string {
   if (l !== null) {
     out.push(`### 2. Latency at ${l.rate} events/s offered (50% of ours' max), concurrency ${l.concurrency}, ${l.seconds} s (ms)`);
     out.push('');
-    out.push('| path | p50 | p95 | p99 | max | achieved rate |');
-    out.push('|---|---:|---:|---:|---:|---:|');
+    out.push('| path | p50 | p95 | p99 | max | achieved rate | CPU used by other processes meanwhile |');
+    out.push('|---|---:|---:|---:|---:|---:|---:|');
     const row = (label: string, x: LatencyResult['ours']) =>
-      `| ${label} | ${x.latencyMs.p50} | ${x.latencyMs.p95} | ${x.latencyMs.p99} | ${x.latencyMs.max} | ${x.achievedPerSec}/s |`;
+      `| ${label} | ${x.latencyMs.p50} | ${x.latencyMs.p95} | ${x.latencyMs.p99} | ${x.latencyMs.max} | ${x.achievedPerSec}/s | ` +
+      `${x.otherCpuShare === null ? '–' : `${Math.round(x.otherCpuShare * 100)}%`} |`;
     out.push(row('ours: enqueue -> stream entry read by a consumer', l.ours));
     out.push(row('(b) BullMQ no-op: enqueue -> job completed', l.noop));
     out.push(row('(a) direct pg: scheduled start -> COMMIT', l.direct));
     out.push('');
+    const st = l.ours.stagesMs;
+    if (st !== undefined) {
+      out.push('Where ours spends it (wall-clock milestones, ms precision: the entry\'s `at` is set when the service decides, its stream id by XADD):');
+      out.push('');
+      out.push('| stage | p50 | p95 | p99 | max |');
+      out.push('|---|---:|---:|---:|---:|');
+      const stage = (label: string, p: { p50: number; p95: number; p99: number; max: number }) =>
+        `| ${label} | ${p.p50} | ${p.p95} | ${p.p99} | ${p.max} |`;
+      out.push(stage('scheduled -> decided (enqueue, queue wait, pick-up, snapshot read)', st.queue));
+      out.push(stage('decided -> appended (write + commit, relay wake-up, read, XADD)', st.commitAndRelay));
+      out.push(stage('appended -> read by the consumer', st.delivery));
+      out.push('');
+    }
   }
   const s = r.sweep;
   if (s !== null) {

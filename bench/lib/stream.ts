@@ -5,9 +5,17 @@
 import IORedis from 'ioredis';
 import { now } from './common';
 
+/** Wall-clock milestones of one entry, in performance.now() time: the decision (`at` field) and the XADD (its id). */
+export interface EntryStages {
+  readonly decidedAt: number;
+  readonly appendedAt: number;
+}
+
 export class StreamWatcher {
   /** eventId -> performance.now() when the entry was read */
   readonly arrivals = new Map<string, number>();
+  /** eventId -> when the service decided the transition and when the relay appended it (ms precision) */
+  readonly stages = new Map<string, EntryStages>();
   /** eventIds the caller waits for: entries of other events (a relay republishing older rows) are not counted */
   private readonly expected = new Set<string>();
   private matched = 0;
@@ -60,6 +68,12 @@ export class StreamWatcher {
             const eventId = i >= 0 ? fields[i + 1] : undefined;
             if (eventId !== undefined && !this.arrivals.has(eventId)) {
               this.arrivals.set(eventId, at);
+              const j = fields.indexOf('at');
+              const decided = j >= 0 ? Date.parse(fields[j + 1] ?? '') : Number.NaN;
+              this.stages.set(eventId, {
+                decidedAt: decided - performance.timeOrigin,
+                appendedAt: Number(id.split('-')[0]) - performance.timeOrigin,
+              });
               if (this.expected.has(eventId)) this.matched++;
             }
           }

@@ -13,7 +13,7 @@ import { transitionStreamKey } from '../../src/streams/outbox-relay';
 import { MeasuredProcess } from './child';
 import { inLanes, now, within } from './common';
 import { cpuNow, cpuPerEvent } from './cpu';
-import { StreamWatcher } from './stream';
+import { StreamWatcher, type EntryStages } from './stream';
 import { TEARDOWN } from './workload';
 
 export type WorkerKind = 'ours' | 'noop' | 'naive';
@@ -123,6 +123,11 @@ export class WorkerUnderTest {
   /** When the event was done: stream arrival (ours) or completion report (fixtures, report 'each'). */
   doneAt(result: EnqueueResult): number | undefined {
     return this.watcher !== null ? this.watcher.arrivals.get(result.eventId) : this.completions.get(result.jobId);
+  }
+
+  /** ours only: when the service decided the event's transition and when the relay appended it */
+  stages(result: EnqueueResult): EntryStages | undefined {
+    return this.watcher?.stages.get(result.eventId);
   }
 
   async enqueueTeardown(deploymentId: string): Promise<EnqueueResult> {

@@ -186,22 +186,28 @@ export async function runDirect(
 }
 
 /**
- * Baseline (a) (`statements`), open loop at `rate`/s: each transaction starts at its scheduled time on the next free connection
- * (`connections` of them); returns each transaction's latency from its scheduled start to its COMMIT.
+ * Baseline (a) (`statements`), open loop at `rate`/s: each transaction starts at its scheduled time on the next
+ * free connection (`connections` of them); returns each transaction's latency from its scheduled start to its
+ * COMMIT. The first `connections` ids warm the connections (a fresh backend's first statements load its caches)
+ * and are not timed.
  */
 export async function runDirectPaced(
   url: string,
   ids: readonly string[],
   rate: number,
   connections: number,
-): Promise<number[]> {
+  groups: Parameters<typeof cpuNow>[0] = {},
+): Promise<{ latencies: number[]; seconds: number; cpuMsPerEvent: Record<string, number> }> {
   const idle: Client[] = await Promise.all(
-    Array.from({ length: connections }, async () => {
+    Array.from({ length: connections }, async (_, i) => {
       const c = new Client({ connectionString: url, application_name: 'lifecycle-fleet-bench-direct' });
       await c.connect();
+      const id = ids[i];
+      if (id !== undefined) await directTeardown(c, id);
       return c;
     }),
   );
+  ids = ids.slice(connections);
   const all = [...idle];
   const waiting: Array<(c: Client) => void> = [];
   const acquire = (): Promise<Client> => {
@@ -216,6 +222,8 @@ export async function runDirectPaced(
   const latencies: number[] = [];
   try {
     const inflight: Array<Promise<void>> = [];
+    const cpuBefore = cpuNow(groups);
+    const started = now();
     await paced(ids.length, rate, (i, scheduledAt) => {
       const id = ids[i];
       if (id === undefined) return;
@@ -232,7 +240,7 @@ export async function runDirectPaced(
       );
     });
     await Promise.all(inflight);
-    return latencies;
+    return { latencies, seconds: (now() - started) / 1000, cpuMsPerEvent: cpuPerEvent(cpuBefore, cpuNow(groups), ids.length) };
   } finally {
     await Promise.all(all.map((c) => c.end()));
   }

@@ -4,10 +4,12 @@
  * counts against the system). Baselines at the same offered load on the same services: BullMQ no-op jobs
  * (enqueue -> job completed) and baseline (a)'s transaction driven directly with pg (scheduled start -> COMMIT).
  */
+import * as os from 'node:os';
 import type { EnqueueResult } from '../../src/queues/producer';
+import { cpuNow, cpuPerEvent } from '../lib/cpu';
 import { log, now, percentiles, round, type Percentiles } from '../lib/common';
 import type { BenchServices } from '../lib/services';
-import { WorkerUnderTest, type WorkerKind } from '../lib/workers';
+import { cpuGroups, WorkerUnderTest, type WorkerKind } from '../lib/workers';
 import { paced, runDirectPaced, seedReadyDeployments, withClient } from '../lib/workload';
 
 export interface LatencyOptions {
@@ -16,6 +18,8 @@ export interface LatencyOptions {
   readonly concurrency: number;
   readonly seconds: number;
   readonly warmup: number;
+  /** the measured worker processes write V8 CPU profiles here */
+  readonly cpuProfDir?: string;
 }
 
 export interface LatencyRun {
@@ -24,6 +28,21 @@ export interface LatencyRun {
   readonly achievedPerSec: number;
   readonly latencyMs: Percentiles;
   readonly peakRssMb: number | null;
+  /** share of the machine's CPU (all cores) used by other processes during the run: the noise */
+  readonly otherCpuShare: number | null;
+  /**
+   * ours only: where the time goes, from wall-clock milestones with ms precision (the entry's `at`, set when the
+   * service decides, and its stream id, set by XADD): scheduled -> decided (enqueue, queue wait, pick-up,
+   * snapshot read), decided -> appended (the write and its commit, the relay's wake-up, read and XADD),
+   * appended -> read by the consumer.
+   */
+  readonly stagesMs?: { readonly queue: Percentiles; readonly commitAndRelay: Percentiles; readonly delivery: Percentiles };
+}
+
+function otherShare(cpuMsPerEvent: Record<string, number>, events: number, seconds: number): number | null {
+  const other = cpuMsPerEvent['other'];
+  if (other === undefined) return null;
+  return round((other * events) / (seconds * 1000 * os.cpus().length), 3);
 }
 
 export interface LatencyResult {
@@ -46,11 +65,15 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
     databaseUrl: dbUrl,
     prefix: services.prefix(`latency-${kind}`),
     report: 'each',
+    servicePids: services.pids,
+    ...(options.cpuProfDir !== undefined ? { cpuProfDir: options.cpuProfDir } : {}),
   });
   try {
     await w.enqueueAll(ids.slice(0, options.warmup));
     await w.waitDone(options.warmup, 60_000);
     const sent: Array<Promise<{ result: EnqueueResult; scheduledAt: number }>> = [];
+    const groups = cpuGroups({ servicePids: services.pids }, w.proc.pid);
+    const cpuBefore = cpuNow(groups);
     const started = now();
     await paced(n, options.rate, (i, scheduledAt) => {
       const id = ids[options.warmup + i];
@@ -59,37 +82,66 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
     const enqueued = await Promise.all(sent);
     const achievedPerSec = n / ((now() - started) / 1000);
     await w.waitDone(options.warmup + n, 120_000);
+    const seconds = (now() - started) / 1000;
+    const cpu = cpuPerEvent(cpuBefore, cpuNow(groups), n);
     const latencies = enqueued.map(({ result, scheduledAt }) => {
       const doneAt = w.doneAt(result);
       if (doneAt === undefined) throw new Error(`no completion recorded for ${result.eventId}`);
       return doneAt - scheduledAt;
     });
+    const stages = stageBreakdown(w, enqueued);
     const stopped = await w.stop();
-    return { offeredPerSec: options.rate, achievedPerSec: round(achievedPerSec, 1), latencyMs: percentiles(latencies), peakRssMb: stopped.peakRssMb };
+    return {
+      ...(stages !== null ? { stagesMs: stages } : {}),
+      offeredPerSec: options.rate,
+      achievedPerSec: round(achievedPerSec, 1),
+      latencyMs: percentiles(latencies),
+      peakRssMb: stopped.peakRssMb,
+      otherCpuShare: otherShare(cpu, n, seconds),
+    };
   } catch (err) {
     await w.stop().catch(() => undefined);
     throw err;
   }
 }
 
+function stageBreakdown(
+  w: WorkerUnderTest,
+  enqueued: ReadonlyArray<{ result: EnqueueResult; scheduledAt: number }>,
+): LatencyRun['stagesMs'] | null {
+  const queue: number[] = [];
+  const commitAndRelay: number[] = [];
+  const delivery: number[] = [];
+  for (const { result, scheduledAt } of enqueued) {
+    const s = w.stages(result);
+    const readAt = w.doneAt(result);
+    if (s === undefined || readAt === undefined || Number.isNaN(s.decidedAt)) continue;
+    queue.push(s.decidedAt - scheduledAt);
+    commitAndRelay.push(s.appendedAt - s.decidedAt);
+    delivery.push(readAt - s.appendedAt);
+  }
+  if (queue.length === 0) return null;
+  return { queue: percentiles(queue), commitAndRelay: percentiles(commitAndRelay), delivery: percentiles(delivery) };
+}
+
 export async function runLatency(services: BenchServices, options: LatencyOptions): Promise<LatencyResult> {
   const dbUrl = await services.createDatabase('latency');
   const ours = await workerLatency(services, dbUrl, 'ours', options);
-  log(`latency ours   at ${options.rate}/s: ${JSON.stringify(ours.latencyMs)} ms`);
+  log(`latency ours   at ${options.rate}/s: ${JSON.stringify(ours.latencyMs)} ms (other processes: ${ours.otherCpuShare ?? '?'} of the CPU)`);
   const noop = await workerLatency(services, dbUrl, 'noop', options);
-  log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms`);
+  log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms (other processes: ${noop.otherCpuShare ?? '?'} of the CPU)`);
 
   const n = Math.round(options.rate * options.seconds);
-  const ids = await seedReadyDeployments(dbUrl, options.warmup + n);
-  await runDirectPaced(dbUrl, ids.slice(0, options.warmup), options.rate, options.concurrency);
-  const started = now();
-  const directLatencies = await runDirectPaced(dbUrl, ids.slice(options.warmup), options.rate, options.concurrency);
+  const ids = await seedReadyDeployments(dbUrl, options.concurrency + n);
+  const directRun = await runDirectPaced(dbUrl, ids, options.rate, options.concurrency, cpuGroups({ servicePids: services.pids }, null));
+  const { latencies: directLatencies, seconds, cpuMsPerEvent: cpu } = directRun;
   const direct: LatencyRun = {
     offeredPerSec: options.rate,
-    achievedPerSec: round(n / ((now() - started) / 1000), 1),
+    achievedPerSec: round(n / seconds, 1),
     latencyMs: percentiles(directLatencies),
     peakRssMb: null,
+    otherCpuShare: otherShare(cpu, n, seconds),
   };
-  log(`latency direct at ${options.rate}/s: ${JSON.stringify(direct.latencyMs)} ms`);
+  log(`latency direct at ${options.rate}/s: ${JSON.stringify(direct.latencyMs)} ms (other processes: ${direct.otherCpuShare ?? '?'} of the CPU)`);
   return { rate: options.rate, concurrency: options.concurrency, seconds: options.seconds, ours, noop, direct };
 }

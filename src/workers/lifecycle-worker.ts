@@ -20,6 +20,9 @@ import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transition-service';
 
+/** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
+export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;
+
 export interface LifecycleWorkerOptions {
   /** a Redis URL (the worker owns its connection) or an ioredis connection with `maxRetriesPerRequest: null` */
   readonly connection: string | IORedis;
@@ -89,10 +92,10 @@ export class LifecycleWorker {
     this.worker = new Worker(LIFECYCLE_QUEUE, (job, token) => this.process(job, token), {
       connection: this.ownedConnection ?? (options.connection as IORedis),
       prefix: options.prefix ?? 'fleet',
-      concurrency: options.concurrency ?? 16,
-      lockDuration: options.lockDurationMs ?? 8000,
-      stalledInterval: options.stalledIntervalMs ?? 4000,
-      maxStalledCount: options.maxStalledCount ?? 5,
+      concurrency: options.concurrency ?? LIFECYCLE_WORKER_DEFAULTS.concurrency,
+      lockDuration: options.lockDurationMs ?? LIFECYCLE_WORKER_DEFAULTS.lockDuration,
+      stalledInterval: options.stalledIntervalMs ?? LIFECYCLE_WORKER_DEFAULTS.stalledInterval,
+      maxStalledCount: options.maxStalledCount ?? LIFECYCLE_WORKER_DEFAULTS.maxStalledCount,
       autorun: options.autorun ?? true,
     });
     this.worker.on('error', (err) => this.log.error({ err }, 'worker error'));

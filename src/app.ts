@@ -13,6 +13,7 @@ import { createDataSource } from '../ormconfig';
 import type { FleetConfig } from './config';
 import { migrationsApplied } from './entities/migrate';
 import { buildHttpServer } from './http/server';
+import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
@@ -88,7 +89,7 @@ export async function startFleet(
       throw new Error('the database schema is not up to date: run `fleet migrate` first');
     }
 
-    const producer = new LifecycleProducer({ connection: endpoints.redisUrl, prefix: config.prefix });
+    const producer = new LifecycleProducer({ connection: endpoints.redisUrl, prefix: config.prefix, endpointAllow: config.endpointAllow });
     closers.push(() => producer.close());
     // a second view of the maintenance queue, for queue-depth metrics and Bull Board
     const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
@@ -125,7 +126,7 @@ export async function startFleet(
       r.start();
     }
     // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
-    const service = new TransitionService({ dataSource, logger, relay: relay ?? undefined });
+    const service = new TransitionService({ dataSource, logger, relay: relay ?? undefined, endpointAllow: config.endpointAllow });
 
     let sweep: SweepWorker | null = null;
     if (roles.sweep ?? true) {
@@ -139,6 +140,7 @@ export async function startFleet(
         probeBudgetMs: Math.max(1000, config.sweepEveryS * 800),
         logger,
         metrics: { onSweep: (result) => metrics.sweep(result) },
+        endpointAllow: config.endpointAllow,
       });
       const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger });
       sweep = s;
@@ -164,7 +166,32 @@ export async function startFleet(
     let http: FastifyInstance | null = null;
     let httpUrl: string | null = null;
     if (roles.http ?? false) {
+      const tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile);
+      if (tokens === null) {
+        logger.warn(
+          { host: config.httpHost },
+          'the HTTP API is open: no FLEET_API_TOKENS_FILE (allowed on loopback only; create tokens with `fleet token create`)',
+        );
+      } else {
+        logger.info({ tokens: tokens.size, file: config.apiTokensFile }, 'API tokens loaded');
+        // re-read on SIGHUP (kubectl rollout-free rotation); a bad file keeps the tokens in force
+        const onHangup = () => {
+          try {
+            logger.info({ tokens: tokens.reload(), file: config.apiTokensFile }, 'API tokens reloaded');
+          } catch (err) {
+            logger.error({ err: (err as Error).message }, 'API tokens not reloaded; the previous ones stay in force');
+          }
+        };
+        process.on('SIGHUP', onHangup);
+        closers.push(async () => void process.off('SIGHUP', onHangup));
+      }
+      // fail-fast: a rate-limit counter that cannot be reached is skipped, not waited for
+      const rateLimitRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-ratelimit');
+      rateLimitRedis.on('error', () => undefined);
+      closers.push(async () => rateLimitRedis.disconnect());
       const app = await buildHttpServer({
+        tokens,
+        rateLimitRedis,
         config,
         dataSource,
         producer,

@@ -3,6 +3,7 @@
  * reports every problem in one error, and returns a frozen object that the rest of the code receives.
  */
 import { ConfigError } from './errors';
+import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -37,7 +38,24 @@ export interface FleetConfig {
   readonly concurrency: number;
   /** `LOG_LEVEL` (default info) */
   readonly logLevel: LogLevel;
+  /**
+   * `FLEET_API_TOKENS_FILE` (default unset): the bearer tokens of the HTTP API. Unset, the API is open, which is
+   * allowed only while FLEET_HTTP_HOST is loopback.
+   */
+  readonly apiTokensFile: string | null;
+  /**
+   * `FLEET_ENDPOINT_ALLOW` (default unset: any host, allowed only while FLEET_HTTP_HOST is loopback): the hosts
+   * endpoint URLs may name.
+   */
+  readonly endpointAllow: EndpointAllowList | null;
+  /** `FLEET_EVENTS_RATE_LIMIT` (default 100; 0: no limit): `POST /api/events` per token (or per address) per second */
+  readonly eventsRateLimit: number;
+  /** `FLEET_METRICS_AUTH` (default `open`): `read` puts `/metrics` behind a token with the `read` scope */
+  readonly metricsAuth: 'open' | 'read';
 }
+
+/** Off loopback, Bull Board's basic-auth password must be at least this long. */
+export const MIN_BOARD_PASSWORD_LENGTH = 12;
 
 type Env = Readonly<Record<string, string | undefined>>;
 
@@ -108,6 +126,33 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     );
   }
 
+  const loopback = isLoopbackHost(httpHost);
+  if (boardPassword !== null && !loopback && boardPassword.length < MIN_BOARD_PASSWORD_LENGTH) {
+    // never echo the password, not even its length
+    problems.push(`FLEET_BOARD_PASSWORD: must be at least ${MIN_BOARD_PASSWORD_LENGTH} characters when FLEET_HTTP_HOST is not loopback`);
+  }
+  const apiTokensFile = read('FLEET_API_TOKENS_FILE') ?? null;
+  if (apiTokensFile === null && !loopback) {
+    problems.push(
+      `FLEET_API_TOKENS_FILE: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}"): create tokens with \`fleet token create\``,
+    );
+  }
+  const allowRaw = read('FLEET_ENDPOINT_ALLOW');
+  let endpointAllow: EndpointAllowList | null = null;
+  if (allowRaw !== undefined) {
+    const parsed = parseEndpointAllowList(allowRaw);
+    problems.push(...parsed.problems);
+    endpointAllow = parsed.list;
+  } else if (!loopback) {
+    problems.push(
+      `FLEET_ENDPOINT_ALLOW: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}"): the host names, .suffixes and CIDR ranges endpoint URLs may name`,
+    );
+  }
+  const metricsAuth = read('FLEET_METRICS_AUTH') ?? 'open';
+  if (metricsAuth !== 'open' && metricsAuth !== 'read') {
+    problems.push(`FLEET_METRICS_AUTH: must be "open" or "read", got "${metricsAuth.slice(0, 40)}"`);
+  }
+
   const sweepEveryS = int('FLEET_SWEEP_EVERY_S', 30, 1, 3600);
   const readyWindowS = int('FLEET_READY_WINDOW_S', 120, 1, 86_400);
   if (readyWindowS <= sweepEveryS) {
@@ -132,6 +177,10 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     boardPassword,
     concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
     logLevel: logLevel as LogLevel,
+    apiTokensFile,
+    endpointAllow,
+    eventsRateLimit: int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),
+    metricsAuth: metricsAuth === 'read' ? 'read' : 'open',
   };
 
   if (problems.length > 0) throw new ConfigError(problems);

@@ -38,6 +38,28 @@ export class ValidationError extends FleetError {
   }
 }
 
+/**
+ * An eventId (so a BullMQ jobId) already belongs to a different event: another event name, or another payload.
+ * The new event was not enqueued; nothing changed. Send it with an eventId of its own.
+ */
+export class EventIdConflictError extends FleetError {
+  readonly code = 'event_id_conflict';
+  readonly retryable = false;
+  constructor(
+    readonly eventId: string,
+    /** what holds the id: the earlier job's event name and its BullMQ state */
+    readonly existing: { readonly name: string; readonly state: string },
+    readonly differs: 'name' | 'payload',
+  ) {
+    super(
+      `event_id_conflict: eventId "${eventId}" is already taken by a ${existing.name} job (${existing.state})` +
+        (differs === 'payload' ? ' with a different payload' : '') +
+        '; this event was not enqueued: give it an eventId of its own',
+    );
+    this.name = 'EventIdConflictError';
+  }
+}
+
 /** What the event names does not exist yet (its create may still be in flight). Retried with backoff. */
 export class NotYetError extends FleetError {
   readonly retryable = true;

@@ -83,6 +83,7 @@ describe('the fleet CLI and the producer SDK', function () {
       name: 'deployment.create',
       eventId: `deployment.create.${deploymentId}`,
       jobId: `deployment.create.${deploymentId}`,
+      duplicate: false,
     });
     expect(await waitingJobs()).to.deep.equal([
       { id: printed.jobId, name: 'deployment.create', data: { deploymentId, name: 'web', eventId: printed.eventId } },

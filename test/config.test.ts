@@ -21,6 +21,10 @@ describe('configuration', () => {
       boardPassword: null,
       concurrency: 16,
       logLevel: 'info',
+      apiTokensFile: null,
+      endpointAllow: null,
+      eventsRateLimit: 100,
+      metricsAuth: 'open',
     });
     expect(Object.isFrozen(config)).to.equal(true);
   });
@@ -39,11 +43,25 @@ describe('configuration', () => {
       FLEET_HTTP_PORT: '8080',
       FLEET_HTTP_HOST: '0.0.0.0',
       FLEET_BOARD_USER: 'ops',
-      FLEET_BOARD_PASSWORD: 'secret',
+      FLEET_BOARD_PASSWORD: 'secret-secret',
       FLEET_CONCURRENCY: '4',
       LOG_LEVEL: 'debug',
+      FLEET_API_TOKENS_FILE: '/etc/fleet/tokens.json',
+      FLEET_ENDPOINT_ALLOW: '.nodes.example.com,10.0.0.0/8',
+      FLEET_EVENTS_RATE_LIMIT: '50',
+      FLEET_METRICS_AUTH: 'read',
     });
-    expect(config).to.deep.include({ prefix: '{fleet}', readyWindowS: 60, sweepEveryS: 10, httpHost: '0.0.0.0', concurrency: 4 });
+    expect(config).to.deep.include({
+      prefix: '{fleet}',
+      readyWindowS: 60,
+      sweepEveryS: 10,
+      httpHost: '0.0.0.0',
+      concurrency: 4,
+      apiTokensFile: '/etc/fleet/tokens.json',
+      eventsRateLimit: 50,
+      metricsAuth: 'read',
+    });
+    expect(config.endpointAllow?.entries).to.deep.equal(['.nodes.example.com', '10.0.0.0/8']);
   });
 
   it('lists every problem in one error, naming each variable, without echoing secrets', () => {
@@ -70,6 +88,8 @@ describe('configuration', () => {
       'FLEET_PREFIX',
       'LOG_LEVEL',
       'FLEET_BOARD_USER / FLEET_BOARD_PASSWORD',
+      'FLEET_API_TOKENS_FILE',
+      'FLEET_ENDPOINT_ALLOW',
       'FLEET_READY_WINDOW_S',
     ]);
     expect((error as Error).message).not.to.contain('hunter2');

@@ -128,8 +128,8 @@ describe('history checker', function () {
     const { deploymentId } = await lifecycle();
     // the last transition's event written again as version 7 (a redelivery that escaped the processed_events claim)
     await q(
-      `INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
-       SELECT deployment_id, attempt_id, from_state, to_state, 7, reason, event_id, now()
+      `INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at)
+       SELECT deployment_id, attempt_id, from_state, to_state, 7, reason, event_id, actor, now()
          FROM state_transitions WHERE deployment_id = $1 AND version = 6`,
       [deploymentId],
     );

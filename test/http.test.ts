@@ -174,9 +174,10 @@ describe('HTTP surface', function () {
         name: 'deployment.create',
         eventId: `deployment.create.${deploymentId}`,
         jobId: `deployment.create.${deploymentId}`,
+        duplicate: false,
       });
       const job = await producer.queue.getJob(`deployment.create.${deploymentId}`);
-      expect(job?.data).to.deep.equal({ deploymentId, name: 'web', eventId: `deployment.create.${deploymentId}` });
+      expect(job?.data).to.deep.equal({ deploymentId, name: 'web', eventId: `deployment.create.${deploymentId}`, actor: 'anonymous' });
     });
 
     const bad: Array<[string, unknown, number, string, string]> = [

@@ -1,5 +1,6 @@
 import { expect } from 'chai';
 import { createDataSource } from '../ormconfig';
+import { MIGRATIONS } from '../src/entities';
 import { migrate, migrationsApplied } from '../src/entities/migrate';
 import { createDatabase } from './helpers/db';
 
@@ -15,10 +16,10 @@ describe('migrations (PostgreSQL)', () => {
       expect(await migrationsApplied(first)).to.equal(false);
       const results = await Promise.all(sources.map((s) => migrate(s)));
       const ran = results.map((r) => r.ran.length);
-      expect(ran.filter((n) => n > 0)).to.deep.equal([1]); // one process ran the one migration
+      expect(ran.filter((n) => n > 0)).to.deep.equal([MIGRATIONS.length]); // one process ran every migration
       expect(await migrationsApplied(first)).to.equal(true);
       const rows = await first.query<Array<{ name: string }>>(`SELECT name FROM migrations`);
-      expect(rows.map((r) => r.name)).to.deep.equal(['Initial1763900000000']);
+      expect(rows.map((r) => r.name)).to.deep.equal(MIGRATIONS.map((m) => m.name));
       const tables = await first.query<Array<{ table_name: string }>>(
         `SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name`,
       );

@@ -73,15 +73,15 @@ export const DIRECT_SQL = Object.freeze({
            last_ready_at = CASE WHEN $10::boolean THEN $11::timestamptz ELSE last_ready_at END
          WHERE id = $1 AND version = $2`,
   historyAndOutbox: `WITH t AS (
-         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'producer', $8)
          RETURNING id
        )
        INSERT INTO outbox (deployment_id, version, fields, created_at)
        SELECT $1, $5, jsonb_build_object(
            'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', $1::text,
            'attemptId', COALESCE($2::text, ''), 'from', COALESCE($3::text, ''), 'to', $4::text,
-           'version', $5::text, 'reason', $6::text, 'eventId', $7::text, 'at', $9::text),
+           'version', $5::text, 'reason', $6::text, 'eventId', $7::text, 'at', $9::text, 'actor', 'producer'),
          $8
        FROM t
        RETURNING (SELECT id FROM t) AS id`,
@@ -99,14 +99,15 @@ export const DIRECT_SQL = Object.freeze({
           WHERE id = $2::uuid AND version = 3 AND EXISTS (SELECT 1 FROM claim)
          RETURNING id
        ), t AS (
-         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
-         SELECT dep.id, NULL, 'ready', 'pending', 4, 'torn_down', $1::varchar, $3::timestamptz FROM dep
+         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at)
+         SELECT dep.id, NULL, 'ready', 'pending', 4, 'torn_down', $1::varchar, 'producer', $3::timestamptz FROM dep
          RETURNING id
        ), o AS (
          INSERT INTO outbox (deployment_id, version, fields, created_at)
          SELECT $2::uuid, 4, jsonb_build_object(
              'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', $2::text, 'attemptId', '',
-             'from', 'ready', 'to', 'pending', 'version', '4', 'reason', 'torn_down', 'eventId', $1::text, 'at', $4::text),
+             'from', 'ready', 'to', 'pending', 'version', '4', 'reason', 'torn_down', 'eventId', $1::text, 'at', $4::text,
+             'actor', 'producer'),
            $3::timestamptz
          FROM t
        )

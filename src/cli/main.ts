@@ -14,6 +14,7 @@ import { createLogger, scrubUrls } from '../log';
 import { isProcessAlive, startLocalServices } from '../local/services';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
+import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
@@ -225,6 +226,36 @@ async function runDemoCommand(options: { api?: string }): Promise<void> {
   if (!report.ok) process.exitCode = 1;
 }
 
+/**
+ * `fleet token create`: a new random token, printed once (line 1) with its file entry (line 2, JSON). With
+ * `--file`, the entry is also added to that tokens file (created if missing; written whole, then renamed into place,
+ * so a running fleet's SIGHUP reload never reads half a file).
+ */
+function runTokenCreate(options: { name: string; scopes: string; file?: string }): void {
+  const scopes = options.scopes.split(',').map((s) => s.trim()).filter((s) => s !== '');
+  let created: ReturnType<typeof createToken>;
+  try {
+    created = createToken(options.name, scopes);
+  } catch (err) {
+    if (err instanceof TokenFileError) throw new UsageError(err.problems.map((p) => p.replace(/^\[0\]\./, '--')).join('; '));
+    throw err;
+  }
+  if (options.file !== undefined) {
+    const file = options.file;
+    const existing = fs.existsSync(file) ? parseTokenFile(fs.readFileSync(file, 'utf8'), file) : [];
+    if (existing.some((e) => e.name === created.entry.name)) throw new UsageError(`--name: "${created.entry.name}" is already in ${file}`);
+    const tmp = `${file}.${process.pid}.tmp`;
+    fs.writeFileSync(tmp, `${JSON.stringify([...existing, created.entry], null, 2)}\n`, { mode: 0o600 });
+    fs.renameSync(tmp, file);
+  }
+  process.stdout.write(`${created.token}\n${JSON.stringify(created.entry)}\n`);
+  process.stderr.write(
+    options.file !== undefined
+      ? `fleet: token "${created.entry.name}" added to ${options.file}; it is shown only now. Send SIGHUP to running fleets to load it.\n`
+      : 'fleet: the token is shown only now. Add the entry to FLEET_API_TOKENS_FILE (only its hash is kept) and send SIGHUP to running fleets.\n',
+  );
+}
+
 export function buildProgram(): Command {
   const program = new Command('fleet')
     .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
@@ -278,6 +309,15 @@ Examples:
     .argument('<deploymentId>', 'the deployment id (UUID)')
     .option('--json', 'print JSON instead of text')
     .action(runStatus);
+  program
+    .command('token')
+    .description('manage HTTP API tokens')
+    .command('create')
+    .description(`create an API token (scopes: ${SCOPES.join(', ')}); prints the token once, then its FLEET_API_TOKENS_FILE entry`)
+    .requiredOption('--name <name>', 'the token name, recorded as the actor of what it causes')
+    .requiredOption('--scopes <list>', 'comma-separated scopes, e.g. read,events:write')
+    .option('--file <path>', 'also add the entry to this tokens file')
+    .action(runTokenCreate);
   return program;
 }
 
@@ -294,7 +334,7 @@ export async function main(argv: readonly string[]): Promise<void> {
       process.exitCode = 2;
       return;
     }
-    if (err instanceof ConfigError || err instanceof UsageError) {
+    if (err instanceof ConfigError || err instanceof UsageError || err instanceof TokenFileError) {
       process.stderr.write(`fleet: ${err.message}\n`);
       process.exitCode = 2;
       return;

@@ -4,6 +4,7 @@ import { OutboxEntry } from './outbox-entry';
 import { ProcessedEvent } from './processed-event';
 import { StateTransition } from './state-transition';
 import { Initial1763900000000 } from './migrations/1763900000000-initial';
+import { TransitionActor1764650000000 } from './migrations/1764650000000-transition-actor';
 
 export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 
@@ -11,4 +12,4 @@ export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 export const ENTITIES = [Deployment, Attempt, StateTransition, OutboxEntry, ProcessedEvent];
 
 /** Migrations in order. */
-export const MIGRATIONS = [Initial1763900000000];
+export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000];

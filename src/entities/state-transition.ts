@@ -29,6 +29,10 @@ export class StateTransition {
   @Column({ name: 'event_id', type: 'varchar', length: 200 })
   eventId!: string;
 
+  /** who caused it: an API token's name, `sweep`, or the producer's `actor` (`unrecorded` before it was kept) */
+  @Column({ type: 'varchar', length: 100 })
+  actor!: string;
+
   @Column({ name: 'created_at', type: 'timestamptz' })
   createdAt!: Date;
 }

@@ -3,24 +3,49 @@
  * by the producer SDK, the worker, the transition service and the HTTP intake. Everything behind `parseEvent`
  * receives typed, trusted values.
  */
+import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { ValidationError, type FieldIssue } from '../errors';
 
 export const MAX_PAYLOAD_BYTES = 16 * 1024;
 export const EVENT_ID_PATTERN = /^[A-Za-z0-9._-]{1,200}$/;
 export const DEPLOYMENT_NAME_PATTERN = /^[a-z0-9-]{1,63}$/;
+/** Who caused a transition: a token name, `sweep`, or a producer's own `actor` (CONTRACT.md). */
+export const ACTOR_PATTERN = /^[A-Za-z0-9._:@-]{1,100}$/;
+/** The actor recorded when a producer gives none. */
+export const DEFAULT_ACTOR = 'producer';
+/** The sweep's actor (orphans, deadlines). */
+export const SWEEP_ACTOR = 'sweep';
+/** The actor of HTTP intake while the API is open (loopback, no tokens file). */
+export const ANONYMOUS_ACTOR = 'anonymous';
+/** Actors the fleet records itself: no API token may be named after one. */
+export const RESERVED_ACTORS: readonly string[] = [DEFAULT_ACTOR, SWEEP_ACTOR, ANONYMOUS_ACTOR];
+export const UUID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 const eventId = z.string().regex(EVENT_ID_PATTERN, { error: 'must be 1-200 characters of A-Za-z0-9._-' });
-const uuid = z.uuid({ error: 'must be a UUID' });
+// Ids are normalised to lower case, so that a derived eventId (and the database) never sees two spellings of one id.
+const uuid = z.uuid({ error: 'must be a UUID' }).transform((v) => v.toLowerCase());
 const reason = z.string().max(500, { error: 'must be at most 500 characters' });
+const actor = z.string().regex(ACTOR_PATTERN, { error: 'must be 1-100 characters of A-Za-z0-9._:@-' });
 const endpoint = z.strictObject({
   url: z
     .url({ protocol: /^https?$/, error: 'must be an http or https URL' })
-    .max(2048, { error: 'must be at most 2048 characters' }),
+    .max(2048, { error: 'must be at most 2048 characters' })
+    .refine((v) => !/[?#]/.test(v), { error: 'must not carry a query or a fragment' })
+    .refine(hasNoCredentials, { error: 'must not carry credentials (user:password@)' }),
   kind: z.enum(['node_port', 'cluster_dns'], { error: 'must be "node_port" or "cluster_dns"' }),
 });
 
-const base = { eventId: eventId.optional(), deploymentId: uuid };
+function hasNoCredentials(url: string): boolean {
+  try {
+    const parsed = new URL(url);
+    return parsed.username === '' && parsed.password === '';
+  } catch {
+    return true; // the URL rule reports it
+  }
+}
+
+const base = { eventId: eventId.optional(), actor: actor.optional(), deploymentId: uuid };
 const attemptBase = { ...base, attemptId: uuid };
 
 export const EVENT_SCHEMAS = {
@@ -91,7 +116,48 @@ export function parsePayload(name: string, data: unknown): EventPayloads[EventNa
   }
   const result = EVENT_SCHEMAS[name].safeParse(data, { reportInput: true });
   if (!result.success) throw new ValidationError('invalid_payload', toIssues(result.error));
+  const problem = eventIdProblem(name, result.data);
+  if (problem !== null) throw new ValidationError('invalid_payload', [{ field: 'eventId', rule: problem }]);
   return result.data;
+}
+
+/** Events that happen once per subject: without an eventId they get the derived `<name>.<attemptId or deploymentId>`. */
+export const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>([
+  'deployment.create',
+  'attempt.create',
+  'attempt.start',
+  'attempt.end',
+  'attempt.cancel',
+  'attempt.orphaned',
+  'attempt.expired',
+]);
+
+/**
+ * The eventId for a payload without one: `<name>.<attemptId>` for attempt events (`<name>.<deploymentId>` for
+ * deployment.create), so a retried producer call enqueues the same event. Heartbeats, readiness, teardowns and
+ * resolves can happen many times: they get a random id. Ids are lower case (the schemas normalise them).
+ */
+export function deriveEventId(name: EventName, payload: { deploymentId: string; attemptId?: string }): string {
+  if (!ONCE_PER_SUBJECT.has(name)) return `${name}.${randomUUID()}`;
+  return `${name}.${(payload.attemptId ?? payload.deploymentId).toLowerCase()}`;
+}
+
+/**
+ * An eventId claims only its own event kind (CONTRACT.md). Ids that begin with an event name and a dot are that
+ * event's: another event may not use them (a heartbeat sent as `attempt.end.<A>` would otherwise take the real
+ * end's id, and the end would be dropped as already enqueued). Other ids are free-form; an id already used by a
+ * different event (another name, another payload, another deployment) is refused where it meets the earlier one,
+ * at the enqueue or at the worker (`event_id_conflict`), never dropped as a duplicate.
+ */
+export function eventIdProblem(name: EventName, payload: { eventId?: string | undefined }): string | null {
+  const id = payload.eventId;
+  if (id === undefined) return null;
+  const kind = EVENT_NAMES.filter((n) => id.startsWith(`${n}.`)).sort((a, b) => b.length - a.length)[0];
+  if (kind === undefined) return null;
+  if (kind !== name) {
+    return `must not begin with "${kind}.": ids with that prefix belong to ${kind} events (an eventId claims only its own event kind)`;
+  }
+  return null;
 }
 
 /**

@@ -1,8 +1,14 @@
 /**
  * The HTTP surface (CONTRACT.md, "HTTP"): the read API, dispatch, event intake, health, metrics and Bull Board.
  * Errors are JSON `{error: {code, message}}`; intake errors also carry `issues: [{field, rule}]`.
+ *
+ * Access: with a tokens file, every `/api` route needs a bearer token with its scope (`read` for GETs,
+ * `events:write` or `events:admin` for POST /api/events, by event); 401 without or with a wrong token, 403 without
+ * the scope. Without one (loopback only: the config refuses it elsewhere) the API is open. `/healthz` and `/readyz`
+ * are always open; `/metrics` needs `read` when FLEET_METRICS_AUTH=read. Failed authentications are throttled per
+ * client address; intake is rate-limited per token.
  */
-import { timingSafeEqual, createHash } from 'node:crypto';
+import rateLimit from '@fastify/rate-limit';
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { FastifyAdapter } from '@bull-board/fastify';
@@ -12,7 +18,11 @@ import type IORedis from 'ioredis';
 import type { DataSource } from 'typeorm';
 import type { FleetConfig } from '../config';
 import { migrationsApplied } from '../entities/migrate';
-import { ValidationError } from '../errors';
+import { EventIdConflictError, isTransient, ValidationError } from '../errors';
+import { assertEndpointAllowed } from '../events/endpoint-allow';
+import { ANONYMOUS_ACTOR, parsePayload, UUID_PATTERN } from '../events/schemas';
+import { AuthThrottle, hasScope, readAccess, scopeForEvent, type Access, type Credentials } from './auth';
+import { TokenStore, type Scope } from './tokens';
 import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
 import { DEPLOYMENT_STATES } from '../machine';
@@ -32,9 +42,15 @@ export interface HttpDeps {
   readonly logger: Logger;
   /** the clock for dispatch (default `() => new Date()`) */
   readonly now?: () => Date;
+  /** the API tokens (default: read from FLEET_API_TOKENS_FILE when it is set; null: the API is open) */
+  readonly tokens?: TokenStore | null;
+  /** a fail-fast connection that keeps the intake's rate-limit counters fleet-wide (default: in this process) */
+  readonly rateLimitRedis?: IORedis;
+  /** failed authentications per client address (default: 10 a minute, then 429 until the minute is over) */
+  readonly authThrottle?: AuthThrottle;
 }
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const UUID = UUID_PATTERN;
 export const BOARD_PATH = '/admin/queues';
 
 class HttpError extends Error {
@@ -62,17 +78,19 @@ function intParam(value: unknown, field: string, fallback: number, min: number, 
   return Number(value);
 }
 
-function sameSecret(given: string, expected: string): boolean {
-  // compare digests: equal length, constant time, and no length leak
-  const a = createHash('sha256').update(given).digest();
-  const b = createHash('sha256').update(expected).digest();
-  return timingSafeEqual(a, b);
-}
+/** What each request was let in as; read by the handlers and the rate limiter. */
+const accessOf = new WeakMap<FastifyRequest, Access>();
 
 /** Builds the server (not listening). */
 export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> {
   const { config, dataSource: ds, metrics } = deps;
   const now = deps.now ?? (() => new Date());
+  const creds: Credentials = {
+    tokens: deps.tokens !== undefined ? deps.tokens : config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile),
+    boardUser: config.boardUser,
+    boardPassword: config.boardPassword,
+  };
+  const throttle = deps.authThrottle ?? new AuthThrottle();
   const app = Fastify({
     logger: false,
     bodyLimit: 64 * 1024,
@@ -95,6 +113,83 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   app.setNotFoundHandler((request, reply) =>
     reply.status(404).send({ error: { code: 'not_found', message: `no route ${request.method} ${request.url.split('?')[0] ?? ''}` } }),
   );
+
+  /**
+   * Lets the request in with `scope`, or answers it: 429 while its address is throttled, 401 without or with
+   * wrong credentials, 403 without the scope. Returns whether it may go on.
+   */
+  const admit = (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic'): boolean => {
+    const wait = throttle.retryAfterS(request.ip);
+    if (wait !== null) {
+      void reply
+        .status(429)
+        .header('retry-after', String(wait))
+        .send({ error: { code: 'too_many_failed_authentications', message: `too many failed authentications from this address; retry in ${wait} s` } });
+      return false;
+    }
+    const header = request.headers.authorization;
+    const access: Access =
+      challenge === 'Bearer' && creds.tokens === null
+        ? { kind: 'open' } // no tokens file: the API is open, whatever the request sends
+        : challenge === 'Basic' && header === undefined
+          ? { kind: 'anonymous' }
+          : readAccess(header, creds);
+    accessOf.set(request, access);
+    if (access.kind === 'invalid' || access.kind === 'anonymous') {
+      if (access.kind === 'invalid') throttle.fail(request.ip);
+      void reply
+        .status(401)
+        .header('www-authenticate', challenge === 'Basic' ? 'Basic realm="lifecycle-fleet", charset="UTF-8"' : 'Bearer realm="lifecycle-fleet"')
+        .send({
+          error: {
+            code: 'unauthorized',
+            message: access.kind === 'invalid' ? 'the credentials are not valid' : 'send Authorization: Bearer <token> (see `fleet token create`)',
+          },
+        });
+      return false;
+    }
+    // on the board, its basic-auth pair and the `board` scope may do everything, reading included
+    const boardWide = challenge === 'Basic' && (access.kind === 'board_user' || (access.kind === 'token' && access.principal.scopes.has('board')));
+    if (!hasScope(access, scope) && !boardWide) {
+      void reply.status(403).send({ error: { code: 'forbidden', message: `this token lacks the "${scope}" scope` } });
+      return false;
+    }
+    return true;
+  };
+
+  app.addHook('onRequest', async (request, reply) => {
+    const path = request.url.split('?')[0] ?? '';
+    const scope: Scope | null = path.startsWith('/api/')
+      ? request.method === 'GET' || request.method === 'HEAD'
+        ? 'read'
+        : 'events:write'
+      : path === '/metrics' && config.metricsAuth === 'read'
+        ? 'read'
+        : null;
+    if (scope === null) return undefined;
+    if (!admit(request, reply, scope, 'Bearer')) return reply;
+    return undefined;
+  });
+
+  if (config.eventsRateLimit > 0) {
+    await app.register(rateLimit, {
+      global: false,
+      // after authentication: the limit is per token (per client address while the API is open)
+      hook: 'preHandler',
+      keyGenerator: (request) => {
+        const access = accessOf.get(request);
+        return access?.kind === 'token' ? `token:${access.principal.name}` : `ip:${request.ip}`;
+      },
+      ...(deps.rateLimitRedis === undefined ? {} : { redis: deps.rateLimitRedis, nameSpace: `${config.prefix}:ratelimit:` }),
+      // a Redis that does not answer must not turn every request into a 500; the enqueue answers 503 anyway
+      skipOnError: true,
+      errorResponseBuilder: (_request, context) => ({
+        statusCode: 429,
+        code: 'rate_limited',
+        message: `more than ${context.max} events in ${context.after === '' ? 'a second' : 'the window'} for this token; retry in ${context.after}`,
+      }),
+    });
+  }
 
   // --- read API ---
   app.get('/api/deployments/:id', async (request) => {
@@ -146,13 +241,16 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const answer = resolveEndpoint(deployment, now(), {
       readyWindowS: config.readyWindowS,
       publicEndpointUrl: config.publicEndpointUrl,
+      endpointAllow: config.endpointAllow,
     });
     metrics.dispatched(answer.source, answer.reason);
     return answer;
   });
 
   // --- intake ---
-  app.post('/api/events', async (request, reply) => {
+  const intakeLimit: { rateLimit?: { max: number; timeWindow: number } } =
+    config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {};
+  app.post('/api/events', { config: intakeLimit }, async (request, reply) => {
     const body = request.body;
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
@@ -165,11 +263,38 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       ...(extra.length > 0 ? [{ field: '(root)', rule: `unknown field(s): ${extra.map((k) => k.slice(0, 40)).join(', ')}` }] : []),
     ];
     if (issues.length > 0) throw new HttpError(400, 'invalid_body', issues.map((i) => `${i.field}: ${i.rule}`).join('; '), issues);
+    const access = accessOf.get(request) ?? { kind: 'open' };
+    const needs = scopeForEvent(name, data);
+    if (!hasScope(access, needs)) {
+      throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${needs === 'events:admin' && name === 'deployment.teardown' ? ' with force' : ''} needs the "${needs}" scope`);
+    }
+    // The actor is the caller: the token's name (anonymous while the API is open), never what the payload says.
+    const actor = access.kind === 'token' ? access.principal.name : ANONYMOUS_ACTOR;
+    if (typeof data === 'object' && data !== null && !Array.isArray(data)) {
+      const given = (data as { actor?: unknown }).actor;
+      if (given !== undefined && given !== actor) {
+        const rule = `is set from the caller over HTTP ("${actor}"): leave it out`;
+        throw new HttpError(400, 'invalid_payload', `data.actor: ${rule}`, [{ field: 'actor', rule }]);
+      }
+    }
     try {
-      const result = await deps.producer.enqueue(name as string, data);
+      const payload = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
+      // the payload's shape first (so its errors come as they always have), then the allow-list
+      assertEndpointAllowed(parsePayload(name as string, payload), config.endpointAllow);
+      const result = await deps.producer.enqueue(name as string, payload);
       return await reply.status(202).send(result);
     } catch (err) {
       if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);
+      if (err instanceof EventIdConflictError) {
+        return reply.status(409).send({ error: { code: err.code, message: err.message, existing: err.existing } });
+      }
+      if (isTransient(err)) {
+        deps.logger.warn({ err, eventName: name }, 'intake: Redis did not answer');
+        return reply
+          .status(503)
+          .header('retry-after', '5')
+          .send({ error: { code: 'unavailable', message: 'the queue did not answer; the event may have been accepted: retry with the same eventId' } });
+      }
       throw err;
     }
   });
@@ -197,53 +322,60 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
   app.get('/metrics', async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()));
 
-  await registerBoard(app, deps);
+  await registerBoard(app, deps, creds, admit);
   return app;
 }
 
-async function registerBoard(app: FastifyInstance, deps: HttpDeps): Promise<void> {
-  const { boardUser, boardPassword } = deps.config;
-  const authenticated = boardUser !== null && boardPassword !== null;
+async function registerBoard(
+  app: FastifyInstance,
+  deps: HttpDeps,
+  creds: Credentials,
+  admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean,
+): Promise<void> {
+  // Without any credentials configured (loopback only) the board is read-only for everyone: nobody may retry,
+  // clean or remove jobs anonymously. Otherwise it asks for the basic-auth pair or a token: `board` (or the pair)
+  // may do everything, `read` may look.
+  const open = creds.tokens === null && creds.boardUser === null;
   const serverAdapter = new FastifyAdapter();
   serverAdapter.setBasePath(BOARD_PATH);
   createBullBoard({
-    // without credentials the board is read-only: nobody may retry, clean or remove jobs anonymously
-    queues: deps.queues.map((q) => new BullMQAdapter(q, { readOnlyMode: !authenticated })),
+    queues: deps.queues.map((q) => new BullMQAdapter(q, { readOnlyMode: open })),
     serverAdapter,
     options: { uiConfig: { boardTitle: 'lifecycle-fleet' } },
   });
+  const readOnly = new WeakSet<FastifyRequest>();
+  const reading = (method: string) => method === 'GET' || method === 'HEAD';
 
-  await app.register(
-    async (board) => {
-      board.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
-        if (authenticated) {
-          if (!basicAuthOk(request.headers.authorization, boardUser, boardPassword)) {
-            return reply
-              .status(401)
-              .header('www-authenticate', 'Basic realm="lifecycle-fleet", charset="UTF-8"')
-              .send({ error: { code: 'unauthorized', message: 'Bull Board needs the FLEET_BOARD_USER credentials' } });
-          }
-        } else if (request.method !== 'GET' && request.method !== 'HEAD') {
-          return reply
-            .status(403)
-            .send({ error: { code: 'forbidden', message: 'Bull Board is read-only without FLEET_BOARD_USER/FLEET_BOARD_PASSWORD' } });
+  await app.register(async (board) => {
+    board.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
+      if (open) {
+        if (reading(request.method)) return undefined;
+        return reply
+          .status(403)
+          .send({ error: { code: 'forbidden', message: 'Bull Board is read-only without FLEET_BOARD_USER/FLEET_BOARD_PASSWORD or API tokens' } });
+      }
+      if (!admit(request, reply, reading(request.method) ? 'read' : 'board', 'Basic')) return reply;
+      const access = accessOf.get(request);
+      if (access?.kind === 'token' && !access.principal.scopes.has('board')) readOnly.add(request);
+      return undefined;
+    });
+    board.addHook('onSend', async (request, reply, payload) => {
+      // the board may not be framed by another site (clickjacking its retry/clean/remove buttons)
+      void reply.header('x-frame-options', 'DENY').header('content-security-policy', "frame-ancestors 'none'");
+      // a `read` token sees the board as read-only: the UI hides the actions the server would refuse anyway
+      if (readOnly.has(request) && typeof payload === 'string' && (request.url.split('?')[0] ?? '').endsWith('/api/queues')) {
+        try {
+          const body = JSON.parse(payload) as { queues?: Array<{ readOnlyMode?: boolean }> };
+          for (const q of body.queues ?? []) q.readOnlyMode = true;
+          return JSON.stringify(body);
+        } catch {
+          return payload;
         }
-        return undefined;
-      });
-      await board.register(serverAdapter.registerPlugin(), { prefix: BOARD_PATH });
-    },
-  );
-}
-
-function basicAuthOk(header: string | undefined, user: string, password: string): boolean {
-  if (header === undefined || !header.startsWith('Basic ')) return false;
-  const decoded = Buffer.from(header.slice(6), 'base64').toString('utf8');
-  const colon = decoded.indexOf(':');
-  if (colon < 0) return false;
-  // evaluate both: no early exit that tells which half was wrong
-  const userOk = sameSecret(decoded.slice(0, colon), user);
-  const passwordOk = sameSecret(decoded.slice(colon + 1), password);
-  return userOk && passwordOk;
+      }
+      return payload;
+    });
+    await board.register(serverAdapter.registerPlugin(), { prefix: BOARD_PATH });
+  });
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {

@@ -89,8 +89,11 @@ export type NoopReason =
   | 'first_outcome_wins'
   | 'not_running';
 
-/** Why an event was refused; the job fails without retries. */
-export type RejectionCode = 'id_conflict' | 'attempt_in_progress' | 'unknown_state' | 'not_unknown';
+/**
+ * Why an event was refused; the job fails without retries. `event_id_conflict` (the eventId was already used by a
+ * different event) is decided by the transition service, not the machine.
+ */
+export type RejectionCode = 'id_conflict' | 'attempt_in_progress' | 'unknown_state' | 'not_unknown' | 'event_id_conflict';
 
 /** Why an event cannot be decided yet: what it names may still be in flight. Retried with backoff. */
 export type DeferReason = 'deployment_not_found' | 'attempt_not_found';

@@ -3,13 +3,14 @@
  * eventId, so enqueueing the same event twice collapses into one job; the worker's processed_events table makes
  * any delivery that still gets through a recorded noop.
  */
-import { randomUUID } from 'node:crypto';
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
 import type IORedis from 'ioredis';
-import { parsePayload, type EventName, type EventPayloads } from '../events/schemas';
+import { deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
 import { createRedis } from './redis';
+import { EventIdConflictError } from '../errors';
+import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
 /** A payload as a producer writes it: `eventId` optional (derived when omitted). */
 export type EventInput<K extends EventName> = Omit<EventPayloads[K], 'eventId'> & { eventId?: string };
@@ -18,6 +19,8 @@ export interface EnqueueResult {
   readonly name: EventName;
   readonly eventId: string;
   readonly jobId: string;
+  /** true when the same event (same name and payload) was already enqueued: nothing was added */
+  readonly duplicate: boolean;
 }
 
 /**
@@ -32,26 +35,8 @@ export const DEFAULT_JOB_OPTIONS: DefaultJobOptions = Object.freeze({
   removeOnFail: { age: 7 * 24 * 3600, count: 50_000 },
 });
 
-/** Events whose eventId is derived from what they name when the producer gives none: they happen once. */
-const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>([
-  'deployment.create',
-  'attempt.create',
-  'attempt.start',
-  'attempt.end',
-  'attempt.cancel',
-  'attempt.orphaned',
-  'attempt.expired',
-]);
-
-/**
- * The eventId for a payload without one: `<name>.<attemptId>` for attempt events (`<name>.<deploymentId>` for
- * deployment.create), so a retried producer call enqueues the same event. Heartbeats, readiness, teardowns and
- * resolves can happen many times: they get a random id.
- */
-export function deriveEventId(name: EventName, payload: { deploymentId: string; attemptId?: string }): string {
-  if (!ONCE_PER_SUBJECT.has(name)) return `${name}.${randomUUID()}`;
-  return `${name}.${payload.attemptId ?? payload.deploymentId}`;
-}
+/** The derived eventId lives with the event contract; re-exported here for SDK users. */
+export { deriveEventId };
 
 /**
  * The BullMQ jobId for an eventId. They are the same, except that BullMQ refuses integer-looking custom ids,
@@ -68,15 +53,19 @@ export interface LifecycleProducerOptions {
   readonly prefix?: string;
   /** overrides of DEFAULT_JOB_OPTIONS */
   readonly defaultJobOptions?: DefaultJobOptions;
+  /** FLEET_ENDPOINT_ALLOW: endpoints outside it are refused before anything is enqueued (default: any) */
+  readonly endpointAllow?: EndpointAllowList | null;
 }
 
 export class LifecycleProducer {
   readonly queue: Queue;
   private readonly ownedConnection: IORedis | null;
+  private readonly endpointAllow: EndpointAllowList | null;
   private closing: Promise<void> | null = null;
 
   constructor(options: LifecycleProducerOptions) {
     this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'producer') : null;
+    this.endpointAllow = options.endpointAllow ?? null;
     this.queue = new Queue(LIFECYCLE_QUEUE, {
       connection: this.ownedConnection ?? (options.connection as IORedis),
       prefix: options.prefix ?? 'fleet',
@@ -88,16 +77,33 @@ export class LifecycleProducer {
     this.queue.on('error', () => undefined);
   }
 
-  /** Validates and enqueues one event. Throws `ValidationError` (naming the field and rule) before touching Redis. */
+  /**
+   * Validates and enqueues one event. Throws `ValidationError` (naming the field and rule) before touching Redis.
+   * The jobId is the eventId, and BullMQ answers an add for a jobId it holds with the job it holds: so the job
+   * found under the id is read back, and if it is a different event (another name, or another payload), this one
+   * was not enqueued and `EventIdConflictError` says so. The same event enqueued again is `duplicate: true`.
+   */
   async enqueue<K extends EventName>(name: K, payload: EventInput<K>, jobOptions?: JobsOptions): Promise<EnqueueResult>;
   async enqueue(name: string, payload: unknown, jobOptions?: JobsOptions): Promise<EnqueueResult>;
   async enqueue(name: string, payload: unknown, jobOptions: JobsOptions = {}): Promise<EnqueueResult> {
     const data = parsePayload(name, payload);
+    assertEndpointAllowed(data, this.endpointAllow);
     const eventName = name as EventName;
     const eventId = data.eventId ?? deriveEventId(eventName, data);
     const jobId = jobIdFor(eventId);
-    await this.queue.add(eventName, { ...data, eventId }, { ...jobOptions, jobId });
-    return { name: eventName, eventId, jobId };
+    const ours = { ...data, eventId };
+    const added = await this.queue.add(eventName, ours, { ...jobOptions, jobId });
+    // Read back what the id holds. Gone already (done and removed) means it was ours or an earlier job of this id
+    // that has finished: the worker's processed_events then refuses a different event with the same id.
+    const held = await this.queue.getJob(jobId);
+    if (held !== undefined && held !== null) {
+      const differs = held.name !== eventName ? 'name' : samePayload(held.data, ours) ? null : 'payload';
+      if (differs !== null) {
+        throw new EventIdConflictError(eventId, { name: held.name, state: await held.getState() }, differs);
+      }
+      return { name: eventName, eventId, jobId, duplicate: held.timestamp !== added.timestamp };
+    }
+    return { name: eventName, eventId, jobId, duplicate: false };
   }
 
   createDeployment(input: EventInput<'deployment.create'>) {
@@ -136,4 +142,20 @@ export class LifecycleProducer {
     })();
     return this.closing;
   }
+}
+
+/**
+ * Two job payloads are the same event when they are equal but for `actor` (the same event sent again by another
+ * caller is still the same event).
+ */
+function samePayload(a: unknown, b: unknown): boolean {
+  const canonical = (value: unknown): string => {
+    if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'undefined';
+    if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([k, v]) => k !== 'actor' && v !== undefined)
+      .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonical(v)}`).join(',')}}`;
+  };
+  return canonical(a) === canonical(b);
 }

@@ -8,6 +8,7 @@
  *   ready, no endpoint        -> public
  *   "public" with FLEET_PUBLIC_ENDPOINT_URL unset -> source "none", url null
  */
+import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import type { DeploymentState, EndpointKind } from '../machine';
 
 /** Default readiness staleness window (FLEET_READY_WINDOW_S). */
@@ -21,6 +22,8 @@ export const DEFAULT_READY_WINDOW_S = 120;
  * - `no_endpoint`: ready, but it has no private endpoint
  * - `no_heartbeat`: node_port endpoint never stamped (or the stamp is unreadable)
  * - `ready_heartbeat_stale`: node_port endpoint whose stamp is older than the window
+ * - `endpoint_not_allowed`: the stored endpoint's host is outside FLEET_ENDPOINT_ALLOW (stored before the list was
+ *   set or narrowed): never handed to builds
  */
 export type DispatchReason =
   | 'ready_heartbeat_fresh'
@@ -28,7 +31,8 @@ export type DispatchReason =
   | 'not_ready'
   | 'no_endpoint'
   | 'no_heartbeat'
-  | 'ready_heartbeat_stale';
+  | 'ready_heartbeat_stale'
+  | 'endpoint_not_allowed';
 
 export type DispatchSource = 'private' | 'public' | 'none';
 
@@ -59,6 +63,8 @@ export interface DispatchOptions {
   readonly readyWindowS?: number;
   /** FLEET_PUBLIC_ENDPOINT_URL (default unset): the fallback; when unset the fallback is `source: "none"` */
   readonly publicEndpointUrl?: string | null;
+  /** FLEET_ENDPOINT_ALLOW (default: any): a private endpoint outside it is not served */
+  readonly endpointAllow?: EndpointAllowList | null;
 }
 
 export function resolveEndpoint(deployment: DispatchInput, now: Date, options: DispatchOptions = {}): ResolvedEndpoint {
@@ -70,6 +76,7 @@ export function resolveEndpoint(deployment: DispatchInput, now: Date, options: D
   if (deployment.state !== 'ready') return fallback('not_ready');
   const endpoint = endpointOf(deployment);
   if (endpoint === null) return fallback('no_endpoint');
+  if (endpointNotAllowed(endpoint.url, options.endpointAllow ?? null) !== null) return fallback('endpoint_not_allowed');
   if (endpoint.kind === 'cluster_dns') return { url: endpoint.url, source: 'private', reason: 'cluster_dns' };
 
   const stampedAt = timeOf(deployment.lastReadyAt);

@@ -36,6 +36,8 @@ export interface TransitionView {
   readonly version: number;
   readonly reason: string;
   readonly eventId: string;
+  /** who caused it: an API token's name, `sweep`, or the producer's `actor` */
+  readonly actor: string;
   readonly at: string;
 }
 
@@ -165,10 +167,11 @@ export async function listTransitions(
       version: number;
       reason: string;
       event_id: string;
+      actor: string;
       created_at: Date;
     }>
   >(
-    `SELECT id, attempt_id, from_state, to_state, version, reason, event_id, created_at
+    `SELECT id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at
        FROM state_transitions WHERE deployment_id = $1 AND version > $2 ORDER BY version LIMIT $3`,
     [deploymentId, afterVersion, limit],
   );
@@ -180,6 +183,7 @@ export async function listTransitions(
     version: r.version,
     reason: r.reason,
     eventId: r.event_id,
+    actor: r.actor,
     at: r.created_at.toISOString(),
   }));
 }

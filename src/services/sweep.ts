@@ -18,6 +18,8 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import type { DataSource } from 'typeorm';
 import { silentLogger, type Logger } from '../log';
+import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
+import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
 
 /**
@@ -117,6 +119,11 @@ export interface SweeperOptions {
   readonly maxAttemptsPerTick?: number;
   readonly logger?: Logger;
   readonly metrics?: SweepMetrics;
+  /**
+   * FLEET_ENDPOINT_ALLOW: an endpoint outside it is never probed (failure `not_allowed`), so one stored before the
+   * list was set or narrowed ages out of dispatch instead of being fetched (default: any)
+   */
+  readonly endpointAllow?: EndpointAllowList | null;
 }
 
 interface ReadyRow {
@@ -145,6 +152,7 @@ export class Sweeper {
   private readonly maxAttempts: number;
   private readonly log: Logger;
   private readonly metrics: SweepMetrics;
+  private readonly endpointAllow: EndpointAllowList | null;
 
   constructor(options: SweeperOptions) {
     this.ds = options.dataSource;
@@ -160,6 +168,7 @@ export class Sweeper {
     this.maxAttempts = Math.max(1, options.maxAttemptsPerTick ?? 5000);
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep' });
     this.metrics = options.metrics ?? {};
+    this.endpointAllow = options.endpointAllow ?? null;
   }
 
   /**
@@ -204,7 +213,11 @@ export class Sweeper {
       const name = r.kind === 'expired' ? ('attempt.expired' as const) : ('attempt.orphaned' as const);
       const eventId = deriveEventId(name, { deploymentId: r.deployment_id, attemptId: r.id });
       // The jobId is the eventId: re-finding the same attempt next tick (its job not applied yet) adds nothing.
-      return { name, data: { deploymentId: r.deployment_id, attemptId: r.id, eventId }, opts: { jobId: jobIdFor(eventId) } };
+      return {
+        name,
+        data: { deploymentId: r.deployment_id, attemptId: r.id, eventId, actor: SWEEP_ACTOR },
+        opts: { jobId: jobIdFor(eventId) },
+      };
     });
     for (let i = 0; i < jobs.length; i += 500) {
       await this.producer.queue.addBulk(jobs.slice(i, i + 500));
@@ -241,7 +254,10 @@ export class Sweeper {
       while (next < targets.length && performance.now() < deadline) {
         const target = targets[next++];
         if (target === undefined) break;
-        const outcome = await probeReady(target.endpoint_url, this.probeTimeoutMs);
+        const outcome =
+          endpointNotAllowed(target.endpoint_url, this.endpointAllow) === null
+            ? await probeReady(target.endpoint_url, this.probeTimeoutMs)
+            : ({ ok: false, reason: 'not_allowed' } as const);
         if (outcome.ok) ok.push(target);
         else probeFailures[outcome.reason] = (probeFailures[outcome.reason] ?? 0) + 1;
       }
@@ -284,9 +300,19 @@ export class Sweeper {
 
 export type ProbeOutcome = { readonly ok: true } | { readonly ok: false; readonly reason: string };
 
-/** `<endpoint URL without trailing slashes>/ready` */
+/**
+ * The probe URL: the endpoint's path joined with `ready` (`http://h:1/app/` -> `http://h:1/app/ready`), built with
+ * the URL API so that nothing in the stored URL (a query, a fragment, credentials: refused at intake, but a row may
+ * predate that) can change what is fetched. Throws on an unparsable URL.
+ */
 export function readinessUrl(endpointUrl: string): string {
-  return `${endpointUrl.replace(/\/+$/, '')}/ready`;
+  const url = new URL(endpointUrl);
+  url.username = '';
+  url.password = '';
+  url.search = '';
+  url.hash = '';
+  url.pathname = `${url.pathname.replace(/\/+$/, '')}/ready`;
+  return url.toString();
 }
 
 /**

@@ -17,7 +17,8 @@
 import type { PoolClient } from 'pg';
 import type { DataSource, QueryRunner } from 'typeorm';
 import { ConflictError, NotYetError, ValidationError } from '../errors';
-import { parseEvent, type LifecycleEvent } from '../events/schemas';
+import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
+import { DEFAULT_ACTOR, parseEvent, type LifecycleEvent } from '../events/schemas';
 import { decide } from '../machine';
 import type {
   AttemptStatus,
@@ -73,7 +74,7 @@ export interface TransitionHooks {
 }
 
 /** Outcomes of heartbeat and readiness stamps, which change no state. */
-export type StampNoopReason = 'stamped' | 'not_running' | 'not_ready';
+export type StampNoopReason = 'stamped' | 'not_running' | 'not_ready' | 'not_found';
 
 export interface ApplyOptions {
   /** used as the eventId when the payload carries none (the BullMQ jobId) */
@@ -96,6 +97,8 @@ export interface TransitionServiceOptions {
    * instead of with a NOTIFY (`wakeRelay`).
    */
   readonly relay?: { readonly isLeader: boolean; notifyCommitted(): void };
+  /** FLEET_ENDPOINT_ALLOW: an endpoint outside it fails the event as invalid (default: any endpoint) */
+  readonly endpointAllow?: EndpointAllowList | null;
 }
 
 interface SnapshotRow {
@@ -108,6 +111,8 @@ interface SnapshotRow {
   a_status: AttemptStatus | null;
   c_id: string | null;
   c_status: AttemptStatus | null;
+  p_event_name: string | null;
+  p_deployment_id: string | null;
   p_outcome: string | null;
   p_reason: string | null;
   p_version: number | null;
@@ -126,6 +131,7 @@ export class TransitionService {
   private readonly log: Logger;
   private readonly hooks: TransitionHooks;
   private readonly relay: TransitionServiceOptions['relay'];
+  private readonly endpointAllow: EndpointAllowList | null;
   /** the relay wake-up in flight, if any (see `wakeRelay`) */
   private wakeup: Promise<void> | null = null;
   private wakeAgain = false;
@@ -137,6 +143,7 @@ export class TransitionService {
     this.log = options.logger ?? silentLogger;
     this.hooks = options.hooks ?? {};
     this.relay = options.relay;
+    this.endpointAllow = options.endpointAllow ?? null;
   }
 
   /**
@@ -146,6 +153,8 @@ export class TransitionService {
    */
   async apply(name: string, data: unknown, options: ApplyOptions = {}): Promise<ApplyResult> {
     const event = parseEvent(name, data, options.fallbackEventId);
+    // producers may write jobs to Redis without the SDK: the allow-list holds here too
+    assertEndpointAllowed(event.data, this.endpointAllow);
     switch (event.name) {
       case 'attempt.heartbeat':
         return this.stampHeartbeat(event, options.producedAt);
@@ -172,8 +181,9 @@ export class TransitionService {
         return result;
       } catch (err) {
         if (isClaimConflict(err)) {
-          // another delivery of this event claimed it between our read and our write; ours wrote nothing
-          return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+          // another delivery of this event (or another event with its id) claimed it between our read and our
+          // write; ours wrote nothing
+          return await this.withRunner((q) => this.claimedElsewhere(q, event));
         }
         if (!(err instanceof VersionCheckLost)) throw err;
         if (attempt >= this.maxConflictRetries) {
@@ -197,6 +207,9 @@ export class TransitionService {
 
     if (lock) await run(q, `SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE`, [deploymentId]);
     const row = await this.readSnapshot(q, deploymentId, attemptId, event.eventId);
+    if (row.p_event_name !== null && (row.p_event_name !== event.name || row.p_deployment_id !== deploymentId)) {
+      return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
+    }
     if (row.p_outcome !== null) {
       return {
         ...base,
@@ -232,7 +245,7 @@ export class TransitionService {
         return { ...base, outcome: 'rejected', code: decision.code, message: decision.message };
       case 'noop': {
         const claimed = await this.claimEvent(q, event, 'noop', decision.why, snapshot.deployment?.version ?? null, now);
-        if (!claimed) return { ...base, outcome: 'noop', reason: 'duplicate_event' };
+        if (!claimed) return this.claimedElsewhere(q, event);
         return { ...base, outcome: 'noop', reason: decision.why };
       }
       case 'applied':
@@ -270,6 +283,7 @@ export class TransitionService {
     const reason = param(decision.reason, 'varchar');
     const eventId = param(event.eventId, 'varchar');
     const to = param(decision.to, 'varchar');
+    const actor = param(event.data.actor ?? DEFAULT_ACTOR, 'varchar');
 
     const ctes: string[] = [];
     if (fromVersion === null) {
@@ -329,8 +343,8 @@ export class TransitionService {
     const from = param(decision.from, 'varchar');
     ctes.push(
       `t AS (
-         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, created_at)
-         SELECT dep.id, ${attempt}, ${from}, ${to}, ${newVersion}, ${reason}, ${eventId}, ${at} FROM dep
+         INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at)
+         SELECT dep.id, ${attempt}, ${from}, ${to}, ${newVersion}, ${reason}, ${eventId}, ${actor}, ${at} FROM dep
          RETURNING id
        )`,
       `o AS (
@@ -339,7 +353,7 @@ export class TransitionService {
              'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', ${id}::text,
              'attemptId', COALESCE(${attempt}::text, ''), 'from', COALESCE(${from}::text, ''), 'to', ${to}::text,
              'version', ${newVersion}::text, 'reason', ${reason}::text, 'eventId', ${eventId}::text,
-             'at', ${param(now.toISOString(), 'text')}),
+             'at', ${param(now.toISOString(), 'text')}, 'actor', ${actor}::text),
            ${at}
          FROM t
        )`,
@@ -370,6 +384,20 @@ export class TransitionService {
       reason: decision.reason,
       transitionId,
     };
+  }
+
+  /** The eventId was claimed by a delivery that committed first: a duplicate, or a different event's id. */
+  private async claimedElsewhere(q: QueryRunner, event: LifecycleEvent): Promise<ApplyResult> {
+    const { rows } = await run<{ event_name: string; deployment_id: string }>(
+      q,
+      `SELECT event_name, deployment_id FROM processed_events WHERE event_id = $1`,
+      [event.eventId],
+    );
+    const held = rows[0];
+    if (held !== undefined && (held.event_name !== event.name || held.deployment_id !== event.data.deploymentId)) {
+      return eventIdConflict(event, held.event_name, held.deployment_id);
+    }
+    return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
   }
 
   /** Inserts the eventId's processed row; false when another delivery of the same event already committed one. */
@@ -407,7 +435,7 @@ export class TransitionService {
       `SELECT d.name AS d_name, d.state AS d_state, d.version AS d_version, d.current_attempt_id AS d_current_attempt_id,
               a.id AS a_id, a.deployment_id AS a_deployment_id, a.status AS a_status,
               c.id AS c_id, c.status AS c_status,
-              p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version
+              p.event_name AS p_event_name, p.deployment_id AS p_deployment_id, p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version
          FROM (SELECT 1) AS one
          LEFT JOIN deployments d ON d.id = $1
          LEFT JOIN attempts a ON a.id = $2
@@ -543,6 +571,21 @@ export class TransitionService {
     }
   }
 
+}
+
+/**
+ * The eventId was processed before as another event: another name, or the same name for another deployment. Not a
+ * duplicate (that would drop this event silently): refused, so the producer learns to send it with an id of its own.
+ */
+function eventIdConflict(event: LifecycleEvent, claimedBy: string, claimedFor: string | null): ApplyResult {
+  const other = claimedBy === event.name ? `a ${claimedBy} event of deployment ${claimedFor ?? '?'}` : `a ${claimedBy} event`;
+  return {
+    outcome: 'rejected',
+    eventId: event.eventId,
+    deploymentId: event.data.deploymentId,
+    code: 'event_id_conflict',
+    message: `eventId "${event.eventId}" was already used by ${other}; send this event with an eventId of its own`,
+  };
 }
 
 function toMachineEvent(event: StateEvent): MachineEvent {

@@ -33,6 +33,8 @@ export interface TransitionEntry {
   readonly reason: string;
   readonly eventId: string;
   readonly at: string;
+  /** who caused it: an API token's name, `sweep`, or the producer's `actor` (empty in entries older than the field) */
+  readonly actor: string;
 }
 
 /** Remembers the highest version handled per deployment. The default keeps it in memory. */
@@ -257,6 +259,7 @@ export function parseEntry(streamId: string, fields: readonly string[]): Transit
     reason: f.reason ?? '',
     eventId: f.eventId ?? '',
     at: f.at ?? '',
+    actor: f.actor ?? '',
   };
 }
 

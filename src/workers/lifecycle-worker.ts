@@ -6,13 +6,17 @@
  * - rejected, invalid payload, unknown  -> UnrecoverableError (failed, no retries), the code in the reason
  * - not created yet, version conflicts,
  *   PostgreSQL or Redis unreachable     -> moved to delayed with backoff (DelayedError: uses up no `attempts`),
- *                                          until the retry budget (10 min from enqueue) is spent, then failed
+ *                                          until the retry budget (10 min of retries) is spent, then failed
+ * - a heartbeat or readiness event for a
+ *   deployment or attempt that does not
+ *   exist, past a short budget (30 s)   -> completed as a noop `not_found`: a stamp for nothing is dropped, not
+ *                                          retried for ten minutes (it may be a typo, or a flood)
  * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
  */
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job } from 'bullmq';
 import type IORedis from 'ioredis';
-import { FleetError, isTransient, ValidationError } from '../errors';
+import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
@@ -44,6 +48,11 @@ export interface LifecycleWorkerOptions {
   readonly stalledIntervalMs?: number;
   /** times a job may be orphaned by a dying worker before it fails (default 5; BullMQ's default is 1) */
   readonly maxStalledCount?: number;
+  /**
+   * How long a heartbeat or readiness event for a deployment or attempt that does not exist is retried before it
+   * completes as a noop `not_found`, as the sum of its backoff delays (default 30 s: 6 retries, 250 ms doubling)
+   */
+  readonly stampRetryBudgetMs?: number;
   /** reports every job's outcome and duration (metrics) */
   readonly onJob?: (report: JobReport) => void;
   /** test hook: runs after the service has committed, before the job completes */
@@ -127,7 +136,7 @@ export class LifecycleWorker {
       durationMs,
       ...(result.outcome === 'applied' ? { transition: { from: result.from, to: result.to, reason: result.reason } } : {}),
     });
-    const reason = result.outcome === 'applied' ? result.reason : result.reason;
+    const reason = result.reason;
     const level = result.outcome === 'noop' && result.reason === 'stamped' ? 'debug' : 'info';
     this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
     return result;
@@ -139,7 +148,7 @@ export class LifecycleWorker {
     err: unknown,
     ids: Record<string, string | undefined>,
     started: number,
-  ): Promise<never> {
+  ): Promise<ApplyResult> {
     const durationMs = Math.round(performance.now() - started);
     const code = err instanceof FleetError ? err.code : ((err as { code?: string }).code ?? 'error');
     const message = err instanceof Error ? err.message : String(err);
@@ -149,10 +158,17 @@ export class LifecycleWorker {
       report('invalid');
       throw new UnrecoverableError(message);
     }
+    const retries = Math.max(0, job.attemptsStarted - 1);
+    if (err instanceof NotYetError && STAMPS.has(job.name) && retries >= retriesWithin(this.options.stampRetryBudgetMs ?? 30_000)) {
+      // A stamp changes no state: one for something that still does not exist is dropped, not failed.
+      this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
+      report('noop');
+      const eventId = typeof (job.data as { eventId?: unknown }).eventId === 'string' ? String((job.data as { eventId: string }).eventId) : (job.id ?? '');
+      return { outcome: 'noop', eventId, deploymentId: err.deploymentId, reason: 'not_found' };
+    }
     if (isTransient(err)) {
       // The budget counts this job's own retries, not time since enqueue: a job that waited out a long backlog
       // still gets its full ten minutes of retries.
-      const retries = Math.max(0, job.attemptsStarted - 1);
       if (retries >= retriesWithin(this.options.retryBudgetMs ?? 10 * 60_000)) {
         this.log.error({ ...ids, outcome: 'gave_up', code, retries, durationMs }, message);
         report('gave_up');
@@ -189,6 +205,9 @@ export class LifecycleWorker {
     return this.closing;
   }
 }
+
+/** Heartbeat and readiness events: stamps, which change no state. */
+const STAMPS: ReadonlySet<string> = new Set(['attempt.heartbeat', 'deployment.readiness']);
 
 function idsOf(job: Job): Record<string, string | undefined> {
   const data: unknown = job.data;

@@ -259,6 +259,21 @@ describe('front door: tokens, scopes, limits, actor', function () {
     });
   });
 
+  it('answers 503 with Retry-After when Redis does not answer, and nothing else changes', async () => {
+    const deadProducer = new LifecycleProducer({ connection: 'redis://127.0.0.1:1', prefix });
+    await app.close();
+    app = await build({}, { producer: deadProducer });
+    try {
+      const res = await post('deployment.create', { deploymentId: randomUUID(), name: 'web' }, bearer('writer'));
+      expect(res.statusCode).to.equal(503);
+      expect(res.headers['retry-after']).to.equal('5');
+      expect(json(res.body).error?.code).to.equal('unavailable');
+      expect(json(res.body).error?.message).to.contain('retry with the same eventId');
+    } finally {
+      await deadProducer.close();
+    }
+  });
+
   describe('the actor', () => {
     it('records the token name on the transition, in history, the transitions API and the stream entry', async () => {
       const { deploymentId } = await readyDeployment();
@@ -363,6 +378,12 @@ describe('front door: tokens, scopes, limits, actor', function () {
       const taken = await post('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', eventId: 'ev-42' }, bearer('writer'));
       expect(taken.statusCode).to.equal(409);
       expect(json(taken.body).error).to.deep.include({ code: 'event_id_conflict', existing: { name: 'attempt.heartbeat', state: 'waiting' } });
+      // the same name with another payload is another event too
+      expect((await post('attempt.cancel', { deploymentId, attemptId, reason: 'first', eventId: 'ev-43' }, bearer('writer'))).statusCode).to.equal(202);
+      const changed = await post('attempt.cancel', { deploymentId, attemptId, reason: 'second', eventId: 'ev-43' }, bearer('writer'));
+      expect(changed.statusCode).to.equal(409);
+      expect(json(changed.body).error?.message).to.contain('with a different payload');
+      await (await producer.queue.getJob('ev-43'))?.remove();
       // the same event again is a duplicate, not a conflict
       const again = await post('attempt.heartbeat', { deploymentId, attemptId, eventId: 'ev-42' }, bearer('admin'));
       expect(again.statusCode).to.equal(202);

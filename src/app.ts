@@ -77,6 +77,22 @@ export async function startFleet(
     }
   };
 
+  // SIGHUP re-reads the API tokens in an HTTP process, and is harmless in every other (Node would exit on it)
+  let tokens: TokenStore | null = null;
+  const onHangup = () => {
+    if (tokens === null) {
+      logger.info('SIGHUP: nothing to reload in this process (no API tokens file)');
+      return;
+    }
+    try {
+      logger.info({ tokens: tokens.reload(), file: config.apiTokensFile }, 'API tokens reloaded');
+    } catch (err) {
+      logger.error({ err: (err as Error).message }, 'API tokens not reloaded; the previous ones stay in force');
+    }
+  };
+  process.on('SIGHUP', onHangup);
+  closers.push(async () => void process.off('SIGHUP', onHangup));
+
   try {
     const dataSource = createDataSource({
       url: endpoints.databaseUrl,
@@ -127,6 +143,9 @@ export async function startFleet(
     }
     // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
     const service = new TransitionService({ dataSource, logger, relay: relay ?? undefined, endpointAllow: config.endpointAllow });
+    if (config.endpointAllow === null && ((roles.worker ?? true) || (roles.sweep ?? true))) {
+      logger.info('FLEET_ENDPOINT_ALLOW is unset: this process takes and probes any endpoint host (set it wherever producers are not all trusted)');
+    }
 
     let sweep: SweepWorker | null = null;
     if (roles.sweep ?? true) {
@@ -166,7 +185,7 @@ export async function startFleet(
     let http: FastifyInstance | null = null;
     let httpUrl: string | null = null;
     if (roles.http ?? false) {
-      const tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile);
+      tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile);
       if (tokens === null) {
         logger.warn(
           { host: config.httpHost },
@@ -174,16 +193,6 @@ export async function startFleet(
         );
       } else {
         logger.info({ tokens: tokens.size, file: config.apiTokensFile }, 'API tokens loaded');
-        // re-read on SIGHUP (kubectl rollout-free rotation); a bad file keeps the tokens in force
-        const onHangup = () => {
-          try {
-            logger.info({ tokens: tokens.reload(), file: config.apiTokensFile }, 'API tokens reloaded');
-          } catch (err) {
-            logger.error({ err: (err as Error).message }, 'API tokens not reloaded; the previous ones stay in force');
-          }
-        };
-        process.on('SIGHUP', onHangup);
-        closers.push(async () => void process.off('SIGHUP', onHangup));
       }
       // fail-fast: a rate-limit counter that cannot be reached is skipped, not waited for
       const rateLimitRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-ratelimit');

@@ -2,6 +2,7 @@
  * The one reader of the environment (CONTRACT.md, "Configuration"). `loadConfig` parses every variable once,
  * reports every problem in one error, and returns a frozen object that the rest of the code receives.
  */
+import { isIP } from 'node:net';
 import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
 
@@ -52,6 +53,11 @@ export interface FleetConfig {
   readonly eventsRateLimit: number;
   /** `FLEET_METRICS_AUTH` (default `open`): `read` puts `/metrics` behind a token with the `read` scope */
   readonly metricsAuth: 'open' | 'read';
+  /**
+   * `FLEET_HTTP_TRUST_PROXY` (default none): addresses and CIDR ranges of the reverse proxies whose
+   * `X-Forwarded-For` names the client (for the failed-authentication throttle and per-address limits)
+   */
+  readonly httpTrustProxy: readonly string[];
 }
 
 /** Off loopback, Bull Board's basic-auth password must be at least this long. */
@@ -148,6 +154,17 @@ export function loadConfig(env: Env = process.env): FleetConfig {
       `FLEET_ENDPOINT_ALLOW: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}"): the host names, .suffixes and CIDR ranges endpoint URLs may name`,
     );
   }
+  const httpTrustProxy = (read('FLEET_HTTP_TRUST_PROXY') ?? '')
+    .split(',')
+    .map((e) => e.trim())
+    .filter((e) => e !== '');
+  for (const entry of httpTrustProxy) {
+    const [address = '', bits, ...rest] = entry.split('/');
+    const family = isIP(address);
+    if (family === 0 || rest.length > 0 || (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= (family === 4 ? 32 : 128)))) {
+      problems.push(`FLEET_HTTP_TRUST_PROXY: "${entry.slice(0, 60)}": must be an IP address or a CIDR range`);
+    }
+  }
   const metricsAuth = read('FLEET_METRICS_AUTH') ?? 'open';
   if (metricsAuth !== 'open' && metricsAuth !== 'read') {
     problems.push(`FLEET_METRICS_AUTH: must be "open" or "read", got "${metricsAuth.slice(0, 40)}"`);
@@ -181,6 +198,7 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     endpointAllow,
     eventsRateLimit: int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),
     metricsAuth: metricsAuth === 'read' ? 'read' : 'open',
+    httpTrustProxy: Object.freeze(httpTrustProxy),
   };
 
   if (problems.length > 0) throw new ConfigError(problems);

@@ -25,6 +25,7 @@ describe('configuration', () => {
       endpointAllow: null,
       eventsRateLimit: 100,
       metricsAuth: 'open',
+      httpTrustProxy: [],
     });
     expect(Object.isFrozen(config)).to.equal(true);
   });

@@ -302,6 +302,11 @@ describe('front door rules', () => {
       expect(problems({ FLEET_METRICS_AUTH: 'token' }).join()).to.contain('FLEET_METRICS_AUTH: must be "open" or "read"');
       expect(problems({ FLEET_ENDPOINT_ALLOW: 'a/b' }).join()).to.contain('FLEET_ENDPOINT_ALLOW: "a/b"');
       expect(loadConfig({ FLEET_EVENTS_RATE_LIMIT: '0', FLEET_METRICS_AUTH: 'read' })).to.deep.include({ eventsRateLimit: 0, metricsAuth: 'read' });
+      expect(loadConfig({ FLEET_HTTP_TRUST_PROXY: '10.0.0.0/8, 192.0.2.1,fd00::/8' }).httpTrustProxy).to.deep.equal(['10.0.0.0/8', '192.0.2.1', 'fd00::/8']);
+      expect(problems({ FLEET_HTTP_TRUST_PROXY: '10.0.0.0/33,proxy.local' })).to.deep.equal([
+        'FLEET_HTTP_TRUST_PROXY: "10.0.0.0/33": must be an IP address or a CIDR range',
+        'FLEET_HTTP_TRUST_PROXY: "proxy.local": must be an IP address or a CIDR range',
+      ]);
     });
   });
 });

@@ -146,6 +146,17 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       child.kill('SIGHUP');
       await waitFor('the new token to be accepted', async () => ((await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined));
       expect(log).to.contain('API tokens reloaded');
+      // SIGHUP is harmless in a process with nothing to reload (Node's default would end it)
+      const worker = spawn(process.execPath, [FLEET, 'worker'], { env: { ...env, FLEET_HTTP_HOST: '127.0.0.1', FLEET_API_TOKENS_FILE: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let workerLog = '';
+      worker.stdout.on('data', (c: Buffer) => (workerLog += c.toString()));
+      worker.stderr.on('data', (c: Buffer) => (workerLog += c.toString()));
+      const workerExit = new Promise<number | null>((resolve) => worker.on('exit', (code) => resolve(code)));
+      await waitFor('the worker to start', () => (workerLog.includes('worker started') ? true : undefined), 30_000);
+      worker.kill('SIGHUP');
+      await waitFor('the worker to shrug off SIGHUP', () => (workerLog.includes('nothing to reload') ? true : undefined));
+      worker.kill('SIGTERM');
+      expect(await workerExit, workerLog.slice(-2000)).to.equal(0);
       // the log never carries a token
       for (const t of [adminToken, writer.token, reader.token, late.token]) expect(log).to.not.contain(t);
     } finally {

@@ -3,6 +3,7 @@
  * actor, and each abuse reproduced in the issue, now failing safely.
  */
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { randomUUID } from 'node:crypto';
@@ -162,6 +163,42 @@ describe('front door: tokens, scopes, limits, actor', function () {
       });
     }
 
+    it('decides by the route that matched, not the URL text: encoded, absolute-form and odd targets need a token too', async () => {
+      await app.close();
+      app = await build({ FLEET_METRICS_AUTH: 'read' });
+      await app.listen({ host: '127.0.0.1', port: 0 });
+      const { port } = app.server.address() as { port: number };
+      const { deploymentId } = await readyDeployment();
+      // raw HTTP/1.1, so that the request target reaches the server exactly as written
+      const raw = (target: string, method = 'GET', body = '') =>
+        new Promise<number>((resolve, reject) => {
+          const socket = net.connect(port, '127.0.0.1', () => {
+            socket.write(`${method} ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+          });
+          let text = '';
+          socket.on('data', (c: Buffer) => (text += c.toString()));
+          socket.on('end', () => resolve(Number(/^HTTP\/1\.1 (\d{3})/.exec(text)?.[1] ?? 0)));
+          socket.on('error', reject);
+        });
+      const resolve = JSON.stringify({ name: 'deployment.resolve', data: { deploymentId, outcome: 'failed' } });
+      for (const [method, target, body] of [
+        ['POST', '/%61pi/events', resolve],
+        ['POST', '/ap%69/events', resolve],
+        ['POST', 'http://x/api/events', resolve],
+        ['GET', `/%61pi/deployments/${deploymentId}`, ''],
+        ['GET', 'http://x/api/deployments', ''],
+        ['GET', '*api/deployments', ''],
+        ['GET', '/%6detrics', ''],
+        ['GET', '/api/deployments/', ''],
+        ['GET', '/api/deployments?x=/healthz', ''],
+        ['GET', '/%61pi/nowhere', ''],
+      ] as const) {
+        const status = await raw(target, method, body);
+        expect([401, 400, 404], `${method} ${target} -> ${status}`).to.include(status);
+      }
+      expect(await producer.queue.count()).to.equal(0);
+    });
+
     it('/healthz and /readyz stay open; /metrics is open unless FLEET_METRICS_AUTH=read', async () => {
       for (const url of ['/healthz', '/readyz', '/metrics']) expect((await app.inject({ method: 'GET', url })).statusCode, url).to.equal(200);
     });
@@ -192,7 +229,7 @@ describe('front door: tokens, scopes, limits, actor', function () {
   });
 
   describe('limits', () => {
-    it('throttles failed authentications per client address: 429 with Retry-After, even for a right token, then lets it in', async () => {
+    it('throttles failed authentications per client address: 429 with Retry-After (a valid bearer token still passes), then lets it in', async () => {
       await app.close();
       let now = 0;
       app = await build({}, { authThrottle: new AuthThrottle(3, 60_000, () => now) });
@@ -200,16 +237,19 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: WRONG })).statusCode).to.equal(401);
       expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicWrong })).statusCode).to.equal(401);
       expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicWrong })).statusCode).to.equal(401);
-      for (const [url, headers] of [['/api/deployments', bearer('reader')], ['/admin/queues', basicWrong]] as const) {
+      const basicRight = { authorization: `Basic ${Buffer.from('ops:board-password-1').toString('base64')}` };
+      for (const [url, headers] of [['/api/deployments', WRONG], ['/admin/queues', basicWrong], ['/admin/queues', basicRight]] as const) {
         const res = await app.inject({ method: 'GET', url, headers });
         expect(res.statusCode, url).to.equal(429);
         expect(res.headers['retry-after']).to.equal('60');
         expect(json(res.body).error?.code).to.equal('too_many_failed_authentications');
       }
-      // another address is not affected
-      expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: bearer('reader'), remoteAddress: '10.9.9.9' })).statusCode).to.equal(200);
-      now += 60_000;
+      // a valid bearer token is never locked out by others' failures at its address (a proxy, a NAT)
       expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: bearer('reader') })).statusCode).to.equal(200);
+      // another address is not affected
+      expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicRight, remoteAddress: '10.9.9.9' })).statusCode).to.equal(200);
+      now += 60_000;
+      expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicRight })).statusCode).to.equal(200);
     });
 
     it('rate-limits POST /api/events per token (429 with Retry-After), fleet-wide through Redis; other tokens go on', async () => {
@@ -418,6 +458,14 @@ describe('front door: tokens, scopes, limits, actor', function () {
       const third = await service.apply('attempt.start', { deploymentId: other.deploymentId, attemptId: other.attemptId, eventId: 'shared-id' });
       expect(third).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
       expect((third as { message: string }).message).to.contain(`deployment ${deploymentId}`);
+      // the same name and deployment with another payload (another attempt's derived id, say) is another event too
+      const next = randomUUID();
+      await service.apply('attempt.create', { deploymentId, attemptId: next }, { fallbackEventId: randomUUID() });
+      const squat = await service.apply('attempt.cancel', { deploymentId, attemptId: next, eventId: `attempt.cancel.${attemptId}` });
+      expect(squat).to.deep.include({ outcome: 'applied' });
+      const real = await service.apply('attempt.cancel', { deploymentId, attemptId, eventId: `attempt.cancel.${attemptId}`, reason: 'x' });
+      expect(real).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
+      expect((real as { message: string }).message).to.contain('with another payload');
       // and a true redelivery is still a duplicate
       expect(await service.apply('attempt.start', { deploymentId, attemptId, eventId: 'shared-id' })).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     });

@@ -236,6 +236,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     const deployments: string[] = Array.from({ length: 3 }, () => randomUUID());
     for (const id of deployments) await tenTransitions(service, id);
     await waitFor('30 entries', async () => ((await redis.xlen(streamKey)) >= 30 ? true : undefined));
+    await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined));
     // Redis loses its last writes (a crash before fsync, a failover): the last 7 entries vanish
     const tail = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 7)).map(([id]) => id);
     await redis.xdel(streamKey, ...tail);
@@ -250,7 +251,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     const firstNew = entries.findIndex((e) => e.deploymentId === more);
     const lastOld = entries.map((e) => deployments.includes(e.deploymentId)).lastIndexOf(true);
     expect(lastOld).to.be.below(firstNew);
-    expect(entries.filter((e) => deployments.includes(e.deploymentId))).to.have.length.of.at.least(30);
+    // exactly the lost seven again: the entry at the stream's tail is not republished (the reconcile's boundary is
+    // "after the tail"), and nothing else is
+    expect(entries.filter((e) => deployments.includes(e.deploymentId))).to.have.length(30);
+    expect(entries).to.have.length(40);
     expect(entries.some((e) => tail.includes(e.streamId))).to.equal(false);
     for (const d of deployments) {
       const firsts: number[] = [];
@@ -284,6 +288,69 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
     }, 30_000);
     await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
+  });
+
+  it('after Redis comes back empty mid-cycle, reconciles before appending: no permanent gap (issue 13 A)', async () => {
+    const own = await OwnRedis.start();
+    closers.push(() => own.stop());
+    // marks are held until the next cycle's read carries them (no mark on its own within the test)
+    const r = new OutboxRelay({ databaseUrl: db.url, redis: own.url, streamKey, pollIntervalMs: 100, markDelayMs: 600_000 });
+    closers.push(() => r.close());
+    r.start();
+    const probe = new (await import('ioredis')).default(own.url, { maxRetriesPerRequest: null });
+    probe.on('error', () => undefined); // it is killed on purpose
+    closers.push(async () => probe.disconnect());
+
+    const first = randomUUID();
+    await tenTransitions(service, first);
+    await waitFor('the first ten appended', async () => ((await probe.xlen(streamKey)) >= 10 ? true : undefined));
+
+    // Hold the relay's next "mark + read" statement on a table lock, so that it is in flight while Redis restarts
+    // empty; the second deployment's rows are committed with the lock's release, so that read finds them.
+    const locker = db.dataSource.createQueryRunner();
+    await locker.connect();
+    closers.push(() => locker.release());
+    await locker.query('BEGIN');
+    await locker.query('LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE');
+    const second = randomUUID();
+    await locker.query(
+      `INSERT INTO outbox (deployment_id, version, fields)
+       SELECT $1::uuid, v, jsonb_build_object('type', 'state_transition', 'transitionId', '0', 'deploymentId', $1::text,
+              'attemptId', '', 'from', '', 'to', 'pending', 'version', v::text, 'reason', 'created', 'eventId', 'e' || v, 'at', '', 'actor', 'producer')
+         FROM generate_series(1, 10) AS v`,
+      [second],
+    );
+    await waitFor('the relay to wait on the lock', async () => {
+      const rows = await db.dataSource.query<unknown[]>(
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'lifecycle-fleet-relay' AND wait_event_type = 'Lock'`,
+      );
+      return rows.length > 0 ? true : undefined;
+    });
+    await own.kill('SIGKILL');
+    own.wipe();
+    await own.restart();
+    await waitFor('the relay to reconnect to the empty server', async () =>
+      String(await probe.client('LIST')).includes('name=lifecycle-fleet-relay') ? true : undefined,
+    );
+    expect(await probe.xlen(streamKey)).to.equal(0);
+    await locker.query('COMMIT');
+
+    // every version of both deployments reaches the new stream, the first deployment's before the second's
+    await waitFor('both deployments whole in the stream', async () => {
+      const by = versionsByDeployment(await readStream(probe, streamKey));
+      return [first, second].every((d) => new Set(by.get(d)).size === 10) ? true : undefined;
+    }, 10_000);
+    await r.close();
+    const entries = await readStream(probe, streamKey);
+    expect(entries.map((e) => `${e.deploymentId === first ? 'a' : 'b'}${e.version}`)).to.deep.equal([
+      ...Array.from({ length: 10 }, (_, i) => `a${i + 1}`),
+      ...Array.from({ length: 10 }, (_, i) => `b${i + 1}`),
+    ]);
+    const marked = await db.dataSource.query<Array<{ stream_id: string }>>(
+      `SELECT stream_id FROM outbox WHERE deployment_id = ANY($1::uuid[]) ORDER BY id`,
+      [[first, second]],
+    );
+    expect(marked.map((m) => m.stream_id)).to.deep.equal(entries.map((e) => e.streamId));
   });
 
   describe('fleet tail', () => {

@@ -23,6 +23,10 @@ export class ProcessedEvent {
   @Column({ type: 'integer', nullable: true })
   version!: number | null;
 
+  /** SHA-256 of the canonical payload (null for rows written before it was kept): another payload is another event */
+  @Column({ name: 'payload_sha256', type: 'char', length: 64, nullable: true })
+  payloadSha256!: string | null;
+
   @Column({ name: 'processed_at', type: 'timestamptz' })
   processedAt!: Date;
 }

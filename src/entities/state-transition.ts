@@ -30,7 +30,7 @@ export class StateTransition {
   eventId!: string;
 
   /** who caused it: an API token's name, `sweep`, or the producer's `actor` (`unrecorded` before it was kept) */
-  @Column({ type: 'varchar', length: 100 })
+  @Column({ type: 'varchar', length: 100, default: 'unrecorded' })
   actor!: string;
 
   @Column({ name: 'created_at', type: 'timestamptz' })

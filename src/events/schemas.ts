@@ -3,7 +3,7 @@
  * by the producer SDK, the worker, the transition service and the HTTP intake. Everything behind `parseEvent`
  * receives typed, trusted values.
  */
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { ValidationError, type FieldIssue } from '../errors';
 
@@ -187,4 +187,25 @@ function toIssues(error: z.ZodError): FieldIssue[] {
 
 function truncate(value: string): string {
   return value.length > 60 ? `${value.slice(0, 60)}…` : value;
+}
+
+/**
+ * The payload as one canonical string: keys sorted, `eventId` and `actor` left out (the same event sent again, by
+ * another caller or under its derived id, is still the same event). Two deliveries of one eventId must agree on it.
+ */
+export function canonicalPayload(data: unknown): string {
+  const canonical = (value: unknown, top: boolean): string => {
+    if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'null';
+    if (Array.isArray(value)) return `[${value.map((v) => canonical(v, false)).join(',')}]`;
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([k, v]) => v !== undefined && !(top && (k === 'eventId' || k === 'actor')))
+      .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonical(v, false)}`).join(',')}}`;
+  };
+  return canonical(data, true);
+}
+
+/** SHA-256 (hex) of `canonicalPayload`: what `processed_events` keeps to tell a redelivery from another event. */
+export function payloadDigest(data: unknown): string {
+  return createHash('sha256').update(canonicalPayload(data)).digest('hex');
 }

@@ -81,6 +81,33 @@ function intParam(value: unknown, field: string, fallback: number, min: number, 
 /** What each request was let in as; read by the handlers and the rate limiter. */
 const accessOf = new WeakMap<FastifyRequest, Access>();
 
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** what a route needs: a scope, or null for an open route. Every route of ours says; see `scopeOf`. */
+    scope?: Scope | null;
+  }
+}
+
+const READ: { config: { scope: Scope | null } } = { config: { scope: 'read' } };
+const OPEN: { config: { scope: Scope | null } } = { config: { scope: null } };
+
+/**
+ * The scope a request needs: its route's `config.scope`. A request that matched none of our routes (a 404) still
+ * needs `read` when its path, decoded, is under /api/: routes cannot be probed without a token.
+ */
+function scopeOf(request: FastifyRequest): Scope | null {
+  const configured = (request.routeOptions.config as { scope?: Scope | null } | undefined)?.scope;
+  if (configured !== undefined) return configured;
+  if (request.routeOptions.url !== undefined) return null; // a route of a plugin (Bull Board guards its own)
+  let path: string;
+  try {
+    path = decodeURIComponent(new URL(request.url, 'http://localhost').pathname);
+  } catch {
+    path = request.url;
+  }
+  return /^\/*api(\/|$)/i.test(path) ? 'read' : null;
+}
+
 /** Builds the server (not listening). */
 export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> {
   const { config, dataSource: ds, metrics } = deps;
@@ -93,6 +120,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   const throttle = deps.authThrottle ?? new AuthThrottle();
   const app = Fastify({
     logger: false,
+    // the client address (failed-authentication throttle, rate limits while open) behind these proxies only
+    trustProxy: config.httpTrustProxy.length > 0 ? [...config.httpTrustProxy] : false,
     bodyLimit: 64 * 1024,
     // reject `__proto__` and `constructor.prototype` keys in JSON bodies outright
     onProtoPoisoning: 'error',
@@ -119,14 +148,6 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
    * wrong credentials, 403 without the scope. Returns whether it may go on.
    */
   const admit = (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic'): boolean => {
-    const wait = throttle.retryAfterS(request.ip);
-    if (wait !== null) {
-      void reply
-        .status(429)
-        .header('retry-after', String(wait))
-        .send({ error: { code: 'too_many_failed_authentications', message: `too many failed authentications from this address; retry in ${wait} s` } });
-      return false;
-    }
     const header = request.headers.authorization;
     const access: Access =
       challenge === 'Bearer' && creds.tokens === null
@@ -134,6 +155,17 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
         : challenge === 'Basic' && header === undefined
           ? { kind: 'anonymous' }
           : readAccess(header, creds);
+    // An address past its failures is refused whatever it sends, so guessing the board password gets nowhere; but
+    // a valid bearer token (256 random bits: not guessable) always gets through, so that callers sharing an address
+    // (a proxy, a NAT) cannot be locked out by someone else's wrong guesses.
+    const wait = access.kind === 'token' && challenge === 'Bearer' ? null : throttle.retryAfterS(request.ip);
+    if (wait !== null) {
+      void reply
+        .status(429)
+        .header('retry-after', String(wait))
+        .send({ error: { code: 'too_many_failed_authentications', message: `too many failed authentications from this address; retry in ${wait} s` } });
+      return false;
+    }
     accessOf.set(request, access);
     if (access.kind === 'invalid' || access.kind === 'anonymous') {
       if (access.kind === 'invalid') throttle.fail(request.ip);
@@ -157,15 +189,10 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     return true;
   };
 
+  // The scope comes from the route that matched (its `config.scope`), never from the URL's text: the router decodes
+  // and normalises paths (`/%61pi/events`, absolute-form targets) that a prefix test on `request.url` would miss.
   app.addHook('onRequest', async (request, reply) => {
-    const path = request.url.split('?')[0] ?? '';
-    const scope: Scope | null = path.startsWith('/api/')
-      ? request.method === 'GET' || request.method === 'HEAD'
-        ? 'read'
-        : 'events:write'
-      : path === '/metrics' && config.metricsAuth === 'read'
-        ? 'read'
-        : null;
+    const scope = scopeOf(request);
     if (scope === null) return undefined;
     if (!admit(request, reply, scope, 'Bearer')) return reply;
     return undefined;
@@ -192,14 +219,14 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   }
 
   // --- read API ---
-  app.get('/api/deployments/:id', async (request) => {
+  app.get('/api/deployments/:id', READ, async (request) => {
     const id = deploymentId(request);
     const deployment = await getDeployment(ds, id);
     if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
     return deployment;
   });
 
-  app.get('/api/deployments', async (request) => {
+  app.get('/api/deployments', READ, async (request) => {
     const query = request.query as Record<string, string | undefined>;
     const state = query.state;
     if (state !== undefined && state !== '' && !(DEPLOYMENT_STATES as readonly string[]).includes(state)) {
@@ -216,13 +243,13 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     if (rows.length === 0) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
   }
 
-  app.get('/api/deployments/:id/attempts', async (request) => {
+  app.get('/api/deployments/:id/attempts', READ, async (request) => {
     const id = deploymentId(request);
     await requireDeployment(id);
     return { items: await listAttempts(ds, id) };
   });
 
-  app.get('/api/deployments/:id/transitions', async (request) => {
+  app.get('/api/deployments/:id/transitions', READ, async (request) => {
     const id = deploymentId(request);
     const query = request.query as Record<string, string | undefined>;
     const afterVersion = intParam(query.afterVersion, 'afterVersion', 0, 0, 2_147_483_647);
@@ -234,7 +261,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
 
   // --- dispatch ---
-  app.get('/api/deployments/:id/endpoint', async (request) => {
+  app.get('/api/deployments/:id/endpoint', READ, async (request) => {
     const id = deploymentId(request);
     const deployment = await getDeployment(ds, id);
     if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
@@ -248,9 +275,12 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
 
   // --- intake ---
-  const intakeLimit: { rateLimit?: { max: number; timeWindow: number } } =
-    config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {};
-  app.post('/api/events', { config: intakeLimit }, async (request, reply) => {
+  const intake: { scope: Scope; rateLimit?: { max: number; timeWindow: number } } = {
+    // the base scope; the handler asks for events:admin where the event needs it
+    scope: 'events:write',
+    ...(config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {}),
+  };
+  app.post('/api/events', { config: intake }, async (request, reply) => {
     const body = request.body;
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
@@ -263,7 +293,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       ...(extra.length > 0 ? [{ field: '(root)', rule: `unknown field(s): ${extra.map((k) => k.slice(0, 40)).join(', ')}` }] : []),
     ];
     if (issues.length > 0) throw new HttpError(400, 'invalid_body', issues.map((i) => `${i.field}: ${i.rule}`).join('; '), issues);
-    const access = accessOf.get(request) ?? { kind: 'open' };
+    const access = accessOf.get(request);
+    if (access === undefined) throw new HttpError(401, 'unauthorized', 'the request was not authenticated'); // never open by default
     const needs = scopeForEvent(name, data);
     if (!hasScope(access, needs)) {
       throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${needs === 'events:admin' && name === 'deployment.teardown' ? ' with force' : ''} needs the "${needs}" scope`);
@@ -300,8 +331,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
 
   // --- health and metrics ---
-  app.get('/healthz', async () => ({ status: 'ok' }));
-  app.get('/readyz', async (request, reply) => {
+  app.get('/healthz', OPEN, async () => ({ status: 'ok' }));
+  app.get('/readyz', OPEN, async (request, reply) => {
     const checks: Record<string, string> = {};
     const check = async (name: string, fn: () => Promise<boolean>) => {
       try {
@@ -320,7 +351,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const ok = Object.values(checks).every((v) => v === 'ok');
     return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable', checks });
   });
-  app.get('/metrics', async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()));
+  app.get('/metrics', config.metricsAuth === 'read' ? READ : OPEN, async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()));
 
   await registerBoard(app, deps, creds, admit);
   return app;

@@ -6,7 +6,7 @@
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
 import type IORedis from 'ioredis';
-import { deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
+import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
 import { createRedis } from './redis';
 import { EventIdConflictError } from '../errors';
@@ -92,18 +92,22 @@ export class LifecycleProducer {
     const eventId = data.eventId ?? deriveEventId(eventName, data);
     const jobId = jobIdFor(eventId);
     const ours = { ...data, eventId };
-    const added = await this.queue.add(eventName, ours, { ...jobOptions, jobId });
-    // Read back what the id holds. Gone already (done and removed) means it was ours or an earlier job of this id
-    // that has finished: the worker's processed_events then refuses a different event with the same id.
-    const held = await this.queue.getJob(jobId);
-    if (held !== undefined && held !== null) {
-      const differs = held.name !== eventName ? 'name' : samePayload(held.data, ours) ? null : 'payload';
+    // Read back what the id holds. Found nothing means the job under the id finished and was removed between the
+    // add and the read (ours, or an earlier one that made the add a no-op): add again, so that the event is really
+    // there (the worker's processed_events then tells a redelivery from another event with this id).
+    for (let attempt = 1; ; attempt++) {
+      const added = await this.queue.add(eventName, ours, { ...jobOptions, jobId });
+      const held = await this.queue.getJob(jobId);
+      if (held === undefined || held === null) {
+        if (attempt < 3) continue;
+        return { name: eventName, eventId, jobId, duplicate: false }; // added each time and done at once: it is in
+      }
+      const differs = held.name !== eventName ? 'name' : canonicalPayload(held.data) === canonicalPayload(ours) ? null : 'payload';
       if (differs !== null) {
         throw new EventIdConflictError(eventId, { name: held.name, state: await held.getState() }, differs);
       }
       return { name: eventName, eventId, jobId, duplicate: held.timestamp !== added.timestamp };
     }
-    return { name: eventName, eventId, jobId, duplicate: false };
   }
 
   createDeployment(input: EventInput<'deployment.create'>) {
@@ -142,20 +146,4 @@ export class LifecycleProducer {
     })();
     return this.closing;
   }
-}
-
-/**
- * Two job payloads are the same event when they are equal but for `actor` (the same event sent again by another
- * caller is still the same event).
- */
-function samePayload(a: unknown, b: unknown): boolean {
-  const canonical = (value: unknown): string => {
-    if (typeof value !== 'object' || value === null) return JSON.stringify(value) ?? 'undefined';
-    if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`;
-    const entries = Object.entries(value as Record<string, unknown>)
-      .filter(([k, v]) => k !== 'actor' && v !== undefined)
-      .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0));
-    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonical(v)}`).join(',')}}`;
-  };
-  return canonical(a) === canonical(b);
 }

@@ -18,7 +18,7 @@ import type { PoolClient } from 'pg';
 import type { DataSource, QueryRunner } from 'typeorm';
 import { ConflictError, NotYetError, ValidationError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
-import { DEFAULT_ACTOR, parseEvent, type LifecycleEvent } from '../events/schemas';
+import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '../events/schemas';
 import { decide } from '../machine';
 import type {
   AttemptStatus,
@@ -113,6 +113,7 @@ interface SnapshotRow {
   c_status: AttemptStatus | null;
   p_event_name: string | null;
   p_deployment_id: string | null;
+  p_payload_sha256: string | null;
   p_outcome: string | null;
   p_reason: string | null;
   p_version: number | null;
@@ -207,7 +208,7 @@ export class TransitionService {
 
     if (lock) await run(q, `SELECT 1 FROM deployments WHERE id = $1 FOR UPDATE`, [deploymentId]);
     const row = await this.readSnapshot(q, deploymentId, attemptId, event.eventId);
-    if (row.p_event_name !== null && (row.p_event_name !== event.name || row.p_deployment_id !== deploymentId)) {
+    if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
       return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
     }
     if (row.p_outcome !== null) {
@@ -312,8 +313,9 @@ export class TransitionService {
        )`);
     }
     ctes.push(`claim AS (
-         INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, processed_at)
-         SELECT ${eventId}, ${param(event.name, 'varchar')}, dep.id, 'applied', ${reason}, ${newVersion}, ${at} FROM dep
+         INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, payload_sha256, processed_at)
+         SELECT ${eventId}, ${param(event.name, 'varchar')}, dep.id, 'applied', ${reason}, ${newVersion},
+                ${param(payloadDigest(event.data), 'char(64)')}, ${at} FROM dep
          RETURNING 1
        )`);
     if (effects.createAttempt !== undefined) {
@@ -388,13 +390,13 @@ export class TransitionService {
 
   /** The eventId was claimed by a delivery that committed first: a duplicate, or a different event's id. */
   private async claimedElsewhere(q: QueryRunner, event: LifecycleEvent): Promise<ApplyResult> {
-    const { rows } = await run<{ event_name: string; deployment_id: string }>(
+    const { rows } = await run<{ event_name: string; deployment_id: string; payload_sha256: string | null }>(
       q,
-      `SELECT event_name, deployment_id FROM processed_events WHERE event_id = $1`,
+      `SELECT event_name, deployment_id, payload_sha256 FROM processed_events WHERE event_id = $1`,
       [event.eventId],
     );
     const held = rows[0];
-    if (held !== undefined && (held.event_name !== event.name || held.deployment_id !== event.data.deploymentId)) {
+    if (held !== undefined && !sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
       return eventIdConflict(event, held.event_name, held.deployment_id);
     }
     return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
@@ -411,10 +413,10 @@ export class TransitionService {
   ): Promise<boolean> {
     const result = await run(
       q,
-      `INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, processed_at)
-       VALUES ($1, $2, $3, $4, $5, $6, $7)
+      `INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, payload_sha256, processed_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
        ON CONFLICT (event_id) DO NOTHING`,
-      [event.eventId, event.name, event.data.deploymentId, outcome, reason, version, now],
+      [event.eventId, event.name, event.data.deploymentId, outcome, reason, version, payloadDigest(event.data), now],
     );
     return result.affected === 1;
   }
@@ -435,7 +437,7 @@ export class TransitionService {
       `SELECT d.name AS d_name, d.state AS d_state, d.version AS d_version, d.current_attempt_id AS d_current_attempt_id,
               a.id AS a_id, a.deployment_id AS a_deployment_id, a.status AS a_status,
               c.id AS c_id, c.status AS c_status,
-              p.event_name AS p_event_name, p.deployment_id AS p_deployment_id, p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version
+              p.event_name AS p_event_name, p.deployment_id AS p_deployment_id, p.payload_sha256 AS p_payload_sha256, p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version
          FROM (SELECT 1) AS one
          LEFT JOIN deployments d ON d.id = $1
          LEFT JOIN attempts a ON a.id = $2
@@ -573,12 +575,23 @@ export class TransitionService {
 
 }
 
+/** A processed row is this event when name, deployment and payload agree (rows from before the digest: name and
+ * deployment). */
+function sameEvent(event: LifecycleEvent, name: string, deploymentId: string | null, digest: string | null): boolean {
+  return name === event.name && deploymentId === event.data.deploymentId && (digest === null || digest === payloadDigest(event.data));
+}
+
 /**
- * The eventId was processed before as another event: another name, or the same name for another deployment. Not a
+ * The eventId was processed before as another event: another name, another deployment, or another payload. Not a
  * duplicate (that would drop this event silently): refused, so the producer learns to send it with an id of its own.
  */
 function eventIdConflict(event: LifecycleEvent, claimedBy: string, claimedFor: string | null): ApplyResult {
-  const other = claimedBy === event.name ? `a ${claimedBy} event of deployment ${claimedFor ?? '?'}` : `a ${claimedBy} event`;
+  const other =
+    claimedBy !== event.name
+      ? `a ${claimedBy} event`
+      : claimedFor !== event.data.deploymentId
+        ? `a ${claimedBy} event of deployment ${claimedFor ?? '?'}`
+        : `a ${claimedBy} event with another payload`;
   return {
     outcome: 'rejected',
     eventId: event.eventId,

@@ -112,6 +112,13 @@ export class OutboxRelay {
   private loop: Promise<void> | null = null;
   /** the id of the last stream entry this relay appended; null: unknown, reconcile before appending */
   private lastStreamId: string | null = null;
+  /**
+   * Bumped by every (re)connection to Redis. A cycle remembers it before its reads and checks it after each: if a
+   * reconnect happened meanwhile, the server may be another one (restarted empty, a failover), and `lastStreamId`
+   * from before may match its tail by accident (`0-0` on an empty stream), so the cycle appends nothing and the next
+   * one reconciles first.
+   */
+  private generation = 0;
   private lastPrune = 0;
   /**
    * Rows appended to the stream and not yet marked published: their mark is sent with the next cycle's read (one
@@ -132,7 +139,9 @@ export class OutboxRelay {
         : options.redis;
     this.redis.on('error', (err) => this.log.debug({ err }, 'redis connection error'));
     this.redis.on('ready', () => {
-      this.lastStreamId = null; // a new connection may be a new (or restarted) server: check before appending
+      // a new connection may be a new (or restarted) server: reconcile before appending anything
+      this.generation++;
+      this.lastStreamId = null;
       this.poke();
     });
   }
@@ -256,6 +265,7 @@ export class OutboxRelay {
     const client = this.client;
     if (client === null) throw new Error('no database session');
     if (this.redis.status !== 'ready') return 0; // its 'ready' event wakes the loop
+    const generation = this.generation;
     if (this.lastStreamId === null) await this.reconcile(client);
 
     // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
@@ -271,8 +281,15 @@ export class OutboxRelay {
       )
     ).rows;
     this.unmarked = null;
+    if (generation !== this.generation || this.lastStreamId === null) {
+      // Redis reconnected while this cycle read: never append against a tail learnt from another connection. The
+      // rows just read stay unpublished; the marks just committed, if they name entries the new server lacks, are
+      // undone by the reconcile that comes first next cycle.
+      this.poke();
+      return 0;
+    }
     if (rows.length > 0) {
-      const expected = this.lastStreamId ?? '0-0';
+      const expected = this.lastStreamId;
       const args: string[] = [expected, String(this.options.maxLen ?? 1_000_000)];
       for (const row of rows) {
         const flat = Object.entries(row.fields).flat();
@@ -290,6 +307,12 @@ export class OutboxRelay {
         throw err;
       }
       const ids = rows.map((r) => r.id);
+      if (generation !== this.generation) {
+        // appended to a server this relay reconnected to during the call: leave the rows unmarked (republished
+        // after the reconcile; duplicates are allowed, gaps are not)
+        this.lastStreamId = null;
+        return 0;
+      }
       this.lastStreamId = streamIds[streamIds.length - 1] ?? expected;
       await this.options.afterXadd?.(ids);
       this.unmarked = { ids, streamIds };
@@ -326,6 +349,7 @@ export class OutboxRelay {
   private async reconcile(client: Client): Promise<void> {
     // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
     this.unmarked = null;
+    const generation = this.generation;
     const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
     const [ms, seq] = tail.split('-');
     const { rowCount } = await client.query(
@@ -335,7 +359,8 @@ export class OutboxRelay {
       [ms ?? '0', seq ?? '0'],
     );
     if ((rowCount ?? 0) > 0) this.log.warn({ republish: rowCount, streamTail: tail }, 'the stream lost entries: republishing them');
-    this.lastStreamId = tail;
+    // a reconnect during the reconcile may have brought another server: its tail is unknown, reconcile again
+    this.lastStreamId = generation === this.generation ? tail : null;
   }
 
   private async prune(client: Client): Promise<void> {

@@ -59,6 +59,12 @@ export class OwnRedis {
     this.child = null;
   }
 
+  /** Deletes the data directory's contents (the server must be stopped): the next start is an empty Redis. */
+  wipe(): void {
+    if (this.child !== null) throw new Error('wipe() needs a stopped server');
+    for (const entry of fs.readdirSync(this.dir)) fs.rmSync(path.join(this.dir, entry), { recursive: true, force: true });
+  }
+
   async stop(): Promise<void> {
     await this.kill('SIGTERM');
     fs.rmSync(this.dir, { recursive: true, force: true });

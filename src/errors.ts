@@ -102,6 +102,8 @@ export class ResyncRequiredError extends FleetError {
     readonly streamKey: string,
     readonly from: string,
     readonly firstRetained: string,
+    /** the last version the consumer handled per deployment before it stopped: where each resync starts */
+    readonly lastVersions: ReadonlyMap<string, number> = new Map(),
   ) {
     super(
       `resync_required: ${streamKey} no longer holds the entries after ${from} (it now starts at ${firstRetained}); ` +

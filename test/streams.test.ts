@@ -293,8 +293,8 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
   it('after Redis comes back empty mid-cycle, reconciles before appending: no permanent gap (issue 13 A)', async () => {
     const own = await OwnRedis.start();
     closers.push(() => own.stop());
-    // marks are held until the next cycle's read carries them (no mark on its own within the test)
-    const r = new OutboxRelay({ databaseUrl: db.url, redis: own.url, streamKey, pollIntervalMs: 100, markDelayMs: 600_000 });
+    // it polls every 100 ms: its next read comes while the table is locked below
+    const r = new OutboxRelay({ databaseUrl: db.url, redis: own.url, streamKey, pollIntervalMs: 100 });
     closers.push(() => r.close());
     r.start();
     const probe = new (await import('ioredis')).default(own.url, { maxRetriesPerRequest: null });
@@ -467,6 +467,44 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       });
       closers.push(() => consumer.close());
       expect(await consumer.run().catch((e: unknown) => e)).to.be.instanceOf(ResyncRequiredError);
+    });
+
+    it('is detected while running: a consumer held behind the trim rejects before handling past the hole (issue 13 B)', async () => {
+      const deploymentId = randomUUID();
+      const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+      await add(1);
+      let release: () => void = () => undefined;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      const handled: number[] = [];
+      const consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'slow',
+        consumer: 'c1',
+        startId: '0',
+        batchSize: 1,
+        blockMs: 100,
+        handler: async (e) => {
+          handled.push(e.version);
+          if (e.version === 1) await held; // a slow handler, a long retry
+        },
+      });
+      closers.push(() => consumer.close());
+      const outcome = consumer.run().then(
+        () => 'finished',
+        (err: unknown) => err,
+      );
+      await waitFor('the handler to hold v1', () => (handled.length === 1 ? true : undefined));
+      for (let v = 2; v <= 300; v++) await add(v);
+      await redis.xtrim(streamKey, 'MAXLEN', 10);
+      release();
+      // either the consumer stops with the resync signal, or it goes on past the hole (the bug): whichever first
+      const err = await Promise.race([outcome, waitFor('an entry handled past the hole', () => (handled.length > 1 ? `skipped to v${handled[1]}` : undefined))]);
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      // nothing past the hole was handled, and the caller learns where each deployment stands
+      expect(handled).to.deep.equal([1]);
+      expect((err as ResyncRequiredError).lastVersions).to.deep.equal(new Map([[deploymentId, 1]]));
+      expect(consumer.lastHandledVersions()).to.deep.equal(new Map([[deploymentId, 1]]));
     });
 
     it('is not raised for a group that is ahead of the trim', async () => {

@@ -68,6 +68,45 @@ export interface TransitionConsumerOptions {
   readonly logger?: Logger;
 }
 
+/**
+ * Reads the next batch for the group only if the group cannot miss an entry by it: one atomic step, so nothing can
+ * be trimmed between the check and the read. Redis 7 counts the entries ever added to a stream and, per group, the
+ * entries it has read (`entries-read`, which a read across a trimmed hole does not correct); the stream has dropped
+ * `entries-added - length` entries, all from its head. If that is more than the group has read, some entry the group
+ * never read is gone, and the next `>` read would silently skip it. A group whose count Redis does not know (created
+ * at an id in the middle) counts as missing when its position is behind the first entry still held (conservative).
+ * Returns `{'MISSED', last-delivered-id, first retained id}` or `{'OK', last-delivered-id, XREADGROUP reply}`.
+ */
+const READ_IF_CONTIGUOUS = `
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+  return nil
+end
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+local removed = field(stream, 'entries-added') - field(stream, 'length')
+local first = field(stream, 'recorded-first-entry-id')
+local last, read = '0-0', false
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(g, 'name') == ARGV[1] then
+    last = field(g, 'last-delivered-id')
+    read = field(g, 'entries-read')
+  end
+end
+if removed > 0 then
+  local missed
+  if read then
+    missed = removed > read
+  else
+    local lm, ls = string.match(last, '(%d+)-(%d+)')
+    local fm, fs = string.match(first, '(%d+)-(%d+)')
+    lm, ls, fm, fs = tonumber(lm), tonumber(ls), tonumber(fm), tonumber(fs)
+    missed = lm < fm or (lm == fm and ls < fs)
+  end
+  if missed then return {'MISSED', last, first} end
+end
+return {'OK', last, redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')}
+`;
+
 export class TransitionConsumer {
   private readonly redis: IORedis;
   private readonly ownsRedis: boolean;
@@ -80,6 +119,10 @@ export class TransitionConsumer {
   handled = 0;
   /** entries dropped as already seen */
   dropped = 0;
+  /** the last version this consumer handled per deployment, since start (handed to the caller on a resync) */
+  private readonly lastVersions = new Map<string, number>();
+  /** the group's last delivered id as of the last read: where a blocking wait for new entries starts */
+  private position = '0-0';
 
   constructor(private readonly options: TransitionConsumerOptions) {
     this.ownsRedis = typeof options.redis === 'string';
@@ -116,14 +159,14 @@ export class TransitionConsumer {
     await this.checkTrimmed();
     // own pending entries first: read before a restart, never acknowledged
     for (let from = '0'; !this.stopped; ) {
-      const entries = await this.readGroup(from, false);
+      const entries = await this.readPending(from);
       if (entries.length === 0) break;
       await this.handleAll(entries);
       from = entries[entries.length - 1]?.streamId ?? from;
     }
     while (!this.stopped) {
       await this.claimIdle();
-      const entries = await this.readGroup('>', true);
+      const entries = await this.readNew();
       await this.handleAll(entries);
     }
     this.log.debug({ streamKey, group }, 'consumer stopped');
@@ -161,8 +204,13 @@ export class TransitionConsumer {
     if (missed > 0) throw this.resync(lastDelivered, firstRetained);
   }
 
+  /** The last version this consumer handled per deployment since it started (a copy). */
+  lastHandledVersions(): Map<string, number> {
+    return new Map(this.lastVersions);
+  }
+
   private resync(from: string, firstRetained: string): ResyncRequiredError {
-    const err = new ResyncRequiredError(this.options.streamKey, from, firstRetained);
+    const err = new ResyncRequiredError(this.options.streamKey, from, firstRetained, this.lastHandledVersions());
     this.log.error({ from, firstRetained }, err.message);
     return err;
   }
@@ -191,12 +239,33 @@ export class TransitionConsumer {
     }
   }
 
-  private async readGroup(from: string, block: boolean): Promise<TransitionEntry[]> {
+  /**
+   * New entries for the group, checked to follow on from what the group has read (READ_IF_CONTIGUOUS): a position
+   * trimmed away while this consumer ran (a slow handler, a long retry) rejects with `ResyncRequiredError` before
+   * anything past the hole is handled. When there is nothing new, waits up to `blockMs` for an entry after the
+   * group's position (a plain XREAD, which moves nothing), then reads again through the check.
+   */
+  private async readNew(): Promise<TransitionEntry[]> {
+    const { streamKey, group, consumer } = this.options;
+    for (let waited = false; ; waited = true) {
+      const [status, last, reply] = (await this.redis.eval(READ_IF_CONTIGUOUS, 1, streamKey, group, consumer, String(this.options.batchSize ?? 100))) as [
+        string,
+        string,
+        Array<[string, Array<[string, string[]]>]> | null | string,
+      ];
+      if (status === 'MISSED') throw this.resync(last, typeof reply === 'string' ? reply : last);
+      this.position = last;
+      const raw = Array.isArray(reply) ? (reply[0]?.[1] ?? []) : [];
+      if (raw.length > 0 || waited || this.stopped) return raw.map(([id, fields]) => parseEntry(id, fields));
+      await this.redis.call('XREAD', 'COUNT', '1', 'BLOCK', String(this.options.blockMs ?? 2000), 'STREAMS', streamKey, this.position);
+    }
+  }
+
+  /** This consumer's own pending entries after `from` (read before a restart, never acknowledged). */
+  private async readPending(from: string): Promise<TransitionEntry[]> {
     const { streamKey, group, consumer } = this.options;
     const count = String(this.options.batchSize ?? 100);
-    const args: Array<string | number> = ['GROUP', group, consumer, 'COUNT', count];
-    if (block) args.push('BLOCK', this.options.blockMs ?? 2000);
-    args.push('STREAMS', streamKey, from);
+    const args: Array<string | number> = ['GROUP', group, consumer, 'COUNT', count, 'STREAMS', streamKey, from];
     const reply = (await this.redis.call('XREADGROUP', ...args)) as Array<[string, Array<[string, string[] | null]>]> | null;
     const raw = reply?.[0]?.[1] ?? [];
     const trimmed = raw.filter(([, fields]) => fields === null).map(([id]) => id);
@@ -213,6 +282,7 @@ export class TransitionConsumer {
         // closed while the handler kept failing: leave the entry pending for the next start or another consumer
         if (!(await this.handleWithRetry(entry))) return;
         await this.versions.set(entry.deploymentId, entry.version);
+        this.lastVersions.set(entry.deploymentId, entry.version);
         this.handled++;
       }
       await this.redis.xack(this.options.streamKey, this.options.group, entry.streamId);

@@ -142,7 +142,14 @@ export async function startFleet(
       r.start();
     }
     // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
-    const service = new TransitionService({ dataSource, logger, relay: relay ?? undefined, endpointAllow: config.endpointAllow });
+    const service = new TransitionService({
+      dataSource,
+      logger,
+      relay: relay ?? undefined,
+      endpointAllow: config.endpointAllow,
+      orphanAfterS: config.orphanAfterS,
+      progressDeadlineS: config.progressDeadlineS,
+    });
     if (config.endpointAllow === null && ((roles.worker ?? true) || (roles.sweep ?? true))) {
       logger.info('FLEET_ENDPOINT_ALLOW is unset: this process takes and probes any endpoint host (set it wherever producers are not all trusted)');
     }

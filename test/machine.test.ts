@@ -328,3 +328,37 @@ describe('state machine: convergence (property)', () => {
     expect(run([start, endFail])).to.deep.equal({ state: 'failed', status: 'failed', version: 4 });
   });
 });
+
+describe('decide: the promises that a table of usual snapshots does not pin (issue 13)', () => {
+  it('cancel takes precedence: a failed deployment whose attempt was cancelled stays failed whatever end comes late', () => {
+    const cancelled: Snapshot = {
+      deployment: { name: 'web', state: 'failed', version: 4, currentAttemptId: A },
+      attempt: { id: A, status: 'cancelled' },
+      currentAttempt: { id: A, status: 'cancelled' },
+    };
+    const endpoint = { url: 'http://10.0.0.1:30000', kind: 'node_port' as const };
+    expect(summarize(decide(cancelled, { type: 'attempt.end', attemptId: A, outcome: 'succeeded', endpoint }, NOW))).to.equal('noop:first_outcome_wins');
+    expect(summarize(decide(cancelled, { type: 'attempt.end', attemptId: A, outcome: 'failed' }, NOW))).to.equal('noop:already_ended');
+    for (const type of ['attempt.cancel', 'attempt.orphaned', 'attempt.expired', 'attempt.start'] as const) {
+      expect(decide(cancelled, { type, attemptId: A }, NOW).kind, type).to.equal('noop');
+    }
+  });
+
+  it('an orphan or expiry is re-checked against the attempt, not only the state', () => {
+    const at = (s: number) => new Date(NOW.getTime() + s * 1000);
+    const deploying = (livenessAt: Date, startedAt: Date): Snapshot => ({
+      deployment: { name: 'web', state: 'deploying', version: 3, currentAttemptId: A },
+      attempt: { id: A, status: 'running', livenessAt, startedAt },
+      currentAttempt: { id: A, status: 'running' },
+    });
+    const orphan = (deadBefore: Date): MachineEvent => ({ type: 'attempt.orphaned', attemptId: A, deadBefore });
+    expect(summarize(decide(deploying(at(-100), at(-200)), orphan(at(-90)), NOW))).to.equal('applied:unknown:orphaned');
+    expect(summarize(decide(deploying(at(-90), at(-200)), orphan(at(-90)), NOW))).to.equal('noop:alive'); // the edge: alive
+    expect(summarize(decide(deploying(at(-10), at(-200)), orphan(at(-90)), NOW))).to.equal('noop:alive');
+    const expiry = (startedBefore: Date): MachineEvent => ({ type: 'attempt.expired', attemptId: A, startedBefore });
+    expect(summarize(decide(deploying(at(-1), at(-1801)), expiry(at(-1800)), NOW))).to.equal('applied:failed:progress_deadline_exceeded');
+    expect(summarize(decide(deploying(at(-1), at(-1000)), expiry(at(-1800)), NOW))).to.equal('noop:not_due');
+    // without a cutoff (an old producer's event, a replay), as before
+    expect(summarize(decide(deploying(at(-1), at(-1)), { type: 'attempt.orphaned', attemptId: A }, NOW))).to.equal('applied:unknown:orphaned');
+  });
+});

@@ -280,6 +280,21 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     expect(row).to.deep.include({ state: 'ready', endpoint_url: node.url, version: readyVersion });
   });
 
+  it('never moves a stamp backwards: an overlapping tick that started earlier cannot undo a newer stamp', async () => {
+    const t0 = new Date('2030-01-01T00:00:00.000Z');
+    const clock = new ManualClock(t0);
+    const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
+    const node = await server('ok');
+    const id = await ended(service, { url: node.url, kind: 'node_port' }); // stamped t0 by the end
+    clock.at(t0, 60);
+    expect(await sweeper(clock).sweep()).to.deep.include({ stamped: 1 });
+    // a slower tick that read its clock at +30 finishes after the one at +60
+    const slow = new ManualClock(new Date(t0.getTime() + 30_000));
+    expect(await sweeper(slow).sweep()).to.deep.include({ probed: 1 });
+    const [row] = await db.dataSource.query<Array<{ last_ready_at: Date }>>(`SELECT last_ready_at FROM deployments WHERE id = $1`, [id]);
+    expect(row?.last_ready_at.toISOString()).to.equal(new Date(t0.getTime() + 60_000).toISOString());
+  });
+
   it('probes freshest stamps first and stops starting probes when the tick budget is spent', async () => {
     const t0 = new Date('2030-01-01T00:00:00.000Z');
     const clock = new ManualClock(t0);
@@ -304,8 +319,8 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       return { t0, clock: new ManualClock(t0) };
     }
 
-    function startWorker(service: TransitionService): void {
-      workers.push(new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service, concurrency: 8 }));
+    function startWorker(service: TransitionService, concurrency = 8): void {
+      workers.push(new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service, concurrency }));
     }
 
     async function heartbeat(...attempts: Array<{ deploymentId: string; attemptId: string }>): Promise<void> {
@@ -319,6 +334,88 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
         `SELECT d.state, a.status, a.reason FROM deployments d JOIN attempts a ON a.deployment_id = d.id WHERE d.id = $1 ORDER BY a.number DESC LIMIT 1`,
         [deploymentId],
       ))[0];
+
+    it('re-checks an orphan when it is applied: a heartbeat since makes it a noop `alive`, and a later death still orphans (issue 13 C)', async () => {
+      const { t0, clock } = pastClock();
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, orphanAfterS: 90 });
+      const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
+      const a = await running(service);
+      clock.at(t0, 100);
+      expect((await sweep.sweep()).orphaned).to.equal(1);
+      const firstId = `attempt.orphaned.${a.attemptId}.${t0.getTime()}`;
+      expect(await producer.queue.getJobState(firstId)).to.equal('waiting');
+      // a heartbeat produced before the sweep ran, applied after it declared the orphan (it waited in a backlog)
+      expect(await service.apply('attempt.heartbeat', { ...a, eventId: 'hb-1' }, { producedAt: new Date(t0.getTime() + 95_000) })).to.deep.include({ reason: 'stamped' });
+      startWorker(service);
+      const declared = await settledOne(firstId);
+      expect(declared.returnvalue).to.deep.include({ outcome: 'noop', reason: 'alive' });
+      expect(await stateOf(a.deploymentId)).to.deep.include({ state: 'deploying', status: 'running' });
+      // not recorded as the eventId's outcome: it is no decision about the attempt
+      expect(await db.dataSource.query(`SELECT 1 FROM processed_events WHERE event_id = $1`, [firstId])).to.have.length(0);
+
+      // then the runner really goes silent: the next declaration has an id of its own, and applies
+      clock.at(t0, 185);
+      expect((await sweep.sweep()).orphaned, 'exactly 90 s after the heartbeat: not yet').to.equal(0);
+      clock.at(t0, 186);
+      expect((await sweep.sweep()).orphaned).to.equal(1);
+      const second = await settledOne(`attempt.orphaned.${a.attemptId}.${t0.getTime() + 95_000}`);
+      expect(second.returnvalue).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
+      expect(await stateOf(a.deploymentId)).to.deep.equal({ state: 'unknown', status: 'abandoned', reason: 'orphaned' });
+    });
+
+    it('does not orphan attempts whose heartbeats wait in a backlog behind the declaration (issue 13 C)', async () => {
+      const { t0, clock } = pastClock();
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, orphanAfterS: 90 });
+      const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
+      const attempts = [await running(service), await running(service), await running(service), await running(service)];
+      const [dead, ...alive] = attempts as [{ deploymentId: string; attemptId: string }, ...Array<{ deploymentId: string; attemptId: string }>];
+      // no worker yet: a backlog. The live runners' heartbeats are queued; the sweep finds every attempt silent.
+      clock.at(t0, 95);
+      for (const x of alive) await producer.heartbeat(x);
+      expect((await sweep.sweep()).orphaned).to.equal(4);
+      startWorker(service, 1); // one at a time, in queue order: the heartbeats, then the declarations behind them
+      const jobs = await settled(attempts.map((x) => `attempt.orphaned.${x.attemptId}.${t0.getTime()}`));
+      expect(jobs.map((j) => (j.returnvalue as { reason: string }).reason)).to.deep.equal(['orphaned', 'alive', 'alive', 'alive']);
+      expect(await stateOf(dead.deploymentId)).to.deep.include({ state: 'unknown' });
+      for (const x of alive) expect(await stateOf(x.deploymentId)).to.deep.include({ state: 'deploying', status: 'running' });
+    });
+
+    it('declares again an expiry that a worker with another setting answered not_due, once a worker agrees', async () => {
+      const { t0, clock } = pastClock();
+      const disagreeing = new LifecycleWorker({
+        connection: testEnv().redisUrl,
+        prefix,
+        service: new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 1800 }),
+      });
+      const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 600 });
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 600 });
+      const a = await running(service);
+      await service.apply('attempt.heartbeat', { ...a, eventId: 'hb' }, { producedAt: new Date(t0.getTime() + 599_000) });
+      clock.at(t0, 601);
+      expect(await sweep.sweep()).to.deep.include({ expired: 1 });
+      const jobId = `attempt.expired.${a.attemptId}`;
+      expect((await settledOne(jobId)).returnvalue).to.deep.include({ outcome: 'noop', reason: 'not_due' });
+      await disagreeing.close();
+      startWorker(service);
+      clock.at(t0, 631);
+      expect(await sweep.sweep()).to.deep.include({ expired: 1 });
+      await waitFor('the expiry applied', async () => ((await stateOf(a.deploymentId))?.state === 'failed' ? true : undefined));
+      expect(await stateOf(a.deploymentId)).to.deep.equal({ state: 'failed', status: 'failed', reason: 'progress_deadline_exceeded' });
+    });
+
+    it('re-checks an expiry too: not_due when the attempt started after the cutoff, applied when due', async () => {
+      const { t0, clock } = pastClock();
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 1800 });
+      const a = await running(service);
+      clock.at(t0, 1000);
+      // declared by someone whose clock or setting disagrees: the attempt started 1000 s before, not 1800
+      const early = await service.apply('attempt.expired', { ...a, eventId: 'expiry-1' }, { producedAt: clock.now() });
+      expect(early).to.deep.include({ outcome: 'noop', reason: 'not_due' });
+      clock.at(t0, 1801);
+      // the same eventId: a "not yet" is no decision, so it can still apply
+      const due = await service.apply('attempt.expired', { ...a, eventId: 'expiry-1' }, { producedAt: clock.now() });
+      expect(due).to.deep.include({ outcome: 'applied', to: 'failed', reason: 'progress_deadline_exceeded' });
+    });
 
     it('turns an attempt whose heartbeats stopped into unknown; teardown is refused until forced, resolved or ended late', async () => {
       const { t0, clock } = pastClock();
@@ -339,7 +436,8 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const result = await sweep.sweep();
       expect(result).to.deep.include({ orphaned: 3, expired: 0 });
 
-      const orphanJobs = await settled([lateEnd, forced, resolved].map((a) => `attempt.orphaned.${a.attemptId}`));
+      // the id names the liveness the orphan was declared for: their last heartbeat, at +60
+      const orphanJobs = await settled([lateEnd, forced, resolved].map((a) => `attempt.orphaned.${a.attemptId}.${t0.getTime() + 60_000}`));
       for (const job of orphanJobs) {
         expect(job.returnvalue).to.deep.include({ outcome: 'applied', from: 'deploying', to: 'unknown', reason: 'orphaned' });
       }
@@ -391,7 +489,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const failing = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service: outage, retryBudgetMs: 0 });
       clock.at(t0, 200);
       expect((await sweep.sweep()).orphaned).to.equal(1);
-      const jobId = `attempt.orphaned.${a.attemptId}`;
+      const jobId = `attempt.orphaned.${a.attemptId}.${t0.getTime()}`; // declared for its start: it never sent a heartbeat
       const failed = await settledOne(jobId);
       await failing.close();
       expect(await failed.getState()).to.equal('failed');
@@ -407,7 +505,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
 
     it('fails an attempt past the progress deadline with progress_deadline_exceeded, heartbeats or not', async () => {
       const { t0, clock } = pastClock();
-      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 600 });
       startWorker(service);
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 600 });
       clock.at(t0, -1);
@@ -422,7 +520,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       clock.at(t0, 600); // steady started exactly 600 s ago: not yet; silent is past both thresholds
       expect(await sweep.sweep()).to.deep.include({ expired: 1, orphaned: 0 });
       await settled([`attempt.expired.${silent.attemptId}`]);
-      expect(await producer.queue.getJob(`attempt.orphaned.${silent.attemptId}`), 'past the deadline wins over orphaned').to.equal(undefined);
+      expect(await producer.queue.getJobs(['waiting', 'active', 'completed', 'failed', 'delayed']).then((jobs) => jobs.filter((j) => j.name === 'attempt.orphaned')), 'past the deadline wins over orphaned').to.deep.equal([]);
 
       clock.at(t0, 601);
       expect(await sweep.sweep()).to.deep.include({ expired: 1, orphaned: 0 });

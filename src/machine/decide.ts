@@ -97,6 +97,8 @@ function decideAttemptEvent(
 
     case 'attempt.orphaned':
       if (state === 'deploying') {
+        // re-checked when applied, not only when declared: a heartbeat since proves the runner alive
+        if (isAtOrAfter(attempt.livenessAt, event.deadBefore)) return noop('alive');
         return applied(state, 'unknown', 'orphaned', {
           attempts: [{ attemptId: id, status: 'abandoned', reason: 'orphaned', endedAt: now }],
         });
@@ -105,6 +107,7 @@ function decideAttemptEvent(
 
     case 'attempt.expired':
       if (state === 'deploying') {
+        if (isAtOrAfter(attempt.startedAt, event.startedBefore)) return noop('not_due');
         return applied(state, 'failed', 'progress_deadline_exceeded', {
           attempts: [{ attemptId: id, status: 'failed', reason: 'progress_deadline_exceeded', endedAt: now }],
         });
@@ -151,6 +154,11 @@ function teardown(
     endpoint: null,
     lastReadyAt: null,
   });
+}
+
+/** True when both are known and `time` is not before `cutoff`. */
+function isAtOrAfter(time: Date | null | undefined, cutoff: Date | undefined): boolean {
+  return time != null && cutoff !== undefined && time.getTime() >= cutoff.getTime();
 }
 
 function supersede(attempt: AttemptSnapshot, now: Date) {

@@ -1,5 +1,5 @@
 export { decide, assertNever } from './decide';
-export { DEPLOYMENT_STATES, ATTEMPT_STATUSES, ENDPOINT_KINDS } from './types';
+export { DEPLOYMENT_STATES, ATTEMPT_STATUSES, ENDPOINT_KINDS, TIME_DEPENDENT_NOOPS } from './types';
 export type {
   AttemptChange,
   AttemptSnapshot,

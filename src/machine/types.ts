@@ -38,8 +38,22 @@ export type MachineEvent =
       readonly endpoint?: Endpoint | undefined;
     }
   | { readonly type: 'attempt.cancel'; readonly attemptId: string; readonly reason?: string | undefined }
-  | { readonly type: 'attempt.orphaned'; readonly attemptId: string }
-  | { readonly type: 'attempt.expired'; readonly attemptId: string }
+  | {
+      readonly type: 'attempt.orphaned';
+      readonly attemptId: string;
+      /**
+       * The attempt counts as orphaned only while its liveness (last heartbeat, else start) is older than this: the
+       * time the orphan was declared minus FLEET_ORPHAN_AFTER_S. A heartbeat produced after it (one that waited in a
+       * backlog, say) proves the runner alive: a noop `alive`. Unset: no re-check.
+       */
+      readonly deadBefore?: Date | undefined;
+    }
+  | {
+      readonly type: 'attempt.expired';
+      readonly attemptId: string;
+      /** expired only if the attempt started before this (declared minus FLEET_PROGRESS_DEADLINE_S); else `not_due` */
+      readonly startedBefore?: Date | undefined;
+    }
   | { readonly type: 'deployment.teardown'; readonly force?: boolean | undefined }
   | { readonly type: 'deployment.resolve'; readonly outcome: 'ready' | 'failed'; readonly reason?: string | undefined };
 
@@ -55,6 +69,9 @@ export interface DeploymentSnapshot {
 export interface AttemptSnapshot {
   readonly id: string;
   readonly status: AttemptStatus;
+  /** last heartbeat, else start (null: neither); read for the orphan re-check */
+  readonly livenessAt?: Date | null | undefined;
+  readonly startedAt?: Date | null | undefined;
 }
 
 /**
@@ -87,7 +104,17 @@ export type NoopReason =
   | 'stale_attempt'
   | 'already_ended'
   | 'first_outcome_wins'
-  | 'not_running';
+  | 'not_running'
+  /** an orphan declared for an attempt that has sent a heartbeat since: it is alive */
+  | 'alive'
+  /** an expiry declared for an attempt that started after the deadline's cutoff (clocks or settings disagree) */
+  | 'not_due';
+
+/**
+ * Noops that depend on time, not on the events seen: they are not recorded as the eventId's outcome, so that the
+ * same eventId can still apply when its time comes.
+ */
+export const TIME_DEPENDENT_NOOPS: ReadonlySet<NoopReason> = new Set<NoopReason>(['alive', 'not_due']);
 
 /**
  * Why an event was refused; the job fails without retries. `event_id_conflict` (the eventId was already used by a

@@ -7,7 +7,8 @@
  *    UPDATE per tick. A failed probe changes nothing: the URL stays, the stamp ages, and dispatch falls back to
  *    the public endpoint once it is older than the window. Stamps are observations: they never bump `version`.
  * 2. Orphans: running attempts whose last heartbeat (or start, if none) is older than FLEET_ORPHAN_AFTER_S get an
- *    `attempt.orphaned` lifecycle job.
+ *    `attempt.orphaned` lifecycle job, declared as of the tick (the job's timestamp); the worker applies it only if
+ *    no heartbeat produced since the cutoff has arrived meanwhile (else a noop `alive`).
  * 3. Deadlines: running attempts started more than FLEET_PROGRESS_DEADLINE_S ago get `attempt.expired`.
  *
  * Orphans and deadlines only enqueue ordinary lifecycle jobs with the SDK's deterministic eventIds; the lifecycle
@@ -45,13 +46,13 @@ export const SWEEP_SQL = Object.freeze({
    * Expired and orphaned running attempts in one statement: attempts_running_started_idx and
    * attempts_running_liveness_idx (on COALESCE(last_heartbeat_at, started_at) WHERE status = 'running').
    */
-  dueAttempts: `(SELECT 'expired' AS kind, id, deployment_id
+  dueAttempts: `(SELECT 'expired' AS kind, id, deployment_id, started_at AS liveness_at
    FROM attempts
   WHERE status = 'running' AND started_at < $2
   ORDER BY started_at
   LIMIT $3)
 UNION ALL
-(SELECT 'orphaned' AS kind, id, deployment_id
+(SELECT 'orphaned' AS kind, id, deployment_id, COALESCE(last_heartbeat_at, started_at) AS liveness_at
    FROM attempts
   WHERE status = 'running' AND COALESCE(last_heartbeat_at, started_at) < $1
   ORDER BY COALESCE(last_heartbeat_at, started_at)
@@ -136,6 +137,8 @@ interface DueAttemptRow {
   kind: 'expired' | 'orphaned';
   id: string;
   deployment_id: string;
+  /** orphaned: last heartbeat, else start; expired: start */
+  liveness_at: Date;
 }
 
 export class Sweeper {
@@ -211,12 +214,17 @@ export class Sweeper {
     const orphaned = rows.filter((r) => r.kind === 'orphaned' && !expiredIds.has(r.id));
     const jobs = [...expired, ...orphaned].map((r) => {
       const name = r.kind === 'expired' ? ('attempt.expired' as const) : ('attempt.orphaned' as const);
-      const eventId = deriveEventId(name, { deploymentId: r.deployment_id, attemptId: r.id });
-      // The jobId is the eventId: re-finding the same attempt next tick (its job not applied yet) adds nothing.
+      // The jobId is the eventId: re-finding the same attempt next tick (its job not applied yet) adds nothing. An
+      // orphan's id names the liveness it was declared for: if a heartbeat proves the runner alive (a noop
+      // `alive`), a later death gets an id of its own and is not taken for the earlier one.
+      const derived = deriveEventId(name, { deploymentId: r.deployment_id, attemptId: r.id });
+      const eventId = r.kind === 'orphaned' ? `${derived}.${r.liveness_at.getTime()}` : derived;
       return {
         name,
         data: { deploymentId: r.deployment_id, attemptId: r.id, eventId, actor: SWEEP_ACTOR },
-        opts: { jobId: jobIdFor(eventId) },
+        // declared now, by this tick's clock: the worker judges the attempt as of then (heartbeats that waited
+        // behind this job in a backlog still count)
+        opts: { jobId: jobIdFor(eventId), timestamp: now.getTime() },
       };
     });
     for (let i = 0; i < jobs.length; i += 500) {
@@ -224,10 +232,21 @@ export class Sweeper {
     }
     // A job with the same id that failed (say it gave up during a long outage) is kept for days, and adding it
     // again does nothing: retry it instead, or the attempt would stay deploying.
-    for (const { opts } of jobs) {
-      if ((await this.producer.queue.getJobState(opts.jobId)) === 'failed') {
-        await (await this.producer.queue.getJob(opts.jobId))?.retry('failed');
-        this.log.warn({ jobId: opts.jobId }, 'retried an earlier failed sweep job for an attempt that is still due');
+    // An earlier job of the same id that completed as "not yet" (`alive`, `not_due`: clocks or settings disagreed)
+    // is done as well: add it again, since the attempt is due now.
+    for (const job of jobs) {
+      const state = await this.producer.queue.getJobState(job.opts.jobId);
+      if (state === 'failed') {
+        await (await this.producer.queue.getJob(job.opts.jobId))?.retry('failed');
+        this.log.warn({ jobId: job.opts.jobId }, 'retried an earlier failed sweep job for an attempt that is still due');
+      } else if (state === 'completed') {
+        const earlier = await this.producer.queue.getJob(job.opts.jobId);
+        const reason = (earlier?.returnvalue as { reason?: unknown } | undefined)?.reason;
+        if (earlier !== undefined && (reason === 'alive' || reason === 'not_due')) {
+          await earlier.remove();
+          await this.producer.queue.add(job.name, job.data, job.opts);
+          this.log.warn({ jobId: job.opts.jobId, reason }, 'declared again: the attempt is due by this tick (do the sweep and the workers share FLEET_ORPHAN_AFTER_S, FLEET_PROGRESS_DEADLINE_S and a clock?)');
+        }
       }
     }
     if (orphaned.length > 0) {

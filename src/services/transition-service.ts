@@ -19,7 +19,7 @@ import type { DataSource, QueryRunner } from 'typeorm';
 import { ConflictError, NotYetError, ValidationError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '../events/schemas';
-import { decide } from '../machine';
+import { decide, TIME_DEPENDENT_NOOPS } from '../machine';
 import type {
   AttemptStatus,
   Decision,
@@ -99,6 +99,13 @@ export interface TransitionServiceOptions {
   readonly relay?: { readonly isLeader: boolean; notifyCommitted(): void };
   /** FLEET_ENDPOINT_ALLOW: an endpoint outside it fails the event as invalid (default: any endpoint) */
   readonly endpointAllow?: EndpointAllowList | null;
+  /**
+   * FLEET_ORPHAN_AFTER_S (default 90): `attempt.orphaned` applies only while the attempt's liveness is older than
+   * the time the event was produced minus this (a heartbeat since makes it a noop `alive`)
+   */
+  readonly orphanAfterS?: number;
+  /** FLEET_PROGRESS_DEADLINE_S (default 1800): likewise for `attempt.expired`, with the attempt's start (`not_due`) */
+  readonly progressDeadlineS?: number;
 }
 
 interface SnapshotRow {
@@ -109,6 +116,8 @@ interface SnapshotRow {
   a_id: string | null;
   a_deployment_id: string | null;
   a_status: AttemptStatus | null;
+  a_liveness_at: Date | null;
+  a_started_at: Date | null;
   c_id: string | null;
   c_status: AttemptStatus | null;
   p_event_name: string | null;
@@ -133,6 +142,8 @@ export class TransitionService {
   private readonly hooks: TransitionHooks;
   private readonly relay: TransitionServiceOptions['relay'];
   private readonly endpointAllow: EndpointAllowList | null;
+  private readonly orphanAfterMs: number;
+  private readonly progressDeadlineMs: number;
   /** the relay wake-up in flight, if any (see `wakeRelay`) */
   private wakeup: Promise<void> | null = null;
   private wakeAgain = false;
@@ -145,6 +156,8 @@ export class TransitionService {
     this.hooks = options.hooks ?? {};
     this.relay = options.relay;
     this.endpointAllow = options.endpointAllow ?? null;
+    this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
+    this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
   }
 
   /**
@@ -162,12 +175,18 @@ export class TransitionService {
       case 'deployment.readiness':
         return this.stampReadiness(event, options.producedAt);
       default:
-        return this.transition(event);
+        return this.transition(event, options.producedAt);
     }
   }
 
-  private async transition(event: StateEvent): Promise<ApplyResult> {
-    const machineEvent = toMachineEvent(event);
+  private async transition(event: StateEvent, producedAt: Date | undefined): Promise<ApplyResult> {
+    // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
+    // to its tick), so that heartbeats that waited behind it in a backlog still count
+    const declared = (producedAt ?? this.now()).getTime();
+    const machineEvent = toMachineEvent(event, {
+      deadBefore: new Date(declared - this.orphanAfterMs),
+      startedBefore: new Date(declared - this.progressDeadlineMs),
+    });
     for (let attempt = 1; ; attempt++) {
       // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
       // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
@@ -233,7 +252,10 @@ export class TransitionService {
         row.d_state === null || row.d_name === null || row.d_version === null
           ? null
           : { name: row.d_name, state: row.d_state, version: row.d_version, currentAttemptId: row.d_current_attempt_id },
-      attempt: row.a_id === null || row.a_status === null ? null : { id: row.a_id, status: row.a_status },
+      attempt:
+        row.a_id === null || row.a_status === null
+          ? null
+          : { id: row.a_id, status: row.a_status, livenessAt: row.a_liveness_at, startedAt: row.a_started_at },
       currentAttempt: row.c_id === null || row.c_status === null ? null : { id: row.c_id, status: row.c_status },
     };
     const now = this.now();
@@ -245,6 +267,8 @@ export class TransitionService {
       case 'rejected':
         return { ...base, outcome: 'rejected', code: decision.code, message: decision.message };
       case 'noop': {
+        // a noop that only says "not yet" is no decision about the event: it stays free to apply later
+        if (TIME_DEPENDENT_NOOPS.has(decision.why)) return { ...base, outcome: 'noop', reason: decision.why };
         const claimed = await this.claimEvent(q, event, 'noop', decision.why, snapshot.deployment?.version ?? null, now);
         if (!claimed) return this.claimedElsewhere(q, event);
         return { ...base, outcome: 'noop', reason: decision.why };
@@ -436,6 +460,7 @@ export class TransitionService {
       q,
       `SELECT d.name AS d_name, d.state AS d_state, d.version AS d_version, d.current_attempt_id AS d_current_attempt_id,
               a.id AS a_id, a.deployment_id AS a_deployment_id, a.status AS a_status,
+              COALESCE(a.last_heartbeat_at, a.started_at) AS a_liveness_at, a.started_at AS a_started_at,
               c.id AS c_id, c.status AS c_status,
               p.event_name AS p_event_name, p.deployment_id AS p_deployment_id, p.payload_sha256 AS p_payload_sha256, p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version
          FROM (SELECT 1) AS one
@@ -601,15 +626,17 @@ function eventIdConflict(event: LifecycleEvent, claimedBy: string, claimedFor: s
   };
 }
 
-function toMachineEvent(event: StateEvent): MachineEvent {
+function toMachineEvent(event: StateEvent, cutoffs: { deadBefore: Date; startedBefore: Date }): MachineEvent {
   switch (event.name) {
     case 'deployment.create':
       return { type: event.name, name: event.data.name, endpoint: event.data.endpoint };
     case 'attempt.create':
     case 'attempt.start':
-    case 'attempt.orphaned':
-    case 'attempt.expired':
       return { type: event.name, attemptId: event.data.attemptId };
+    case 'attempt.orphaned':
+      return { type: event.name, attemptId: event.data.attemptId, deadBefore: cutoffs.deadBefore };
+    case 'attempt.expired':
+      return { type: event.name, attemptId: event.data.attemptId, startedBefore: cutoffs.startedBefore };
     case 'attempt.end':
       return {
         type: event.name,

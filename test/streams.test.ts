@@ -117,14 +117,19 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
   });
 
   it("marks a batch with the next batch's read (one statement), and close() marks the last batch", async () => {
-    const r = relay({ markDelayMs: 60_000 }); // no mark on its own within the test: only the next read carries it
+    // The relay cycles only when the test wakes it: no polling, no mark on its own, and a service that wakes it
+    // directly instead of with a NOTIFY (whose arrival time the test could not control).
+    // The ten rows are committed before it starts, so its first cycle reads them all.
+    const quiet = new TransitionService({ dataSource: db.dataSource, relay: { isLeader: true, notifyCommitted: () => undefined } });
     const first = randomUUID();
-    await tenTransitions(service, first);
+    await tenTransitions(quiet, first);
+    const r = relay({ markDelayMs: 600_000, pollIntervalMs: 600_000 });
     await waitFor('ten entries', async () => ((await redis.xlen(streamKey)) >= 10 ? true : undefined));
-    expect(await unmarkedCount(first)).to.be.greaterThan(0); // at least the last batch waits for a carrier
+    expect(await unmarkedCount(first)).to.equal(10); // appended, waiting for a read to carry their mark
 
     const second = randomUUID();
-    await service.apply('deployment.create', { deploymentId: second, name: 'web' }, { fallbackEventId: randomUUID() });
+    await quiet.apply('deployment.create', { deploymentId: second, name: 'web' }, { fallbackEventId: randomUUID() });
+    r.notifyCommitted();
     await waitFor('the eleventh entry', async () => ((await redis.xlen(streamKey)) >= 11 ? true : undefined));
     expect(await unmarkedCount(first)).to.equal(0); // carried by the read that found the new row
     expect(await unmarkedCount(second)).to.equal(1); // and the new row now waits in turn
@@ -375,10 +380,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       relay();
       const { child, output, exited } = startTail(['--json']);
       const text = startTail([]);
-      // the tails start at `$`: wait until both are blocked reading before writing
-      await waitFor('both tails to connect', async () => {
-        const clients = await redis.client('LIST');
-        return String(clients).split('lifecycle-fleet-tail').length - 1 >= 2 ? true : undefined;
+      // the tails start at `$`: wait until both have pinned it and are blocked reading, before writing
+      await waitFor('both tails to block in XREAD', async () => {
+        const clients = String(await redis.client('LIST')).split('\n');
+        return clients.filter((c) => c.includes('name=lifecycle-fleet-tail') && c.includes('cmd=xread')).length >= 2 ? true : undefined;
       });
       const deploymentId = randomUUID();
       await tenTransitions(service, deploymentId);

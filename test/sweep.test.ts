@@ -305,9 +305,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       await ended(service, { url: `${node.url}/${name}`, kind: 'node_port' });
     }
     clock.at(t0, 0);
-    // One lane of probes that each time out at 300 ms: the second starts at ~300 ms, inside the 450 ms budget; the
-    // third would start at ~600 ms, past it.
-    const result = await sweeper(clock, { probeTimeoutMs: 300, probeConcurrency: 1, probeBudgetMs: 450 }).sweep();
+    // One lane of probes that each hang until their timeout. The budget's clock is the work done, not the machine's
+    // speed: every probe the node has received counts 300 ms. The second starts at 300, inside the 450 ms budget;
+    // the third would start at 600, past it.
+    const result = await sweeper(clock, { probeTimeoutMs: 1000, probeConcurrency: 1, probeBudgetMs: 450, elapsedMs: () => node.requests.length * 300 }).sweep();
     expect(result).to.deep.include({ probed: 2, failed: 2, skipped: 2, stamped: 0 });
     expect(node.requests).to.deep.equal(['/freshest/ready', '/fresher/ready']);
   });

@@ -53,18 +53,18 @@ export async function tail(options: TailOptions): Promise<void> {
   });
   try {
     let last = options.from ?? '$';
-    if (last !== '$') await refuseTrimmed(redis, options.streamKey, last);
+    if (last === '$') {
+      // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
+      // skip whatever was added between the two reads
+      last = (await redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
+    } else {
+      await refuseTrimmed(redis, options.streamKey, last);
+    }
     while (!stopped) {
-      const reply = (await redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last));
-      const entries = reply?.[0]?.[1] ?? [];
-      for (const [id, fields] of entries) {
+      const reply = await redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last);
+      for (const [id, fields] of reply?.[0]?.[1] ?? []) {
         print(parseEntry(id, fields));
         last = id;
-      }
-      if (last === '$' && entries.length === 0) {
-        // pin the position so that entries added between two reads are not skipped
-        const newest = (await redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0];
-        if (newest !== undefined) last = newest;
       }
     }
   } finally {

@@ -114,6 +114,8 @@ export interface SweeperOptions {
    * their stamps and the dead ones wait.
    */
   readonly probeBudgetMs?: number;
+  /** a monotonic clock in ms for the probe budget (default `performance.now`; tests inject one) */
+  readonly elapsedMs?: () => number;
   /** rows per readiness page (default 5000) */
   readonly pageSize?: number;
   /** orphaned and expired attempts handled per tick, each (default 5000; the rest next tick) */
@@ -156,6 +158,7 @@ export class Sweeper {
   private readonly log: Logger;
   private readonly metrics: SweepMetrics;
   private readonly endpointAllow: EndpointAllowList | null;
+  private readonly elapsedMs: () => number;
 
   constructor(options: SweeperOptions) {
     this.ds = options.dataSource;
@@ -172,6 +175,7 @@ export class Sweeper {
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep' });
     this.metrics = options.metrics ?? {};
     this.endpointAllow = options.endpointAllow ?? null;
+    this.elapsedMs = options.elapsedMs ?? (() => performance.now());
   }
 
   /**
@@ -267,10 +271,10 @@ export class Sweeper {
 
     const ok: ReadyRow[] = [];
     const probeFailures: Record<string, number> = {};
-    const deadline = performance.now() + this.probeBudgetMs;
+    const deadline = this.elapsedMs() + this.probeBudgetMs;
     let next = 0;
     const lane = async () => {
-      while (next < targets.length && performance.now() < deadline) {
+      while (next < targets.length && this.elapsedMs() < deadline) {
         const target = targets[next++];
         if (target === undefined) break;
         const outcome =

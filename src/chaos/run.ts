@@ -185,6 +185,18 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
 
 class Aborted extends Error {}
 
+/** The chaos workers' orphan threshold: a day, so that the sweep never orphans the attempts the workload holds. */
+const CHAOS_ORPHAN_AFTER_S = 86_400;
+
+/**
+ * The workload declares its orphans itself. A worker applies an orphan only if the attempt has shown no sign of
+ * life since the declaration's time minus the threshold (the job's timestamp), so the workload dates its
+ * declarations a threshold ahead: "this runner has been silent for a day". Other events keep the real time.
+ */
+function declaredAt(name: string): { timestamp?: number } {
+  return name === 'attempt.orphaned' ? { timestamp: Date.now() + (CHAOS_ORPHAN_AFTER_S + 60) * 1000 } : {};
+}
+
 interface Tracked {
   readonly name: string;
   readonly data: PlannedEvent['data'];
@@ -234,7 +246,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
           FLEET_CONCURRENCY: String(options.concurrency),
           LOG_LEVEL: 'warn',
           // the workload holds attempts in `deploying` on purpose; the sweep must not orphan or expire them
-          FLEET_ORPHAN_AFTER_S: '86400',
+          FLEET_ORPHAN_AFTER_S: String(CHAOS_ORPHAN_AFTER_S),
           FLEET_PROGRESS_DEADLINE_S: '604800',
         },
         logFile,
@@ -282,10 +294,10 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     };
     const sendIntended = async (event: Tracked) => {
       sent.set(event.data.eventId, event);
-      await retrying(() => producer_.enqueue(event.name, event.data));
+      await retrying(() => producer_.enqueue(event.name, event.data, declaredAt(event.name)));
     };
     const redeliver = (event: Tracked, n: number) =>
-      retrying(() => producer_.queue.add(event.name, event.data, { jobId: `${jobIdFor(event.data.eventId)}.redelivery${n}` }));
+      retrying(() => producer_.queue.add(event.name, event.data, { jobId: `${jobIdFor(event.data.eventId)}.redelivery${n}`, ...declaredAt(event.name) }));
 
     // --- barriers: one poller for all deployments waiting on one
     const waiting = new Map<string, { barrier: Barrier; resolve: () => void; reject: (err: Error) => void }>();

@@ -44,6 +44,9 @@ describe('chaos (CI variant)', function () {
     expect(report.events.wrongOutcome, out).to.equal(0);
     expect(report.deployments.wrongFinalState, out).to.equal(0);
     expect(report.checker.violations, out).to.deep.equal([]);
+    // a consumer held behind the trim point reports resync, never skips
+    expect(report.consumers.skipped, out).to.equal(0);
+    expect(report.consumers.resyncs, out).to.be.at.least(1);
     expect(report.timings.drainAfterLastFaultS, out).to.be.a('number');
     // it was a real run: thousands of events, every kind of fault, the relay leader killed
     expect(report.events.sent).to.be.above(2000);
@@ -58,6 +61,8 @@ describe('chaos (CI variant)', function () {
       'redis-client-kill',
       'redelivery-burst',
       'replay-burst',
+      'redis-wipe',
+      'consumer-held',
     ]);
     expect(report.faults.leaderKills).to.be.at.least(1);
     expect(report.ok).to.equal(true);

@@ -67,8 +67,11 @@ export interface SentEvent {
 
 export interface HistoryCheckOptions {
   readonly dataSource: DataSource;
-  /** check the transition stream too: a connection and `<prefix>:transitions` */
-  readonly stream?: { readonly redis: IORedis; readonly key: string };
+  /**
+   * check the transition stream too: a connection and `<prefix>:transitions`; `before`: entries a consumer read
+   * before they were trimmed away (in stream order), checked as if the stream still held them
+   */
+  readonly stream?: StreamSource;
   /** only these deployments (default: every deployment in the database) */
   readonly deploymentIds?: readonly string[];
   /** what the producer sent, by eventId: enables the noop and event checks */
@@ -512,8 +515,14 @@ function normalize(event: MachineEvent): MachineEvent {
 
 const STREAM_FIELDS = ['transitionId', 'deploymentId', 'attemptId', 'from', 'to', 'version', 'reason', 'eventId'] as const;
 
+export interface StreamSource {
+  readonly redis: IORedis;
+  readonly key: string;
+  readonly before?: readonly TransitionEntry[];
+}
+
 async function checkStream(
-  stream: { readonly redis: IORedis; readonly key: string },
+  stream: StreamSource,
   scope: ReadonlySet<string> | null,
   deployments: ReadonlyMap<string, DeploymentRow>,
   transitions: ReadonlyMap<string, readonly TransitionRow[]>,
@@ -529,9 +538,13 @@ async function checkStream(
   const rowsAt = new Map<string, Map<number, TransitionRow>>();
   for (const [id, rows] of transitions) rowsAt.set(id, new Map(rows.map((r) => [r.version, r])));
 
-  for (let start = '-'; ; ) {
-    const page = (await stream.redis.xrange(stream.key, start, '+', 'COUNT', 2000)) as Array<[string, string[]]>;
+  const before = stream.before ?? [];
+  const seenBefore = new Set(before.map((e) => e.streamId));
+  const beforePage: Array<[string, string[]]> = before.map((e) => [e.streamId, Object.entries(e).flat().map(String)]);
+  for (let start = '-', early = true; ; early = false) {
+    const page = early ? beforePage : ((await stream.redis.xrange(stream.key, start, '+', 'COUNT', 2000)) as Array<[string, string[]]>);
     for (const [id, fields] of page) {
+      if (!early && seenBefore.has(id)) continue;
       const entry = parseEntry(id, fields);
       if (scope !== null && !scope.has(entry.deploymentId)) continue;
       entries++;
@@ -597,6 +610,7 @@ async function checkStream(
         });
       }
     }
+    if (early) continue; // then the stream itself, from its start
     const last = page[page.length - 1];
     if (page.length < 2000 || last === undefined) break;
     start = `(${last[0]}`;

@@ -23,6 +23,8 @@ import { migrate } from '../entities/migrate';
 import { startLocalServices, type LocalServices } from '../local/services';
 import { LifecycleProducer, jobIdFor } from '../queues/producer';
 import { createRedis } from '../queues/redis';
+import { ResyncRequiredError } from '../errors';
+import { compareIds, TransitionConsumer, type TransitionEntry, type VersionStore } from '../streams/consumer';
 import { transitionStreamKey } from '../streams/outbox-relay';
 import { checkHistory, type HistoryReport, type SentEvent } from './history-checker';
 import { findRelayLeader, killRedisClients, terminateBackends, WorkerPool } from './faults';
@@ -58,7 +60,11 @@ export type FaultKind =
   | 'terminate-backends'
   | 'redis-client-kill'
   | 'redelivery-burst'
-  | 'replay-burst';
+  | 'replay-burst'
+  /** redis-server SIGKILLed and restarted with its data deleted: queues, scheduler and stream gone */
+  | 'redis-wipe'
+  /** a consumer held on an entry while the stream moves on and is trimmed past it */
+  | 'consumer-held';
 
 export interface FaultRecord {
   readonly atS: number;
@@ -89,6 +95,11 @@ export interface ChaosReport {
     readonly replayed: number;
   };
   readonly appliedTwice: number;
+  /**
+   * consumers held behind the trim point while running: `resyncs` stopped with ResyncRequiredError (as they must),
+   * `skipped` went on past the hole (must be 0); `auditRestarts`: the recording consumer restarted (a wiped Redis)
+   */
+  readonly consumers: { readonly resyncs: number; readonly skipped: number; readonly auditRestarts: number };
   readonly streamGaps: number;
   readonly streamRepeats: number;
   readonly transitions: number;
@@ -183,6 +194,16 @@ export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Polls `check` every 100 ms until it gives a value, or gives undefined after `timeoutMs`. */
+async function until<T>(check: () => T | undefined | Promise<T | undefined>, timeoutMs: number): Promise<T | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined || Date.now() > deadline) return value;
+    await sleep(100);
+  }
+}
+
 class Aborted extends Error {}
 
 /** The chaos workers' orphan threshold: a day, so that the sweep never orphans the attempts the workload holds. */
@@ -271,7 +292,44 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     const timing = new Random(options.seed ^ 0x5eed);
     const scripts = planWorkload({ deployments: options.deployments, phases: options.phases, random: plan, runId });
     const sent = new Map<string, Tracked>();
-    const counters = { resent: 0, redelivered: 0, replayed: 0, scriptsFinished: 0 };
+    const counters = { resent: 0, redelivered: 0, replayed: 0, scriptsFinished: 0, resyncs: 0, skipped: 0, auditRestarts: 0 };
+
+    // --- the audit consumer: records every entry (duplicates included) as a consumer sees it, so the stream check at
+    // the end covers entries that a fault trimmed away after the audit had read them
+    const auditEntries: TransitionEntry[] = [];
+    const keepAll: VersionStore = { get: () => undefined, set: () => undefined };
+    let audit: TransitionConsumer | null = null;
+    let auditStopped = false;
+    const startAudit = (): void => {
+      const consumer = new TransitionConsumer({
+        redis: redisUrl,
+        streamKey,
+        group: 'chaos-audit',
+        consumer: 'audit',
+        startId: '0',
+        batchSize: 500,
+        blockMs: 200,
+        versions: keepAll,
+        handler: (entry) => void auditEntries.push(entry),
+      });
+      audit = consumer;
+      consumer.run().then(
+        () => undefined,
+        async (err: unknown) => {
+          await consumer.close();
+          if (auditStopped) return;
+          counters.auditRestarts++;
+          log(`audit consumer stopped (${err instanceof Error ? err.message.slice(0, 120) : String(err)}); starting it again from 0`);
+          await sleep(500);
+          if (!auditStopped) startAudit();
+        },
+      );
+    };
+    startAudit();
+    const auditReached = (id: string) => {
+      const last = auditEntries[auditEntries.length - 1];
+      return last !== undefined && compareIds(last.streamId, id) >= 0;
+    };
     const background = new Set<Promise<void>>();
     let aborted = false;
 
@@ -299,6 +357,8 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     const redeliver = (event: Tracked, n: number) =>
       retrying(() => producer_.queue.add(event.name, event.data, { jobId: `${jobIdFor(event.data.eventId)}.redelivery${n}`, ...declaredAt(event.name) }));
 
+    /** rejections the barriers saw (job failed, with its reason): the job may be gone by the end (a wiped Redis) */
+    const rejectionsSeen = new Map<string, string>();
     // --- barriers: one poller for all deployments waiting on one
     const waiting = new Map<string, { barrier: Barrier; resolve: () => void; reject: (err: Error) => void }>();
     const barrier = (deploymentId: string, b: Barrier) =>
@@ -334,6 +394,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
                 rejectedAll = false;
                 break;
               }
+              rejectionsSeen.set(r.eventId, job.failedReason);
             }
             if (!rejectedAll) continue;
             waiting.delete(id);
@@ -346,11 +407,16 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     })();
 
     // --- the workload
+    /** each script's current step: what its producer would send again if the queue lost it */
+    const stepEvents = new Map<string, readonly Tracked[]>();
+    /** the eventIds of replays (sent outside any step) */
+    const replays = new Set<string>();
     const stepOf = new Map<string, string>();
     const runScript = async (script: Script, startAfterMs: number) => {
       await sleep(startAfterMs);
       for (const step of script.steps) {
         stepOf.set(script.deploymentId, step.label);
+        stepEvents.set(script.deploymentId, step.events);
         await Promise.all(
           timing.shuffle(step.events).map(async (planned) => {
             // out of order: most events go at once, some late
@@ -395,8 +461,10 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     const kinds: FaultKind[] = [
       'kill-worker',
       'redis-client-kill',
+      'consumer-held',
       'kill-relay-leader',
       'redelivery-burst',
+      'redis-wipe',
       'terminate-backends',
       'redis-restart',
       'replay-burst',
@@ -434,6 +502,25 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
         case 'redis-restart':
           await services.restartRedis({ signal: 'SIGKILL', downMs: 1000 });
           return 'redis-server SIGKILLed, down 1 s, restarted from its AOF';
+        case 'redis-wipe': {
+          await services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
+          // The queue lost its jobs. A producer that keeps its own record of what it sent (as a deploy pipeline
+          // does) sends again what it is still waiting on: its current step's events (earlier steps are settled:
+          // their states were reached and their rejections seen) and its replays, where not decided yet. The stream
+          // is rebuilt by the relay from the outbox.
+          const decided = new Set((await pool_.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));
+          const pendingReplays = [...replays].map((id) => sent.get(id)).filter((e): e is Tracked => e !== undefined);
+          const again = [...[...stepEvents.values()].flat(), ...pendingReplays].filter((e) => sent.has(e.data.eventId) && !decided.has(e.data.eventId));
+          for (const event of again) {
+            inBackground(async () => {
+              await retrying(() => producer_.enqueue(event.name, event.data, declaredAt(event.name)));
+              counters.resent++;
+            });
+          }
+          return `redis-server SIGKILLed, its data deleted, restarted empty; ${again.length} undecided events sent again`;
+        }
+        case 'consumer-held':
+          return holdConsumerBehindTrim();
         case 'postgres-restart':
           await services.restartPostgres({ mode: 'immediate', downMs: 1000 });
           return 'PostgreSQL stopped in immediate mode, down 1 s, restarted (crash recovery)';
@@ -457,6 +544,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
           const picked = Array.from({ length: Math.min(60, candidates.length) }, () => timing.pick(candidates));
           picked.forEach((event, n) => {
             const replay: Tracked = { ...event, data: { ...event.data, eventId: `${event.data.eventId}.r${n}x${faultLog.length}` } };
+            replays.add(replay.data.eventId);
             inBackground(async () => {
               await sendIntended(replay);
               counters.replayed++;
@@ -466,6 +554,58 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
         }
       }
     };
+    /**
+     * A consumer group made at the stream's end, whose handler hangs on the first entry it gets; 40 entries behind
+     * it are trimmed away (once the audit has read them); then the handler is let go. The consumer must stop with
+     * ResyncRequiredError, not go on past the hole.
+     */
+    const holdConsumerBehindTrim = async (): Promise<string> => {
+      const group = `held-${faultLog.length}`;
+      let release: () => void = () => undefined;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      const handled: TransitionEntry[] = [];
+      const held = new TransitionConsumer({
+        redis: redisUrl,
+        streamKey,
+        group,
+        consumer: 'held',
+        batchSize: 1,
+        blockMs: 200,
+        versions: keepAll,
+        handler: async (entry) => {
+          handled.push(entry);
+          if (handled.length === 1) await gate;
+        },
+      });
+      const outcome = held.run().then(
+        () => 'stopped' as const,
+        (err: unknown) => err,
+      );
+      try {
+        const first = await until(() => handled[0]?.streamId, 15_000);
+        if (first === undefined) return 'no entry came to hold the consumer on';
+        const behind = await until(async () => {
+          const next = await admin_.xrange(streamKey, `(${first}`, '+', 'COUNT', 41);
+          return next.length >= 41 ? next[40]?.[0] : undefined;
+        }, 20_000);
+        if (behind === undefined) return 'too little traffic behind the held consumer';
+        if ((await until(() => (auditReached(behind) ? true : undefined), 20_000)) === undefined) return 'the audit did not catch up; nothing trimmed';
+        const trimmed = await admin_.xtrim(streamKey, 'MINID', behind);
+        release();
+        const result = await Promise.race([outcome, until(() => (handled.length > 1 ? 'skipped' : undefined), 15_000)]);
+        if (result instanceof ResyncRequiredError) {
+          counters.resyncs++;
+          return `consumer held at ${first}; ${trimmed} entries trimmed behind it; it stopped with resync_required`;
+        }
+        if (result === 'skipped') counters.skipped++;
+        return `consumer held at ${first}; ${trimmed} entries trimmed; it ${result === 'skipped' ? 'WENT ON PAST THE HOLE' : `ended with ${String(result)}`}`;
+      } finally {
+        release();
+        await held.close();
+        await admin_.xgroup('DESTROY', streamKey, group).catch(() => undefined);
+      }
+    };
+
     let lastFaultAt = 0;
     const workloadStart = Date.now();
     for (let k = 0; ; k++) {
@@ -524,6 +664,8 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
     await workerPool.stop();
     workers = null;
+    auditStopped = true;
+    await (audit as TransitionConsumer | null)?.close();
 
     // --- accounting
     const processed = new Map(
@@ -544,8 +686,9 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
         continue;
       }
       const job = await producer_.queue.getJob(jobIdFor(eventId));
-      const state = job === undefined ? 'missing' : await job.getState();
-      const reason = job?.failedReason ?? '';
+      const seen = rejectionsSeen.get(eventId);
+      const state = job === undefined ? (seen === undefined ? 'missing' : 'failed') : await job.getState();
+      const reason = job?.failedReason ?? seen ?? '';
       if (event.expect.kind === 'rejected' && state === 'failed' && reason.startsWith(`${event.expect.code}:`)) {
         rejected++;
         continue;
@@ -577,7 +720,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     let history: HistoryReport;
     try {
       const events = new Map<string, SentEvent>([...sent].map(([id, e]) => [id, { name: e.name, data: e.data }]));
-      history = await checkHistory({ dataSource: checkDs, stream: { redis: admin_, key: streamKey }, events, maxViolations: 20 });
+      history = await checkHistory({ dataSource: checkDs, stream: { redis: admin_, key: streamKey, before: auditEntries }, events, maxViolations: 20 });
     } finally {
       await checkDs.destroy();
     }
@@ -586,7 +729,15 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     for (const f of faultLog) byKind[f.kind] = (byKind[f.kind] ?? 0) + 1;
     const streamGaps = history.stream?.gaps ?? 0;
     const report: ChaosReport = {
-      ok: lost === 0 && wrongOutcome === 0 && history.appliedTwice === 0 && streamGaps === 0 && history.ok && wrongFinalState === 0 && drainedAt !== null,
+      ok:
+        lost === 0 &&
+        wrongOutcome === 0 &&
+        history.appliedTwice === 0 &&
+        streamGaps === 0 &&
+        history.ok &&
+        wrongFinalState === 0 &&
+        drainedAt !== null &&
+        counters.skipped === 0,
       options: {
         deployments: options.deployments,
         workers: options.workers,
@@ -599,6 +750,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
       },
       events: { sent: sent.size, applied, noop, rejected, lost, wrongOutcome, resent: counters.resent, redelivered: counters.redelivered, replayed: counters.replayed },
       appliedTwice: history.appliedTwice,
+      consumers: { resyncs: counters.resyncs, skipped: counters.skipped, auditRestarts: counters.auditRestarts },
       streamGaps,
       streamRepeats: history.stream?.repeats ?? 0,
       transitions: history.transitions,
@@ -646,6 +798,7 @@ export function formatReport(r: ChaosReport): string {
     `  history checker     ${r.checker.ok ? 'clean' : JSON.stringify(r.checker.violationCounts)}`,
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
+    `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts})`,
     `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];

@@ -73,9 +73,10 @@ export interface LocalServices {
   stop(): Promise<void>;
   /**
    * Kills redis-server (SIGKILL: a crash; SIGTERM: a clean shutdown), stays down for `downMs` (default 0), then
-   * starts it again on the same port and data directory and waits until it has loaded its AOF. For fault tests.
+   * starts it again on the same port and data directory and waits until it has loaded its AOF (`wipe`: with the
+   * data deleted while it is down, so it comes back empty, as a lost disk or a fresh replica). For fault tests.
    */
-  restartRedis(options?: { signal?: 'SIGKILL' | 'SIGTERM'; downMs?: number }): Promise<void>;
+  restartRedis(options?: { signal?: 'SIGKILL' | 'SIGTERM'; downMs?: number; wipe?: boolean }): Promise<void>;
   /**
    * Stops PostgreSQL (`immediate`: SIGQUIT to the postmaster, a crash followed by recovery, as
    * `pg_ctl restart -m immediate`; `fast`: SIGINT), stays down for `downMs` (default 0), then starts it again on the
@@ -1331,12 +1332,15 @@ class Instance {
     return true;
   }
 
-  async restartRedis(sig: 'SIGKILL' | 'SIGTERM', downMs: number, password: string): Promise<void> {
+  async restartRedis(sig: 'SIGKILL' | 'SIGTERM', downMs: number, password: string, wipe = false): Promise<void> {
     const start = this.redisStart;
     const port = this.redisPort;
     if (start === undefined || port === undefined || this.redis === undefined) throw new Error('redis-server is not running here');
     this.assertNotStopping();
     await this.redis.stop([[sig, 15_000]]);
+    if (wipe) {
+      for (const data of ['appendonlydir', 'dump.rdb']) fs.rmSync(path.join(start.dir, data), { recursive: true, force: true });
+    }
     if (downMs > 0) await sleep(downMs);
     this.assertNotStopping();
     const server = spawnServer('redis-server', start.bin, start.args, start.logFile, start.dir, undefined, this.unexpected);
@@ -1457,7 +1461,7 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
     pgBinDir: bins.pgBinDir,
     pgDataDir: inst.pgDataDir,
     stop: () => inst.stop(),
-    restartRedis: (o = {}) => inst.restartRedis(o.signal ?? 'SIGKILL', o.downMs ?? 0, redisPassword),
+    restartRedis: (o = {}) => inst.restartRedis(o.signal ?? 'SIGKILL', o.downMs ?? 0, redisPassword, o.wipe ?? false),
     restartPostgres: (o = {}) => inst.restartPostgres(o.mode ?? 'immediate', o.downMs ?? 0, postgresPassword),
     get redisPid(): number | undefined {
       return inst.redis?.pid;

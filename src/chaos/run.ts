@@ -409,8 +409,6 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     // --- the workload
     /** each script's current step: what its producer would send again if the queue lost it */
     const stepEvents = new Map<string, readonly Tracked[]>();
-    /** the eventIds of replays (sent outside any step) */
-    const replays = new Set<string>();
     const stepOf = new Map<string, string>();
     const runScript = async (script: Script, startAfterMs: number) => {
       await sleep(startAfterMs);
@@ -505,12 +503,13 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
         case 'redis-wipe': {
           await services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
           // The queue lost its jobs. A producer that keeps its own record of what it sent (as a deploy pipeline
-          // does) sends again what it is still waiting on: its current step's events (earlier steps are settled:
-          // their states were reached and their rejections seen) and its replays, where not decided yet. The stream
-          // is rebuilt by the relay from the outbox.
+          // does) sends again what was not decided yet: every event it expects decided (any order converges: one
+          // that an earlier step no longer waited for, such as a start overtaken by its end, is a noop whenever it
+          // comes), and its current step's expected rejections (an earlier step's were seen; sent again later they
+          // would meet another state). The stream is rebuilt by the relay from the outbox.
           const decided = new Set((await pool_.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));
-          const pendingReplays = [...replays].map((id) => sent.get(id)).filter((e): e is Tracked => e !== undefined);
-          const again = [...[...stepEvents.values()].flat(), ...pendingReplays].filter((e) => sent.has(e.data.eventId) && !decided.has(e.data.eventId));
+          const currentRejections = [...stepEvents.values()].flat().filter((e) => e.expect.kind === 'rejected' && sent.has(e.data.eventId));
+          const again = [...[...sent.values()].filter((e) => e.expect.kind === 'decided'), ...currentRejections].filter((e) => !decided.has(e.data.eventId));
           for (const event of again) {
             inBackground(async () => {
               await retrying(() => producer_.enqueue(event.name, event.data, declaredAt(event.name)));
@@ -544,7 +543,6 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
           const picked = Array.from({ length: Math.min(60, candidates.length) }, () => timing.pick(candidates));
           picked.forEach((event, n) => {
             const replay: Tracked = { ...event, data: { ...event.data, eventId: `${event.data.eventId}.r${n}x${faultLog.length}` } };
-            replays.add(replay.data.eventId);
             inBackground(async () => {
               await sendIntended(replay);
               counters.replayed++;

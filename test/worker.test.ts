@@ -8,7 +8,7 @@ import { createDataSource } from '../ormconfig';
 import { LifecycleProducer } from '../src/queues/producer';
 import { LIFECYCLE_QUEUE } from '../src/queues/names';
 import { TransitionService } from '../src/services/transition-service';
-import { LifecycleWorker, type LifecycleWorkerOptions } from '../src/workers/lifecycle-worker';
+import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, type LifecycleWorkerOptions } from '../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from './helpers/db';
 import { testEnv } from './helpers/env';
 import { TcpProxy } from './helpers/proxy';
@@ -240,8 +240,11 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(await job?.getState(), job?.failedReason).to.equal('completed');
     expect(job?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     expect(await transitionsOf(deploymentId)).to.have.length(1);
-    // DESIGN.md: a killed worker's jobs run again within 15 s (lock 8 s + stalled check every 4 s)
-    expect(rerunAfterMs).to.be.below(15_000);
+    // DESIGN.md: a killed worker's jobs run again within 12 s: its lock (8 s) expires and the stalled check (every
+    // 4 s) hands the job out again. What the test can assert without timing the machine: the job came back through
+    // the stalled check, under those settings; the time it took is printed, not asserted.
+    expect(job?.stalledCounter).to.equal(1);
+    expect(LIFECYCLE_WORKER_DEFAULTS).to.include({ lockDuration: 8000, stalledInterval: 4000 });
     process.stdout.write(`      (re-run ${rerunAfterMs} ms after the worker was killed)\n`);
   });
 

@@ -7,8 +7,10 @@ import type { RootHookObject } from 'mocha';
 
 export const mochaHooks: RootHookObject = {
   async afterAll() {
-    // let sockets that were ended in the last test finish closing
-    for (let i = 0; i < 40; i++) {
+    // Let sockets that were ended in the last tests finish closing (a reconnect attempt that a component's close()
+    // cut short, a keep-alive socket the server is closing). A leak stays open for good; 10 s tells the two apart
+    // on a loaded machine.
+    for (let i = 0; i < 200; i++) {
       if (!process.getActiveResourcesInfo().some((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap')) return;
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
@@ -17,7 +19,11 @@ export const mochaHooks: RootHookObject = {
     const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles();
     const sockets = handles
       .filter((h): h is Socket => h instanceof Socket)
-      .map((h) => `${h.localAddress ?? '?'}:${h.localPort ?? '?'} -> ${h.remoteAddress ?? '?'}:${h.remotePort ?? '?'}`);
+      .map((h) => {
+        const state = h.connecting ? ' (connecting)' : h.destroyed ? ' (destroyed)' : '';
+        const host = (h as unknown as { _host?: unknown })._host;
+        return `${h.localAddress ?? '?'}:${h.localPort ?? '?'} -> ${h.remoteAddress ?? (typeof host === 'string' ? host : '?')}:${h.remotePort ?? '?'}${state}`;
+      });
     throw new Error(`tests left ${open.length} TCP handle(s) open: ${sockets.join(', ') || open.join(', ')}`);
   },
 };

@@ -24,6 +24,7 @@ import { TransitionService } from './services/transition-service';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { LifecycleWorker } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
+import { settleWithin } from './util';
 
 export interface Endpoints {
   readonly redisUrl: string;
@@ -70,7 +71,7 @@ export async function startFleet(
     for (const closer of closers.splice(0).reverse()) {
       const left = Math.max(1000, deadline - Date.now());
       try {
-        if ((await within(closer(left), left)) === 'timeout') logger.warn({ graceMs }, 'a component did not stop in time; leaving it behind');
+        if ((await settleWithin(closer(left), left)) === 'timeout') logger.warn({ graceMs }, 'a component did not stop in time; leaving it behind');
       } catch (err) {
         logger.error({ err }, 'error while closing');
       }
@@ -279,17 +280,3 @@ export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }
   });
 }
 
-/** Waits for `promise` at most `ms`; a promise still pending then is left to itself. */
-async function within(promise: Promise<void>, ms: number): Promise<'done' | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<'timeout'>((resolve) => {
-    timer = setTimeout(() => resolve('timeout'), ms);
-  });
-  const done = promise.then(() => 'done' as const);
-  done.catch(() => undefined); // rejected after the deadline: nobody is waiting any more
-  try {
-    return await Promise.race([done, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}

@@ -3,21 +3,11 @@
  * Benchmarks time things; they never sleep to let time pass for the code under test.
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 
 /** The repository root (the directory holding package.json), from dist/bench/lib or bench/lib. */
-export function repoRoot(): string {
-  for (let dir = __dirname; ; dir = path.dirname(dir)) {
-    if (fs.existsSync(path.join(dir, 'package.json'))) return dir;
-    if (path.dirname(dir) === dir) throw new Error(`no package.json above ${__dirname}`);
-  }
-}
+export { repoRoot, sleep } from '../../src/util';
 
 export const now = (): number => performance.now();
-
-export function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 export function log(msg: string): void {
   process.stderr.write(`bench: ${msg}\n`);

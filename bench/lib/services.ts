@@ -12,7 +12,7 @@ import { Client } from 'pg';
 import type { DataSource } from 'typeorm';
 import { createDataSource } from '../../ormconfig';
 import { migrate } from '../../src/entities/migrate';
-import { startLocalServices, type LocalServices } from '../../src/local/services';
+import { startLocalServices, type LocalServices } from '../../dev/servers';
 import { log, repoRoot } from './common';
 
 export interface BenchServices {

@@ -4,6 +4,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { repoRoot } from '../../src/util';
 import { Command, CommanderError } from 'commander';
 import { createDataSource } from '../../ormconfig';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
@@ -11,7 +12,7 @@ import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';
 import { ConfigError, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger, scrubUrls } from '../log';
-import { isProcessAlive, startLocalServices } from '../local/services';
+import { isProcessAlive, startLocalServices } from '../../dev/servers';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
@@ -21,13 +22,6 @@ import { transitionStreamKey } from '../streams/outbox-relay';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
-
-function repoRoot(): string {
-  for (let dir = __dirname; ; dir = path.dirname(dir)) {
-    if (fs.existsSync(path.join(dir, 'package.json'))) return dir;
-    if (path.dirname(dir) === dir) return process.cwd();
-  }
-}
 
 /** Where `fleet start` records the local services it started, so other `fleet` commands can find them. */
 const localEndpointsFile = () => path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');

@@ -20,7 +20,7 @@ export const SWEEP_ACTOR = 'sweep';
 export const ANONYMOUS_ACTOR = 'anonymous';
 /** Actors the fleet records itself: no API token may be named after one. */
 export const RESERVED_ACTORS: readonly string[] = [DEFAULT_ACTOR, SWEEP_ACTOR, ANONYMOUS_ACTOR];
-export const UUID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+export { UUID_PATTERN } from '../util/ids';
 
 const eventId = z.string().regex(EVENT_ID_PATTERN, { error: 'must be 1-200 characters of A-Za-z0-9._-' });
 // Ids are normalised to lower case, so that a derived eventId (and the database) never sees two spellings of one id.

@@ -29,26 +29,6 @@ export function createRedis(
   return new IORedis(url, options);
 }
 
-/** Resolves when the connection is ready, or rejects after `timeoutMs`. */
-export async function waitForRedis(redis: IORedis, timeoutMs = 10_000): Promise<void> {
-  if (redis.status === 'ready') return;
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      cleanup();
-      reject(new Error(`Redis did not become ready within ${timeoutMs} ms`));
-    }, timeoutMs);
-    const onReady = () => {
-      cleanup();
-      resolve();
-    };
-    const cleanup = () => {
-      clearTimeout(timer);
-      redis.off('ready', onReady);
-    };
-    redis.on('ready', onReady);
-  });
-}
-
 /**
  * Redis ACL rules for a fleet user confined to its prefix (`ACL SETUSER <user> reset on ><password> ...rules`): keys
  * and pub/sub channels under `<prefix>:` only; every command but the `@dangerous` ones (FLUSHALL, KEYS, CONFIG,

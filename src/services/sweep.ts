@@ -22,6 +22,7 @@ import { silentLogger, type Logger } from '../log';
 import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
+import { NIL_UUID } from '../util';
 
 /**
  * The sweep's statements, exported so tests can EXPLAIN exactly what runs.
@@ -59,8 +60,6 @@ UNION ALL
   LIMIT $3)`,
 });
 
-/** The smallest UUID: the first keyset page starts after it. */
-const NIL_UUID = '00000000-0000-0000-0000-000000000000';
 
 export interface SweepResult {
   /** the tick's time (the injected clock, read once at the start), ISO 8601 */

@@ -30,6 +30,7 @@ import type {
   Snapshot,
 } from '../machine';
 import { silentLogger, type Logger } from '../log';
+import { sleep } from '../util';
 
 /** The NOTIFY channel that wakes the outbox relay after a transaction wrote outbox rows (see `wakeRelay`). */
 export const OUTBOX_CHANNEL = 'lifecycle_fleet_outbox';
@@ -688,8 +689,4 @@ async function run<T = unknown>(q: QueryRunner, sql: string, params: unknown[]):
   }
   const result = await client.query({ name, text: sql, values: params });
   return { rows: result.rows as T[], affected: result.rowCount ?? 0 };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

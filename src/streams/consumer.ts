@@ -16,6 +16,7 @@ import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { createRedis } from '../queues/redis';
+import { settleWithin } from '../util';
 
 /** One stream entry, parsed (CONTRACT.md, "The transition stream"). */
 export interface TransitionEntry {
@@ -144,12 +145,7 @@ export class TransitionConsumer {
    */
   async close(): Promise<void> {
     this.stopped = true;
-    let timer: NodeJS.Timeout | undefined;
-    const gaveUp = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, (this.options.blockMs ?? 2000) + 5000);
-    });
-    await Promise.race([this.running?.catch(() => undefined), gaveUp]);
-    clearTimeout(timer);
+    if (this.running) await settleWithin(this.running.catch(() => undefined), (this.options.blockMs ?? 2000) + 5000);
     if (this.ownsRedis) this.redis.disconnect();
   }
 

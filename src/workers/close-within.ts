@@ -1,4 +1,5 @@
 import type { Worker } from 'bullmq';
+import { settleWithin } from '../util';
 
 /**
  * BullMQ's `worker.close()` waits for active jobs with no time limit of its own. This waits at most `graceMs`
@@ -6,13 +7,5 @@ import type { Worker } from 'bullmq';
  * the jobs' locks expire so that another worker runs them again.
  */
 export async function closeWithin(worker: Worker, graceMs: number): Promise<'closed' | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined;
-  const timedOut = new Promise<'timeout'>((resolve) => {
-    timer = setTimeout(() => resolve('timeout'), graceMs);
-  });
-  try {
-    return await Promise.race([worker.close().then(() => 'closed' as const), timedOut]);
-  } finally {
-    clearTimeout(timer);
-  }
+  return (await settleWithin(worker.close(), graceMs)) === 'done' ? 'closed' : 'timeout';
 }

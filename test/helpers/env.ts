@@ -1,6 +1,6 @@
 /**
  * The services the tests run against: `REDIS_URL` and `DATABASE_URL`, set by `npm test`'s runner
- * (scripts/with-services.ts) when it starts local ones, or by the caller for existing ones.
+ * (dev/with-services.ts) when it starts local ones, or by the caller for existing ones.
  */
 export function testEnv(): { redisUrl: string; databaseUrl: string } {
   const redisUrl = process.env.REDIS_URL;

@@ -1,0 +1,103 @@
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import type { ChaosReport } from '../../chaos/run';
+import { openTestDatabase } from '../helpers/db';
+import { OwnRedis } from '../helpers/redis-server';
+import { uniquePrefix } from '../helpers/redis';
+import { waitFor } from '../helpers/wait';
+import { repoRoot } from '../../src/util';
+
+const ROOT = repoRoot();
+
+/**
+ * The CI variant of `npm run chaos`: its own Redis and PostgreSQL (under .fleet/chaos-test, so it can kill and
+ * restart them without touching the suite's), three worker processes, about 75 s of faults, then the accounting.
+ */
+describe('chaos (CI variant)', function () {
+  this.timeout(200_000);
+
+  it('loses nothing, applies nothing twice and leaves no stream gap under crashes, restarts and duplicates', async () => {
+    const jsonFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-chaos-')), 'report.json');
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    delete env.REDIS_URL;
+    delete env.DATABASE_URL;
+    const child = spawn(
+      process.execPath,
+      [path.join(ROOT, 'dist', 'chaos', 'run.js'), '--ci', '--dir', path.join(ROOT, '.fleet', 'chaos-test'), '--json', jsonFile],
+      { env, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+    expect(fs.existsSync(jsonFile), `no report; stderr:\n${err}`).to.equal(true);
+    const report = JSON.parse(fs.readFileSync(jsonFile, 'utf8')) as ChaosReport;
+    fs.rmSync(path.dirname(jsonFile), { recursive: true, force: true });
+    process.stdout.write(out.replace(/^/gm, '      '));
+
+    expect(report.events.lost, out).to.equal(0);
+    expect(report.appliedTwice, out).to.equal(0);
+    expect(report.streamGaps, out).to.equal(0);
+    expect(report.events.wrongOutcome, out).to.equal(0);
+    expect(report.deployments.wrongFinalState, out).to.equal(0);
+    expect(report.checker.violations, out).to.deep.equal([]);
+    // a consumer held behind the trim point reports resync, never skips
+    expect(report.consumers.skipped, out).to.equal(0);
+    expect(report.consumers.resyncs, out).to.be.at.least(1);
+    expect(report.timings.drainAfterLastFaultS, out).to.be.a('number');
+    // it was a real run: thousands of events, every kind of fault, the relay leader killed
+    expect(report.events.sent).to.be.above(2000);
+    expect(report.events.applied).to.be.above(1000);
+    expect(report.events.rejected).to.be.above(0);
+    expect(Object.keys(report.faults.byKind)).to.have.members([
+      'kill-worker',
+      'kill-relay-leader',
+      'redis-restart',
+      'postgres-restart',
+      'terminate-backends',
+      'redis-client-kill',
+      'redelivery-burst',
+      'replay-burst',
+      'redis-wipe',
+      'consumer-held',
+    ]);
+    expect(report.faults.leaderKills).to.be.at.least(1);
+    expect(report.ok).to.equal(true);
+    expect(code).to.equal(0);
+  });
+
+  it('a worker stopped while Redis is down still exits (after its grace period)', async () => {
+    const redis = await OwnRedis.start();
+    const db = await openTestDatabase(2);
+    try {
+      const child = spawn(process.execPath, [path.join(ROOT, 'bin', 'fleet.js'), 'worker'], {
+        env: { ...process.env, REDIS_URL: redis.url, DATABASE_URL: db.url, FLEET_PREFIX: uniquePrefix(), LOG_LEVEL: 'info' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let out = '';
+      child.stdout.on('data', (c: Buffer) => (out += c.toString()));
+      child.stderr.on('data', (c: Buffer) => (out += c.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      await waitFor('the worker to start', () => (out.includes('worker started') ? true : undefined));
+      await redis.kill('SIGKILL');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      const stoppedAt = Date.now();
+      child.kill('SIGTERM');
+      // BullMQ's close never settles without Redis; the worker gives up after its 30 s grace and exits anyway
+      const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+      const code = await exited;
+      clearTimeout(timer);
+      // exit code 0: it ended by itself (the safety SIGKILL above would leave no code); how long it took is printed,
+      // not asserted (the machine's load is not the test's to control)
+      expect(code, out.slice(-2000)).to.equal(0);
+      process.stdout.write(`      (exited ${Date.now() - stoppedAt} ms after SIGTERM)\n`);
+    } finally {
+      await redis.stop();
+      await db.close();
+    }
+  });
+});

@@ -1,0 +1,187 @@
+import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import { Queue } from 'bullmq';
+import { LIFECYCLE_QUEUE } from '../../src/queues/names';
+import { LifecycleProducer } from '../../src/queues/producer';
+import { ValidationError } from '../../src/errors';
+import { isProcessAlive } from '../../dev/servers';
+import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { testEnv } from '../helpers/env';
+import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { repoRoot } from '../../src/util';
+
+function readPid(file: string): number {
+  try {
+    return (JSON.parse(fs.readFileSync(file, 'utf8')) as { pid: number }).pid;
+  } catch {
+    return 0;
+  }
+}
+
+const FLEET = path.join(repoRoot(), 'bin', 'fleet.js');
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function fleet(args: string[], env: Record<string, string | undefined>): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [FLEET, ...args], { env: { PATH: process.env.PATH, ...env }, timeout: 30_000 }, (err, stdout, stderr) => {
+      const code = err === null ? 0 : typeof err.code === 'number' ? err.code : 1;
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+describe('the fleet CLI and the producer SDK', function () {
+  this.timeout(60_000);
+  let db: TestDatabase;
+  let prefix: string;
+  let env: Record<string, string>;
+
+  before(async () => {
+    db = await openTestDatabase(4);
+  });
+  after(async () => {
+    await db?.close();
+  });
+  beforeEach(() => {
+    prefix = uniquePrefix();
+    env = { REDIS_URL: testEnv().redisUrl, DATABASE_URL: db.url, FLEET_PREFIX: prefix };
+  });
+  afterEach(async () => {
+    await dropPrefix(prefix);
+  });
+
+  async function waitingJobs(): Promise<Array<{ id?: string; name: string; data: unknown }>> {
+    const redis = testRedis();
+    const queue = new Queue(LIFECYCLE_QUEUE, { connection: redis, prefix });
+    try {
+      return (await queue.getJobs(['waiting'])).map((j) => ({ id: j.id, name: j.name, data: j.data as unknown }));
+    } finally {
+      await queue.close();
+      redis.disconnect();
+    }
+  }
+
+  it('--help lists every command', async () => {
+    const run = await fleet(['--help'], env);
+    expect(run.code).to.equal(0);
+    for (const command of ['start', 'worker', 'migrate', 'enqueue', 'status']) expect(run.stdout).to.contain(command);
+  });
+
+  it('enqueue validates, enqueues with the eventId as jobId, and prints it', async () => {
+    const deploymentId = randomUUID();
+    const run = await fleet(['enqueue', 'deployment.create', JSON.stringify({ deploymentId, name: 'web' })], env);
+    expect(run.code, run.stderr).to.equal(0);
+    const printed = JSON.parse(run.stdout) as { eventId: string; jobId: string };
+    expect(printed).to.deep.equal({
+      name: 'deployment.create',
+      eventId: `deployment.create.${deploymentId}`,
+      jobId: `deployment.create.${deploymentId}`,
+      duplicate: false,
+    });
+    expect(await waitingJobs()).to.deep.equal([
+      { id: printed.jobId, name: 'deployment.create', data: { deploymentId, name: 'web', eventId: printed.eventId } },
+    ]);
+  });
+
+  it('enqueue refuses bad JSON and bad payloads with exit 2, naming the field, enqueuing nothing', async () => {
+    const badJson = await fleet(['enqueue', 'deployment.create', '{nope'], env);
+    expect(badJson.code).to.equal(2);
+    expect(badJson.stderr).to.match(/<json>: not valid JSON/);
+
+    const badPayload = await fleet(['enqueue', 'attempt.end', JSON.stringify({ deploymentId: 'x', attemptId: randomUUID() })], env);
+    expect(badPayload.code).to.equal(2);
+    expect(badPayload.stderr).to.contain('deploymentId: must be a UUID');
+    expect(badPayload.stderr).to.contain('outcome: is required');
+
+    const unknown = await fleet(['enqueue', 'deployment.explode', '{}'], env);
+    expect(unknown.code).to.equal(2);
+    expect(unknown.stderr).to.contain('unknown_event');
+
+    const missingArg = await fleet(['enqueue', 'deployment.create'], env);
+    expect(missingArg.code).to.not.equal(0);
+    expect(missingArg.stderr).to.match(/missing required argument 'json'/);
+
+    expect(await waitingJobs()).to.deep.equal([]);
+  });
+
+  it('stops with one message listing every configuration problem', async () => {
+    const run = await fleet(['enqueue', 'deployment.create', '{}'], { ...env, FLEET_CONCURRENCY: 'lots', LOG_LEVEL: 'chatty' });
+    expect(run.code).to.equal(2);
+    expect(run.stderr).to.contain('FLEET_CONCURRENCY: must be a whole number');
+    expect(run.stderr).to.contain('LOG_LEVEL: must be one of');
+  });
+
+  it('status prints a deployment, refuses a malformed id, and exits 1 for an absent one', async () => {
+    const bad = await fleet(['status', 'nope'], env);
+    expect(bad.code).to.equal(2);
+    expect(bad.stderr).to.contain('<deploymentId>: must be a UUID');
+
+    const absent = await fleet(['status', randomUUID()], env);
+    expect(absent.code).to.equal(1);
+    expect(absent.stderr).to.contain('not found');
+
+    const deploymentId = randomUUID();
+    await db.dataSource.query(
+      `INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'web', 'pending', 1, now())`,
+      [deploymentId],
+    );
+    const found = await fleet(['status', deploymentId, '--json'], env);
+    expect(found.code, found.stderr).to.equal(0);
+    expect(JSON.parse(found.stdout)).to.deep.nested.include({ 'deployment.id': deploymentId, 'deployment.state': 'pending' });
+  });
+
+  it('migrate reports an up-to-date schema', async () => {
+    const run = await fleet(['migrate'], env);
+    expect(run.code, run.stderr).to.equal(0);
+    expect(run.stdout).to.contain('schema is up to date');
+  });
+
+  it('worker refuses an unmigrated database', async () => {
+    const fresh = await openTestDatabase(2);
+    await fresh.dataSource.query(`DELETE FROM migrations`);
+    try {
+      const run = await fleet(['worker'], { ...env, DATABASE_URL: fresh.url });
+      expect(run.code).to.equal(1);
+      expect(run.stderr).to.contain('run `fleet migrate` first');
+    } finally {
+      await fresh.close();
+    }
+  });
+
+  it('commands without URLs and without a running local fleet say what to do', async function () {
+    const endpointsFile = path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');
+    if (isProcessAlive(readPid(endpointsFile))) this.skip(); // a developer's `npm start` is running in this checkout
+    const run = await fleet(['migrate'], { FLEET_PREFIX: prefix });
+    expect(run.code).to.equal(2);
+    expect(run.stderr).to.contain('REDIS_URL and DATABASE_URL not set');
+    expect(run.stderr).to.contain('npm start');
+  });
+
+  it('the SDK rejects a bad payload before touching Redis, and fails fast when Redis is unreachable', async () => {
+    const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
+    try {
+      const err = await producer.enqueue('attempt.start', { deploymentId: randomUUID() }).catch((e: unknown) => e);
+      expect(err).to.be.instanceOf(ValidationError);
+      expect((err as ValidationError).issues).to.deep.equal([{ field: 'attemptId', rule: 'is required' }]);
+      expect(await waitingJobs()).to.deep.equal([]);
+    } finally {
+      await producer.close();
+    }
+
+    const offline = new LifecycleProducer({ connection: 'redis://127.0.0.1:1', prefix });
+    try {
+      const err = await offline.createDeployment({ deploymentId: randomUUID(), name: 'web' }).catch((e: unknown) => e);
+      expect(err).to.be.instanceOf(Error);
+    } finally {
+      await offline.close();
+    }
+  });
+});

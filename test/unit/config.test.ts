@@ -1,0 +1,98 @@
+import { expect } from 'chai';
+import { loadConfig } from '../../src/config';
+import { ConfigError } from '../../src/errors';
+
+describe('configuration', () => {
+  it('has the documented defaults and is frozen', () => {
+    const config = loadConfig({});
+    expect(config).to.deep.equal({
+      redisUrl: null,
+      databaseUrl: null,
+      prefix: 'fleet',
+      publicEndpointUrl: null,
+      readyWindowS: 120,
+      sweepEveryS: 30,
+      orphanAfterS: 90,
+      progressDeadlineS: 1800,
+      streamMaxLen: 1_000_000,
+      httpPort: 3000,
+      httpHost: '127.0.0.1',
+      boardUser: null,
+      boardPassword: null,
+      concurrency: 16,
+      logLevel: 'info',
+      apiTokensFile: null,
+      endpointAllow: null,
+      eventsRateLimit: 100,
+      metricsAuth: 'open',
+      httpTrustProxy: [],
+    });
+    expect(Object.isFrozen(config)).to.equal(true);
+  });
+
+  it('reads every variable', () => {
+    const config = loadConfig({
+      REDIS_URL: 'rediss://user:pw@redis.internal:6380/2',
+      DATABASE_URL: 'postgresql://fleet:pw@db:5432/fleet?sslmode=require',
+      FLEET_PREFIX: '{fleet}',
+      FLEET_PUBLIC_ENDPOINT_URL: 'https://builds.example.com',
+      FLEET_READY_WINDOW_S: '60',
+      FLEET_SWEEP_EVERY_S: '10',
+      FLEET_ORPHAN_AFTER_S: '45',
+      FLEET_PROGRESS_DEADLINE_S: '600',
+      FLEET_STREAM_MAXLEN: '5000',
+      FLEET_HTTP_PORT: '8080',
+      FLEET_HTTP_HOST: '0.0.0.0',
+      FLEET_BOARD_USER: 'ops',
+      FLEET_BOARD_PASSWORD: 'secret-secret',
+      FLEET_CONCURRENCY: '4',
+      LOG_LEVEL: 'debug',
+      FLEET_API_TOKENS_FILE: '/etc/fleet/tokens.json',
+      FLEET_ENDPOINT_ALLOW: '.nodes.example.com,10.0.0.0/8',
+      FLEET_EVENTS_RATE_LIMIT: '50',
+      FLEET_METRICS_AUTH: 'read',
+    });
+    expect(config).to.deep.include({
+      prefix: '{fleet}',
+      readyWindowS: 60,
+      sweepEveryS: 10,
+      httpHost: '0.0.0.0',
+      concurrency: 4,
+      apiTokensFile: '/etc/fleet/tokens.json',
+      eventsRateLimit: 50,
+      metricsAuth: 'read',
+    });
+    expect(config.endpointAllow?.entries).to.deep.equal(['.nodes.example.com', '10.0.0.0/8']);
+  });
+
+  it('lists every problem in one error, naming each variable, without echoing secrets', () => {
+    let error: unknown;
+    try {
+      loadConfig({
+        REDIS_URL: 'http://user:hunter2@x',
+        FLEET_CONCURRENCY: 'many',
+        FLEET_HTTP_PORT: '70000',
+        FLEET_PREFIX: 'a:b',
+        LOG_LEVEL: 'loud',
+        FLEET_HTTP_HOST: '0.0.0.0',
+        FLEET_READY_WINDOW_S: '30',
+      });
+    } catch (err) {
+      error = err;
+    }
+    expect(error).to.be.instanceOf(ConfigError);
+    const problems = (error as ConfigError).problems;
+    expect(problems.map((p) => p.split(':')[0])).to.have.members([
+      'REDIS_URL',
+      'FLEET_CONCURRENCY',
+      'FLEET_HTTP_PORT',
+      'FLEET_PREFIX',
+      'LOG_LEVEL',
+      'FLEET_BOARD_USER / FLEET_BOARD_PASSWORD',
+      'FLEET_API_TOKENS_FILE',
+      'FLEET_ENDPOINT_ALLOW',
+      'FLEET_READY_WINDOW_S',
+    ]);
+    expect((error as Error).message).not.to.contain('hunter2');
+  });
+});

@@ -276,7 +276,7 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
     const admin_ = createRedis(redisUrl, 'producer', 'lifecycle-fleet-chaos');
     admin = admin_;
     admin_.on('error', () => undefined);
-    // attempts: 1, as a raw BullMQ producer has it: every retry must be the worker's own (DESIGN.md, "Who retries")
+    // attempts: 1, as a raw BullMQ producer has it: every retry must be the worker's own (docs/architecture.md, "Who retries")
     const producer_ = new LifecycleProducer({ connection: redisUrl, prefix, defaultJobOptions: { attempts: 1 } });
     producer = producer_;
     const workerPool = workers;

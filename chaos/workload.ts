@@ -4,7 +4,7 @@
  *
  * A script is a list of steps. A step's events are sent shuffled, some late, some twice; the next step starts only
  * once the step's barrier holds (the deployment reached the state the step converges to, or an event expected to
- * be rejected failed with its code). Within a step only events that converge are mixed (DESIGN.md: for one attempt,
+ * be rejected failed with its code). Within a step only events that converge are mixed (docs/architecture.md: for one attempt,
  * any order of its start/end/duplicates ends in the same state); events whose effect depends on order (orphaned,
  * teardown of an unknown deployment, resolve) get steps of their own.
  *

@@ -1,5 +1,5 @@
 /**
- * The one reader of the environment (CONTRACT.md, "Configuration"). `loadConfig` parses every variable once,
+ * The one reader of the environment (docs/contract.md, "Configuration"). `loadConfig` parses every variable once,
  * reports every problem in one error, and returns a frozen object that the rest of the code receives.
  */
 import { isIP } from 'node:net';

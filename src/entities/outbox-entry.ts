@@ -2,7 +2,7 @@ import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
 
 /**
  * A transition waiting to be published on the stream, written in the same transaction as the transition.
- * `fields` holds the stream entry's fields exactly as CONTRACT.md lists them.
+ * `fields` holds the stream entry's fields exactly as docs/contract.md lists them.
  */
 @Entity({ name: 'outbox' })
 export class OutboxEntry {

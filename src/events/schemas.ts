@@ -1,5 +1,5 @@
 /**
- * The lifecycle event contract (CONTRACT.md, "Queues and jobs"): one strict schema per event, defined once and used
+ * The lifecycle event contract (docs/contract.md, "Queues and jobs"): one strict schema per event, defined once and used
  * by the producer SDK, the worker, the transition service and the HTTP intake. Everything behind `parseEvent`
  * receives typed, trusted values.
  */
@@ -10,7 +10,7 @@ import { ValidationError, type FieldIssue } from '../errors';
 export const MAX_PAYLOAD_BYTES = 16 * 1024;
 export const EVENT_ID_PATTERN = /^[A-Za-z0-9._-]{1,200}$/;
 export const DEPLOYMENT_NAME_PATTERN = /^[a-z0-9-]{1,63}$/;
-/** Who caused a transition: a token name, `sweep`, or a producer's own `actor` (CONTRACT.md). */
+/** Who caused a transition: a token name, `sweep`, or a producer's own `actor` (docs/contract.md). */
 export const ACTOR_PATTERN = /^[A-Za-z0-9._:@-]{1,100}$/;
 /** The actor recorded when a producer gives none. */
 export const DEFAULT_ACTOR = 'producer';
@@ -143,7 +143,7 @@ export function deriveEventId(name: EventName, payload: { deploymentId: string; 
 }
 
 /**
- * An eventId claims only its own event kind (CONTRACT.md). Ids that begin with an event name and a dot are that
+ * An eventId claims only its own event kind (docs/contract.md). Ids that begin with an event name and a dot are that
  * event's: another event may not use them (a heartbeat sent as `attempt.end.<A>` would otherwise take the real
  * end's id, and the end would be dropped as already enqueued). Other ids are free-form; an id already used by a
  * different event (another name, another payload, another deployment) is refused where it meets the earlier one,

@@ -1,5 +1,5 @@
 /**
- * Who is calling, and what they may do (CONTRACT.md, "HTTP", Auth): the `Authorization` header read once per
+ * Who is calling, and what they may do (docs/contract.md, "HTTP", Auth): the `Authorization` header read once per
  * request into an `Access`, the scope each event needs, and a throttle on failed authentications per client
  * address. Schemes (`Bearer`, `Basic`) are matched case-insensitively (RFC 9110, 11.1).
  */

@@ -1,5 +1,5 @@
 /**
- * The HTTP surface (CONTRACT.md, "HTTP"): the read API, dispatch, event intake, health, metrics and Bull Board.
+ * The HTTP surface (docs/contract.md, "HTTP"): the read API, dispatch, event intake, health, metrics and Bull Board.
  * Errors are JSON `{error: {code, message}}`; intake errors also carry `issues: [{field, rule}]`.
  *
  * Access: with a tokens file, every `/api` route needs a bearer token with its scope (`read` for GETs,

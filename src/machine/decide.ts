@@ -12,7 +12,7 @@ import type {
 } from './types';
 
 /**
- * The deployment state machine (DESIGN.md, "The state machine"): a pure function from a snapshot, an event and
+ * The deployment state machine (docs/state-machine.md): a pure function from a snapshot, an event and
  * the time to a decision. It performs no I/O and reads no clock; `now` only stamps the effects it returns.
  */
 export function decide(snapshot: Snapshot, event: MachineEvent, now: Date): Decision {
@@ -77,7 +77,7 @@ function decideAttemptEvent(
         const effects: Effects = {
           attempts: [{ attemptId: id, status: event.outcome, reason: event.reason, endedAt: now }],
           ...(event.endpoint === undefined ? {} : { endpoint: event.endpoint }),
-          // The runner has just seen the endpoint answer: serve it at once (DESIGN.md, heartbeats).
+          // The runner has just seen the endpoint answer: serve it at once (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch").
           ...(succeeded ? { lastReadyAt: now } : {}),
         };
         return applied(state, succeeded ? 'ready' : 'failed', succeeded ? 'attempt_succeeded' : 'attempt_failed', effects);

@@ -1,5 +1,5 @@
 /**
- * Dispatch (DESIGN.md, "Heartbeats, orphans, deadlines, dispatch"): which endpoint to hand out for a deployment
+ * Dispatch (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch"): which endpoint to hand out for a deployment
  * right now. A pure function of the deployment, the time and the configuration; it reads no clock and does no I/O.
  *
  *   not ready                 -> public
@@ -36,7 +36,7 @@ export type DispatchReason =
 
 export type DispatchSource = 'private' | 'public' | 'none';
 
-/** The answer (CONTRACT.md, `GET /api/deployments/:id/endpoint`). `url` is null exactly when `source` is "none". */
+/** The answer (docs/contract.md, `GET /api/deployments/:id/endpoint`). `url` is null exactly when `source` is "none". */
 export interface ResolvedEndpoint {
   readonly url: string | null;
   readonly source: DispatchSource;

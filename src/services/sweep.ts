@@ -1,5 +1,5 @@
 /**
- * The sweep (DESIGN.md, "Heartbeats, orphans, deadlines, dispatch"): one tick of fleet maintenance, run by the
+ * The sweep (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch"): one tick of fleet maintenance, run by the
  * `sweep` job scheduler once per FLEET_SWEEP_EVERY_S, fleet-wide.
  *
  * 1. Readiness: every `ready` deployment with a `node_port` endpoint is probed at `<endpoint_url>/ready` (bounded

@@ -1,6 +1,6 @@
 /**
  * The transition service: load a consistent snapshot, let the pure machine decide, and write the decision
- * atomically (DESIGN.md, "Optimistic locking, idempotency, the outbox") in ONE statement:
+ * atomically (docs/architecture.md, "Optimistic locking, idempotency, the outbox") in ONE statement:
  *
  *   version-checked UPDATE of the deployment -> processed_events row (the eventId's claim) -> attempt rows ->
  *   state_transitions row -> outbox row

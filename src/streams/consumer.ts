@@ -18,7 +18,7 @@ import { silentLogger, type Logger } from '../log';
 import { createRedis } from '../queues/redis';
 import { settleWithin } from '../util';
 
-/** One stream entry, parsed (CONTRACT.md, "The transition stream"). */
+/** One stream entry, parsed (docs/contract.md, "The transition stream"). */
 export interface TransitionEntry {
   /** the Redis stream entry id */
   readonly streamId: string;

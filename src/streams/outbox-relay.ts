@@ -1,5 +1,5 @@
 /**
- * The outbox relay (DESIGN.md, "the outbox"): moves committed outbox rows to the Redis stream
+ * The outbox relay (docs/architecture.md, "the outbox"): moves committed outbox rows to the Redis stream
  * `<prefix>:transitions`, in id order, at least once.
  *
  * - One active relay fleet-wide: the leader holds a session-level PostgreSQL advisory lock on a dedicated

@@ -1,5 +1,5 @@
 /**
- * The fleet-wide sweep tick (DESIGN.md, "Heartbeats, orphans, deadlines, dispatch"): a BullMQ job scheduler `sweep`
+ * The fleet-wide sweep tick (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch"): a BullMQ job scheduler `sweep`
  * on the `maintenance` queue yields one `sweep` job per FLEET_SWEEP_EVERY_S, and whichever worker process takes it
  * runs `Sweeper.sweep()` once, returning the result as the job's return value.
  *

@@ -241,7 +241,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(await job?.getState(), job?.failedReason).to.equal('completed');
     expect(job?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     expect(await transitionsOf(deploymentId)).to.have.length(1);
-    // DESIGN.md: a killed worker's jobs run again within 12 s: its lock (8 s) expires and the stalled check (every
+    // docs/architecture.md: a killed worker's jobs run again within 12 s: its lock (8 s) expires and the stalled check (every
     // 4 s) hands the job out again. What the test can assert without timing the machine: the job came back through
     // the stalled check, under those settings; the time it took is printed, not asserted.
     expect(job?.stalledCounter).to.equal(1);

@@ -42,7 +42,7 @@ function summarize(d: Decision): string {
 
 const STATES: DeploymentState[] = ['pending', 'deploying', 'ready', 'failed', 'unknown'];
 
-/** DESIGN.md's table, row by row: event -> outcome in [pending, deploying, ready, failed, unknown]. */
+/** docs/state-machine.md's table, row by row: event -> outcome in [pending, deploying, ready, failed, unknown]. */
 const TABLE: ReadonlyArray<readonly [string, MachineEvent, readonly [Expect, Expect, Expect, Expect, Expect]]> = [
   [
     'attempt.create (new attempt B)',

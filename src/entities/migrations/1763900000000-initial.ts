@@ -1,7 +1,7 @@
 import type { MigrationInterface, QueryRunner } from 'typeorm';
 
 /**
- * The initial schema (CONTRACT.md, "Tables"), written as SQL so the partial indexes and constraints are exactly
+ * The initial schema (docs/contract.md, "Tables"), written as SQL so the partial indexes and constraints are exactly
  * what the sweep and the relay query by.
  */
 export class Initial1763900000000 implements MigrationInterface {

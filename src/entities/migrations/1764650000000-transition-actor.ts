@@ -1,7 +1,7 @@
 import type { MigrationInterface, QueryRunner } from 'typeorm';
 
 /**
- * `state_transitions.actor` (CONTRACT.md, "Tables"): who caused the transition: an API token's name, `sweep`, or a
+ * `state_transitions.actor` (docs/contract.md, "Tables"): who caused the transition: an API token's name, `sweep`, or a
  * producer's `actor` (default `producer`). Rows written before this migration, and by workers of the previous
  * release still running during a rolling upgrade, say `unrecorded` (the column's default: dropping it would fail
  * their inserts). `processed_events.payload_sha256`: the digest of the event's payload, so that a later event that

@@ -9,7 +9,8 @@
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type { DataSource } from 'typeorm';
-import { createDataSource } from '../ormconfig';
+import { createDataSource } from './entities/data-source';
+import { Database } from './entities/sql';
 import type { FleetConfig } from './config';
 import { migrationsApplied } from './entities/migrate';
 import { buildHttpServer } from './http/server';
@@ -20,7 +21,7 @@ import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { LifecycleProducer } from './queues/producer';
 import { createRedis } from './queues/redis';
 import { Sweeper } from './services/sweep';
-import { TransitionService } from './services/transition-service';
+import { TransitionService } from './services/transitions';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { LifecycleWorker } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
@@ -126,7 +127,7 @@ export async function startFleet(
           [MAINTENANCE_QUEUE]: await maintenance.getJobCounts(...states),
         };
       },
-      relayLagSeconds: () => relayLagSeconds((sql) => dataSource.query(sql)),
+      relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
     });
     let relay: OutboxRelay | null = null;
     if (roles.relay ?? true) {

@@ -6,8 +6,8 @@ export { EVENT_NAMES, EVENT_SCHEMAS, MAX_PAYLOAD_BYTES, parseEvent, parsePayload
 export type { EventName, EventPayloads, LifecycleEvent } from './events/schemas';
 export { decide } from './machine';
 export type * from './machine';
-export { TransitionService } from './services/transition-service';
-export type { ApplyResult, ApplyOptions, TransitionServiceOptions } from './services/transition-service';
+export { TransitionService } from './services/transitions';
+export type { ApplyResult, ApplyOptions, TransitionServiceOptions } from './services/transitions';
 export { LifecycleWorker } from './workers/lifecycle-worker';
 export type { LifecycleWorkerOptions } from './workers/lifecycle-worker';
 export { TransitionConsumer, memoryVersionStore, parseEntry } from './streams/consumer';

@@ -17,7 +17,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Client } from 'pg';
-import { OUTBOX_CHANNEL } from '../../src/services/transition-service';
+import { OUTBOX_CHANNEL } from '../../src/services/transitions';
 import { now } from './common';
 import { cpuNow, cpuPerEvent } from './cpu';
 

@@ -1,8 +1,17 @@
-import { Column, CreateDateColumn, Entity, PrimaryColumn, UpdateDateColumn } from 'typeorm';
+import { Check, Column, CreateDateColumn, Entity, Index, JoinColumn, ManyToOne, PrimaryColumn, UpdateDateColumn } from 'typeorm';
 import type { DeploymentState, EndpointKind } from '../machine';
+import type { Attempt } from './attempt';
 
 /** A deployment's current state. Written only by the transition service's version-checked UPDATE. */
 @Entity({ name: 'deployments' })
+@Check('deployments_state_check', `state IN ('pending', 'deploying', 'ready', 'failed', 'unknown')`)
+@Check('deployments_version_check', `version >= 1`)
+@Check('deployments_endpoint_kind_check', `endpoint_kind IN ('node_port', 'cluster_dns')`)
+@Check('deployments_check', `(endpoint_url IS NULL) = (endpoint_kind IS NULL)`)
+// paged listing by state
+@Index('deployments_state_id_idx', ['state', 'id'])
+// the sweep's readiness set
+@Index('deployments_ready_node_port_idx', ['id'], { where: `state = 'ready' AND endpoint_kind = 'node_port'` })
 export class Deployment {
   @PrimaryColumn({ type: 'uuid' })
   id!: string;
@@ -19,6 +28,11 @@ export class Deployment {
 
   @Column({ name: 'current_attempt_id', type: 'uuid', nullable: true })
   currentAttemptId!: string | null;
+
+  /** The relation behind `currentAttemptId` (never loaded by the fleet; it declares the deferred foreign key). */
+  @ManyToOne('Attempt', { nullable: true, deferrable: 'INITIALLY DEFERRED' })
+  @JoinColumn({ name: 'current_attempt_id', foreignKeyConstraintName: 'deployments_current_attempt_fk' })
+  currentAttempt?: Attempt | null;
 
   @Column({ name: 'endpoint_url', type: 'text', nullable: true })
   endpointUrl!: string | null;

@@ -1,7 +1,9 @@
+import type { PoolClient } from 'pg';
 import type { DataSource } from 'typeorm';
+import { ADMIN_SQL, MIGRATION_LOCK_KEY } from './sql/admin';
+import { sessionOf } from './sql/runner';
 
-/** The advisory lock key that serializes migrations across every process of the fleet. */
-export const MIGRATION_LOCK_KEY = 'lifecycle-fleet:migrate';
+export { MIGRATION_LOCK_KEY };
 
 export interface MigrateResult {
   /** names of the migrations this call ran (empty when another process had already run them) */
@@ -15,14 +17,14 @@ export interface MigrateResult {
  */
 export async function migrate(dataSource: DataSource): Promise<MigrateResult> {
   const lock = dataSource.createQueryRunner();
-  await lock.connect();
+  const session = sessionOf((await lock.connect()) as PoolClient);
   try {
-    await lock.query('SELECT pg_advisory_lock(hashtext($1))', [MIGRATION_LOCK_KEY]);
+    await session.run(ADMIN_SQL.lockMigrations, [MIGRATION_LOCK_KEY]);
     try {
       const ran = await dataSource.runMigrations({ transaction: 'each' });
       return { ran: ran.map((m) => m.name) };
     } finally {
-      await lock.query('SELECT pg_advisory_unlock(hashtext($1))', [MIGRATION_LOCK_KEY]);
+      await session.run(ADMIN_SQL.unlockMigrations, [MIGRATION_LOCK_KEY]);
     }
   } finally {
     await lock.release();

@@ -1,7 +1,9 @@
-import { Column, Entity, PrimaryColumn } from 'typeorm';
+import { Column, Entity, Index, PrimaryColumn } from 'typeorm';
 
 /** One row per decided eventId: a redelivered event finds its row and becomes a recorded noop. */
 @Entity({ name: 'processed_events' })
+// pruning by age
+@Index('processed_events_processed_at_idx', ['processedAt'])
 export class ProcessedEvent {
   @PrimaryColumn({ name: 'event_id', type: 'varchar', length: 200 })
   eventId!: string;
@@ -27,6 +29,6 @@ export class ProcessedEvent {
   @Column({ name: 'payload_sha256', type: 'char', length: 64, nullable: true })
   payloadSha256!: string | null;
 
-  @Column({ name: 'processed_at', type: 'timestamptz' })
+  @Column({ name: 'processed_at', type: 'timestamptz', default: () => 'now()' })
   processedAt!: Date;
 }

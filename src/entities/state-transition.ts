@@ -1,8 +1,10 @@
-import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
+import { Column, Entity, JoinColumn, ManyToOne, PrimaryGeneratedColumn, Unique } from 'typeorm';
 import type { DeploymentState } from '../machine';
+import type { Deployment } from './deployment';
 
 /** Append-only history: one row per applied transition, unique per (deployment, version). */
 @Entity({ name: 'state_transitions' })
+@Unique('state_transitions_deployment_id_version_key', ['deploymentId', 'version'])
 export class StateTransition {
   /** bigint: returned as a string by pg */
   @PrimaryGeneratedColumn({ type: 'bigint' })
@@ -10,6 +12,11 @@ export class StateTransition {
 
   @Column({ name: 'deployment_id', type: 'uuid' })
   deploymentId!: string;
+
+  /** The relation behind `deploymentId` (never loaded by the fleet; it declares the foreign key). */
+  @ManyToOne('Deployment', { nullable: false })
+  @JoinColumn({ name: 'deployment_id', foreignKeyConstraintName: 'state_transitions_deployment_id_fkey' })
+  deployment?: Deployment;
 
   @Column({ name: 'attempt_id', type: 'uuid', nullable: true })
   attemptId!: string | null;
@@ -33,6 +40,6 @@ export class StateTransition {
   @Column({ type: 'varchar', length: 100, default: 'unrecorded' })
   actor!: string;
 
-  @Column({ name: 'created_at', type: 'timestamptz' })
+  @Column({ name: 'created_at', type: 'timestamptz', default: () => 'now()' })
   createdAt!: Date;
 }

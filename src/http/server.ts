@@ -18,6 +18,7 @@ import type IORedis from 'ioredis';
 import type { DataSource } from 'typeorm';
 import type { FleetConfig } from '../config';
 import { migrationsApplied } from '../entities/migrate';
+import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
 import { EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed } from '../events/endpoint-allow';
 import { ANONYMOUS_ACTOR, parsePayload, UUID_PATTERN } from '../events/schemas';
@@ -111,6 +112,7 @@ function scopeOf(request: FastifyRequest): Scope | null {
 /** Builds the server (not listening). */
 export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> {
   const { config, dataSource: ds, metrics } = deps;
+  const db = new Database(ds);
   const now = deps.now ?? (() => new Date());
   const creds: Credentials = {
     tokens: deps.tokens !== undefined ? deps.tokens : config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile),
@@ -239,8 +241,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
 
   async function requireDeployment(id: string): Promise<void> {
-    const rows = await ds.query<unknown[]>(`SELECT 1 FROM deployments WHERE id = $1`, [id]);
-    if (rows.length === 0) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
+    const exists = await deploymentExists(db, id);
+    if (!exists) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
   }
 
   app.get('/api/deployments/:id/attempts', READ, async (request) => {
@@ -345,7 +347,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     };
     await Promise.all([
       check('redis', async () => (await deps.redis.ping()) === 'PONG'),
-      check('postgres', async () => (await ds.query<unknown[]>('SELECT 1')).length === 1),
+      check('postgres', async () => (await db.run(ADMIN_SQL.ping)).rows.length === 1),
       check('migrations', () => migrationsApplied(ds)),
     ]);
     const ok = Object.values(checks).every((v) => v === 'ok');

@@ -18,47 +18,13 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
 import type { DataSource } from 'typeorm';
+import { Database, SWEEP_SQL, type ReadyRow } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
 import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
 import { NIL_UUID } from '../util';
 
-/**
- * The sweep's statements, exported so tests can EXPLAIN exactly what runs.
- * Each WHERE repeats its partial index's predicate verbatim so the planner can use it.
- */
-export const SWEEP_SQL = Object.freeze({
-  /** one page of the readiness set, keyset-paginated on deployments_ready_node_port_idx */
-  readyPage: `SELECT id, endpoint_url, last_ready_at
-  FROM deployments
- WHERE state = 'ready' AND endpoint_kind = 'node_port' AND id > $1
- ORDER BY id
- LIMIT $2`,
-  /**
-   * The tick's one stamp write. Only where the deployment is still ready with the URL that answered, and never
-   * backwards (an overlapping slower tick cannot undo a newer stamp). `version` is untouched.
-   */
-  stamp: `UPDATE deployments AS d
-   SET last_ready_at = GREATEST(d.last_ready_at, $1::timestamptz)
-  FROM unnest($2::uuid[], $3::text[]) AS p(id, url)
- WHERE d.id = p.id AND d.endpoint_url = p.url AND d.state = 'ready' AND d.endpoint_kind = 'node_port'`,
-  /**
-   * Expired and orphaned running attempts in one statement: attempts_running_started_idx and
-   * attempts_running_liveness_idx (on COALESCE(last_heartbeat_at, started_at) WHERE status = 'running').
-   */
-  dueAttempts: `(SELECT 'expired' AS kind, id, deployment_id, started_at AS liveness_at
-   FROM attempts
-  WHERE status = 'running' AND started_at < $2
-  ORDER BY started_at
-  LIMIT $3)
-UNION ALL
-(SELECT 'orphaned' AS kind, id, deployment_id, COALESCE(last_heartbeat_at, started_at) AS liveness_at
-   FROM attempts
-  WHERE status = 'running' AND COALESCE(last_heartbeat_at, started_at) < $1
-  ORDER BY COALESCE(last_heartbeat_at, started_at)
-  LIMIT $3)`,
-});
 
 
 export interface SweepResult {
@@ -128,22 +94,8 @@ export interface SweeperOptions {
   readonly endpointAllow?: EndpointAllowList | null;
 }
 
-interface ReadyRow {
-  id: string;
-  endpoint_url: string;
-  last_ready_at: Date | null;
-}
-
-interface DueAttemptRow {
-  kind: 'expired' | 'orphaned';
-  id: string;
-  deployment_id: string;
-  /** orphaned: last heartbeat, else start; expired: start */
-  liveness_at: Date;
-}
-
 export class Sweeper {
-  private readonly ds: DataSource;
+  private readonly db: Database;
   private readonly producer: LifecycleProducer;
   private readonly now: () => Date;
   private readonly readyWindowMs: number;
@@ -160,7 +112,7 @@ export class Sweeper {
   private readonly elapsedMs: () => number;
 
   constructor(options: SweeperOptions) {
-    this.ds = options.dataSource;
+    this.db = new Database(options.dataSource);
     this.producer = options.producer;
     this.now = options.now ?? (() => new Date());
     this.readyWindowMs = (options.readyWindowS ?? 120) * 1000;
@@ -208,7 +160,7 @@ export class Sweeper {
   private async sweepAttempts(now: Date): Promise<{ orphaned: number; expired: number }> {
     const orphanCutoff = new Date(now.getTime() - this.orphanAfterMs);
     const deadlineCutoff = new Date(now.getTime() - this.progressDeadlineMs);
-    const rows = await this.ds.query<DueAttemptRow[]>(SWEEP_SQL.dueAttempts, [orphanCutoff, deadlineCutoff, this.maxAttempts]);
+    const { rows } = await this.db.run(SWEEP_SQL.dueAttempts, [orphanCutoff, deadlineCutoff, this.maxAttempts]);
     if (rows.length === 0) return { orphaned: 0, expired: 0 };
 
     // Past its deadline is definite (failed); an attempt that is both gets only attempt.expired.
@@ -289,13 +241,8 @@ export class Sweeper {
 
     let stamped = 0;
     if (ok.length > 0) {
-      const q = this.ds.createQueryRunner();
-      try {
-        const updated = await q.query(SWEEP_SQL.stamp, [now, ok.map((t) => t.id), ok.map((t) => t.endpoint_url)], true);
-        stamped = updated.affected ?? 0;
-      } finally {
-        await q.release();
-      }
+      const updated = await this.db.run(SWEEP_SQL.stamp, [now, ok.map((t) => t.id), ok.map((t) => t.endpoint_url)]);
+      stamped = updated.affected;
     }
 
     const okIds = new Set(ok.map((t) => t.id));
@@ -311,7 +258,7 @@ export class Sweeper {
     const all: ReadyRow[] = [];
     let after = NIL_UUID;
     for (;;) {
-      const page = await this.ds.query<ReadyRow[]>(SWEEP_SQL.readyPage, [after, this.pageSize]);
+      const { rows: page } = await this.db.run(SWEEP_SQL.readyPage, [after, this.pageSize]);
       all.push(...page);
       const last = page[page.length - 1];
       if (page.length < this.pageSize || last === undefined) return all;

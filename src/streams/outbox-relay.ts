@@ -26,10 +26,10 @@ import { Client } from 'pg';
 import type IORedis from 'ioredis';
 import { silentLogger, type Logger } from '../log';
 import { createRedis } from '../queues/redis';
-import { OUTBOX_CHANNEL } from '../services/transition-service';
+import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 
 /** The advisory lock the active relay holds. */
-export const RELAY_LOCK_KEY = 'lifecycle-fleet:outbox-relay';
+export { RELAY_LOCK_KEY };
 
 /**
  * Appends a batch to the stream only if the stream still ends with the entry the relay appended last
@@ -53,11 +53,6 @@ end
 return ids
 `;
 const APPEND_IF_TAIL_SHA = createHash('sha1').update(APPEND_IF_TAIL).digest('hex');
-
-/** Marks rows published with their stream ids ($1 outbox ids, $2 stream ids). */
-const MARK_PUBLISHED = `UPDATE outbox SET published_at = now(), stream_id = v.stream_id
-    FROM unnest($1::bigint[], $2::text[]) AS v(id, stream_id)
-   WHERE outbox.id = v.id`;
 
 export function transitionStreamKey(prefix: string): string {
   return `${prefix}:transitions`;
@@ -95,10 +90,6 @@ export interface OutboxRelayOptions {
   readonly afterXadd?: (ids: readonly string[]) => void | Promise<void>;
 }
 
-interface OutboxRow {
-  id: string;
-  fields: Record<string, string>;
-}
 
 export class OutboxRelay {
   private readonly log: Logger;
@@ -245,15 +236,16 @@ export class OutboxRelay {
       await client.connect();
       this.client = client;
     }
-    const result = await this.client.query<{ locked: boolean }>('SELECT pg_try_advisory_lock(hashtext($1)) AS locked', [RELAY_LOCK_KEY]);
+    const session = sessionOf(this.client);
+    const result = await session.run(OUTBOX_SQL.tryLock, [RELAY_LOCK_KEY]);
     if (result.rows[0]?.locked === true) {
-      await this.client.query(`LISTEN ${OUTBOX_CHANNEL}`);
+      await session.run(OUTBOX_SQL.listen);
       // the server side notices a vanished leader too, and frees the lock for a standby
-      await this.client.query(`SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3`);
+      await session.run(OUTBOX_SQL.keepalives);
       // The relay's own writes (marks, reconcile, prune) do not wait for their WAL flush: a mark lost in a
       // PostgreSQL crash only republishes its rows (duplicates are allowed; gaps are not), and the next leader
       // reconciles again. Waiting for the fsync of every mark held up the next batch by its duration.
-      await this.client.query(`SET synchronous_commit = off`);
+      await session.run(OUTBOX_SQL.asyncCommit);
       this.lastStreamId = null;
       this.leader = true;
       this.log.info('became the active outbox relay');
@@ -271,15 +263,7 @@ export class OutboxRelay {
     // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
     // so it leaves those rows out by id
     const marks = this.unmarked ?? { ids: [], streamIds: [] };
-    const rows = (
-      await client.query<OutboxRow>(
-        `WITH marked AS (${MARK_PUBLISHED})
-         SELECT id, fields FROM outbox
-          WHERE published_at IS NULL AND NOT (id = ANY($1::bigint[]))
-          ORDER BY id LIMIT $3`,
-        [marks.ids, marks.streamIds, this.options.batchSize ?? 500],
-      )
-    ).rows;
+    const { rows } = await sessionOf(client).run(OUTBOX_SQL.markAndRead, [marks.ids, marks.streamIds, this.options.batchSize ?? 500]);
     this.unmarked = null;
     if (generation !== this.generation || this.lastStreamId === null) {
       // Redis reconnected while this cycle read: never append against a tail learnt from another connection. The
@@ -327,7 +311,7 @@ export class OutboxRelay {
   private async flushMarks(): Promise<void> {
     const marks = this.unmarked;
     if (marks === null || this.client === null) return;
-    await this.client.query(MARK_PUBLISHED, [marks.ids, marks.streamIds]);
+    await sessionOf(this.client).run(OUTBOX_SQL.markPublished, [marks.ids, marks.streamIds]);
     this.unmarked = null;
   }
 
@@ -352,13 +336,8 @@ export class OutboxRelay {
     const generation = this.generation;
     const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
     const [ms, seq] = tail.split('-');
-    const { rowCount } = await client.query(
-      `UPDATE outbox SET published_at = NULL, stream_id = NULL
-        WHERE published_at IS NOT NULL AND stream_id IS NOT NULL
-          AND (split_part(stream_id, '-', 1)::numeric, split_part(stream_id, '-', 2)::numeric) > ($1::numeric, $2::numeric)`,
-      [ms ?? '0', seq ?? '0'],
-    );
-    if ((rowCount ?? 0) > 0) this.log.warn({ republish: rowCount, streamTail: tail }, 'the stream lost entries: republishing them');
+    const { affected } = await sessionOf(client).run(OUTBOX_SQL.unpublishAfter, [ms ?? '0', seq ?? '0']);
+    if (affected > 0) this.log.warn({ republish: affected, streamTail: tail }, 'the stream lost entries: republishing them');
     // a reconnect during the reconcile may have brought another server: its tail is unknown, reconcile again
     this.lastStreamId = generation === this.generation ? tail : null;
   }
@@ -367,28 +346,17 @@ export class OutboxRelay {
     const now = Date.now();
     if (now - this.lastPrune < 60_000) return;
     this.lastPrune = now;
-    const { rowCount } = await client.query(
-      `DELETE FROM outbox WHERE id IN (
-         SELECT id FROM outbox
-          WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1::double precision / 1000)
-          LIMIT 10000)`,
-      [this.options.retentionMs ?? 24 * 3600_000],
-    );
-    const processed = await client.query(
-      `DELETE FROM processed_events WHERE event_id IN (
-         SELECT event_id FROM processed_events
-          WHERE processed_at < now() - make_interval(secs => $1::double precision / 1000)
-          LIMIT 10000)`,
-      [this.options.processedRetentionMs ?? 7 * 24 * 3600_000],
-    );
-    if ((rowCount ?? 0) > 0 || (processed.rowCount ?? 0) > 0) {
-      this.log.info({ outbox: rowCount, processedEvents: processed.rowCount }, 'pruned published outbox rows and old processed events');
+    const session = sessionOf(client);
+    const outbox = await session.run(OUTBOX_SQL.prunePublished, [this.options.retentionMs ?? 24 * 3600_000]);
+    const processed = await session.run(OUTBOX_SQL.pruneProcessed, [this.options.processedRetentionMs ?? 7 * 24 * 3600_000]);
+    if (outbox.affected > 0 || processed.affected > 0) {
+      this.log.info({ outbox: outbox.affected, processedEvents: processed.affected }, 'pruned published outbox rows and old processed events');
     }
   }
 
   private async sessionAlive(): Promise<boolean> {
     try {
-      await this.client?.query('SELECT 1');
+      if (this.client !== null) await sessionOf(this.client).run(ADMIN_SQL.ping);
       return this.client !== null;
     } catch {
       return false;
@@ -419,9 +387,7 @@ export class OutboxRelay {
 }
 
 /** Age in seconds of the oldest unpublished outbox row (0 when none): the relay's lag, for metrics. */
-export async function relayLagSeconds(query: (sql: string) => Promise<Array<{ age: number | string | null }>>): Promise<number> {
-  const rows = await query(
-    `SELECT EXTRACT(EPOCH FROM now() - created_at) AS age FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1`,
-  );
+export async function relayLagSeconds(db: Session): Promise<number> {
+  const { rows } = await db.run(OUTBOX_SQL.lag);
   return Number(rows[0]?.age ?? 0);
 }

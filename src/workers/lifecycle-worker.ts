@@ -22,7 +22,7 @@ import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
-import type { ApplyResult, TransitionService } from '../services/transition-service';
+import type { ApplyResult, TransitionService } from '../services/transitions';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
 export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;

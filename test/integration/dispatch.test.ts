@@ -4,7 +4,7 @@ import { Deployment } from '../../src/entities';
 import type { DeploymentState, EndpointKind } from '../../src/machine';
 import { resolveEndpoint, type DispatchInput, type DispatchOptions } from '../../src/services/dispatch';
 import { getDeployment } from '../../src/services/read-model';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { ManualClock } from '../helpers/clock';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 

@@ -21,7 +21,7 @@ import { FleetMetrics } from '../../src/metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { Sweeper } from '../../src/services/sweep';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { parseEndpointAllowList } from '../../src/events/endpoint-allow';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';

@@ -12,7 +12,7 @@ import { silentLogger } from '../../src/log';
 import { FleetMetrics } from '../../src/metrics';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';

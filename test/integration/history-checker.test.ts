@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { checkHistory, type HistoryCheckOptions, type SentEvent } from '../../chaos/history-checker';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 

@@ -8,7 +8,7 @@ import { buildHttpServer, type HttpDeps } from '../../src/http/server';
 import { FleetMetrics } from '../../src/metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { silentLogger } from '../../src/log';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';

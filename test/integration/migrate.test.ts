@@ -1,6 +1,6 @@
 import { expect } from 'chai';
 import { createDataSource } from '../../ormconfig';
-import { MIGRATIONS } from '../../src/entities';
+import { Deployment, MIGRATIONS } from '../../src/entities';
 import { migrate, migrationsApplied } from '../../src/entities/migrate';
 import { createDatabase } from '../helpers/db';
 
@@ -35,6 +35,33 @@ describe('migrations (PostgreSQL)', () => {
       expect((await migrate(first)).ran).to.deep.equal([]);
     } finally {
       await Promise.all(sources.filter((s) => s.isInitialized).map((s) => s.destroy()));
+      await db.drop();
+    }
+  });
+
+  it('build exactly the schema the entities declare: TypeORM\'s schema diff against a migrated database is empty', async () => {
+    const db = await createDatabase();
+    const ds = createDataSource({ url: db.url, poolSize: 2, statementTimeoutMs: 0 });
+    try {
+      await ds.initialize();
+      await migrate(ds);
+      const diff = async () => (await ds.driver.createSchemaBuilder().log()).upQueries.map((q) => q.query);
+      expect(await diff()).to.deep.equal([]);
+
+      // the diff sees drift: an entity that disagrees with the migrations (a column's length, a lost index) shows
+      const name = ds.getMetadata(Deployment).findColumnWithPropertyName('name');
+      if (name === undefined) throw new Error('no name column');
+      name.length = '64';
+      const indices = ds.getMetadata(Deployment).indices;
+      const readySet = indices.findIndex((i) => i.name === 'deployments_ready_node_port_idx');
+      const [dropped] = indices.splice(readySet, 1);
+      const drift = await diff();
+      name.length = '63';
+      if (dropped !== undefined) indices.push(dropped);
+      expect(drift.join('\n')).to.match(/ALTER TABLE "deployments" (ALTER COLUMN "name"|DROP COLUMN "name")/);
+      expect(drift.join('\n')).to.include('DROP INDEX "public"."deployments_ready_node_port_idx"');
+    } finally {
+      if (ds.isInitialized) await ds.destroy();
       await db.drop();
     }
   });

@@ -3,8 +3,9 @@ import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
+import { Database } from '../../src/entities/sql';
 import { ResyncRequiredError } from '../../src/errors';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
@@ -111,7 +112,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
 
     // the last batch's mark goes out on its own once no commit has come for markDelayMs
     await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
-    expect(await relayLagSeconds((sql) => db.dataSource.query(sql))).to.equal(0);
+    expect(await relayLagSeconds(new Database(db.dataSource))).to.equal(0);
     const sample = entries[0];
     expect(sample).to.include({ type: 'state_transition', from: '', to: 'pending', reason: 'created', version: 1 });
     expect(sample?.transitionId).to.match(/^\d+$/);

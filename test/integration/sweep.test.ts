@@ -8,8 +8,9 @@ import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { resolveEndpoint, type ResolvedEndpoint } from '../../src/services/dispatch';
 import { getDeployment } from '../../src/services/read-model';
-import { SWEEP_SQL, Sweeper, type SweeperOptions, type SweepResult } from '../../src/services/sweep';
-import { TransitionService } from '../../src/services/transition-service';
+import { SWEEP_SQL } from '../../src/entities/sql';
+import { Sweeper, type SweeperOptions, type SweepResult } from '../../src/services/sweep';
+import { TransitionService } from '../../src/services/transitions';
 import type { Endpoint } from '../../src/machine';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { ensureSweepScheduler, SweepWorker } from '../../src/workers/sweep-worker';
@@ -593,10 +594,10 @@ describe('sweep at scale: 100 000 deployments and 100 000 attempts', function ()
 
     const explain = async (sql: string, params: unknown[]) =>
       planSummary((await db.dataSource.query<Array<{ 'QUERY PLAN': unknown }>>(`EXPLAIN (FORMAT JSON) ${sql}`, params))[0]?.['QUERY PLAN']);
-    const ready = await explain(SWEEP_SQL.readyPage, ['00000000-0000-0000-0000-000000000000', 5000]);
+    const ready = await explain(SWEEP_SQL.readyPage.text, ['00000000-0000-0000-0000-000000000000', 5000]);
     expect(ready.indexes).to.deep.equal(['deployments_ready_node_port_idx']);
     expect(ready.nodes).to.not.include('Seq Scan');
-    const due = await explain(SWEEP_SQL.dueAttempts, [new Date(t0.getTime() - 90_000), new Date(t0.getTime() - 1_800_000), 5000]);
+    const due = await explain(SWEEP_SQL.dueAttempts.text, [new Date(t0.getTime() - 90_000), new Date(t0.getTime() - 1_800_000), 5000]);
     expect(due.indexes).to.have.members(['attempts_running_started_idx', 'attempts_running_liveness_idx']);
     expect(due.nodes).to.not.include('Seq Scan');
   });

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import { ConflictError, NotYetError, ValidationError } from '../../src/errors';
-import { TransitionService, type ApplyResult } from '../../src/services/transition-service';
+import { TransitionService, type ApplyResult } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 
 describe('transition service (PostgreSQL)', () => {
@@ -222,25 +222,30 @@ describe('transition service (PostgreSQL)', () => {
     expect(await counts(deploymentId)).to.deep.include({ transitions: 2, outbox: 2 });
   });
 
-  it('rolls everything back when an error strikes after the UPDATE, before commit', async () => {
+  it('writes nothing at all when the last part of the one write statement fails (the outbox row)', async () => {
+    // The production path, unmodified: a trigger makes the outbox insert, the statement's last CTE, fail.
     const deploymentId = await created();
     const attemptId = randomUUID();
     const before = await counts(deploymentId);
-    const failing = new TransitionService({
-      dataSource: db.dataSource,
-      now: () => clock,
-      hooks: {
-        afterUpdate: () => {
-          throw new Error('injected after UPDATE');
-        },
-      },
-    });
-    const err = await failing.apply('attempt.create', { deploymentId, attemptId, eventId: 'boom' }).catch((e: unknown) => e);
-    expect((err as Error).message).to.equal('injected after UPDATE');
-    expect(await counts(deploymentId)).to.deep.equal(before);
-    expect(await q(`SELECT 1 FROM processed_events WHERE event_id = 'boom'`)).to.have.length(0);
-    // the same event applies cleanly afterwards
-    expect((await service.apply('attempt.create', { deploymentId, attemptId, eventId: 'boom' })).outcome).to.equal('applied');
+    await q(`CREATE FUNCTION fail_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.fields->>'eventId' = 'boom' THEN RAISE EXCEPTION 'injected at the outbox insert'; END IF; RETURN NEW; END $$`);
+    await q(`CREATE TRIGGER fail_boom BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION fail_boom()`);
+    const written: boolean[] = [];
+    const observed = new TransitionService({ dataSource: db.dataSource, now: () => clock, hooks: { afterWrite: (_e, w) => void written.push(w) } });
+    try {
+      const err = await observed.apply('attempt.create', { deploymentId, attemptId, eventId: 'boom' }).catch((e: unknown) => e);
+      expect((err as Error).message).to.equal('injected at the outbox insert');
+      expect(written).to.deep.equal([]); // the statement itself failed
+      expect(await counts(deploymentId)).to.deep.equal(before);
+      expect(await q(`SELECT 1 FROM processed_events WHERE event_id = 'boom'`)).to.have.length(0);
+      expect(await q(`SELECT 1 FROM attempts WHERE id = $1`, [attemptId])).to.have.length(0);
+    } finally {
+      await q(`DROP TRIGGER fail_boom ON outbox`);
+      await q(`DROP FUNCTION fail_boom()`);
+    }
+    // the same event applies cleanly afterwards, and the hook saw its write
+    expect((await observed.apply('attempt.create', { deploymentId, attemptId, eventId: 'boom' })).outcome).to.equal('applied');
+    expect(written).to.deep.equal([true]);
   });
 
   describe('bad input is rejected with a named code and writes nothing', () => {

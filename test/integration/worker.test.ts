@@ -7,7 +7,7 @@ import { type Job } from 'bullmq';
 import { createDataSource } from '../../ormconfig';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
-import { TransitionService } from '../../src/services/transition-service';
+import { TransitionService } from '../../src/services/transitions';
 import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, type LifecycleWorkerOptions } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';

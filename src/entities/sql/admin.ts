@@ -1,0 +1,12 @@
+/** Statements about the database itself: the migration lock and the health check. */
+import { sql } from './statement';
+
+/** The advisory lock key that serializes migrations across every process of the fleet. */
+export const MIGRATION_LOCK_KEY = 'lifecycle-fleet:migrate';
+
+export const ADMIN_SQL = Object.freeze({
+  /** waits for the migration lock (a session lock: held on one connection) */
+  lockMigrations: sql<never>(`SELECT pg_advisory_lock(hashtext($1))`),
+  unlockMigrations: sql<never>(`SELECT pg_advisory_unlock(hashtext($1))`),
+  ping: sql<{ one: number }>(`SELECT 1 AS one`),
+});

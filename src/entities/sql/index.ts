@@ -1,0 +1,13 @@
+/**
+ * Every SQL statement the product runs, the rows they return, and the one runner (named prepared statements).
+ * Services reach PostgreSQL only through this folder.
+ */
+export { sql, plain, type Statement } from './statement';
+export { Database, sessionOf, type Session, type Result } from './runner';
+export * from './rows';
+export * from './read';
+export * from './transitions';
+export * from './stamps';
+export * from './sweep';
+export * from './outbox';
+export * from './admin';

@@ -1,0 +1,66 @@
+/**
+ * The outbox relay's statements, run on its one dedicated session (the advisory lock and LISTEN are session
+ * state, so the relay does not use the pool).
+ */
+import { OUTBOX_CHANNEL } from './transitions';
+import { plain, sql } from './statement';
+
+/** The advisory lock that elects one active relay fleet-wide. */
+export const RELAY_LOCK_KEY = 'lifecycle-fleet:outbox-relay';
+
+export interface OutboxRow {
+  id: string;
+  fields: Record<string, string>;
+}
+
+/** Marks rows published with their stream ids ($1 outbox ids, $2 stream ids). */
+const MARK_PUBLISHED = `UPDATE outbox SET published_at = now(), stream_id = v.stream_id
+    FROM unnest($1::bigint[], $2::text[]) AS v(id, stream_id)
+   WHERE outbox.id = v.id`;
+
+export const OUTBOX_SQL = Object.freeze({
+  tryLock: sql<{ locked: boolean }>(`SELECT pg_try_advisory_lock(hashtext($1)) AS locked`),
+  listen: plain(`LISTEN ${OUTBOX_CHANNEL}`),
+  /** the server side notices a vanished leader too, and frees the lock for a standby */
+  keepalives: plain(`SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3`),
+  /**
+   * The relay's own writes (marks, reconcile, prune) do not wait for their WAL flush: a mark lost in a PostgreSQL
+   * crash only republishes its rows (duplicates are allowed; gaps are not), and the next leader reconciles again.
+   */
+  asyncCommit: plain(`SET synchronous_commit = off`),
+  markPublished: sql<never>(MARK_PUBLISHED),
+  /**
+   * The previous batch's mark and this batch's read in one statement; the read cannot see the mark (one
+   * snapshot), so it leaves those rows out by id. ($1 ids, $2 stream ids, $3 batch size)
+   */
+  markAndRead: sql<OutboxRow>(
+    `WITH marked AS (${MARK_PUBLISHED})
+     SELECT id, fields FROM outbox
+      WHERE published_at IS NULL AND NOT (id = ANY($1::bigint[]))
+      ORDER BY id LIMIT $3`,
+  ),
+  /** rows marked published past the stream's tail ($1 ms, $2 seq) go out again */
+  unpublishAfter: sql<never>(
+    `UPDATE outbox SET published_at = NULL, stream_id = NULL
+      WHERE published_at IS NOT NULL AND stream_id IS NOT NULL
+        AND (split_part(stream_id, '-', 1)::numeric, split_part(stream_id, '-', 2)::numeric) > ($1::numeric, $2::numeric)`,
+  ),
+  /** published rows older than $1 ms, 10,000 at a time */
+  prunePublished: sql<never>(
+    `DELETE FROM outbox WHERE id IN (
+       SELECT id FROM outbox
+        WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1::double precision / 1000)
+        LIMIT 10000)`,
+  ),
+  /** processed events older than $1 ms, 10,000 at a time */
+  pruneProcessed: sql<never>(
+    `DELETE FROM processed_events WHERE event_id IN (
+       SELECT event_id FROM processed_events
+        WHERE processed_at < now() - make_interval(secs => $1::double precision / 1000)
+        LIMIT 10000)`,
+  ),
+  /** age in seconds of the oldest unpublished row */
+  lag: sql<{ age: number | string | null }>(
+    `SELECT EXTRACT(EPOCH FROM now() - created_at) AS age FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1`,
+  ),
+});

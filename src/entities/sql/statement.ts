@@ -1,0 +1,28 @@
+/**
+ * A SQL statement with the type of its rows. Every statement the product runs is one of these, defined in this
+ * folder, and runs as a named prepared statement (see runner.ts): its name is derived from its text, so the same
+ * text has the same name on every connection and in every process, with no registry to keep.
+ */
+import { createHash } from 'node:crypto';
+
+export interface Statement<Row = Record<string, unknown>> {
+  readonly text: string;
+  /** the prepared statement's name: `lf_` + the first 24 hex digits of the text's SHA-1 */
+  readonly name: string;
+  /** carries the row type only; never set */
+  readonly row?: Row;
+}
+
+/** Defines a statement. For statements built at run time (the transition write) this hashes the text per call:
+ * about a microsecond, against the parse and plan it saves PostgreSQL on every later run on a connection. */
+export function sql<Row = Record<string, unknown>>(text: string): Statement<Row> {
+  return { text, name: `lf_${createHash('sha1').update(text).digest('hex').slice(0, 24)}` };
+}
+
+/**
+ * A statement sent unprepared, in the simple query protocol: transaction control, LISTEN, and `SET a; SET b`,
+ * which PostgreSQL cannot prepare. It takes no parameters.
+ */
+export function plain(text: string): Statement<never> {
+  return { text, name: '' };
+}

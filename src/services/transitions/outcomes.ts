@@ -1,0 +1,115 @@
+/**
+ * What applying an event can come to, and the pure pieces around a decision: the machine's view of an event, the
+ * snapshot row as the machine's `Snapshot`, and how an eventId claimed by another event reads.
+ */
+import { ValidationError } from '../../errors';
+import type { SnapshotRow } from '../../entities/sql';
+import { payloadDigest, type LifecycleEvent } from '../../events/schemas';
+import type { DeploymentState, MachineEvent, NoopReason, RejectionCode, Snapshot } from '../../machine';
+
+/** Outcomes of heartbeat and readiness stamps, which change no state. */
+export type StampNoopReason = 'stamped' | 'not_running' | 'not_ready' | 'not_found';
+
+export type ApplyResult =
+  | {
+      readonly outcome: 'applied';
+      readonly eventId: string;
+      readonly deploymentId: string;
+      readonly attemptId: string | null;
+      readonly from: DeploymentState | null;
+      readonly to: DeploymentState;
+      readonly version: number;
+      readonly reason: string;
+      readonly transitionId: string;
+    }
+  | {
+      readonly outcome: 'noop';
+      readonly eventId: string;
+      readonly deploymentId: string;
+      readonly reason: NoopReason | StampNoopReason | 'duplicate_event';
+      /** for `duplicate_event`: what the first delivery of this eventId did */
+      readonly previous?: { readonly outcome: string; readonly reason: string; readonly version: number | null };
+    }
+  | {
+      readonly outcome: 'rejected';
+      readonly eventId: string;
+      readonly deploymentId: string;
+      readonly code: RejectionCode;
+      readonly message: string;
+    };
+
+/** Events that the machine decides on (everything but the stamps). */
+export type StateEvent = Exclude<LifecycleEvent, { name: 'attempt.heartbeat' | 'deployment.readiness' }>;
+
+/** The snapshot row as the machine sees it. */
+export function snapshotOf(row: SnapshotRow): Snapshot {
+  return {
+    deployment:
+      row.d_state === null || row.d_name === null || row.d_version === null
+        ? null
+        : { name: row.d_name, state: row.d_state, version: row.d_version, currentAttemptId: row.d_current_attempt_id },
+    attempt:
+      row.a_id === null || row.a_status === null
+        ? null
+        : { id: row.a_id, status: row.a_status, livenessAt: row.a_liveness_at, startedAt: row.a_started_at },
+    currentAttempt: row.c_id === null || row.c_status === null ? null : { id: row.c_id, status: row.c_status },
+  };
+}
+
+/** A processed row is this event when name, deployment and payload agree (rows from before the digest: name and
+ * deployment). */
+export function sameEvent(event: LifecycleEvent, name: string, deploymentId: string | null, digest: string | null): boolean {
+  return name === event.name && deploymentId === event.data.deploymentId && (digest === null || digest === payloadDigest(event.data));
+}
+
+/**
+ * The eventId was processed before as another event: another name, another deployment, or another payload. Not a
+ * duplicate (that would drop this event silently): refused, so the producer learns to send it with an id of its own.
+ */
+export function eventIdConflict(event: LifecycleEvent, claimedBy: string, claimedFor: string | null): ApplyResult {
+  const other =
+    claimedBy !== event.name
+      ? `a ${claimedBy} event`
+      : claimedFor !== event.data.deploymentId
+        ? `a ${claimedBy} event of deployment ${claimedFor ?? '?'}`
+        : `a ${claimedBy} event with another payload`;
+  return {
+    outcome: 'rejected',
+    eventId: event.eventId,
+    deploymentId: event.data.deploymentId,
+    code: 'event_id_conflict',
+    message: `eventId "${event.eventId}" was already used by ${other}; send this event with an eventId of its own`,
+  };
+}
+
+export function toMachineEvent(event: StateEvent, cutoffs: { deadBefore: Date; startedBefore: Date }): MachineEvent {
+  switch (event.name) {
+    case 'deployment.create':
+      return { type: event.name, name: event.data.name, endpoint: event.data.endpoint };
+    case 'attempt.create':
+    case 'attempt.start':
+      return { type: event.name, attemptId: event.data.attemptId };
+    case 'attempt.orphaned':
+      return { type: event.name, attemptId: event.data.attemptId, deadBefore: cutoffs.deadBefore };
+    case 'attempt.expired':
+      return { type: event.name, attemptId: event.data.attemptId, startedBefore: cutoffs.startedBefore };
+    case 'attempt.end':
+      return {
+        type: event.name,
+        attemptId: event.data.attemptId,
+        outcome: event.data.outcome,
+        reason: event.data.reason,
+        endpoint: event.data.endpoint,
+      };
+    case 'attempt.cancel':
+      return { type: event.name, attemptId: event.data.attemptId, reason: event.data.reason };
+    case 'deployment.teardown':
+      return { type: event.name, force: event.data.force };
+    case 'deployment.resolve':
+      return { type: event.name, outcome: event.data.outcome, reason: event.data.reason };
+    default: {
+      const never: never = event;
+      throw new ValidationError('unknown_event', [{ field: 'name', rule: `unhandled event ${JSON.stringify(never)}` }]);
+    }
+  }
+}

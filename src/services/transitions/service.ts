@@ -1,0 +1,245 @@
+/**
+ * The transition service: load a consistent snapshot, let the pure machine decide, and write the decision
+ * atomically (docs/architecture.md, "Optimistic locking, idempotency, the outbox") in ONE statement:
+ *
+ *   version-checked UPDATE of the deployment -> processed_events row (the eventId's claim) -> attempt rows ->
+ *   state_transitions row -> outbox row
+ *
+ * (the statement is built in src/entities/sql/transitions.ts). A statement is atomic on its own, so the optimistic
+ * first try is two round trips: the snapshot read and the write, no transaction around them (bench/ found
+ * PostgreSQL's and the worker's CPU per transition to go mostly to per-statement overhead). Zero rows from the
+ * version check means a concurrent writer won, and nothing was written: reload, decide again, now holding the
+ * deployment's row lock in a transaction, with bounded retries and jitter. An eventId already claimed by another
+ * delivery makes the whole statement fail on the claim's primary key, so nothing of it stays, and the event is a
+ * duplicate. Noops record the eventId and write nothing else; rejections write nothing at all. Stamps (heartbeat,
+ * readiness) are apart, in stamps.ts; the relay wake-up after a commit in relay-wakeup.ts.
+ */
+import type { DataSource } from 'typeorm';
+import { ConflictError, NotYetError } from '../../errors';
+import {
+  Database,
+  isClaimConflict,
+  TRANSITION_SQL,
+  transitionWrite,
+  type Session,
+} from '../../entities/sql';
+import { assertEndpointAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
+import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '../../events/schemas';
+import { silentLogger, type Logger } from '../../log';
+import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
+import { sleep } from '../../util';
+import { eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import { RelayWakeup, type LocalRelay } from './relay-wakeup';
+import { Stamps } from './stamps';
+
+/**
+ * Test hooks. They observe the production path and may delay it (to stage an interleaving) or throw (to stage a
+ * failure at that point); they never switch the service onto another path.
+ */
+export interface TransitionHooks {
+  /** after the snapshot was read and decided, before the version-checked write */
+  readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
+  /** after the write statement returned (on the optimistic try it has committed; on a locked retry, before COMMIT) */
+  readonly afterWrite?: (event: LifecycleEvent, written: boolean) => void | Promise<void>;
+}
+
+export interface ApplyOptions {
+  /** used as the eventId when the payload carries none (the BullMQ jobId) */
+  readonly fallbackEventId?: string;
+  /** when the event was produced (the job's timestamp): the time a heartbeat or readiness stamp records */
+  readonly producedAt?: Date;
+}
+
+export interface TransitionServiceOptions {
+  readonly dataSource: DataSource;
+  /** the clock; default `() => new Date()` */
+  readonly now?: () => Date;
+  /** version-check losses retried in-process before giving up with `ConflictError` (default 12) */
+  readonly maxConflictRetries?: number;
+  readonly logger?: Logger;
+  readonly hooks?: TransitionHooks;
+  /**
+   * The outbox relay of this process, if it runs one: while it is the active relay, a commit wakes it directly
+   * instead of with a NOTIFY (relay-wakeup.ts).
+   */
+  readonly relay?: LocalRelay;
+  /** FLEET_ENDPOINT_ALLOW: an endpoint outside it fails the event as invalid (default: any endpoint) */
+  readonly endpointAllow?: EndpointAllowList | null;
+  /**
+   * FLEET_ORPHAN_AFTER_S (default 90): `attempt.orphaned` applies only while the attempt's liveness is older than
+   * the time the event was produced minus this (a heartbeat since makes it a noop `alive`)
+   */
+  readonly orphanAfterS?: number;
+  /** FLEET_PROGRESS_DEADLINE_S (default 1800): likewise for `attempt.expired`, with the attempt's start (`not_due`) */
+  readonly progressDeadlineS?: number;
+}
+
+/** Signals a lost version check; caught by the retry loop. */
+class VersionCheckLost extends Error {}
+
+export class TransitionService {
+  private readonly db: Database;
+  private readonly now: () => Date;
+  private readonly maxConflictRetries: number;
+  private readonly log: Logger;
+  private readonly hooks: TransitionHooks;
+  private readonly endpointAllow: EndpointAllowList | null;
+  private readonly orphanAfterMs: number;
+  private readonly progressDeadlineMs: number;
+  private readonly stamps: Stamps;
+  private readonly wakeup: RelayWakeup;
+
+  constructor(options: TransitionServiceOptions) {
+    this.db = new Database(options.dataSource);
+    this.now = options.now ?? (() => new Date());
+    this.maxConflictRetries = options.maxConflictRetries ?? 12;
+    this.log = options.logger ?? silentLogger;
+    this.hooks = options.hooks ?? {};
+    this.endpointAllow = options.endpointAllow ?? null;
+    this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
+    this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
+    this.stamps = new Stamps(this.db, this.now);
+    this.wakeup = new RelayWakeup(this.db, this.log, options.relay);
+  }
+
+  /**
+   * Validates and applies one lifecycle event. Returns what happened (applied, noop, rejected); throws
+   * `ValidationError` for bad input (nothing written), `NotYetError` when the deployment or attempt does not exist
+   * yet, `ConflictError` when every bounded retry lost the version check, and infrastructure errors as they come.
+   */
+  async apply(name: string, data: unknown, options: ApplyOptions = {}): Promise<ApplyResult> {
+    const event = parseEvent(name, data, options.fallbackEventId);
+    // producers may write jobs to Redis without the SDK: the allow-list holds here too
+    assertEndpointAllowed(event.data, this.endpointAllow);
+    switch (event.name) {
+      case 'attempt.heartbeat':
+        return this.stamps.heartbeat(event, options.producedAt);
+      case 'deployment.readiness':
+        return this.stamps.readiness(event, options.producedAt);
+      default:
+        return this.transition(event, options.producedAt);
+    }
+  }
+
+  private async transition(event: StateEvent, producedAt: Date | undefined): Promise<ApplyResult> {
+    // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
+    // to its tick), so that heartbeats that waited behind it in a backlog still count
+    const declared = (producedAt ?? this.now()).getTime();
+    const machineEvent = toMachineEvent(event, {
+      deadBefore: new Date(declared - this.orphanAfterMs),
+      startedBefore: new Date(declared - this.progressDeadlineMs),
+    });
+    for (let attempt = 1; ; attempt++) {
+      // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
+      // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
+      // version check still guards, and now it cannot lose.
+      const lock = attempt > 1;
+      try {
+        const result = lock
+          ? await this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true))
+          : await this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false));
+        if (result.outcome === 'applied') this.wakeup.committed();
+        return result;
+      } catch (err) {
+        if (isClaimConflict(err)) {
+          // another delivery of this event (or another event with its id) claimed it between our read and our
+          // write; ours wrote nothing
+          return await this.claimedElsewhere(this.db, event);
+        }
+        if (!(err instanceof VersionCheckLost)) throw err;
+        if (attempt >= this.maxConflictRetries) throw new ConflictError(event.data.deploymentId, attempt);
+        this.log.debug({ deploymentId: event.data.deploymentId, eventId: event.eventId, attempt }, 'version conflict, retrying');
+        await sleep(Math.random() * Math.min(50, 2 ** attempt));
+      }
+    }
+  }
+
+  private async decideAndWrite(s: Session, event: StateEvent, machineEvent: MachineEvent, lock: boolean): Promise<ApplyResult> {
+    const { deploymentId } = event.data;
+    const attemptId = 'attemptId' in event.data ? event.data.attemptId : null;
+    const base = { eventId: event.eventId, deploymentId };
+
+    if (lock) await s.run(TRANSITION_SQL.lockDeployment, [deploymentId]);
+    const row = (await s.run(TRANSITION_SQL.snapshot, [deploymentId, attemptId, event.eventId])).rows[0];
+    if (row === undefined) throw new Error('snapshot query returned no row');
+    if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
+      return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
+    }
+    if (row.p_outcome !== null) {
+      const previous = { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version };
+      return { ...base, outcome: 'noop', reason: 'duplicate_event', previous };
+    }
+    if (row.a_id !== null && row.a_deployment_id !== deploymentId) {
+      return { ...base, outcome: 'rejected', code: 'id_conflict', message: `attempt ${row.a_id} belongs to another deployment` };
+    }
+
+    const snapshot = snapshotOf(row);
+    const now = this.now();
+    const decision = decide(snapshot, machineEvent, now);
+    const version = snapshot.deployment?.version ?? null;
+    switch (decision.kind) {
+      case 'deferred':
+        throw new NotYetError(decision.why, deploymentId, attemptId ?? undefined);
+      case 'rejected':
+        return { ...base, outcome: 'rejected', code: decision.code, message: decision.message };
+      case 'noop': {
+        // a noop that only says "not yet" is no decision about the event: it stays free to apply later
+        if (TIME_DEPENDENT_NOOPS.has(decision.why)) return { ...base, outcome: 'noop', reason: decision.why };
+        const claim = [event.eventId, event.name, deploymentId, decision.why, version, payloadDigest(event.data), now];
+        if ((await s.run(TRANSITION_SQL.claimNoop, claim)).affected !== 1) return this.claimedElsewhere(s, event);
+        return { ...base, outcome: 'noop', reason: decision.why };
+      }
+      case 'applied':
+        return this.write(s, event, attemptId, version, decision, now);
+    }
+  }
+
+  private async write(
+    s: Session,
+    event: StateEvent,
+    attemptId: string | null,
+    fromVersion: number | null,
+    decision: Extract<Decision, { kind: 'applied' }>,
+    now: Date,
+  ): Promise<ApplyResult> {
+    const { deploymentId } = event.data;
+    const { statement, params } = transitionWrite({
+      deploymentId,
+      eventId: event.eventId,
+      eventName: event.name,
+      ...(event.name === 'deployment.create' ? { deploymentName: event.data.name } : {}),
+      attemptId,
+      actor: event.data.actor ?? DEFAULT_ACTOR,
+      payloadSha256: payloadDigest(event.data),
+      fromVersion,
+      decision,
+      now,
+    });
+    await this.hooks.beforeUpdate?.(event);
+    const row = (await s.run(statement, params)).rows[0];
+    if (row === undefined) throw new Error('transition write returned no row');
+    await this.hooks.afterWrite?.(event, row.written === 1);
+    if (row.written !== 1) throw new VersionCheckLost(); // and nothing was written: everything hangs on `dep`
+    if (row.transition_id === null) throw new Error('state_transitions insert returned no id');
+    return {
+      outcome: 'applied',
+      eventId: event.eventId,
+      deploymentId,
+      attemptId,
+      from: decision.from,
+      to: decision.to,
+      version: (fromVersion ?? 0) + 1,
+      reason: decision.reason,
+      transitionId: row.transition_id,
+    };
+  }
+
+  /** The eventId was claimed by a delivery that committed first: a duplicate, or a different event's id. */
+  private async claimedElsewhere(s: Session, event: LifecycleEvent): Promise<ApplyResult> {
+    const held = (await s.run(TRANSITION_SQL.claimedBy, [event.eventId])).rows[0];
+    if (held !== undefined && !sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
+      return eventIdConflict(event, held.event_name, held.deployment_id);
+    }
+    return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+  }
+}

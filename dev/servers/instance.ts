@@ -14,7 +14,7 @@ import {
   hbaTrustsHost, initdb, PG_DATABASE, pgMajorVersion, pgProcesses, pgQuery, pgReady, requirePassword,
 } from './postgres';
 import type { PgContext } from './postgres';
-import { waitGone, signal } from './process';
+import { signal, waitGone } from './process';
 import { redisReady, writeRedisConf } from './redis';
 import { freePort, PORT_RACE, spawnServer, waitReady } from './server';
 import type { Server } from './server';

@@ -6,8 +6,8 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { readPid, realpathOrSelf } from './fs-helpers';
 import { writePrivateFile } from './credentials';
+import { readPid, realpathOrSelf } from './fs-helpers';
 import { argvHasPath, liveNamed, processesInDir, terminate } from './process';
 
 /** Redis' default process title ("<argv0> <addr>:<port>", optionally "[cluster]"...), Redis < 6.2 has no other. */

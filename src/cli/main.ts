@@ -3,28 +3,23 @@
  * clear line on stderr and a non-zero exit (2 for bad input, 1 for everything else).
  */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { repoRoot } from '../../src/util';
 import { Command, CommanderError } from 'commander';
 import { createDataSource } from '../../ormconfig';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';
 import { ConfigError, ResyncRequiredError, ValidationError } from '../errors';
-import { createLogger, scrubUrls } from '../log';
-import { isProcessAlive, startLocalServices } from '../../dev/servers';
+import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
+import { runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
-
-/** Where `fleet start` records the local services it started, so other `fleet` commands can find them. */
-const localEndpointsFile = () => path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');
 
 /**
  * REDIS_URL and DATABASE_URL, or else those of the local services a running `fleet start` brought up.
@@ -33,13 +28,9 @@ function resolveEndpoints(config: FleetConfig): Endpoints {
   if (config.redisUrl !== null && config.databaseUrl !== null) {
     return { redisUrl: config.redisUrl, databaseUrl: config.databaseUrl };
   }
-  try {
-    const local = JSON.parse(fs.readFileSync(localEndpointsFile(), 'utf8')) as Endpoints & { pid: number };
-    if (isProcessAlive(local.pid)) {
-      return { redisUrl: config.redisUrl ?? local.redisUrl, databaseUrl: config.databaseUrl ?? local.databaseUrl };
-    }
-  } catch {
-    // no local fleet running
+  const local = runningLocalEndpoints();
+  if (local !== undefined) {
+    return { redisUrl: config.redisUrl ?? local.redisUrl, databaseUrl: config.databaseUrl ?? local.databaseUrl };
   }
   const missing = [config.redisUrl === null ? 'REDIS_URL' : null, config.databaseUrl === null ? 'DATABASE_URL' : null]
     .filter((v) => v !== null)
@@ -76,66 +67,6 @@ async function runHttp(): Promise<void> {
   const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: false, relay: false, sweep: false, http: true });
   logger.info({ url: fleet.httpUrl }, 'http started');
   await closeOnSignals(fleet, logger);
-}
-
-async function runStart(): Promise<void> {
-  const config = loadConfig();
-  const logger = createLogger(config.logLevel);
-  let local: Awaited<ReturnType<typeof startLocalServices>> | null = null;
-  let endpoints: Endpoints;
-  if (config.redisUrl !== null && config.databaseUrl !== null) {
-    endpoints = { redisUrl: config.redisUrl, databaseUrl: config.databaseUrl };
-  } else {
-    const dir = path.join(repoRoot(), '.fleet', 'run');
-    local = await startLocalServices({
-      dir,
-      redis: config.redisUrl === null,
-      postgres: config.databaseUrl === null,
-      fresh: false,
-      fast: false,
-      log: (msg) => logger.info(msg),
-    });
-    endpoints = {
-      redisUrl: config.redisUrl ?? local.redisUrl ?? '',
-      databaseUrl: config.databaseUrl ?? local.databaseUrl ?? '',
-    };
-    fs.writeFileSync(localEndpointsFile(), JSON.stringify({ ...endpoints, pid: process.pid }), { mode: 0o600 });
-  }
-  try {
-    const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
-    await ds.initialize();
-    try {
-      const { ran } = await migrate(ds);
-      if (ran.length > 0) logger.info({ migrations: ran }, 'migrated');
-    } finally {
-      await ds.destroy();
-    }
-    const fleet = await startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: true });
-    const url = fleet.httpUrl ?? '';
-    logger.info({ url }, 'lifecycle-fleet is running; Ctrl-C stops it');
-    process.stderr.write(
-      [
-        '',
-        'lifecycle-fleet is running',
-        `  Bull Board   ${url}/admin/queues`,
-        `  API          ${url}/api/deployments`,
-        `  metrics      ${url}/metrics`,
-        // never a password on the terminal (it ends up in scrollback and CI logs): the URLs with theirs are in
-        // .fleet/run/endpoints.json (mode 0600) while this runs
-        `  Redis        ${local?.redisUrl !== undefined ? scrubUrls(endpoints.redisUrl) : 'REDIS_URL'}`,
-        `  PostgreSQL   ${local?.databaseUrl !== undefined ? scrubUrls(endpoints.databaseUrl) : 'DATABASE_URL'}`,
-        '  in another terminal: npx fleet demo, npx fleet tail, npx fleet status <id>',
-        '',
-        '',
-      ].join('\n'),
-    );
-    await closeOnSignals(fleet, logger);
-  } finally {
-    if (local !== null) {
-      fs.rmSync(localEndpointsFile(), { force: true });
-      await local.stop();
-    }
-  }
 }
 
 async function runEnqueue(name: string, json: string): Promise<void> {

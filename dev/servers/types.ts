@@ -1,0 +1,46 @@
+/** The public shapes of dev/servers: what `startLocalServices` takes and what it returns. */
+
+export interface LocalServicesOptions {
+  /** directory holding data, logs and pid files, e.g. `<repo>/.fleet/run` or `<repo>/.fleet/test` */
+  dir: string;
+  /** start redis-server? */
+  redis: boolean;
+  /** start PostgreSQL? */
+  postgres: boolean;
+  /** wipe `dir` first (tests) instead of reusing persistent data (npm start) */
+  fresh: boolean;
+  /** test mode: fsync=off, synchronous_commit=off, full_page_writes=off for speed */
+  fast: boolean;
+  log?: (msg: string) => void;
+}
+
+export interface LocalServices {
+  /** `redis://:<password>@127.0.0.1:<port>`: a secret, never log it */
+  redisUrl?: string;
+  /** `postgres://fleet:<password>@127.0.0.1:<port>/fleet`: a secret, never log it */
+  databaseUrl?: string;
+  redisPort?: number;
+  pgPort?: number;
+  pgDataDir?: string;
+  pgBinDir?: string;
+  redisBin?: string;
+  /** pid of redis-server (while running) */
+  redisPid?: number;
+  /** pid of the postmaster (while running) */
+  pgPid?: number;
+  /** Stops both servers; idempotent; resolves once both processes are gone. */
+  stop(): Promise<void>;
+  /**
+   * Kills redis-server (SIGKILL: a crash; SIGTERM: a clean shutdown), stays down for `downMs` (default 0), then
+   * starts it again on the same port and data directory and waits until it has loaded its AOF (`wipe`: with the
+   * data deleted while it is down, so it comes back empty, as a lost disk or a fresh replica). For fault tests.
+   */
+  restartRedis(options?: { signal?: 'SIGKILL' | 'SIGTERM'; downMs?: number; wipe?: boolean }): Promise<void>;
+  /**
+   * Stops PostgreSQL (`immediate`: SIGQUIT to the postmaster, a crash followed by recovery, as
+   * `pg_ctl restart -m immediate`; `fast`: SIGINT), stays down for `downMs` (default 0), then starts it again on the
+   * same port and data directory and waits until it accepts connections. For fault tests.
+   */
+  restartPostgres(options?: { mode?: 'immediate' | 'fast'; downMs?: number }): Promise<void>;
+}
+

@@ -6,6 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import type IORedis from 'ioredis';
 import type { Pool } from 'pg';
+import { settleWithin } from '../src/util';
 
 export interface WorkerSpec {
   readonly command: string;
@@ -90,17 +91,14 @@ export class WorkerPool {
     this.timers.clear();
     const live = this.slots.filter((c): c is ChildProcess => c !== null && c.exitCode === null && c.signalCode === null);
     await Promise.all(
-      live.map(
-        (child) =>
-          new Promise<void>((resolve) => {
-            const timer = setTimeout(() => child.kill('SIGKILL'), graceMs);
-            child.once('exit', () => {
-              clearTimeout(timer);
-              resolve();
-            });
-            child.kill('SIGTERM');
-          }),
-      ),
+      live.map(async (child) => {
+        const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+        child.kill('SIGTERM');
+        if ((await settleWithin(exited, graceMs)) === 'timeout') {
+          child.kill('SIGKILL');
+          await exited;
+        }
+      }),
     );
   }
 

@@ -119,43 +119,34 @@ export function planWorkload(options: WorkloadOptions): Script[] {
   return Array.from({ length: options.deployments }, (_, index) => planScript(index, options, random));
 }
 
+/** Makes the script's next event: its eventId numbers the events of the script in the order they are made. */
+type EventMaker = (eventName: string, rest: Record<string, unknown>, expect?: Expectation, replayable?: boolean) => PlannedEvent;
+
+/** Where a script has brought its deployment: the current attempt, the state, and the attempt's reported outcome. */
+interface Position {
+  readonly attemptId: string | null;
+  readonly state: DeploymentState;
+  readonly lastOutcome: 'succeeded' | 'failed' | null;
+}
+
+interface Phase {
+  readonly steps: readonly Step[];
+  readonly next: Position;
+}
+
 function planScript(index: number, options: WorkloadOptions, random: Random): Script {
   const deploymentId = random.uuid();
   const name = `chaos-${index}`;
   let seq = 0;
-  const event = (eventName: string, rest: Record<string, unknown>, expect: Expectation = decided, replayable = true): PlannedEvent => ({
+  const event: EventMaker = (eventName, rest, expect = decided, replayable = true) => ({
     name: eventName,
     data: { eventId: `${options.runId}.${index}.${seq++}`, deploymentId, ...rest },
     expect,
     replayable,
   });
-  const steps: Step[] = [];
-
-  // the first step: the deployment and its first attempt, all at once and shuffled (events that arrive before
-  // what they name are retried by the worker until it exists)
-  const first = random.uuid();
-  const firstOutcome = random.chance(0.75) ? 'succeeded' : 'failed';
-  const createEvents = [
-      event('deployment.create', { name }),
-      event('deployment.create', { name }), // the same deployment again, under another eventId: noop duplicate
-      event('attempt.create', { attemptId: first }),
-      event('attempt.start', { attemptId: first }),
-      event('attempt.end', { attemptId: first, outcome: firstOutcome }),
-      event('attempt.start', { attemptId: first }), // a second start: noop (duplicate or already ended)
-      // resolving a deployment that never becomes unknown here: always rejected
-      event('deployment.resolve', { outcome: 'ready' }, { kind: 'rejected', code: 'not_unknown' }, false),
-  ];
-  steps.push({
-    label: 'create',
-    events: createEvents,
-    barrier: barrierOf({ state: firstOutcome === 'succeeded' ? 'ready' : 'failed', currentAttemptId: first }, createEvents),
-  });
-  let current: { attemptId: string | null; state: DeploymentState; lastOutcome: 'succeeded' | 'failed' | null } = {
-    attemptId: first,
-    state: firstOutcome === 'succeeded' ? 'ready' : 'failed',
-    lastOutcome: firstOutcome,
-  };
-
+  const created = planCreate(event, name, random);
+  const steps: Step[] = [...created.steps];
+  let current = created.next;
   const phases = random.int(options.phases[0], options.phases[1]);
   for (let p = 0; p < phases; p++) {
     const kind: PhaseKind = random.pick<PhaseKind>(['succeed', 'succeed', 'fail', 'cancel', 'orphan', 'teardown']);
@@ -164,67 +155,107 @@ function planScript(index: number, options: WorkloadOptions, random: Random): Sc
       current.attemptId !== null && current.lastOutcome !== null
         ? [event('attempt.end', { attemptId: current.attemptId, outcome: current.lastOutcome === 'succeeded' ? 'failed' : 'succeeded' })]
         : [];
-    if (kind === 'teardown') {
-      const events = [
-        ...late,
-        event('deployment.teardown', {}, decided, false),
-        event('deployment.resolve', { outcome: 'failed' }, { kind: 'rejected', code: 'not_unknown' }, false),
-      ];
-      steps.push({ label: 'teardown', events, barrier: barrierOf({ state: 'pending', currentAttemptId: null }, events) });
-      current = { attemptId: null, state: 'pending', lastOutcome: null };
-      continue;
-    }
-    const attemptId = random.uuid();
-    if (kind === 'orphan') {
-      const outcome = random.chance(0.5) ? 'ready' : 'failed';
-      const teardown = event('deployment.teardown', {}, { kind: 'rejected', code: 'unknown_state' }, false);
-      steps.push(
-        {
-          label: 'orphan:start',
-          events: [...late, event('attempt.create', { attemptId }), event('attempt.start', { attemptId })],
-          barrier: barrierOf({ state: 'deploying', currentAttemptId: attemptId }, []),
-        },
-        {
-          label: 'orphan:orphaned',
-          events: [event('attempt.orphaned', { attemptId }), event('attempt.orphaned', { attemptId })],
-          barrier: barrierOf({ state: 'unknown', currentAttemptId: attemptId }, []),
-        },
-        {
-          label: 'orphan:teardown-refused',
-          events: [teardown],
-          barrier: barrierOf(null, [teardown]),
-        },
-        {
-          label: 'orphan:resolve',
-          events: [event('deployment.resolve', { outcome }, decided, false)],
-          barrier: barrierOf({ state: outcome, currentAttemptId: attemptId }, []),
-        },
-      );
-      current = { attemptId, state: outcome, lastOutcome: null };
-      continue;
-    }
-    if (kind === 'cancel') {
-      steps.push({
-        label: 'cancel',
-        events: [...late, event('attempt.create', { attemptId }), event('attempt.start', { attemptId }), event('attempt.cancel', { attemptId, reason: 'chaos' })],
-        barrier: barrierOf({ state: 'failed', currentAttemptId: attemptId }, []),
-      });
-      current = { attemptId, state: 'failed', lastOutcome: null };
-      continue;
-    }
-    const outcome = kind === 'succeed' ? 'succeeded' : 'failed';
-    steps.push({
-      label: kind,
-      events: [
-        ...late,
-        event('attempt.create', { attemptId }),
-        event('attempt.start', { attemptId }),
-        event('attempt.end', { attemptId, outcome }),
-        event('attempt.end', { attemptId, outcome }), // the runner reports twice: noop
-      ],
-      barrier: barrierOf({ state: outcome === 'succeeded' ? 'ready' : 'failed', currentAttemptId: attemptId }, []),
-    });
-    current = { attemptId, state: outcome === 'succeeded' ? 'ready' : 'failed', lastOutcome: outcome };
+    const phase = kind === 'teardown' ? planTeardown(event, late) : planAttemptPhase(kind, event, late, random);
+    steps.push(...phase.steps);
+    current = phase.next;
   }
   return { deploymentId, name, steps, final: { state: current.state, currentAttemptId: current.attemptId } };
+}
+
+/**
+ * The first step: the deployment and its first attempt, all at once and shuffled (events that arrive before what
+ * they name are retried by the worker until it exists).
+ */
+function planCreate(event: EventMaker, name: string, random: Random): Phase {
+  const first = random.uuid();
+  const firstOutcome = random.chance(0.75) ? 'succeeded' : 'failed';
+  const createEvents = [
+    event('deployment.create', { name }),
+    event('deployment.create', { name }), // the same deployment again, under another eventId: noop duplicate
+    event('attempt.create', { attemptId: first }),
+    event('attempt.start', { attemptId: first }),
+    event('attempt.end', { attemptId: first, outcome: firstOutcome }),
+    event('attempt.start', { attemptId: first }), // a second start: noop (duplicate or already ended)
+    // resolving a deployment that never becomes unknown here: always rejected
+    event('deployment.resolve', { outcome: 'ready' }, { kind: 'rejected', code: 'not_unknown' }, false),
+  ];
+  const state = firstOutcome === 'succeeded' ? 'ready' : 'failed';
+  return {
+    steps: [{ label: 'create', events: createEvents, barrier: barrierOf({ state, currentAttemptId: first }, createEvents) }],
+    next: { attemptId: first, state, lastOutcome: firstOutcome },
+  };
+}
+
+function planTeardown(event: EventMaker, late: readonly PlannedEvent[]): Phase {
+  const events = [
+    ...late,
+    event('deployment.teardown', {}, decided, false),
+    event('deployment.resolve', { outcome: 'failed' }, { kind: 'rejected', code: 'not_unknown' }, false),
+  ];
+  return {
+    steps: [{ label: 'teardown', events, barrier: barrierOf({ state: 'pending', currentAttemptId: null }, events) }],
+    next: { attemptId: null, state: 'pending', lastOutcome: null },
+  };
+}
+
+/** A phase with a new attempt: it succeeds, fails, is cancelled, or is orphaned and then resolved. */
+function planAttemptPhase(kind: Exclude<PhaseKind, 'teardown'>, event: EventMaker, late: readonly PlannedEvent[], random: Random): Phase {
+  const attemptId = random.uuid();
+  if (kind === 'orphan') return planOrphan(event, late, attemptId, random);
+  if (kind === 'cancel') {
+    return {
+      steps: [
+        {
+          label: 'cancel',
+          events: [...late, event('attempt.create', { attemptId }), event('attempt.start', { attemptId }), event('attempt.cancel', { attemptId, reason: 'chaos' })],
+          barrier: barrierOf({ state: 'failed', currentAttemptId: attemptId }, []),
+        },
+      ],
+      next: { attemptId, state: 'failed', lastOutcome: null },
+    };
+  }
+  const outcome = kind === 'succeed' ? 'succeeded' : 'failed';
+  const events = [
+    ...late,
+    event('attempt.create', { attemptId }),
+    event('attempt.start', { attemptId }),
+    event('attempt.end', { attemptId, outcome }),
+    event('attempt.end', { attemptId, outcome }), // the runner reports twice: noop
+  ];
+  const state = outcome === 'succeeded' ? 'ready' : 'failed';
+  return {
+    steps: [{ label: kind, events, barrier: barrierOf({ state, currentAttemptId: attemptId }, []) }],
+    next: { attemptId, state, lastOutcome: outcome },
+  };
+}
+
+/** The attempt starts, is declared orphaned (twice), a teardown is refused in `unknown`, then it is resolved. */
+function planOrphan(event: EventMaker, late: readonly PlannedEvent[], attemptId: string, random: Random): Phase {
+  const outcome = random.chance(0.5) ? 'ready' : 'failed';
+  const teardown = event('deployment.teardown', {}, { kind: 'rejected', code: 'unknown_state' }, false);
+  return {
+    steps: [
+      {
+        label: 'orphan:start',
+        events: [...late, event('attempt.create', { attemptId }), event('attempt.start', { attemptId })],
+        barrier: barrierOf({ state: 'deploying', currentAttemptId: attemptId }, []),
+      },
+      {
+        label: 'orphan:orphaned',
+        events: [event('attempt.orphaned', { attemptId }), event('attempt.orphaned', { attemptId })],
+        barrier: barrierOf({ state: 'unknown', currentAttemptId: attemptId }, []),
+      },
+      {
+        label: 'orphan:teardown-refused',
+        events: [teardown],
+        barrier: barrierOf(null, [teardown]),
+      },
+      {
+        label: 'orphan:resolve',
+        events: [event('deployment.resolve', { outcome }, decided, false)],
+        barrier: barrierOf({ state: outcome, currentAttemptId: attemptId }, []),
+      },
+    ],
+    next: { attemptId, state: outcome, lastOutcome: null },
+  };
 }

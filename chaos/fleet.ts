@@ -1,0 +1,135 @@
+/**
+ * The fleet under test: its own Redis (AOF) and PostgreSQL, migrated; `fleet worker` processes kept running by a
+ * WorkerPool; and the runner's own connections (a pg pool, an admin Redis client, a producer).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type IORedis from 'ioredis';
+import { Pool } from 'pg';
+import { createDataSource } from '../ormconfig';
+import { startLocalServices, type LocalServices } from '../dev/servers';
+import { migrate } from '../src/entities/migrate';
+import { LifecycleProducer } from '../src/queues/producer';
+import { createRedis } from '../src/queues/redis';
+import { transitionStreamKey } from '../src/streams/outbox-relay';
+import { repoRoot } from '../src/util';
+import { WorkerPool } from './faults';
+import type { ChaosOptions } from './options';
+
+/** The chaos workers' orphan threshold: a day, so that the sweep never orphans the attempts the workload holds. */
+export const CHAOS_ORPHAN_AFTER_S = 86_400;
+
+const PREFIX = 'chaos';
+
+/** The environment of a worker process: ours, without any fleet setting, then the chaos fleet's. */
+function workerEnv(options: ChaosOptions, redisUrl: string, databaseUrl: string): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const key of Object.keys(env)) if (key.startsWith('FLEET_') || key === 'REDIS_URL' || key === 'DATABASE_URL') delete env[key];
+  return {
+    ...env,
+    REDIS_URL: redisUrl,
+    DATABASE_URL: databaseUrl,
+    FLEET_PREFIX: PREFIX,
+    FLEET_CONCURRENCY: String(options.concurrency),
+    LOG_LEVEL: 'warn',
+    // the workload holds attempts in `deploying` on purpose; the sweep must not orphan or expire them
+    FLEET_ORPHAN_AFTER_S: String(CHAOS_ORPHAN_AFTER_S),
+    FLEET_PROGRESS_DEADLINE_S: '604800',
+  };
+}
+
+async function migrateDatabase(databaseUrl: string): Promise<void> {
+  const ds = createDataSource({ url: databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate' });
+  await ds.initialize();
+  await migrate(ds);
+  await ds.destroy();
+}
+
+export class Fleet {
+  readonly streamKey = transitionStreamKey(PREFIX);
+  readonly redisUrl: string;
+  readonly databaseUrl: string;
+  private workerPool: WorkerPool | null = null;
+  /** true once the workers were stopped gracefully */
+  private workersStopped = false;
+  private pgPool: Pool | null = null;
+  private adminRedis: IORedis | null = null;
+  private lifecycleProducer: LifecycleProducer | null = null;
+  private readonly onExit = () => {
+    if (!this.workersStopped) this.workerPool?.killAll();
+  };
+
+  private constructor(readonly services: LocalServices) {
+    this.redisUrl = services.redisUrl ?? '';
+    this.databaseUrl = services.databaseUrl ?? '';
+  }
+
+  /** Starts the services and the workers; on failure, stops whatever it started and throws. */
+  static async start(options: ChaosOptions, log: (line: string) => void): Promise<Fleet> {
+    fs.mkdirSync(options.dir, { recursive: true });
+    log(`starting Redis (AOF) and PostgreSQL under ${path.relative(process.cwd(), options.dir) || options.dir}`);
+    const services = await startLocalServices({ dir: options.dir, redis: true, postgres: true, fresh: true, fast: false });
+    const fleet = new Fleet(services);
+    process.once('exit', fleet.onExit);
+    try {
+      await fleet.boot(options, log);
+    } catch (err) {
+      await fleet.close();
+      throw err;
+    }
+    return fleet;
+  }
+
+  private async boot(options: ChaosOptions, log: (line: string) => void): Promise<void> {
+    await migrateDatabase(this.databaseUrl);
+    const spec = {
+      command: process.execPath,
+      args: [path.join(repoRoot(), 'bin', 'fleet.js'), 'worker'],
+      env: workerEnv(options, this.redisUrl, this.databaseUrl),
+      logFile: path.join(options.dir, 'workers.log'),
+    };
+    this.workerPool = new WorkerPool(spec, options.workers, 1000, log);
+    this.workerPool.start();
+    const pool = new Pool({ connectionString: this.databaseUrl, max: 3, application_name: 'lifecycle-fleet-chaos', connectionTimeoutMillis: 5000 });
+    this.pgPool = pool;
+    pool.on('error', () => undefined);
+    const admin = createRedis(this.redisUrl, 'producer', 'lifecycle-fleet-chaos');
+    this.adminRedis = admin;
+    admin.on('error', () => undefined);
+    // attempts: 1, as a raw BullMQ producer has it: every retry must be the worker's own (docs/architecture.md, "Who retries")
+    this.lifecycleProducer = new LifecycleProducer({ connection: this.redisUrl, prefix: PREFIX, defaultJobOptions: { attempts: 1 } });
+  }
+
+  private static need<T>(value: T | null, what: string): T {
+    if (value === null) throw new Error(`the chaos fleet has no ${what} (not started)`);
+    return value;
+  }
+  get workers(): WorkerPool {
+    return Fleet.need(this.workerPool, 'workers');
+  }
+  get pool(): Pool {
+    return Fleet.need(this.pgPool, 'pg pool');
+  }
+  get admin(): IORedis {
+    return Fleet.need(this.adminRedis, 'admin Redis client');
+  }
+  get producer(): LifecycleProducer {
+    return Fleet.need(this.lifecycleProducer, 'producer');
+  }
+
+  /** Stops the workers gracefully (their counters stay readable). */
+  async stopWorkers(): Promise<void> {
+    await this.workers.stop();
+    this.workersStopped = true;
+  }
+
+  /** Stops everything still running: workers (5 s grace), connections, services. */
+  async close(): Promise<void> {
+    process.off('exit', this.onExit);
+    if (!this.workersStopped) await this.workerPool?.stop(5000);
+    await this.lifecycleProducer?.close();
+    this.adminRedis?.disconnect();
+    await this.pgPool?.end().catch(() => undefined);
+    await this.services.stop();
+  }
+}

@@ -1,0 +1,104 @@
+/** The chaos run's options: defaults, the `--ci` preset, and the command line. */
+import * as path from 'node:path';
+import { repoRoot } from '../src/util';
+
+export interface ChaosOptions {
+  /** deployments, each with a scripted lifecycle (default 400; --ci 200) */
+  readonly deployments: number;
+  /** worker processes (default 4; --ci 3) */
+  readonly workers: number;
+  /** lifecycle worker concurrency per process (default 8) */
+  readonly concurrency: number;
+  /** the fault window in seconds: faults are injected during it, deployments start during its first 90 % (default 240; --ci 75) */
+  readonly durationS: number;
+  /** one fault every this many seconds (default 6; --ci 5) */
+  readonly faultEveryS: number;
+  /** phases after the first attempt per deployment (default 3-6; --ci 2-4) */
+  readonly phases: readonly [number, number];
+  /** after the fault window, give up draining after this long (default 240 s; --ci 120 s) */
+  readonly drainTimeoutS: number;
+  readonly seed: number;
+  /** services, data and logs (default `<repo>/.fleet/chaos`) */
+  readonly dir: string;
+  /** also write the report as JSON here */
+  readonly jsonFile: string | null;
+}
+
+type MutableOptions = { -readonly [K in keyof ChaosOptions]: ChaosOptions[K] };
+
+const CI_PRESET: Partial<ChaosOptions> = { deployments: 200, workers: 3, durationS: 75, faultEveryS: 5, phases: [2, 4], drainTimeoutS: 120 };
+
+function defaultOptions(ci: boolean): ChaosOptions {
+  return {
+    deployments: 400,
+    workers: 4,
+    concurrency: 8,
+    durationS: 240,
+    faultEveryS: 6,
+    phases: [3, 6],
+    drainTimeoutS: 240,
+    seed: Date.now() % 1_000_000,
+    dir: path.join(repoRoot(), '.fleet', 'chaos'),
+    jsonFile: null,
+    ...(ci ? CI_PRESET : {}),
+  };
+}
+
+function num(flag: string, value: string | undefined, min: number, max: number): number {
+  const n = Number(value);
+  if (value === undefined || !Number.isFinite(n) || n < min || n > max) throw new Error(`${flag}: expected a number from ${min} to ${max}`);
+  return n;
+}
+
+/** Sets the option `flag` names from `value` (the next argument). */
+function applyFlag(out: MutableOptions, flag: string | undefined, value: string | undefined): void {
+  switch (flag) {
+    case '--deployments':
+      out.deployments = num(flag, value, 1, 100_000);
+      break;
+    case '--workers':
+      out.workers = num(flag, value, 1, 32);
+      break;
+    case '--concurrency':
+      out.concurrency = num(flag, value, 1, 256);
+      break;
+    case '--duration':
+      out.durationS = num(flag, value, 5, 24 * 3600);
+      break;
+    case '--fault-every':
+      out.faultEveryS = num(flag, value, 1, 3600);
+      break;
+    case '--drain-timeout':
+      out.drainTimeoutS = num(flag, value, 10, 24 * 3600);
+      break;
+    case '--seed':
+      out.seed = num(flag, value, 0, 2 ** 31);
+      break;
+    case '--phases': {
+      const m = /^(\d+)-(\d+)$/.exec(value ?? '');
+      if (m === null || Number(m[1]) > Number(m[2])) throw new Error('--phases: expected MIN-MAX, e.g. 2-4');
+      out.phases = [Number(m[1]), Number(m[2])];
+      break;
+    }
+    case '--dir':
+      if (value === undefined) throw new Error('--dir: expected a directory');
+      out.dir = path.resolve(value);
+      break;
+    case '--json':
+      if (value === undefined) throw new Error('--json: expected a file');
+      out.jsonFile = path.resolve(value);
+      break;
+    default:
+      throw new Error(`unknown option ${String(flag)}`);
+  }
+}
+
+export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
+  const out: MutableOptions = { ...defaultOptions(argv.includes('--ci')) };
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--ci') continue;
+    applyFlag(out, argv[i], argv[i + 1]);
+    i++;
+  }
+  return out;
+}

@@ -1,0 +1,187 @@
+/**
+ * The fault schedule: one fault every `faultEveryS` seconds of the fault window, in a fixed rotation, the last one
+ * always a PostgreSQL crash (so that "drain after the last fault" measures a recovery). Each fault is logged with
+ * when it came, what it did and how long it took.
+ */
+import { sleep } from '../src/util';
+import type { AuditConsumer } from './audit';
+import { findRelayLeader, killRedisClients, terminateBackends } from './faults';
+import type { Fleet } from './fleet';
+import { holdConsumerBehindTrim } from './held-consumer';
+import type { ChaosOptions } from './options';
+import type { ScriptPlayer } from './scripts';
+import type { Sender } from './sender';
+import type { Random } from './workload';
+
+export type FaultKind =
+  | 'kill-worker'
+  | 'kill-relay-leader'
+  | 'redis-restart'
+  | 'postgres-restart'
+  | 'terminate-backends'
+  | 'redis-client-kill'
+  | 'redelivery-burst'
+  | 'replay-burst'
+  /** redis-server SIGKILLed and restarted with its data deleted: queues, scheduler and stream gone */
+  | 'redis-wipe'
+  /** a consumer held on an entry while the stream moves on and is trimmed past it */
+  | 'consumer-held';
+
+export interface FaultRecord {
+  readonly atS: number;
+  readonly kind: FaultKind;
+  readonly detail: string;
+  readonly tookMs: number;
+}
+
+const ROTATION: readonly FaultKind[] = [
+  'kill-worker',
+  'redis-client-kill',
+  'consumer-held',
+  'kill-relay-leader',
+  'redelivery-burst',
+  'redis-wipe',
+  'terminate-backends',
+  'redis-restart',
+  'replay-burst',
+  'kill-worker',
+  'postgres-restart',
+  'kill-relay-leader',
+];
+
+export interface FaultTargets {
+  readonly fleet: Fleet;
+  readonly sender: Sender;
+  readonly scripts: ScriptPlayer;
+  readonly audit: AuditConsumer;
+  readonly timing: Random;
+}
+
+export class FaultSchedule {
+  readonly log: FaultRecord[] = [];
+  leaderKills = 0;
+  /** held consumers that stopped with resync_required, and that went on past the hole */
+  readonly consumers = { resyncs: 0, skipped: 0 };
+  /** when the last fault ended (ms since the epoch; 0 before any) */
+  lastFaultAt = 0;
+
+  constructor(private readonly t: FaultTargets) {}
+
+  /** Injects the faults of the window that starts now; `elapsed` gives the run's time in seconds. */
+  async run(options: ChaosOptions, elapsed: () => number, say: (line: string) => void): Promise<void> {
+    const windowStart = Date.now();
+    for (let k = 0; ; k++) {
+      const at = options.faultEveryS * (k + 1);
+      if (at > options.durationS) break;
+      await sleep(Math.max(0, at * 1000 - (Date.now() - windowStart)));
+      // the last fault is the heaviest, so that "drain after the last fault" measures a recovery
+      const last = options.faultEveryS * (k + 2) > options.durationS;
+      const kind = last ? 'postgres-restart' : (ROTATION[k % ROTATION.length] ?? 'kill-worker');
+      const started = Date.now();
+      let detail: string;
+      try {
+        detail = await this.inject(kind);
+      } catch (err) {
+        detail = `failed: ${err instanceof Error ? err.message : String(err)}`;
+      }
+      const record = { atS: Number(elapsed().toFixed(1)), kind, detail, tookMs: Date.now() - started };
+      this.log.push(record);
+      this.lastFaultAt = Date.now();
+      say(`fault ${kind}: ${detail}${record.tookMs > 100 ? ` (${record.tookMs} ms)` : ''}`);
+    }
+  }
+
+  private async inject(kind: FaultKind): Promise<string> {
+    const { fleet } = this.t;
+    switch (kind) {
+      case 'kill-worker':
+        return this.killWorker('');
+      case 'kill-relay-leader':
+        return this.killRelayLeader();
+      case 'redis-restart':
+        await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000 });
+        return 'redis-server SIGKILLed, down 1 s, restarted from its AOF';
+      case 'redis-wipe':
+        return this.wipeRedis();
+      case 'consumer-held':
+        return this.holdConsumer();
+      case 'postgres-restart':
+        await fleet.services.restartPostgres({ mode: 'immediate', downMs: 1000 });
+        return 'PostgreSQL stopped in immediate mode, down 1 s, restarted (crash recovery)';
+      case 'terminate-backends':
+        return `pg_terminate_backend: ${await terminateBackends(fleet.pool)} backends`;
+      case 'redis-client-kill':
+        return `CLIENT KILL TYPE normal: ${await killRedisClients(fleet.admin)} connections`;
+      case 'redelivery-burst':
+        return this.redeliveryBurst();
+      case 'replay-burst':
+        return this.replayBurst();
+    }
+  }
+
+  /** SIGKILLs a random worker; `why` prefixes the detail. */
+  private killWorker(why: string): string {
+    const workers = this.t.fleet.workers;
+    const pids = workers.pids();
+    if (pids.length === 0) return 'no worker running';
+    const pid = this.t.timing.pick(pids);
+    workers.kill(pid);
+    return `${why}SIGKILL worker pid ${pid}`;
+  }
+
+  private async killRelayLeader(): Promise<string> {
+    const { fleet } = this.t;
+    // right after a restart the relays may still be contending for the lock: give them a few seconds
+    let leader: number | null = null;
+    for (let i = 0; i < 10 && leader === null; i++) {
+      if (i > 0) await sleep(500);
+      leader = await findRelayLeader(fleet.pool, fleet.workers.pids()).catch(() => null);
+    }
+    if (leader === null) return this.killWorker('leader not found; ');
+    fleet.workers.kill(leader);
+    this.leaderKills++;
+    return `SIGKILL relay leader pid ${leader}`;
+  }
+
+  /**
+   * The queue loses its jobs. A producer that keeps its own record of what it sent (as a deploy pipeline does) sends
+   * again what was not decided yet: every event it expects decided (any order converges: one that an earlier step no
+   * longer waited for, such as a start overtaken by its end, is a noop whenever it comes), and its current step's
+   * expected rejections (an earlier step's were seen; sent again later they would meet another state). The stream is
+   * rebuilt by the relay from the outbox.
+   */
+  private async wipeRedis(): Promise<string> {
+    const { fleet, sender, scripts } = this.t;
+    await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
+    const decided = new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));
+    const currentRejections = [...scripts.stepEvents.values()].flat().filter((e) => e.expect.kind === 'rejected' && sender.sent.has(e.data.eventId));
+    const again = [...[...sender.sent.values()].filter((e) => e.expect.kind === 'decided'), ...currentRejections].filter((e) => !decided.has(e.data.eventId));
+    for (const event of again) sender.inBackground(() => sender.resend(event, true));
+    return `redis-server SIGKILLed, its data deleted, restarted empty; ${again.length} undecided events sent again`;
+  }
+
+  private async holdConsumer(): Promise<string> {
+    const { fleet, audit } = this.t;
+    const target = { redisUrl: fleet.redisUrl, admin: fleet.admin, streamKey: fleet.streamKey, audit };
+    const held = await holdConsumerBehindTrim(target, `held-${this.log.length}`);
+    if (held.resync) this.consumers.resyncs++;
+    if (held.skipped) this.consumers.skipped++;
+    return held.detail;
+  }
+
+  private redeliveryBurst(): string {
+    const { sender, timing } = this.t;
+    const candidates = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
+    const picked = Array.from({ length: Math.min(60, candidates.length) }, () => timing.pick(candidates));
+    picked.forEach((event, n) => sender.inBackground(() => sender.redeliver(event, n + 1)));
+    return `${picked.length} events redelivered under new job ids`;
+  }
+
+  private replayBurst(): string {
+    const { sender, timing } = this.t;
+    const candidates = [...sender.sent.values()].filter((e) => e.replayable);
+    const picked = Array.from({ length: Math.min(60, candidates.length) }, () => timing.pick(candidates));
+    picked.forEach((event, n) => sender.inBackground(() => sender.replay(event, `${event.data.eventId}.r${n}x${this.log.length}`)));
+    return `${picked.length} earlier events replayed under new eventIds`;
+  }
+}

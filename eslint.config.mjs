@@ -1,7 +1,56 @@
-// Type-aware lint: the rules that matter most here are the promise rules
-// (no floating promises, no misused promises) and no explicit `any`.
+// Type-aware lint. The rules that matter most here: the promise rules (no floating promises, no misused promises),
+// no explicit `any`, and the architecture's import rules (docs/architecture.md, "Layers"): which layer of src/ may
+// import which, no circular imports, and the product never importing its tooling.
 import js from '@eslint/js';
+import importX from 'eslint-plugin-import-x';
 import tseslint from 'typescript-eslint';
+
+// Each part of src/ and what of ours it may import (besides itself). Anything not listed is refused.
+const FOUNDATION = ['util', 'errors', 'log'];
+const LAYERS = {
+  machine: [], // the pure state machine: nothing of ours
+  util: [], // small shared helpers: nothing of ours
+  errors: [],
+  log: [],
+  events: ['machine', 'util', 'errors'], // payload schemas, event ids, the endpoint allow-list
+  entities: ['machine', ...FOUNDATION], // persistence: knows no BullMQ, no Redis, no services
+  queues: ['events', 'machine', ...FOUNDATION], // BullMQ names, connections, the producer SDK
+  config: ['events', 'machine', ...FOUNDATION],
+  metrics: [...FOUNDATION],
+  services: ['entities', 'events', 'machine', 'queues', ...FOUNDATION], // domain services
+  streams: ['entities', 'queues', 'events', 'machine', ...FOUNDATION], // outbox relay, stream consumer
+  workers: ['services', 'entities', 'queues', 'events', 'machine', 'metrics', ...FOUNDATION],
+  http: ['services', 'entities', 'queues', 'streams', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
+  app: ['http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
+  cli: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
+  index: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
+};
+const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'app', 'index']);
+const pathOf = (layer) => (FILE_LAYERS.has(layer) ? `./src/${layer}.ts` : `./src/${layer}/**`);
+
+const layerZones = Object.entries(LAYERS).flatMap(([layer, allowed]) =>
+  Object.keys(LAYERS)
+    .filter((other) => other !== layer && !allowed.includes(other))
+    .map((other) => ({
+      target: pathOf(layer),
+      from: pathOf(other),
+      message: `src/${layer} may not import src/${other} (docs/architecture.md, "Layers": ${layer} may import ${allowed.length > 0 ? allowed.join(', ') : 'nothing of ours'})`,
+    })),
+);
+const TOOLING = ['dev', 'chaos', 'bench', 'test', 'examples'];
+const toolingZones = (except = []) =>
+  TOOLING.filter((t) => !except.includes(t)).map((t) => ({
+    target: './src/**',
+    from: `./${t}/**`,
+    message: `the product (src/) never imports its tooling (${t}/): dist/src must run without it`,
+  }));
+const outsideZone = { target: './src/**', from: './ormconfig.ts', message: 'src/ imports the data source from src/entities/data-source' };
+
+const PACKAGE_RULES = {
+  machine: { patterns: [{ regex: '^(?!\\./)', message: 'the machine is pure: no packages, no node: modules' }] },
+  entities: { paths: ['bullmq', 'ioredis', 'fastify'].map((name) => ({ name, message: 'persistence knows no BullMQ, Redis or HTTP' })) },
+  events: { paths: ['bullmq', 'ioredis', 'typeorm', 'pg'].map((name) => ({ name, message: 'event schemas know no queue or database' })) },
+};
 
 export default tseslint.config(
   { ignores: ['dist/**', 'node_modules/**', '.fleet/**', 'bench/results/**', 'bin/**', 'eslint.config.mjs'] },
@@ -11,6 +60,13 @@ export default tseslint.config(
     languageOptions: {
       parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname },
     },
+    plugins: { 'import-x': importX },
+    settings: {
+      'import-x/extensions': ['.ts', '.js'],
+      'import-x/parsers': { '@typescript-eslint/parser': ['.ts'] },
+      'import-x/external-module-folders': ['node_modules', 'node_modules/@types'],
+      'import-x/resolver-next': [importX.createNodeResolver({ extensions: ['.ts', '.js', '.json'] })],
+    },
     rules: {
       '@typescript-eslint/no-floating-promises': 'error',
       '@typescript-eslint/no-misused-promises': 'error',
@@ -19,8 +75,23 @@ export default tseslint.config(
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
       '@typescript-eslint/require-await': 'off',
       'no-constant-condition': ['error', { checkLoops: false }],
+      'import-x/no-cycle': ['error', { ignoreExternal: true }],
     },
   },
+  {
+    files: ['src/**/*.ts'],
+    rules: { 'import-x/no-restricted-paths': ['error', { zones: [...layerZones, ...toolingZones(), outsideZone] }] },
+  },
+  {
+    // `fleet start` is the one product command that may load the local development servers (lazily: dist/dev is
+    // absent from a production install, and every other command runs without it)
+    files: ['src/cli/start.ts'],
+    rules: { 'import-x/no-restricted-paths': ['error', { zones: [...layerZones, ...toolingZones(['dev']), outsideZone] }] },
+  },
+  ...Object.entries(PACKAGE_RULES).map(([layer, options]) => ({
+    files: [`src/${layer}/**/*.ts`],
+    rules: { 'no-restricted-imports': ['error', options] },
+  })),
   {
     files: ['test/**/*.ts'],
     rules: {

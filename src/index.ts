@@ -18,7 +18,7 @@ export { ConfigError, ConflictError, FleetError, NotYetError, ResyncRequiredErro
 export type { FieldIssue } from './errors';
 export { loadConfig } from './config';
 export type { FleetConfig } from './config';
-export { createDataSource } from '../ormconfig';
+export { createDataSource } from './entities/data-source';
 export { migrate } from './entities/migrate';
 export { startFleet } from './app';
 export { resolveEndpoint, DEFAULT_READY_WINDOW_S } from './services/dispatch';

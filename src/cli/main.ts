@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { createDataSource } from '../../ormconfig';
+import { createDataSource } from '../entities/data-source';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';

@@ -8,7 +8,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createDataSource } from '../../ormconfig';
+import { createDataSource } from '../entities/data-source';
 import { repoRoot } from '../util';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig } from '../config';

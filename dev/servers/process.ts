@@ -7,8 +7,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { sleep } from '../../src/util';
-import { errCode, fileSize, logTail, readText, realpathOrSelf } from './fs-helpers';
+import { isProcessAlive, sleep } from '../../src/util';
+import { fileSize, logTail, readText, realpathOrSelf } from './fs-helpers';
 import type { RunAs } from './os-user';
 
 interface ProcInfo {
@@ -49,13 +49,6 @@ function procInfo(pid: number): ProcInfo | undefined {
   return comm ? { comm: path.basename(comm) } : undefined;
 }
 
-/** Process state letter from /proc (Linux only). */
-function procState(pid: number): string | undefined {
-  const stat = readText(`/proc/${pid}/stat`);
-  if (stat === undefined) return undefined;
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
-}
-
 /** Process start time in clock ticks since boot (Linux only) - tells a reused pid apart. */
 export function procStartTime(pid: number): string | null {
   const stat = readText(`/proc/${pid}/stat`);
@@ -63,18 +56,8 @@ export function procStartTime(pid: number): string | null {
   return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
 }
 
-/** Is `pid` a live (not zombie) process? */
-export function isProcessAlive(pid: number): boolean {
-  // 0 and negative numbers address process groups, not a process
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if (errCode(err) !== 'EPERM') return false;
-  }
-  const state = procState(pid);
-  return state !== 'Z' && state !== 'X';
-}
+export { isProcessAlive };
+
 
 export function signal(pid: number, sig: NodeJS.Signals): void {
   try {

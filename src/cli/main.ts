@@ -17,6 +17,7 @@ import { runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
+import { UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
@@ -87,7 +88,7 @@ async function runEnqueue(name: string, json: string): Promise<void> {
 }
 
 async function runStatus(deploymentId: string, options: { json?: boolean }): Promise<void> {
-  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(deploymentId)) {
+  if (!UUID_PATTERN.test(deploymentId)) {
     throw new UsageError(`<deploymentId>: must be a UUID, got "${deploymentId}"`);
   }
   const config = loadConfig();

@@ -9,7 +9,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createDataSource } from '../entities/data-source';
-import { repoRoot } from '../util';
+import { isProcessAlive, repoRoot } from '../util';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig } from '../config';
 import { migrate } from '../entities/migrate';
@@ -18,28 +18,6 @@ import type * as DevServers from '../../dev/servers';
 
 /** Where `fleet start` records the local services it started, so other `fleet` commands can find them. */
 const localEndpointsFile = (): string => path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');
-
-/**
- * Is `pid` a live (not zombie) process? The test of dev/servers' `isProcessAlive`, repeated here so that finding the
- * endpoints of a running `fleet start` does not load dev/servers.
- */
-function isProcessAlive(pid: number): boolean {
-  // 0 and negative numbers address process groups, not a process
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if (!(err instanceof Error && 'code' in err && err.code === 'EPERM')) return false;
-  }
-  let stat: string;
-  try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return true; // no /proc (not Linux): kill(0) has to do
-  }
-  const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
-  return state !== 'Z' && state !== 'X';
-}
 
 /** The endpoints of the local services of a running `fleet start` in this checkout, if there is one. */
 export function runningLocalEndpoints(): Endpoints | undefined {

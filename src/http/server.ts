@@ -9,15 +9,14 @@
  * client address; intake is rate-limited per token.
  */
 import rateLimit from '@fastify/rate-limit';
-import { createBullBoard } from '@bull-board/api';
-import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
-import { FastifyAdapter } from '@bull-board/fastify';
 import type { Queue } from 'bullmq';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type IORedis from 'ioredis';
 import type { DataSource } from 'typeorm';
 import type { FleetConfig } from '../config';
 import { migrationsApplied } from '../entities/migrate';
+import { rejectAfter } from '../util';
+import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
 import { EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed } from '../events/endpoint-allow';
@@ -52,7 +51,7 @@ export interface HttpDeps {
 }
 
 const UUID = UUID_PATTERN;
-export const BOARD_PATH = '/admin/queues';
+export { BOARD_PATH } from './board';
 
 class HttpError extends Error {
   constructor(
@@ -338,7 +337,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const checks: Record<string, string> = {};
     const check = async (name: string, fn: () => Promise<boolean>) => {
       try {
-        checks[name] = (await withTimeout(fn(), 2000)) ? 'ok' : 'failing';
+        checks[name] = (await rejectAfter(fn(), 2000, name)) ? 'ok' : 'failing';
       } catch (err) {
         // the details go to the log, not to an unauthenticated caller (they may name hosts or users)
         deps.logger.warn({ err, check: name }, 'readiness check failed');
@@ -355,74 +354,6 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
   app.get('/metrics', config.metricsAuth === 'read' ? READ : OPEN, async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()));
 
-  await registerBoard(app, deps, creds, admit);
+  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf });
   return app;
-}
-
-async function registerBoard(
-  app: FastifyInstance,
-  deps: HttpDeps,
-  creds: Credentials,
-  admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean,
-): Promise<void> {
-  // Without any credentials configured (loopback only) the board is read-only for everyone: nobody may retry,
-  // clean or remove jobs anonymously. Otherwise it asks for the basic-auth pair or a token: `board` (or the pair)
-  // may do everything, `read` may look.
-  const open = creds.tokens === null && creds.boardUser === null;
-  const serverAdapter = new FastifyAdapter();
-  serverAdapter.setBasePath(BOARD_PATH);
-  createBullBoard({
-    queues: deps.queues.map((q) => new BullMQAdapter(q, { readOnlyMode: open })),
-    serverAdapter,
-    options: { uiConfig: { boardTitle: 'lifecycle-fleet' } },
-  });
-  const readOnly = new WeakSet<FastifyRequest>();
-  const reading = (method: string) => method === 'GET' || method === 'HEAD';
-
-  await app.register(async (board) => {
-    board.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
-      if (open) {
-        if (reading(request.method)) return undefined;
-        return reply
-          .status(403)
-          .send({ error: { code: 'forbidden', message: 'Bull Board is read-only without FLEET_BOARD_USER/FLEET_BOARD_PASSWORD or API tokens' } });
-      }
-      if (!admit(request, reply, reading(request.method) ? 'read' : 'board', 'Basic')) return reply;
-      const access = accessOf.get(request);
-      if (access?.kind === 'token' && !access.principal.scopes.has('board')) readOnly.add(request);
-      return undefined;
-    });
-    board.addHook('onSend', async (request, reply, payload) => {
-      // the board may not be framed by another site (clickjacking its retry/clean/remove buttons)
-      void reply.header('x-frame-options', 'DENY').header('content-security-policy', "frame-ancestors 'none'");
-      // a `read` token sees the board as read-only: the UI hides the actions the server would refuse anyway
-      if (readOnly.has(request) && typeof payload === 'string' && (request.url.split('?')[0] ?? '').endsWith('/api/queues')) {
-        try {
-          const body = JSON.parse(payload) as { queues?: Array<{ readOnlyMode?: boolean }> };
-          for (const q of body.queues ?? []) q.readOnlyMode = true;
-          return JSON.stringify(body);
-        } catch {
-          return payload;
-        }
-      }
-      return payload;
-    });
-    await board.register(serverAdapter.registerPlugin(), { prefix: BOARD_PATH });
-  });
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
-    promise.then(
-      (v) => {
-        clearTimeout(timer);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(timer);
-        reject(e instanceof Error ? e : new Error(String(e)));
-      },
-    );
-  });
 }

@@ -163,8 +163,8 @@ export class LifecycleWorker {
       // A stamp changes no state: one for something that still does not exist is dropped, not failed.
       this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
       report('noop');
-      const eventId = typeof (job.data as { eventId?: unknown }).eventId === 'string' ? String((job.data as { eventId: string }).eventId) : (job.id ?? '');
-      return { outcome: 'noop', eventId, deploymentId: err.deploymentId, reason: 'not_found' };
+      const { eventId } = job.data as { eventId?: unknown };
+      return { outcome: 'noop', eventId: typeof eventId === 'string' ? eventId : (job.id ?? ''), deploymentId: err.deploymentId, reason: 'not_found' };
     }
     if (isTransient(err)) {
       // The budget counts this job's own retries, not time since enqueue: a job that waited out a long backlog

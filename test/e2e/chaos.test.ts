@@ -84,7 +84,8 @@ describe('chaos (CI variant)', function () {
       const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
       await waitFor('the worker to start', () => (out.includes('worker started') ? true : undefined));
       await redis.kill('SIGKILL');
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      // stop it once it has seen Redis go (its reconnect attempts fail and are logged), not after a guessed pause
+      await waitFor('the worker to see Redis gone', () => (out.includes('worker error') ? true : undefined));
       const stoppedAt = Date.now();
       child.kill('SIGTERM');
       // BullMQ's close never settles without Redis; the worker gives up after its 30 s grace and exits anyway

@@ -10,6 +10,7 @@ import type { AddressInfo } from 'node:net';
 import type { FleetConfig } from '../config';
 import type { DeploymentState } from '../machine';
 import { LifecycleProducer } from '../queues/producer';
+import { sleep } from '../util';
 
 export interface DemoOptions {
   readonly config: FleetConfig;
@@ -69,7 +70,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
       const elapsed = (Date.now() - started) / 1000;
       if (elapsed > timeoutS) throw new Error(`gave up waiting for ${what} after ${timeoutS} s`);
       options.progress(`${bar(elapsed / timeoutS)} ${what} (${Math.round(elapsed)} s)`);
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
   };
   const node = async () => {

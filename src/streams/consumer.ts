@@ -16,7 +16,7 @@ import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { createRedis } from '../queues/redis';
-import { settleWithin } from '../util';
+import { settleWithin, sleep } from '../util';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
 export interface TransitionEntry {
@@ -298,7 +298,7 @@ export class TransitionConsumer {
         if (this.stopped) return false;
         const delay = Math.min(10_000, 250 * 2 ** attempt);
         this.log.warn({ err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        await sleep(delay);
       }
     }
   }

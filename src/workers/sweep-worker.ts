@@ -26,6 +26,7 @@ import { MAINTENANCE_QUEUE } from '../queues/names';
 import { createRedis } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { SweepResult } from '../services/sweep';
+import { sleep } from '../util';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';
 export const SWEEP_JOB_NAME = 'sweep';
@@ -154,7 +155,7 @@ async function acquireLock(redis: IORedis, key: string, token: string, ttlMs: nu
     if (Date.now() >= deadline) {
       throw new Error(`sweep scheduler: another process held the registration lock for over ${waitMs} ms`);
     }
-    await new Promise((resolve) => setTimeout(resolve, 50 + Math.random() * 100));
+    await sleep(50 + Math.random() * 100);
   }
 }
 

@@ -20,7 +20,7 @@ import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
 import { EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, parsePayload, UUID_PATTERN } from '../events/schemas';
+import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, UUID_PATTERN, type EventName } from '../events/schemas';
 import { AuthThrottle, hasScope, readAccess, scopeForEvent, type Access, type Credentials } from './auth';
 import { TokenStore, type Scope } from './tokens';
 import type { Logger } from '../log';
@@ -309,11 +309,15 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
         throw new HttpError(400, 'invalid_payload', `data.actor: ${rule}`, [{ field: 'actor', rule }]);
       }
     }
+    let eventId: string | undefined;
     try {
-      const payload = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
+      const given = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
       // the payload's shape first (so its errors come as they always have), then the allow-list
-      assertEndpointAllowed(parsePayload(name as string, payload), config.endpointAllow);
-      const result = await deps.producer.enqueue(name as string, payload);
+      const parsed = parsePayload(name as string, given);
+      assertEndpointAllowed(parsed, config.endpointAllow);
+      // The eventId is fixed before the enqueue, so that an answer that never comes (503) can name the id to retry with.
+      eventId = parsed.eventId ?? deriveEventId(name as EventName, parsed);
+      const result = await deps.producer.enqueue(name as string, { ...(given as object), eventId });
       return await reply.status(202).send(result);
     } catch (err) {
       if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);
@@ -321,11 +325,17 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
         return reply.status(409).send({ error: { code: err.code, message: err.message, existing: err.existing } });
       }
       if (isTransient(err)) {
-        deps.logger.warn({ err, eventName: name }, 'intake: Redis did not answer');
+        deps.logger.warn({ eventName: name, eventId, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'intake: Redis did not answer; answered 503');
         return reply
           .status(503)
           .header('retry-after', '5')
-          .send({ error: { code: 'unavailable', message: 'the queue did not answer; the event may have been accepted: retry with the same eventId' } });
+          .send({
+            error: {
+              code: 'unavailable',
+              message: `the queue did not answer in time; the event may have been accepted: send it again with eventId "${eventId ?? ''}" (it is applied at most once)`,
+              ...(eventId !== undefined ? { eventId } : {}),
+            },
+          });
       }
       throw err;
     }

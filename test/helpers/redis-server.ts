@@ -59,6 +59,16 @@ export class OwnRedis {
     this.child = null;
   }
 
+  /** Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a hung host. */
+  pause(): void {
+    this.child?.kill('SIGSTOP');
+  }
+
+  /** Thaws a paused server (SIGCONT): it answers what it was sent meanwhile. */
+  resume(): void {
+    this.child?.kill('SIGCONT');
+  }
+
   /** Deletes the data directory's contents (the server must be stopped): the next start is an empty Redis. */
   wipe(): void {
     if (this.child !== null) throw new Error('wipe() needs a stopped server');
@@ -66,6 +76,7 @@ export class OwnRedis {
   }
 
   async stop(): Promise<void> {
+    this.resume();
     await this.kill('SIGTERM');
     fs.rmSync(this.dir, { recursive: true, force: true });
   }

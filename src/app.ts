@@ -19,7 +19,7 @@ import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { LifecycleProducer } from './queues/producer';
-import { createRedis } from './queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { TransitionService } from './services/transitions';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
@@ -111,7 +111,8 @@ export async function startFleet(
     closers.push(() => producer.close());
     // a second view of the maintenance queue, for queue-depth metrics and Bull Board
     const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
-    monitorRedis.on('error', () => undefined);
+    // this process's one view of its Redis: one line when it is lost, one when it is back, whichever component saw it
+    const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis);
     const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitorRedis, prefix: config.prefix });
     maintenance.on('error', () => undefined);
     closers.push(async () => {
@@ -137,6 +138,7 @@ export async function startFleet(
         streamKey: transitionStreamKey(config.prefix),
         maxLen: config.streamMaxLen,
         logger,
+        redisWatch,
         onPublished: (n) => metrics.publishedCount(n),
       });
       relay = r;
@@ -170,7 +172,7 @@ export async function startFleet(
         metrics: { onSweep: (result) => metrics.sweep(result) },
         endpointAllow: config.endpointAllow,
       });
-      const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger });
+      const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger, redisWatch });
       sweep = s;
       closers.push((graceMs) => s.close(graceMs));
       await s.start();
@@ -184,6 +186,7 @@ export async function startFleet(
         service,
         concurrency: config.concurrency,
         logger,
+        redisWatch,
         onJob: (report) => metrics.job(report),
       });
       worker = w;

@@ -113,17 +113,33 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
     throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
   }
   const config = loadConfig();
-  const stop = new Promise<void>((resolve) => {
-    process.once('SIGINT', () => resolve());
-    process.once('SIGTERM', () => resolve());
+  let stopTail: () => void = () => undefined;
+  const stop = new Promise<void>((resolve) => (stopTail = resolve));
+  // the first SIGINT or SIGTERM stops the tail (whether Redis is there or not); a second exits at once
+  let signalled = false;
+  const onSignal = (): void => {
+    if (signalled) process.exit(130);
+    signalled = true;
+    stopTail();
+  };
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  // a closed stdout (`fleet tail | head -1`) ends the tail quietly
+  let outClosed = false;
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    outClosed = true;
+    stopTail();
   });
   try {
     await tail({
       redisUrl: resolveEndpoints(config).redisUrl,
       streamKey: transitionStreamKey(config.prefix),
       ...options,
-      write: (line) => process.stdout.write(`${line}\n`),
+      write: (line) => {
+        if (!outClosed) process.stdout.write(`${line}\n`);
+      },
       stop,
+      report: (_level, message) => process.stderr.write(`fleet tail: ${message}\n`),
     });
   } catch (err) {
     if (err instanceof ResyncRequiredError) {

@@ -5,7 +5,7 @@
  */
 import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
-import { createRedis } from '../queues/redis';
+import { createRedis, describeRedis, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 
 export interface TailOptions {
@@ -16,8 +16,10 @@ export interface TailOptions {
   readonly from?: string;
   readonly json?: boolean;
   readonly write: (line: string) => void;
-  /** resolves when the tail should stop (a signal) */
+  /** resolves when the tail should stop (a signal, a closed stdout) */
   readonly stop: Promise<void>;
+  /** where "lost Redis at ..., retrying" and "... is back" go (default: nowhere) */
+  readonly report?: ServerReport;
 }
 
 export function formatEntry(entry: TransitionEntry, json: boolean): string {
@@ -38,6 +40,7 @@ export async function tail(options: TailOptions): Promise<void> {
       startId: options.from ?? '$',
       blockMs: 1000,
       handler: print,
+      ...(options.report !== undefined ? { redisWatch: new ServerWatch(redisName(options.redisUrl), options.report) } : {}),
     });
     const running = consumer.run();
     await Promise.race([running, options.stop]);
@@ -47,6 +50,7 @@ export async function tail(options: TailOptions): Promise<void> {
   }
 
   const redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
+  if (options.report !== undefined) new ServerWatch(describeRedis(redis), options.report).attach(redis);
   let stopped = false;
   void options.stop.then(() => {
     stopped = true;
@@ -61,12 +65,17 @@ export async function tail(options: TailOptions): Promise<void> {
       await refuseTrimmed(redis, options.streamKey, last);
     }
     while (!stopped) {
-      const reply = await redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last);
+      const read = redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last);
+      read.catch(() => undefined); // a read the stop leaves behind fails when the connection is dropped
+      // a read waiting for a Redis that is away would wait for its return: the stop does not wait for it
+      const reply = await Promise.race([read, options.stop.then(() => null)]);
       for (const [id, fields] of reply?.[0]?.[1] ?? []) {
         print(parseEntry(id, fields));
         last = id;
       }
     }
+  } catch (err) {
+    if (!stopped) throw err; // cut short by the stop: not an error
   } finally {
     redis.disconnect();
   }
@@ -79,4 +88,14 @@ async function refuseTrimmed(redis: IORedis, streamKey: string, from: string): P
   const added = Number(info[info.indexOf('entries-added') + 1] ?? 0);
   const length = Number(info[info.indexOf('length') + 1] ?? 0);
   if (added > length && compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
+}
+
+/** `Redis at host:port` for a URL, without its credentials. */
+function redisName(url: string): string {
+  try {
+    const u = new URL(url);
+    return `Redis at ${u.hostname}:${u.port === '' ? '6379' : u.port}`;
+  } catch {
+    return 'Redis';
+  }
 }

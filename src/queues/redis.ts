@@ -1,5 +1,6 @@
 import IORedis from 'ioredis';
 import type { RedisOptions } from 'ioredis';
+import { isTransient } from '../errors';
 
 export type RedisRole =
   /** enqueues: a command fails after one reconnect try or 5 s, instead of waiting in memory for Redis forever */
@@ -26,7 +27,78 @@ export function createRedis(
       : { enableOfflineQueue: true, maxRetriesPerRequest: null }),
     ...overrides,
   };
-  return new IORedis(url, options);
+  const redis = new IORedis(url, options);
+  // Never "Unhandled error event": a connection's errors are reported through its watch (silent until one is set).
+  redis.on('error', () => undefined);
+  return redis;
+}
+
+/** Where a connection goes, without its password: `Redis at 127.0.0.1:6379`. */
+export function describeRedis(redis: IORedis): string {
+  const o = redis.options;
+  return o.path !== undefined && o.path !== null && o.path !== '' ? `Redis at ${o.path}` : `Redis at ${o.host ?? '127.0.0.1'}:${o.port ?? 6379}`;
+}
+
+/** How a watch reports: a structured logger's warn/info, or a CLI's line on stderr. */
+export type ServerReport = (level: 'warn' | 'info', message: string, fields: Record<string, unknown>) => void;
+
+/** A report into a pino logger. */
+export function logReport(log: { warn(o: object, m: string): void; info(o: object, m: string): void }): ServerReport {
+  return (level, message, fields) => log[level](fields, message);
+}
+
+/**
+ * One server as its users see it: up, or lost. The first connection error of an outage is reported once ("lost
+ * Redis at host:port, retrying", with the error's code, never a stack or a password); the rest of the outage is
+ * quiet; the first `ready` after it says it is back. Shared by every connection of a component to that server.
+ */
+export class ServerWatch {
+  private down = false;
+
+  constructor(
+    readonly what: string,
+    private readonly report: ServerReport,
+  ) {}
+
+  get isDown(): boolean {
+    return this.down;
+  }
+
+  /** An error from a connection to the server: true when it was a connection error (and is reported here). */
+  error(err: unknown): boolean {
+    if (!isConnectionError(err)) return false;
+    if (!this.down) {
+      this.down = true;
+      this.report('warn', `lost ${this.what}, retrying`, { server: this.what, code: errorCode(err) });
+    }
+    return true;
+  }
+
+  back(): void {
+    if (!this.down) return;
+    this.down = false;
+    this.report('info', `${this.what} is back`, { server: this.what });
+  }
+
+  /** Routes a connection's errors and recoveries through this watch; other errors go to `other`. */
+  attach(redis: IORedis, other: (err: Error) => void = () => undefined): this {
+    redis.on('error', (err: Error) => {
+      if (!this.error(err)) other(err);
+    });
+    redis.on('ready', () => this.back());
+    return this;
+  }
+}
+
+/** A lost or refused connection, a reset, a timeout: the server is away, not the request wrong. */
+export function isConnectionError(err: unknown): boolean {
+  return isTransient(err);
+}
+
+function errorCode(err: unknown): string {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string') return code;
+  return err instanceof Error ? err.message.slice(0, 120) : 'error';
 }
 
 /**

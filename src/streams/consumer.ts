@@ -15,7 +15,7 @@
 import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
-import { createRedis } from '../queues/redis';
+import { createRedis, type ServerWatch } from '../queues/redis';
 import { settleWithin, sleep } from '../util';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
@@ -63,6 +63,8 @@ export interface TransitionConsumerOptions {
   readonly batchSize?: number;
   /** how long a read blocks waiting for new entries (default 2000 ms); bounds how fast `close()` returns */
   readonly blockMs?: number;
+  /** reports this consumer's connection lost and back (once per outage); default: errors are silent and retried */
+  readonly redisWatch?: ServerWatch;
   /** entries idle this long on another consumer are claimed (default 30 s) */
   readonly claimIdleMs?: number;
   readonly versions?: VersionStore;
@@ -129,13 +131,17 @@ export class TransitionConsumer {
     this.ownsRedis = typeof options.redis === 'string';
     this.redis =
       typeof options.redis === 'string' ? createRedis(options.redis, 'worker', `lifecycle-fleet-consumer-${options.consumer}`) : options.redis;
+    options.redisWatch?.attach(this.redis);
     this.versions = options.versions ?? memoryVersionStore();
     this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
   }
 
   /** Runs until `close()`; rejects with `ResyncRequiredError` when the group's position was trimmed away. */
   run(): Promise<void> {
-    this.running ??= this.loop();
+    this.running ??= this.loop().catch((err: unknown) => {
+      // a command cut short by close() (the connection dropped at once while Redis was away) is the stop, not an error
+      if (!this.stopped) throw err;
+    });
     return this.running;
   }
 
@@ -145,6 +151,8 @@ export class TransitionConsumer {
    */
   async close(): Promise<void> {
     this.stopped = true;
+    // with the server away nothing in flight can finish: drop the connection now rather than wait for the timeout
+    if (this.ownsRedis && this.redis.status !== 'ready') this.redis.disconnect();
     if (this.running) await settleWithin(this.running.catch(() => undefined), (this.options.blockMs ?? 2000) + 5000);
     if (this.ownsRedis) this.redis.disconnect();
   }

@@ -25,7 +25,7 @@ import { createHash } from 'node:crypto';
 import { Client } from 'pg';
 import type IORedis from 'ioredis';
 import { silentLogger, type Logger } from '../log';
-import { createRedis } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 
 /** The advisory lock the active relay holds. */
@@ -84,6 +84,11 @@ export interface OutboxRelayOptions {
    * eventId is still recognised as a duplicate */
   readonly processedRetentionMs?: number;
   readonly logger?: Logger;
+  /**
+   * The process's view of its Redis: connection errors are reported once per outage through it (default: a watch
+   * of this component's own, logging to `logger`).
+   */
+  readonly redisWatch?: ServerWatch;
   /** metrics hook: rows published by one cycle */
   readonly onPublished?: (count: number) => void;
   /** test hook: after the XADD pipeline succeeded, before the rows are marked published */
@@ -128,7 +133,8 @@ export class OutboxRelay {
       typeof options.redis === 'string'
         ? createRedis(options.redis, 'producer', 'lifecycle-fleet-relay', { enableOfflineQueue: false })
         : options.redis;
-    this.redis.on('error', (err) => this.log.debug({ err }, 'redis connection error'));
+    if (options.redisWatch === undefined) new ServerWatch(describeRedis(this.redis), logReport(this.log)).attach(this.redis);
+    else options.redisWatch.attach(this.redis);
     this.redis.on('ready', () => {
       // a new connection may be a new (or restarted) server: reconcile before appending anything
       this.generation++;

@@ -19,7 +19,7 @@ import type IORedis from 'ioredis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import { createRedis } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transitions';
@@ -36,6 +36,11 @@ export interface LifecycleWorkerOptions {
   /** jobs processed at once by this process (default 16) */
   readonly concurrency?: number;
   readonly logger?: Logger;
+  /**
+   * The process's view of its Redis: connection errors are reported once per outage through it (default: a watch
+   * of this component's own, logging to `logger`).
+   */
+  readonly redisWatch?: ServerWatch;
   /** how long a job keeps being retried for "not yet", conflicts and outages, as the sum of its backoff delays
    * (default 10 min: 26 retries, 250 ms doubling to 30 s) */
   readonly retryBudgetMs?: number;
@@ -107,7 +112,11 @@ export class LifecycleWorker {
       maxStalledCount: options.maxStalledCount ?? LIFECYCLE_WORKER_DEFAULTS.maxStalledCount,
       autorun: options.autorun ?? true,
     });
-    this.worker.on('error', (err) => this.log.error({ err }, 'worker error'));
+    const connection = this.ownedConnection ?? (options.connection as IORedis);
+    const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
+    this.worker.on('error', (err) => {
+      if (!watch.error(err)) this.log.error({ err }, 'worker error');
+    });
     this.worker.on('stalled', (jobId) => this.log.warn({ jobId }, 'job stalled: its worker stopped renewing the lock'));
   }
 

@@ -23,7 +23,7 @@ import type { Job, JobSchedulerJson } from 'bullmq';
 import type IORedis from 'ioredis';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
-import { createRedis } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { SweepResult } from '../services/sweep';
 import { sleep } from '../util';
@@ -169,6 +169,11 @@ export interface SweepWorkerOptions {
   /** FLEET_SWEEP_EVERY_S: the interval `start()` registers */
   readonly everyS: number;
   readonly logger?: Logger;
+  /**
+   * The process's view of its Redis: connection errors are reported once per outage through it (default: a watch
+   * of this component's own, logging to `logger`).
+   */
+  readonly redisWatch?: ServerWatch;
   /** shown as the job's `processedBy` (default `<hostname>:<pid>`) */
   readonly name?: string;
   /** lock duration of a running sweep (default 30 s; renewed while it runs) */
@@ -204,7 +209,11 @@ export class SweepWorker {
       lockDuration: options.lockDurationMs ?? 30_000,
       autorun: false,
     });
-    this.worker.on('error', (err) => this.log.error({ err }, 'sweep worker error'));
+    const connection = this.ownedConnection ?? (options.connection as IORedis);
+    const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
+    this.worker.on('error', (err) => {
+      if (!watch.error(err)) this.log.error({ err }, 'sweep worker error');
+    });
     // the sweeper has logged the error itself
     this.worker.on('failed', (job, err) => this.log.warn({ jobId: job?.id, reason: err.message }, 'sweep job failed'));
   }

@@ -1,7 +1,9 @@
 /**
  * Outages as a client meets them (issue 15): the HTTP intake when Redis does not answer.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
@@ -18,6 +20,7 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { OwnRedis } from '../helpers/redis-server';
 import { uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { repoRoot } from '../../src/util';
 
 describe('outages: the HTTP intake when Redis does not answer', function () {
   this.timeout(60_000);
@@ -92,5 +95,86 @@ describe('outages: the HTTP intake when Redis does not answer', function () {
       await producer.close();
       redis.disconnect();
     }
+  });
+});
+
+describe('outages: fleet tail when Redis goes away', function () {
+  this.timeout(60_000);
+  let own: OwnRedis;
+  let db: TestDatabase;
+  before(async () => {
+    own = await OwnRedis.start();
+    db = await openTestDatabase(2);
+  });
+  after(async () => {
+    await own?.stop();
+    await db?.close();
+  });
+
+  function startTail(prefix: string): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<number | null> } {
+    const child = spawn(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), 'tail'], {
+      env: { PATH: process.env.PATH, REDIS_URL: own.url, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    child.stdout?.on('data', (c: Buffer) => (out += c.toString()));
+    child.stderr?.on('data', (c: Buffer) => (err += c.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    return { child, out: () => out, err: () => err, exited };
+  }
+
+  async function append(prefix: string, version: number): Promise<void> {
+    const redis = createRedis(own.url, 'producer');
+    try {
+      const fields = { type: 'state_transition', transitionId: String(version), deploymentId: randomUUID(), attemptId: '', from: '', to: 'pending', version: String(version), reason: 'created', eventId: `e${version}`, at: new Date().toISOString(), actor: 'test' };
+      await redis.xadd(`${prefix}:transitions`, '*', ...Object.entries(fields).flat());
+    } finally {
+      redis.disconnect();
+    }
+  }
+
+  it('says once that Redis is lost and once that it is back (no stack, no "Unhandled error event"), and stops on the first SIGTERM while Redis is down', async () => {
+    const prefix = uniquePrefix();
+    const tail = startTail(prefix);
+    try {
+      await waitFor('the tail to print an entry', async () => {
+        await append(prefix, 1);
+        return tail.out().includes('v1') ? true : undefined;
+      });
+      await own.kill('SIGKILL');
+      await waitFor('the loss reported', () => (tail.err().includes('lost Redis') ? true : undefined));
+      await own.restart();
+      await waitFor('the recovery reported', () => (tail.err().includes('is back') ? true : undefined));
+      await own.kill('SIGKILL');
+      await waitFor('the second loss reported', () => (tail.err().split('lost Redis').length === 3 ? true : undefined));
+      const stoppedAt = Date.now();
+      tail.child.kill('SIGTERM');
+      expect(await tail.exited).to.equal(0);
+      process.stdout.write(`      (tail exited ${Date.now() - stoppedAt} ms after SIGTERM with Redis down)\n`);
+      const lines = tail.err().trim().split('\n');
+      expect(lines).to.deep.equal([
+        `fleet tail: lost Redis at 127.0.0.1:${own.port}, retrying`,
+        `fleet tail: Redis at 127.0.0.1:${own.port} is back`,
+        `fleet tail: lost Redis at 127.0.0.1:${own.port}, retrying`,
+      ]);
+    } finally {
+      tail.child.kill('SIGKILL');
+      await own.restart();
+    }
+  });
+
+  it('ends quietly with exit code 0 when its stdout is closed (fleet tail | head -1)', async () => {
+    const prefix = uniquePrefix();
+    const tail = startTail(prefix);
+    await waitFor('the tail to print an entry', async () => {
+      await append(prefix, 1);
+      return tail.out().includes('v1') ? true : undefined;
+    });
+    tail.child.stdout?.destroy(); // the reader went away
+    await append(prefix, 2); // the next write meets a closed pipe
+    await append(prefix, 3);
+    expect(await tail.exited).to.equal(0);
+    expect(tail.err()).to.equal('');
   });
 });

@@ -141,8 +141,11 @@ export class LifecycleProducer {
   /** Closes the queue and the connection it owns. Safe to call twice. */
   close(): Promise<void> {
     this.closing ??= (async () => {
+      const owned = this.ownedConnection;
+      // QUIT needs an answer: with Redis away, drop the connection at once instead
+      if (owned !== null && owned.status !== 'ready') owned.disconnect();
       await this.queue.close();
-      if (this.ownedConnection !== null) await this.ownedConnection.quit().catch(() => this.ownedConnection?.disconnect());
+      if (owned !== null && owned.status === 'ready') await owned.quit().catch(() => owned.disconnect());
     })();
     return this.closing;
   }

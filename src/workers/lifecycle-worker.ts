@@ -98,6 +98,7 @@ export class LifecycleWorker {
   private readonly log: Logger;
   private readonly ownedConnection: IORedis | null;
   private closing: Promise<void> | null = null;
+  private readonly redisWatch: ServerWatch;
 
   constructor(private readonly options: LifecycleWorkerOptions) {
     this.log = (options.logger ?? silentLogger).child({ component: 'lifecycle-worker' });
@@ -114,6 +115,7 @@ export class LifecycleWorker {
     });
     const connection = this.ownedConnection ?? (options.connection as IORedis);
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
+    this.redisWatch = watch;
     this.worker.on('error', (err) => {
       if (!watch.error(err)) this.log.error({ err }, 'worker error');
     });
@@ -206,7 +208,12 @@ export class LifecycleWorker {
    */
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
-      if ((await closeWithin(this.worker, graceMs)) === 'timeout') {
+      if (this.redisWatch.isDown) {
+        // nothing in flight can be acknowledged without Redis: do not wait for it (the jobs' locks expire and
+        // another worker runs them again; processed_events keeps that safe)
+        this.log.info(`${this.redisWatch.what} is away: stopping without waiting for in-flight jobs; they will run again`);
+        await closeWithin(this.worker, 1000, true);
+      } else if ((await closeWithin(this.worker, graceMs)) === 'timeout') {
         this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
       }
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();

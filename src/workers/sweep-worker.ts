@@ -195,6 +195,7 @@ export class SweepWorker {
   private readonly ownedConnection: IORedis | null;
   private closing: Promise<void> | null = null;
   private recheckTimer: NodeJS.Timeout | null = null;
+  private readonly redisWatch: ServerWatch;
   private rechecking: Promise<void> | null = null;
 
   constructor(private readonly options: SweepWorkerOptions) {
@@ -211,6 +212,7 @@ export class SweepWorker {
     });
     const connection = this.ownedConnection ?? (options.connection as IORedis);
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
+    this.redisWatch = watch;
     this.worker.on('error', (err) => {
       if (!watch.error(err)) this.log.error({ err }, 'sweep worker error');
     });
@@ -272,7 +274,8 @@ export class SweepWorker {
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
       if (this.recheckTimer !== null) clearInterval(this.recheckTimer);
-      if ((await closeWithin(this.worker, graceMs)) === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
+      if (this.redisWatch.isDown) await closeWithin(this.worker, 1000, true); // a sweep cannot finish without Redis
+      else if ((await closeWithin(this.worker, graceMs)) === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
       await this.rechecking; // it closes the connections it opened
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();

@@ -8,7 +8,7 @@ import { createDataSource } from '../entities/data-source';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
 import { migrate } from '../entities/migrate';
-import { ConfigError, ResyncRequiredError, ValidationError } from '../errors';
+import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
@@ -21,6 +21,39 @@ import { UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
+
+/** A server the command needs did not answer: exit code 4, one line naming it (never its password). */
+class UnreachableError extends Error {}
+
+/** `Redis at host:port` / `PostgreSQL at host:port` for a URL, without credentials. */
+function serverName(kind: 'Redis' | 'PostgreSQL', url: string): string {
+  try {
+    const u = new URL(url);
+    return `${kind} at ${u.hostname}:${u.port === '' ? (kind === 'Redis' ? '6379' : '5432') : u.port}`;
+  } catch {
+    return kind;
+  }
+}
+
+/** Runs `fn`; a connection error (refused, reset, timed out) becomes one readable line and exit code 4. */
+async function reaching<T>(server: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (!isTransient(err)) throw err;
+    const code = (err as { code?: unknown }).code;
+    const message = (err as Error).message;
+    const why =
+      typeof code === 'string'
+        ? code
+        : /timed out|timeout/i.test(message)
+          ? 'no answer in time'
+          : /max retries per request/i.test(message)
+            ? 'no connection'
+            : message;
+    throw new UnreachableError(`${server} is unreachable (${why})`);
+  }
+}
 
 /**
  * REDIS_URL and DATABASE_URL, or else those of the local services a running `fleet start` brought up.
@@ -45,9 +78,10 @@ async function runMigrate(): Promise<void> {
   const config = loadConfig();
   const endpoints = resolveEndpoints(config);
   const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
-  await ds.initialize();
+  const postgres = serverName('PostgreSQL', endpoints.databaseUrl);
+  await reaching(postgres, () => ds.initialize());
   try {
-    const { ran } = await migrate(ds);
+    const { ran } = await reaching(postgres, () => migrate(ds));
     process.stdout.write(ran.length === 0 ? 'schema is up to date\n' : `applied: ${ran.join(', ')}\n`);
   } finally {
     await ds.destroy();
@@ -78,9 +112,10 @@ async function runEnqueue(name: string, json: string): Promise<void> {
     throw new UsageError(`<json>: not valid JSON (${(err as Error).message})`);
   }
   const config = loadConfig();
-  const producer = new LifecycleProducer({ connection: resolveEndpoints(config).redisUrl, prefix: config.prefix });
+  const redisUrl = resolveEndpoints(config).redisUrl;
+  const producer = new LifecycleProducer({ connection: redisUrl, prefix: config.prefix });
   try {
-    const result = await producer.enqueue(name, payload);
+    const result = await reaching(serverName('Redis', redisUrl), () => producer.enqueue(name, payload));
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     await producer.close();
@@ -92,10 +127,12 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
     throw new UsageError(`<deploymentId>: must be a UUID, got "${deploymentId}"`);
   }
   const config = loadConfig();
-  const ds = createDataSource({ url: resolveEndpoints(config).databaseUrl, poolSize: 1, applicationName: 'lifecycle-fleet-cli' });
-  await ds.initialize();
+  const databaseUrl = resolveEndpoints(config).databaseUrl;
+  const ds = createDataSource({ url: databaseUrl, poolSize: 1, applicationName: 'lifecycle-fleet-cli' });
+  const postgres = serverName('PostgreSQL', databaseUrl);
+  await reaching(postgres, () => ds.initialize());
   try {
-    const status = await readDeploymentStatus(ds, deploymentId);
+    const status = await reaching(postgres, () => readDeploymentStatus(ds, deploymentId));
     if (status === null) {
       process.stderr.write(`deployment ${deploymentId} not found\n`);
       process.exitCode = 1;
@@ -281,7 +318,12 @@ export async function main(argv: readonly string[]): Promise<void> {
       process.exitCode = 2;
       return;
     }
+    if (err instanceof UnreachableError) {
+      process.stderr.write(`fleet: ${err.message}\n`);
+      process.exitCode = 4;
+      return;
+    }
     process.stderr.write(`fleet: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exitCode = 1;
+    process.exitCode = isTransient(err) ? 4 : 1;
   }
 }

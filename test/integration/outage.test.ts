@@ -1,7 +1,7 @@
 /**
  * Outages as a client meets them (issue 15): the HTTP intake when Redis does not answer.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
@@ -17,6 +17,7 @@ import { createRedis } from '../../src/queues/redis';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { freePort } from '../helpers/net';
 import { OwnRedis } from '../helpers/redis-server';
 import { uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
@@ -176,5 +177,59 @@ describe('outages: fleet tail when Redis goes away', function () {
     await append(prefix, 3);
     expect(await tail.exited).to.equal(0);
     expect(tail.err()).to.equal('');
+  });
+});
+
+describe('outages: short commands fail fast with one line and exit code 4', function () {
+  this.timeout(60_000);
+  let own: OwnRedis;
+  before(async () => {
+    own = await OwnRedis.start();
+  });
+  after(async () => {
+    await own?.stop();
+  });
+
+  function fleet(args: string[], env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string; ms: number }> {
+    const started = Date.now();
+    return new Promise((resolve) => {
+      const child = execFile(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), ...args], { env: { PATH: process.env.PATH, ...env }, timeout: 30_000 }, (_err, stdout, stderr) =>
+        resolve({ code: child.exitCode, stdout, stderr, ms: Date.now() - started }),
+      );
+    });
+  }
+
+  it('names the unreachable server (never its password) for enqueue, status and migrate', async () => {
+    const closed = await freePort();
+    const env = { REDIS_URL: `redis://:secret-pw@127.0.0.1:${closed}`, DATABASE_URL: `postgres://fleet:secret-pw@127.0.0.1:${closed}/fleet` };
+    const payload = JSON.stringify({ deploymentId: randomUUID(), name: 'web' });
+    const runs = {
+      enqueue: await fleet(['enqueue', 'deployment.create', payload], env),
+      status: await fleet(['status', randomUUID()], env),
+      migrate: await fleet(['migrate'], env),
+    };
+    expect(runs.enqueue.stderr).to.equal(`fleet: Redis at 127.0.0.1:${closed} is unreachable (no connection)\n`);
+    expect(runs.status.stderr).to.equal(`fleet: PostgreSQL at 127.0.0.1:${closed} is unreachable (ECONNREFUSED)\n`);
+    expect(runs.migrate.stderr).to.equal(`fleet: PostgreSQL at 127.0.0.1:${closed} is unreachable (ECONNREFUSED)\n`);
+    for (const [name, run] of Object.entries(runs)) {
+      expect(run.code, name).to.equal(4);
+      expect(run.stdout, name).to.equal('');
+      process.stdout.write(`      (${name}: exit 4 after ${run.ms} ms)\n`);
+    }
+  });
+
+  it('says so when Redis is there but does not answer (paused)', async () => {
+    own.pause();
+    try {
+      const run = await fleet(['enqueue', 'deployment.create', JSON.stringify({ deploymentId: randomUUID(), name: 'web' })], {
+        REDIS_URL: own.url,
+        DATABASE_URL: 'postgres://fleet:x@127.0.0.1:1/fleet',
+      });
+      expect(run.stderr).to.equal(`fleet: Redis at 127.0.0.1:${own.port} is unreachable (no answer in time)\n`);
+      expect(run.code).to.equal(4);
+      process.stdout.write(`      (enqueue against a paused Redis: exit 4 after ${run.ms} ms)\n`);
+    } finally {
+      own.resume();
+    }
   });
 });

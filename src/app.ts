@@ -112,7 +112,9 @@ export async function startFleet(
     // a second view of the maintenance queue, for queue-depth metrics and Bull Board
     const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
     // this process's one view of its Redis: one line when it is lost, one when it is back, whichever component saw it
-    const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis);
+    const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis, (err) =>
+      logger.warn({ err }, 'redis error'),
+    );
     const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitorRedis, prefix: config.prefix });
     maintenance.on('error', () => undefined);
     closers.push(async () => {

@@ -9,6 +9,9 @@ import type { Scope } from './tokens';
 
 export const BOARD_PATH = '/admin/queues';
 
+/** The job states BullMQ's clean accepts. */
+const CLEANABLE: ReadonlySet<string> = new Set(['completed', 'failed', 'delayed', 'wait', 'waiting', 'active', 'paused', 'prioritized']);
+
 export interface BoardDeps {
   /** queues shown */
   readonly queues: readonly Queue[];
@@ -46,6 +49,13 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
           .send({ error: { code: 'forbidden', message: 'Bull Board is read-only without FLEET_BOARD_USER/FLEET_BOARD_PASSWORD or API tokens' } });
       }
       if (!admit(request, reply, reading(request.method) ? 'read' : 'board', 'Basic')) return reply;
+      // Bull Board answers a clean of a state that does not exist with 200 {}: refuse it, naming the states
+      const clean = /\/api\/queues\/[^/]+\/clean\/([^/?]+)/.exec(request.url)?.[1];
+      if (clean !== undefined && !CLEANABLE.has(decodeURIComponent(clean))) {
+        return reply.status(400).send({
+          error: { code: 'invalid_status', message: `queueStatus: must be one of ${[...CLEANABLE].join(', ')}, got "${clean.slice(0, 40)}"` },
+        });
+      }
       const access = accessOf.get(request);
       if (access?.kind === 'token' && !access.principal.scopes.has('board')) readOnly.add(request);
       return undefined;

@@ -10,6 +10,8 @@
  */
 import rateLimit from '@fastify/rate-limit';
 import type { Queue } from 'bullmq';
+import { createServer, STATUS_CODES } from 'node:http';
+import type { Duplex } from 'node:stream';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type IORedis from 'ioredis';
 import type { DataSource } from 'typeorm';
@@ -48,6 +50,32 @@ export interface HttpDeps {
   readonly rateLimitRedis?: IORedis;
   /** failed authentications per client address (default: 10 a minute, then 429 until the minute is over) */
   readonly authThrottle?: AuthThrottle;
+  /** a whole request, body included, must arrive within this (default 30 s; then 408) */
+  readonly requestTimeoutMs?: number;
+  /** a request's headers must arrive within this (default 10 s; then 408) */
+  readonly headersTimeoutMs?: number;
+}
+
+/** The reason phrase of a status, as an error code: 408 -> request_timeout. */
+function codeOf(status: number): string {
+  return (STATUS_CODES[status] ?? 'error').toLowerCase().replace(/[^a-z]+/g, '_').replace(/^_|_$/g, '');
+}
+
+/**
+ * Answers a request Node's HTTP parser refused before Fastify saw it (a malformed request, headers too large, a body
+ * shorter than its Content-Length that timed out) in the API's error shape, then closes the connection.
+ */
+function clientErrorResponse(err: NodeJS.ErrnoException & { code?: string }, socket: Duplex): void {
+  if (!socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const status =
+    err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : err.code === 'HPE_URI_TOO_LONG' ? 414 : 400;
+  const body = JSON.stringify({ error: { code: codeOf(status), message: `${STATUS_CODES[status] ?? 'Bad Request'}: the request could not be read` } });
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+  );
 }
 
 const UUID = UUID_PATTERN;
@@ -127,6 +155,45 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     // reject `__proto__` and `constructor.prototype` keys in JSON bodies outright
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
+    // a client that sends slowly (or never finishes its body) cannot hold a connection for ever
+    requestTimeout: deps.requestTimeoutMs ?? 30_000,
+    // a URL Fastify cannot decode, in the API's error shape
+    frameworkErrors: (err, _request, reply) => {
+      void (reply as FastifyReply).code(400).send({ error: { code: 'bad_url', message: err.message } });
+    },
+    clientErrorHandler: clientErrorResponse,
+    // Node checks those timeouts every `connectionsCheckingInterval` (30 s by default, which doubles a 30 s limit)
+    serverFactory: (handler) =>
+      createServer(
+        {
+          requestTimeout: deps.requestTimeoutMs ?? 30_000,
+          headersTimeout: Math.min(deps.headersTimeoutMs ?? 10_000, deps.requestTimeoutMs ?? 30_000),
+          connectionsCheckingInterval: Math.min(1000, deps.requestTimeoutMs ?? 30_000),
+        },
+        handler,
+      ),
+  });
+  // Every error answer has one shape, `{error: {code, message}}`, whoever produced it (Fastify, a plugin, Bull Board).
+  app.addHook('onSend', async (_request, reply, payload) => {
+    if (reply.statusCode < 400 || typeof payload !== 'string') return payload;
+    let body: unknown;
+    try {
+      body = JSON.parse(payload);
+    } catch {
+      body = undefined;
+    }
+    const b = (typeof body === 'object' && body !== null ? body : {}) as { error?: unknown; message?: unknown; statusCode?: unknown };
+    // ours already, or a body of its own (/readyz's checks): left alone; a framework's or a plugin's error: reshaped
+    const inner = typeof b.error === 'object' && b.error !== null ? (b.error as { code?: unknown; key?: unknown }) : null;
+    if (inner !== null && typeof inner.code === 'string') return payload;
+    const foreign = typeof b.error === 'string' || inner !== null || typeof b.message === 'string' || typeof b.statusCode === 'number' || body === undefined;
+    if (!foreign) return payload;
+    // Bull Board names its errors by a translation key (`ERRORS.JOB_NOT_FOUND` -> "job not found")
+    const message = typeof inner?.key === 'string' ? inner.key.replace(/^ERRORS\./, '').replace(/_/g, ' ').toLowerCase() : b.message;
+    void reply.header('content-type', 'application/json; charset=utf-8');
+    return JSON.stringify({
+      error: { code: codeOf(reply.statusCode), message: typeof message === 'string' ? message : (STATUS_CODES[reply.statusCode] ?? 'error') },
+    });
   });
 
   app.setErrorHandler((err: unknown, request, reply) => {
@@ -332,7 +399,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
           .send({
             error: {
               code: 'unavailable',
-              message: `the queue did not answer in time; the event may have been accepted: send it again with eventId "${eventId ?? ''}" (it is applied at most once)`,
+              message: `the queue did not answer in time; the event may have been accepted: retry with the same eventId "${eventId ?? ''}" (it is applied at most once)`,
               ...(eventId !== undefined ? { eventId } : {}),
             },
           });

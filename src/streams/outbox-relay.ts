@@ -133,8 +133,9 @@ export class OutboxRelay {
       typeof options.redis === 'string'
         ? createRedis(options.redis, 'producer', 'lifecycle-fleet-relay', { enableOfflineQueue: false })
         : options.redis;
-    if (options.redisWatch === undefined) new ServerWatch(describeRedis(this.redis), logReport(this.log)).attach(this.redis);
-    else options.redisWatch.attach(this.redis);
+    // connection errors once per outage; anything else (a refused AUTH) as it comes
+    const other = (err: Error) => this.log.warn({ err }, 'redis error');
+    (options.redisWatch ?? new ServerWatch(describeRedis(this.redis), logReport(this.log))).attach(this.redis, other);
     this.redis.on('ready', () => {
       // a new connection may be a new (or restarted) server: reconcile before appending anything
       this.generation++;

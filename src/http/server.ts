@@ -204,6 +204,14 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     if (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
       return reply.status(e.statusCode).send({ error: { code: e.code ?? 'bad_request', message: e.message ?? 'bad request' } });
     }
+    if (isTransient(err)) {
+      // a server (PostgreSQL, Redis) that is away is not the request's fault: the caller may try again
+      deps.logger.warn({ url: request.url, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'http request: a server did not answer');
+      return reply
+        .status(503)
+        .header('retry-after', '5')
+        .send({ error: { code: 'unavailable', message: 'a server the fleet needs did not answer; try again shortly' } });
+    }
     deps.logger.error({ err, url: request.url }, 'http request failed');
     return reply.status(500).send({ error: { code: 'internal', message: 'internal error' } });
   });

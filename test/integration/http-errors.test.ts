@@ -16,6 +16,9 @@ import { LifecycleProducer } from '../../src/queues/producer';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { TcpProxy } from '../helpers/proxy';
+import { waitFor } from '../helpers/wait';
+import { createDataSource } from '../../src/entities/data-source';
 
 /** Sends `chunks` (a function may pace them) and returns what the server answered before it closed. */
 function raw(port: number, send: (socket: net.Socket) => void): Promise<{ status: number; body: string }> {
@@ -142,5 +145,35 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
       const ok = await board.inject({ method: 'PUT', url: '/admin/queues/api/queues/lifecycle/clean/completed', headers: auth });
       expect(ok.statusCode).to.equal(200);
     });
+  });
+
+  it('reads answer 503 with Retry-After while PostgreSQL is away, and work again when it is back', async () => {
+    const target = new URL(db.url);
+    const proxy = new TcpProxy(target.hostname, Number(target.port));
+    const proxied = createDataSource({ url: TcpProxy.rewrite(db.url, await proxy.listen()), poolSize: 2 });
+    await proxied.initialize();
+    const reads = await buildHttpServer({
+      config: loadConfig({ FLEET_PREFIX: prefix }),
+      dataSource: proxied,
+      producer,
+      redis,
+      queues: [producer.queue, maintenance],
+      metrics: new FleetMetrics({}, { defaultMetrics: false }),
+      logger: silentLogger,
+    });
+    try {
+      expect((await reads.inject({ method: 'GET', url: '/api/deployments' })).statusCode).to.equal(200);
+      proxy.cut();
+      const away = await reads.inject({ method: 'GET', url: '/api/deployments' });
+      expect(away.statusCode, away.body).to.equal(503);
+      expect(away.headers['retry-after']).to.equal('5');
+      expect(away.json<{ error: { code: string } }>().error.code).to.equal('unavailable');
+      proxy.restore();
+      await waitFor('reads to work again', async () => ((await reads.inject({ method: 'GET', url: '/api/deployments' })).statusCode === 200 ? true : undefined));
+    } finally {
+      await reads.close();
+      await proxied.destroy();
+      await proxy.close();
+    }
   });
 });

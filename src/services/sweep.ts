@@ -24,6 +24,7 @@ import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-a
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
 import { NIL_UUID } from '../util';
+import { isTransient } from '../errors';
 
 
 
@@ -110,6 +111,8 @@ export class Sweeper {
   private readonly metrics: SweepMetrics;
   private readonly endpointAllow: EndpointAllowList | null;
   private readonly elapsedMs: () => number;
+  /** the last tick failed for a server that was away (see `sweep`) */
+  private serverAway = false;
 
   constructor(options: SweeperOptions) {
     this.db = new Database(options.dataSource);
@@ -139,13 +142,21 @@ export class Sweeper {
     const [attempts, readiness] = await Promise.allSettled([this.sweepAttempts(now), this.sweepReadiness(now)]);
     if (attempts.status === 'rejected' || readiness.status === 'rejected') {
       const err: unknown = attempts.status === 'rejected' ? attempts.reason : (readiness as PromiseRejectedResult).reason;
-      if (attempts.status === 'rejected' && readiness.status === 'rejected') {
-        this.log.error({ err: readiness.reason }, 'sweep: readiness failed too');
+      if (isTransient(err)) {
+        // a server away: one line when it starts, none while it lasts (no stack), one when a sweep works again
+        if (!this.serverAway) this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a server is away; retrying every tick');
+        this.serverAway = true;
+      } else {
+        if (attempts.status === 'rejected' && readiness.status === 'rejected') {
+          this.log.error({ err: readiness.reason }, 'sweep: readiness failed too');
+        }
+        this.log.error({ err, at: now.toISOString() }, 'sweep failed');
       }
-      this.log.error({ err, at: now.toISOString() }, 'sweep failed');
       this.metrics.onSweepError?.(err);
       throw err;
     }
+    if (this.serverAway) this.log.info('sweep works again');
+    this.serverAway = false;
     const result: SweepResult = {
       at: now.toISOString(),
       ...readiness.value,

@@ -205,6 +205,7 @@ export class OutboxRelay {
         }
         this.pending = false;
         const count = await this.cycle();
+        if (failures > 0) this.log.info({ failures }, 'relay cycle works again');
         failures = 0;
         // Fewer rows than a batch is everything that was committed when the batch was read, and every commit
         // after that read is followed by a wake-up (a NOTIFY sent after the commit, or notifyCommitted()): wait for
@@ -215,7 +216,9 @@ export class OutboxRelay {
       } catch (err) {
         failures++;
         // one warning per outage, then quieter, and backing off (0.5 s doubling to 5 s) while it lasts
-        this.log[failures === 1 ? 'warn' : 'debug']({ err, leader: this.leader, failures }, 'relay cycle failed; retrying');
+        const brief = { code: (err as { code?: unknown }).code, reason: err instanceof Error ? err.message : String(err) };
+        if (failures === 1) this.log.warn({ ...brief, leader: this.leader }, 'relay cycle failed; retrying');
+        else this.log.debug({ err, failures }, 'relay cycle failed again');
         if (this.client === null || !(await this.sessionAlive())) await this.dropSession();
         this.pending = false;
         await this.idle(Math.min(5000, 500 * 2 ** (failures - 1)));
@@ -236,7 +239,7 @@ export class OutboxRelay {
         query_timeout: 35_000,
       });
       client.on('error', (err) => {
-        this.log.warn({ err }, 'relay database session lost');
+        this.log.warn({ code: (err as { code?: unknown }).code, reason: err.message }, 'relay database session lost');
         this.leader = false;
       });
       client.on('notification', () => this.poke());

@@ -27,6 +27,7 @@ import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/re
 import { closeWithin } from './close-within';
 import type { SweepResult } from '../services/sweep';
 import { sleep } from '../util';
+import { isTransient } from '../errors';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';
 export const SWEEP_JOB_NAME = 'sweep';
@@ -217,7 +218,7 @@ export class SweepWorker {
       if (!watch.error(err)) this.log.error({ err }, 'sweep worker error');
     });
     // the sweeper has logged the error itself
-    this.worker.on('failed', (job, err) => this.log.warn({ jobId: job?.id, reason: err.message }, 'sweep job failed'));
+    this.worker.on('failed', (job, err) => this.log[isTransient(err) ? 'debug' : 'warn']({ jobId: job?.id, reason: err.message }, 'sweep job failed'));
   }
 
   /**

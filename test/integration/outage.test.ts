@@ -19,7 +19,12 @@ import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { freePort } from '../helpers/net';
 import { OwnRedis } from '../helpers/redis-server';
-import { uniquePrefix } from '../helpers/redis';
+import { dropPrefix, uniquePrefix } from '../helpers/redis';
+import { TcpProxy } from '../helpers/proxy';
+import { testEnv } from '../helpers/env';
+import { createDataSource } from '../../src/entities/data-source';
+import { Sweeper } from '../../src/services/sweep';
+import { createLogger } from '../../src/log';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 
@@ -230,6 +235,40 @@ describe('outages: short commands fail fast with one line and exit code 4', func
       process.stdout.write(`      (enqueue against a paused Redis: exit 4 after ${run.ms} ms)\n`);
     } finally {
       own.resume();
+    }
+  });
+});
+
+describe('outages: the sweep when PostgreSQL goes away', function () {
+  this.timeout(60_000);
+
+  it('logs one line (no stack) when its ticks start failing, none while it lasts, one when a tick works again', async () => {
+    const db = await openTestDatabase(2);
+    const target = new URL(db.url);
+    const proxy = new TcpProxy(target.hostname, Number(target.port));
+    const proxied = createDataSource({ url: TcpProxy.rewrite(db.url, await proxy.listen()), poolSize: 2 });
+    await proxied.initialize();
+    const prefix = uniquePrefix();
+    const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
+    let text = '';
+    const logger = createLogger('debug', { write: (line: string) => void (text += line) });
+    const sweeper = new Sweeper({ dataSource: proxied, producer, logger });
+    try {
+      await sweeper.sweep();
+      proxy.cut();
+      for (let i = 0; i < 3; i++) await sweeper.sweep().then(() => expect.fail('a tick without PostgreSQL succeeded'), () => undefined);
+      proxy.restore();
+      await waitFor('a tick to work again', async () => (await sweeper.sweep().then(() => true, () => undefined)));
+      const lines = text.trim().split('\n').map((l) => JSON.parse(l) as { level: number; msg: string; err?: unknown });
+      const said = lines.filter((l) => l.level >= 30 && l.msg !== 'sweep').map((l) => l.msg);
+      expect(said).to.deep.equal(['sweep failed: a server is away; retrying every tick', 'sweep works again']);
+      expect(lines.filter((l) => l.level >= 40 && l.err !== undefined)).to.deep.equal([]); // no error objects, no stacks
+    } finally {
+      await producer.close();
+      await proxied.destroy();
+      await proxy.close();
+      await dropPrefix(prefix);
+      await db.close();
     }
   });
 });

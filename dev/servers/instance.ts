@@ -82,11 +82,38 @@ export class Instance {
 
   private readonly unexpected = (s: Server, why: string): void => {
     this.log(`${s.name} exited unexpectedly (${why}); see ${s.logFile}`);
+    const supervise = this.opts.supervise;
+    if (supervise === undefined || this.stopping !== undefined || this.givenUp) return;
+    const now = Date.now();
+    const recent = (this.restarts.get(s.name) ?? []).filter((t) => now - t < supervise.withinMs);
+    if (recent.length >= supervise.maxRestarts) {
+      this.givenUp = true;
+      supervise.onGiveUp(`${s.name} died ${recent.length + 1} times within ${Math.round(supervise.withinMs / 1000)} s (last: ${why}); see ${s.logFile}`);
+      return;
+    }
+    this.restarts.set(s.name, [...recent, now]);
+    this.log(`restarting ${s.name} (${recent.length + 1} of at most ${supervise.maxRestarts} within ${Math.round(supervise.withinMs / 1000)} s)`);
+    const revive = s.name === 'redis-server' ? this.restartRedis('SIGKILL', 0, this.redisPassword ?? '') : this.restartPostgres('immediate', 0, this.pgPassword ?? '');
+    revive.then(
+      () => this.log(`${s.name} is back`),
+      (err: unknown) => {
+        if (this.stopping !== undefined || this.givenUp) return;
+        this.givenUp = true;
+        supervise.onGiveUp(`${s.name} could not be restarted: ${err instanceof Error ? err.message : String(err)}`);
+      },
+    );
   };
+  /** when each server was restarted by the supervisor (see `unexpected`) */
+  private readonly restarts = new Map<string, number[]>();
+  private givenUp = false;
+  private redisPassword?: string;
+  private pgPassword?: string;
 
   async startRedis(bin: string, password: string, usedPorts: Set<number>): Promise<void> {
+    this.redisPassword = password;
     const redisDir = path.join(this.dir, 'redis');
-    fs.mkdirSync(redisDir, { recursive: true });
+    fs.mkdirSync(redisDir, { recursive: true, mode: 0o700 });
+    fs.chmodSync(redisDir, 0o700); // its AOF holds job payloads: private, like credentials.json
     // secrets go into a 0600 file, not onto the command line (see writeRedisConf)
     const conf = writeRedisConf(this.dir, bin, password);
     const logFile = path.join(this.dir, 'redis.log');
@@ -124,6 +151,7 @@ export class Instance {
     passwordIsNew: boolean,
     usedPorts: Set<number>,
   ): Promise<void> {
+    this.pgPassword = password;
     const dataDir = choosePgDataDir(this.dir, runAs, this.log);
     this.pgDataDir = dataDir;
     const major = parseFloat(pgMajorVersion(binDir));

@@ -72,6 +72,8 @@ export function spawnServer(
   const from = fileSize(logFile);
   const fd = fs.openSync(logFile, 'a');
   let child: ChildProcess;
+  // the server's files (Redis's AOF holds job payloads) are private: 0600 files in 0700 folders
+  const umask = process.umask(0o077);
   try {
     child = spawn(bin, args, {
       stdio: ['ignore', fd, fd],
@@ -80,6 +82,7 @@ export function spawnServer(
       ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}),
     });
   } finally {
+    process.umask(umask);
     fs.closeSync(fd);
   }
   child.unref(); // do not keep the parent alive; the exit hook stops us

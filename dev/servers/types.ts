@@ -12,6 +12,11 @@ export interface LocalServicesOptions {
   /** test mode: fsync=off, synchronous_commit=off, full_page_writes=off for speed */
   fast: boolean;
   log?: (msg: string) => void;
+  /**
+   * Restart a server that dies on its own (`fleet start`): at most `maxRestarts` within `withinMs`; past that,
+   * `onGiveUp` is called once with one line saying why (the caller exits non-zero).
+   */
+  supervise?: { maxRestarts: number; withinMs: number; onGiveUp: (why: string) => void };
 }
 
 export interface LocalServices {

@@ -13,7 +13,7 @@ import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
-import { runningLocalEndpoints, runStart } from './start';
+import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
@@ -313,7 +313,7 @@ export async function main(argv: readonly string[]): Promise<void> {
       process.exitCode = 2;
       return;
     }
-    if (err instanceof ConfigError || err instanceof UsageError || err instanceof TokenFileError) {
+    if (err instanceof ConfigError || err instanceof UsageError || err instanceof TokenFileError || err instanceof PortTakenError) {
       process.stderr.write(`fleet: ${err.message}\n`);
       process.exitCode = 2;
       return;

@@ -7,6 +7,7 @@
  * servers are to be started): a production install without dist/dev still runs `fleet worker`, `fleet http`, ...
  */
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { createDataSource } from '../entities/data-source';
 import { isProcessAlive, repoRoot } from '../util';
@@ -42,9 +43,34 @@ async function loadDevServers(): Promise<typeof DevServers> {
   }
 }
 
+/** Fails with a line naming the variable to set when the HTTP port is taken, before anything is started. */
+async function assertPortFree(host: string, port: number): Promise<void> {
+  if (port === 0) return;
+  const probe = net.createServer();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      probe.once('error', reject);
+      probe.listen({ host, port, exclusive: true }, resolve);
+    });
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    throw new PortTakenError(
+      code === 'EADDRINUSE'
+        ? `port ${port} on ${host} is in use: set FLEET_HTTP_PORT (and FLEET_HTTP_HOST) to a free one`
+        : `cannot listen on ${host}:${port} (${String(code)}): set FLEET_HTTP_HOST/FLEET_HTTP_PORT`,
+    );
+  } finally {
+    await new Promise<void>((resolve) => probe.close(() => resolve()));
+  }
+}
+
+/** The HTTP port `fleet start` needs is taken (exit code 2, as for any configuration problem). */
+export class PortTakenError extends Error {}
+
 export async function runStart(): Promise<void> {
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
+  await assertPortFree(config.httpHost, config.httpPort);
   let local: DevServers.LocalServices | null = null;
   let endpoints: Endpoints;
   if (config.redisUrl !== null && config.databaseUrl !== null) {
@@ -59,6 +85,16 @@ export async function runStart(): Promise<void> {
       fresh: false,
       fast: false,
       log: (msg) => logger.info(msg),
+      // a local server that dies is restarted, a few times; past that the fleet stops with one line and exit 1
+      supervise: {
+        maxRestarts: 3,
+        withinMs: 10 * 60_000,
+        onGiveUp: (why) => {
+          logger.error(`giving up: ${why}`);
+          process.exitCode = 1;
+          process.kill(process.pid, 'SIGTERM');
+        },
+      },
     });
     endpoints = {
       redisUrl: config.redisUrl ?? local.redisUrl ?? '',

@@ -7,6 +7,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { repoRoot } from '../../src/util';
+import { waitFor } from '../helpers/wait';
 import { Redis } from 'ioredis';
 import { Client } from 'pg';
 import { startLocalServices } from '../../dev/servers';
@@ -239,6 +240,45 @@ describe('local services (real redis-server and postgres)', function () {
     expect(fs.existsSync(path.join(dir, 'owner.lock'))).to.equal(false);
     await s.stop(); // idempotent
     for (const log of ['redis.log', 'postgres.log', 'initdb.log']) expect(fs.existsSync(path.join(dir, log))).to.equal(true);
+  });
+
+  it('supervised (fleet start): restarts a server that died, a bounded number of times, then gives up with one line', async () => {
+    const said: string[] = [];
+    let gaveUp: string | undefined;
+    const s = await start({
+      postgres: false,
+      log: (m) => said.push(m),
+      supervise: { maxRestarts: 1, withinMs: 60_000, onGiveUp: (why) => (gaveUp = why) },
+    });
+    try {
+      // private files: the AOF holds job payloads
+      const redisDir = path.join(dir, 'redis');
+      await waitFor('the AOF to be written', () => (fs.existsSync(path.join(redisDir, 'appendonlydir')) ? true : undefined));
+      expect(fs.statSync(redisDir).mode & 0o777).to.equal(0o700);
+      expect(fs.statSync(path.join(redisDir, 'appendonlydir')).mode & 0o777).to.equal(0o700);
+      for (const f of fs.readdirSync(path.join(redisDir, 'appendonlydir'))) {
+        expect(fs.statSync(path.join(redisDir, 'appendonlydir', f)).mode & 0o777, f).to.equal(0o600);
+      }
+
+      const first = s.redisPid;
+      if (first === undefined) throw new Error('no redis pid');
+      process.kill(first, 'SIGKILL');
+      await waitFor('redis-server restarted', () => (said.includes('redis-server is back') ? true : undefined));
+      expect(said.filter((m) => m.startsWith('restarting redis-server'))).to.deep.equal(['restarting redis-server (1 of at most 1 within 60 s)']);
+      expect(s.redisPid).to.not.equal(first);
+      const probe = new Redis(s.redisUrl ?? '', { maxRetriesPerRequest: 1 });
+      try {
+        expect(await probe.ping()).to.equal('PONG'); // the same URL (port and password) works again
+      } finally {
+        probe.disconnect();
+      }
+
+      process.kill(s.redisPid ?? -1, 'SIGKILL');
+      await waitFor('the supervisor to give up', () => gaveUp);
+      expect(gaveUp).to.match(/^redis-server died 2 times within 60 s \(last: killed by SIGKILL\); see /);
+    } finally {
+      await s.stop();
+    }
   });
 
   it('reuses the data and the passwords on the next start, and is not blocked by SIGKILLed servers', async () => {

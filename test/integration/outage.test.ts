@@ -3,6 +3,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue } from 'bullmq';
@@ -220,6 +221,24 @@ describe('outages: short commands fail fast with one line and exit code 4', func
       expect(run.code, name).to.equal(4);
       expect(run.stdout, name).to.equal('');
       process.stdout.write(`      (${name}: exit 4 after ${run.ms} ms)\n`);
+    }
+  });
+
+  it('fleet start checks its HTTP port before it starts anything, and names the variable to set', async () => {
+    const taken = net.createServer();
+    await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+    const port = (taken.address() as net.AddressInfo).port;
+    try {
+      const closed = await freePort(); // were anything started first, these unreachable servers would be what failed
+      const run = await fleet(['start'], {
+        REDIS_URL: `redis://127.0.0.1:${closed}`,
+        DATABASE_URL: `postgres://fleet:x@127.0.0.1:${closed}/fleet`,
+        FLEET_HTTP_PORT: String(port),
+      });
+      expect(run.stderr).to.equal(`fleet: port ${port} on 127.0.0.1 is in use: set FLEET_HTTP_PORT (and FLEET_HTTP_HOST) to a free one\n`);
+      expect(run.code).to.equal(2);
+    } finally {
+      await new Promise<void>((resolve) => taken.close(() => resolve()));
     }
   });
 

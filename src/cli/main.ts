@@ -35,6 +35,22 @@ function serverName(kind: 'Redis' | 'PostgreSQL', url: string): string {
   }
 }
 
+/** Starts the fleet; a server that cannot be reached at start becomes one line naming it and exit code 4. */
+async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (!isTransient(err)) throw err;
+    // ioredis's errors say "retries" or "closed"; pg's carry the port they tried
+    const message = (err as Error).message;
+    const port = (err as { port?: unknown }).port;
+    const redis = /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(message) || String(port) === new URL(endpoints.redisUrl).port;
+    return await reaching(redis ? serverName('Redis', endpoints.redisUrl) : serverName('PostgreSQL', endpoints.databaseUrl), () => {
+      throw err;
+    });
+  }
+}
+
 /** Runs `fn`; a connection error (refused, reset, timed out) becomes one readable line and exit code 4. */
 async function reaching<T>(server: string, fn: () => Promise<T>): Promise<T> {
   try {
@@ -91,7 +107,8 @@ async function runMigrate(): Promise<void> {
 async function runWorker(): Promise<void> {
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
-  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: true, relay: true, sweep: true, http: false });
+  const endpoints = resolveEndpoints(config);
+  const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false }));
   logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started (lifecycle jobs, outbox relay, sweep)');
   await closeOnSignals(fleet, logger);
 }
@@ -99,7 +116,8 @@ async function runWorker(): Promise<void> {
 async function runHttp(): Promise<void> {
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
-  const fleet = await startFleet(config, resolveEndpoints(config), logger, { worker: false, relay: false, sweep: false, http: true });
+  const endpoints = resolveEndpoints(config);
+  const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: false, relay: false, sweep: false, http: true }));
   logger.info({ url: fleet.httpUrl }, 'http started');
   await closeOnSignals(fleet, logger);
 }

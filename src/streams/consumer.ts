@@ -15,7 +15,7 @@
 import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
-import { createRedis, type ServerWatch } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { settleWithin, sleep } from '../util';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
@@ -63,7 +63,7 @@ export interface TransitionConsumerOptions {
   readonly batchSize?: number;
   /** how long a read blocks waiting for new entries (default 2000 ms); bounds how fast `close()` returns */
   readonly blockMs?: number;
-  /** reports this consumer's connection lost and back (once per outage); default: errors are silent and retried */
+  /** reports this consumer's connection lost and back (once per outage); default: a watch logging to `logger` */
   readonly redisWatch?: ServerWatch;
   /** entries idle this long on another consumer are claimed (default 30 s) */
   readonly claimIdleMs?: number;
@@ -131,9 +131,10 @@ export class TransitionConsumer {
     this.ownsRedis = typeof options.redis === 'string';
     this.redis =
       typeof options.redis === 'string' ? createRedis(options.redis, 'worker', `lifecycle-fleet-consumer-${options.consumer}`) : options.redis;
-    options.redisWatch?.attach(this.redis);
     this.versions = options.versions ?? memoryVersionStore();
     this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
+    // its connection lost and back, once per outage, to its logger (or the watch it was given)
+    (options.redisWatch ?? new ServerWatch(describeRedis(this.redis), logReport(this.log))).attach(this.redis);
   }
 
   /** Runs until `close()`; rejects with `ResyncRequiredError` when the group's position was trimmed away. */

@@ -224,6 +224,22 @@ describe('outages: short commands fail fast with one line and exit code 4', func
     }
   });
 
+  it('fleet worker and fleet http that cannot reach a server at start say which, with exit code 4', async () => {
+    const closed = await freePort();
+    const db = await openTestDatabase(2);
+    try {
+      const redisDown = await fleet(['worker'], { REDIS_URL: `redis://:pw@127.0.0.1:${closed}`, DATABASE_URL: db.url, FLEET_PREFIX: uniquePrefix() });
+      expect(redisDown.stderr.trim().split('\n').pop()).to.equal(`fleet: Redis at 127.0.0.1:${closed} is unreachable (no connection)`);
+      expect(redisDown.code).to.equal(4);
+      const pgDown = await fleet(['http'], { REDIS_URL: own.url, DATABASE_URL: `postgres://fleet:pw@127.0.0.1:${closed}/fleet`, FLEET_PREFIX: uniquePrefix(), FLEET_HTTP_PORT: '0' });
+      expect(pgDown.stderr.trim().split('\n').pop()).to.equal(`fleet: PostgreSQL at 127.0.0.1:${closed} is unreachable (ECONNREFUSED)`);
+      expect(pgDown.code).to.equal(4);
+      expect(redisDown.stdout + redisDown.stderr + pgDown.stdout + pgDown.stderr).to.not.include('pw@');
+    } finally {
+      await db.close();
+    }
+  });
+
   it('fleet start checks its HTTP port before it starts anything, and names the variable to set', async () => {
     const taken = net.createServer();
     await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));

@@ -19,7 +19,7 @@ import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { LifecycleProducer } from './queues/producer';
-import { createRedis, describeRedis, logReport, ServerWatch } from './queues/redis';
+import { createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { TransitionService } from './services/transitions';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
@@ -111,7 +111,8 @@ export async function startFleet(
     closers.push(() => producer.close());
     // a second view of the maintenance queue, for queue-depth metrics and Bull Board
     const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
-    // this process's one view of its Redis: one line when it is lost, one when it is back, whichever component saw it
+    // this process's one view of each server: one line when it is lost, one when it is back, whichever component saw it
+    const pgWatch = new ServerWatch(describeServer('PostgreSQL', endpoints.databaseUrl), logReport(logger));
     const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis, (err) =>
       logger.warn({ err }, 'redis error'),
     );
@@ -141,6 +142,7 @@ export async function startFleet(
         maxLen: config.streamMaxLen,
         logger,
         redisWatch,
+        pgWatch,
         onPublished: (n) => metrics.publishedCount(n),
       });
       relay = r;
@@ -164,6 +166,7 @@ export async function startFleet(
     if (roles.sweep ?? true) {
       const sweeper = new Sweeper({
         dataSource,
+        pgWatch,
         producer,
         readyWindowS: config.readyWindowS,
         orphanAfterS: config.orphanAfterS,
@@ -189,6 +192,7 @@ export async function startFleet(
         concurrency: config.concurrency,
         logger,
         redisWatch,
+        pgWatch,
         onJob: (report) => metrics.job(report),
       });
       worker = w;

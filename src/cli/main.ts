@@ -17,6 +17,7 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
+import { describeServer } from '../queues/redis';
 import { UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
@@ -24,16 +25,6 @@ class UsageError extends Error {}
 
 /** A server the command needs did not answer: exit code 4, one line naming it (never its password). */
 class UnreachableError extends Error {}
-
-/** `Redis at host:port` / `PostgreSQL at host:port` for a URL, without credentials. */
-function serverName(kind: 'Redis' | 'PostgreSQL', url: string): string {
-  try {
-    const u = new URL(url);
-    return `${kind} at ${u.hostname}:${u.port === '' ? (kind === 'Redis' ? '6379' : '5432') : u.port}`;
-  } catch {
-    return kind;
-  }
-}
 
 /** Starts the fleet; a server that cannot be reached at start becomes one line naming it and exit code 4. */
 async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
@@ -45,7 +36,7 @@ async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<
     const message = (err as Error).message;
     const port = (err as { port?: unknown }).port;
     const redis = /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(message) || String(port) === new URL(endpoints.redisUrl).port;
-    return await reaching(redis ? serverName('Redis', endpoints.redisUrl) : serverName('PostgreSQL', endpoints.databaseUrl), () => {
+    return await reaching(redis ? describeServer('Redis', endpoints.redisUrl) : describeServer('PostgreSQL', endpoints.databaseUrl), () => {
       throw err;
     });
   }
@@ -94,7 +85,7 @@ async function runMigrate(): Promise<void> {
   const config = loadConfig();
   const endpoints = resolveEndpoints(config);
   const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
-  const postgres = serverName('PostgreSQL', endpoints.databaseUrl);
+  const postgres = describeServer('PostgreSQL', endpoints.databaseUrl);
   await reaching(postgres, () => ds.initialize());
   try {
     const { ran } = await reaching(postgres, () => migrate(ds));
@@ -133,7 +124,7 @@ async function runEnqueue(name: string, json: string): Promise<void> {
   const redisUrl = resolveEndpoints(config).redisUrl;
   const producer = new LifecycleProducer({ connection: redisUrl, prefix: config.prefix });
   try {
-    const result = await reaching(serverName('Redis', redisUrl), () => producer.enqueue(name, payload));
+    const result = await reaching(describeServer('Redis', redisUrl), () => producer.enqueue(name, payload));
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     await producer.close();
@@ -147,7 +138,7 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
   const config = loadConfig();
   const databaseUrl = resolveEndpoints(config).databaseUrl;
   const ds = createDataSource({ url: databaseUrl, poolSize: 1, applicationName: 'lifecycle-fleet-cli' });
-  const postgres = serverName('PostgreSQL', databaseUrl);
+  const postgres = describeServer('PostgreSQL', databaseUrl);
   await reaching(postgres, () => ds.initialize());
   try {
     const status = await reaching(postgres, () => readDeploymentStatus(ds, deploymentId));

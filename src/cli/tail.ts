@@ -5,7 +5,7 @@
  */
 import type IORedis from 'ioredis';
 import { ResyncRequiredError } from '../errors';
-import { createRedis, describeRedis, ServerWatch, type ServerReport } from '../queues/redis';
+import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 
 export interface TailOptions {
@@ -40,7 +40,7 @@ export async function tail(options: TailOptions): Promise<void> {
       startId: options.from ?? '$',
       blockMs: 1000,
       handler: print,
-      ...(options.report !== undefined ? { redisWatch: new ServerWatch(redisName(options.redisUrl), options.report) } : {}),
+      ...(options.report !== undefined ? { redisWatch: new ServerWatch(describeServer('Redis', options.redisUrl), options.report) } : {}),
     });
     const running = consumer.run();
     await Promise.race([running, options.stop]);
@@ -88,14 +88,4 @@ async function refuseTrimmed(redis: IORedis, streamKey: string, from: string): P
   const added = Number(info[info.indexOf('entries-added') + 1] ?? 0);
   const length = Number(info[info.indexOf('length') + 1] ?? 0);
   if (added > length && compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
-}
-
-/** `Redis at host:port` for a URL, without its credentials. */
-function redisName(url: string): string {
-  try {
-    const u = new URL(url);
-    return `Redis at ${u.hostname}:${u.port === '' ? '6379' : u.port}`;
-  } catch {
-    return 'Redis';
-  }
 }

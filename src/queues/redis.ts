@@ -39,6 +39,16 @@ export function describeRedis(redis: IORedis): string {
   return o.path !== undefined && o.path !== null && o.path !== '' ? `Redis at ${o.path}` : `Redis at ${o.host ?? '127.0.0.1'}:${o.port ?? 6379}`;
 }
 
+/** `PostgreSQL at host:port` (or Redis) for a URL, without its credentials. */
+export function describeServer(kind: 'Redis' | 'PostgreSQL', url: string): string {
+  try {
+    const u = new URL(url);
+    return `${kind} at ${u.hostname}:${u.port === '' ? (kind === 'Redis' ? '6379' : '5432') : u.port}`;
+  } catch {
+    return kind;
+  }
+}
+
 /** How a watch reports: a structured logger's warn/info, or a CLI's line on stderr. */
 export type ServerReport = (level: 'warn' | 'info', message: string, fields: Record<string, unknown>) => void;
 
@@ -88,6 +98,12 @@ export class ServerWatch {
     redis.on('ready', () => this.back());
     return this;
   }
+}
+
+/** An error from an ioredis command (rather than from PostgreSQL's driver). */
+export function isRedisError(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(err.message);
 }
 
 /** A lost or refused connection, a reset, a timeout: the server is away, not the request wrong. */

@@ -24,6 +24,7 @@ import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-a
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
 import { NIL_UUID } from '../util';
+import { isRedisError, type ServerWatch } from '../queues/redis';
 import { isTransient } from '../errors';
 
 
@@ -59,6 +60,8 @@ export interface SweepMetrics {
 }
 
 export interface SweeperOptions {
+  /** the process's view of PostgreSQL: a tick failing for it is reported there once per outage (default: none) */
+  readonly pgWatch?: ServerWatch;
   readonly dataSource: DataSource;
   /** enqueues `attempt.orphaned` / `attempt.expired` on the lifecycle queue */
   readonly producer: LifecycleProducer;
@@ -113,6 +116,7 @@ export class Sweeper {
   private readonly elapsedMs: () => number;
   /** the last tick failed for a server that was away (see `sweep`) */
   private serverAway = false;
+  private readonly pgWatch: ServerWatch | undefined;
 
   constructor(options: SweeperOptions) {
     this.db = new Database(options.dataSource);
@@ -130,6 +134,7 @@ export class Sweeper {
     this.metrics = options.metrics ?? {};
     this.endpointAllow = options.endpointAllow ?? null;
     this.elapsedMs = options.elapsedMs ?? (() => performance.now());
+    this.pgWatch = options.pgWatch;
   }
 
   /**
@@ -143,6 +148,7 @@ export class Sweeper {
     if (attempts.status === 'rejected' || readiness.status === 'rejected') {
       const err: unknown = attempts.status === 'rejected' ? attempts.reason : (readiness as PromiseRejectedResult).reason;
       if (isTransient(err)) {
+        if (!isRedisError(err)) this.pgWatch?.error(err);
         // a server away: one line when it starts, none while it lasts (no stack), one when a sweep works again
         if (!this.serverAway) this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a server is away; retrying every tick');
         this.serverAway = true;
@@ -155,6 +161,7 @@ export class Sweeper {
       this.metrics.onSweepError?.(err);
       throw err;
     }
+    this.pgWatch?.back();
     if (this.serverAway) this.log.info('sweep works again');
     this.serverAway = false;
     const result: SweepResult = {

@@ -89,6 +89,8 @@ export interface OutboxRelayOptions {
    * of this component's own, logging to `logger`).
    */
   readonly redisWatch?: ServerWatch;
+  /** the process's view of PostgreSQL: connection errors reported once per outage, and its return (default: none) */
+  readonly pgWatch?: ServerWatch;
   /** metrics hook: rows published by one cycle */
   readonly onPublished?: (count: number) => void;
   /** test hook: after the XADD pipeline succeeded, before the rows are marked published */
@@ -206,6 +208,7 @@ export class OutboxRelay {
         this.pending = false;
         const count = await this.cycle();
         if (failures > 0) this.log.info({ failures }, 'relay cycle works again');
+        this.options.pgWatch?.back();
         failures = 0;
         // Fewer rows than a batch is everything that was committed when the batch was read, and every commit
         // after that read is followed by a wake-up (a NOTIFY sent after the commit, or notifyCommitted()): wait for
@@ -219,7 +222,10 @@ export class OutboxRelay {
         const brief = { code: (err as { code?: unknown }).code, reason: err instanceof Error ? err.message : String(err) };
         if (failures === 1) this.log.warn({ ...brief, leader: this.leader }, 'relay cycle failed; retrying');
         else this.log.debug({ err, failures }, 'relay cycle failed again');
-        if (this.client === null || !(await this.sessionAlive())) await this.dropSession();
+        if (this.client === null || !(await this.sessionAlive())) {
+          this.options.pgWatch?.error(err); // its session to PostgreSQL is gone
+          await this.dropSession();
+        }
         this.pending = false;
         await this.idle(Math.min(5000, 500 * 2 ** (failures - 1)));
       }

@@ -41,6 +41,8 @@ export interface LifecycleWorkerOptions {
    * of this component's own, logging to `logger`).
    */
   readonly redisWatch?: ServerWatch;
+  /** the process's view of PostgreSQL: connection errors reported once per outage, and its return (default: none) */
+  readonly pgWatch?: ServerWatch;
   /** how long a job keeps being retried for "not yet", conflicts and outages, as the sum of its backoff delays
    * (default 10 min: 26 retries, 250 ms doubling to 30 s) */
   readonly retryBudgetMs?: number;
@@ -132,8 +134,11 @@ export class LifecycleWorker {
         producedAt: new Date(job.timestamp),
       });
     } catch (err) {
+      // the service talks to PostgreSQL only: a connection error here is PostgreSQL's
+      if (isTransient(err)) this.options.pgWatch?.error(err);
       return this.handleFailure(job, token, err, ids, started);
     }
+    this.options.pgWatch?.back();
     const durationMs = Math.round(performance.now() - started);
     if (result.outcome === 'rejected') {
       this.log.warn({ ...ids, eventId: result.eventId, outcome: 'rejected', code: result.code, durationMs }, result.message);

@@ -14,7 +14,7 @@ import { silentLogger } from '../../src/log';
 import { FleetMetrics } from '../../src/metrics';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { createRedis } from '../../src/queues/redis';
+import { createRedis, describeServer, ServerWatch } from '../../src/queues/redis';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
@@ -287,7 +287,9 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
     const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     let text = '';
     const logger = createLogger('debug', { write: (line: string) => void (text += line) });
-    const sweeper = new Sweeper({ dataSource: proxied, producer, logger });
+    const watched: string[] = [];
+    const pgWatch = new ServerWatch(describeServer('PostgreSQL', proxied.options.type === 'postgres' ? String(proxied.options.url) : ''), (_l, m) => watched.push(m));
+    const sweeper = new Sweeper({ dataSource: proxied, producer, logger, pgWatch });
     try {
       await sweeper.sweep();
       proxy.cut();
@@ -298,6 +300,9 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
       const said = lines.filter((l) => l.level >= 30 && l.msg !== 'sweep').map((l) => l.msg);
       expect(said).to.deep.equal(['sweep failed: a server is away; retrying every tick', 'sweep works again']);
       expect(lines.filter((l) => l.level >= 40 && l.err !== undefined)).to.deep.equal([]); // no error objects, no stacks
+      // the process's view of PostgreSQL, named without its password
+      const at = `PostgreSQL at 127.0.0.1:${new URL(String(proxied.options.type === 'postgres' ? proxied.options.url : '')).port}`;
+      expect(watched).to.deep.equal([`lost ${at}, retrying`, `${at} is back`]);
     } finally {
       await producer.close();
       await proxied.destroy();

@@ -281,6 +281,26 @@ describe('local services (real redis-server and postgres)', function () {
     }
   });
 
+  it('supervised: a SIGKILLed postmaster is restarted too, on the same URL', async () => {
+    const said: string[] = [];
+    const s = await start({ redis: false, log: (m) => said.push(m), supervise: { maxRestarts: 1, withinMs: 60_000, onGiveUp: () => undefined } });
+    try {
+      const first = s.pgPid;
+      if (first === undefined) throw new Error('no postmaster pid');
+      process.kill(first, 'SIGKILL');
+      await waitFor('postgres restarted', () => (said.includes('postgres is back') ? true : undefined));
+      const client = new Client({ connectionString: s.databaseUrl });
+      await client.connect();
+      try {
+        expect((await client.query<{ one: number }>('SELECT 1 AS one')).rows[0]?.one).to.equal(1);
+      } finally {
+        await client.end();
+      }
+    } finally {
+      await s.stop();
+    }
+  });
+
   it('reuses the data and the passwords on the next start, and is not blocked by SIGKILLed servers', async () => {
     const creds = credentials(dir);
     const s = await start();

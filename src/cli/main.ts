@@ -17,7 +17,7 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { describeServer } from '../queues/redis';
+import { describeServer, isRedisError } from '../queues/redis';
 import { UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
@@ -26,20 +26,19 @@ class UsageError extends Error {}
 /** A server the command needs did not answer: exit code 4, one line naming it (never its password). */
 class UnreachableError extends Error {}
 
-/** Starts the fleet; a server that cannot be reached at start becomes one line naming it and exit code 4. */
-async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (!isTransient(err)) throw err;
-    // ioredis's errors say "retries" or "closed"; pg's carry the port they tried
-    const message = (err as Error).message;
-    const port = (err as { port?: unknown }).port;
-    const redis = /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(message) || String(port) === new URL(endpoints.redisUrl).port;
-    return await reaching(redis ? describeServer('Redis', endpoints.redisUrl) : describeServer('PostgreSQL', endpoints.databaseUrl), () => {
-      throw err;
-    });
-  }
+/** A connection error from `server` as one readable line (exit code 4): the error's code, or what it means. */
+function unreachable(server: string, err: unknown): UnreachableError {
+  const code = (err as { code?: unknown }).code;
+  const message = err instanceof Error ? err.message : String(err);
+  const why =
+    typeof code === 'string'
+      ? code
+      : /timed out|timeout/i.test(message)
+        ? 'no answer in time'
+        : /max retries per request/i.test(message)
+          ? 'no connection'
+          : message;
+  return new UnreachableError(`${server} is unreachable (${why})`);
 }
 
 /** Runs `fn`; a connection error (refused, reset, timed out) becomes one readable line and exit code 4. */
@@ -47,18 +46,19 @@ async function reaching<T>(server: string, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
+    throw isTransient(err) ? unreachable(server, err) : err;
+  }
+}
+
+/** Starts the fleet; a server that cannot be reached at start becomes one line naming it (which one: an ioredis
+ * error, or one that carries Redis's port, is Redis's; any other is PostgreSQL's) and exit code 4. */
+async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
     if (!isTransient(err)) throw err;
-    const code = (err as { code?: unknown }).code;
-    const message = (err as Error).message;
-    const why =
-      typeof code === 'string'
-        ? code
-        : /timed out|timeout/i.test(message)
-          ? 'no answer in time'
-          : /max retries per request/i.test(message)
-            ? 'no connection'
-            : message;
-    throw new UnreachableError(`${server} is unreachable (${why})`);
+    const redis = isRedisError(err) || String((err as { port?: unknown }).port) === new URL(endpoints.redisUrl).port;
+    throw unreachable(redis ? describeServer('Redis', endpoints.redisUrl) : describeServer('PostgreSQL', endpoints.databaseUrl), err);
   }
 }
 

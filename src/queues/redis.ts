@@ -76,7 +76,8 @@ export class ServerWatch {
 
   /** An error from a connection to the server: true when it was a connection error (and is reported here). */
   error(err: unknown): boolean {
-    if (!isConnectionError(err)) return false;
+    // a lost or refused connection, a reset, a timeout: the server is away, not the request wrong
+    if (!isTransient(err)) return false;
     if (!this.down) {
       this.down = true;
       this.report('warn', `lost ${this.what}, retrying`, { server: this.what, code: errorCode(err) });
@@ -104,11 +105,6 @@ export class ServerWatch {
 export function isRedisError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
   return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(err.message);
-}
-
-/** A lost or refused connection, a reset, a timeout: the server is away, not the request wrong. */
-export function isConnectionError(err: unknown): boolean {
-  return isTransient(err);
 }
 
 function errorCode(err: unknown): string {

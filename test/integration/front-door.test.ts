@@ -11,13 +11,10 @@ import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance, InjectOptions } from 'fastify';
 import type IORedis from 'ioredis';
-import { loadConfig } from '../../src/config';
 import { EventIdConflictError } from '../../src/errors';
 import { AuthThrottle } from '../../src/http/auth';
-import { buildHttpServer, type HttpDeps } from '../../src/http/server';
+import { type HttpDeps } from '../../src/http/server';
 import { createToken, TokenStore } from '../../src/http/tokens';
-import { silentLogger } from '../../src/log';
-import { FleetMetrics } from '../../src/metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { Sweeper } from '../../src/services/sweep';
@@ -29,6 +26,7 @@ import { testEnv } from '../helpers/env';
 import { ReadyServer } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { testHttpServer } from '../helpers/http';
 
 const NOW = new Date('2026-11-23T12:00:00.000Z');
 
@@ -54,19 +52,12 @@ describe('front door: tokens, scopes, limits, actor', function () {
   const WRONG = { authorization: `Bearer ${createToken('nobody', ['read']).token}` };
 
   async function build(env: Record<string, string> = {}, overrides: Partial<HttpDeps> = {}): Promise<FastifyInstance> {
-    return buildHttpServer({
-      config: loadConfig({ FLEET_PREFIX: prefix, FLEET_API_TOKENS_FILE: tokensFile, FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'board-password-1', ...env }),
-      dataSource: db.dataSource,
-      producer,
-      redis,
-      queues: [producer.queue, maintenance],
-      metrics: new FleetMetrics({}, { defaultMetrics: false }),
-      logger: silentLogger,
-      now: () => NOW,
+    return testHttpServer(
+      { prefix, dataSource: db.dataSource, producer, redis, maintenance },
+      { FLEET_API_TOKENS_FILE: tokensFile, FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'board-password-1', ...env },
       // the matrix sends many wrong tokens from one address: the throttle has its own test
-      authThrottle: new AuthThrottle(10_000),
-      ...overrides,
-    });
+      { now: () => NOW, authThrottle: new AuthThrottle(10_000), ...overrides },
+    );
   }
 
   before(async () => {

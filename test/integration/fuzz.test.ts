@@ -4,12 +4,8 @@ import { Queue, type Job } from 'bullmq';
 import fc from 'fast-check';
 import type { FastifyInstance } from 'fastify';
 import type IORedis from 'ioredis';
-import { loadConfig } from '../../src/config';
 import { ValidationError } from '../../src/errors';
 import { EVENT_NAMES, parsePayload } from '../../src/events/schemas';
-import { buildHttpServer } from '../../src/http/server';
-import { silentLogger } from '../../src/log';
-import { FleetMetrics } from '../../src/metrics';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { TransitionService } from '../../src/services/transitions';
@@ -18,6 +14,7 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { testHttpServer } from '../helpers/http';
 
 /** A valid payload for every event: the fuzzer's starting points. */
 function validPayload(name: string): Record<string, unknown> {
@@ -220,15 +217,7 @@ describe('payload fuzzing: job schemas, the worker and the HTTP intake', functio
 
     beforeEach(async () => {
       maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
-      app = await buildHttpServer({
-        config: loadConfig({ FLEET_PREFIX: prefix }),
-        dataSource: db.dataSource,
-        producer,
-        redis,
-        queues: [producer.queue, maintenance],
-        metrics: new FleetMetrics({}, { defaultMetrics: false }),
-        logger: silentLogger,
-      });
+      app = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis, maintenance });
     });
     afterEach(async () => {
       await app.close();

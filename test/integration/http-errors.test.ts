@@ -7,10 +7,6 @@ import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type IORedis from 'ioredis';
-import { loadConfig } from '../../src/config';
-import { buildHttpServer } from '../../src/http/server';
-import { silentLogger } from '../../src/log';
-import { FleetMetrics } from '../../src/metrics';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
@@ -19,6 +15,7 @@ import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
 import { createDataSource } from '../../src/entities/data-source';
+import { testHttpServer } from '../helpers/http';
 
 /** Sends `chunks` (a function may pace them) and returns what the server answered before it closed. */
 function raw(port: number, send: (socket: net.Socket) => void): Promise<{ status: number; body: string }> {
@@ -51,17 +48,7 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
     redis = testRedis();
     producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
-    app = await buildHttpServer({
-      config: loadConfig({ FLEET_PREFIX: prefix }),
-      dataSource: db.dataSource,
-      producer,
-      redis,
-      queues: [producer.queue, maintenance],
-      metrics: new FleetMetrics({}, { defaultMetrics: false }),
-      logger: silentLogger,
-      requestTimeoutMs: 800,
-      headersTimeoutMs: 800,
-    });
+    app = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis, maintenance }, {}, { requestTimeoutMs: 800, headersTimeoutMs: 800 });
     await app.listen({ host: '127.0.0.1', port: 0 });
     port = (app.server.address() as net.AddressInfo).port;
   });
@@ -118,15 +105,10 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
     let board: FastifyInstance;
     const auth = { authorization: `Basic ${Buffer.from('ops:board-password-1').toString('base64')}` };
     before(async () => {
-      board = await buildHttpServer({
-        config: loadConfig({ FLEET_PREFIX: prefix, FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'board-password-1' }),
-        dataSource: db.dataSource,
-        producer,
-        redis,
-        queues: [producer.queue, maintenance],
-        metrics: new FleetMetrics({}, { defaultMetrics: false }),
-        logger: silentLogger,
-      });
+      board = await testHttpServer(
+        { prefix, dataSource: db.dataSource, producer, redis, maintenance },
+        { FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'board-password-1' },
+      );
     });
     after(async () => {
       await board?.close();
@@ -152,15 +134,7 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
     const proxy = new TcpProxy(target.hostname, Number(target.port));
     const proxied = createDataSource({ url: TcpProxy.rewrite(db.url, await proxy.listen()), poolSize: 2 });
     await proxied.initialize();
-    const reads = await buildHttpServer({
-      config: loadConfig({ FLEET_PREFIX: prefix }),
-      dataSource: proxied,
-      producer,
-      redis,
-      queues: [producer.queue, maintenance],
-      metrics: new FleetMetrics({}, { defaultMetrics: false }),
-      logger: silentLogger,
-    });
+    const reads = await testHttpServer({ prefix, dataSource: proxied, producer, redis, maintenance });
     try {
       expect((await reads.inject({ method: 'GET', url: '/api/deployments' })).statusCode).to.equal(200);
       proxy.cut();

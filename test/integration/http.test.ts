@@ -4,17 +4,17 @@ import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type IORedis from 'ioredis';
 import { loadConfig } from '../../src/config';
-import { buildHttpServer, type HttpDeps } from '../../src/http/server';
+import { type HttpDeps } from '../../src/http/server';
 import { FleetMetrics } from '../../src/metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
-import { silentLogger } from '../../src/log';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { testHttpServer } from '../helpers/http';
 
 const NOW = new Date('2026-11-23T12:00:00.000Z');
 
@@ -31,17 +31,11 @@ describe('HTTP surface', function () {
   let clock: Date;
 
   async function build(env: Record<string, string> = {}, overrides: Partial<HttpDeps> = {}): Promise<FastifyInstance> {
-    return buildHttpServer({
-      config: loadConfig({ FLEET_PREFIX: prefix, FLEET_PUBLIC_ENDPOINT_URL: 'https://public.example.com', ...env }),
-      dataSource: db.dataSource,
-      producer,
-      redis,
-      queues: [producer.queue, maintenance],
-      metrics,
-      logger: silentLogger,
-      now: () => clock,
-      ...overrides,
-    });
+    return testHttpServer(
+      { prefix, dataSource: db.dataSource, producer, redis, maintenance },
+      { FLEET_PUBLIC_ENDPOINT_URL: 'https://public.example.com', ...env },
+      { metrics, now: () => clock, ...overrides },
+    );
   }
 
   before(async () => {

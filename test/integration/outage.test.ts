@@ -8,10 +8,6 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
-import { loadConfig } from '../../src/config';
-import { buildHttpServer } from '../../src/http/server';
-import { silentLogger } from '../../src/log';
-import { FleetMetrics } from '../../src/metrics';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { createRedis, describeServer, ServerWatch } from '../../src/queues/redis';
@@ -28,6 +24,7 @@ import { Sweeper } from '../../src/services/sweep';
 import { createLogger } from '../../src/log';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
+import { testHttpServer } from '../helpers/http';
 
 describe('outages: the HTTP intake when Redis does not answer', function () {
   this.timeout(60_000);
@@ -48,15 +45,7 @@ describe('outages: the HTTP intake when Redis does not answer', function () {
     const producer = new LifecycleProducer({ connection: own.url, prefix });
     const redis = createRedis(own.url, 'worker');
     const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
-    const app: FastifyInstance = await buildHttpServer({
-      config: loadConfig({ FLEET_PREFIX: prefix }),
-      dataSource: db.dataSource,
-      producer,
-      redis,
-      queues: [producer.queue, maintenance],
-      metrics: new FleetMetrics({}, { defaultMetrics: false }),
-      logger: silentLogger,
-    });
+    const app: FastifyInstance = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis, maintenance });
     const service = new TransitionService({ dataSource: db.dataSource });
     const deploymentId = randomUUID();
     await service.apply('deployment.create', { deploymentId, name: 'web', eventId: `c-${deploymentId}` });

@@ -1,0 +1,34 @@
+/**
+ * The HTTP server as the tests build it: the real `buildHttpServer` over a test's database, producer and Redis,
+ * with quiet logs and its own metrics registry. `env` adds configuration; `overrides` replaces dependencies.
+ */
+import type { Queue } from 'bullmq';
+import type { FastifyInstance } from 'fastify';
+import type IORedis from 'ioredis';
+import type { DataSource } from 'typeorm';
+import { loadConfig } from '../../src/config';
+import { buildHttpServer, type HttpDeps } from '../../src/http/server';
+import { silentLogger } from '../../src/log';
+import { FleetMetrics } from '../../src/metrics';
+import type { LifecycleProducer } from '../../src/queues/producer';
+
+export interface TestHttpParts {
+  readonly prefix: string;
+  readonly dataSource: DataSource;
+  readonly producer: LifecycleProducer;
+  readonly redis: IORedis;
+  readonly maintenance: Queue;
+}
+
+export function testHttpServer(parts: TestHttpParts, env: Record<string, string> = {}, overrides: Partial<HttpDeps> = {}): Promise<FastifyInstance> {
+  return buildHttpServer({
+    config: loadConfig({ FLEET_PREFIX: parts.prefix, ...env }),
+    dataSource: parts.dataSource,
+    producer: parts.producer,
+    redis: parts.redis,
+    queues: [parts.producer.queue, parts.maintenance],
+    metrics: new FleetMetrics({}, { defaultMetrics: false }),
+    logger: silentLogger,
+    ...overrides,
+  });
+}

@@ -148,6 +148,8 @@ describe('hardening', function () {
         relay.start();
         await waitFor('the refused AUTH to be logged', () => (capture.text.includes('WRONGPASS') ? true : undefined));
         await waitFor('the unreachable database to be logged', () => (capture.text.includes('relay cycle failed') ? true : undefined));
+        // and at debug level too: the relay's next failed cycle logs its whole error there
+        await waitFor('a debug line with an error', () => (capture.text.includes('relay cycle failed again') ? true : undefined));
       } finally {
         for (const close of closers.reverse()) await close();
         await fleet?.close(5000);

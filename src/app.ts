@@ -168,13 +168,16 @@ export async function startFleet(
         dataSource,
         pgWatch,
         producer,
+        shardQueue: maintenance,
+        everyS: config.sweepEveryS,
         readyWindowS: config.readyWindowS,
         orphanAfterS: config.orphanAfterS,
         progressDeadlineS: config.progressDeadlineS,
-        // no probe starts after 80% of the tick: a tick never runs into the next one
+        probeConcurrency: config.probeConcurrency,
+        // no probe starts after 80% of the tick: a tick's shards never run into the next tick's
         probeBudgetMs: Math.max(1000, config.sweepEveryS * 800),
         logger,
-        metrics: { onSweep: (result) => metrics.sweep(result) },
+        metrics: { onSweep: (result) => metrics.sweep(result), onShard: (report) => metrics.shard(report) },
         endpointAllow: config.endpointAllow,
       });
       const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger, redisWatch });

@@ -37,6 +37,11 @@ export interface FleetConfig {
   readonly boardPassword: string | null;
   /** `FLEET_CONCURRENCY` (default 16) */
   readonly concurrency: number;
+  /**
+   * `FLEET_PROBE_CONCURRENCY` (default 64, chosen by `npm run bench -- --only scale`): readiness probes in flight at
+   * once per process, over all the shards it runs
+   */
+  readonly probeConcurrency: number;
   /** `LOG_LEVEL` (default info) */
   readonly logLevel: LogLevel;
   /**
@@ -193,6 +198,7 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     boardUser,
     boardPassword,
     concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
+    probeConcurrency: int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
     logLevel: logLevel as LogLevel,
     apiTokensFile,
     endpointAllow,

@@ -13,12 +13,24 @@ export interface JobReport {
   readonly transition?: { readonly from: string | null; readonly to: string; readonly reason: string };
 }
 
+/** A tick, as the process that ran it saw it. */
 export interface SweepReport {
-  readonly stamped: number;
-  readonly stale: number;
+  readonly endpoints: number;
+  readonly unprobedLastTick: number;
+  readonly probedLastTick: number;
+  readonly neededPerTick: number;
   readonly orphaned: number;
   readonly expired: number;
   readonly durationMs: number;
+}
+
+/** A readiness shard this process ran. */
+export interface ShardMetricsReport {
+  readonly probed: number;
+  readonly stamped: number;
+  readonly failed: number;
+  readonly unprobed: number;
+  readonly stale: number;
 }
 
 export interface FleetMetricsSources {
@@ -37,6 +49,8 @@ export class FleetMetrics {
   private readonly sweepResults: Counter<'result'>;
   private readonly sweepDuration: Histogram;
   private readonly dispatch: Counter<'source' | 'reason'>;
+  private readonly readiness: Gauge<'measure'>;
+  private readonly unprobedTotal: Counter;
 
   constructor(sources: FleetMetricsSources = {}, options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -67,7 +81,7 @@ export class FleetMetrics {
     });
     this.sweepResults = new Counter({
       name: 'fleet_sweep_results_total',
-      help: 'Sweep results: readiness stamps, stale probes, orphaned and expired attempts',
+      help: 'Sweep results: readiness probes (probed, stamped, failed, unprobed: left for the next tick, stale) by the shards this process ran; orphaned and expired attempts by the ticks it ran',
       labelNames: ['result'],
       registers,
     });
@@ -75,6 +89,20 @@ export class FleetMetrics {
       name: 'fleet_sweep_duration_seconds',
       help: 'Sweep tick duration',
       buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+      registers,
+    });
+    this.readiness = new Gauge({
+      name: 'fleet_readiness_endpoints',
+      help:
+        'Readiness probing as the latest tick this process ran saw it (aggregate with max): measure="set" the ready node_port endpoints, ' +
+        '"unprobed_last_tick" those no probe reached during the last tick (> 0: capacity falls short), "probed_last_tick" the probes made then, ' +
+        '"needed_per_tick" the probes per tick that keep every answering endpoint fresh',
+      labelNames: ['measure'],
+      registers,
+    });
+    this.unprobedTotal = new Counter({
+      name: 'fleet_readiness_unprobed_total',
+      help: 'Endpoints no probe reached during a tick, summed over the ticks this process ran (fleet-wide: sum over processes)',
       registers,
     });
     this.dispatch = new Counter({
@@ -123,11 +151,18 @@ export class FleetMetrics {
   }
 
   sweep(report: SweepReport): void {
-    this.sweepResults.inc({ result: 'stamped' }, report.stamped);
-    this.sweepResults.inc({ result: 'stale' }, report.stale);
+    this.readiness.set({ measure: 'set' }, report.endpoints);
+    this.readiness.set({ measure: 'unprobed_last_tick' }, report.unprobedLastTick);
+    this.readiness.set({ measure: 'probed_last_tick' }, report.probedLastTick);
+    this.readiness.set({ measure: 'needed_per_tick' }, report.neededPerTick);
+    this.unprobedTotal.inc(report.unprobedLastTick);
     this.sweepResults.inc({ result: 'orphaned' }, report.orphaned);
     this.sweepResults.inc({ result: 'expired' }, report.expired);
     this.sweepDuration.observe(report.durationMs / 1000);
+  }
+
+  shard(report: ShardMetricsReport): void {
+    for (const result of ['probed', 'stamped', 'failed', 'unprobed', 'stale'] as const) this.sweepResults.inc({ result }, report[result]);
   }
 
   dispatched(source: string, reason: string): void {

@@ -43,6 +43,10 @@ export class Deployment {
   @Column({ name: 'last_ready_at', type: 'timestamptz', nullable: true })
   lastReadyAt!: Date | null;
 
+  /** when the sweep last probed the endpoint, whatever the answer (round-robin order of the readiness probes) */
+  @Column({ name: 'last_probed_at', type: 'timestamptz', nullable: true })
+  lastProbedAt!: Date | null;
+
   @Column({ name: 'state_changed_at', type: 'timestamptz' })
   stateChangedAt!: Date;
 

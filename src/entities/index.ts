@@ -10,6 +10,7 @@ import { ProcessedEvent } from './processed-event';
 import { StateTransition } from './state-transition';
 import { Initial1763900000000 } from './migrations/1763900000000-initial';
 import { TransitionActor1764650000000 } from './migrations/1764650000000-transition-actor';
+import { ReadinessProbed1764700000000 } from './migrations/1764700000000-readiness-probed';
 
 export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 
@@ -17,4 +18,4 @@ export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 export const ENTITIES = [Deployment, Attempt, StateTransition, OutboxEntry, ProcessedEvent];
 
 /** Migrations in order. */
-export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000];
+export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000, ReadinessProbed1764700000000];

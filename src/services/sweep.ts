@@ -1,62 +1,116 @@
 /**
- * The sweep (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch"): one tick of fleet maintenance, run by the
- * `sweep` job scheduler once per FLEET_SWEEP_EVERY_S, fleet-wide.
+ * The sweep (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch" and "Readiness probing"): one tick of
+ * fleet maintenance, run by the `sweep` job scheduler once per FLEET_SWEEP_EVERY_S, fleet-wide.
  *
- * 1. Readiness: every `ready` deployment with a `node_port` endpoint is probed at `<endpoint_url>/ready` (bounded
- *    concurrency, short timeout, redirects never followed). Every 2xx is stamped `last_ready_at = now` in ONE
- *    UPDATE per tick. A failed probe changes nothing: the URL stays, the stamp ages, and dispatch falls back to
- *    the public endpoint once it is older than the window. Stamps are observations: they never bump `version`.
- * 2. Orphans: running attempts whose last heartbeat (or start, if none) is older than FLEET_ORPHAN_AFTER_S get an
- *    `attempt.orphaned` lifecycle job, declared as of the tick (the job's timestamp); the worker applies it only if
- *    no heartbeat produced since the cutoff has arrived meanwhile (else a noop `alive`).
+ * 1. Readiness: the tick reads the readiness set (every `ready` deployment with a `node_port` endpoint) least
+ *    recently probed first and cuts it into shards. With a shard queue (every `fleet worker`), the shards become
+ *    `probe` jobs on the maintenance queue that any worker process runs (`runShard`); without one (tests, tools),
+ *    the tick runs them itself. A shard probes `<endpoint_url>/ready` (bounded concurrency per process, short
+ *    timeout, redirects never followed) until the tick's probe deadline and stamps in ONE UPDATE: every probed
+ *    row's `last_probed_at`, and `last_ready_at` where it answered 2xx. A failed probe changes nothing else: the
+ *    URL stays, the stamp ages, and dispatch falls back to the public endpoint once it is older than the window.
+ *    Stamps are observations: they never bump `version`. Least recently probed first is round-robin: every
+ *    endpoint gets its turn whatever its last answer, and when the fleet's capacity falls short the tick says so
+ *    (one warn line, and the counts in its result and metrics).
+ * 2. Orphans: first the buffered heartbeats are written (`flushStamps`), then running attempts whose last heartbeat
+ *    (or start, if none) is older than FLEET_ORPHAN_AFTER_S get an `attempt.orphaned` lifecycle job, declared as of
+ *    the tick (the job's timestamp); the worker applies it only if no heartbeat produced since the cutoff has
+ *    arrived meanwhile (else a noop `alive`).
  * 3. Deadlines: running attempts started more than FLEET_PROGRESS_DEADLINE_S ago get `attempt.expired`.
  *
  * Orphans and deadlines only enqueue ordinary lifecycle jobs with the SDK's deterministic eventIds; the lifecycle
  * worker applies them through the same idempotent path as producer events. A tick with nothing to do issues two
  * statements, each an index scan on a partial index whose size is the work, not the table.
  */
-import * as http from 'node:http';
-import * as https from 'node:https';
 import type { DataSource } from 'typeorm';
-import { Database, SWEEP_SQL, type ReadyRow } from '../entities/sql';
+import { Database, SWEEP_SQL } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
-import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
+import type { EndpointAllowList } from '../events/endpoint-allow';
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
-import { NIL_UUID } from '../util';
 import { isRedisError, type ServerWatch } from '../queues/redis';
 import { isTransient } from '../errors';
+import { addTotals, cutShards, loadShard, ProbeLanes, probeShard, runShard, type ProbeTotals, type ShardJobData, type ShardReport, type ShardRunnerOptions } from './readiness';
 
+export { probeReady, readinessUrl, ProbeLanes, type ProbeOutcome, type ShardJobData, type ShardReport, type ProbeTotals } from './readiness';
 
+/** The name of a shard's job on the maintenance queue. */
+export const PROBE_JOB_NAME = 'probe';
 
-export interface SweepResult {
+/** What every tick reports, however its shards ran. */
+export interface SweepTick {
   /** the tick's time (the injected clock, read once at the start), ISO 8601 */
   readonly at: string;
-  /** readiness probes made */
-  readonly probed: number;
-  /** deployments whose `last_ready_at` this tick set to `at` */
-  readonly stamped: number;
-  /** probes that did not answer 2xx (stamp and URL left alone) */
-  readonly failed: number;
-  /** endpoints not probed because the tick's probe budget ran out (left alone; probed first next tick if fresh) */
-  readonly skipped: number;
-  /** ready node_port deployments whose stamp is now older than the window (or null): dispatch serves public */
-  readonly stale: number;
+  /** the tick's id: shard jobs are `probe-<tick>-<shard>` */
+  readonly tick: string;
+  /** the readiness set: ready deployments with a node_port endpoint */
+  readonly endpoints: number;
+  /** shards it was cut into */
+  readonly shards: number;
+  /**
+   * Endpoints of the readiness set (ready for longer than a tick) that no probe reached during the last tick: more
+   * than 0 means the fleet's probing capacity falls short of the set
+   */
+  readonly unprobedLastTick: number;
+  /** probes made during the last tick: the fleet's capacity per tick whenever `unprobedLastTick` > 0 */
+  readonly probedLastTick: number;
+  /**
+   * Probes per tick that keep every answering endpoint fresh: the set spread over the ticks of one window, less one
+   * tick of slack (ceil(endpoints / max(1, floor(window / tick) - 1)))
+   */
+  readonly neededPerTick: number;
+  /** buffered heartbeat and readiness stamps written to PostgreSQL before the attempts were read */
+  readonly flushed: number;
   /** `attempt.orphaned` jobs enqueued */
   readonly orphaned: number;
   /** `attempt.expired` jobs enqueued */
   readonly expired: number;
-  /** failed probes by reason (`http_503`, `timeout`, `refused`, `redirect`, ...) */
-  readonly probeFailures: Readonly<Record<string, number>>;
   readonly durationMs: number;
 }
 
-/** Hooks for metrics (the monitoring issue counts stamped/stale/orphaned/expired and durations from these). */
+/**
+ * A tick's result. `queued`: its shards went to the maintenance queue as `probe` jobs, each reporting its own
+ * probes; otherwise the tick ran them itself and reports their sum.
+ */
+export type SweepResult = SweepTick & ({ readonly queued: true } | ({ readonly queued: false } & ProbeTotals));
+
+/** A tick's readiness part. */
+type TickReadiness = Pick<SweepTick, 'endpoints' | 'shards' | 'unprobedLastTick' | 'probedLastTick' | 'neededPerTick'> &
+  ({ readonly queued: true } | ({ readonly queued: false } & ProbeTotals));
+
+/** Where a tick's shards go: the maintenance queue (a BullMQ `Queue`). */
+export interface ShardQueue {
+  addBulk(jobs: Array<{ name: string; data: ShardJobData; opts: ShardJobOptions }>): Promise<unknown>;
+}
+
+export interface ShardJobOptions {
+  readonly jobId: string;
+  readonly priority: number;
+  readonly attempts: number;
+  readonly removeOnComplete: { readonly age: number; readonly count: number };
+  readonly removeOnFail: { readonly age: number; readonly count: number };
+}
+
+/**
+ * Options of every `probe` job. Prioritized, so a tick's own job (not prioritized: BullMQ takes the waiting list
+ * first) never waits behind a backlog of shards; equal priorities run in the order added. No retries: a shard is
+ * never run twice (the next tick probes what it missed first). Finished shards are kept an hour, bounded.
+ */
+export const PROBE_JOB_OPTIONS = Object.freeze({
+  priority: 1,
+  attempts: 1,
+  removeOnComplete: Object.freeze({ age: 3600, count: 2000 }),
+  removeOnFail: Object.freeze({ age: 24 * 3600, count: 1000 }),
+});
+
+/** Hooks for metrics. */
 export interface SweepMetrics {
   /** after every completed tick */
   readonly onSweep?: (result: SweepResult) => void;
   /** when a tick fails (the job fails; the next tick tries again) */
   readonly onSweepError?: (err: unknown) => void;
+  /** after every shard this process ran (in a tick, or as a `probe` job) */
+  readonly onShard?: (report: ShardReport) => void;
 }
 
 export interface SweeperOptions {
@@ -65,9 +119,18 @@ export interface SweeperOptions {
   readonly dataSource: DataSource;
   /** enqueues `attempt.orphaned` / `attempt.expired` on the lifecycle queue */
   readonly producer: LifecycleProducer;
-  /** the clock (default `() => new Date()`); read once per tick */
+  /** where the tick's shards go; without it the tick runs them itself */
+  readonly shardQueue?: ShardQueue;
+  /**
+   * Writes the buffered heartbeat and readiness stamps (the stamp buffer's flush), run at the start of every tick
+   * before the attempts are read; resolves to how many it wrote. A tick whose flush fails reads no attempts.
+   */
+  readonly flushStamps?: (now: Date) => Promise<number>;
+  /** the clock (default `() => new Date()`): read once per tick, and by shards at each probe's start */
   readonly now?: () => Date;
-  /** FLEET_READY_WINDOW_S (default 120): only used to count `stale` */
+  /** FLEET_SWEEP_EVERY_S (default 30): what "the last tick" means in the capacity counts */
+  readonly everyS?: number;
+  /** FLEET_READY_WINDOW_S (default 120) */
   readonly readyWindowS?: number;
   /** FLEET_ORPHAN_AFTER_S (default 90) */
   readonly orphanAfterS?: number;
@@ -75,18 +138,15 @@ export interface SweeperOptions {
   readonly progressDeadlineS?: number;
   /** per-probe deadline, connect to response headers (default 2000 ms) */
   readonly probeTimeoutMs?: number;
-  /** probes in flight at once (default 32) */
+  /** FLEET_PROBE_CONCURRENCY: probes in flight at once in this process, over all its shards (default 64) */
   readonly probeConcurrency?: number;
   /**
-   * No new probe starts after this long into the tick (default 25 000 ms, under the default 30 s tick); the rest
-   * count as `skipped`. Probes go freshest stamp first, so when endpoints hang en masse the healthy ones keep
-   * their stamps and the dead ones wait.
+   * No probe starts later than this into the tick (default 80% of the tick); the rest stay unprobed and, being now
+   * the least recently probed, go first next tick.
    */
   readonly probeBudgetMs?: number;
-  /** a monotonic clock in ms for the probe budget (default `performance.now`; tests inject one) */
-  readonly elapsedMs?: () => number;
-  /** rows per readiness page (default 5000) */
-  readonly pageSize?: number;
+  /** endpoints per shard (default 500) */
+  readonly shardSize?: number;
   /** orphaned and expired attempts handled per tick, each (default 5000; the rest next tick) */
   readonly maxAttemptsPerTick?: number;
   readonly logger?: Logger;
@@ -98,22 +158,28 @@ export interface SweeperOptions {
   readonly endpointAllow?: EndpointAllowList | null;
 }
 
+/** FLEET_PROBE_CONCURRENCY's default (docs/contract.md; chosen by `npm run bench -- --only scale`). */
+export const DEFAULT_PROBE_CONCURRENCY = 64;
+
 export class Sweeper {
   private readonly db: Database;
   private readonly producer: LifecycleProducer;
+  private readonly shardQueue: ShardQueue | null;
+  private readonly flushStamps: ((now: Date) => Promise<number>) | undefined;
   private readonly now: () => Date;
+  private readonly tickMs: number;
   private readonly readyWindowMs: number;
   private readonly orphanAfterMs: number;
   private readonly progressDeadlineMs: number;
   private readonly probeTimeoutMs: number;
-  private readonly probeConcurrency: number;
   private readonly probeBudgetMs: number;
-  private readonly pageSize: number;
+  private readonly shardSize: number;
   private readonly maxAttempts: number;
   private readonly log: Logger;
   private readonly metrics: SweepMetrics;
   private readonly endpointAllow: EndpointAllowList | null;
-  private readonly elapsedMs: () => number;
+  /** this process's probe lanes, shared by every shard it runs */
+  readonly lanes: ProbeLanes;
   /** the last tick failed for a server that was away (see `sweep`) */
   private serverAway = false;
   private readonly pgWatch: ServerWatch | undefined;
@@ -121,30 +187,35 @@ export class Sweeper {
   constructor(options: SweeperOptions) {
     this.db = new Database(options.dataSource);
     this.producer = options.producer;
+    this.shardQueue = options.shardQueue ?? null;
+    this.flushStamps = options.flushStamps;
     this.now = options.now ?? (() => new Date());
+    this.tickMs = (options.everyS ?? 30) * 1000;
     this.readyWindowMs = (options.readyWindowS ?? 120) * 1000;
     this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
     this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
     this.probeTimeoutMs = options.probeTimeoutMs ?? 2000;
-    this.probeConcurrency = Math.max(1, options.probeConcurrency ?? 32);
-    this.probeBudgetMs = options.probeBudgetMs ?? 25_000;
-    this.pageSize = Math.max(1, options.pageSize ?? 5000);
+    this.lanes = new ProbeLanes(Math.max(1, options.probeConcurrency ?? DEFAULT_PROBE_CONCURRENCY));
+    this.probeBudgetMs = options.probeBudgetMs ?? Math.max(1000, this.tickMs * 0.8);
+    this.shardSize = Math.max(1, options.shardSize ?? 500);
     this.maxAttempts = Math.max(1, options.maxAttemptsPerTick ?? 5000);
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep' });
     this.metrics = options.metrics ?? {};
     this.endpointAllow = options.endpointAllow ?? null;
-    this.elapsedMs = options.elapsedMs ?? (() => performance.now());
     this.pgWatch = options.pgWatch;
   }
 
   /**
-   * One tick. Attempts (a quick query and an enqueue) and readiness (probes) run side by side; if either fails,
-   * the other still finishes its work, then the tick throws the first error.
+   * One tick. Attempts (a flush, a quick query and an enqueue) and readiness (planning, and probing when there is
+   * no shard queue) run side by side; if either fails, the other still finishes its work, then the tick throws the
+   * first error. `tick` names the tick's shard jobs (default: the clock's time in ms); a tick run again under the
+   * same name adds no shard twice.
    */
-  async sweep(): Promise<SweepResult> {
+  async sweep(tick?: string): Promise<SweepResult> {
     const started = performance.now();
     const now = this.now();
-    const [attempts, readiness] = await Promise.allSettled([this.sweepAttempts(now), this.sweepReadiness(now)]);
+    const tickId = tick ?? String(now.getTime());
+    const [attempts, readiness] = await Promise.allSettled([this.sweepAttempts(now), this.sweepReadiness(now, tickId)]);
     if (attempts.status === 'rejected' || readiness.status === 'rejected') {
       const err: unknown = attempts.status === 'rejected' ? attempts.reason : (readiness as PromiseRejectedResult).reason;
       if (isTransient(err)) {
@@ -164,22 +235,38 @@ export class Sweeper {
     this.pgWatch?.back();
     if (this.serverAway) this.log.info('sweep works again');
     this.serverAway = false;
-    const result: SweepResult = {
-      at: now.toISOString(),
-      ...readiness.value,
-      ...attempts.value,
-      durationMs: Math.round(performance.now() - started),
-    };
+    const base = { at: now.toISOString(), tick: tickId, ...attempts.value, durationMs: Math.round(performance.now() - started) };
+    const result: SweepResult = readiness.value.queued ? { ...base, ...readiness.value } : { ...base, ...readiness.value };
     this.log.info(result, 'sweep');
     this.metrics.onSweep?.(result);
     return result;
   }
 
-  private async sweepAttempts(now: Date): Promise<{ orphaned: number; expired: number }> {
+  /**
+   * Runs one shard of a tick in this process (a `probe` job's work): probes until the shard's deadline, one UPDATE.
+   * The caller makes sure a shard runs once (the sweep worker claims it first).
+   */
+  async runShard(data: ShardJobData): Promise<ShardReport> {
+    return this.reported(data, await runShard(this.shardRunner(), data));
+  }
+
+  private shardRunner(): ShardRunnerOptions {
+    return { db: this.db, lanes: this.lanes, now: this.now, probeTimeoutMs: this.probeTimeoutMs, readyWindowMs: this.readyWindowMs, endpointAllow: this.endpointAllow, log: this.log };
+  }
+
+  private reported(data: ShardJobData, report: ShardReport): ShardReport {
+    this.metrics.onShard?.(report);
+    if (report.ran === 'late') this.log.debug({ tick: data.tick, shard: data.shard, endpoints: report.endpoints }, 'probe shard taken after its deadline: skipped');
+    return report;
+  }
+
+  private async sweepAttempts(now: Date): Promise<{ flushed: number; orphaned: number; expired: number }> {
+    // heartbeats absorbed in Redis first: an attempt whose latest heartbeat is not in PostgreSQL yet is alive
+    const flushed = this.flushStamps === undefined ? 0 : await this.flushStamps(now);
     const orphanCutoff = new Date(now.getTime() - this.orphanAfterMs);
     const deadlineCutoff = new Date(now.getTime() - this.progressDeadlineMs);
     const { rows } = await this.db.run(SWEEP_SQL.dueAttempts, [orphanCutoff, deadlineCutoff, this.maxAttempts]);
-    if (rows.length === 0) return { orphaned: 0, expired: 0 };
+    if (rows.length === 0) return { flushed, orphaned: 0, expired: 0 };
 
     // Past its deadline is definite (failed); an attempt that is both gets only attempt.expired.
     const expired = rows.filter((r) => r.kind === 'expired');
@@ -228,134 +315,50 @@ export class Sweeper {
     if (expired.length > 0) {
       this.log.warn({ attempts: expired.slice(0, 20).map((r) => r.id), count: expired.length }, 'attempts past their progress deadline');
     }
-    return { orphaned: orphaned.length, expired: expired.length };
+    return { flushed, orphaned: orphaned.length, expired: expired.length };
   }
 
-  private async sweepReadiness(
-    now: Date,
-  ): Promise<Pick<SweepResult, 'probed' | 'stamped' | 'failed' | 'skipped' | 'stale' | 'probeFailures'>> {
-    const targets = await this.loadReadySet();
-    // Freshest stamp first: if probes run out of budget, the endpoints being served now keep their stamps.
-    targets.sort((a, b) => (b.last_ready_at?.getTime() ?? -Infinity) - (a.last_ready_at?.getTime() ?? -Infinity));
+  private async sweepReadiness(now: Date, tick: string): Promise<TickReadiness> {
+    const { rows } = await this.db.run(SWEEP_SQL.readySet, []);
+    const lastTick = now.getTime() - this.tickMs;
+    // ready for longer than a tick: it could have been probed during the last one
+    const due = rows.filter((r) => r.state_changed_at.getTime() < lastTick);
+    const probedLastTick = rows.filter((r) => r.last_probed_at !== null && r.last_probed_at.getTime() >= lastTick).length;
+    const unprobedLastTick = due.filter((r) => r.last_probed_at === null || r.last_probed_at.getTime() < lastTick).length;
+    const ticksPerWindow = Math.floor(this.readyWindowMs / this.tickMs);
+    const neededPerTick = Math.ceil(rows.length / Math.max(1, ticksPerWindow - 1));
+    if (unprobedLastTick > 0) {
+      this.log.warn(
+        { endpoints: rows.length, unprobedLastTick, probedLastTick, neededPerTick, probeConcurrency: this.lanes.size },
+        `readiness probing fell short: ${unprobedLastTick} of ${rows.length} endpoints were not probed during the last tick ` +
+          `(${probedLastTick} probes; about ${neededPerTick} per tick keep every endpoint fresh): add fleet worker processes or raise FLEET_PROBE_CONCURRENCY`,
+      );
+    }
+    const facts = { endpoints: rows.length, unprobedLastTick, probedLastTick, neededPerTick };
+    const deadline = now.getTime() + this.probeBudgetMs;
+    const shards: ShardJobData[] = cutShards(
+      rows.map((r) => r.id),
+      this.shardSize,
+    ).map((ids, shard) => ({ tick, shard, at: now.toISOString(), deadline, ids }));
 
-    const ok: ReadyRow[] = [];
-    const probeFailures: Record<string, number> = {};
-    const deadline = this.elapsedMs() + this.probeBudgetMs;
-    let next = 0;
-    const lane = async () => {
-      while (next < targets.length && this.elapsedMs() < deadline) {
-        const target = targets[next++];
-        if (target === undefined) break;
-        const outcome =
-          endpointNotAllowed(target.endpoint_url, this.endpointAllow) === null
-            ? await probeReady(target.endpoint_url, this.probeTimeoutMs)
-            : ({ ok: false, reason: 'not_allowed' } as const);
-        if (outcome.ok) ok.push(target);
-        else probeFailures[outcome.reason] = (probeFailures[outcome.reason] ?? 0) + 1;
+    if (this.shardQueue !== null) {
+      for (let i = 0; i < shards.length; i += 100) {
+        await this.shardQueue.addBulk(
+          shards.slice(i, i + 100).map((data) => ({ name: PROBE_JOB_NAME, data, opts: { ...PROBE_JOB_OPTIONS, jobId: shardJobId(data) } })),
+        );
       }
-    };
-    await Promise.all(Array.from({ length: Math.min(this.probeConcurrency, targets.length) }, lane));
-    const probed = next;
-
-    let stamped = 0;
-    if (ok.length > 0) {
-      const updated = await this.db.run(SWEEP_SQL.stamp, [now, ok.map((t) => t.id), ok.map((t) => t.endpoint_url)]);
-      stamped = updated.affected;
+      return { ...facts, shards: shards.length, queued: true as const };
     }
-
-    const okIds = new Set(ok.map((t) => t.id));
-    const cutoff = now.getTime() - this.readyWindowMs;
-    const stale = targets.filter((t) => !okIds.has(t.id) && (t.last_ready_at === null || t.last_ready_at.getTime() < cutoff)).length;
-    const failed = probed - ok.length;
-    if (failed > 0) this.log.debug({ probeFailures }, 'readiness probes failed');
-    return { probed, stamped, failed, skipped: targets.length - probed, stale, probeFailures };
-  }
-
-  /** The readiness set, page by page on the partial index; a set smaller than a page costs one query. */
-  private async loadReadySet(): Promise<ReadyRow[]> {
-    const all: ReadyRow[] = [];
-    let after = NIL_UUID;
-    for (;;) {
-      const { rows: page } = await this.db.run(SWEEP_SQL.readyPage, [after, this.pageSize]);
-      all.push(...page);
-      const last = page[page.length - 1];
-      if (page.length < this.pageSize || last === undefined) return all;
-      after = last.id;
-    }
+    // every shard's rows first, then all probe together: the lanes go to the lowest shards first
+    const runner = this.shardRunner();
+    const loaded = await Promise.all(shards.map((data) => loadShard(runner, data)));
+    const reports = await Promise.all(shards.map((data, i) => probeShard(runner, data, loaded[i] ?? []).then((report) => this.reported(data, report))));
+    const totals = addTotals(reports);
+    return { ...facts, shards: shards.length, queued: false as const, ...totals, endpoints: rows.length };
   }
 }
 
-export type ProbeOutcome = { readonly ok: true } | { readonly ok: false; readonly reason: string };
-
-/**
- * The probe URL: the endpoint's path joined with `ready` (`http://h:1/app/` -> `http://h:1/app/ready`), built with
- * the URL API so that nothing in the stored URL (a query, a fragment, credentials: refused at intake, but a row may
- * predate that) can change what is fetched. Throws on an unparsable URL.
- */
-export function readinessUrl(endpointUrl: string): string {
-  const url = new URL(endpointUrl);
-  url.username = '';
-  url.password = '';
-  url.search = '';
-  url.hash = '';
-  url.pathname = `${url.pathname.replace(/\/+$/, '')}/ready`;
-  return url.toString();
-}
-
-/**
- * GETs `<endpoint>/ready` once: ok on 2xx. A redirect is a failure and is never followed (so a probe can never be
- * sent to another host); so are other statuses, connection errors and anything slower than `timeoutMs` from start
- * to response headers. No connection reuse (no sockets outlive the probe) and the body is never read.
- */
-export function probeReady(endpointUrl: string, timeoutMs: number): Promise<ProbeOutcome> {
-  let url: URL;
-  try {
-    url = new URL(readinessUrl(endpointUrl));
-  } catch {
-    return Promise.resolve({ ok: false, reason: 'invalid_url' });
-  }
-  const client = url.protocol === 'http:' ? http : url.protocol === 'https:' ? https : null;
-  if (client === null) return Promise.resolve({ ok: false, reason: 'invalid_url' });
-
-  return new Promise<ProbeOutcome>((resolve) => {
-    let settled = false;
-    const finish = (outcome: ProbeOutcome) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      req.destroy();
-      resolve(outcome);
-    };
-    const req = client.request(
-      url,
-      { method: 'GET', agent: false, headers: { 'user-agent': 'lifecycle-fleet-sweep', accept: '*/*', connection: 'close' } },
-      (res) => {
-        const status = res.statusCode ?? 0;
-        res.destroy();
-        if (status >= 200 && status < 300) finish({ ok: true });
-        else finish({ ok: false, reason: status >= 300 && status < 400 ? 'redirect' : `http_${status}` });
-      },
-    );
-    const timer = setTimeout(() => finish({ ok: false, reason: 'timeout' }), timeoutMs);
-    req.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, reason: errorReason(err) }));
-    req.end();
-  });
-}
-
-function errorReason(err: NodeJS.ErrnoException): string {
-  switch (err.code) {
-    case 'ECONNREFUSED':
-      return 'refused';
-    case 'ECONNRESET':
-    case 'EPIPE':
-      return 'reset';
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return 'dns';
-    case 'EHOSTUNREACH':
-    case 'ENETUNREACH':
-      return 'unreachable';
-    default:
-      return err.code?.startsWith('ERR_TLS') || err.code?.includes('CERT') ? 'tls' : 'error';
-  }
+/** A shard's job id: one per tick and shard, so a tick planned twice adds each shard once. */
+export function shardJobId(data: Pick<ShardJobData, 'tick' | 'shard'>): string {
+  return `probe-${data.tick}-${data.shard}`;
 }

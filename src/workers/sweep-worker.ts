@@ -25,7 +25,8 @@ import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { closeWithin } from './close-within';
-import type { SweepResult } from '../services/sweep';
+import { idleReport } from '../services/readiness';
+import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep';
 import { sleep } from '../util';
 import { isTransient } from '../errors';
 
@@ -160,13 +161,24 @@ async function acquireLock(redis: IORedis, key: string, token: string, ttlMs: nu
   }
 }
 
+/** A tick's id: the scheduled time of the scheduler's iteration (`repeat:sweep:<ms>`), else the job's id. */
+function tickOf(job: Job): string {
+  const id = job.id ?? String(job.timestamp);
+  return id.slice(id.lastIndexOf(':') + 1);
+}
+
 export interface SweepWorkerOptions {
   /** a Redis URL (the worker owns its connections) or an ioredis connection with `maxRetriesPerRequest: null` */
   readonly connection: string | IORedis;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
-  /** runs the tick; a `Sweeper` */
-  readonly sweeper: { sweep(): Promise<SweepResult> };
+  /** runs ticks and shards; a `Sweeper` */
+  readonly sweeper: { sweep(tick?: string): Promise<SweepResult>; runShard(data: ShardJobData): Promise<ShardReport> };
+  /**
+   * Maintenance jobs run at once in this process (default 4): a tick and the probe shards it takes. A tick's own
+   * job is not prioritized, so it takes the first slot that frees up, ahead of any shards waiting.
+   */
+  readonly concurrency?: number;
   /** FLEET_SWEEP_EVERY_S: the interval `start()` registers */
   readonly everyS: number;
   readonly logger?: Logger;
@@ -187,11 +199,12 @@ export interface SweepWorkerOptions {
 }
 
 /**
- * Takes `sweep` jobs from the `maintenance` queue, one at a time per process. Whichever process takes a tick's
- * job runs it; the others never see it (BullMQ hands each job to one worker).
+ * Takes `sweep` and `probe` jobs from the `maintenance` queue. Whichever process takes a tick's job runs it (BullMQ
+ * hands each job to one worker); the tick's shards go back on the queue as `probe` jobs that any process takes.
+ * A shard is claimed in Redis before it runs, so a redelivered one (its worker stalled or died) never runs twice.
  */
 export class SweepWorker {
-  readonly worker: Worker<unknown, SweepResult>;
+  readonly worker: Worker<unknown, SweepResult | ShardReport>;
   private readonly log: Logger;
   private readonly ownedConnection: IORedis | null;
   private closing: Promise<void> | null = null;
@@ -203,10 +216,10 @@ export class SweepWorker {
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep-worker' });
     this.ownedConnection =
       typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
-    this.worker = new Worker<unknown, SweepResult>(MAINTENANCE_QUEUE, (job) => this.process(job), {
+    this.worker = new Worker<unknown, SweepResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
       connection: this.ownedConnection ?? (options.connection as IORedis),
       prefix: options.prefix ?? 'fleet',
-      concurrency: 1,
+      concurrency: Math.max(1, options.concurrency ?? 4),
       name: options.name ?? `${os.hostname()}:${process.pid}`,
       lockDuration: options.lockDurationMs ?? 30_000,
       autorun: false,
@@ -263,9 +276,30 @@ export class SweepWorker {
       });
   }
 
-  private async process(job: Job<unknown, SweepResult>): Promise<SweepResult> {
-    if (job.name !== SWEEP_JOB_NAME) throw new UnrecoverableError(`unknown_job: ${job.name} is not a maintenance job`);
-    return this.options.sweeper.sweep();
+  private async process(job: Job<unknown, SweepResult | ShardReport>): Promise<SweepResult | ShardReport> {
+    if (job.name === SWEEP_JOB_NAME) return this.options.sweeper.sweep(tickOf(job));
+    if (job.name === PROBE_JOB_NAME) return this.probe(job as Job<ShardJobData, ShardReport>);
+    throw new UnrecoverableError(`unknown_job: ${job.name} is not a maintenance job`);
+  }
+
+  private async probe(job: Job<ShardJobData, ShardReport>): Promise<ShardReport> {
+    const data = job.data;
+    const connection = this.ownedConnection ?? (this.options.connection as IORedis);
+    const claimed = await connection.set(
+      `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`,
+      this.worker.opts.name ?? '',
+      'PX',
+      Math.max(60_000, data.deadline - Date.now() + 60_000),
+      'NX',
+    );
+    if (claimed !== 'OK') {
+      this.log.warn({ jobId: job.id, tick: data.tick, shard: data.shard }, 'probe shard delivered again after it started: not run twice');
+      return idleReport(data, 'duplicate');
+    }
+    const report = await this.options.sweeper.runShard(data);
+    // the ids served their purpose: keep finished shards small in Redis
+    await job.updateData({ ...data, ids: [] }).catch(() => undefined);
+    return report;
   }
 
   /**

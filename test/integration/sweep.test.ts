@@ -20,6 +20,7 @@ import { testEnv } from '../helpers/env';
 import { closedPortUrl, ReadyServer, type ReadyMode } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { createLogger } from '../../src/log';
 import { repoRoot } from '../../src/util';
 
 const ROOT = repoRoot();
@@ -183,8 +184,8 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
 
     clock.at(t0, 30);
     const first = await sweep.sweep();
-    expect(first).to.deep.include({ at: clock.now().toISOString(), probed: 5, stamped: 1, failed: 4, skipped: 0, stale: 0, orphaned: 0, expired: 0 });
-    expect(first.probeFailures).to.deep.equal({ http_503: 1, timeout: 1, refused: 1, redirect: 1 });
+    expect(first).to.deep.include({ at: clock.now().toISOString(), queued: false, endpoints: 5, probed: 5, stamped: 1, failed: 4, unprobed: 0, stale: 0, orphaned: 0, expired: 0 });
+    expect(first).to.deep.include({ probeFailures: { http_503: 1, timeout: 1, refused: 1, redirect: 1 } });
     expect(healthy.requests).to.deep.equal(['/ready']);
     expect(hanging.requests).to.deep.equal(['/ready']);
     expect(elsewhere.requests, 'the redirect was followed').to.deep.equal([]);
@@ -297,22 +298,63 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     expect(row?.last_ready_at.toISOString()).to.equal(new Date(t0.getTime() + 60_000).toISOString());
   });
 
-  it('probes freshest stamps first and stops starting probes when the tick budget is spent', async () => {
+  it('probes least recently probed first, round-robin: under overload every endpoint gets its turn whatever it answers, and the tick says it fell short', async () => {
+    const TICK_S = 30;
     const t0 = new Date('2030-01-01T00:00:00.000Z');
     const clock = new ManualClock(t0);
     const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
-    const node = await server('hang');
-    for (const [second, name] of [[-30, 'older'], [-10, 'freshest'], [-50, 'oldest'], [-20, 'fresher']] as const) {
-      clock.at(t0, second);
-      await ended(service, { url: `${node.url}/${name}`, kind: 'node_port' });
+    const hanging = await server('hang');
+    const healthy = await server('ok');
+    // ten endpoints, every other one hangs until the probe times out
+    const names: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      const name = `n${i}`;
+      names.push(name);
+      await ended(service, { url: `${(i % 2 === 0 ? hanging : healthy).url}/${name}`, kind: 'node_port' });
     }
-    clock.at(t0, 0);
-    // One lane of probes that each hang until their timeout. The budget's clock is the work done, not the machine's
-    // speed: every probe the node has received counts 300 ms. The second starts at 300, inside the 450 ms budget;
-    // the third would start at 600, past it.
-    const result = await sweeper(clock, { probeTimeoutMs: 1000, probeConcurrency: 1, probeBudgetMs: 450, elapsedMs: () => node.requests.length * 300 }).sweep();
-    expect(result).to.deep.include({ probed: 2, failed: 2, skipped: 2, stamped: 0 });
-    expect(node.requests).to.deep.equal(['/freshest/ready', '/fresher/ready']);
+    let logged = '';
+    const logger = createLogger('warn', { write: (line: string) => void (logged += line) });
+    // One lane, and a budget of 3 probe starts per tick: the tick's clock moves 100 ms per probe the endpoints have
+    // received, and no probe starts at or past 250 ms into the tick.
+    let tickStart = t0.getTime();
+    const requests = () => hanging.requests.length + healthy.requests.length;
+    let requestsAtTick = 0;
+    const now = () => new Date(tickStart + (requests() - requestsAtTick) * 100);
+    const sweep = sweeper(clock, { now, probeConcurrency: 1, probeBudgetMs: 250, probeTimeoutMs: 200, everyS: TICK_S, logger, shardSize: 4 });
+    const probedBy: string[][] = [];
+    const results: SweepResult[] = [];
+    for (let tick = 1; tick <= 5; tick++) {
+      tickStart = t0.getTime() + tick * TICK_S * 1000;
+      requestsAtTick = requests();
+      const [h, g] = [hanging.requests.length, healthy.requests.length];
+      results.push(await sweep.sweep());
+      probedBy.push([...hanging.requests.slice(h), ...healthy.requests.slice(g)].map((p) => p.split('/')[1] ?? ''));
+    }
+    const perTick = results.map((r) => (r.queued ? -1 : r.probed));
+    expect(perTick).to.deep.equal([3, 3, 3, 3, 3]);
+    // 15 probes over 10 endpoints, in turn: nine distinct in the first three ticks, the tenth first in the fourth,
+    // and any four ticks in a row reach every endpoint
+    const ticks = probedBy.map((t) => new Set(t));
+    const union = (from: number, to: number) => new Set(probedBy.slice(from, to).flat());
+    expect(union(0, 3).size, probedBy.join(' | ')).to.equal(9);
+    const tenth = names.find((n) => !union(0, 3).has(n)) ?? '';
+    expect(ticks[3]?.has(tenth), probedBy.join(' | ')).to.equal(true);
+    expect(union(0, 4).size).to.equal(10);
+    expect(union(1, 5).size).to.equal(10);
+    expect(union(3, 5).size, 'nothing twice before the rest once').to.equal(6);
+    // the answering ones are stamped on their turn, though the hanging ones fail every time
+    const rows = await db.dataSource.query<Array<{ endpoint_url: string; last_probed_at: Date | null; last_ready_at: Date }>>(
+      `SELECT endpoint_url, last_probed_at, last_ready_at FROM deployments WHERE state = 'ready'`,
+    );
+    expect(rows.every((r) => r.last_probed_at !== null)).to.equal(true);
+    expect(rows.filter((r) => r.endpoint_url.startsWith(healthy.url) && r.last_ready_at.getTime() > t0.getTime())).to.have.length(5);
+
+    // every tick after the first says it fell short: 7 of the 10 were not probed during the last tick
+    const second = results[1];
+    expect(second).to.deep.include({ endpoints: 10, unprobedLastTick: 7, probedLastTick: 3, neededPerTick: 4, unprobed: 7 });
+    const warns = logged.split('\n').filter((l) => l.includes('readiness probing fell short'));
+    expect(warns, logged).to.have.length(4);
+    expect(JSON.parse(warns[0] ?? '{}')).to.deep.include({ level: 40, endpoints: 10, unprobedLastTick: 7, neededPerTick: 4 });
   });
 
   describe('through the lifecycle worker', () => {
@@ -588,13 +630,13 @@ describe('sweep at scale: 100 000 deployments and 100 000 attempts', function ()
     db.dataSource.setOptions({ logger: counter });
     const clock = new ManualClock(t0);
     const result = await new Sweeper({ dataSource: db.dataSource, producer, now: clock.now }).sweep();
-    expect(result).to.deep.include({ probed: 0, stamped: 0, failed: 0, skipped: 0, stale: 0, orphaned: 0, expired: 0 });
+    expect(result).to.deep.include({ endpoints: 0, shards: 0, probed: 0, stamped: 0, failed: 0, unprobed: 0, stale: 0, orphaned: 0, expired: 0 });
     expect(counter.queries).to.have.length(2);
     process.stdout.write(`      (no-op tick over 100k deployments / 100k attempts: ${result.durationMs} ms, ${counter.queries.length} statements)\n`);
 
     const explain = async (sql: string, params: unknown[]) =>
       planSummary((await db.dataSource.query<Array<{ 'QUERY PLAN': unknown }>>(`EXPLAIN (FORMAT JSON) ${sql}`, params))[0]?.['QUERY PLAN']);
-    const ready = await explain(SWEEP_SQL.readyPage.text, ['00000000-0000-0000-0000-000000000000', 5000]);
+    const ready = await explain(SWEEP_SQL.readySet.text, []);
     expect(ready.indexes).to.deep.equal(['deployments_ready_node_port_idx']);
     expect(ready.nodes).to.not.include('Seq Scan');
     const due = await explain(SWEEP_SQL.dueAttempts.text, [new Date(t0.getTime() - 90_000), new Date(t0.getTime() - 1_800_000), 5000]);
@@ -602,7 +644,7 @@ describe('sweep at scale: 100 000 deployments and 100 000 attempts', function ()
     expect(due.nodes).to.not.include('Seq Scan');
   });
 
-  it('stamps 3000 ready endpoints with one UPDATE, reading the readiness set page by page', async () => {
+  it('stamps 3000 ready endpoints with one UPDATE per shard of 1000, reading the readiness set once', async () => {
     node = new ReadyServer('ok');
     await node.listen();
     await db.dataSource.query(
@@ -614,11 +656,11 @@ describe('sweep at scale: 100 000 deployments and 100 000 attempts', function ()
     const counter = new CountingLogger();
     db.dataSource.setOptions({ logger: counter });
     const clock = new ManualClock(t0);
-    const result = await new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, pageSize: 1000 }).sweep();
-    expect(result).to.deep.include({ probed: 3000, stamped: 3000, failed: 0, skipped: 0, stale: 0 });
+    const result = await new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, shardSize: 1000 }).sweep();
+    expect(result).to.deep.include({ shards: 3, probed: 3000, stamped: 3000, failed: 0, unprobed: 0, stale: 0 });
     const updates = counter.queries.filter((q) => /^\s*UPDATE/i.test(q));
-    expect(updates).to.have.length(1);
-    expect(counter.queries).to.have.length(6); // 4 pages (1000, 1000, 1000, 0), the UPDATE, the attempts query
+    expect(updates).to.have.length(3);
+    expect(counter.queries).to.have.length(8); // the readiness set, per shard its rows and its UPDATE, the attempts query
     expect(node.requests).to.have.length(3000);
     expect(node.requests.every((p) => /^\/n\/\d+\/ready$/.test(p))).to.equal(true);
     const [totals] = await db.dataSource.query<Array<{ stamped: string; versions: string }>>(
@@ -627,7 +669,7 @@ describe('sweep at scale: 100 000 deployments and 100 000 attempts', function ()
       [t0],
     );
     expect(totals).to.deep.equal({ stamped: '3000', versions: String(7 * 3000) });
-    process.stdout.write(`      (3000 probes and one UPDATE: ${result.durationMs} ms)\n`);
+    process.stdout.write(`      (3000 probes and three UPDATEs: ${result.durationMs} ms)\n`);
   });
 });
 
@@ -706,14 +748,16 @@ describe('sweep scheduler: one scheduler, one sweep per tick, fleet-wide', funct
   it('runs each tick as a job returning the sweep result, and a running worker re-registers a removed scheduler', async () => {
     const result: SweepResult = {
       at: new Date(0).toISOString(),
-      probed: 1,
-      stamped: 1,
-      failed: 0,
-      skipped: 0,
-      stale: 0,
+      tick: '0',
+      endpoints: 0,
+      shards: 0,
+      unprobedLastTick: 0,
+      probedLastTick: 0,
+      neededPerTick: 0,
+      flushed: 0,
+      queued: true,
       orphaned: 0,
       expired: 0,
-      probeFailures: {},
       durationMs: 3,
     };
     let sweeps = 0;
@@ -727,6 +771,7 @@ describe('sweep scheduler: one scheduler, one sweep per tick, fleet-wide', funct
           sweeps++;
           return result;
         },
+        runShard: () => Promise.reject(new Error('no shards here')),
       },
     });
     try {

@@ -7,7 +7,8 @@ import type { Attempt } from '../attempt';
 import type { Deployment } from '../deployment';
 import type { StateTransition } from '../state-transition';
 
-export type DeploymentRecord = Omit<Deployment, 'currentAttempt'>;
+/** (`lastProbedAt` is the sweep's own bookkeeping, its round-robin order: not part of what a deployment reads as) */
+export type DeploymentRecord = Omit<Deployment, 'currentAttempt' | 'lastProbedAt'>;
 export type AttemptRecord = Omit<Attempt, 'deployment'>;
 export type StateTransitionRecord = Omit<StateTransition, 'deployment'>;
 

@@ -4,11 +4,24 @@
  */
 import { sql } from './statement';
 
-/** One endpoint of the readiness set. */
-export interface ReadyRow {
+/** One endpoint of the readiness set, as the tick plans it. */
+export interface ReadySetRow {
+  id: string;
+  last_probed_at: Date | null;
+  state_changed_at: Date;
+}
+
+/** One endpoint of a probe shard. */
+export interface ShardRow {
   id: string;
   endpoint_url: string;
   last_ready_at: Date | null;
+}
+
+/** A row the shard's stamp touched: whether its readiness was stamped or only its probe time. */
+export interface ShardStampRow {
+  id: string;
+  stamped: boolean;
 }
 
 /** A running attempt past its orphan threshold or its progress deadline. */
@@ -21,20 +34,30 @@ export interface DueAttemptRow {
 }
 
 export const SWEEP_SQL = Object.freeze({
-  /** one page of the readiness set, keyset-paginated on deployments_ready_node_port_idx ($1 after id, $2 size) */
-  readyPage: sql<ReadyRow>(`SELECT id, endpoint_url, last_ready_at
-  FROM deployments
- WHERE state = 'ready' AND endpoint_kind = 'node_port' AND id > $1
- ORDER BY id
- LIMIT $2`),
   /**
-   * The tick's one stamp write. Only where the deployment is still ready with the URL that answered, and never
-   * backwards (an overlapping slower tick cannot undo a newer stamp). `version` is untouched.
+   * The whole readiness set, least recently probed first (never probed first; ties by id): the order of the tick's
+   * shards. Found on deployments_ready_node_port_idx, sorted in memory (100 000 rows: a few tens of ms).
    */
-  stamp: sql<never>(`UPDATE deployments AS d
-   SET last_ready_at = GREATEST(d.last_ready_at, $1::timestamptz)
-  FROM unnest($2::uuid[], $3::text[]) AS p(id, url)
- WHERE d.id = p.id AND d.endpoint_url = p.url AND d.state = 'ready' AND d.endpoint_kind = 'node_port'`),
+  readySet: sql<ReadySetRow>(`SELECT id, last_probed_at, state_changed_at
+  FROM deployments
+ WHERE state = 'ready' AND endpoint_kind = 'node_port'
+ ORDER BY last_probed_at NULLS FIRST, id`),
+  /** One shard's endpoints ($1 ids), where they are still ready node_port ones. */
+  shardRows: sql<ShardRow>(`SELECT id, endpoint_url, last_ready_at
+  FROM deployments
+ WHERE id = ANY($1::uuid[]) AND state = 'ready' AND endpoint_kind = 'node_port'`),
+  /**
+   * A shard's one write. Every probed row gets its probe time (`last_probed_at`, whatever the answer: the
+   * round-robin order); the ones that answered 2xx also get `last_ready_at`, only where the deployment is still
+   * ready with the URL that answered. Both only ever move forward (a slower shard of an earlier tick cannot undo a
+   * newer stamp). `version` is untouched. ($1 ids, $2 URLs probed, $3 probe start times, $4 answered 2xx)
+   */
+  stamp: sql<ShardStampRow>(`UPDATE deployments AS d
+   SET last_probed_at = GREATEST(d.last_probed_at, p.at),
+       last_ready_at = CASE WHEN p.ok AND d.endpoint_url = p.url THEN GREATEST(d.last_ready_at, p.at) ELSE d.last_ready_at END
+  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::boolean[]) AS p(id, url, at, ok)
+ WHERE d.id = p.id AND d.state = 'ready' AND d.endpoint_kind = 'node_port'
+RETURNING d.id, (p.ok AND d.endpoint_url = p.url) AS stamped`),
   /**
    * Expired and orphaned running attempts in one statement: attempts_running_started_idx and
    * attempts_running_liveness_idx (on COALESCE(last_heartbeat_at, started_at) WHERE status = 'running').

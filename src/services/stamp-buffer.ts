@@ -40,7 +40,7 @@ export function heartbeatMember(attemptId: string, deploymentId: string): string
   return `${attemptId}:${deploymentId}`;
 }
 
-function parseHeartbeatMember(member: string): { attemptId: string; deploymentId: string } | null {
+export function parseHeartbeatMember(member: string): { attemptId: string; deploymentId: string } | null {
   const [attemptId, deploymentId, ...rest] = member.split(':');
   if (attemptId === undefined || deploymentId === undefined || rest.length > 0) return null;
   return isUuid(attemptId) && isUuid(deploymentId) ? { attemptId, deploymentId } : null;
@@ -48,6 +48,23 @@ function parseHeartbeatMember(member: string): { attemptId: string; deploymentId
 
 /** Members come from validated events, but the key is Redis's: one bad member must not fail a whole batch's cast. */
 const isUuid = (s: string): boolean => UUID_PATTERN.test(s);
+
+/**
+ * What a flush does with one buffered stamp, given what its statement reported (`row`; undefined when the member
+ * could not be sent, e.g. not two UUIDs): written (`stamped`); there but not running / not ready (`not_stampable`:
+ * dropped, as the per-event path's noop was); not there yet (`keep`, while the stamp is no older than `horizon`);
+ * still not there past it, or unreadable (`not_found`: dropped).
+ */
+export function fateOf(
+  row: { readonly stamped: boolean; readonly found: boolean } | undefined,
+  at: Date,
+  horizon: number,
+): 'stamped' | 'not_stampable' | 'keep' | 'not_found' {
+  if (row === undefined) return 'not_found';
+  if (row.stamped) return 'stamped';
+  if (row.found) return 'not_stampable';
+  return at.getTime() >= horizon ? 'keep' : 'not_found';
+}
 
 /** What one flush did. */
 export interface FlushResult {
@@ -177,21 +194,15 @@ export class StampBuffer {
       const notRunning: string[] = [];
       const notFound: string[] = [];
       const horizon = now.getTime() - this.notYetForMs;
-      // what exists but cannot be stamped is dropped; what does not exist is kept while it may still be created
       const classify = (kind: 'heartbeat' | 'readiness', b: Buffered, row: { stamped: boolean; found: boolean } | undefined) => {
-        if (row?.stamped === true) {
-          stamped++;
-          remove[kind].push(b);
-        } else if (row?.found === true) {
-          notRunning.push(b.member);
-          remove[kind].push(b);
-        } else if (row !== undefined && b.at.getTime() >= horizon) {
+        const fate = fateOf(row, b.at, horizon);
+        if (fate === 'keep') {
           kept++;
-        } else {
-          // past the horizon, or a member the statement could not take (not ours to keep for ever)
-          notFound.push(b.member);
-          remove[kind].push(b);
+          return;
         }
+        remove[kind].push(b);
+        if (fate === 'stamped') stamped++;
+        else (fate === 'not_found' ? notFound : notRunning).push(b.member);
       };
 
       if (heartbeats.length > 0) {

@@ -92,8 +92,8 @@ export interface StampBufferHooks {
 
 export interface StampBufferOptions {
   /**
-   * A Redis URL (the buffer owns a fail-fast connection to it: one retry, 5 s command timeout) or an ioredis
-   * connection, which the buffer does not close
+   * A Redis URL (the buffer owns a fail-fast connection to it: one retry, 5 s command timeout, auto-pipelined) or
+   * an ioredis connection, which the buffer does not close
    */
   readonly redis: string | IORedis;
   readonly db: Database;
@@ -155,7 +155,11 @@ export class StampBuffer {
 
   constructor(options: StampBufferOptions) {
     this.ownsRedis = typeof options.redis === 'string';
-    this.redis = typeof options.redis === 'string' ? createRedis(options.redis, 'producer', 'lifecycle-fleet-stamps') : options.redis;
+    // auto-pipelining: the absorbs of a worker's concurrent jobs leave in one write (measured: fewer syscalls per job)
+    this.redis =
+      typeof options.redis === 'string'
+        ? createRedis(options.redis, 'producer', 'lifecycle-fleet-stamps', { enableAutoPipelining: true })
+        : options.redis;
     this.db = options.db;
     this.keys = stampKeys(options.prefix ?? 'fleet');
     this.log = (options.logger ?? silentLogger).child({ component: 'stamp-buffer' });

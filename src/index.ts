@@ -23,6 +23,8 @@ export { migrate } from './entities/migrate';
 export { startFleet } from './app';
 export { resolveEndpoint, DEFAULT_READY_WINDOW_S } from './services/dispatch';
 export type { DispatchInput, DispatchOptions, DispatchReason, DispatchSource, ResolvedEndpoint } from './services/dispatch';
+export { StampBuffer, createStampBuffer, stampKeys } from './services/stamp-buffer';
+export type { CreateStampBufferOptions, FlushResult, StampBufferOptions } from './services/stamp-buffer';
 export { Sweeper, probeReady } from './services/sweep';
 export type { SweepResult, SweeperOptions, SweepMetrics } from './services/sweep';
 export { SweepWorker, ensureSweepScheduler, SWEEP_SCHEDULER_ID } from './workers/sweep-worker';

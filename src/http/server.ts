@@ -31,6 +31,7 @@ import { DEPLOYMENT_STATES } from '../machine';
 import type { LifecycleProducer } from '../queues/producer';
 import { resolveEndpoint } from '../services/dispatch';
 import { getDeployment, listAttempts, listDeployments, listTransitions } from '../services/read-model';
+import type { StampBuffer } from '../services/stamp-buffer';
 
 export interface HttpDeps {
   readonly config: FleetConfig;
@@ -54,6 +55,11 @@ export interface HttpDeps {
   readonly requestTimeoutMs?: number;
   /** a request's headers must arrive within this (default 10 s; then 408) */
   readonly headersTimeoutMs?: number;
+  /**
+   * The process's stamp buffer (default none): reads and dispatch see stamps absorbed but not yet flushed (the
+   * later of PostgreSQL's and the buffered one; PostgreSQL's alone while Redis does not answer)
+   */
+  readonly stampBuffer?: StampBuffer | null;
 }
 
 /** The reason phrase of a status, as an error code: 408 -> request_timeout. */
@@ -141,6 +147,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   const { config, dataSource: ds, metrics } = deps;
   const db = new Database(ds);
   const now = deps.now ?? (() => new Date());
+  const stamps = { stampBuffer: deps.stampBuffer ?? null, logger: deps.logger };
   const creds: Credentials = {
     tokens: deps.tokens !== undefined ? deps.tokens : config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile),
     boardUser: config.boardUser,
@@ -297,7 +304,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   // --- read API ---
   app.get('/api/deployments/:id', READ, async (request) => {
     const id = deploymentId(request);
-    const deployment = await getDeployment(ds, id);
+    const deployment = await getDeployment(ds, id, stamps);
     if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
     return deployment;
   });
@@ -311,7 +318,12 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const limit = intParam(query.limit, 'limit', 50, 1, 500);
     const cursor = query.cursor;
     if (cursor !== undefined && cursor !== '' && !UUID.test(cursor)) throw new HttpError(400, 'invalid_query', 'cursor: must be a cursor from a previous page');
-    return listDeployments(ds, { state: state === '' ? undefined : (state as (typeof DEPLOYMENT_STATES)[number] | undefined), limit, after: cursor || undefined });
+    return listDeployments(ds, {
+      state: state === '' ? undefined : (state as (typeof DEPLOYMENT_STATES)[number] | undefined),
+      limit,
+      after: cursor || undefined,
+      ...stamps,
+    });
   });
 
   async function requireDeployment(id: string): Promise<void> {
@@ -339,7 +351,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   // --- dispatch ---
   app.get('/api/deployments/:id/endpoint', READ, async (request) => {
     const id = deploymentId(request);
-    const deployment = await getDeployment(ds, id);
+    const deployment = await getDeployment(ds, id, stamps);
     if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
     const answer = resolveEndpoint(deployment, now(), {
       readyWindowS: config.readyWindowS,

@@ -7,6 +7,9 @@
  *   ready, node_port          -> private only while last_ready_at >= now - window (a null stamp is stale)
  *   ready, no endpoint        -> public
  *   "public" with FLEET_PUBLIC_ENDPOINT_URL unset -> source "none", url null
+ *
+ * `lastReadyAt` is whatever the caller read: the HTTP route passes the read model's view, which overlays a readiness
+ * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
  */
 import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import type { DeploymentState, EndpointKind } from '../machine';

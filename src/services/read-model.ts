@@ -2,6 +2,13 @@
  * Reads for operators and other services: deployments with their current attempt, attempts, history. The
  * statements and the entity-typed records they return are in src/entities/sql/read.ts; this turns records into
  * the API's JSON views (ISO timestamps, the endpoint as one object, history in the stream's field names).
+ *
+ * With a stamp buffer, a deployment's `lastReadyAt` and its current attempt's `lastHeartbeatAt` are the later of
+ * PostgreSQL's and the buffered one (one Redis round trip per read), so a stamp is visible, and dispatch serves it,
+ * as soon as it is absorbed rather than at the next flush. Only what the flush would write is overlaid: readiness
+ * on a `ready` deployment, a heartbeat on a `running` attempt. When Redis does not answer within the buffer's
+ * `readTimeoutMs`, the read answers from PostgreSQL alone (logged at debug): a stamp then looks as old as its last
+ * flush, which errs towards the public endpoint, never towards serving an endpoint nobody saw ready.
  */
 import type { DataSource } from 'typeorm';
 import {
@@ -14,7 +21,17 @@ import {
   type DeploymentWithAttempt,
   type StateTransitionRecord,
 } from '../entities/sql';
+import type { Logger } from '../log';
 import type { AttemptStatus, DeploymentState, EndpointKind } from '../machine';
+import type { StampBuffer } from './stamp-buffer';
+
+/** How a read sees stamps not yet flushed (default: PostgreSQL's alone). */
+export interface StampReadOptions {
+  /** the process's stamp buffer: overlay its buffered stamps */
+  readonly stampBuffer?: StampBuffer | null;
+  /** where a failed overlay is logged (debug) */
+  readonly logger?: Logger;
+}
 
 export interface AttemptView {
   readonly id: string;
@@ -95,9 +112,43 @@ function transitionView(t: StateTransitionRecord): TransitionView {
   };
 }
 
-export async function getDeployment(ds: DataSource, id: string): Promise<DeploymentView | null> {
+/** The later of two ISO stamps (or a Date from the buffer), null when neither. */
+function later(stored: string | null, buffered: Date | undefined): string | null {
+  if (buffered === undefined) return stored;
+  return stored !== null && Date.parse(stored) >= buffered.getTime() ? stored : buffered.toISOString();
+}
+
+/** Overlays buffered stamps on deployment views: one Redis round trip, or none when Redis does not answer. */
+async function withBufferedStamps(views: DeploymentView[], options: StampReadOptions): Promise<DeploymentView[]> {
+  const buffer = options.stampBuffer;
+  if (buffer == null || views.length === 0) return views;
+  const ready = views.filter((v) => v.state === 'ready').map((v) => v.id);
+  const running = views.flatMap((v) =>
+    v.currentAttempt?.status === 'running' ? [{ attemptId: v.currentAttempt.id, deploymentId: v.id }] : [],
+  );
+  if (ready.length === 0 && running.length === 0) return views;
+  let latest: Awaited<ReturnType<StampBuffer['latest']>>;
+  try {
+    latest = await buffer.latest({ readiness: ready, heartbeats: running });
+  } catch (err) {
+    options.logger?.debug({ err }, 'buffered stamps unreadable: answering with the stamps in PostgreSQL');
+    return views;
+  }
+  return views.map((v) => ({
+    ...v,
+    lastReadyAt: v.state === 'ready' ? later(v.lastReadyAt, latest.readiness.get(v.id)) : v.lastReadyAt,
+    currentAttempt:
+      v.currentAttempt?.status === 'running'
+        ? { ...v.currentAttempt, lastHeartbeatAt: later(v.currentAttempt.lastHeartbeatAt, latest.heartbeats.get(v.currentAttempt.id)) }
+        : v.currentAttempt,
+  }));
+}
+
+export async function getDeployment(ds: DataSource, id: string, options: StampReadOptions = {}): Promise<DeploymentView | null> {
   const found = await findDeployment(new Database(ds), id);
-  return found === null ? null : deploymentView(found);
+  if (found === null) return null;
+  const [view] = await withBufferedStamps([deploymentView(found)], options);
+  return view ?? null;
 }
 
 export interface DeploymentPage {
@@ -109,10 +160,10 @@ export interface DeploymentPage {
 /** A page of deployments in id order (keyset paging: stable under concurrent inserts), optionally by state. */
 export async function listDeployments(
   ds: DataSource,
-  options: { state?: DeploymentState | undefined; limit: number; after?: string | undefined },
+  options: { state?: DeploymentState | undefined; limit: number; after?: string | undefined } & StampReadOptions,
 ): Promise<DeploymentPage> {
   const found = await findDeployments(new Database(ds), options);
-  const items = found.slice(0, options.limit).map(deploymentView);
+  const items = await withBufferedStamps(found.slice(0, options.limit).map(deploymentView), options);
   return { items, nextCursor: found.length > options.limit ? (items[items.length - 1]?.id ?? null) : null };
 }
 

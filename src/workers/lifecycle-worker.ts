@@ -19,7 +19,7 @@ import type IORedis from 'ioredis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import { createRedis, describeRedis, isRedisError, logReport, ServerWatch } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transitions';
@@ -134,8 +134,8 @@ export class LifecycleWorker {
         producedAt: new Date(job.timestamp),
       });
     } catch (err) {
-      // the service talks to PostgreSQL only: a connection error here is PostgreSQL's
-      if (isTransient(err)) this.options.pgWatch?.error(err);
+      // the service talks to PostgreSQL, and to Redis only through a stamp buffer: report the outage to its server's watch
+      if (isTransient(err)) (isRedisError(err) ? this.redisWatch : this.options.pgWatch)?.error(err);
       return this.handleFailure(job, token, err, ids, started);
     }
     this.options.pgWatch?.back();
@@ -153,7 +153,7 @@ export class LifecycleWorker {
       ...(result.outcome === 'applied' ? { transition: { from: result.from, to: result.to, reason: result.reason } } : {}),
     });
     const reason = result.reason;
-    const level = result.outcome === 'noop' && result.reason === 'stamped' ? 'debug' : 'info';
+    const level = result.outcome === 'noop' && (result.reason === 'stamped' || result.reason === 'buffered') ? 'debug' : 'info';
     this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
     return result;
   }

@@ -19,3 +19,53 @@ export const STAMP_SQL = Object.freeze({
             (SELECT id FROM attempts WHERE id = $2 AND deployment_id = $1) AS a`,
   ),
 });
+
+/** One buffered heartbeat as the batch flush reports it (`STAMP_BATCH_SQL.heartbeats`). */
+export interface HeartbeatFlushRow {
+  attempt_id: string;
+  deployment_id: string;
+  /** the attempt was running and its stamp is now at least the buffered time */
+  stamped: boolean;
+  /** the attempt exists (for this deployment); false: not created yet, or never will be */
+  found: boolean;
+}
+
+/** One buffered readiness stamp as the batch flush reports it (`STAMP_BATCH_SQL.readiness`). */
+export interface ReadinessFlushRow {
+  deployment_id: string;
+  stamped: boolean;
+  found: boolean;
+}
+
+/**
+ * The stamp buffer's batch writes (src/services/stamp-buffer.ts): one statement per kind per flush, whatever the
+ * number of stamps. Each is the same monotonic UPDATE as the per-event statements above, over unnest()ed arrays,
+ * and reports for every input row whether it stamped and whether what it names exists, so the buffer can tell
+ * "written", "not running / not ready: drop" and "not there yet: keep" apart without another statement.
+ */
+export const STAMP_BATCH_SQL = Object.freeze({
+  /** $1 attempt ids, $2 their deployments, $3 times (arrays of one length; each (attempt, deployment) once) */
+  heartbeats: sql<HeartbeatFlushRow>(
+    `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS p(attempt_id, deployment_id, at)),
+     u AS (UPDATE attempts AS a SET last_heartbeat_at = GREATEST(a.last_heartbeat_at, p.at)
+             FROM p
+            WHERE a.id = p.attempt_id AND a.deployment_id = p.deployment_id AND a.status = 'running'
+        RETURNING a.id, a.deployment_id)
+     SELECT p.attempt_id, p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
+       FROM p
+       LEFT JOIN u ON u.id = p.attempt_id AND u.deployment_id = p.deployment_id
+       LEFT JOIN attempts AS x ON x.id = p.attempt_id AND x.deployment_id = p.deployment_id`,
+  ),
+  /** $1 deployment ids, $2 times (each deployment once) */
+  readiness: sql<ReadinessFlushRow>(
+    `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS p(deployment_id, at)),
+     u AS (UPDATE deployments AS d SET last_ready_at = GREATEST(d.last_ready_at, p.at)
+             FROM p
+            WHERE d.id = p.deployment_id AND d.state = 'ready'
+        RETURNING d.id)
+     SELECT p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
+       FROM p
+       LEFT JOIN u ON u.id = p.deployment_id
+       LEFT JOIN deployments AS x ON x.id = p.deployment_id`,
+  ),
+});

@@ -7,8 +7,11 @@ import type { SnapshotRow } from '../../entities/sql';
 import { payloadDigest, type LifecycleEvent } from '../../events/schemas';
 import type { DeploymentState, MachineEvent, NoopReason, RejectionCode, Snapshot } from '../../machine';
 
-/** Outcomes of heartbeat and readiness stamps, which change no state. */
-export type StampNoopReason = 'stamped' | 'not_running' | 'not_ready' | 'not_found';
+/**
+ * Outcomes of heartbeat and readiness stamps, which change no state. `buffered`: absorbed by the stamp buffer, to
+ * be written (or dropped as not running / not ready / not found) by its next flush.
+ */
+export type StampNoopReason = 'stamped' | 'buffered' | 'not_running' | 'not_ready' | 'not_found';
 
 export type ApplyResult =
   | {

@@ -29,6 +29,7 @@ import { silentLogger, type Logger } from '../../log';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
 import { eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import type { StampBuffer } from '../stamp-buffer';
 import { RelayWakeup, type LocalRelay } from './relay-wakeup';
 import { Stamps } from './stamps';
 
@@ -72,6 +73,12 @@ export interface TransitionServiceOptions {
   readonly orphanAfterS?: number;
   /** FLEET_PROGRESS_DEADLINE_S (default 1800): likewise for `attempt.expired`, with the attempt's start (`not_due`) */
   readonly progressDeadlineS?: number;
+  /**
+   * The process's stamp buffer (default none: each stamp is one UPDATE). With it, heartbeat and readiness events
+   * only absorb into Redis and complete as the noop `buffered`, and `attempt.orphaned` first writes the attempt's
+   * buffered heartbeat to PostgreSQL, so an attempt whose latest heartbeat is still in Redis is never orphaned.
+   */
+  readonly stampBuffer?: StampBuffer;
 }
 
 /** Signals a lost version check; caught by the retry loop. */
@@ -87,6 +94,7 @@ export class TransitionService {
   private readonly orphanAfterMs: number;
   private readonly progressDeadlineMs: number;
   private readonly stamps: Stamps;
+  private readonly stampBuffer: StampBuffer | null;
   private readonly wakeup: RelayWakeup;
 
   constructor(options: TransitionServiceOptions) {
@@ -98,7 +106,8 @@ export class TransitionService {
     this.endpointAllow = options.endpointAllow ?? null;
     this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
     this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
-    this.stamps = new Stamps(this.db, this.now);
+    this.stampBuffer = options.stampBuffer ?? null;
+    this.stamps = new Stamps(this.db, this.now, this.stampBuffer);
     this.wakeup = new RelayWakeup(this.db, this.log, options.relay);
   }
 
@@ -122,6 +131,11 @@ export class TransitionService {
   }
 
   private async transition(event: StateEvent, producedAt: Date | undefined): Promise<ApplyResult> {
+    // An orphan is judged by the liveness in PostgreSQL: the attempt's latest heartbeat may still be in the buffer,
+    // so it goes to PostgreSQL first (a rare path; one extra UPDATE). Expiry is judged by the start alone.
+    if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
+      await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
+    }
     // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
     // to its tick), so that heartbeats that waited behind it in a backlog still count
     const declared = (producedAt ?? this.now()).getTime();

@@ -1,23 +1,31 @@
 /**
  * Heartbeat and readiness stamps: observations that change no state, so they bypass the machine and the version
- * check. Each is one monotonic UPDATE; when it stamps nothing, a lookup tells "not there yet" (a retryable
- * NotYetError) from "there, but not running / not ready" (a noop).
+ * check. With a stamp buffer, each is absorbed in Redis (one command, no PostgreSQL: the noop `buffered`) and the
+ * buffer's flush writes them in batches and decides `not_running` / `not_ready` / `not_found` there. Without one,
+ * each is one monotonic UPDATE; when it stamps nothing, a lookup tells "not there yet" (a retryable NotYetError) from
+ * "there, but not running / not ready" (a noop).
  */
 import { NotYetError } from '../../errors';
 import { STAMP_SQL, type Database } from '../../entities/sql';
 import type { LifecycleEvent } from '../../events/schemas';
+import type { StampBuffer } from '../stamp-buffer';
 import type { ApplyResult } from './outcomes';
 
 export class Stamps {
   constructor(
     private readonly db: Database,
     private readonly now: () => Date,
+    private readonly buffer: StampBuffer | null = null,
   ) {}
 
   async heartbeat(event: Extract<LifecycleEvent, { name: 'attempt.heartbeat' }>, producedAt: Date | undefined): Promise<ApplyResult> {
     const { deploymentId, attemptId } = event.data;
-    const result = await this.db.run(STAMP_SQL.heartbeat, [attemptId, deploymentId, this.observedAt(producedAt)]);
     const base = { eventId: event.eventId, deploymentId, outcome: 'noop' } as const;
+    if (this.buffer !== null) {
+      await this.buffer.absorbHeartbeat(attemptId, deploymentId, this.observedAt(producedAt));
+      return { ...base, reason: 'buffered' };
+    }
+    const result = await this.db.run(STAMP_SQL.heartbeat, [attemptId, deploymentId, this.observedAt(producedAt)]);
     if (result.affected === 1) return { ...base, reason: 'stamped' };
     await this.requireExists(deploymentId, attemptId);
     return { ...base, reason: 'not_running' };
@@ -26,8 +34,12 @@ export class Stamps {
   async readiness(event: Extract<LifecycleEvent, { name: 'deployment.readiness' }>, producedAt: Date | undefined): Promise<ApplyResult> {
     const { deploymentId } = event.data;
     const observed = event.data.observedAt === undefined ? producedAt : new Date(event.data.observedAt);
-    const result = await this.db.run(STAMP_SQL.readiness, [deploymentId, this.observedAt(observed)]);
     const base = { eventId: event.eventId, deploymentId, outcome: 'noop' } as const;
+    if (this.buffer !== null) {
+      await this.buffer.absorbReadiness(deploymentId, this.observedAt(observed));
+      return { ...base, reason: 'buffered' };
+    }
+    const result = await this.db.run(STAMP_SQL.readiness, [deploymentId, this.observedAt(observed)]);
     if (result.affected === 1) return { ...base, reason: 'stamped' };
     await this.requireExists(deploymentId, null);
     return { ...base, reason: 'not_ready' };

@@ -21,6 +21,7 @@ import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { LifecycleProducer } from './queues/producer';
 import { createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
+import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { LifecycleWorker } from './workers/lifecycle-worker';
@@ -109,6 +110,10 @@ export async function startFleet(
 
     const producer = new LifecycleProducer({ connection: endpoints.redisUrl, prefix: config.prefix, endpointAllow: config.endpointAllow });
     closers.push(() => producer.close());
+    // heartbeat and readiness stamps wait in Redis until the tick writes them in batches; it closes after the
+    // worker, the sweep and HTTP (closers run in reverse)
+    const stampBuffer = createStampBuffer({ redisUrl: endpoints.redisUrl, dataSource, prefix: config.prefix, logger });
+    closers.push(() => stampBuffer.close());
     // a second view of the maintenance queue, for queue-depth metrics and Bull Board
     const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
     // this process's one view of each server: one line when it is lost, one when it is back, whichever component saw it
@@ -157,6 +162,7 @@ export async function startFleet(
       endpointAllow: config.endpointAllow,
       orphanAfterS: config.orphanAfterS,
       progressDeadlineS: config.progressDeadlineS,
+      stampBuffer,
     });
     if (config.endpointAllow === null && ((roles.worker ?? true) || (roles.sweep ?? true))) {
       logger.info('FLEET_ENDPOINT_ALLOW is unset: this process takes and probes any endpoint host (set it wherever producers are not all trusted)');
@@ -169,6 +175,7 @@ export async function startFleet(
         pgWatch,
         producer,
         shardQueue: maintenance,
+        flushStamps: async (now) => (await stampBuffer.flush(now)).stamped,
         everyS: config.sweepEveryS,
         readyWindowS: config.readyWindowS,
         orphanAfterS: config.orphanAfterS,
@@ -227,6 +234,7 @@ export async function startFleet(
         producer,
         redis: monitorRedis,
         queues: [producer.queue, maintenance],
+        stampBuffer,
         metrics,
         logger,
       });

@@ -16,8 +16,13 @@ export interface ChildOptions {
   /**
    * `log`: ready when the log file matches `readyPattern` (the fleet CLI's pino log).
    * `json`: ready on a `{"ready": true}` line on stdout (fixtures); other lines go to `onMessage`.
+   * `poll`: ready when `check()` resolves true (e.g. a `fleet worker` logging at warn, whose start line is info:
+   *   its BullMQ workers are seen on Redis).
    */
-  readonly ready: { readonly kind: 'log'; readonly pattern: RegExp } | { readonly kind: 'json' };
+  readonly ready:
+    | { readonly kind: 'log'; readonly pattern: RegExp }
+    | { readonly kind: 'json' }
+    | { readonly kind: 'poll'; readonly check: () => Promise<boolean> };
   /** write a V8 CPU profile here when the process exits (`node --cpu-prof`) */
   readonly cpuProfDir?: string;
   readonly timeoutMs?: number;
@@ -102,7 +107,8 @@ export class MeasuredProcess {
         throw new Error(`${options.label} was not ready within ${options.timeoutMs ?? 30_000} ms; see ${logFile}`);
       }
       if (pattern !== null && pattern.test(fs.readFileSync(logFile, 'utf8'))) break;
-      await Promise.race([readyPromise, sleep(25)]);
+      if (options.ready.kind === 'poll' && (await options.ready.check().catch(() => false))) break;
+      await Promise.race([readyPromise, sleep(options.ready.kind === 'poll' ? 100 : 25)]);
     }
     return proc;
   }

@@ -3,6 +3,7 @@
  */
 import type { DispatchResult } from '../scenarios/dispatch';
 import type { LatencyResult } from '../scenarios/latency';
+import { describeSpec, type ScaleResult, type ScaleRun } from '../scenarios/scale';
 import type { SweepScenarioResult } from '../scenarios/sweep';
 import type { ThroughputResult } from '../scenarios/throughput';
 import { round } from './common';
@@ -39,6 +40,8 @@ export interface BenchResults {
   readonly latency: LatencyResult | null;
   readonly sweep: SweepScenarioResult | null;
   readonly dispatch: DispatchResult | null;
+  /** scenario 6, fleet scale (absent in results written before it existed) */
+  readonly scale?: ScaleResult | null;
   readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
   readonly targets: readonly Target[];
 }
@@ -116,6 +119,7 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       met: biggest.work.updates === 1 && biggest.work.stamped === 25_000,
     });
   }
+  if (r.scale !== undefined && r.scale !== null) targets.push(...scaleTargets(r.scale));
   if (r.rss !== null && r.rss.oursMaxMb !== null) {
     targets.push({
       id: 'worker-rss',
@@ -253,6 +257,7 @@ export function markdown(r: BenchResults): string {
     );
     out.push('');
   }
+  if (r.scale !== undefined && r.scale !== null) out.push(...scaleMarkdown(r.scale));
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');
@@ -354,4 +359,185 @@ export function chart(r: BenchResults): string {
     `${r.meta.startedAt} · ${r.meta.cpus} CPUs · Node ${r.meta.node} · targets met ${met}/${r.targets.length}`,
     panels,
   );
+}
+
+/** Stamped per tick from 1 to 2 worker processes, per size measured with both (matrix runs). */
+export function scaleStampRatios(s: ScaleResult): Array<{ endpoints: number; one: ScaleRun; two: ScaleRun; ratio: number }> {
+  const matrix = s.runs.filter((x) => x.spec.kind === 'matrix');
+  const sizes = [...new Set(matrix.map((x) => x.spec.endpoints))].sort((a, b) => a - b);
+  return sizes.flatMap((endpoints) => {
+    const one = matrix.find((x) => x.spec.endpoints === endpoints && x.spec.workers === 1);
+    const two = matrix.find((x) => x.spec.endpoints === endpoints && x.spec.workers === 2);
+    if (one === undefined || two === undefined) return [];
+    return [{ endpoints, one, two, ratio: round(two.stampedPerTick / Math.max(1, one.stampedPerTick), 2) }];
+  });
+}
+
+function scaleTargets(s: ScaleResult): Target[] {
+  const targets: Target[] = [];
+  const ratios = scaleStampRatios(s);
+  // the largest size measured with 1 and 2 processes: where one process's capacity falls shortest of demand
+  const biggest = ratios[ratios.length - 1];
+  if (biggest !== undefined) {
+    targets.push({
+      id: 'scale-stamped-1-to-2',
+      target: 'stamped per tick grows >= 1.7 x from 1 to 2 worker processes (same per-process probe concurrency)',
+      measured:
+        `${biggest.endpoints} endpoints: ${biggest.one.stampedPerTick} -> ${biggest.two.stampedPerTick} per tick = ${biggest.ratio} x` +
+        (ratios.length > 1 ? `; ${ratios.slice(0, -1).map((x) => `${x.endpoints}: ${x.ratio} x`).join(', ')}` : '') +
+        ` (tick ${biggest.one.spec.tickS} s)`,
+      ratio: round(biggest.ratio / 1.7, 2),
+      met: biggest.ratio >= 1.7,
+    });
+  }
+  const def = s.runs.find((x) => x.spec.kind === 'default-window');
+  if (def !== undefined) {
+    targets.push({
+      id: 'scale-default-window-fresh',
+      target: `${def.spec.endpoints} ready endpoints at 30 ms, tick ${def.spec.tickS} s / window ${def.spec.windowS} s, ${def.spec.workers} worker processes: 100% fresh after one window`,
+      measured: `${def.freshAfterWindow.fresh} of ${def.spec.endpoints} fresh = ${round(def.freshAfterWindow.fraction * 100, 2)}% (ever stamped ${def.everStamped}; ${def.jobShape} jobs)`,
+      ratio: round(def.freshAfterWindow.fraction, 4),
+      met: def.freshAfterWindow.fresh === def.spec.endpoints,
+    });
+  }
+  const to = s.runs.find((x) => x.spec.kind === 'timeouts');
+  if (to !== undefined) {
+    targets.push({
+      id: 'scale-timeouts-answering-fresh',
+      target: `${to.spec.endpoints} endpoints, ${round(to.spec.silentFraction * 100)}% timing out, ${to.spec.workers} worker processes: every answering endpoint fresh after one window`,
+      measured: `${to.freshAfterWindow.freshAnswering} of ${to.answering} answering endpoints fresh = ${round(to.freshAfterWindow.fractionAnswering * 100, 2)}% (tick ${to.spec.tickS} s / window ${to.spec.windowS} s)`,
+      ratio: round(to.freshAfterWindow.fractionAnswering, 4),
+      met: to.freshAfterWindow.freshAnswering === to.answering,
+    });
+  }
+  const h = s.heartbeats;
+  if (h !== null) {
+    targets.push({
+      id: 'scale-heartbeat-commits',
+      target: '<= 0.01 PostgreSQL commits per heartbeat',
+      measured: `${h.fleet.commitsPerHeartbeat} (${h.fleet.commitsWindow} commits over ${h.fleet.windowS} s with ${h.heartbeats} heartbeats, ${h.fleet.commitsIdle} idle over as long)`,
+      ratio: h.fleet.commitsPerHeartbeat === 0 ? null : round(0.01 / h.fleet.commitsPerHeartbeat, 3),
+      met: h.fleet.commitsPerHeartbeat <= 0.01,
+    });
+    targets.push({
+      id: 'scale-heartbeat-rate',
+      target: 'heartbeat drain rate >= 0.7 x the BullMQ no-op job rate (same concurrency)',
+      measured: `${h.fleet.jobsPerSec} vs ${h.noop.jobsPerSec} jobs/s = ${h.ratio} x (concurrency ${h.concurrency})`,
+      ratio: round(h.ratio / 0.7, 2),
+      met: h.ratio >= 0.7,
+    });
+  }
+  return targets;
+}
+
+const list = (values: ReadonlyArray<number | null>): string => (values.every((v) => v === null) ? '–' : values.map((v) => (v === null ? '–' : String(v))).join(' / '));
+const pct = (f: number): string => `${round(f * 100, 1)}%`;
+
+function scaleRunTable(runs: readonly ScaleRun[], withRatio: boolean): string[] {
+  const out: string[] = [];
+  out.push(
+    '| endpoints | worker processes | readiness set / tick (jobs) | probed / tick (jobs) | probes seen / tick (fixture; distinct if fewer) | stamped / tick (jobs) | stamped / tick (PostgreSQL, before the next tick) |' +
+      (withRatio ? ' x vs 1 process |' : '') +
+      ' left unprobed / tick (jobs) | probes/s | fresh after window÷tick ticks | of answering | ever stamped | duplicate probes | jobs |',
+  );
+  out.push(`|---:|---:|---|---|---|---|---|${withRatio ? '---:|' : ''}---|---:|---:|---:|---:|---:|---|`);
+  for (const r of runs) {
+    const one = runs.find((x) => x.spec.endpoints === r.spec.endpoints && x.spec.workers === 1);
+    const ratio = one === undefined ? '–' : `${round(r.stampedPerTick / Math.max(1, one.stampedPerTick), 2)} x`;
+    const shape = r.jobShape === 'probe' ? `${r.probeJobs} probe (shards), ${r.sweepJobs} sweep` : r.jobShape === 'sweep-only' ? `${r.sweepJobs} sweep (no probe jobs)` : 'none found';
+    out.push(
+      `| ${r.spec.endpoints} | ${r.spec.workers} | ${list(r.ticks.map((t) => t.readinessSet))} | ${list(r.ticks.map((t) => t.probedJobs))} | ` +
+        `${r.ticks.map((t) => (t.distinctProbed < t.probesSeen ? `${t.probesSeen} (${t.distinctProbed})` : String(t.probesSeen))).join(' / ')} | ` +
+        `${list(r.ticks.map((t) => t.stampedJobs))} | ${list(r.ticks.map((t) => t.stampedPg))} (mean ${r.stampedPerTick}) |` +
+        (withRatio ? ` ${ratio} |` : '') +
+        ` ${list(r.ticks.map((t) => t.unprobedJobs))} | ${r.probesPerSec} | ${pct(r.freshAfterWindow.fraction)} (${r.freshAfterWindow.fresh}) | ` +
+        `${pct(r.freshAfterWindow.fractionAnswering)} (${r.freshAfterWindow.freshAnswering} of ${r.answering}) | ${r.everStamped} | ${r.duplicateProbes} | ${shape}${r.failedMaintenanceJobs > 0 ? `, ${r.failedMaintenanceJobs} failed` : ''} |`,
+    );
+  }
+  return out;
+}
+
+function scaleMarkdown(s: ScaleResult): string[] {
+  const out: string[] = [];
+  const conc = s.probeConcurrency === null ? "the fleet's default" : String(s.probeConcurrency);
+  out.push('### 6. Fleet scale: readiness and heartbeats');
+  out.push('');
+  out.push(
+    `Endpoints on loopback answer \`/ready\` after ${s.delayMs} ms (${s.endpointProcesses} fixture process(es)); probe timeout ${s.probeTimeoutMs} ms; FLEET_PROBE_CONCURRENCY ${conc} per process. ` +
+      'Per tick (values per tick, first to last, sampled 250 ms before the next tick): the readiness set, probed and left unprobed from the `maintenance` queue\'s completed jobs ' +
+      '(`probe` shards summed, or today\'s `sweep` job); probes seen by the endpoints (and how many distinct endpoints); stamped, from the jobs and from PostgreSQL (rows with last_ready_at since the tick began, read 250 ms before the next tick: a tick that overruns stamps after the read). ' +
+      'Fresh: last_ready_at >= now() - window at the last sample; "of answering" leaves out endpoints that never answer.',
+  );
+  out.push('');
+  const matrix = s.runs.filter((x) => x.spec.kind === 'matrix');
+  const groups = new Map<string, ScaleRun[]>();
+  for (const r of matrix) {
+    const key = `${r.spec.tickS}/${r.spec.windowS}/${r.spec.silentFraction}`;
+    groups.set(key, [...(groups.get(key) ?? []), r]);
+  }
+  for (const runs of groups.values()) {
+    const sp = runs[0]?.spec;
+    if (sp === undefined) continue;
+    out.push(
+      `#### Readiness matrix: tick ${sp.tickS} s, window ${sp.windowS} s (window÷tick = ${Math.round(sp.windowS / sp.tickS)} ticks)${sp.silentFraction > 0 ? `, ${pct(sp.silentFraction)} of endpoints never answer` : ''}`,
+    );
+    out.push('');
+    out.push(...scaleRunTable(runs, true));
+    out.push('');
+  }
+  const ratios = scaleStampRatios(s);
+  if (ratios.length > 0) {
+    out.push('#### Must show 1: stamped per tick, 1 -> 2 worker processes (same per-process probe concurrency; target >= 1.7 x)');
+    out.push('');
+    out.push('| endpoints | tick / window s | 1 process: stamped / tick | 2 processes: stamped / tick | ratio |');
+    out.push('|---:|---|---:|---:|---:|');
+    for (const x of ratios) out.push(`| ${x.endpoints} | ${x.one.spec.tickS} / ${x.one.spec.windowS} | ${x.one.stampedPerTick} | ${x.two.stampedPerTick} | ${x.ratio} x |`);
+    out.push('');
+  }
+  const def = s.runs.find((x) => x.spec.kind === 'default-window');
+  if (def !== undefined) {
+    out.push(`#### Must show 2: ${describeSpec(def.spec)} (target 100% fresh after one window)`);
+    out.push('');
+    out.push(...scaleRunTable([def], false));
+    out.push('');
+  }
+  const to = s.runs.find((x) => x.spec.kind === 'timeouts');
+  if (to !== undefined) {
+    out.push(`#### Must show 3: ${describeSpec(to.spec)} (target: every answering endpoint fresh after one window)`);
+    out.push('');
+    out.push(...scaleRunTable([to], false));
+    out.push('');
+  }
+  if (s.runs.length > 0) {
+    out.push('Where the CPU went during each run (cores busy, of 2), and the endpoint fixture:');
+    out.push('');
+    out.push('| run | workers | postgres | redis | endpoint fixture | other | fixture: CPU of its core, max event-loop delay ms, late answers, max in flight | worker peak RSS MiB |');
+    out.push('|---|---:|---:|---:|---:|---:|---|---|');
+    for (const r of s.runs) {
+      const c = r.cpuCores;
+      out.push(
+        `| ${r.spec.kind === 'matrix' ? '' : `${r.spec.kind}: `}${describeSpec(r.spec)} | ${c['workers'] ?? '–'} | ${c['postgres'] ?? '–'} | ${c['redis'] ?? '–'} | ${c['fixture'] ?? '–'} | ${c['other'] ?? '–'} | ` +
+          `${pct(r.fixture.cpuShare)}, ${r.fixture.loopDelayMaxMs}, ${r.fixture.lateAnswers}, ${r.fixture.maxInFlight}${r.fixture.saturated ? ' **saturated**' : ''} | ${r.workerPeakRssMb.map((x) => x ?? '–').join(' / ')} |`,
+      );
+    }
+    out.push('');
+  }
+  const h = s.heartbeats;
+  if (h !== null) {
+    out.push(`#### Heartbeats: ${h.heartbeats} \`attempt.heartbeat\` jobs drained by one worker process, concurrency ${h.concurrency} (tick ${h.tickS} s)`);
+    out.push('');
+    out.push('| path | jobs/s | drain s | failed | PostgreSQL commits: window / idle baseline (same length) | commits per heartbeat | attempts stamped in PostgreSQL |');
+    out.push('|---|---:|---:|---:|---|---:|---:|');
+    out.push(
+      `| \`fleet worker\`: attempt.heartbeat | ${h.fleet.jobsPerSec} | ${h.fleet.drainS} | ${h.fleet.failed} | ${h.fleet.commitsWindow} / ${h.fleet.commitsIdle} over ${h.fleet.windowS} s | ` +
+        `**${h.fleet.commitsPerHeartbeat}** | ${h.fleet.stampedInPg} of ${h.heartbeats} |`,
+    );
+    out.push(`| BullMQ no-op worker, same jobs | ${h.noop.jobsPerSec} | ${h.noop.drainS} | ${h.noop.failed} | – | – | – |`);
+    out.push('');
+    out.push(`Ratio heartbeat / no-op: **${h.ratio} x** (target >= 0.7); commits per heartbeat target <= 0.01.`);
+    out.push('');
+  }
+  for (const n of s.notes) out.push(`- ${n}`);
+  if (s.notes.length > 0) out.push('');
+  return out;
 }

@@ -16,7 +16,7 @@
  * --scale-workers 1,2,4              worker processes of the matrix
  * --scale-tick 10 --scale-window 40  the matrix's FLEET_SWEEP_EVERY_S / FLEET_READY_WINDOW_S
  * --scale-timeouts 0                 fraction of the matrix's endpoints that never answer
- * --probe-concurrency 32             FLEET_PROBE_CONCURRENCY of every worker process (`default`: leave it unset)
+ * --probe-concurrency N              FLEET_PROBE_CONCURRENCY of every worker process (default: unset, the fleet's default)
  * --scale-parts matrix,default,timeouts,heartbeats   which parts run
  * --scale-heartbeats 20000           heartbeat jobs of part B
  * --scale-endpoint-procs 1           fixture processes serving the endpoints
@@ -72,7 +72,7 @@ function parseArgs(argv: readonly string[]): Args {
     tickS: null,
     windowS: null,
     timeouts: 0,
-    probeConcurrency: 32,
+    probeConcurrency: null,
     parts: new Set(SCALE_PARTS),
     heartbeats: null,
     endpointProcs: 1,

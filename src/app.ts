@@ -199,6 +199,7 @@ export async function startFleet(
         connection: endpoints.redisUrl,
         prefix: config.prefix,
         service,
+        stampBuffer,
         concurrency: config.concurrency,
         logger,
         redisWatch,

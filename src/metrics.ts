@@ -45,6 +45,8 @@ export class FleetMetrics {
   private readonly transitions: Counter<'from' | 'to' | 'reason'>;
   private readonly jobs: Counter<'name' | 'outcome'>;
   private readonly jobDuration: Histogram<'name'>;
+  private readonly jobCounters = new Map<string, ReturnType<Counter<'name' | 'outcome'>['labels']>>();
+  private readonly jobDurations = new Map<string, ReturnType<Histogram<'name'>['labels']>>();
   private readonly published: Counter;
   private readonly sweepResults: Counter<'result'>;
   private readonly sweepDuration: Histogram;
@@ -140,8 +142,20 @@ export class FleetMetrics {
   }
 
   job(report: JobReport): void {
-    this.jobs.inc({ name: report.name, outcome: report.outcome });
-    this.jobDuration.observe({ name: report.name }, report.durationMs / 1000);
+    // the labelled children are looked up once per name (and outcome): this runs for every job
+    const key = `${report.name}\u0000${report.outcome}`;
+    let count = this.jobCounters.get(key);
+    if (count === undefined) {
+      count = this.jobs.labels({ name: report.name, outcome: report.outcome });
+      this.jobCounters.set(key, count);
+    }
+    count.inc();
+    let duration = this.jobDurations.get(report.name);
+    if (duration === undefined) {
+      duration = this.jobDuration.labels({ name: report.name });
+      this.jobDurations.set(report.name, duration);
+    }
+    duration.observe(report.durationMs / 1000);
     const t = report.transition;
     if (t !== undefined) this.transitions.inc({ from: t.from ?? '', to: t.to, reason: t.reason });
   }

@@ -23,6 +23,7 @@ import { createRedis, describeRedis, isRedisError, logReport, ServerWatch } from
 import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transitions';
+import type { StampBuffer } from '../services/stamp-buffer';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
 export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;
@@ -32,6 +33,11 @@ export interface LifecycleWorkerOptions {
   readonly connection: string | IORedis;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
+  /**
+   * The stamp buffer the service absorbs heartbeat and readiness stamps into (the service's `stampBuffer`): its
+   * stamps then travel on this worker's connection, ahead of each job's completion (`StampBuffer.absorbThrough`)
+   */
+  readonly stampBuffer?: StampBuffer;
   readonly service: TransitionService;
   /** jobs processed at once by this process (default 16) */
   readonly concurrency?: number;
@@ -116,6 +122,7 @@ export class LifecycleWorker {
       autorun: options.autorun ?? true,
     });
     const connection = this.ownedConnection ?? (options.connection as IORedis);
+    options.stampBuffer?.absorbThrough(connection);
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
     this.redisWatch = watch;
     this.worker.on('error', (err) => {
@@ -154,7 +161,9 @@ export class LifecycleWorker {
     });
     const reason = result.reason;
     const level = result.outcome === 'noop' && (result.reason === 'stamped' || result.reason === 'buffered') ? 'debug' : 'info';
-    this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
+    if (this.log.isLevelEnabled(level)) {
+      this.log[level]({ ...ids, eventId: result.eventId, outcome: result.outcome, reason, durationMs }, `${job.name} ${result.outcome}`);
+    }
     return result;
   }
 
@@ -221,6 +230,7 @@ export class LifecycleWorker {
       } else if ((await closeWithin(this.worker, graceMs)) === 'timeout') {
         this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
       }
+      this.options.stampBuffer?.absorbThrough(null);
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();
     return this.closing;

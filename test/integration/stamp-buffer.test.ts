@@ -333,7 +333,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
         Array.from({ length: 200 }, (_, j) => producer.heartbeat(attempts[(i + j) % ATTEMPTS] as { deploymentId: string; attemptId: string })),
       );
     }
-    worker = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service: wired, concurrency: 16 });
+    worker = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service: wired, stampBuffer: local, concurrency: 16 });
     await waitFor(`${N} heartbeat jobs to complete`, async () => ((await producer.queue.getCompletedCount()) === N ? true : undefined), 60_000);
     const [sample] = await producer.queue.getCompleted(0, 0);
     expect(sample?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'buffered' });

@@ -66,6 +66,9 @@ export function fateOf(
   return at.getTime() >= horizon ? 'keep' : 'not_found';
 }
 
+/** A stamp the flush statement did not report: it wrote it. */
+const WRITTEN = Object.freeze({ stamped: true, found: true });
+
 /** What one flush did. */
 export interface FlushResult {
   /** buffered heartbeats read (attempts) */
@@ -242,14 +245,15 @@ export class StampBuffer {
           rows.map((v) => v.ids?.deploymentId),
           rows.map((v) => v.b.at),
         ]);
-        const byMember = new Map(written.map((r) => [heartbeatMember(r.attempt_id, r.deployment_id), r]));
-        for (const { b } of valid) classify('heartbeat', b, byMember.get(b.member));
+        // only the stamps it did not write come back
+        const unwritten = new Map(written.map((r) => [heartbeatMember(r.attempt_id, r.deployment_id), r]));
+        for (const { b, ids } of valid) classify('heartbeat', b, ids === null ? undefined : (unwritten.get(b.member) ?? WRITTEN));
       }
       if (readiness.length > 0) {
         const valid = readiness.filter((b) => isUuid(b.member));
         const { rows: written } = await this.db.run(STAMP_BATCH_SQL.readiness, [valid.map((b) => b.member), valid.map((b) => b.at)]);
-        const byMember = new Map(written.map((r) => [r.deployment_id, r]));
-        for (const b of readiness) classify('readiness', b, byMember.get(b.member));
+        const unwritten = new Map(written.map((r) => [r.deployment_id, r]));
+        for (const b of readiness) classify('readiness', b, isUuid(b.member) ? (unwritten.get(b.member) ?? WRITTEN) : undefined);
       }
 
       await this.hooks.beforeRemove?.();

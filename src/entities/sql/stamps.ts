@@ -20,7 +20,7 @@ export const STAMP_SQL = Object.freeze({
   ),
 });
 
-/** One buffered heartbeat as the batch flush reports it (`STAMP_BATCH_SQL.heartbeats`). */
+/** A buffered heartbeat the batch flush did not write, as it reports it (`STAMP_BATCH_SQL.heartbeats`). */
 export interface HeartbeatFlushRow {
   attempt_id: string;
   deployment_id: string;
@@ -30,7 +30,7 @@ export interface HeartbeatFlushRow {
   found: boolean;
 }
 
-/** One buffered readiness stamp as the batch flush reports it (`STAMP_BATCH_SQL.readiness`). */
+/** A buffered readiness stamp the batch flush did not write (`STAMP_BATCH_SQL.readiness`). */
 export interface ReadinessFlushRow {
   deployment_id: string;
   stamped: boolean;
@@ -40,8 +40,9 @@ export interface ReadinessFlushRow {
 /**
  * The stamp buffer's batch writes (src/services/stamp-buffer.ts): one statement per kind per flush, whatever the
  * number of stamps. Each is the same monotonic UPDATE as the per-event statements above, over unnest()ed arrays,
- * and reports for every input row whether it stamped and whether what it names exists, so the buffer can tell
- * "written", "not running / not ready: drop" and "not there yet: keep" apart without another statement.
+ * and reports the input rows it did NOT stamp, each with whether what it names exists, so the buffer can tell
+ * "written" (not reported: the common case costs no result rows), "not running / not ready: drop" and "not there
+ * yet: keep" apart without another statement.
  */
 export const STAMP_BATCH_SQL = Object.freeze({
   /** $1 attempt ids, $2 their deployments, $3 times (arrays of one length; each (attempt, deployment) once) */
@@ -54,7 +55,8 @@ export const STAMP_BATCH_SQL = Object.freeze({
      SELECT p.attempt_id, p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
        FROM p
        LEFT JOIN u ON u.id = p.attempt_id AND u.deployment_id = p.deployment_id
-       LEFT JOIN attempts AS x ON x.id = p.attempt_id AND x.deployment_id = p.deployment_id`,
+       LEFT JOIN attempts AS x ON x.id = p.attempt_id AND x.deployment_id = p.deployment_id
+      WHERE u.id IS NULL`,
   ),
   /** $1 deployment ids, $2 times (each deployment once) */
   readiness: sql<ReadinessFlushRow>(
@@ -66,6 +68,7 @@ export const STAMP_BATCH_SQL = Object.freeze({
      SELECT p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
        FROM p
        LEFT JOIN u ON u.id = p.deployment_id
-       LEFT JOIN deployments AS x ON x.id = p.deployment_id`,
+       LEFT JOIN deployments AS x ON x.id = p.deployment_id
+      WHERE u.id IS NULL`,
   ),
 });

@@ -108,7 +108,12 @@ export async function startFleet(
       throw new Error('the database schema is not up to date: run `fleet migrate` first');
     }
 
-    const producer = new LifecycleProducer({ connection: endpoints.redisUrl, prefix: config.prefix, endpointAllow: config.endpointAllow });
+    const producer = new LifecycleProducer({
+      connection: endpoints.redisUrl,
+      prefix: config.prefix,
+      endpointAllow: config.endpointAllow,
+      durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+    });
     closers.push(() => producer.close());
     // heartbeat and readiness stamps wait in Redis until the tick writes them in batches; it closes after the
     // worker, the sweep and HTTP (closers run in reverse)
@@ -145,6 +150,7 @@ export async function startFleet(
         redis: endpoints.redisUrl,
         streamKey: transitionStreamKey(config.prefix),
         maxLen: config.streamMaxLen,
+        durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
         logger,
         redisWatch,
         pgWatch,

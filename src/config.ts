@@ -42,6 +42,13 @@ export interface FleetConfig {
    * once per process, over all the shards it runs
    */
   readonly probeConcurrency: number;
+  /**
+   * `FLEET_DURABLE_ENQUEUE` (default 0: off): replicas every enqueue of this process (the HTTP intake, the sweep's
+   * own events) waits for before it is acknowledged (Redis `WAIT`)
+   */
+  readonly durableReplicas: number;
+  /** `FLEET_DURABLE_TIMEOUT_MS` (default 1000): how long a durable enqueue waits for its replicas */
+  readonly durableTimeoutMs: number;
   /** `LOG_LEVEL` (default info) */
   readonly logLevel: LogLevel;
   /**
@@ -199,6 +206,8 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     boardPassword,
     concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
     probeConcurrency: int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
+    durableReplicas: int('FLEET_DURABLE_ENQUEUE', 0, 0, 16),
+    durableTimeoutMs: int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 60_000),
     logLevel: logLevel as LogLevel,
     apiTokensFile,
     endpointAllow,

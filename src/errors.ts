@@ -91,6 +91,29 @@ export class ConflictError extends FleetError {
 }
 
 /**
+ * A durable enqueue (`durable` in the SDK, FLEET_DURABLE_ENQUEUE at the HTTP intake) whose job did not reach the
+ * asked number of replicas in time (Redis `WAIT`). The job IS on the master: it is not lost unless the master fails
+ * before a replica has it. Retrying with the same eventId is safe (the job id is the eventId): it adds nothing, and
+ * waits for the replicas again.
+ */
+export class DurabilityError extends FleetError {
+  readonly code = 'not_durable';
+  readonly retryable = true;
+  constructor(
+    readonly eventId: string,
+    readonly replicas: number,
+    readonly acknowledged: number,
+    readonly timeoutMs: number,
+  ) {
+    super(
+      `not_durable: event ${eventId} is on the Redis master but reached ${acknowledged} of ${replicas} replica(s) within ${timeoutMs} ms; ` +
+        'it may be lost if the master fails now: retry with the same eventId',
+    );
+    this.name = 'DurabilityError';
+  }
+}
+
+/**
  * A stream consumer's position is older than what the stream still holds (like a Kubernetes watch's 410 Gone):
  * entries were trimmed before it read them. Resync from the history API, then start again from `$`.
  */

@@ -20,7 +20,7 @@ import { migrationsApplied } from '../entities/migrate';
 import { rejectAfter } from '../util';
 import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
-import { EventIdConflictError, isTransient, ValidationError } from '../errors';
+import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed } from '../events/endpoint-allow';
 import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, UUID_PATTERN, type EventName } from '../events/schemas';
 import { AuthThrottle, hasScope, readAccess, scopeForEvent, type Access, type Credentials } from './auth';
@@ -410,6 +410,13 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);
       if (err instanceof EventIdConflictError) {
         return reply.status(409).send({ error: { code: err.code, message: err.message, existing: err.existing } });
+      }
+      if (err instanceof DurabilityError) {
+        deps.logger.warn({ eventName: name, eventId, replicas: err.replicas, acknowledged: err.acknowledged, timeoutMs: err.timeoutMs }, 'intake: the event did not reach its replicas in time; answered 503');
+        return reply
+          .status(503)
+          .header('retry-after', '1')
+          .send({ error: { code: err.code, message: err.message, eventId: err.eventId, replicas: err.replicas, acknowledged: err.acknowledged } });
       }
       if (isTransient(err)) {
         deps.logger.warn({ eventName: name, eventId, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'intake: Redis did not answer; answered 503');

@@ -9,7 +9,7 @@ import type IORedis from 'ioredis';
 import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
 import { createRedis } from './redis';
-import { EventIdConflictError } from '../errors';
+import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
 /** A payload as a producer writes it: `eventId` optional (derived when omitted). */
@@ -46,6 +46,18 @@ export function jobIdFor(eventId: string): string {
   return `${parseInt(eventId, 10)}` === eventId ? `int.${eventId}` : eventId;
 }
 
+/**
+ * Durable enqueue: `enqueue` returns only once the job is on at least `replicas` Redis replicas (Redis `WAIT` on
+ * the connection that wrote it), else throws `DurabilityError` after `timeoutMs`. Without it, an acknowledged
+ * enqueue is on the Redis master only, and a master that fails before its replicas have the write loses it.
+ */
+export interface DurableEnqueue {
+  /** replicas that must have the job (default 1) */
+  readonly replicas?: number;
+  /** how long to wait for them (default 1000 ms) */
+  readonly timeoutMs?: number;
+}
+
 export interface LifecycleProducerOptions {
   /** a Redis URL (a fail-fast connection is made and owned) or an existing ioredis connection (not closed by us) */
   readonly connection: string | IORedis;
@@ -55,17 +67,24 @@ export interface LifecycleProducerOptions {
   readonly defaultJobOptions?: DefaultJobOptions;
   /** FLEET_ENDPOINT_ALLOW: endpoints outside it are refused before anything is enqueued (default: any) */
   readonly endpointAllow?: EndpointAllowList | null;
+  /** wait for Redis replicas before an enqueue returns (default: off; see DurableEnqueue) */
+  readonly durable?: DurableEnqueue | null;
 }
 
 export class LifecycleProducer {
   readonly queue: Queue;
   private readonly ownedConnection: IORedis | null;
   private readonly endpointAllow: EndpointAllowList | null;
+  private readonly connection: IORedis;
+  private readonly durable: { readonly replicas: number; readonly timeoutMs: number } | null;
   private closing: Promise<void> | null = null;
 
   constructor(options: LifecycleProducerOptions) {
     this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'producer') : null;
+    this.connection = this.ownedConnection ?? (options.connection as IORedis);
     this.endpointAllow = options.endpointAllow ?? null;
+    const durable = options.durable ?? null;
+    this.durable = durable === null ? null : { replicas: Math.max(1, durable.replicas ?? 1), timeoutMs: Math.max(1, durable.timeoutMs ?? 1000) };
     this.queue = new Queue(LIFECYCLE_QUEUE, {
       connection: this.ownedConnection ?? (options.connection as IORedis),
       prefix: options.prefix ?? 'fleet',
@@ -100,14 +119,27 @@ export class LifecycleProducer {
       const held = await this.queue.getJob(jobId);
       if (held === undefined || held === null) {
         if (attempt < 3) continue;
+        await this.awaitReplicas(eventId);
         return { name: eventName, eventId, jobId, duplicate: false }; // added each time and done at once: it is in
       }
       const differs = held.name !== eventName ? 'name' : canonicalPayload(held.data) === canonicalPayload(ours) ? null : 'payload';
       if (differs !== null) {
         throw new EventIdConflictError(eventId, { name: held.name, state: await held.getState() }, differs);
       }
+      await this.awaitReplicas(eventId);
       return { name: eventName, eventId, jobId, duplicate: held.timestamp !== added.timestamp };
     }
+  }
+
+  /**
+   * Durable enqueue: Redis `WAIT` on the connection that wrote the job, which returns how many replicas have every
+   * write this connection made so far (ours included). Fewer than asked when the time is up: `DurabilityError`.
+   */
+  private async awaitReplicas(eventId: string): Promise<void> {
+    if (this.durable === null) return;
+    const { replicas, timeoutMs } = this.durable;
+    const acknowledged = Number(await this.connection.call('WAIT', replicas, timeoutMs));
+    if (acknowledged < replicas) throw new DurabilityError(eventId, replicas, acknowledged, timeoutMs);
   }
 
   createDeployment(input: EventInput<'deployment.create'>) {

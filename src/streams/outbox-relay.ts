@@ -93,6 +93,12 @@ export interface OutboxRelayOptions {
   readonly pgWatch?: ServerWatch;
   /** metrics hook: rows published by one cycle */
   readonly onPublished?: (count: number) => void;
+  /**
+   * Durable appends (FLEET_DURABLE_ENQUEUE): a batch's rows are marked published only once its stream entries are
+   * on this many Redis replicas (`WAIT`); until then the relay appends nothing more, and waits again each cycle
+   * (default: off, rows are marked once the master has the entries)
+   */
+  readonly durable?: { readonly replicas: number; readonly timeoutMs: number } | null;
   /** test hook: after the XADD pipeline succeeded, before the rows are marked published */
   readonly afterXadd?: (ids: readonly string[]) => void | Promise<void>;
 }
@@ -124,6 +130,13 @@ export class OutboxRelay {
    * republishes them. Dropped (so republished) whenever the stream is reconciled or the session is lost.
    */
   private unmarked: { ids: string[]; streamIds: string[] } | null = null;
+  /**
+   * Durable appends: rows appended whose entries are not yet on the replicas. Neither marked nor followed by more
+   * appends until they are; dropped like `unmarked` (so republished) on a reconnect or a reconcile.
+   */
+  private unreplicated: { ids: string[]; streamIds: string[] } | null = null;
+  /** the last WAIT fell short (one warning per episode) */
+  private replicasBehind = false;
   private published = 0;
 
   constructor(private readonly options: OutboxRelayOptions) {
@@ -142,6 +155,7 @@ export class OutboxRelay {
       // a new connection may be a new (or restarted) server: reconcile before appending anything
       this.generation++;
       this.lastStreamId = null;
+      this.unreplicated = null;
       this.poke();
     });
   }
@@ -276,6 +290,16 @@ export class OutboxRelay {
     const generation = this.generation;
     if (this.lastStreamId === null) await this.reconcile(client);
 
+    if (this.unreplicated !== null) {
+      // durable: the last batch is on the master only; nothing more goes out until the replicas have it
+      if (!(await this.replicated())) return 0;
+      if (generation !== this.generation) return 0;
+      this.unmarked = this.unreplicated;
+      this.unreplicated = null;
+      this.published += this.unmarked.ids.length;
+      this.options.onPublished?.(this.unmarked.ids.length);
+    }
+
     // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
     // so it leaves those rows out by id
     const marks = this.unmarked ?? { ids: [], streamIds: [] };
@@ -315,12 +339,36 @@ export class OutboxRelay {
       }
       this.lastStreamId = streamIds[streamIds.length - 1] ?? expected;
       await this.options.afterXadd?.(ids);
+      if (this.options.durable != null && !(await this.replicated())) {
+        this.unreplicated = { ids, streamIds };
+        return 0;
+      }
       this.unmarked = { ids, streamIds };
       this.published += rows.length;
       this.options.onPublished?.(rows.length);
     }
     await this.prune(client);
     return rows.length;
+  }
+
+  /** Durable appends: whether every entry this relay appended is on the asked number of replicas (Redis `WAIT`). */
+  private async replicated(): Promise<boolean> {
+    const durable = this.options.durable;
+    if (durable == null) return true;
+    const acknowledged = Number(await this.redis.call('WAIT', durable.replicas, durable.timeoutMs));
+    if (acknowledged >= durable.replicas) {
+      if (this.replicasBehind) this.log.info({ replicas: durable.replicas }, 'stream entries reach their replicas again: publishing resumes');
+      this.replicasBehind = false;
+      return true;
+    }
+    if (!this.replicasBehind) {
+      this.log.warn(
+        { replicas: durable.replicas, acknowledged, timeoutMs: durable.timeoutMs },
+        'stream entries did not reach their replicas in time: nothing is marked published, and nothing more appended, until they do',
+      );
+    }
+    this.replicasBehind = true;
+    return false;
   }
 
   /** Marks the rows appended last, if any, on their own (when no cycle comes to carry the mark). */
@@ -349,6 +397,7 @@ export class OutboxRelay {
   private async reconcile(client: Client): Promise<void> {
     // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
     this.unmarked = null;
+    this.unreplicated = null;
     const generation = this.generation;
     const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
     const [ms, seq] = tail.split('-');
@@ -383,6 +432,7 @@ export class OutboxRelay {
     const client = this.client;
     this.client = null;
     this.unmarked = null;
+    this.unreplicated = null;
     if (this.leader) this.log.info('stepped down as the active outbox relay');
     this.leader = false;
     if (client !== null) await client.end().catch(() => undefined);

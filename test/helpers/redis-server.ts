@@ -16,10 +16,12 @@ export class OwnRedis {
   private constructor(
     readonly port: number,
     readonly dir: string,
+    private readonly extraArgs: readonly string[],
   ) {}
 
-  static async start(): Promise<OwnRedis> {
-    const redis = new OwnRedis(await freePort(), fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-test-redis-')));
+  /** `extraArgs` go to redis-server as they are (e.g. `['--replicaof', '127.0.0.1', '6379']`) */
+  static async start(extraArgs: readonly string[] = []): Promise<OwnRedis> {
+    const redis = new OwnRedis(await freePort(), fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-test-redis-')), extraArgs);
     await redis.restart();
     return redis;
   }
@@ -32,7 +34,7 @@ export class OwnRedis {
   async restart(): Promise<void> {
     this.child = spawn(
       'redis-server',
-      ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--maxmemory-policy', 'noeviction'],
+      ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--maxmemory-policy', 'noeviction', ...this.extraArgs],
       { stdio: 'ignore' },
     );
     await waitFor('redis-server to answer', async () => {

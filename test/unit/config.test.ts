@@ -21,6 +21,8 @@ describe('configuration', () => {
       boardPassword: null,
       concurrency: 16,
       probeConcurrency: 64,
+      durableReplicas: 0,
+      durableTimeoutMs: 1000,
       logLevel: 'info',
       apiTokensFile: null,
       endpointAllow: null,

@@ -43,8 +43,8 @@ export interface FleetConfig {
    */
   readonly probeConcurrency: number;
   /**
-   * `FLEET_DURABLE_ENQUEUE` (default 0: off): replicas every enqueue of this process (the HTTP intake, the sweep's
-   * own events) waits for before it is acknowledged (Redis `WAIT`)
+   * `FLEET_DURABLE_ENQUEUE` (default 0: off): replicas every HTTP intake enqueue and every relay stream append of
+   * this process waits for before it counts as done (Redis `WAIT`)
    */
   readonly durableReplicas: number;
   /** `FLEET_DURABLE_TIMEOUT_MS` (default 1000): how long a durable enqueue waits for its replicas */

@@ -5,10 +5,10 @@
  */
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from './redis';
 import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
-import { createRedis } from './redis';
+import { createRedis, requireSlotPrefix } from './redis';
 import { EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
@@ -48,7 +48,7 @@ export function jobIdFor(eventId: string): string {
 
 export interface LifecycleProducerOptions {
   /** a Redis URL (a fail-fast connection is made and owned) or an existing ioredis connection (not closed by us) */
-  readonly connection: string | IORedis;
+  readonly connection: string | RedisConnection;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
   /** overrides of DEFAULT_JOB_OPTIONS */
@@ -59,15 +59,16 @@ export interface LifecycleProducerOptions {
 
 export class LifecycleProducer {
   readonly queue: Queue;
-  private readonly ownedConnection: IORedis | null;
+  private readonly ownedConnection: RedisConnection | null;
   private readonly endpointAllow: EndpointAllowList | null;
   private closing: Promise<void> | null = null;
 
   constructor(options: LifecycleProducerOptions) {
+    requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleProducer');
     this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'producer') : null;
     this.endpointAllow = options.endpointAllow ?? null;
     this.queue = new Queue(LIFECYCLE_QUEUE, {
-      connection: this.ownedConnection ?? (options.connection as IORedis),
+      connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...options.defaultJobOptions },
       // fail fast while Redis is unreachable rather than waiting for it to come back

@@ -16,7 +16,8 @@
  * - **Reads** overlay the buffered time on PostgreSQL's (the later of the two), one Redis round trip.
  *
  * Keys live under the BullMQ prefix (`<prefix>:{stamps}:...`, so a Redis user confined to `<prefix>:*` reaches them),
- * and share the hash tag `{stamps}`, so on Redis Cluster the flush's script may touch both.
+ * and share one hash tag: the prefix's when it has one (Redis hashes on the first `{...}`; a cluster requires one), else
+ * `{stamps}`. Either way they sit in one slot, with every other key of the prefix when it has a tag.
  */
 import { randomUUID } from 'node:crypto';
 import type { RedisConnection } from '../queues/redis';

@@ -4,7 +4,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../src/queues/redis';
 import type { Pool } from 'pg';
 import { settleWithin } from '../src/util';
 
@@ -171,6 +171,6 @@ export async function terminateBackends(pool: Pool): Promise<number> {
 }
 
 /** Kills every normal Redis client connection but the caller's (`CLIENT KILL TYPE normal`); returns how many. */
-export async function killRedisClients(redis: IORedis): Promise<number> {
+export async function killRedisClients(redis: RedisConnection): Promise<number> {
   return Number(await redis.call('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes'));
 }

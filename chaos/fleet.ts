@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../src/queues/redis';
 import { Pool } from 'pg';
 import { createDataSource } from '../ormconfig';
 import { startLocalServices, type LocalServices } from '../dev/servers';
@@ -53,7 +53,7 @@ export class Fleet {
   /** true once the workers were stopped gracefully */
   private workersStopped = false;
   private pgPool: Pool | null = null;
-  private adminRedis: IORedis | null = null;
+  private adminRedis: RedisConnection | null = null;
   private lifecycleProducer: LifecycleProducer | null = null;
   private readonly onExit = () => {
     if (!this.workersStopped) this.workerPool?.killAll();
@@ -110,7 +110,7 @@ export class Fleet {
   get pool(): Pool {
     return Fleet.need(this.pgPool, 'pg pool');
   }
-  get admin(): IORedis {
+  get admin(): RedisConnection {
     return Fleet.need(this.adminRedis, 'admin Redis client');
   }
   get producer(): LifecycleProducer {

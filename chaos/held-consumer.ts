@@ -3,7 +3,7 @@
  * gets; 40 entries behind it are trimmed away (once the audit has read them); then the handler is let go. The
  * consumer must stop with ResyncRequiredError, not go on past the hole.
  */
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../src/queues/redis';
 import { ResyncRequiredError } from '../src/errors';
 import { TransitionConsumer, type TransitionEntry } from '../src/streams/consumer';
 import { sleep } from '../src/util';
@@ -21,7 +21,7 @@ async function until<T>(check: () => T | undefined | Promise<T | undefined>, tim
 
 export interface HeldConsumerTarget {
   readonly redisUrl: string;
-  readonly admin: IORedis;
+  readonly admin: RedisConnection;
   readonly streamKey: string;
   readonly audit: AuditConsumer;
 }

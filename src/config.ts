@@ -5,16 +5,25 @@
 import { isIP } from 'node:net';
 import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
+import { isClusterUrl, parseClusterUrl, prefixHashTag } from './util/redis-url';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
 export interface FleetConfig {
-  /** `REDIS_URL`; null: start a local redis-server under `.fleet/` */
+  /**
+   * `REDIS_URL`; null: start a local redis-server under `.fleet/`. `redis+cluster://[user:password@]host:port,...`
+   * (or `rediss+cluster://`) names a Redis Cluster by its seed nodes.
+   */
   readonly redisUrl: string | null;
+  /** true when REDIS_URL names a Redis Cluster */
+  readonly redisCluster: boolean;
   /** `DATABASE_URL`; null: start a local PostgreSQL under `.fleet/` */
   readonly databaseUrl: string | null;
-  /** `FLEET_PREFIX` (default `fleet`): BullMQ prefix and stream key prefix */
+  /**
+   * `FLEET_PREFIX` (default `fleet`; `{fleet}` with a cluster REDIS_URL): BullMQ prefix and stream key prefix. With
+   * a cluster it must hold a hash tag (`{...}`), so that every key of the fleet lives in one slot.
+   */
   readonly prefix: string;
   /** `FLEET_PUBLIC_ENDPOINT_URL` (default unset): the fallback endpoint */
   readonly publicEndpointUrl: string | null;
@@ -123,9 +132,28 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     return raw;
   };
 
-  const prefix = read('FLEET_PREFIX') ?? 'fleet';
+  const redisUrlRaw = read('REDIS_URL');
+  const redisCluster = redisUrlRaw !== undefined && isClusterUrl(redisUrlRaw);
+  let redisUrl: string | null = null;
+  if (redisCluster && redisUrlRaw !== undefined) {
+    try {
+      parseClusterUrl(redisUrlRaw);
+      redisUrl = redisUrlRaw;
+    } catch (err) {
+      // the parser's messages never echo the value (it may carry a password)
+      problems.push(`REDIS_URL: a cluster URL (redis+cluster://[user:password@]host:port,host:port,.../): ${(err as Error).message}`);
+    }
+  } else {
+    redisUrl = url('REDIS_URL', ['redis', 'rediss', 'redis+cluster', 'rediss+cluster']);
+  }
+
+  const prefix = read('FLEET_PREFIX') ?? (redisCluster ? '{fleet}' : 'fleet');
   if (!/^[A-Za-z0-9_.{}-]{1,64}$/.test(prefix)) {
     problems.push(`FLEET_PREFIX: must be 1-64 characters of A-Za-z0-9_.-{} (no ':' or spaces), got "${prefix}"`);
+  } else if (redisCluster && prefixHashTag(prefix) === null) {
+    problems.push(
+      `FLEET_PREFIX: with a Redis Cluster (REDIS_URL redis+cluster://) it must contain a non-empty hash tag, e.g. "{${prefix.replace(/[{}]/g, '') || 'fleet'}}", so that all of the fleet's keys live in one slot; got "${prefix}"`,
+    );
   }
 
   const logLevel = read('LOG_LEVEL') ?? 'info';
@@ -191,7 +219,8 @@ export function loadConfig(env: Env = process.env): FleetConfig {
   }
 
   const config: FleetConfig = {
-    redisUrl: url('REDIS_URL', ['redis', 'rediss']),
+    redisUrl,
+    redisCluster,
     databaseUrl: url('DATABASE_URL', ['postgres', 'postgresql']),
     prefix,
     publicEndpointUrl: url('FLEET_PUBLIC_ENDPOINT_URL', ['http', 'https']),

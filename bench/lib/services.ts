@@ -8,6 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import IORedis from 'ioredis';
+import type { RedisConnection } from '../../src/queues/redis';
 import { Client } from 'pg';
 import type { DataSource } from 'typeorm';
 import { createDataSource } from '../../ormconfig';
@@ -118,7 +119,7 @@ async function withAdmin<T>(url: string, fn: (c: Client) => Promise<T>): Promise
   }
 }
 
-export async function dropPrefix(redis: IORedis, prefix: string): Promise<void> {
+export async function dropPrefix(redis: RedisConnection, prefix: string): Promise<void> {
   let cursor = '0';
   do {
     const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 1000);

@@ -24,7 +24,7 @@
  * the tables truncated and reseeded; workers stop with SIGTERM and are waited for.
  */
 import { Queue, type Job } from 'bullmq';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../../src/queues/redis';
 import { Client } from 'pg';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { DEFAULT_JOB_OPTIONS, deriveEventId, jobIdFor } from '../../src/queues/producer';
@@ -233,7 +233,7 @@ export function describeSpec(spec: ScaleRunSpec): string {
 }
 
 /** Empties the run's Redis: FLUSHDB on the bench's private server, else only the prefix. */
-async function cleanRedis(services: BenchServices, redis: IORedis, prefix: string): Promise<void> {
+async function cleanRedis(services: BenchServices, redis: RedisConnection, prefix: string): Promise<void> {
   if (services.pids.redis !== undefined) await redis.flushdb();
   else await dropPrefix(redis, prefix);
 }
@@ -507,7 +507,7 @@ async function jobTicks(maintenance: Queue, t1: number, tickMs: number, k: numbe
   return { byTick, sweepJobs, probeJobs, failed };
 }
 
-async function runReadiness(services: BenchServices, redis: IORedis, dbUrl: string, spec: ScaleRunSpec, options: ScaleOptions): Promise<ScaleRun> {
+async function runReadiness(services: BenchServices, redis: RedisConnection, dbUrl: string, spec: ScaleRunSpec, options: ScaleOptions): Promise<ScaleRun> {
   const label = `scale-${spec.kind}-${spec.endpoints}-w${spec.workers}`;
   const prefix = services.prefix(label);
   const tickMs = spec.tickS * 1000;
@@ -708,7 +708,7 @@ async function commits(c: Client): Promise<number> {
   return Number(rows[0]?.n ?? 0);
 }
 
-async function runHeartbeats(services: BenchServices, redis: IORedis, dbUrl: string, options: ScaleOptions): Promise<HeartbeatResult> {
+async function runHeartbeats(services: BenchServices, redis: RedisConnection, dbUrl: string, options: ScaleOptions): Promise<HeartbeatResult> {
   const n = options.heartbeats;
   const concurrency = options.heartbeatConcurrency;
   log(`scale: heartbeats: seeding ${n} running attempts`);

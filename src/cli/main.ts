@@ -18,6 +18,7 @@ import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 import { describeServer, isRedisError } from '../queues/redis';
+import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
 import { UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
@@ -50,6 +51,15 @@ async function reaching<T>(server: string, fn: () => Promise<T>): Promise<T> {
   }
 }
 
+/** The ports REDIS_URL names (a cluster URL's seed nodes each have one). */
+function redisPorts(url: string): string[] {
+  try {
+    return isClusterUrl(url) ? parseClusterUrl(url).nodes.map((n) => String(n.port)) : [new URL(url).port];
+  } catch {
+    return [];
+  }
+}
+
 /** Starts the fleet; a server that cannot be reached at start becomes one line naming it (which one: an ioredis
  * error, or one that carries Redis's port, is Redis's; any other is PostgreSQL's) and exit code 4. */
 async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
@@ -57,7 +67,7 @@ async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<
     return await fn();
   } catch (err) {
     if (!isTransient(err)) throw err;
-    const redis = isRedisError(err) || String((err as { port?: unknown }).port) === new URL(endpoints.redisUrl).port;
+    const redis = isRedisError(err) || redisPorts(endpoints.redisUrl).includes(String((err as { port?: unknown }).port));
     throw unreachable(redis ? describeServer('Redis', endpoints.redisUrl) : describeServer('PostgreSQL', endpoints.databaseUrl), err);
   }
 }

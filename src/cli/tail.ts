@@ -3,7 +3,7 @@
  * (default `$`, only new entries); with `--group/--consumer` it reads through a consumer group, so a restarted tail
  * continues where it stopped.
  */
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
 import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
@@ -81,7 +81,7 @@ export async function tail(options: TailOptions): Promise<void> {
   }
 }
 
-async function refuseTrimmed(redis: IORedis, streamKey: string, from: string): Promise<void> {
+async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
   const first = (await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0];
   const info = (await redis.xinfo('STREAM', streamKey).catch(() => null)) as unknown[] | null;
   if (first === undefined || info === null) return;

@@ -13,7 +13,7 @@ import type { Queue } from 'bullmq';
 import { createServer, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import type { DataSource } from 'typeorm';
 import type { FleetConfig } from '../config';
 import { migrationsApplied } from '../entities/migrate';
@@ -38,7 +38,7 @@ export interface HttpDeps {
   readonly dataSource: DataSource;
   readonly producer: LifecycleProducer;
   /** a connection for /readyz */
-  readonly redis: IORedis;
+  readonly redis: RedisConnection;
   /** queues shown in Bull Board */
   readonly queues: readonly Queue[];
   readonly metrics: FleetMetrics;
@@ -48,7 +48,7 @@ export interface HttpDeps {
   /** the API tokens (default: read from FLEET_API_TOKENS_FILE when it is set; null: the API is open) */
   readonly tokens?: TokenStore | null;
   /** a fail-fast connection that keeps the intake's rate-limit counters fleet-wide (default: in this process) */
-  readonly rateLimitRedis?: IORedis;
+  readonly rateLimitRedis?: RedisConnection;
   /** failed authentications per client address (default: 10 a minute, then 429 until the minute is over) */
   readonly authThrottle?: AuthThrottle;
   /** a whole request, body included, must arrive within this (default 30 s; then 408) */

@@ -5,10 +5,12 @@
  */
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
+import type { RedisConnection } from './redis';
+import { Cluster } from 'ioredis';
 import type IORedis from 'ioredis';
 import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
-import { createRedis } from './redis';
+import { createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
@@ -60,7 +62,7 @@ export interface DurableEnqueue {
 
 export interface LifecycleProducerOptions {
   /** a Redis URL (a fail-fast connection is made and owned) or an existing ioredis connection (not closed by us) */
-  readonly connection: string | IORedis;
+  readonly connection: string | RedisConnection;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
   /** overrides of DEFAULT_JOB_OPTIONS */
@@ -73,20 +75,25 @@ export interface LifecycleProducerOptions {
 
 export class LifecycleProducer {
   readonly queue: Queue;
-  private readonly ownedConnection: IORedis | null;
+  private readonly ownedConnection: RedisConnection | null;
   private readonly endpointAllow: EndpointAllowList | null;
-  private readonly connection: IORedis;
+  private readonly connection: RedisConnection;
+  private readonly prefix: string;
+  /** on a cluster: the slot every key of this prefix hashes to (asked once) */
+  private slot: number | null = null;
   private readonly durable: { readonly replicas: number; readonly timeoutMs: number } | null;
   private closing: Promise<void> | null = null;
 
   constructor(options: LifecycleProducerOptions) {
+    requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleProducer');
     this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'producer') : null;
-    this.connection = this.ownedConnection ?? (options.connection as IORedis);
+    this.connection = this.ownedConnection ?? (options.connection as RedisConnection);
+    this.prefix = options.prefix ?? 'fleet';
     this.endpointAllow = options.endpointAllow ?? null;
     const durable = options.durable ?? null;
     this.durable = durable === null ? null : { replicas: Math.max(1, durable.replicas ?? 1), timeoutMs: Math.max(1, durable.timeoutMs ?? 1000) };
     this.queue = new Queue(LIFECYCLE_QUEUE, {
-      connection: this.ownedConnection ?? (options.connection as IORedis),
+      connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...options.defaultJobOptions },
       // fail fast while Redis is unreachable rather than waiting for it to come back
@@ -138,8 +145,22 @@ export class LifecycleProducer {
   private async awaitReplicas(eventId: string): Promise<void> {
     if (this.durable === null) return;
     const { replicas, timeoutMs } = this.durable;
-    const acknowledged = Number(await this.connection.call('WAIT', replicas, timeoutMs));
+    const acknowledged = Number(await (await this.writer()).call('WAIT', replicas, timeoutMs));
     if (acknowledged < replicas) throw new DurabilityError(eventId, replicas, acknowledged, timeoutMs);
+  }
+
+  /**
+   * The connection the queue's writes went over: the producer's own, or on a cluster the node connection of the
+   * master that serves this prefix's slot (one slot: the prefix's hash tag). WAIT counts that connection's writes.
+   */
+  private async writer(): Promise<IORedis> {
+    const connection = this.connection;
+    if (!(connection instanceof Cluster)) return connection;
+    this.slot ??= Number(await connection.call('CLUSTER', 'KEYSLOT', `${this.prefix}:${LIFECYCLE_QUEUE}`));
+    const owner = connection.slots[this.slot]?.[0];
+    const node = connection.nodes('master').find((n) => `${n.options.host ?? ''}:${n.options.port ?? ''}` === owner);
+    if (node === undefined) throw new Error(`durable enqueue: no master known for slot ${this.slot} (${owner ?? 'unassigned'})`);
+    return node;
   }
 
   createDeployment(input: EventInput<'deployment.create'>) {

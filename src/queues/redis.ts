@@ -1,6 +1,13 @@
-import IORedis from 'ioredis';
-import type { RedisOptions } from 'ioredis';
+import IORedis, { Cluster } from 'ioredis';
+import type { ClusterOptions, RedisOptions } from 'ioredis';
 import { isTransient } from '../errors';
+import { isClusterUrl, parseClusterUrl, prefixHashTag } from '../util/redis-url';
+
+/** A connection the fleet talks to Redis through: one server, or a Redis Cluster (REDIS_URL `redis+cluster://`). */
+export type RedisConnection = IORedis | Cluster;
+
+/** Where each connection createRedis made goes (a Cluster keeps its seed nodes private). */
+const destinations = new WeakMap<RedisConnection, string>();
 
 export type RedisRole =
   /** enqueues: a command fails after one reconnect try or 5 s, instead of waiting in memory for Redis forever */
@@ -9,38 +16,98 @@ export type RedisRole =
   | 'worker';
 
 /**
- * A Redis connection for a role. Reconnects with capped exponential backoff either way; what differs is whether
- * a command issued while disconnected waits (worker) or fails at once (producer).
+ * The one Redis connection factory: a connection for a role, to one server or (for a `redis+cluster://` URL) to a
+ * Redis Cluster through ioredis' `Cluster`, with the same options on each node's connection. Reconnects with capped
+ * exponential backoff either way; what differs is whether a command issued while disconnected waits (worker) or
+ * fails at once (producer).
  */
 export function createRedis(
   url: string,
   role: RedisRole,
   connectionName = `lifecycle-fleet-${role}`,
   overrides: RedisOptions = {},
-): IORedis {
+): RedisConnection {
+  const backoff = (times: number): number => Math.min(50 * 2 ** times, 2000);
   const options: RedisOptions = {
     connectionName,
     connectTimeout: 5000,
-    retryStrategy: (times) => Math.min(50 * 2 ** times, 2000),
+    retryStrategy: backoff,
     ...(role === 'producer'
       ? { enableOfflineQueue: true, maxRetriesPerRequest: 1, commandTimeout: 5000 }
       : { enableOfflineQueue: true, maxRetriesPerRequest: null }),
     ...overrides,
   };
-  const redis = new IORedis(url, options);
+  let redis: RedisConnection;
+  if (isClusterUrl(url)) {
+    const cluster = parseClusterUrl(url);
+    // the cluster's own options; what only a single server's connection takes stays out of the nodes' options
+    const { retryStrategy: _retry, enableOfflineQueue, enableAutoPipelining, ...nodeOptions } = options;
+    const clusterOptions: ClusterOptions = {
+      clusterRetryStrategy: backoff,
+      enableOfflineQueue,
+      enableAutoPipelining,
+      enableReadyCheck: true,
+      redisOptions: {
+        ...nodeOptions,
+        username: cluster.username,
+        password: cluster.password,
+        ...(cluster.tls ? { tls: {} } : {}),
+      },
+    };
+    redis = new Cluster(
+      cluster.nodes.map((n) => ({ host: n.host, port: n.port })),
+      clusterOptions,
+    );
+    destinations.set(redis, `Redis Cluster at ${cluster.nodes.map((n) => hostPort(n.host, n.port)).join(',')}`);
+  } else {
+    redis = new IORedis(url, options);
+  }
   // Never "Unhandled error event": a connection's errors are reported through its watch (silent until one is set).
   redis.on('error', () => undefined);
   return redis;
 }
 
-/** Where a connection goes, without its password: `Redis at 127.0.0.1:6379`. */
-export function describeRedis(redis: IORedis): string {
+function hostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/** True for a connection to a Redis Cluster. */
+export function isCluster(redis: RedisConnection): redis is Cluster {
+  return redis instanceof Cluster;
+}
+
+/**
+ * Refuses a Redis Cluster connection with a prefix whose keys would spread over slots (BullMQ's scripts and ours
+ * touch several keys of one prefix at once, which a cluster allows only within one slot).
+ */
+export function requireSlotPrefix(redis: RedisConnection | string, prefix: string, who: string): void {
+  const cluster = typeof redis === 'string' ? isClusterUrl(redis) : isCluster(redis);
+  if (cluster && prefixHashTag(prefix) === null) {
+    throw new Error(`${who}: with a Redis Cluster the prefix must contain a hash tag such as "{fleet}" (FLEET_PREFIX), got "${prefix}"`);
+  }
+}
+
+/** Where a connection goes, without its password: `Redis at 127.0.0.1:6379`, `Redis Cluster at h1:7000,h2:7001`. */
+export function describeRedis(redis: RedisConnection): string {
+  const known = destinations.get(redis);
+  if (known !== undefined) return known;
+  if (isCluster(redis)) {
+    const nodes = redis.nodes().map((n) => hostPort(n.options.host ?? '127.0.0.1', n.options.port ?? 6379));
+    return nodes.length > 0 ? `Redis Cluster at ${nodes.join(',')}` : 'Redis Cluster';
+  }
   const o = redis.options;
   return o.path !== undefined && o.path !== null && o.path !== '' ? `Redis at ${o.path}` : `Redis at ${o.host ?? '127.0.0.1'}:${o.port ?? 6379}`;
 }
 
-/** `PostgreSQL at host:port` (or Redis) for a URL, without its credentials. */
+/** `PostgreSQL at host:port` (or Redis, or Redis Cluster at its seed nodes) for a URL, without its credentials. */
 export function describeServer(kind: 'Redis' | 'PostgreSQL', url: string): string {
+  if (kind === 'Redis' && isClusterUrl(url)) {
+    try {
+      return `Redis Cluster at ${parseClusterUrl(url).nodes.map((n) => hostPort(n.host, n.port)).join(',')}`;
+    } catch {
+      return 'Redis Cluster';
+    }
+  }
   try {
     const u = new URL(url);
     return `${kind} at ${u.hostname}:${u.port === '' ? (kind === 'Redis' ? '6379' : '5432') : u.port}`;
@@ -92,7 +159,7 @@ export class ServerWatch {
   }
 
   /** Routes a connection's errors and recoveries through this watch; other errors go to `other`. */
-  attach(redis: IORedis, other: (err: Error) => void = () => undefined): this {
+  attach(redis: RedisConnection, other: (err: Error) => void = () => undefined): this {
     redis.on('error', (err: Error) => {
       if (!this.error(err)) other(err);
     });
@@ -104,7 +171,7 @@ export class ServerWatch {
 /** An error from an ioredis command (rather than from PostgreSQL's driver). */
 export function isRedisError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
-  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable/i.test(err.message);
+  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || err.name === 'ClusterAllFailedError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready/i.test(err.message);
 }
 
 function errorCode(err: unknown): string {

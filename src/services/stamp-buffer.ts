@@ -16,14 +16,15 @@
  * - **Reads** overlay the buffered time on PostgreSQL's (the later of the two), one Redis round trip.
  *
  * Keys live under the BullMQ prefix (`<prefix>:{stamps}:...`, so a Redis user confined to `<prefix>:*` reaches them),
- * and share the hash tag `{stamps}`, so on Redis Cluster the flush's script may touch both.
+ * and share one hash tag: the prefix's when it has one (Redis hashes on the first `{...}`; a cluster requires one), else
+ * `{stamps}`. Either way they sit in one slot, with every other key of the prefix when it has a tag.
  */
 import { randomUUID } from 'node:crypto';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import type { DataSource } from 'typeorm';
 import { Database, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
-import { createRedis } from '../queues/redis';
+import { createRedis, requireSlotPrefix } from '../queues/redis';
 import { rejectAfter, sleep, UUID_PATTERN } from '../util';
 
 /** The Redis keys of a prefix's stamp buffer. */
@@ -98,7 +99,7 @@ export interface StampBufferOptions {
    * A Redis URL (the buffer owns a fail-fast connection to it: one retry, 5 s command timeout, auto-pipelined) or
    * an ioredis connection, which the buffer does not close
    */
-  readonly redis: string | IORedis;
+  readonly redis: string | RedisConnection;
   readonly db: Database;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
@@ -144,7 +145,7 @@ interface Buffered {
 
 export class StampBuffer {
   readonly keys: ReturnType<typeof stampKeys>;
-  private readonly redis: IORedis;
+  private readonly redis: RedisConnection;
   private readonly db: Database;
   private readonly log: Logger;
   private readonly notYetForMs: number;
@@ -156,9 +157,10 @@ export class StampBuffer {
   private readonly ownsRedis: boolean;
   private closing: Promise<void> | null = null;
   /** the lifecycle worker's connection, when stamps go through it (`absorbThrough`) */
-  private through: IORedis | null = null;
+  private through: RedisConnection | null = null;
 
   constructor(options: StampBufferOptions) {
+    requireSlotPrefix(options.redis, options.prefix ?? 'fleet', 'StampBuffer');
     this.ownsRedis = typeof options.redis === 'string';
     // auto-pipelining: the absorbs of a worker's concurrent jobs leave in one write (measured: fewer syscalls per job)
     this.redis =
@@ -192,7 +194,7 @@ export class StampBuffer {
    * it: so a stamp sent there ahead of the job's completion is in Redis before the job counts as done, without the
    * job waiting a round trip for it (measured: the heartbeat job rate next to BullMQ no-op jobs, bench `scale`).
    */
-  absorbThrough(connection: IORedis | null): void {
+  absorbThrough(connection: RedisConnection | null): void {
     this.through = connection;
   }
 

@@ -12,7 +12,7 @@
  *   Kubernetes watch's 410 Gone): read the history from `GET /api/deployments/:id/transitions?afterVersion=`,
  *   then start again from `$`.
  */
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
@@ -51,7 +51,7 @@ export function memoryVersionStore(): VersionStore {
 
 export interface TransitionConsumerOptions {
   /** Redis URL (a connection is made and owned) or an ioredis connection with `maxRetriesPerRequest: null` */
-  readonly redis: string | IORedis;
+  readonly redis: string | RedisConnection;
   /** `<FLEET_PREFIX>:transitions` */
   readonly streamKey: string;
   readonly group: string;
@@ -111,7 +111,7 @@ return {'OK', last, redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT',
 `;
 
 export class TransitionConsumer {
-  private readonly redis: IORedis;
+  private readonly redis: RedisConnection;
   private readonly ownsRedis: boolean;
   private readonly versions: VersionStore;
   private readonly log: Logger;

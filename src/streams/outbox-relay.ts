@@ -23,7 +23,7 @@
  */
 import { createHash } from 'node:crypto';
 import { Client } from 'pg';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
@@ -62,7 +62,7 @@ export interface OutboxRelayOptions {
   /** PostgreSQL URL: the relay opens one dedicated session for its lock, LISTEN and its queries */
   readonly databaseUrl: string;
   /** Redis URL (a connection is made and owned) or an ioredis connection */
-  readonly redis: string | IORedis;
+  readonly redis: string | RedisConnection;
   /** the stream key, `<prefix>:transitions` */
   readonly streamKey: string;
   /** approximate stream retention (`MAXLEN ~`), default 1,000,000 */
@@ -106,7 +106,7 @@ export interface OutboxRelayOptions {
 
 export class OutboxRelay {
   private readonly log: Logger;
-  private readonly redis: IORedis;
+  private readonly redis: RedisConnection;
   private readonly ownsRedis: boolean;
   private client: Client | null = null;
   private leader = false;

@@ -15,11 +15,11 @@
  */
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job } from 'bullmq';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, isRedisError, logReport, ServerWatch } from '../queues/redis';
+import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transitions';
@@ -30,7 +30,7 @@ export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, 
 
 export interface LifecycleWorkerOptions {
   /** a Redis URL (the worker owns its connection) or an ioredis connection with `maxRetriesPerRequest: null` */
-  readonly connection: string | IORedis;
+  readonly connection: string | RedisConnection;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
   /**
@@ -104,16 +104,17 @@ export function fallbackEventId(job: Pick<Job, 'id' | 'timestamp'>): string | un
 export class LifecycleWorker {
   readonly worker: Worker;
   private readonly log: Logger;
-  private readonly ownedConnection: IORedis | null;
+  private readonly ownedConnection: RedisConnection | null;
   private closing: Promise<void> | null = null;
   private readonly redisWatch: ServerWatch;
 
   constructor(private readonly options: LifecycleWorkerOptions) {
+    requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleWorker');
     this.log = (options.logger ?? silentLogger).child({ component: 'lifecycle-worker' });
     this.ownedConnection =
       typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-worker') : null;
     this.worker = new Worker(LIFECYCLE_QUEUE, (job, token) => this.process(job, token), {
-      connection: this.ownedConnection ?? (options.connection as IORedis),
+      connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       concurrency: options.concurrency ?? LIFECYCLE_WORKER_DEFAULTS.concurrency,
       lockDuration: options.lockDurationMs ?? LIFECYCLE_WORKER_DEFAULTS.lockDuration,
@@ -121,7 +122,7 @@ export class LifecycleWorker {
       maxStalledCount: options.maxStalledCount ?? LIFECYCLE_WORKER_DEFAULTS.maxStalledCount,
       autorun: options.autorun ?? true,
     });
-    const connection = this.ownedConnection ?? (options.connection as IORedis);
+    const connection = this.ownedConnection ?? (options.connection as RedisConnection);
     options.stampBuffer?.absorbThrough(connection);
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
     this.redisWatch = watch;

@@ -20,10 +20,10 @@ import { createHash, randomUUID } from 'node:crypto';
 import * as os from 'node:os';
 import { Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Job, JobSchedulerJson } from 'bullmq';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
 import { idleReport } from '../services/readiness';
 import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep';
@@ -56,7 +56,7 @@ const RELEASE_LOCK = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis
 
 export interface EnsureSweepSchedulerOptions {
   /** a Redis URL (a connection is made and closed) or an existing ioredis connection (left open) */
-  readonly connection: string | IORedis;
+  readonly connection: string | RedisConnection;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
   /** the tick, FLEET_SWEEP_EVERY_S */
@@ -83,9 +83,10 @@ export interface EnsureSweepSchedulerResult {
 export async function ensureSweepScheduler(options: EnsureSweepSchedulerOptions): Promise<EnsureSweepSchedulerResult> {
   const everyMs = Math.round(options.everyS * 1000);
   if (!Number.isFinite(everyMs) || everyMs < 1000) throw new Error(`everyS must be at least 1, got ${options.everyS}`);
+  requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'ensureSweepScheduler');
   const log = (options.logger ?? silentLogger).child({ component: 'sweep-scheduler' });
   const owned = typeof options.connection === 'string' ? createRedis(options.connection, 'producer', 'lifecycle-fleet-scheduler') : null;
-  const redis = owned ?? (options.connection as IORedis);
+  const redis = owned ?? (options.connection as RedisConnection);
   const queue = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix: options.prefix ?? 'fleet', skipWaitingForReady: true });
   queue.on('error', () => undefined); // errors surface on the calls below
   try {
@@ -150,7 +151,7 @@ async function hasPendingIteration(queue: Queue, first: JobSchedulerJson): Promi
   return false;
 }
 
-async function acquireLock(redis: IORedis, key: string, token: string, ttlMs: number, waitMs: number): Promise<void> {
+async function acquireLock(redis: RedisConnection, key: string, token: string, ttlMs: number, waitMs: number): Promise<void> {
   const deadline = Date.now() + waitMs;
   for (;;) {
     if ((await redis.set(key, token, 'PX', ttlMs, 'NX')) === 'OK') return;
@@ -169,7 +170,7 @@ function tickOf(job: Job): string {
 
 export interface SweepWorkerOptions {
   /** a Redis URL (the worker owns its connections) or an ioredis connection with `maxRetriesPerRequest: null` */
-  readonly connection: string | IORedis;
+  readonly connection: string | RedisConnection;
   /** BullMQ key prefix (default `fleet`) */
   readonly prefix?: string;
   /** runs ticks and shards; a `Sweeper` */
@@ -206,25 +207,26 @@ export interface SweepWorkerOptions {
 export class SweepWorker {
   readonly worker: Worker<unknown, SweepResult | ShardReport>;
   private readonly log: Logger;
-  private readonly ownedConnection: IORedis | null;
+  private readonly ownedConnection: RedisConnection | null;
   private closing: Promise<void> | null = null;
   private recheckTimer: NodeJS.Timeout | null = null;
   private readonly redisWatch: ServerWatch;
   private rechecking: Promise<void> | null = null;
 
   constructor(private readonly options: SweepWorkerOptions) {
+    requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'SweepWorker');
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep-worker' });
     this.ownedConnection =
       typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
     this.worker = new Worker<unknown, SweepResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
-      connection: this.ownedConnection ?? (options.connection as IORedis),
+      connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       concurrency: Math.max(1, options.concurrency ?? 4),
       name: options.name ?? `${os.hostname()}:${process.pid}`,
       lockDuration: options.lockDurationMs ?? 30_000,
       autorun: false,
     });
-    const connection = this.ownedConnection ?? (options.connection as IORedis);
+    const connection = this.ownedConnection ?? (options.connection as RedisConnection);
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
     this.redisWatch = watch;
     this.worker.on('error', (err) => {
@@ -284,7 +286,7 @@ export class SweepWorker {
 
   private async probe(job: Job<ShardJobData, ShardReport>): Promise<ShardReport> {
     const data = job.data;
-    const connection = this.ownedConnection ?? (this.options.connection as IORedis);
+    const connection = this.ownedConnection ?? (this.options.connection as RedisConnection);
     const claimed = await connection.set(
       `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`,
       this.worker.opts.name ?? '',

@@ -4,7 +4,7 @@
  */
 import type { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
-import type IORedis from 'ioredis';
+import type { RedisConnection } from '../../src/queues/redis';
 import type { DataSource } from 'typeorm';
 import { loadConfig } from '../../src/config';
 import { buildHttpServer, type HttpDeps } from '../../src/http/server';
@@ -16,7 +16,7 @@ export interface TestHttpParts {
   readonly prefix: string;
   readonly dataSource: DataSource;
   readonly producer: LifecycleProducer;
-  readonly redis: IORedis;
+  readonly redis: RedisConnection;
   readonly maintenance: Queue;
 }
 

@@ -7,6 +7,7 @@ describe('configuration', () => {
     const config = loadConfig({});
     expect(config).to.deep.equal({
       redisUrl: null,
+      redisCluster: false,
       databaseUrl: null,
       prefix: 'fleet',
       publicEndpointUrl: null,
@@ -101,5 +102,41 @@ describe('configuration', () => {
       'FLEET_READY_WINDOW_S',
     ]);
     expect((error as Error).message).not.to.contain('hunter2');
+  });
+
+  describe('a Redis Cluster REDIS_URL', () => {
+    const problemsOf = (env: Record<string, string>): string[] => {
+      try {
+        loadConfig(env);
+      } catch (err) {
+        if (err instanceof ConfigError) return [...err.problems];
+        throw err;
+      }
+      return [];
+    };
+
+    it('takes seed nodes, defaults the prefix to {fleet} and keeps a hash-tag prefix', () => {
+      const config = loadConfig({ REDIS_URL: 'redis+cluster://fleet:pw@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/' });
+      expect(config).to.deep.include({ redisCluster: true, prefix: '{fleet}' });
+      expect(loadConfig({ REDIS_URL: 'rediss+cluster://h:7000', FLEET_PREFIX: 'acme-{builds}' }).prefix).to.equal('acme-{builds}');
+      expect(loadConfig({ REDIS_URL: 'redis://h:6379' }).redisCluster).to.equal(false);
+    });
+
+    it('refuses a prefix without a hash tag, naming FLEET_PREFIX and the rule', () => {
+      for (const prefix of ['fleet', '{}fleet', 'fleet{', 'a}b{']) {
+        const problems = problemsOf({ REDIS_URL: 'redis+cluster://h:7000', FLEET_PREFIX: prefix });
+        expect(problems, prefix).to.have.length(1);
+        expect(problems[0]).to.match(/^FLEET_PREFIX: .*hash tag/);
+      }
+    });
+
+    it('refuses a malformed node list, naming REDIS_URL, without echoing the password', () => {
+      for (const url of ['redis+cluster://u:hunter2@h1:7000,h2', 'redis+cluster://u:hunter2@h1:70000', 'redis+cluster://u:hunter2@h1:7000/2', 'redis+cluster://']) {
+        const problems = problemsOf({ REDIS_URL: url });
+        expect(problems, url).to.have.length(1);
+        expect(problems[0]).to.match(/^REDIS_URL: a cluster URL/);
+        expect(problems[0]).not.to.contain('hunter2');
+      }
+    });
   });
 });

@@ -1,0 +1,198 @@
+/**
+ * The fleet on a Redis Cluster (issue 17, part 1): 3 masters with a replica each, REDIS_URL in the cluster form and
+ * a hash-tag prefix. The SDK producer, the lifecycle worker, the stamp buffer, the outbox relay, a consumer group,
+ * `fleet tail`, the sweep scheduler with its shard queue, and the HTTP intake's rate limit, all through the one
+ * connection factory; every key they leave lives in one slot.
+ */
+import { randomUUID } from 'node:crypto';
+import { expect } from 'chai';
+import { Queue, type Job } from 'bullmq';
+import { loadConfig } from '../../src/config';
+import { ConfigError } from '../../src/errors';
+import { LifecycleProducer } from '../../src/queues/producer';
+import { MAINTENANCE_QUEUE } from '../../src/queues/names';
+import { createRedis, describeRedis, isCluster, type RedisConnection } from '../../src/queues/redis';
+import { createStampBuffer, type StampBuffer } from '../../src/services/stamp-buffer';
+import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweepResult } from '../../src/services/sweep';
+import { TransitionService } from '../../src/services/transitions';
+import { TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
+import { OutboxRelay, transitionStreamKey } from '../../src/streams/outbox-relay';
+import { tail } from '../../src/cli/tail';
+import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
+import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
+import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { testHttpServer } from '../helpers/http';
+import { ReadyServer } from '../helpers/ready-server';
+import { OwnRedisCluster } from '../helpers/redis-cluster';
+import { uniquePrefix } from '../helpers/redis';
+import { waitFor } from '../helpers/wait';
+
+describe('Redis Cluster: the whole fleet under one hash tag', function () {
+  this.timeout(120_000);
+  let cluster: OwnRedisCluster;
+  let db: TestDatabase;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async () => {
+    cluster = await OwnRedisCluster.start();
+    db = await openTestDatabase(12);
+  });
+  after(async () => {
+    await db?.close();
+    await cluster?.stop();
+  });
+  afterEach(async () => {
+    for (const close of closers.splice(0).reverse()) await close();
+  });
+
+  /** Every key on any node, with the slot it hashes to. */
+  async function keysBySlot(match: string): Promise<Map<string, string[]>> {
+    const keys = new Set<string>();
+    for (const port of cluster.ports) {
+      for (const key of (await cluster.cli(port, '--raw', 'KEYS', match)).split('\n')) if (key !== '') keys.add(key);
+    }
+    const bySlot = new Map<string, string[]>();
+    for (const key of keys) {
+      const slot = await cluster.cli(cluster.ports[0] ?? 0, 'CLUSTER', 'KEYSLOT', key);
+      bySlot.set(slot, [...(bySlot.get(slot) ?? []), key]);
+    }
+    return bySlot;
+  }
+
+  it('configures a cluster by its seed nodes: the prefix defaults to {fleet}, and one without a hash tag is refused', () => {
+    expect(loadConfig({ REDIS_URL: cluster.url })).to.deep.include({ redisCluster: true, prefix: '{fleet}' });
+    expect(() => loadConfig({ REDIS_URL: cluster.url, FLEET_PREFIX: 'fleet' })).to.throw(ConfigError, /FLEET_PREFIX: .*hash tag/);
+    expect(() => new LifecycleProducer({ connection: cluster.url, prefix: 'fleet' })).to.throw(/hash tag/);
+  });
+
+  it('runs a lifecycle, the stream with a consumer group and tail, the sweep scheduler with shards, the stamp buffer and the intake', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const url = cluster.url;
+    const streamKey = transitionStreamKey(prefix);
+
+    const producer = new LifecycleProducer({ connection: url, prefix });
+    closers.push(() => producer.close());
+    const stampBuffer: StampBuffer = createStampBuffer({ redisUrl: url, dataSource: db.dataSource, prefix });
+    closers.push(() => stampBuffer.close());
+    const relay = new OutboxRelay({ databaseUrl: db.url, redis: url, streamKey, standbyRetryMs: 200 });
+    closers.push(() => relay.close());
+    relay.start();
+    const service = new TransitionService({ dataSource: db.dataSource, relay, stampBuffer });
+    const worker = new LifecycleWorker({ connection: url, prefix, service, stampBuffer, concurrency: 4 });
+    closers.push(() => worker.close(5000));
+    await worker.worker.waitUntilReady();
+
+    const consumed: TransitionEntry[] = [];
+    const consumer = new TransitionConsumer({ redis: url, streamKey, group: 'audit', consumer: 'c1', startId: '0', blockMs: 500, handler: (e) => void consumed.push(e) });
+    const consuming = consumer.run();
+    closers.push(async () => {
+      await consumer.close();
+      await consuming;
+    });
+
+    const tailed: string[] = [];
+    let stopTail = (): void => undefined;
+    const tailing = tail({ redisUrl: url, streamKey, from: '0', json: true, write: (line) => void tailed.push(line), stop: new Promise<void>((resolve) => (stopTail = resolve)) });
+    closers.push(async () => {
+      stopTail();
+      await tailing;
+    });
+
+    // the sweep: a scheduler ticking every second, its shards on the maintenance queue, stamps flushed each tick
+    const monitor = createRedis(url, 'worker', 'lifecycle-fleet-test-monitor');
+    expect(isCluster(monitor)).to.equal(true);
+    expect(describeRedis(monitor)).to.equal(`Redis Cluster at ${cluster.ports.map((p) => `127.0.0.1:${p}`).join(',')}`);
+    expect(describeRedis(monitor)).not.to.contain(cluster.password);
+    const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitor, prefix });
+    closers.push(async () => {
+      await maintenance.close();
+      monitor.disconnect();
+    });
+    const node = new ReadyServer('ok');
+    await node.listen();
+    closers.push(() => node.close());
+    const sweeper = new Sweeper({
+      dataSource: db.dataSource,
+      producer,
+      shardQueue: maintenance,
+      flushStamps: async (now) => (await stampBuffer.flush(now)).stamped,
+      everyS: 1,
+      readyWindowS: 120,
+      probeBudgetMs: 1000,
+    });
+    const sweep = new SweepWorker({ connection: url, prefix, sweeper, everyS: 1, recheckEveryMs: 0 });
+    closers.push(() => sweep.close(5000));
+    expect((await sweep.start()).action).to.equal('created');
+
+    const settle = async (jobId: string): Promise<Job> =>
+      waitFor(`job ${jobId} to complete`, async () => {
+        const state = await producer.queue.getJobState(jobId);
+        if (state === 'failed') throw new Error(`job ${jobId} failed`);
+        return state === 'completed' ? producer.queue.getJob(jobId) : undefined;
+      }, 30_000);
+    const outcome = async (jobId: string): Promise<unknown> => ((await settle(jobId)).returnvalue as { outcome?: unknown }).outcome;
+
+    const deploymentId = randomUUID();
+    const attemptId = randomUUID();
+    expect(await outcome((await producer.createDeployment({ deploymentId, name: 'web' })).jobId)).to.equal('applied');
+    expect(await outcome((await producer.createAttempt({ deploymentId, attemptId })).jobId)).to.equal('applied');
+    expect(await outcome((await producer.startAttempt({ deploymentId, attemptId })).jobId)).to.equal('applied');
+
+    // a heartbeat waits in the stamp buffer (under the prefix's slot) until a tick writes it to PostgreSQL
+    await settle((await producer.heartbeat({ deploymentId, attemptId })).jobId);
+    const heartbeatAt = await waitFor('a tick to flush the heartbeat', async () => {
+      const [row] = await db.dataSource.query<Array<{ last_heartbeat_at: Date | null }>>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [attemptId]);
+      return row?.last_heartbeat_at ?? undefined;
+    }, 30_000);
+    expect(heartbeatAt).to.be.instanceOf(Date);
+
+    const endpoint = { url: `${node.url}/e/1`, kind: 'node_port' as const };
+    expect(await outcome((await producer.endAttempt({ deploymentId, attemptId, outcome: 'succeeded', endpoint })).jobId)).to.equal('applied');
+    const [deployment] = await db.dataSource.query<Array<{ state: string; version: number }>>(`SELECT state, version FROM deployments WHERE id = $1`, [deploymentId]);
+    expect(deployment).to.deep.equal({ state: 'ready', version: 4 });
+
+    // the relay appended the four transitions in order; the group and tail read them in that order
+    const expected = [
+      { version: 1, to: 'pending' },
+      { version: 2, to: 'pending' },
+      { version: 3, to: 'deploying' },
+      { version: 4, to: 'ready' },
+    ];
+    await waitFor('the consumer group to read four entries', () => (consumed.length >= 4 ? true : undefined), 30_000);
+    expect(consumed.map((e) => ({ version: e.version, to: e.to }))).to.deep.equal(expected);
+    expect(consumed.every((e) => e.deploymentId === deploymentId)).to.equal(true);
+    const ids = consumed.map((e) => e.streamId);
+    expect(await monitor.xlen(streamKey)).to.equal(4);
+    await waitFor('tail to print four entries', () => (tailed.length >= 4 ? true : undefined), 30_000);
+    expect(tailed.map((l) => JSON.parse(l) as TransitionEntry).map((e) => e.streamId)).to.deep.equal(ids);
+
+    // ticks ran as jobs; one probed the new endpoint through a shard job
+    const done = async () => (await maintenance.getJobs(['completed'], 0, -1)) as Array<Job<unknown, SweepResult | ShardReport>>;
+    await waitFor('a probe shard to complete', async () => ((await done()).some((j) => j.name === PROBE_JOB_NAME) ? true : undefined), 30_000);
+    const jobs = await done();
+    expect(jobs.some((j) => j.name === SWEEP_JOB_NAME)).to.equal(true);
+    expect(jobs.filter((j) => j.name === PROBE_JOB_NAME).some((j) => (j.returnvalue as ShardReport).stamped === 1)).to.equal(true);
+    expect(node.requests).to.include('/e/1/ready');
+
+    // the HTTP intake, its rate-limit counters in the cluster
+    const counters: RedisConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-ratelimit');
+    closers.push(async () => counters.disconnect());
+    const app = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis: counters, maintenance }, { FLEET_EVENTS_RATE_LIMIT: '50' }, { rateLimitRedis: counters });
+    closers.push(() => app.close());
+    const second = randomUUID();
+    const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId: second, name: 'api' } } });
+    expect(res.statusCode).to.equal(202);
+    expect((await app.inject({ method: 'GET', url: '/readyz' })).statusCode).to.equal(200);
+    await waitFor('the intake event to apply', async () => {
+      const [row] = await db.dataSource.query<Array<{ state: string }>>(`SELECT state FROM deployments WHERE id = $1`, [second]);
+      return row?.state === 'pending' ? true : undefined;
+    }, 30_000);
+
+    // every key the fleet made is in the prefix's one slot
+    const bySlot = await keysBySlot(`${prefix}*`);
+    const all = [...bySlot.values()].flat();
+    expect(all).to.include.members([streamKey, `${prefix}:lifecycle:meta`, `${prefix}:maintenance:meta`]);
+    expect(all.some((k) => k.startsWith(`${prefix}:ratelimit:`))).to.equal(true);
+    expect([...bySlot.keys()], all.join(', ')).to.have.length(1);
+  });
+});

@@ -6,11 +6,9 @@
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
 import type { RedisConnection } from './redis';
-import { Cluster } from 'ioredis';
-import type IORedis from 'ioredis';
 import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
-import { createRedis, requireSlotPrefix } from './redis';
+import { connectionForKey, createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
@@ -79,8 +77,8 @@ export class LifecycleProducer {
   private readonly endpointAllow: EndpointAllowList | null;
   private readonly connection: RedisConnection;
   private readonly prefix: string;
-  /** on a cluster: the slot every key of this prefix hashes to (asked once) */
-  private slot: number | null = null;
+  /** on a cluster: the slot of the queue's keys (asked once) */
+  private readonly slots = new Map<string, number>();
   private readonly durable: { readonly replicas: number; readonly timeoutMs: number } | null;
   private closing: Promise<void> | null = null;
 
@@ -145,22 +143,9 @@ export class LifecycleProducer {
   private async awaitReplicas(eventId: string): Promise<void> {
     if (this.durable === null) return;
     const { replicas, timeoutMs } = this.durable;
-    const acknowledged = Number(await (await this.writer()).call('WAIT', replicas, timeoutMs));
+    const writer = await connectionForKey(this.connection, `${this.prefix}:${LIFECYCLE_QUEUE}`, this.slots);
+    const acknowledged = Number(await writer.call('WAIT', replicas, timeoutMs));
     if (acknowledged < replicas) throw new DurabilityError(eventId, replicas, acknowledged, timeoutMs);
-  }
-
-  /**
-   * The connection the queue's writes went over: the producer's own, or on a cluster the node connection of the
-   * master that serves this prefix's slot (one slot: the prefix's hash tag). WAIT counts that connection's writes.
-   */
-  private async writer(): Promise<IORedis> {
-    const connection = this.connection;
-    if (!(connection instanceof Cluster)) return connection;
-    this.slot ??= Number(await connection.call('CLUSTER', 'KEYSLOT', `${this.prefix}:${LIFECYCLE_QUEUE}`));
-    const owner = connection.slots[this.slot]?.[0];
-    const node = connection.nodes('master').find((n) => `${n.options.host ?? ''}:${n.options.port ?? ''}` === owner);
-    if (node === undefined) throw new Error(`durable enqueue: no master known for slot ${this.slot} (${owner ?? 'unassigned'})`);
-    return node;
   }
 
   createDeployment(input: EventInput<'deployment.create'>) {

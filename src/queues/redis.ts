@@ -77,6 +77,24 @@ export function isCluster(redis: RedisConnection): redis is Cluster {
 }
 
 /**
+ * The connection a key's writes travel on: the connection itself, or on a cluster the connection to the master that
+ * serves the key's slot (the one the cluster client routes that key's commands over). Redis `WAIT` counts the writes
+ * of the connection it is sent on, so a durable write waits there. `slots` caches the slot per key.
+ */
+export async function connectionForKey(redis: RedisConnection, key: string, slots: Map<string, number>): Promise<IORedis> {
+  if (!(redis instanceof Cluster)) return redis;
+  let slot = slots.get(key);
+  if (slot === undefined) {
+    slot = Number(await redis.call('CLUSTER', 'KEYSLOT', key));
+    slots.set(key, slot);
+  }
+  const owner = redis.slots[slot]?.[0];
+  const node = redis.nodes('master').find((n) => `${n.options.host ?? ''}:${n.options.port ?? ''}` === owner);
+  if (node === undefined) throw new Error(`no master known for slot ${slot} (${owner ?? 'unassigned'})`);
+  return node;
+}
+
+/**
  * Refuses a Redis Cluster connection with a prefix whose keys would spread over slots (BullMQ's scripts and ours
  * touch several keys of one prefix at once, which a cluster allows only within one slot).
  */

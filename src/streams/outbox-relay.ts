@@ -25,7 +25,7 @@ import { createHash } from 'node:crypto';
 import { Client } from 'pg';
 import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
-import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 
 /** The advisory lock the active relay holds. */
@@ -135,6 +135,8 @@ export class OutboxRelay {
    * appends until they are; dropped like `unmarked` (so republished) on a reconnect or a reconcile.
    */
   private unreplicated: { ids: string[]; streamIds: string[] } | null = null;
+  /** on a cluster: the stream key's slot (asked once) */
+  private readonly slots = new Map<string, number>();
   /** the last WAIT fell short (one warning per episode) */
   private replicasBehind = false;
   private published = 0;
@@ -355,7 +357,8 @@ export class OutboxRelay {
   private async replicated(): Promise<boolean> {
     const durable = this.options.durable;
     if (durable == null) return true;
-    const acknowledged = Number(await this.redis.call('WAIT', durable.replicas, durable.timeoutMs));
+    const writer = await connectionForKey(this.redis, this.options.streamKey, this.slots);
+    const acknowledged = Number(await writer.call('WAIT', durable.replicas, durable.timeoutMs));
     if (acknowledged >= durable.replicas) {
       if (this.replicasBehind) this.log.info({ replicas: durable.replicas }, 'stream entries reach their replicas again: publishing resumes');
       this.replicasBehind = false;

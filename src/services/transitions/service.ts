@@ -47,7 +47,10 @@ export interface TransitionHooks {
 export interface ApplyOptions {
   /** used as the eventId when the payload carries none (the BullMQ jobId) */
   readonly fallbackEventId?: string;
-  /** when the event was produced (the job's timestamp): the time a heartbeat or readiness stamp records */
+  /**
+   * when the event was produced (the job's timestamp): the time an orphan or expiry is judged as of (capped at the
+   * service's clock). Stamps do not use it: they record the service's clock when they are processed.
+   */
   readonly producedAt?: Date;
 }
 
@@ -122,9 +125,9 @@ export class TransitionService {
     assertEndpointAllowed(event.data, this.endpointAllow);
     switch (event.name) {
       case 'attempt.heartbeat':
-        return this.stamps.heartbeat(event, options.producedAt);
+        return this.stamps.heartbeat(event);
       case 'deployment.readiness':
-        return this.stamps.readiness(event, options.producedAt);
+        return this.stamps.readiness(event);
       default:
         return this.transition(event, options.producedAt);
     }
@@ -137,8 +140,9 @@ export class TransitionService {
       await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
     }
     // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
-    // to its tick), so that heartbeats that waited behind it in a backlog still count
-    const declared = (producedAt ?? this.now()).getTime();
+    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Never
+    // later than our clock: a declaring host whose clock runs ahead cannot make a live attempt look dead.
+    const declared = Math.min((producedAt ?? this.now()).getTime(), this.now().getTime());
     const machineEvent = toMachineEvent(event, {
       deadBefore: new Date(declared - this.orphanAfterMs),
       startedBefore: new Date(declared - this.progressDeadlineMs),

@@ -63,11 +63,12 @@ export class FleetClock {
   }
 
   /**
-   * Takes the first sample (retrying until Redis answers: a process cannot decide times before it knows the
-   * offset), then samples every `everyMs` until `close()`.
+   * Takes the first sample (a process cannot decide times before it knows the offset), then samples every `everyMs`
+   * until `close()`. A Redis that does not answer fails the start with its error, as it fails every other
+   * component's start; an answer too slow to trust is asked again after `retryMs`.
    */
   async start(retryMs = 1000): Promise<void> {
-    while (!this.closed && !(await this.sample())) {
+    while (!this.closed && !(await this.take())) {
       await new Promise<void>((resolve) => setTimeout(resolve, retryMs).unref());
     }
     if (this.closed || this.timer !== null) return;
@@ -92,17 +93,22 @@ export class FleetClock {
    * offset (and is logged once per outage).
    */
   async sample(): Promise<boolean> {
-    const sent = this.local();
-    let reply: Array<number | string>;
     try {
-      reply = await this.redis.time();
+      const taken = await this.take();
+      this.away = false;
+      return taken;
     } catch (err) {
       if (!this.away) this.log.warn({ reason: (err as Error).message }, 'fleet clock: Redis TIME did not answer; keeping the last offset');
       this.away = true;
       return false;
     }
+  }
+
+  /** One sample: true when folded in, false when too slow to trust; throws Redis's error. */
+  private async take(): Promise<boolean> {
+    const sent = this.local();
+    const reply = await this.redis.time();
     const received = this.local();
-    this.away = false;
     const roundTripMs = received - sent;
     if (roundTripMs > this.maxRoundTripMs) return false;
     const redisMs = Number(reply[0]) * 1000 + Number(reply[1]) / 1000;

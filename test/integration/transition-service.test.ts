@@ -330,20 +330,6 @@ describe('transition service (PostgreSQL)', () => {
     });
   });
 
-  it('judges an orphan declared on a clock that runs ahead as of its own clock: a live attempt stays alive', async () => {
-    const deploymentId = await created();
-    const attemptId = randomUUID();
-    await service.apply('attempt.create', { deploymentId, attemptId, eventId: `oc-${attemptId}` });
-    await service.apply('attempt.start', { deploymentId, attemptId, eventId: `os-${attemptId}` });
-    clock = new Date('2026-11-23T12:01:00.000Z'); // 60 s since the start: alive under the 90 s threshold
-    const declaredAhead = { producedAt: new Date('2026-11-23T12:06:00.000Z') }; // the declaring host is 5 min ahead
-    const early = await service.apply('attempt.orphaned', { deploymentId, attemptId, eventId: 'o-ahead', actor: 'sweep' }, declaredAhead);
-    expect(early).to.deep.include({ outcome: 'noop', reason: 'alive' });
-    clock = new Date('2026-11-23T12:01:31.000Z');
-    const due = await service.apply('attempt.orphaned', { deploymentId, attemptId, eventId: 'o-ahead', actor: 'sweep' }, declaredAhead);
-    expect(due).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
-  });
-
   it('stamps heartbeats and readiness without bumping the version, never backwards', async () => {
     const deploymentId = await created();
     const attemptId = randomUUID();

@@ -48,8 +48,8 @@ export interface ApplyOptions {
   /** used as the eventId when the payload carries none (the BullMQ jobId) */
   readonly fallbackEventId?: string;
   /**
-   * when the event was produced (the job's timestamp): the time an orphan or expiry is judged as of (capped at the
-   * service's clock). Stamps do not use it: they record the service's clock when they are processed.
+   * when the event was produced (the job's timestamp): the time an orphan or expiry is judged as of. Stamps do not
+   * use it: they record the service's clock when they are processed.
    */
   readonly producedAt?: Date;
 }
@@ -140,9 +140,10 @@ export class TransitionService {
       await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
     }
     // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
-    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Never
-    // later than our clock: a declaring host whose clock runs ahead cannot make a live attempt look dead.
-    const declared = Math.min((producedAt ?? this.now()).getTime(), this.now().getTime());
+    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Not capped
+    // at our clock: a declaration is a trusted actor's (the sweep, `events:admin`), and the chaos workload dates its
+    // own ahead on purpose (chaos/sender.ts, declaredAt)
+    const declared = (producedAt ?? this.now()).getTime();
     const machineEvent = toMachineEvent(event, {
       deadBefore: new Date(declared - this.orphanAfterMs),
       startedBefore: new Date(declared - this.progressDeadlineMs),

@@ -2,7 +2,8 @@
  * The composition root: builds the long-lived components in start order and closes them in reverse.
  * Nothing else wires components together.
  *
- * Start order: database -> producer -> relay -> sweep -> lifecycle worker -> HTTP.
+ * Start order: database -> producer -> fleet clock -> relay -> sweep -> lifecycle worker -> HTTP.
+ * Every component that reads a time reads the fleet clock (Redis's time, src/queues/fleet-clock.ts).
  * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
  * its tick, the relay publishes what the last jobs committed, then the connections close.
  */
@@ -18,6 +19,7 @@ import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
+import { FleetClock } from './queues/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
 import { createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
@@ -115,6 +117,16 @@ export async function startFleet(
       durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
     });
     closers.push(() => producer.close());
+    // the one clock of the fleet: Redis's time. Its own fail-fast connection, so a sample never waits for a reconnect.
+    const clockRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-clock');
+    const clock = new FleetClock({ redis: clockRedis, logger });
+    closers.push(async () => {
+      clock.close();
+      clockRedis.disconnect();
+    });
+    await clock.start();
+    logger.info({ offsetMs: Math.round(clock.offset ?? 0) }, 'fleet clock: Redis time minus this host\'s');
+    const now = clock.now;
     // heartbeat and readiness stamps wait in Redis until the tick writes them in batches; it closes after the
     // worker, the sweep and HTTP (closers run in reverse)
     const stampBuffer = createStampBuffer({ redisUrl: endpoints.redisUrl, dataSource, prefix: config.prefix, logger });
@@ -163,6 +175,7 @@ export async function startFleet(
     // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
     const service = new TransitionService({
       dataSource,
+      now,
       logger,
       relay: relay ?? undefined,
       endpointAllow: config.endpointAllow,
@@ -178,6 +191,7 @@ export async function startFleet(
     if (roles.sweep ?? true) {
       const sweeper = new Sweeper({
         dataSource,
+        now,
         pgWatch,
         producer,
         shardQueue: maintenance,
@@ -234,6 +248,7 @@ export async function startFleet(
       rateLimitRedis.on('error', () => undefined);
       closers.push(async () => rateLimitRedis.disconnect());
       const app = await buildHttpServer({
+        now,
         tokens,
         rateLimitRedis,
         config,

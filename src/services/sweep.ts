@@ -14,8 +14,8 @@
  *    (one warn line, and the counts in its result and metrics).
  * 2. Orphans: first the buffered heartbeats are written (`flushStamps`), then running attempts whose last heartbeat
  *    (or start, if none) is older than FLEET_ORPHAN_AFTER_S get an `attempt.orphaned` lifecycle job, declared as of
- *    the tick (the job's timestamp); the worker applies it only if no heartbeat produced since the cutoff has
- *    arrived meanwhile (else a noop `alive`).
+ *    the tick (the job's timestamp, on the fleet clock); the worker applies it only if no heartbeat stamped since
+ *    the cutoff has arrived meanwhile (else a noop `alive`).
  * 3. Deadlines: running attempts started more than FLEET_PROGRESS_DEADLINE_S ago get `attempt.expired`.
  *
  * Orphans and deadlines only enqueue ordinary lifecycle jobs with the SDK's deterministic eventIds; the lifecycle

@@ -82,6 +82,21 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     return service.apply(name, { eventId: `${name}.${randomUUID()}`, ...data }, producedAt === undefined ? {} : { producedAt });
   }
 
+  /**
+   * A heartbeat or readiness job processed while the service's clock reads `processedAt`: the time it records (a
+   * stamp is the processing worker's fleet-clock time, never the producer's). The clock is put back after, so the
+   * calls model stamps processed out of order (workers whose clock estimates differ by a little, redeliveries).
+   */
+  async function stampAt(name: 'attempt.heartbeat' | 'deployment.readiness', data: Record<string, unknown>, processedAt: Date) {
+    const saved = clock.now();
+    clock.at(processedAt, 0);
+    try {
+      return await apply(name, data);
+    } finally {
+      clock.at(saved, 0);
+    }
+  }
+
   /** A deployment with a running attempt (started at the clock's time). */
   async function running(): Promise<{ deploymentId: string; attemptId: string }> {
     const ids = { deploymentId: randomUUID(), attemptId: randomUUID() };
@@ -114,10 +129,10 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     clock.at(T0, 100);
     const times = [40, 90, 10, 70, 30];
     for (const a of attempts) {
-      for (const s of times) expect(await apply('attempt.heartbeat', a, at(s))).to.deep.include({ outcome: 'noop', reason: 'buffered' });
+      for (const s of times) expect(await stampAt('attempt.heartbeat', a, at(s))).to.deep.include({ outcome: 'noop', reason: 'buffered' });
     }
     for (const s of [50, 95, 20]) {
-      expect(await apply('deployment.readiness', { deploymentId: r.deploymentId }, at(s))).to.deep.include({ reason: 'buffered' });
+      expect(await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(s))).to.deep.include({ reason: 'buffered' });
     }
     // a producer's clock ahead of ours: stamped at our time, never in the future
     expect(await apply('deployment.readiness', { deploymentId: r.deploymentId, observedAt: at(500).toISOString() })).to.deep.include({
@@ -143,7 +158,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
   it('never orphans an attempt whose latest heartbeat is still in the buffer', async () => {
     const a = await running(); // started at +0, no heartbeat in PostgreSQL
     clock.at(T0, 100);
-    expect(await apply('attempt.heartbeat', a, at(60))).to.deep.include({ reason: 'buffered' });
+    expect(await stampAt('attempt.heartbeat', a, at(60))).to.deep.include({ reason: 'buffered' });
     expect(await heartbeatAt(a.attemptId), 'only in Redis').to.equal(null);
 
     // the sweep declared it at +100 from PostgreSQL's view (liveness +0, over 90 s old)
@@ -202,7 +217,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     const a = await running();
     const b = await running();
     clock.at(T0, 100);
-    await apply('attempt.heartbeat', a, at(50));
+    await stampAt('attempt.heartbeat', a, at(50));
     let raced = false;
     const racing = newBuffer({
       hooks: {
@@ -210,8 +225,8 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
           if (raced) return;
           raced = true;
           // the flush has read +50 and written it; meanwhile newer heartbeats arrive
-          await apply('attempt.heartbeat', a, at(80));
-          await apply('attempt.heartbeat', b, at(85));
+          await stampAt('attempt.heartbeat', a, at(80));
+          await stampAt('attempt.heartbeat', b, at(85));
         },
       },
     });
@@ -236,9 +251,9 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     // an attempt named with the wrong deployment is as good as absent
     const mismatched = { attemptId: (await running()).attemptId, deploymentId: randomUUID() };
 
-    for (const x of [later, never, pending, mismatched]) await apply('attempt.heartbeat', x, at(0));
-    await apply('deployment.readiness', { deploymentId: neverDeployment }, at(0));
-    await apply('deployment.readiness', { deploymentId: pending.deploymentId }, at(0));
+    for (const x of [later, never, pending, mismatched]) await stampAt('attempt.heartbeat', x, at(0));
+    await stampAt('deployment.readiness', { deploymentId: neverDeployment }, at(0));
+    await stampAt('deployment.readiness', { deploymentId: pending.deploymentId }, at(0));
 
     clock.at(T0, 10);
     expect(await buffer.flush(clock.now())).to.deep.include({ heartbeats: 4, readiness: 2, stamped: 0, dropped: 2, kept: 4 });
@@ -262,8 +277,8 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
   it('serves a buffered readiness stamp at once (the read model and dispatch overlay it), and PostgreSQL\'s alone when Redis is away', async () => {
     const r = await ready(); // last_ready_at +0
     clock.at(T0, 100);
-    await apply('deployment.readiness', { deploymentId: r.deploymentId }, at(90));
-    await apply('attempt.heartbeat', r, at(95)); // the attempt has ended: not overlaid
+    await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(90));
+    await stampAt('attempt.heartbeat', r, at(95)); // the attempt has ended: not overlaid
     const view = await getDeployment(db.dataSource, r.deploymentId, { stampBuffer: buffer });
     expect(view?.lastReadyAt).to.equal(at(90).toISOString());
     expect(view?.currentAttempt?.lastHeartbeatAt).to.equal(null);

@@ -358,7 +358,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
   });
 
   describe('through the lifecycle worker', () => {
-    /** Starts at a fixed second a day in the past, so heartbeat jobs (stamped min(job time, clock)) stamp the clock. */
+    /**
+     * Starts at a fixed second a day in the past: every stamp and declaration is on this clock (a heartbeat records
+     * the clock when it is processed), and the jobs' real timestamps, a day later, count for nothing.
+     */
     function pastClock(): { t0: Date; clock: ManualClock } {
       const t0 = new Date(Math.floor(Date.now() / 1000) * 1000 - 24 * 3600 * 1000);
       return { t0, clock: new ManualClock(t0) };
@@ -389,8 +392,11 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       expect((await sweep.sweep()).orphaned).to.equal(1);
       const firstId = `attempt.orphaned.${a.attemptId}.${t0.getTime()}`;
       expect(await producer.queue.getJobState(firstId)).to.equal('waiting');
-      // a heartbeat produced before the sweep ran, applied after it declared the orphan (it waited in a backlog)
+      // a heartbeat produced before the sweep ran, applied after it declared the orphan (it waited in a backlog): it
+      // records when it was processed (t0 + 100 s), not when it was produced
       expect(await service.apply('attempt.heartbeat', { ...a, eventId: 'hb-1' }, { producedAt: new Date(t0.getTime() + 95_000) })).to.deep.include({ reason: 'stamped' });
+      const [stamp] = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = $1`, [a.attemptId]);
+      expect(stamp?.at.getTime()).to.equal(t0.getTime() + 100_000);
       startWorker(service);
       const declared = await settledOne(firstId);
       expect(declared.returnvalue).to.deep.include({ outcome: 'noop', reason: 'alive' });
@@ -399,11 +405,11 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       expect(await db.dataSource.query(`SELECT 1 FROM processed_events WHERE event_id = $1`, [firstId])).to.have.length(0);
 
       // then the runner really goes silent: the next declaration has an id of its own, and applies
-      clock.at(t0, 185);
+      clock.at(t0, 190);
       expect((await sweep.sweep()).orphaned, 'exactly 90 s after the heartbeat: not yet').to.equal(0);
-      clock.at(t0, 186);
+      clock.at(t0, 191);
       expect((await sweep.sweep()).orphaned).to.equal(1);
-      const second = await settledOne(`attempt.orphaned.${a.attemptId}.${t0.getTime() + 95_000}`);
+      const second = await settledOne(`attempt.orphaned.${a.attemptId}.${t0.getTime() + 100_000}`);
       expect(second.returnvalue).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
       expect(await stateOf(a.deploymentId)).to.deep.equal({ state: 'unknown', status: 'abandoned', reason: 'orphaned' });
     });
@@ -418,11 +424,15 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       clock.at(t0, 95);
       for (const x of alive) await producer.heartbeat(x);
       expect((await sweep.sweep()).orphaned).to.equal(4);
+      // the backlog drains later: the heartbeats record the time they are processed, which is after the tick
+      clock.at(t0, 97);
       startWorker(service, 1); // one at a time, in queue order: the heartbeats, then the declarations behind them
       const jobs = await settled(attempts.map((x) => `attempt.orphaned.${x.attemptId}.${t0.getTime()}`));
       expect(jobs.map((j) => (j.returnvalue as { reason: string }).reason)).to.deep.equal(['orphaned', 'alive', 'alive', 'alive']);
       expect(await stateOf(dead.deploymentId)).to.deep.include({ state: 'unknown' });
       for (const x of alive) expect(await stateOf(x.deploymentId)).to.deep.include({ state: 'deploying', status: 'running' });
+      const stamps = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = ANY($1)`, [alive.map((x) => x.attemptId)]);
+      expect(stamps.map((r) => r.at.getTime())).to.deep.equal(alive.map(() => t0.getTime() + 97_000));
     });
 
     it('declares again an expiry that a worker with another setting answered not_due, once a worker agrees', async () => {

@@ -340,12 +340,15 @@ describe('transition service (PostgreSQL)', () => {
     const { version } = await counts(deploymentId);
 
     clock = new Date('2026-11-23T12:05:00.000Z');
-    const hb = await service.apply('attempt.heartbeat', { deploymentId, attemptId, eventId: 'hb1' }, { producedAt: new Date('2026-11-23T12:04:59.000Z') });
+    // the stamp is the service's clock when it is processed, not the job's timestamp (the producer's clock, here
+    // two minutes behind)
+    const hb = await service.apply('attempt.heartbeat', { deploymentId, attemptId, eventId: 'hb1' }, { producedAt: new Date('2026-11-23T12:03:00.000Z') });
     expect(hb).to.deep.include({ outcome: 'noop', reason: 'stamped' });
-    // a late, redelivered older heartbeat does not move the stamp back
-    await service.apply('attempt.heartbeat', { deploymentId, attemptId, eventId: 'hb2' }, { producedAt: new Date('2026-11-23T12:01:00.000Z') });
+    // a heartbeat processed by a worker whose clock reads earlier does not move the stamp back
+    clock = new Date('2026-11-23T12:04:59.000Z');
+    await service.apply('attempt.heartbeat', { deploymentId, attemptId, eventId: 'hb2' });
     const [a] = await q<{ last_heartbeat_at: Date }>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [attemptId]);
-    expect(a?.last_heartbeat_at.toISOString()).to.equal('2026-11-23T12:04:59.000Z');
+    expect(a?.last_heartbeat_at.toISOString()).to.equal('2026-11-23T12:05:00.000Z');
 
     expect(await service.apply('deployment.readiness', { deploymentId, eventId: 'r0' })).to.deep.include({ reason: 'not_ready' });
     await service.apply('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', eventId: `he-${attemptId}` });

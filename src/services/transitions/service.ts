@@ -47,7 +47,10 @@ export interface TransitionHooks {
 export interface ApplyOptions {
   /** used as the eventId when the payload carries none (the BullMQ jobId) */
   readonly fallbackEventId?: string;
-  /** when the event was produced (the job's timestamp): the time a heartbeat or readiness stamp records */
+  /**
+   * when the event was produced (the job's timestamp): the time an orphan or expiry is judged as of. Stamps do not
+   * use it: they record the service's clock when they are processed.
+   */
   readonly producedAt?: Date;
 }
 
@@ -122,9 +125,9 @@ export class TransitionService {
     assertEndpointAllowed(event.data, this.endpointAllow);
     switch (event.name) {
       case 'attempt.heartbeat':
-        return this.stamps.heartbeat(event, options.producedAt);
+        return this.stamps.heartbeat(event);
       case 'deployment.readiness':
-        return this.stamps.readiness(event, options.producedAt);
+        return this.stamps.readiness(event);
       default:
         return this.transition(event, options.producedAt);
     }
@@ -137,7 +140,9 @@ export class TransitionService {
       await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
     }
     // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
-    // to its tick), so that heartbeats that waited behind it in a backlog still count
+    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Not capped
+    // at our clock: a declaration is a trusted actor's (the sweep, `events:admin`), and the chaos workload dates its
+    // own ahead on purpose (chaos/sender.ts, declaredAt)
     const declared = (producedAt ?? this.now()).getTime();
     const machineEvent = toMachineEvent(event, {
       deadBefore: new Date(declared - this.orphanAfterMs),

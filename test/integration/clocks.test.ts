@@ -1,0 +1,197 @@
+/**
+ * Clocks that disagree (issue 17, part 6). Processes run under Debian's `faketime` with their clocks minutes off:
+ *
+ * - a producer whose clock is 120 s behind (and one 120 s ahead) enqueues an attempt's heartbeats through the SDK
+ *   every 10 s of fleet time; the lifecycle worker, the stamp buffer and the sweep run in this process on one
+ *   injected clock (the fleet clock's place: every component reads its time from there) with a 90 s orphan
+ *   threshold. Over six minutes no tick declares the live attempt orphaned; once its heartbeats stop, it is orphaned
+ *   within the threshold plus one tick.
+ * - a process whose clock is 300 s behind reads the fleet clock within 1 s of Redis's TIME.
+ *
+ * Time passes by moving the injected clock, never by sleeping. Without `faketime` the suite is skipped, saying so.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
+import * as readline from 'node:readline';
+import { expect } from 'chai';
+import type IORedis from 'ioredis';
+import { LifecycleProducer } from '../../src/queues/producer';
+import { StampBuffer } from '../../src/services/stamp-buffer';
+import { Sweeper } from '../../src/services/sweep';
+import { TransitionService } from '../../src/services/transitions';
+import { Database } from '../../src/entities/sql';
+import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
+import { repoRoot } from '../../src/util';
+import { ManualClock } from '../helpers/clock';
+import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { testEnv } from '../helpers/env';
+import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { waitFor } from '../helpers/wait';
+
+const FIXTURES = path.join(repoRoot(), 'dist', 'test', 'fixtures');
+const HAVE_FAKETIME = spawnSync('faketime', ['-f', '+0s', 'true']).status === 0;
+const ORPHAN_AFTER_S = 90;
+const TICK_S = 10;
+
+/** A child process that answers in JSON lines. */
+class LineChild {
+  private readonly lines: AsyncIterator<string>;
+  private stderr = '';
+
+  constructor(readonly child: ChildProcess) {
+    if (child.stdout === null || child.stderr === null) throw new Error('spawn with piped stdout and stderr');
+    this.lines = readline.createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+    child.stderr.on('data', (chunk: Buffer) => (this.stderr += chunk.toString()));
+  }
+
+  async next<T>(): Promise<T> {
+    const line = await this.lines.next();
+    if (line.done === true) throw new Error(`the child exited without answering: ${this.stderr}`);
+    return JSON.parse(line.value) as T;
+  }
+
+  send(line: string): void {
+    this.child.stdin?.write(`${line}\n`);
+  }
+
+  /** Ends its input (the fixture closes and exits), then SIGTERM if it has not exited within a second. */
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((resolve) => this.child.once('exit', resolve));
+    this.child.stdin?.end();
+    const kill = setTimeout(() => this.child.kill('SIGTERM'), 1000);
+    await exited;
+    clearTimeout(kill);
+  }
+}
+
+function underFaketime(skewS: number, fixture: string, env: Record<string, string>): LineChild {
+  const offset = `${skewS >= 0 ? '+' : ''}${skewS}s`;
+  return new LineChild(
+    spawn('faketime', ['-f', offset, process.execPath, path.join(FIXTURES, fixture)], {
+      env: { ...process.env, ...env },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    }),
+  );
+}
+
+async function redisTimeMs(redis: IORedis): Promise<number> {
+  const [s, us] = await redis.time();
+  return Number(s) * 1000 + Number(us) / 1000;
+}
+
+describe('clocks that disagree: hosts minutes off (faketime)', function () {
+  this.timeout(120_000);
+  let db: TestDatabase;
+  let redis: IORedis;
+  let prefix: string;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async function () {
+    if (!HAVE_FAKETIME) {
+      // never silently: the run says the clock tests did not run, and why
+      console.log('      SKIPPED: `faketime` is not installed (Debian: apt-get install faketime); the clock tests did not run');
+      this.skip();
+    }
+    db = await openTestDatabase(8);
+    redis = testRedis();
+  });
+  after(async () => {
+    redis?.disconnect();
+    await db?.close();
+  });
+  beforeEach(async () => {
+    await db.dataSource.query(`TRUNCATE deployments, attempts, state_transitions, outbox, processed_events`);
+    prefix = uniquePrefix();
+  });
+  afterEach(async () => {
+    for (const close of closers.splice(0).reverse()) await close();
+    await dropPrefix(prefix);
+  });
+
+  for (const skewS of [-120, 120]) {
+    it(`a producer ${Math.abs(skewS)} s ${skewS < 0 ? 'behind' : 'ahead'}, heartbeating every 10 s with a 90 s threshold: no false orphan; silenced, orphaned within threshold + one tick`, async () => {
+      // the fleet's clock starts at the real time, so the producer's job timestamps are really 120 s off it
+      const t0 = new Date(Math.floor(Date.now() / 1000) * 1000);
+      const clock = new ManualClock(t0);
+      const { redisUrl } = testEnv();
+      const buffer = new StampBuffer({ redis: redisUrl, db: new Database(db.dataSource), prefix });
+      closers.push(() => buffer.close());
+      const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, orphanAfterS: ORPHAN_AFTER_S, stampBuffer: buffer });
+      const worker = new LifecycleWorker({ connection: redisUrl, prefix, service, stampBuffer: buffer, concurrency: 4 });
+      closers.push(() => worker.close(5000));
+      const producer = new LifecycleProducer({ connection: redisUrl, prefix });
+      closers.push(() => producer.close());
+      const sweeper = new Sweeper({
+        dataSource: db.dataSource,
+        producer,
+        now: clock.now,
+        flushStamps: async (now) => (await buffer.flush(now)).stamped,
+        everyS: TICK_S,
+        readyWindowS: 120,
+        orphanAfterS: ORPHAN_AFTER_S,
+        progressDeadlineS: 1800,
+      });
+
+      const ids = { deploymentId: randomUUID(), attemptId: randomUUID() };
+      for (const [name, data] of [
+        ['deployment.create', { deploymentId: ids.deploymentId, name: 'web' }],
+        ['attempt.create', ids],
+        ['attempt.start', ids],
+      ] as const) {
+        expect(await service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` })).to.deep.include({ outcome: 'applied' });
+      }
+
+      const runner = underFaketime(skewS, 'heartbeat-producer.js', { REDIS_URL: redisUrl, FLEET_PREFIX: prefix, ...{ DEPLOYMENT_ID: ids.deploymentId, ATTEMPT_ID: ids.attemptId } });
+      closers.push(() => runner.stop());
+      const { ready } = await runner.next<{ ready: number }>();
+      expect((ready - Date.now()) / 1000, "the producer's clock is off").to.be.closeTo(skewS, 5);
+
+      // six minutes of fleet time: a heartbeat every 10 s, a sweep tick every 10 s
+      let orphaned = 0;
+      let lastBeat = t0;
+      for (let i = 0; i < 36; i++) {
+        lastBeat = clock.advance(TICK_S);
+        runner.send('beat');
+        const { jobId, timestamp } = await runner.next<{ jobId: string; timestamp: number }>();
+        expect((timestamp - Date.now()) / 1000, "the job's timestamp is the producer's clock").to.be.closeTo(skewS, 5);
+        const state = await waitFor(`heartbeat ${jobId} processed`, async () => {
+          const s = await producer.queue.getJobState(jobId);
+          return s === 'completed' || s === 'failed' ? s : undefined;
+        });
+        expect(state).to.equal('completed');
+        orphaned += (await sweeper.sweep()).orphaned;
+      }
+      expect(orphaned, 'false orphans').to.equal(0);
+      const [stamp] = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = $1`, [ids.attemptId]);
+      expect(stamp?.at.toISOString(), 'the last heartbeat records the fleet clock').to.equal(lastBeat.toISOString());
+
+      // the runner goes silent: the ticks go on
+      await runner.stop();
+      let declaredAt: Date | null = null;
+      while (declaredAt === null) {
+        const now = clock.advance(TICK_S);
+        expect((now.getTime() - lastBeat.getTime()) / 1000, 'orphaned within threshold + one tick').to.be.at.most(ORPHAN_AFTER_S + TICK_S);
+        if ((await sweeper.sweep()).orphaned === 1) declaredAt = now;
+      }
+      expect((declaredAt.getTime() - lastBeat.getTime()) / 1000).to.be.greaterThan(ORPHAN_AFTER_S);
+      await waitFor('the orphan applied', async () => {
+        const [row] = await db.dataSource.query<Array<{ state: string }>>(`SELECT state FROM deployments WHERE id = $1`, [ids.deploymentId]);
+        return row?.state === 'unknown' ? true : undefined;
+      });
+    });
+  }
+
+  it('a process whose clock is 300 s behind reads the fleet clock within 1 s of Redis TIME', async () => {
+    const child = underFaketime(-300, 'fleet-clock-process.js', { REDIS_URL: testEnv().redisUrl });
+    closers.push(() => child.stop());
+    const reported = await child.next<{ local: number; fleet: number; offset: number }>();
+    const redisNow = await redisTimeMs(redis);
+    expect((reported.local - Date.now()) / 1000, "the process's own clock is off").to.be.closeTo(-300, 5);
+    expect(reported.offset / 1000).to.be.closeTo(300, 5);
+    // read before the line reached us: at most Redis's now, and within 1 s of it
+    expect(reported.fleet).to.be.at.most(redisNow + 50);
+    expect(redisNow - reported.fleet).to.be.lessThan(1000);
+  });
+});

@@ -21,7 +21,7 @@ import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { FleetClock } from './queues/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
@@ -119,7 +119,9 @@ export async function startFleet(
     closers.push(() => producer.close());
     // the one clock of the fleet: Redis's time. Its own fail-fast connection, so a sample never waits for a reconnect.
     const clockRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-clock');
-    const clock = new FleetClock({ redis: clockRedis, logger });
+    // on a cluster every node has a clock of its own: ask the master that serves the fleet's slot, always
+    const slots = new Map<string, number>();
+    const clock = new FleetClock({ redis: { time: async () => (await connectionForKey(clockRedis, `${config.prefix}:clock`, slots)).time() }, logger });
     closers.push(async () => {
       clock.close();
       clockRedis.disconnect();

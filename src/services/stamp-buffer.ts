@@ -25,7 +25,8 @@ import type { DataSource } from 'typeorm';
 import { Database, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, requireSlotPrefix } from '../queues/redis';
-import { rejectAfter, sleep, UUID_PATTERN } from '../util';
+import { acquireLock, releaseLock } from '../queues/redis-lock';
+import { rejectAfter, UUID_PATTERN } from '../util';
 
 /** The Redis keys of a prefix's stamp buffer. */
 export function stampKeys(prefix: string): { readonly heartbeat: string; readonly readiness: string; readonly lock: string } {
@@ -130,8 +131,6 @@ for i = 1, #ARGV, 2 do
   end
 end
 return removed`;
-
-const RELEASE_LOCK = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 
 /** pairs removed per script call: one call holds Redis for a few milliseconds at most */
 const REMOVE_CHUNK = 5000;
@@ -279,7 +278,7 @@ export class StampBuffer {
       this.log.debug({ ...result, notRunningOrNotReady: notRunning.length, notFound: notFound.length, locked }, 'stamps flushed');
       return result;
     } finally {
-      if (locked) await this.redis.eval(RELEASE_LOCK, 1, this.keys.lock, token).catch(() => undefined);
+      if (locked) await releaseLock(this.redis, this.keys.lock, token);
     }
   }
 
@@ -383,16 +382,10 @@ export class StampBuffer {
 
   /** Takes the flush lock, waiting up to `lockWaitMs` for another process's flush; false: flush unlocked. */
   private async lock(token: string): Promise<boolean> {
-    const deadline = Date.now() + this.lockWaitMs;
-    for (;;) {
-      if ((await this.redis.set(this.keys.lock, token, 'PX', this.lockMs, 'NX')) === 'OK') return true;
-      if (Date.now() >= deadline) {
-        // a flush is idempotent: running beside another costs work, never correctness
-        this.log.debug({ lockWaitMs: this.lockWaitMs }, 'another flush held the lock too long; flushing anyway');
-        return false;
-      }
-      await sleep(50 + Math.random() * 100);
-    }
+    if (await acquireLock(this.redis, this.keys.lock, token, this.lockMs, this.lockWaitMs)) return true;
+    // a flush is idempotent: running beside another costs work, never correctness
+    this.log.debug({ lockWaitMs: this.lockWaitMs }, 'another flush held the lock too long; flushing anyway');
+    return false;
   }
 }
 

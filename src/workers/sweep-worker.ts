@@ -25,9 +25,9 @@ import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
+import { acquireLock, releaseLock } from '../queues/redis-lock';
 import { idleReport } from '../services/readiness';
 import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep';
-import { sleep } from '../util';
 import { isTransient } from '../errors';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';
@@ -51,8 +51,6 @@ const TEMPLATE_FINGERPRINT = createHash('sha256')
 
 /** Job states in which an iteration will still run (or is running). */
 const PENDING_STATES: ReadonlySet<string> = new Set(['delayed', 'waiting', 'prioritized', 'active', 'waiting-children']);
-
-const RELEASE_LOCK = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end`;
 
 export interface EnsureSweepSchedulerOptions {
   /** a Redis URL (a connection is made and closed) or an existing ioredis connection (left open) */
@@ -92,14 +90,17 @@ export async function ensureSweepScheduler(options: EnsureSweepSchedulerOptions)
   try {
     const lockKey = queue.toKey('sweep-scheduler-lock');
     const token = randomUUID();
-    await acquireLock(redis, lockKey, token, options.lockTtlMs ?? 10_000, options.waitMs ?? 30_000);
+    const waitMs = options.waitMs ?? 30_000;
+    if (!(await acquireLock(redis, lockKey, token, options.lockTtlMs ?? 10_000, waitMs))) {
+      throw new Error(`sweep scheduler: another process held the registration lock for over ${waitMs} ms`);
+    }
     try {
       const result = await registerUnderLock(queue, everyMs);
       const level = result.action === 'unchanged' ? 'debug' : 'info';
       log[level]({ ...result, schedulerId: SWEEP_SCHEDULER_ID }, `sweep scheduler ${result.action}`);
       return result;
     } finally {
-      await redis.eval(RELEASE_LOCK, 1, lockKey, token).catch(() => undefined); // else it expires
+      await releaseLock(redis, lockKey, token); // else it expires
     }
   } finally {
     await queue.close();
@@ -149,17 +150,6 @@ async function hasPendingIteration(queue: Queue, first: JobSchedulerJson): Promi
     scheduler = again;
   }
   return false;
-}
-
-async function acquireLock(redis: RedisConnection, key: string, token: string, ttlMs: number, waitMs: number): Promise<void> {
-  const deadline = Date.now() + waitMs;
-  for (;;) {
-    if ((await redis.set(key, token, 'PX', ttlMs, 'NX')) === 'OK') return;
-    if (Date.now() >= deadline) {
-      throw new Error(`sweep scheduler: another process held the registration lock for over ${waitMs} ms`);
-    }
-    await sleep(50 + Math.random() * 100);
-  }
 }
 
 /** A tick's id: the scheduled time of the scheduler's iteration (`repeat:sweep:<ms>`), else the job's id. */

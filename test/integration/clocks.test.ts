@@ -11,7 +11,6 @@
  * Time passes by moving the injected clock, never by sleeping. Without `faketime` the suite is skipped, saying so.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
 import { expect } from 'chai';
@@ -28,6 +27,7 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { runningAttempt } from '../helpers/lifecycle';
 
 const FIXTURES = path.join(repoRoot(), 'dist', 'test', 'fixtures');
 const HAVE_FAKETIME = spawnSync('faketime', ['-f', '+0s', 'true']).status === 0;
@@ -134,14 +134,7 @@ describe('clocks that disagree: hosts minutes off (faketime)', function () {
         progressDeadlineS: 1800,
       });
 
-      const ids = { deploymentId: randomUUID(), attemptId: randomUUID() };
-      for (const [name, data] of [
-        ['deployment.create', { deploymentId: ids.deploymentId, name: 'web' }],
-        ['attempt.create', ids],
-        ['attempt.start', ids],
-      ] as const) {
-        expect(await service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` })).to.deep.include({ outcome: 'applied' });
-      }
+      const ids = await runningAttempt(service);
 
       const runner = underFaketime(skewS, 'heartbeat-producer.js', { REDIS_URL: redisUrl, FLEET_PREFIX: prefix, ...{ DEPLOYMENT_ID: ids.deploymentId, ATTEMPT_ID: ids.attemptId } });
       closers.push(() => runner.stop());

@@ -19,6 +19,7 @@ import { testEnv } from '../helpers/env';
 import { ReadyServer } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { runningAttempt } from '../helpers/lifecycle';
 
 const ENDPOINTS = 40;
 
@@ -149,15 +150,7 @@ describe('readiness shards: probing shared across sweep workers', function () {
   it('writes the buffered heartbeats before it looks for orphans: an attempt alive only in Redis is not orphaned', async () => {
     const clock = new ManualClock(t0);
     const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
-    const ids = { deploymentId: randomUUID(), attemptId: randomUUID() };
-    for (const [name, data] of [
-      ['deployment.create', { deploymentId: ids.deploymentId, name: 'web' }],
-      ['attempt.create', ids],
-      ['attempt.start', ids],
-    ] as const) {
-      const applied = await service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` });
-      expect(applied.outcome, name).to.equal('applied');
-    }
+    const ids = await runningAttempt(service);
     const buffer = new StampBuffer({ redis: testEnv().redisUrl, db: new Database(db.dataSource), prefix });
     try {
       // started at t0; the last heartbeat (at +80 s) waits in Redis; at +120 s PostgreSQL alone says 120 s silent

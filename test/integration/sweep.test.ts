@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue, type Job } from 'bullmq';
@@ -20,6 +19,7 @@ import { testEnv } from '../helpers/env';
 import { closedPortUrl, ReadyServer, type ReadyMode } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { applied, runningAttempt } from '../helpers/lifecycle';
 import { createLogger } from '../../src/log';
 import { repoRoot } from '../../src/util';
 
@@ -102,26 +102,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     return new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, readyWindowS: 120, ...options });
   }
 
-  /** Applies an event straight through the transition service (setup that needs no queue). */
-  async function apply(service: TransitionService, name: string, data: Record<string, unknown>) {
-    const result = await service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` });
-    if (result.outcome !== 'applied') throw new Error(`${name}: ${JSON.stringify(result)}`);
-    return result;
-  }
-
-  /** A deployment whose attempt is running, started at the clock's time. */
-  async function running(service: TransitionService): Promise<{ deploymentId: string; attemptId: string }> {
-    const ids = { deploymentId: randomUUID(), attemptId: randomUUID() };
-    await apply(service, 'deployment.create', { deploymentId: ids.deploymentId, name: 'web' });
-    await apply(service, 'attempt.create', ids);
-    await apply(service, 'attempt.start', ids);
-    return ids;
-  }
-
   /** A deployment that became ready (or failed) with this endpoint at the clock's time: ready stamps last_ready_at. */
   async function ended(service: TransitionService, endpoint: Endpoint, outcome: 'succeeded' | 'failed' = 'succeeded'): Promise<string> {
-    const ids = await running(service);
-    await apply(service, 'attempt.end', { ...ids, outcome, endpoint });
+    const ids = await runningAttempt(service);
+    await applied(service, 'attempt.end', { ...ids, outcome, endpoint });
     return ids.deploymentId;
   }
 
@@ -387,7 +371,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const { t0, clock } = pastClock();
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, orphanAfterS: 90 });
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
-      const a = await running(service);
+      const a = await runningAttempt(service);
       clock.at(t0, 100);
       expect((await sweep.sweep()).orphaned).to.equal(1);
       const firstId = `attempt.orphaned.${a.attemptId}.${t0.getTime()}`;
@@ -418,7 +402,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const { t0, clock } = pastClock();
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, orphanAfterS: 90 });
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
-      const attempts = [await running(service), await running(service), await running(service), await running(service)];
+      const attempts = [await runningAttempt(service), await runningAttempt(service), await runningAttempt(service), await runningAttempt(service)];
       const [dead, ...alive] = attempts as [{ deploymentId: string; attemptId: string }, ...Array<{ deploymentId: string; attemptId: string }>];
       // no worker yet: a backlog. The live runners' heartbeats are queued; the sweep finds every attempt silent.
       clock.at(t0, 95);
@@ -444,7 +428,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       });
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 600 });
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 600 });
-      const a = await running(service);
+      const a = await runningAttempt(service);
       await service.apply('attempt.heartbeat', { ...a, eventId: 'hb' }, { producedAt: new Date(t0.getTime() + 599_000) });
       clock.at(t0, 601);
       expect(await sweep.sweep()).to.deep.include({ expired: 1 });
@@ -461,7 +445,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     it('re-checks an expiry too: not_due when the attempt started after the cutoff, applied when due', async () => {
       const { t0, clock } = pastClock();
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now, progressDeadlineS: 1800 });
-      const a = await running(service);
+      const a = await runningAttempt(service);
       clock.at(t0, 1000);
       // declared by someone whose clock or setting disagrees: the attempt started 1000 s before, not 1800
       const early = await service.apply('attempt.expired', { ...a, eventId: 'expiry-1' }, { producedAt: clock.now() });
@@ -477,7 +461,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
       startWorker(service);
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
-      const [lateEnd, forced, resolved, alive] = [await running(service), await running(service), await running(service), await running(service)];
+      const [lateEnd, forced, resolved, alive] = [await runningAttempt(service), await runningAttempt(service), await runningAttempt(service), await runningAttempt(service)];
       if (lateEnd === undefined || forced === undefined || resolved === undefined || alive === undefined) throw new Error('unreachable');
 
       clock.at(t0, 60);
@@ -529,7 +513,7 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const { t0, clock } = pastClock();
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
-      const a = await running(service);
+      const a = await runningAttempt(service);
       if (a === undefined) throw new Error('unreachable');
       // The first orphan job meets a database outage and gives up (a zero retry budget makes that immediate).
       const outage = new TransitionService({
@@ -564,9 +548,9 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       startWorker(service);
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 600 });
       clock.at(t0, -1);
-      const silent = await running(service); // started a second earlier, never heartbeats: due both ways at +600
+      const silent = await runningAttempt(service); // started a second earlier, never heartbeats: due both ways at +600
       clock.at(t0, 0);
-      const steady = await running(service);
+      const steady = await runningAttempt(service);
       for (let s = 60; s <= 600; s += 60) {
         clock.at(t0, s);
         await heartbeat(steady);

@@ -236,7 +236,8 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
     probeConcurrency: int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
     durableReplicas: int('FLEET_DURABLE_ENQUEUE', 0, 0, 16),
-    durableTimeoutMs: int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 60_000),
+    // under the fleet's Redis command timeout (5 s), or the client gives up on WAIT before Redis answers it
+    durableTimeoutMs: int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 4000),
     logLevel: logLevel as LogLevel,
     apiTokensFile,
     endpointAllow,

@@ -8,7 +8,7 @@ import type { DefaultJobOptions, JobsOptions } from 'bullmq';
 import type { RedisConnection } from './redis';
 import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
-import { connectionForKey, createRedis, requireSlotPrefix } from './redis';
+import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 
@@ -90,6 +90,13 @@ export class LifecycleProducer {
     this.endpointAllow = options.endpointAllow ?? null;
     const durable = options.durable ?? null;
     this.durable = durable === null ? null : { replicas: Math.max(1, durable.replicas ?? 1), timeoutMs: Math.max(1, durable.timeoutMs ?? 1000) };
+    const commandTimeout = commandTimeoutOf(this.connection);
+    if (this.durable !== null && commandTimeout !== undefined && this.durable.timeoutMs > commandTimeout - 1000) {
+      this.ownedConnection?.disconnect();
+      throw new RangeError(
+        `durable.timeoutMs: must be at least 1000 ms under the connection's commandTimeout (${commandTimeout} ms), so that Redis answers the WAIT before the client gives up on it; got ${this.durable.timeoutMs}`,
+      );
+    }
     this.queue = new Queue(LIFECYCLE_QUEUE, {
       connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',

@@ -76,6 +76,11 @@ export function isCluster(redis: RedisConnection): redis is Cluster {
   return redis instanceof Cluster;
 }
 
+/** The per-command timeout a connection was made with (a cluster's, from its node options), if any. */
+export function commandTimeoutOf(redis: RedisConnection): number | undefined {
+  return redis instanceof Cluster ? redis.options.redisOptions?.commandTimeout : redis.options.commandTimeout;
+}
+
 /**
  * The connection a key's writes travel on: the connection itself, or on a cluster the connection to the master that
  * serves the key's slot (the one the cluster client routes that key's commands over). Redis `WAIT` counts the writes

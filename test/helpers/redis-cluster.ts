@@ -98,6 +98,19 @@ export class OwnRedisCluster {
         },
         30_000,
       );
+      // replicas sync after the cluster forms: until each master has its replicas online, a WAIT there counts none
+      await waitFor(
+        `every master to have ${replicasEach} replica(s) online`,
+        async () => {
+          for (const port of ports) {
+            const info = await cluster.cli(port, 'INFO', 'replication');
+            if (!/^role:master\r?$/m.test(info)) continue;
+            if ((info.match(/^slave\d+:.*state=online/gm) ?? []).length < replicasEach) return undefined;
+          }
+          return true;
+        },
+        30_000,
+      );
     } catch (err) {
       await cluster.stop();
       throw err;

@@ -71,6 +71,10 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
     }
   });
 
+  it('refuses a durable timeout the connection would cut short (its command timeout), naming the field', () => {
+    expect(() => new LifecycleProducer({ connection: master.url, prefix, durable: { replicas: 1, timeoutMs: 4500 } })).to.throw(RangeError, /durable\.timeoutMs: .*commandTimeout \(5000 ms\)/);
+  });
+
   it('without durable, an enqueue does not wait for replicas (acknowledged while the replica is stuck)', async () => {
     const producer = new LifecycleProducer({ connection: master.url, prefix });
     replica.pause();

@@ -71,11 +71,11 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     const streamKey = transitionStreamKey(prefix);
 
     // durable: every enqueue and every stream append waits for the slot's replica (WAIT on its master's connection)
-    const producer = new LifecycleProducer({ connection: url, prefix, durable: { replicas: 1, timeoutMs: 5000 } });
+    const producer = new LifecycleProducer({ connection: url, prefix, durable: { replicas: 1, timeoutMs: 3000 } });
     closers.push(() => producer.close());
     const stampBuffer: StampBuffer = createStampBuffer({ redisUrl: url, dataSource: db.dataSource, prefix });
     closers.push(() => stampBuffer.close());
-    const relay = new OutboxRelay({ databaseUrl: db.url, redis: url, streamKey, standbyRetryMs: 200, durable: { replicas: 1, timeoutMs: 5000 } });
+    const relay = new OutboxRelay({ databaseUrl: db.url, redis: url, streamKey, standbyRetryMs: 200, durable: { replicas: 1, timeoutMs: 3000 } });
     closers.push(() => relay.close());
     relay.start();
     const service = new TransitionService({ dataSource: db.dataSource, relay, stampBuffer });

@@ -115,11 +115,11 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
   };
   if (inst.redisPort !== undefined) {
     services.redisPort = inst.redisPort;
-    services.redisUrl = `redis://:${encodeURIComponent(redisPassword)}@127.0.0.1:${inst.redisPort}`;
+    services.redisUrl = `redis://:${encodeURIComponent(redisPassword)}@${inst.address}:${inst.redisPort}`;
   }
   if (inst.pgPort !== undefined) {
     services.pgPort = inst.pgPort;
-    services.databaseUrl = `postgres://${PG_USER}:${encodeURIComponent(postgresPassword)}@127.0.0.1:${inst.pgPort}/${PG_DATABASE}`;
+    services.databaseUrl = `postgres://${PG_USER}:${encodeURIComponent(postgresPassword)}@${inst.address}:${inst.pgPort}/${PG_DATABASE}`;
   }
   return services;
 }

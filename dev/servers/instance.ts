@@ -11,7 +11,7 @@ import { claimed, releaseLock } from './lock';
 import { choosePgDataDir } from './os-user';
 import type { RunAs } from './os-user';
 import {
-  hbaTrustsHost, initdb, PG_DATABASE, pgMajorVersion, pgProcesses, pgQuery, pgReady, requirePassword,
+  admitClients, hbaTrustsHost, initdb, PG_DATABASE, pgMajorVersion, pgProcesses, pgQuery, pgReady, requirePassword,
 } from './postgres';
 import type { PgContext } from './postgres';
 import { signal, waitGone } from './process';
@@ -123,17 +123,17 @@ export class Instance {
       usedPorts.add(port);
       const args = [
         conf,
-        '--port', String(port), '--bind', '127.0.0.1', '--protected-mode', 'yes',
+        '--port', String(port), '--bind', this.address, '--protected-mode', 'yes',
         '--dir', redisDir, '--appendonly', 'yes', '--save', '',
         '--maxmemory-policy', 'noeviction', '--daemonize', 'no',
         '--pidfile', path.join(this.dir, 'redis.pid'),
       ];
       this.assertNotStopping();
-      const server = spawnServer('redis-server', bin, args, logFile, redisDir, undefined, this.unexpected);
+      const server = spawnServer('redis-server', bin, args, logFile, redisDir, undefined, this.unexpected, this.netns);
       this.redis = server;
       const pid = server.child.pid ?? -1;
       try {
-        await waitReady(server, () => redisReady(port, pid, password), 30_000);
+        await waitReady(server, () => redisReady(port, pid, password, this.address), 30_000);
         this.redisPort = port;
         this.redisStart = { bin, args, logFile, dir: redisDir };
         return;
@@ -157,6 +157,7 @@ export class Instance {
     const major = parseFloat(pgMajorVersion(binDir));
     const credentialsFile = path.join(this.dir, CREDENTIALS_FILE);
     const initialised = await initdb(this.pgContext(), binDir, dataDir, runAs, password);
+    if (this.opts.host !== undefined) admitClients(dataDir, this.opts.host.clients, runAs, major);
     const trusting = hbaTrustsHost(dataDir); // made by an older version: switched to passwords below
     if (!initialised && passwordIsNew && !trusting) {
       throw new Error(
@@ -173,15 +174,15 @@ export class Instance {
       usedPorts.add(port);
       const args = [
         '-D', dataDir, '-p', String(port),
-        '-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories=', '-c', 'max_connections=200',
+        '-c', `listen_addresses=${this.address}`, '-c', 'unix_socket_directories=', '-c', 'max_connections=200',
         ...(this.opts.fast ? ['-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off'] : []),
       ];
       this.assertNotStopping();
-      const server = spawnServer('postgres', path.join(binDir, 'postgres'), args, logFile, dataDir, runAs, this.unexpected);
+      const server = spawnServer('postgres', path.join(binDir, 'postgres'), args, logFile, dataDir, runAs, this.unexpected, this.netns);
       this.pg = server;
       try {
         // crash recovery may take a while
-        await waitReady(server, () => pgReady(port, dataDir, password, credentialsFile), 120_000);
+        await waitReady(server, () => pgReady(port, dataDir, password, credentialsFile, this.address), 120_000);
         this.pgPort = port;
         this.pgStart = { bin: path.join(binDir, 'postgres'), args, logFile, dataDir, runAs };
         break;
@@ -192,10 +193,16 @@ export class Instance {
       }
     }
     if (trusting) await requirePassword(this.pgContext(), port, dataDir, runAs, password, major);
-    await pgQuery(port, 'postgres', password, async (c) => {
-      const exists = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [PG_DATABASE]);
-      if (exists.rowCount === 0) await c.query(`CREATE DATABASE ${PG_DATABASE}`);
-    });
+    await pgQuery(
+      port,
+      'postgres',
+      password,
+      async (c) => {
+        const exists = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [PG_DATABASE]);
+        if (exists.rowCount === 0) await c.query(`CREATE DATABASE ${PG_DATABASE}`);
+      },
+      this.address,
+    );
   }
 
   async restartRedis(sig: 'SIGKILL' | 'SIGTERM', downMs: number, password: string, wipe = false): Promise<void> {
@@ -209,10 +216,10 @@ export class Instance {
     }
     if (downMs > 0) await sleep(downMs);
     this.assertNotStopping();
-    const server = spawnServer('redis-server', start.bin, start.args, start.logFile, start.dir, undefined, this.unexpected);
+    const server = spawnServer('redis-server', start.bin, start.args, start.logFile, start.dir, undefined, this.unexpected, this.netns);
     this.redis = server;
     const pid = server.child.pid ?? -1;
-    await waitReady(server, () => redisReady(port, pid, password), 60_000);
+    await waitReady(server, () => redisReady(port, pid, password, this.address), 60_000);
   }
 
   async restartPostgres(mode: 'immediate' | 'fast', downMs: number, password: string): Promise<void> {
@@ -228,10 +235,10 @@ export class Instance {
     const credentialsFile = path.join(this.dir, CREDENTIALS_FILE);
     for (let attempt = 1; ; attempt++) {
       this.assertNotStopping();
-      const server = spawnServer('postgres', start.bin, start.args, start.logFile, start.dataDir, start.runAs, this.unexpected);
+      const server = spawnServer('postgres', start.bin, start.args, start.logFile, start.dataDir, start.runAs, this.unexpected, this.netns);
       this.pg = server;
       try {
-        await waitReady(server, () => pgReady(port, start.dataDir, password, credentialsFile), 120_000);
+        await waitReady(server, () => pgReady(port, start.dataDir, password, credentialsFile, this.address), 120_000);
         return;
       } catch (err) {
         await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);
@@ -239,6 +246,15 @@ export class Instance {
         await sleep(500 * attempt);
       }
     }
+  }
+
+  /** where the servers listen: loopback, or the lab host's address */
+  get address(): string {
+    return this.opts.host?.address ?? '127.0.0.1';
+  }
+
+  private get netns(): string | undefined {
+    return this.opts.host?.netns;
   }
 
   private pgContext(): PgContext {

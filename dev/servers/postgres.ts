@@ -98,8 +98,8 @@ function hbaConf(method: string): string {
   ].join('\n');
 }
 
-export async function pgQuery<T>(port: number, database: string, password: string, fn: (c: Client) => Promise<T>): Promise<T> {
-  const client = new Client({ host: '127.0.0.1', port, user: PG_USER, password, database, connectionTimeoutMillis: 2000 });
+export async function pgQuery<T>(port: number, database: string, password: string, fn: (c: Client) => Promise<T>, host = '127.0.0.1'): Promise<T> {
+  const client = new Client({ host, port, user: PG_USER, password, database, connectionTimeoutMillis: 2000 });
   client.on('error', () => undefined);
   try {
     await client.connect();
@@ -118,9 +118,9 @@ function isAuthFailure(err: unknown): boolean {
  * Resolves true when the PostgreSQL on `port` accepts connections and serves `dataDir`; throws when it
  * rejects the password, which waiting does not fix.
  */
-export async function pgReady(port: number, dataDir: string, password: string, credentialsFile: string): Promise<boolean> {
+export async function pgReady(port: number, dataDir: string, password: string, credentialsFile: string, host = '127.0.0.1'): Promise<boolean> {
   try {
-    const dd = await pgQuery(port, 'postgres', password, (c) => c.query<{ data_directory: string }>('SHOW data_directory'));
+    const dd = await pgQuery(port, 'postgres', password, (c) => c.query<{ data_directory: string }>('SHOW data_directory'), host);
     return realpathOrSelf(dd.rows[0]?.data_directory ?? '') === realpathOrSelf(dataDir);
   } catch (err) {
     if (isAuthFailure(err)) {
@@ -187,6 +187,14 @@ export async function requirePassword(
     if (Date.now() > deadline) throw new Error(`PostgreSQL in ${dataDir} still admits clients without a password after reloading pg_hba.conf`);
     await sleep(50);
   }
+}
+
+/** Lets clients from `cidr` in with the password too (a lab host's clients); once. */
+export function admitClients(dataDir: string, cidr: string, runAs: RunAs | undefined, major: number): void {
+  const file = path.join(dataDir, 'pg_hba.conf');
+  const text = readText(file) ?? '';
+  const line = `host    all             all             ${cidr.padEnd(23)} ${hostAuthMethod(major)}`;
+  if (!text.split('\n').includes(line)) writePrivateFile(file, `${text.replace(/\n*$/, '\n')}${line}\n`, runAs);
 }
 
 /** Creates the cluster unless it exists; true when it did. */

@@ -70,9 +70,9 @@ function resp(...args: string[]): string {
 }
 
 /** Resolves true when the Redis on `port` takes `password`, is process `pid` and has finished loading its data. */
-export function redisReady(port: number, pid: number, password: string): Promise<boolean> {
+export function redisReady(port: number, pid: number, password: string, host = '127.0.0.1'): Promise<boolean> {
   return new Promise((resolve) => {
-    const sock = net.connect({ host: '127.0.0.1', port });
+    const sock = net.connect({ host, port });
     let buf = '';
     const done = (ok: boolean): void => {
       sock.destroy();

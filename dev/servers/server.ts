@@ -68,6 +68,7 @@ export function spawnServer(
   cwd: string,
   runAs: RunAs | undefined,
   onUnexpectedExit: (s: Server, why: string) => void,
+  netns?: string,
 ): Server {
   const from = fileSize(logFile);
   const fd = fs.openSync(logFile, 'a');
@@ -75,11 +76,14 @@ export function spawnServer(
   // the server's files (Redis's AOF holds job payloads) are private: 0600 files in 0700 folders
   const umask = process.umask(0o077);
   try {
-    child = spawn(bin, args, {
+    // in a lab host: nsenter joins the namespace, drops to the server's user and execs the server (same pid)
+    const user = runAs ? ['-S', String(runAs.uid), '-G', String(runAs.gid)] : [];
+    const [command, argv] = netns === undefined ? [bin, args] : ['nsenter', [`--net=/run/netns/${netns}`, ...user, '--', bin, ...args]];
+    child = spawn(command, argv, {
       stdio: ['ignore', fd, fd],
       detached: true, // own session: a terminal ^C goes to the application, which then stops us
       cwd: runAs ? '/' : cwd,
-      ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}),
+      ...(runAs && netns === undefined ? { uid: runAs.uid, gid: runAs.gid } : {}),
     });
   } finally {
     process.umask(umask);

@@ -13,16 +13,30 @@ export interface LocalServicesOptions {
   fast: boolean;
   log?: (msg: string) => void;
   /**
+   * Run the servers on a lab "host" (dev/netns.ts) instead of loopback: inside network namespace `netns`, listening
+   * on `address` only, PostgreSQL admitting (with its password) clients from the CIDR `clients`. Root only.
+   */
+  host?: ServerHost;
+  /**
    * Restart a server that dies on its own (`fleet start`): at most `maxRestarts` within `withinMs`; past that,
    * `onGiveUp` is called once with one line saying why (the caller exits non-zero).
    */
   supervise?: { maxRestarts: number; withinMs: number; onGiveUp: (why: string) => void };
 }
 
+export interface ServerHost {
+  /** the network namespace (`ip netns` name) the servers run in */
+  readonly netns: string;
+  /** the address they listen on (and the URLs name) */
+  readonly address: string;
+  /** CIDR of the clients PostgreSQL admits besides loopback, e.g. the lab's /24 */
+  readonly clients: string;
+}
+
 export interface LocalServices {
-  /** `redis://:<password>@127.0.0.1:<port>`: a secret, never log it */
+  /** `redis://:<password>@127.0.0.1:<port>` (the host's address with `host`): a secret, never log it */
   redisUrl?: string;
-  /** `postgres://fleet:<password>@127.0.0.1:<port>/fleet`: a secret, never log it */
+  /** `postgres://fleet:<password>@127.0.0.1:<port>/fleet` (the host's address with `host`): a secret, never log it */
   databaseUrl?: string;
   redisPort?: number;
   pgPort?: number;

@@ -34,6 +34,12 @@ export interface DataSourceSettings {
    * forever; the worker retries it like any outage.
    */
   readonly statementTimeoutMs?: number;
+  /**
+   * Server-side limit for a transaction left idle (default 5 s; 0 with `statementTimeoutMs` 0). Ours never wait
+   * between statements, so a transaction idle that long belongs to a client that is gone or cut off (a partitioned
+   * host): PostgreSQL ends it and frees its row locks, so the job's re-run elsewhere is not held up behind them.
+   */
+  readonly idleInTransactionTimeoutMs?: number;
 }
 
 export function createDataSource(settings: DataSourceSettings): DataSource {
@@ -51,7 +57,7 @@ export function createDataSource(settings: DataSourceSettings): DataSource {
       Client: GuardedClient,
       max: settings.poolSize ?? 10,
       statement_timeout: settings.statementTimeoutMs ?? 30_000,
-      idle_in_transaction_session_timeout: settings.statementTimeoutMs ?? 30_000,
+      idle_in_transaction_session_timeout: settings.idleInTransactionTimeoutMs ?? (settings.statementTimeoutMs === 0 ? 0 : 5000),
       // Fail fast when the database is unreachable: the worker turns it into a delayed retry.
       connectionTimeoutMillis: 5000,
       idleTimeoutMillis: 30_000,

@@ -86,6 +86,8 @@ interface NodeLine {
   readonly master: boolean;
   readonly masterId: string;
   readonly failed: boolean;
+  /** slot ranges served, e.g. [[0, 5460]] */
+  readonly slots: ReadonlyArray<readonly [number, number]>;
 }
 
 export class OwnRedisCluster {
@@ -201,9 +203,15 @@ export class OwnRedisCluster {
       .split('\n')
       .filter((l) => l.trim() !== '')
       .map((line) => {
-        const [id = '', addr = '', flags = '', masterId = ''] = line.split(' ');
+        const [id = '', addr = '', flags = '', masterId = '', , , , , ...ranges] = line.split(' ');
         const port = Number(/:(\d+)@/.exec(addr)?.[1] ?? 0);
-        return { id, port, master: flags.split(',').includes('master'), masterId, failed: /fail/.test(flags) };
+        const slots = ranges
+          .filter((r) => /^\d+(-\d+)?$/.test(r))
+          .map((r): readonly [number, number] => {
+            const [from = 0, to = from] = r.split('-').map(Number);
+            return [from, to];
+          });
+        return { id, port, master: flags.split(',').includes('master'), masterId, failed: /fail/.test(flags), slots };
       });
   }
 
@@ -211,6 +219,15 @@ export class OwnRedisCluster {
   async masters(): Promise<number[]> {
     const nodes = await this.nodes();
     return nodes.filter((n) => n.master && !n.failed && nodes.some((r) => r.masterId === n.id && !r.failed)).map((n) => n.port);
+  }
+
+  /** The port of the master serving `key`'s slot. */
+  async masterFor(key: string): Promise<number> {
+    const from = this.ports.find((p) => this.alive(p)) ?? 0;
+    const slot = Number(await this.cli(from, 'CLUSTER', 'KEYSLOT', key));
+    const master = (await this.nodes()).find((n) => n.master && !n.failed && n.slots.some(([a, b]) => slot >= a && slot <= b));
+    if (master === undefined) throw new Error(`no master serves slot ${slot} (${key})`);
+    return master.port;
   }
 
   /**

@@ -13,6 +13,7 @@
  *                                          retried for ten minutes (it may be a typo, or a flood)
  * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
  */
+import * as os from 'node:os';
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job } from 'bullmq';
 import type { RedisConnection } from '../queues/redis';
@@ -52,6 +53,8 @@ export interface LifecycleWorkerOptions {
   /** how long a job keeps being retried for "not yet", conflicts and outages, as the sum of its backoff delays
    * (default 10 min: 26 retries, 250 ms doubling to 30 s) */
   readonly retryBudgetMs?: number;
+  /** shown as the job's `processedBy` in Bull Board and `Job.processedBy` (default `<hostname>:<pid>`) */
+  readonly name?: string;
   /**
    * Lock duration (default 8 s; renewed every half of it) and stalled-check interval (default 4 s): a job held by
    * a worker that died is back in the queue at most lockDuration + stalledInterval (12 s) after the last renewal,
@@ -117,6 +120,7 @@ export class LifecycleWorker {
       connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       concurrency: options.concurrency ?? LIFECYCLE_WORKER_DEFAULTS.concurrency,
+      name: options.name ?? `${os.hostname()}:${process.pid}`,
       lockDuration: options.lockDurationMs ?? LIFECYCLE_WORKER_DEFAULTS.lockDuration,
       stalledInterval: options.stalledIntervalMs ?? LIFECYCLE_WORKER_DEFAULTS.stalledInterval,
       maxStalledCount: options.maxStalledCount ?? LIFECYCLE_WORKER_DEFAULTS.maxStalledCount,

@@ -1,7 +1,9 @@
 /**
  * The fleet-wide sweep tick (docs/architecture.md, "Heartbeats, orphans, deadlines, dispatch"): a BullMQ job scheduler `sweep`
  * on the `maintenance` queue yields one `sweep` job per FLEET_SWEEP_EVERY_S, and whichever worker process takes it
- * runs `Sweeper.sweep()` once, returning the result as the job's return value.
+ * runs `Sweeper.sweep()` once, returning the result as the job's return value. The tick is claimed in Redis
+ * (`<prefix>:maintenance:sweep-claim:<tick>`, SET NX) before it runs, so a tick job BullMQ delivers again (its worker
+ * stalled: alive but cut off, its lock lapsed) returns `{tick, ran: 'duplicate'}` instead of sweeping a second time.
  *
  * The scheduler is registered from one place, `ensureSweepScheduler`, which every worker process calls at start.
  * BullMQ has a history of bugs around concurrent or repeated `upsertJobScheduler` calls: upserts in quick
@@ -152,6 +154,18 @@ async function hasPendingIteration(queue: Queue, first: JobSchedulerJson): Promi
   return false;
 }
 
+/**
+ * A tick's job delivered again after a worker claimed it (its worker stalled, e.g. cut off from Redis, and BullMQ
+ * moved the job back to wait): the tick is not run twice.
+ */
+export interface DuplicateTick {
+  readonly tick: string;
+  readonly ran: 'duplicate';
+}
+
+/** What a `sweep` job returns: the tick's result, or `DuplicateTick` for a tick that had started already. */
+export type SweepJobResult = SweepResult | DuplicateTick;
+
 /** A tick's id: the scheduled time of the scheduler's iteration (`repeat:sweep:<ms>`), else the job's id. */
 function tickOf(job: Job): string {
   const id = job.id ?? String(job.timestamp);
@@ -192,10 +206,11 @@ export interface SweepWorkerOptions {
 /**
  * Takes `sweep` and `probe` jobs from the `maintenance` queue. Whichever process takes a tick's job runs it (BullMQ
  * hands each job to one worker); the tick's shards go back on the queue as `probe` jobs that any process takes.
- * A shard is claimed in Redis before it runs, so a redelivered one (its worker stalled or died) never runs twice.
+ * A tick and a shard are each claimed in Redis before they run, so a redelivered one (its worker stalled or died)
+ * never runs twice.
  */
 export class SweepWorker {
-  readonly worker: Worker<unknown, SweepResult | ShardReport>;
+  readonly worker: Worker<unknown, SweepJobResult | ShardReport>;
   private readonly log: Logger;
   private readonly ownedConnection: RedisConnection | null;
   private closing: Promise<void> | null = null;
@@ -208,7 +223,7 @@ export class SweepWorker {
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep-worker' });
     this.ownedConnection =
       typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
-    this.worker = new Worker<unknown, SweepResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
+    this.worker = new Worker<unknown, SweepJobResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
       connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
       concurrency: Math.max(1, options.concurrency ?? 4),
@@ -268,10 +283,28 @@ export class SweepWorker {
       });
   }
 
-  private async process(job: Job<unknown, SweepResult | ShardReport>): Promise<SweepResult | ShardReport> {
-    if (job.name === SWEEP_JOB_NAME) return this.options.sweeper.sweep(tickOf(job));
+  private async process(job: Job<unknown, SweepJobResult | ShardReport>): Promise<SweepJobResult | ShardReport> {
+    if (job.name === SWEEP_JOB_NAME) return this.tick(job);
     if (job.name === PROBE_JOB_NAME) return this.probe(job as Job<ShardJobData, ShardReport>);
     throw new UnrecoverableError(`unknown_job: ${job.name} is not a maintenance job`);
+  }
+
+  /**
+   * Runs a tick once. The tick is claimed in Redis first (`SET NX`, kept past any redelivery): a tick job delivered
+   * again after it started (its worker stalled: alive but unable to renew its lock) finds the claim and is not run.
+   */
+  private async tick(job: Job): Promise<SweepJobResult> {
+    const tick = tickOf(job);
+    const connection = this.ownedConnection ?? (this.options.connection as RedisConnection);
+    const key = `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:sweep-claim:${tick}`;
+    const claimed = await connection.set(key, this.worker.opts.name ?? '', 'PX', Math.max(600_000, 10 * this.options.everyS * 1000), 'NX');
+    if (claimed !== 'OK') {
+      const claimedBy = await connection.get(key).catch(() => null);
+      this.log.warn({ jobId: job.id, tick, claimedBy }, 'sweep tick delivered again after it started: not run twice');
+      return { tick, ran: 'duplicate' };
+    }
+    this.log.info({ tick, jobId: job.id }, 'sweep tick started');
+    return this.options.sweeper.sweep(tick);
   }
 
   private async probe(job: Job<ShardJobData, ShardReport>): Promise<ShardReport> {

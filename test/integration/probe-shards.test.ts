@@ -4,6 +4,7 @@
  * deadline; the tick's heartbeat flush comes before orphan detection.
  */
 import { randomUUID } from 'node:crypto';
+import { Writable } from 'node:stream';
 import { expect } from 'chai';
 import { Queue, type Job } from 'bullmq';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
@@ -12,7 +13,8 @@ import { StampBuffer } from '../../src/services/stamp-buffer';
 import { Database } from '../../src/entities/sql';
 import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweeperOptions, type SweepResult } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
-import { SweepWorker } from '../../src/workers/sweep-worker';
+import { SWEEP_JOB_NAME, SWEEP_JOB_OPTIONS, SweepWorker, type SweepJobResult, type SweepWorkerOptions } from '../../src/workers/sweep-worker';
+import { createLogger, type Logger } from '../../src/log';
 import { ManualClock } from '../helpers/clock';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -22,6 +24,22 @@ import { waitFor } from '../helpers/wait';
 import { runningAttempt } from '../helpers/lifecycle';
 
 const ENDPOINTS = 40;
+
+/** Collects everything a pino logger writes, one JSON record a line. */
+class Capture extends Writable {
+  text = '';
+  override _write(chunk: Buffer, _encoding: string, callback: () => void): void {
+    this.text += chunk.toString();
+    callback();
+  }
+  records(msg: string): Array<Record<string, unknown>> {
+    return this.text
+      .split('\n')
+      .filter((line) => line.trim() !== '')
+      .map((line) => JSON.parse(line) as Record<string, unknown>)
+      .filter((record) => record.msg === msg);
+  }
+}
 
 describe('readiness shards: probing shared across sweep workers', function () {
   this.timeout(30_000);
@@ -69,8 +87,8 @@ describe('readiness shards: probing shared across sweep workers', function () {
   }
 
   /** A sweep worker taking maintenance jobs without registering the scheduler (the test plans its own ticks). */
-  function startWorker(name: string, runner: Sweeper): SweepWorker {
-    const worker = new SweepWorker({ connection: testEnv().redisUrl, prefix, everyS: 3600, name, sweeper: runner, concurrency: 2, recheckEveryMs: 0 });
+  function startWorker(name: string, runner: SweepWorkerOptions['sweeper'], logger?: Logger): SweepWorker {
+    const worker = new SweepWorker({ connection: testEnv().redisUrl, prefix, everyS: 3600, name, sweeper: runner, concurrency: 2, recheckEveryMs: 0, logger });
     workers.push(worker);
     worker.worker.run().catch(() => undefined);
     return worker;
@@ -145,6 +163,44 @@ describe('readiness shards: probing shared across sweep workers', function () {
     });
     expect(redelivered.returnvalue).to.deep.include({ ran: 'duplicate', probed: 0 });
     expect(node.requests).to.have.length(probes);
+  });
+
+  it('never sweeps a tick twice: a tick job delivered again after it started (its worker stalled) is claimed already', async () => {
+    const clock = new ManualClock(t0);
+    const swept: string[] = [];
+    const counting = (inner: Sweeper): SweepWorkerOptions['sweeper'] => ({
+      sweep: (tick) => {
+        swept.push(tick ?? '');
+        return inner.sweep(tick);
+      },
+      runShard: (data) => inner.runShard(data),
+    });
+    const capture = new Capture();
+    const logger = createLogger('info', capture);
+    const tick = String(t0.getTime());
+    const id = `repeat:sweep:${tick}`; // the id the job scheduler gives a tick's job
+    const completed = (what: string) =>
+      waitFor(what, async () => {
+        if ((await queue.getJobState(id)) !== 'completed') return undefined;
+        return (await queue.getJob(id)) as Job<unknown, SweepJobResult> | undefined;
+      });
+    const a = startWorker('worker-a', counting(sweeper(clock)), logger);
+    await queue.add(SWEEP_JOB_NAME, {}, { ...SWEEP_JOB_OPTIONS, jobId: id });
+    expect((await completed('the tick to complete')).returnvalue).to.deep.include({ tick, queued: true, shards: 4 });
+    await shardJobs(4);
+    // worker-a is cut off and its lock lapses; what BullMQ does then: the same id, delivered again, to another worker
+    await a.close(5000);
+    startWorker('worker-b', counting(sweeper(clock)), logger);
+    await ((await queue.getJob(id)) as Job).remove();
+    await queue.add(SWEEP_JOB_NAME, {}, { ...SWEEP_JOB_OPTIONS, jobId: id });
+    expect((await completed('the redelivered tick to complete')).returnvalue).to.deep.equal({ tick, ran: 'duplicate' });
+    expect(swept, 'sweep() ran once for the tick').to.deep.equal([tick]);
+    expect(capture.records('sweep tick started').map((r) => [r.tick, r.jobId])).to.deep.equal([[tick, id]]);
+    expect(capture.records('sweep tick delivered again after it started: not run twice').map((r) => [r.tick, r.jobId, r.claimedBy])).to.deep.equal([[tick, id, 'worker-a']]);
+    const claim = `${prefix}:${MAINTENANCE_QUEUE}:sweep-claim:${tick}`;
+    expect(await connection.get(claim)).to.equal('worker-a');
+    expect(await connection.pttl(claim), 'kept past any redelivery: max(10 min, 10 ticks)').to.be.greaterThan(9 * 3600_000);
+    expect(node.requests, 'each endpoint once').to.have.length(ENDPOINTS);
   });
 
   it('writes the buffered heartbeats before it looks for orphans: an attempt alive only in Redis is not orphaned', async () => {

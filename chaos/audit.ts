@@ -1,7 +1,7 @@
 /**
  * The audit consumer: records every transition stream entry (duplicates included) as a consumer sees it, so that the
  * stream check at the end covers entries that a fault trimmed away after the audit had read them. When it stops
- * (a wiped Redis loses its group) it is started again from 0.
+ * (a wiped Redis loses its group; a failover loses entries it had read) it is started again from 0 in a new group.
  */
 import { compareIds, TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
 import { sleep } from '../src/util';
@@ -26,7 +26,9 @@ export class AuditConsumer {
     const consumer = new TransitionConsumer({
       redis: this.redisUrl,
       streamKey: this.streamKey,
-      group: 'chaos-audit',
+      // a group of its own per start: one that stopped for a hole (entries it read lost in a failover) would
+      // report the same hole again; the audit reads everything again instead (it records duplicates anyway)
+      group: `chaos-audit-${this.restarts}`,
       consumer: 'audit',
       startId: '0',
       batchSize: 500,

@@ -14,6 +14,8 @@ export interface WorkerSpec {
   readonly env: NodeJS.ProcessEnv;
   /** stdout and stderr of every worker go here (appended) */
   readonly logFile: string;
+  /** an argv prefix per slot that runs the worker elsewhere (a lab host: `ip netns exec <ns>`, which execs) */
+  readonly wrap?: (slot: number) => readonly string[];
 }
 
 /**
@@ -48,12 +50,23 @@ export class WorkerPool {
     return this.slots.map((c) => c?.pid ?? -1).filter((p) => p > 0);
   }
 
+  /** the pid of the worker running in `slot`, or null */
+  pidOf(slot: number): number | null {
+    return this.slots[slot]?.pid ?? null;
+  }
+
+  /** the slot of the worker with this pid, or -1 */
+  slotOf(pid: number): number {
+    return this.slots.findIndex((c) => c?.pid === pid);
+  }
+
   private spawn(slot: number): void {
     if (this.stopped) return;
     const fd = fs.openSync(this.spec.logFile, 'a');
     let child: ChildProcess;
     try {
-      child = spawn(this.spec.command, [...this.spec.args], { env: this.spec.env, stdio: ['ignore', fd, fd] });
+      const [command = this.spec.command, ...prefix] = [...(this.spec.wrap?.(slot) ?? []), this.spec.command];
+      child = spawn(command, [...prefix, ...this.spec.args], { env: this.spec.env, stdio: ['ignore', fd, fd] });
     } finally {
       fs.closeSync(fd);
     }

@@ -13,13 +13,23 @@ import { LifecycleProducer } from '../src/queues/producer';
 import { createRedis } from '../src/queues/redis';
 import { transitionStreamKey } from '../src/streams/outbox-relay';
 import { repoRoot } from '../src/util';
+import { Queue } from 'bullmq';
+import { OwnRedisCluster } from '../dev/redis-cluster';
+import { LIFECYCLE_QUEUE } from '../src/queues/names';
 import { WorkerPool } from './faults';
+import { ChaosLab } from './lab';
 import type { ChaosOptions } from './options';
 
 /** The chaos workers' orphan threshold: a day, so that the sweep never orphans the attempts the workload holds. */
 export const CHAOS_ORPHAN_AFTER_S = 86_400;
 
-const PREFIX = 'chaos';
+/** The fleet's key prefix: on a Redis Cluster, a hash tag (every key of the fleet in one slot). */
+function prefixOf(options: Pick<ChaosOptions, 'redisCluster'>): string {
+  return options.redisCluster ? '{chaos}' : 'chaos';
+}
+
+/** The sweep tick of the chaos fleet: short, so that a run has dozens of ticks to count (each must start once). */
+export const CHAOS_SWEEP_EVERY_S = 5;
 
 /** The environment of a worker process: ours, without any fleet setting, then the chaos fleet's. */
 function workerEnv(options: ChaosOptions, redisUrl: string, databaseUrl: string): NodeJS.ProcessEnv {
@@ -29,9 +39,12 @@ function workerEnv(options: ChaosOptions, redisUrl: string, databaseUrl: string)
     ...env,
     REDIS_URL: redisUrl,
     DATABASE_URL: databaseUrl,
-    FLEET_PREFIX: PREFIX,
+    FLEET_PREFIX: prefixOf(options),
     FLEET_CONCURRENCY: String(options.concurrency),
-    LOG_LEVEL: 'warn',
+    // info: the sweep's 'sweep tick started' lines, counted per tick by the report
+    LOG_LEVEL: 'info',
+    FLEET_SWEEP_EVERY_S: String(CHAOS_SWEEP_EVERY_S),
+    ...(options.durable ? { FLEET_DURABLE_ENQUEUE: '1' } : {}),
     // the workload holds attempts in `deploying` on purpose; the sweep must not orphan or expire them
     FLEET_ORPHAN_AFTER_S: String(CHAOS_ORPHAN_AFTER_S),
     FLEET_PROGRESS_DEADLINE_S: '604800',
@@ -46,9 +59,13 @@ async function migrateDatabase(databaseUrl: string): Promise<void> {
 }
 
 export class Fleet {
-  readonly streamKey = transitionStreamKey(PREFIX);
+  readonly prefix: string;
+  readonly streamKey: string;
   readonly redisUrl: string;
   readonly databaseUrl: string;
+  /** where the workers' output goes (the sweep counts read it) */
+  readonly workersLog: string;
+  private lifecycleQueue: Queue | null = null;
   private workerPool: WorkerPool | null = null;
   /** true once the workers were stopped gracefully */
   private workersStopped = false;
@@ -59,17 +76,36 @@ export class Fleet {
     if (!this.workersStopped) this.workerPool?.killAll();
   };
 
-  private constructor(readonly services: LocalServices) {
-    this.redisUrl = services.redisUrl ?? '';
+  private constructor(
+    readonly services: LocalServices,
+    /** the hosts of a `--hosts` run, or null on loopback */
+    readonly lab: ChaosLab | null,
+    readonly options: ChaosOptions,
+  ) {
+    this.redisUrl = lab?.redisUrl ?? services.redisUrl ?? '';
     this.databaseUrl = services.databaseUrl ?? '';
+    this.prefix = prefixOf(options);
+    this.streamKey = transitionStreamKey(this.prefix);
+    this.workersLog = path.join(options.dir, 'workers.log');
+  }
+
+  /** The Redis Cluster of a `--redis-cluster` run, or null. */
+  get cluster(): OwnRedisCluster | null {
+    return this.lab?.cluster ?? null;
   }
 
   /** Starts the services and the workers; on failure, stops whatever it started and throws. */
   static async start(options: ChaosOptions, log: (line: string) => void): Promise<Fleet> {
     fs.mkdirSync(options.dir, { recursive: true });
-    log(`starting Redis (AOF) and PostgreSQL under ${path.relative(process.cwd(), options.dir) || options.dir}`);
-    const services = await startLocalServices({ dir: options.dir, redis: true, postgres: true, fresh: true, fast: false });
-    const fleet = new Fleet(services);
+    let fleet: Fleet;
+    if (options.hosts > 0) {
+      const lab = await ChaosLab.start(options, log);
+      fleet = new Fleet(lab.services, lab, options);
+    } else {
+      log(`starting Redis (AOF) and PostgreSQL under ${path.relative(process.cwd(), options.dir) || options.dir}`);
+      const services = await startLocalServices({ dir: options.dir, redis: true, postgres: true, fresh: true, fast: false });
+      fleet = new Fleet(services, null, options);
+    }
     process.once('exit', fleet.onExit);
     try {
       await fleet.boot(options, log);
@@ -86,7 +122,8 @@ export class Fleet {
       command: process.execPath,
       args: [path.join(repoRoot(), 'bin', 'fleet.js'), 'worker'],
       env: workerEnv(options, this.redisUrl, this.databaseUrl),
-      logFile: path.join(options.dir, 'workers.log'),
+      logFile: this.workersLog,
+      ...(this.lab === null ? {} : { wrap: (slot: number) => this.lab?.wrap(slot) ?? [] }),
     };
     this.workerPool = new WorkerPool(spec, options.workers, 1000, log);
     this.workerPool.start();
@@ -97,7 +134,19 @@ export class Fleet {
     this.adminRedis = admin;
     admin.on('error', () => undefined);
     // attempts: 1, as a raw BullMQ producer has it: every retry must be the worker's own (docs/architecture.md, "Who retries")
-    this.lifecycleProducer = new LifecycleProducer({ connection: this.redisUrl, prefix: PREFIX, defaultJobOptions: { attempts: 1 } });
+    this.lifecycleProducer = new LifecycleProducer({
+      connection: this.redisUrl,
+      prefix: this.prefix,
+      defaultJobOptions: { attempts: 1 },
+      durable: options.durable ? { replicas: 1, timeoutMs: 1000 } : null,
+    });
+    this.lifecycleQueue = new Queue(LIFECYCLE_QUEUE, { connection: admin, prefix: this.prefix });
+    this.lifecycleQueue.on('error', () => undefined);
+  }
+
+  /** The lifecycle queue, to look at jobs (which worker holds one). */
+  get queue(): Queue {
+    return Fleet.need(this.lifecycleQueue, 'lifecycle queue');
   }
 
   private static need<T>(value: T | null, what: string): T {
@@ -128,8 +177,10 @@ export class Fleet {
     process.off('exit', this.onExit);
     if (!this.workersStopped) await this.workerPool?.stop(5000);
     await this.lifecycleProducer?.close();
+    await this.lifecycleQueue?.close().catch(() => undefined);
     this.adminRedis?.disconnect();
     await this.pgPool?.end().catch(() => undefined);
-    await this.services.stop();
+    if (this.lab !== null) await this.lab.close();
+    else await this.services.stop();
   }
 }

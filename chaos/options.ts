@@ -22,6 +22,21 @@ export interface ChaosOptions {
   readonly dir: string;
   /** also write the report as JSON here */
   readonly jsonFile: string | null;
+  /**
+   * worker hosts (default 0: every process on loopback). N > 0: PostgreSQL and Redis run on a host `svc` and one
+   * `fleet worker` per host on N hosts `w1..wN`, each a network namespace of its own (dev/netns.ts; root), and the
+   * faults gain partitions of a worker host and of the relay leader's host
+   */
+  readonly hosts: number;
+  /** Redis Cluster (3 masters, a replica each) instead of one Redis; the faults gain master failovers */
+  readonly redisCluster: boolean;
+  /**
+   * durable enqueue (FLEET_DURABLE_ENQUEUE=1 for the workers' relay, `durable` for the producer): default on with
+   * --redis-cluster, off otherwise; `--no-durable` measures what a failover loses without it
+   */
+  readonly durable: boolean;
+  /** how long a partitioned host stays cut off, in seconds (default 20: past the 8 s job lock and the relay's ~11 s) */
+  readonly partitionS: number;
 }
 
 type MutableOptions = { -readonly [K in keyof ChaosOptions]: ChaosOptions[K] };
@@ -40,6 +55,10 @@ function defaultOptions(ci: boolean): ChaosOptions {
     seed: Date.now() % 1_000_000,
     dir: path.join(repoRoot(), '.fleet', 'chaos'),
     jsonFile: null,
+    hosts: 0,
+    redisCluster: false,
+    durable: false,
+    partitionS: 20,
     ...(ci ? CI_PRESET : {}),
   };
 }
@@ -84,6 +103,12 @@ function applyFlag(out: MutableOptions, flag: string | undefined, value: string 
       if (value === undefined) throw new Error('--dir: expected a directory');
       out.dir = path.resolve(value);
       break;
+    case '--hosts':
+      out.hosts = num(flag, value, 1, 8);
+      break;
+    case '--partition':
+      out.partitionS = num(flag, value, 1, 600);
+      break;
     case '--json':
       if (value === undefined) throw new Error('--json: expected a file');
       out.jsonFile = path.resolve(value);
@@ -93,12 +118,18 @@ function applyFlag(out: MutableOptions, flag: string | undefined, value: string 
   }
 }
 
+/** Flags without a value. */
+const SWITCHES = new Set(['--ci', '--redis-cluster', '--durable', '--no-durable']);
+
 export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
   const out: MutableOptions = { ...defaultOptions(argv.includes('--ci')) };
   for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === '--ci') continue;
+    if (SWITCHES.has(argv[i] ?? '')) continue;
     applyFlag(out, argv[i], argv[i + 1]);
     i++;
   }
+  out.redisCluster = argv.includes('--redis-cluster');
+  out.durable = argv.includes('--durable') || (out.redisCluster && !argv.includes('--no-durable'));
+  if (out.hosts > 0) out.workers = out.hosts; // one `fleet worker` per host
   return out;
 }

@@ -2,7 +2,20 @@
 import type { EventCounts } from './accounting';
 import type { HistoryReport } from './history-checker';
 import type { ChaosOptions } from './options';
+import type { FailoverEvent, PartitionRecord } from './host-faults';
 import type { FaultKind, FaultRecord } from './schedule';
+import type { SweepCounts } from './sweeps';
+
+/** A partitioned worker's held jobs must run again elsewhere within this (issue 17). */
+export const RERUN_WITHIN_MS = 15_000;
+/** After the relay leader's host is cut off, another relay must publish within this. */
+export const TAKEOVER_WITHIN_MS = 30_000;
+
+/** What a run on several hosts measured. */
+export interface HostsReport {
+  readonly partitions: readonly PartitionRecord[];
+  readonly failovers: readonly FailoverEvent[];
+}
 
 export interface ChaosReport {
   readonly ok: boolean;
@@ -40,6 +53,10 @@ export interface ChaosReport {
   readonly unexpectedWorkerExits: number;
   readonly checker: Pick<HistoryReport, 'ok' | 'violationCounts' | 'violations'>;
   readonly lostSamples: readonly string[];
+  /** sweep ticks counted from the workers' logs: each must start exactly once */
+  readonly sweeps: SweepCounts;
+  /** partitions and failovers (--hosts), or null */
+  readonly hosts: HostsReport | null;
   readonly timings: { readonly totalS: number; readonly lastFaultAtS: number; readonly drainAfterLastFaultS: number | null };
   readonly faultLog: readonly FaultRecord[];
 }
@@ -55,6 +72,8 @@ export interface RunResults {
   readonly leaderKills: number;
   readonly workers: { readonly started: number; readonly unexpectedExits: number };
   readonly lostSamples: readonly string[];
+  readonly sweeps: SweepCounts;
+  readonly hosts: HostsReport | null;
   /** ms since the epoch: the run's start, the last fault's end, the drain's end (null: it did not drain) */
   readonly t0: number;
   readonly lastFaultAt: number;
@@ -62,6 +81,22 @@ export interface RunResults {
 }
 
 const seconds = (ms: number): number => Number((ms / 1000).toFixed(1));
+
+/** Every partitioned worker's held jobs ran again in time; every cut-off leader was replaced and published in time. */
+export function hostsHeld(hosts: HostsReport | null): boolean {
+  if (hosts === null) return true;
+  return hosts.partitions.every(
+    (p) =>
+      p.notRerun === 0 &&
+      (p.rerunMaxMs === null || p.rerunMaxMs <= RERUN_WITHIN_MS) &&
+      (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
+  ) && hosts.failovers.every((f) => f.rejoinedAfterMs !== null);
+}
+
+/** Acknowledged events the failovers lost (the run's `lost` must stay 0 with durable enqueue; without, it may not). */
+export function failoverLosses(hosts: HostsReport | null): number {
+  return hosts === null ? 0 : hosts.failovers.reduce((n, f) => n + Math.max(0, f.ackedLost), 0);
+}
 
 export function buildReport(r: RunResults): ChaosReport {
   const { options, events, history } = r;
@@ -76,11 +111,14 @@ export function buildReport(r: RunResults): ChaosReport {
     history.ok &&
     r.deployments.wrongFinalState === 0 &&
     r.drainedAt !== null &&
-    r.consumers.skipped === 0;
-  const { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed } = options;
+    r.consumers.skipped === 0 &&
+    r.sweeps.startedTwice === 0 &&
+    hostsHeld(r.hosts) &&
+    (!options.durable || failoverLosses(r.hosts) === 0);
+  const { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS } = options;
   return {
     ok,
-    options: { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed },
+    options: { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS },
     events: {
       sent: events.sent,
       applied: events.applied,
@@ -103,6 +141,8 @@ export function buildReport(r: RunResults): ChaosReport {
     unexpectedWorkerExits: r.workers.unexpectedExits,
     checker: { ok: history.ok, violationCounts: history.violationCounts, violations: history.violations },
     lostSamples: r.lostSamples,
+    sweeps: r.sweeps,
+    hosts: r.hosts,
     timings: {
       totalS: seconds(Date.now() - r.t0),
       lastFaultAtS: seconds(r.lastFaultAt - r.t0),
@@ -113,9 +153,10 @@ export function buildReport(r: RunResults): ChaosReport {
 }
 
 export function formatReport(r: ChaosReport): string {
+  const where = r.options.hosts > 0 ? `, on ${r.options.hosts} hosts${r.options.redisCluster ? ' with a Redis Cluster' : ''}, durable enqueue ${r.options.durable ? 'on' : 'off'}` : '';
   const lines = [
     '',
-    `chaos report (seed ${r.options.seed}): ${r.ok ? 'OK' : 'FAILED'}`,
+    `chaos report (seed ${r.options.seed}${where}): ${r.ok ? 'OK' : 'FAILED'}`,
     `  scale               ${r.options.deployments} deployments, ${r.options.workers} worker processes x ${r.options.concurrency}, ${r.options.durationS} s of faults every ${r.options.faultEveryS} s`,
     `  events sent         ${r.events.sent} distinct (${r.events.replayed} of them out-of-order replays under new eventIds)`,
     `    + duplicates      ${r.events.resent} re-enqueued (same jobId), ${r.events.redelivered} redelivered (same eventId, new jobId)`,
@@ -133,9 +174,28 @@ export function formatReport(r: ChaosReport): string {
     `  relay leader kills  ${r.faults.leaderKills}`,
     `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts})`,
     `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
+    `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
+    ...hostLines(r),
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);
   for (const s of r.lostSamples.slice(0, 10)) lines.push(`  ! ${s}`);
   return `${lines.join('\n')}\n`;
+}
+
+const ms = (v: number | null): string => (v === null ? '-' : `${(v / 1000).toFixed(1)} s`);
+
+function hostLines(r: ChaosReport): string[] {
+  if (r.hosts === null) return [];
+  const { partitions, failovers } = r.hosts;
+  const lines = [`  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each`];
+  for (const p of partitions) {
+    const relay = p.ledRelay ? `; relay taken over after ${ms(p.takeoverMs)}, stream moved after ${ms(p.firstPublishMs)} (within ${TAKEOVER_WITHIN_MS / 1000} s)` : '';
+    lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}`);
+  }
+  lines.push(`  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`);
+  for (const f of failovers) {
+    lines.push(`    at ${f.atS} s master ${f.killed} -> replica ${f.promoted} in ${ms(f.tookMs)}; ${f.ackedLost} acknowledged events lost; old master back as a replica after ${ms(f.rejoinedAfterMs)}`);
+  }
+  return lines;
 }

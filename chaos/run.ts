@@ -12,6 +12,9 @@
  *
  * Usage: npm run chaos -- [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S] [--drain-timeout S]
  *        [--phases MIN-MAX] [--concurrency N] [--seed N] [--dir DIR] [--json FILE]
+ *        [--hosts N] [--redis-cluster] [--durable | --no-durable] [--partition S]
+ * With --hosts N the services and N worker hosts each run in a network namespace (chaos/lab.ts) and the faults add
+ * partitions of a worker host and of the relay leader's host; with --redis-cluster, master failovers.
  * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap and the checker is clean.
  */
 import * as fs from 'node:fs';
@@ -19,7 +22,8 @@ import { countEvents, countWrongFinalStates, checkRunHistory, Samples } from './
 import { AuditConsumer } from './audit';
 import { Barriers } from './barriers';
 import { drain } from './drain';
-import { Fleet } from './fleet';
+import { CHAOS_SWEEP_EVERY_S, Fleet } from './fleet';
+import { countSweeps } from './sweeps';
 import { parseChaosArgs, type ChaosOptions } from './options';
 import { buildReport, formatReport, type ChaosReport } from './report';
 import { FaultSchedule } from './schedule';
@@ -65,9 +69,10 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   const player = new ScriptPlayer(sender, barriers, timing);
   // starts spread over 90 % of the window: scripts are still in flight when the last fault hits
   const scriptRuns = player.startAll(scripts, options.durationS * 900);
-  log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
+  const where = options.hosts > 0 ? ` on ${options.hosts} hosts${options.redisCluster ? ', Redis Cluster' : ''}${options.durable ? ', durable enqueue' : ''}` : '';
+  log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
 
-  const faults = new FaultSchedule({ fleet, sender, scripts: player, audit, timing });
+  const faults = new FaultSchedule({ fleet, sender, scripts: player, audit, timing }, options, elapsed, log);
   await faults.run(options, elapsed, log);
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
@@ -95,6 +100,8 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
     leaderKills: faults.leaderKills,
     workers: { started: fleet.workers.started, unexpectedExits: fleet.workers.unexpectedExits },
     lostSamples: samples.list,
+    sweeps: countSweeps(fleet.workersLog, CHAOS_SWEEP_EVERY_S),
+    hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers },
     t0,
     lastFaultAt,
     drainedAt,

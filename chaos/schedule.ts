@@ -3,10 +3,12 @@
  * always a PostgreSQL crash (so that "drain after the last fault" measures a recovery). Each fault is logged with
  * when it came, what it did and how long it took.
  */
+import { jobIdFor } from '../src/queues/producer';
 import { sleep } from '../src/util';
 import type { AuditConsumer } from './audit';
 import { findRelayLeader, killRedisClients, terminateBackends } from './faults';
 import type { Fleet } from './fleet';
+import { HostFaults, relayLeaderHost } from './host-faults';
 import { holdConsumerBehindTrim } from './held-consumer';
 import type { ChaosOptions } from './options';
 import type { ScriptPlayer } from './scripts';
@@ -25,7 +27,13 @@ export type FaultKind =
   /** redis-server SIGKILLed and restarted with its data deleted: queues, scheduler and stream gone */
   | 'redis-wipe'
   /** a consumer held on an entry while the stream moves on and is trimmed past it */
-  | 'consumer-held';
+  | 'consumer-held'
+  /** (--hosts) a worker host cut off from everything for --partition seconds, then healed */
+  | 'partition-worker'
+  /** (--hosts) the host whose relay holds the outbox lock, cut off likewise */
+  | 'partition-relay-leader'
+  /** (--redis-cluster) the master of the fleet's slot SIGKILLed, its replica promoted, the old one back as a replica */
+  | 'redis-failover';
 
 export interface FaultRecord {
   readonly atS: number;
@@ -57,15 +65,46 @@ export interface FaultTargets {
   readonly timing: Random;
 }
 
+/** On several hosts every third fault is one of these, in turn (failovers only on a Redis Cluster). */
+function hostRotation(fleet: Fleet): readonly FaultKind[] {
+  return fleet.cluster === null
+    ? ['partition-worker', 'partition-relay-leader']
+    : ['partition-worker', 'redis-failover', 'partition-relay-leader', 'redis-failover'];
+}
+
 export class FaultSchedule {
   readonly log: FaultRecord[] = [];
+  /** the partitions and failovers of a run on several hosts (null on loopback) */
+  readonly hosts: HostFaults | null;
   leaderKills = 0;
   /** held consumers that stopped with resync_required, and that went on past the hole */
   readonly consumers = { resyncs: 0, skipped: 0 };
   /** when the last fault ended (ms since the epoch; 0 before any) */
   lastFaultAt = 0;
 
-  constructor(private readonly t: FaultTargets) {}
+  constructor(
+    private readonly t: FaultTargets,
+    options: ChaosOptions,
+    elapsed: () => number,
+    say: (line: string) => void,
+  ) {
+    const lab = t.fleet.lab;
+    this.hosts = lab === null ? null : new HostFaults(t.fleet, lab, options.partitionS, elapsed, say, (before) => this.ackedButGone(before));
+  }
+
+  /** The k-th fault of the window: the rotation, with every third a host fault on several hosts. */
+  private kindAt(k: number, last: boolean): FaultKind {
+    if (last) return 'postgres-restart';
+    const { fleet } = this.t;
+    if (this.hosts !== null && k % 3 === 1) {
+      const rotation = hostRotation(fleet);
+      return rotation[Math.floor(k / 3) % rotation.length] ?? 'partition-worker';
+    }
+    const n = this.hosts === null ? k : k - Math.floor((k + 1) / 3);
+    const kind = ROTATION[n % ROTATION.length] ?? 'kill-worker';
+    // a Redis Cluster is not restarted as a whole: one of its masters fails over instead
+    return kind === 'redis-restart' && fleet.cluster !== null ? 'redis-failover' : kind;
+  }
 
   /** Injects the faults of the window that starts now; `elapsed` gives the run's time in seconds. */
   async run(options: ChaosOptions, elapsed: () => number, say: (line: string) => void): Promise<void> {
@@ -76,7 +115,8 @@ export class FaultSchedule {
       await sleep(Math.max(0, at * 1000 - (Date.now() - windowStart)));
       // the last fault is the heaviest, so that "drain after the last fault" measures a recovery
       const last = options.faultEveryS * (k + 2) > options.durationS;
-      const kind = last ? 'postgres-restart' : (ROTATION[k % ROTATION.length] ?? 'kill-worker');
+      if (last) await this.settleHosts(say); // the last fault meets every host connected and every master replicated
+      const kind = this.kindAt(k, last);
       const started = Date.now();
       let detail: string;
       try {
@@ -89,6 +129,15 @@ export class FaultSchedule {
       this.lastFaultAt = Date.now();
       say(`fault ${kind}: ${detail}${record.tookMs > 100 ? ` (${record.tookMs} ms)` : ''}`);
     }
+    await this.settleHosts(say);
+  }
+
+  private async settleHosts(say: (line: string) => void): Promise<void> {
+    if (this.hosts === null) return;
+    const started = Date.now();
+    await this.hosts.settle();
+    if (Date.now() - started > 100) say(`partitions healed and masters rejoined (${Date.now() - started} ms)`);
+    this.lastFaultAt = Math.max(this.lastFaultAt, Date.now());
   }
 
   private async inject(kind: FaultKind): Promise<string> {
@@ -101,6 +150,12 @@ export class FaultSchedule {
       case 'redis-restart':
         await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000 });
         return 'redis-server SIGKILLed, down 1 s, restarted from its AOF';
+      case 'redis-failover':
+        return this.hosts === null ? 'not on several hosts' : this.hosts.failover();
+      case 'partition-worker':
+        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(false, (hosts) => this.t.timing.pick(hosts));
+      case 'partition-relay-leader':
+        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(true, (hosts) => this.t.timing.pick(hosts));
       case 'redis-wipe':
         return this.wipeRedis();
       case 'consumer-held':
@@ -111,6 +166,10 @@ export class FaultSchedule {
       case 'terminate-backends':
         return `pg_terminate_backend: ${await terminateBackends(fleet.pool)} backends`;
       case 'redis-client-kill':
+        if (fleet.cluster !== null) {
+          const killed = await fleet.cluster.onAll('CLIENT', 'KILL', 'TYPE', 'normal', 'SKIPME', 'yes');
+          return `CLIENT KILL TYPE normal on every node: ${killed.reduce((n, r) => n + Number(r), 0)} connections`;
+        }
         return `CLIENT KILL TYPE normal: ${await killRedisClients(fleet.admin)} connections`;
       case 'redelivery-burst':
         return this.redeliveryBurst();
@@ -135,12 +194,42 @@ export class FaultSchedule {
     let leader: number | null = null;
     for (let i = 0; i < 10 && leader === null; i++) {
       if (i > 0) await sleep(500);
-      leader = await findRelayLeader(fleet.pool, fleet.workers.pids()).catch(() => null);
+      leader = await this.relayLeaderPid().catch(() => null);
     }
     if (leader === null) return this.killWorker('leader not found; ');
     fleet.workers.kill(leader);
     this.leaderKills++;
     return `SIGKILL relay leader pid ${leader}`;
+  }
+
+  /**
+   * Events the producer had acknowledged before `before` that a decision was expected for, which were neither
+   * decided nor any longer in the queue: what a failover lost. (A redis-wipe later sends every undecided event
+   * again, so the run's final `lost` can hide these: they are counted here, at the failover.)
+   */
+  private async ackedButGone(before: number): Promise<number> {
+    const { fleet, sender } = this.t;
+    const candidates = [...sender.acked].filter(([id, at]) => at <= before && sender.sent.get(id)?.expect.kind === 'decided').map(([id]) => id);
+    const decided = async (ids: string[]): Promise<Set<string>> =>
+      new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [ids])).rows.map((r) => r.event_id));
+    const done = await decided(candidates);
+    const missing: string[] = [];
+    for (const id of candidates.filter((c) => !done.has(c))) {
+      if ((await fleet.queue.getJob(jobIdFor(id))) === undefined) missing.push(id);
+    }
+    if (missing.length === 0) return 0;
+    const decidedSince = await decided(missing); // decided between the two reads
+    return missing.filter((id) => !decidedSince.has(id)).length;
+  }
+
+  /** The pid of the worker whose relay leads: on several hosts by its host's address, else by its socket. */
+  private async relayLeaderPid(): Promise<number | null> {
+    const { fleet } = this.t;
+    if (fleet.lab === null) return findRelayLeader(fleet.pool, fleet.workers.pids());
+    const host = await relayLeaderHost(fleet, fleet.lab);
+    if (host === null) return null;
+    for (let slot = 0; slot < fleet.options.workers; slot++) if (fleet.lab.hostOfSlot(slot) === host) return fleet.workers.pidOf(slot);
+    return null;
   }
 
   /**
@@ -152,12 +241,14 @@ export class FaultSchedule {
    */
   private async wipeRedis(): Promise<string> {
     const { fleet, sender, scripts } = this.t;
-    await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
+    if (fleet.cluster !== null) await fleet.cluster.onMasters('FLUSHALL');
+    else await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
     const decided = new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));
     const currentRejections = [...scripts.stepEvents.values()].flat().filter((e) => e.expect.kind === 'rejected' && sender.sent.has(e.data.eventId));
     const again = [...[...sender.sent.values()].filter((e) => e.expect.kind === 'decided'), ...currentRejections].filter((e) => !decided.has(e.data.eventId));
     for (const event of again) sender.inBackground(() => sender.resend(event, true));
-    return `redis-server SIGKILLed, its data deleted, restarted empty; ${again.length} undecided events sent again`;
+    const what = fleet.cluster !== null ? 'every master FLUSHALLed (the replicas follow)' : 'redis-server SIGKILLed, its data deleted, restarted empty';
+    return `${what}; ${again.length} undecided events sent again`;
   }
 
   private async holdConsumer(): Promise<string> {

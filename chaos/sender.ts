@@ -31,6 +31,8 @@ export function declaredAt(name: string): { timestamp?: number } {
 export class Sender {
   /** every distinct event intended so far, by eventId */
   readonly sent = new Map<string, Tracked>();
+  /** eventId -> when the producer's enqueue first returned (the event was acknowledged) */
+  readonly acked = new Map<string, number>();
   readonly counters = { resent: 0, redelivered: 0, replayed: 0 };
   private readonly background = new Set<Promise<void>>();
   private abortedFlag = false;
@@ -79,6 +81,7 @@ export class Sender {
   async sendIntended(event: Tracked): Promise<void> {
     this.sent.set(event.data.eventId, event);
     await this.retrying(() => this.producer.enqueue(event.name, event.data, declaredAt(event.name)));
+    if (!this.acked.has(event.data.eventId)) this.acked.set(event.data.eventId, Date.now());
   }
 
   /** Enqueues an event again with its own eventId and jobId (dated as `declaredAt` says when `dated`). */

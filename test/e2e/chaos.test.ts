@@ -9,8 +9,28 @@ import { OwnRedis } from '../helpers/redis-server';
 import { uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
+import { netnsUnavailable } from '../../dev/netns';
 
 const ROOT = repoRoot();
+
+/** Runs `npm run chaos` (the built runner) with `args`; its report, its stdout (the report as text) and exit code. */
+async function runChaos(args: readonly string[]): Promise<{ report: ChaosReport; out: string; code: number | null }> {
+  const jsonFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-chaos-')), 'report.json');
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  delete env.REDIS_URL;
+  delete env.DATABASE_URL;
+  const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'chaos', 'run.js'), ...args, '--json', jsonFile], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
+  const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+  expect(fs.existsSync(jsonFile), `no report; stderr:\n${err}`).to.equal(true);
+  const report = JSON.parse(fs.readFileSync(jsonFile, 'utf8')) as ChaosReport;
+  fs.rmSync(path.dirname(jsonFile), { recursive: true, force: true });
+  process.stdout.write(out.replace(/^/gm, '      '));
+  return { report, out, code };
+}
 
 /**
  * The CI variant of `npm run chaos`: its own Redis and PostgreSQL (under .fleet/chaos-test, so it can kill and
@@ -20,25 +40,7 @@ describe('chaos (CI variant)', function () {
   this.timeout(200_000);
 
   it('loses nothing, applies nothing twice and leaves no stream gap under crashes, restarts and duplicates', async () => {
-    const jsonFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-chaos-')), 'report.json');
-    const env: NodeJS.ProcessEnv = { ...process.env };
-    delete env.REDIS_URL;
-    delete env.DATABASE_URL;
-    const child = spawn(
-      process.execPath,
-      [path.join(ROOT, 'dist', 'chaos', 'run.js'), '--ci', '--dir', path.join(ROOT, '.fleet', 'chaos-test'), '--json', jsonFile],
-      { env, stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
-    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-    expect(fs.existsSync(jsonFile), `no report; stderr:\n${err}`).to.equal(true);
-    const report = JSON.parse(fs.readFileSync(jsonFile, 'utf8')) as ChaosReport;
-    fs.rmSync(path.dirname(jsonFile), { recursive: true, force: true });
-    process.stdout.write(out.replace(/^/gm, '      '));
-
+    const { report, out, code } = await runChaos(['--ci', '--dir', path.join(ROOT, '.fleet', 'chaos-test')]);
     expect(report.events.lost, out).to.equal(0);
     expect(report.appliedTwice, out).to.equal(0);
     expect(report.streamGaps, out).to.equal(0);
@@ -66,6 +68,46 @@ describe('chaos (CI variant)', function () {
       'consumer-held',
     ]);
     expect(report.faults.leaderKills).to.be.at.least(1);
+    expect(report.sweeps.ticks, out).to.be.above(5);
+    expect(report.sweeps.startedTwice, out).to.equal(0);
+    expect(report.ok).to.equal(true);
+    expect(code).to.equal(0);
+  });
+
+  it('on 3 hosts with a Redis Cluster: partitions and master failovers lose nothing, and work moves on in time', async function () {
+    const why = netnsUnavailable();
+    if (why !== null) {
+      process.stdout.write(`      SKIPPED: chaos on several hosts cannot run here: ${why}\n`);
+      this.skip();
+    }
+    this.timeout(400_000);
+    const { report, out, code } = await runChaos(['--ci', '--hosts', '3', '--redis-cluster', '--dir', path.join(ROOT, '.fleet', 'chaos-hosts-test')]);
+    expect(report.options.durable, 'durable enqueue is on with a cluster').to.equal(true);
+    expect(report.events.lost, out).to.equal(0);
+    expect(report.appliedTwice, out).to.equal(0);
+    expect(report.streamGaps, out).to.equal(0);
+    expect(report.events.wrongOutcome, out).to.equal(0);
+    expect(report.deployments.wrongFinalState, out).to.equal(0);
+    expect(report.checker.violations, out).to.deep.equal([]);
+    expect(report.sweeps.startedTwice, out).to.equal(0);
+    const hosts = report.hosts;
+    if (hosts === null) throw new Error('no hosts section in the report');
+    // the faults happened: worker hosts and the relay leader's host cut off, the fleet's master failed over
+    expect(hosts.partitions.length, out).to.be.at.least(2);
+    expect(hosts.partitions.filter((p) => p.ledRelay).length, out).to.be.at.least(1);
+    expect(hosts.failovers.length, out).to.be.at.least(2);
+    for (const p of hosts.partitions) {
+      expect(p.notRerun, out).to.equal(0);
+      if (p.rerunMaxMs !== null) expect(p.rerunMaxMs, out).to.be.at.most(15_000);
+      if (p.ledRelay) {
+        expect(p.takeoverMs, out).to.be.a('number').and.at.most(30_000);
+        expect(p.firstPublishMs, out).to.be.a('number').and.at.most(30_000);
+      }
+    }
+    for (const f of hosts.failovers) {
+      expect(f.ackedLost, out).to.equal(0);
+      expect(f.rejoinedAfterMs, out).to.be.a('number');
+    }
     expect(report.ok).to.equal(true);
     expect(code).to.equal(0);
   });

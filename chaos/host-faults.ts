@@ -1,0 +1,217 @@
+/**
+ * The faults of a run on several hosts (`--hosts`, `--redis-cluster`), and what they measure:
+ * - `partition-worker`: a worker host's link goes down for `partitionS` (the host lives on, its sockets open), then
+ *   comes back. Measured: the jobs it held when cut off, and how long until each ran again elsewhere (re-taken by
+ *   another worker, or finished); the promise is 15 s.
+ * - `partition-relay-leader`: the same, for the host whose relay holds the outbox lock. Measured too: how long until
+ *   another host's relay holds the lock, and until the stream moves again (another relay published); the promise
+ *   is 30 s.
+ * - `redis-failover`: the master serving the fleet's slot is SIGKILLed; its replica takes over after the cluster's
+ *   node timeout; the old master comes back `restartAfterS` later and rejoins as a replica.
+ * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time.
+ */
+import * as os from 'node:os';
+import type { Job } from 'bullmq';
+import { sleep } from '../src/util';
+import type { Fleet } from './fleet';
+import type { ChaosLab } from './lab';
+
+export interface PartitionRecord {
+  readonly host: string;
+  /** seconds into the run when the link went down */
+  readonly atS: number;
+  /** did this host's relay hold the outbox lock when it was cut off? */
+  readonly ledRelay: boolean;
+  /** lifecycle jobs the host's worker held when cut off */
+  readonly inFlight: number;
+  /** the longest time until one of them ran again elsewhere, ms (null: none in flight, or not within the partition) */
+  readonly rerunMaxMs: number | null;
+  /** of the in-flight jobs, how many had not run again elsewhere when the host came back */
+  readonly notRerun: number;
+  /** the leader's host cut off: until another host's relay held the lock (null: not the leader, or not within the partition) */
+  readonly takeoverMs: number | null;
+  /** the leader's host cut off: until the stream's last entry changed after the takeover (the new leader published) */
+  readonly firstPublishMs: number | null;
+  readonly durationMs: number;
+}
+
+export interface FailoverEvent {
+  readonly atS: number;
+  readonly killed: number;
+  readonly promoted: number;
+  /** from the kill until the replica served the slot and the cluster was ok */
+  readonly tookMs: number;
+  /** the old master back as a replica after (null: still down / failed) */
+  readonly rejoinedAfterMs: number | null;
+  /**
+   * events acknowledged to the producer before the kill whose job the promoted replica does not have and that
+   * were never decided: lost by the failover (0 with durable enqueue)
+   */
+  readonly ackedLost: number;
+}
+
+/** Counts events acknowledged before `before` (ms) that are gone: neither decided nor queued any more. */
+export type AckedLostCheck = (before: number) => Promise<number>;
+
+/** The relay that holds the outbox lock: its client address (the host), or null. */
+async function relayLeaderAddress(fleet: Fleet): Promise<string | null> {
+  const { rows } = await fleet.pool.query<{ addr: string | null }>(
+    `SELECT host(a.client_addr) AS addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+      WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'lifecycle-fleet-relay'`,
+  );
+  return rows[0]?.addr ?? null;
+}
+
+/** The worker host whose relay leads, or null. */
+export async function relayLeaderHost(fleet: Fleet, lab: ChaosLab): Promise<string | null> {
+  const addr = await relayLeaderAddress(fleet).catch(() => null);
+  return addr === null ? null : lab.hostOfAddress(addr);
+}
+
+/** The stream's last entry id ('' when empty or unreadable). */
+async function streamTail(fleet: Fleet): Promise<string> {
+  try {
+    const last = (await fleet.admin.xrevrange(fleet.streamKey, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>;
+    return last[0]?.[0] ?? '';
+  } catch {
+    return '';
+  }
+}
+
+export class HostFaults {
+  readonly partitions: PartitionRecord[] = [];
+  readonly failovers: FailoverEvent[] = [];
+  private partitioning: Promise<void> | null = null;
+  private failingOver: Promise<void> | null = null;
+
+  constructor(
+    private readonly fleet: Fleet,
+    private readonly lab: ChaosLab,
+    private readonly partitionS: number,
+    private readonly elapsedS: () => number,
+    private readonly say: (line: string) => void,
+    private readonly ackedLost: AckedLostCheck,
+    private readonly restartAfterS = 5,
+  ) {}
+
+  /** Cuts a worker host off (the relay leader's host when `leader`) for `partitionS`, in the background. */
+  async partition(leader: boolean, pick: (hosts: string[]) => string): Promise<string> {
+    await this.partitioning; // one partition at a time
+    const workers = this.fleet.workers;
+    const hosts = Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot));
+    let host: string | null = null;
+    if (leader) {
+      for (let i = 0; i < 10 && host === null; i++) {
+        if (i > 0) await sleep(500);
+        host = await relayLeaderHost(this.fleet, this.lab);
+      }
+      if (host === null) return 'relay leader not found; nothing cut off';
+    } else {
+      host = pick(hosts);
+    }
+    const slot = hosts.indexOf(host);
+    const pid = workers.pidOf(slot);
+    const name = pid === null ? null : `${os.hostname()}:${pid}`;
+    const held = name === null ? [] : (await this.fleet.queue.getActive()).filter((j) => j.processedBy === name).map((j) => j.id ?? '');
+    const tail = await streamTail(this.fleet);
+    const cutAt = Date.now();
+    const atS = Number(this.elapsedS().toFixed(1));
+    this.lab.partition(host);
+    const target = host;
+    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader }).finally(() => {
+      this.partitioning = null;
+    });
+    return `${target} cut off for ${this.partitionS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs`;
+  }
+
+  private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean }): Promise<void> {
+    const until = p.cutAt + this.partitionS * 1000;
+    const rerunAt = new Map<string, number>();
+    let takeoverAt: number | null = null;
+    let publishedAt: number | null = null;
+    let tailAtTakeover = p.tail;
+    while (Date.now() < until) {
+      for (const id of p.held) {
+        if (rerunAt.has(id)) continue;
+        const job: Job | undefined = await this.fleet.queue.getJob(id).catch(() => undefined);
+        // gone (removed on completion), finished, or taken by another worker: it ran again elsewhere
+        if (job === undefined || job.finishedOn !== undefined || (job.processedBy !== undefined && job.processedBy !== p.name)) rerunAt.set(id, Date.now());
+      }
+      if (p.ledRelay) {
+        if (takeoverAt === null) {
+          const addr = await relayLeaderAddress(this.fleet).catch(() => null);
+          if (addr !== null && this.lab.hostOfAddress(addr) !== p.host) {
+            takeoverAt = Date.now();
+            tailAtTakeover = await streamTail(this.fleet);
+          }
+        } else if (publishedAt === null) {
+          // a new last entry after the takeover: the new leader appended (a wipe or failover empties it: not that)
+          const tail = await streamTail(this.fleet);
+          if (tail !== '' && tail !== tailAtTakeover) publishedAt = Date.now();
+        }
+      }
+      await sleep(200);
+    }
+    this.lab.heal(p.host);
+    const times = [...rerunAt.values()].map((t) => t - p.cutAt);
+    const record: PartitionRecord = {
+      host: p.host,
+      atS: p.atS,
+      ledRelay: p.ledRelay,
+      inFlight: p.held.length,
+      rerunMaxMs: times.length === 0 ? null : Math.max(...times),
+      notRerun: p.held.length - rerunAt.size,
+      takeoverMs: takeoverAt === null ? null : takeoverAt - p.cutAt,
+      firstPublishMs: publishedAt === null ? null : publishedAt - p.cutAt,
+      durationMs: Date.now() - p.cutAt,
+    };
+    this.partitions.push(record);
+    const relay = p.ledRelay ? `; relay taken over after ${String(record.takeoverMs)} ms, stream moved after ${String(record.firstPublishMs)} ms` : '';
+    this.say(`healed ${p.host}: ${record.inFlight} held jobs, ${rerunAt.size} ran again elsewhere (longest ${String(record.rerunMaxMs)} ms)${relay}`);
+  }
+
+  /** Fails over the master of the fleet's slot; it comes back as a replica `restartAfterS` later (background). */
+  async failover(): Promise<string> {
+    const cluster = this.fleet.cluster;
+    if (cluster === null) return 'no Redis Cluster';
+    await this.failingOver; // one failover at a time: the last one's old master must be back as a replica first
+    const port = await cluster.masterFor(this.fleet.streamKey);
+    const atS = Number(this.elapsedS().toFixed(1));
+    const killedAt = Date.now();
+    const done = await cluster.failover(port);
+    const ackedLost = await this.ackedLost(killedAt).catch((err: unknown) => {
+      this.say(`could not count what the failover lost: ${err instanceof Error ? err.message : String(err)}`);
+      return -1;
+    });
+    const rejoin = async (): Promise<void> => {
+      await sleep(this.restartAfterS * 1000);
+      const started = Date.now();
+      let rejoinedAfterMs: number | null = null;
+      try {
+        await cluster.restart(done.killed);
+        rejoinedAfterMs = this.restartAfterS * 1000 + Date.now() - started;
+      } catch (err) {
+        this.say(`old master ${done.killed} did not rejoin: ${err instanceof Error ? err.message : String(err)}`);
+      }
+      this.failovers.push({ atS, ...done, rejoinedAfterMs, ackedLost });
+    };
+    this.failingOver = rejoin().finally(() => {
+      this.failingOver = null;
+    });
+    return `master ${done.killed} (the fleet's slot) SIGKILLed; replica ${done.promoted} took over after ${done.tookMs} ms; ${ackedLost} acknowledged events lost; old master back in ${this.restartAfterS} s`;
+  }
+
+  /** Waits for every partition to heal and every failed-over master to rejoin. */
+  async settle(): Promise<void> {
+    await this.partitioning;
+    await this.failingOver;
+  }
+
+  /** Heals whatever is still cut off (an aborted run). */
+  abort(): void {
+    for (const slot of Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, i) => i)) {
+      const host = this.lab.hostOfSlot(slot);
+      if (this.lab.isCut(host)) this.lab.heal(host);
+    }
+  }
+}

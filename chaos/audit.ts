@@ -3,6 +3,8 @@
  * stream check at the end covers entries that a fault trimmed away after the audit had read them. When it stops
  * (a wiped Redis loses its group; a failover loses entries it had read) it is started again from 0 in a new group.
  */
+import { ResyncRequiredError } from '../src/errors';
+import { createRedis } from '../src/queues/redis';
 import { compareIds, TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
 import { sleep } from '../src/util';
 
@@ -13,6 +15,11 @@ export class AuditConsumer {
   readonly entries: TransitionEntry[] = [];
   /** times the consumer stopped and was started again */
   restarts = 0;
+  /**
+   * why it stopped: `resync` (entries it had read were lost, e.g. in a failover, or trimmed), `nogroup` (Redis lost
+   * its data and the group with it), `other` (anything else: a Redis outage the consumer should have waited out)
+   */
+  readonly stops = { resync: 0, nogroup: 0, other: 0 };
   private consumer: TransitionConsumer | null = null;
   private stopped = false;
 
@@ -28,7 +35,7 @@ export class AuditConsumer {
       streamKey: this.streamKey,
       // a group of its own per start: one that stopped for a hole (entries it read lost in a failover) would
       // report the same hole again; the audit reads everything again instead (it records duplicates anyway)
-      group: `chaos-audit-${this.restarts}`,
+      group: this.group,
       consumer: 'audit',
       startId: '0',
       batchSize: 500,
@@ -43,11 +50,35 @@ export class AuditConsumer {
         await consumer.close();
         if (this.stopped) return;
         this.restarts++;
+        const why = err instanceof ResyncRequiredError ? 'resync' : err instanceof Error && /NOGROUP/.test(err.message) ? 'nogroup' : 'other';
+        this.stops[why]++;
         this.log(`audit consumer stopped (${err instanceof Error ? err.message.slice(0, 120) : String(err)}); starting it again from 0`);
         await sleep(500);
+        if (this.stopped) return;
+        await this.prepareGroup().catch(() => undefined); // else the consumer makes it, from 0
         if (!this.stopped) this.start();
       },
     );
+  }
+
+  private get group(): string {
+    return `chaos-audit-${this.restarts}`;
+  }
+
+  /**
+   * Creates the next group at the start of what the stream still holds, counting what was trimmed before it as read
+   * (ENTRIESREAD): a group made at 0 on a trimmed stream has "missed" those entries and would stop at once.
+   */
+  private async prepareGroup(): Promise<void> {
+    const redis = createRedis(this.redisUrl, 'producer', 'lifecycle-fleet-chaos-audit');
+    try {
+      const info = (await redis.xinfo('STREAM', this.streamKey)) as unknown[];
+      const field = (name: string): unknown => info[info.indexOf(name) + 1];
+      const removed = Number(field('entries-added')) - Number(field('length'));
+      await redis.xgroup('CREATE', this.streamKey, this.group, '0', 'ENTRIESREAD', Math.max(0, removed));
+    } finally {
+      redis.disconnect();
+    }
   }
 
   /** Whether the audit has read up to stream id `id`. */

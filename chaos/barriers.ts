@@ -1,6 +1,7 @@
 /**
- * The workload's barriers: a script waits after each step until its deployment reached the step's state and the
- * step's expected rejections failed. One poller checks them all, every 250 ms.
+ * The workload's barriers: a script waits after each step until its deployment reached the step's state, the step's
+ * events a decision is expected for are decided, and the step's expected rejections failed. One poller checks them
+ * all, every 250 ms.
  */
 import type { Pool } from 'pg';
 import { jobIdFor, type LifecycleProducer } from '../src/queues/producer';
@@ -75,10 +76,16 @@ export class Barriers {
         ? []
         : (await this.pool.query<DeploymentRow>(`SELECT id, state, current_attempt_id FROM deployments WHERE id = ANY($1)`, [ids])).rows;
     const stateOf = new Map(rows.map((r) => [r.id, r]));
+    const expected = [...this.waiting.values()].flatMap((w) => w.barrier.decided);
+    const decided =
+      expected.length === 0
+        ? new Set<string>()
+        : new Set((await this.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [expected])).rows.map((r) => r.event_id));
     for (const [id, w] of [...this.waiting]) {
       const want = w.barrier.state;
       const row = stateOf.get(id);
       if (want !== null && (row?.state !== want.state || row.current_attempt_id !== want.currentAttemptId)) continue;
+      if (!w.barrier.decided.every((e) => decided.has(e))) continue;
       if (!(await this.rejectedAll(w.barrier))) continue;
       this.waiting.delete(id);
       w.resolve();

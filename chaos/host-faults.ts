@@ -94,8 +94,12 @@ export class HostFaults {
     private readonly restartAfterS = 5,
   ) {}
 
-  /** Cuts a worker host off (the relay leader's host when `leader`) for `partitionS`, in the background. */
-  async partition(leader: boolean, pick: (hosts: string[]) => string): Promise<string> {
+  /**
+   * Cuts a worker host off (the relay leader's host when `leader`) for `partitionS`, in the background. `busy` is
+   * called first (a burst of work), and the cut waits up to 3 s for the host's worker to hold jobs, so that there
+   * are jobs in flight to watch run again elsewhere.
+   */
+  async partition(leader: boolean, pick: (hosts: string[]) => string, busy: () => void): Promise<string> {
     await this.partitioning; // one partition at a time
     const workers = this.fleet.workers;
     const hosts = Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot));
@@ -112,7 +116,14 @@ export class HostFaults {
     const slot = hosts.indexOf(host);
     const pid = workers.pidOf(slot);
     const name = pid === null ? null : `${os.hostname()}:${pid}`;
-    const held = name === null ? [] : (await this.fleet.queue.getActive()).filter((j) => j.processedBy === name).map((j) => j.id ?? '');
+    const heldBy = async (): Promise<string[]> =>
+      name === null ? [] : (await this.fleet.queue.getActive().catch(() => [])).filter((j) => j.processedBy === name).map((j) => j.id ?? '');
+    busy();
+    let held = await heldBy();
+    for (let waited = 0; held.length === 0 && waited < 3000; waited += 50) {
+      await sleep(50);
+      held = await heldBy();
+    }
     const tail = await streamTail(this.fleet);
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
@@ -127,13 +138,18 @@ export class HostFaults {
   private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean }): Promise<void> {
     const until = p.cutAt + this.partitionS * 1000;
     const rerunAt = new Map<string, number>();
+    const finishedBeforeCut = new Set<string>();
     let takeoverAt: number | null = null;
     let publishedAt: number | null = null;
     let tailAtTakeover = p.tail;
     while (Date.now() < until) {
       for (const id of p.held) {
-        if (rerunAt.has(id)) continue;
+        if (rerunAt.has(id) || finishedBeforeCut.has(id)) continue;
         const job: Job | undefined = await this.fleet.queue.getJob(id).catch(() => undefined);
+        if (job !== undefined && job.processedBy === p.name && job.finishedOn !== undefined && job.finishedOn <= p.cutAt + 50) {
+          finishedBeforeCut.add(id); // its worker finished it as the link went down: it was not in flight
+          continue;
+        }
         // gone (removed on completion), finished, or taken by another worker: it ran again elsewhere
         if (job === undefined || job.finishedOn !== undefined || (job.processedBy !== undefined && job.processedBy !== p.name)) rerunAt.set(id, Date.now());
       }
@@ -158,9 +174,9 @@ export class HostFaults {
       host: p.host,
       atS: p.atS,
       ledRelay: p.ledRelay,
-      inFlight: p.held.length,
+      inFlight: p.held.length - finishedBeforeCut.size,
       rerunMaxMs: times.length === 0 ? null : Math.max(...times),
-      notRerun: p.held.length - rerunAt.size,
+      notRerun: p.held.length - finishedBeforeCut.size - rerunAt.size,
       takeoverMs: takeoverAt === null ? null : takeoverAt - p.cutAt,
       firstPublishMs: publishedAt === null ? null : publishedAt - p.cutAt,
       durationMs: Date.now() - p.cutAt,
@@ -170,20 +186,24 @@ export class HostFaults {
     this.say(`healed ${p.host}: ${record.inFlight} held jobs, ${rerunAt.size} ran again elsewhere (longest ${String(record.rerunMaxMs)} ms)${relay}`);
   }
 
-  /** Fails over the master of the fleet's slot; it comes back as a replica `restartAfterS` later (background). */
+  /**
+   * Fails over the master of the fleet's slot, in the background: the kill now, then its replica's takeover, then
+   * the old master back as a replica `restartAfterS` later. None while the last one is still healing.
+   */
   async failover(): Promise<string> {
     const cluster = this.fleet.cluster;
     if (cluster === null) return 'no Redis Cluster';
-    await this.failingOver; // one failover at a time: the last one's old master must be back as a replica first
+    if (this.failingOver !== null) return 'the last failover is still healing: none this time';
     const port = await cluster.masterFor(this.fleet.streamKey);
     const atS = Number(this.elapsedS().toFixed(1));
     const killedAt = Date.now();
-    const done = await cluster.failover(port);
-    const ackedLost = await this.ackedLost(killedAt).catch((err: unknown) => {
-      this.say(`could not count what the failover lost: ${err instanceof Error ? err.message : String(err)}`);
-      return -1;
-    });
-    const rejoin = async (): Promise<void> => {
+    const run = async (): Promise<void> => {
+      const done = await cluster.failover(port);
+      const ackedLost = await this.ackedLost(killedAt).catch((err: unknown) => {
+        this.say(`could not count what the failover lost: ${err instanceof Error ? err.message : String(err)}`);
+        return -1;
+      });
+      this.say(`failover: replica ${done.promoted} took over from ${done.killed} after ${done.tookMs} ms; ${ackedLost} acknowledged events lost`);
       await sleep(this.restartAfterS * 1000);
       const started = Date.now();
       let rejoinedAfterMs: number | null = null;
@@ -195,10 +215,12 @@ export class HostFaults {
       }
       this.failovers.push({ atS, ...done, rejoinedAfterMs, ackedLost });
     };
-    this.failingOver = rejoin().finally(() => {
-      this.failingOver = null;
-    });
-    return `master ${done.killed} (the fleet's slot) SIGKILLed; replica ${done.promoted} took over after ${done.tookMs} ms; ${ackedLost} acknowledged events lost; old master back in ${this.restartAfterS} s`;
+    this.failingOver = run()
+      .catch((err: unknown) => this.say(`failover of ${port} failed: ${err instanceof Error ? err.message : String(err)}`))
+      .finally(() => {
+        this.failingOver = null;
+      });
+    return `master ${port} (the fleet's slot) SIGKILLed; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
   }
 
   /** Waits for every partition to heal and every failed-over master to rejoin. */

@@ -43,7 +43,13 @@ export interface ChaosReport {
    * consumers held behind the trim point while running: `resyncs` stopped with ResyncRequiredError (as they must),
    * `skipped` went on past the hole (must be 0); `auditRestarts`: the recording consumer restarted (a wiped Redis)
    */
-  readonly consumers: { readonly resyncs: number; readonly skipped: number; readonly auditRestarts: number };
+  readonly consumers: {
+    readonly resyncs: number;
+    readonly skipped: number;
+    readonly auditRestarts: number;
+    /** why the audit consumer stopped: `other` (not a resync, not a lost group) must be 0 */
+    readonly auditStops: { readonly resync: number; readonly nogroup: number; readonly other: number };
+  };
   readonly streamGaps: number;
   readonly streamRepeats: number;
   readonly transitions: number;
@@ -112,6 +118,7 @@ export function buildReport(r: RunResults): ChaosReport {
     r.deployments.wrongFinalState === 0 &&
     r.drainedAt !== null &&
     r.consumers.skipped === 0 &&
+    r.consumers.auditStops.other === 0 &&
     r.sweeps.startedTwice === 0 &&
     hostsHeld(r.hosts) &&
     (!options.durable || failoverLosses(r.hosts) === 0);
@@ -172,7 +179,7 @@ export function formatReport(r: ChaosReport): string {
     `  history checker     ${r.checker.ok ? 'clean' : JSON.stringify(r.checker.violationCounts)}`,
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
-    `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts})`,
+    `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.nogroup} group lost with Redis's data, ${r.consumers.auditStops.other} other)`,
     `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),

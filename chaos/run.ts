@@ -94,7 +94,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
     options,
     events: { sent: sender.sent.size, ...events, ...sender.counters },
     history,
-    consumers: { ...faults.consumers, auditRestarts: audit.restarts },
+    consumers: { ...faults.consumers, auditRestarts: audit.restarts, auditStops: { ...audit.stops } },
     deployments: { total: scripts.length, scriptsFinished: player.finished, wrongFinalState },
     faultLog: faults.log,
     leaderKills: faults.leaderKills,

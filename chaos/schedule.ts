@@ -153,9 +153,9 @@ export class FaultSchedule {
       case 'redis-failover':
         return this.hosts === null ? 'not on several hosts' : this.hosts.failover();
       case 'partition-worker':
-        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(false, (hosts) => this.t.timing.pick(hosts));
+        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(false, (hosts) => this.t.timing.pick(hosts), () => this.redeliveryBurst(200));
       case 'partition-relay-leader':
-        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(true, (hosts) => this.t.timing.pick(hosts));
+        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(true, (hosts) => this.t.timing.pick(hosts), () => this.redeliveryBurst(200));
       case 'redis-wipe':
         return this.wipeRedis();
       case 'consumer-held':
@@ -260,10 +260,10 @@ export class FaultSchedule {
     return held.detail;
   }
 
-  private redeliveryBurst(): string {
+  private redeliveryBurst(count = 60): string {
     const { sender, timing } = this.t;
     const candidates = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
-    const picked = Array.from({ length: Math.min(60, candidates.length) }, () => timing.pick(candidates));
+    const picked = Array.from({ length: Math.min(count, candidates.length) }, () => timing.pick(candidates));
     picked.forEach((event, n) => sender.inBackground(() => sender.redeliver(event, n + 1)));
     return `${picked.length} events redelivered under new job ids`;
   }

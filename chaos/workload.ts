@@ -78,12 +78,20 @@ export interface PlannedEvent {
 export interface Barrier {
   readonly state: { readonly state: DeploymentState; readonly currentAttemptId: string | null } | null;
   readonly rejected: ReadonlyArray<{ readonly eventId: string; readonly code: string }>;
+  /**
+   * the step's events a decision is expected for: each must be decided (a `processed_events` row) before the next
+   * step, as a pipeline waits for its own event's answer. The state alone can match before a slow event of the step
+   * ran (a teardown of a deployment that is already `pending`, its job waiting out a retry), and that event would
+   * then meet the next step's state.
+   */
+  readonly decided: readonly string[];
 }
 
 function barrierOf(state: Barrier['state'], events: readonly PlannedEvent[]): Barrier {
   return {
     state,
     rejected: events.flatMap((e) => (e.expect.kind === 'rejected' ? [{ eventId: e.data.eventId, code: e.expect.code }] : [])),
+    decided: events.flatMap((e) => (e.expect.kind === 'decided' ? [e.data.eventId] : [])),
   };
 }
 

@@ -194,7 +194,7 @@ export class ServerWatch {
 /** An error from an ioredis command (rather than from PostgreSQL's driver). */
 export function isRedisError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
-  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || err.name === 'ClusterAllFailedError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready/i.test(err.message);
+  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || err.name === 'ClusterAllFailedError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready|Too many Cluster redirections/i.test(err.message);
 }
 
 function errorCode(err: unknown): string {

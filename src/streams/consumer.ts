@@ -13,7 +13,7 @@
  *   then start again from `$`.
  */
 import type { RedisConnection } from '../queues/redis';
-import { ResyncRequiredError } from '../errors';
+import { isTransient, ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { settleWithin, sleep } from '../util';
@@ -158,7 +158,29 @@ export class TransitionConsumer {
     if (this.ownsRedis) this.redis.disconnect();
   }
 
+  /**
+   * Consumes until stopped. Redis going away (a restart, a Redis Cluster failing over: commands meet closed
+   * connections, CLUSTERDOWN or redirections until the replica has taken over) is waited out, from the group's
+   * position, with backoff up to 5 s; the outage itself is logged once by the connection's watch. Only a resync
+   * (or a non-transient error) ends the run.
+   */
   private async loop(): Promise<void> {
+    for (let failures = 0; ; ) {
+      const handled = this.handled;
+      try {
+        await this.consume();
+        return;
+      } catch (err) {
+        if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
+        failures = this.handled > handled ? 1 : failures + 1;
+        this.log.debug({ reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
+        await sleep(Math.min(5000, 250 * 2 ** (failures - 1)));
+        if (this.stopped) return;
+      }
+    }
+  }
+
+  private async consume(): Promise<void> {
     const { streamKey, group } = this.options;
     await this.ensureGroup();
     await this.checkTrimmed();

@@ -198,7 +198,8 @@ export interface SweepWorkerOptions {
   readonly lockDurationMs?: number;
   /**
    * How often a started worker checks the scheduler again, re-registering it if it was removed or lost its next
-   * iteration while every process kept running (default max(60 s, 10 ticks); 0: never)
+   * iteration while every process kept running, e.g. Redis lost its data or failed over to a replica that missed it
+   * (default max(10 s, 2 ticks): a lost scheduler costs at most a tick or two of sweeps; 0: never)
    */
   readonly recheckEveryMs?: number;
 }
@@ -251,7 +252,7 @@ export class SweepWorker {
     if (!this.worker.isRunning()) {
       this.worker.run().catch((err: unknown) => this.log.error({ err }, 'sweep worker stopped'));
     }
-    const every = this.options.recheckEveryMs ?? Math.max(60_000, 10 * this.options.everyS * 1000);
+    const every = this.options.recheckEveryMs ?? Math.max(10_000, 2 * this.options.everyS * 1000);
     if (every > 0 && this.recheckTimer === null) {
       this.recheckTimer = setInterval(() => this.recheck(), every);
       this.recheckTimer.unref();

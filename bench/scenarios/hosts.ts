@@ -313,6 +313,17 @@ export function hostsMarkdown(h: HostsResult): string[] {
     );
   }
   out.push('');
+  if (h.allRuns.length > h.runs.length) {
+    const sizes = [...new Set(h.allRuns.map((x) => x.hosts))];
+    out.push(
+      'Every run, in the order run (events/s, and cores busy outside the measured processes during its window): ' +
+        sizes
+          .map((n) => `${n} host(s): ${h.allRuns.filter((x) => x.hosts === n).map((x) => `${round(x.eventsPerSec)} (${x.cpuCores['other'] ?? '?'})`).join(', ')}`)
+          .join('; ') +
+        '.',
+    );
+    out.push('');
+  }
   for (const n of h.notes) out.push(`- ${n}`);
   if (h.notes.length > 0) out.push('');
   return out;

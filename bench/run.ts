@@ -10,6 +10,14 @@
  * --cpu-prof     the measured `fleet worker` processes write V8 CPU profiles to .fleet/bench/profiles
  * --out          where results go (default bench/results)
  *
+ * `hosts` (issue 17: horizontal throughput with 1, 2 and 4 worker hosts, network namespaces; root) runs only when
+ * named in --only (about 5 minutes). Its options:
+ * --hosts-sizes 1,2,4        worker hosts of each run [--quick: 1,2]
+ * --hosts-events 16000       measured events per run [--quick: 2000]
+ * --hosts-concurrency 16     FLEET_CONCURRENCY of every worker process
+ * --hosts-warmup 300         warm-up events per host [--quick: 100]
+ * --hosts-rounds 2           runs of each size, rounds one after the other (the best counts) [--quick: 1]
+ *
  * `scale` (issue 16: readiness and heartbeats at fleet scale) runs only when named in --only (about 20 minutes).
  * Its options (see bench/README.md):
  * --scale-sizes 10000,50000,100000   readiness set sizes of the matrix
@@ -31,12 +39,13 @@ import { startBenchServices } from './lib/services';
 import { runDispatch, type DispatchResult } from './scenarios/dispatch';
 import { runLatency, type LatencyResult } from './scenarios/latency';
 import { runSweep, type SweepScenarioResult } from './scenarios/sweep';
+import { runHosts, type HostsOptions, type HostsResult } from './scenarios/hosts';
 import { runScale, type ScaleOptions, type ScaleResult } from './scenarios/scale';
 import { runThroughput, type ThroughputResult } from './scenarios/throughput';
 
-const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale'] as const;
+const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale', 'hosts'] as const;
 type Scenario = (typeof SCENARIOS)[number];
-/** what runs without --only: `scale` takes about 20 minutes on its own and is asked for by name */
+/** what runs without --only: `scale` takes about 20 minutes on its own, `hosts` needs root; both are asked for by name */
 const DEFAULT_SCENARIOS: readonly Scenario[] = ['throughput', 'latency', 'sweep', 'dispatch'];
 const SCALE_PARTS = ['matrix', 'default', 'timeouts', 'heartbeats'] as const;
 type ScalePart = (typeof SCALE_PARTS)[number];
@@ -53,6 +62,14 @@ interface ScaleArgs {
   endpointProcs: number;
 }
 
+interface HostsArgs {
+  sizes: number[] | null;
+  events: number | null;
+  concurrency: number;
+  warmup: number | null;
+  rounds: number | null;
+}
+
 interface Args {
   readonly quick: boolean;
   readonly only: ReadonlySet<Scenario>;
@@ -61,6 +78,7 @@ interface Args {
   readonly cpuProf: boolean;
   readonly out: string;
   readonly scale: ScaleArgs;
+  readonly hosts: HostsArgs;
 }
 
 function parseArgs(argv: readonly string[]): Args {
@@ -87,6 +105,7 @@ function parseArgs(argv: readonly string[]): Args {
     if (!Number.isInteger(x) || x < 1) throw new Error(`${what}: a positive whole number, got ${v}`);
     return x;
   };
+  const hosts: HostsArgs = { sizes: null, events: null, concurrency: 16, warmup: null, rounds: null };
   let rate: number | null = null;
   let concurrency: number | null = null;
   let cpuProf = false;
@@ -114,6 +133,11 @@ function parseArgs(argv: readonly string[]): Args {
     else if (a === '--scale-window') scale.windowS = positive(value(), a);
     else if (a === '--scale-heartbeats') scale.heartbeats = Number(value());
     else if (a === '--scale-endpoint-procs') scale.endpointProcs = positive(value(), a);
+    else if (a === '--hosts-sizes') hosts.sizes = ints(value(), a);
+    else if (a === '--hosts-events') hosts.events = positive(value(), a);
+    else if (a === '--hosts-concurrency') hosts.concurrency = positive(value(), a);
+    else if (a === '--hosts-warmup') hosts.warmup = positive(value(), a);
+    else if (a === '--hosts-rounds') hosts.rounds = positive(value(), a);
     else if (a === '--scale-timeouts') {
       scale.timeouts = Number(value());
       if (!(scale.timeouts >= 0 && scale.timeouts < 1)) throw new Error(`--scale-timeouts: a fraction in [0, 1), got ${scale.timeouts}`);
@@ -132,7 +156,23 @@ function parseArgs(argv: readonly string[]): Args {
   if (windowS <= tickS) throw new Error(`--scale-window (${windowS}) must be longer than --scale-tick (${tickS}), as FLEET_READY_WINDOW_S must`);
   scale.tickS = tickS;
   scale.windowS = windowS;
-  return { quick, only, rate, concurrency, cpuProf, out, scale };
+  if (hosts.sizes !== null && Math.max(...hosts.sizes) > 16) throw new Error('--hosts-sizes: at most 16 worker hosts');
+  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts };
+}
+
+/**
+ * The hosts scenario's plan. Full: 1, 2, 4 hosts, 16,000 events (about 20 s on 1 host on an idle machine), two
+ * rounds. --quick: 1, 2 hosts, 2000 events, one round.
+ */
+function hostsOptions(a: HostsArgs, quick: boolean, cpuProfDir: string | undefined): HostsOptions {
+  return {
+    sizes: a.sizes ?? (quick ? [1, 2] : [1, 2, 4]),
+    events: a.events ?? (quick ? 2000 : 16_000),
+    warmupPerHost: a.warmup ?? (quick ? 100 : 300),
+    concurrency: a.concurrency,
+    rounds: a.rounds ?? (quick ? 1 : 2),
+    ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
+  };
 }
 
 /**
@@ -202,16 +242,18 @@ async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
   const startedAt = new Date();
   const loadAvgStart = os.loadavg().map((v) => round(v, 2));
-  const services = await startBenchServices();
+  // `hosts` starts servers of its own inside its lab: the loopback ones only when another scenario needs them
+  const services = [...args.only].some((x) => x !== 'hosts') ? await startBenchServices() : null;
   let throughput: ThroughputResult | null = null;
   let latency: LatencyResult | null = null;
   let sweep: SweepScenarioResult | null = null;
   let dispatch: DispatchResult | null = null;
   let scale: ScaleResult | null = null;
+  let hosts: HostsResult | null = null;
   try {
     const cpuProfDir = args.cpuProf ? path.join(repoRoot(), '.fleet', 'bench', 'profiles') : undefined;
     if (cpuProfDir !== undefined) fs.mkdirSync(cpuProfDir, { recursive: true });
-    if (args.only.has('throughput')) {
+    if (services !== null && args.only.has('throughput')) {
       throughput = await runThroughput(services, {
         concurrencies: args.quick ? [4, 16] : [1, 4, 16, 32],
         directConcurrencies: args.quick ? [16] : [1, 4, 16, 32],
@@ -222,7 +264,7 @@ async function main(): Promise<void> {
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }
-    if (args.only.has('latency')) {
+    if (services !== null && args.only.has('latency')) {
       const rate = args.rate ?? (throughput !== null ? Math.round(throughput.best.ours.eventsPerSec * 0.5) : null);
       const concurrency = args.concurrency ?? throughput?.best.ours.concurrency ?? 16;
       if (rate === null) throw new Error('latency needs the throughput scenario or --rate');
@@ -236,21 +278,24 @@ async function main(): Promise<void> {
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }
-    if (args.only.has('sweep')) {
+    if (services !== null && args.only.has('sweep')) {
       sweep = await runSweep(services, args.quick ? [1000, 10_000] : [1000, 10_000, 100_000]);
     }
-    if (args.only.has('dispatch')) {
+    if (services !== null && args.only.has('dispatch')) {
       dispatch = await runDispatch(services, { httpRequests: args.quick ? 2000 : 10_000, maxSeconds: args.quick ? 2 : 5 });
     }
-    if (args.only.has('scale')) {
+    if (services !== null && args.only.has('scale')) {
       scale = await runScale(services, scaleOptions(args.scale, args.quick));
     }
+    if (args.only.has('hosts')) {
+      hosts = await runHosts(hostsOptions(args.hosts, args.quick, cpuProfDir));
+    }
   } finally {
-    await services.stop();
+    await services?.stop();
   }
 
   const finishedAt = new Date();
-  const partial = { throughput, latency, sweep, dispatch, scale, rss: rssSummary(throughput, latency) };
+  const partial = { throughput, latency, sweep, dispatch, scale, hosts, rss: rssSummary(throughput, latency) };
   const cpus = os.cpus();
   const results: BenchResults = {
     meta: {
@@ -264,7 +309,7 @@ async function main(): Promise<void> {
       memGb: round(os.totalmem() / 2 ** 30, 1),
       loadAvgStart,
       loadAvgEnd: os.loadavg().map((v) => round(v, 2)),
-      services: services.description,
+      services: services?.description ?? (hosts !== null && hosts.skipped === null ? hosts.services : 'none (hosts skipped)'),
       git: gitDescription(),
       quick: args.quick,
     },

@@ -2,7 +2,7 @@
  * A measured process: the real `fleet worker`, or a bench fixture. Its output goes to a log file under the bench
  * services directory; fixtures also talk to the bench over stdout, one JSON object a line.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { log, now, peakRssMb, repoRoot, sleep } from './common';
@@ -26,6 +26,11 @@ export interface ChildOptions {
   /** write a V8 CPU profile here when the process exits (`node --cpu-prof`) */
   readonly cpuProfDir?: string;
   readonly timeoutMs?: number;
+  /**
+   * how to start the process (default: `child_process.spawn`); e.g. `NetnsLab.spawn` bound to a lab host, which
+   * runs it inside the host's network namespace. The child's pid must be the measured process's own.
+   */
+  readonly spawn?: (command: string, args: readonly string[], options: SpawnOptions) => ChildProcess;
 }
 
 export function logDir(): string {
@@ -58,7 +63,7 @@ export class MeasuredProcess {
     const fd = fs.openSync(logFile, 'w');
     const nodeArgs = options.cpuProfDir !== undefined ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfDir}`] : [];
     const json = options.ready.kind === 'json';
-    const child = spawn(process.execPath, [...nodeArgs, ...options.args], {
+    const child = (options.spawn ?? spawn)(process.execPath, [...nodeArgs, ...options.args], {
       cwd: root,
       env: { ...process.env, ...options.env },
       stdio: ['ignore', json ? 'pipe' : fd, fd],

@@ -2,6 +2,7 @@
  * The results file, the tables and the chart of a benchmark run.
  */
 import type { DispatchResult } from '../scenarios/dispatch';
+import { hostsMarkdown, type HostsResult } from '../scenarios/hosts';
 import type { LatencyResult } from '../scenarios/latency';
 import { describeSpec, type ScaleResult, type ScaleRun } from '../scenarios/scale';
 import type { SweepScenarioResult } from '../scenarios/sweep';
@@ -42,6 +43,8 @@ export interface BenchResults {
   readonly dispatch: DispatchResult | null;
   /** scenario 6, fleet scale (absent in results written before it existed) */
   readonly scale?: ScaleResult | null;
+  /** scenario 7, horizontal throughput with worker hosts (absent in results written before it existed) */
+  readonly hosts?: HostsResult | null;
   readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
   readonly targets: readonly Target[];
 }
@@ -258,6 +261,7 @@ export function markdown(r: BenchResults): string {
     out.push('');
   }
   if (r.scale !== undefined && r.scale !== null) out.push(...scaleMarkdown(r.scale));
+  if (r.hosts !== undefined && r.hosts !== null) out.push(...hostsMarkdown(r.hosts));
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');

@@ -14,6 +14,7 @@ import type { DataSource } from 'typeorm';
 import { createDataSource } from '../../ormconfig';
 import { migrate } from '../../src/entities/migrate';
 import { startLocalServices, type LocalServices } from '../../dev/servers';
+import type { ServerHost } from '../../dev/servers/types';
 import { log, repoRoot } from './common';
 
 export interface BenchServices {
@@ -34,13 +35,24 @@ export interface BenchServices {
   stop(): Promise<void>;
 }
 
-export async function startBenchServices(): Promise<BenchServices> {
-  const envRedis = process.env['REDIS_URL'];
-  const envPg = process.env['DATABASE_URL'];
+export interface BenchServicesOptions {
+  /**
+   * Run private servers on a lab host (dev/netns.ts) instead of loopback, in `dir` (REDIS_URL / DATABASE_URL are
+   * ignored: a lab host cannot reach the root namespace's loopback). The `hosts` scenario.
+   */
+  readonly host?: ServerHost;
+  /** the private servers' directory (default `<repo>/.fleet/bench`) */
+  readonly dir?: string;
+}
+
+export async function startBenchServices(options: BenchServicesOptions = {}): Promise<BenchServices> {
+  const envRedis = options.host === undefined ? process.env['REDIS_URL'] : undefined;
+  const envPg = options.host === undefined ? process.env['DATABASE_URL'] : undefined;
   let local: LocalServices | null = null;
   if (envRedis === undefined || envRedis === '' || envPg === undefined || envPg === '') {
-    const dir = path.join(repoRoot(), '.fleet', 'bench');
-    log(`starting private redis/postgres under ${path.relative(process.cwd(), dir) || dir} (fresh, durable: fast=false)`);
+    const dir = options.dir ?? path.join(repoRoot(), '.fleet', 'bench');
+    const where = options.host === undefined ? '' : ` in network namespace ${options.host.netns} on ${options.host.address}`;
+    log(`starting private redis/postgres under ${path.relative(process.cwd(), dir) || dir}${where} (fresh, durable: fast=false)`);
     local = await startLocalServices({
       dir,
       redis: envRedis === undefined || envRedis === '',
@@ -48,6 +60,7 @@ export async function startBenchServices(): Promise<BenchServices> {
       fresh: true,
       fast: false,
       log: (msg) => log(msg),
+      ...(options.host !== undefined ? { host: options.host } : {}),
     });
   }
   const redisUrl = envRedis !== undefined && envRedis !== '' ? envRedis : (local?.redisUrl ?? '');
@@ -60,7 +73,8 @@ export async function startBenchServices(): Promise<BenchServices> {
   const description =
     local === null
       ? 'REDIS_URL / DATABASE_URL from the environment'
-      : `private redis-server and PostgreSQL under .fleet/bench (fresh; fsync on, synchronous_commit on, AOF everysec)`;
+      : `private redis-server and PostgreSQL under ${path.relative(repoRoot(), options.dir ?? path.join(repoRoot(), '.fleet', 'bench'))}` +
+        `${options.host !== undefined ? ` on lab host ${options.host.address}, network namespace ${options.host.netns}` : ''} (fresh; fsync on, synchronous_commit on, AOF everysec)`;
 
   return {
     redisUrl,

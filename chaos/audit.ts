@@ -16,10 +16,11 @@ export class AuditConsumer {
   /** times the consumer stopped and was started again */
   restarts = 0;
   /**
-   * why it stopped: `resync` (entries it had read were lost, e.g. in a failover, or trimmed), `nogroup` (Redis lost
-   * its data and the group with it), `other` (anything else: a Redis outage the consumer should have waited out)
+   * why it stopped: `resync` (its position is gone: entries it had read were lost in a failover or trimmed, or Redis
+   * lost its data and the stream or group with it), `other` (anything else, e.g. a Redis outage the consumer should
+   * have waited out)
    */
-  readonly stops = { resync: 0, nogroup: 0, other: 0 };
+  readonly stops = { resync: 0, other: 0 };
   private consumer: TransitionConsumer | null = null;
   private stopped = false;
 
@@ -50,7 +51,7 @@ export class AuditConsumer {
         await consumer.close();
         if (this.stopped) return;
         this.restarts++;
-        const why = err instanceof ResyncRequiredError ? 'resync' : err instanceof Error && /NOGROUP/.test(err.message) ? 'nogroup' : 'other';
+        const why = err instanceof ResyncRequiredError ? 'resync' : 'other';
         this.stops[why]++;
         this.log(`audit consumer stopped (${err instanceof Error ? err.message.slice(0, 120) : String(err)}); starting it again from 0`);
         await sleep(500);

@@ -119,15 +119,13 @@ export class HostFaults {
     const heldBy = async (): Promise<string[]> =>
       name === null ? [] : (await this.fleet.queue.getActive().catch(() => [])).filter((j) => j.processedBy === name).map((j) => j.id ?? '');
     busy();
-    let held = await heldBy();
-    for (let waited = 0; held.length === 0 && waited < 3000; waited += 50) {
-      await sleep(50);
-      held = await heldBy();
-    }
+    for (let waited = 0; (await heldBy()).length === 0 && waited < 3000; waited += 50) await sleep(50);
     const tail = await streamTail(this.fleet);
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
     this.lab.partition(host);
+    // what Redis sees it hold once it is cut off: these can only finish by running again elsewhere
+    const held = await heldBy();
     const target = host;
     this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader }).finally(() => {
       this.partitioning = null;

@@ -48,7 +48,7 @@ export interface ChaosReport {
     readonly skipped: number;
     readonly auditRestarts: number;
     /** why the audit consumer stopped: `other` (not a resync, not a lost group) must be 0 */
-    readonly auditStops: { readonly resync: number; readonly nogroup: number; readonly other: number };
+    readonly auditStops: { readonly resync: number; readonly other: number };
   };
   readonly streamGaps: number;
   readonly streamRepeats: number;
@@ -179,7 +179,7 @@ export function formatReport(r: ChaosReport): string {
     `  history checker     ${r.checker.ok ? 'clean' : JSON.stringify(r.checker.violationCounts)}`,
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
-    `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.nogroup} group lost with Redis's data, ${r.consumers.auditStops.other} other)`,
+    `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.other} other)`,
     `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),

@@ -102,8 +102,8 @@ export class FaultSchedule {
     }
     const n = this.hosts === null ? k : k - Math.floor((k + 1) / 3);
     const kind = ROTATION[n % ROTATION.length] ?? 'kill-worker';
-    // a Redis Cluster is not restarted as a whole: one of its masters fails over instead
-    return kind === 'redis-restart' && fleet.cluster !== null ? 'redis-failover' : kind;
+    // a Redis Cluster is not restarted as a whole (its masters fail over, in the host faults' turn)
+    return kind === 'redis-restart' && fleet.cluster !== null ? 'kill-worker' : kind;
   }
 
   /** Injects the faults of the window that starts now; `elapsed` gives the run's time in seconds. */

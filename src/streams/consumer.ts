@@ -162,7 +162,7 @@ export class TransitionConsumer {
    * Consumes until stopped. Redis going away (a restart, a Redis Cluster failing over: commands meet closed
    * connections, CLUSTERDOWN or redirections until the replica has taken over) is waited out, from the group's
    * position, with backoff up to 5 s; the outage itself is logged once by the connection's watch. Only a resync
-   * (or a non-transient error) ends the run.
+   * (the position trimmed away, or the stream or group gone with Redis's data) or a non-transient error ends the run.
    */
   private async loop(): Promise<void> {
     for (let failures = 0; ; ) {
@@ -171,6 +171,9 @@ export class TransitionConsumer {
         await this.consume();
         return;
       } catch (err) {
+        // the stream or the group vanished under it: Redis lost its data (a restart without its AOF, a failover to a
+        // replica that never had them): what this consumer had not read is gone, as when trimmed
+        if (!this.stopped && err instanceof Error && /NOGROUP|no such key/i.test(err.message)) throw this.resync(this.position, '0-0');
         if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
         failures = this.handled > handled ? 1 : failures + 1;
         this.log.debug({ reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');

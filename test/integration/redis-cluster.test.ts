@@ -196,4 +196,34 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect(all.some((k) => k.startsWith(`${prefix}:ratelimit:`))).to.equal(true);
     expect([...bySlot.keys()], all.join(', ')).to.have.length(1);
   });
+
+  // last in the file: it fails a master over (and brings it back as a replica)
+  it('a stream consumer rides out a failover of the master serving its slot: it neither stops nor misses an entry', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const streamKey = transitionStreamKey(prefix);
+    const url = cluster.url;
+    const writer = createRedis(url, 'worker', 'lifecycle-fleet-test-writer');
+    closers.push(async () => writer.disconnect());
+    const deploymentId = randomUUID();
+    const append = (version: number) =>
+      writer.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version), 'to', 'deploying');
+    const seen: number[] = [];
+    const consumer = new TransitionConsumer({ redis: url, streamKey, group: 'failover', consumer: 'c1', startId: '0', blockMs: 200, handler: (e) => void seen.push(e.version) });
+    closers.push(() => consumer.close());
+    let ended: unknown = null;
+    consumer.run().then(
+      () => (ended = 'resolved'),
+      (err: unknown) => (ended = err),
+    );
+    for (let v = 1; v <= 5; v++) await append(v);
+    await waitFor('versions 1-5', () => (seen.length >= 5 ? true : undefined));
+
+    const master = await cluster.masterFor(streamKey);
+    const failover = await cluster.failover(master); // the consumer's reads meet a dead node, CLUSTERDOWN, redirections
+    closers.push(() => cluster.restart(failover.killed));
+    for (let v = 6; v <= 10; v++) await append(v);
+    await waitFor('versions 6-10 after the failover', () => (seen.includes(10) ? true : undefined), 60_000);
+    expect(ended, 'the consumer stopped during the failover').to.equal(null);
+    expect(seen).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
 });

@@ -462,6 +462,27 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       expect((err as Error).message).to.contain('/api/deployments/:id/transitions?afterVersion=');
     });
 
+    it('is refused while running when the stream vanishes with Redis\'s data (a restart without its AOF, a failover)', async () => {
+      const seen: number[] = [];
+      const consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'wiped',
+        consumer: 'c1',
+        startId: '0',
+        blockMs: 100,
+        handler: (e) => void seen.push(e.version),
+      });
+      closers.push(() => consumer.close());
+      const ended = consumer.run().catch((e: unknown) => e);
+      await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '1');
+      await waitFor('the first entry', () => (seen.length === 1 ? true : undefined));
+      await redis.del(streamKey); // the stream and its groups gone, as after FLUSHALL
+      const err = await ended;
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      expect((err as ResyncRequiredError).code).to.equal('resync_required');
+    });
+
     it('is refused for an existing group that fell behind the trim', async () => {
       await redis.xgroup('CREATE', streamKey, 'sleepy', '0', 'MKSTREAM');
       await trimmedStream();

@@ -78,9 +78,21 @@ async function streamTail(fleet: Fleet): Promise<string> {
   }
 }
 
+/** When each worker host was seen holding jobs (sampled every 500 ms). */
+export interface HostActivity {
+  readonly host: string;
+  /** samples in which it held at least one job */
+  readonly samples: number;
+  /** the last time it did, seconds into the run (null: never) */
+  readonly lastSeenS: number | null;
+}
+
 export class HostFaults {
   readonly partitions: PartitionRecord[] = [];
   readonly failovers: FailoverEvent[] = [];
+  private readonly seen = new Map<string, { samples: number; lastSeenS: number }>();
+  private sampling: Promise<void> | null = null;
+  private stopSampling = false;
   private partitioning: Promise<void> | null = null;
   private failingOver: Promise<void> | null = null;
 
@@ -119,7 +131,13 @@ export class HostFaults {
     const heldBy = async (): Promise<string[]> =>
       name === null ? [] : (await this.fleet.queue.getActive().catch(() => [])).filter((j) => j.processedBy === name).map((j) => j.id ?? '');
     busy();
-    for (let waited = 0; (await heldBy()).length === 0 && waited < 3000; waited += 50) await sleep(50);
+    const busyWorkers = new Set<string>();
+    for (let waited = 0; waited < 3000; waited += 50) {
+      const active = await this.fleet.queue.getActive().catch(() => []);
+      for (const j of active) if (j.processedBy !== undefined) busyWorkers.add(this.hostOfWorker(j.processedBy));
+      if (active.some((j) => j.processedBy === name)) break;
+      await sleep(50);
+    }
     const tail = await streamTail(this.fleet);
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
@@ -130,7 +148,8 @@ export class HostFaults {
     this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader }).finally(() => {
       this.partitioning = null;
     });
-    return `${target} cut off for ${this.partitionS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs`;
+    const others = held.length === 0 ? ` (workers seen holding jobs just before: ${[...busyWorkers].join(', ') || 'none'})` : '';
+    return `${target} cut off for ${this.partitionS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}`;
   }
 
   private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean }): Promise<void> {
@@ -219,6 +238,43 @@ export class HostFaults {
         this.failingOver = null;
       });
     return `master ${port} (the fleet's slot) SIGKILLed; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
+  }
+
+  /**
+   * Samples which worker hosts hold jobs, every 500 ms until `activity()`: a worker that stops taking jobs after a
+   * fault (its blocking connection stuck on a failed-over node, as BullMQ users have reported) shows as a host last
+   * seen long before the end.
+   */
+  startSampling(): void {
+    this.sampling ??= (async () => {
+      while (!this.stopSampling) {
+        const active = await this.fleet.queue.getActive().catch(() => []);
+        const atS = Number(this.elapsedS().toFixed(1));
+        for (const host of new Set(active.flatMap((j) => (j.processedBy === undefined ? [] : [this.hostOfWorker(j.processedBy)])))) {
+          const s = this.seen.get(host) ?? { samples: 0, lastSeenS: 0 };
+          this.seen.set(host, { samples: s.samples + 1, lastSeenS: atS });
+        }
+        await sleep(500);
+      }
+    })();
+  }
+
+  /** Stops the sampler; what it saw, per worker host. */
+  async activity(): Promise<HostActivity[]> {
+    this.stopSampling = true;
+    await this.sampling;
+    return Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot)).map((host) => ({
+      host,
+      samples: this.seen.get(host)?.samples ?? 0,
+      lastSeenS: this.seen.get(host)?.lastSeenS ?? null,
+    }));
+  }
+
+  /** The host of a worker named `<hostname>:<pid>`, or the name. */
+  private hostOfWorker(name: string): string {
+    const pid = Number(name.slice(name.lastIndexOf(':') + 1));
+    const slot = this.fleet.workers.slotOf(pid);
+    return slot < 0 ? name : this.lab.hostOfSlot(slot);
   }
 
   /** Waits for every partition to heal and every failed-over master to rejoin. */

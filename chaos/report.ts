@@ -2,7 +2,7 @@
 import type { EventCounts } from './accounting';
 import type { HistoryReport } from './history-checker';
 import type { ChaosOptions } from './options';
-import type { FailoverEvent, PartitionRecord } from './host-faults';
+import type { FailoverEvent, HostActivity, PartitionRecord } from './host-faults';
 import type { FaultKind, FaultRecord } from './schedule';
 import type { SweepCounts } from './sweeps';
 
@@ -15,6 +15,8 @@ export const TAKEOVER_WITHIN_MS = 30_000;
 export interface HostsReport {
   readonly partitions: readonly PartitionRecord[];
   readonly failovers: readonly FailoverEvent[];
+  /** which worker hosts were seen holding jobs, and until when */
+  readonly activity: readonly HostActivity[];
 }
 
 export interface ChaosReport {
@@ -201,6 +203,7 @@ function hostLines(r: ChaosReport): string[] {
     lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}`);
   }
   lines.push(`  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`);
+  lines.push(`  worker activity     ${r.hosts.activity.map((a) => `${a.host} held jobs in ${a.samples} samples, last at ${a.lastSeenS ?? '-'} s`).join('; ')}`);
   for (const f of failovers) {
     lines.push(`    at ${f.atS} s master ${f.killed} -> replica ${f.promoted} in ${ms(f.tookMs)}; ${f.ackedLost} acknowledged events lost; old master back as a replica after ${ms(f.rejoinedAfterMs)}`);
   }

@@ -73,6 +73,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
 
   const faults = new FaultSchedule({ fleet, sender, scripts: player, audit, timing }, options, elapsed, log);
+  faults.hosts?.startSampling();
   await faults.run(options, elapsed, log);
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
@@ -82,6 +83,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   const { lastFaultAt } = faults;
   log(drainedAt === null ? `drain timed out after ${options.drainTimeoutS}s` : `drained ${((drainedAt - lastFaultAt) / 1000).toFixed(1)}s after the last fault`);
 
+  const activity = (await faults.hosts?.activity()) ?? [];
   // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
   await fleet.stopWorkers();
   await audit.stop();
@@ -101,7 +103,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
     workers: { started: fleet.workers.started, unexpectedExits: fleet.workers.unexpectedExits },
     lostSamples: samples.list,
     sweeps: countSweeps(fleet.workersLog, CHAOS_SWEEP_EVERY_S),
-    hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers },
+    hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers, activity },
     t0,
     lastFaultAt,
     drainedAt,

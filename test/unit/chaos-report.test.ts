@@ -1,0 +1,71 @@
+/**
+ * The chaos report's judgements on several hosts: sweep ticks counted from the workers' JSON logs (a tick started
+ * twice fails the run), and the partition and failover promises (held jobs again within 15 s, a cut-off leader
+ * replaced and publishing within 30 s, failed-over masters back).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import type { FailoverEvent, PartitionRecord } from '../../chaos/host-faults';
+import { failoverLosses, hostsHeld, type HostsReport } from '../../chaos/report';
+import { countSweeps } from '../../chaos/sweeps';
+
+function logFile(lines: readonly string[]): string {
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-sweeps-')), 'workers.log');
+  fs.writeFileSync(file, `${lines.join('\n')}\n`);
+  return file;
+}
+
+const started = (tick: number) => JSON.stringify({ level: 30, msg: 'sweep tick started', tick: String(tick), jobId: `repeat:sweep:${tick}` });
+const refused = (tick: number) => JSON.stringify({ level: 40, msg: 'sweep tick delivered again after it started: not run twice', tick: String(tick) });
+
+describe('chaos report: sweep ticks from the workers logs', () => {
+  it('counts each tick once, a refused redelivery apart, and the ticks between that never started', () => {
+    const file = logFile([started(10_000), 'not json', started(15_000), refused(15_000), started(25_000), '{"msg":"sweep","tick":"25000"}']);
+    expect(countSweeps(file, 5)).to.deep.equal({ ticks: 3, startedTwice: 0, refused: 1, missing: 1 });
+  });
+
+  it('reports a tick that started twice', () => {
+    const file = logFile([started(10_000), started(15_000), started(15_000)]);
+    expect(countSweeps(file, 5).startedTwice).to.equal(1);
+  });
+
+  it('reads a missing log as no ticks', () => {
+    expect(countSweeps(path.join(os.tmpdir(), 'no-such-dir-fleet', 'workers.log'), 5)).to.deep.equal({ ticks: 0, startedTwice: 0, refused: 0, missing: 0 });
+  });
+});
+
+describe('chaos report: partitions and failovers', () => {
+  const partition = (p: Partial<PartitionRecord>): PartitionRecord => ({
+    host: 'w1',
+    atS: 10,
+    ledRelay: false,
+    inFlight: 3,
+    rerunMaxMs: 9000,
+    notRerun: 0,
+    takeoverMs: null,
+    firstPublishMs: null,
+    durationMs: 20_000,
+    ...p,
+  });
+  const failover = (f: Partial<FailoverEvent>): FailoverEvent => ({ atS: 30, killed: 7001, promoted: 7004, tookMs: 8000, rejoinedAfterMs: 11_000, ackedLost: 0, ...f });
+  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({ partitions, failovers, activity: [] });
+
+  it('holds when held jobs ran again within 15 s and a cut-off leader was replaced and published within 30 s', () => {
+    expect(hostsHeld(null)).to.equal(true);
+    expect(hostsHeld(report([partition({}), partition({ ledRelay: true, inFlight: 0, rerunMaxMs: null, takeoverMs: 9000, firstPublishMs: 9500 })], [failover({})]))).to.equal(true);
+  });
+
+  it('fails on a held job later than 15 s, one that never ran again, a leader not replaced in time, a master that never came back', () => {
+    expect(hostsHeld(report([partition({ rerunMaxMs: 15_001 })]))).to.equal(false);
+    expect(hostsHeld(report([partition({ notRerun: 1 })]))).to.equal(false);
+    expect(hostsHeld(report([partition({ ledRelay: true, firstPublishMs: null })]))).to.equal(false);
+    expect(hostsHeld(report([partition({ ledRelay: true, takeoverMs: 31_000, firstPublishMs: 31_000 })]))).to.equal(false);
+    expect(hostsHeld(report([], [failover({ rejoinedAfterMs: null })]))).to.equal(false);
+  });
+
+  it('adds up what the failovers lost, ignoring a count that could not be made', () => {
+    expect(failoverLosses(report([], [failover({ ackedLost: 2 }), failover({ ackedLost: -1 }), failover({ ackedLost: 3 })]))).to.equal(5);
+  });
+});

@@ -16,25 +16,9 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { sleep } from '../src/util';
+import { waitFor as until } from './wait';
 
 const run = promisify(execFile);
-
-/** Polls `check` every 100 ms until it returns a value, or throws naming `what` after `timeoutMs`. */
-async function until<T>(what: string, check: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value !== undefined) return value;
-    } catch (err) {
-      last = err;
-    }
-    if (Date.now() > deadline) throw new Error(`Redis Cluster: timed out after ${timeoutMs} ms waiting for ${what}${last === undefined ? '' : ` (${String(last)})`}`);
-    await sleep(100);
-  }
-}
 
 /** Is nothing listening on this loopback port? */
 function portFree(port: number): Promise<boolean> {

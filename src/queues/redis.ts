@@ -1,6 +1,6 @@
 import IORedis, { Cluster } from 'ioredis';
 import type { ClusterOptions, RedisOptions } from 'ioredis';
-import { isTransient } from '../errors';
+import { FleetError, isTransient } from '../errors';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from '../util/redis-url';
 
 /** A connection the fleet talks to Redis through: one server, or a Redis Cluster (REDIS_URL `redis+cluster://`). */
@@ -166,8 +166,10 @@ export class ServerWatch {
 
   /** An error from a connection to the server: true when it was a connection error (and is reported here). */
   error(err: unknown): boolean {
-    // a lost or refused connection, a reset, a timeout: the server is away, not the request wrong
-    if (!isTransient(err)) return false;
+    // a lost or refused connection, a reset, a timeout: the server is away, not the request wrong. The fleet's own
+    // retryable errors ("not yet": the deployment's create is still on its way; a lost version check) are answers
+    // from a server that is there: they said "lost PostgreSQL" on every early event
+    if (err instanceof FleetError || !isTransient(err)) return false;
     if (!this.down) {
       this.down = true;
       this.report('warn', `lost ${this.what}, retrying`, { server: this.what, code: errorCode(err) });

@@ -31,6 +31,7 @@ export class WorkerPool {
   /** exits not asked for by `kill` or `stop` (e.g. a worker that could not start while a service was down) */
   unexpectedExits = 0;
   private readonly expected = new Set<number>();
+  private readonly slotOfPid = new Map<number, number>();
 
   constructor(
     private readonly spec: WorkerSpec,
@@ -55,9 +56,9 @@ export class WorkerPool {
     return this.slots[slot]?.pid ?? null;
   }
 
-  /** the slot of the worker with this pid, or -1 */
+  /** the slot of the worker with this pid, live or not (each pid started in one slot), or -1 */
   slotOf(pid: number): number {
-    return this.slots.findIndex((c) => c?.pid === pid);
+    return this.slotOfPid.get(pid) ?? -1;
   }
 
   private spawn(slot: number): void {
@@ -72,6 +73,7 @@ export class WorkerPool {
     }
     this.started++;
     this.slots[slot] = child;
+    if (child.pid !== undefined) this.slotOfPid.set(child.pid, slot);
     child.once('exit', (code, signal) => {
       const pid = child.pid ?? -1;
       if (!this.expected.delete(pid) && !this.stopped) {

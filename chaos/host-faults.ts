@@ -15,6 +15,7 @@ import type { Job } from 'bullmq';
 import { sleep } from '../src/util';
 import type { Fleet } from './fleet';
 import type { ChaosLab } from './lab';
+import { TAKEOVER_WITHIN_MS } from './report';
 
 export interface PartitionRecord {
   readonly host: string;
@@ -78,21 +79,20 @@ async function streamTail(fleet: Fleet): Promise<string> {
   }
 }
 
-/** When each worker host was seen holding jobs (sampled every 500 ms). */
+/** The jobs each worker host finished, and when it last did. */
 export interface HostActivity {
   readonly host: string;
-  /** samples in which it held at least one job */
-  readonly samples: number;
-  /** the last time it did, seconds into the run (null: never) */
-  readonly lastSeenS: number | null;
+  /** lifecycle jobs it finished (of the queue's last 10,000 kept) */
+  readonly finished: number;
+  /** the last time it finished one, seconds into the run (null: never) */
+  readonly lastS: number | null;
+  /** of the liveness probe's jobs after the faults (sent one at a time, each to an idle fleet), how many it took */
+  readonly probed: number;
 }
 
 export class HostFaults {
   readonly partitions: PartitionRecord[] = [];
   readonly failovers: FailoverEvent[] = [];
-  private readonly seen = new Map<string, { samples: number; lastSeenS: number }>();
-  private sampling: Promise<void> | null = null;
-  private stopSampling = false;
   private partitioning: Promise<void> | null = null;
   private failingOver: Promise<void> | null = null;
 
@@ -104,6 +104,8 @@ export class HostFaults {
     private readonly say: (line: string) => void,
     private readonly ackedLost: AckedLostCheck,
     private readonly restartAfterS = 5,
+    /** the replica is stopped this long before its master is killed: it lacks the master's last writes */
+    private readonly replicaLagMs = 1500,
   ) {}
 
   /**
@@ -142,18 +144,21 @@ export class HostFaults {
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
     this.lab.partition(host);
+    // the leader's host stays cut off until the takeover's deadline, so the watch can see it (another fault, such as a
+    // PostgreSQL crash, may delay it within that)
+    const forS = leader ? Math.max(this.partitionS, TAKEOVER_WITHIN_MS / 1000 + 2) : this.partitionS;
     // what Redis sees it hold once it is cut off: these can only finish by running again elsewhere
     const held = await heldBy();
     const target = host;
-    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader }).finally(() => {
+    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader, forS }).finally(() => {
       this.partitioning = null;
     });
     const others = held.length === 0 ? ` (workers seen holding jobs just before: ${[...busyWorkers].join(', ') || 'none'})` : '';
-    return `${target} cut off for ${this.partitionS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}`;
+    return `${target} cut off for ${forS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}`;
   }
 
-  private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean }): Promise<void> {
-    const until = p.cutAt + this.partitionS * 1000;
+  private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean; forS: number }): Promise<void> {
+    const until = p.cutAt + p.forS * 1000;
     const rerunAt = new Map<string, number>();
     const finishedBeforeCut = new Set<string>();
     let takeoverAt: number | null = null;
@@ -215,7 +220,7 @@ export class HostFaults {
     const atS = Number(this.elapsedS().toFixed(1));
     const killedAt = Date.now();
     const run = async (): Promise<void> => {
-      const done = await cluster.failover(port);
+      const done = await cluster.failover(port, { replicaLagMs: this.replicaLagMs });
       const ackedLost = await this.ackedLost(killedAt).catch((err: unknown) => {
         this.say(`could not count what the failover lost: ${err instanceof Error ? err.message : String(err)}`);
         return -1;
@@ -241,36 +246,54 @@ export class HostFaults {
   }
 
   /**
-   * Samples which worker hosts hold jobs, every 500 ms until `activity()`: a worker that stops taking jobs after a
-   * fault (its blocking connection stuck on a failed-over node, as BullMQ users have reported) shows as a host last
-   * seen long before the end.
+   * Which worker host finished how many lifecycle jobs, and when last (from the jobs the queue keeps, by their
+   * `processedBy`): a worker that stopped taking jobs after a fault shows as a host whose last job is long before
+   * the end. `t0` is the run's start (ms).
    */
-  startSampling(): void {
-    this.sampling ??= (async () => {
-      while (!this.stopSampling) {
-        const active = await this.fleet.queue.getActive().catch(() => []);
-        const atS = Number(this.elapsedS().toFixed(1));
-        for (const host of new Set(active.flatMap((j) => (j.processedBy === undefined ? [] : [this.hostOfWorker(j.processedBy)])))) {
-          const s = this.seen.get(host) ?? { samples: 0, lastSeenS: 0 };
-          this.seen.set(host, { samples: s.samples + 1, lastSeenS: atS });
+  async activity(t0: number, probed: ReadonlyMap<string, number> = new Map()): Promise<HostActivity[]> {
+    const finished = await this.fleet.queue.getJobs(['completed', 'failed'], 0, 9999).catch(() => []);
+    const byHost = new Map<string, { finished: number; last: number }>();
+    for (const job of finished) {
+      if (job.processedBy === undefined || job.finishedOn === undefined) continue;
+      const host = this.hostOfWorker(job.processedBy);
+      const seen = byHost.get(host) ?? { finished: 0, last: 0 };
+      byHost.set(host, { finished: seen.finished + 1, last: Math.max(seen.last, job.finishedOn) });
+    }
+    return Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot)).map((host) => {
+      const seen = byHost.get(host);
+      const lastS = seen === undefined ? null : Number(((seen.last - t0) / 1000).toFixed(1));
+      return { host, finished: seen?.finished ?? 0, lastS, probed: probed.get(host) ?? 0 };
+    });
+  }
+
+  /**
+   * After the faults, with every host connected: jobs sent one at a time, each once the last was finished, so each
+   * meets an idle fleet and goes to the worker that has waited longest (Redis serves blocked clients first come,
+   * first served). Every live worker takes its turn; one that stopped taking jobs takes none. It sends at least
+   * `count` and goes on until every host took one, for up to `withinMs`: a host healed moments ago may still be in
+   * TCP's retransmission backoff. `send(n)` enqueues the n-th and returns its job id.
+   */
+  async probeLiveness(send: (n: number) => Promise<string>, count = 30, withinMs = 30_000): Promise<Map<string, number>> {
+    const took = new Map<string, number>();
+    const hosts = this.lab.lab.hosts.size - 1;
+    const deadline = Date.now() + withinMs;
+    for (let n = 0; n < count || (took.size < hosts && Date.now() < deadline); n++) {
+      const id = await send(n);
+      for (let waited = 0; waited < 10_000; waited += 20) {
+        const job = await this.fleet.queue.getJob(id).catch(() => undefined);
+        if (job?.finishedOn !== undefined && job.processedBy !== undefined) {
+          const host = this.hostOfWorker(job.processedBy);
+          took.set(host, (took.get(host) ?? 0) + 1);
+          break;
         }
-        await sleep(500);
+        await sleep(20);
       }
-    })();
+      if (took.size < hosts) await sleep(100); // spread over time, so that a host coming back gets its chance
+    }
+    return took;
   }
 
-  /** Stops the sampler; what it saw, per worker host. */
-  async activity(): Promise<HostActivity[]> {
-    this.stopSampling = true;
-    await this.sampling;
-    return Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot)).map((host) => ({
-      host,
-      samples: this.seen.get(host)?.samples ?? 0,
-      lastSeenS: this.seen.get(host)?.lastSeenS ?? null,
-    }));
-  }
-
-  /** The host of a worker named `<hostname>:<pid>`, or the name. */
+  /** The host of a worker named `<hostname>:<pid>` (live or not), or the name. */
   private hostOfWorker(name: string): string {
     const pid = Number(name.slice(name.lastIndexOf(':') + 1));
     const slot = this.fleet.workers.slotOf(pid);

@@ -15,7 +15,7 @@ export const TAKEOVER_WITHIN_MS = 30_000;
 export interface HostsReport {
   readonly partitions: readonly PartitionRecord[];
   readonly failovers: readonly FailoverEvent[];
-  /** which worker hosts were seen holding jobs, and until when */
+  /** how many jobs each worker host finished, and when it last did */
   readonly activity: readonly HostActivity[];
 }
 
@@ -98,7 +98,7 @@ export function hostsHeld(hosts: HostsReport | null): boolean {
       p.notRerun === 0 &&
       (p.rerunMaxMs === null || p.rerunMaxMs <= RERUN_WITHIN_MS) &&
       (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
-  ) && hosts.failovers.every((f) => f.rejoinedAfterMs !== null);
+  ) && hosts.failovers.every((f) => f.rejoinedAfterMs !== null) && hosts.activity.every((a) => a.probed > 0);
 }
 
 /** Acknowledged events the failovers lost (the run's `lost` must stay 0 with durable enqueue; without, it may not). */
@@ -197,13 +197,14 @@ const ms = (v: number | null): string => (v === null ? '-' : `${(v / 1000).toFix
 function hostLines(r: ChaosReport): string[] {
   if (r.hosts === null) return [];
   const { partitions, failovers } = r.hosts;
-  const lines = [`  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each`];
+  const lines = [`  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each (the leader's host at least ${TAKEOVER_WITHIN_MS / 1000 + 2} s)`];
   for (const p of partitions) {
     const relay = p.ledRelay ? `; relay taken over after ${ms(p.takeoverMs)}, stream moved after ${ms(p.firstPublishMs)} (within ${TAKEOVER_WITHIN_MS / 1000} s)` : '';
     lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}`);
   }
   lines.push(`  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`);
-  lines.push(`  worker activity     ${r.hosts.activity.map((a) => `${a.host} held jobs in ${a.samples} samples, last at ${a.lastSeenS ?? '-'} s`).join('; ')}`);
+  lines.push(`  jobs finished       ${r.hosts.activity.map((a) => `${a.host} ${a.finished} (last at ${a.lastS ?? '-'} s)`).join(', ')} of the last 10,000 the queue keeps`);
+  lines.push(`  liveness after it   ${r.hosts.activity.map((a) => `${a.host} took ${a.probed}`).join(', ')} of ${r.hosts.activity.reduce((n, a) => n + a.probed, 0)} jobs sent one at a time to the idle fleet after the faults (each host must take some within 30 s)`);
   for (const f of failovers) {
     lines.push(`    at ${f.atS} s master ${f.killed} -> replica ${f.promoted} in ${ms(f.tookMs)}; ${f.ackedLost} acknowledged events lost; old master back as a replica after ${ms(f.rejoinedAfterMs)}`);
   }

@@ -73,7 +73,6 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
 
   const faults = new FaultSchedule({ fleet, sender, scripts: player, audit, timing }, options, elapsed, log);
-  faults.hosts?.startSampling();
   await faults.run(options, elapsed, log);
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
@@ -83,7 +82,10 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   const { lastFaultAt } = faults;
   log(drainedAt === null ? `drain timed out after ${options.drainTimeoutS}s` : `drained ${((drainedAt - lastFaultAt) / 1000).toFixed(1)}s after the last fault`);
 
-  const activity = (await faults.hosts?.activity()) ?? [];
+  // every worker host still takes jobs once the faults are over
+  const decided = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
+  const probed = await faults.hosts?.probeLiveness((n) => sender.redeliver(timing.pick(decided), `-live${n}`));
+  const activity = (await faults.hosts?.activity(t0, probed)) ?? [];
   // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
   await fleet.stopWorkers();
   await audit.stop();

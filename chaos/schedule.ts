@@ -264,7 +264,7 @@ export class FaultSchedule {
     const { sender, timing } = this.t;
     const candidates = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
     const picked = Array.from({ length: Math.min(count, candidates.length) }, () => timing.pick(candidates));
-    picked.forEach((event, n) => sender.inBackground(() => sender.redeliver(event, n + 1)));
+    picked.forEach((event, n) => sender.inBackground(async () => void (await sender.redeliver(event, n + 1))));
     return `${picked.length} events redelivered under new job ids`;
   }
 

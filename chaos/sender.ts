@@ -91,11 +91,11 @@ export class Sender {
   }
 
   /** The same eventId under a new jobId: a redelivery the queue cannot deduplicate. */
-  async redeliver(event: Tracked, n: number): Promise<void> {
-    await this.retrying(() =>
-      this.producer.queue.add(event.name, event.data, { jobId: `${jobIdFor(event.data.eventId)}.redelivery${n}`, ...declaredAt(event.name) }),
-    );
+  async redeliver(event: Tracked, n: number | string): Promise<string> {
+    const jobId = `${jobIdFor(event.data.eventId)}.redelivery${n}`;
+    await this.retrying(() => this.producer.queue.add(event.name, event.data, { jobId, ...declaredAt(event.name) }));
     this.counters.redelivered++;
+    return jobId;
   }
 
   /** An earlier event under a new eventId: an out-of-order replay, intended like any other. */

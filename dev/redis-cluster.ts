@@ -16,6 +16,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
+import { sleep } from '../src/util';
 import { waitFor as until } from './wait';
 
 const run = promisify(execFile);
@@ -216,9 +217,11 @@ export class OwnRedisCluster {
 
   /**
    * Kills a master (SIGKILL; `port`, or the first master that has a live replica) and waits until its replica has
-   * taken over and the cluster is ok again. The killed node stays down until `restart(port)`.
+   * taken over and the cluster is ok again. The killed node stays down until `restart(port)`. With `replicaLagMs`,
+   * the replica is stopped (SIGSTOP) that long first and resumed at the kill: it misses what the master acknowledged
+   * meanwhile, as a lagging replica does, and is promoted without it.
    */
-  async failover(port?: number): Promise<FailoverRecord> {
+  async failover(port?: number, options: { readonly replicaLagMs?: number } = {}): Promise<FailoverRecord> {
     const nodes = await this.nodes();
     const candidates = await this.masters();
     const target = port ?? candidates[0];
@@ -226,8 +229,16 @@ export class OwnRedisCluster {
     if (target === undefined || master === undefined) throw new Error(`no master with a live replica to fail over (asked for ${String(port)})`);
     const replica = nodes.find((n) => n.masterId === master.id && !n.failed);
     if (replica === undefined) throw new Error(`master ${target} has no live replica`);
+    const lagMs = options.replicaLagMs ?? 0;
+    const stalled = lagMs > 0 ? this.children.get(replica.port) : undefined;
+    if (stalled !== undefined) {
+      // the replica falls behind (a network hiccup, a slow disk): the master goes on acknowledging writes it lacks
+      stalled.kill('SIGSTOP');
+      await sleep(lagMs);
+    }
     const started = Date.now();
     await this.kill(target);
+    stalled?.kill('SIGCONT');
     await until(
       `replica ${replica.port} to take over from ${target}`,
       async () => (/^role:master\r?$/m.test(await this.cli(replica.port, 'INFO', 'replication')) ? true : undefined),

@@ -209,7 +209,15 @@ export async function startFleet(
         metrics: { onSweep: (result) => metrics.sweep(result), onShard: (report) => metrics.shard(report) },
         endpointAllow: config.endpointAllow,
       });
-      const s = new SweepWorker({ connection: endpoints.redisUrl, prefix: config.prefix, sweeper, everyS: config.sweepEveryS, logger, redisWatch });
+      const s = new SweepWorker({
+        connection: endpoints.redisUrl,
+        prefix: config.prefix,
+        sweeper,
+        everyS: config.sweepEveryS,
+        logger,
+        redisWatch,
+        durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+      });
       sweep = s;
       closers.push((graceMs) => s.close(graceMs));
       await s.start();

@@ -1,3 +1,4 @@
+import * as os from 'node:os';
 import pino from 'pino';
 import type { Logger } from 'pino';
 
@@ -63,7 +64,8 @@ function scrub(value: unknown, depth: number): unknown {
 export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
   const options: pino.LoggerOptions = {
     level,
-    base: { service: 'lifecycle-fleet' },
+    // which process on which host: with workers on many hosts, a line is worth little without them (pino's own default)
+    base: { service: 'lifecycle-fleet', hostname: os.hostname(), pid: process.pid },
     redact: { paths: REDACT_PATHS, censor: CENSOR },
     serializers: { err: serializeError, error: serializeError },
     hooks: {

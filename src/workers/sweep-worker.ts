@@ -25,7 +25,7 @@ import type { Job, JobSchedulerJson } from 'bullmq';
 import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
+import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
 import { acquireLock, releaseLock } from '../queues/redis-lock';
 import { idleReport } from '../services/readiness';
@@ -160,7 +160,12 @@ async function hasPendingIteration(queue: Queue, first: JobSchedulerJson): Promi
  */
 export interface DuplicateTick {
   readonly tick: string;
-  readonly ran: 'duplicate';
+  /**
+   * `duplicate`: delivered again after it started; `unconfirmed`: with durable claims, the claim did not reach a
+   * replica in time, so the tick did not run (a failover could lose the claim and run it again elsewhere; the next
+   * tick does its work)
+   */
+  readonly ran: 'duplicate' | 'unconfirmed';
 }
 
 /** What a `sweep` job returns: the tick's result, or `DuplicateTick` for a tick that had started already. */
@@ -194,6 +199,12 @@ export interface SweepWorkerOptions {
   readonly redisWatch?: ServerWatch;
   /** shown as the job's `processedBy` (default `<hostname>:<pid>`) */
   readonly name?: string;
+  /**
+   * Claims of ticks and shards on this many replicas before they run (Redis `WAIT`, FLEET_DURABLE_ENQUEUE): a
+   * failover to a replica that lacked a claim would otherwise let the redelivered job run a second time (default
+   * null: the claim on the master alone)
+   */
+  readonly durable?: { readonly replicas: number; readonly timeoutMs: number } | null;
   /** lock duration of a running sweep (default 30 s; renewed while it runs) */
   readonly lockDurationMs?: number;
   /**
@@ -218,6 +229,8 @@ export class SweepWorker {
   private recheckTimer: NodeJS.Timeout | null = null;
   private readonly redisWatch: ServerWatch;
   private rechecking: Promise<void> | null = null;
+  /** slot -> node cache of `connectionForKey` (durable claims) */
+  private readonly slots = new Map<string, number>();
 
   constructor(private readonly options: SweepWorkerOptions) {
     requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'SweepWorker');
@@ -296,13 +309,16 @@ export class SweepWorker {
    */
   private async tick(job: Job): Promise<SweepJobResult> {
     const tick = tickOf(job);
-    const connection = this.ownedConnection ?? (this.options.connection as RedisConnection);
     const key = `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:sweep-claim:${tick}`;
-    const claimed = await connection.set(key, this.worker.opts.name ?? '', 'PX', Math.max(600_000, 10 * this.options.everyS * 1000), 'NX');
-    if (claimed !== 'OK') {
-      const claimedBy = await connection.get(key).catch(() => null);
+    const claim = await this.claim(key, Math.max(600_000, 10 * this.options.everyS * 1000));
+    if (claim === 'taken') {
+      const claimedBy = await this.connection.get(key).catch(() => null);
       this.log.warn({ jobId: job.id, tick, claimedBy }, 'sweep tick delivered again after it started: not run twice');
       return { tick, ran: 'duplicate' };
+    }
+    if (claim === 'unconfirmed') {
+      this.log.warn({ jobId: job.id, tick }, 'sweep tick claim did not reach a replica in time: not run (the next tick does its work)');
+      return { tick, ran: 'unconfirmed' };
     }
     this.log.info({ tick, jobId: job.id }, 'sweep tick started');
     return this.options.sweeper.sweep(tick);
@@ -310,22 +326,36 @@ export class SweepWorker {
 
   private async probe(job: Job<ShardJobData, ShardReport>): Promise<ShardReport> {
     const data = job.data;
-    const connection = this.ownedConnection ?? (this.options.connection as RedisConnection);
-    const claimed = await connection.set(
-      `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`,
-      this.worker.opts.name ?? '',
-      'PX',
-      Math.max(60_000, data.deadline - Date.now() + 60_000),
-      'NX',
-    );
-    if (claimed !== 'OK') {
+    const claim = await this.claim(`${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`, Math.max(60_000, data.deadline - Date.now() + 60_000));
+    if (claim === 'taken') {
       this.log.warn({ jobId: job.id, tick: data.tick, shard: data.shard }, 'probe shard delivered again after it started: not run twice');
       return idleReport(data, 'duplicate');
+    }
+    if (claim === 'unconfirmed') {
+      this.log.warn({ jobId: job.id, tick: data.tick, shard: data.shard }, 'probe shard claim did not reach a replica in time: not run');
+      return idleReport(data, 'unconfirmed');
     }
     const report = await this.options.sweeper.runShard(data);
     // the ids served their purpose: keep finished shards small in Redis
     await job.updateData({ ...data, ids: [] }).catch(() => undefined);
     return report;
+  }
+
+  private get connection(): RedisConnection {
+    return this.ownedConnection ?? (this.options.connection as RedisConnection);
+  }
+
+  /**
+   * Claims `key` for this worker (`SET NX PX ttlMs`). With `durable`, the claim must also reach that many replicas
+   * (`WAIT`, on the node that serves the key): `unconfirmed` when it did not in time.
+   */
+  private async claim(key: string, ttlMs: number): Promise<'claimed' | 'taken' | 'unconfirmed'> {
+    if ((await this.connection.set(key, this.worker.opts.name ?? '', 'PX', ttlMs, 'NX')) !== 'OK') return 'taken';
+    const durable = this.options.durable ?? null;
+    if (durable === null) return 'claimed';
+    const writer = await connectionForKey(this.connection, key, this.slots);
+    const acknowledged = Number(await writer.call('WAIT', durable.replicas, durable.timeoutMs));
+    return acknowledged >= durable.replicas ? 'claimed' : 'unconfirmed';
   }
 
   /**

@@ -11,6 +11,8 @@ import { DurabilityError } from '../../src/errors';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
+import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
+import { Sweeper, type ShardJobData } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testHttpServer } from '../helpers/http';
@@ -139,6 +141,40 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
     } finally {
       replica.resume();
       await relay.close();
+    }
+  });
+
+  it('durable claims: a sweep tick whose claim does not reach the replica does not run (a failover could lose the claim and run it twice); once it does, it runs', async () => {
+    const claimsPrefix = `${prefix}c`;
+    const producer = new LifecycleProducer({ connection: master.url, prefix: claimsPrefix });
+    const real = new Sweeper({ dataSource: db.dataSource, producer });
+    const calls: string[] = [];
+    const sweeper = {
+      sweep: (tick?: string) => {
+        calls.push(tick ?? '');
+        return real.sweep(tick);
+      },
+      runShard: (data: ShardJobData) => real.runShard(data),
+    };
+    const worker = new SweepWorker({ connection: master.url, prefix: claimsPrefix, sweeper, everyS: 3600, recheckEveryMs: 0, durable: { replicas: 1, timeoutMs: 300 } });
+    const queue = new Queue(MAINTENANCE_QUEUE, { connection: admin, prefix: claimsPrefix });
+    try {
+      worker.worker.run().catch(() => undefined);
+      replica.pause();
+      const stuck = await queue.add(SWEEP_JOB_NAME, {}, { jobId: 'repeat:sweep:1000' });
+      const first = await waitFor('the tick with the replica stuck', async () => ((await queue.getJob(stuck.id ?? ''))?.returnvalue as { ran?: string } | undefined) ?? undefined);
+      expect(first).to.deep.equal({ tick: '1000', ran: 'unconfirmed' });
+      expect(calls, 'the sweep did not run').to.deep.equal([]);
+
+      replica.resume();
+      const next = await queue.add(SWEEP_JOB_NAME, {}, { jobId: 'repeat:sweep:2000' });
+      await waitFor('the tick with the replica back', async () => ((await queue.getJob(next.id ?? ''))?.finishedOn === undefined ? undefined : true));
+      expect(calls).to.deep.equal(['2000']);
+    } finally {
+      replica.resume();
+      await worker.close(1000);
+      await queue.close();
+      await producer.close();
     }
   });
 });

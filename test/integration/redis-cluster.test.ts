@@ -6,7 +6,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
-import { Queue, type Job } from 'bullmq';
+import { Queue, Worker, type Job } from 'bullmq';
 import { loadConfig } from '../../src/config';
 import { ConfigError } from '../../src/errors';
 import { LifecycleProducer } from '../../src/queues/producer';
@@ -225,5 +225,34 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     await waitFor('versions 6-10 after the failover', () => (seen.includes(10) ? true : undefined), 60_000);
     expect(ended, 'the consumer stopped during the failover').to.equal(null);
     expect(seen).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+
+  it('a BullMQ worker on the cluster keeps taking jobs through failovers of its slot\'s master and the old master\'s return as a replica', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const url = cluster.url;
+    const queueConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-queue');
+    const queue = new Queue('failover', { connection: queueConnection, prefix });
+    const done = new Set<string>();
+    const worker = new Worker('failover', async (job) => void done.add(job.id ?? ''), { connection: createRedis(url, 'worker', 'lifecycle-fleet-test-worker'), prefix, concurrency: 4 });
+    worker.on('error', () => undefined);
+    closers.push(async () => {
+      await worker.close();
+      await queue.close();
+      queueConnection.disconnect();
+    });
+    let n = 0;
+    const addAndWait = async (what: string) => {
+      const id = `j${++n}`;
+      await waitFor(`${what}: job ${id} added`, async () => ((await queue.add('j', {}, { jobId: id }).catch(() => undefined)) === undefined ? undefined : true), 60_000);
+      await waitFor(`${what}: job ${id} taken`, () => (done.has(id) ? true : undefined), 30_000);
+    };
+    await addAndWait('before');
+    for (let round = 1; round <= 2; round++) {
+      const master = await cluster.masterFor(`${prefix}:failover:meta`);
+      const failover = await cluster.failover(master);
+      await addAndWait(`after failover ${round}`);
+      await cluster.restart(failover.killed); // it comes back believing it is a master, then becomes a replica
+      for (let i = 0; i < 5; i++) await addAndWait(`after the old master's return ${round}`);
+    }
   });
 });

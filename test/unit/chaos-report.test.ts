@@ -50,19 +50,20 @@ describe('chaos report: partitions and failovers', () => {
     ...p,
   });
   const failover = (f: Partial<FailoverEvent>): FailoverEvent => ({ atS: 30, killed: 7001, promoted: 7004, tookMs: 8000, rejoinedAfterMs: 11_000, ackedLost: 0, ...f });
-  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({ partitions, failovers, activity: [] });
+  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({ partitions, failovers, activity: [{ host: 'w1', finished: 1, lastS: 1, probed: 1 }] });
 
   it('holds when held jobs ran again within 15 s and a cut-off leader was replaced and published within 30 s', () => {
     expect(hostsHeld(null)).to.equal(true);
     expect(hostsHeld(report([partition({}), partition({ ledRelay: true, inFlight: 0, rerunMaxMs: null, takeoverMs: 9000, firstPublishMs: 9500 })], [failover({})]))).to.equal(true);
   });
 
-  it('fails on a held job later than 15 s, one that never ran again, a leader not replaced in time, a master that never came back', () => {
+  it('fails on a held job later than 15 s, one that never ran again, a leader not replaced in time, a master that never came back, a host that stopped taking jobs', () => {
     expect(hostsHeld(report([partition({ rerunMaxMs: 15_001 })]))).to.equal(false);
     expect(hostsHeld(report([partition({ notRerun: 1 })]))).to.equal(false);
     expect(hostsHeld(report([partition({ ledRelay: true, firstPublishMs: null })]))).to.equal(false);
     expect(hostsHeld(report([partition({ ledRelay: true, takeoverMs: 31_000, firstPublishMs: 31_000 })]))).to.equal(false);
     expect(hostsHeld(report([], [failover({ rejoinedAfterMs: null })]))).to.equal(false);
+    expect(hostsHeld({ ...report([]), activity: [{ host: 'w1', finished: 10, lastS: 5, probed: 0 }] }), 'a host that took no job after the faults').to.equal(false);
   });
 
   it('adds up what the failovers lost, ignoring a count that could not be made', () => {

@@ -47,7 +47,7 @@ export interface ShardReport extends ProbeTotals {
   readonly tick: string;
   readonly shard: number;
   /** `probed`: it ran; `late`: taken at or after its deadline, so nothing was probed; `duplicate`: already run */
-  readonly ran: 'probed' | 'late' | 'duplicate';
+  readonly ran: 'probed' | 'late' | 'duplicate' | 'unconfirmed';
   readonly durationMs: number;
 }
 
@@ -72,8 +72,8 @@ export function cutShards(ids: readonly string[], size: number): string[][] {
 }
 
 /** A report for a shard that probed nothing (`late` or `duplicate`). */
-export function idleReport(data: Pick<ShardJobData, 'tick' | 'shard' | 'ids'>, ran: 'late' | 'duplicate'): ShardReport {
-  const unprobed = ran === 'late' ? data.ids.length : 0;
+export function idleReport(data: Pick<ShardJobData, 'tick' | 'shard' | 'ids'>, ran: 'late' | 'duplicate' | 'unconfirmed'): ShardReport {
+  const unprobed = ran === 'duplicate' ? 0 : data.ids.length;
   return { tick: data.tick, shard: data.shard, ran, endpoints: data.ids.length, probed: 0, stamped: 0, failed: 0, unprobed, stale: 0, probeFailures: {}, durationMs: 0 };
 }
 

@@ -44,6 +44,12 @@ export interface FleetRoles {
   readonly sweep?: boolean;
   /** serve HTTP on FLEET_HTTP_HOST:FLEET_HTTP_PORT (default false) */
   readonly http?: boolean;
+  /**
+   * Called once when the lifecycle worker's fetch watchdog finds it stuck (jobs waiting, none taken for 30 s: see
+   * `LifecycleWorkerOptions.watchdog`). The `fleet` commands stop the process with exit code 5 so that its
+   * supervisor starts a fresh one; by default it is only logged.
+   */
+  readonly onStuck?: (why: string) => void;
 }
 
 export interface Fleet {
@@ -235,6 +241,7 @@ export async function startFleet(
         redisWatch,
         pgWatch,
         onJob: (report) => metrics.job(report),
+        watchdog: { waiting: () => producer.queue.getWaitingCount(), onStuck: roles.onStuck ?? (() => undefined) },
       });
       worker = w;
       closers.push((graceMs) => w.close(graceMs));

@@ -13,6 +13,7 @@ import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
+import { restartMe } from './restart';
 import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
@@ -109,7 +110,9 @@ async function runWorker(): Promise<void> {
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
   const endpoints = resolveEndpoints(config);
-  const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false }));
+  const fleet = await starting(endpoints, () =>
+    startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false, onStuck: restartMe }),
+  );
   logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started (lifecycle jobs, outbox relay, sweep)');
   await closeOnSignals(fleet, logger);
 }

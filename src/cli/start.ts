@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { createDataSource } from '../entities/data-source';
 import { isProcessAlive, repoRoot } from '../util';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
+import { restartMe } from './restart';
 import { loadConfig } from '../config';
 import { migrate } from '../entities/migrate';
 import { createLogger, scrubUrls } from '../log';
@@ -111,7 +112,7 @@ export async function runStart(): Promise<void> {
     } finally {
       await ds.destroy();
     }
-    const fleet = await startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: true });
+    const fleet = await startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: true, onStuck: restartMe });
     const url = fleet.httpUrl ?? '';
     logger.info({ url }, 'lifecycle-fleet is running; Ctrl-C stops it');
     process.stderr.write(

@@ -22,6 +22,7 @@ import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
+import { rejectAfter } from '../util';
 import type { JobReport } from '../metrics';
 import type { ApplyResult, TransitionService } from '../services/transitions';
 import type { StampBuffer } from '../services/stamp-buffer';
@@ -64,6 +65,21 @@ export interface LifecycleWorkerOptions {
   readonly stalledIntervalMs?: number;
   /** times a job may be orphaned by a dying worker before it fails (default 5; BullMQ's default is 1) */
   readonly maxStalledCount?: number;
+  /**
+   * The fetch watchdog (docs/architecture.md, "When a host is cut off, or a Redis master fails"): how many jobs wait
+   * in the queue, asked over a connection of its own (the producer's). When jobs have been waiting at every check for
+   * `stuckAfterMs` while this worker, with free slots, started none, its fetch loop is stuck (a Redis Cluster client
+   * left without a working connection after a failover, as BullMQ and ioredis users have reported: no error, no
+   * jobs) and `onStuck` is called once. Default: no watchdog.
+   */
+  readonly watchdog?: {
+    readonly waiting: () => Promise<number>;
+    readonly onStuck: (why: string) => void;
+    /** default 30 s */
+    readonly stuckAfterMs?: number;
+    /** default 5 s */
+    readonly checkEveryMs?: number;
+  };
   /**
    * How long a heartbeat or readiness event for a deployment or attempt that does not exist is retried before it
    * completes as a noop `not_found`, as the sum of its backoff delays (default 30 s: 6 retries, 250 ms doubling)
@@ -110,6 +126,12 @@ export class LifecycleWorker {
   private readonly ownedConnection: RedisConnection | null;
   private closing: Promise<void> | null = null;
   private readonly redisWatch: ServerWatch;
+  /** jobs this worker is running, and when it last started one (ms, monotonic) */
+  private running = 0;
+  private lastStart = performance.now();
+  /** since when every check saw jobs waiting while this worker started none (ms, monotonic), or null */
+  private idleWhileWaitingSince: number | null = null;
+  private watchdogTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly options: LifecycleWorkerOptions) {
     requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleWorker');
@@ -134,9 +156,50 @@ export class LifecycleWorker {
       if (!watch.error(err)) this.log.error({ err }, 'worker error');
     });
     this.worker.on('stalled', (jobId) => this.log.warn({ jobId }, 'job stalled: its worker stopped renewing the lock'));
+    if (options.watchdog !== undefined) this.startWatchdog(options.watchdog);
+  }
+
+  private startWatchdog(watchdog: NonNullable<LifecycleWorkerOptions['watchdog']>): void {
+    const stuckAfterMs = watchdog.stuckAfterMs ?? 30_000;
+    let checking = false;
+    this.watchdogTimer = setInterval(() => {
+      if (checking || this.closing !== null) return;
+      checking = true;
+      void this.checkFetching(watchdog, stuckAfterMs).finally(() => {
+        checking = false;
+      });
+    }, watchdog.checkEveryMs ?? 5000);
+    this.watchdogTimer.unref();
+  }
+
+  private async checkFetching(watchdog: NonNullable<LifecycleWorkerOptions['watchdog']>, stuckAfterMs: number): Promise<void> {
+    const now = performance.now();
+    const concurrency = this.worker.opts.concurrency ?? 1;
+    // Redis away, or not asked: nothing to judge (the outage has its own reporting and retries)
+    const waiting = await rejectAfter(watchdog.waiting(), 5000, 'the waiting-jobs count').catch(() => null);
+    if (waiting === null || waiting === 0 || this.running >= concurrency || now - this.lastStart < stuckAfterMs) {
+      this.idleWhileWaitingSince = null;
+      return;
+    }
+    this.idleWhileWaitingSince ??= now;
+    if (now - this.idleWhileWaitingSince < stuckAfterMs / 2) return; // waiting at two checks apart, not a moment's queue
+    if (this.watchdogTimer !== null) clearInterval(this.watchdogTimer);
+    const why = `jobs have waited for ${Math.round((now - this.idleWhileWaitingSince) / 1000)} s while this worker, with ${concurrency - this.running} free slots, started none for ${Math.round((now - this.lastStart) / 1000)} s: its Redis connection is stuck`;
+    this.log.error({ waiting, running: this.running }, `lifecycle worker stopped taking jobs: ${why}`);
+    watchdog.onStuck(why);
   }
 
   private async process(job: Job, token: string | undefined): Promise<ApplyResult> {
+    this.running++;
+    this.lastStart = performance.now();
+    try {
+      return await this.processOne(job, token);
+    } finally {
+      this.running--;
+    }
+  }
+
+  private async processOne(job: Job, token: string | undefined): Promise<ApplyResult> {
     const started = performance.now();
     const ids = idsOf(job);
     let result: ApplyResult;
@@ -227,6 +290,7 @@ export class LifecycleWorker {
    */
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
+      if (this.watchdogTimer !== null) clearInterval(this.watchdogTimer);
       if (this.redisWatch.isDown) {
         // nothing in flight can be acknowledged without Redis: do not wait for it (the jobs' locks expire and
         // another worker runs them again; processed_events keeps that safe)

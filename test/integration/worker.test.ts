@@ -57,6 +57,33 @@ describe('lifecycle worker through real BullMQ queues', function () {
     return worker;
   }
 
+  describe('fetch watchdog', () => {
+    it('calls onStuck once when jobs keep waiting and the worker, with free slots, takes none (a fetch loop that stopped)', async () => {
+      const stuck: string[] = [];
+      // autorun off: its fetch loop never runs, as one stuck on a dead connection
+      startWorker({ autorun: false, watchdog: { waiting: () => queue.getWaitingCount(), onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      for (let i = 0; i < 3; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `w${i}` });
+      await waitFor('the watchdog to call onStuck', () => (stuck.length > 0 ? true : undefined));
+      expect(stuck[0]).to.match(/jobs have waited for \d+ s while this worker, with 16 free slots, started none .*stuck/);
+    });
+
+    it('stays quiet while the worker takes the jobs that wait', async () => {
+      const stuck: string[] = [];
+      let checks = 0;
+      const waiting = async () => {
+        checks++;
+        return queue.getWaitingCount();
+      };
+      startWorker({ concurrency: 2, watchdog: { waiting, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      const ids: string[] = [];
+      for (let i = 0; i < 60; i++) ids.push((await producer.createDeployment({ deploymentId: randomUUID(), name: `q${i}` })).jobId);
+      await settled(ids);
+      const after = checks;
+      await waitFor('20 more watchdog checks', () => (checks >= after + 20 ? true : undefined));
+      expect(stuck).to.deep.equal([]);
+    });
+  });
+
   const q = <T>(sql: string, params: unknown[] = []): Promise<T[]> => db.dataSource.query<T[]>(sql, params);
   const transitionsOf = async (deploymentId: string) =>
     (await q<{ version: number; to_state: string }>(`SELECT version, to_state FROM state_transitions WHERE deployment_id = $1 ORDER BY version`, [

@@ -218,10 +218,11 @@ export class OwnRedisCluster {
   /**
    * Kills a master (SIGKILL; `port`, or the first master that has a live replica) and waits until its replica has
    * taken over and the cluster is ok again. The killed node stays down until `restart(port)`. With `replicaLagMs`,
-   * the replica is stopped (SIGSTOP) that long first and resumed at the kill: it misses what the master acknowledged
-   * meanwhile, as a lagging replica does, and is promoted without it.
+   * the replica is stopped (SIGSTOP) and its replication link cut that long first (and `duringLag` runs meanwhile),
+   * and resumed at the kill: it misses what the master acknowledged meanwhile, as a lagging replica does, and is
+   * promoted without it.
    */
-  async failover(port?: number, options: { readonly replicaLagMs?: number } = {}): Promise<FailoverRecord> {
+  async failover(port?: number, options: { readonly replicaLagMs?: number; readonly duringLag?: () => Promise<void> } = {}): Promise<FailoverRecord> {
     const nodes = await this.nodes();
     const candidates = await this.masters();
     const target = port ?? candidates[0];
@@ -234,7 +235,12 @@ export class OwnRedisCluster {
     if (stalled !== undefined) {
       // the replica falls behind (a network hiccup, a slow disk): the master goes on acknowledging writes it lacks
       stalled.kill('SIGSTOP');
-      await sleep(lagMs);
+      // and its link drops: what the master writes from now on it never sends (a stopped process would still find
+      // it in its socket's buffer on waking)
+      await this.cli(target, 'CLIENT', 'KILL', 'TYPE', 'replica');
+      const started = Date.now();
+      await options.duringLag?.();
+      await sleep(Math.max(0, lagMs - (Date.now() - started)));
     }
     const started = Date.now();
     await this.kill(target);

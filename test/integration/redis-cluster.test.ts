@@ -8,9 +8,9 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import { Queue, Worker, type Job } from 'bullmq';
 import { loadConfig } from '../../src/config';
-import { ConfigError } from '../../src/errors';
+import { ConfigError, DurabilityError } from '../../src/errors';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { MAINTENANCE_QUEUE } from '../../src/queues/names';
+import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { createRedis, describeRedis, isCluster, type RedisConnection } from '../../src/queues/redis';
 import { createStampBuffer, type StampBuffer } from '../../src/services/stamp-buffer';
 import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweepResult } from '../../src/services/sweep';
@@ -254,5 +254,38 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
       await cluster.restart(failover.killed); // it comes back believing it is a master, then becomes a replica
       for (let i = 0; i < 5; i++) await addAndWait(`after the old master's return ${round}`);
     }
+  });
+
+  it('a failover to a lagging replica loses an acknowledged enqueue without durable enqueue; with it, the enqueue is refused instead (never acknowledged, never lost)', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const url = cluster.url;
+    const plain = new LifecycleProducer({ connection: url, prefix });
+    const durable = new LifecycleProducer({ connection: url, prefix, durable: { replicas: 1, timeoutMs: 500 } });
+    closers.push(async () => {
+      await plain.close();
+      await durable.close();
+    });
+    const jobs = new Queue(LIFECYCLE_QUEUE, { connection: createRedis(url, 'producer', 'lifecycle-fleet-test-jobs'), prefix });
+    closers.push(() => jobs.close());
+    const acknowledged: string[] = [];
+    let refused: unknown = null;
+    const master = await cluster.masterFor(`${prefix}:${LIFECYCLE_QUEUE}:meta`);
+    const failover = await cluster.failover(master, {
+      replicaLagMs: 1500,
+      duringLag: async () => {
+        // no worker runs: the jobs wait in the queue, as a backlog does
+        acknowledged.push((await plain.createDeployment({ deploymentId: randomUUID(), name: 'plain' })).jobId);
+        refused = await durable.createDeployment({ deploymentId: randomUUID(), name: 'durable' }).then(
+          () => null,
+          (err: unknown) => err,
+        );
+      },
+    });
+    closers.push(() => cluster.restart(failover.killed));
+    expect(acknowledged, 'the plain enqueue was acknowledged').to.have.length(1);
+    expect(refused, 'the durable enqueue was not').to.be.instanceOf(DurabilityError);
+    // the promoted replica never had the acknowledged job
+    const after = await waitFor('the queue to answer after the failover', async () => ({ job: (await jobs.getJob(acknowledged[0] ?? '')) ?? null }), 30_000);
+    expect(after.job).to.equal(null);
   });
 });

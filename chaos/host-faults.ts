@@ -271,9 +271,10 @@ export class HostFaults {
    * meets an idle fleet and goes to the worker that has waited longest (Redis serves blocked clients first come,
    * first served). Every live worker takes its turn; one that stopped taking jobs takes none. It sends at least
    * `count` and goes on until every host took one, for up to `withinMs`: a host healed moments ago may still be in
-   * TCP's retransmission backoff. `send(n)` enqueues the n-th and returns its job id.
+   * TCP's retransmission backoff, and a worker whose fetch loop is stuck is found by its watchdog (30 s of others'
+   * work) and restarted by its supervisor. `send(n)` enqueues the n-th and returns its job id.
    */
-  async probeLiveness(send: (n: number) => Promise<string>, count = 30, withinMs = 30_000): Promise<Map<string, number>> {
+  async probeLiveness(send: (n: number) => Promise<string>, count = 30, withinMs = 60_000): Promise<Map<string, number>> {
     const took = new Map<string, number>();
     const hosts = this.lab.lab.hosts.size - 1;
     const deadline = Date.now() + withinMs;

@@ -21,7 +21,7 @@ import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { FleetClock } from './queues/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
@@ -241,7 +241,11 @@ export async function startFleet(
         redisWatch,
         pgWatch,
         onJob: (report) => metrics.job(report),
-        watchdog: { waiting: () => producer.queue.getWaitingCount(), onStuck: roles.onStuck ?? (() => undefined) },
+        watchdog: {
+          waiting: () => producer.queue.getWaitingCount(),
+          activity: () => queueActivity(monitorRedis, `${config.prefix}:${LIFECYCLE_QUEUE}:events`),
+          onStuck: roles.onStuck ?? (() => undefined),
+        },
       });
       worker = w;
       closers.push((graceMs) => w.close(graceMs));
@@ -302,6 +306,12 @@ export async function startFleet(
     await close(1000);
     throw err;
   }
+}
+
+/** How much a queue has done: its BullMQ event stream's `entries-added` (every job added, started, finished counts). */
+async function queueActivity(redis: RedisConnection, eventsKey: string): Promise<number> {
+  const info = (await redis.xinfo('STREAM', eventsKey)) as unknown[];
+  return Number(info[info.indexOf('entries-added') + 1] ?? 0);
 }
 
 /**

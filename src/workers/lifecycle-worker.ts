@@ -67,13 +67,20 @@ export interface LifecycleWorkerOptions {
   readonly maxStalledCount?: number;
   /**
    * The fetch watchdog (docs/architecture.md, "When a host is cut off, or a Redis master fails"): how many jobs wait
-   * in the queue, asked over a connection of its own (the producer's). When jobs have been waiting at every check for
-   * `stuckAfterMs` while this worker, with free slots, started none, its fetch loop is stuck (a Redis Cluster client
+   * in the queue, asked over a connection of its own (the producer's). When jobs have been waiting (or the others
+   * have been working, see `activity`) for `stuckAfterMs` while this worker, with free slots, started none, its fetch loop is stuck (a Redis Cluster client
    * left without a working connection after a failover, as BullMQ and ioredis users have reported: no error, no
    * jobs) and `onStuck` is called once. Default: no watchdog.
    */
   readonly watchdog?: {
     readonly waiting: () => Promise<number>;
+    /**
+     * A counter that grows with the queue's work (the lifecycle queue's event stream's `entries-added`): grown by
+     * `minActivity` (default 50) over the window while this worker, with free slots, started nothing also counts as
+     * stuck, so that an idle fleet's other workers absorbing everything does not hide a stuck one
+     */
+    readonly activity?: () => Promise<number>;
+    readonly minActivity?: number;
     readonly onStuck: (why: string) => void;
     /** default 30 s */
     readonly stuckAfterMs?: number;
@@ -131,6 +138,8 @@ export class LifecycleWorker {
   private lastStart = performance.now();
   /** since when every check saw jobs waiting while this worker started none (ms, monotonic), or null */
   private idleWhileWaitingSince: number | null = null;
+  /** the queue's activity counter at each check within the window (ms, monotonic) */
+  private readonly activitySamples: Array<{ readonly at: number; readonly count: number }> = [];
   private watchdogTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly options: LifecycleWorkerOptions) {
@@ -176,15 +185,28 @@ export class LifecycleWorker {
     const now = performance.now();
     const concurrency = this.worker.opts.concurrency ?? 1;
     // Redis away, or not asked: nothing to judge (the outage has its own reporting and retries)
-    const waiting = await rejectAfter(watchdog.waiting(), 5000, 'the waiting-jobs count').catch(() => null);
-    if (waiting === null || waiting === 0 || this.running >= concurrency || now - this.lastStart < stuckAfterMs) {
-      this.idleWhileWaitingSince = null;
-      return;
+    const [waiting, activity] = await Promise.all([
+      rejectAfter(watchdog.waiting(), 5000, 'the waiting-jobs count').catch(() => null),
+      watchdog.activity === undefined ? Promise.resolve(null) : rejectAfter(watchdog.activity(), 5000, 'the queue activity').catch(() => null),
+    ]);
+    if (activity !== null) {
+      this.activitySamples.push({ at: now, count: activity });
+      while ((this.activitySamples[1]?.at ?? now) <= now - stuckAfterMs) this.activitySamples.shift();
     }
-    this.idleWhileWaitingSince ??= now;
-    if (now - this.idleWhileWaitingSince < stuckAfterMs / 2) return; // waiting at two checks apart, not a moment's queue
+    const idle = this.running < concurrency && now - this.lastStart >= stuckAfterMs;
+    if (!idle || waiting === null || waiting === 0) this.idleWhileWaitingSince = null;
+    else this.idleWhileWaitingSince ??= now;
+    if (!idle) return;
+    // jobs waiting at checks half the window apart (not a moment's queue), or the others busy all the while: a
+    // healthy worker with free slots gets its turn within seconds (BullMQ wakes the longest-waiting worker first,
+    // and a waiting one polls every few seconds), so one that gets none for the whole window is not fetching
+    const oldest = this.activitySamples[0];
+    const othersWorked = activity !== null && oldest !== undefined && now - oldest.at >= stuckAfterMs * 0.8 && activity - oldest.count >= (watchdog.minActivity ?? 50);
+    const waitedLong = this.idleWhileWaitingSince !== null && now - this.idleWhileWaitingSince >= stuckAfterMs / 2;
+    if (!othersWorked && !waitedLong) return;
     if (this.watchdogTimer !== null) clearInterval(this.watchdogTimer);
-    const why = `jobs have waited for ${Math.round((now - this.idleWhileWaitingSince) / 1000)} s while this worker, with ${concurrency - this.running} free slots, started none for ${Math.round((now - this.lastStart) / 1000)} s: its Redis connection is stuck`;
+    const seen = waitedLong ? `jobs have waited for ${Math.round((now - (this.idleWhileWaitingSince ?? now)) / 1000)} s` : `the queue saw ${activity === null || oldest === undefined ? 0 : activity - oldest.count} job events`;
+    const why = `${seen} while this worker, with ${concurrency - this.running} free slots, started none for ${Math.round((now - this.lastStart) / 1000)} s: its Redis connection is stuck`;
     this.log.error({ waiting, running: this.running }, `lifecycle worker stopped taking jobs: ${why}`);
     watchdog.onStuck(why);
   }

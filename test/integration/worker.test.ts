@@ -67,6 +67,43 @@ describe('lifecycle worker through real BullMQ queues', function () {
       expect(stuck[0]).to.match(/jobs have waited for \d+ s while this worker, with 16 free slots, started none .*stuck/);
     });
 
+    it('calls onStuck when the others take every job (none waits) while it, with free slots, takes none', async () => {
+      const stuck: string[] = [];
+      const redis = testRedis();
+      const activity = async () => {
+        const info = (await redis.xinfo('STREAM', `${prefix}:${LIFECYCLE_QUEUE}:events`)) as unknown[];
+        return Number(info[info.indexOf('entries-added') + 1] ?? 0);
+      };
+      try {
+        startWorker({ concurrency: 4 }); // healthy: takes everything as it comes
+        // as if nothing ever waited (the healthy worker absorbs it all): only the others' work can give it away
+        startWorker({ autorun: false, watchdog: { waiting: async () => 0, activity, minActivity: 20, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+        for (let i = 0; stuck.length === 0 && i < 5000; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `a${i}` });
+        expect(stuck[0]).to.match(/the queue saw \d+ job events while this worker, with 16 free slots, started none/);
+      } finally {
+        redis.disconnect();
+      }
+    });
+
+    it('stays quiet for two healthy workers sharing a steady stream (each gets its turn)', async () => {
+      const stuck: string[] = [];
+      const redis = testRedis();
+      const activity = async () => {
+        const info = (await redis.xinfo('STREAM', `${prefix}:${LIFECYCLE_QUEUE}:events`).catch(() => ['entries-added', 0])) as unknown[];
+        return Number(info[info.indexOf('entries-added') + 1] ?? 0);
+      };
+      const watchdog = { waiting: () => queue.getWaitingCount(), activity, minActivity: 20, onStuck: (why: string) => stuck.push(why), stuckAfterMs: 3000, checkEveryMs: 100 };
+      try {
+        startWorker({ concurrency: 4, watchdog });
+        startWorker({ concurrency: 4, watchdog });
+        const until = Date.now() + 8000; // the load's length, not a wait for time to pass: the watchdog judges over 3 s windows
+        while (Date.now() < until) await producer.createDeployment({ deploymentId: randomUUID(), name: 'steady' });
+        expect(stuck).to.deep.equal([]);
+      } finally {
+        redis.disconnect();
+      }
+    });
+
     it('stays quiet while the worker takes the jobs that wait', async () => {
       const stuck: string[] = [];
       let checks = 0;

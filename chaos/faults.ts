@@ -30,6 +30,8 @@ export class WorkerPool {
   started = 0;
   /** exits not asked for by `kill` or `stop` (e.g. a worker that could not start while a service was down) */
   unexpectedExits = 0;
+  /** those exits by exit code or signal (`code 4`: a service unreachable at start; `code 5`: its fetch watchdog) */
+  readonly exitsBy: Record<string, number> = {};
   private readonly expected = new Set<number>();
   private readonly slotOfPid = new Map<number, number>();
 
@@ -78,6 +80,8 @@ export class WorkerPool {
       const pid = child.pid ?? -1;
       if (!this.expected.delete(pid) && !this.stopped) {
         this.unexpectedExits++;
+        const how = signal ?? `code ${String(code)}`;
+        this.exitsBy[how] = (this.exitsBy[how] ?? 0) + 1;
         this.log(`worker pid ${pid} exited by itself (${signal ?? `code ${String(code)}`}); see ${this.spec.logFile}`);
       }
       if (this.slots[slot] === child) this.slots[slot] = null;

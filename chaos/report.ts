@@ -59,6 +59,8 @@ export interface ChaosReport {
   readonly faults: { readonly total: number; readonly byKind: Readonly<Partial<Record<FaultKind, number>>>; readonly leaderKills: number };
   readonly workerStarts: number;
   readonly unexpectedWorkerExits: number;
+  /** those exits by exit code or signal (`code 4`: a service unreachable at its start; `code 5`: its fetch watchdog) */
+  readonly workerExitsBy: Readonly<Record<string, number>>;
   readonly checker: Pick<HistoryReport, 'ok' | 'violationCounts' | 'violations'>;
   readonly lostSamples: readonly string[];
   /** sweep ticks counted from the workers' logs: each must start exactly once */
@@ -78,7 +80,7 @@ export interface RunResults {
   readonly deployments: ChaosReport['deployments'];
   readonly faultLog: readonly FaultRecord[];
   readonly leaderKills: number;
-  readonly workers: { readonly started: number; readonly unexpectedExits: number };
+  readonly workers: { readonly started: number; readonly unexpectedExits: number; readonly exitsBy: Readonly<Record<string, number>> };
   readonly lostSamples: readonly string[];
   readonly sweeps: SweepCounts;
   readonly hosts: HostsReport | null;
@@ -148,6 +150,7 @@ export function buildReport(r: RunResults): ChaosReport {
     faults: { total: r.faultLog.length, byKind, leaderKills: r.leaderKills },
     workerStarts: r.workers.started,
     unexpectedWorkerExits: r.workers.unexpectedExits,
+    workerExitsBy: r.workers.exitsBy,
     checker: { ok: history.ok, violationCounts: history.violationCounts, violations: history.violations },
     lostSamples: r.lostSamples,
     sweeps: r.sweeps,
@@ -182,7 +185,7 @@ export function formatReport(r: ChaosReport): string {
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
     `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.other} other)`,
-    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves: a worker started while a service is down exits 1, and is restarted)`,
+    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves and were restarted: ${Object.entries(r.workerExitsBy).map(([how, n]) => `${how} x${n}`).join(', ') || 'none'}; code 4: a service unreachable at its start, code 5: its fetch watchdog found it stuck)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,

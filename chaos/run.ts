@@ -84,7 +84,8 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
 
   // every worker host still takes jobs once the faults are over
   const decided = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
-  const probed = await faults.hosts?.probeLiveness((n) => sender.redeliver(timing.pick(decided), `-live${n}`));
+  // (not after a drain that timed out: the sender is aborted by then, and the run has failed already)
+  const probed = drainedAt === null ? new Map<string, number>() : await faults.hosts?.probeLiveness((n) => sender.redeliver(timing.pick(decided), `-live${n}`));
   const activity = (await faults.hosts?.activity(t0, probed)) ?? [];
   // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
   await fleet.stopWorkers();
@@ -102,7 +103,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
     deployments: { total: scripts.length, scriptsFinished: player.finished, wrongFinalState },
     faultLog: faults.log,
     leaderKills: faults.leaderKills,
-    workers: { started: fleet.workers.started, unexpectedExits: fleet.workers.unexpectedExits },
+    workers: { started: fleet.workers.started, unexpectedExits: fleet.workers.unexpectedExits, exitsBy: { ...fleet.workers.exitsBy } },
     lostSamples: samples.list,
     sweeps: countSweeps(fleet.workersLog, CHAOS_SWEEP_EVERY_S),
     hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers, activity },

@@ -14,7 +14,7 @@ import { createRedis } from '../src/queues/redis';
 import { transitionStreamKey } from '../src/streams/outbox-relay';
 import { repoRoot } from '../src/util';
 import { Queue } from 'bullmq';
-import { OwnRedisCluster } from '../dev/redis-cluster';
+import type { OwnRedisCluster } from '../dev/redis-cluster';
 import { LIFECYCLE_QUEUE } from '../src/queues/names';
 import { WorkerPool } from './faults';
 import { ChaosLab } from './lab';

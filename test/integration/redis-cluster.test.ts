@@ -233,11 +233,14 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     const queueConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-queue');
     const queue = new Queue('failover', { connection: queueConnection, prefix });
     const done = new Set<string>();
-    const worker = new Worker('failover', async (job) => void done.add(job.id ?? ''), { connection: createRedis(url, 'worker', 'lifecycle-fleet-test-worker'), prefix, concurrency: 4 });
+    const workerConnection = createRedis(url, 'worker', 'lifecycle-fleet-test-worker');
+    const worker = new Worker('failover', async (job) => void done.add(job.id ?? ''), { connection: workerConnection, prefix, concurrency: 4 });
     worker.on('error', () => undefined);
     closers.push(async () => {
       await worker.close();
       await queue.close();
+      // BullMQ leaves a connection it was given open: a cluster client left behind would reconnect for ever
+      workerConnection.disconnect();
       queueConnection.disconnect();
     });
     let n = 0;
@@ -265,8 +268,12 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
       await plain.close();
       await durable.close();
     });
-    const jobs = new Queue(LIFECYCLE_QUEUE, { connection: createRedis(url, 'producer', 'lifecycle-fleet-test-jobs'), prefix });
-    closers.push(() => jobs.close());
+    const jobsConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-jobs');
+    const jobs = new Queue(LIFECYCLE_QUEUE, { connection: jobsConnection, prefix });
+    closers.push(async () => {
+      await jobs.close();
+      jobsConnection.disconnect();
+    });
     const acknowledged: string[] = [];
     let refused: unknown = null;
     const master = await cluster.masterFor(`${prefix}:${LIFECYCLE_QUEUE}:meta`);

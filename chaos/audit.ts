@@ -5,7 +5,7 @@
  */
 import { ResyncRequiredError } from '../src/errors';
 import { createRedis } from '../src/queues/redis';
-import { compareIds, TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
+import { compareIds, streamCounts, TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
 import { sleep } from '../src/util';
 
 /** A version store that forgets: every entry reaches the handler. */
@@ -73,9 +73,8 @@ export class AuditConsumer {
   private async prepareGroup(): Promise<void> {
     const redis = createRedis(this.redisUrl, 'producer', 'lifecycle-fleet-chaos-audit');
     try {
-      const info = (await redis.xinfo('STREAM', this.streamKey)) as unknown[];
-      const field = (name: string): unknown => info[info.indexOf(name) + 1];
-      const removed = Number(field('entries-added')) - Number(field('length'));
+      const { added, length } = await streamCounts(redis, this.streamKey);
+      const removed = added - length;
       await redis.xgroup('CREATE', this.streamKey, this.group, '0', 'ENTRIESREAD', Math.max(0, removed));
     } finally {
       redis.disconnect();

@@ -21,11 +21,12 @@ import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { FleetClock } from './queues/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './queues/redis';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
+import { streamCounts } from './streams/consumer';
 import { LifecycleWorker } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
 import { settleWithin } from './util';
@@ -243,7 +244,8 @@ export async function startFleet(
         onJob: (report) => metrics.job(report),
         watchdog: {
           waiting: () => producer.queue.getWaitingCount(),
-          activity: () => queueActivity(monitorRedis, `${config.prefix}:${LIFECYCLE_QUEUE}:events`),
+          // how much the queue has done: its BullMQ event stream's entries ever added (jobs added, started, finished)
+          activity: async () => (await streamCounts(monitorRedis, `${config.prefix}:${LIFECYCLE_QUEUE}:events`)).added,
           onStuck: roles.onStuck ?? (() => undefined),
         },
       });
@@ -306,12 +308,6 @@ export async function startFleet(
     await close(1000);
     throw err;
   }
-}
-
-/** How much a queue has done: its BullMQ event stream's `entries-added` (every job added, started, finished counts). */
-async function queueActivity(redis: RedisConnection, eventsKey: string): Promise<number> {
-  const info = (await redis.xinfo('STREAM', eventsKey)) as unknown[];
-  return Number(info[info.indexOf('entries-added') + 1] ?? 0);
 }
 
 /**

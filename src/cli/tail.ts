@@ -6,7 +6,7 @@
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
 import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
-import { compareIds, parseEntry, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
+import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -83,9 +83,8 @@ export async function tail(options: TailOptions): Promise<void> {
 
 async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
   const first = (await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0];
-  const info = (await redis.xinfo('STREAM', streamKey).catch(() => null)) as unknown[] | null;
-  if (first === undefined || info === null) return;
-  const added = Number(info[info.indexOf('entries-added') + 1] ?? 0);
-  const length = Number(info[info.indexOf('length') + 1] ?? 0);
+  const counts = await streamCounts(redis, streamKey).catch(() => null);
+  if (first === undefined || counts === null) return;
+  const { added, length } = counts;
   if (added > length && compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
 }

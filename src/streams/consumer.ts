@@ -338,6 +338,12 @@ export class TransitionConsumer {
   }
 }
 
+/** A stream's counters (`XINFO STREAM`): entries ever added to it, and entries it holds now. */
+export async function streamCounts(redis: RedisConnection, streamKey: string): Promise<{ readonly added: number; readonly length: number }> {
+  const info = pairs((await redis.xinfo('STREAM', streamKey)) as unknown[]);
+  return { added: Number(info['entries-added'] ?? 0), length: Number(info.length ?? 0) };
+}
+
 function pairs(flat: unknown[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];

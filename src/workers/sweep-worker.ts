@@ -238,14 +238,14 @@ export class SweepWorker {
     this.ownedConnection =
       typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
     this.worker = new Worker<unknown, SweepJobResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
-      connection: this.ownedConnection ?? (options.connection as RedisConnection),
+      connection: this.connection,
       prefix: options.prefix ?? 'fleet',
       concurrency: Math.max(1, options.concurrency ?? 4),
       name: options.name ?? `${os.hostname()}:${process.pid}`,
       lockDuration: options.lockDurationMs ?? 30_000,
       autorun: false,
     });
-    const connection = this.ownedConnection ?? (options.connection as RedisConnection);
+    const connection = this.connection;
     const watch = options.redisWatch ?? new ServerWatch(describeRedis(connection), logReport(this.log)).attach(connection);
     this.redisWatch = watch;
     this.worker.on('error', (err) => {

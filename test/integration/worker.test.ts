@@ -8,6 +8,7 @@ import { createDataSource } from '../../ormconfig';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { TransitionService } from '../../src/services/transitions';
+import { streamCounts } from '../../src/streams/consumer';
 import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, type LifecycleWorkerOptions } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -70,10 +71,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     it('calls onStuck when the others take every job (none waits) while it, with free slots, takes none', async () => {
       const stuck: string[] = [];
       const redis = testRedis();
-      const activity = async () => {
-        const info = (await redis.xinfo('STREAM', `${prefix}:${LIFECYCLE_QUEUE}:events`)) as unknown[];
-        return Number(info[info.indexOf('entries-added') + 1] ?? 0);
-      };
+      const activity = async () => (await streamCounts(redis, `${prefix}:${LIFECYCLE_QUEUE}:events`)).added;
       try {
         startWorker({ concurrency: 4 }); // healthy: takes everything as it comes
         // as if nothing ever waited (the healthy worker absorbs it all): only the others' work can give it away
@@ -88,10 +86,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     it('stays quiet for two healthy workers sharing a steady stream (each gets its turn)', async () => {
       const stuck: string[] = [];
       const redis = testRedis();
-      const activity = async () => {
-        const info = (await redis.xinfo('STREAM', `${prefix}:${LIFECYCLE_QUEUE}:events`).catch(() => ['entries-added', 0])) as unknown[];
-        return Number(info[info.indexOf('entries-added') + 1] ?? 0);
-      };
+      const activity = async () => (await streamCounts(redis, `${prefix}:${LIFECYCLE_QUEUE}:events`).catch(() => ({ added: 0 }))).added;
       const watchdog = { waiting: () => queue.getWaitingCount(), activity, minActivity: 20, onStuck: (why: string) => stuck.push(why), stuckAfterMs: 3000, checkEveryMs: 100 };
       try {
         startWorker({ concurrency: 4, watchdog });

@@ -238,6 +238,7 @@ export async function startFleet(
         service,
         stampBuffer,
         concurrency: config.concurrency,
+        maxBatch: config.batchMax,
         logger,
         redisWatch,
         pgWatch,

@@ -47,6 +47,11 @@ export interface FleetConfig {
   /** `FLEET_CONCURRENCY` (default 16) */
   readonly concurrency: number;
   /**
+   * `FLEET_BATCH_MAX` (default 32; 1: off): most events of concurrently running jobs applied in one group commit
+   * (docs/architecture.md, "Group commit")
+   */
+  readonly batchMax: number;
+  /**
    * `FLEET_PROBE_CONCURRENCY` (default 64, chosen by `npm run bench -- --only scale`): readiness probes in flight at
    * once per process, over all the shards it runs
    */
@@ -234,6 +239,7 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     boardUser,
     boardPassword,
     concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
+    batchMax: int('FLEET_BATCH_MAX', 32, 1, 1000),
     probeConcurrency: int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
     durableReplicas: int('FLEET_DURABLE_ENQUEUE', 0, 0, 16),
     // under the fleet's Redis command timeout (5 s), or the client gives up on WAIT before Redis answers it

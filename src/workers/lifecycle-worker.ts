@@ -24,7 +24,7 @@ import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requi
 import { closeWithin } from './close-within';
 import { rejectAfter } from '../util';
 import type { JobReport } from '../metrics';
-import type { ApplyResult, TransitionService } from '../services/transitions';
+import { TransitionCoalescer, type ApplyResult, type TransitionService } from '../services/transitions';
 import type { StampBuffer } from '../services/stamp-buffer';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
@@ -43,6 +43,13 @@ export interface LifecycleWorkerOptions {
   readonly service: TransitionService;
   /** jobs processed at once by this process (default 16) */
   readonly concurrency?: number;
+  /**
+   * Group commit (docs/architecture.md, "Group commit"): the events of jobs running at once are applied in batches
+   * of up to this many, one snapshot read, one write and one commit each (default 32; 1: every event on its own)
+   */
+  readonly maxBatch?: number;
+  /** batches written at once (default 2) */
+  readonly maxBatches?: number;
   readonly logger?: Logger;
   /**
    * The process's view of its Redis: connection errors are reported once per outage through it (default: a watch
@@ -141,8 +148,14 @@ export class LifecycleWorker {
   /** the queue's activity counter at each check within the window (ms, monotonic) */
   private readonly activitySamples: Array<{ readonly at: number; readonly count: number }> = [];
   private watchdogTimer: NodeJS.Timeout | null = null;
+  /** where jobs' events go: batched into group commits */
+  readonly coalescer: TransitionCoalescer;
 
   constructor(private readonly options: LifecycleWorkerOptions) {
+    this.coalescer = new TransitionCoalescer(options.service, {
+      ...(options.maxBatch === undefined ? {} : { maxBatch: options.maxBatch }),
+      ...(options.maxBatches === undefined ? {} : { maxBatches: options.maxBatches }),
+    });
     requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleWorker');
     this.log = (options.logger ?? silentLogger).child({ component: 'lifecycle-worker' });
     this.ownedConnection =
@@ -226,7 +239,7 @@ export class LifecycleWorker {
     const ids = idsOf(job);
     let result: ApplyResult;
     try {
-      result = await this.options.service.apply(job.name, job.data, {
+      result = await this.coalescer.apply(job.name, job.data, {
         fallbackEventId: fallbackEventId(job),
         producedAt: new Date(job.timestamp),
       });

@@ -7,6 +7,7 @@ export { Database, sessionOf, type Session, type Result } from './runner';
 export * from './rows';
 export * from './read';
 export * from './transitions';
+export * from './batch';
 export * from './stamps';
 export * from './sweep';
 export * from './outbox';

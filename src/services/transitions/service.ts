@@ -15,8 +15,10 @@
  * readiness) are apart, in stamps.ts; the relay wake-up after a commit in relay-wakeup.ts.
  */
 import type { DataSource } from 'typeorm';
-import { ConflictError, NotYetError } from '../../errors';
+import { ConflictError, isTransient, NotYetError } from '../../errors';
 import {
+  BATCH_SQL,
+  batchWriteParams,
   Database,
   isClaimConflict,
   TRANSITION_SQL,
@@ -29,6 +31,7 @@ import { silentLogger, type Logger } from '../../log';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
 import { eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batch-plan';
 import type { StampBuffer } from '../stamp-buffer';
 import { RelayWakeup, type LocalRelay } from './relay-wakeup';
 import { Stamps } from './stamps';
@@ -42,6 +45,15 @@ export interface TransitionHooks {
   readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
   /** after the write statement returned (on the optimistic try it has committed; on a locked retry, before COMMIT) */
   readonly afterWrite?: (event: LifecycleEvent, written: boolean) => void | Promise<void>;
+  /** group commit: after a batch's snapshot was read and decided, before its write (the events it decided) */
+  readonly beforeBatchWrite?: (events: readonly LifecycleEvent[]) => void | Promise<void>;
+}
+
+/** One event of `applyMany`. */
+export interface ApplyItem {
+  readonly name: string;
+  readonly data: unknown;
+  readonly options?: ApplyOptions;
 }
 
 export interface ApplyOptions {
@@ -133,21 +145,197 @@ export class TransitionService {
     }
   }
 
+  /**
+   * Group commit (docs/architecture.md, "Group commit"): applies events that are in flight together in one snapshot
+   * read, one write statement and one commit, and gives each exactly the outcome `apply` would have given it, had
+   * the events been applied one at a time in the order given (for events of one deployment; events of different
+   * deployments do not depend on each other). Returns one settled result per item, in order: a value where `apply`
+   * returns, the error where it throws. Heartbeat and readiness stamps take their own path, as in `apply`.
+   */
+  async applyMany(items: readonly ApplyItem[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
+    const settled: Array<Promise<PromiseSettledResult<ApplyResult>>> = [];
+    const states: Array<{ readonly prepared: PreparedEvent; readonly settle: (r: PromiseSettledResult<ApplyResult>) => void }> = [];
+    const flushes: Array<Promise<unknown>> = [];
+    for (const item of items) {
+      let event: LifecycleEvent;
+      try {
+        event = parseEvent(item.name, item.data, item.options?.fallbackEventId);
+        assertEndpointAllowed(event.data, this.endpointAllow);
+      } catch (err) {
+        settled.push(Promise.resolve({ status: 'rejected', reason: err }));
+        continue;
+      }
+      if (event.name === 'attempt.heartbeat' || event.name === 'deployment.readiness') {
+        settled.push(settle(this.apply(item.name, item.data, item.options)));
+        continue;
+      }
+      const prepared = { event, machineEvent: this.machineEventOf(event, item.options?.producedAt) };
+      if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
+        flushes.push(this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId));
+      }
+      settled.push(new Promise((resolve) => states.push({ prepared, settle: resolve })));
+    }
+    const flushed = await Promise.allSettled(flushes);
+    const failed = flushed.find((f): f is PromiseRejectedResult => f.status === 'rejected');
+    if (failed !== undefined) for (const s of states) s.settle({ status: 'rejected', reason: failed.reason as unknown });
+    else await this.applyPrepared(states.map((s) => s.prepared)).then((results) => results.forEach((r, i) => states[i]?.settle(r)));
+    return Promise.all(settled);
+  }
+
+  /** Applies prepared state events as batches: one batch, then (rarely) the events it had to leave for later. */
+  private async applyPrepared(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
+    if (events.length === 0) return [];
+    if (events.length === 1) return [await settle(this.transitionOne(events[0] as PreparedEvent))];
+    // An eventId, and an attempt id, belong to one event and one deployment per batch: a second delivery of an
+    // eventId, or another deployment naming the same attempt, waits for the next batch (decided after this one
+    // has committed, as one at a time would). What waits holds back every later event that could depend on it:
+    // those of its deployment, of its eventId and of its attempt.
+    const now: number[] = [];
+    const later: number[] = [];
+    const eventIds = new Set<string>();
+    const attemptOwner = new Map<string, string>();
+    const held = { deployments: new Set<string>(), eventIds: new Set<string>(), attempts: new Set<string>() };
+    events.forEach(({ event }, i) => {
+      const deploymentId = event.data.deploymentId;
+      const attemptId = attemptIdOf(event);
+      const owner = attemptId === null ? undefined : attemptOwner.get(attemptId);
+      if (
+        held.deployments.has(deploymentId) ||
+        held.eventIds.has(event.eventId) ||
+        (attemptId !== null && held.attempts.has(attemptId)) ||
+        eventIds.has(event.eventId) ||
+        (owner !== undefined && owner !== deploymentId)
+      ) {
+        held.deployments.add(deploymentId);
+        held.eventIds.add(event.eventId);
+        if (attemptId !== null) held.attempts.add(attemptId);
+        later.push(i);
+        return;
+      }
+      eventIds.add(event.eventId);
+      if (attemptId !== null) attemptOwner.set(attemptId, deploymentId);
+      now.push(i);
+    });
+    const results = new Array<PromiseSettledResult<ApplyResult>>(events.length);
+    const batch = now.map((i) => events[i] as PreparedEvent);
+    const applied = batch.length === 1 ? [await settle(this.transitionOne(batch[0] as PreparedEvent))] : await this.applyBatch(batch);
+    applied.forEach((r, k) => (results[now[k] as number] = r));
+    if (later.length > 0) {
+      (await this.applyPrepared(later.map((i) => events[i] as PreparedEvent))).forEach((r, k) => (results[later[k] as number] = r));
+    }
+    return results;
+  }
+
+  /** One batch: snapshot, decisions, one write. Events whose deployment's write lost are redone one at a time. */
+  private async applyBatch(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
+    const keys = snapshotKeys(events);
+    let outcome;
+    try {
+      outcome = await this.db.session(async (s) => {
+        const snapshot = (await s.run(BATCH_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering])).rows[0];
+        if (snapshot === undefined) throw new Error('batch snapshot returned no row');
+        const plan = planBatch(events, snapshot, this.now());
+        if (plan.writes.size === 0 && plan.write.noopClaims.eventId.length === 0) return { plan, row: null };
+        await this.hooks.beforeBatchWrite?.(plan.events.map((p) => p.prepared.event));
+        const row = (await s.run(BATCH_SQL.write, batchWriteParams(plan.write))).rows[0];
+        if (row === undefined) throw new Error('batch write returned no row');
+        return { plan, row };
+      });
+    } catch (err) {
+      if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
+      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a deadlock, or
+      // anything unforeseen: nothing of the batch was written; each event takes the one-event path, which knows
+      // how to tell each case (and surfaces a bug on the one event that has it)
+      const level = isClaimConflict(err) || pgCode(err) === '40P01' ? 'debug' : 'warn';
+      this.log[level]({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+      return this.oneByOne(events);
+    }
+    const { plan, row } = outcome;
+    const won = new Set(row?.won ?? []);
+    const claimed = new Set(row?.noop_claimed ?? []);
+    const transitions = row?.transitions ?? {};
+    const results: Array<Promise<PromiseSettledResult<ApplyResult>> | PromiseSettledResult<ApplyResult>> = [];
+    const redo: Array<{ readonly index: number; readonly prepared: PreparedEvent }> = [];
+    let applied = false;
+    plan.events.forEach((p, index) => {
+      const deploymentId = p.prepared.event.data.deploymentId;
+      if (plan.writes.has(deploymentId) && !won.has(deploymentId) && (p.dirty || p.outcome.kind === 'applied')) {
+        // its deployment's version check lost to a concurrent writer: decided on what is no longer there
+        redo.push({ index, prepared: p.prepared });
+        results.push({ status: 'rejected', reason: new Error('redone') });
+        return;
+      }
+      switch (p.outcome.kind) {
+        case 'done':
+          results.push({ status: 'fulfilled', value: p.outcome.result });
+          break;
+        case 'deferred':
+          results.push({ status: 'rejected', reason: p.outcome.error });
+          break;
+        case 'noop_claim':
+          results.push(
+            claimed.has(p.prepared.event.eventId)
+              ? { status: 'fulfilled', value: p.outcome.result }
+              : settle(this.claimedElsewhere(this.db, p.prepared.event)),
+          );
+          break;
+        case 'applied': {
+          const transitionId = transitions[p.prepared.event.eventId];
+          if (transitionId === undefined) throw new Error(`batch write returned no history row for ${p.prepared.event.eventId}`);
+          applied = true;
+          results.push({ status: 'fulfilled', value: { ...p.outcome.result, transitionId } });
+          break;
+        }
+      }
+    });
+    if (applied) this.wakeup.committed();
+    if (redo.length > 0) {
+      this.log.debug({ events: redo.length }, 'version check lost in a batch; applying those events one at a time');
+      const redone = await this.oneByOne(redo.map((r) => r.prepared));
+      redo.forEach((r, k) => (results[r.index] = redone[k] as PromiseSettledResult<ApplyResult>));
+    }
+    return Promise.all(results.map((r) => Promise.resolve(r)));
+  }
+
+  /** The one-event path for each event: one deployment's events in order, deployments side by side. */
+  private async oneByOne(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
+    const results = new Array<PromiseSettledResult<ApplyResult>>(events.length);
+    const byDeployment = new Map<string, number[]>();
+    events.forEach(({ event }, i) => {
+      const list = byDeployment.get(event.data.deploymentId) ?? [];
+      list.push(i);
+      byDeployment.set(event.data.deploymentId, list);
+    });
+    await Promise.all(
+      [...byDeployment.values()].map(async (indexes) => {
+        for (const i of indexes) results[i] = await settle(this.transitionOne(events[i] as PreparedEvent));
+      }),
+    );
+    return results;
+  }
+
+  private machineEventOf(event: StateEvent, producedAt: Date | undefined): MachineEvent {
+    // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
+    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Not capped
+    // at our clock: a declaration is a trusted actor's (the sweep, `events:admin`), and the chaos workload dates its
+    // own ahead on purpose (chaos/sender.ts, declaredAt)
+    const declared = (producedAt ?? this.now()).getTime();
+    return toMachineEvent(event, {
+      deadBefore: new Date(declared - this.orphanAfterMs),
+      startedBefore: new Date(declared - this.progressDeadlineMs),
+    });
+  }
+
   private async transition(event: StateEvent, producedAt: Date | undefined): Promise<ApplyResult> {
     // An orphan is judged by the liveness in PostgreSQL: the attempt's latest heartbeat may still be in the buffer,
     // so it goes to PostgreSQL first (a rare path; one extra UPDATE). Expiry is judged by the start alone.
     if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
       await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
     }
-    // when the event was declared: an orphan or expiry is judged as of then (the sweep sets the job's timestamp
-    // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Not capped
-    // at our clock: a declaration is a trusted actor's (the sweep, `events:admin`), and the chaos workload dates its
-    // own ahead on purpose (chaos/sender.ts, declaredAt)
-    const declared = (producedAt ?? this.now()).getTime();
-    const machineEvent = toMachineEvent(event, {
-      deadBefore: new Date(declared - this.orphanAfterMs),
-      startedBefore: new Date(declared - this.progressDeadlineMs),
-    });
+    return this.transitionOne({ event, machineEvent: this.machineEventOf(event, producedAt) });
+  }
+
+  private async transitionOne({ event, machineEvent }: PreparedEvent): Promise<ApplyResult> {
     for (let attempt = 1; ; attempt++) {
       // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
       // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
@@ -261,4 +449,27 @@ export class TransitionService {
     }
     return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
   }
+}
+
+function settle<T>(promise: Promise<T>): Promise<PromiseSettledResult<T>> {
+  return promise.then(
+    (value) => ({ status: 'fulfilled', value }),
+    (reason: unknown) => ({ status: 'rejected', reason }),
+  );
+}
+
+function pgCode(err: unknown): unknown {
+  if (typeof err !== 'object' || err === null) return undefined;
+  return (err as { code?: unknown }).code;
+}
+
+/**
+ * A batch write that failed on its data (a constraint, a deadlock, a serialization failure) or on something
+ * unforeseen is redone one event at a time; one that failed on the connection or the server fails every event
+ * with that error, for the worker's retries.
+ */
+function fallsBackOneByOne(err: unknown): boolean {
+  const code = pgCode(err);
+  if (typeof code === 'string' && (code.startsWith('23') || code.startsWith('40'))) return true;
+  return !isTransient(err);
 }

@@ -7,6 +7,7 @@
  *
  * --quick        small counts: checks the harness in about a minute, figures not meant to be compared
  * --only         a subset of the scenarios; latency without throughput needs --rate (and --concurrency)
+ * --levels 16,32 the throughput scenario's worker concurrencies; --kinds ours,unbatched its workers; --rounds 1
  * --cpu-prof     the measured `fleet worker` processes write V8 CPU profiles to .fleet/bench/profiles
  * --out          where results go (default bench/results)
  *
@@ -36,6 +37,7 @@ import * as path from 'node:path';
 import { log, repoRoot, round } from './lib/common';
 import { chart, evaluateTargets, markdown, rssSummary, type BenchResults } from './lib/report';
 import { startBenchServices } from './lib/services';
+import { WORKER_KINDS, type WorkerKind } from './lib/workers';
 import { runDispatch, type DispatchResult } from './scenarios/dispatch';
 import { runLatency, type LatencyResult } from './scenarios/latency';
 import { runSweep, type SweepScenarioResult } from './scenarios/sweep';
@@ -79,6 +81,12 @@ interface Args {
   readonly out: string;
   readonly scale: ScaleArgs;
   readonly hosts: HostsArgs;
+  /** --levels: the throughput scenario's worker concurrencies [1,4,16,32; --quick: 4,16] */
+  readonly levels: number[] | null;
+  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive] */
+  readonly kinds: WorkerKind[] | null;
+  /** --rounds: the throughput scenario's rounds [2; --quick: 1] */
+  readonly rounds: number | null;
 }
 
 function parseArgs(argv: readonly string[]): Args {
@@ -110,6 +118,9 @@ function parseArgs(argv: readonly string[]): Args {
   let concurrency: number | null = null;
   let cpuProf = false;
   let out = defaultOut();
+  let levels: number[] | null = null;
+  let kinds: WorkerKind[] | null = null;
+  let rounds: number | null = null;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = (): string => {
@@ -118,6 +129,14 @@ function parseArgs(argv: readonly string[]): Args {
       return v;
     };
     if (a === '--quick') quick = true;
+    else if (a === '--levels') levels = ints(value(), '--levels');
+    else if (a === '--rounds') rounds = positive(value(), '--rounds');
+    else if (a === '--kinds') {
+      const names = value().split(',');
+      const unknown = names.filter((n) => !(WORKER_KINDS as readonly string[]).includes(n));
+      if (unknown.length > 0 || !names.includes('ours')) throw new Error(`--kinds: ours and any of ${WORKER_KINDS.join(', ')}; got ${names.join(', ')}`);
+      kinds = names as WorkerKind[];
+    }
     else if (a === '--cpu-prof') cpuProf = true;
     else if (a === '--only') {
       const names = value().split(',');
@@ -157,7 +176,7 @@ function parseArgs(argv: readonly string[]): Args {
   scale.tickS = tickS;
   scale.windowS = windowS;
   if (hosts.sizes !== null && Math.max(...hosts.sizes) > 16) throw new Error('--hosts-sizes: at most 16 worker hosts');
-  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts };
+  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts, levels, kinds, rounds };
 }
 
 /**
@@ -255,12 +274,12 @@ async function main(): Promise<void> {
     if (cpuProfDir !== undefined) fs.mkdirSync(cpuProfDir, { recursive: true });
     if (services !== null && args.only.has('throughput')) {
       throughput = await runThroughput(services, {
-        concurrencies: args.quick ? [4, 16] : [1, 4, 16, 32],
+        concurrencies: args.levels ?? (args.quick ? [4, 16] : [1, 4, 16, 32]),
         directConcurrencies: args.quick ? [16] : [1, 4, 16, 32],
         events: (c) => (args.quick ? 500 : c === 1 ? 1000 : 3000),
         warmup: args.quick ? 100 : 300,
-        kinds: ['ours', 'noop', 'naive'],
-        rounds: args.quick ? 1 : 2,
+        kinds: args.kinds ?? WORKER_KINDS,
+        rounds: args.rounds ?? (args.quick ? 1 : 2),
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }

@@ -16,7 +16,15 @@ import { cpuNow, cpuPerEvent } from './cpu';
 import { StreamWatcher, type EntryStages } from './stream';
 import { TEARDOWN } from './workload';
 
-export type WorkerKind = 'ours' | 'noop' | 'naive';
+/**
+ * `ours`: `fleet worker` as deployed (group commit on); `unbatched`: the same with FLEET_BATCH_MAX=1, one transaction
+ * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines.
+ */
+export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive'] as const;
+export type WorkerKind = (typeof WORKER_KINDS)[number];
+
+/** The kinds that are `fleet worker` itself (and publish to the stream). */
+export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched';
 
 export interface WorkerSetup {
   readonly kind: WorkerKind;
@@ -69,10 +77,11 @@ export class WorkerUnderTest {
       FLEET_CONCURRENCY: String(setup.concurrency),
       LOG_LEVEL: 'info',
       BENCH_REPORT: setup.report === 'each' ? 'each' : `every:${setup.report ?? 100}`,
+      ...(setup.kind === 'unbatched' ? { FLEET_BATCH_MAX: '1' } : {}),
     };
     const label = `${setup.prefix}`;
     const proc =
-      setup.kind === 'ours'
+      isFleetWorker(setup.kind)
         ? await MeasuredProcess.start({
             label,
             args: ['bin/fleet.js', 'worker'],
@@ -89,7 +98,7 @@ export class WorkerUnderTest {
           });
     const producer = new LifecycleProducer({ connection: setup.redisUrl, prefix: setup.prefix });
     let watcher: StreamWatcher | null = null;
-    if (setup.kind === 'ours') {
+    if (isFleetWorker(setup.kind)) {
       watcher = new StreamWatcher(setup.redisUrl, transitionStreamKey(setup.prefix));
       watcher.start();
     }

@@ -22,10 +22,15 @@ export interface LatencyOptions {
   readonly warmup: number;
   /** the measured worker processes write V8 CPU profiles here */
   readonly cpuProfDir?: string;
+  /** low load: ours and ours with group commit off at this rate (default 10 events/s) for `lowSeconds` (default 30) */
+  readonly lowRate?: number;
+  readonly lowSeconds?: number;
 }
 
 export interface LatencyRun {
   readonly offeredPerSec: number;
+  /** CPU ms per measured event by process group */
+  readonly cpuMsPerEvent?: Record<string, number>;
   /** events actually enqueued per second (the schedule as kept) */
   readonly achievedPerSec: number;
   readonly latencyMs: Percentiles;
@@ -56,6 +61,10 @@ export interface LatencyResult {
   readonly oursAt: ReadonlyArray<LatencyRun & { readonly concurrency: number }>;
   readonly noop: LatencyRun;
   readonly direct: LatencyRun;
+  /** ours with group commit off (FLEET_BATCH_MAX=1), same rate and concurrency: before and after issue 18 */
+  readonly unbatched?: LatencyRun;
+  /** at low load (absent in results written before issue 18) */
+  readonly low?: { readonly rate: number; readonly seconds: number; readonly ours: LatencyRun; readonly unbatched: LatencyRun };
 }
 
 async function workerLatency(services: BenchServices, dbUrl: string, kind: WorkerKind, options: LatencyOptions): Promise<LatencyRun> {
@@ -98,6 +107,7 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
     return {
       ...(stages !== null ? { stagesMs: stages } : {}),
       offeredPerSec: options.rate,
+      cpuMsPerEvent: cpu,
       achievedPerSec: round(achievedPerSec, 1),
       latencyMs: percentiles(latencies),
       peakRssMb: stopped.peakRssMb,
@@ -138,6 +148,14 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     log(`latency ours c=${concurrency} at ${options.rate}/s: ${JSON.stringify(run.latencyMs)} ms`);
     oursAt.push({ ...run, concurrency });
   }
+  const unbatched = await workerLatency(services, dbUrl, 'unbatched', options);
+  log(`latency ours, group commit off, at ${options.rate}/s: ${JSON.stringify(unbatched.latencyMs)} ms`);
+  const lowRate = options.lowRate ?? 10;
+  const lowSeconds = options.lowSeconds ?? 30;
+  const lowOptions = { ...options, rate: lowRate, seconds: lowSeconds, warmup: Math.min(options.warmup, 50) };
+  const lowOurs = await workerLatency(services, dbUrl, 'ours', lowOptions);
+  const lowUnbatched = await workerLatency(services, dbUrl, 'unbatched', lowOptions);
+  log(`latency at ${lowRate}/s: ours ${JSON.stringify(lowOurs.latencyMs)} ms; group commit off ${JSON.stringify(lowUnbatched.latencyMs)} ms`);
   const noop = await workerLatency(services, dbUrl, 'noop', options);
   log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms (other processes: ${noop.otherCpuShare ?? '?'} of the CPU)`);
 
@@ -153,5 +171,15 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     otherCpuShare: otherShare(cpu, n, seconds),
   };
   log(`latency direct at ${options.rate}/s: ${JSON.stringify(direct.latencyMs)} ms (other processes: ${direct.otherCpuShare ?? '?'} of the CPU)`);
-  return { rate: options.rate, concurrency: options.concurrency, seconds: options.seconds, ours, oursAt, noop, direct };
+  return {
+    rate: options.rate,
+    concurrency: options.concurrency,
+    seconds: options.seconds,
+    ours,
+    oursAt,
+    noop,
+    direct,
+    unbatched,
+    low: { rate: lowRate, seconds: lowSeconds, ours: lowOurs, unbatched: lowUnbatched },
+  };
 }

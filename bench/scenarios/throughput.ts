@@ -36,6 +36,8 @@ export interface ThroughputResult {
     readonly noop: WorkerRun | null;
     readonly naive: WorkerRun | null;
     readonly direct: DirectRun;
+    /** ours with group commit off (FLEET_BATCH_MAX=1) at ours' best concurrency: before and after issue 18 */
+    readonly unbatched?: WorkerRun | null;
   };
   /** diagnostic: baseline (a) with a NOTIFY inside each transaction, at (a)'s best concurrency */
   readonly directWithNotify: DirectRun;
@@ -52,6 +54,18 @@ async function isolateOutbox(dbUrl: string): Promise<void> {
   await withClient(dbUrl, (c) => c.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`));
 }
 
+/**
+ * Every run starts from a settled database: dead rows of earlier runs vacuumed (the outbox above rewrites every
+ * row), statistics current, and a checkpoint behind it, so that neither autovacuum nor a checkpoint's writes land
+ * inside whichever run comes later (they did: every second round measured up to twice the PostgreSQL CPU per event).
+ */
+async function settle(dbUrl: string): Promise<void> {
+  await withClient(dbUrl, async (c) => {
+    await c.query('VACUUM (ANALYZE)');
+    await c.query('CHECKPOINT');
+  });
+}
+
 export async function runThroughput(services: BenchServices, options: ThroughputOptions): Promise<ThroughputResult> {
   const dbUrl = await services.createDatabase('e2e');
   const allRuns: WorkerRun[] = [];
@@ -59,6 +73,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
   const runDirectLevel = async (concurrency: number, variant: DirectVariant): Promise<DirectRun> => {
     const n = options.events(concurrency);
     const ids = await seedReadyDeployments(dbUrl, options.warmup + n);
+    await settle(dbUrl);
     await runDirect(dbUrl, ids.slice(0, options.warmup), concurrency, variant); // warm-up
     const run = await runDirect(dbUrl, ids.slice(options.warmup), concurrency, variant, cpuGroups({ servicePids: services.pids }, null));
     log(
@@ -73,6 +88,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
       for (const kind of options.kinds) {
         await isolateOutbox(dbUrl);
         const ids = await seedReadyDeployments(dbUrl, options.warmup + events);
+        await settle(dbUrl);
         const run = await runWorkerLevel(
           {
             kind,
@@ -131,7 +147,13 @@ export async function runThroughput(services: BenchServices, options: Throughput
     allDirect,
     runs,
     direct,
-    best: { ours, noop, naive, direct: bestDirect },
+    best: {
+      ours,
+      noop,
+      naive,
+      direct: bestDirect,
+      unbatched: runs.find((x) => x.kind === 'unbatched' && x.concurrency === ours.concurrency) ?? null,
+    },
     directWithNotify: withNotify,
     ratios: {
       vsDirect: round(ours.eventsPerSec / bestDirect.eventsPerSec, 3),

@@ -335,6 +335,10 @@ export class LifecycleWorker {
         this.log.warn({ graceMs }, 'in-flight jobs did not finish in time; they will be retried');
       }
       this.options.stampBuffer?.absorbThrough(null);
+      const { events, batches } = this.coalescer.totals();
+      if (batches > 0) {
+        this.log.info({ events, batches, meanBatch: Math.round((events / batches) * 10) / 10 }, 'group commit: events applied in batches since start');
+      }
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();
     return this.closing;

@@ -6,9 +6,16 @@
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import fc from 'fast-check';
+import type { Queue } from 'bullmq';
+import { NotYetError, ValidationError } from '../../src/errors';
+import { LifecycleProducer } from '../../src/queues/producer';
 import { TransitionCoalescer, TransitionService, type ApplyResult } from '../../src/services/transitions';
 import type { ApplyOptions } from '../../src/services/transitions';
+import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { testEnv } from '../helpers/env';
+import { dropPrefix, uniquePrefix } from '../helpers/redis';
+import { waitFor } from '../helpers/wait';
 
 const NOW = new Date('2026-12-02T12:00:00.000Z');
 const _KINDS = [
@@ -276,5 +283,193 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       ),
       { numRuns: 80 },
     );
+  });
+
+  /** Transaction ids that wrote the rows of these deployments (each row's xmin). */
+  async function writers(deploymentIds: readonly string[]): Promise<string[]> {
+    const rows = await q<{ x: string }>(
+      `SELECT DISTINCT x FROM (
+         SELECT xmin::text AS x FROM deployments WHERE id = ANY($1::uuid[])
+         UNION ALL SELECT xmin::text FROM attempts WHERE deployment_id = ANY($1::uuid[])
+         UNION ALL SELECT xmin::text FROM state_transitions WHERE deployment_id = ANY($1::uuid[])
+         UNION ALL SELECT xmin::text FROM outbox WHERE deployment_id = ANY($1::uuid[])
+         UNION ALL SELECT xmin::text FROM processed_events WHERE deployment_id = ANY($1::uuid[])) s`,
+      [deploymentIds],
+    );
+    return rows.map((r) => r.x);
+  }
+
+  const summary = (r: PromiseSettledResult<ApplyResult>): string =>
+    r.status === 'rejected'
+      ? `error ${(r.reason as Error).constructor.name}`
+      : r.value.outcome === 'applied'
+        ? `applied v${r.value.version}`
+        : r.value.outcome === 'noop'
+          ? `noop ${r.value.reason}`
+          : `rejected ${r.value.code}`;
+
+  it('writes a batch, its outbox rows included, in one commit', async () => {
+    const ids = Array.from({ length: 6 }, () => randomUUID());
+    const attempt = randomUUID();
+    const results = await service.applyMany([
+      ...ids.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `b${i}`, eventId: `one-${deploymentId}` } })),
+      { name: 'attempt.create', data: { deploymentId: ids[0], attemptId: attempt, eventId: `two-${attempt}` } },
+      { name: 'attempt.start', data: { deploymentId: ids[0], attemptId: attempt, eventId: `three-${attempt}` } },
+    ]);
+    expect(results.map(summary)).to.deep.equal([...ids.map(() => 'applied v1'), 'applied v2', 'applied v3']);
+    const [counts] = await q<{ o: string; t: string }>(
+      `SELECT (SELECT count(*) FROM outbox WHERE deployment_id = ANY($1::uuid[])) AS o,
+              (SELECT count(*) FROM state_transitions WHERE deployment_id = ANY($1::uuid[])) AS t`,
+      [ids],
+    );
+    expect([Number(counts?.o), Number(counts?.t)]).to.deep.equal([8, 8]);
+    expect(await writers(ids)).to.have.length(1);
+  });
+
+  it('a deployment whose version check lost is redone alone; the rest of the batch commits at once', async () => {
+    const [d1, d2] = [randomUUID(), randomUUID()];
+    await service.apply('deployment.create', { deploymentId: d1, name: 'lost', eventId: `c-${d1}` });
+    await service.apply('deployment.create', { deploymentId: d2, name: 'kept', eventId: `c-${d2}` });
+    const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
+    const [a0, a1, b1] = [randomUUID(), randomUUID(), randomUUID()];
+    let batches = 0;
+    const hooked = new TransitionService({
+      dataSource: db.dataSource,
+      now: () => NOW,
+      hooks: {
+        beforeBatchWrite: async () => {
+          // a writer elsewhere gets to d1 between the batch's snapshot and its write
+          if (batches++ === 0) await other.apply('attempt.create', { deploymentId: d1, attemptId: a0, eventId: `x-${a0}` });
+        },
+      },
+    });
+    const results = await hooked.applyMany([
+      { name: 'attempt.create', data: { deploymentId: d1, attemptId: a1, eventId: `a-${a1}` } },
+      { name: 'attempt.start', data: { deploymentId: d1, attemptId: a1, eventId: `s-${a1}` } },
+      { name: 'attempt.create', data: { deploymentId: d2, attemptId: b1, eventId: `a-${b1}` } },
+      { name: 'attempt.start', data: { deploymentId: d2, attemptId: b1, eventId: `s-${b1}` } },
+    ]);
+    // d1's events come after the other writer's (version 2): its attempt a0 is superseded by a1
+    expect(results.map(summary)).to.deep.equal(['applied v3', 'applied v4', 'applied v2', 'applied v3']);
+    expect(batches).to.equal(1);
+    const attempts = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE deployment_id = $1 ORDER BY number`, [d1]);
+    expect(attempts).to.deep.equal([
+      { id: a0, status: 'superseded' },
+      { id: a1, status: 'running' },
+    ]);
+    const history = await q<{ version: number; event_id: string }>(
+      `SELECT version, event_id FROM state_transitions WHERE deployment_id = $1 ORDER BY version`,
+      [d1],
+    );
+    expect(history.map((h) => h.event_id)).to.deep.equal([`c-${d1}`, `x-${a0}`, `a-${a1}`, `s-${a1}`]);
+    // d2 in the batch's one commit; d1's redone events on their own
+    const [batchTx] = await q<{ x: string }>(`SELECT xmin::text AS x FROM deployments WHERE id = $1`, [d2]);
+    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 1 AND xmin::text <> $2`, [d2, batchTx?.x])).to.have.length(0);
+    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 2 AND xmin::text = $2`, [d1, batchTx?.x])).to.have.length(0);
+  });
+
+  it('an eventId claimed meanwhile by another delivery makes that event a duplicate and applies the others once', async () => {
+    const ids = [randomUUID(), randomUUID(), randomUUID()];
+    const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
+    const items = ids.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `d${i}`, eventId: `dup-${deploymentId}` } }));
+    let batches = 0;
+    const hooked = new TransitionService({
+      dataSource: db.dataSource,
+      now: () => NOW,
+      hooks: {
+        beforeBatchWrite: async () => {
+          // another worker runs the same job (a stalled lock handed it out again) and commits first
+          if (batches++ === 0) await other.apply(items[1]!.name, items[1]!.data);
+        },
+      },
+    });
+    const results = await hooked.applyMany(items);
+    expect(results.map(summary)).to.deep.equal(['applied v1', 'noop duplicate_event', 'applied v1']);
+    const [n] = await q<{ t: string; o: string }>(
+      `SELECT (SELECT count(*) FROM state_transitions WHERE deployment_id = ANY($1::uuid[])) AS t,
+              (SELECT count(*) FROM outbox WHERE deployment_id = ANY($1::uuid[])) AS o`,
+      [ids],
+    );
+    expect([Number(n?.t), Number(n?.o)]).to.deep.equal([3, 3]);
+  });
+
+  it('a rejection, bad input and an event that must wait fail alone: the others of the batch apply', async () => {
+    const [d1, d2, d3] = [randomUUID(), randomUUID(), randomUUID()];
+    await service.apply('deployment.create', { deploymentId: d3, name: 'pending', eventId: `c-${d3}` });
+    const results = await service.applyMany([
+      { name: 'deployment.create', data: { deploymentId: d1, name: 'first', eventId: `c-${d1}` } },
+      { name: 'deployment.create', data: { deploymentId: 'not-a-uuid', name: 'bad' } },
+      { name: 'deployment.resolve', data: { deploymentId: d3, outcome: 'ready', eventId: `r-${d3}` } },
+      { name: 'attempt.start', data: { deploymentId: d3, attemptId: randomUUID(), eventId: `s-${d3}` } },
+      { name: 'deployment.create', data: { deploymentId: d2, name: 'second', eventId: `c-${d2}` } },
+    ]);
+    expect(results.map(summary)).to.deep.equal([
+      'applied v1',
+      'error ValidationError',
+      'rejected not_unknown',
+      'error NotYetError',
+      'applied v1',
+    ]);
+    expect((results[1] as PromiseRejectedResult).reason).to.be.instanceOf(ValidationError);
+    expect((results[3] as PromiseRejectedResult).reason).to.be.instanceOf(NotYetError);
+    expect(await q(`SELECT 1 FROM processed_events WHERE deployment_id = $1`, [d3])).to.have.length(1); // its create only
+  });
+
+  it('the coalescer batches only what is in flight (one at a time goes alone), up to its cap', async () => {
+    const coalescer = new TransitionCoalescer(service, { maxBatch: 8, maxBatches: 2 });
+    for (let i = 0; i < 5; i++) await coalescer.apply('deployment.create', { deploymentId: randomUUID(), name: `s${i}` }, { fallbackEventId: randomUUID() });
+    expect([...coalescer.sizes]).to.deep.equal([[1, 5]]);
+    const results = await Promise.all(
+      Array.from({ length: 40 }, (_, i) =>
+        coalescer.apply('deployment.create', { deploymentId: randomUUID(), name: `p${i}` }, { fallbackEventId: randomUUID() }),
+      ),
+    );
+    expect(results.every((r) => r.outcome === 'applied')).to.equal(true);
+    const sizes = [...coalescer.sizes.keys()];
+    expect(Math.max(...sizes)).to.equal(8);
+    // the burst's first event went at once, alone: nothing waits for a batch to fill
+    expect(coalescer.sizes.get(1), JSON.stringify([...coalescer.sizes])).to.equal(5 + 1);
+  });
+
+  describe('in the worker, through real BullMQ queues', () => {
+    let prefix: string;
+    let producer: LifecycleProducer;
+    let queue: Queue;
+    let worker: LifecycleWorker | null = null;
+
+    beforeEach(() => {
+      prefix = uniquePrefix();
+      producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
+      queue = producer.queue;
+    });
+    afterEach(async () => {
+      await worker?.close(5000);
+      worker = null;
+      await producer.close();
+      await dropPrefix(prefix);
+    });
+
+    it('every job of a batch gets its own outcome: completed, failed without retries, or delayed for a retry', async () => {
+      const pending = randomUUID();
+      await service.apply('deployment.create', { deploymentId: pending, name: 'pending', eventId: `c-${pending}` });
+      const fresh = Array.from({ length: 24 }, () => randomUUID());
+      await queue.addBulk([
+        ...fresh.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `w${i}`, eventId: `c-${deploymentId}` }, opts: { jobId: `c-${deploymentId}` } })),
+        { name: 'deployment.resolve', data: { deploymentId: pending, outcome: 'ready', eventId: 'rejected-one' }, opts: { jobId: 'rejected-one' } },
+        { name: 'attempt.start', data: { deploymentId: pending, attemptId: randomUUID(), eventId: 'waiting-one' }, opts: { jobId: 'waiting-one' } },
+        { name: 'deployment.create', data: { deploymentId: 'nope', name: 'bad' }, opts: { jobId: 'invalid-one' } },
+      ]);
+      worker = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service, concurrency: 32 });
+      const coalescer = worker.coalescer;
+      await waitFor('every job to settle', async () => {
+        const counts = await queue.getJobCounts('completed', 'failed', 'delayed');
+        return counts.completed === 24 && counts.failed === 2 && counts.delayed === 1 ? counts : undefined;
+      });
+      expect((await queue.getJob('rejected-one'))?.failedReason).to.match(/^not_unknown: /);
+      expect((await queue.getJob('invalid-one'))?.failedReason).to.match(/deploymentId: must be a UUID/);
+      expect(await queue.getJobState('waiting-one')).to.equal('delayed');
+      expect(Math.max(...coalescer.sizes.keys())).to.be.greaterThan(1);
+      expect(await q(`SELECT 1 FROM deployments WHERE id = ANY($1::uuid[])`, [fresh])).to.have.length(24);
+    });
   });
 });

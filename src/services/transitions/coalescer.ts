@@ -1,9 +1,10 @@
 /**
  * Group commit's front (docs/architecture.md, "Group commit"): the events of a worker's concurrently running jobs
  * queue here and go to `TransitionService.applyMany` in batches. A batch forms only from what is already waiting:
- * when fewer than `maxBatches` batches are being written, whatever waits (up to `maxBatch` events) goes at once, so
- * an event that arrives alone, at low load, goes alone and at once, on the one-event path. Under load, events
- * arrive while batches are written and the next batch takes them all.
+ * when no batch is being written, whatever waits (up to `maxBatch` events) goes at once, so an event that arrives
+ * alone, at low load, goes alone and at once, on the one-event path. Under load, events arrive while a batch is
+ * written and the next batch takes them all; a second batch (up to `maxBatches`) goes alongside only when a full
+ * one waits.
  *
  * A deployment has events in at most one batch being written: its later events wait for that batch (they would
  * only lose its version check), which also keeps one deployment's events in the order they arrived.
@@ -14,7 +15,7 @@ import type { ApplyResult } from './outcomes';
 export interface CoalescerOptions {
   /** most events in one batch (default 32; 1 turns group commit off: every event on its own) */
   readonly maxBatch?: number;
-  /** batches written at once (default 2) */
+  /** batches written at once, the second and later ones only when a full batch waits (default 2) */
   readonly maxBatches?: number;
 }
 
@@ -49,6 +50,17 @@ export class TransitionCoalescer {
     this.maxBatches = Math.max(1, options.maxBatches ?? 2);
   }
 
+  /** Events and batches so far (events that went alone count as batches of one). */
+  totals(): { events: number; batches: number } {
+    let events = 0;
+    let batches = 0;
+    for (const [size, n] of this.sizes) {
+      events += size * n;
+      batches += n;
+    }
+    return { events, batches };
+  }
+
   /** Applies one event, with whatever else is waiting; the outcome is this event's own, as `service.apply` gives it. */
   apply(name: string, data: unknown, options: ApplyOptions = {}): Promise<ApplyResult> {
     if (this.maxBatch === 1 || STAMPS.has(name)) return this.service.apply(name, data, options);
@@ -59,22 +71,15 @@ export class TransitionCoalescer {
   }
 
   private pump(): void {
-    while (this.writing < this.maxBatches && this.queue.length > 0) {
+    // one batch at a time makes the largest batches (the cheapest per event); a second one starts only when a full
+    // batch waits, so that a slow batch (a lock wait, a redo after a lost version check) holds up no more than that
+    while (this.queue.length > 0 && (this.writing === 0 || (this.writing < this.maxBatches && this.queue.length >= this.maxBatch))) {
       const batch = this.take();
       if (batch.length === 0) return;
       this.writing++;
       for (const w of batch) if (w.deploymentId !== null) this.busy.set(w.deploymentId, (this.busy.get(w.deploymentId) ?? 0) + 1);
       this.sizes.set(batch.length, (this.sizes.get(batch.length) ?? 0) + 1);
-      void this.write(batch).finally(() => {
-        this.writing--;
-        for (const w of batch) {
-          if (w.deploymentId === null) continue;
-          const n = (this.busy.get(w.deploymentId) ?? 1) - 1;
-          if (n === 0) this.busy.delete(w.deploymentId);
-          else this.busy.set(w.deploymentId, n);
-        }
-        this.pump();
-      });
+      void this.write(batch);
     }
   }
 
@@ -91,17 +96,29 @@ export class TransitionCoalescer {
   }
 
   private async write(batch: readonly Waiting[]): Promise<void> {
+    let results: Array<PromiseSettledResult<ApplyResult>> | null = null;
+    let failure: unknown = null;
     try {
-      const results = await this.service.applyMany(batch.map((w) => ({ name: w.name, data: w.data, options: w.options })));
-      batch.forEach((w, i) => {
-        const r = results[i];
-        if (r === undefined) w.reject(new Error('applyMany returned fewer results than events'));
-        else if (r.status === 'fulfilled') w.resolve(r.value);
-        else w.reject(r.reason);
-      });
+      results = await this.service.applyMany(batch.map((w) => ({ name: w.name, data: w.data, options: w.options })));
     } catch (err) {
-      for (const w of batch) w.reject(err);
+      failure = err;
     }
+    // the books first, then the outcomes: a job that gets its outcome and sends its next event at once finds no
+    // batch being written, and its event goes at once
+    this.writing--;
+    for (const w of batch) {
+      if (w.deploymentId === null) continue;
+      const n = (this.busy.get(w.deploymentId) ?? 1) - 1;
+      if (n === 0) this.busy.delete(w.deploymentId);
+      else this.busy.set(w.deploymentId, n);
+    }
+    batch.forEach((w, i) => {
+      const r = results?.[i];
+      if (r === undefined) w.reject(failure ?? new Error('applyMany returned fewer results than events'));
+      else if (r.status === 'fulfilled') w.resolve(r.value);
+      else w.reject(r.reason);
+    });
+    this.pump();
   }
 }
 

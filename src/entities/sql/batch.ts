@@ -96,7 +96,9 @@ export function batchWriteParams(p: BatchWriteParams): unknown[] {
 export const BATCH_SQL = Object.freeze({
   /**
    * One statement, so one consistent snapshot of everything the batch's decisions read. ($1 deployment ids, $2
-   * attempt ids the events name, $3 eventIds, $4 deployments whose highest attempt number is needed)
+   * attempt ids the events name, $3 eventIds, $4 deployments whose highest attempt number is needed.) Every part is
+   * an index lookup: the named and the current attempts are one `= ANY` of one array (an `OR id IN (...)` made
+   * PostgreSQL scan the whole attempts table for every batch)
    */
   snapshot: sql<BatchSnapshotRow>(
     `WITH d AS (SELECT id, name, state, version, current_attempt_id,
@@ -104,7 +106,7 @@ export const BATCH_SQL = Object.freeze({
                             THEN (SELECT max(number) FROM attempts n WHERE n.deployment_id = deployments.id) END AS max_number
                   FROM deployments WHERE id = ANY($1::uuid[])),
           a AS (SELECT id, deployment_id, status, last_heartbeat_at, started_at FROM attempts
-                 WHERE id = ANY($2::uuid[]) OR id IN (SELECT current_attempt_id FROM d)),
+                 WHERE id = ANY($2::uuid[] || ARRAY(SELECT current_attempt_id FROM d WHERE current_attempt_id IS NOT NULL))),
           p AS (SELECT event_id, event_name, deployment_id, payload_sha256, outcome, reason, version
                   FROM processed_events WHERE event_id = ANY($3::varchar[]))
      SELECT (SELECT json_agg(d) FROM d) AS deployments, (SELECT json_agg(a) FROM a) AS attempts,

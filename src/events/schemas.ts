@@ -121,6 +121,9 @@ export function parsePayload(name: string, data: unknown): EventPayloads[EventNa
   return result.data;
 }
 
+/** Heartbeat and readiness stamps: they change no state, so they never wait for a decision or a batch. */
+export const STAMP_EVENTS: ReadonlySet<string> = new Set<EventName>(['attempt.heartbeat', 'deployment.readiness']);
+
 /** Events that happen once per subject: without an eventId they get the derived `<name>.<attemptId or deploymentId>`. */
 export const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>([
   'deployment.create',

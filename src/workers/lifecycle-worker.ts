@@ -18,6 +18,7 @@ import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job } from 'bullmq';
 import type { RedisConnection } from '../queues/redis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
+import { STAMP_EVENTS } from '../events/schemas';
 import { silentLogger, type Logger } from '../log';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
@@ -287,7 +288,7 @@ export class LifecycleWorker {
       throw new UnrecoverableError(message);
     }
     const retries = Math.max(0, job.attemptsStarted - 1);
-    if (err instanceof NotYetError && STAMPS.has(job.name) && retries >= retriesWithin(this.options.stampRetryBudgetMs ?? 30_000)) {
+    if (err instanceof NotYetError && STAMP_EVENTS.has(job.name) && retries >= retriesWithin(this.options.stampRetryBudgetMs ?? 30_000)) {
       // A stamp changes no state: one for something that still does not exist is dropped, not failed.
       this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
       report('noop');
@@ -345,8 +346,6 @@ export class LifecycleWorker {
   }
 }
 
-/** Heartbeat and readiness events: stamps, which change no state. */
-const STAMPS: ReadonlySet<string> = new Set(['attempt.heartbeat', 'deployment.readiness']);
 
 function idsOf(job: Job): Record<string, string | undefined> {
   const data: unknown = job.data;

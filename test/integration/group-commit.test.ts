@@ -318,23 +318,34 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect(await writers(ids)).to.have.length(1);
   });
 
+  /**
+   * A service whose first batch meets `meanwhile` between its snapshot and its write (another writer gets there
+   * first); `batches()` counts the batches that reached their write.
+   */
+  function interleaved(meanwhile: () => Promise<unknown>): { service: TransitionService; batches: () => number } {
+    let batches = 0;
+    const service = new TransitionService({
+      dataSource: db.dataSource,
+      now: () => NOW,
+      hooks: {
+        beforeBatchWrite: async () => {
+          if (batches++ === 0) await meanwhile();
+        },
+      },
+    });
+    return { service, batches: () => batches };
+  }
+
   it('a deployment whose version check lost is redone alone; the rest of the batch commits at once', async () => {
     const [d1, d2] = [randomUUID(), randomUUID()];
     await service.apply('deployment.create', { deploymentId: d1, name: 'lost', eventId: `c-${d1}` });
     await service.apply('deployment.create', { deploymentId: d2, name: 'kept', eventId: `c-${d2}` });
     const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     const [a0, a1, b1] = [randomUUID(), randomUUID(), randomUUID()];
-    let batches = 0;
-    const hooked = new TransitionService({
-      dataSource: db.dataSource,
-      now: () => NOW,
-      hooks: {
-        beforeBatchWrite: async () => {
-          // a writer elsewhere gets to d1 between the batch's snapshot and its write
-          if (batches++ === 0) await other.apply('attempt.create', { deploymentId: d1, attemptId: a0, eventId: `x-${a0}` });
-        },
-      },
-    });
+    // a writer elsewhere gets to d1 between the batch's snapshot and its write
+    const { service: hooked, batches } = interleaved(() =>
+      other.apply('attempt.create', { deploymentId: d1, attemptId: a0, eventId: `x-${a0}` }),
+    );
     const results = await hooked.applyMany([
       { name: 'attempt.create', data: { deploymentId: d1, attemptId: a1, eventId: `a-${a1}` } },
       { name: 'attempt.start', data: { deploymentId: d1, attemptId: a1, eventId: `s-${a1}` } },
@@ -343,7 +354,7 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     ]);
     // d1's events come after the other writer's (version 2): its attempt a0 is superseded by a1
     expect(results.map(summary)).to.deep.equal(['applied v3', 'applied v4', 'applied v2', 'applied v3']);
-    expect(batches).to.equal(1);
+    expect(batches()).to.equal(1);
     const attempts = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE deployment_id = $1 ORDER BY number`, [d1]);
     expect(attempts).to.deep.equal([
       { id: a0, status: 'superseded' },
@@ -364,17 +375,8 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     const ids = [randomUUID(), randomUUID(), randomUUID()];
     const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     const items = ids.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `d${i}`, eventId: `dup-${deploymentId}` } }));
-    let batches = 0;
-    const hooked = new TransitionService({
-      dataSource: db.dataSource,
-      now: () => NOW,
-      hooks: {
-        beforeBatchWrite: async () => {
-          // another worker runs the same job (a stalled lock handed it out again) and commits first
-          if (batches++ === 0) await other.apply(items[1]!.name, items[1]!.data);
-        },
-      },
-    });
+    // another worker runs the same job (a stalled lock handed it out again) and commits first
+    const { service: hooked } = interleaved(() => other.apply(items[1]!.name, items[1]!.data));
     const results = await hooked.applyMany(items);
     expect(results.map(summary)).to.deep.equal(['applied v1', 'noop duplicate_event', 'applied v1']);
     const [n] = await q<{ t: string; o: string }>(

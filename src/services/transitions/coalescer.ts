@@ -9,6 +9,7 @@
  * A deployment has events in at most one batch being written: its later events wait for that batch (they would
  * only lose its version check), which also keeps one deployment's events in the order they arrived.
  */
+import { STAMP_EVENTS } from '../../events/schemas';
 import type { ApplyOptions, TransitionService } from './service';
 import type { ApplyResult } from './outcomes';
 
@@ -29,8 +30,6 @@ interface Waiting {
   readonly reject: (err: unknown) => void;
 }
 
-/** Heartbeat and readiness stamps change no state: they never wait for a batch. */
-const STAMPS: ReadonlySet<string> = new Set(['attempt.heartbeat', 'deployment.readiness']);
 
 export class TransitionCoalescer {
   readonly maxBatch: number;
@@ -63,7 +62,7 @@ export class TransitionCoalescer {
 
   /** Applies one event, with whatever else is waiting; the outcome is this event's own, as `service.apply` gives it. */
   apply(name: string, data: unknown, options: ApplyOptions = {}): Promise<ApplyResult> {
-    if (this.maxBatch === 1 || STAMPS.has(name)) return this.service.apply(name, data, options);
+    if (this.maxBatch === 1 || STAMP_EVENTS.has(name)) return this.service.apply(name, data, options);
     return new Promise<ApplyResult>((resolve, reject) => {
       this.queue.push({ name, data, options, deploymentId: deploymentIdOf(data), resolve, reject });
       this.pump();

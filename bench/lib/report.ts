@@ -115,7 +115,8 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       measured:
         `p99 ${best.latencyMs.p99} ms at ${l.rate} events/s (p50 ${best.latencyMs.p50} ms), worker concurrency ${best.concurrency}` +
         (capacity > 0 ? ` (which sustains ${round(capacity)} events/s)` : '') +
-        (runs.length > 1 ? `; ${runs.filter((x) => x !== best).map((x) => `p99 ${x.latencyMs.p99} ms at concurrency ${x.concurrency}`).join(', ')}` : ''),
+        (runs.length > 1 ? `; ${runs.filter((x) => x !== best).map((x) => `p99 ${x.latencyMs.p99} ms at concurrency ${x.concurrency}`).join(', ')}` : '') +
+        (l.floor !== undefined ? `. The floor, (d) BullMQ + XADD with no database, same load: p99 ${l.floor.latencyMs.p99} ms (p50 ${l.floor.latencyMs.p50} ms)` : ''),
       ratio: round(25 / best.latencyMs.p99, 2),
       met: best.latencyMs.p99 <= 25,
     });
@@ -237,6 +238,7 @@ export function markdown(r: BenchResults): string {
     for (const x of l.oursAt) out.push(row(`ours at concurrency ${x.concurrency}`, x));
     if (l.unbatched !== undefined) out.push(row(`ours, group commit off (FLEET_BATCH_MAX=1), concurrency ${l.concurrency}`, l.unbatched));
     out.push(row('(b) BullMQ no-op: enqueue -> job completed', l.noop));
+    if (l.floor !== undefined) out.push(row('(d) the floor, BullMQ + XADD, no database: enqueue -> stream entry read by a consumer', l.floor));
     out.push(row('(a) direct pg: scheduled start -> COMMIT', l.direct));
     out.push('');
     if (l.low !== undefined) {

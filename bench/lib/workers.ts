@@ -6,6 +6,8 @@
  * - `noop`: baseline (b), bench/fixtures/noop-worker. Done = the job completed.
  * - `naive`: baseline (c), bench/fixtures/naive-worker. Done = the job completed (its transaction committed; it
  *   publishes nothing, so it does strictly less than `ours` per event).
+ * - `stream`: baseline (d), bench/fixtures/stream-worker: each job's entry XADDed by the worker itself, no database.
+ *   Done = the entry was read from the stream, as for `ours`.
  */
 import * as path from 'node:path';
 import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
@@ -21,10 +23,14 @@ import { TEARDOWN } from './workload';
  * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines.
  */
 export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive'] as const;
-export type WorkerKind = (typeof WORKER_KINDS)[number];
+/** `stream`: baseline (d), bench/fixtures/stream-worker, the latency floor (measured by the latency scenario only). */
+export type WorkerKind = (typeof WORKER_KINDS)[number] | 'stream';
 
 /** The kinds that are `fleet worker` itself (and publish to the stream). */
 export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched';
+
+/** The kinds whose events end as entries on the transition stream (done = the entry was read). */
+const appendsToStream = (kind: WorkerKind): boolean => isFleetWorker(kind) || kind === 'stream';
 
 export interface WorkerSetup {
   readonly kind: WorkerKind;
@@ -98,7 +104,7 @@ export class WorkerUnderTest {
           });
     const producer = new LifecycleProducer({ connection: setup.redisUrl, prefix: setup.prefix });
     let watcher: StreamWatcher | null = null;
-    if (isFleetWorker(setup.kind)) {
+    if (appendsToStream(setup.kind)) {
       watcher = new StreamWatcher(setup.redisUrl, transitionStreamKey(setup.prefix));
       watcher.start();
     }

@@ -60,6 +60,11 @@ export interface LatencyResult {
   /** ours at `alsoConcurrencies` */
   readonly oursAt: ReadonlyArray<LatencyRun & { readonly concurrency: number }>;
   readonly noop: LatencyRun;
+  /**
+   * baseline (d), the floor: enqueue -> stream entry read, through a BullMQ worker that XADDs each entry itself, no
+   * database (absent in results written before it was added)
+   */
+  readonly floor?: LatencyRun;
   readonly direct: LatencyRun;
   /** ours with group commit off (FLEET_BATCH_MAX=1), same rate and concurrency: before and after issue 18 */
   readonly unbatched?: LatencyRun;
@@ -158,6 +163,8 @@ export async function runLatency(services: BenchServices, options: LatencyOption
   log(`latency at ${lowRate}/s: ours ${JSON.stringify(lowOurs.latencyMs)} ms; group commit off ${JSON.stringify(lowUnbatched.latencyMs)} ms`);
   const noop = await workerLatency(services, dbUrl, 'noop', options);
   log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms (other processes: ${noop.otherCpuShare ?? '?'} of the CPU)`);
+  const floor = await workerLatency(services, dbUrl, 'stream', options);
+  log(`latency floor  at ${options.rate}/s: ${JSON.stringify(floor.latencyMs)} ms (other processes: ${floor.otherCpuShare ?? '?'} of the CPU)`);
 
   const n = Math.round(options.rate * options.seconds);
   const ids = await seedReadyDeployments(dbUrl, options.concurrency + n);
@@ -178,6 +185,7 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     ours,
     oursAt,
     noop,
+    floor,
     direct,
     unbatched,
     low: { rate: lowRate, seconds: lowSeconds, ours: lowOurs, unbatched: lowUnbatched },

@@ -4,10 +4,19 @@
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 
+/**
+ * The values of the labels that dashboards and alerts select on (docs/grafana, docs/prometheus): a test holds
+ * their expressions to these.
+ */
+export type JobOutcome = 'applied' | 'noop' | 'rejected' | 'invalid' | 'retry' | 'gave_up' | 'error';
+/** `fleet_sweep_results_total{result}`: the probe totals of a shard, and the attempts a tick found */
+export type SweepResult = keyof ShardMetricsReport | 'orphaned' | 'expired';
+/** `fleet_readiness_endpoints{measure}` */
+export type ReadinessMeasure = 'set' | 'unprobed_last_tick' | 'probed_last_tick' | 'needed_per_tick';
+
 export interface JobReport {
   readonly name: string;
-  /** applied, noop, rejected, invalid, retry, gave_up, error */
-  readonly outcome: string;
+  readonly outcome: JobOutcome;
   readonly durationMs: number;
   /** for applied transitions */
   readonly transition?: { readonly from: string | null; readonly to: string; readonly reason: string };
@@ -165,13 +174,16 @@ export class FleetMetrics {
   }
 
   sweep(report: SweepReport): void {
-    this.readiness.set({ measure: 'set' }, report.endpoints);
-    this.readiness.set({ measure: 'unprobed_last_tick' }, report.unprobedLastTick);
-    this.readiness.set({ measure: 'probed_last_tick' }, report.probedLastTick);
-    this.readiness.set({ measure: 'needed_per_tick' }, report.neededPerTick);
+    const measures: Record<ReadinessMeasure, number> = {
+      set: report.endpoints,
+      unprobed_last_tick: report.unprobedLastTick,
+      probed_last_tick: report.probedLastTick,
+      needed_per_tick: report.neededPerTick,
+    };
+    for (const [measure, value] of Object.entries(measures)) this.readiness.set({ measure }, value);
     this.unprobedTotal.inc(report.unprobedLastTick);
-    this.sweepResults.inc({ result: 'orphaned' }, report.orphaned);
-    this.sweepResults.inc({ result: 'expired' }, report.expired);
+    const attempts: Record<Extract<SweepResult, 'orphaned' | 'expired'>, number> = { orphaned: report.orphaned, expired: report.expired };
+    for (const [result, n] of Object.entries(attempts)) this.sweepResults.inc({ result }, n);
     this.sweepDuration.observe(report.durationMs / 1000);
   }
 

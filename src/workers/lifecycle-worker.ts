@@ -24,7 +24,7 @@ import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
 import { rejectAfter } from '../util';
-import type { JobReport } from '../metrics';
+import type { JobOutcome, JobReport } from '../metrics';
 import { TransitionCoalescer, type ApplyResult, type TransitionService } from '../services/transitions';
 import type { StampBuffer } from '../services/stamp-buffer';
 
@@ -281,7 +281,7 @@ export class LifecycleWorker {
     const durationMs = Math.round(performance.now() - started);
     const code = err instanceof FleetError ? err.code : ((err as { code?: string }).code ?? 'error');
     const message = err instanceof Error ? err.message : String(err);
-    const report = (outcome: string) => this.options.onJob?.({ name: job.name, outcome, durationMs });
+    const report = (outcome: JobOutcome) => this.options.onJob?.({ name: job.name, outcome, durationMs });
     if (err instanceof ValidationError) {
       this.log.warn({ ...ids, outcome: 'invalid', code, durationMs }, message);
       report('invalid');

@@ -66,8 +66,10 @@ export const STREAM_ENTRY_SCHEMA = z
     eventId: z.string().regex(EVENT_ID_PATTERN),
     at: z.iso.datetime({ offset: true }).meta({ description: 'when the transition happened (ISO 8601, the fleet clock)' }),
     actor: z
-      .union([z.literal(''), z.string().regex(ACTOR_PATTERN)])
-      .meta({ description: "the API token's name, `sweep`, or the producer's `actor`; empty in entries written before the field existed" }),
+      .string()
+      .regex(ACTOR_PATTERN)
+      .optional()
+      .meta({ description: "the API token's name, `sweep`, or the producer's `actor`; absent from entries written before the field existed" }),
     traceparent: z
       .string()
       .regex(/^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/)

@@ -5,6 +5,7 @@
 import { isIP } from 'node:net';
 import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
+import { LOG_FORMATS, type LogFormat } from './log';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from './util/redis-url';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -66,6 +67,12 @@ export interface FleetConfig {
   /** `LOG_LEVEL` (default info) */
   readonly logLevel: LogLevel;
   /**
+   * `LOG_FORMAT` (default `pretty` when stdout is a terminal, else `json`): how `fleet` commands write their log.
+   * Whatever reads a fleet process's log (the tests and the bench wait for `worker started` / `http started`) runs
+   * it with stdout on a pipe, so it gets JSON unless it asks otherwise.
+   */
+  readonly logFormat: LogFormat;
+  /**
    * `FLEET_API_TOKENS_FILE` (default unset): the bearer tokens of the HTTP API. Unset, the API is open, which is
    * allowed only while FLEET_HTTP_HOST is loopback.
    */
@@ -97,7 +104,10 @@ export function isLoopbackHost(host: string): boolean {
   return LOOPBACK_HOSTS.has(host) || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
-export function loadConfig(env: Env = process.env): FleetConfig {
+/**
+ * @param terminal whether stdout is a terminal (the default of `LOG_FORMAT`); default: asks `process.stdout`
+ */
+export function loadConfig(env: Env = process.env, terminal: boolean = process.stdout.isTTY === true): FleetConfig {
   const problems: string[] = [];
   const read = (name: string): string | undefined => {
     const value = env[name];
@@ -164,6 +174,11 @@ export function loadConfig(env: Env = process.env): FleetConfig {
   const logLevel = read('LOG_LEVEL') ?? 'info';
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     problems.push(`LOG_LEVEL: must be one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
+  }
+
+  const logFormat = read('LOG_FORMAT') ?? (terminal ? 'pretty' : 'json');
+  if (!(LOG_FORMATS as readonly string[]).includes(logFormat)) {
+    problems.push(`LOG_FORMAT: must be one of ${LOG_FORMATS.join(', ')}, got "${logFormat.slice(0, 40)}"`);
   }
 
   const httpHost = read('FLEET_HTTP_HOST') ?? '127.0.0.1';
@@ -245,6 +260,7 @@ export function loadConfig(env: Env = process.env): FleetConfig {
     // under the fleet's Redis command timeout (5 s), or the client gives up on WAIT before Redis answers it
     durableTimeoutMs: int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 4000),
     logLevel: logLevel as LogLevel,
+    logFormat: logFormat as LogFormat,
     apiTokensFile,
     endpointAllow,
     eventsRateLimit: int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),

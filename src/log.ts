@@ -1,8 +1,13 @@
 import * as os from 'node:os';
 import pino from 'pino';
 import type { Logger } from 'pino';
+import { prettyFactory } from 'pino-pretty';
 
 export type { Logger };
+
+/** `LOG_FORMAT` (docs/contract.md): `pretty` lines for a person at a terminal, `json` for everything else. */
+export const LOG_FORMATS = ['pretty', 'json'] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
 
 /** Paths that may carry secrets anywhere in a log record; pino replaces their values. */
 export const REDACT_PATHS = [
@@ -61,7 +66,19 @@ function scrub(value: unknown, depth: number): unknown {
   return out;
 }
 
-export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
+/** How `createLogger` writes. */
+export interface LogOutput {
+  /** `json` (default): one JSON object per line; `pretty`: pino-pretty's readable lines */
+  readonly format?: LogFormat;
+  /** pretty only: colour the lines (default: when the destination is stdout and stdout is a terminal) */
+  readonly colorize?: boolean;
+}
+
+/**
+ * A pino logger writing to `destination` (default: stdout). Redaction and scrubbing happen in pino itself, before a
+ * record is written, so the pretty lines carry no secret either: pino-pretty only re-formats the redacted JSON.
+ */
+export function createLogger(level: string, destination?: pino.DestinationStream, output: LogOutput = {}): Logger {
   const options: pino.LoggerOptions = {
     level,
     // which process on which host: with workers on many hosts, a line is worth little without them (pino's own default)
@@ -77,10 +94,31 @@ export function createLogger(level: string, destination?: pino.DestinationStream
     },
     timestamp: pino.stdTimeFunctions.isoTime,
   };
+  if (output.format === 'pretty') {
+    const colorize = output.colorize ?? (destination === undefined && process.stdout.isTTY === true);
+    // synchronous stdout: a person reads these lines, and a line written at once is never lost at exit
+    return pino(options, prettyLines(destination ?? pino.destination({ dest: 1, sync: true }), colorize));
+  }
   // asynchronous stdout: a line goes out at once when nothing is being written, and lines logged meanwhile go out
   // together in the next write (one syscall per line was a measurable share of a busy worker's CPU); pino flushes
   // what is left synchronously when the process exits
   return pino(options, destination ?? pino.destination({ dest: 1, sync: false }));
+}
+
+/**
+ * pino-pretty in this process, as a plain formatting function in front of `out`: not its transport (a worker thread
+ * whose lines still in flight are lost when the process exits) and not its stream (piped, so asynchronous). Each
+ * record is formatted and written before the log call returns.
+ */
+function prettyLines(out: pino.DestinationStream, colorize: boolean): pino.DestinationStream {
+  const format = prettyFactory({
+    colorize,
+    singleLine: true,
+    translateTime: 'SYS:HH:MM:ss.l',
+    // the service name and host are for collected logs; a person at a terminal knows them
+    ignore: 'service,hostname',
+  });
+  return { write: (line: string) => void out.write(format(line)) };
 }
 
 /** A logger that writes nothing, for library use without a logger. */

@@ -108,7 +108,7 @@ async function runMigrate(): Promise<void> {
 
 async function runWorker(): Promise<void> {
   const config = loadConfig();
-  const logger = createLogger(config.logLevel);
+  const logger = createLogger(config.logLevel, undefined, { format: config.logFormat });
   const endpoints = resolveEndpoints(config);
   const fleet = await starting(endpoints, () =>
     startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false, onStuck: restartMe }),
@@ -119,7 +119,7 @@ async function runWorker(): Promise<void> {
 
 async function runHttp(): Promise<void> {
   const config = loadConfig();
-  const logger = createLogger(config.logLevel);
+  const logger = createLogger(config.logLevel, undefined, { format: config.logFormat });
   const endpoints = resolveEndpoints(config);
   const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: false, relay: false, sweep: false, http: true }));
   logger.info({ url: fleet.httpUrl }, 'http started');

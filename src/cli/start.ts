@@ -70,7 +70,7 @@ export class PortTakenError extends Error {}
 
 export async function runStart(): Promise<void> {
   const config = loadConfig();
-  const logger = createLogger(config.logLevel);
+  const logger = createLogger(config.logLevel, undefined, { format: config.logFormat });
   await assertPortFree(config.httpHost, config.httpPort);
   let local: DevServers.LocalServices | null = null;
   let endpoints: Endpoints;

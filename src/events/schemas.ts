@@ -22,17 +22,34 @@ export const ANONYMOUS_ACTOR = 'anonymous';
 export const RESERVED_ACTORS: readonly string[] = [DEFAULT_ACTOR, SWEEP_ACTOR, ANONYMOUS_ACTOR];
 export { UUID_PATTERN } from '../util/ids';
 
-const eventId = z.string().regex(EVENT_ID_PATTERN, { error: 'must be 1-200 characters of A-Za-z0-9._-' });
+// `.meta()` carries what the JSON Schemas in docs/schemas/ say beyond the checks (`npm run schemas` writes them).
+const eventId = z
+  .string()
+  .regex(EVENT_ID_PATTERN, { error: 'must be 1-200 characters of A-Za-z0-9._-' })
+  .meta({ description: 'the BullMQ jobId and the deduplication key; default: derived (attempt events) or random' });
 // Ids are normalised to lower case, so that a derived eventId (and the database) never sees two spellings of one id.
 const uuid = z.uuid({ error: 'must be a UUID' }).transform((v) => v.toLowerCase());
 const reason = z.string().max(500, { error: 'must be at most 500 characters' });
-const actor = z.string().regex(ACTOR_PATTERN, { error: 'must be 1-100 characters of A-Za-z0-9._:@-' });
+const actor = z
+  .string()
+  .regex(ACTOR_PATTERN, { error: 'must be 1-100 characters of A-Za-z0-9._:@-' })
+  .meta({ description: `recorded on the transition (default "${DEFAULT_ACTOR}")` });
+/**
+ * The endpoint URL's rules as one JSON Schema pattern, since the JSON Schema of a refine is empty: http or https,
+ * no `@` before the path (credentials), no query or fragment. As strict as the checks or stricter (it also refuses
+ * an empty `@` and spaces), never laxer; test/unit/json-schemas.test.ts checks that on samples.
+ */
+const ENDPOINT_URL_JSON_PATTERN = '^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\\s]+(/[^?#\\s]*)?$';
 const endpoint = z.strictObject({
   url: z
     .url({ protocol: /^https?$/, error: 'must be an http or https URL' })
     .max(2048, { error: 'must be at most 2048 characters' })
     .refine((v) => !/[?#]/.test(v), { error: 'must not carry a query or a fragment' })
-    .refine(hasNoCredentials, { error: 'must not carry credentials (user:password@)' }),
+    .refine(hasNoCredentials, { error: 'must not carry credentials (user:password@)' })
+    .meta({
+      pattern: ENDPOINT_URL_JSON_PATTERN,
+      description: 'http or https, without credentials, query or fragment; its host must be one FLEET_ENDPOINT_ALLOW allows',
+    }),
   kind: z.enum(['node_port', 'cluster_dns'], { error: 'must be "node_port" or "cluster_dns"' }),
 });
 

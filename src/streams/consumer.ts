@@ -12,8 +12,11 @@
  *   Kubernetes watch's 410 Gone): read the history from `GET /api/deployments/:id/transitions?afterVersion=`,
  *   then start again from `$`.
  */
+import { z } from 'zod';
 import type { RedisConnection } from '../queues/redis';
 import { isTransient, ResyncRequiredError } from '../errors';
+import { ACTOR_PATTERN, EVENT_ID_PATTERN } from '../events/schemas';
+import { DEPLOYMENT_STATES } from '../machine';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { settleWithin, sleep } from '../util';
@@ -37,6 +40,43 @@ export interface TransitionEntry {
   /** who caused it: an API token's name, `sweep`, or the producer's `actor` (empty in entries older than the field) */
   readonly actor: string;
 }
+
+/** A UUID as the fleet writes it on the stream (PostgreSQL's text form: lower case). */
+const STREAM_UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * One stream entry's fields as the fleet writes them (docs/contract.md, "The transition stream"): all strings. The
+ * source of `docs/schemas/stream-entry.json` (`npm run schemas`), for consumers in other languages. Fields it does
+ * not name are allowed (strings), since the contract may gain fields. `parseEntry` does not use it: a consumer must
+ * not stop on an entry it can read, and entries older than a field lack it.
+ */
+export const STREAM_ENTRY_SCHEMA = z
+  .object({
+    type: z.literal('state_transition'),
+    transitionId: z.string().min(1).meta({ description: 'the history row id: opaque, unique per transition' }),
+    deploymentId: z.string().regex(STREAM_UUID),
+    attemptId: z.union([z.literal(''), z.string().regex(STREAM_UUID)]).meta({ description: 'empty when none' }),
+    from: z.enum(['', ...DEPLOYMENT_STATES]).meta({ description: 'empty for creation' }),
+    to: z.enum(DEPLOYMENT_STATES),
+    version: z
+      .string()
+      .regex(/^[1-9][0-9]*$/)
+      .meta({ description: "the deployment's version after the transition (decimal): per deployment, entries arrive in increasing version; drop one whose version you have seen" }),
+    reason: z.string().min(1),
+    eventId: z.string().regex(EVENT_ID_PATTERN),
+    at: z.iso.datetime({ offset: true }).meta({ description: 'when the transition happened (ISO 8601, the fleet clock)' }),
+    actor: z
+      .string()
+      .regex(ACTOR_PATTERN)
+      .optional()
+      .meta({ description: "the API token's name, `sweep`, or the producer's `actor`; absent from entries written before the field existed" }),
+    traceparent: z
+      .string()
+      .regex(/^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/)
+      .optional()
+      .meta({ description: 'W3C trace context of the transition, when tracing is on' }),
+  })
+  .catchall(z.string());
 
 /** Remembers the highest version handled per deployment. The default keeps it in memory. */
 export interface VersionStore {

@@ -4,7 +4,7 @@ import { ConfigError } from '../../src/errors';
 
 describe('configuration', () => {
   it('has the documented defaults and is frozen', () => {
-    const config = loadConfig({});
+    const config = loadConfig({}, false);
     expect(config).to.deep.equal({
       redisUrl: null,
       redisCluster: false,
@@ -26,6 +26,7 @@ describe('configuration', () => {
       durableReplicas: 0,
       durableTimeoutMs: 1000,
       logLevel: 'info',
+      logFormat: 'json',
       apiTokensFile: null,
       endpointAllow: null,
       eventsRateLimit: 100,
@@ -54,6 +55,7 @@ describe('configuration', () => {
       FLEET_BATCH_MAX: '1',
       FLEET_PROBE_CONCURRENCY: '200',
       LOG_LEVEL: 'debug',
+      LOG_FORMAT: 'pretty',
       FLEET_API_TOKENS_FILE: '/etc/fleet/tokens.json',
       FLEET_ENDPOINT_ALLOW: '.nodes.example.com,10.0.0.0/8',
       FLEET_EVENTS_RATE_LIMIT: '50',
@@ -70,6 +72,7 @@ describe('configuration', () => {
       apiTokensFile: '/etc/fleet/tokens.json',
       eventsRateLimit: 50,
       metricsAuth: 'read',
+      logFormat: 'pretty',
     });
     expect(config.endpointAllow?.entries).to.deep.equal(['.nodes.example.com', '10.0.0.0/8']);
   });
@@ -85,6 +88,7 @@ describe('configuration', () => {
         FLEET_HTTP_PORT: '70000',
         FLEET_PREFIX: 'a:b',
         LOG_LEVEL: 'loud',
+        LOG_FORMAT: 'xml',
         FLEET_HTTP_HOST: '0.0.0.0',
         FLEET_READY_WINDOW_S: '30',
       });
@@ -101,12 +105,24 @@ describe('configuration', () => {
       'FLEET_HTTP_PORT',
       'FLEET_PREFIX',
       'LOG_LEVEL',
+      'LOG_FORMAT',
       'FLEET_BOARD_USER / FLEET_BOARD_PASSWORD',
       'FLEET_API_TOKENS_FILE',
       'FLEET_ENDPOINT_ALLOW',
       'FLEET_READY_WINDOW_S',
     ]);
     expect((error as Error).message).not.to.contain('hunter2');
+  });
+
+  it('LOG_FORMAT: pretty on a terminal, json off one, either when asked, and nothing else', () => {
+    expect(loadConfig({}, true).logFormat).to.equal('pretty');
+    expect(loadConfig({}, false).logFormat).to.equal('json');
+    expect(loadConfig({ LOG_FORMAT: 'json' }, true).logFormat).to.equal('json');
+    expect(loadConfig({ LOG_FORMAT: ' pretty ' }, false).logFormat).to.equal('pretty');
+    expect(loadConfig({ LOG_FORMAT: '' }, true).logFormat).to.equal('pretty'); // blank counts as unset
+    for (const bad of ['JSON', 'text', 'pretty,json']) {
+      expect(() => loadConfig({ LOG_FORMAT: bad }, true)).to.throw(ConfigError, `LOG_FORMAT: must be one of pretty, json, got "${bad}"`);
+    }
   });
 
   describe('a Redis Cluster REDIS_URL', () => {

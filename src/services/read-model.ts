@@ -66,7 +66,7 @@ export type DeploymentView = z.output<typeof deploymentViewSchema>;
 
 /** One transition of a deployment's history, in the stream entry's field names. */
 export const transitionViewSchema = z.object({
-  transitionId: z.uuid(),
+  transitionId: z.string().regex(/^\d+$/).describe("the transition's id: a whole number, as a string (a bigint)"),
   attemptId: z.uuid().nullable(),
   from: z.enum(DEPLOYMENT_STATES).nullable(),
   to: z.enum(DEPLOYMENT_STATES),

@@ -84,7 +84,7 @@ export const eventBodySchema = z
   )
   .meta({ id: 'EventBody', description: 'a lifecycle event: its name and its payload (docs/contract.md, "Queues and jobs")' });
 
-/** `GET /api/deployments/:id/attempts`: every attempt, first first. */
+/** `GET /api/deployments/:id/attempts`: every attempt, newest first. */
 export const attemptListSchema = z.object({ items: z.array(attemptViewSchema) });
 
 /** `GET /api/deployments/:id/transitions`: history after `afterVersion`, in version order. */

@@ -465,7 +465,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     '/api/deployments/:id/attempts',
     route('read', {
       summary: "A deployment's attempts",
-      description: 'Every attempt of the deployment, by number.',
+      description: 'Every attempt of the deployment, newest first.',
       params: deploymentIdParamsSchema,
       response: { 200: answer('the attempts', attemptListSchema), 400: badId, 404: notFound, 503: UNAVAILABLE },
     }),

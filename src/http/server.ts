@@ -133,7 +133,7 @@ const validatorCompiler: FastifySchemaCompiler<z.ZodType> = ({ schema, httpPart 
     const result = schema.safeParse(data);
     if (result.success) return { value: result.data };
     const issue = result.error.issues[0];
-    const message = issue === undefined ? 'is not valid' : `${issue.path.join('.') || '(root)'}: ${issue.message}`;
+    const message = issue === undefined ? 'is not valid' : `${issue.path.map(String).join('.') || '(root)'}: ${issue.message}`;
     return { error: new HttpError(400, httpPart === 'params' ? 'invalid_id' : 'invalid_query', message) };
   };
 };

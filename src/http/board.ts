@@ -41,6 +41,11 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
   const reading = (method: string) => method === 'GET' || method === 'HEAD';
 
   await app.register(async (board) => {
+    // the board's routes are not the API: they stay out of /openapi.json (Bull Board marks them so itself today;
+    // this keeps them out whatever a later version does)
+    board.addHook('onRoute', (options) => {
+      options.schema = { ...options.schema, hide: true };
+    });
     board.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
       if (open) {
         if (reading(request.method)) return undefined;

@@ -7,30 +7,51 @@
  * the scope. Without one (loopback only: the config refuses it elsewhere) the API is open. `/healthz` and `/readyz`
  * are always open; `/metrics` needs `read` when FLEET_METRICS_AUTH=read. Failed authentications are throttled per
  * client address; intake is rate-limited per token.
+ *
+ * Every route declares its schemas (zod: api-schemas.ts, and the views' own where they are built): parameters and
+ * queries are validated with them, and the OpenAPI document at /openapi.json (Swagger UI at /docs, both needing
+ * `read` like the API's GETs) is generated from them. Bull Board's routes stay out of it.
  */
 import rateLimit from '@fastify/rate-limit';
+import swagger, { type SwaggerTransformObject } from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
 import type { Queue } from 'bullmq';
 import { createServer, STATUS_CODES } from 'node:http';
 import type { Duplex } from 'node:stream';
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifySchemaCompiler } from 'fastify';
+import { jsonSchemaTransform, jsonSchemaTransformObject, type ZodTypeProvider } from 'fastify-type-provider-zod';
+import type { z } from 'zod';
 import type { RedisConnection } from '../queues/redis';
 import type { DataSource } from 'typeorm';
 import type { FleetConfig } from '../config';
 import { migrationsApplied } from '../entities/migrate';
-import { rejectAfter } from '../util';
+import { rejectAfter, repoRoot } from '../util';
 import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
 import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, UUID_PATTERN, type EventName } from '../events/schemas';
+import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, type EventName } from '../events/schemas';
 import { AuthThrottle, hasScope, readAccess, scopeForEvent, type Access, type Credentials } from './auth';
 import { TokenStore, type Scope } from './tokens';
 import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
-import { DEPLOYMENT_STATES } from '../machine';
-import type { LifecycleProducer } from '../queues/producer';
-import { resolveEndpoint } from '../services/dispatch';
-import { getDeployment, listAttempts, listDeployments, listTransitions } from '../services/read-model';
+import { enqueueResultSchema, type LifecycleProducer } from '../queues/producer';
+import { resolveEndpoint, resolvedEndpointSchema } from '../services/dispatch';
+import { deploymentPageSchema, deploymentViewSchema, getDeployment, listAttempts, listDeployments, listTransitions } from '../services/read-model';
+import {
+  apiErrorSchema,
+  attemptListSchema,
+  deploymentIdParamsSchema,
+  deploymentListQuerySchema,
+  eventBodySchema,
+  healthSchema,
+  metricsTextSchema,
+  readinessSchema,
+  transitionPageSchema,
+  transitionQuerySchema,
+} from './api-schemas';
 import type { StampBuffer } from '../services/stamp-buffer';
 
 export interface HttpDeps {
@@ -84,8 +105,11 @@ function clientErrorResponse(err: NodeJS.ErrnoException & { code?: string }, soc
   );
 }
 
-const UUID = UUID_PATTERN;
 export { BOARD_PATH } from './board';
+/** The OpenAPI document of the API, generated from the routes' schemas. */
+export const OPENAPI_PATH = '/openapi.json';
+/** Swagger UI over that document. */
+export const DOCS_PATH = '/docs';
 
 class HttpError extends Error {
   constructor(
@@ -98,19 +122,21 @@ class HttpError extends Error {
   }
 }
 
-function deploymentId(request: FastifyRequest): string {
-  const { id } = request.params as { id: string };
-  if (!UUID.test(id)) throw new HttpError(400, 'invalid_id', `id: must be a UUID, got "${id.slice(0, 60)}"`);
-  return id;
-}
-
-function intParam(value: unknown, field: string, fallback: number, min: number, max: number): number {
-  if (value === undefined || value === '') return fallback;
-  if (typeof value !== 'string' || !/^\d+$/.test(value) || Number(value) < min || Number(value) > max) {
-    throw new HttpError(400, 'invalid_query', `${field}: must be a whole number from ${min} to ${max}`);
-  }
-  return Number(value);
-}
+/**
+ * Validates a route's params and query with their zod schemas, after authentication (a request without the scope
+ * learns nothing about the parameters): the first offending field, in the API's words, as `400 invalid_id` (the path's
+ * `:id`) or `400 invalid_query`. Bodies are left to their route: the intake checks its own after the rate limit.
+ */
+const validatorCompiler: FastifySchemaCompiler<z.ZodType> = ({ schema, httpPart }) => {
+  if (httpPart !== 'params' && httpPart !== 'querystring') return () => true;
+  return (data) => {
+    const result = schema.safeParse(data);
+    if (result.success) return { value: result.data };
+    const issue = result.error.issues[0];
+    const message = issue === undefined ? 'is not valid' : `${issue.path.map(String).join('.') || '(root)'}: ${issue.message}`;
+    return { error: new HttpError(400, httpPart === 'params' ? 'invalid_id' : 'invalid_query', message) };
+  };
+};
 
 /** What each request was let in as; read by the handlers and the rate limiter. */
 const accessOf = new WeakMap<FastifyRequest, Access>();
@@ -122,8 +148,43 @@ declare module 'fastify' {
   }
 }
 
-const READ: { config: { scope: Scope | null } } = { config: { scope: 'read' } };
-const OPEN: { config: { scope: Scope | null } } = { config: { scope: null } };
+/** An answer of the document: a JSON body and what it means on this route. */
+function answer<S extends z.ZodType>(description: string, schema: S) {
+  return { description, content: { 'application/json': { schema } } };
+}
+
+/** An error answer of the document: the one error body (`ApiError`), with what the status means on this route. */
+const failure = (description: string) => answer(description, apiErrorSchema);
+
+const UNAVAILABLE = failure('unavailable: PostgreSQL or Redis did not answer; try again (see Retry-After)');
+
+/** What every guarded route may answer besides its own: its scope's refusals. */
+const refusals = (scope: Scope) => ({
+  401: failure('unauthorized: no token, or a wrong one (with a tokens file; on loopback without one the API is open)'),
+  403: failure(`forbidden: the token lacks the "${scope}" scope`),
+  429: failure('too_many_failed_authentications: this address failed to authenticate too often; see Retry-After'),
+});
+
+/**
+ * A route's options: who may call it (`config.scope`, which the onRequest hook enforces) and its schema, which the
+ * route validates with and /openapi.json is generated from. The document gets the scope as `x-scope` and in the
+ * description, no security for an open route, and the refusals and the 500 that every route may answer.
+ */
+function route<S extends { description: string; response: object }>(scope: Scope | null, schema: S) {
+  return {
+    config: { scope },
+    schema: {
+      ...schema,
+      description: `${schema.description}\n\n${scope === null ? 'Open: no token needed.' : `Scope: \`${scope}\`.`}`,
+      ...(scope === null ? { security: [] } : { 'x-scope': scope }),
+      response: {
+        ...(scope === null ? {} : refusals(scope)),
+        500: failure('internal: a fault of the server (logged)'),
+        ...schema.response,
+      },
+    },
+  };
+}
 
 /**
  * The scope a request needs: its route's `config.scope`. A request that matched none of our routes (a 404) still
@@ -140,6 +201,34 @@ function scopeOf(request: FastifyRequest): Scope | null {
     path = request.url;
   }
   return /^\/*api(\/|$)/i.test(path) ? 'read' : null;
+}
+
+type OpenApiDocument = ReturnType<SwaggerTransformObject>;
+
+/**
+ * The document without the named schemas nothing refers to: the type provider names every schema with an `id` twice,
+ * as the input and as the output twin, and each is used one way only.
+ */
+function withoutUnusedSchemas(document: OpenApiDocument): OpenApiDocument {
+  // an OpenAPI 3 document (the only kind this server asks for): its named schemas are under components
+  const components = (document as { components?: { schemas?: Record<string, unknown> } }).components;
+  const schemas = components?.schemas ?? {};
+  const used = new Set<string>();
+  const visit = (value: unknown): void => {
+    for (const [, id] of JSON.stringify(value).matchAll(/"#\/components\/schemas\/([^"]+)"/g)) {
+      if (id === undefined || used.has(id)) continue;
+      used.add(id);
+      visit(schemas[id]);
+    }
+  };
+  visit({ ...document, components: { ...components, schemas: {} } });
+  const kept = Object.fromEntries(Object.entries(schemas).filter(([id]) => used.has(id)));
+  return { ...document, components: { ...components, schemas: kept } } as OpenApiDocument;
+}
+
+function packageVersion(): string {
+  const { version } = JSON.parse(fs.readFileSync(path.join(repoRoot(), 'package.json'), 'utf8')) as { version?: unknown };
+  return typeof version === 'string' ? version : '0.0.0';
 }
 
 /** Builds the server (not listening). */
@@ -281,6 +370,34 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     return undefined;
   });
 
+  // Params and query are validated by their zod schemas; answers are serialized as they always were (JSON.stringify),
+  // their schemas serve the document only.
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(() => (data) => JSON.stringify(data));
+  // The document is gathered from the routes as they are added: registered before any of them.
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'lifecycle-fleet',
+        version: packageVersion(),
+        description: 'The HTTP API of the deployment lifecycle fleet (docs/contract.md, "HTTP"). Errors are `{error: {code, message}}`.',
+      },
+      components: {
+        securitySchemes: {
+          bearer: {
+            type: 'http',
+            scheme: 'bearer',
+            description: 'An API token (`fleet token create`); each operation names the scope it needs (`x-scope`). Without a tokens file (loopback only) the API is open.',
+          },
+        },
+      },
+      security: [{ bearer: [] }],
+    },
+    transform: jsonSchemaTransform,
+    transformObject: (document) => withoutUnusedSchemas(jsonSchemaTransformObject(document)),
+  });
+
   if (config.eventsRateLimit > 0) {
     await app.register(rateLimit, {
       global: false,
@@ -302,65 +419,109 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   }
 
   // --- read API ---
-  app.get('/api/deployments/:id', READ, async (request) => {
-    const id = deploymentId(request);
-    const deployment = await getDeployment(ds, id, stamps);
-    if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
-    return deployment;
-  });
+  const api = app.withTypeProvider<ZodTypeProvider>();
+  const notFound = failure('not_found: no such deployment');
+  const badId = failure('invalid_id: `id` is not a UUID');
+  api.get(
+    '/api/deployments/:id',
+    route('read', {
+      summary: 'A deployment with its current attempt',
+      description: 'Timestamps the stamp buffer holds and PostgreSQL does not yet are included.',
+      params: deploymentIdParamsSchema,
+      response: { 200: answer('the deployment', deploymentViewSchema), 400: badId, 404: notFound, 503: UNAVAILABLE },
+    }),
+    async (request) => {
+      const { id } = request.params;
+      const deployment = await getDeployment(ds, id, stamps);
+      if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
+      return deployment;
+    },
+  );
 
-  app.get('/api/deployments', READ, async (request) => {
-    const query = request.query as Record<string, string | undefined>;
-    const state = query.state;
-    if (state !== undefined && state !== '' && !(DEPLOYMENT_STATES as readonly string[]).includes(state)) {
-      throw new HttpError(400, 'invalid_query', `state: must be one of ${DEPLOYMENT_STATES.join(', ')}`);
-    }
-    const limit = intParam(query.limit, 'limit', 50, 1, 500);
-    const cursor = query.cursor;
-    if (cursor !== undefined && cursor !== '' && !UUID.test(cursor)) throw new HttpError(400, 'invalid_query', 'cursor: must be a cursor from a previous page');
-    return listDeployments(ds, {
-      state: state === '' ? undefined : (state as (typeof DEPLOYMENT_STATES)[number] | undefined),
-      limit,
-      after: cursor || undefined,
-      ...stamps,
-    });
-  });
+  api.get(
+    '/api/deployments',
+    route('read', {
+      summary: 'A page of deployments',
+      description: 'In id order (stable while deployments are created); follow `nextCursor` for the next page.',
+      querystring: deploymentListQuerySchema,
+      response: {
+        200: answer('a page', deploymentPageSchema),
+        400: failure('invalid_query: names the first offending parameter and its rule'),
+        503: UNAVAILABLE,
+      },
+    }),
+    async (request) => {
+      const { state, limit, cursor } = request.query;
+      return listDeployments(ds, { state, limit, after: cursor, ...stamps });
+    },
+  );
 
   async function requireDeployment(id: string): Promise<void> {
     const exists = await deploymentExists(db, id);
     if (!exists) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
   }
 
-  app.get('/api/deployments/:id/attempts', READ, async (request) => {
-    const id = deploymentId(request);
-    await requireDeployment(id);
-    return { items: await listAttempts(ds, id) };
-  });
+  api.get(
+    '/api/deployments/:id/attempts',
+    route('read', {
+      summary: "A deployment's attempts",
+      description: 'Every attempt of the deployment, newest first.',
+      params: deploymentIdParamsSchema,
+      response: { 200: answer('the attempts', attemptListSchema), 400: badId, 404: notFound, 503: UNAVAILABLE },
+    }),
+    async (request) => {
+      const { id } = request.params;
+      await requireDeployment(id);
+      return { items: await listAttempts(ds, id) };
+    },
+  );
 
-  app.get('/api/deployments/:id/transitions', READ, async (request) => {
-    const id = deploymentId(request);
-    const query = request.query as Record<string, string | undefined>;
-    const afterVersion = intParam(query.afterVersion, 'afterVersion', 0, 0, 2_147_483_647);
-    const limit = intParam(query.limit, 'limit', 100, 1, 1000);
-    await requireDeployment(id);
-    const items = await listTransitions(ds, id, afterVersion, limit);
-    const last = items[items.length - 1];
-    return { items, nextAfterVersion: items.length === limit && last !== undefined ? last.version : null };
-  });
+  api.get(
+    '/api/deployments/:id/transitions',
+    route('read', {
+      summary: "A deployment's transitions",
+      description: "History after `afterVersion`, in version order: for consumers that fell behind the stream's retention.",
+      params: deploymentIdParamsSchema,
+      querystring: transitionQuerySchema,
+      response: {
+        200: answer('a page of history', transitionPageSchema),
+        400: failure('invalid_id or invalid_query: names the offending parameter and its rule'),
+        404: notFound,
+        503: UNAVAILABLE,
+      },
+    }),
+    async (request) => {
+      const { id } = request.params;
+      const { afterVersion, limit } = request.query;
+      await requireDeployment(id);
+      const items = await listTransitions(ds, id, afterVersion, limit);
+      const last = items[items.length - 1];
+      return { items, nextAfterVersion: items.length === limit && last !== undefined ? last.version : null };
+    },
+  );
 
   // --- dispatch ---
-  app.get('/api/deployments/:id/endpoint', READ, async (request) => {
-    const id = deploymentId(request);
-    const deployment = await getDeployment(ds, id, stamps);
-    if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
-    const answer = resolveEndpoint(deployment, now(), {
-      readyWindowS: config.readyWindowS,
-      publicEndpointUrl: config.publicEndpointUrl,
-      endpointAllow: config.endpointAllow,
-    });
-    metrics.dispatched(answer.source, answer.reason);
-    return answer;
-  });
+  api.get(
+    '/api/deployments/:id/endpoint',
+    route('read', {
+      summary: 'Dispatch: the endpoint to hand out now',
+      description: 'The private endpoint while it may be served, else the public fallback (`none` when unset), and why.',
+      params: deploymentIdParamsSchema,
+      response: { 200: answer('the endpoint', resolvedEndpointSchema), 400: badId, 404: notFound, 503: UNAVAILABLE },
+    }),
+    async (request) => {
+      const { id } = request.params;
+      const deployment = await getDeployment(ds, id, stamps);
+      if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
+      const answer = resolveEndpoint(deployment, now(), {
+        readyWindowS: config.readyWindowS,
+        publicEndpointUrl: config.publicEndpointUrl,
+        endpointAllow: config.endpointAllow,
+      });
+      metrics.dispatched(answer.source, answer.reason);
+      return answer;
+    },
+  );
 
   // --- intake ---
   const intake: { scope: Scope; rateLimit?: { max: number; timeWindow: number } } = {
@@ -368,8 +529,26 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     scope: 'events:write',
     ...(config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {}),
   };
-  app.post('/api/events', { config: intake }, async (request, reply) => {
-    const body = request.body;
+  const intakeRoute = route('events:write', {
+    summary: 'Enqueue a lifecycle event',
+    description:
+      'Validated and enqueued; the job id is the eventId (derived when the payload has none). `events:admin` is needed ' +
+      'for a forced teardown, `deployment.resolve`, `attempt.orphaned` and `attempt.expired`. The actor is the token\'s ' +
+      'name: leave `actor` out of `data`.',
+    body: eventBodySchema,
+    response: {
+      202: answer('enqueued (or already enqueued: `duplicate`)', enqueueResultSchema),
+      400: failure('invalid_body, invalid_payload or unknown_event: `issues` names every offending field and its rule'),
+      403: failure('forbidden: the token lacks `events:write`, or `events:admin` for this event'),
+      409: failure('event_id_conflict: the eventId belongs to another event (`existing` says which); nothing was enqueued'),
+      413: failure('the body is over 64 KiB'),
+      415: failure('the body is not JSON'),
+      429: failure('rate_limited (this token sent too many events; see Retry-After) or too_many_failed_authentications'),
+      503: failure('unavailable or not_durable: the event may have been accepted; retry with the same `eventId` (see Retry-After)'),
+    },
+  });
+  api.post('/api/events', { ...intakeRoute, config: intake }, async (request, reply) => {
+    const body: unknown = request.body; // not validated by the framework (see validatorCompiler): checked here
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
     }
@@ -436,27 +615,63 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   });
 
   // --- health and metrics ---
-  app.get('/healthz', OPEN, async () => ({ status: 'ok' }));
-  app.get('/readyz', OPEN, async (request, reply) => {
-    const checks: Record<string, string> = {};
-    const check = async (name: string, fn: () => Promise<boolean>) => {
-      try {
-        checks[name] = (await rejectAfter(fn(), 2000, name)) ? 'ok' : 'failing';
-      } catch (err) {
-        // the details go to the log, not to an unauthenticated caller (they may name hosts or users)
-        deps.logger.warn({ err, check: name }, 'readiness check failed');
-        checks[name] = 'failing';
-      }
-    };
-    await Promise.all([
-      check('redis', async () => (await deps.redis.ping()) === 'PONG'),
-      check('postgres', async () => (await db.run(ADMIN_SQL.ping)).rows.length === 1),
-      check('migrations', () => migrationsApplied(ds)),
-    ]);
-    const ok = Object.values(checks).every((v) => v === 'ok');
-    return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable', checks });
+  api.get(
+    '/healthz',
+    route(null, { summary: 'Liveness', description: 'The process answers.', response: { 200: answer('alive', healthSchema) } }),
+    async () => ({ status: 'ok' as const }),
+  );
+  api.get(
+    '/readyz',
+    route(null, {
+      summary: 'Readiness',
+      description: 'Redis and PostgreSQL answer within 2 s and the migrations are applied.',
+      response: { 200: answer('ready', readinessSchema), 503: answer('not ready: `checks` says which failed', readinessSchema) },
+    }),
+    async (request, reply) => {
+      const check = async (name: string, fn: () => Promise<boolean>): Promise<'ok' | 'failing'> => {
+        try {
+          return (await rejectAfter(fn(), 2000, name)) ? 'ok' : 'failing';
+        } catch (err) {
+          // the details go to the log, not to an unauthenticated caller (they may name hosts or users)
+          deps.logger.warn({ err, check: name }, 'readiness check failed');
+          return 'failing';
+        }
+      };
+      const [redis, postgres, migrations] = await Promise.all([
+        check('redis', async () => (await deps.redis.ping()) === 'PONG'),
+        check('postgres', async () => (await db.run(ADMIN_SQL.ping)).rows.length === 1),
+        check('migrations', () => migrationsApplied(ds)),
+      ]);
+      const checks = { redis, postgres, migrations };
+      const ok = Object.values(checks).every((v) => v === 'ok');
+      return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable', checks });
+    },
+  );
+  api.get(
+    '/metrics',
+    route(config.metricsAuth === 'read' ? 'read' : null, {
+      summary: 'Prometheus metrics',
+      description: 'The text exposition format. Needs `read` when FLEET_METRICS_AUTH=read.',
+      response: { 200: { description: 'the metrics', content: { 'text/plain': { schema: metricsTextSchema } } } },
+    }),
+    async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()),
+  );
+
+  // --- the document and its UI ---
+  app.get(OPENAPI_PATH, { config: { scope: 'read' }, schema: { hide: true } }, async () => app.swagger());
+  await app.register(async (docs) => {
+    // every route of the UI, its assets included, needs what the document needs
+    docs.addHook('onRoute', (options) => {
+      options.config = { ...options.config, scope: 'read' };
+    });
+    await docs.register(swaggerUi, {
+      routePrefix: DOCS_PATH,
+      // nothing from elsewhere: the assets come from the package, and no online validator is asked
+      validatorUrl: false,
+      staticCSP: "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; object-src 'none'; frame-ancestors 'none'",
+      uiConfig: { showExtensions: true, displayRequestDuration: true },
+    });
   });
-  app.get('/metrics', config.metricsAuth === 'read' ? READ : OPEN, async (request, reply) => reply.type(metrics.contentType).send(await metrics.text()));
 
   await registerBoard(app, { queues: deps.queues, creds, admit, accessOf });
   return app;

@@ -6,7 +6,8 @@
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions } from 'bullmq';
 import type { RedisConnection } from './redis';
-import { canonicalPayload, deriveEventId, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
+import { z } from 'zod';
+import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
 import { LIFECYCLE_QUEUE } from './names';
 import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
@@ -15,13 +16,14 @@ import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoin
 /** A payload as a producer writes it: `eventId` optional (derived when omitted). */
 export type EventInput<K extends EventName> = Omit<EventPayloads[K], 'eventId'> & { eventId?: string };
 
-export interface EnqueueResult {
-  readonly name: EventName;
-  readonly eventId: string;
-  readonly jobId: string;
-  /** true when the same event (same name and payload) was already enqueued: nothing was added */
-  readonly duplicate: boolean;
-}
+/** What an enqueue did (the SDK's answer, and `POST /api/events`'s 202 body). */
+export const enqueueResultSchema = z.object({
+  name: z.enum(EVENT_NAMES),
+  eventId: z.string(),
+  jobId: z.string(),
+  duplicate: z.boolean().describe('true when the same event (same name and payload) was already enqueued: nothing was added'),
+}).meta({ id: 'EnqueueResult' });
+export type EnqueueResult = z.output<typeof enqueueResultSchema>;
 
 /**
  * Job options every lifecycle job gets unless the producer overrides them. The worker owns the retries that

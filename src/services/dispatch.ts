@@ -11,6 +11,7 @@
  * `lastReadyAt` is whatever the caller read: the HTTP route passes the read model's view, which overlays a readiness
  * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
  */
+import { z } from 'zod';
 import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import type { DeploymentState, EndpointKind } from '../machine';
 
@@ -28,23 +29,27 @@ export const DEFAULT_READY_WINDOW_S = 120;
  * - `endpoint_not_allowed`: the stored endpoint's host is outside FLEET_ENDPOINT_ALLOW (stored before the list was
  *   set or narrowed): never handed to builds
  */
-export type DispatchReason =
-  | 'ready_heartbeat_fresh'
-  | 'cluster_dns'
-  | 'not_ready'
-  | 'no_endpoint'
-  | 'no_heartbeat'
-  | 'ready_heartbeat_stale'
-  | 'endpoint_not_allowed';
+export const DISPATCH_REASONS = [
+  'ready_heartbeat_fresh',
+  'cluster_dns',
+  'not_ready',
+  'no_endpoint',
+  'no_heartbeat',
+  'ready_heartbeat_stale',
+  'endpoint_not_allowed',
+] as const;
+export type DispatchReason = (typeof DISPATCH_REASONS)[number];
 
-export type DispatchSource = 'private' | 'public' | 'none';
+export const DISPATCH_SOURCES = ['private', 'public', 'none'] as const;
+export type DispatchSource = (typeof DISPATCH_SOURCES)[number];
 
 /** The answer (docs/contract.md, `GET /api/deployments/:id/endpoint`). `url` is null exactly when `source` is "none". */
-export interface ResolvedEndpoint {
-  readonly url: string | null;
-  readonly source: DispatchSource;
-  readonly reason: DispatchReason;
-}
+export const resolvedEndpointSchema = z.object({
+  url: z.string().nullable().describe('null exactly when `source` is "none"'),
+  source: z.enum(DISPATCH_SOURCES),
+  reason: z.enum(DISPATCH_REASONS),
+}).meta({ id: 'ResolvedEndpoint' });
+export type ResolvedEndpoint = z.output<typeof resolvedEndpointSchema>;
 
 interface DispatchCommon {
   readonly state: DeploymentState;

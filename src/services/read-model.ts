@@ -1,7 +1,8 @@
 /**
  * Reads for operators and other services: deployments with their current attempt, attempts, history. The
  * statements and the entity-typed records they return are in src/entities/sql/read.ts; this turns records into
- * the API's JSON views (ISO timestamps, the endpoint as one object, history in the stream's field names).
+ * the API's JSON views (ISO timestamps, the endpoint as one object, history in the stream's field names). Each view
+ * is a zod schema, its type derived from it: the HTTP API's OpenAPI document (/openapi.json) is generated from them.
  *
  * With a stamp buffer, a deployment's `lastReadyAt` and its current attempt's `lastHeartbeatAt` are the later of
  * PostgreSQL's and the buffered one (one Redis round trip per read), so a stamp is visible, and dispatch serves it,
@@ -11,6 +12,7 @@
  * flush, which errs towards the public endpoint, never towards serving an endpoint nobody saw ready.
  */
 import type { DataSource } from 'typeorm';
+import { z } from 'zod';
 import {
   Database,
   findAttempts,
@@ -22,7 +24,7 @@ import {
   type StateTransitionRecord,
 } from '../entities/sql';
 import type { Logger } from '../log';
-import type { AttemptStatus, DeploymentState, EndpointKind } from '../machine';
+import { ATTEMPT_STATUSES, DEPLOYMENT_STATES, ENDPOINT_KINDS, type DeploymentState } from '../machine';
 import type { StampBuffer } from './stamp-buffer';
 
 /** How a read sees stamps not yet flushed (default: PostgreSQL's alone). */
@@ -33,41 +35,48 @@ export interface StampReadOptions {
   readonly logger?: Logger;
 }
 
-export interface AttemptView {
-  readonly id: string;
-  readonly number: number;
-  readonly status: AttemptStatus;
-  readonly startedAt: string | null;
-  readonly endedAt: string | null;
-  readonly lastHeartbeatAt: string | null;
-  readonly reason: string | null;
-}
+const isoTime = z.iso.datetime();
 
-export interface DeploymentView {
-  readonly id: string;
-  readonly name: string;
-  readonly state: DeploymentState;
-  readonly version: number;
-  readonly endpoint: { readonly url: string; readonly kind: EndpointKind } | null;
-  readonly lastReadyAt: string | null;
-  readonly stateChangedAt: string;
-  readonly createdAt: string;
-  readonly updatedAt: string;
-  readonly currentAttempt: AttemptView | null;
-}
+/** An attempt as the API shows it (`GET /api/deployments/:id/attempts`, a deployment's `currentAttempt`). */
+export const attemptViewSchema = z.object({
+  id: z.uuid(),
+  number: z.number().int().min(1).describe("1 for a deployment's first attempt"),
+  status: z.enum(ATTEMPT_STATUSES),
+  startedAt: isoTime.nullable(),
+  endedAt: isoTime.nullable(),
+  lastHeartbeatAt: isoTime.nullable(),
+  reason: z.string().nullable(),
+}).meta({ id: 'Attempt' });
+export type AttemptView = z.output<typeof attemptViewSchema>;
 
-export interface TransitionView {
-  readonly transitionId: string;
-  readonly attemptId: string | null;
-  readonly from: DeploymentState | null;
-  readonly to: DeploymentState;
-  readonly version: number;
-  readonly reason: string;
-  readonly eventId: string;
-  /** who caused it: an API token's name, `sweep`, or the producer's `actor` */
-  readonly actor: string;
-  readonly at: string;
-}
+/** A deployment with its current attempt (`GET /api/deployments/:id`, the items of a page). */
+export const deploymentViewSchema = z.object({
+  id: z.uuid(),
+  name: z.string(),
+  state: z.enum(DEPLOYMENT_STATES),
+  version: z.number().int().min(1).describe('one more with every transition'),
+  endpoint: z.object({ url: z.string(), kind: z.enum(ENDPOINT_KINDS) }).nullable(),
+  lastReadyAt: isoTime.nullable(),
+  stateChangedAt: isoTime,
+  createdAt: isoTime,
+  updatedAt: isoTime,
+  currentAttempt: attemptViewSchema.nullable(),
+}).meta({ id: 'Deployment' });
+export type DeploymentView = z.output<typeof deploymentViewSchema>;
+
+/** One transition of a deployment's history, in the stream entry's field names. */
+export const transitionViewSchema = z.object({
+  transitionId: z.string().regex(/^\d+$/).describe("the transition's id: a whole number, as a string (a bigint)"),
+  attemptId: z.uuid().nullable(),
+  from: z.enum(DEPLOYMENT_STATES).nullable(),
+  to: z.enum(DEPLOYMENT_STATES),
+  version: z.number().int().min(1),
+  reason: z.string(),
+  eventId: z.string(),
+  actor: z.string().describe("who caused it: an API token's name, `sweep`, or the producer's `actor`"),
+  at: isoTime,
+}).meta({ id: 'Transition' });
+export type TransitionView = z.output<typeof transitionViewSchema>;
 
 const iso = (d: Date | null): string | null => (d === null ? null : d.toISOString());
 
@@ -151,11 +160,12 @@ export async function getDeployment(ds: DataSource, id: string, options: StampRe
   return view ?? null;
 }
 
-export interface DeploymentPage {
-  readonly items: readonly DeploymentView[];
-  /** pass as `cursor` for the next page; null on the last page */
-  readonly nextCursor: string | null;
-}
+/** A page of deployments (`GET /api/deployments`). */
+export const deploymentPageSchema = z.object({
+  items: z.array(deploymentViewSchema),
+  nextCursor: z.uuid().nullable().describe('pass as `cursor` for the next page; null on the last page'),
+}).meta({ id: 'DeploymentPage' });
+export type DeploymentPage = z.output<typeof deploymentPageSchema>;
 
 /** A page of deployments in id order (keyset paging: stable under concurrent inserts), optionally by state. */
 export async function listDeployments(

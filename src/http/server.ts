@@ -32,6 +32,8 @@ import type { LifecycleProducer } from '../queues/producer';
 import { resolveEndpoint } from '../services/dispatch';
 import { getDeployment, listAttempts, listDeployments, listTransitions } from '../services/read-model';
 import type { StampBuffer } from '../services/stamp-buffer';
+import { context, ROOT_CONTEXT, SpanKind, trace } from '@opentelemetry/api';
+import { failSpan, traceparentContext, tracer } from '../telemetry';
 
 export interface HttpDeps {
   readonly config: FleetConfig;
@@ -368,7 +370,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     scope: 'events:write',
     ...(config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {}),
   };
-  app.post('/api/events', { config: intake }, async (request, reply) => {
+  const acceptEvent = async (request: FastifyRequest, reply: FastifyReply) => {
     const body = request.body;
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
@@ -432,6 +434,25 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
           });
       }
       throw err;
+    }
+  };
+  app.post('/api/events', { config: intake }, async (request, reply) => {
+    // The request's span (docs/architecture.md, "Tracing"): under the caller's trace when it sends a W3C
+    // `traceparent` header; the event's `enqueue` span goes under it. A no-op while tracing is off.
+    const header = request.headers.traceparent;
+    const parent = traceparentContext(typeof header === 'string' ? header : undefined) ?? ROOT_CONTEXT;
+    const span = tracer().startSpan('POST /api/events', { kind: SpanKind.SERVER, attributes: { 'http.request.method': 'POST', 'http.route': '/api/events' } }, parent);
+    try {
+      const sent = await context.with(trace.setSpan(parent, span), () => acceptEvent(request, reply));
+      span.setAttribute('http.response.status_code', reply.statusCode);
+      return sent;
+    } catch (err) {
+      const status = err instanceof HttpError ? err.status : 500;
+      span.setAttribute('http.response.status_code', status);
+      if (status >= 500) failSpan(span, err);
+      throw err;
+    } finally {
+      span.end();
     }
   });
 

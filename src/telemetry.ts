@@ -117,6 +117,7 @@ export async function startTracing(settings: TracingSettings, logger: Logger, op
         trace.disable();
         context.disable();
         propagation.disable();
+        if (settings.benchExporter) logger.info({ spansExported: exported }, 'tracing stopped');
       })()),
   };
   started = { tracing, users: 0 };

@@ -12,20 +12,21 @@ const LAYERS = {
   util: [], // small shared helpers: nothing of ours
   errors: [],
   log: [],
+  telemetry: ['log'], // tracing: the SDK started only when asked, span helpers over @opentelemetry/api
   events: ['machine', 'util', 'errors'], // payload schemas, event ids, the endpoint allow-list
   entities: ['machine', ...FOUNDATION], // persistence: knows no BullMQ, no Redis, no services
-  queues: ['events', 'machine', ...FOUNDATION], // BullMQ names, connections, the producer SDK
-  config: ['events', 'machine', ...FOUNDATION],
+  queues: ['events', 'machine', 'telemetry', ...FOUNDATION], // BullMQ names, connections, the producer SDK
+  config: ['events', 'machine', 'telemetry', ...FOUNDATION],
   metrics: [...FOUNDATION],
-  services: ['entities', 'events', 'machine', 'queues', ...FOUNDATION], // domain services
-  streams: ['entities', 'queues', 'events', 'machine', ...FOUNDATION], // outbox relay, stream consumer
-  workers: ['services', 'entities', 'queues', 'events', 'machine', 'metrics', ...FOUNDATION],
-  http: ['services', 'entities', 'queues', 'streams', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
-  app: ['http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
-  cli: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
-  index: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', ...FOUNDATION],
+  services: ['entities', 'events', 'machine', 'queues', 'telemetry', ...FOUNDATION], // domain services
+  streams: ['entities', 'queues', 'events', 'machine', 'telemetry', ...FOUNDATION], // outbox relay, stream consumer
+  workers: ['services', 'entities', 'queues', 'events', 'machine', 'metrics', 'telemetry', ...FOUNDATION],
+  http: ['services', 'entities', 'queues', 'streams', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
+  app: ['http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
+  cli: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
+  index: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
 };
-const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'app', 'index']);
+const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'telemetry', 'app', 'index']);
 const pathOf = (layer) => (FILE_LAYERS.has(layer) ? `./src/${layer}.ts` : `./src/${layer}/**`);
 
 const layerZones = Object.entries(LAYERS).flatMap(([layer, allowed]) =>

@@ -37,7 +37,7 @@ import * as path from 'node:path';
 import { log, repoRoot, round } from './lib/common';
 import { chart, evaluateTargets, markdown, rssSummary, type BenchResults } from './lib/report';
 import { startBenchServices } from './lib/services';
-import { WORKER_KINDS, type WorkerKind } from './lib/workers';
+import { DEFAULT_WORKER_KINDS, WORKER_KINDS, type WorkerKind } from './lib/workers';
 import { runDispatch, type DispatchResult } from './scenarios/dispatch';
 import { runLatency, type LatencyResult } from './scenarios/latency';
 import { runSweep, type SweepScenarioResult } from './scenarios/sweep';
@@ -83,7 +83,7 @@ interface Args {
   readonly hosts: HostsArgs;
   /** --levels: the throughput scenario's worker concurrencies [1,4,16,32; --quick: 4,16] */
   readonly levels: number[] | null;
-  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive] */
+  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) on request */
   readonly kinds: WorkerKind[] | null;
   /** --rounds: the throughput scenario's rounds [2; --quick: 1] */
   readonly rounds: number | null;
@@ -278,7 +278,7 @@ async function main(): Promise<void> {
         directConcurrencies: args.quick ? [16] : [1, 4, 16, 32],
         events: (c) => (args.quick ? 500 : c === 1 ? 1000 : 3000),
         warmup: args.quick ? 100 : 300,
-        kinds: args.kinds ?? WORKER_KINDS,
+        kinds: args.kinds ?? DEFAULT_WORKER_KINDS,
         rounds: args.rounds ?? (args.quick ? 1 : 2),
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });

@@ -2,7 +2,8 @@
  * The composition root: builds the long-lived components in start order and closes them in reverse.
  * Nothing else wires components together.
  *
- * Start order: database -> producer -> fleet clock -> relay -> sweep -> lifecycle worker -> HTTP.
+ * Start order: tracing (only when the OTEL_* variables ask for it) -> database -> producer -> fleet clock -> relay ->
+ * sweep -> lifecycle worker -> HTTP.
  * Every component that reads a time reads the fleet clock (Redis's time, src/queues/fleet-clock.ts).
  * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
  * its tick, the relay publishes what the last jobs committed, then the connections close.
@@ -30,6 +31,7 @@ import { streamCounts } from './streams/consumer';
 import { LifecycleWorker } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
 import { settleWithin } from './util';
+import { startTracing, type Tracing } from './telemetry';
 
 export interface Endpoints {
   readonly redisUrl: string;
@@ -64,6 +66,8 @@ export interface Fleet {
   readonly http: FastifyInstance | null;
   /** where HTTP listens, e.g. `http://127.0.0.1:3000`; null without the http role */
   readonly httpUrl: string | null;
+  /** tracing, when the OTEL_* variables turned it on (docs/architecture.md, "Tracing"); null: off, nothing loaded */
+  readonly tracing: Tracing | null;
   /** graceful stop in reverse start order; safe to call twice */
   close(graceMs?: number): Promise<void>;
 }
@@ -106,6 +110,11 @@ export async function startFleet(
   closers.push(async () => void process.off('SIGHUP', onHangup));
 
   try {
+    // first to start, last to stop: the spans of the shutdown itself are flushed
+    const tracing = await startTracing(config.tracing, logger);
+    if (tracing !== null) closers.push(() => tracing.close());
+    const telemetry = tracing === null ? {} : { telemetry: tracing.bullmq };
+
     const dataSource = createDataSource({
       url: endpoints.databaseUrl,
       poolSize: config.concurrency + 6,
@@ -122,6 +131,7 @@ export async function startFleet(
       prefix: config.prefix,
       endpointAllow: config.endpointAllow,
       durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+      ...telemetry,
     });
     closers.push(() => producer.close());
     // the one clock of the fleet: Redis's time. Its own fail-fast connection, so a sample never waits for a reconnect.
@@ -243,6 +253,7 @@ export async function startFleet(
         redisWatch,
         pgWatch,
         onJob: (report) => metrics.job(report),
+        ...telemetry,
         watchdog: {
           waiting: () => producer.queue.getWaitingCount(),
           // how much the queue has done: its BullMQ event stream's entries ever added (jobs added, started, finished)
@@ -303,6 +314,7 @@ export async function startFleet(
       sweep,
       http,
       httpUrl,
+      tracing,
       close: (graceMs = 30_000) => (closing ??= close(graceMs)),
     };
   } catch (err) {

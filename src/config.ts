@@ -7,6 +7,7 @@ import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
 import { LOG_FORMATS, type LogFormat } from './log';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from './util/redis-url';
+import type { TracingSettings } from './telemetry';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -91,6 +92,12 @@ export interface FleetConfig {
    * `X-Forwarded-For` names the client (for the failed-authentication throttle and per-address limits)
    */
   readonly httpTrustProxy: readonly string[];
+  /**
+   * Tracing (docs/architecture.md, "Tracing"), from the standard OpenTelemetry variables: on when
+   * `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set or `OTEL_TRACES_EXPORTER=otlp`;
+   * `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turns it off whatever else is set (default: off)
+   */
+  readonly tracing: TracingSettings;
 }
 
 /** Off loopback, Bull Board's basic-auth password must be at least this long. */
@@ -238,6 +245,8 @@ export function loadConfig(env: Env = process.env, terminal: boolean = process.s
     );
   }
 
+  const tracing = readTracing(read, problems);
+
   const config: FleetConfig = {
     redisUrl,
     redisCluster,
@@ -266,8 +275,54 @@ export function loadConfig(env: Env = process.env, terminal: boolean = process.s
     eventsRateLimit: int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),
     metricsAuth: metricsAuth === 'read' ? 'read' : 'open',
     httpTrustProxy: Object.freeze(httpTrustProxy),
+    tracing,
   };
 
   if (problems.length > 0) throw new ConfigError(problems);
   return Object.freeze(config);
+}
+
+/** The `OTEL_*` variables this fleet honours (OTLP over HTTP only), and the bench's `FLEET_TRACE_BENCH` hook. */
+function readTracing(read: (name: string) => string | undefined, problems: string[]): TracingSettings {
+  const disabledRaw = read('OTEL_SDK_DISABLED')?.toLowerCase();
+  if (disabledRaw !== undefined && disabledRaw !== 'true' && disabledRaw !== 'false') {
+    problems.push(`OTEL_SDK_DISABLED: must be "true" or "false", got "${disabledRaw.slice(0, 40)}"`);
+  }
+  const exporters = (read('OTEL_TRACES_EXPORTER') ?? '')
+    .split(',')
+    .map((e) => e.trim().toLowerCase())
+    .filter((e) => e !== '');
+  const unsupported = exporters.filter((e) => e !== 'otlp' && e !== 'none');
+  if (unsupported.length > 0) {
+    problems.push(`OTEL_TRACES_EXPORTER: must be "otlp" or "none" (this fleet exports OTLP over HTTP), got "${unsupported.join(',').slice(0, 60)}"`);
+  }
+  const protocol = read('OTEL_EXPORTER_OTLP_TRACES_PROTOCOL') ?? read('OTEL_EXPORTER_OTLP_PROTOCOL');
+  if (protocol !== undefined && protocol !== 'http/json' && protocol !== 'http/protobuf') {
+    problems.push(`OTEL_EXPORTER_OTLP_PROTOCOL: this fleet exports OTLP over HTTP (JSON), so it must be "http/json" or "http/protobuf" (the same HTTP endpoint), got "${protocol.slice(0, 40)}"`);
+  }
+  const endpoint = (name: string): string | undefined => {
+    const raw = read(name);
+    if (raw === undefined) return undefined;
+    try {
+      const u = new URL(raw);
+      if (u.protocol === 'http:' || u.protocol === 'https:') return raw;
+      problems.push(`${name}: scheme must be http or https (OTLP over HTTP), got "${u.protocol.replace(/:$/, '')}"`);
+    } catch {
+      // never echo the value: it may carry credentials
+      problems.push(`${name}: must be an http(s) URL, got an unparsable value`);
+    }
+    return undefined;
+  };
+  const tracesEndpoint = endpoint('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT');
+  const baseEndpoint = endpoint('OTEL_EXPORTER_OTLP_ENDPOINT');
+  const bench = read('FLEET_TRACE_BENCH');
+  if (bench !== undefined && bench !== '0' && bench !== '1') problems.push(`FLEET_TRACE_BENCH: must be 0 or 1, got "${bench.slice(0, 40)}"`);
+  const off = disabledRaw === 'true' || exporters.includes('none');
+  const asked = tracesEndpoint !== undefined || baseEndpoint !== undefined || exporters.includes('otlp');
+  return Object.freeze({
+    enabled: bench === '1' || (!off && asked),
+    serviceName: read('OTEL_SERVICE_NAME') ?? 'lifecycle-fleet',
+    tracesUrl: tracesEndpoint ?? (baseEndpoint !== undefined ? `${baseEndpoint.replace(/\/+$/, '')}/v1/traces` : 'http://localhost:4318/v1/traces'),
+    benchExporter: bench === '1',
+  });
 }

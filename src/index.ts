@@ -31,3 +31,5 @@ export { SweepWorker, ensureSweepScheduler, SWEEP_SCHEDULER_ID } from './workers
 export type { SweepWorkerOptions, EnsureSweepSchedulerOptions, EnsureSweepSchedulerResult } from './workers/sweep-worker';
 export { FleetMetrics } from './metrics';
 export { buildHttpServer } from './http/server';
+export { startTracing, TRACING_OFF, formatTraceparent, traceparentContext } from './telemetry';
+export type { Tracing, TracingSettings, TracingStartOptions } from './telemetry';

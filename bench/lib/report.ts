@@ -185,16 +185,16 @@ export function markdown(r: BenchResults): string {
     out.push(`Workload: ${t.workload}. Each level ran ${t.rounds} time(s), rounds one after the other; the best run of each counts.`);
     out.push('');
     out.push(
-      '| worker concurrency | ours: enqueue -> stream | ours, group commit off | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
+      '| worker concurrency | ours: enqueue -> stream | ours, group commit off | ours, tracing on | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
     );
-    out.push('|---:|---:|---:|---:|---:|---:|---:|');
+    out.push('|---:|---:|---:|---:|---:|---:|---:|---:|');
     const cs = [...new Set([...t.runs.map((x) => x.concurrency), ...t.direct.map((d) => d.concurrency)])].sort((a, b) => a - b);
     const direct = (c: number, variant: string) => t.direct.find((d) => d.concurrency === c && d.variant === variant)?.eventsPerSec;
     for (const c of cs) {
       const run = (kind: string) => t.runs.find((x) => x.kind === kind && x.concurrency === c);
       const fail = (kind: string) => ((run(kind)?.failed ?? 0) > 0 ? ` (${run(kind)?.failed} failed)` : '');
       out.push(
-        `| ${c} | ${n0(run('ours')?.eventsPerSec)}${fail('ours')} | ${n0(run('unbatched')?.eventsPerSec)}${fail('unbatched')} | ${n0(run('noop')?.eventsPerSec)}${fail('noop')} | ${n0(run('naive')?.eventsPerSec)}${fail('naive')} | ` +
+        `| ${c} | ${n0(run('ours')?.eventsPerSec)}${fail('ours')} | ${n0(run('unbatched')?.eventsPerSec)}${fail('unbatched')} | ${n0(run('traced')?.eventsPerSec)}${fail('traced')} | ${n0(run('noop')?.eventsPerSec)}${fail('noop')} | ${n0(run('naive')?.eventsPerSec)}${fail('naive')} | ` +
           `${n0(direct(c, 'statements'))} / ${n0(direct(c, 'one-statement'))} | ${n1(run('ours')?.peakRssMb)} |`,
       );
     }
@@ -216,6 +216,7 @@ export function markdown(r: BenchResults): string {
     out.push(`|---|${groups.map(() => '---:').join('|')}|---:|`);
     const rows: Array<[string, Record<string, number>]> = [[`ours c=${t.best.ours.concurrency}`, t.best.ours.cpuMsPerEvent]];
     if (t.best.unbatched != null) rows.push([`ours, group commit off, c=${t.best.unbatched.concurrency}`, t.best.unbatched.cpuMsPerEvent]);
+    if (t.best.traced != null) rows.push([`ours, tracing on, c=${t.best.traced.concurrency}`, t.best.traced.cpuMsPerEvent]);
     if (t.best.naive !== null) rows.push([`(c) naive c=${t.best.naive.concurrency}`, t.best.naive.cpuMsPerEvent]);
     if (t.best.noop !== null) rows.push([`(b) no-op c=${t.best.noop.concurrency}`, t.best.noop.cpuMsPerEvent]);
     rows.push([`(a) direct ${t.best.direct.variant} c=${t.best.direct.concurrency}`, t.best.direct.cpuMsPerEvent]);
@@ -224,6 +225,18 @@ export function markdown(r: BenchResults): string {
       out.push(`| ${label} | ${groups.map((g) => (cpu[g] === undefined ? '–' : cpu[g].toFixed(2))).join(' | ')} | ${total.toFixed(2)} |`);
     }
     out.push('');
+    const traced = t.best.traced;
+    if (traced != null) {
+      const worker = (cpu: Record<string, number>) => cpu['worker'] ?? 0;
+      const [on, off] = [worker(traced.cpuMsPerEvent), worker(t.best.ours.cpuMsPerEvent)];
+      out.push(
+        `Tracing's cost (issue 19), at c=${traced.concurrency}: every span made and exported to an in-process exporter that counts and drops them ` +
+          `(FLEET_TRACE_BENCH=1, no collector): worker CPU **${on.toFixed(2)} vs ${off.toFixed(2)} ms/event (+${(on - off).toFixed(2)} ms, ` +
+          `${off > 0 ? round((on / off - 1) * 100, 0) : '–'}%)**, throughput ${n0(traced.eventsPerSec)} vs ${n0(t.best.ours.eventsPerSec)} events/s ` +
+          `(${round(traced.eventsPerSec / t.best.ours.eventsPerSec, 2)} x). Tracing off (\`ours\`) loads no SDK and makes no span.`,
+      );
+      out.push('');
+    }
   }
   const l = r.latency;
   if (l !== null) {

@@ -8,6 +8,8 @@
  *   publishes nothing, so it does strictly less than `ours` per event).
  * - `stream`: baseline (d), bench/fixtures/stream-worker: each job's entry XADDed by the worker itself, no database.
  *   Done = the entry was read from the stream, as for `ours`.
+ * - `traced`: `ours` with tracing on (FLEET_TRACE_BENCH=1: every span made, batched and handed to an in-process
+ *   exporter that counts and drops them), so that `ours` next to it shows what tracing costs per event.
  */
 import * as path from 'node:path';
 import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
@@ -20,14 +22,17 @@ import { TEARDOWN } from './workload';
 
 /**
  * `ours`: `fleet worker` as deployed (group commit on); `unbatched`: the same with FLEET_BATCH_MAX=1, one transaction
- * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines.
+ * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines;
+ * `traced`: `ours` with tracing on (issue 19), on request only (`--kinds ours,traced`).
  */
-export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive'] as const;
+export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive', 'traced'] as const;
+/** what the throughput scenario runs without `--kinds` */
+export const DEFAULT_WORKER_KINDS: readonly WorkerKind[] = ['ours', 'unbatched', 'noop', 'naive'];
 /** `stream`: baseline (d), bench/fixtures/stream-worker, the latency floor (measured by the latency scenario only). */
 export type WorkerKind = (typeof WORKER_KINDS)[number] | 'stream';
 
 /** The kinds that are `fleet worker` itself (and publish to the stream). */
-export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched';
+export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced';
 
 /** The kinds whose events end as entries on the transition stream (done = the entry was read). */
 const appendsToStream = (kind: WorkerKind): boolean => isFleetWorker(kind) || kind === 'stream';
@@ -84,6 +89,7 @@ export class WorkerUnderTest {
       LOG_LEVEL: 'info',
       BENCH_REPORT: setup.report === 'each' ? 'each' : `every:${setup.report ?? 100}`,
       ...(setup.kind === 'unbatched' ? { FLEET_BATCH_MAX: '1' } : {}),
+      ...(setup.kind === 'traced' ? { FLEET_TRACE_BENCH: '1' } : {}),
     };
     const label = `${setup.prefix}`;
     const proc =

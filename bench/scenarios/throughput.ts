@@ -38,6 +38,8 @@ export interface ThroughputResult {
     readonly direct: DirectRun;
     /** ours with group commit off (FLEET_BATCH_MAX=1) at ours' best concurrency: before and after issue 18 */
     readonly unbatched?: WorkerRun | null;
+    /** ours with tracing on (FLEET_TRACE_BENCH=1) at ours' best concurrency, when `traced` ran */
+    readonly traced?: WorkerRun | null;
   };
   /** diagnostic: baseline (a) with a NOTIFY inside each transaction, at (a)'s best concurrency */
   readonly directWithNotify: DirectRun;
@@ -153,6 +155,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
       naive,
       direct: bestDirect,
       unbatched: runs.find((x) => x.kind === 'unbatched' && x.concurrency === ours.concurrency) ?? null,
+      traced: runs.find((x) => x.kind === 'traced' && x.concurrency === ours.concurrency) ?? null,
     },
     directWithNotify: withNotify,
     ratios: {

@@ -53,6 +53,8 @@ import {
   transitionQuerySchema,
 } from './api-schemas';
 import type { StampBuffer } from '../services/stamp-buffer';
+import { context, ROOT_CONTEXT, SpanKind, trace } from '@opentelemetry/api';
+import { failSpan, traceparentContext, tracer } from '../telemetry';
 
 export interface HttpDeps {
   readonly config: FleetConfig;
@@ -547,7 +549,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       503: failure('unavailable or not_durable: the event may have been accepted; retry with the same `eventId` (see Retry-After)'),
     },
   });
-  api.post('/api/events', { ...intakeRoute, config: intake }, async (request, reply) => {
+  const acceptEvent = async (request: FastifyRequest, reply: FastifyReply) => {
     const body: unknown = request.body; // not validated by the framework (see validatorCompiler): checked here
     if (typeof body !== 'object' || body === null || Array.isArray(body)) {
       throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
@@ -611,6 +613,25 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
           });
       }
       throw err;
+    }
+  };
+  api.post('/api/events', { ...intakeRoute, config: intake }, async (request, reply) => {
+    // The request's span (docs/architecture.md, "Tracing"): under the caller's trace when it sends a W3C
+    // `traceparent` header; the event's `enqueue` span goes under it. A no-op while tracing is off.
+    const header = request.headers.traceparent;
+    const parent = traceparentContext(typeof header === 'string' ? header : undefined) ?? ROOT_CONTEXT;
+    const span = tracer().startSpan('POST /api/events', { kind: SpanKind.SERVER, attributes: { 'http.request.method': 'POST', 'http.route': '/api/events' } }, parent);
+    try {
+      const sent = await context.with(trace.setSpan(parent, span), () => acceptEvent(request, reply));
+      span.setAttribute('http.response.status_code', reply.statusCode);
+      return sent;
+    } catch (err) {
+      const status = err instanceof HttpError ? err.status : 500;
+      span.setAttribute('http.response.status_code', status);
+      if (status >= 500) failSpan(span, err);
+      throw err;
+    } finally {
+      span.end();
     }
   });
 

@@ -4,7 +4,8 @@
  * any delivery that still gets through a recorded noop.
  */
 import { Queue } from 'bullmq';
-import type { DefaultJobOptions, JobsOptions } from 'bullmq';
+import type { DefaultJobOptions, JobsOptions, Telemetry } from 'bullmq';
+import { SpanKind } from '@opentelemetry/api';
 import type { RedisConnection } from './redis';
 import { z } from 'zod';
 import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
@@ -12,6 +13,7 @@ import { LIFECYCLE_QUEUE } from './names';
 import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
+import { failSpan, tracer } from '../telemetry';
 
 /** A payload as a producer writes it: `eventId` optional (derived when omitted). */
 export type EventInput<K extends EventName> = Omit<EventPayloads[K], 'eventId'> & { eventId?: string };
@@ -71,6 +73,13 @@ export interface LifecycleProducerOptions {
   readonly endpointAllow?: EndpointAllowList | null;
   /** wait for Redis replicas before an enqueue returns (default: off; see DurableEnqueue) */
   readonly durable?: DurableEnqueue | null;
+  /**
+   * BullMQ's telemetry (`new BullMQOtel()` from bullmq-otel, or the fleet's `Tracing.bullmq`): BullMQ's producer
+   * span, and the trace context carried in the job for the worker to continue (default: none, BullMQ traces
+   * nothing). The SDK's own `enqueue <name>` span goes to whatever OpenTelemetry SDK the process registered (none:
+   * the API's no-op tracer).
+   */
+  readonly telemetry?: Telemetry;
 }
 
 export class LifecycleProducer {
@@ -105,6 +114,7 @@ export class LifecycleProducer {
       defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...options.defaultJobOptions },
       // fail fast while Redis is unreachable rather than waiting for it to come back
       skipWaitingForReady: true,
+      ...(options.telemetry === undefined ? {} : { telemetry: options.telemetry }),
     });
     // Connection errors surface on the calls that hit them; the queue's own event would be unhandled otherwise.
     this.queue.on('error', () => undefined);
@@ -123,8 +133,31 @@ export class LifecycleProducer {
     assertEndpointAllowed(data, this.endpointAllow);
     const eventName = name as EventName;
     const eventId = data.eventId ?? deriveEventId(eventName, data);
+    const attributes = {
+      'fleet.event.name': eventName,
+      'fleet.event.id': eventId,
+      'fleet.deployment.id': data.deploymentId,
+      ...('attemptId' in data ? { 'fleet.attempt.id': data.attemptId } : {}),
+    };
+    // one trace per event starts here (or under the caller's span: the HTTP intake's request): BullMQ's producer
+    // span and the job's trace context come under it
+    return tracer().startActiveSpan(`enqueue ${eventName}`, { kind: SpanKind.INTERNAL, attributes }, async (span) => {
+      try {
+        const result = await this.add(eventName, { ...data, eventId }, jobOptions);
+        span.setAttribute('fleet.duplicate', result.duplicate);
+        return result;
+      } catch (err) {
+        failSpan(span, err);
+        throw err;
+      } finally {
+        span.end();
+      }
+    });
+  }
+
+  private async add(eventName: EventName, ours: EventPayloads[EventName] & { eventId: string }, jobOptions: JobsOptions): Promise<EnqueueResult> {
+    const eventId = ours.eventId;
     const jobId = jobIdFor(eventId);
-    const ours = { ...data, eventId };
     // Read back what the id holds. Found nothing means the job under the id finished and was removed between the
     // add and the read (ours, or an earlier one that made the add a no-op): add again, so that the event is really
     // there (the worker's processed_events then tells a redelivery from another event with this id).

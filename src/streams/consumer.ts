@@ -13,6 +13,7 @@
  *   then start again from `$`.
  */
 import { z } from 'zod';
+import { context, SpanKind, trace } from '@opentelemetry/api';
 import type { RedisConnection } from '../queues/redis';
 import { isTransient, ResyncRequiredError } from '../errors';
 import { ACTOR_PATTERN, EVENT_ID_PATTERN } from '../events/schemas';
@@ -20,6 +21,7 @@ import { DEPLOYMENT_STATES } from '../machine';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { settleWithin, sleep } from '../util';
+import { failSpan, traceparentContext, tracer } from '../telemetry';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
 export interface TransitionEntry {
@@ -39,6 +41,11 @@ export interface TransitionEntry {
   readonly at: string;
   /** who caused it: an API token's name, `sweep`, or the producer's `actor` (empty in entries older than the field) */
   readonly actor: string;
+  /**
+   * The W3C trace context of the relay's `publish` span for this entry, when tracing was on where it was written
+   * (docs/architecture.md, "Tracing"); the handler runs in a `handle transition` span continuing it
+   */
+  readonly traceparent?: string;
 }
 
 /** A UUID as the fleet writes it on the stream (PostgreSQL's text form: lower case). */
@@ -364,11 +371,43 @@ export class TransitionConsumer {
    * overtake it. Returns false only when closed before the handler succeeded.
    */
   private async handleWithRetry(entry: TransitionEntry): Promise<boolean> {
+    // a traced entry's handler runs in a span that continues the event's trace (the API's no-op when this process
+    // registered no OpenTelemetry SDK); an untraced one's runs as it is
+    const parent = traceparentContext(entry.traceparent);
+    if (parent === null) return this.retrying(entry);
+    const span = tracer().startSpan(
+      'handle transition',
+      {
+        kind: SpanKind.CONSUMER,
+        attributes: {
+          'messaging.system': 'redis',
+          'messaging.operation.type': 'process',
+          'messaging.destination.name': this.options.streamKey,
+          'messaging.consumer.group.name': this.options.group,
+          'messaging.message.id': entry.streamId,
+          'fleet.deployment.id': entry.deploymentId,
+          'fleet.event.id': entry.eventId,
+          'fleet.version': entry.version,
+        },
+      },
+      parent,
+    );
+    try {
+      const done = await context.with(trace.setSpan(parent, span), () => this.retrying(entry, (err) => span.recordException(err instanceof Error ? err : String(err))));
+      if (!done) failSpan(span, new Error('closed before the handler succeeded'));
+      return done;
+    } finally {
+      span.end();
+    }
+  }
+
+  private async retrying(entry: TransitionEntry, onFailure?: (err: unknown) => void): Promise<boolean> {
     for (let attempt = 0; ; attempt++) {
       try {
         await this.options.handler(entry);
         return true;
       } catch (err) {
+        onFailure?.(err);
         if (this.stopped) return false;
         const delay = Math.min(10_000, 250 * 2 ** attempt);
         this.log.warn({ err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
@@ -406,6 +445,7 @@ export function parseEntry(streamId: string, fields: readonly string[]): Transit
     eventId: f.eventId ?? '',
     at: f.at ?? '',
     actor: f.actor ?? '',
+    ...(f.traceparent === undefined ? {} : { traceparent: f.traceparent }),
   };
 }
 

@@ -23,10 +23,12 @@
  */
 import { createHash } from 'node:crypto';
 import { Client } from 'pg';
+import { SpanKind, type Span } from '@opentelemetry/api';
 import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
+import { failSpan, formatTraceparent, traceparentContext, tracer } from '../telemetry';
 
 /** The advisory lock the active relay holds. */
 export { RELAY_LOCK_KEY };
@@ -317,20 +319,27 @@ export class OutboxRelay {
     if (rows.length > 0) {
       const expected = this.lastStreamId;
       const args: string[] = [expected, String(this.options.maxLen ?? 1_000_000)];
+      const spans: Array<Span | null> = [];
       for (const row of rows) {
-        const flat = Object.entries(row.fields).flat();
+        const { fields, span } = startPublish(row.fields, this.options.streamKey);
+        spans.push(span);
+        const flat = Object.entries(fields).flat();
         args.push(String(flat.length), ...flat);
       }
       let streamIds: string[];
       try {
         streamIds = await this.appendIfTail(args);
+        spans.forEach((span, i) => span?.setAttribute('messaging.message.id', streamIds[i] ?? ''));
       } catch (err) {
+        for (const span of spans) if (span !== null) failSpan(span, err);
         if (err instanceof Error && err.message.includes('TAIL_MOVED')) {
           this.log.warn({ expected, found: err.message.split('TAIL_MOVED ')[1] }, 'the stream does not end where this relay left it');
           this.lastStreamId = null; // reconcile on the next cycle, before appending anything
           return 0;
         }
         throw err;
+      } finally {
+        for (const span of spans) span?.end();
       }
       const ids = rows.map((r) => r.id);
       if (generation !== this.generation) {
@@ -453,6 +462,34 @@ export class OutboxRelay {
       this.wake = done;
     });
   }
+}
+
+/**
+ * A traced row (its fields carry the `traceparent` of its transition span) gets a `publish` span, child of that
+ * span, around the append (one script call for the whole batch, so every entry's span covers the same call), and
+ * its entry carries the publish span's context instead, so that a consumer's `handle transition` span is its child.
+ * In a process that does not trace, the span is the API's no-op, whose context is the parent's: the field goes out
+ * as it was written. An untraced row (tracing off where it was written) has no field and gets no span.
+ */
+function startPublish(fields: Record<string, string>, streamKey: string): { fields: Record<string, string>; span: Span | null } {
+  const parent = traceparentContext(fields.traceparent);
+  if (parent === null) return { fields, span: null };
+  const span = tracer().startSpan(
+    'publish',
+    {
+      kind: SpanKind.PRODUCER,
+      attributes: {
+        'messaging.system': 'redis',
+        'messaging.operation.type': 'send',
+        'messaging.destination.name': streamKey,
+        'fleet.deployment.id': fields.deploymentId ?? '',
+        'fleet.event.id': fields.eventId ?? '',
+        'fleet.version': Number(fields.version ?? 0),
+      },
+    },
+    parent,
+  );
+  return { fields: { ...fields, traceparent: formatTraceparent(span.spanContext()) ?? fields.traceparent ?? '' }, span };
 }
 
 /** Age in seconds of the oldest unpublished outbox row (0 when none): the relay's lag, for metrics. */

@@ -15,7 +15,8 @@
  */
 import * as os from 'node:os';
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
-import type { Job } from 'bullmq';
+import type { Job, Telemetry } from 'bullmq';
+import { context } from '@opentelemetry/api';
 import type { RedisConnection } from '../queues/redis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { STAMP_EVENTS } from '../events/schemas';
@@ -106,6 +107,12 @@ export interface LifecycleWorkerOptions {
   readonly afterApply?: (job: Job, result: ApplyResult) => void | Promise<void>;
   /** start taking jobs at once (default true) */
   readonly autorun?: boolean;
+  /**
+   * BullMQ's telemetry (the fleet's `Tracing.bullmq`; default none): each job runs under BullMQ's worker span,
+   * which continues the producer's trace, and its event's `transition` span goes under that (docs/architecture.md,
+   * "Tracing"). Without it no job is traced.
+   */
+  readonly telemetry?: Telemetry;
 }
 
 /** Backoff for the worker's own retries: 250 ms doubling to 30 s, with jitter. */
@@ -170,6 +177,7 @@ export class LifecycleWorker {
       stalledInterval: options.stalledIntervalMs ?? LIFECYCLE_WORKER_DEFAULTS.stalledInterval,
       maxStalledCount: options.maxStalledCount ?? LIFECYCLE_WORKER_DEFAULTS.maxStalledCount,
       autorun: options.autorun ?? true,
+      ...(options.telemetry === undefined ? {} : { telemetry: options.telemetry }),
     });
     const connection = this.ownedConnection ?? (options.connection as RedisConnection);
     options.stampBuffer?.absorbThrough(connection);
@@ -243,6 +251,8 @@ export class LifecycleWorker {
       result = await this.coalescer.apply(job.name, job.data, {
         fallbackEventId: fallbackEventId(job),
         producedAt: new Date(job.timestamp),
+        // BullMQ's worker span, when it traces: the job's events may be written in a batch started by another job
+        traceContext: context.active(),
       });
     } catch (err) {
       // the service talks to PostgreSQL, and to Redis only through a stamp buffer: report the outage to its server's watch

@@ -32,8 +32,56 @@ describe('configuration', () => {
       eventsRateLimit: 100,
       metricsAuth: 'open',
       httpTrustProxy: [],
+      tracing: { enabled: false, serviceName: 'lifecycle-fleet', tracesUrl: 'http://localhost:4318/v1/traces', benchExporter: false },
     });
     expect(Object.isFrozen(config)).to.equal(true);
+  });
+
+  describe('tracing (the standard OTEL_* variables)', () => {
+    const tracing = (env: Record<string, string>) => loadConfig(env).tracing;
+
+    it('is on when an OTLP endpoint is set or OTEL_TRACES_EXPORTER=otlp, sending to the traces endpoint', () => {
+      expect(tracing({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318/' })).to.include({ enabled: true, tracesUrl: 'http://127.0.0.1:4318/v1/traces' });
+      expect(tracing({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9999/t', OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318' })).to.include({
+        enabled: true,
+        tracesUrl: 'http://127.0.0.1:9999/t',
+      });
+      expect(tracing({ OTEL_TRACES_EXPORTER: 'otlp', OTEL_SERVICE_NAME: 'fleet-eu' })).to.include({
+        enabled: true,
+        serviceName: 'fleet-eu',
+        tracesUrl: 'http://localhost:4318/v1/traces',
+      });
+    });
+
+    it('OTEL_SDK_DISABLED=true and OTEL_TRACES_EXPORTER=none win over an endpoint', () => {
+      expect(tracing({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318', OTEL_SDK_DISABLED: 'true' }).enabled).to.equal(false);
+      expect(tracing({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318', OTEL_TRACES_EXPORTER: 'none' }).enabled).to.equal(false);
+      expect(tracing({ OTEL_SERVICE_NAME: 'named-but-off' }).enabled).to.equal(false);
+    });
+
+    it('names the variable and the rule for what it cannot honour, never echoing an endpoint', () => {
+      try {
+        loadConfig({
+          OTEL_TRACES_EXPORTER: 'zipkin',
+          OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc',
+          OTEL_EXPORTER_OTLP_ENDPOINT: 'ftp://user:s3cret@collector',
+          OTEL_SDK_DISABLED: 'yes',
+          FLEET_TRACE_BENCH: '2',
+        });
+        expect.fail('loadConfig accepted them');
+      } catch (err) {
+        expect(err).to.be.instanceOf(ConfigError);
+        const { problems } = err as ConfigError;
+        expect(problems.map((p) => p.split(':')[0])).to.deep.equal([
+          'OTEL_SDK_DISABLED',
+          'OTEL_TRACES_EXPORTER',
+          'OTEL_EXPORTER_OTLP_PROTOCOL',
+          'OTEL_EXPORTER_OTLP_ENDPOINT',
+          'FLEET_TRACE_BENCH',
+        ]);
+        expect(problems.join('\n')).not.to.contain('s3cret');
+      }
+    });
   });
 
   it('reads every variable', () => {

@@ -76,6 +76,8 @@ export interface BatchWriteParams {
   readonly transitions: {
     deploymentId: string[]; attemptId: Array<string | null>; from: Array<string | null>; to: string[]; version: number[];
     reason: string[]; eventId: string[]; actor: string[]; at: Date[]; atText: string[];
+    /** the W3C trace context of the event's `transition` span, when it is traced: the entry's `traceparent` */
+    traceparent: Array<string | null>;
   };
 }
 
@@ -90,6 +92,7 @@ export function batchWriteParams(p: BatchWriteParams): unknown[] {
     a.id, a.deploymentId, a.number, a.status, a.reason, a.startedAt, a.endedAt, a.at, // 37-44
     x.id, x.deploymentId, x.status, x.reason, x.startedAt, x.endedAt, // 45-50
     t.deploymentId, t.attemptId, t.from, t.to, t.version, t.reason, t.eventId, t.actor, t.at, t.atText, // 51-60
+    t.traceparent, // 61
   ];
 }
 
@@ -118,7 +121,8 @@ export const BATCH_SQL = Object.freeze({
    * Applied claims are plain INSERTs, as in the one-event write: an eventId claimed meanwhile by another delivery
    * fails the whole statement, and nothing of it stays. Noop claims of a deployment with applied events before them
    * in the batch (`needs_win`) hang on its row too; the others stand alone, as a one-event noop's claim does.
-   * History and outbox rows go in in the batch's order, so a deployment's outbox ids follow its versions.
+   * History and outbox rows go in in the batch's order, so a deployment's outbox ids follow its versions. An
+   * event traced (docs/architecture.md, "Tracing") has its `traceparent` in its outbox row's fields; others none.
    */
   write: sql<BatchWriteRow>(
     `WITH upd AS (
@@ -179,8 +183,8 @@ export const BATCH_SQL = Object.freeze({
      ),
      tv AS (
        SELECT * FROM unnest($51::uuid[], $52::uuid[], $53::varchar[], $54::varchar[], $55::integer[], $56::varchar[],
-                            $57::varchar[], $58::varchar[], $59::timestamptz[], $60::text[]) WITH ORDINALITY
-              AS v(deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, at, at_text, ord)
+                            $57::varchar[], $58::varchar[], $59::timestamptz[], $60::text[], $61::text[]) WITH ORDINALITY
+              AS v(deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, at, at_text, traceparent, ord)
         WHERE v.deployment_id IN (SELECT id FROM won)
      ),
      t AS (
@@ -194,7 +198,8 @@ export const BATCH_SQL = Object.freeze({
            'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', tv.deployment_id::text,
            'attemptId', COALESCE(tv.attempt_id::text, ''), 'from', COALESCE(tv.from_state::text, ''), 'to', tv.to_state::text,
            'version', tv.version::text, 'reason', tv.reason::text, 'eventId', tv.event_id::text,
-           'at', tv.at_text, 'actor', tv.actor::text),
+           'at', tv.at_text, 'actor', tv.actor::text)
+           || CASE WHEN tv.traceparent IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('traceparent', tv.traceparent) END,
          tv.at
          FROM tv JOIN t ON t.event_id = tv.event_id
         ORDER BY tv.ord

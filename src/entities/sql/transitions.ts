@@ -90,6 +90,8 @@ export interface TransitionWriteInput {
   readonly fromVersion: number | null;
   readonly decision: Extract<Decision, { kind: 'applied' }>;
   readonly now: Date;
+  /** the W3C trace context of the event's `transition` span when it is traced (the entry's `traceparent`), else null */
+  readonly traceparent: string | null;
 }
 
 /** The write's one row: whether the deployment row was written (1) or the version check lost (0). */
@@ -179,6 +181,7 @@ export function transitionWrite(input: TransitionWriteInput): { statement: State
   }
   const attempt = param(input.attemptId, 'uuid');
   const from = param(decision.from, 'varchar');
+  const traceparent = param(input.traceparent, 'text');
   ctes.push(
     `t AS (
        INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id, actor, created_at)
@@ -191,7 +194,8 @@ export function transitionWrite(input: TransitionWriteInput): { statement: State
            'type', 'state_transition', 'transitionId', t.id::text, 'deploymentId', ${id}::text,
            'attemptId', COALESCE(${attempt}::text, ''), 'from', COALESCE(${from}::text, ''), 'to', ${to}::text,
            'version', ${newVersion}::text, 'reason', ${reason}::text, 'eventId', ${eventId}::text,
-           'at', ${param(input.now.toISOString(), 'text')}, 'actor', ${actor}::text),
+           'at', ${param(input.now.toISOString(), 'text')}, 'actor', ${actor}::text)
+           || CASE WHEN ${traceparent} IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('traceparent', ${traceparent}) END,
          ${at}
        FROM t
      )`,

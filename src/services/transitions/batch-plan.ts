@@ -22,11 +22,14 @@ import {
   type MachineEvent,
 } from '../../machine';
 import { eventIdConflict, sameEvent, type ApplyResult, type StateEvent } from './outcomes';
+import type { EventTrace } from './tracing';
 
 /** An event ready to be decided: validated, with its machine form (cutoffs applied). */
 export interface PreparedEvent {
   readonly event: StateEvent;
   readonly machineEvent: MachineEvent;
+  /** its `transition` span when it is traced (tracing.ts): the outbox row carries the span's `traceparent` */
+  readonly trace?: EventTrace | null;
 }
 
 /** What one event of the batch came to. */
@@ -212,7 +215,7 @@ export function planBatch(events: readonly PreparedEvent[], snapshot: BatchSnaps
       }
       case 'applied': {
         const target = working ?? created(deploymentId, event, deployments);
-        const result = applyDecision(target, attempts, event, attemptId, decision, now, write);
+        const result = applyDecision(target, attempts, event, attemptId, decision, now, write, prepared.trace?.traceparent ?? null);
         push({ kind: 'applied', result });
         break;
       }
@@ -310,6 +313,7 @@ function applyDecision(
   decision: Extract<Decision, { kind: 'applied' }>,
   now: Date,
   write: BatchWriteParams,
+  traceparent: string | null,
 ): Extract<ApplyResult, { outcome: 'applied' }> {
   const { effects } = decision;
   const from = decision.from;
@@ -375,6 +379,7 @@ function applyDecision(
   t.actor.push(actor);
   t.at.push(now);
   t.atText.push(now.toISOString());
+  t.traceparent.push(traceparent);
   return {
     outcome: 'applied',
     eventId: event.eventId,
@@ -399,6 +404,6 @@ function emptyWrite(): BatchWriteParams {
     noopClaims: { eventId: [], eventName: [], deploymentId: [], reason: [], version: [], sha: [], at: [], needsWin: [] },
     newAttempts: { id: [], deploymentId: [], number: [], status: [], reason: [], startedAt: [], endedAt: [], at: [] },
     changedAttempts: { id: [], deploymentId: [], status: [], reason: [], startedAt: [], endedAt: [] },
-    transitions: { deploymentId: [], attemptId: [], from: [], to: [], version: [], reason: [], eventId: [], actor: [], at: [], atText: [] },
+    transitions: { deploymentId: [], attemptId: [], from: [], to: [], version: [], reason: [], eventId: [], actor: [], at: [], atText: [], traceparent: [] },
   };
 }

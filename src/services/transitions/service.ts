@@ -15,6 +15,7 @@
  * readiness) are apart, in stamps.ts; the relay wake-up after a commit in relay-wakeup.ts.
  */
 import type { DataSource } from 'typeorm';
+import { context as activeContext, type Context } from '@opentelemetry/api';
 import { ConflictError, isTransient, NotYetError } from '../../errors';
 import {
   BATCH_SQL,
@@ -35,6 +36,8 @@ import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batc
 import type { StampBuffer } from '../stamp-buffer';
 import { RelayWakeup, type LocalRelay } from './relay-wakeup';
 import { Stamps } from './stamps';
+import { inSpan } from '../../telemetry';
+import { endEventTrace, startBatchTrace, startEventTrace, type EventTrace } from './tracing';
 
 /**
  * Test hooks. They observe the production path and may delay it (to stage an interleaving) or throw (to stage a
@@ -64,6 +67,12 @@ export interface ApplyOptions {
    * use it: they record the service's clock when they are processed.
    */
   readonly producedAt?: Date;
+  /**
+   * The trace context the event continues (the job's, under BullMQ's worker span): the event gets a `transition
+   * <name>` span under it, and its outbox row that span's `traceparent`. Default: the active context. Under no
+   * span (tracing off), nothing is traced.
+   */
+  readonly traceContext?: Context;
 }
 
 export interface TransitionServiceOptions {
@@ -141,7 +150,7 @@ export class TransitionService {
       case 'deployment.readiness':
         return this.stamps.readiness(event);
       default:
-        return this.transition(event, options.producedAt);
+        return this.transition(event, options.producedAt, options.traceContext);
     }
   }
 
@@ -169,11 +178,17 @@ export class TransitionService {
         settled.push(settle(this.apply(item.name, item.data, item.options)));
         continue;
       }
-      const prepared = { event, machineEvent: this.machineEventOf(event, item.options?.producedAt) };
+      const trace = startEventTrace(event, item.options?.traceContext ?? activeContext.active());
+      const prepared = { event, machineEvent: this.machineEventOf(event, item.options?.producedAt), trace };
       if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
         flushes.push(this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId));
       }
-      settled.push(new Promise((resolve) => states.push({ prepared, settle: resolve })));
+      const result = new Promise<PromiseSettledResult<ApplyResult>>((resolve) => states.push({ prepared, settle: resolve }));
+      const ended = (r: PromiseSettledResult<ApplyResult>) => {
+        endEventTrace(trace, r);
+        return r;
+      };
+      settled.push(trace === null ? result : result.then(ended));
     }
     const flushed = await Promise.allSettled(flushes);
     const failed = flushed.find((f): f is PromiseRejectedResult => f.status === 'rejected');
@@ -229,19 +244,25 @@ export class TransitionService {
   /** One batch: snapshot, decisions, one write. Events whose deployment's write lost are redone one at a time. */
   private async applyBatch(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
     const keys = snapshotKeys(events);
+    // the batch's statements serve every event in it: they go under a span of the batch's own, linked to each event's
+    const batchTrace = startBatchTrace(events.map((e) => e.trace ?? null), events.length);
+    const traced = batchTrace?.context ?? null;
     let outcome;
     try {
       outcome = await this.db.session(async (s) => {
-        const snapshot = (await s.run(BATCH_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering])).rows[0];
+        const snapshot = (
+          await inSpan('sql snapshot', traced, () => s.run(BATCH_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering]))
+        ).rows[0];
         if (snapshot === undefined) throw new Error('batch snapshot returned no row');
         const plan = planBatch(events, snapshot, this.now());
         if (plan.writes.size === 0 && plan.write.noopClaims.eventId.length === 0) return { plan, row: null };
         await this.hooks.beforeBatchWrite?.(plan.events.map((p) => p.prepared.event));
-        const row = (await s.run(BATCH_SQL.write, batchWriteParams(plan.write))).rows[0];
+        const row = (await inSpan('sql write', traced, () => s.run(BATCH_SQL.write, batchWriteParams(plan.write)))).rows[0];
         if (row === undefined) throw new Error('batch write returned no row');
         return { plan, row };
       });
     } catch (err) {
+      batchTrace?.span.end();
       if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
       // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a deadlock, or
       // anything unforeseen: nothing of the batch was written; each event takes the one-event path, which knows
@@ -250,6 +271,7 @@ export class TransitionService {
       this.log[level]({ err, events: events.length }, 'batch write failed; applying its events one at a time');
       return this.oneByOne(events);
     }
+    batchTrace?.span.end();
     const { plan, row } = outcome;
     const won = new Set(row?.won ?? []);
     const claimed = new Set(row?.noop_claimed ?? []);
@@ -326,16 +348,24 @@ export class TransitionService {
     });
   }
 
-  private async transition(event: StateEvent, producedAt: Date | undefined): Promise<ApplyResult> {
-    // An orphan is judged by the liveness in PostgreSQL: the attempt's latest heartbeat may still be in the buffer,
-    // so it goes to PostgreSQL first (a rare path; one extra UPDATE). Expiry is judged by the start alone.
-    if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
-      await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
-    }
-    return this.transitionOne({ event, machineEvent: this.machineEventOf(event, producedAt) });
+  private async transition(event: StateEvent, producedAt: Date | undefined, traceContext: Context | undefined): Promise<ApplyResult> {
+    const trace = startEventTrace(event, traceContext ?? activeContext.active());
+    const run = async () => {
+      // An orphan is judged by the liveness in PostgreSQL: the attempt's latest heartbeat may still be in the
+      // buffer, so it goes to PostgreSQL first (a rare path; one extra UPDATE). Expiry is judged by the start alone.
+      if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
+        await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
+      }
+      return this.transitionOne({ event, machineEvent: this.machineEventOf(event, producedAt), trace });
+    };
+    if (trace === null) return run();
+    const result = await settle(run());
+    endEventTrace(trace, result);
+    if (result.status === 'rejected') throw result.reason;
+    return result.value;
   }
 
-  private async transitionOne({ event, machineEvent }: PreparedEvent): Promise<ApplyResult> {
+  private async transitionOne({ event, machineEvent, trace = null }: PreparedEvent): Promise<ApplyResult> {
     for (let attempt = 1; ; attempt++) {
       // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
       // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
@@ -343,8 +373,8 @@ export class TransitionService {
       const lock = attempt > 1;
       try {
         const result = lock
-          ? await this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true))
-          : await this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false));
+          ? await this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
+          : await this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace));
         if (result.outcome === 'applied') this.wakeup.committed();
         return result;
       } catch (err) {
@@ -361,13 +391,21 @@ export class TransitionService {
     }
   }
 
-  private async decideAndWrite(s: Session, event: StateEvent, machineEvent: MachineEvent, lock: boolean): Promise<ApplyResult> {
+  private async decideAndWrite(
+    s: Session,
+    event: StateEvent,
+    machineEvent: MachineEvent,
+    lock: boolean,
+    trace: EventTrace | null,
+  ): Promise<ApplyResult> {
     const { deploymentId } = event.data;
     const attemptId = 'attemptId' in event.data ? event.data.attemptId : null;
     const base = { eventId: event.eventId, deploymentId };
+    // a lone event's statements are children of its own transition span
+    const traced = trace?.context ?? null;
 
-    if (lock) await s.run(TRANSITION_SQL.lockDeployment, [deploymentId]);
-    const row = (await s.run(TRANSITION_SQL.snapshot, [deploymentId, attemptId, event.eventId])).rows[0];
+    if (lock) await inSpan('sql lock', traced, () => s.run(TRANSITION_SQL.lockDeployment, [deploymentId]));
+    const row = (await inSpan('sql snapshot', traced, () => s.run(TRANSITION_SQL.snapshot, [deploymentId, attemptId, event.eventId]))).rows[0];
     if (row === undefined) throw new Error('snapshot query returned no row');
     if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
       return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
@@ -397,7 +435,7 @@ export class TransitionService {
         return { ...base, outcome: 'noop', reason: decision.why };
       }
       case 'applied':
-        return this.write(s, event, attemptId, version, decision, now);
+        return this.write(s, event, attemptId, version, decision, now, trace);
     }
   }
 
@@ -408,9 +446,11 @@ export class TransitionService {
     fromVersion: number | null,
     decision: Extract<Decision, { kind: 'applied' }>,
     now: Date,
+    trace: EventTrace | null,
   ): Promise<ApplyResult> {
     const { deploymentId } = event.data;
     const { statement, params } = transitionWrite({
+      traceparent: trace?.traceparent ?? null,
       deploymentId,
       eventId: event.eventId,
       eventName: event.name,
@@ -423,7 +463,7 @@ export class TransitionService {
       now,
     });
     await this.hooks.beforeUpdate?.(event);
-    const row = (await s.run(statement, params)).rows[0];
+    const row = (await inSpan('sql write', trace?.context ?? null, () => s.run(statement, params))).rows[0];
     if (row === undefined) throw new Error('transition write returned no row');
     await this.hooks.afterWrite?.(event, row.written === 1);
     if (row.written !== 1) throw new VersionCheckLost(); // and nothing was written: everything hangs on `dep`

@@ -423,6 +423,11 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   // --- read API ---
   const api = app.withTypeProvider<ZodTypeProvider>();
   const notFound = failure('not_found: no such deployment');
+  const deploymentOr404 = async (id: string) => {
+    const deployment = await getDeployment(ds, id, stamps);
+    if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
+    return deployment;
+  };
   const badId = failure('invalid_id: `id` is not a UUID');
   api.get(
     '/api/deployments/:id',
@@ -433,10 +438,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       response: { 200: answer('the deployment', deploymentViewSchema), 400: badId, 404: notFound, 503: UNAVAILABLE },
     }),
     async (request) => {
-      const { id } = request.params;
-      const deployment = await getDeployment(ds, id, stamps);
-      if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
-      return deployment;
+      return deploymentOr404(request.params.id);
     },
   );
 
@@ -513,8 +515,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     }),
     async (request) => {
       const { id } = request.params;
-      const deployment = await getDeployment(ds, id, stamps);
-      if (deployment === null) throw new HttpError(404, 'not_found', `deployment ${id} not found`);
+      const deployment = await deploymentOr404(id);
       const answer = resolveEndpoint(deployment, now(), {
         readyWindowS: config.readyWindowS,
         publicEndpointUrl: config.publicEndpointUrl,

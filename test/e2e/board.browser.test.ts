@@ -7,17 +7,17 @@ import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'chai';
-import { chromium, type Browser } from 'playwright-core';
+import type { Browser } from 'playwright-core';
 import { startFleet, type Fleet } from '../../src/app';
 import { loadConfig } from '../../src/config';
 import { silentLogger } from '../../src/log';
+import { launchChromium, requireChromium } from '../helpers/browser';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 
-const CHROMIUM = '/usr/bin/chromium';
 const ARTIFACTS = path.join(repoRoot(), 'test-artifacts');
 
 describe('Bull Board in a real browser', function () {
@@ -28,10 +28,7 @@ describe('Bull Board in a real browser', function () {
   const prefix = uniquePrefix();
 
   before(async function () {
-    if (!fs.existsSync(CHROMIUM)) {
-      if (process.env.CI === 'true') throw new Error(`${CHROMIUM} is missing: .ci/run installs Debian's chromium`);
-      this.skip(); // a developer machine without chromium: `apt-get install chromium` to run this test
-    }
+    requireChromium(this);
     db = await openTestDatabase(8);
     const config = loadConfig({
       FLEET_PREFIX: prefix,
@@ -46,10 +43,7 @@ describe('Bull Board in a real browser', function () {
       sweep: true,
       http: true,
     });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   });
 
   after(async () => {

@@ -8,17 +8,17 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
-import { chromium, type Browser, type BrowserContext } from 'playwright-core';
+import type { Browser, BrowserContext } from 'playwright-core';
 import { startFleet, type Fleet } from '../../src/app';
 import { loadConfig } from '../../src/config';
 import { DOCS_PATH, OPENAPI_PATH } from '../../src/http/server';
 import { createToken } from '../../src/http/tokens';
 import { silentLogger } from '../../src/log';
+import { launchChromium, requireChromium } from '../helpers/browser';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
 
-const CHROMIUM = '/usr/bin/chromium';
 
 describe('Swagger UI (/docs) in a real browser', function () {
   this.timeout(90_000);
@@ -30,20 +30,14 @@ describe('Swagger UI (/docs) in a real browser', function () {
   const reader = createToken('reader', ['read']);
 
   before(async function () {
-    if (!fs.existsSync(CHROMIUM)) {
-      if (process.env.CI === 'true') throw new Error(`${CHROMIUM} is missing: .ci/run installs Debian's chromium`);
-      this.skip(); // a developer machine without chromium: `apt-get install chromium` to run this test
-    }
+    requireChromium(this);
     db = await openTestDatabase(4);
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'docs-browser-'));
     const tokensFile = path.join(dir, 'tokens.json');
     fs.writeFileSync(tokensFile, JSON.stringify([reader.entry]));
     const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0', FLEET_API_TOKENS_FILE: tokensFile });
     fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, { http: true });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   });
 
   after(async () => {

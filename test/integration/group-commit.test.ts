@@ -7,14 +7,18 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import fc from 'fast-check';
 import type { Queue } from 'bullmq';
-import { NotYetError, ValidationError } from '../../src/errors';
+import { Database } from '../../src/entities/sql';
+import { isTransient, NotYetError, ValidationError } from '../../src/errors';
 import type { EventName } from '../../src/events/schemas';
 import { LifecycleProducer } from '../../src/queues/producer';
+import { StampBuffer } from '../../src/services/stamp-buffer';
 import { TransitionCoalescer, TransitionService, type ApplyResult } from '../../src/services/transitions';
 import type { ApplyOptions } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
+import { runningAttempt } from '../helpers/lifecycle';
+import { TcpProxy } from '../helpers/proxy';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 
@@ -385,6 +389,44 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       [ids],
     );
     expect([Number(n?.t), Number(n?.o)]).to.deep.equal([3, 3]);
+  });
+
+  it('an orphan whose buffered heartbeat cannot be written (its Redis is away) fails alone: the rest of the batch applies', async () => {
+    const redis = new URL(testEnv().redisUrl);
+    const proxy = new TcpProxy(redis.hostname, Number(redis.port));
+    const prefix = uniquePrefix();
+    // the stamp buffer reaches Redis through a line the test can cut; PostgreSQL stays up
+    const buffer = new StampBuffer({ redis: TcpProxy.rewrite(testEnv().redisUrl, await proxy.listen()), db: new Database(db.dataSource), prefix });
+    const buffered = new TransitionService({ dataSource: db.dataSource, now: () => NOW, stampBuffer: buffer });
+    try {
+      const ids = await runningAttempt(buffered); // started at NOW
+      // its last heartbeat (NOW + 60 s) is still in Redis; the sweep declared it at NOW + 100 s from PostgreSQL's view
+      await buffer.absorbHeartbeat(ids.attemptId, ids.deploymentId, new Date(NOW.getTime() + 60_000));
+      const orphan = {
+        name: 'attempt.orphaned',
+        data: { ...ids, eventId: `attempt.orphaned.${ids.attemptId}.${NOW.getTime()}`, actor: 'sweep' },
+        options: { producedAt: new Date(NOW.getTime() + 100_000) },
+      };
+      const fresh = randomUUID();
+      const create = { name: 'deployment.create', data: { deploymentId: fresh, name: 'unrelated', eventId: `c-${fresh}` } };
+      proxy.cut();
+      const results = await buffered.applyMany([orphan, create]);
+      expect(results.map(summary)).to.deep.equal(['error MaxRetriesPerRequestError', 'applied v1']);
+      expect(isTransient((results[0] as PromiseRejectedResult).reason), 'an outage: the worker retries the orphan').to.equal(true);
+      expect(await q(`SELECT state FROM deployments WHERE id = $1`, [fresh])).to.deep.equal([{ state: 'pending' }]);
+      expect(await q(`SELECT status FROM attempts WHERE id = $1`, [ids.attemptId])).to.deep.equal([{ status: 'running' }]);
+      expect(await q(`SELECT 1 FROM processed_events WHERE event_id = $1`, [orphan.data.eventId])).to.have.length(0);
+
+      // Redis back: the orphan retried alone finds the heartbeat, as it would have had Redis been there
+      proxy.restore();
+      await waitFor('the buffer to reach Redis again', async () => ((await buffer.latestHeartbeat([ids])).size === 1 ? true : undefined));
+      const [retried] = await buffered.applyMany([orphan]);
+      expect(retried?.status === 'fulfilled' && retried.value).to.deep.include({ outcome: 'noop', reason: 'alive' });
+    } finally {
+      await buffer.close();
+      await proxy.close();
+      await dropPrefix(prefix);
+    }
   });
 
   it('a rejection, bad input and an event that must wait fail alone: the others of the batch apply', async () => {

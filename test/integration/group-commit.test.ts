@@ -391,6 +391,26 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect([Number(n?.t), Number(n?.o)]).to.deep.equal([3, 3]);
   });
 
+  it('a noop decided on top of a write that then lost its version check is redone too, not taken for a duplicate', async () => {
+    const d1 = randomUUID();
+    const a1 = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d1, name: 'torn', eventId: `c-${d1}` });
+    await service.apply('attempt.create', { deploymentId: d1, attemptId: a1, eventId: `a-${a1}` });
+    const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
+    // the batch decides the teardown (applied), and on top of it the attempt's end (a noop: no current attempt);
+    // meanwhile another worker starts the attempt, so the teardown's version check loses
+    const { service: hooked } = interleaved(() => other.apply('attempt.start', { deploymentId: d1, attemptId: a1, eventId: `s-${a1}` }));
+    const results = await hooked.applyMany([
+      { name: 'deployment.teardown', data: { deploymentId: d1, eventId: `t-${d1}` } },
+      { name: 'attempt.end', data: { deploymentId: d1, attemptId: a1, outcome: 'succeeded', eventId: `e-${a1}` } },
+    ]);
+    // one at a time after the start: the teardown is refused and the end applies
+    expect(results.map(summary)).to.deep.equal(['rejected attempt_in_progress', 'applied v4']);
+    const [row] = await q<{ state: string; version: number }>(`SELECT state, version FROM deployments WHERE id = $1`, [d1]);
+    expect(row).to.deep.equal({ state: 'ready', version: 4 });
+    expect(await q(`SELECT outcome FROM processed_events WHERE event_id = $1`, [`e-${a1}`])).to.deep.equal([{ outcome: 'applied' }]);
+  });
+
   it('an orphan whose buffered heartbeat cannot be written (its Redis is away) fails alone: the rest of the batch applies', async () => {
     const redis = new URL(testEnv().redisUrl);
     const proxy = new TcpProxy(redis.hostname, Number(redis.port));

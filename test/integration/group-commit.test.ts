@@ -20,7 +20,7 @@ import { testEnv } from '../helpers/env';
 import { runningAttempt } from '../helpers/lifecycle';
 import { TcpProxy } from '../helpers/proxy';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
-import { waitFor } from '../helpers/wait';
+import { barrier, waitFor } from '../helpers/wait';
 
 const NOW = new Date('2026-12-02T12:00:00.000Z');
 /** The events the machine decides (stamps take another path). */
@@ -409,6 +409,29 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     const [row] = await q<{ state: string; version: number }>(`SELECT state, version FROM deployments WHERE id = $1`, [d1]);
     expect(row).to.deep.equal({ state: 'ready', version: 4 });
     expect(await q(`SELECT outcome FROM processed_events WHERE event_id = $1`, [`e-${a1}`])).to.deep.equal([{ outcome: 'applied' }]);
+  });
+
+  it('two batches racing to claim one noop event: one claims it, the other is duplicate_event with what the first did', async () => {
+    const d = randomUUID();
+    const a = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d, name: 'raced', eventId: `c-${d}` });
+    await service.apply('attempt.create', { deploymentId: d, attemptId: a, eventId: `a-${a}` });
+    await service.apply('attempt.start', { deploymentId: d, attemptId: a, eventId: `s-${a}` });
+    // two workers each hold a delivery of one event (a stalled job handed out again) in a batch; both batches have
+    // read and decided before either writes
+    const bothDecided = barrier(2);
+    const worker = () => new TransitionService({ dataSource: db.dataSource, now: () => NOW, hooks: { beforeBatchWrite: bothDecided } });
+    const again = { name: 'attempt.start', data: { deploymentId: d, attemptId: a, eventId: 'start-again' } };
+    const batch = () => {
+      const fresh = randomUUID();
+      return [again, { name: 'deployment.create', data: { deploymentId: fresh, name: 'beside', eventId: `c-${fresh}` } }];
+    };
+    const [one, two] = await Promise.all([worker().applyMany(batch()), worker().applyMany(batch())]);
+    expect([...(one ?? []), ...(two ?? [])].map(summary).sort()).to.deep.equal(['applied v1', 'applied v1', 'noop duplicate', 'noop duplicate_event']);
+    const lost = [one?.[0], two?.[0]].find((r) => r?.status === 'fulfilled' && r.value.outcome === 'noop' && r.value.reason === 'duplicate_event');
+    expect(lost?.status === 'fulfilled' && lost.value, 'the losing delivery says what the first did').to.deep.include({
+      previous: { outcome: 'noop', reason: 'duplicate', version: 3 },
+    });
   });
 
   it('an orphan whose buffered heartbeat cannot be written (its Redis is away) fails alone: the rest of the batch applies', async () => {

@@ -31,7 +31,7 @@ import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '.
 import { silentLogger, type Logger } from '../../log';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
-import { eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import { duplicateOf, eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
 import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batch-plan';
 import type { StampBuffer } from '../stamp-buffer';
 import { RelayWakeup, type LocalRelay } from './relay-wakeup';
@@ -48,6 +48,8 @@ export interface TransitionHooks {
   readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
   /** after the write statement returned (on the optimistic try it has committed; on a locked retry, before COMMIT) */
   readonly afterWrite?: (event: LifecycleEvent, written: boolean) => void | Promise<void>;
+  /** after a noop was decided, before its eventId's claim (the one-event path) */
+  readonly beforeClaim?: (event: LifecycleEvent) => void | Promise<void>;
   /** group commit: after a batch's snapshot was read and decided, before its write (the events it decided) */
   readonly beforeBatchWrite?: (events: readonly LifecycleEvent[]) => void | Promise<void>;
 }
@@ -422,10 +424,7 @@ export class TransitionService {
     if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
       return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
     }
-    if (row.p_outcome !== null) {
-      const previous = { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version };
-      return { ...base, outcome: 'noop', reason: 'duplicate_event', previous };
-    }
+    if (row.p_outcome !== null) return duplicateOf(event, { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version });
     if (row.a_id !== null && row.a_deployment_id !== deploymentId) {
       return { ...base, outcome: 'rejected', code: 'id_conflict', message: `attempt ${row.a_id} belongs to another deployment` };
     }
@@ -443,6 +442,7 @@ export class TransitionService {
         // a noop that only says "not yet" is no decision about the event: it stays free to apply later
         if (TIME_DEPENDENT_NOOPS.has(decision.why)) return { ...base, outcome: 'noop', reason: decision.why };
         const claim = [event.eventId, event.name, deploymentId, decision.why, version, payloadDigest(event.data), now];
+        await this.hooks.beforeClaim?.(event);
         if ((await s.run(TRANSITION_SQL.claimNoop, claim)).affected !== 1) return this.claimedElsewhere(s, event);
         return { ...base, outcome: 'noop', reason: decision.why };
       }
@@ -493,13 +493,20 @@ export class TransitionService {
     };
   }
 
-  /** The eventId was claimed by a delivery that committed first: a duplicate, or a different event's id. */
+  /**
+   * The eventId was claimed by a delivery that committed first (two deliveries raced from one snapshot): a
+   * duplicate, saying what that delivery did, or a different event's id.
+   */
   private async claimedElsewhere(s: Session, event: LifecycleEvent): Promise<ApplyResult> {
     const held = (await s.run(TRANSITION_SQL.claimedBy, [event.eventId])).rows[0];
-    if (held !== undefined && !sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
+    if (held === undefined) {
+      // the claim aged out of processed_events (7 days) between our conflict and this read: processed, long ago
+      return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+    }
+    if (!sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
       return eventIdConflict(event, held.event_name, held.deployment_id);
     }
-    return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+    return duplicateOf(event, held);
   }
 }
 

@@ -510,6 +510,41 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect(coalescer.sizes.get(1), JSON.stringify([...coalescer.sizes])).to.equal(5 + 1);
   });
 
+  it('the coalescer keeps a deployment in one batch at a time whatever the casing of its id', async () => {
+    const d = randomUUID();
+    const a = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d, name: 'cased', eventId: `c-${d}` });
+    let entered = (): void => undefined;
+    const writing = new Promise<void>((resolve) => (entered = resolve));
+    let release = (): void => undefined;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    // the first event's write waits until the test lets it go
+    const hooked = new TransitionService({
+      dataSource: db.dataSource,
+      now: () => NOW,
+      hooks: {
+        beforeUpdate: async (event) => {
+          if (event.eventId !== `a-${a}`) return;
+          entered();
+          await released;
+        },
+      },
+    });
+    const coalescer = new TransitionCoalescer(hooked, { maxBatch: 2, maxBatches: 2 });
+    const settle = (p: Promise<ApplyResult>) => p.then((value) => ({ status: 'fulfilled', value }) as const, (reason: unknown) => ({ status: 'rejected', reason }) as const);
+    const first = settle(coalescer.apply('attempt.create', { deploymentId: d, attemptId: a, eventId: `a-${a}` }));
+    await writing;
+    // the same deployment in capitals, then a full batch's worth waiting: a second batch may start beside the first
+    const second = settle(coalescer.apply('attempt.start', { deploymentId: d.toUpperCase(), attemptId: a, eventId: `s-${a}` }));
+    const fresh = randomUUID();
+    const third = settle(coalescer.apply('deployment.create', { deploymentId: fresh, name: 'beside', eventId: `c-${fresh}` }));
+    expect(summary(await third)).to.equal('applied v1');
+    release();
+    // had the start gone into that second batch, it would have been decided before the attempt existed
+    expect([summary(await first), summary(await second)]).to.deep.equal(['applied v2', 'applied v3']);
+    expect([...coalescer.sizes]).to.deep.equal([[1, 3]]);
+  });
+
   describe('in the worker, through real BullMQ queues', () => {
     let prefix: string;
     let producer: LifecycleProducer;

@@ -454,7 +454,9 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       const create = { name: 'deployment.create', data: { deploymentId: fresh, name: 'unrelated', eventId: `c-${fresh}` } };
       proxy.cut();
       const results = await buffered.applyMany([orphan, create]);
-      expect(results.map(summary)).to.deep.equal(['error MaxRetriesPerRequestError', 'applied v1']);
+      expect(results.map((r) => r.status)).to.deep.equal(['rejected', 'fulfilled']);
+      expect(summary(results[1] as PromiseSettledResult<ApplyResult>), 'the unrelated create').to.equal('applied v1');
+      // Redis's error (which one depends on when ioredis sees the line go): an outage, so the worker retries the orphan
       expect(isTransient((results[0] as PromiseRejectedResult).reason), 'an outage: the worker retries the orphan').to.equal(true);
       expect(await q(`SELECT state FROM deployments WHERE id = $1`, [fresh])).to.deep.equal([{ state: 'pending' }]);
       expect(await q(`SELECT status FROM attempts WHERE id = $1`, [ids.attemptId])).to.deep.equal([{ status: 'running' }]);

@@ -175,6 +175,33 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(dead).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
   });
 
+  it('never orphans an attempt whose latest heartbeat is still in the buffer, on the batch path too (every production orphan)', async () => {
+    const a = await running();
+    const b = await running();
+    clock.at(T0, 100);
+    expect(await stampAt('attempt.heartbeat', a, at(60))).to.deep.include({ reason: 'buffered' });
+    // the worker's coalescer hands the sweep's declarations to applyMany with whatever else is in flight
+    const declared = (ids: { deploymentId: string; attemptId: string }) => ({
+      name: 'attempt.orphaned',
+      data: { ...ids, eventId: `attempt.orphaned.${ids.attemptId}.${T0.getTime()}`, actor: 'sweep' },
+      options: { producedAt: at(100) },
+    });
+    const results = await service.applyMany([declared(a), declared(b)]);
+    expect(results.map((r) => (r.status === 'fulfilled' ? `${r.value.outcome} ${r.value.outcome === 'noop' ? r.value.reason : ''}` : 'error'))).to.deep.equal([
+      'noop alive',
+      'applied ',
+    ]);
+    expect((await heartbeatAt(a.attemptId))?.toISOString(), 'the orphan path wrote it').to.equal(at(60).toISOString());
+    const statuses = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE id = ANY($1::uuid[])`, [[a.attemptId, b.attemptId]]);
+    expect(new Map(statuses.map((r) => [r.id, r.status]))).to.deep.equal(
+      new Map([
+        [a.attemptId, 'running'],
+        [b.attemptId, 'abandoned'],
+      ]),
+    );
+    expect(await buffered('heartbeat')).to.deep.equal([]);
+  });
+
   it('after a Redis restart that brings back an older heartbeat, a flush never moves a stamp backwards', async function () {
     const own = await OwnRedis.start();
     const backup = fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-test-redis-backup-'));

@@ -36,6 +36,9 @@ export interface ClaimRow {
   event_name: string;
   deployment_id: string;
   payload_sha256: string | null;
+  outcome: string;
+  reason: string;
+  version: number | null;
 }
 
 export const TRANSITION_SQL = Object.freeze({
@@ -65,8 +68,8 @@ export const TRANSITION_SQL = Object.freeze({
      VALUES ($1, $2, $3, 'noop', $4, $5, $6, $7)
      ON CONFLICT (event_id) DO NOTHING`,
   ),
-  /** who holds an eventId */
-  claimedBy: sql<ClaimRow>(`SELECT event_name, deployment_id, payload_sha256 FROM processed_events WHERE event_id = $1`),
+  /** who holds an eventId, and what its processing came to */
+  claimedBy: sql<ClaimRow>(`SELECT event_name, deployment_id, payload_sha256, outcome, reason, version FROM processed_events WHERE event_id = $1`),
   /**
    * Wakes the relay: a transaction that writes nothing but the notification and does not wait for its flush
    * (see the transition service's relay wake-up for why it is never sent from the transition's own transaction).

@@ -542,7 +542,8 @@ describe('lock order: every multi-row write of deployments and attempts locks it
     });
 
     it('the group-commit write (its attempts): every event of the batch applies', async () => {
-      const service = new TransitionService({ dataSource: db.dataSource, now: () => at(5) });
+      const log = new Capture();
+      const service = new TransitionService({ dataSource: db.dataSource, now: () => at(5), logger: createLogger('debug', log) });
       const running = [await runningAttempt(service), await runningAttempt(service), await runningAttempt(service)].sort((x, y) =>
         x.attemptId < y.attemptId ? -1 : 1,
       );
@@ -551,12 +552,13 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         gate: { table: 'attempts', ids: [mid.attemptId] },
         held: { table: 'attempts', ids: [hi.attemptId] },
         wanted: { table: 'attempts', ids: [lo.attemptId] },
-        fragment: 'noop_claims AS',
+        fragment: 'upd AS (', // near the start: pg_stat_activity keeps the first 1 kB of a text
         product: () => service.applyMany(running.map((ids) => ({ name: 'attempt.end', data: { ...ids, outcome: 'succeeded', eventId: `end.${randomUUID()}` } }))),
       });
       expect(failureOf('applyMany', results)).to.deep.equal([]);
       const outcomes = results.status === 'fulfilled' ? results.value.map((r) => (r.status === 'fulfilled' ? r.value.outcome : String(r.reason))) : [];
       expect(outcomes).to.deep.equal(['applied', 'applied', 'applied']);
+      expect(retriesLogged(log)).to.deep.equal([['40P01', 'the group-commit write, one event at a time']]);
     });
 
     it('a tick whose flush lost a deadlock on every try is logged as a lock conflict, not as a server away', async () => {

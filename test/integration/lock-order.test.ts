@@ -341,11 +341,14 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   describe('each statement locks by id, whatever plan PostgreSQL picks', () => {
     // An UPDATE ... FROM unnest(...) locks rows in the order its join produces them: the array's order in a nested
     // loop driven by the array, the heap's in a hash join that scans the table. So sorting the input is not enough.
+    // The rows sit in the heap from the highest id down, and each statement gets them from the highest id down.
     const PLANS: ReadonlyArray<readonly [string, Readonly<Record<string, string>>]> = [
       ['the planner\'s choice', {}],
       ['hash joins only', { enable_nestloop: 'off', enable_mergejoin: 'off' }],
       ['merge joins only', { enable_nestloop: 'off', enable_hashjoin: 'off' }],
       ['nested loops only', { enable_hashjoin: 'off', enable_mergejoin: 'off' }],
+      // a bitmap scan returns rows in the heap's order: the lock's ORDER BY is what sorts them
+      ['no index scans', { enable_indexscan: 'off', enable_indexonlyscan: 'off' }],
     ];
     const url = 'http://127.0.0.1:9/';
     const STATEMENTS: ReadonlyArray<{
@@ -395,7 +398,6 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       it(`${statement.name}`, async () => {
         await fleetSized();
         for (const [plan, settings] of PLANS) {
-          // three rows, in the heap from the highest id down, given to the statement from the highest id down
           const [lo, mid, hi] = orderedIds(3) as [string, string, string];
           const given = [hi, mid, lo];
           const owners = statement.table === 'deployments' ? (await deployments(given), []) : await attempts(given);

@@ -22,7 +22,7 @@
 import { randomUUID } from 'node:crypto';
 import type { RedisConnection } from '../queues/redis';
 import type { DataSource } from 'typeorm';
-import { Database, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
+import { Database, retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, requireSlotPrefix } from '../queues/redis';
 import { acquireLock, releaseLock } from '../queues/redis-lock';
@@ -213,7 +213,8 @@ export class StampBuffer {
   /**
    * Writes everything buffered to PostgreSQL (at most one statement per kind) and removes what it wrote or
    * dropped, unless it was absorbed again meanwhile. `now` decides which stamps of what does not exist are old
-   * enough to drop. Throws when Redis or PostgreSQL fail; nothing is lost then, and the next flush does it again.
+   * enough to drop. A statement that loses a lock conflict runs again (`retryLockConflicts`). Throws when Redis or
+   * PostgreSQL fail; nothing is lost then, and the next flush does it again.
    */
   async flush(now: Date): Promise<FlushResult> {
     const started = performance.now();
@@ -241,18 +242,22 @@ export class StampBuffer {
       if (heartbeats.length > 0) {
         const valid = heartbeats.map((b) => ({ b, ids: parseHeartbeatMember(b.member) }));
         const rows = valid.filter((v) => v.ids !== null);
-        const { rows: written } = await this.db.run(STAMP_BATCH_SQL.heartbeats, [
-          rows.map((v) => v.ids?.attemptId),
-          rows.map((v) => v.ids?.deploymentId),
-          rows.map((v) => v.b.at),
-        ]);
+        const params = [rows.map((v) => v.ids?.attemptId), rows.map((v) => v.ids?.deploymentId), rows.map((v) => v.b.at)];
+        const { rows: written } = await retryLockConflicts(() => this.db.run(STAMP_BATCH_SQL.heartbeats, params), {
+          what: 'the heartbeat flush',
+          log: this.log,
+        });
         // only the stamps it did not write come back
         const unwritten = new Map(written.map((r) => [heartbeatMember(r.attempt_id, r.deployment_id), r]));
         for (const { b, ids } of valid) classify('heartbeat', b, ids === null ? undefined : (unwritten.get(b.member) ?? WRITTEN));
       }
       if (readiness.length > 0) {
         const valid = readiness.filter((b) => isUuid(b.member));
-        const { rows: written } = await this.db.run(STAMP_BATCH_SQL.readiness, [valid.map((b) => b.member), valid.map((b) => b.at)]);
+        const params = [valid.map((b) => b.member), valid.map((b) => b.at)];
+        const { rows: written } = await retryLockConflicts(() => this.db.run(STAMP_BATCH_SQL.readiness, params), {
+          what: 'the readiness flush',
+          log: this.log,
+        });
         const unwritten = new Map(written.map((r) => [r.deployment_id, r]));
         for (const b of readiness) classify('readiness', b, isUuid(b.member) ? (unwritten.get(b.member) ?? WRITTEN) : undefined);
       }

@@ -16,12 +16,13 @@
  */
 import type { DataSource } from 'typeorm';
 import { context as activeContext, type Context } from '@opentelemetry/api';
-import { ConflictError, isTransient, NotYetError } from '../../errors';
+import { ConflictError, isLockConflict, isTransient, NotYetError } from '../../errors';
 import {
   BATCH_SQL,
   batchWriteParams,
   Database,
   isClaimConflict,
+  retryLockConflicts,
   TRANSITION_SQL,
   transitionWrite,
   type Session,
@@ -273,11 +274,15 @@ export class TransitionService {
     } catch (err) {
       batchTrace?.span.end();
       if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
-      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a deadlock, or
+      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a lock conflict, or
       // anything unforeseen: nothing of the batch was written; each event takes the one-event path, which knows
       // how to tell each case (and surfaces a bug on the one event that has it)
-      const level = isClaimConflict(err) || pgCode(err) === '40P01' ? 'debug' : 'warn';
-      this.log[level]({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+      if (isLockConflict(err)) {
+        const what = 'the group-commit write, one event at a time';
+        this.log.warn({ what, code: pgCode(err), events: events.length }, 'lock conflict: running it again');
+      } else {
+        this.log[isClaimConflict(err) ? 'debug' : 'warn']({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+      }
       return this.oneByOne(events);
     }
     batchTrace?.span.end();
@@ -386,9 +391,15 @@ export class TransitionService {
       // version check still guards, and now it cannot lose.
       const lock = attempt > 1;
       try {
-        const result = lock
-          ? await this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
-          : await this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace));
+        // a lock conflict PostgreSQL broke undid the whole try (its write is one statement, or the locked retry's
+        // transaction): read and decide again
+        const result = await retryLockConflicts(
+          () =>
+            lock
+              ? this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
+              : this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace)),
+          { what: 'the one-event write', log: this.log, context: { deploymentId: event.data.deploymentId, eventId: event.eventId } },
+        );
         if (result.outcome === 'applied') this.wakeup.committed();
         return result;
       } catch (err) {

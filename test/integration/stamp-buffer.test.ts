@@ -11,6 +11,7 @@ import { migrate } from '../../src/entities/migrate';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { getDeployment } from '../../src/services/read-model';
 import { heartbeatMember, StampBuffer, type StampBufferOptions } from '../../src/services/stamp-buffer';
+import { Sweeper, type SweeperOptions } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { ManualClock } from '../helpers/clock';
@@ -60,7 +61,9 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     redis?.disconnect();
     await db?.close();
   });
-  beforeEach(() => {
+  beforeEach(async () => {
+    // the sweep tests judge every running attempt in the database
+    await db.dataSource.query(`TRUNCATE deployments, attempts, state_transitions, outbox, processed_events`);
     prefix = uniquePrefix();
     clock = new ManualClock(at(0));
     counting = new CountingDatabase(db.dataSource);
@@ -123,6 +126,13 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
   }
   const buffered = async (kind: 'heartbeat' | 'readiness'): Promise<string[]> => redis.zrange(buffer.keys[kind], 0, -1);
 
+  /** A sweep on the test's clock whose ticks flush `flushing` (the production wiring, src/app.ts). */
+  function sweeper(flushing: StampBuffer, options: Partial<SweeperOptions> = {}): Sweeper {
+    const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
+    closers.push(() => producer.close());
+    return new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, flushStamps: async (now) => (await flushing.flush(now)).stamped, ...options });
+  }
+
   it('keeps the latest of many out-of-order heartbeats; one flush writes the maximum with one UPDATE per kind', async () => {
     const attempts = [await running(), await running(), await running()];
     const r = await ready();
@@ -153,6 +163,83 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     // nothing buffered: a flush runs no statement at all
     expect(await buffer.flush(clock.now())).to.deep.include({ heartbeats: 0, readiness: 0, stamped: 0 });
     expect(counting.statements).to.have.length(2);
+  });
+
+  it('writes a runner that heartbeats late in every interval at every tick: never declared orphaned, not even after Redis loses the buffer (issue 27)', async () => {
+    // the issue's reproduction: 2 stamps per statement, 3 attempts, heartbeat and tick every 2 s, orphaned after 6 s
+    const small = newBuffer({ maxPerFlush: 2 });
+    const sweep = sweeper(small, { everyS: 2, orphanAfterS: 6 });
+    const attempts = [await running(), await running(), await running()]; // started at +0
+    // in every interval the first two heartbeat early, the third just before the tick
+    const offsets = [1.5, 1.0, 0.1];
+    const heartbeatsOf = async (tick: number): Promise<Date[]> => {
+      const times = offsets.map((offset) => at(2 * tick - offset));
+      for (const [i, a] of attempts.entries()) await stampAt('attempt.heartbeat', a, times[i] as Date);
+      return times;
+    };
+    const inPostgres = async (): Promise<Array<string | undefined>> =>
+      Promise.all(attempts.map(async (a) => (await heartbeatAt(a.attemptId))?.toISOString()));
+
+    for (let tick = 1; tick <= 8; tick++) {
+      const sent = await heartbeatsOf(tick);
+      clock.at(T0, 2 * tick);
+      const result = await sweep.sweep();
+      expect(await inPostgres(), `after tick ${tick}: every heartbeat absorbed before it`).to.deep.equal(sent.map((t) => t.toISOString()));
+      expect(result.orphaned, `tick ${tick}`).to.equal(0);
+    }
+
+    // Redis loses the buffer just before a tick: PostgreSQL holds the heartbeats of one interval ago, within the threshold
+    const lastFlushed = (await inPostgres()).slice();
+    await heartbeatsOf(9);
+    await redis.del(...Object.values(small.keys));
+    clock.at(T0, 18);
+    expect((await sweep.sweep()).orphaned, 'no live runner orphaned by the loss').to.equal(0);
+    expect(await inPostgres()).to.deep.equal(lastFlushed);
+  });
+
+  it('writes every one of 1,500 buffered heartbeats at spread-out times within two ticks, 1,000 per statement (150,000 against 100,000, scaled)', async () => {
+    // FLEET_TEST_STAMP_ATTEMPTS=150000 runs it at the real size, with the default 100,000 per statement
+    const ATTEMPTS = Number(process.env.FLEET_TEST_STAMP_ATTEMPTS ?? 1500);
+    const PER_STATEMENT = Math.round(ATTEMPTS / 1.5);
+    const TICK_S = 30;
+    const TICKS = 3;
+    // running attempts straight into the tables (the lifecycle path is not what this measures)
+    await q(
+      `WITH d AS (
+         INSERT INTO deployments (id, name, state, version, current_attempt_id, state_changed_at)
+         SELECT gen_random_uuid(), 'hb-' || i, 'deploying', 3, gen_random_uuid(), $1 FROM generate_series(1, $2::int) AS i
+         RETURNING id, current_attempt_id)
+       INSERT INTO attempts (id, deployment_id, number, status, started_at) SELECT current_attempt_id, id, 1, 'running', $1 FROM d`,
+      [T0, ATTEMPTS],
+    );
+    const [row] = await q<{ ids: string[]; deployments: string[] }>(
+      `SELECT array_agg(id ORDER BY id) AS ids, array_agg(deployment_id ORDER BY id) AS deployments FROM attempts`,
+    );
+    const attemptIds = row?.ids ?? [];
+    const deploymentIds = row?.deployments ?? [];
+    expect(attemptIds).to.have.length(ATTEMPTS);
+
+    const big = newBuffer({ maxPerFlush: PER_STATEMENT });
+    const sweep = sweeper(big, { everyS: TICK_S, orphanAfterS: 3 * TICK_S });
+    for (let tick = 1; tick <= TICKS; tick++) {
+      // attempt i heartbeats at its own moment of every interval: the moments spread evenly over the interval
+      const sent = attemptIds.map((_, i) => at(TICK_S * (tick - 1) + (TICK_S * i) / ATTEMPTS));
+      for (let i = 0; i < ATTEMPTS; i += 10_000) {
+        await Promise.all(attemptIds.slice(i, i + 10_000).map((id, j) => big.absorbHeartbeat(id, deploymentIds[i + j] as string, sent[i + j] as Date)));
+      }
+      clock.at(T0, TICK_S * tick);
+      const statements = counting.statements.length;
+      const result = await sweep.sweep();
+      const [behind] = await q<{ n: string }>(
+        `SELECT count(*) AS n FROM attempts a JOIN unnest($1::uuid[], $2::timestamptz[]) AS s(id, at) ON a.id = s.id
+          WHERE a.last_heartbeat_at IS DISTINCT FROM s.at`,
+        [attemptIds, sent],
+      );
+      // within two ticks, and in fact by the first tick after the heartbeat
+      expect(Number(behind?.n), `after tick ${tick}: attempts whose latest heartbeat is not in PostgreSQL`).to.equal(0);
+      expect(result.orphaned, `tick ${tick}`).to.equal(0);
+      expect(counting.statements.length - statements, 'heartbeat statements per flush').to.equal(Math.ceil(ATTEMPTS / PER_STATEMENT));
+    }
   });
 
   it('never orphans an attempt whose latest heartbeat is still in the buffer', async () => {

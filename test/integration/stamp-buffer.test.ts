@@ -167,7 +167,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
 
   it('writes a runner that heartbeats late in every interval at every tick: never declared orphaned, not even after Redis loses the buffer (issue 27)', async () => {
     // the issue's reproduction: 2 stamps per statement, 3 attempts, heartbeat and tick every 2 s, orphaned after 6 s
-    const small = newBuffer({ maxPerFlush: 2 });
+    const small = newBuffer({ maxPerStatement: 2 });
     const sweep = sweeper(small, { everyS: 2, orphanAfterS: 6 });
     const attempts = [await running(), await running(), await running()]; // started at +0
     // in every interval the first two heartbeat early, the third just before the tick
@@ -219,7 +219,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     const deploymentIds = row?.deployments ?? [];
     expect(attemptIds).to.have.length(ATTEMPTS);
 
-    const big = newBuffer({ maxPerFlush: PER_STATEMENT });
+    const big = newBuffer({ maxPerStatement: PER_STATEMENT });
     const sweep = sweeper(big, { everyS: TICK_S, orphanAfterS: 3 * TICK_S });
     for (let tick = 1; tick <= TICKS; tick++) {
       // attempt i heartbeats at its own moment of every interval: the moments spread evenly over the interval

@@ -165,16 +165,14 @@ return 0`;
  * Removes from KEYS[1] each (member, score) pair whose score is still the one given: a stamp absorbed since stays.
  * With KEYS[2], each removed member is put back there (`ZADD GT`: a later stamp there wins): a kept stamp.
  */
-const REMOVE_UNCHANGED = `local removed = 0
-for i = 1, #ARGV, 2 do
+const REMOVE_UNCHANGED = `for i = 1, #ARGV, 2 do
   local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if current and tonumber(current) == tonumber(ARGV[i + 1]) then
     if KEYS[2] then redis.call('ZADD', KEYS[2], 'GT', current, ARGV[i]) end
     redis.call('ZREM', KEYS[1], ARGV[i])
-    removed = removed + 1
   end
 end
-return removed`;
+return 0`;
 
 /** pairs removed per script call: one call holds Redis for a few milliseconds at most */
 const REMOVE_CHUNK = 5000;
@@ -282,15 +280,13 @@ export class StampBuffer {
         notRunning.push(...round.notRunning);
         notFound.push(...round.notFound);
 
+        // Every round removes what it read, so the taken set empties: only another flush's take (once, at its start)
+        // changes a score there, and the round after this one writes the new score.
         await this.hooks.beforeRemove?.();
-        let removed = 0;
         for (const kind of ['heartbeat', 'readiness'] as const) {
-          removed += await this.removeUnchanged(this.flushingKey(kind), round.remove[kind]);
-          removed += await this.removeUnchanged(this.flushingKey(kind), round.kept[kind], this.keys[kind]);
+          await this.removeUnchanged(this.flushingKey(kind), round.remove[kind]);
+          await this.removeUnchanged(this.flushingKey(kind), round.kept[kind], this.keys[kind]);
         }
-        // Every round removes what it read, so the taken set empties. Nothing removed: another flush (one running
-        // unlocked beside this one) removed it first and drains the rest.
-        if (removed === 0) break;
       }
 
       if (notFound.length > 0) {
@@ -455,15 +451,13 @@ export class StampBuffer {
     return kind === 'heartbeat' ? this.keys.heartbeatFlushing : this.keys.readinessFlushing;
   }
 
-  /** Removes each stamp still at the score read (see REMOVE_UNCHANGED), putting it back into `keepIn` if given; how many. */
-  private async removeUnchanged(key: string, stamps: readonly Buffered[], keepIn?: string): Promise<number> {
-    let removed = 0;
+  /** Removes each stamp still at the score read (see REMOVE_UNCHANGED), putting it back into `keepIn` if given. */
+  private async removeUnchanged(key: string, stamps: readonly Buffered[], keepIn?: string): Promise<void> {
+    const keys = keepIn === undefined ? [key] : [key, keepIn];
     for (let i = 0; i < stamps.length; i += REMOVE_CHUNK) {
       const args = stamps.slice(i, i + REMOVE_CHUNK).flatMap((b) => [b.member, b.score]);
-      const keys = keepIn === undefined ? [key] : [key, keepIn];
-      removed += Number(await this.redis.eval(REMOVE_UNCHANGED, keys.length, ...keys, ...args));
+      await this.redis.eval(REMOVE_UNCHANGED, keys.length, ...keys, ...args);
     }
-    return removed;
   }
 
   /**

@@ -327,6 +327,48 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(await buffered('heartbeat')).to.deep.equal([]);
   });
 
+  it('a flush under way: reads and the orphan path see the stamps it took; one that dies half-way leaves the rest, and the next writes them with what came since', async () => {
+    const [a1, a2, a3, a4] = [await running(), await running(), await running(), await running()];
+    const r = await ready(); // last_ready_at +0
+    clock.at(T0, 100);
+    for (const [a, s] of [[a1, 10], [a2, 20], [a3, 30], [a4, 35]] as const) await stampAt('attempt.heartbeat', a, at(s));
+    await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(50));
+    let round = 0;
+    const dying = newBuffer({
+      maxPerStatement: 2,
+      hooks: {
+        beforeRemove: async () => {
+          round++;
+          if (round === 1) {
+            // a1 and a2 are written; a3 and a4 are taken, in neither PostgreSQL nor the absorbing set
+            expect(await buffered('heartbeat')).to.deep.equal([]);
+            expect((await buffer.latestHeartbeat([a3])).get(a3.attemptId)?.toISOString(), 'the read overlay').to.equal(at(30).toISOString());
+            expect((await buffer.latestReadiness([r.deploymentId])).get(r.deploymentId)?.toISOString()).to.equal(at(50).toISOString());
+            expect((await buffer.flushAttempt(a3.attemptId, a3.deploymentId))?.toISOString(), 'the orphan path').to.equal(at(30).toISOString());
+            await stampAt('attempt.heartbeat', a1, at(40));
+          } else {
+            throw new Error('the flushing process died');
+          }
+        },
+      },
+    });
+    let failure: unknown;
+    await dying.flush(clock.now()).catch((err: unknown) => (failure = err));
+    expect((failure as Error | undefined)?.message).to.equal('the flushing process died');
+    expect((await heartbeatAt(a3.attemptId))?.toISOString(), 'written by the orphan path').to.equal(at(30).toISOString());
+    expect(await redis.zrange(buffer.keys.heartbeatFlushing, 0, -1, 'WITHSCORES'), 'a4: written, not removed').to.deep.equal([
+      heartbeatMember(a4.attemptId, a4.deploymentId),
+      String(at(35).getTime()),
+    ]);
+    // a newer a4 arrives: the next flush merges it with what the dead one left (the later of the two) and writes both
+    await stampAt('attempt.heartbeat', a4, at(45));
+    expect((await buffer.latestHeartbeat([a4])).get(a4.attemptId)?.toISOString()).to.equal(at(45).toISOString());
+    expect(await buffer.flush(clock.now())).to.deep.include({ heartbeats: 2, rounds: 1, stamped: 2 });
+    const times = await Promise.all([a1, a2, a3, a4].map(async (a) => (await heartbeatAt(a.attemptId))?.toISOString()));
+    expect(times).to.deep.equal([at(40), at(20), at(30), at(45)].map((t) => t.toISOString()));
+    expect(await redis.exists(buffer.keys.heartbeat, buffer.keys.heartbeatFlushing)).to.equal(0);
+  });
+
   it('keeps stamps of what does not exist yet until the not-yet horizon, then drops them; drops what is not running / not ready', async () => {
     const later = { deploymentId: randomUUID(), attemptId: randomUUID() };
     const never = { deploymentId: randomUUID(), attemptId: randomUUID() };

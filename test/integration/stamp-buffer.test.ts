@@ -116,6 +116,21 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     return ids;
   }
 
+  /** `count` running attempts straight into the tables, started at +0 (the lifecycle path is not what such tests measure). */
+  async function runningInBulk(count: number): Promise<Array<{ deploymentId: string; attemptId: string }>> {
+    const rows = await q<{ deploymentId: string; attemptId: string }>(
+      `WITH d AS (
+         INSERT INTO deployments (id, name, state, version, current_attempt_id, state_changed_at)
+         SELECT gen_random_uuid(), 'hb-' || i, 'deploying', 3, gen_random_uuid(), $1 FROM generate_series(1, $2::int) AS i
+         RETURNING id, current_attempt_id)
+       INSERT INTO attempts (id, deployment_id, number, status, started_at) SELECT current_attempt_id, id, 1, 'running', $1 FROM d
+       RETURNING id AS "attemptId", deployment_id AS "deploymentId"`,
+      [T0, count],
+    );
+    expect(rows).to.have.length(count);
+    return rows;
+  }
+
   async function heartbeatAt(attemptId: string): Promise<Date | null> {
     const [row] = await q<{ last_heartbeat_at: Date | null }>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [attemptId]);
     return row?.last_heartbeat_at ?? null;
@@ -197,27 +212,15 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(await inPostgres()).to.deep.equal(lastFlushed);
   });
 
-  it('writes every one of 1,500 buffered heartbeats at spread-out times within two ticks, 1,000 per statement (150,000 against 100,000, scaled)', async () => {
+  it('writes every one of 1,500 buffered heartbeats at spread-out times within two ticks, 1,000 per statement (150,000 against 100,000, scaled)', async function () {
     // FLEET_TEST_STAMP_ATTEMPTS=150000 runs it at the real size, with the default 100,000 per statement
     const ATTEMPTS = Number(process.env.FLEET_TEST_STAMP_ATTEMPTS ?? 1500);
+    this.timeout(Math.max(60_000, ATTEMPTS * 2));
     const PER_STATEMENT = Math.round(ATTEMPTS / 1.5);
     const TICK_S = 30;
     const TICKS = 3;
-    // running attempts straight into the tables (the lifecycle path is not what this measures)
-    await q(
-      `WITH d AS (
-         INSERT INTO deployments (id, name, state, version, current_attempt_id, state_changed_at)
-         SELECT gen_random_uuid(), 'hb-' || i, 'deploying', 3, gen_random_uuid(), $1 FROM generate_series(1, $2::int) AS i
-         RETURNING id, current_attempt_id)
-       INSERT INTO attempts (id, deployment_id, number, status, started_at) SELECT current_attempt_id, id, 1, 'running', $1 FROM d`,
-      [T0, ATTEMPTS],
-    );
-    const [row] = await q<{ ids: string[]; deployments: string[] }>(
-      `SELECT array_agg(id ORDER BY id) AS ids, array_agg(deployment_id ORDER BY id) AS deployments FROM attempts`,
-    );
-    const attemptIds = row?.ids ?? [];
-    const deploymentIds = row?.deployments ?? [];
-    expect(attemptIds).to.have.length(ATTEMPTS);
+    const attempts = await runningInBulk(ATTEMPTS);
+    const attemptIds = attempts.map((a) => a.attemptId);
 
     const big = newBuffer({ maxPerStatement: PER_STATEMENT });
     const sweep = sweeper(big, { everyS: TICK_S, orphanAfterS: 3 * TICK_S });
@@ -225,7 +228,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
       // attempt i heartbeats at its own moment of every interval: the moments spread evenly over the interval
       const sent = attemptIds.map((_, i) => at(TICK_S * (tick - 1) + (TICK_S * i) / ATTEMPTS));
       for (let i = 0; i < ATTEMPTS; i += 10_000) {
-        await Promise.all(attemptIds.slice(i, i + 10_000).map((id, j) => big.absorbHeartbeat(id, deploymentIds[i + j] as string, sent[i + j] as Date)));
+        await Promise.all(attempts.slice(i, i + 10_000).map((a, j) => big.absorbHeartbeat(a.attemptId, a.deploymentId, sent[i + j] as Date)));
       }
       clock.at(T0, TICK_S * tick);
       const statements = counting.statements.length;
@@ -240,6 +243,26 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
       expect(result.orphaned, `tick ${tick}`).to.equal(0);
       expect(counting.statements.length - statements, 'heartbeat statements per flush').to.equal(Math.ceil(ATTEMPTS / PER_STATEMENT));
     }
+  });
+
+  it('has PostgreSQL plan each flush\'s statements for its own stamps: no cached generic plan (made for 10 rows, it was quadratic)', async () => {
+    // one connection, as a pool hands the same idle one to every flush: PostgreSQL caches a generic plan for a
+    // prepared statement from its sixth run on a connection
+    const one = createDataSource({ url: db.url, poolSize: 1, applicationName: 'lifecycle-fleet-test' });
+    await one.initialize();
+    closers.push(() => one.destroy());
+    const flushing = newBuffer({ db: new Database(one) });
+    const attempts = await runningInBulk(200);
+    const r = await ready();
+    for (let flush = 1; flush <= 8; flush++) {
+      await Promise.all(attempts.map((a) => flushing.absorbHeartbeat(a.attemptId, a.deploymentId, at(flush))));
+      await flushing.absorbReadiness(r.deploymentId, at(flush));
+      expect(await flushing.flush(at(flush))).to.deep.include({ heartbeats: 200, readiness: 1, stamped: 201 });
+    }
+    const cached = await one.query<Array<{ statement: string; generic_plans: string }>>(
+      `SELECT statement, generic_plans FROM pg_prepared_statements WHERE statement LIKE '%unnest%'`,
+    );
+    expect(cached, 'prepared batch statements on the connection').to.deep.equal([]);
   });
 
   it('never orphans an attempt whose latest heartbeat is still in the buffer', async () => {

@@ -30,9 +30,10 @@ export function sessionOf(client: ClientBase, logQuery?: (text: string, params: 
   return {
     async run<Row>(statement: Statement<Row>, params: readonly unknown[] = []): Promise<Result<Row>> {
       logQuery?.(statement.text, [...params]);
+      // unnamed: the simple protocol without parameters (pg's rule), else the unnamed statement, planned per call
       const result =
         statement.name === ''
-          ? await client.query(statement.text)
+          ? await client.query({ text: statement.text, values: [...params] })
           : await client.query({ name: statement.name, text: statement.text, values: [...params] });
       return { rows: result.rows as Row[], affected: result.rowCount ?? 0 };
     },

@@ -2,7 +2,7 @@
  * Heartbeat and readiness stamps: one UPDATE each, monotonic (GREATEST: a redelivered or late stamp never moves
  * the time backwards, so no processed row is needed), and a lookup that tells "not there yet" from "not stampable".
  */
-import { sql } from './statement';
+import { plannedPerCall, sql } from './statement';
 
 export const STAMP_SQL = Object.freeze({
   /** $1 attempt, $2 deployment, $3 time; only a running attempt */
@@ -42,11 +42,12 @@ export interface ReadinessFlushRow {
  * number of stamps. Each is the same monotonic UPDATE as the per-event statements above, over unnest()ed arrays,
  * and reports the input rows it did NOT stamp, each with whether what it names exists, so the buffer can tell
  * "written" (not reported: the common case costs no result rows), "not running / not ready: drop" and "not there
- * yet: keep" apart without another statement.
+ * yet: keep" apart without another statement. Both are planned per call (`plannedPerCall`): a cached generic plan
+ * made them quadratic.
  */
 export const STAMP_BATCH_SQL = Object.freeze({
   /** $1 attempt ids, $2 their deployments, $3 times (arrays of one length; each (attempt, deployment) once) */
-  heartbeats: sql<HeartbeatFlushRow>(
+  heartbeats: plannedPerCall<HeartbeatFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS p(attempt_id, deployment_id, at)),
      u AS (UPDATE attempts AS a SET last_heartbeat_at = GREATEST(a.last_heartbeat_at, p.at)
              FROM p
@@ -59,7 +60,7 @@ export const STAMP_BATCH_SQL = Object.freeze({
       WHERE u.id IS NULL`,
   ),
   /** $1 deployment ids, $2 times (each deployment once) */
-  readiness: sql<ReadinessFlushRow>(
+  readiness: plannedPerCall<ReadinessFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS p(deployment_id, at)),
      u AS (UPDATE deployments AS d SET last_ready_at = GREATEST(d.last_ready_at, p.at)
              FROM p

@@ -3,6 +3,7 @@
  * planned once per connection instead of on every call, which bench/ measured to be about 40% of PostgreSQL's CPU
  * per transition. TypeORM's `query` has no prepared statements, so the runner talks to the pool's pg client
  * directly (a TypeORM query runner's connection is that client); the relay's dedicated session is a pg client too.
+ * The stamp flush's batch statements are the exception, planned per call (`plannedPerCall` in statement.ts).
  *
  * - `Session`: one connection; run statements on it (for LISTEN, advisory locks and transactions).
  * - `Database`: the pool; `run` borrows a connection for one statement, `session` for a few, `transaction` for a

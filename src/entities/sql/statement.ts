@@ -1,7 +1,8 @@
 /**
  * A SQL statement with the type of its rows. Every statement the product runs is one of these, defined in this
  * folder, and runs as a named prepared statement (see runner.ts): its name is derived from its text, so the same
- * text has the same name on every connection and in every process, with no registry to keep.
+ * text has the same name on every connection and in every process, with no registry to keep. Two kinds are not
+ * prepared: `plain` (no parameters) and `plannedPerCall` (batches whose size a cached plan cannot see).
  */
 import { createHash } from 'node:crypto';
 

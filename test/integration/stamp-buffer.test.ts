@@ -204,7 +204,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     }
 
     // Redis loses the buffer just before a tick: PostgreSQL holds the heartbeats of one interval ago, within the threshold
-    const lastFlushed = (await inPostgres()).slice();
+    const lastFlushed = await inPostgres();
     await heartbeatsOf(9);
     await redis.del(...Object.values(small.keys));
     clock.at(T0, 18);

@@ -3,6 +3,7 @@
  * planned once per connection instead of on every call, which bench/ measured to be about 40% of PostgreSQL's CPU
  * per transition. TypeORM's `query` has no prepared statements, so the runner talks to the pool's pg client
  * directly (a TypeORM query runner's connection is that client); the relay's dedicated session is a pg client too.
+ * The stamp flush's batch statements are the exception, planned per call (`plannedPerCall` in statement.ts).
  *
  * - `Session`: one connection; run statements on it (for LISTEN, advisory locks and transactions).
  * - `Database`: the pool; `run` borrows a connection for one statement, `session` for a few, `transaction` for a
@@ -33,9 +34,10 @@ export function sessionOf(client: ClientBase, logQuery?: (text: string, params: 
   return {
     async run<Row>(statement: Statement<Row>, params: readonly unknown[] = []): Promise<Result<Row>> {
       logQuery?.(statement.text, [...params]);
+      // unnamed: the simple protocol without parameters (pg's rule), else the unnamed statement, planned per call
       const result =
         statement.name === ''
-          ? await client.query(statement.text)
+          ? await client.query({ text: statement.text, values: [...params] })
           : await client.query({ name: statement.name, text: statement.text, values: [...params] });
       return { rows: result.rows as Row[], affected: result.rowCount ?? 0 };
     },

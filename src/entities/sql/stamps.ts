@@ -3,7 +3,7 @@
  * the time backwards, so no processed row is needed), and a lookup that tells "not there yet" from "not stampable".
  */
 import { lockedInIdOrder } from './lock-order';
-import { sql } from './statement';
+import { plannedPerCall, sql } from './statement';
 
 export const STAMP_SQL = Object.freeze({
   /** $1 attempt, $2 deployment, $3 time; only a running attempt */
@@ -46,10 +46,11 @@ export interface ReadinessFlushRow {
  * yet: keep" apart without another statement. Each locks its rows by id before it writes them (lock-order.ts): the
  * stamps come oldest first, and a flush that locked in that order deadlocked with the group-commit write and the
  * probe shards.
+ * Both are planned per call (`plannedPerCall`): a cached generic plan made them quadratic.
  */
 export const STAMP_BATCH_SQL = Object.freeze({
   /** $1 attempt ids, $2 their deployments, $3 times (arrays of one length; each (attempt, deployment) once) */
-  heartbeats: sql<HeartbeatFlushRow>(
+  heartbeats: plannedPerCall<HeartbeatFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS p(attempt_id, deployment_id, at)),
      locked AS ${lockedInIdOrder('attempts', '$1::uuid[]', "status = 'running'")},
      u AS (UPDATE attempts AS a SET last_heartbeat_at = GREATEST(a.last_heartbeat_at, p.at)
@@ -63,7 +64,7 @@ export const STAMP_BATCH_SQL = Object.freeze({
       WHERE u.id IS NULL`,
   ),
   /** $1 deployment ids, $2 times (each deployment once) */
-  readiness: sql<ReadinessFlushRow>(
+  readiness: plannedPerCall<ReadinessFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS p(deployment_id, at)),
      locked AS ${lockedInIdOrder('deployments', '$1::uuid[]', "state = 'ready'")},
      u AS (UPDATE deployments AS d SET last_ready_at = GREATEST(d.last_ready_at, p.at)

@@ -616,6 +616,6 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     });
   });
 
-  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf });
+  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf, acceptEvent: (access, body, reply) => acceptEvent(events, access, body, reply) });
   return app;
 }

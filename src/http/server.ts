@@ -34,6 +34,7 @@ import { isTransient } from '../errors';
 import { AuthThrottle, hasScope, readAccess, type Access, type Credentials } from './auth';
 import { codeOf, HttpError } from './http-error';
 import { acceptEvent, type Intake } from './intake';
+import { parseJsonBodies } from './json-body';
 import { TokenStore, type Scope } from './tokens';
 import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
@@ -255,6 +256,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
         handler,
       ),
   });
+  parseJsonBodies(app);
   // Every error answer has one shape, `{error: {code, message}}`, whoever produced it (Fastify, a plugin, Bull Board).
   app.addHook('onSend', async (_request, reply, payload) => {
     if (reply.statusCode < 400 || typeof payload !== 'string') return payload;

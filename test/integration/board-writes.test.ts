@@ -1,7 +1,7 @@
 /**
  * Bull Board inside the scopes (issue 28) over real Redis and PostgreSQL: what the board adds to the lifecycle queue
- * goes through the intake (scope, validation, allow-list, actor), job data is never replaced, and every write route
- * of the board has its decision.
+ * goes through the intake (scope, validation, allow-list, actor), job data is never replaced, every write route of
+ * the board has its decision, and nested JSON is refused like at the intake.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -232,5 +232,24 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     });
   });
 
+  describe('nested JSON', () => {
+    it('32,000 levels deep: 400 invalid_body at the board\'s routes as at the intake, never a 500, nothing enqueued', async () => {
+      const deep = `${'['.repeat(32_000)}${']'.repeat(32_000)}`;
+      const targets: Array<[string, string, Record<string, string>]> = [
+        ['POST', ADD(LIFECYCLE_QUEUE), bearer('boardAdmin')],
+        ['PUT', `${BOARD_PATH}/api/queues/${LIFECYCLE_QUEUE}/concurrency`, bearer('boardAdmin')],
+        ['POST', '/api/events', bearer('boardAdmin')],
+      ];
+      for (const [method, url, headers] of targets) {
+        for (const payload of [`{"name":"deployment.create","data":${deep}}`, `{"name":"deployment.create","data":{"deploymentId":"${randomUUID()}","name":${deep}}}`]) {
+          const res = await app.inject({ method, url, headers: { ...headers, 'content-type': 'application/json' }, payload });
+          expect(res.statusCode, `${method} ${url}: ${res.body.slice(0, 200)}`).to.equal(400);
+          expect(errorOf(res.body)).to.deep.include({ code: 'invalid_body' });
+          expect(errorOf(res.body).message).to.match(/^body: nests deeper than \d+ levels/);
+        }
+      }
+      expect(await producer.queue.count()).to.equal(0);
+    });
+  });
 
 });

@@ -316,9 +316,10 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
           ? { kind: 'anonymous' }
           : readAccess(header, creds);
     // An address past its failures is refused whatever it sends, so guessing the board password gets nowhere; but
-    // a valid bearer token (256 random bits: not guessable) always gets through, so that callers sharing an address
-    // (a proxy, a NAT) cannot be locked out by someone else's wrong guesses.
-    const wait = access.kind === 'token' && challenge === 'Bearer' ? null : throttle.retryAfterS(request.ip);
+    // a valid token (256 random bits: not guessable), as a bearer token or as the board's basic-auth password, on the
+    // API and on the board, always gets through, so that callers sharing an address (a proxy, a NAT) cannot be
+    // locked out by someone else's wrong guesses.
+    const wait = access.kind === 'token' ? null : throttle.retryAfterS(request.ip);
     if (wait !== null) {
       void reply
         .status(429)

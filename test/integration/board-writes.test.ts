@@ -1,7 +1,8 @@
 /**
  * Bull Board inside the scopes (issue 28) over real Redis and PostgreSQL: what the board adds to the lifecycle queue
  * goes through the intake (scope, validation, allow-list, actor), job data is never replaced, every write route of
- * the board has its decision, and nested JSON is refused like at the intake.
+ * the board has its decision, nested JSON is refused like at the intake, and the failed-login throttle lets valid
+ * tokens through.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -252,4 +253,28 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     });
   });
 
+  describe('the failed-authentication throttle', () => {
+    it('locks out failed basic-auth guesses from an address, but never a valid token from it (bearer, or as the password)', async () => {
+      await app.close();
+      let now = 0;
+      app = await build({}, { authThrottle: new AuthThrottle(3, 60_000, () => now) });
+      const guess = basic('ops:guess');
+      for (let i = 0; i < 3; i++) expect((await app.inject({ method: 'GET', url: BOARD_PATH, headers: guess })).statusCode).to.equal(401);
+      for (const headers of [guess, PAIR]) {
+        const res = await app.inject({ method: 'GET', url: BOARD_PATH, headers });
+        expect(res.statusCode).to.equal(429);
+        expect(errorOf(res.body).code).to.equal('too_many_failed_authentications');
+      }
+      for (const [label, headers] of [['bearer', bearer('reader')], ['basic password', basic(`anyone:${tokens.boarder.token}`)]] as const) {
+        const page = await app.inject({ method: 'GET', url: `${BOARD_PATH}/api/queues`, headers });
+        expect(page.statusCode, `a valid token as ${label}: ${page.body.slice(0, 200)}`).to.equal(200);
+      }
+      const pause = await app.inject({ method: 'PUT', url: `${BOARD_PATH}/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: bearer('boarder') });
+      expect(pause.statusCode, pause.body).to.equal(200);
+      // the lockout still holds for the pair, and ends with its window
+      expect((await app.inject({ method: 'GET', url: BOARD_PATH, headers: PAIR })).statusCode).to.equal(429);
+      now += 60_000;
+      expect((await app.inject({ method: 'GET', url: BOARD_PATH, headers: PAIR })).statusCode).to.equal(200);
+    });
+  });
 });

@@ -32,7 +32,7 @@ import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
 import { isTransient } from '../errors';
 import { AuthThrottle, hasScope, readAccess, type Access, type Credentials } from './auth';
-import { codeOf, HttpError } from './http-error';
+import { clientErrorOf, codeOf, HttpError } from './http-error';
 import { acceptEvent, type Intake } from './intake';
 import { parseJsonBodies } from './json-body';
 import { TokenStore, type Scope } from './tokens';
@@ -286,7 +286,9 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     }
     const e = err as { statusCode?: number; code?: string; message?: string };
     if (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
-      return reply.status(e.statusCode).send({ error: { code: e.code ?? 'bad_request', message: e.message ?? 'bad request' } });
+      const contentType = request.headers['content-type'];
+      const refused = clientErrorOf({ code: e.code, message: e.message, statusCode: e.statusCode }, { contentType, bodyLimit: request.routeOptions.bodyLimit });
+      return reply.status(e.statusCode).send({ error: refused });
     }
     if (isTransient(err)) {
       // a server (PostgreSQL, Redis) that is away is not the request's fault: the caller may try again
@@ -531,8 +533,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       400: failure('invalid_body, invalid_payload or unknown_event: `issues` names every offending field and its rule'),
       403: failure('forbidden: the token lacks `events:write`, or `events:admin` for this event'),
       409: failure('event_id_conflict: the eventId belongs to another event (`existing` says which); nothing was enqueued'),
-      413: failure('the body is over 64 KiB'),
-      415: failure('the body is not JSON'),
+      413: failure('payload_too_large: the body is over 64 KiB'),
+      415: failure('unsupported_media_type: the body is not JSON'),
       429: failure('rate_limited (this token sent too many events; see Retry-After) or too_many_failed_authentications'),
       503: failure('unavailable or not_durable: the event may have been accepted; retry with the same `eventId` (see Retry-After)'),
     },

@@ -49,7 +49,7 @@ const API_CODE = /^[a-z][a-z0-9_]*$/;
  * `bad_request`), keeping its message.
  */
 export function clientErrorOf(err: { readonly code?: string; readonly message?: string; readonly statusCode: number }, request: Refused): { code: string; message: string } {
-  const known = err.code === undefined ? undefined : FRAMEWORK_CODES[err.code];
+  const known = err.code !== undefined && Object.hasOwn(FRAMEWORK_CODES, err.code) ? FRAMEWORK_CODES[err.code] : undefined;
   if (known !== undefined) return { code: known.code, message: known.message(request) };
   const message = err.message ?? STATUS_CODES[err.statusCode] ?? 'bad request';
   return { code: err.code !== undefined && API_CODE.test(err.code) ? err.code : codeOf(err.statusCode), message };

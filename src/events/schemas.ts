@@ -72,21 +72,26 @@ const UNSTORABLE_TEXT = 'must not contain NUL (\\u0000) or an unpaired UTF-16 su
 
 /**
  * The text rule, once for every string of a payload, nested ones included (so a field added later has it too).
- * It runs even when other fields failed (`when`), so that every offending field is named at once, and skips a
- * string whose own checks already failed.
+ * It runs even when other fields failed (`when`), so that every offending field is named at once, and leaves out
+ * what already failed its own checks (a hostile value may nest thousands deep: it is never walked).
  */
 function storableText(value: unknown, ctx: z.RefinementCtx): void {
-  const failed = new Set(ctx.issues.map((issue) => issue.path?.join('.')));
-  const visit = (v: unknown, path: ReadonlyArray<string | number>): void => {
+  // a payload that is no object at all failed already; an issue of the whole payload (unknown fields) prunes nothing
+  if (typeof value !== 'object' || value === null) return;
+  const failed = ctx.issues.map((issue) => issue.path ?? []).filter((path) => path.length > 0);
+  const alreadyFailed = (path: ReadonlyArray<PropertyKey>) => failed.some((f) => f.length <= path.length && f.every((key, i) => key === path[i]));
+  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value).map(([key, v]) => ({ v, path: [key] }));
+  for (let next = pending.pop(); next !== undefined; next = pending.pop()) {
+    const { v, path } = next;
+    if (alreadyFailed(path)) continue;
     if (typeof v === 'string') {
-      if (!STORABLE_TEXT.test(v) && !failed.has(path.join('.'))) ctx.addIssue({ code: 'custom', message: UNSTORABLE_TEXT, path: [...path], input: v });
+      if (!STORABLE_TEXT.test(v)) ctx.addIssue({ code: 'custom', message: UNSTORABLE_TEXT, path: [...path], input: v });
     } else if (Array.isArray(v)) {
-      v.forEach((item: unknown, i) => visit(item, [...path, i]));
+      v.forEach((item: unknown, i) => pending.push({ v: item, path: [...path, i] }));
     } else if (typeof v === 'object' && v !== null) {
-      for (const [key, item] of Object.entries(v)) visit(item, [...path, key]);
+      for (const [key, item] of Object.entries(v)) pending.push({ v: item, path: [...path, key] });
     }
-  };
-  visit(value, []);
+  }
 }
 
 /** One event's payload schema: its fields, nothing else, and text PostgreSQL can store. */

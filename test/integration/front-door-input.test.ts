@@ -84,10 +84,11 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
   };
   const stateOf = async (deploymentId: string) =>
     (await db.dataSource.query<Array<{ state: string; endpoint_url: string | null }>>(`SELECT state, endpoint_url FROM deployments WHERE id = $1`, [deploymentId]))[0];
+  // a job read once it has failed for good (finished, with its reason), not between its failure and its state
   const failedReason = (jobId: string) =>
     waitFor(`job ${jobId} failed`, async () => {
       const job = await producer.queue.getJob(jobId);
-      return (await job?.getState()) === 'failed' ? job : undefined;
+      return job?.finishedOn !== undefined && job.failedReason !== undefined ? job : undefined;
     });
 
   describe('endpoint URLs', () => {

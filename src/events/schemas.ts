@@ -80,22 +80,23 @@ function storableText(value: unknown, ctx: z.RefinementCtx): void {
   if (typeof value !== 'object' || value === null) return;
   const failed = ctx.issues.map((issue) => issue.path ?? []).filter((path) => path.length > 0);
   const alreadyFailed = (path: ReadonlyArray<PropertyKey>) => failed.some((f) => f.length <= path.length && f.every((key, i) => key === path[i]));
-  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value).map(([key, v]) => ({ v, path: [key] }));
-  for (let next = pending.pop(); next !== undefined; next = pending.pop()) {
-    const { v, path } = next;
+  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value as Record<string, unknown>).map(([key, v]) => ({ v, path: [key] }));
+  // breadth first, in the payload's order (so the issues come in it); the list grows as objects are opened
+  for (let i = 0; i < pending.length; i++) {
+    const { v, path } = pending[i] ?? { v: undefined, path: [] };
     if (alreadyFailed(path)) continue;
     if (typeof v === 'string') {
       if (!STORABLE_TEXT.test(v)) ctx.addIssue({ code: 'custom', message: UNSTORABLE_TEXT, path: [...path], input: v });
     } else if (Array.isArray(v)) {
       v.forEach((item: unknown, i) => pending.push({ v: item, path: [...path, i] }));
     } else if (typeof v === 'object' && v !== null) {
-      for (const [key, item] of Object.entries(v)) pending.push({ v: item, path: [...path, key] });
+      for (const [key, item] of Object.entries(v as Record<string, unknown>)) pending.push({ v: item, path: [...path, key] });
     }
   }
 }
 
 /** One event's payload schema: its fields, nothing else, and text PostgreSQL can store. */
-export function payloadSchema<Shape extends z.core.$ZodLooseShape>(shape: Shape) {
+function payloadSchema<Shape extends z.core.$ZodLooseShape>(shape: Shape) {
   return z.strictObject(shape).superRefine(storableText, { when: () => true });
 }
 

@@ -126,6 +126,16 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
       expect(await stateOf(other.deploymentId)).to.deep.equal({ state: 'deploying', endpoint_url: null });
     });
 
+    it('a retry of an event enqueued before the normalisation (its URL as sent) is a duplicate, not a conflict', async () => {
+      const { deploymentId, attemptId } = await runningAttempt(service);
+      const end = { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'HTTP://Web.Cluster.LOCAL:80', kind: 'cluster_dns' } };
+      // as an earlier version enqueued it: the URL as sent, under the derived id
+      await producer.queue.add('attempt.end', { ...end, eventId: `attempt.end.${attemptId}`, actor: 'writer' }, { jobId: `attempt.end.${attemptId}` });
+      const retry = await post('attempt.end', end);
+      expect(retry.statusCode, retry.body).to.equal(202);
+      expect(JSON.parse(retry.body)).to.deep.include({ eventId: `attempt.end.${attemptId}`, duplicate: true });
+    });
+
     it('a row stored before the rules is neither served (public fallback, endpoint_not_allowed) nor probed', async () => {
       const { deploymentId, attemptId } = await runningAttempt(service);
       await service.apply('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'http://10.0.0.1:30000', kind: 'node_port' }, eventId: randomUUID() });

@@ -217,7 +217,7 @@ export function deriveEventId(name: EventName, payload: { deploymentId: string; 
  * meets the earlier one, at the enqueue or at the worker (`event_id_conflict`), never dropped as a duplicate.
  */
 export function eventIdProblem(name: EventName, payload: { eventId?: string | undefined; deploymentId: string; attemptId?: string }): string | null {
-  const id = payload.eventId?.toLowerCase();
+  const id = payload.eventId === undefined ? undefined : canonicalId(payload.eventId);
   if (id === undefined) return null;
   const kind = EVENT_NAMES.filter((n) => id.startsWith(`${n}.`)).sort((a, b) => b.length - a.length)[0];
   if (kind === undefined) return null;

@@ -8,10 +8,12 @@
  * - `.nodes.example.com`: any host name below it (`a.nodes.example.com`), not the name itself;
  * - `10.20.0.0/16`, `fd00::/8`: IP address literals inside the range (an IP entry without `/` is one address).
  * Host names are matched as names: no DNS lookup happens here, so a name matches only a name entry and an IP
- * literal only a range. Pure: no I/O.
+ * literal only a range. The host is the one WHATWG URL reads, which for a URL that the endpoint URL rules accept
+ * (endpoint-url.ts) is the one every common client reads. Pure: no I/O.
  */
 import { BlockList, isIP } from 'node:net';
 import { ValidationError } from '../errors';
+import { endpointUrlProblem, normalizeEndpointUrl } from './endpoint-url';
 
 export interface EndpointAllowList {
   /** the entries as configured, for messages */
@@ -54,7 +56,7 @@ export function parseEndpointAllowList(raw: string): { list: EndpointAllowList; 
   const list: EndpointAllowList = {
     entries,
     allows(url: string): boolean {
-      const host = hostOf(url);
+      const host = endpointHost(url);
       if (host === null) return false;
       const family = isIP(host);
       if (family !== 0) return ranges.check(host, family === 4 ? 'ipv4' : 'ipv6');
@@ -64,8 +66,8 @@ export function parseEndpointAllowList(raw: string): { list: EndpointAllowList; 
   return { list, problems };
 }
 
-/** The URL's host, lower-case, without IPv6 brackets or a trailing dot; null when it does not parse. */
-function hostOf(url: string): string | null {
+/** The URL's host as the allow-list sees it: lower-case, without IPv6 brackets or a trailing dot; null when it does not parse. */
+export function endpointHost(url: string): string | null {
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -79,7 +81,7 @@ function hostOf(url: string): string | null {
 /** The rule an endpoint URL broke, in words, or null when the list allows it (or there is no list). */
 export function endpointNotAllowed(url: string, list: EndpointAllowList | null): string | null {
   if (list === null || list.allows(url)) return null;
-  const host = hostOf(url) ?? '?';
+  const host = endpointHost(url) ?? '?';
   return `host "${host.slice(0, 100)}" is not allowed by FLEET_ENDPOINT_ALLOW`;
 }
 
@@ -92,4 +94,17 @@ export function assertEndpointAllowed(payload: object, list: EndpointAllowList |
   if (typeof url !== 'string') return;
   const rule = endpointNotAllowed(url, list);
   if (rule !== null) throw new ValidationError('invalid_payload', [{ field: 'endpoint.url', rule }]);
+}
+
+/**
+ * A stored endpoint as it may be handed to build traffic (dispatch) or probed (the sweep): its normalised form, or
+ * the rule it breaks. Rows stored before the endpoint URL rules (issue 28) may break them: such a URL is never
+ * served, whatever the list says; one that keeps them is served normalised, as a new one would be stored.
+ */
+export function servableEndpoint(url: string, list: EndpointAllowList | null): { readonly url: string } | { readonly refused: string } {
+  const problem = endpointUrlProblem(url);
+  if (problem !== null) return { refused: `endpoint URL: ${problem}` };
+  const normalized = normalizeEndpointUrl(url);
+  const rule = endpointNotAllowed(normalized, list);
+  return rule === null ? { url: normalized } : { refused: rule };
 }

@@ -6,6 +6,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { ValidationError, type FieldIssue } from '../errors';
+import { ENDPOINT_URL_MAX_LENGTH, ENDPOINT_URL_PATTERN, endpointUrlProblem, normalizeEndpointUrl } from './endpoint-url';
 
 export const MAX_PAYLOAD_BYTES = 16 * 1024;
 export const EVENT_ID_PATTERN = /^[A-Za-z0-9._-]{1,200}$/;
@@ -40,68 +41,105 @@ const actor = z
   .string()
   .regex(ACTOR_PATTERN, { error: 'must be 1-100 characters of A-Za-z0-9._:@-' })
   .meta({ description: `recorded on the transition (default "${DEFAULT_ACTOR}")` });
-/**
- * The endpoint URL's rules as one JSON Schema pattern, since the JSON Schema of a refine is empty: http or https,
- * no `@` before the path (credentials), no query or fragment. As strict as the checks or stricter (it also refuses
- * an empty `@` and spaces), never laxer; test/unit/json-schemas.test.ts checks that on samples.
- */
-const ENDPOINT_URL_JSON_PATTERN = '^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\\s]+(/[^?#\\s]*)?$';
 const endpoint = z.strictObject({
   url: z
-    .url({ protocol: /^https?$/, error: 'must be an http or https URL' })
-    .max(2048, { error: 'must be at most 2048 characters' })
-    .refine((v) => !/[?#]/.test(v), { error: 'must not carry a query or a fragment' })
-    .refine(hasNoCredentials, { error: 'must not carry credentials (user:password@)' })
+    .string({ error: 'must be an http or https URL' })
+    .check((ctx) => {
+      const problem = endpointUrlProblem(ctx.value);
+      if (problem !== null) ctx.issues.push({ code: 'custom', message: problem, input: ctx.value });
+    })
     .meta({
-      pattern: ENDPOINT_URL_JSON_PATTERN,
-      description: 'http or https, without credentials, query or fragment; its host must be one FLEET_ENDPOINT_ALLOW allows',
-    }),
+      // the checks' own grammar (endpoint-url.ts); the JSON Schema of a check is empty otherwise
+      pattern: ENDPOINT_URL_PATTERN,
+      maxLength: ENDPOINT_URL_MAX_LENGTH,
+      description:
+        'http or https, a host (a name, an IPv4 address or a bracketed IPv6 address), an optional port and path; no credentials, query or fragment; ' +
+        'printable ASCII without a backslash. Stored as WHATWG URL normalises it. Its host must be one FLEET_ENDPOINT_ALLOW allows',
+    })
+    .transform(normalizeEndpointUrl),
   kind: z.enum(['node_port', 'cluster_dns'], { error: 'must be "node_port" or "cluster_dns"' }),
 });
 
-function hasNoCredentials(url: string): boolean {
-  try {
-    const parsed = new URL(url);
-    return parsed.username === '' && parsed.password === '';
-  } catch {
-    return true; // the URL rule reports it
+/**
+ * Text PostgreSQL can store, as a JSON Schema pattern: no NUL (PostgreSQL refuses it in text and in jsonb:
+ * `invalid byte sequence for encoding "UTF8": 0x00`) and no lone UTF-16 surrogate (not UTF-8 at all: the driver
+ * would store U+FFFD instead, and jsonb refuses it). A pair of surrogates, one character outside the Basic
+ * Multilingual Plane, is one code point to this pattern (JSON Schema's `u`-mode regular expressions, Python's `re`).
+ */
+export const STORABLE_TEXT_PATTERN = '^[^\\u0000\\uD800-\\uDFFF]*$';
+const STORABLE_TEXT = new RegExp(STORABLE_TEXT_PATTERN, 'u');
+const UNSTORABLE_TEXT = 'must not contain NUL (\\u0000) or an unpaired UTF-16 surrogate: PostgreSQL cannot store them';
+
+/**
+ * The text rule, once for every string of a payload, nested ones included (so a field added later has it too).
+ * It runs even when other fields failed (`when`), so that every offending field is named at once, and leaves out
+ * what already failed its own checks (a hostile value may nest thousands deep: it is never walked).
+ */
+function storableText(value: unknown, ctx: z.RefinementCtx): void {
+  // a payload that is no object at all failed already; an issue of the whole payload (unknown fields) prunes nothing
+  if (typeof value !== 'object' || value === null) return;
+  const failed = ctx.issues.map((issue) => issue.path ?? []).filter((path) => path.length > 0);
+  const alreadyFailed = (path: ReadonlyArray<PropertyKey>) => failed.some((f) => f.length <= path.length && f.every((key, i) => key === path[i]));
+  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value as Record<string, unknown>).map(([key, v]) => ({ v, path: [key] }));
+  // breadth first, in the payload's order (so the issues come in it); the list grows as objects are opened
+  for (let i = 0; i < pending.length; i++) {
+    const { v, path } = pending[i] ?? { v: undefined, path: [] };
+    if (alreadyFailed(path)) continue;
+    if (typeof v === 'string') {
+      if (!STORABLE_TEXT.test(v)) ctx.addIssue({ code: 'custom', message: UNSTORABLE_TEXT, path: [...path], input: v });
+    } else if (Array.isArray(v)) {
+      v.forEach((item: unknown, i) => pending.push({ v: item, path: [...path, i] }));
+    } else if (typeof v === 'object' && v !== null) {
+      for (const [key, item] of Object.entries(v as Record<string, unknown>)) pending.push({ v: item, path: [...path, key] });
+    }
   }
+}
+
+/** One event's payload schema: its fields, nothing else, and text PostgreSQL can store. */
+function payloadSchema<Shape extends z.core.$ZodLooseShape>(shape: Shape) {
+  return z.strictObject(shape).superRefine(storableText, { when: () => true });
 }
 
 const base = { eventId: eventId.optional(), actor: actor.optional(), deploymentId: uuid };
 const attemptBase = { ...base, attemptId: uuid };
 
 export const EVENT_SCHEMAS = {
-  'deployment.create': z.strictObject({
+  'deployment.create': payloadSchema({
     ...base,
     name: z.string().regex(DEPLOYMENT_NAME_PATTERN, { error: 'must be 1-63 characters of a-z0-9-' }),
     endpoint: endpoint.optional(),
   }),
-  'attempt.create': z.strictObject(attemptBase),
-  'attempt.start': z.strictObject(attemptBase),
-  'attempt.heartbeat': z.strictObject(attemptBase),
-  'attempt.end': z.strictObject({
+  'attempt.create': payloadSchema(attemptBase),
+  'attempt.start': payloadSchema(attemptBase),
+  'attempt.heartbeat': payloadSchema(attemptBase),
+  'attempt.end': payloadSchema({
     ...attemptBase,
     outcome: z.enum(['succeeded', 'failed'], { error: 'must be "succeeded" or "failed"' }),
     reason: reason.optional(),
     endpoint: endpoint.optional(),
   }),
-  'attempt.cancel': z.strictObject({ ...attemptBase, reason: reason.optional() }),
-  'attempt.orphaned': z.strictObject(attemptBase),
-  'attempt.expired': z.strictObject(attemptBase),
-  'deployment.teardown': z.strictObject({ ...base, force: z.boolean({ error: 'must be a boolean' }).optional() }),
-  'deployment.resolve': z.strictObject({
+  'attempt.cancel': payloadSchema({ ...attemptBase, reason: reason.optional() }),
+  'attempt.orphaned': payloadSchema(attemptBase),
+  'attempt.expired': payloadSchema(attemptBase),
+  'deployment.teardown': payloadSchema({ ...base, force: z.boolean({ error: 'must be a boolean' }).optional() }),
+  'deployment.resolve': payloadSchema({
     ...base,
     outcome: z.enum(['ready', 'failed'], { error: 'must be "ready" or "failed"' }),
     reason: reason.optional(),
   }),
-  'deployment.readiness': z.strictObject({
+  'deployment.readiness': payloadSchema({
     ...base,
     observedAt: z.iso.datetime({ offset: true, error: 'must be an ISO 8601 date-time' }).optional(),
   }),
 } as const;
 
 export type EventName = keyof typeof EVENT_SCHEMAS;
+
+/** An event's payload schema without `actor`, which the HTTP intake sets from the caller (its OpenAPI body). */
+export function payloadSchemaWithoutActor(name: EventName): z.ZodType {
+  const { actor: _actor, ...shape } = EVENT_SCHEMAS[name].shape;
+  return payloadSchema(shape);
+}
 export const EVENT_NAMES = Object.keys(EVENT_SCHEMAS) as EventName[];
 
 /** The payload type of each event, derived from its schema. */
@@ -169,21 +207,28 @@ export function deriveEventId(name: EventName, payload: { deploymentId: string; 
 }
 
 /**
- * An eventId claims only its own event kind (docs/contract.md). Ids that begin with an event name and a dot are that
- * event's: another event may not use them (a heartbeat sent as `attempt.end.<A>` would otherwise take the real
- * end's id, and the end would be dropped as already enqueued). Other ids are free-form; an id already used by a
- * different event (another name, another payload, another deployment) is refused where it meets the earlier one,
- * at the enqueue or at the worker (`event_id_conflict`), never dropped as a duplicate.
+ * An eventId claims only its own event kind, and a derived id only its own subject (docs/contract.md). Ids that
+ * begin with an event name and a dot, in any case, are that event's: another event may not use them (a heartbeat
+ * sent as `attempt.end.<A>` would otherwise take the real end's id, and the end would be refused as a conflict).
+ * For an event that happens once per subject, such an id is its derived form and must go on with the event's own
+ * subject, `<name>.<attemptId or deploymentId>` and optionally `.<anything>` (the sweep's orphan ids); otherwise a
+ * `deployment.create.<N>` sent for another deployment would take N's create for good. Other ids are free-form; an
+ * id already used by a different event (another name, another payload, another deployment) is refused where it
+ * meets the earlier one, at the enqueue or at the worker (`event_id_conflict`), never dropped as a duplicate.
  */
-export function eventIdProblem(name: EventName, payload: { eventId?: string | undefined }): string | null {
-  const id = payload.eventId;
+export function eventIdProblem(name: EventName, payload: { eventId?: string | undefined; deploymentId: string; attemptId?: string }): string | null {
+  const id = payload.eventId === undefined ? undefined : canonicalId(payload.eventId);
   if (id === undefined) return null;
   const kind = EVENT_NAMES.filter((n) => id.startsWith(`${n}.`)).sort((a, b) => b.length - a.length)[0];
   if (kind === undefined) return null;
   if (kind !== name) {
-    return `must not begin with "${kind}.": ids with that prefix belong to ${kind} events (an eventId claims only its own event kind)`;
+    return `must not begin with "${kind}." (in any case): ids with that prefix belong to ${kind} events (an eventId claims only its own event kind)`;
   }
-  return null;
+  if (!ONCE_PER_SUBJECT.has(name)) return null; // their derived ids are random: they name no subject
+  const [field, subject] = payload.attemptId === undefined ? ['deploymentId', payload.deploymentId] : ['attemptId', payload.attemptId];
+  const rest = id.slice(name.length + 1);
+  if (rest === subject || rest.startsWith(`${subject}.`)) return null;
+  return `an id that begins with "${name}." must name this event's ${field} next ("${name}.${subject}", optionally followed by "." and more): a derived id belongs to its own subject`;
 }
 
 /**

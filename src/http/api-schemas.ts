@@ -5,7 +5,7 @@
  * typed twice. A schema with an `id` becomes a named component of the document, referenced wherever it is used.
  */
 import { z } from 'zod';
-import { EVENT_NAMES, EVENT_SCHEMAS, UUID_PATTERN } from '../events/schemas';
+import { EVENT_NAMES, payloadSchemaWithoutActor, UUID_PATTERN } from '../events/schemas';
 import { DEPLOYMENT_STATES } from '../machine';
 import { attemptViewSchema, transitionViewSchema } from '../services/read-model';
 
@@ -78,7 +78,7 @@ export const eventBodySchema = z
     EVENT_NAMES.map((name) =>
       z.strictObject({
         name: z.literal(name),
-        data: (EVENT_SCHEMAS[name] as z.ZodObject).omit({ actor: true }),
+        data: payloadSchemaWithoutActor(name),
       }),
     ),
   )

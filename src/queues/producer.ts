@@ -39,6 +39,19 @@ export const DEFAULT_JOB_OPTIONS: DefaultJobOptions = Object.freeze({
   removeOnFail: { age: 7 * 24 * 3600, count: 50_000 },
 });
 
+/**
+ * A held job's payload as the schemas read it today, so that a job enqueued before a normalisation was added (an
+ * endpoint URL stored as sent before issue 28) is still the same event as its retry; as stored when it no longer
+ * validates (then it is another event).
+ */
+function canonicalHeld(name: string, data: unknown): string {
+  try {
+    return canonicalPayload(parsePayload(name, data));
+  } catch {
+    return canonicalPayload(data);
+  }
+}
+
 /** The derived eventId lives with the event contract; re-exported here for SDK users. */
 export { deriveEventId };
 
@@ -169,7 +182,7 @@ export class LifecycleProducer {
         await this.awaitReplicas(eventId);
         return { name: eventName, eventId, jobId, duplicate: false }; // added each time and done at once: it is in
       }
-      const differs = held.name !== eventName ? 'name' : canonicalPayload(held.data) === canonicalPayload(ours) ? null : 'payload';
+      const differs = held.name !== eventName ? 'name' : canonicalHeld(held.name, held.data) === canonicalPayload(ours) ? null : 'payload';
       if (differs !== null) {
         throw new EventIdConflictError(eventId, { name: held.name, state: await held.getState() }, differs);
       }

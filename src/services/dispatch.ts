@@ -12,7 +12,7 @@
  * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
  */
 import { z } from 'zod';
-import { endpointNotAllowed, type EndpointAllowList } from '../events/endpoint-allow';
+import { servableEndpoint, type EndpointAllowList } from '../events/endpoint-allow';
 import type { DeploymentState, EndpointKind } from '../machine';
 
 /** Default readiness staleness window (FLEET_READY_WINDOW_S). */
@@ -27,7 +27,7 @@ export const DEFAULT_READY_WINDOW_S = 120;
  * - `no_heartbeat`: node_port endpoint never stamped (or the stamp is unreadable)
  * - `ready_heartbeat_stale`: node_port endpoint whose stamp is older than the window
  * - `endpoint_not_allowed`: the stored endpoint's host is outside FLEET_ENDPOINT_ALLOW (stored before the list was
- *   set or narrowed): never handed to builds
+ *   set or narrowed), or its URL breaks the endpoint URL rules (stored before issue 28): never handed to builds
  */
 export const DISPATCH_REASONS = [
   'ready_heartbeat_fresh',
@@ -84,14 +84,16 @@ export function resolveEndpoint(deployment: DispatchInput, now: Date, options: D
   if (deployment.state !== 'ready') return fallback('not_ready');
   const endpoint = endpointOf(deployment);
   if (endpoint === null) return fallback('no_endpoint');
-  if (endpointNotAllowed(endpoint.url, options.endpointAllow ?? null) !== null) return fallback('endpoint_not_allowed');
-  if (endpoint.kind === 'cluster_dns') return { url: endpoint.url, source: 'private', reason: 'cluster_dns' };
+  // the stored URL as a new one would be stored (normalised), or not at all
+  const servable = servableEndpoint(endpoint.url, options.endpointAllow ?? null);
+  if ('refused' in servable) return fallback('endpoint_not_allowed');
+  if (endpoint.kind === 'cluster_dns') return { url: servable.url, source: 'private', reason: 'cluster_dns' };
 
   const stampedAt = timeOf(deployment.lastReadyAt);
   if (stampedAt === null) return fallback('no_heartbeat');
   const windowMs = (options.readyWindowS ?? DEFAULT_READY_WINDOW_S) * 1000;
   // At exactly the window's edge the stamp is still fresh (>=).
-  if (stampedAt >= now.getTime() - windowMs) return { url: endpoint.url, source: 'private', reason: 'ready_heartbeat_fresh' };
+  if (stampedAt >= now.getTime() - windowMs) return { url: servable.url, source: 'private', reason: 'ready_heartbeat_fresh' };
   return fallback('ready_heartbeat_stale');
 }
 

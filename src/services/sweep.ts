@@ -152,8 +152,9 @@ export interface SweeperOptions {
   readonly logger?: Logger;
   readonly metrics?: SweepMetrics;
   /**
-   * FLEET_ENDPOINT_ALLOW: an endpoint outside it is never probed (failure `not_allowed`), so one stored before the
-   * list was set or narrowed ages out of dispatch instead of being fetched (default: any)
+   * FLEET_ENDPOINT_ALLOW: an endpoint outside it, or one whose URL breaks the endpoint URL rules, is never probed
+   * (failure `not_allowed`), so one stored before the list was set or narrowed (or before the rules) ages out of
+   * dispatch instead of being fetched (default: any host)
    */
   readonly endpointAllow?: EndpointAllowList | null;
 }

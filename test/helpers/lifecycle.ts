@@ -2,9 +2,12 @@
 import { randomUUID } from 'node:crypto';
 import type { TransitionService } from '../../src/services/transitions';
 
-/** Applies an event with a fresh eventId; throws unless it was applied. */
+/**
+ * Applies an event with a fresh free-form eventId (`<name>.<random UUID>` is a derived id naming another subject,
+ * which events that happen once per subject may not carry); throws unless it was applied.
+ */
 export async function applied(service: TransitionService, name: string, data: Record<string, unknown>) {
-  const result = await service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` });
+  const result = await service.apply(name, { ...data, eventId: `${name}-${randomUUID()}` });
   if (result.outcome !== 'applied') throw new Error(`${name}: ${JSON.stringify(result)}`);
   return result;
 }

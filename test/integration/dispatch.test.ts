@@ -10,7 +10,8 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 
 const NOW = new Date('2030-01-01T12:00:00.000Z');
 const PUBLIC = 'https://public.example.com';
-const PRIVATE = 'http://10.0.0.7:30080';
+// as stored: endpoint URLs are stored (and served) as WHATWG URL normalises them
+const PRIVATE = 'http://10.0.0.7:30080/';
 const WINDOW_S = 120;
 const options: DispatchOptions = { readyWindowS: WINDOW_S, publicEndpointUrl: PUBLIC };
 
@@ -131,7 +132,7 @@ describe('dispatch: resolveEndpoint', () => {
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
       const deploymentId = randomUUID();
       const attemptId = randomUUID();
-      const apply = (name: string, data: Record<string, unknown>) => service.apply(name, { ...data, eventId: `${name}.${randomUUID()}` });
+      const apply = (name: string, data: Record<string, unknown>) => service.apply(name, { ...data, eventId: `${name}-${randomUUID()}` });
       await apply('deployment.create', { deploymentId, name: 'web' });
       await apply('attempt.create', { deploymentId, attemptId });
       await apply('attempt.start', { deploymentId, attemptId });

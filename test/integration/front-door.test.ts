@@ -448,14 +448,15 @@ describe('front door: tokens, scopes, limits, actor', function () {
       const third = await service.apply('attempt.start', { deploymentId: other.deploymentId, attemptId: other.attemptId, eventId: 'shared-id' });
       expect(third).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
       expect((third as { message: string }).message).to.contain(`deployment ${deploymentId}`);
-      // the same name and deployment with another payload (another attempt's derived id, say) is another event too
+      // the same name and deployment with another payload (another attempt) is another event too
       const next = randomUUID();
       await service.apply('attempt.create', { deploymentId, attemptId: next }, { fallbackEventId: randomUUID() });
-      const squat = await service.apply('attempt.cancel', { deploymentId, attemptId: next, eventId: `attempt.cancel.${attemptId}` });
-      expect(squat).to.deep.include({ outcome: 'applied' });
-      const real = await service.apply('attempt.cancel', { deploymentId, attemptId, eventId: `attempt.cancel.${attemptId}`, reason: 'x' });
+      const cancelled = await service.apply('attempt.cancel', { deploymentId, attemptId: next, eventId: 'cancel-shared' });
+      expect(cancelled).to.deep.include({ outcome: 'applied' });
+      const real = await service.apply('attempt.cancel', { deploymentId, attemptId, eventId: 'cancel-shared', reason: 'x' });
       expect(real).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
       expect((real as { message: string }).message).to.contain('with another payload');
+      // (another attempt's derived id is refused before it gets that far: issue 28, front-door-input.test.ts)
       // and a true redelivery is still a duplicate
       expect(await service.apply('attempt.start', { deploymentId, attemptId, eventId: 'shared-id' })).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     });

@@ -82,7 +82,8 @@ describe('HTTP surface', function () {
       const id = await deployment('ready', { url: 'http://10.0.0.1:30000', kind: 'node_port' });
       const ok = await app.inject({ method: 'GET', url: `/api/deployments/${id}` });
       expect(ok.statusCode).to.equal(200);
-      expect(json(ok.body)).to.deep.include({ id, state: 'ready', version: 4, endpoint: { url: 'http://10.0.0.1:30000', kind: 'node_port' } });
+      // stored as WHATWG URL normalises it
+      expect(json(ok.body)).to.deep.include({ id, state: 'ready', version: 4, endpoint: { url: 'http://10.0.0.1:30000/', kind: 'node_port' } });
       expect(json(ok.body).currentAttempt).to.deep.include({ number: 1, status: 'succeeded' });
 
       const absent = await app.inject({ method: 'GET', url: `/api/deployments/${randomUUID()}` });
@@ -147,7 +148,7 @@ describe('HTTP surface', function () {
     it('serves the private endpoint while the heartbeat is fresh, then the public one; counts answers', async () => {
       const id = await deployment('ready', { url: 'http://10.0.0.1:30000', kind: 'node_port' });
       const ask = async () => json((await app.inject({ method: 'GET', url: `/api/deployments/${id}/endpoint` })).body);
-      expect(await ask()).to.deep.equal({ url: 'http://10.0.0.1:30000', source: 'private', reason: 'ready_heartbeat_fresh' });
+      expect(await ask()).to.deep.equal({ url: 'http://10.0.0.1:30000/', source: 'private', reason: 'ready_heartbeat_fresh' });
       clock = new Date(NOW.getTime() + 121_000);
       expect(await ask()).to.deep.equal({ url: 'https://public.example.com', source: 'public', reason: 'ready_heartbeat_stale' });
       expect(await metrics.text()).to.contain('fleet_dispatch_total{source="public",reason="ready_heartbeat_stale"} 1');

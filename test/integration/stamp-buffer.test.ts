@@ -82,7 +82,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
   const q = <T>(sql: string, params: unknown[] = []): Promise<T[]> => db.dataSource.query<T[]>(sql, params);
 
   async function apply(name: string, data: Record<string, unknown>, producedAt?: Date) {
-    return service.apply(name, { eventId: `${name}.${randomUUID()}`, ...data }, producedAt === undefined ? {} : { producedAt });
+    return service.apply(name, { eventId: `${name}-${randomUUID()}`, ...data }, producedAt === undefined ? {} : { producedAt });
   }
 
   /**

@@ -66,7 +66,7 @@ describe('transition service (PostgreSQL)', () => {
       state: 'ready',
       version: 4,
       current_attempt_id: attemptId,
-      endpoint_url: endpoint.url,
+      endpoint_url: `${endpoint.url}/`, // stored as WHATWG URL normalises it
       endpoint_kind: 'node_port',
     });
     expect((d?.last_ready_at as Date).toISOString()).to.equal('2026-11-23T12:01:00.000Z');

@@ -235,6 +235,8 @@ describe('front door rules', () => {
         ['deployment.readiness', { deploymentId: D, eventId: `deployment.create.${D}` }],
         ['attempt.cancel', { deploymentId: D, attemptId: A, eventId: `attempt.orphaned.${A}` }],
         ['deployment.teardown', { deploymentId: D, eventId: 'attempt.start.anything' }],
+        ['attempt.heartbeat', { deploymentId: D, attemptId: A, eventId: `ATTEMPT.END.${A.toUpperCase()}` }],
+        ['deployment.readiness', { deploymentId: D, eventId: `Deployment.Create.${D}` }],
       ];
       for (const [name, data] of cases) {
         const issues = issuesOf(() => parsePayload(name, data));
@@ -243,11 +245,31 @@ describe('front door rules', () => {
       }
     });
 
-    it('takes free-form ids, and ids of its own kind (a random or a derived one)', () => {
-      for (const eventId of [`attempt.end.${A}`, `attempt.end.${A.toUpperCase()}`, `attempt.end.${randomUUID()}`, `attempt.end.${A}.retry-2`, 'end-1', 'attempt.ending']) {
+    it('takes free-form ids, and ids of its own kind that name its own subject (any case)', () => {
+      for (const eventId of [`attempt.end.${A}`, `attempt.end.${A.toUpperCase()}`, `Attempt.End.${A}`, `attempt.end.${A}.retry-2`, 'end-1', 'attempt.ending', `attempt.end-${randomUUID()}`]) {
         expect(() => parsePayload('attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId }), eventId).to.not.throw();
       }
+      expect(() => parsePayload('deployment.create', { deploymentId: D, name: 'web', eventId: `DEPLOYMENT.CREATE.${D.toUpperCase()}` })).to.not.throw();
+      // events that happen many times derive random ids: they name no subject
       expect(() => parsePayload('attempt.heartbeat', { deploymentId: D, attemptId: A, eventId: `attempt.heartbeat.${randomUUID()}` })).to.not.throw();
+      expect(() => parsePayload('deployment.teardown', { deploymentId: D, eventId: `deployment.teardown.${randomUUID()}` })).to.not.throw();
+    });
+
+    it('refuses an id of its own kind that names another subject (a squat), or none, naming eventId', () => {
+      const cases: Array<[string, Record<string, unknown>, string]> = [
+        ['attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId: `attempt.end.${randomUUID()}` }, 'attemptId'],
+        ['attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId: `ATTEMPT.END.${randomUUID().toUpperCase()}` }, 'attemptId'],
+        ['attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId: `attempt.end.${A}x` }, 'attemptId'],
+        ['attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId: `attempt.end.${D}` }, 'attemptId'],
+        ['attempt.orphaned', { deploymentId: D, attemptId: A, eventId: `attempt.orphaned.${randomUUID()}.90000` }, 'attemptId'],
+        ['deployment.create', { deploymentId: D, name: 'web', eventId: `deployment.create.${randomUUID()}` }, 'deploymentId'],
+        ['deployment.create', { deploymentId: D, name: 'web', eventId: 'deployment.create.anything' }, 'deploymentId'],
+      ];
+      for (const [name, data, field] of cases) {
+        const issues = issuesOf(() => parsePayload(name, data));
+        expect(issues.map((i) => i.field), String(data.eventId)).to.deep.equal(['eventId']);
+        expect(issues[0]?.rule).to.contain(`must name this event's ${field} next`);
+      }
     });
 
     it('normalises UUIDs to lower case before deriving an id', () => {

@@ -6,7 +6,7 @@
  * `last_ready_at`. Both only move forward, so a shard that finishes after a later tick's cannot undo it.
  */
 import { retryLockConflicts, SWEEP_SQL, type Database, type ShardRow } from '../../entities/sql';
-import { endpointNotAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
+import { servableEndpoint, type EndpointAllowList } from '../../events/endpoint-allow';
 import type { Logger } from '../../log';
 import { probeReady, type ProbeLanes, type ProbeOutcome } from './probe';
 
@@ -111,9 +111,11 @@ export async function probeShard(options: ShardRunnerOptions, data: ShardJobData
       options.lanes.release();
       break;
     }
+    // a row stored before the list or the endpoint URL rules is never probed; the others as normalised
+    const servable = servableEndpoint(row.endpoint_url, options.endpointAllow);
     const probe =
-      endpointNotAllowed(row.endpoint_url, options.endpointAllow) === null
-        ? probeReady(row.endpoint_url, options.probeTimeoutMs)
+      'url' in servable
+        ? probeReady(servable.url, options.probeTimeoutMs)
         : Promise.resolve<ProbeOutcome>({ ok: false, reason: 'not_allowed' });
     inFlight.push(
       probe.then((outcome) => {

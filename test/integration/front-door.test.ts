@@ -66,7 +66,7 @@ describe('front door: tokens, scopes, limits, actor', function () {
     service = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'front-door-'));
     tokensFile = path.join(dir, 'tokens.json');
-    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
+    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)), { mode: 0o600 });
   });
   after(async () => {
     await db?.close();
@@ -478,7 +478,7 @@ describe('front door: tokens, scopes, limits, actor', function () {
     const late = createToken('late', ['read']);
     expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(401);
     const file = path.join(dir, 'tokens-2.json');
-    fs.writeFileSync(file, JSON.stringify([...Object.values(tokens).map((t) => t.entry), late.entry]));
+    fs.writeFileSync(file, JSON.stringify([...Object.values(tokens).map((t) => t.entry), late.entry]), { mode: 0o600 });
     fs.renameSync(file, tokensFile);
     try {
       store.reload();

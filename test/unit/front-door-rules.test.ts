@@ -37,7 +37,7 @@ describe('front door rules', () => {
       expect(JSON.stringify(a.entry)).to.not.contain(a.token);
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokens-'));
       const file = path.join(dir, 'tokens.json');
-      fs.writeFileSync(file, JSON.stringify([a.entry]));
+      fs.writeFileSync(file, JSON.stringify([a.entry]), { mode: 0o600 });
       const store = new TokenStore(file);
       expect(store.authenticate(a.token)?.name).to.equal('ci-deployer');
       expect(store.authenticate(b.token)).to.equal(null);
@@ -83,7 +83,7 @@ describe('front door rules', () => {
       const file = path.join(dir, 'tokens.json');
       const first = createToken('first', ['read']);
       const second = createToken('second', ['events:write']);
-      fs.writeFileSync(file, JSON.stringify([first.entry]));
+      fs.writeFileSync(file, JSON.stringify([first.entry]), { mode: 0o600 });
       const store = new TokenStore(file);
       expect(store.authenticate(second.token)).to.equal(null);
       fs.writeFileSync(file, JSON.stringify([first.entry, second.entry]));
@@ -140,7 +140,7 @@ describe('front door rules', () => {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokens-'));
       const file = path.join(dir, 'tokens.json');
       const t = createToken('viewer', ['read']);
-      fs.writeFileSync(file, JSON.stringify([t.entry]));
+      fs.writeFileSync(file, JSON.stringify([t.entry]), { mode: 0o600 });
       const creds = { tokens: new TokenStore(file), boardUser: 'ops', boardPassword: 'a-long-password' };
       const basic = (pair: string) => `Basic ${Buffer.from(pair).toString('base64')}`;
       expect(readAccess(`bEaReR ${t.token}`, creds)).to.deep.include({ kind: 'token' });

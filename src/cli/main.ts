@@ -20,7 +20,7 @@ import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 import { describeServer, isRedisError } from '../queues/redis';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
-import { UUID_PATTERN } from '../util';
+import { printable, UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
@@ -160,7 +160,8 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
       process.exitCode = 1;
       return;
     }
-    process.stdout.write(options.json === true ? `${JSON.stringify(status, null, 2)}\n` : status.text);
+    // JSON.stringify escapes C0 controls but not DEL, C1 or bidi overrides; printable() keeps JSON JSON
+    process.stdout.write(options.json === true ? `${printable(JSON.stringify(status, null, 2), { keepNewlines: true })}\n` : status.text);
   } finally {
     await ds.destroy();
   }
@@ -218,12 +219,14 @@ async function runDemoCommand(options: { api?: string }): Promise<void> {
     config,
     redisUrl: resolveEndpoints(config).redisUrl,
     apiUrl,
-    say: (line) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}${line}\n`),
+    // the demo's lines quote what the fleet stored (a job's failed reason, dispatch answers): escaped, then our own
+    // line clearing
+    say: (line) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}${printable(line, { keepNewlines: true })}\n`),
     progress: (line) => {
-      if (tty) process.stderr.write(`\r\x1b[K${line}`);
+      if (tty) process.stderr.write(`\r\x1b[K${printable(line)}`);
     },
   });
-  process.stdout.write(`${JSON.stringify(report)}\n`);
+  process.stdout.write(`${printable(JSON.stringify(report))}\n`);
   if (!report.ok) process.exitCode = 1;
 }
 

@@ -5,6 +5,7 @@
  */
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
+import { printable } from '../util';
 import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 
@@ -22,11 +23,12 @@ export interface TailOptions {
   readonly report?: ServerReport;
 }
 
+/** One entry as a line for a terminal: what producers sent (a reason, an id) with its control characters escaped. */
 export function formatEntry(entry: TransitionEntry, json: boolean): string {
-  if (json) return JSON.stringify(entry);
+  if (json) return printable(JSON.stringify(entry));
   const from = entry.from === '' ? '(new)' : entry.from;
   const attempt = entry.attemptId === '' ? '' : `  attempt ${entry.attemptId}`;
-  return `${entry.at}  ${entry.deploymentId}  v${entry.version}  ${from} -> ${entry.to}  ${entry.reason}${attempt}  [${entry.eventId}]`;
+  return printable(`${entry.at}  ${entry.deploymentId}  v${entry.version}  ${from} -> ${entry.to}  ${entry.reason}${attempt}  [${entry.eventId}]`);
 }
 
 export async function tail(options: TailOptions): Promise<void> {

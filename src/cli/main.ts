@@ -18,7 +18,7 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { describeServer, isRedisError } from '../queues/redis';
+import { describeServer, isRedisError, pingRedis } from '../queues/redis';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
 import { printable, UUID_PATTERN } from '../util';
 
@@ -167,22 +167,37 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
   }
 }
 
+/** How long after the first signal `fleet tail` exits even if something still holds it (it stops within about 1 s). */
+const TAIL_STOP_MS = 2000;
+
 async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
   if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
   if (options.from !== undefined && !/^(\$|0|\d+(-\d+)?)$/.test(options.from)) {
     throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
   }
   const config = loadConfig();
+  const redisUrl = resolveEndpoints(config).redisUrl;
   let stopTail: () => void = () => undefined;
   const stop = new Promise<void>((resolve) => (stopTail = resolve));
-  // the first SIGINT or SIGTERM stops the tail (whether Redis is there or not); a second exits at once
+  // The first SIGINT or SIGTERM stops the tail, whatever Redis does: the tail returns within about a second (it waits
+  // for nothing Redis has to answer), and should anything still hold the process, it exits at TAIL_STOP_MS anyway. A
+  // second signal exits at once.
   let signalled = false;
   const onSignal = (): void => {
     if (signalled) process.exit(130);
     signalled = true;
     stopTail();
+    setTimeout(() => {
+      process.stderr.write(`fleet tail: not stopped after ${TAIL_STOP_MS} ms; exiting\n`);
+      process.exit(process.exitCode ?? 0);
+    }, TAIL_STOP_MS).unref();
   };
   process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  // Redis must answer first, as for `fleet enqueue`: unreachable at start is one line and exit code 4, not a tail
+  // waiting in silence (an outage after the start is waited out, and said once)
+  const reachable = reaching(describeServer('Redis', redisUrl), () => pingRedis(redisUrl));
+  reachable.catch(() => undefined); // left behind by a stop
+  if ((await Promise.race([reachable.then(() => 'reached' as const), stop.then(() => 'stopped' as const)])) === 'stopped') return;
   // a closed stdout (`fleet tail | head -1`) ends the tail quietly
   let outClosed = false;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -192,7 +207,7 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
   });
   try {
     await tail({
-      redisUrl: resolveEndpoints(config).redisUrl,
+      redisUrl,
       streamKey: transitionStreamKey(config.prefix),
       ...options,
       write: (line) => {

@@ -162,6 +162,23 @@ const TRANSIENT_CODES = new Set([
   '25P03',
 ]);
 
+/** PostgreSQL's SQLSTATEs for a conflict it broke by aborting one side: deadlock_detected, serialization_failure. */
+const LOCK_CONFLICT_CODES: ReadonlySet<string> = new Set(['40P01', '40001']);
+
+/**
+ * True when PostgreSQL aborted the statement (or its transaction) to break a lock conflict: a deadlock it detected
+ * (40P01) or a serialization failure (40001). The server is there and answered; what failed was undone whole, and
+ * doing it again normally succeeds. Retryable (`isTransient`), but never an outage: the writes retry it in-process
+ * (`retryLockConflicts`, src/entities/sql/runner.ts) and nothing reports it as a server away.
+ */
+export function isLockConflict(err: unknown): boolean {
+  if (typeof err !== 'object' || err === null) return false;
+  const e = err as { code?: unknown; driverError?: { code?: unknown }; cause?: unknown };
+  const code = e.code ?? e.driverError?.code;
+  if (typeof code === 'string' && LOCK_CONFLICT_CODES.has(code)) return true;
+  return e.cause !== undefined && e.cause !== err && isLockConflict(e.cause);
+}
+
 /**
  * True when an error from PostgreSQL, Redis or the network means "try again later" rather than "this can never
  * work". Unknown errors are not transient: a bug must surface, not loop.

@@ -27,8 +27,14 @@ const eventId = z
   .string()
   .regex(EVENT_ID_PATTERN, { error: 'must be 1-200 characters of A-Za-z0-9._-' })
   .meta({ description: 'the BullMQ jobId and the deduplication key; default: derived (attempt events) or random' });
-// Ids are normalised to lower case, so that a derived eventId (and the database) never sees two spellings of one id.
-const uuid = z.uuid({ error: 'must be a UUID' }).transform((v) => v.toLowerCase());
+/**
+ * An id's one spelling: ids are normalised to lower case, so that a derived eventId, the database and whatever keys
+ * on an id before the schemas run (the coalescer) never see two spellings of one id.
+ */
+export function canonicalId(id: string): string {
+  return id.toLowerCase();
+}
+const uuid = z.uuid({ error: 'must be a UUID' }).transform(canonicalId);
 const reason = z.string().max(500, { error: 'must be at most 500 characters' });
 const actor = z
   .string()
@@ -159,7 +165,7 @@ export const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>([
  */
 export function deriveEventId(name: EventName, payload: { deploymentId: string; attemptId?: string }): string {
   if (!ONCE_PER_SUBJECT.has(name)) return `${name}.${randomUUID()}`;
-  return `${name}.${(payload.attemptId ?? payload.deploymentId).toLowerCase()}`;
+  return `${name}.${canonicalId(payload.attemptId ?? payload.deploymentId)}`;
 }
 
 /**

@@ -1,16 +1,91 @@
-/** Bull Board behind the fleet's auth: who may look, who may act, and no framing by other sites. */
+/**
+ * Bull Board behind the fleet's auth: who may look, who may act (BOARD_WRITES), what it may add (only what the intake
+ * takes, through the intake), and no framing by other sites.
+ */
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { FastifyAdapter } from '@bull-board/fastify';
 import type { Queue } from 'bullmq';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { LIFECYCLE_QUEUE } from '../queues/names';
 import type { Access, Credentials } from './auth';
+import { HttpError } from './http-error';
 import type { Scope } from './tokens';
 
 export const BOARD_PATH = '/admin/queues';
 
 /** The job states BullMQ's clean accepts. */
 const CLEANABLE: ReadonlySet<string> = new Set(['completed', 'failed', 'delayed', 'wait', 'waiting', 'active', 'paused', 'prioritized']);
+
+export type BoardWrite = 'board' | 'event' | 'refused';
+
+/**
+ * What each of Bull Board's routes that changes something needs (docs/contract.md, "HTTP", Bull Board), by method
+ * and route under BOARD_PATH. A write route not listed (a later Bull Board's) is refused.
+ * - `board`: moves, reschedules or removes jobs that are there already; their data stays what was validated when
+ *   they were enqueued (a retried job is the same event, and the worker validates it again).
+ * - `event`: puts new job data in a queue. The lifecycle queue's goes through the intake (`acceptEvent`) with the
+ *   caller's scopes: `board` to reach it, and the event's own scope; the actor is the caller. Other queues refuse it.
+ * - `refused`: replaces a job's data, which would skip the intake: send a new event instead.
+ */
+export const BOARD_WRITES = {
+  'PUT /api/queues/pause': 'board',
+  'PUT /api/queues/resume': 'board',
+  'POST /api/queues/:queueName/add': 'event',
+  'PUT /api/queues/:queueName/retry/:queueStatus': 'board',
+  'PUT /api/queues/:queueName/promote': 'board',
+  'PUT /api/queues/:queueName/clean/:queueStatus': 'board',
+  'PUT /api/queues/:queueName/pause': 'board',
+  'PUT /api/queues/:queueName/resume': 'board',
+  'PUT /api/queues/:queueName/concurrency': 'board',
+  'PUT /api/queues/:queueName/rate-limit': 'board',
+  'PUT /api/queues/:queueName/rate-limit/release': 'board',
+  'PUT /api/queues/:queueName/empty': 'board',
+  'PUT /api/queues/:queueName/obliterate': 'board',
+  'PUT /api/queues/:queueName/job-schedulers/:schedulerId/remove': 'board',
+  // the schedule only: Bull Board keeps the name, data and options the fleet registered
+  'PATCH /api/queues/:queueName/job-schedulers/:schedulerId': 'board',
+  // a run now of the template the fleet registered
+  'PUT /api/queues/:queueName/job-schedulers/:schedulerId/run': 'board',
+  'PUT /api/queues/:queueName/:jobId/retry': 'board',
+  'PUT /api/queues/:queueName/:jobId/clean': 'board',
+  'PUT /api/queues/:queueName/:jobId/promote': 'board',
+  'PATCH /api/queues/:queueName/:jobId/update-data': 'refused',
+  'PATCH /api/queues/:queueName/:jobId/delay': 'board',
+  'PATCH /api/queues/:queueName/:jobId/priority': 'board',
+  'PUT /api/queues/:queueName/:jobId/remove-unprocessed-children': 'board',
+} as const satisfies Record<string, BoardWrite>;
+
+/** A write route's entry in BOARD_WRITES, if it has one. */
+function writeOf(request: FastifyRequest): BoardWrite | undefined {
+  const key = `${request.method} ${(request.routeOptions.url ?? '').slice(BOARD_PATH.length)}`;
+  return key in BOARD_WRITES ? BOARD_WRITES[key as keyof typeof BOARD_WRITES] : undefined;
+}
+
+/** Why the board refuses a write route: BOARD_WRITES says so, or it is not listed; null when it is not refused. */
+function refusalOf(request: FastifyRequest): string | null {
+  const write = writeOf(request);
+  const route = `${request.method} ${request.routeOptions.url ?? request.url}`;
+  if (write === undefined) return `the board does not allow ${route} (docs/contract.md, "Bull Board")`;
+  if (write === 'refused') return `the board does not replace job data (${route}): a job's data is the event as validated when it was enqueued; send a new event (POST /api/events)`;
+  const queue = (request.params as { queueName?: string } | undefined)?.queueName;
+  if (write === 'event' && queue !== LIFECYCLE_QUEUE) {
+    return `the "${String(queue).slice(0, 60)}" queue takes no jobs from the board: only the "${LIFECYCLE_QUEUE}" queue does, as events that pass the intake (POST /api/events)`;
+  }
+  return null;
+}
+
+/**
+ * The board's add body as the intake takes it, `{name, data}`: its `options` (which the board's modal sends) must be
+ * absent or `{}`, since the fleet sets an event's job options (its job id is the eventId).
+ */
+function withoutJobOptions(body: unknown): unknown {
+  if (typeof body !== 'object' || body === null || Array.isArray(body) || !('options' in body)) return body; // the intake says what is wrong
+  const { options, ...event } = body as { options?: unknown };
+  if (typeof options === 'object' && options !== null && !Array.isArray(options) && Object.keys(options).length === 0) return event;
+  const rule = 'must be absent or {}: the fleet sets the job options of an event (its job id is the eventId)';
+  throw new HttpError(400, 'invalid_body', `options: ${rule}`, [{ field: 'options', rule }]);
+}
 
 export interface BoardDeps {
   /** queues shown */
@@ -20,12 +95,15 @@ export interface BoardDeps {
   readonly admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean;
   /** who each admitted request is */
   readonly accessOf: WeakMap<FastifyRequest, Access>;
+  /** the intake (intake.ts's `acceptEvent`): takes the event `{name, data}` from `access` and answers */
+  readonly acceptEvent: (access: Access | undefined, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
 }
 
 /**
  * Bull Board at BOARD_PATH. Without any credentials configured (loopback only) the board is read-only for
  * everyone: nobody may retry, clean or remove jobs anonymously. Otherwise it asks for the basic-auth pair or a
- * token: `board` (or the pair) may do everything, `read` may look.
+ * token: `board` (or the pair) may act as BOARD_WRITES says, `read` may look. Errors in the board's routes are
+ * answered by the server's error handler, like everywhere else.
  */
 export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Promise<void> {
   const { creds, admit, accessOf } = deps;
@@ -36,6 +114,11 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
     queues: deps.queues.map((q) => new BullMQAdapter(q, { readOnlyMode: open })),
     serverAdapter,
     options: { uiConfig: { boardTitle: 'lifecycle-fleet' } },
+  });
+  // Bull Board answers every error of its routes with a 500-or-status of its own; rethrown, they reach the server's
+  // error handler (Fastify hands an error handler's error to the parent's), which answers in the API's codes
+  serverAdapter.setErrorHandler((error) => {
+    throw error;
   });
   const readOnly = new WeakSet<FastifyRequest>();
   const reading = (method: string) => method === 'GET' || method === 'HEAD';
@@ -61,9 +144,17 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
           error: { code: 'invalid_status', message: `queueStatus: must be one of ${[...CLEANABLE].join(', ')}, got "${clean.slice(0, 40)}"` },
         });
       }
+      const refusal = reading(request.method) ? null : refusalOf(request);
+      if (refusal !== null) return reply.status(403).send({ error: { code: 'forbidden', message: refusal } });
       const access = accessOf.get(request);
       if (access?.kind === 'token' && !access.principal.scopes.has('board')) readOnly.add(request);
       return undefined;
+    });
+    // A job added to the lifecycle queue is an event: the intake takes and answers it, with the caller's scopes and
+    // as its actor; Bull Board's own add never runs.
+    board.addHook('preHandler', async (request: FastifyRequest, reply: FastifyReply) => {
+      if (reading(request.method) || writeOf(request) !== 'event') return undefined;
+      return deps.acceptEvent(accessOf.get(request), withoutJobOptions(request.body), reply);
     });
     board.addHook('onSend', async (request, reply, payload) => {
       // the board may not be framed by another site (clickjacking its retry/clean/remove buttons)

@@ -30,10 +30,11 @@ import { migrationsApplied } from '../entities/migrate';
 import { rejectAfter, repoRoot } from '../util';
 import { registerBoard } from './board';
 import { ADMIN_SQL, Database, deploymentExists } from '../entities/sql';
-import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
-import { assertEndpointAllowed } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, type EventName } from '../events/schemas';
-import { AuthThrottle, hasScope, readAccess, scopeForEvent, type Access, type Credentials } from './auth';
+import { isTransient } from '../errors';
+import { AuthThrottle, hasScope, readAccess, type Access, type Credentials } from './auth';
+import { clientErrorOf, codeOf, HttpError } from './http-error';
+import { acceptEvent, type Intake } from './intake';
+import { parseJsonBodies } from './json-body';
 import { TokenStore, type Scope } from './tokens';
 import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
@@ -85,11 +86,6 @@ export interface HttpDeps {
   readonly stampBuffer?: StampBuffer | null;
 }
 
-/** The reason phrase of a status, as an error code: 408 -> request_timeout. */
-function codeOf(status: number): string {
-  return (STATUS_CODES[status] ?? 'error').toLowerCase().replace(/[^a-z]+/g, '_').replace(/^_|_$/g, '');
-}
-
 /**
  * Answers a request Node's HTTP parser refused before Fastify saw it (a malformed request, headers too large, a body
  * shorter than its Content-Length that timed out) in the API's error shape, then closes the connection.
@@ -112,17 +108,6 @@ export { BOARD_PATH } from './board';
 export const OPENAPI_PATH = '/openapi.json';
 /** Swagger UI over that document. */
 export const DOCS_PATH = '/docs';
-
-class HttpError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-    readonly issues?: ReadonlyArray<{ field: string; rule: string }>,
-  ) {
-    super(message);
-  }
-}
 
 /**
  * Validates a route's params and query with their zod schemas, after authentication (a request without the scope
@@ -276,6 +261,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
         handler,
       ),
   });
+  parseJsonBodies(app);
   // Every error answer has one shape, `{error: {code, message}}`, whoever produced it (Fastify, a plugin, Bull Board).
   app.addHook('onSend', async (_request, reply, payload) => {
     if (reply.statusCode < 400 || typeof payload !== 'string') return payload;
@@ -305,7 +291,9 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     }
     const e = err as { statusCode?: number; code?: string; message?: string };
     if (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
-      return reply.status(e.statusCode).send({ error: { code: e.code ?? 'bad_request', message: e.message ?? 'bad request' } });
+      const contentType = request.headers['content-type'];
+      const refused = clientErrorOf({ code: e.code, message: e.message, statusCode: e.statusCode }, { contentType, bodyLimit: request.routeOptions.bodyLimit });
+      return reply.status(e.statusCode).send({ error: refused });
     }
     if (isTransient(err)) {
       // a server (PostgreSQL, Redis) that is away is not the request's fault: the caller may try again
@@ -335,9 +323,10 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
           ? { kind: 'anonymous' }
           : readAccess(header, creds);
     // An address past its failures is refused whatever it sends, so guessing the board password gets nowhere; but
-    // a valid bearer token (256 random bits: not guessable) always gets through, so that callers sharing an address
-    // (a proxy, a NAT) cannot be locked out by someone else's wrong guesses.
-    const wait = access.kind === 'token' && challenge === 'Bearer' ? null : throttle.retryAfterS(request.ip);
+    // a valid token (256 random bits: not guessable), as a bearer token or as the board's basic-auth password, on the
+    // API and on the board, always gets through, so that callers sharing an address (a proxy, a NAT) cannot be
+    // locked out by someone else's wrong guesses.
+    const wait = access.kind === 'token' ? null : throttle.retryAfterS(request.ip);
     if (wait !== null) {
       void reply
         .status(429)
@@ -549,78 +538,15 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       400: failure('invalid_body, invalid_payload or unknown_event: `issues` names every offending field and its rule'),
       403: failure('forbidden: the token lacks `events:write`, or `events:admin` for this event'),
       409: failure('event_id_conflict: the eventId belongs to another event (`existing` says which); nothing was enqueued'),
-      413: failure('the body is over 64 KiB'),
-      415: failure('the body is not JSON'),
+      413: failure('payload_too_large: the body is over 64 KiB'),
+      415: failure('unsupported_media_type: the body is not JSON'),
       429: failure('rate_limited (this token sent too many events; see Retry-After) or too_many_failed_authentications'),
       503: failure('unavailable or not_durable: the event may have been accepted; retry with the same `eventId` (see Retry-After)'),
     },
   });
-  const acceptEvent = async (request: FastifyRequest, reply: FastifyReply) => {
-    const body: unknown = request.body; // not validated by the framework (see validatorCompiler): checked here
-    if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-      throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
-    }
-    const extra = Object.keys(body).filter((k) => k !== 'name' && k !== 'data');
-    const { name, data } = body as { name?: unknown; data?: unknown };
-    const issues = [
-      ...(typeof name === 'string' ? [] : [{ field: 'name', rule: 'is required: the event name' }]),
-      ...(data === undefined ? [{ field: 'data', rule: 'is required: the event payload' }] : []),
-      ...(extra.length > 0 ? [{ field: '(root)', rule: `unknown field(s): ${extra.map((k) => k.slice(0, 40)).join(', ')}` }] : []),
-    ];
-    if (issues.length > 0) throw new HttpError(400, 'invalid_body', issues.map((i) => `${i.field}: ${i.rule}`).join('; '), issues);
-    const access = accessOf.get(request);
-    if (access === undefined) throw new HttpError(401, 'unauthorized', 'the request was not authenticated'); // never open by default
-    const needs = scopeForEvent(name, data);
-    if (!hasScope(access, needs)) {
-      throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${needs === 'events:admin' && name === 'deployment.teardown' ? ' with force' : ''} needs the "${needs}" scope`);
-    }
-    // The actor is the caller: the token's name (anonymous while the API is open), never what the payload says.
-    const actor = access.kind === 'token' ? access.principal.name : ANONYMOUS_ACTOR;
-    if (typeof data === 'object' && data !== null && !Array.isArray(data)) {
-      const given = (data as { actor?: unknown }).actor;
-      if (given !== undefined && given !== actor) {
-        const rule = `is set from the caller over HTTP ("${actor}"): leave it out`;
-        throw new HttpError(400, 'invalid_payload', `data.actor: ${rule}`, [{ field: 'actor', rule }]);
-      }
-    }
-    let eventId: string | undefined;
-    try {
-      const given = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
-      // the payload's shape first (so its errors come as they always have), then the allow-list
-      const parsed = parsePayload(name as string, given);
-      assertEndpointAllowed(parsed, config.endpointAllow);
-      // The eventId is fixed before the enqueue, so that an answer that never comes (503) can name the id to retry with.
-      eventId = parsed.eventId ?? deriveEventId(name as EventName, parsed);
-      const result = await deps.producer.enqueue(name as string, { ...(given as object), eventId });
-      return await reply.status(202).send(result);
-    } catch (err) {
-      if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);
-      if (err instanceof EventIdConflictError) {
-        return reply.status(409).send({ error: { code: err.code, message: err.message, existing: err.existing } });
-      }
-      if (err instanceof DurabilityError) {
-        deps.logger.warn({ eventName: name, eventId, replicas: err.replicas, acknowledged: err.acknowledged, timeoutMs: err.timeoutMs }, 'intake: the event did not reach its replicas in time; answered 503');
-        return reply
-          .status(503)
-          .header('retry-after', '1')
-          .send({ error: { code: err.code, message: err.message, eventId: err.eventId, replicas: err.replicas, acknowledged: err.acknowledged } });
-      }
-      if (isTransient(err)) {
-        deps.logger.warn({ eventName: name, eventId, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'intake: Redis did not answer; answered 503');
-        return reply
-          .status(503)
-          .header('retry-after', '5')
-          .send({
-            error: {
-              code: 'unavailable',
-              message: `the queue did not answer in time; the event may have been accepted: retry with the same eventId "${eventId ?? ''}" (it is applied at most once)`,
-              ...(eventId !== undefined ? { eventId } : {}),
-            },
-          });
-      }
-      throw err;
-    }
-  };
+  const events: Intake = { producer: deps.producer, endpointAllow: config.endpointAllow, logger: deps.logger };
+  // the body is not validated by the framework (see validatorCompiler): acceptEvent checks it
+  const acceptRequest = (request: FastifyRequest, reply: FastifyReply) => acceptEvent(events, accessOf.get(request), request.body, reply);
   api.post('/api/events', { ...intakeRoute, config: intake }, async (request, reply) => {
     // The request's span (docs/architecture.md, "Tracing"): under the caller's trace when it sends a W3C
     // `traceparent` header; the event's `enqueue` span goes under it. A no-op while tracing is off.
@@ -628,7 +554,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const parent = traceparentContext(typeof header === 'string' ? header : undefined) ?? ROOT_CONTEXT;
     const span = tracer().startSpan('POST /api/events', { kind: SpanKind.SERVER, attributes: { 'http.request.method': 'POST', 'http.route': '/api/events' } }, parent);
     try {
-      const sent = await context.with(trace.setSpan(parent, span), () => acceptEvent(request, reply));
+      const sent = await context.with(trace.setSpan(parent, span), () => acceptRequest(request, reply));
       span.setAttribute('http.response.status_code', reply.statusCode);
       return sent;
     } catch (err) {
@@ -700,6 +626,6 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     });
   });
 
-  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf });
+  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf, acceptEvent: (access, body, reply) => acceptEvent(events, access, body, reply) });
   return app;
 }

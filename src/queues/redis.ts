@@ -1,6 +1,6 @@
 import IORedis, { Cluster } from 'ioredis';
 import type { ClusterOptions, RedisOptions } from 'ioredis';
-import { FleetError, isTransient } from '../errors';
+import { FleetError, isLockConflict, isTransient } from '../errors';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from '../util/redis-url';
 
 /** A connection the fleet talks to Redis through: one server, or a Redis Cluster (REDIS_URL `redis+cluster://`). */
@@ -182,8 +182,9 @@ export class ServerWatch {
   error(err: unknown): boolean {
     // a lost or refused connection, a reset, a timeout: the server is away, not the request wrong. The fleet's own
     // retryable errors ("not yet": the deployment's create is still on its way; a lost version check) are answers
-    // from a server that is there: they said "lost PostgreSQL" on every early event
-    if (err instanceof FleetError || !isTransient(err)) return false;
+    // from a server that is there: they said "lost PostgreSQL" on every early event. So is a lock conflict
+    // PostgreSQL broke (a deadlock, a serialization failure): retried, but no outage
+    if (err instanceof FleetError || isLockConflict(err) || !isTransient(err)) return false;
     if (!this.down) {
       this.down = true;
       this.report('warn', `lost ${this.what}, retrying`, { server: this.what, code: errorCode(err) });

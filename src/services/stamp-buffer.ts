@@ -4,16 +4,24 @@
  *
  * - **Absorb**: `ZADD <key> GT <ms> <member>` keeps the latest time per attempt (member `<attemptId>:<deploymentId>`,
  *   both of which the UPDATE checks) or per deployment (member `<deploymentId>`).
- * - **Flush**: read both sorted sets (oldest first), write each kind in ONE statement (src/entities/sql/stamps.ts,
- *   `STAMP_BATCH_SQL`: the same monotonic `GREATEST` UPDATE as the per-event path, over arrays), then remove only
- *   the members whose score is still the one read. A stamp absorbed during the flush stays for the next one; a
- *   flush that dies half-way leaves everything in Redis, and doing it again is harmless (the write only moves stamps
- *   forward). One flush runs at a time fleet-wide (a short Redis lock); two at once would still be harmless.
+ * - **Flush**: first *take* what is buffered: each kind's sorted set is renamed to its `:flushing` key (O(1); merged
+ *   into it, `AGGREGATE MAX`, if a flush that died half-way left one), so stamps absorbed from then on gather in a
+ *   new set for the next flush. Then *drain* the taken set, in rounds of up to `maxPerStatement` stamps of each kind:
+ *   read, write each kind in ONE statement (src/entities/sql/stamps.ts, `STAMP_BATCH_SQL`: the same monotonic
+ *   `GREATEST` UPDATE as the per-event path, over arrays), remove only the members whose score is still the one
+ *   read, until it is empty. **The bound**: every stamp absorbed before a flush starts is decided by that flush,
+ *   however many there are and whenever they came, so each reaches PostgreSQL at the first tick after it was
+ *   absorbed. (Issue 27: a flush that took "the oldest N" from the absorbing set never took an attempt that
+ *   heartbeated late in every interval, since each heartbeat raised its score.) A flush that dies half-way leaves
+ *   what it had not written in Redis, and doing it again is harmless (the write only moves stamps forward). One
+ *   flush runs at a time fleet-wide (a short Redis lock); two at once would still be harmless.
  * - **What a flush decides** (the per-event path's noops, decided here instead): a running attempt / ready
  *   deployment is stamped; one that exists but is not running / not ready is dropped (`not_running`, `not_ready`);
- *   one that does not exist is kept until its stamp is older than `notYetForMs` (the lifecycle worker's 30 s budget
- *   for stamps of what does not exist yet), then dropped with a warning (`not_found`).
- * - **Reads** overlay the buffered time on PostgreSQL's (the later of the two), one Redis round trip.
+ *   one that does not exist is kept (moved back into the absorbing set, for the next flush) until its stamp is older
+ *   than `notYetForMs` (the lifecycle worker's 30 s budget for stamps of what does not exist yet), then dropped with
+ *   a warning (`not_found`).
+ * - **Reads** overlay the buffered time on PostgreSQL's (the latest of the absorbing and the taken set's, and
+ *   PostgreSQL's), one Redis round trip.
  *
  * Keys live under the BullMQ prefix (`<prefix>:{stamps}:...`, so a Redis user confined to `<prefix>:*` reaches them),
  * and share one hash tag: the prefix's when it has one (Redis hashes on the first `{...}`; a cluster requires one), else
@@ -22,17 +30,28 @@
 import { randomUUID } from 'node:crypto';
 import type { RedisConnection } from '../queues/redis';
 import type { DataSource } from 'typeorm';
-import { Database, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
+import { Database, retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, requireSlotPrefix } from '../queues/redis';
 import { acquireLock, releaseLock } from '../queues/redis-lock';
 import { rejectAfter, UUID_PATTERN } from '../util';
 
-/** The Redis keys of a prefix's stamp buffer. */
-export function stampKeys(prefix: string): { readonly heartbeat: string; readonly readiness: string; readonly lock: string } {
+/** The two kinds of stamp. */
+type Kind = 'heartbeat' | 'readiness';
+
+/** The Redis keys of a prefix's stamp buffer: each kind's absorbing set, the set a flush took, and the flush lock. */
+export function stampKeys(prefix: string): {
+  readonly heartbeat: string;
+  readonly readiness: string;
+  readonly heartbeatFlushing: string;
+  readonly readinessFlushing: string;
+  readonly lock: string;
+} {
   return {
     heartbeat: `${prefix}:{stamps}:heartbeat`,
     readiness: `${prefix}:{stamps}:readiness`,
+    heartbeatFlushing: `${prefix}:{stamps}:heartbeat:flushing`,
+    readinessFlushing: `${prefix}:{stamps}:readiness:flushing`,
     lock: `${prefix}:{stamps}:flush-lock`,
   };
 }
@@ -77,6 +96,8 @@ export interface FlushResult {
   readonly heartbeats: number;
   /** buffered readiness stamps read (deployments) */
   readonly readiness: number;
+  /** rounds of the drain: each read up to `maxPerStatement` stamps of each kind and wrote them in one statement per kind */
+  readonly rounds: number;
   /** written: the attempt was running / the deployment ready */
   readonly stamped: number;
   /** removed without a write: not running / not ready, or still not found past `notYetForMs` */
@@ -109,9 +130,12 @@ export interface StampBufferOptions {
    * (default 30 s, the lifecycle worker's `stampRetryBudgetMs`): its create may still be on its way.
    */
   readonly notYetForMs?: number;
-  /** stamps of each kind written per flush, oldest first (default 100,000; the rest wait for the next flush) */
-  readonly maxPerFlush?: number;
-  /** how long the flush lock is held at most (default 30 s) */
+  /**
+   * Stamps of each kind per statement (default 100,000). A flush writes everything buffered when it started, in as
+   * many statements as that takes.
+   */
+  readonly maxPerStatement?: number;
+  /** how long the flush lock is held at most (default 30 s; a flush that takes longer lets another run beside it) */
   readonly lockMs?: number;
   /** how long a flush waits for another process's flush to finish before it flushes anyway (default 10 s) */
   readonly lockWaitMs?: number;
@@ -121,16 +145,34 @@ export interface StampBufferOptions {
   readonly hooks?: StampBufferHooks;
 }
 
-/** Removes each (member, score) pair whose score is still the one given: a stamp absorbed since stays. */
-const REMOVE_UNCHANGED = `local removed = 0
-for i = 1, #ARGV, 2 do
-  local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if current and tonumber(current) == tonumber(ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    removed = removed + 1
+/**
+ * Takes what is buffered for a flush. KEYS are (absorbing, flushing) pairs: each absorbing set is renamed to its
+ * flushing key, or merged into it (the later time of each member) when a flush that died half-way left one.
+ */
+const TAKE = `for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('EXISTS', KEYS[i + 1]) == 1 then
+      redis.call('ZUNIONSTORE', KEYS[i + 1], 2, KEYS[i + 1], KEYS[i], 'AGGREGATE', 'MAX')
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('RENAME', KEYS[i], KEYS[i + 1])
+    end
   end
 end
-return removed`;
+return 0`;
+
+/**
+ * Removes from KEYS[1] each (member, score) pair whose score is still the one given: a stamp absorbed since stays.
+ * With KEYS[2], each removed member is put back there (`ZADD GT`: a later stamp there wins): a kept stamp.
+ */
+const REMOVE_UNCHANGED = `for i = 1, #ARGV, 2 do
+  local current = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if current and tonumber(current) == tonumber(ARGV[i + 1]) then
+    if KEYS[2] then redis.call('ZADD', KEYS[2], 'GT', current, ARGV[i]) end
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return 0`;
 
 /** pairs removed per script call: one call holds Redis for a few milliseconds at most */
 const REMOVE_CHUNK = 5000;
@@ -148,7 +190,7 @@ export class StampBuffer {
   private readonly db: Database;
   private readonly log: Logger;
   private readonly notYetForMs: number;
-  private readonly maxPerFlush: number;
+  private readonly maxPerStatement: number;
   private readonly lockMs: number;
   private readonly lockWaitMs: number;
   readonly readTimeoutMs: number;
@@ -170,7 +212,7 @@ export class StampBuffer {
     this.keys = stampKeys(options.prefix ?? 'fleet');
     this.log = (options.logger ?? silentLogger).child({ component: 'stamp-buffer' });
     this.notYetForMs = options.notYetForMs ?? 30_000;
-    this.maxPerFlush = options.maxPerFlush ?? 100_000;
+    this.maxPerStatement = Math.max(1, options.maxPerStatement ?? 100_000);
     this.lockMs = options.lockMs ?? 30_000;
     this.lockWaitMs = options.lockWaitMs ?? 10_000;
     this.readTimeoutMs = options.readTimeoutMs ?? 500;
@@ -211,55 +253,42 @@ export class StampBuffer {
   }
 
   /**
-   * Writes everything buffered to PostgreSQL (at most one statement per kind) and removes what it wrote or
-   * dropped, unless it was absorbed again meanwhile. `now` decides which stamps of what does not exist are old
-   * enough to drop. Throws when Redis or PostgreSQL fail; nothing is lost then, and the next flush does it again.
+   * Writes everything buffered when it starts to PostgreSQL (one statement per kind per `maxPerStatement` stamps)
+   * and removes what it wrote or dropped, unless it was absorbed again meanwhile. `now` decides which stamps of what
+   * does not exist are old enough to drop. A statement that loses a lock conflict runs again
+   * (`retryLockConflicts`). Throws when Redis or PostgreSQL fail; what was not written stays in
+   * Redis then, and the next flush does it.
    */
   async flush(now: Date): Promise<FlushResult> {
     const started = performance.now();
     const token = randomUUID();
     const locked = await this.lock(token);
     try {
-      const [heartbeats, readiness] = await this.read();
-      let stamped = 0;
-      let kept = 0;
-      const remove: { heartbeat: Buffered[]; readiness: Buffered[] } = { heartbeat: [], readiness: [] };
+      const horizon = now.getTime() - this.notYetForMs;
+      const total = { heartbeats: 0, readiness: 0, rounds: 0, stamped: 0, kept: 0 };
       const notRunning: string[] = [];
       const notFound: string[] = [];
-      const horizon = now.getTime() - this.notYetForMs;
-      const classify = (kind: 'heartbeat' | 'readiness', b: Buffered, row: { stamped: boolean; found: boolean } | undefined) => {
-        const fate = fateOf(row, b.at, horizon);
-        if (fate === 'keep') {
-          kept++;
-          return;
+      await this.redis.eval(TAKE, 4, this.keys.heartbeat, this.keys.heartbeatFlushing, this.keys.readiness, this.keys.readinessFlushing);
+      for (;;) {
+        const [heartbeats, readiness] = await this.read();
+        if (heartbeats.length === 0 && readiness.length === 0) break;
+        const round = await this.writeRound(heartbeats, readiness, horizon);
+        total.heartbeats += heartbeats.length;
+        total.readiness += readiness.length;
+        total.rounds++;
+        total.stamped += round.stamped;
+        total.kept += round.kept.heartbeat.length + round.kept.readiness.length;
+        notRunning.push(...round.notRunning);
+        notFound.push(...round.notFound);
+
+        // Every round removes what it read, so the taken set empties: only another flush's take (once, at its start)
+        // changes a score there, and the round after this one writes the new score.
+        await this.hooks.beforeRemove?.();
+        for (const kind of ['heartbeat', 'readiness'] as const) {
+          await this.removeUnchanged(this.flushingKey(kind), round.remove[kind]);
+          await this.removeUnchanged(this.flushingKey(kind), round.kept[kind], this.keys[kind]);
         }
-        remove[kind].push(b);
-        if (fate === 'stamped') stamped++;
-        else (fate === 'not_found' ? notFound : notRunning).push(b.member);
-      };
-
-      if (heartbeats.length > 0) {
-        const valid = heartbeats.map((b) => ({ b, ids: parseHeartbeatMember(b.member) }));
-        const rows = valid.filter((v) => v.ids !== null);
-        const { rows: written } = await this.db.run(STAMP_BATCH_SQL.heartbeats, [
-          rows.map((v) => v.ids?.attemptId),
-          rows.map((v) => v.ids?.deploymentId),
-          rows.map((v) => v.b.at),
-        ]);
-        // only the stamps it did not write come back
-        const unwritten = new Map(written.map((r) => [heartbeatMember(r.attempt_id, r.deployment_id), r]));
-        for (const { b, ids } of valid) classify('heartbeat', b, ids === null ? undefined : (unwritten.get(b.member) ?? WRITTEN));
       }
-      if (readiness.length > 0) {
-        const valid = readiness.filter((b) => isUuid(b.member));
-        const { rows: written } = await this.db.run(STAMP_BATCH_SQL.readiness, [valid.map((b) => b.member), valid.map((b) => b.at)]);
-        const unwritten = new Map(written.map((r) => [r.deployment_id, r]));
-        for (const b of readiness) classify('readiness', b, isUuid(b.member) ? (unwritten.get(b.member) ?? WRITTEN) : undefined);
-      }
-
-      await this.hooks.beforeRemove?.();
-      await this.removeUnchanged(this.keys.heartbeat, remove.heartbeat);
-      await this.removeUnchanged(this.keys.readiness, remove.readiness);
 
       if (notFound.length > 0) {
         this.log.warn(
@@ -268,11 +297,12 @@ export class StampBuffer {
         );
       }
       const result: FlushResult = {
-        heartbeats: heartbeats.length,
-        readiness: readiness.length,
-        stamped,
+        heartbeats: total.heartbeats,
+        readiness: total.readiness,
+        rounds: total.rounds,
+        stamped: total.stamped,
         dropped: notRunning.length + notFound.length,
-        kept,
+        kept: total.kept,
         ms: Math.round(performance.now() - started),
       };
       this.log.debug({ ...result, notRunningOrNotReady: notRunning.length, notFound: notFound.length, locked }, 'stamps flushed');
@@ -282,6 +312,49 @@ export class StampBuffer {
     }
   }
 
+  /** One round of a flush: at most one statement per kind, and each stamp's fate. */
+  private async writeRound(heartbeats: readonly Buffered[], readiness: readonly Buffered[], horizon: number) {
+    const remove: Record<Kind, Buffered[]> = { heartbeat: [], readiness: [] };
+    const kept: Record<Kind, Buffered[]> = { heartbeat: [], readiness: [] };
+    const notRunning: string[] = [];
+    const notFound: string[] = [];
+    let stamped = 0;
+    const classify = (kind: Kind, b: Buffered, row: { stamped: boolean; found: boolean } | undefined) => {
+      const fate = fateOf(row, b.at, horizon);
+      if (fate === 'keep') {
+        kept[kind].push(b);
+        return;
+      }
+      remove[kind].push(b);
+      if (fate === 'stamped') stamped++;
+      else (fate === 'not_found' ? notFound : notRunning).push(b.member);
+    };
+
+    if (heartbeats.length > 0) {
+      const valid = heartbeats.map((b) => ({ b, ids: parseHeartbeatMember(b.member) }));
+      const rows = valid.filter((v) => v.ids !== null);
+      const params = [rows.map((v) => v.ids?.attemptId), rows.map((v) => v.ids?.deploymentId), rows.map((v) => v.b.at)];
+      const { rows: written } = await retryLockConflicts(() => this.db.run(STAMP_BATCH_SQL.heartbeats, params), {
+        what: 'the heartbeat flush',
+        log: this.log,
+      });
+      // only the stamps it did not write come back
+      const unwritten = new Map(written.map((r) => [heartbeatMember(r.attempt_id, r.deployment_id), r]));
+      for (const { b, ids } of valid) classify('heartbeat', b, ids === null ? undefined : (unwritten.get(b.member) ?? WRITTEN));
+    }
+    if (readiness.length > 0) {
+      const valid = readiness.filter((b) => isUuid(b.member));
+      const params = [valid.map((b) => b.member), valid.map((b) => b.at)];
+      const { rows: written } = await retryLockConflicts(() => this.db.run(STAMP_BATCH_SQL.readiness, params), {
+        what: 'the readiness flush',
+        log: this.log,
+      });
+      const unwritten = new Map(written.map((r) => [r.deployment_id, r]));
+      for (const b of readiness) classify('readiness', b, isUuid(b.member) ? (unwritten.get(b.member) ?? WRITTEN) : undefined);
+    }
+    return { remove, kept, notRunning, notFound, stamped };
+  }
+
   /**
    * Writes one attempt's buffered heartbeat to PostgreSQL now (the orphan path: liveness is judged from
    * PostgreSQL, so a heartbeat still in Redis must reach it first). Returns the time written, or null when none
@@ -289,12 +362,19 @@ export class StampBuffer {
    */
   async flushAttempt(attemptId: string, deploymentId: string): Promise<Date | null> {
     const member = heartbeatMember(attemptId, deploymentId);
-    const score = await this.redis.zscore(this.keys.heartbeat, member);
-    if (score === null) return null;
-    const at = new Date(Number(score));
+    // absorbed, or taken by a flush under way
+    const keys = [this.keys.heartbeat, this.keys.heartbeatFlushing] as const;
+    const replies = (await this.redis.pipeline().zscore(keys[0], member).zscore(keys[1], member).exec()) ?? [];
+    const found = keys.flatMap((key, i) => {
+      const [err, score] = replies[i] ?? [null, null];
+      if (err !== null) throw err;
+      return typeof score === 'string' ? [{ key, stamp: { member, score, at: new Date(Number(score)) } }] : [];
+    });
+    if (found.length === 0) return null;
+    const at = new Date(Math.max(...found.map((f) => f.stamp.at.getTime())));
     const { affected } = await this.db.run(STAMP_SQL.heartbeat, [attemptId, deploymentId, at]);
     // not stamped (not running): left for the flush to decide, as any other
-    if (affected === 1) await this.removeUnchanged(this.keys.heartbeat, [{ member, score, at }]);
+    if (affected === 1) for (const { key, stamp } of found) await this.removeUnchanged(key, [stamp]);
     return at;
   }
 
@@ -309,8 +389,9 @@ export class StampBuffer {
   }
 
   /**
-   * Both at once, in one round trip (a pipeline of two ZMSCOREs), within `readTimeoutMs`: what the read model
-   * overlays on PostgreSQL's stamps. Throws when Redis does not answer in time.
+   * Both at once, in one round trip (a pipeline of a ZMSCORE per kind and set: absorbing, and taken by a flush under
+   * way; the later time wins), within `readTimeoutMs`: what the read model overlays on PostgreSQL's stamps. Throws
+   * when Redis does not answer in time.
    */
   async latest(query: {
     readonly readiness?: readonly string[];
@@ -319,35 +400,42 @@ export class StampBuffer {
     const deploymentIds = query.readiness ?? [];
     const attempts = query.heartbeats ?? [];
     const result = { readiness: new Map<string, Date>(), heartbeats: new Map<string, Date>() };
-    if (deploymentIds.length === 0 && attempts.length === 0) return result;
+    const queries = [
+      { into: result.readiness, ids: deploymentIds, members: deploymentIds, keys: [this.keys.readiness, this.keys.readinessFlushing] },
+      {
+        into: result.heartbeats,
+        ids: attempts.map((a) => a.attemptId),
+        members: attempts.map((a) => heartbeatMember(a.attemptId, a.deploymentId)),
+        keys: [this.keys.heartbeat, this.keys.heartbeatFlushing],
+      },
+    ].filter((query) => query.members.length > 0);
+    if (queries.length === 0) return result;
     const pipeline = this.redis.pipeline();
-    if (deploymentIds.length > 0) pipeline.zmscore(this.keys.readiness, ...deploymentIds);
-    if (attempts.length > 0) pipeline.zmscore(this.keys.heartbeat, ...attempts.map((a) => heartbeatMember(a.attemptId, a.deploymentId)));
+    for (const query of queries) for (const key of query.keys) pipeline.zmscore(key, ...query.members);
     const replies = (await rejectAfter(pipeline.exec(), this.readTimeoutMs, 'buffered stamps')) ?? [];
-    const scores = replies.map(([err, value]) => {
-      if (err !== null) throw err;
-      return value as Array<string | null>;
-    });
-    const fill = (into: Map<string, Date>, keys: readonly string[], values: Array<string | null> | undefined) =>
-      keys.forEach((key, i) => {
-        const score = values?.[i];
-        if (score !== null && score !== undefined) into.set(key, new Date(Number(score)));
-      });
-    fill(result.readiness, deploymentIds, deploymentIds.length > 0 ? scores[0] : undefined);
-    fill(
-      result.heartbeats,
-      attempts.map((a) => a.attemptId),
-      attempts.length > 0 ? scores[deploymentIds.length > 0 ? 1 : 0] : undefined,
-    );
+    let reply = 0;
+    for (const query of queries) {
+      for (let k = 0; k < query.keys.length; k++) {
+        const [err, value] = replies[reply++] ?? [null, []];
+        if (err !== null) throw err;
+        (value as Array<string | null>).forEach((score, i) => {
+          const id = query.ids[i];
+          if (score === null || id === undefined) return;
+          const time = Number(score);
+          const earlier = query.into.get(id);
+          if (earlier === undefined || earlier.getTime() < time) query.into.set(id, new Date(time));
+        });
+      }
+    }
     return result;
   }
 
-  /** Everything buffered, oldest first, up to `maxPerFlush` of each kind (one round trip). */
+  /** The next round of what a flush took: up to `maxPerStatement` of each kind, oldest first (one round trip). */
   private async read(): Promise<[Buffered[], Buffered[]]> {
     const replies = (await this.redis
       .pipeline()
-      .zrange(this.keys.heartbeat, 0, this.maxPerFlush - 1, 'WITHSCORES')
-      .zrange(this.keys.readiness, 0, this.maxPerFlush - 1, 'WITHSCORES')
+      .zrange(this.keys.heartbeatFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
+      .zrange(this.keys.readinessFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
       .exec()) ?? [];
     const parse = (reply: [Error | null, unknown] | undefined): Buffered[] => {
       if (reply === undefined) return [];
@@ -364,10 +452,16 @@ export class StampBuffer {
     return [parse(replies[0]), parse(replies[1])];
   }
 
-  private async removeUnchanged(key: string, stamps: readonly Buffered[]): Promise<void> {
+  private flushingKey(kind: Kind): string {
+    return kind === 'heartbeat' ? this.keys.heartbeatFlushing : this.keys.readinessFlushing;
+  }
+
+  /** Removes each stamp still at the score read (see REMOVE_UNCHANGED), putting it back into `keepIn` if given. */
+  private async removeUnchanged(key: string, stamps: readonly Buffered[], keepIn?: string): Promise<void> {
+    const keys = keepIn === undefined ? [key] : [key, keepIn];
     for (let i = 0; i < stamps.length; i += REMOVE_CHUNK) {
       const args = stamps.slice(i, i + REMOVE_CHUNK).flatMap((b) => [b.member, b.score]);
-      await this.redis.eval(REMOVE_UNCHANGED, 1, key, ...args);
+      await this.redis.eval(REMOVE_UNCHANGED, keys.length, ...keys, ...args);
     }
   }
 

@@ -29,7 +29,7 @@ import type { EndpointAllowList } from '../events/endpoint-allow';
 import { SWEEP_ACTOR } from '../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
 import { isRedisError, type ServerWatch } from '../queues/redis';
-import { isTransient } from '../errors';
+import { isLockConflict, isTransient } from '../errors';
 import { addTotals, cutShards, loadShard, ProbeLanes, probeShard, runShard, type ProbeTotals, type ShardJobData, type ShardReport, type ShardRunnerOptions } from './readiness';
 
 export { probeReady, readinessUrl, ProbeLanes, type ProbeOutcome, type ShardJobData, type ShardReport, type ProbeTotals } from './readiness';
@@ -218,7 +218,10 @@ export class Sweeper {
     const [attempts, readiness] = await Promise.allSettled([this.sweepAttempts(now), this.sweepReadiness(now, tickId)]);
     if (attempts.status === 'rejected' || readiness.status === 'rejected') {
       const err: unknown = attempts.status === 'rejected' ? attempts.reason : (readiness as PromiseRejectedResult).reason;
-      if (isTransient(err)) {
+      if (isLockConflict(err)) {
+        // PostgreSQL is there: a write lost a lock conflict on each of its tries (retryLockConflicts). No outage
+        this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again');
+      } else if (isTransient(err)) {
         if (!isRedisError(err)) this.pgWatch?.error(err);
         // a server away: one line when it starts, none while it lasts (no stack), one when a sweep works again
         if (!this.serverAway) this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a server is away; retrying every tick');

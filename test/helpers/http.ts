@@ -32,3 +32,24 @@ export function testHttpServer(parts: TestHttpParts, env: Record<string, string>
     ...overrides,
   });
 }
+
+/**
+ * The routes Fastify has, as `METHOD /path/{param}`, read from its own route tree (`printRoutes`, one segment per
+ * line, indented by depth). HEAD routes are Fastify's own twins of the GETs.
+ */
+export function routesOf(app: FastifyInstance): string[] {
+  const stack: string[] = [];
+  const routes: string[] = [];
+  for (const line of app.printRoutes({ commonPrefix: false }).split('\n')) {
+    const match = /^([│ ]*)[├└]── (.*?)(?: \(([A-Z, ]+)\))?$/.exec(line);
+    if (match === null) continue;
+    const depth = (match[1] ?? '').length / 4;
+    stack.length = depth;
+    const full = (stack[depth - 1] ?? '') + (match[2] ?? '');
+    stack.push(full);
+    for (const method of (match[3] ?? '').split(', ').filter((m) => m !== '' && m !== 'HEAD')) {
+      routes.push(`${method} ${full.replace(/:([A-Za-z0-9_]+)/g, '{$1}')}`);
+    }
+  }
+  return routes;
+}

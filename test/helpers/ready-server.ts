@@ -11,6 +11,8 @@ export type ReadyMode = 'ok' | 'unavailable' | 'hang' | 'redirect';
 export class ReadyServer {
   mode: ReadyMode;
   redirectTo = 'http://127.0.0.1:9/ready';
+  /** runs on each request before it is answered (to stage what happens while a probe is in flight) */
+  beforeAnswer: ((path: string) => Promise<void>) | null = null;
   /** request paths, in arrival order */
   readonly requests: string[] = [];
   private readonly server: http.Server;
@@ -20,20 +22,26 @@ export class ReadyServer {
     this.mode = mode;
     this.server = http.createServer((req, res) => {
       this.requests.push(req.url ?? '');
-      switch (this.mode) {
-        case 'ok':
-          res.writeHead(200, { 'content-type': 'text/plain' }).end('ready');
-          return;
-        case 'unavailable':
-          res.writeHead(503, { 'content-type': 'text/plain' }).end('not ready');
-          return;
-        case 'redirect':
-          res.writeHead(302, { location: this.redirectTo }).end();
-          return;
-        case 'hang':
-          return; // never answers; the socket stays open until the client gives up or close()
-      }
+      const before = this.beforeAnswer;
+      if (before === null) this.answer(res);
+      else before(req.url ?? '').then(() => this.answer(res), () => res.destroy());
     });
+  }
+
+  private answer(res: http.ServerResponse): void {
+    switch (this.mode) {
+      case 'ok':
+        res.writeHead(200, { 'content-type': 'text/plain' }).end('ready');
+        return;
+      case 'unavailable':
+        res.writeHead(503, { 'content-type': 'text/plain' }).end('not ready');
+        return;
+      case 'redirect':
+        res.writeHead(302, { location: this.redirectTo }).end();
+        return;
+      case 'hang':
+        return; // never answers; the socket stays open until the client gives up or close()
+    }
   }
 
   async listen(): Promise<string> {

@@ -7,16 +7,20 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import fc from 'fast-check';
 import type { Queue } from 'bullmq';
-import { NotYetError, ValidationError } from '../../src/errors';
+import { Database } from '../../src/entities/sql';
+import { isTransient, NotYetError, ValidationError } from '../../src/errors';
 import type { EventName } from '../../src/events/schemas';
 import { LifecycleProducer } from '../../src/queues/producer';
+import { StampBuffer } from '../../src/services/stamp-buffer';
 import { TransitionCoalescer, TransitionService, type ApplyResult } from '../../src/services/transitions';
 import type { ApplyOptions } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
+import { runningAttempt } from '../helpers/lifecycle';
+import { TcpProxy } from '../helpers/proxy';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
-import { waitFor } from '../helpers/wait';
+import { barrier, waitFor } from '../helpers/wait';
 
 const NOW = new Date('2026-12-02T12:00:00.000Z');
 /** The events the machine decides (stamps take another path). */
@@ -387,6 +391,89 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect([Number(n?.t), Number(n?.o)]).to.deep.equal([3, 3]);
   });
 
+  it('a noop decided on top of a write that then lost its version check is redone too, not taken for a duplicate', async () => {
+    const d1 = randomUUID();
+    const a1 = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d1, name: 'torn', eventId: `c-${d1}` });
+    await service.apply('attempt.create', { deploymentId: d1, attemptId: a1, eventId: `a-${a1}` });
+    const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
+    // the batch decides the teardown (applied), and on top of it the attempt's end (a noop: no current attempt);
+    // meanwhile another worker starts the attempt, so the teardown's version check loses
+    const { service: hooked } = interleaved(() => other.apply('attempt.start', { deploymentId: d1, attemptId: a1, eventId: `s-${a1}` }));
+    const results = await hooked.applyMany([
+      { name: 'deployment.teardown', data: { deploymentId: d1, eventId: `t-${d1}` } },
+      { name: 'attempt.end', data: { deploymentId: d1, attemptId: a1, outcome: 'succeeded', eventId: `e-${a1}` } },
+    ]);
+    // one at a time after the start: the teardown is refused and the end applies
+    expect(results.map(summary)).to.deep.equal(['rejected attempt_in_progress', 'applied v4']);
+    const [row] = await q<{ state: string; version: number }>(`SELECT state, version FROM deployments WHERE id = $1`, [d1]);
+    expect(row).to.deep.equal({ state: 'ready', version: 4 });
+    expect(await q(`SELECT outcome FROM processed_events WHERE event_id = $1`, [`e-${a1}`])).to.deep.equal([{ outcome: 'applied' }]);
+  });
+
+  it('two batches racing to claim one noop event: one claims it, the other is duplicate_event with what the first did', async () => {
+    const d = randomUUID();
+    const a = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d, name: 'raced', eventId: `c-${d}` });
+    await service.apply('attempt.create', { deploymentId: d, attemptId: a, eventId: `a-${a}` });
+    await service.apply('attempt.start', { deploymentId: d, attemptId: a, eventId: `s-${a}` });
+    // two workers each hold a delivery of one event (a stalled job handed out again) in a batch; both batches have
+    // read and decided before either writes
+    const bothDecided = barrier(2);
+    const worker = () => new TransitionService({ dataSource: db.dataSource, now: () => NOW, hooks: { beforeBatchWrite: bothDecided } });
+    const again = { name: 'attempt.start', data: { deploymentId: d, attemptId: a, eventId: 'start-again' } };
+    const batch = () => {
+      const fresh = randomUUID();
+      return [again, { name: 'deployment.create', data: { deploymentId: fresh, name: 'beside', eventId: `c-${fresh}` } }];
+    };
+    const [one, two] = await Promise.all([worker().applyMany(batch()), worker().applyMany(batch())]);
+    expect([...(one ?? []), ...(two ?? [])].map(summary).sort()).to.deep.equal(['applied v1', 'applied v1', 'noop duplicate', 'noop duplicate_event']);
+    const lost = [one?.[0], two?.[0]].find((r) => r?.status === 'fulfilled' && r.value.outcome === 'noop' && r.value.reason === 'duplicate_event');
+    expect(lost?.status === 'fulfilled' && lost.value, 'the losing delivery says what the first did').to.deep.include({
+      previous: { outcome: 'noop', reason: 'duplicate', version: 3 },
+    });
+  });
+
+  it('an orphan whose buffered heartbeat cannot be written (its Redis is away) fails alone: the rest of the batch applies', async () => {
+    const redis = new URL(testEnv().redisUrl);
+    const proxy = new TcpProxy(redis.hostname, Number(redis.port));
+    const prefix = uniquePrefix();
+    // the stamp buffer reaches Redis through a line the test can cut; PostgreSQL stays up
+    const buffer = new StampBuffer({ redis: TcpProxy.rewrite(testEnv().redisUrl, await proxy.listen()), db: new Database(db.dataSource), prefix });
+    const buffered = new TransitionService({ dataSource: db.dataSource, now: () => NOW, stampBuffer: buffer });
+    try {
+      const ids = await runningAttempt(buffered); // started at NOW
+      // its last heartbeat (NOW + 60 s) is still in Redis; the sweep declared it at NOW + 100 s from PostgreSQL's view
+      await buffer.absorbHeartbeat(ids.attemptId, ids.deploymentId, new Date(NOW.getTime() + 60_000));
+      const orphan = {
+        name: 'attempt.orphaned',
+        data: { ...ids, eventId: `attempt.orphaned.${ids.attemptId}.${NOW.getTime()}`, actor: 'sweep' },
+        options: { producedAt: new Date(NOW.getTime() + 100_000) },
+      };
+      const fresh = randomUUID();
+      const create = { name: 'deployment.create', data: { deploymentId: fresh, name: 'unrelated', eventId: `c-${fresh}` } };
+      proxy.cut();
+      const results = await buffered.applyMany([orphan, create]);
+      expect(results.map((r) => r.status)).to.deep.equal(['rejected', 'fulfilled']);
+      expect(summary(results[1] as PromiseSettledResult<ApplyResult>), 'the unrelated create').to.equal('applied v1');
+      // Redis's error (which one depends on when ioredis sees the line go): an outage, so the worker retries the orphan
+      expect(isTransient((results[0] as PromiseRejectedResult).reason), 'an outage: the worker retries the orphan').to.equal(true);
+      expect(await q(`SELECT state FROM deployments WHERE id = $1`, [fresh])).to.deep.equal([{ state: 'pending' }]);
+      expect(await q(`SELECT status FROM attempts WHERE id = $1`, [ids.attemptId])).to.deep.equal([{ status: 'running' }]);
+      expect(await q(`SELECT 1 FROM processed_events WHERE event_id = $1`, [orphan.data.eventId])).to.have.length(0);
+
+      // Redis back: the orphan retried alone finds the heartbeat, as it would have had Redis been there
+      proxy.restore();
+      await waitFor('the buffer to reach Redis again', async () => ((await buffer.latestHeartbeat([ids])).size === 1 ? true : undefined));
+      const [retried] = await buffered.applyMany([orphan]);
+      expect(retried?.status === 'fulfilled' && retried.value).to.deep.include({ outcome: 'noop', reason: 'alive' });
+    } finally {
+      await buffer.close();
+      await proxy.close();
+      await dropPrefix(prefix);
+    }
+  });
+
   it('a rejection, bad input and an event that must wait fail alone: the others of the batch apply', async () => {
     const [d1, d2, d3] = [randomUUID(), randomUUID(), randomUUID()];
     await service.apply('deployment.create', { deploymentId: d3, name: 'pending', eventId: `c-${d3}` });
@@ -423,6 +510,41 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect(Math.max(...sizes)).to.equal(8);
     // the burst's first event went at once, alone: nothing waits for a batch to fill
     expect(coalescer.sizes.get(1), JSON.stringify([...coalescer.sizes])).to.equal(5 + 1);
+  });
+
+  it('the coalescer keeps a deployment in one batch at a time whatever the casing of its id', async () => {
+    const d = randomUUID();
+    const a = randomUUID();
+    await service.apply('deployment.create', { deploymentId: d, name: 'cased', eventId: `c-${d}` });
+    let entered = (): void => undefined;
+    const writing = new Promise<void>((resolve) => (entered = resolve));
+    let release = (): void => undefined;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    // the first event's write waits until the test lets it go
+    const hooked = new TransitionService({
+      dataSource: db.dataSource,
+      now: () => NOW,
+      hooks: {
+        beforeUpdate: async (event) => {
+          if (event.eventId !== `a-${a}`) return;
+          entered();
+          await released;
+        },
+      },
+    });
+    const coalescer = new TransitionCoalescer(hooked, { maxBatch: 2, maxBatches: 2 });
+    const settle = (p: Promise<ApplyResult>) => p.then((value) => ({ status: 'fulfilled', value }) as const, (reason: unknown) => ({ status: 'rejected', reason }) as const);
+    const first = settle(coalescer.apply('attempt.create', { deploymentId: d, attemptId: a, eventId: `a-${a}` }));
+    await writing;
+    // the same deployment in capitals, then a full batch's worth waiting: a second batch may start beside the first
+    const second = settle(coalescer.apply('attempt.start', { deploymentId: d.toUpperCase(), attemptId: a, eventId: `s-${a}` }));
+    const fresh = randomUUID();
+    const third = settle(coalescer.apply('deployment.create', { deploymentId: fresh, name: 'beside', eventId: `c-${fresh}` }));
+    expect(summary(await third)).to.equal('applied v1');
+    release();
+    // had the start gone into that second batch, it would have been decided before the attempt existed
+    expect([summary(await first), summary(await second)]).to.deep.equal(['applied v2', 'applied v3']);
+    expect([...coalescer.sizes]).to.deep.equal([[1, 3]]);
   });
 
   describe('in the worker, through real BullMQ queues', () => {

@@ -120,6 +120,45 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
       expect(res.json()).to.deep.equal({ error: { code: 'not_found', message: 'job not found' } });
     });
 
+    it("answers what Fastify refuses in the API's own codes, on the API's routes and the board's alike: no FST_ code reaches a client", async () => {
+      const json = { 'content-type': 'application/json' };
+      const bodies: Array<[string, Record<string, string>, string, number, string]> = [
+        ['not JSON (FST_ERR_CTP_INVALID_MEDIA_TYPE)', { 'content-type': 'application/xml' }, '<a/>', 415, 'unsupported_media_type'],
+        ['no content type (FST_ERR_CTP_INVALID_MEDIA_TYPE)', {}, 'hello', 415, 'unsupported_media_type'],
+        ['an empty JSON body (FST_ERR_CTP_EMPTY_JSON_BODY)', json, '', 400, 'invalid_body'],
+        ['broken JSON (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{nope', 400, 'invalid_body'],
+        ['a __proto__ key (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{"__proto__":{"admin":true}}', 400, 'invalid_body'],
+        ['a constructor.prototype key (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{"constructor":{"prototype":{"admin":true}}}', 400, 'invalid_body'],
+        ['a body shorter than its Content-Length (FST_ERR_CTP_INVALID_CONTENT_LENGTH)', { ...json, 'content-length': '10' }, '{}', 400, 'invalid_body'],
+        ['a body over 64 KiB (FST_ERR_CTP_BODY_TOO_LARGE)', json, JSON.stringify({ name: 'x', data: 'y'.repeat(100_000) }), 413, 'payload_too_large'],
+      ];
+      const targets: Array<[string, string]> = [
+        ['POST', '/api/events'],
+        ['POST', '/admin/queues/api/queues/lifecycle/add'],
+        ['PUT', '/admin/queues/api/queues/lifecycle/concurrency'],
+        ['PATCH', '/admin/queues/api/queues/maintenance/job-schedulers/sweep'],
+      ];
+      const answers: string[] = [];
+      for (const [method, url] of targets) {
+        for (const [label, headers, payload, status, code] of bodies) {
+          const res = await board.inject({ method: method as 'POST', url, headers: { ...auth, ...headers }, payload });
+          answers.push(res.body);
+          expect(res.statusCode, `${method} ${url}, ${label}: ${res.body}`).to.equal(status);
+          expect(res.json(), `${method} ${url}, ${label}`).to.have.nested.property('error.code', code);
+          expect(Object.keys(res.json<object>())).to.deep.equal(['error']);
+        }
+      }
+      // no route (FST_ERR_NOT_FOUND), under the API, the board, the docs' assets, and anywhere
+      for (const [method, url] of [['GET', '/api/nowhere'], ['DELETE', '/api/events'], ['GET', '/admin/queues/api/nowhere'], ['GET', '/docs/static/nope.js'], ['GET', '/nowhere']] as const) {
+        const res = await board.inject({ method, url, headers: auth });
+        answers.push(res.body);
+        expect(res.statusCode, `${method} ${url}`).to.equal(404);
+        expect(res.json(), `${method} ${url}`).to.have.nested.property('error.code', 'not_found');
+      }
+      for (const body of answers) expect(body).to.not.contain('FST_');
+      expect(await producer.queue.count()).to.equal(0);
+    });
+
     it('refuses to clean a state that does not exist (Bull Board says 200 {})', async () => {
       const res = await board.inject({ method: 'PUT', url: '/admin/queues/api/queues/lifecycle/clean/bogus', headers: auth });
       expect(res.statusCode).to.equal(400);

@@ -23,7 +23,7 @@ import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
-import { testHttpServer } from '../helpers/http';
+import { routesOf, testHttpServer } from '../helpers/http';
 
 const NOW = new Date('2026-11-23T12:00:00.000Z');
 const METHODS = ['get', 'put', 'post', 'delete', 'patch'] as const;
@@ -54,27 +54,6 @@ interface OpenApiDocument {
 /** Every operation of the document, as `GET /api/deployments/{id}`. */
 function operationsOf(doc: OpenApiDocument): string[] {
   return Object.entries(doc.paths).flatMap(([p, item]) => METHODS.filter((m) => item[m] !== undefined).map((m) => `${m.toUpperCase()} ${p}`));
-}
-
-/**
- * The routes Fastify has, as `METHOD /path/{param}`, read from its own route tree (`printRoutes`, one segment per
- * line, indented by depth). HEAD routes are Fastify's own twins of the GETs.
- */
-function routesOf(app: FastifyInstance): string[] {
-  const stack: string[] = [];
-  const routes: string[] = [];
-  for (const line of app.printRoutes({ commonPrefix: false }).split('\n')) {
-    const match = /^([│ ]*)[├└]── (.*?)(?: \(([A-Z, ]+)\))?$/.exec(line);
-    if (match === null) continue;
-    const depth = (match[1] ?? '').length / 4;
-    stack.length = depth;
-    const full = (stack[depth - 1] ?? '') + (match[2] ?? '');
-    stack.push(full);
-    for (const method of (match[3] ?? '').split(', ').filter((m) => m !== '' && m !== 'HEAD')) {
-      routes.push(`${method} ${full.replace(/:([A-Za-z0-9_]+)/g, '{$1}')}`);
-    }
-  }
-  return routes;
 }
 
 describe('OpenAPI: the document, every answer against it, and its auth', function () {

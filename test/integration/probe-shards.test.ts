@@ -11,7 +11,7 @@ import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { StampBuffer } from '../../src/services/stamp-buffer';
 import { Database } from '../../src/entities/sql';
-import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweeperOptions, type SweepResult } from '../../src/services/sweep';
+import { PROBE_JOB_NAME, Sweeper, type ShardJobData, type ShardReport, type SweeperOptions, type SweepResult } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
 import { SWEEP_JOB_NAME, SWEEP_JOB_OPTIONS, SweepWorker, type SweepJobResult, type SweepWorkerOptions } from '../../src/workers/sweep-worker';
 import { createLogger, type Logger } from '../../src/log';
@@ -201,6 +201,29 @@ describe('readiness shards: probing shared across sweep workers', function () {
     expect(await connection.get(claim)).to.equal('worker-a');
     expect(await connection.pttl(claim), 'kept past any redelivery: max(10 min, 10 ticks)').to.be.greaterThan(9 * 3600_000);
     expect(node.requests, 'each endpoint once').to.have.length(ENDPOINTS);
+  });
+
+  it('stamps no endpoint whose URL changed while its probe was in flight: the old URL answering says nothing of the new', async () => {
+    const clock = new ManualClock(t0);
+    await sweeper(clock).sweep('1000');
+    const [job] = (await queue.getJobs(['prioritized'], 0, -1)).filter((j) => j.id === 'probe-1000-0');
+    const data = job?.data as ShardJobData;
+    const moved = data.ids[0] as string;
+    const [before] = await db.dataSource.query<Array<{ endpoint_url: string }>>(`SELECT endpoint_url FROM deployments WHERE id = $1`, [moved]);
+    const oldPath = `${new URL(before?.endpoint_url ?? '').pathname}/ready`;
+    // while the shard's probe of the old URL is in flight, the deployment's endpoint moves (as a new attempt's end with
+    // another endpoint would move it)
+    node.beforeAnswer = async (path) => {
+      if (path === oldPath) await db.dataSource.query(`UPDATE deployments SET endpoint_url = $2 WHERE id = $1`, [moved, `${node.url}/moved`]);
+    };
+    const report = await sweeper(clock).runShard(data);
+    expect(report).to.deep.include({ probed: 10, failed: 0, stamped: 9 });
+    const [row] = await db.dataSource.query<Array<{ last_ready_at: Date | null; last_probed_at: Date | null }>>(
+      `SELECT last_ready_at, last_probed_at FROM deployments WHERE id = $1`,
+      [moved],
+    );
+    expect(row?.last_ready_at, 'not stamped by the old URL').to.equal(null);
+    expect(row?.last_probed_at?.toISOString(), 'but probed: the round-robin moves on').to.equal(t0.toISOString());
   });
 
   it('writes the buffered heartbeats before it looks for orphans: an attempt alive only in Redis is not orphaned', async () => {

@@ -11,6 +11,7 @@ import { migrate } from '../../src/entities/migrate';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { getDeployment } from '../../src/services/read-model';
 import { heartbeatMember, StampBuffer, type StampBufferOptions } from '../../src/services/stamp-buffer';
+import { Sweeper, type SweeperOptions } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { ManualClock } from '../helpers/clock';
@@ -60,7 +61,9 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     redis?.disconnect();
     await db?.close();
   });
-  beforeEach(() => {
+  beforeEach(async () => {
+    // the sweep tests judge every running attempt in the database
+    await db.dataSource.query(`TRUNCATE deployments, attempts, state_transitions, outbox, processed_events`);
     prefix = uniquePrefix();
     clock = new ManualClock(at(0));
     counting = new CountingDatabase(db.dataSource);
@@ -113,6 +116,21 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     return ids;
   }
 
+  /** `count` running attempts straight into the tables, started at +0 (the lifecycle path is not what such tests measure). */
+  async function runningInBulk(count: number): Promise<Array<{ deploymentId: string; attemptId: string }>> {
+    const rows = await q<{ deploymentId: string; attemptId: string }>(
+      `WITH d AS (
+         INSERT INTO deployments (id, name, state, version, current_attempt_id, state_changed_at)
+         SELECT gen_random_uuid(), 'hb-' || i, 'deploying', 3, gen_random_uuid(), $1 FROM generate_series(1, $2::int) AS i
+         RETURNING id, current_attempt_id)
+       INSERT INTO attempts (id, deployment_id, number, status, started_at) SELECT current_attempt_id, id, 1, 'running', $1 FROM d
+       RETURNING id AS "attemptId", deployment_id AS "deploymentId"`,
+      [T0, count],
+    );
+    expect(rows).to.have.length(count);
+    return rows;
+  }
+
   async function heartbeatAt(attemptId: string): Promise<Date | null> {
     const [row] = await q<{ last_heartbeat_at: Date | null }>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [attemptId]);
     return row?.last_heartbeat_at ?? null;
@@ -122,6 +140,13 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     return row?.last_ready_at ?? null;
   }
   const buffered = async (kind: 'heartbeat' | 'readiness'): Promise<string[]> => redis.zrange(buffer.keys[kind], 0, -1);
+
+  /** A sweep on the test's clock whose ticks flush `flushing` (the production wiring, src/app.ts). */
+  function sweeper(flushing: StampBuffer, options: Partial<SweeperOptions> = {}): Sweeper {
+    const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
+    closers.push(() => producer.close());
+    return new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, flushStamps: async (now) => (await flushing.flush(now)).stamped, ...options });
+  }
 
   it('keeps the latest of many out-of-order heartbeats; one flush writes the maximum with one UPDATE per kind', async () => {
     const attempts = [await running(), await running(), await running()];
@@ -155,6 +180,91 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(counting.statements).to.have.length(2);
   });
 
+  it('writes a runner that heartbeats late in every interval at every tick: never declared orphaned, not even after Redis loses the buffer (issue 27)', async () => {
+    // the issue's reproduction: 2 stamps per statement, 3 attempts, heartbeat and tick every 2 s, orphaned after 6 s
+    const small = newBuffer({ maxPerStatement: 2 });
+    const sweep = sweeper(small, { everyS: 2, orphanAfterS: 6 });
+    const attempts = [await running(), await running(), await running()]; // started at +0
+    // in every interval the first two heartbeat early, the third just before the tick
+    const offsets = [1.5, 1.0, 0.1];
+    const heartbeatsOf = async (tick: number): Promise<Date[]> => {
+      const times = offsets.map((offset) => at(2 * tick - offset));
+      for (const [i, a] of attempts.entries()) await stampAt('attempt.heartbeat', a, times[i] as Date);
+      return times;
+    };
+    const inPostgres = async (): Promise<Array<string | undefined>> =>
+      Promise.all(attempts.map(async (a) => (await heartbeatAt(a.attemptId))?.toISOString()));
+
+    for (let tick = 1; tick <= 8; tick++) {
+      const sent = await heartbeatsOf(tick);
+      clock.at(T0, 2 * tick);
+      const result = await sweep.sweep();
+      expect(await inPostgres(), `after tick ${tick}: every heartbeat absorbed before it`).to.deep.equal(sent.map((t) => t.toISOString()));
+      expect(result.orphaned, `tick ${tick}`).to.equal(0);
+    }
+
+    // Redis loses the buffer just before a tick: PostgreSQL holds the heartbeats of one interval ago, within the threshold
+    const lastFlushed = await inPostgres();
+    await heartbeatsOf(9);
+    await redis.del(...Object.values(small.keys));
+    clock.at(T0, 18);
+    expect((await sweep.sweep()).orphaned, 'no live runner orphaned by the loss').to.equal(0);
+    expect(await inPostgres()).to.deep.equal(lastFlushed);
+  });
+
+  it('writes every one of 1,500 buffered heartbeats at spread-out times within two ticks, 1,000 per statement (150,000 against 100,000, scaled)', async function () {
+    // FLEET_TEST_STAMP_ATTEMPTS=150000 runs it at the real size, with the default 100,000 per statement
+    const ATTEMPTS = Number(process.env.FLEET_TEST_STAMP_ATTEMPTS ?? 1500);
+    this.timeout(Math.max(60_000, ATTEMPTS * 2));
+    const PER_STATEMENT = Math.round(ATTEMPTS / 1.5);
+    const TICK_S = 30;
+    const TICKS = 3;
+    const attempts = await runningInBulk(ATTEMPTS);
+    const attemptIds = attempts.map((a) => a.attemptId);
+
+    const big = newBuffer({ maxPerStatement: PER_STATEMENT });
+    const sweep = sweeper(big, { everyS: TICK_S, orphanAfterS: 3 * TICK_S });
+    for (let tick = 1; tick <= TICKS; tick++) {
+      // attempt i heartbeats at its own moment of every interval: the moments spread evenly over the interval
+      const sent = attemptIds.map((_, i) => at(TICK_S * (tick - 1) + (TICK_S * i) / ATTEMPTS));
+      for (let i = 0; i < ATTEMPTS; i += 10_000) {
+        await Promise.all(attempts.slice(i, i + 10_000).map((a, j) => big.absorbHeartbeat(a.attemptId, a.deploymentId, sent[i + j] as Date)));
+      }
+      clock.at(T0, TICK_S * tick);
+      const statements = counting.statements.length;
+      const result = await sweep.sweep();
+      const [behind] = await q<{ n: string }>(
+        `SELECT count(*) AS n FROM attempts a JOIN unnest($1::uuid[], $2::timestamptz[]) AS s(id, at) ON a.id = s.id
+          WHERE a.last_heartbeat_at IS DISTINCT FROM s.at`,
+        [attemptIds, sent],
+      );
+      // within two ticks, and in fact by the first tick after the heartbeat
+      expect(Number(behind?.n), `after tick ${tick}: attempts whose latest heartbeat is not in PostgreSQL`).to.equal(0);
+      expect(result.orphaned, `tick ${tick}`).to.equal(0);
+      expect(counting.statements.length - statements, 'heartbeat statements per flush').to.equal(Math.ceil(ATTEMPTS / PER_STATEMENT));
+    }
+  });
+
+  it('has PostgreSQL plan each flush\'s statements for its own stamps: no cached generic plan (made for 10 rows, it was quadratic)', async () => {
+    // one connection, as a pool hands the same idle one to every flush: PostgreSQL caches a generic plan for a
+    // prepared statement from its sixth run on a connection
+    const one = createDataSource({ url: db.url, poolSize: 1, applicationName: 'lifecycle-fleet-test' });
+    await one.initialize();
+    closers.push(() => one.destroy());
+    const flushing = newBuffer({ db: new Database(one) });
+    const attempts = await runningInBulk(200);
+    const r = await ready();
+    for (let flush = 1; flush <= 8; flush++) {
+      await Promise.all(attempts.map((a) => flushing.absorbHeartbeat(a.attemptId, a.deploymentId, at(flush))));
+      await flushing.absorbReadiness(r.deploymentId, at(flush));
+      expect(await flushing.flush(at(flush))).to.deep.include({ heartbeats: 200, readiness: 1, stamped: 201 });
+    }
+    const cached = await one.query<Array<{ statement: string; generic_plans: string }>>(
+      `SELECT statement, generic_plans FROM pg_prepared_statements WHERE statement LIKE '%unnest%'`,
+    );
+    expect(cached, 'prepared batch statements on the connection').to.deep.equal([]);
+  });
+
   it('never orphans an attempt whose latest heartbeat is still in the buffer', async () => {
     const a = await running(); // started at +0, no heartbeat in PostgreSQL
     clock.at(T0, 100);
@@ -173,6 +283,33 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     clock.at(T0, 200);
     const dead = await service.apply('attempt.orphaned', { ...a, eventId: `attempt.orphaned.${a.attemptId}.${at(60).getTime()}`, actor: 'sweep' }, { producedAt: at(200) });
     expect(dead).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
+  });
+
+  it('never orphans an attempt whose latest heartbeat is still in the buffer, on the batch path too (every production orphan)', async () => {
+    const a = await running();
+    const b = await running();
+    clock.at(T0, 100);
+    expect(await stampAt('attempt.heartbeat', a, at(60))).to.deep.include({ reason: 'buffered' });
+    // the worker's coalescer hands the sweep's declarations to applyMany with whatever else is in flight
+    const declared = (ids: { deploymentId: string; attemptId: string }) => ({
+      name: 'attempt.orphaned',
+      data: { ...ids, eventId: `attempt.orphaned.${ids.attemptId}.${T0.getTime()}`, actor: 'sweep' },
+      options: { producedAt: at(100) },
+    });
+    const results = await service.applyMany([declared(a), declared(b)]);
+    expect(results.map((r) => (r.status === 'fulfilled' ? `${r.value.outcome} ${r.value.outcome === 'noop' ? r.value.reason : ''}` : 'error'))).to.deep.equal([
+      'noop alive',
+      'applied ',
+    ]);
+    expect((await heartbeatAt(a.attemptId))?.toISOString(), 'the orphan path wrote it').to.equal(at(60).toISOString());
+    const statuses = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE id = ANY($1::uuid[])`, [[a.attemptId, b.attemptId]]);
+    expect(new Map(statuses.map((r) => [r.id, r.status]))).to.deep.equal(
+      new Map([
+        [a.attemptId, 'running'],
+        [b.attemptId, 'abandoned'],
+      ]),
+    );
+    expect(await buffered('heartbeat')).to.deep.equal([]);
   });
 
   it('after a Redis restart that brings back an older heartbeat, a flush never moves a stamp backwards', async function () {
@@ -238,6 +375,48 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect((await heartbeatAt(a.attemptId))?.toISOString()).to.equal(at(80).toISOString());
     expect((await heartbeatAt(b.attemptId))?.toISOString()).to.equal(at(85).toISOString());
     expect(await buffered('heartbeat')).to.deep.equal([]);
+  });
+
+  it('a flush under way: reads and the orphan path see the stamps it took; one that dies half-way leaves the rest, and the next writes them with what came since', async () => {
+    const [a1, a2, a3, a4] = [await running(), await running(), await running(), await running()];
+    const r = await ready(); // last_ready_at +0
+    clock.at(T0, 100);
+    for (const [a, s] of [[a1, 10], [a2, 20], [a3, 30], [a4, 35]] as const) await stampAt('attempt.heartbeat', a, at(s));
+    await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(50));
+    let round = 0;
+    const dying = newBuffer({
+      maxPerStatement: 2,
+      hooks: {
+        beforeRemove: async () => {
+          round++;
+          if (round === 1) {
+            // a1 and a2 are written; a3 and a4 are taken, in neither PostgreSQL nor the absorbing set
+            expect(await buffered('heartbeat')).to.deep.equal([]);
+            expect((await buffer.latestHeartbeat([a3])).get(a3.attemptId)?.toISOString(), 'the read overlay').to.equal(at(30).toISOString());
+            expect((await buffer.latestReadiness([r.deploymentId])).get(r.deploymentId)?.toISOString()).to.equal(at(50).toISOString());
+            expect((await buffer.flushAttempt(a3.attemptId, a3.deploymentId))?.toISOString(), 'the orphan path').to.equal(at(30).toISOString());
+            await stampAt('attempt.heartbeat', a1, at(40));
+          } else {
+            throw new Error('the flushing process died');
+          }
+        },
+      },
+    });
+    let failure: unknown;
+    await dying.flush(clock.now()).catch((err: unknown) => (failure = err));
+    expect((failure as Error | undefined)?.message).to.equal('the flushing process died');
+    expect((await heartbeatAt(a3.attemptId))?.toISOString(), 'written by the orphan path').to.equal(at(30).toISOString());
+    expect(await redis.zrange(buffer.keys.heartbeatFlushing, 0, -1, 'WITHSCORES'), 'a4: written, not removed').to.deep.equal([
+      heartbeatMember(a4.attemptId, a4.deploymentId),
+      String(at(35).getTime()),
+    ]);
+    // a newer a4 arrives: the next flush merges it with what the dead one left (the later of the two) and writes both
+    await stampAt('attempt.heartbeat', a4, at(45));
+    expect((await buffer.latestHeartbeat([a4])).get(a4.attemptId)?.toISOString()).to.equal(at(45).toISOString());
+    expect(await buffer.flush(clock.now())).to.deep.include({ heartbeats: 2, rounds: 1, stamped: 2 });
+    const times = await Promise.all([a1, a2, a3, a4].map(async (a) => (await heartbeatAt(a.attemptId))?.toISOString()));
+    expect(times).to.deep.equal([at(40), at(20), at(30), at(45)].map((t) => t.toISOString()));
+    expect(await redis.exists(buffer.keys.heartbeat, buffer.keys.heartbeatFlushing)).to.equal(0);
   });
 
   it('keeps stamps of what does not exist yet until the not-yet horizon, then drops them; drops what is not running / not ready', async () => {

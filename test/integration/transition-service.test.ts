@@ -3,6 +3,7 @@ import { expect } from 'chai';
 import { ConflictError, NotYetError, ValidationError } from '../../src/errors';
 import { TransitionService, type ApplyResult } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { barrier } from '../helpers/wait';
 
 describe('transition service (PostgreSQL)', () => {
   let db: TestDatabase;
@@ -141,6 +142,26 @@ describe('transition service (PostgreSQL)', () => {
     expect(results.filter((r) => r.outcome === 'applied')).to.have.length(1);
     expect(results.filter((r) => r.outcome === 'noop' && r.reason === 'duplicate_event')).to.have.length(7);
     expect(await counts(deploymentId)).to.deep.include({ transitions: 3, outbox: 3, processed: 3, version: 3 });
+  });
+
+  it('two deliveries of one noop racing to its claim: one claims it, the other is duplicate_event with what the first did', async () => {
+    const deploymentId = await created();
+    const attemptId = randomUUID();
+    await service.apply('attempt.create', { deploymentId, attemptId, eventId: `ac-${attemptId}` });
+    await service.apply('attempt.start', { deploymentId, attemptId, eventId: `as-${attemptId}` });
+    // two workers each run a delivery of one event (a stalled job handed out again); both have read and decided
+    // (a noop: the attempt already runs) before either claims the eventId
+    const bothDecided = barrier(2);
+    const worker = () => new TransitionService({ dataSource: db.dataSource, now: () => clock, hooks: { beforeClaim: bothDecided } });
+    const event = { deploymentId, attemptId, eventId: 'start-again' };
+    const results = await Promise.all([worker().apply('attempt.start', event), worker().apply('attempt.start', event)]);
+    const won = results.filter((r) => r.outcome === 'noop' && r.reason === 'duplicate');
+    const lost = results.filter((r) => r.outcome === 'noop' && r.reason === 'duplicate_event');
+    expect([won.length, lost.length], JSON.stringify(results)).to.deep.equal([1, 1]);
+    expect(lost[0], 'the losing delivery says what the first did').to.deep.include({
+      previous: { outcome: 'noop', reason: 'duplicate', version: 3 },
+    });
+    expect(await counts(deploymentId)).to.deep.include({ transitions: 3, processed: 4, version: 3 });
   });
 
   it('loses no update under 16 concurrent appliers with conflicting events', async () => {

@@ -8,6 +8,7 @@
  * row was; a deployment whose check lost writes nothing, and the others commit. The whole batch is one commit.
  */
 import type { AttemptStatus, DeploymentState } from '../../machine';
+import { lockedInIdOrder } from './lock-order';
 import { sql } from './statement';
 
 /** Deployments, attempts and earlier processing, as of one snapshot. Timestamps arrive as ISO strings (json). */
@@ -117,7 +118,10 @@ export const BATCH_SQL = Object.freeze({
   ),
   /**
    * Everything a batch decided, in one statement (data-modifying CTEs). `won` is the deployments whose row was
-   * written: version-checked UPDATEs (in id order, the order every batch locks rows in) and INSERTs of new ones.
+   * written: version-checked UPDATEs and INSERTs of new ones. The rows it updates are locked by id first
+   * (lock-order.ts): the deployments, then, once every deployment is written (`won` read whole), the attempts it
+   * changes; the arrays' order does not decide it. New rows (deployments by id, as planBatch sorts them) lock nothing
+   * another writer holds.
    * Applied claims are plain INSERTs, as in the one-event write: an eventId claimed meanwhile by another delivery
    * fails the whole statement, and nothing of it stays. Noop claims of a deployment with applied events before them
    * in the batch (`needs_win`) hang on its row too; the others stand alone, as a one-event noop's claim does.
@@ -125,18 +129,19 @@ export const BATCH_SQL = Object.freeze({
    * event traced (docs/architecture.md, "Tracing") has its `traceparent` in its outbox row's fields; others none.
    */
   write: sql<BatchWriteRow>(
-    `WITH upd AS (
+    `WITH locked AS ${lockedInIdOrder('deployments', '$1::uuid[]')},
+     upd AS (
        UPDATE deployments d SET
          state = v.state, version = v.to_version, state_changed_at = v.at, updated_at = v.at,
          current_attempt_id = CASE WHEN v.set_current THEN v.current_attempt_id ELSE d.current_attempt_id END,
          endpoint_url = CASE WHEN v.set_endpoint THEN v.endpoint_url ELSE d.endpoint_url END,
          endpoint_kind = CASE WHEN v.set_endpoint THEN v.endpoint_kind ELSE d.endpoint_kind END,
          last_ready_at = CASE WHEN v.set_ready THEN v.last_ready_at ELSE d.last_ready_at END
-       FROM unnest($1::uuid[], $2::integer[], $3::integer[], $4::varchar[], $5::timestamptz[], $6::boolean[], $7::uuid[],
+       FROM locked JOIN unnest($1::uuid[], $2::integer[], $3::integer[], $4::varchar[], $5::timestamptz[], $6::boolean[], $7::uuid[],
                    $8::boolean[], $9::text[], $10::varchar[], $11::boolean[], $12::timestamptz[])
             AS v(id, from_version, to_version, state, at, set_current, current_attempt_id, set_endpoint, endpoint_url,
-                 endpoint_kind, set_ready, last_ready_at)
-       WHERE d.id = v.id AND d.version = v.from_version
+                 endpoint_kind, set_ready, last_ready_at) ON v.id = locked.id
+       WHERE d.id = locked.id AND d.version = v.from_version
        RETURNING d.id
      ),
      ins AS (
@@ -174,12 +179,13 @@ export const BATCH_SQL = Object.freeze({
                      $43::timestamptz[], $44::timestamptz[]) AS v(id, deployment_id, number, status, reason, started_at, ended_at, at)
         WHERE v.deployment_id IN (SELECT id FROM won)
      ),
+     locked_attempts AS ${lockedInIdOrder('attempts', '$45::uuid[]', 'deployment_id = ANY(ARRAY(SELECT id FROM won))')},
      changed_attempts AS (
        UPDATE attempts AS a SET status = v.status, reason = COALESCE(v.reason, a.reason),
               started_at = COALESCE(v.started_at, a.started_at), ended_at = COALESCE(v.ended_at, a.ended_at)
-         FROM unnest($45::uuid[], $46::uuid[], $47::varchar[], $48::text[], $49::timestamptz[], $50::timestamptz[])
-              AS v(id, deployment_id, status, reason, started_at, ended_at)
-        WHERE a.id = v.id AND v.deployment_id IN (SELECT id FROM won)
+         FROM locked_attempts JOIN unnest($45::uuid[], $46::uuid[], $47::varchar[], $48::text[], $49::timestamptz[], $50::timestamptz[])
+              AS v(id, deployment_id, status, reason, started_at, ended_at) ON v.id = locked_attempts.id
+        WHERE a.id = locked_attempts.id AND v.deployment_id IN (SELECT id FROM won)
      ),
      tv AS (
        SELECT * FROM unnest($51::uuid[], $52::uuid[], $53::varchar[], $54::varchar[], $55::integer[], $56::varchar[],

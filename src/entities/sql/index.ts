@@ -3,7 +3,8 @@
  * Services reach PostgreSQL only through this folder.
  */
 export { sql, plain, type Statement } from './statement';
-export { Database, sessionOf, type Session, type Result } from './runner';
+export { Database, retryLockConflicts, sessionOf, type LockConflictRetry, type Session, type Result } from './runner';
+export { lockedInIdOrder } from './lock-order';
 export * from './rows';
 export * from './read';
 export * from './transitions';

@@ -2,7 +2,8 @@
  * Heartbeat and readiness stamps: one UPDATE each, monotonic (GREATEST: a redelivered or late stamp never moves
  * the time backwards, so no processed row is needed), and a lookup that tells "not there yet" from "not stampable".
  */
-import { sql } from './statement';
+import { lockedInIdOrder } from './lock-order';
+import { plannedPerCall, sql } from './statement';
 
 export const STAMP_SQL = Object.freeze({
   /** $1 attempt, $2 deployment, $3 time; only a running attempt */
@@ -42,15 +43,19 @@ export interface ReadinessFlushRow {
  * number of stamps. Each is the same monotonic UPDATE as the per-event statements above, over unnest()ed arrays,
  * and reports the input rows it did NOT stamp, each with whether what it names exists, so the buffer can tell
  * "written" (not reported: the common case costs no result rows), "not running / not ready: drop" and "not there
- * yet: keep" apart without another statement.
+ * yet: keep" apart without another statement. Each locks its rows by id before it writes them (lock-order.ts): the
+ * stamps come oldest first, and a flush that locked in that order deadlocked with the group-commit write and the
+ * probe shards.
+ * Both are planned per call (`plannedPerCall`): a cached generic plan made them quadratic.
  */
 export const STAMP_BATCH_SQL = Object.freeze({
   /** $1 attempt ids, $2 their deployments, $3 times (arrays of one length; each (attempt, deployment) once) */
-  heartbeats: sql<HeartbeatFlushRow>(
+  heartbeats: plannedPerCall<HeartbeatFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) AS p(attempt_id, deployment_id, at)),
+     locked AS ${lockedInIdOrder('attempts', '$1::uuid[]', "status = 'running'")},
      u AS (UPDATE attempts AS a SET last_heartbeat_at = GREATEST(a.last_heartbeat_at, p.at)
-             FROM p
-            WHERE a.id = p.attempt_id AND a.deployment_id = p.deployment_id AND a.status = 'running'
+             FROM locked JOIN p ON p.attempt_id = locked.id
+            WHERE a.id = locked.id AND a.deployment_id = p.deployment_id AND a.status = 'running'
         RETURNING a.id, a.deployment_id)
      SELECT p.attempt_id, p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
        FROM p
@@ -59,11 +64,12 @@ export const STAMP_BATCH_SQL = Object.freeze({
       WHERE u.id IS NULL`,
   ),
   /** $1 deployment ids, $2 times (each deployment once) */
-  readiness: sql<ReadinessFlushRow>(
+  readiness: plannedPerCall<ReadinessFlushRow>(
     `WITH p AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[]) AS p(deployment_id, at)),
+     locked AS ${lockedInIdOrder('deployments', '$1::uuid[]', "state = 'ready'")},
      u AS (UPDATE deployments AS d SET last_ready_at = GREATEST(d.last_ready_at, p.at)
-             FROM p
-            WHERE d.id = p.deployment_id AND d.state = 'ready'
+             FROM locked JOIN p ON p.deployment_id = locked.id
+            WHERE d.id = locked.id AND d.state = 'ready'
         RETURNING d.id)
      SELECT p.deployment_id, u.id IS NOT NULL AS stamped, x.id IS NOT NULL AS found
        FROM p

@@ -2,6 +2,7 @@
  * The sweep's statements. Each WHERE repeats its partial index's predicate verbatim so the planner can use it
  * (test/integration/sweep.test.ts EXPLAINs exactly these texts).
  */
+import { lockedInIdOrder } from './lock-order';
 import { sql } from './statement';
 
 /** One endpoint of the readiness set, as the tick plans it. */
@@ -50,13 +51,15 @@ export const SWEEP_SQL = Object.freeze({
    * A shard's one write. Every probed row gets its probe time (`last_probed_at`, whatever the answer: the
    * round-robin order); the ones that answered 2xx also get `last_ready_at`, only where the deployment is still
    * ready with the URL that answered. Both only ever move forward (a slower shard of an earlier tick cannot undo a
-   * newer stamp). `version` is untouched. ($1 ids, $2 URLs probed, $3 probe start times, $4 answered 2xx)
+   * newer stamp). `version` is untouched. The rows are locked by id first (lock-order.ts), not in the order the
+   * probes finished. ($1 ids, $2 URLs probed, $3 probe start times, $4 answered 2xx)
    */
-  stamp: sql<ShardStampRow>(`UPDATE deployments AS d
+  stamp: sql<ShardStampRow>(`WITH locked AS ${lockedInIdOrder('deployments', '$1::uuid[]', "state = 'ready' AND endpoint_kind = 'node_port'")}
+UPDATE deployments AS d
    SET last_probed_at = GREATEST(d.last_probed_at, p.at),
        last_ready_at = CASE WHEN p.ok AND d.endpoint_url = p.url THEN GREATEST(d.last_ready_at, p.at) ELSE d.last_ready_at END
-  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::boolean[]) AS p(id, url, at, ok)
- WHERE d.id = p.id AND d.state = 'ready' AND d.endpoint_kind = 'node_port'
+  FROM locked JOIN unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::boolean[]) AS p(id, url, at, ok) ON p.id = locked.id
+ WHERE d.id = locked.id AND d.state = 'ready' AND d.endpoint_kind = 'node_port'
 RETURNING d.id, (p.ok AND d.endpoint_url = p.url) AS stamped`),
   /**
    * Expired and orphaned running attempts in one statement: attempts_running_started_idx and

@@ -6,6 +6,7 @@
  * transition, so an ORM's save() (one statement per row, no version check in its WHERE) is not used here.
  */
 import type { AttemptStatus, Decision, DeploymentState } from '../../machine';
+import { lockedInIdOrder } from './lock-order';
 import { sql, type Statement } from './statement';
 
 /** The NOTIFY channel that wakes the outbox relay after a commit that wrote outbox rows. */
@@ -36,6 +37,9 @@ export interface ClaimRow {
   event_name: string;
   deployment_id: string;
   payload_sha256: string | null;
+  outcome: string;
+  reason: string;
+  version: number | null;
 }
 
 export const TRANSITION_SQL = Object.freeze({
@@ -65,8 +69,8 @@ export const TRANSITION_SQL = Object.freeze({
      VALUES ($1, $2, $3, 'noop', $4, $5, $6, $7)
      ON CONFLICT (event_id) DO NOTHING`,
   ),
-  /** who holds an eventId */
-  claimedBy: sql<ClaimRow>(`SELECT event_name, deployment_id, payload_sha256 FROM processed_events WHERE event_id = $1`),
+  /** who holds an eventId, and what its processing came to */
+  claimedBy: sql<ClaimRow>(`SELECT event_name, deployment_id, payload_sha256, outcome, reason, version FROM processed_events WHERE event_id = $1`),
   /**
    * Wakes the relay: a transaction that writes nothing but the notification and does not wait for its flush
    * (see the transition service's relay wake-up for why it is never sent from the transition's own transaction).
@@ -106,7 +110,8 @@ export interface TransitionWriteRow {
  * the history row and the outbox row. The claim is a plain INSERT: if another delivery of the event has claimed it
  * (committed), the statement fails on the primary key and leaves nothing; if that delivery has not committed yet,
  * this one waits for it. The claim comes after the deployment's row lock, so two writers of one deployment always
- * take their locks in the same order. There is one text per shape of effects, so the set of prepared texts is small.
+ * take their locks in the same order; the attempts it changes are locked by id after the deployment's row
+ * (lock-order.ts). There is one text per shape of effects, so the set of prepared texts is small.
  */
 export function transitionWrite(input: TransitionWriteInput): { statement: Statement<TransitionWriteRow>; params: unknown[] } {
   const { decision, fromVersion } = input;
@@ -168,15 +173,17 @@ export function transitionWrite(input: TransitionWriteInput): { statement: State
   }
   if (effects.attempts.length > 0) {
     const changes = effects.attempts;
+    const changed = param(changes.map((c) => c.attemptId), 'uuid[]');
+    ctes.push(`locked_attempts AS ${lockedInIdOrder('attempts', changed, 'EXISTS (SELECT 1 FROM dep)')}`);
     ctes.push(`changed_attempts AS (
        UPDATE attempts AS a SET status = v.status, reason = COALESCE(v.reason, a.reason),
               started_at = COALESCE(v.started_at, a.started_at), ended_at = COALESCE(v.ended_at, a.ended_at)
-         FROM unnest(${param(changes.map((c) => c.attemptId), 'uuid[]')}, ${param(changes.map((c) => c.status), 'varchar[]')},
+         FROM locked_attempts JOIN unnest(${changed}, ${param(changes.map((c) => c.status), 'varchar[]')},
                      ${param(changes.map((c) => c.reason ?? null), 'text[]')},
                      ${param(changes.map((c) => c.startedAt ?? null), 'timestamptz[]')},
                      ${param(changes.map((c) => c.endedAt ?? null), 'timestamptz[]')})
-              AS v(id, status, reason, started_at, ended_at)
-        WHERE a.id = v.id AND EXISTS (SELECT 1 FROM dep)
+              AS v(id, status, reason, started_at, ended_at) ON v.id = locked_attempts.id
+        WHERE a.id = locked_attempts.id
      )`);
   }
   const attempt = param(input.attemptId, 'uuid');

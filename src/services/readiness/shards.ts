@@ -5,7 +5,7 @@
  * UPDATE: every probed row's `last_probed_at` (the round-robin order) and, where `/ready` answered 2xx, its
  * `last_ready_at`. Both only move forward, so a shard that finishes after a later tick's cannot undo it.
  */
-import { SWEEP_SQL, type Database, type ShardRow } from '../../entities/sql';
+import { retryLockConflicts, SWEEP_SQL, type Database, type ShardRow } from '../../entities/sql';
 import { endpointNotAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
 import type { Logger } from '../../log';
 import { probeReady, type ProbeLanes, type ProbeOutcome } from './probe';
@@ -126,12 +126,13 @@ export async function probeShard(options: ShardRunnerOptions, data: ShardJobData
 
   let stamped = new Set<string>();
   if (probed.length > 0) {
-    const written = await options.db.run(SWEEP_SQL.stamp, [
-      probed.map((p) => p.row.id),
-      probed.map((p) => p.row.endpoint_url),
-      probed.map((p) => p.at),
-      probed.map((p) => p.outcome.ok),
-    ]);
+    const params = [probed.map((p) => p.row.id), probed.map((p) => p.row.endpoint_url), probed.map((p) => p.at), probed.map((p) => p.outcome.ok)];
+    // a shard runs once (its job has one attempt): a lost lock conflict must not lose what it probed
+    const written = await retryLockConflicts(() => options.db.run(SWEEP_SQL.stamp, params), {
+      what: "the probe shard's stamp",
+      log: options.log,
+      context: { tick: data.tick, shard: data.shard },
+    });
     stamped = new Set(written.rows.filter((r) => r.stamped).map((r) => r.id));
   }
 

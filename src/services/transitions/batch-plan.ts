@@ -21,7 +21,7 @@ import {
   type Endpoint,
   type MachineEvent,
 } from '../../machine';
-import { eventIdConflict, sameEvent, type ApplyResult, type StateEvent } from './outcomes';
+import { duplicateOf, eventIdConflict, sameEvent, type ApplyResult, type StateEvent } from './outcomes';
 import type { EventTrace } from './tracing';
 
 /** An event ready to be decided: validated, with its machine form (cutoffs applied). */
@@ -164,8 +164,7 @@ export function planBatch(events: readonly PreparedEvent[], snapshot: BatchSnaps
       if (!sameEvent(event, p.event_name, p.deployment_id, p.payload_sha256)) {
         push({ kind: 'done', result: eventIdConflict(event, p.event_name, p.deployment_id) });
       } else {
-        const previous = { outcome: p.outcome, reason: p.reason, version: p.version };
-        push({ kind: 'done', result: { ...base, outcome: 'noop', reason: 'duplicate_event', previous } });
+        push({ kind: 'done', result: duplicateOf(event, p) });
       }
       continue;
     }

@@ -9,7 +9,7 @@
  * A deployment has events in at most one batch being written: its later events wait for that batch (they would
  * only lose its version check), which also keeps one deployment's events in the order they arrived.
  */
-import { STAMP_EVENTS } from '../../events/schemas';
+import { canonicalId, STAMP_EVENTS } from '../../events/schemas';
 import type { ApplyOptions, TransitionService } from './service';
 import type { ApplyResult } from './outcomes';
 
@@ -24,7 +24,10 @@ interface Waiting {
   readonly name: string;
   readonly data: unknown;
   readonly options: ApplyOptions;
-  /** as the payload says (validated later, in the service): only for keeping a deployment in one batch at a time */
+  /**
+   * as the payload says, in its canonical spelling (validated later, in the service): only for keeping a deployment
+   * in one batch at a time, whatever the casing each of its events spells it in
+   */
   readonly deploymentId: string | null;
   readonly resolve: (result: ApplyResult) => void;
   readonly reject: (err: unknown) => void;
@@ -124,5 +127,5 @@ export class TransitionCoalescer {
 function deploymentIdOf(data: unknown): string | null {
   if (typeof data !== 'object' || data === null) return null;
   const id = (data as { deploymentId?: unknown }).deploymentId;
-  return typeof id === 'string' ? id : null;
+  return typeof id === 'string' ? canonicalId(id) : null;
 }

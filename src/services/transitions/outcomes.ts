@@ -65,6 +65,24 @@ export function sameEvent(event: LifecycleEvent, name: string, deploymentId: str
   return name === event.name && deploymentId === event.data.deploymentId && (digest === null || digest === payloadDigest(event.data));
 }
 
+/** What an earlier delivery of the event did (its `processed_events` row), for `duplicate_event`'s `previous`. */
+export interface PreviousProcessing {
+  readonly outcome: string;
+  readonly reason: string;
+  readonly version: number | null;
+}
+
+/** Another delivery of this event was processed first: the noop `duplicate_event`, saying what that one did. */
+export function duplicateOf(event: LifecycleEvent, previous: PreviousProcessing): ApplyResult {
+  return {
+    eventId: event.eventId,
+    deploymentId: event.data.deploymentId,
+    outcome: 'noop',
+    reason: 'duplicate_event',
+    previous: { outcome: previous.outcome, reason: previous.reason, version: previous.version },
+  };
+}
+
 /**
  * The eventId was processed before as another event: another name, another deployment, or another payload. Not a
  * duplicate (that would drop this event silently): refused, so the producer learns to send it with an id of its own.

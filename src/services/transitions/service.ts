@@ -16,12 +16,13 @@
  */
 import type { DataSource } from 'typeorm';
 import { context as activeContext, type Context } from '@opentelemetry/api';
-import { ConflictError, isTransient, NotYetError } from '../../errors';
+import { ConflictError, isLockConflict, isTransient, NotYetError } from '../../errors';
 import {
   BATCH_SQL,
   batchWriteParams,
   Database,
   isClaimConflict,
+  retryLockConflicts,
   TRANSITION_SQL,
   transitionWrite,
   type Session,
@@ -31,7 +32,7 @@ import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '.
 import { silentLogger, type Logger } from '../../log';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
-import { eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import { duplicateOf, eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
 import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batch-plan';
 import type { StampBuffer } from '../stamp-buffer';
 import { RelayWakeup, type LocalRelay } from './relay-wakeup';
@@ -48,6 +49,8 @@ export interface TransitionHooks {
   readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
   /** after the write statement returned (on the optimistic try it has committed; on a locked retry, before COMMIT) */
   readonly afterWrite?: (event: LifecycleEvent, written: boolean) => void | Promise<void>;
+  /** after a noop was decided, before its eventId's claim (the one-event path) */
+  readonly beforeClaim?: (event: LifecycleEvent) => void | Promise<void>;
   /** group commit: after a batch's snapshot was read and decided, before its write (the events it decided) */
   readonly beforeBatchWrite?: (events: readonly LifecycleEvent[]) => void | Promise<void>;
 }
@@ -159,12 +162,13 @@ export class TransitionService {
    * read, one write statement and one commit, and gives each exactly the outcome `apply` would have given it, had
    * the events been applied one at a time in the order given (for events of one deployment; events of different
    * deployments do not depend on each other). Returns one settled result per item, in order: a value where `apply`
-   * returns, the error where it throws. Heartbeat and readiness stamps take their own path, as in `apply`.
+   * returns, the error where it throws. An event that fails before it is decided (bad input, an orphan whose
+   * buffered heartbeat cannot be written) fails alone; the others go on without it. Heartbeat and readiness stamps
+   * take their own path, as in `apply`.
    */
   async applyMany(items: readonly ApplyItem[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
     const settled: Array<Promise<PromiseSettledResult<ApplyResult>>> = [];
-    const states: Array<{ readonly prepared: PreparedEvent; readonly settle: (r: PromiseSettledResult<ApplyResult>) => void }> = [];
-    const flushes: Array<Promise<unknown>> = [];
+    const preparing: Array<Promise<{ readonly prepared: PreparedEvent; readonly settle: (r: PromiseSettledResult<ApplyResult>) => void } | null>> = [];
     for (const item of items) {
       let event: LifecycleEvent;
       try {
@@ -179,21 +183,27 @@ export class TransitionService {
         continue;
       }
       const trace = startEventTrace(event, item.options?.traceContext ?? activeContext.active());
-      const prepared = { event, machineEvent: this.machineEventOf(event, item.options?.producedAt), trace };
-      if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
-        flushes.push(this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId));
-      }
-      const result = new Promise<PromiseSettledResult<ApplyResult>>((resolve) => states.push({ prepared, settle: resolve }));
+      let resolve: (r: PromiseSettledResult<ApplyResult>) => void = () => undefined;
+      const result = new Promise<PromiseSettledResult<ApplyResult>>((r) => (resolve = r));
+      // an event whose preparation fails (an orphan's heartbeat flush while its Redis is away) fails alone, with
+      // that error, as it would have on its own; the rest of the batch goes on without it
+      preparing.push(
+        this.prepare(event, item.options?.producedAt, trace).then(
+          (prepared) => ({ prepared, settle: resolve }),
+          (reason: unknown) => {
+            resolve({ status: 'rejected', reason });
+            return null;
+          },
+        ),
+      );
       const ended = (r: PromiseSettledResult<ApplyResult>) => {
         endEventTrace(trace, r);
         return r;
       };
       settled.push(trace === null ? result : result.then(ended));
     }
-    const flushed = await Promise.allSettled(flushes);
-    const failed = flushed.find((f): f is PromiseRejectedResult => f.status === 'rejected');
-    if (failed !== undefined) for (const s of states) s.settle({ status: 'rejected', reason: failed.reason as unknown });
-    else await this.applyPrepared(states.map((s) => s.prepared)).then((results) => results.forEach((r, i) => states[i]?.settle(r)));
+    const ready = (await Promise.all(preparing)).filter((p) => p !== null);
+    (await this.applyPrepared(ready.map((p) => p.prepared))).forEach((r, i) => ready[i]?.settle(r));
     return Promise.all(settled);
   }
 
@@ -264,11 +274,15 @@ export class TransitionService {
     } catch (err) {
       batchTrace?.span.end();
       if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
-      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a deadlock, or
+      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a lock conflict, or
       // anything unforeseen: nothing of the batch was written; each event takes the one-event path, which knows
       // how to tell each case (and surfaces a bug on the one event that has it)
-      const level = isClaimConflict(err) || pgCode(err) === '40P01' ? 'debug' : 'warn';
-      this.log[level]({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+      if (isLockConflict(err)) {
+        const what = 'the group-commit write, one event at a time';
+        this.log.warn({ what, code: pgCode(err), events: events.length }, 'lock conflict: running it again');
+      } else {
+        this.log[isClaimConflict(err) ? 'debug' : 'warn']({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+      }
       return this.oneByOne(events);
     }
     batchTrace?.span.end();
@@ -350,19 +364,24 @@ export class TransitionService {
 
   private async transition(event: StateEvent, producedAt: Date | undefined, traceContext: Context | undefined): Promise<ApplyResult> {
     const trace = startEventTrace(event, traceContext ?? activeContext.active());
-    const run = async () => {
-      // An orphan is judged by the liveness in PostgreSQL: the attempt's latest heartbeat may still be in the
-      // buffer, so it goes to PostgreSQL first (a rare path; one extra UPDATE). Expiry is judged by the start alone.
-      if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
-        await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
-      }
-      return this.transitionOne({ event, machineEvent: this.machineEventOf(event, producedAt), trace });
-    };
+    const run = async () => this.transitionOne(await this.prepare(event, producedAt, trace));
     if (trace === null) return run();
     const result = await settle(run());
     endEventTrace(trace, result);
     if (result.status === 'rejected') throw result.reason;
     return result.value;
+  }
+
+  /**
+   * An event made ready to be decided, on both paths. An orphan is judged by the liveness in PostgreSQL: the
+   * attempt's latest heartbeat may still be in the buffer, so it goes to PostgreSQL first (a rare path; one extra
+   * UPDATE), and fails the event when it cannot. Expiry is judged by the start alone.
+   */
+  private async prepare(event: StateEvent, producedAt: Date | undefined, trace: EventTrace | null): Promise<PreparedEvent> {
+    if (event.name === 'attempt.orphaned' && this.stampBuffer !== null) {
+      await this.stampBuffer.flushAttempt(event.data.attemptId, event.data.deploymentId);
+    }
+    return { event, machineEvent: this.machineEventOf(event, producedAt), trace };
   }
 
   private async transitionOne({ event, machineEvent, trace = null }: PreparedEvent): Promise<ApplyResult> {
@@ -372,9 +391,15 @@ export class TransitionService {
       // version check still guards, and now it cannot lose.
       const lock = attempt > 1;
       try {
-        const result = lock
-          ? await this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
-          : await this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace));
+        // a lock conflict PostgreSQL broke undid the whole try (its write is one statement, or the locked retry's
+        // transaction): read and decide again
+        const result = await retryLockConflicts(
+          () =>
+            lock
+              ? this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
+              : this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace)),
+          { what: 'the one-event write', log: this.log, context: { deploymentId: event.data.deploymentId, eventId: event.eventId } },
+        );
         if (result.outcome === 'applied') this.wakeup.committed();
         return result;
       } catch (err) {
@@ -410,10 +435,7 @@ export class TransitionService {
     if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
       return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
     }
-    if (row.p_outcome !== null) {
-      const previous = { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version };
-      return { ...base, outcome: 'noop', reason: 'duplicate_event', previous };
-    }
+    if (row.p_outcome !== null) return duplicateOf(event, { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version });
     if (row.a_id !== null && row.a_deployment_id !== deploymentId) {
       return { ...base, outcome: 'rejected', code: 'id_conflict', message: `attempt ${row.a_id} belongs to another deployment` };
     }
@@ -431,6 +453,7 @@ export class TransitionService {
         // a noop that only says "not yet" is no decision about the event: it stays free to apply later
         if (TIME_DEPENDENT_NOOPS.has(decision.why)) return { ...base, outcome: 'noop', reason: decision.why };
         const claim = [event.eventId, event.name, deploymentId, decision.why, version, payloadDigest(event.data), now];
+        await this.hooks.beforeClaim?.(event);
         if ((await s.run(TRANSITION_SQL.claimNoop, claim)).affected !== 1) return this.claimedElsewhere(s, event);
         return { ...base, outcome: 'noop', reason: decision.why };
       }
@@ -481,13 +504,20 @@ export class TransitionService {
     };
   }
 
-  /** The eventId was claimed by a delivery that committed first: a duplicate, or a different event's id. */
+  /**
+   * The eventId was claimed by a delivery that committed first (two deliveries raced from one snapshot): a
+   * duplicate, saying what that delivery did, or a different event's id.
+   */
   private async claimedElsewhere(s: Session, event: LifecycleEvent): Promise<ApplyResult> {
     const held = (await s.run(TRANSITION_SQL.claimedBy, [event.eventId])).rows[0];
-    if (held !== undefined && !sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
+    if (held === undefined) {
+      // the claim aged out of processed_events (7 days) between our conflict and this read: processed, long ago
+      return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+    }
+    if (!sameEvent(event, held.event_name, held.deployment_id, held.payload_sha256)) {
       return eventIdConflict(event, held.event_name, held.deployment_id);
     }
-    return { eventId: event.eventId, deploymentId: event.data.deploymentId, outcome: 'noop', reason: 'duplicate_event' };
+    return duplicateOf(event, held);
   }
 }
 

@@ -11,7 +11,7 @@ const LAYERS = {
   machine: [], // the pure state machine: nothing of ours
   util: [], // small shared helpers: nothing of ours
   errors: [],
-  log: [],
+  log: ['util'], // pretty lines escape stored text with util's printable()
   telemetry: ['log'], // tracing: the SDK started only when asked, span helpers over @opentelemetry/api
   events: ['machine', 'util', 'errors'], // payload schemas, event ids, the endpoint allow-list
   entities: ['machine', ...FOUNDATION], // persistence: knows no BullMQ, no Redis, no services

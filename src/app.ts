@@ -269,7 +269,7 @@ export async function startFleet(
     let http: FastifyInstance | null = null;
     let httpUrl: string | null = null;
     if (roles.http ?? false) {
-      tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile);
+      tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile, { warn: (message, fields) => logger.warn(fields, message) });
       if (tokens === null) {
         logger.warn(
           { host: config.httpHost },

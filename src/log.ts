@@ -2,6 +2,7 @@ import * as os from 'node:os';
 import pino from 'pino';
 import type { Logger } from 'pino';
 import { prettyFactory } from 'pino-pretty';
+import { printable } from './util';
 
 export type { Logger };
 
@@ -109,6 +110,10 @@ export function createLogger(level: string, destination?: pino.DestinationStream
  * pino-pretty in this process, as a plain formatting function in front of `out`: not its transport (a worker thread
  * whose lines still in flight are lost when the process exits) and not its stream (piped, so asynchronous). Each
  * record is formatted and written before the log call returns.
+ *
+ * Records quote what producers sent (a reason, a job's data) and pino-pretty writes strings as they are: every
+ * string of the record is made `printable` first, so nothing in it drives the terminal or forges a line. A stack
+ * keeps its line breaks (pino-pretty indents each line under the record).
  */
 function prettyLines(out: pino.DestinationStream, colorize: boolean): pino.DestinationStream {
   const format = prettyFactory({
@@ -118,7 +123,15 @@ function prettyLines(out: pino.DestinationStream, colorize: boolean): pino.Desti
     // the service name and host are for collected logs; a person at a terminal knows them
     ignore: 'service,hostname',
   });
-  return { write: (line: string) => void out.write(format(line)) };
+  return { write: (line: string) => void out.write(format(printableRecord(JSON.parse(line) as unknown, '', 0))) };
+}
+
+/** `value` with every string in it `printable` (a `stack` keeping its line breaks). */
+function printableRecord(value: unknown, key: string, depth: number): unknown {
+  if (typeof value === 'string') return printable(value, { keepNewlines: key === 'stack' });
+  if (typeof value !== 'object' || value === null || depth > 20) return value;
+  if (Array.isArray(value)) return value.map((v) => printableRecord(v, '', depth + 1));
+  return Object.fromEntries(Object.entries(value).map(([k, v]) => [printable(k), printableRecord(v, k, depth + 1)]));
 }
 
 /** A logger that writes nothing, for library use without a logger. */

@@ -8,7 +8,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom
  * The values of the labels that dashboards and alerts select on (docs/grafana, docs/prometheus): a test holds
  * their expressions to these.
  */
-export type JobOutcome = 'applied' | 'noop' | 'rejected' | 'invalid' | 'retry' | 'gave_up' | 'error';
+export type JobOutcome = 'applied' | 'noop' | 'rejected' | 'invalid' | 'not_found' | 'retry' | 'gave_up' | 'error';
 /** `fleet_sweep_results_total{result}`: the probe totals of a shard, and the attempts a tick found */
 export type SweepResult = keyof ShardMetricsReport | 'orphaned' | 'expired';
 /** `fleet_readiness_endpoints{measure}` */

@@ -1,6 +1,7 @@
 /**
  * Secrets: the Redis and PostgreSQL passwords of a services directory (credentials.json, mode 0600), atomic
- * private-file writes, and the SCRAM-SHA-256 verifier PostgreSQL stores for a password.
+ * private-file writes, and the SCRAM-SHA-256 verifier PostgreSQL stores for a password. PostgreSQL has two roles:
+ * `fleet_admin`, the superuser that manages the server, and `fleet`, the fleet's own login (see postgres.ts).
  */
 import { createHash, createHmac, pbkdf2Sync, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -9,7 +10,10 @@ import type { RunAs } from './os-user';
 
 export interface Credentials {
   redisPassword: string;
+  /** the fleet's role, `fleet` (DATABASE_URL) */
   postgresPassword: string;
+  /** the superuser, `fleet_admin`: never in DATABASE_URL */
+  postgresAdminPassword: string;
 }
 
 export const CREDENTIALS_FILE = 'credentials.json';
@@ -56,7 +60,11 @@ export function loadCredentials(dir: string): { creds: Credentials; created: Set
     created.add(key);
     return newPassword();
   };
-  const creds: Credentials = { redisPassword: pick('redisPassword'), postgresPassword: pick('postgresPassword') };
+  const creds: Credentials = {
+    redisPassword: pick('redisPassword'),
+    postgresPassword: pick('postgresPassword'),
+    postgresAdminPassword: pick('postgresAdminPassword'),
+  };
   if (created.size > 0) writePrivateFile(file, `${JSON.stringify(creds, null, 2)}\n`);
   return { creds, created };
 }

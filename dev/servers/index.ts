@@ -18,10 +18,14 @@
  *                     placed under the temp dir because `fleetpg` cannot reach `dir`
  *   *.log             output of redis-server, initdb, postgres, apt-get
  *
- * Both servers require a password: PostgreSQL (user `fleet`) password authentication on
- * TCP, no Unix-domain socket at all; Redis `requirepass`. The returned URLs carry them, so
- * treat those URLs as secrets. Data directories made by older versions (`initdb --auth=trust`)
- * are switched to password authentication on their next start.
+ * Both servers require a password: PostgreSQL password authentication on TCP, no Unix-domain
+ * socket at all; Redis `requirepass`. The returned URLs carry them, so treat those URLs as
+ * secrets. PostgreSQL has two roles: `fleet` (`databaseUrl`), which is no superuser but owns the
+ * database `fleet` and may create databases, and the superuser `fleet_admin` (`adminDatabaseUrl`).
+ * Data directories made by older versions (`initdb --auth=trust`; `fleet` the superuser) are
+ * switched to password authentication and to these roles on their next start. The servers and
+ * initdb get a clean environment (PATH, locale, time zone, HOME): nothing of the caller's
+ * configuration (FLEET_*, passwords, tokens).
  *
  * When running as root, initdb/postgres run as the dedicated system user
  * `fleetpg` (PostgreSQL refuses to run as root). The servers are started in
@@ -43,7 +47,7 @@ import { Instance } from './instance';
 import { acquireLock, checkLegacyOwner, claimed, releaseLock } from './lock';
 import type { LockRecord } from './lock';
 import { ensureOsUser, recordedPgLocation } from './os-user';
-import { PG_DATABASE, PG_USER, stopLeftoverPostgres } from './postgres';
+import { PG_ADMIN, PG_DATABASE, PG_USER, stopLeftoverPostgres } from './postgres';
 import { stopLeftoverRedis } from './redis';
 import type { LocalServices, LocalServicesOptions } from './types';
 import { wipe } from './wipe';
@@ -87,10 +91,10 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
     creds = loaded.creds;
     Object.assign(bins, await ensureBinaries(opts, dir, log));
     const runAs = opts.postgres && isRoot() ? ensureOsUser(log) : undefined;
-    const pgPassword = creds.postgresPassword;
+    const pgPasswords = { fleet: creds.postgresPassword, admin: creds.postgresAdminPassword };
     const results = await Promise.allSettled([
       bins.redisBin ? inst.startRedis(bins.redisBin, creds.redisPassword, usedPorts) : undefined,
-      bins.pgBinDir ? inst.startPostgres(bins.pgBinDir, runAs, pgPassword, loaded.created.has('postgresPassword'), usedPorts) : undefined,
+      bins.pgBinDir ? inst.startPostgres(bins.pgBinDir, runAs, pgPasswords, loaded.created, usedPorts) : undefined,
     ]);
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   } catch (err) {
@@ -98,14 +102,14 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
     throw err;
   }
 
-  const { redisPassword, postgresPassword } = creds;
+  const { redisPassword, postgresPassword, postgresAdminPassword } = creds;
   const services: LocalServices = {
     redisBin: bins.redisBin,
     pgBinDir: bins.pgBinDir,
     pgDataDir: inst.pgDataDir,
     stop: () => inst.stop(),
     restartRedis: (o = {}) => inst.restartRedis(o.signal ?? 'SIGKILL', o.downMs ?? 0, redisPassword, o.wipe ?? false),
-    restartPostgres: (o = {}) => inst.restartPostgres(o.mode ?? 'immediate', o.downMs ?? 0, postgresPassword),
+    restartPostgres: (o = {}) => inst.restartPostgres(o.mode ?? 'immediate', o.downMs ?? 0, postgresAdminPassword),
     get redisPid(): number | undefined {
       return inst.redis?.pid;
     },
@@ -120,6 +124,7 @@ export async function startLocalServices(opts: LocalServicesOptions): Promise<Lo
   if (inst.pgPort !== undefined) {
     services.pgPort = inst.pgPort;
     services.databaseUrl = `postgres://${PG_USER}:${encodeURIComponent(postgresPassword)}@${inst.address}:${inst.pgPort}/${PG_DATABASE}`;
+    services.adminDatabaseUrl = `postgres://${PG_ADMIN}:${encodeURIComponent(postgresAdminPassword)}@${inst.address}:${inst.pgPort}/${PG_DATABASE}`;
   }
   return services;
 }

@@ -6,14 +6,16 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { sleep } from '../../src/util';
 import { CREDENTIALS_FILE } from './credentials';
+import type { Credentials } from './credentials';
 import { logTail, rotateLog } from './fs-helpers';
 import { claimed, releaseLock } from './lock';
 import { choosePgDataDir } from './os-user';
 import type { RunAs } from './os-user';
 import {
-  admitClients, hbaTrustsHost, initdb, PG_DATABASE, pgMajorVersion, pgProcesses, pgQuery, pgReady, requirePassword,
+  admitClients, convertOldRoles, ensureFleetRole, hasRoles, hbaTrustsHost, initdb, PG_ADMIN, PG_USER, pgMajorVersion, pgProcesses, pgReady,
+  requirePassword,
 } from './postgres';
-import type { PgContext } from './postgres';
+import type { PgContext, PgLogin } from './postgres';
 import { signal, waitGone } from './process';
 import { redisReady, writeRedisConf } from './redis';
 import { freePort, PORT_RACE, spawnServer, waitReady } from './server';
@@ -144,22 +146,31 @@ export class Instance {
     }
   }
 
+  /**
+   * `passwords`: the fleet's role's (`fleet`) and the superuser's (`fleet_admin`); `created`: which of them were made
+   * up just now (credentials.json did not have them).
+   */
   async startPostgres(
     binDir: string,
     runAs: RunAs | undefined,
-    password: string,
-    passwordIsNew: boolean,
+    passwords: { readonly fleet: string; readonly admin: string },
+    created: ReadonlySet<keyof Credentials>,
     usedPorts: Set<number>,
   ): Promise<void> {
-    this.pgPassword = password;
+    this.pgPassword = passwords.admin;
+    const fleet: PgLogin = { user: PG_USER, password: passwords.fleet };
+    const admin: PgLogin = { user: PG_ADMIN, password: passwords.admin };
     const dataDir = choosePgDataDir(this.dir, runAs, this.log);
     this.pgDataDir = dataDir;
     const major = parseFloat(pgMajorVersion(binDir));
     const credentialsFile = path.join(this.dir, CREDENTIALS_FILE);
-    const initialised = await initdb(this.pgContext(), binDir, dataDir, runAs, password);
+    const initialised = await initdb(this.pgContext(), binDir, dataDir, runAs, passwords.admin);
+    // made by an older version, whose superuser is `fleet`: that is who manages it until it is converted below
+    const converted = hasRoles(dataDir);
+    const manager = converted ? admin : fleet;
     if (this.opts.host !== undefined) admitClients(dataDir, this.opts.host.clients, runAs, major);
     const trusting = hbaTrustsHost(dataDir); // made by an older version: switched to passwords below
-    if (!initialised && passwordIsNew && !trusting) {
+    if (!initialised && created.has(converted ? 'postgresAdminPassword' : 'postgresPassword') && !trusting) {
       throw new Error(
         `PostgreSQL in ${dataDir} requires a password, but ${credentialsFile} was missing; ` +
           `restore it, or delete ${dataDir} (its data will be lost)`,
@@ -181,8 +192,10 @@ export class Instance {
       const server = spawnServer('postgres', path.join(binDir, 'postgres'), args, logFile, dataDir, runAs, this.unexpected, this.netns);
       this.pg = server;
       try {
-        // crash recovery may take a while
-        await waitReady(server, () => pgReady(port, dataDir, password, credentialsFile, this.address), 120_000);
+        // asked as the superuser: an older cluster's is `fleet` (or already `fleet_admin`, if its conversion was cut
+        // short); crash recovery may take a while
+        const ready = () => pgReady(port, dataDir, admin, credentialsFile, this.address);
+        await waitReady(server, converted ? ready : () => ready().catch(() => pgReady(port, dataDir, fleet, credentialsFile, this.address)), 120_000);
         this.pgPort = port;
         this.pgStart = { bin: path.join(binDir, 'postgres'), args, logFile, dataDir, runAs };
         break;
@@ -192,17 +205,9 @@ export class Instance {
         await sleep(500 * attempt);
       }
     }
-    if (trusting) await requirePassword(this.pgContext(), port, dataDir, runAs, password, major);
-    await pgQuery(
-      port,
-      'postgres',
-      password,
-      async (c) => {
-        const exists = await c.query('SELECT 1 FROM pg_database WHERE datname = $1', [PG_DATABASE]);
-        if (exists.rowCount === 0) await c.query(`CREATE DATABASE ${PG_DATABASE}`);
-      },
-      this.address,
-    );
+    if (trusting) await requirePassword(this.pgContext(), port, dataDir, runAs, manager, major);
+    if (!converted) await convertOldRoles(this.pgContext(), port, dataDir, runAs, { fleet, admin }, major, this.address);
+    await ensureFleetRole(port, admin, fleet, major, this.address);
   }
 
   async restartRedis(sig: 'SIGKILL' | 'SIGTERM', downMs: number, password: string, wipe = false): Promise<void> {
@@ -238,7 +243,7 @@ export class Instance {
       const server = spawnServer('postgres', start.bin, start.args, start.logFile, start.dataDir, start.runAs, this.unexpected, this.netns);
       this.pg = server;
       try {
-        await waitReady(server, () => pgReady(port, start.dataDir, password, credentialsFile, this.address), 120_000);
+        await waitReady(server, () => pgReady(port, start.dataDir, { user: PG_ADMIN, password }, credentialsFile, this.address), 120_000);
         return;
       } catch (err) {
         await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);

@@ -18,13 +18,16 @@ export interface RunAs {
   name: string;
   uid: number;
   gid: number;
+  /** its home directory (the HOME its processes get), when the user database says */
+  home?: string;
 }
 
 function lookupUser(name: string): RunAs | undefined {
   const uid = spawnSync('id', ['-u', name], { encoding: 'utf8' });
   const gid = spawnSync('id', ['-g', name], { encoding: 'utf8' });
   if (uid.status !== 0 || gid.status !== 0) return undefined;
-  return { name, uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) };
+  const home = spawnSync('getent', ['passwd', name], { encoding: 'utf8' }).stdout?.split(':')[5]?.trim();
+  return { name, uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()), ...(home ? { home } : {}) };
 }
 
 export function ensureOsUser(log: (m: string) => void): RunAs {

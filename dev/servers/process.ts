@@ -1,10 +1,11 @@
 /**
  * Other processes: inspection through /proc (name, argv, cwd, uid, state, start time), liveness, signals, waiting
- * for pids to be gone, finding processes by working directory, and running a helper command (apt-get, initdb) to
- * completion with its output in a log file.
+ * for pids to be gone, finding processes by working directory, running a helper command (apt-get, initdb) to
+ * completion with its output in a log file, and the clean environment the servers and initdb get.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { isProcessAlive, sleep } from '../../src/util';
@@ -109,6 +110,22 @@ export function processesInDir(dir: string, isOurs: (pid: number) => boolean): n
     if (isOurs(Number(entry))) found.push(Number(entry));
   }
   return found;
+}
+
+/** What a server's environment may hold: the command path, the locale and the time zone. */
+const SERVER_ENV = /^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ)$/;
+
+/**
+ * The environment of a server we start (redis-server, postgres) and of initdb: an allow-list of the caller's
+ * (PATH, LANG, LANGUAGE, LC_*, TZ) and the HOME of the user it runs as. Never the rest: the caller's environment
+ * holds the fleet's configuration (FLEET_BOARD_PASSWORD, tokens), which a superuser of the server, or anyone who
+ * can read the server's /proc/<pid>/environ, could otherwise read.
+ */
+export function serverEnv(runAs: RunAs | undefined): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = Object.fromEntries(Object.entries(process.env).filter(([name]) => SERVER_ENV.test(name)));
+  const home = runAs === undefined ? os.homedir() : runAs.home;
+  if (home !== undefined && home !== '') env['HOME'] = home;
+  return env;
 }
 
 /** How long apt-get, initdb... may take before they are stopped and the start fails. */

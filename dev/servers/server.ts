@@ -9,6 +9,7 @@ import type { ChildProcess } from 'node:child_process';
 import { settleWithin, sleep } from '../../src/util';
 import { fileSize, logTail } from './fs-helpers';
 import type { RunAs } from './os-user';
+import { serverEnv } from './process';
 
 /** A spawned server process; `done` resolves when it has exited, whyever. */
 export class Server {
@@ -81,6 +82,7 @@ export function spawnServer(
     const [command, argv] = netns === undefined ? [bin, args] : ['nsenter', [`--net=/run/netns/${netns}`, ...user, '--', bin, ...args]];
     child = spawn(command, argv, {
       stdio: ['ignore', fd, fd],
+      env: serverEnv(runAs),
       detached: true, // own session: a terminal ^C goes to the application, which then stops us
       cwd: runAs ? '/' : cwd,
       ...(runAs && netns === undefined ? { uid: runAs.uid, gid: runAs.gid } : {}),

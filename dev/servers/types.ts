@@ -36,8 +36,16 @@ export interface ServerHost {
 export interface LocalServices {
   /** `redis://:<password>@127.0.0.1:<port>` (the host's address with `host`): a secret, never log it */
   redisUrl?: string;
-  /** `postgres://fleet:<password>@127.0.0.1:<port>/fleet` (the host's address with `host`): a secret, never log it */
+  /**
+   * `postgres://fleet:<password>@127.0.0.1:<port>/fleet` (the host's address with `host`): the fleet's role, no
+   * superuser; it owns the database `fleet` and may create databases. A secret, never log it
+   */
   databaseUrl?: string;
+  /**
+   * `postgres://fleet_admin:<password>@...:<port>/fleet`: the superuser, for tests that set up what the fleet may not
+   * (other roles, server settings); never the fleet's. A secret, never log it
+   */
+  adminDatabaseUrl?: string;
   redisPort?: number;
   pgPort?: number;
   pgDataDir?: string;

@@ -10,7 +10,7 @@ import type { AddressInfo } from 'node:net';
 import type { FleetConfig } from '../config';
 import type { DeploymentState } from '../machine';
 import { LifecycleProducer } from '../queues/producer';
-import { sleep } from '../util';
+import { printable, sleep } from '../util';
 
 export interface DemoOptions {
   readonly config: FleetConfig;
@@ -159,7 +159,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
     const refused = await producer.teardown({ deploymentId: hung });
     await waitUntil('the refusal', async () => (await producer.queue.getJobState(refused.jobId)) === 'failed', 30);
     const job = await producer.queue.getJob(refused.jobId);
-    say(`  refused: ${job?.failedReason ?? '?'}`);
+    say(`  refused: ${printable(job?.failedReason ?? '?')}`); // stored text: its line breaks escaped too
     await producer.teardown({ deploymentId: hung, force: true });
     await waitUntil('the forced teardown', async () => (await stateOf(hung)) === 'pending', 30);
 

@@ -18,9 +18,9 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { tail } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { describeServer, isRedisError } from '../queues/redis';
+import { describeServer, isRedisError, pingRedis } from '../queues/redis';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
-import { UUID_PATTERN } from '../util';
+import { printable, UUID_PATTERN } from '../util';
 
 /** Thrown for bad input on the command line: exit code 2. */
 class UsageError extends Error {}
@@ -160,11 +160,15 @@ async function runStatus(deploymentId: string, options: { json?: boolean }): Pro
       process.exitCode = 1;
       return;
     }
-    process.stdout.write(options.json === true ? `${JSON.stringify(status, null, 2)}\n` : status.text);
+    // JSON.stringify escapes C0 controls but not DEL, C1 or bidi overrides; printable() keeps JSON JSON
+    process.stdout.write(options.json === true ? `${printable(JSON.stringify(status, null, 2), { keepNewlines: true })}\n` : status.text);
   } finally {
     await ds.destroy();
   }
 }
+
+/** How long after the first signal `fleet tail` exits even if something still holds it (it stops within about 1 s). */
+const TAIL_STOP_MS = 2000;
 
 async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
   if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
@@ -172,16 +176,28 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
     throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
   }
   const config = loadConfig();
+  const redisUrl = resolveEndpoints(config).redisUrl;
   let stopTail: () => void = () => undefined;
   const stop = new Promise<void>((resolve) => (stopTail = resolve));
-  // the first SIGINT or SIGTERM stops the tail (whether Redis is there or not); a second exits at once
+  // The first SIGINT or SIGTERM stops the tail, whatever Redis does: the tail returns within about a second (it waits
+  // for nothing Redis has to answer), and should anything still hold the process, it exits at TAIL_STOP_MS anyway. A
+  // second signal exits at once.
   let signalled = false;
   const onSignal = (): void => {
     if (signalled) process.exit(130);
     signalled = true;
     stopTail();
+    setTimeout(() => {
+      process.stderr.write(`fleet tail: not stopped after ${TAIL_STOP_MS} ms; exiting\n`);
+      process.exit(process.exitCode ?? 0);
+    }, TAIL_STOP_MS).unref();
   };
   process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  // Redis must answer first, as for `fleet enqueue`: unreachable at start is one line and exit code 4, not a tail
+  // waiting in silence (an outage after the start is waited out, and said once)
+  const reachable = reaching(describeServer('Redis', redisUrl), () => pingRedis(redisUrl));
+  reachable.catch(() => undefined); // left behind by a stop
+  if ((await Promise.race([reachable.then(() => 'reached' as const), stop.then(() => 'stopped' as const)])) === 'stopped') return;
   // a closed stdout (`fleet tail | head -1`) ends the tail quietly
   let outClosed = false;
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -191,7 +207,7 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
   });
   try {
     await tail({
-      redisUrl: resolveEndpoints(config).redisUrl,
+      redisUrl,
       streamKey: transitionStreamKey(config.prefix),
       ...options,
       write: (line) => {
@@ -218,12 +234,14 @@ async function runDemoCommand(options: { api?: string }): Promise<void> {
     config,
     redisUrl: resolveEndpoints(config).redisUrl,
     apiUrl,
-    say: (line) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}${line}\n`),
+    // the demo's lines quote what the fleet stored (a job's failed reason, dispatch answers): escaped, then our own
+    // line clearing
+    say: (line) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}${printable(line, { keepNewlines: true })}\n`),
     progress: (line) => {
-      if (tty) process.stderr.write(`\r\x1b[K${line}`);
+      if (tty) process.stderr.write(`\r\x1b[K${printable(line)}`);
     },
   });
-  process.stdout.write(`${JSON.stringify(report)}\n`);
+  process.stdout.write(`${printable(JSON.stringify(report))}\n`);
   if (!report.ok) process.exitCode = 1;
 }
 

@@ -1,10 +1,11 @@
 import type { DataSource } from 'typeorm';
 import { getDeployment, listTransitions, type DeploymentView, type TransitionView } from '../services/read-model';
+import { printable } from '../util';
 
 export interface DeploymentStatus {
   readonly deployment: DeploymentView;
   readonly recentTransitions: readonly TransitionView[];
-  /** the same, as lines for a terminal */
+  /** the same, as lines for a terminal (stored text with its control characters escaped) */
   readonly text: string;
 }
 
@@ -23,5 +24,6 @@ export async function readDeploymentStatus(ds: DataSource, id: string): Promise<
     '  history',
     ...recentTransitions.map((t) => `    v${t.version}  ${t.at}  ${t.from ?? '(new)'} -> ${t.to}  ${t.reason}  [${t.eventId}]`),
   ];
-  return { deployment, recentTransitions, text: `${lines.join('\n')}\n` };
+  // each line on its own: a stored newline is escaped, never a line of its own
+  return { deployment, recentTransitions, text: `${lines.map((line) => printable(line)).join('\n')}\n` };
 }

@@ -5,6 +5,7 @@
  */
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
+import { printable } from '../util';
 import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 
@@ -16,18 +17,25 @@ export interface TailOptions {
   readonly from?: string;
   readonly json?: boolean;
   readonly write: (line: string) => void;
-  /** resolves when the tail should stop (a signal, a closed stdout) */
+  /** resolves when the tail should stop (a signal, a closed stdout): it returns within about a second, Redis there or not */
   readonly stop: Promise<void>;
   /** where "lost Redis at ..., retrying" and "... is back" go (default: nowhere) */
   readonly report?: ServerReport;
 }
 
+/** One entry as a line for a terminal: what producers sent (a reason, an id) with its control characters escaped. */
 export function formatEntry(entry: TransitionEntry, json: boolean): string {
-  if (json) return JSON.stringify(entry);
+  if (json) return printable(JSON.stringify(entry));
   const from = entry.from === '' ? '(new)' : entry.from;
   const attempt = entry.attemptId === '' ? '' : `  attempt ${entry.attemptId}`;
-  return `${entry.at}  ${entry.deploymentId}  v${entry.version}  ${from} -> ${entry.to}  ${entry.reason}${attempt}  [${entry.eventId}]`;
+  return printable(`${entry.at}  ${entry.deploymentId}  v${entry.version}  ${from} -> ${entry.to}  ${entry.reason}${attempt}  [${entry.eventId}]`);
 }
+
+/** How long a stopping tail waits for the read in flight (a read blocks for 1 s) before it drops its connection. */
+const STOP_GRACE_MS = 1000;
+
+/** What a command cut short by the stop resolves to. */
+const STOPPED = Symbol('stopped');
 
 export async function tail(options: TailOptions): Promise<void> {
   const print = (entry: TransitionEntry) => options.write(formatEntry(entry, options.json === true));
@@ -42,33 +50,42 @@ export async function tail(options: TailOptions): Promise<void> {
       handler: print,
       ...(options.report !== undefined ? { redisWatch: new ServerWatch(describeServer('Redis', options.redisUrl), options.report) } : {}),
     });
-    const running = consumer.run();
-    await Promise.race([running, options.stop]);
-    await consumer.close();
-    await running;
+    // the run rejects only before the stop (a resync, a bug); once closed, it ends without an error
+    await Promise.race([consumer.run(), options.stop]);
+    // A frozen Redis never answers the read in flight: the close stops waiting for it after the grace and drops the
+    // connection (ioredis lets go of the read when it destroys the socket, 2 s later; the tail does not wait for
+    // that). An entry printed but not acknowledged is read again by the next tail of this consumer.
+    await consumer.close(STOP_GRACE_MS);
     return;
   }
 
   const redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
   if (options.report !== undefined) new ServerWatch(describeRedis(redis), options.report).attach(redis);
   let stopped = false;
-  void options.stop.then(() => {
+  const stopping: Promise<typeof STOPPED> = options.stop.then(() => {
     stopped = true;
+    return STOPPED;
   });
+  // Every command races the stop: one waiting for a Redis that is away or frozen would wait for its return. What the
+  // stop leaves behind fails when the connection is dropped below.
+  const untilStopped = <T>(command: Promise<T>): Promise<T | typeof STOPPED> => {
+    command.catch(() => undefined);
+    return Promise.race([command, stopping]);
+  };
   try {
     let last = options.from ?? '$';
     if (last === '$') {
       // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
       // skip whatever was added between the two reads
-      last = (await redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
-    } else {
-      await refuseTrimmed(redis, options.streamKey, last);
+      const newest = await untilStopped(redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1));
+      if (newest === STOPPED) return;
+      last = newest[0]?.[0] ?? '0-0';
+    } else if ((await untilStopped(refuseTrimmed(redis, options.streamKey, last))) === STOPPED) {
+      return;
     }
     while (!stopped) {
-      const read = redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last);
-      read.catch(() => undefined); // a read the stop leaves behind fails when the connection is dropped
-      // a read waiting for a Redis that is away would wait for its return: the stop does not wait for it
-      const reply = await Promise.race([read, options.stop.then(() => null)]);
+      const reply = await untilStopped(redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last));
+      if (reply === STOPPED) return;
       for (const [id, fields] of reply?.[0]?.[1] ?? []) {
         print(parseEntry(id, fields));
         last = id;

@@ -225,7 +225,12 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   const now = deps.now ?? (() => new Date());
   const stamps = { stampBuffer: deps.stampBuffer ?? null, logger: deps.logger };
   const creds: Credentials = {
-    tokens: deps.tokens !== undefined ? deps.tokens : config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile),
+    tokens:
+      deps.tokens !== undefined
+        ? deps.tokens
+        : config.apiTokensFile === null
+          ? null
+          : new TokenStore(config.apiTokensFile, { warn: (message, fields) => deps.logger.warn(fields, message) }),
     boardUser: config.boardUser,
     boardPassword: config.boardPassword,
   };

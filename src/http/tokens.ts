@@ -6,6 +6,10 @@
  * A token's name is recorded as the `actor` of every transition its events cause, so names are unique and may not
  * take the actors the fleet itself records (`sweep`, `producer`, `anonymous`). The file is read at start and again
  * on SIGHUP; a file that does not parse on reload leaves the tokens as they were (and says why).
+ *
+ * Its permissions are checked as ssh checks a key's: a file anyone but its owner can write is refused (they could
+ * give themselves any scope), and one others can read is loaded with a warning (the hashes do not give the tokens
+ * away, but the file names every token and its scopes: it should be private).
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -94,21 +98,52 @@ export function parseTokenFile(text: string, file = 'FLEET_API_TOKENS_FILE'): To
   return entries;
 }
 
+export interface TokenStoreOptions {
+  /** told at every load of a file that its group or others can read (default: nobody) */
+  readonly warn?: (message: string, fields: { readonly file: string; readonly mode: string }) => void;
+}
+
 /** The tokens in force; `authenticate` compares in constant time against every entry. */
 export class TokenStore {
   private entries: ReadonlyArray<{ readonly digest: Buffer; readonly principal: Principal }> = [];
 
-  constructor(readonly file: string) {
+  constructor(
+    readonly file: string,
+    private readonly options: TokenStoreOptions = {},
+  ) {
     this.reload();
   }
 
-  /** Reads the file again. Throws `TokenFileError` (or the read error) and keeps the old tokens if it is bad. */
+  /**
+   * Reads the file again. Throws `TokenFileError` (or the read error) and keeps the old tokens if it is bad, or
+   * writable by anyone but its owner.
+   */
   reload(): number {
     let text: string;
+    let mode: number;
     try {
-      text = fs.readFileSync(this.file, 'utf8');
+      // the permissions of the file that is read (opened once: not a file swapped in between a check and the read)
+      const fd = fs.openSync(this.file, 'r');
+      try {
+        mode = fs.fstatSync(fd).mode & 0o777;
+        text = fs.readFileSync(fd, 'utf8');
+      } finally {
+        fs.closeSync(fd);
+      }
     } catch (err) {
       throw new TokenFileError(this.file, [`cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`]);
+    }
+    const octal = `0${mode.toString(8).padStart(3, '0')}`;
+    if ((mode & 0o022) !== 0) {
+      throw new TokenFileError(this.file, [
+        `is writable by ${(mode & 0o020) !== 0 ? 'its group' : 'others'} (mode ${octal}): anyone who can write it can give themselves any scope; chmod go-w ${this.file}`,
+      ]);
+    }
+    if ((mode & 0o044) !== 0) {
+      this.options.warn?.(
+        `API tokens file ${this.file} is readable by ${(mode & 0o004) !== 0 ? 'others' : 'its group'} (mode ${octal}): make it private (chmod 600 ${this.file})`,
+        { file: this.file, mode: octal },
+      );
     }
     const parsed = parseTokenFile(text, this.file);
     this.entries = parsed.map((e) => ({

@@ -67,6 +67,20 @@ export function createRedis(
   return redis;
 }
 
+/**
+ * Resolves when Redis answers a PING, over a fail-fast connection of its own (the producer's: about 1 s when the
+ * connection is refused, 5 s when nothing answers), else rejects with the connection's error. For a command that
+ * needs Redis and should say so at once rather than wait for it (`fleet tail`).
+ */
+export async function pingRedis(url: string): Promise<void> {
+  const redis = createRedis(url, 'producer', 'lifecycle-fleet-probe');
+  try {
+    await redis.ping();
+  } finally {
+    redis.disconnect();
+  }
+}
+
 function hostPort(host: string, port: number): string {
   return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
 }

@@ -20,7 +20,7 @@ import { ACTOR_PATTERN, EVENT_ID_PATTERN } from '../events/schemas';
 import { DEPLOYMENT_STATES } from '../machine';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
-import { settleWithin, sleep } from '../util';
+import { settleWithin } from '../util';
 import { failSpan, traceparentContext, tracer } from '../telemetry';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
@@ -163,6 +163,9 @@ export class TransitionConsumer {
   private readonly versions: VersionStore;
   private readonly log: Logger;
   private stopped = false;
+  /** resolves on close(): a backoff waiting between retries ends at once */
+  private readonly closed: Promise<void>;
+  private onClose: () => void = () => undefined;
   private running: Promise<void> | null = null;
   private lastClaim = 0;
   /** entries handled (not dropped) since start */
@@ -178,6 +181,7 @@ export class TransitionConsumer {
     this.ownsRedis = typeof options.redis === 'string';
     this.redis =
       typeof options.redis === 'string' ? createRedis(options.redis, 'worker', `lifecycle-fleet-consumer-${options.consumer}`) : options.redis;
+    this.closed = new Promise((resolve) => (this.onClose = resolve));
     this.versions = options.versions ?? memoryVersionStore();
     this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
     // its connection lost and back, once per outage, to its logger (or the watch it was given)
@@ -194,15 +198,22 @@ export class TransitionConsumer {
   }
 
   /**
-   * Stops after the current read (at most `blockMs`) and the current handler; if Redis is unreachable it stops
-   * waiting after `blockMs` + 5 s and drops the connection. Safe to call twice.
+   * Stops after the current read (at most `blockMs`) and the current handler, waiting at most `graceMs` (default
+   * `blockMs` + 5 s) for them; past that (Redis frozen: the read never returns) it stops waiting and drops the
+   * connection it owns. A backoff between retries ends at once. Safe to call twice.
    */
-  async close(): Promise<void> {
+  async close(graceMs = (this.options.blockMs ?? 2000) + 5000): Promise<void> {
     this.stopped = true;
+    this.onClose();
     // with the server away nothing in flight can finish: drop the connection now rather than wait for the timeout
     if (this.ownsRedis && this.redis.status !== 'ready') this.redis.disconnect();
-    if (this.running) await settleWithin(this.running.catch(() => undefined), (this.options.blockMs ?? 2000) + 5000);
+    if (this.running) await settleWithin(this.running.catch(() => undefined), graceMs);
     if (this.ownsRedis) this.redis.disconnect();
+  }
+
+  /** Waits `ms`, or less when closed meanwhile. */
+  private async pause(ms: number): Promise<void> {
+    await settleWithin(this.closed, ms);
   }
 
   /**
@@ -224,7 +235,7 @@ export class TransitionConsumer {
         if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
         failures = this.handled > handled ? 1 : failures + 1;
         this.log.debug({ reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
-        await sleep(Math.min(5000, 250 * 2 ** (failures - 1)));
+        await this.pause(Math.min(5000, 250 * 2 ** (failures - 1)));
         if (this.stopped) return;
       }
     }
@@ -411,7 +422,8 @@ export class TransitionConsumer {
         if (this.stopped) return false;
         const delay = Math.min(10_000, 250 * 2 ** attempt);
         this.log.warn({ err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
-        await sleep(delay);
+        await this.pause(delay);
+        if (this.stopped) return false;
       }
     }
   }

@@ -3,3 +3,4 @@ export { sleep, settleWithin, rejectAfter } from './time';
 export { repoRoot } from './paths';
 export { UUID_PATTERN, NIL_UUID } from './ids';
 export { isProcessAlive } from './process';
+export { printable } from './terminal';

@@ -7,10 +7,13 @@
  * - not created yet, version conflicts,
  *   PostgreSQL or Redis unreachable     -> moved to delayed with backoff (DelayedError: uses up no `attempts`),
  *                                          until the retry budget (10 min of retries) is spent, then failed
- * - a heartbeat or readiness event for a
- *   deployment or attempt that does not
- *   exist, past a short budget (30 s)   -> completed as a noop `not_found`: a stamp for nothing is dropped, not
- *                                          retried for ten minutes (it may be a typo, or a flood)
+ * - an event for a deployment or attempt
+ *   that does not exist, past a short
+ *   budget (30 s: its create, racing
+ *   behind it, would have arrived)      -> a heartbeat or readiness stamp: completed as a noop `not_found` (a stamp
+ *                                          for nothing is dropped); any other event: failed `not_found`, no retry,
+ *                                          at warn (a producer's mistake, not an outage: not ten minutes of retries
+ *                                          and a `gave_up`)
  * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
  */
 import * as os from 'node:os';
@@ -97,8 +100,9 @@ export interface LifecycleWorkerOptions {
     readonly checkEveryMs?: number;
   };
   /**
-   * How long a heartbeat or readiness event for a deployment or attempt that does not exist is retried before it
-   * completes as a noop `not_found`, as the sum of its backoff delays (default 30 s: 6 retries, 250 ms doubling)
+   * How long an event for a deployment or attempt that does not exist ("not yet") is retried, as the sum of its
+   * backoff delays (default 30 s: 6 retries, 250 ms doubling; never more than `retryBudgetMs`). Then a heartbeat or
+   * readiness event completes as a noop `not_found`, and any other event fails `not_found`.
    */
   readonly stampRetryBudgetMs?: number;
   /** reports every job's outcome and duration (metrics) */
@@ -298,12 +302,20 @@ export class LifecycleWorker {
       throw new UnrecoverableError(message);
     }
     const retries = Math.max(0, job.attemptsStarted - 1);
-    if (err instanceof NotYetError && STAMP_EVENTS.has(job.name) && retries >= retriesWithin(this.options.stampRetryBudgetMs ?? 30_000)) {
-      // A stamp changes no state: one for something that still does not exist is dropped, not failed.
-      this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
-      report('noop');
-      const { eventId } = job.data as { eventId?: unknown };
-      return { outcome: 'noop', eventId: typeof eventId === 'string' ? eventId : (job.id ?? ''), deploymentId: err.deploymentId, reason: 'not_found' };
+    if (err instanceof NotYetError && retries >= this.notYetRetries()) {
+      if (STAMP_EVENTS.has(job.name)) {
+        // A stamp changes no state: one for something that still does not exist is dropped, not failed.
+        this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
+        report('noop');
+        const { eventId } = job.data as { eventId?: unknown };
+        return { outcome: 'noop', eventId: typeof eventId === 'string' ? eventId : (job.id ?? ''), deploymentId: err.deploymentId, reason: 'not_found' };
+      }
+      // Any other event names a deployment or attempt whose create, had it been sent before it, would have been
+      // applied by now: the producer's mistake. Failed at once (retrying it from Bull Board is safe), not an outage.
+      const reason = `not_found: ${message.replace(/ \(yet\)$/, '')} after ${retries} retries`;
+      this.log.warn({ ...ids, outcome: 'not_found', code, retries, durationMs }, reason);
+      report('not_found');
+      throw new UnrecoverableError(reason);
     }
     if (isTransient(err)) {
       // The budget counts this job's own retries, not time since enqueue: a job that waited out a long backlog
@@ -327,6 +339,11 @@ export class LifecycleWorker {
     this.log.error({ ...ids, outcome: 'error', err, durationMs }, message);
     report('error');
     throw err;
+  }
+
+  /** Retries of a "not yet" before its event ends `not_found` (the stamps' budget, never past the retry budget). */
+  private notYetRetries(): number {
+    return Math.min(retriesWithin(this.options.stampRetryBudgetMs ?? 30_000), retriesWithin(this.options.retryBudgetMs ?? 10 * 60_000));
   }
 
   /**

@@ -142,7 +142,7 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       const late = createToken('late-reader', ['read']);
       expect((await call('GET', '/api/deployments', late.token)).status).to.equal(401);
       const current = JSON.parse(fs.readFileSync(tokensFile, 'utf8')) as unknown[];
-      fs.writeFileSync(`${tokensFile}.new`, JSON.stringify([...current, late.entry]));
+      fs.writeFileSync(`${tokensFile}.new`, JSON.stringify([...current, late.entry]), { mode: 0o600 });
       fs.renameSync(`${tokensFile}.new`, tokensFile);
       child.kill('SIGHUP');
       await waitFor('the new token to be accepted', async () => ((await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined));

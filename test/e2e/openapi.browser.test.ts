@@ -34,7 +34,7 @@ describe('Swagger UI (/docs) in a real browser', function () {
     db = await openTestDatabase(4);
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'docs-browser-'));
     const tokensFile = path.join(dir, 'tokens.json');
-    fs.writeFileSync(tokensFile, JSON.stringify([reader.entry]));
+    fs.writeFileSync(tokensFile, JSON.stringify([reader.entry]), { mode: 0o600 });
     const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0', FLEET_API_TOKENS_FILE: tokensFile });
     fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, { http: true });
     browser = await launchChromium();

@@ -17,6 +17,9 @@ export class TcpProxy {
     this.server = net.createServer((client) => this.accept(client));
   }
 
+  /** connections accepted so far (each client that reached the proxy, whatever became of it) */
+  accepted = 0;
+
   async listen(): Promise<number> {
     await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
     return (this.server.address() as net.AddressInfo).port;
@@ -54,6 +57,7 @@ export class TcpProxy {
   }
 
   private accept(client: net.Socket): void {
+    this.accepted++;
     if (this.down) {
       reset(client);
       return;

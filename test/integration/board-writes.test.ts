@@ -65,7 +65,7 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     service = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'board-writes-'));
     tokensFile = path.join(dir, 'tokens.json');
-    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
+    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)), { mode: 0o600 });
   });
   after(async () => {
     await db?.close();

@@ -138,6 +138,32 @@ describe('the fleet CLI and the producer SDK', function () {
     expect(JSON.parse(found.stdout)).to.deep.nested.include({ 'deployment.id': deploymentId, 'deployment.state': 'pending' });
   });
 
+  it('status escapes what producers stored: no raw escape sequence, CR or bidi override reaches the terminal', async () => {
+    const deploymentId = randomUUID();
+    const attemptId = randomUUID();
+    const forged = `\u001b[2J\u001b[H\rweb (${randomUUID()})\n  state     ready\u009b31m\u202e`;
+    await db.dataSource.query(
+      `INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, $2, 'failed', 3, now())`,
+      [deploymentId, 'web\u001b]0;pwned\u0007'],
+    );
+    await db.dataSource.query(`INSERT INTO attempts (id, deployment_id, number, status, reason) VALUES ($1, $2, 1, 'cancelled', $3)`, [attemptId, deploymentId, forged]);
+    await db.dataSource.query(`UPDATE deployments SET current_attempt_id = $1 WHERE id = $2`, [attemptId, deploymentId]);
+    await db.dataSource.query(
+      `INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id) VALUES ($1, $2, 'deploying', 'failed', 3, $3, $4)`,
+      [deploymentId, attemptId, 'cancelled\r    v9  forged', 'e\u001b[2J'],
+    );
+    // eslint-disable-next-line no-control-regex -- matching control characters is the point
+    const raw = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/;
+    const text = await fleet(['status', deploymentId], env);
+    expect(text.code, text.stderr).to.equal(0);
+    expect(raw.test(text.stdout), JSON.stringify(text.stdout)).to.equal(false);
+    expect(text.stdout.split('\n')).to.have.length(8); // the seven lines status writes, and no forged one
+    expect(text.stdout).to.contain('(\\u001b[2J\\u001b[H\\rweb (').and.to.contain('cancelled\\r    v9  forged');
+    const json = await fleet(['status', deploymentId, '--json'], env);
+    expect(raw.test(json.stdout), json.stdout).to.equal(false);
+    expect(JSON.parse(json.stdout)).to.deep.nested.include({ 'deployment.currentAttempt.reason': forged }); // still the stored value
+  });
+
   it('migrate reports an up-to-date schema', async () => {
     const run = await fleet(['migrate'], env);
     expect(run.code, run.stderr).to.equal(0);

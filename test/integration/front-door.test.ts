@@ -27,6 +27,7 @@ import { ReadyServer } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 import { testHttpServer } from '../helpers/http';
+import { createLogger } from '../../src/log';
 
 const NOW = new Date('2026-11-23T12:00:00.000Z');
 
@@ -65,7 +66,7 @@ describe('front door: tokens, scopes, limits, actor', function () {
     service = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'front-door-'));
     tokensFile = path.join(dir, 'tokens.json');
-    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
+    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)), { mode: 0o600 });
   });
   after(async () => {
     await db?.close();
@@ -478,7 +479,7 @@ describe('front door: tokens, scopes, limits, actor', function () {
     const late = createToken('late', ['read']);
     expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(401);
     const file = path.join(dir, 'tokens-2.json');
-    fs.writeFileSync(file, JSON.stringify([...Object.values(tokens).map((t) => t.entry), late.entry]));
+    fs.writeFileSync(file, JSON.stringify([...Object.values(tokens).map((t) => t.entry), late.entry]), { mode: 0o600 });
     fs.renameSync(file, tokensFile);
     try {
       store.reload();
@@ -486,5 +487,16 @@ describe('front door: tokens, scopes, limits, actor', function () {
     } finally {
       fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
     }
+  });
+
+  it('says at load, naming the file and its mode, that others can read the tokens file', async () => {
+    let logged = '';
+    await app.close();
+    fs.chmodSync(tokensFile, 0o644);
+    app = await build({}, { logger: createLogger('info', { write: (line: string) => void (logged += line) }) });
+    const lines = logged.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as { level: number; msg: string; file?: string; mode?: string });
+    expect(lines.filter((l) => l.level === 40).map(({ msg, file, mode }) => ({ msg, file, mode }))).to.deep.equal([
+      { msg: `API tokens file ${tokensFile} is readable by others (mode 0644): make it private (chmod 600 ${tokensFile})`, file: tokensFile, mode: '0644' },
+    ]);
   });
 });

@@ -234,7 +234,7 @@ describe('hardening', function () {
         hba,
         `hostssl all fleet_app,fleet_migrator 127.0.0.1/32 scram-sha-256\nhost all fleet_app,fleet_migrator 127.0.0.1/32 reject\n${fs.readFileSync(hba, 'utf8')}`,
       );
-      const superUrl = services.databaseUrl ?? '';
+      const superUrl = services.adminDatabaseUrl ?? ''; // the fleet's own role is no superuser
       const asSuper = async (database: string, statements: string[]) => {
         const url = new URL(superUrl);
         url.pathname = `/${database}`;

@@ -12,6 +12,7 @@ import { Redis } from 'ioredis';
 import { Client } from 'pg';
 import { startLocalServices } from '../../dev/servers';
 import type { LocalServices, LocalServicesOptions } from '../../dev/servers';
+import { scramVerifier } from '../../dev/servers/credentials';
 
 /** Alive and not a zombie (orphans may be reparented to an init that reaps slowly). */
 function alive(pid: number): boolean {
@@ -141,8 +142,8 @@ function mode(file: string): string {
   return (fs.statSync(file).mode & 0o777).toString(8);
 }
 
-function credentials(dir: string): { redisPassword: string; postgresPassword: string } {
-  return JSON.parse(fs.readFileSync(path.join(dir, 'credentials.json'), 'utf8')) as { redisPassword: string; postgresPassword: string };
+function credentials(dir: string): { redisPassword: string; postgresPassword: string; postgresAdminPassword: string } {
+  return JSON.parse(fs.readFileSync(path.join(dir, 'credentials.json'), 'utf8')) as { redisPassword: string; postgresPassword: string; postgresAdminPassword: string };
 }
 
 /** Does connecting to PostgreSQL at `url` with password `password` instead fail? */
@@ -240,6 +241,87 @@ describe('local services (real redis-server and postgres)', function () {
     expect(fs.existsSync(path.join(dir, 'owner.lock'))).to.equal(false);
     await s.stop(); // idempotent
     for (const log of ['redis.log', 'postgres.log', 'initdb.log']) expect(fs.existsSync(path.join(dir, log))).to.equal(true);
+  });
+
+  it('gives the servers a clean environment (no FLEET_*, no password, no token) and the fleet a role that is not a superuser', async () => {
+    const planted = { FLEET_BOARD_PASSWORD: 'board-secret-4711', FLEET_API_TOKENS_FILE: '/etc/tokens-4711.json', PGPASSWORD: 'pg-secret-4711', SOME_API_TOKEN: 'token-4711' };
+    const saved = Object.fromEntries(Object.keys(planted).map((k) => [k, process.env[k]]));
+    Object.assign(process.env, planted);
+    let s: LocalServices;
+    try {
+      s = await start();
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+    try {
+      // the postmaster and a backend (Redis overwrites its own environ with its title: nothing to read there)
+      const client = new Client({ connectionString: s.databaseUrl });
+      await client.connect();
+      try {
+        const backend = (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? 0;
+        for (const pid of [pidOf(s).pg, backend]) {
+          const environ = fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').filter((e) => e !== '');
+          expect(environ.join('\n')).to.not.match(/4711|FLEET_|PASSWORD|TOKEN/);
+          // what postgres sets for itself (PG_GRANDPARENT_PID, PGLOCALEDIR, ...) besides the allow-list
+          for (const name of environ.map((e) => e.slice(0, e.indexOf('=')))) expect(name).to.match(/^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ|HOME|PG[A-Z_]*)$/);
+        }
+      } finally {
+        await client.end();
+      }
+
+      // the fleet's role: owns its database, may make scratch databases (the test suite does), nothing more
+      const url = s.databaseUrl ?? '';
+      expect(await sql(url, `SELECT rolsuper, rolcreaterole, rolreplication, rolbypassrls, rolcreatedb FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([
+        { rolsuper: false, rolcreaterole: false, rolreplication: false, rolbypassrls: false, rolcreatedb: true },
+      ]);
+      expect(await sql(url, `SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = current_database()`)).to.deep.equal([{ owner: 'fleet' }]);
+      for (const statement of [`SELECT pg_read_file('/proc/self/environ')`, `COPY (SELECT 1) TO PROGRAM 'env'`, `ALTER SYSTEM SET work_mem = '8MB'`, `CREATE ROLE intruder SUPERUSER`]) {
+        const code = await sql(url, statement).then(() => 'ok', (err: { code?: string }) => err.code);
+        expect(code, statement).to.equal('42501'); // insufficient_privilege
+      }
+      // the administrator's URL, for setting up what the fleet may not (tests of other roles)
+      expect(s.adminDatabaseUrl).to.equal(`postgres://fleet_admin:${credentials(dir).postgresAdminPassword}@127.0.0.1:${s.pgPort}/fleet`);
+      expect(await sql(s.adminDatabaseUrl ?? '', `SELECT rolsuper FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([{ rolsuper: true }]);
+      expect(await sql<{ v: string }>(url, 'SELECT v FROM persisted')).to.deep.equal([{ v: 'first run' }]);
+    } finally {
+      await s.stop();
+    }
+  });
+
+  it('turns a data directory whose fleet role is the superuser (made by an older version) into the same roles, keeping its data', async () => {
+    const s = await start();
+    const admin = s.adminDatabaseUrl ?? '';
+    const creds = credentials(dir);
+    // back to the old layout: the cluster's bootstrap superuser is `fleet`, owns everything, and is the fleet's login
+    await sql(admin, `CREATE ROLE fleet_tmp SUPERUSER LOGIN PASSWORD '${scramVerifier('tmp-pw')}'`);
+    const tmp = (db: string) => `postgres://fleet_tmp:tmp-pw@127.0.0.1:${s.pgPort}/${db}`;
+    await sql(tmp('fleet'), `REASSIGN OWNED BY fleet TO fleet_admin`);
+    await sql(tmp('postgres'), `ALTER DATABASE fleet OWNER TO fleet_admin`);
+    await sql(tmp('postgres'), `DROP ROLE fleet`);
+    await sql(tmp('postgres'), `ALTER ROLE fleet_admin RENAME TO fleet`);
+    await sql(tmp('postgres'), `ALTER ROLE fleet PASSWORD '${scramVerifier(creds.postgresPassword)}'`);
+    await sql(s.databaseUrl ?? '', `DROP ROLE fleet_tmp`);
+    expect(await sql(s.databaseUrl ?? '', `SELECT rolsuper FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([{ rolsuper: true }]);
+    await s.stop();
+    fs.rmSync(path.join(pgData, 'fleet-roles.done')); // what an older version did not write
+
+    const again = await start();
+    try {
+      const url = again.databaseUrl ?? '';
+      expect(url).to.equal(`postgres://fleet:${creds.postgresPassword}@127.0.0.1:${again.pgPort}/fleet`); // the same URL
+      expect(await sql(url, `SELECT rolsuper FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([{ rolsuper: false }]);
+      expect(await sql(again.adminDatabaseUrl ?? '', `SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY rolname`)).to.deep.equal([{ rolname: 'fleet_admin' }]);
+      // its data, now its own: readable, writable, alterable
+      await sql(url, `INSERT INTO persisted VALUES ('converted'); ALTER TABLE persisted ADD COLUMN n int; ALTER TABLE persisted DROP COLUMN n`);
+      expect(await sql<{ v: string }>(url, 'SELECT v FROM persisted ORDER BY v')).to.deep.equal([{ v: 'converted' }, { v: 'first run' }]);
+      await sql(url, `DELETE FROM persisted WHERE v = 'converted'`);
+      expect(fs.existsSync(path.join(pgData, 'fleet-roles.done'))).to.equal(true);
+    } finally {
+      await again.stop();
+    }
   });
 
   it('supervised (fleet start): restarts a server that died, a bounded number of times, then gives up with one line', async () => {

@@ -37,7 +37,7 @@ const TARGET_LABELS = new Set(['job', 'instance']);
 const every = <T extends string>(values: Record<T, true>): Set<string> => new Set(Object.keys(values));
 const KNOWN_VALUES: Record<string, Record<string, Set<string>>> = {
   fleet_jobs_total: {
-    outcome: every<JobOutcome>({ applied: true, noop: true, rejected: true, invalid: true, retry: true, gave_up: true, error: true }),
+    outcome: every<JobOutcome>({ applied: true, noop: true, rejected: true, invalid: true, not_found: true, retry: true, gave_up: true, error: true }),
   },
   fleet_sweep_results_total: {
     result: every<SweepResult>({ probed: true, stamped: true, failed: true, unprobed: true, stale: true, orphaned: true, expired: true }),

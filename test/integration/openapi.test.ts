@@ -89,7 +89,7 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
     service = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'openapi-'));
     tokensFile = path.join(dir, 'tokens.json');
-    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
+    fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)), { mode: 0o600 });
   });
   after(async () => {
     await db?.close();

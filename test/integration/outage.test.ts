@@ -107,9 +107,9 @@ describe('outages: fleet tail when Redis goes away', function () {
     await db?.close();
   });
 
-  function startTail(prefix: string): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<number | null> } {
-    const child = spawn(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), 'tail'], {
-      env: { PATH: process.env.PATH, REDIS_URL: own.url, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
+  function startTail(prefix: string, args: string[] = [], redisUrl = own.url): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<number | null> } {
+    const child = spawn(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), 'tail', ...args], {
+      env: { PATH: process.env.PATH, REDIS_URL: redisUrl, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
@@ -157,6 +157,72 @@ describe('outages: fleet tail when Redis goes away', function () {
     } finally {
       tail.child.kill('SIGKILL');
       await own.restart();
+    }
+  });
+
+  /**
+   * Sends one SIGTERM and waits for the exit, generously: a tail that needed a second signal is still running when
+   * the wait ends. The stop's bound (2 s) is the tail's own (a forced exit, which says so on stderr), not measured
+   * here; the time is printed.
+   */
+  async function stopWithOneSignal(tail: { child: ChildProcess; exited: Promise<number | null> }, what: string): Promise<number | null> {
+    const sent = Date.now();
+    tail.child.kill('SIGTERM');
+    const code = await Promise.race([tail.exited, new Promise<'running'>((resolve) => setTimeout(() => resolve('running'), 30_000).unref())]);
+    if (code === 'running') throw new Error(`fleet tail (${what}) was still running 30 s after one SIGTERM`);
+    process.stdout.write(`      (${what}: exited ${Date.now() - sent} ms after one SIGTERM)\n`);
+    return code;
+  }
+
+  it('stops on the first SIGTERM while Redis is frozen, mid-read, with or without a group', async () => {
+    for (const args of [[], ['--group', 'frozen', '--from', '0']]) {
+      const prefix = uniquePrefix();
+      const tail = startTail(prefix, args);
+      try {
+        await waitFor('the tail to print an entry', async () => {
+          await append(prefix, 1);
+          return tail.out().includes('v1') ? true : undefined;
+        });
+        own.pause(); // SIGSTOP: the connection stays open, nothing answers
+        expect(await stopWithOneSignal(tail, `frozen Redis, ${args.length === 0 ? 'no group' : 'a group'}`)).to.equal(0);
+      } finally {
+        own.resume();
+        tail.child.kill('SIGKILL');
+      }
+    }
+  });
+
+  it('stops on the first SIGTERM while it waits for a Redis that accepts connections and never answers', async () => {
+    const proxy = new TcpProxy('127.0.0.1', own.port);
+    const port = await proxy.listen();
+    proxy.stall();
+    const tail = startTail(uniquePrefix(), [], `redis://127.0.0.1:${port}`);
+    try {
+      await waitFor('the tail to connect', () => (proxy.accepted > 0 ? true : undefined));
+      expect(await stopWithOneSignal(tail, 'a Redis that never answered')).to.equal(0);
+      // it stopped by itself: it waited for no answer (the forced exit, 2 s after the signal, was not needed)
+      expect(tail.err()).to.equal('');
+    } finally {
+      tail.child.kill('SIGKILL');
+      await proxy.close();
+    }
+  });
+
+  it('says so and exits 4 when Redis cannot be reached at start, like fleet enqueue', async () => {
+    const closed = await freePort();
+    const refused = startTail(uniquePrefix(), [], `redis://:secret-pw@127.0.0.1:${closed}`);
+    own.pause();
+    const frozen = startTail(uniquePrefix(), ['--group', 'g']);
+    try {
+      expect(await refused.exited).to.equal(4);
+      expect(refused.err()).to.equal(`fleet: Redis at 127.0.0.1:${closed} is unreachable (no connection)\n`);
+      expect(refused.out()).to.equal('');
+      expect(await frozen.exited).to.equal(4);
+      expect(frozen.err()).to.equal(`fleet: Redis at 127.0.0.1:${own.port} is unreachable (no answer in time)\n`);
+    } finally {
+      own.resume();
+      refused.child.kill('SIGKILL');
+      frozen.child.kill('SIGKILL');
     }
   });
 

@@ -9,7 +9,8 @@ import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { TransitionService } from '../../src/services/transitions';
 import { streamCounts } from '../../src/streams/consumer';
-import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, type LifecycleWorkerOptions } from '../../src/workers/lifecycle-worker';
+import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, retriesWithin, type LifecycleWorkerOptions } from '../../src/workers/lifecycle-worker';
+import { createLogger } from '../../src/log';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { TcpProxy } from '../helpers/proxy';
@@ -269,12 +270,66 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(job?.returnvalue).to.have.property('eventId').that.matches(/^bullmq\.\d+\.\d+$/);
   });
 
-  it('gives up on "not yet" after the retry budget, with the reason', async () => {
+  /**
+   * Waits until every job is completed or failed, moving each delayed retry up as soon as it is delayed (BullMQ's
+   * `promote`): the retries happen one after another without their backoff being waited out, as if its time had
+   * passed. The retry budget counts a job's own retries, so it is spent exactly as in production.
+   */
+  async function settledPromptly(jobIds: string[]): Promise<Job[]> {
+    await waitFor(`${jobIds.length} jobs to settle, their retries moved up`, async () => {
+      const states = await Promise.all(
+        jobIds.map(async (id) => {
+          const state = await queue.getJobState(id);
+          if (state === 'delayed') await (await queue.getJob(id))?.promote().catch(() => undefined); // raced by the worker
+          return state;
+        }),
+      );
+      return states.every((s) => s === 'completed' || s === 'failed') ? true : undefined;
+    });
+    return settled(jobIds);
+  }
+
+  it('ends events for a deployment or attempt that never arrives as not_found within the stamps\' bound: failed at once, at warn, not gave_up', async () => {
+    let logged = '';
+    const outcomes: string[] = [];
+    startWorker({ logger: createLogger('debug', { write: (line: string) => void (logged += line) }), onJob: (r) => void outcomes.push(`${r.name} ${r.outcome}`) });
+    const existing = randomUUID();
+    await producer.createDeployment({ deploymentId: existing, name: 'web' });
+    await queue.add('attempt.start', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'ghost-deployment' });
+    await queue.add('deployment.teardown', { deploymentId: randomUUID() }, { jobId: 'ghost-teardown' });
+    await queue.add('attempt.end', { deploymentId: existing, attemptId: randomUUID(), outcome: 'succeeded' }, { jobId: 'ghost-attempt' });
+    // a heartbeat for nothing, the bound's reference: dropped as a noop after the same number of retries
+    await queue.add('attempt.heartbeat', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'ghost-heartbeat' });
+    const [deployment, teardown, attempt, heartbeat] = await settledPromptly(['ghost-deployment', 'ghost-teardown', 'ghost-attempt', 'ghost-heartbeat']);
+
+    expect(heartbeat?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'not_found' });
+    const bound = heartbeat?.attemptsStarted ?? 0;
+    expect(bound).to.equal(retriesWithin(30_000) + 1); // 6 retries: about 30 s of backoff
+    for (const job of [deployment, teardown, attempt]) {
+      expect(await job?.getState(), job?.id).to.equal('failed');
+      expect(job?.attemptsStarted, job?.id).to.equal(bound); // no retry after it: UnrecoverableError
+    }
+    expect(deployment?.failedReason).to.match(/^not_found: deployment_not_found: deployment [0-9a-f-]{36} does not exist after 6 retries$/);
+    expect(attempt?.failedReason).to.match(new RegExp(`^not_found: attempt_not_found: deployment ${existing} has no attempt [0-9a-f-]{36} after 6 retries$`));
+
+    const lines = logged.trim().split('\n').map((l) => JSON.parse(l) as { level: number; outcome?: string; jobId?: string });
+    expect(lines.filter((l) => l.level >= 50), 'nothing at error level').to.deep.equal([]);
+    expect(lines.filter((l) => l.outcome === 'not_found' && l.level === 40).map((l) => l.jobId).sort()).to.deep.equal(['ghost-attempt', 'ghost-deployment', 'ghost-teardown']);
+    expect(outcomes.filter((o) => !o.endsWith(' retry') && !o.startsWith('deployment.create'))).to.have.members([
+      'attempt.start not_found',
+      'deployment.teardown not_found',
+      'attempt.end not_found',
+      'attempt.heartbeat noop',
+    ]);
+  });
+
+  it('ends "not yet" as not_found within the shorter budget when the retry budget is shorter still', async () => {
     startWorker({ retryBudgetMs: 0 });
     await queue.add('attempt.start', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'never' });
     const [job] = await settled(['never']);
     expect(await job?.getState()).to.equal('failed');
-    expect(job?.failedReason).to.match(/^deployment_not_found: still failing/);
+    expect(job?.attemptsStarted).to.equal(1);
+    expect(job?.failedReason).to.match(/^not_found: deployment_not_found: .* after 0 retries$/);
   });
 
   it('makes a SIGKILLed worker\'s committed job effectively-once when another worker picks it up', async () => {

@@ -37,7 +37,7 @@ describe('front door rules', () => {
       expect(JSON.stringify(a.entry)).to.not.contain(a.token);
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokens-'));
       const file = path.join(dir, 'tokens.json');
-      fs.writeFileSync(file, JSON.stringify([a.entry]));
+      fs.writeFileSync(file, JSON.stringify([a.entry]), { mode: 0o600 });
       const store = new TokenStore(file);
       expect(store.authenticate(a.token)?.name).to.equal('ci-deployer');
       expect(store.authenticate(b.token)).to.equal(null);
@@ -83,7 +83,7 @@ describe('front door rules', () => {
       const file = path.join(dir, 'tokens.json');
       const first = createToken('first', ['read']);
       const second = createToken('second', ['events:write']);
-      fs.writeFileSync(file, JSON.stringify([first.entry]));
+      fs.writeFileSync(file, JSON.stringify([first.entry]), { mode: 0o600 });
       const store = new TokenStore(file);
       expect(store.authenticate(second.token)).to.equal(null);
       fs.writeFileSync(file, JSON.stringify([first.entry, second.entry]));
@@ -98,11 +98,49 @@ describe('front door rules', () => {
       fs.rmSync(dir, { recursive: true });
     });
 
-    it('reads Bearer and Basic case-insensitively; Basic takes the board pair or a token as the password', () => {
+    it('warns (path and mode) about a file others can read, and refuses one others can write, as ssh does', () => {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokens-'));
       const file = path.join(dir, 'tokens.json');
       const t = createToken('viewer', ['read']);
       fs.writeFileSync(file, JSON.stringify([t.entry]));
+      const warnings: Array<{ message: string; fields: Record<string, unknown> }> = [];
+      const warn = (message: string, fields: Record<string, unknown>) => void warnings.push({ message, fields });
+      try {
+        fs.chmodSync(file, 0o600);
+        new TokenStore(file, { warn });
+        expect(warnings).to.deep.equal([]);
+
+        for (const mode of [0o644, 0o640, 0o604]) {
+          fs.chmodSync(file, mode);
+          const store = new TokenStore(file, { warn });
+          expect(store.authenticate(t.token)?.name).to.equal('viewer'); // loaded, with a word
+        }
+        const octal = (m: number) => `0${m.toString(8)}`;
+        expect(warnings.map((w) => w.fields)).to.deep.equal([0o644, 0o640, 0o604].map((m) => ({ file, mode: octal(m) })));
+        expect(warnings[0]?.message).to.equal(`API tokens file ${file} is readable by others (mode 0644): make it private (chmod 600 ${file})`);
+        expect(warnings[1]?.message).to.contain('readable by its group (mode 0640)');
+
+        // writable by anyone but its owner: anyone could give themselves a token with every scope
+        for (const mode of [0o666, 0o620, 0o602]) {
+          fs.chmodSync(file, mode);
+          expect(() => new TokenStore(file, { warn }), octal(mode)).to.throw(TokenFileError, `is writable by ${mode & 0o020 ? 'its group' : 'others'} (mode ${octal(mode)})`);
+        }
+        // on reload, a file made writable meanwhile keeps the tokens in force, like a file that does not parse
+        fs.chmodSync(file, 0o600);
+        const store = new TokenStore(file, { warn });
+        fs.chmodSync(file, 0o646);
+        expect(() => store.reload()).to.throw(TokenFileError, /is writable by others \(mode 0646\): anyone who can write it can give themselves any scope; chmod go-w/);
+        expect(store.authenticate(t.token)?.name).to.equal('viewer');
+      } finally {
+        fs.rmSync(dir, { recursive: true });
+      }
+    });
+
+    it('reads Bearer and Basic case-insensitively; Basic takes the board pair or a token as the password', () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokens-'));
+      const file = path.join(dir, 'tokens.json');
+      const t = createToken('viewer', ['read']);
+      fs.writeFileSync(file, JSON.stringify([t.entry]), { mode: 0o600 });
       const creds = { tokens: new TokenStore(file), boardUser: 'ops', boardPassword: 'a-long-password' };
       const basic = (pair: string) => `Basic ${Buffer.from(pair).toString('base64')}`;
       expect(readAccess(`bEaReR ${t.token}`, creds)).to.deep.include({ kind: 'token' });

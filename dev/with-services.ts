@@ -80,6 +80,8 @@ async function main(): Promise<number> {
     }
     if (services.redisUrl) env['REDIS_URL'] = services.redisUrl;
     if (services.databaseUrl) env['DATABASE_URL'] = services.databaseUrl;
+    // the fleet's role is no superuser; the few tests that need one (e.g. to set deadlock_timeout) read this
+    if (args.test && services.adminDatabaseUrl) env['FLEET_TEST_ADMIN_DATABASE_URL'] = services.adminDatabaseUrl;
     const started = [
       services.redisPort !== undefined ? `redis on 127.0.0.1:${services.redisPort}` : '',
       services.pgPort !== undefined ? `postgres on 127.0.0.1:${services.pgPort}` : '',

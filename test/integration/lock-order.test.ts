@@ -165,7 +165,10 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   }
 
   async function connect(settings: Readonly<Record<string, string>> = {}): Promise<Conn> {
-    const client = new Client({ connectionString: db.url });
+    // setting deadlock_timeout takes a superuser: such sessions connect to the test's database as the admin
+    const url = new URL(Object.keys(settings).length === 0 ? db.url : testEnv().adminDatabaseUrl);
+    url.pathname = new URL(db.url).pathname;
+    const client = new Client({ connectionString: url.toString() });
     await client.connect();
     conns.push(client);
     for (const [name, value] of Object.entries(settings)) await client.query(`SET ${name} = ${value}`);

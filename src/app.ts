@@ -20,15 +20,16 @@ import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
+import { readBacklog } from './queues/backlog';
 import { FleetClock } from './queues/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch } from './queues/redis';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './queues/redis';
 import { Sweeper } from './services/sweep';
 import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
-import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { streamCounts } from './streams/consumer';
-import { LifecycleWorker } from './workers/lifecycle-worker';
+import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
+import { LifecycleWorker, type LifecycleWorkerOptions } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
 import { settleWithin } from './util';
 import { startTracing, type Tracing } from './telemetry';
@@ -48,8 +49,8 @@ export interface FleetRoles {
   /** serve HTTP on FLEET_HTTP_HOST:FLEET_HTTP_PORT (default false) */
   readonly http?: boolean;
   /**
-   * Called once when the lifecycle worker's fetch watchdog finds it stuck (jobs waiting, none taken for 30 s: see
-   * `LifecycleWorkerOptions.watchdog`). The `fleet` commands stop the process with exit code 5 so that its
+   * Called once when the lifecycle worker's fetch watchdog finds it stuck (jobs waiting, none taken for 30 s, the
+   * queue not paused: see `LifecycleWorkerOptions.watchdog`). The `fleet` commands stop the process with exit code 5 so that its
    * supervisor starts a fresh one; by default it is only logged.
    */
   readonly onStuck?: (why: string) => void;
@@ -70,6 +71,21 @@ export interface Fleet {
   readonly tracing: Tracing | null;
   /** graceful stop in reverse start order; safe to call twice */
   close(graceMs?: number): Promise<void>;
+}
+
+/**
+ * What the lifecycle worker's fetch watchdog reads of its queue (`LifecycleWorkerOptions.watchdog`), on a connection
+ * other than the worker's: the queue's backlog, and as its activity, its BullMQ event stream's entries ever added
+ * (jobs added, started, finished).
+ */
+export function lifecycleQueueWatch(
+  redis: RedisConnection,
+  queue: Pick<Queue, 'name' | 'toKey'>,
+): Pick<NonNullable<LifecycleWorkerOptions['watchdog']>, 'waiting' | 'activity'> {
+  return {
+    waiting: () => readBacklog(redis, queue),
+    activity: async () => (await streamCounts(redis, queue.toKey('events'))).added,
+  };
 }
 
 export async function startFleet(
@@ -254,12 +270,7 @@ export async function startFleet(
         pgWatch,
         onJob: (report) => metrics.job(report),
         ...telemetry,
-        watchdog: {
-          waiting: () => producer.queue.getWaitingCount(),
-          // how much the queue has done: its BullMQ event stream's entries ever added (jobs added, started, finished)
-          activity: async () => (await streamCounts(monitorRedis, `${config.prefix}:${LIFECYCLE_QUEUE}:events`)).added,
-          onStuck: roles.onStuck ?? (() => undefined),
-        },
+        watchdog: { ...lifecycleQueueWatch(monitorRedis, producer.queue), onStuck: roles.onStuck ?? (() => undefined) },
       });
       worker = w;
       closers.push((graceMs) => w.close(graceMs));

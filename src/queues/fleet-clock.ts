@@ -5,7 +5,9 @@
  *
  * The clock estimates `offset = redisTime - localTime` from Redis's `TIME`, at the midpoint of the round trip, and
  * keeps the sample with the smallest round trip of the last few (the tightest bound on the error: at most half that
- * round trip). It samples at start and then every `everyMs`. Local time is the process's monotonic clock anchored
+ * round trip). A sample that cannot be right together with the one in use (their offsets differ by more than half
+ * their two round trips) says that a clock jumped, Redis's (a failover to a host whose clock differs) or ours: the
+ * samples start over from it, so the bound holds from that sample on. It samples at start and then every `everyMs`. Local time is the process's monotonic clock anchored
  * once at start (`performance.timeOrigin + performance.now()`), so a step of the host's wall clock (NTP, an operator)
  * changes nothing until the next sample says so. `now()` never goes backwards within a process: a sample that moves
  * the offset back holds the time still until it catches up. While Redis does not answer, the last offset stays.
@@ -38,6 +40,11 @@ interface Sample {
 }
 
 const monotonicLocal = () => performance.timeOrigin + performance.now();
+
+/** Whether two samples can both be right: the intervals offset ± round trip / 2 overlap. */
+function agree(a: Sample, b: Sample): boolean {
+  return Math.abs(a.offsetMs - b.offsetMs) <= (a.roundTripMs + b.roundTripMs) / 2;
+}
 
 export class FleetClock {
   private readonly redis: RedisTimeSource;
@@ -113,14 +120,26 @@ export class FleetClock {
     if (roundTripMs > this.maxRoundTripMs) return false;
     const redisMs = Number(reply[0]) * 1000 + Number(reply[1]) / 1000;
     if (!Number.isFinite(redisMs)) return false;
-    const offsetMs = redisMs - (sent + roundTripMs / 2);
-    this.samples = [...this.samples, { offsetMs, roundTripMs }].slice(-this.keep);
-    const best = this.samples.reduce((a, b) => (b.roundTripMs < a.roundTripMs ? b : a));
+    const sample: Sample = { offsetMs: redisMs - (sent + roundTripMs / 2), roundTripMs };
+    const kept = this.best();
+    // The true offset lies within half a round trip of each sample's: when this one and the one in use cannot both
+    // be right, a clock jumped, and the samples before this one say nothing any more (the smallest round trip of
+    // them would keep the old offset for up to `keep - 1` more samples).
+    const jumped = kept !== null && !agree(kept, sample);
+    this.samples = jumped ? [sample] : [...this.samples, sample].slice(-this.keep);
+    const best = this.best() ?? sample;
     if (this.offsetMs !== null && Math.abs(best.offsetMs - this.offsetMs) > 1000) {
-      this.log.warn({ fromMs: Math.round(this.offsetMs), toMs: Math.round(best.offsetMs) }, 'fleet clock: the offset to Redis moved by more than 1 s');
+      const fields = { fromMs: Math.round(this.offsetMs), toMs: Math.round(best.offsetMs), roundTripMs: Math.round(roundTripMs) };
+      if (jumped) this.log.warn(fields, "fleet clock: Redis's time jumped against ours by more than 1 s (a failover to a host whose clock differs?); sampling anew from here");
+      else this.log.warn(fields, 'fleet clock: the offset to Redis moved by more than 1 s');
     }
     this.offsetMs = best.offsetMs;
     return true;
+  }
+
+  /** the kept sample with the smallest round trip */
+  private best(): Sample | null {
+    return this.samples.reduce<Sample | null>((a, b) => (a === null || b.roundTripMs < a.roundTripMs ? b : a), null);
   }
 
   /** Stops sampling (and a `start()` still waiting for its first sample); `now()` keeps the last offset. */

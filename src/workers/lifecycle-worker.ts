@@ -24,6 +24,7 @@ import type { RedisConnection } from '../queues/redis';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { STAMP_EVENTS } from '../events/schemas';
 import { silentLogger, type Logger } from '../log';
+import type { BacklogHeld, QueueBacklog } from '../queues/backlog';
 import { LIFECYCLE_QUEUE } from '../queues/names';
 import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
 import { closeWithin } from './close-within';
@@ -79,13 +80,17 @@ export interface LifecycleWorkerOptions {
   readonly maxStalledCount?: number;
   /**
    * The fetch watchdog (docs/architecture.md, "When a host is cut off, or a Redis master fails"): how many jobs wait
-   * in the queue, asked over a connection of its own (the producer's). When jobs have been waiting (or the others
+   * in the queue, asked over a connection other than the worker's. When jobs have been waiting (or the others
    * have been working, see `activity`) for `stuckAfterMs` while this worker, with free slots, started none, its fetch loop is stuck (a Redis Cluster client
    * left without a working connection after a failover, as BullMQ and ioredis users have reported: no error, no
-   * jobs) and `onStuck` is called once. Default: no watchdog.
+   * jobs) and `onStuck` is called once. Jobs that no worker may take (the queue paused, or at its global concurrency
+   * or rate limit) and this worker paused (`worker.pause()`) are not a stuck fetch: while either lasts, it does not
+   * judge, and its window starts again when they end. Default: no watchdog. The fleet's `waiting` and `activity`:
+   * `lifecycleQueueWatch` (src/app.ts).
    */
   readonly watchdog?: {
-    readonly waiting: () => Promise<number>;
+    /** the queue's backlog, read at one moment (`readBacklog`): how many jobs wait, and whether a worker may take them */
+    readonly waiting: () => Promise<QueueBacklog>;
     /**
      * A counter that grows with the queue's work (the lifecycle queue's event stream's `entries-added`): grown by
      * `minActivity` (default 50) over the window while this worker, with free slots, started nothing also counts as
@@ -118,6 +123,9 @@ export interface LifecycleWorkerOptions {
    */
   readonly telemetry?: Telemetry;
 }
+
+/** Why the watchdog does not judge: the queue holds its jobs back, or this worker's owner paused it. */
+type Held = BacklogHeld | 'worker_paused';
 
 /** Backoff for the worker's own retries: 250 ms doubling to 30 s, with jitter. */
 export function retryDelayMs(retriesSoFar: number): number {
@@ -157,6 +165,8 @@ export class LifecycleWorker {
   private lastStart = performance.now();
   /** since when every check saw jobs waiting while this worker started none (ms, monotonic), or null */
   private idleWhileWaitingSince: number | null = null;
+  /** why the last check did not judge, or null (logged when it changes) */
+  private held: Held | null = null;
   /** the queue's activity counter at each check within the window (ms, monotonic) */
   private readonly activitySamples: Array<{ readonly at: number; readonly count: number }> = [];
   private watchdogTimer: NodeJS.Timeout | null = null;
@@ -211,16 +221,27 @@ export class LifecycleWorker {
     const now = performance.now();
     const concurrency = this.worker.opts.concurrency ?? 1;
     // Redis away, or not asked: nothing to judge (the outage has its own reporting and retries)
-    const [waiting, activity] = await Promise.all([
-      rejectAfter(watchdog.waiting(), 5000, 'the waiting-jobs count').catch(() => null),
+    const [backlog, activity] = await Promise.all([
+      rejectAfter(watchdog.waiting(), 5000, 'the queue backlog').catch(() => null),
       watchdog.activity === undefined ? Promise.resolve(null) : rejectAfter(watchdog.activity(), 5000, 'the queue activity').catch(() => null),
     ]);
+    // not knowing whether the queue holds its jobs back, judge nothing this time
+    if (backlog === null) return;
+    const held: Held | null = this.worker.isPaused() ? 'worker_paused' : backlog.held;
+    this.noteHeld(held, backlog.waiting);
+    if (held !== null) {
+      // jobs wait, the others may work, and this worker takes none, rightly: both windows start again after it
+      this.idleWhileWaitingSince = null;
+      this.activitySamples.length = 0;
+      return;
+    }
+    const waiting = backlog.waiting;
     if (activity !== null) {
       this.activitySamples.push({ at: now, count: activity });
       while ((this.activitySamples[1]?.at ?? now) <= now - stuckAfterMs) this.activitySamples.shift();
     }
     const idle = this.running < concurrency && now - this.lastStart >= stuckAfterMs;
-    if (!idle || waiting === null || waiting === 0) this.idleWhileWaitingSince = null;
+    if (!idle || waiting === 0) this.idleWhileWaitingSince = null;
     else this.idleWhileWaitingSince ??= now;
     if (!idle) return;
     // jobs waiting at checks half the window apart (not a moment's queue), or the others busy all the while: a
@@ -235,6 +256,15 @@ export class LifecycleWorker {
     const why = `${seen} while this worker, with ${concurrency - this.running} free slots, started none for ${Math.round((now - this.lastStart) / 1000)} s: its Redis connection is stuck`;
     this.log.error({ waiting, running: this.running }, `lifecycle worker stopped taking jobs: ${why}`);
     watchdog.onStuck(why);
+  }
+
+  private noteHeld(held: Held | null, waiting: number): void {
+    if (held === this.held) return;
+    // a paused queue is an operator's act, worth a line in every worker's log; limits come and go with the load
+    const level = held === 'paused' || this.held === 'paused' ? 'info' : 'debug';
+    if (held === null) this.log[level]({ waiting, was: this.held }, 'fetch watchdog: jobs may be taken again; watching this worker\'s fetch from now');
+    else this.log[level]({ waiting, held }, `fetch watchdog: ${HELD[held]}; jobs that wait meanwhile are not a stuck fetch`);
+    this.held = held;
   }
 
   private async process(job: Job, token: string | undefined): Promise<ApplyResult> {
@@ -373,6 +403,13 @@ export class LifecycleWorker {
   }
 }
 
+
+const HELD: Record<Held, string> = {
+  paused: 'the queue is paused',
+  at_concurrency: 'the queue is at its global concurrency',
+  rate_limited: 'the queue is at its global rate limit',
+  worker_paused: 'this worker is paused',
+};
 
 function idsOf(job: Job): Record<string, string | undefined> {
   const data: unknown = job.data;

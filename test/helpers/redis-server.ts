@@ -17,11 +17,15 @@ export class OwnRedis {
     readonly port: number,
     readonly dir: string,
     private readonly extraArgs: readonly string[],
+    private readonly env: Readonly<Record<string, string>>,
   ) {}
 
-  /** `extraArgs` go to redis-server as they are (e.g. `['--replicaof', '127.0.0.1', '6379']`) */
-  static async start(extraArgs: readonly string[] = []): Promise<OwnRedis> {
-    const redis = new OwnRedis(await freePort(), fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-test-redis-')), extraArgs);
+  /**
+   * `extraArgs` go to redis-server as they are (e.g. `['--replicaof', '127.0.0.1', '6379']`), `env` into its
+   * environment (e.g. an LD_PRELOAD: test/helpers/clock.ts)
+   */
+  static async start(extraArgs: readonly string[] = [], env: Readonly<Record<string, string>> = {}): Promise<OwnRedis> {
+    const redis = new OwnRedis(await freePort(), fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-test-redis-')), extraArgs, env);
     await redis.restart();
     return redis;
   }
@@ -35,7 +39,7 @@ export class OwnRedis {
     this.child = spawn(
       'redis-server',
       ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--maxmemory-policy', 'noeviction', ...this.extraArgs],
-      { stdio: 'ignore' },
+      { stdio: 'ignore', env: { ...process.env, ...this.env } },
     );
     await waitFor('redis-server to answer', async () => {
       const probe = new IORedis(this.url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import type { Queue } from 'bullmq';
 import IORedis from 'ioredis';
 import { testEnv } from './env';
 
@@ -24,4 +25,22 @@ export async function dropPrefix(prefix: string): Promise<void> {
   } finally {
     redis.disconnect();
   }
+}
+
+/**
+ * What enqueueing leaves in a BullMQ queue: its jobs in any state, its event stream's entries (every add writes
+ * one), and any key that is not one of the queue's own (a job's hash, logs, lock). Not the key space as a whole: a
+ * Queue writes its `meta` key when its connection is ready, whatever is added, so "no key at all" is a race.
+ */
+export async function enqueueTraces(redis: IORedis, queue: Queue): Promise<{ jobs: number; events: number; otherKeys: string[] }> {
+  const counts = await queue.getJobCounts();
+  const own = new Set(Object.values(queue.keys));
+  const otherKeys: string[] = [];
+  let cursor = '0';
+  do {
+    const [next, keys] = await redis.scan(cursor, 'MATCH', `${queue.toKey('')}*`, 'COUNT', 1000);
+    cursor = next;
+    otherKeys.push(...keys.filter((k) => !own.has(k)));
+  } while (cursor !== '0');
+  return { jobs: Object.values(counts).reduce((sum, n) => sum + n, 0), events: await redis.xlen(queue.toKey('events')), otherKeys: otherKeys.sort() };
 }

@@ -15,14 +15,16 @@ import * as path from 'node:path';
 import * as readline from 'node:readline';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
+import { FleetClock } from '../../src/queues/fleet-clock';
 import { LifecycleProducer } from '../../src/queues/producer';
+import { createRedis, type RedisConnection } from '../../src/queues/redis';
 import { StampBuffer } from '../../src/services/stamp-buffer';
 import { Sweeper } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
 import { Database } from '../../src/entities/sql';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { repoRoot } from '../../src/util';
-import { ManualClock } from '../helpers/clock';
+import { ManualClock, ShiftedRedis } from '../helpers/clock';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
@@ -186,5 +188,86 @@ describe('clocks that disagree: hosts minutes off (faketime)', function () {
     // read before the line reached us: at most Redis's now, and within 1 s of it
     expect(reported.fleet).to.be.at.most(redisNow + 50);
     expect(redisNow - reported.fleet).to.be.lessThan(1000);
+  });
+});
+
+describe("the fleet clock when Redis's clock jumps (a failover to a host whose clock differs)", function () {
+  this.timeout(60_000);
+  let shifted: ShiftedRedis | null = null;
+  let redis: RedisConnection;
+  const local = () => performance.timeOrigin + performance.now(); // the fleet clock's own local time
+
+  before(async function () {
+    const started = await ShiftedRedis.start();
+    if (typeof started === 'string') {
+      console.log(`      SKIPPED: ${started}; the clock-jump tests did not run`);
+      this.skip();
+    }
+    shifted = started;
+    redis = createRedis(started.server.url, 'producer', 'fleet-clock-jump-test');
+  });
+  after(async () => {
+    redis?.disconnect();
+    await shifted?.stop();
+  });
+
+  /** One sample; its round trip is at most the call's duration, which is returned. */
+  async function timedSample(clock: FleetClock): Promise<number> {
+    const start = performance.now();
+    expect(await clock.sample(), 'the sample was taken').to.equal(true);
+    return performance.now() - start;
+  }
+
+  /** A sample answered slowly: the server frozen for a moment (a loaded new master). How long does not matter, only
+   * that its round trip is longer than the ones before it. */
+  async function slowSample(clock: FleetClock): Promise<number> {
+    shifted?.server.pause();
+    const sampling = timedSample(clock);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    shifted?.server.resume();
+    return sampling;
+  }
+
+  /** Redis's clock minus this process's, from one TIME: the interval it must lie in. */
+  async function trueOffset(): Promise<{ low: number; high: number }> {
+    const sent = local();
+    const [s, us] = await redis.time();
+    const received = local();
+    const redisMs = Number(s) * 1000 + Number(us) / 1000;
+    return { low: redisMs - received, high: redisMs - sent };
+  }
+
+  /** The documented bound: the offset in use is off by at most half the round trip of its sample (+1 ms of rounding). */
+  async function expectWithinBound(clock: FleetClock, roundTripMs: number, what: string): Promise<void> {
+    const truth = await trueOffset();
+    expect(clock.offset, what).to.be.within(truth.low - roundTripMs / 2 - 1, truth.high + roundTripMs / 2 + 1);
+  }
+
+  it('a jump of +60 s then -120 s: the next sample starts the samples over, within half its round trip of Redis', async () => {
+    const clock = new FleetClock({ redis, maxRoundTripMs: 10_000 });
+    let fastest = Infinity;
+    for (let i = 0; i < 5; i++) fastest = Math.min(fastest, await timedSample(clock));
+    await expectWithinBound(clock, fastest, 'before the jump');
+
+    shifted?.shift(60_000);
+    let slow = await slowSample(clock);
+    expect(slow, 'the sample after the jump is slower than the kept one').to.be.greaterThan(fastest);
+    await expectWithinBound(clock, slow, 'after the jump, at once');
+    const before = clock.now().getTime();
+    const [s, us] = await redis.time();
+    const after = clock.now().getTime();
+    const redisMs = Number(s) * 1000 + Number(us) / 1000;
+    expect(redisMs, "the fleet clock's time: Redis's").to.be.within(before - slow / 2 - 1, after + slow / 2 + 1);
+    // a faster sample after it is used again
+    const fast = await timedSample(clock);
+    await expectWithinBound(clock, Math.min(slow, fast), 'after a faster sample');
+
+    // and back past where it was: the offset follows at once; the time itself holds still (it never goes back)
+    const held = clock.now().getTime();
+    shifted?.shift(-60_000);
+    slow = await slowSample(clock);
+    await expectWithinBound(clock, slow, 'after jumping back');
+    expect(clock.now().getTime()).to.equal(held);
+    clock.close();
   });
 });

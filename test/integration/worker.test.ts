@@ -2,15 +2,17 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
+import type IORedis from 'ioredis';
 import type { Queue} from 'bullmq';
 import { type Job } from 'bullmq';
 import { createDataSource } from '../../ormconfig';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { TransitionService } from '../../src/services/transitions';
-import { streamCounts } from '../../src/streams/consumer';
 import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, retriesWithin, type LifecycleWorkerOptions } from '../../src/workers/lifecycle-worker';
 import { createLogger } from '../../src/log';
+import { lifecycleQueueWatch } from '../../src/app';
+import { readBacklog } from '../../src/queues/backlog';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { TcpProxy } from '../helpers/proxy';
@@ -60,10 +62,19 @@ describe('lifecycle worker through real BullMQ queues', function () {
   }
 
   describe('fetch watchdog', () => {
+    /** the watchdog's own connection (src/app.ts gives it the process's monitor connection) */
+    let redis: IORedis;
+    before(() => {
+      redis = testRedis();
+    });
+    after(() => {
+      redis.disconnect();
+    });
+
     it('calls onStuck once when jobs keep waiting and the worker, with free slots, takes none (a fetch loop that stopped)', async () => {
       const stuck: string[] = [];
       // autorun off: its fetch loop never runs, as one stuck on a dead connection
-      startWorker({ autorun: false, watchdog: { waiting: () => queue.getWaitingCount(), onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      startWorker({ autorun: false, watchdog: { waiting: () => readBacklog(redis, queue), onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
       for (let i = 0; i < 3; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `w${i}` });
       await waitFor('the watchdog to call onStuck', () => (stuck.length > 0 ? true : undefined));
       expect(stuck[0]).to.match(/jobs have waited for \d+ s while this worker, with 16 free slots, started none .*stuck/);
@@ -71,33 +82,22 @@ describe('lifecycle worker through real BullMQ queues', function () {
 
     it('calls onStuck when the others take every job (none waits) while it, with free slots, takes none', async () => {
       const stuck: string[] = [];
-      const redis = testRedis();
-      const activity = async () => (await streamCounts(redis, `${prefix}:${LIFECYCLE_QUEUE}:events`)).added;
-      try {
-        startWorker({ concurrency: 4 }); // healthy: takes everything as it comes
-        // as if nothing ever waited (the healthy worker absorbs it all): only the others' work can give it away
-        startWorker({ autorun: false, watchdog: { waiting: async () => 0, activity, minActivity: 20, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
-        for (let i = 0; stuck.length === 0 && i < 5000; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `a${i}` });
-        expect(stuck[0]).to.match(/the queue saw \d+ job events while this worker, with 16 free slots, started none/);
-      } finally {
-        redis.disconnect();
-      }
+      const { activity } = lifecycleQueueWatch(redis, queue);
+      startWorker({ concurrency: 4 }); // healthy: takes everything as it comes
+      // as if nothing ever waited (the healthy worker absorbs it all): only the others' work can give it away
+      startWorker({ autorun: false, watchdog: { waiting: async () => ({ waiting: 0, held: null }), activity, minActivity: 20, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      for (let i = 0; stuck.length === 0 && i < 5000; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `a${i}` });
+      expect(stuck[0]).to.match(/the queue saw \d+ job events while this worker, with 16 free slots, started none/);
     });
 
     it('stays quiet for two healthy workers sharing a steady stream (each gets its turn)', async () => {
       const stuck: string[] = [];
-      const redis = testRedis();
-      const activity = async () => (await streamCounts(redis, `${prefix}:${LIFECYCLE_QUEUE}:events`).catch(() => ({ added: 0 }))).added;
-      const watchdog = { waiting: () => queue.getWaitingCount(), activity, minActivity: 20, onStuck: (why: string) => stuck.push(why), stuckAfterMs: 3000, checkEveryMs: 100 };
-      try {
-        startWorker({ concurrency: 4, watchdog });
-        startWorker({ concurrency: 4, watchdog });
-        const until = Date.now() + 8000; // the load's length, not a wait for time to pass: the watchdog judges over 3 s windows
-        while (Date.now() < until) await producer.createDeployment({ deploymentId: randomUUID(), name: 'steady' });
-        expect(stuck).to.deep.equal([]);
-      } finally {
-        redis.disconnect();
-      }
+      const watchdog = { ...lifecycleQueueWatch(redis, queue), minActivity: 20, onStuck: (why: string) => stuck.push(why), stuckAfterMs: 3000, checkEveryMs: 100 };
+      startWorker({ concurrency: 4, watchdog });
+      startWorker({ concurrency: 4, watchdog });
+      const until = Date.now() + 8000; // the load's length, not a wait for time to pass: the watchdog judges over 3 s windows
+      while (Date.now() < until) await producer.createDeployment({ deploymentId: randomUUID(), name: 'steady' });
+      expect(stuck).to.deep.equal([]);
     });
 
     it('stays quiet while the worker takes the jobs that wait', async () => {
@@ -105,7 +105,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
       let checks = 0;
       const waiting = async () => {
         checks++;
-        return queue.getWaitingCount();
+        return readBacklog(redis, queue);
       };
       startWorker({ concurrency: 2, watchdog: { waiting, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
       const ids: string[] = [];
@@ -114,6 +114,127 @@ describe('lifecycle worker through real BullMQ queues', function () {
       const after = checks;
       await waitFor('20 more watchdog checks', () => (checks >= after + 20 ? true : undefined));
       expect(stuck).to.deep.equal([]);
+    });
+
+    describe('jobs that wait although no worker may take them (issue 27, bug 2): never a stuck fetch loop', () => {
+      const watch = { stuck: [] as string[], checks: 0 };
+      beforeEach(() => {
+        watch.stuck = [];
+        watch.checks = 0;
+      });
+
+      /** The watchdog as the fleet wires it (src/app.ts), with its window shortened to 600 ms and its checks counted. */
+      function fleetWatchdog(): NonNullable<LifecycleWorkerOptions['watchdog']> {
+        const fleet = lifecycleQueueWatch(redis, queue);
+        return {
+          ...fleet,
+          waiting: () => {
+            watch.checks++;
+            return fleet.waiting();
+          },
+          minActivity: 20,
+          onStuck: (why) => watch.stuck.push(why),
+          stuckAfterMs: 600,
+          checkEveryMs: 50,
+        };
+      }
+      /**
+       * Waits for `n` more watchdog checks (100 at 50 ms cover eight windows of 600 ms, however slow the machine), or
+       * for the watchdog to fire: it stops checking then.
+       */
+      async function checks(n: number): Promise<void> {
+        const target = watch.checks + n;
+        await waitFor(`${n} watchdog checks`, () => (watch.checks >= target || watch.stuck.length > 0 ? true : undefined), 40_000);
+      }
+      async function enqueue(n: number): Promise<string[]> {
+        const ids: string[] = [];
+        for (let i = 0; i < n; i++) ids.push((await producer.createDeployment({ deploymentId: randomUUID(), name: `held-${i}` })).jobId);
+        return ids;
+      }
+      async function expectApplied(ids: string[]): Promise<void> {
+        const jobs = await settled(ids);
+        expect(jobs.map((j) => (j.returnvalue as { outcome?: string } | null)?.outcome)).to.deep.equal(ids.map(() => 'applied'));
+      }
+
+      it('a paused queue with jobs waiting: the worker stays up for as long as it is paused, and takes every job once resumed', async () => {
+        await queue.pause();
+        startWorker({ watchdog: fleetWatchdog() });
+        const ids = await enqueue(15); // 30 event-stream entries: more than minActivity
+        await checks(100);
+        expect(watch.stuck).to.deep.equal([]);
+        expect((await countsFor()).waiting, 'none taken while paused').to.equal(15);
+        await queue.resume();
+        await expectApplied(ids);
+        expect(watch.stuck).to.deep.equal([]);
+      });
+
+      it('a stuck worker is still found once the queue is resumed, a window after the resume: what came before does not count', async () => {
+        // the event stream exists before the watchdog starts, so it has samples of the queue's activity from before the pause
+        await queue.pause();
+        await queue.resume();
+        startWorker({ autorun: false, watchdog: fleetWatchdog() }); // a fetch loop that never runs
+        await checks(20);
+        await queue.pause();
+        await enqueue(15); // 30 event-stream entries while paused: more than minActivity
+        await checks(100);
+        expect(watch.stuck).to.deep.equal([]);
+        const resumedAt = performance.now();
+        await queue.resume();
+        const foundAt = await waitFor('the watchdog to call onStuck', () => (watch.stuck.length > 0 ? performance.now() : undefined));
+        // a fresh window after the resume, half of it (300 ms) of jobs waiting, not the first check after it (less a
+        // check's own read, which may straddle the resume)
+        expect(foundAt - resumedAt).to.be.at.least(250);
+        expect(watch.stuck[0]).to.match(/jobs have waited for \d+ s while this worker, with 16 free slots, started none .*stuck/);
+      });
+
+      it('a worker paused by its owner (Worker.pause): quiet while paused, and takes every job once resumed', async () => {
+        const worker = startWorker({ watchdog: fleetWatchdog() });
+        await worker.worker.pause();
+        const ids = await enqueue(15);
+        await checks(100);
+        expect(watch.stuck).to.deep.equal([]);
+        expect((await countsFor()).waiting, 'none taken while paused').to.equal(15);
+        await worker.worker.resume();
+        await expectApplied(ids);
+        expect(watch.stuck).to.deep.equal([]);
+      });
+
+      it('a queue at its global concurrency (another worker holds the one slot): quiet, and every job applies once the slot frees', async () => {
+        await queue.setGlobalConcurrency(1);
+        let release = (): void => undefined;
+        const held = new Promise<void>((resolve) => (release = resolve));
+        let holding = false;
+        startWorker({
+          concurrency: 1,
+          afterApply: async () => {
+            if (holding) return;
+            holding = true;
+            await held;
+          },
+        });
+        const first = await enqueue(1);
+        await waitFor('the other worker to hold the only slot', () => (holding ? true : undefined));
+        startWorker({ watchdog: fleetWatchdog() });
+        const ids = await enqueue(15);
+        await checks(100);
+        expect(watch.stuck).to.deep.equal([]);
+        expect((await countsFor()).waiting, 'none taken past the global concurrency').to.equal(15);
+        release();
+        await expectApplied([...first, ...ids]);
+        expect(watch.stuck).to.deep.equal([]);
+      });
+
+      it('a queue at its global rate limit: quiet while limited, and every job applies', async () => {
+        // one job per 3 s: after the first, the others wait out the limit (60 checks cover five windows)
+        await queue.setGlobalRateLimit(1, 3000);
+        startWorker({ watchdog: fleetWatchdog() });
+        const ids = await enqueue(3);
+        await waitFor('the first job to run', async () => ((await countsFor()).completed >= 1 ? true : undefined));
+        await checks(60);
+        expect(watch.stuck).to.deep.equal([]);
+        await expectApplied(ids);
+        expect(watch.stuck).to.deep.equal([]);
+      });
     });
   });
 

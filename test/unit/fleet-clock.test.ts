@@ -44,13 +44,33 @@ describe('FleetClock: Redis time, estimated from TIME', () => {
     redis.redisAheadMs = -120_000 + 450;
     await clock.sample();
     expect(clock.offset).to.be.closeTo(-120_000, 1);
-    // the tight sample ages out after `keep` newer ones
+    // the tight sample ages out once `keep` newer ones came (these agree with it: 3 ms apart, within 4 / 2 + 10 / 2)
     redis.roundTripMs = 10;
-    redis.redisAheadMs = -119_000;
+    redis.redisAheadMs = -120_000 + 3;
     await clock.sample();
+    expect(clock.offset).to.be.closeTo(-120_000, 1);
     await clock.sample();
+    expect(clock.offset).to.be.closeTo(-120_000 + 3, 1);
+  });
+
+  it('starts the samples over when a sample cannot be right together with the one in use (a clock jumped)', async () => {
+    const redis = new ScriptedRedis();
+    const clock = new FleetClock({ redis, local: redis.local });
+    redis.roundTripMs = 2;
+    for (let i = 0; i < 4; i++) await clock.sample();
+    // Redis 60 s ahead, answered slowly: offset 60,000 ± 100 against 0 ± 1, so the old samples are dropped
+    redis.redisAheadMs = 60_000;
+    redis.roundTripMs = 200;
     await clock.sample();
-    expect(clock.offset).to.be.closeTo(-119_000, 1);
+    expect(clock.offset).to.be.closeTo(60_000, 1);
+    // and back 60 s by a sample that still overlaps the one in use by its own round trip: no jump, the tighter stays
+    redis.redisAheadMs = 60_000 - 150;
+    redis.roundTripMs = 400;
+    await clock.sample();
+    expect(clock.offset, '150 ms apart, within 200 / 2 + 400 / 2').to.be.closeTo(60_000, 1);
+    redis.redisAheadMs = 60_000 - 301;
+    await clock.sample();
+    expect(clock.offset, '301 ms apart, beyond 200 / 2 + 400 / 2').to.be.closeTo(60_000 - 301, 1);
   });
 
   it('never goes backwards, even when a sample moves the offset back', async () => {

@@ -116,6 +116,24 @@ describe('lock order: every multi-row write of deployments and attempts locks it
 
   const q = <T>(text: string, params: unknown[] = []): Promise<T[]> => db.dataSource.query<T[]>(text, params);
 
+  /** The database's URL as the local servers' admin: setting deadlock_timeout, and seeing every session's wait, take one. */
+  function adminUrl(): string {
+    const url = new URL(testEnv().adminDatabaseUrl);
+    url.pathname = new URL(db.url).pathname;
+    return url.toString();
+  }
+
+  /** Reads pg_stat_activity as the admin: a role that is no superuser sees no other role's waits there. */
+  async function activity<T extends object>(text: string, params: unknown[]): Promise<T[]> {
+    const client = new Client({ connectionString: adminUrl() });
+    await client.connect();
+    try {
+      return (await client.query<T>(text, params)).rows;
+    } finally {
+      await client.end();
+    }
+  }
+
   /** `count` ids of one test, in id order: the same random head, then 1, 2, 3... */
   function orderedIds(count: number): string[] {
     const head = randomBytes(4).toString('hex');
@@ -165,10 +183,8 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   }
 
   async function connect(settings: Readonly<Record<string, string>> = {}): Promise<Conn> {
-    // setting deadlock_timeout takes a superuser: such sessions connect to the test's database as the admin
-    const url = new URL(Object.keys(settings).length === 0 ? db.url : testEnv().adminDatabaseUrl);
-    url.pathname = new URL(db.url).pathname;
-    const client = new Client({ connectionString: url.toString() });
+    // setting deadlock_timeout takes a superuser: such sessions connect as the admin
+    const client = new Client({ connectionString: Object.keys(settings).length === 0 ? db.url : adminUrl() });
     await client.connect();
     conns.push(client);
     for (const [name, value] of Object.entries(settings)) await client.query(`SET ${name} = ${value}`);
@@ -190,7 +206,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   /** Waits until backend `pid` waits for a lock. */
   async function blocked(what: string, pid: number): Promise<void> {
     await waitFor(`${what} to wait for a row lock`, async () => {
-      const [row] = await q<{ wait: string | null }>(`SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1`, [pid]);
+      const [row] = await activity<{ wait: string | null }>(`SELECT wait_event_type AS wait FROM pg_stat_activity WHERE pid = $1`, [pid]);
       return row?.wait === 'Lock' ? true : undefined;
     });
   }
@@ -198,7 +214,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   /** Waits until one of the product's pooled connections waits for a lock in a statement containing `fragment`. */
   async function productBlocked(what: string, fragment: string): Promise<void> {
     await waitFor(`${what} to wait for a row lock`, async () => {
-      const [row] = await q<{ pid: number }>(
+      const [row] = await activity<{ pid: number }>(
         `SELECT pid FROM pg_stat_activity
           WHERE datname = current_database() AND application_name = 'lifecycle-fleet-test' AND wait_event_type = 'Lock'
             AND strpos(query, $1) > 0`,

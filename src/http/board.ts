@@ -25,7 +25,8 @@ export type BoardWrite = 'board' | 'event' | 'refused';
  * - `board`: moves, reschedules or removes jobs that are there already; their data stays what was validated when
  *   they were enqueued (a retried job is the same event, and the worker validates it again).
  * - `event`: puts new job data in a queue. The lifecycle queue's goes through the intake (`acceptEvent`) with the
- *   caller's scopes: `board` to reach it, and the event's own scope; the actor is the caller. Other queues refuse it.
+ *   caller's scopes: `board` to reach it, and the event's own scope; the actor is the caller, and it spends the
+ *   caller's event budget (FLEET_EVENTS_RATE_LIMIT) with POST /api/events. Other queues refuse it.
  * - `refused`: replaces a job's data, which would skip the intake: send a new event instead.
  */
 export const BOARD_WRITES = {
@@ -95,8 +96,11 @@ export interface BoardDeps {
   readonly admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean;
   /** who each admitted request is */
   readonly accessOf: WeakMap<FastifyRequest, Access>;
-  /** the intake (intake.ts's `acceptEvent`): takes the event `{name, data}` from `access` and answers */
-  readonly acceptEvent: (access: Access | undefined, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
+  /**
+   * the intake as POST /api/events runs it (intake.ts's `acceptEvent` after the token's event budget): takes the
+   * event `{name, data}` from the request's caller and answers
+   */
+  readonly acceptEvent: (request: FastifyRequest, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
 }
 
 /**
@@ -154,7 +158,7 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
     // as its actor; Bull Board's own add never runs.
     board.addHook('preHandler', async (request: FastifyRequest, reply: FastifyReply) => {
       if (reading(request.method) || writeOf(request) !== 'event') return undefined;
-      return deps.acceptEvent(accessOf.get(request), withoutJobOptions(request.body), reply);
+      return deps.acceptEvent(request, withoutJobOptions(request.body), reply);
     });
     board.addHook('onSend', async (request, reply, payload) => {
       // the board may not be framed by another site (clickjacking its retry/clean/remove buttons)

@@ -202,6 +202,47 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     });
   });
 
+  describe('the per-token event budget', () => {
+    const create = () => ({ name: 'deployment.create', data: { deploymentId: randomUUID(), name: 'web' } });
+    const post = (headers: Record<string, string>) => app.inject({ method: 'POST', url: '/api/events', headers, payload: create() });
+
+    it("the review's reproduction: with a limit of 1 a second, the board's add is limited like POST /api/events", async () => {
+      await app.close();
+      app = await build({ FLEET_EVENTS_RATE_LIMIT: '1' });
+      // five at once against one a second: some are refused, however slow the machine
+      const results = await Promise.all([1, 2, 3, 4, 5].map(() => add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'))));
+      const statuses = results.map((r) => r.statusCode);
+      const refused = results.filter((r) => r.statusCode === 429);
+      expect(refused, `the board's adds answered ${statuses.join()}`).to.not.have.length(0);
+      expect(statuses.every((s) => s === 202 || s === 429), statuses.join()).to.equal(true);
+      expect(errorOf(refused[0]?.body ?? '{}').code).to.equal('rate_limited');
+      expect(refused[0]?.headers['retry-after']).to.match(/^\d+$/);
+      expect(await producer.queue.count()).to.equal(statuses.filter((s) => s === 202).length);
+    });
+
+    it('POST /api/events and the board share one budget per token (one key, token:<name>, in the same namespace)', async () => {
+      await app.close();
+      app = await build({ FLEET_EVENTS_RATE_LIMIT: '2' }, { rateLimitRedis: redis });
+      const key = `${prefix}:ratelimit:token:board-writer`;
+      // one event of two left in a window that outlasts the test: which route spends it, the other is refused
+      await redis.set(key, '1', 'PX', 60_000);
+      const board = await add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'));
+      expect(board.statusCode, board.body).to.equal(202);
+      const api = await post(bearer('boardWriter'));
+      expect(api.statusCode, api.body).to.equal(429);
+      expect(errorOf(api.body).code).to.equal('rate_limited');
+
+      await redis.set(key, '1', 'PX', 60_000);
+      expect((await post(bearer('boardWriter'))).statusCode).to.equal(202);
+      const spent = await add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'));
+      expect(spent.statusCode, spent.body).to.equal(429);
+      expect(errorOf(spent.body).code).to.equal('rate_limited');
+      // another token has a budget of its own
+      expect((await add(LIFECYCLE_QUEUE, create(), bearer('boardAdmin'))).statusCode).to.equal(202);
+      expect(await producer.queue.count()).to.equal(3);
+    });
+  });
+
   describe("the board's other writes", () => {
     it('every write route of Bull Board has its decision in BOARD_WRITES, and nothing else is there', () => {
       const writes = routesOf(app)

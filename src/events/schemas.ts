@@ -232,7 +232,8 @@ export function eventIdProblem(name: EventName, payload: { eventId?: string | un
 }
 
 /**
- * Validates an event and settles its eventId: the payload's `eventId`, else `fallbackEventId` (the BullMQ jobId).
+ * Validates an event and settles its eventId: the payload's `eventId`, else `fallbackEventId` (the BullMQ jobId),
+ * which then answers to the same rules (`eventIdProblem`): a raw job may not take another kind's or subject's id.
  */
 export function parseEvent(name: string, data: unknown, fallbackEventId?: string): LifecycleEvent {
   const payload = parsePayload(name, data);
@@ -242,6 +243,9 @@ export function parseEvent(name: string, data: unknown, fallbackEventId?: string
       { field: 'eventId', rule: 'is required (in the payload or as the job id) and must be 1-200 characters of A-Za-z0-9._-' },
     ]);
   }
+  // parsePayload checked the payload's own id; isEventName only narrows `name` (parsePayload refused any other)
+  const problem = payload.eventId === undefined && isEventName(name) ? eventIdProblem(name, { ...payload, eventId: id }) : null;
+  if (problem !== null) throw new ValidationError('invalid_payload', [{ field: 'eventId', rule: `${problem} (the job id, standing for the missing eventId)` }]);
   return { name, eventId: id, data: payload } as LifecycleEvent;
 }
 

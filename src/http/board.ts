@@ -44,7 +44,8 @@ export const BOARD_WRITES = {
   'PUT /api/queues/:queueName/empty': 'board',
   'PUT /api/queues/:queueName/obliterate': 'board',
   'PUT /api/queues/:queueName/job-schedulers/:schedulerId/remove': 'board',
-  // the schedule only: Bull Board keeps the name, data and options the fleet registered
+  // the schedule only: Bull Board keeps the name, data and options the fleet registered, whatever the body carries
+  // (test/integration/board-writes.test.ts holds a later Bull Board to that)
   'PATCH /api/queues/:queueName/job-schedulers/:schedulerId': 'board',
   // a run now of the template the fleet registered
   'PUT /api/queues/:queueName/job-schedulers/:schedulerId/run': 'board',

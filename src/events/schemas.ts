@@ -145,8 +145,14 @@ export const EVENT_NAMES = Object.keys(EVENT_SCHEMAS) as EventName[];
 /** The payload type of each event, derived from its schema. */
 export type EventPayloads = { [K in EventName]: z.infer<(typeof EVENT_SCHEMAS)[K]> };
 
-/** A validated event: its name, its payload, and the eventId it is deduplicated by. */
-export type LifecycleEvent = { [K in EventName]: { readonly name: K; readonly eventId: string; readonly data: EventPayloads[K] } }[EventName];
+/**
+ * A validated event: its name, its payload, and the eventId it is deduplicated by. `digestAsSent`, when normalising
+ * changed the payload's endpoint URL: `payloadDigest` of the payload with the URL as the job carried it, the digest a
+ * worker from before issue 28 (which kept the URL as sent) recorded in `processed_events` for this event.
+ */
+export type LifecycleEvent = {
+  [K in EventName]: { readonly name: K; readonly eventId: string; readonly data: EventPayloads[K]; readonly digestAsSent?: string };
+}[EventName];
 
 export function isEventName(name: unknown): name is EventName {
   return typeof name === 'string' && Object.prototype.hasOwnProperty.call(EVENT_SCHEMAS, name);
@@ -232,7 +238,8 @@ export function eventIdProblem(name: EventName, payload: { eventId?: string | un
 }
 
 /**
- * Validates an event and settles its eventId: the payload's `eventId`, else `fallbackEventId` (the BullMQ jobId).
+ * Validates an event and settles its eventId: the payload's `eventId`, else `fallbackEventId` (the BullMQ jobId),
+ * which then answers to the same rules (`eventIdProblem`): a raw job may not take another kind's or subject's id.
  */
 export function parseEvent(name: string, data: unknown, fallbackEventId?: string): LifecycleEvent {
   const payload = parsePayload(name, data);
@@ -242,7 +249,17 @@ export function parseEvent(name: string, data: unknown, fallbackEventId?: string
       { field: 'eventId', rule: 'is required (in the payload or as the job id) and must be 1-200 characters of A-Za-z0-9._-' },
     ]);
   }
-  return { name, eventId: id, data: payload } as LifecycleEvent;
+  // parsePayload checked the payload's own id; isEventName only narrows `name` (parsePayload refused any other)
+  const problem = payload.eventId === undefined && isEventName(name) ? eventIdProblem(name, { ...payload, eventId: id }) : null;
+  if (problem !== null) throw new ValidationError('invalid_payload', [{ field: 'eventId', rule: `${problem} (the job id, standing for the missing eventId)` }]);
+  return { name, eventId: id, data: payload, ...digestAsSent(data, payload) } as LifecycleEvent;
+}
+
+/** The event's `digestAsSent` (LifecycleEvent): only where normalising changed its endpoint URL. */
+function digestAsSent(data: unknown, payload: EventPayloads[EventName]): { digestAsSent?: string } {
+  if (!('endpoint' in payload) || payload.endpoint === undefined) return {};
+  const url = (data as { endpoint: { url: string } }).endpoint.url; // the schema took it as a string
+  return url === payload.endpoint.url ? {} : { digestAsSent: payloadDigest({ ...payload, endpoint: { ...payload.endpoint, url } }) };
 }
 
 function toIssues(error: z.ZodError): FieldIssue[] {

@@ -25,7 +25,8 @@ export type BoardWrite = 'board' | 'event' | 'refused';
  * - `board`: moves, reschedules or removes jobs that are there already; their data stays what was validated when
  *   they were enqueued (a retried job is the same event, and the worker validates it again).
  * - `event`: puts new job data in a queue. The lifecycle queue's goes through the intake (`acceptEvent`) with the
- *   caller's scopes: `board` to reach it, and the event's own scope; the actor is the caller. Other queues refuse it.
+ *   caller's scopes: `board` to reach it, and the event's own scope; the actor is the caller, and it spends the
+ *   caller's event budget (FLEET_EVENTS_RATE_LIMIT) with POST /api/events. Other queues refuse it.
  * - `refused`: replaces a job's data, which would skip the intake: send a new event instead.
  */
 export const BOARD_WRITES = {
@@ -43,7 +44,8 @@ export const BOARD_WRITES = {
   'PUT /api/queues/:queueName/empty': 'board',
   'PUT /api/queues/:queueName/obliterate': 'board',
   'PUT /api/queues/:queueName/job-schedulers/:schedulerId/remove': 'board',
-  // the schedule only: Bull Board keeps the name, data and options the fleet registered
+  // the schedule only: Bull Board keeps the name, data and options the fleet registered, whatever the body carries
+  // (test/integration/board-writes.test.ts holds a later Bull Board to that)
   'PATCH /api/queues/:queueName/job-schedulers/:schedulerId': 'board',
   // a run now of the template the fleet registered
   'PUT /api/queues/:queueName/job-schedulers/:schedulerId/run': 'board',
@@ -95,8 +97,11 @@ export interface BoardDeps {
   readonly admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean;
   /** who each admitted request is */
   readonly accessOf: WeakMap<FastifyRequest, Access>;
-  /** the intake (intake.ts's `acceptEvent`): takes the event `{name, data}` from `access` and answers */
-  readonly acceptEvent: (access: Access | undefined, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
+  /**
+   * the intake as POST /api/events runs it (intake.ts's `acceptEvent` after the token's event budget): takes the
+   * event `{name, data}` from the request's caller and answers
+   */
+  readonly acceptEvent: (request: FastifyRequest, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
 }
 
 /**
@@ -154,7 +159,7 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
     // as its actor; Bull Board's own add never runs.
     board.addHook('preHandler', async (request: FastifyRequest, reply: FastifyReply) => {
       if (reading(request.method) || writeOf(request) !== 'event') return undefined;
-      return deps.acceptEvent(accessOf.get(request), withoutJobOptions(request.body), reply);
+      return deps.acceptEvent(request, withoutJobOptions(request.body), reply);
     });
     board.addHook('onSend', async (request, reply, payload) => {
       // the board may not be framed by another site (clickjacking its retry/clean/remove buttons)

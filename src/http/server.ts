@@ -396,7 +396,10 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
 
   if (config.eventsRateLimit > 0) {
     await app.register(rateLimit, {
+      // used by the intake only (limitEvents below), with these as its limit
       global: false,
+      max: config.eventsRateLimit,
+      timeWindow: 1000,
       // after authentication: the limit is per token (per client address while the API is open)
       hook: 'preHandler',
       keyGenerator: (request) => {
@@ -406,11 +409,9 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
       ...(deps.rateLimitRedis === undefined ? {} : { redis: deps.rateLimitRedis, nameSpace: `${config.prefix}:ratelimit:` }),
       // a Redis that does not answer must not turn every request into a 500; the enqueue answers 503 anyway
       skipOnError: true,
-      errorResponseBuilder: (_request, context) => ({
-        statusCode: 429,
-        code: 'rate_limited',
-        message: `more than ${context.max} events in ${context.after === '' ? 'a second' : 'the window'} for this token; retry in ${context.after}`,
-      }),
+      // an Error, so that it reaches the server's error handler through the board's too (which passes on only Errors)
+      errorResponseBuilder: (_request, context) =>
+        new HttpError(429, 'rate_limited', `more than ${context.max} events in ${context.after === '' ? 'a second' : 'the window'} for this token; retry in ${context.after}`),
     });
   }
 
@@ -521,11 +522,8 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   );
 
   // --- intake ---
-  const intake: { scope: Scope; rateLimit?: { max: number; timeWindow: number } } = {
-    // the base scope; the handler asks for events:admin where the event needs it
-    scope: 'events:write',
-    ...(config.eventsRateLimit > 0 ? { rateLimit: { max: config.eventsRateLimit, timeWindow: 1000 } } : {}),
-  };
+  // the base scope; the handler asks for events:admin where the event needs it
+  const intake: { scope: Scope } = { scope: 'events:write' };
   const intakeRoute = route('events:write', {
     summary: 'Enqueue a lifecycle event',
     description:
@@ -545,8 +543,14 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     },
   });
   const events: Intake = { producer: deps.producer, endpointAllow: config.endpointAllow, logger: deps.logger };
+  // One budget per token for every way in of an event (here and the board's add): the plugin's own limiter, whose key
+  // is `token:<name>` in its namespace. A route's `config.rateLimit` would keep a count of its own for each route.
+  const limitEvents = config.eventsRateLimit > 0 ? app.rateLimit() : null;
   // the body is not validated by the framework (see validatorCompiler): acceptEvent checks it
-  const acceptRequest = (request: FastifyRequest, reply: FastifyReply) => acceptEvent(events, accessOf.get(request), request.body, reply);
+  const acceptRequest = async (request: FastifyRequest, body: unknown, reply: FastifyReply) => {
+    await limitEvents?.call(app, request, reply);
+    return acceptEvent(events, accessOf.get(request), body, reply);
+  };
   api.post('/api/events', { ...intakeRoute, config: intake }, async (request, reply) => {
     // The request's span (docs/architecture.md, "Tracing"): under the caller's trace when it sends a W3C
     // `traceparent` header; the event's `enqueue` span goes under it. A no-op while tracing is off.
@@ -554,7 +558,7 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     const parent = traceparentContext(typeof header === 'string' ? header : undefined) ?? ROOT_CONTEXT;
     const span = tracer().startSpan('POST /api/events', { kind: SpanKind.SERVER, attributes: { 'http.request.method': 'POST', 'http.route': '/api/events' } }, parent);
     try {
-      const sent = await context.with(trace.setSpan(parent, span), () => acceptRequest(request, reply));
+      const sent = await context.with(trace.setSpan(parent, span), () => acceptRequest(request, request.body, reply));
       span.setAttribute('http.response.status_code', reply.statusCode);
       return sent;
     } catch (err) {
@@ -626,6 +630,6 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
     });
   });
 
-  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf, acceptEvent: (access, body, reply) => acceptEvent(events, access, body, reply) });
+  await registerBoard(app, { queues: deps.queues, creds, admit, accessOf, acceptEvent: acceptRequest });
   return app;
 }

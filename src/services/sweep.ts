@@ -218,21 +218,12 @@ export class Sweeper {
     const tickId = tick ?? String(now.getTime());
     const [attempts, readiness] = await Promise.allSettled([this.sweepAttempts(now), this.sweepReadiness(now, tickId)]);
     if (attempts.status === 'rejected' || readiness.status === 'rejected') {
-      const err: unknown = attempts.status === 'rejected' ? attempts.reason : (readiness as PromiseRejectedResult).reason;
-      if (isLockConflict(err)) {
-        // PostgreSQL is there: a write lost a lock conflict on each of its tries (retryLockConflicts). No outage
-        this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again');
-      } else if (isTransient(err)) {
-        if (!isRedisError(err)) this.pgWatch?.error(err);
-        // a server away: one line when it starts, none while it lasts (no stack), one when a sweep works again
-        if (!this.serverAway) this.log.warn({ at: now.toISOString(), code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'sweep failed: a server is away; retrying every tick');
-        this.serverAway = true;
-      } else {
-        if (attempts.status === 'rejected' && readiness.status === 'rejected') {
-          this.log.error({ err: readiness.reason }, 'sweep: readiness failed too');
-        }
-        this.log.error({ err, at: now.toISOString() }, 'sweep failed');
-      }
+      const failures = [
+        ...(attempts.status === 'rejected' ? [{ part: 'attempts' as const, err: attempts.reason as unknown }] : []),
+        ...(readiness.status === 'rejected' ? [{ part: 'readiness' as const, err: readiness.reason as unknown }] : []),
+      ];
+      this.reportFailures(failures, now);
+      const err = failures[0]?.err;
       this.metrics.onSweepError?.(err);
       throw err;
     }
@@ -244,6 +235,31 @@ export class Sweeper {
     this.log.info(result, 'sweep');
     this.metrics.onSweep?.(result);
     return result;
+  }
+
+  /**
+   * Says why a tick failed, each failure by its own kind: a server away (one line when it starts, none while it
+   * lasts, no stack; PostgreSQL's also to the watch), a bug (an error with its stack), and a lock conflict only when
+   * it is all that failed (PostgreSQL is there: a write lost on each of its tries, retryLockConflicts).
+   */
+  private reportFailures(failures: ReadonlyArray<{ readonly part: 'attempts' | 'readiness'; readonly err: unknown }>, now: Date): void {
+    const at = now.toISOString();
+    const briefly = ({ part, err }: (typeof failures)[number]) => ({ at, part, code: (err as { code?: unknown }).code, reason: (err as Error).message });
+    const conflicts = failures.filter((f) => isLockConflict(f.err));
+    const away = failures.filter((f) => !isLockConflict(f.err) && isTransient(f.err));
+    const bugs = failures.filter((f) => !isLockConflict(f.err) && !isTransient(f.err));
+    for (const { part, err } of bugs) this.log.error({ err, at, part }, 'sweep failed');
+    const [firstAway] = away;
+    if (firstAway !== undefined) {
+      const pgAway = away.find((f) => !isRedisError(f.err));
+      if (pgAway !== undefined) this.pgWatch?.error(pgAway.err);
+      if (!this.serverAway) this.log.warn(briefly(firstAway), 'sweep failed: a server is away; retrying every tick');
+      this.serverAway = true;
+    }
+    const [conflict] = conflicts;
+    if (conflict !== undefined && conflicts.length === failures.length) {
+      this.log.warn(briefly(conflict), 'sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again');
+    }
   }
 
   /**

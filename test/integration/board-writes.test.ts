@@ -202,6 +202,47 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     });
   });
 
+  describe('the per-token event budget', () => {
+    const create = () => ({ name: 'deployment.create', data: { deploymentId: randomUUID(), name: 'web' } });
+    const post = (headers: Record<string, string>) => app.inject({ method: 'POST', url: '/api/events', headers, payload: create() });
+
+    it("the review's reproduction: with a limit of 1 a second, the board's add is limited like POST /api/events", async () => {
+      await app.close();
+      app = await build({ FLEET_EVENTS_RATE_LIMIT: '1' });
+      // five at once against one a second: some are refused, however slow the machine
+      const results = await Promise.all([1, 2, 3, 4, 5].map(() => add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'))));
+      const statuses = results.map((r) => r.statusCode);
+      const refused = results.filter((r) => r.statusCode === 429);
+      expect(refused, `the board's adds answered ${statuses.join()}`).to.not.have.length(0);
+      expect(statuses.every((s) => s === 202 || s === 429), statuses.join()).to.equal(true);
+      expect(errorOf(refused[0]?.body ?? '{}').code).to.equal('rate_limited');
+      expect(refused[0]?.headers['retry-after']).to.match(/^\d+$/);
+      expect(await producer.queue.count()).to.equal(statuses.filter((s) => s === 202).length);
+    });
+
+    it('POST /api/events and the board share one budget per token (one key, token:<name>, in the same namespace)', async () => {
+      await app.close();
+      app = await build({ FLEET_EVENTS_RATE_LIMIT: '2' }, { rateLimitRedis: redis });
+      const key = `${prefix}:ratelimit:token:board-writer`;
+      // one event of two left in a window that outlasts the test: which route spends it, the other is refused
+      await redis.set(key, '1', 'PX', 60_000);
+      const board = await add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'));
+      expect(board.statusCode, board.body).to.equal(202);
+      const api = await post(bearer('boardWriter'));
+      expect(api.statusCode, api.body).to.equal(429);
+      expect(errorOf(api.body).code).to.equal('rate_limited');
+
+      await redis.set(key, '1', 'PX', 60_000);
+      expect((await post(bearer('boardWriter'))).statusCode).to.equal(202);
+      const spent = await add(LIFECYCLE_QUEUE, create(), bearer('boardWriter'));
+      expect(spent.statusCode, spent.body).to.equal(429);
+      expect(errorOf(spent.body).code).to.equal('rate_limited');
+      // another token has a budget of its own
+      expect((await add(LIFECYCLE_QUEUE, create(), bearer('boardAdmin'))).statusCode).to.equal(202);
+      expect(await producer.queue.count()).to.equal(3);
+    });
+  });
+
   describe("the board's other writes", () => {
     it('every write route of Bull Board has its decision in BOARD_WRITES, and nothing else is there', () => {
       const writes = routesOf(app)
@@ -230,6 +271,36 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       expect(await (await producer.queue.getJob('delayed-1'))?.getState()).to.equal('waiting');
       // a read token may not
       expect((await app.inject({ method: 'PUT', url: `${BOARD_PATH}/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: bearer('reader') })).statusCode).to.equal(403);
+    });
+  });
+
+  describe('a job scheduler through the board', () => {
+    it("PATCH …/job-schedulers/:schedulerId changes the schedule only: a body's template, data, name or options change nothing the scheduler makes", async () => {
+      const template = { name: 'sweep', data: { registered: 'by the fleet' }, opts: { attempts: 1 } };
+      await maintenance.upsertJobScheduler('sweep', { every: 60_000 }, template);
+      const res = await app.inject({
+        method: 'PATCH',
+        url: `${BOARD_PATH}/api/queues/${MAINTENANCE_QUEUE}/job-schedulers/sweep`,
+        headers: bearer('boarder'),
+        payload: {
+          every: 120_000,
+          name: 'deployment.teardown',
+          data: { deploymentId: randomUUID(), force: true, actor: 'sweep' },
+          opts: { attempts: 99 },
+          template: { name: 'deployment.teardown', data: { deploymentId: randomUUID(), force: true, actor: 'sweep' }, opts: { attempts: 99 } },
+        },
+      });
+      expect(res.statusCode, res.body).to.equal(204);
+      const scheduler = await maintenance.getJobScheduler('sweep');
+      expect(scheduler?.every, 'the schedule did change').to.equal(120_000);
+      // what it makes is still what the fleet registered (Bull Board 9.10.1 re-sends the stored template; a version
+      // that takes the body's would fail here, and BOARD_WRITES must then refuse the route or send it through the intake)
+      expect(scheduler).to.deep.include({ name: 'sweep' });
+      expect(scheduler?.template?.data).to.deep.equal(template.data);
+      expect(scheduler?.template?.opts).to.deep.include({ attempts: 1 });
+      const made = (await maintenance.getJobs(['delayed', 'waiting'])).filter((j) => j.repeatJobKey === 'sweep');
+      expect(made).to.not.have.length(0);
+      for (const job of made) expect({ name: job.name, data: job.data as unknown }).to.deep.equal({ name: 'sweep', data: template.data });
     });
   });
 

@@ -5,6 +5,9 @@ import { Queue, type Job } from 'bullmq';
 import type { Logger as TypeOrmLogger } from 'typeorm';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
+import { ServerWatch } from '../../src/queues/redis';
+import { createDataSource } from '../../src/entities/data-source';
+import { TcpProxy } from '../helpers/proxy';
 import { resolveEndpoint, type ResolvedEndpoint } from '../../src/services/dispatch';
 import { getDeployment } from '../../src/services/read-model';
 import { SWEEP_SQL } from '../../src/entities/sql';
@@ -340,6 +343,84 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     const warns = logged.split('\n').filter((l) => l.includes('readiness probing fell short'));
     expect(warns, logged).to.have.length(4);
     expect(JSON.parse(warns[0] ?? '{}')).to.deep.include({ level: 40, endpoints: 10, unprobedLastTick: 7, neededPerTick: 4 });
+  });
+
+  describe('a tick whose two sides fail differently: each failure said by its own kind', () => {
+    /** A real lock conflict PostgreSQL broke: a serialization failure (40001) of a REPEATABLE READ update. */
+    async function lockConflict(): Promise<Error> {
+      const service = new TransitionService({ dataSource: db.dataSource });
+      const { deploymentId } = await runningAttempt(service);
+      const reader = db.dataSource.createQueryRunner();
+      try {
+        await reader.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+        await reader.query('SELECT 1 FROM deployments WHERE id = $1', [deploymentId]); // the snapshot
+        await db.dataSource.query('UPDATE deployments SET name = name WHERE id = $1', [deploymentId]);
+        const lost = await reader.query('UPDATE deployments SET name = name WHERE id = $1', [deploymentId]).then(() => null, (err: unknown) => err);
+        if (!(lost instanceof Error)) throw new Error('the second update of the row did not fail');
+        expect((lost as Error & { code?: unknown }).code).to.equal('40001');
+        return lost;
+      } finally {
+        await reader.query('ROLLBACK');
+        await reader.release();
+      }
+    }
+
+    function captured() {
+      let text = '';
+      const logger = createLogger('debug', { write: (line: string) => void (text += line) });
+      const said = () =>
+        text
+          .split('\n')
+          .filter((l) => l !== '')
+          .map((l) => JSON.parse(l) as { level: number; msg: string; part?: string; err?: { message?: string } })
+          .filter((l) => l.level >= 40)
+          .map((l) => [l.msg, l.part ?? null, l.err?.message ?? null]);
+      return { logger, said };
+    }
+
+    it('only the attempts lose a lock conflict: the lock conflict is said, as a warning, and no outage', async () => {
+      const conflict = await lockConflict();
+      const { logger, said } = captured();
+      const reports: string[] = [];
+      const pgWatch = new ServerWatch('PostgreSQL (test)', (_level, message) => reports.push(message));
+      const sweep = new Sweeper({ dataSource: db.dataSource, producer, logger, pgWatch, flushStamps: () => Promise.reject(conflict) });
+      expect(await sweep.sweep().then(() => null, (err: unknown) => err)).to.equal(conflict);
+      expect(said()).to.deep.equal([['sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again', 'attempts', null]]);
+      expect(reports).to.deep.equal([]);
+    });
+
+    it('readiness meets PostgreSQL away while the attempts lose a lock conflict: "a server is away", and the watch is told', async () => {
+      const conflict = await lockConflict();
+      const target = new URL(db.url);
+      const proxy = new TcpProxy(target.hostname, Number(target.port));
+      const proxied = createDataSource({ url: TcpProxy.rewrite(db.url, await proxy.listen()), poolSize: 1 });
+      await proxied.initialize();
+      const { logger, said } = captured();
+      const reports: string[] = [];
+      const pgWatch = new ServerWatch('PostgreSQL (test)', (_level, message) => reports.push(message));
+      const sweep = new Sweeper({ dataSource: proxied, producer, logger, pgWatch, flushStamps: () => Promise.reject(conflict) });
+      try {
+        await proxy.close(); // nothing listens there any more
+        const failed = await sweep.sweep().then(() => null, (err: unknown) => err);
+        expect(failed, 'the tick throws its first failure').to.equal(conflict);
+        expect(said()).to.deep.equal([['sweep failed: a server is away; retrying every tick', 'readiness', null]]);
+        expect(reports).to.deep.equal(['lost PostgreSQL (test), retrying']);
+      } finally {
+        await proxied.destroy();
+      }
+    });
+
+    it('readiness fails for a bug while the attempts lose a lock conflict: the bug is logged as an error, the conflict not alone', async () => {
+      const conflict = await lockConflict(); // leaves a deploying attempt: no shard of its own
+      const service = new TransitionService({ dataSource: db.dataSource });
+      await ended(service, { url: 'http://127.0.0.1:1/', kind: 'node_port' }); // one ready endpoint: one shard to queue
+      const { logger, said } = captured();
+      const shardQueue = { addBulk: () => Promise.reject(new TypeError('a bug in queueing the shards')) };
+      const sweep = new Sweeper({ dataSource: db.dataSource, producer, logger, shardQueue, flushStamps: () => Promise.reject(conflict) });
+      const failed = await sweep.sweep().then(() => null, (err: unknown) => err);
+      expect(failed).to.equal(conflict);
+      expect(said()).to.deep.equal([['sweep failed', 'readiness', 'a bug in queueing the shards']]);
+    });
   });
 
   describe('through the lifecycle worker', () => {

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import { ConflictError, NotYetError, ValidationError } from '../../src/errors';
+import { payloadDigest } from '../../src/events/schemas';
 import { TransitionService, type ApplyResult } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { barrier } from '../helpers/wait';
@@ -130,6 +131,30 @@ describe('transition service (PostgreSQL)', () => {
     expect(second).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     expect(second.outcome === 'noop' && second.previous).to.deep.equal({ outcome: 'applied', reason: 'attempt_created', version: 2 });
     expect(await counts(deploymentId)).to.deep.include({ transitions: 2, outbox: 2, version: 2 });
+  });
+
+  it('takes a retry of an event processed before endpoint URLs were normalised as the duplicate it is, one at a time and in a batch; another URL under its id is still a conflict', async () => {
+    const sent = (deploymentId: string, url = 'http://10.0.0.1:30000') => ({ deploymentId, name: 'web', endpoint: { url, kind: 'node_port' } });
+    const ids = [randomUUID(), randomUUID(), randomUUID()];
+    for (const id of ids) {
+      expect(await service.apply('deployment.create', { ...sent(id), eventId: `old-${id}` })).to.deep.include({ outcome: 'applied' });
+      // the row as a worker wrote it before issue 28: the digest of the URL as sent (WHATWG URL adds the "/")
+      const [row] = await q<{ payload_sha256: string }>(`SELECT payload_sha256 FROM processed_events WHERE event_id = $1`, [`old-${id}`]);
+      expect(row?.payload_sha256).to.not.equal(payloadDigest(sent(id)));
+      await q(`UPDATE processed_events SET payload_sha256 = $2 WHERE event_id = $1`, [`old-${id}`, payloadDigest(sent(id))]);
+    }
+    const [one, two, three] = ids as [string, string, string];
+    const outcomes = (settled: Array<PromiseSettledResult<ApplyResult>>): unknown[] => settled.map((r): unknown => (r.status === 'fulfilled' ? r.value : r.reason));
+    expect(await service.apply('deployment.create', { ...sent(one), eventId: `old-${one}` })).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
+    for (const result of outcomes(await service.applyMany([two, three].map((id) => ({ name: 'deployment.create', data: { ...sent(id), eventId: `old-${id}` } }))))) {
+      expect(result).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
+    }
+    const other = (id: string) => ({ ...sent(id, 'http://10.0.0.2:30000'), eventId: `old-${id}` });
+    expect(await service.apply('deployment.create', other(one))).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
+    for (const result of outcomes(await service.applyMany([two, three].map((id) => ({ name: 'deployment.create', data: other(id) }))))) {
+      expect(result).to.deep.include({ outcome: 'rejected', code: 'event_id_conflict' });
+    }
+    for (const id of ids) expect(await counts(id)).to.deep.include({ transitions: 1, processed: 1, version: 1 });
   });
 
   it('applies the same eventId delivered 8 times concurrently exactly once', async () => {

@@ -329,6 +329,30 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(after?.n).to.equal(before?.n);
   });
 
+  it("holds a raw job's id to the eventId rules when it stands for the payload's: no squatting another subject's derived id", async () => {
+    startWorker();
+    const [victim, squatter] = [randomUUID(), randomUUID()];
+    await settled([(await producer.createDeployment({ deploymentId: squatter, name: 'web' })).jobId]);
+    // a raw producer's job named as the victim's derived create, carrying another deployment and no eventId; and one
+    // named as another kind's id
+    await queue.add('deployment.create', { deploymentId: squatter, name: 'web' }, { jobId: `deployment.create.${victim}`, attempts: 5 });
+    await queue.add('deployment.teardown', { deploymentId: squatter }, { jobId: `deployment.create.${squatter}.x`, attempts: 5 });
+    const jobs = await settled([`deployment.create.${victim}`, `deployment.create.${squatter}.x`]);
+    expect(await Promise.all(jobs.map((j) => j.getState()))).to.deep.equal(['failed', 'failed']);
+    expect(jobs.map((j) => j.attemptsMade)).to.deep.equal([1, 1]);
+    expect(jobs[0]?.failedReason).to.match(/^invalid_payload: eventId: .*must name this event's deploymentId next/);
+    expect(jobs[1]?.failedReason).to.match(/^invalid_payload: eventId: must not begin with "deployment.create."/);
+    expect(await q(`SELECT 1 FROM processed_events WHERE event_id = $1`, [`deployment.create.${victim}`])).to.deep.equal([]);
+    expect((await transitionsOf(squatter)).map((t) => t.version)).to.deep.equal([1]);
+    // the victim's real create then applies, once the failed job no longer holds the id in the queue (until then the
+    // enqueue meets it as any job held under an id: event_id_conflict at the producer, with the holder's state)
+    await queue.remove(`deployment.create.${victim}`);
+    const { jobId } = await producer.createDeployment({ deploymentId: victim, name: 'web' });
+    expect(jobId).to.equal(`deployment.create.${victim}`);
+    const [created] = await settled([jobId]);
+    expect(created?.returnvalue).to.deep.include({ outcome: 'applied', deploymentId: victim, version: 1 });
+  });
+
   it('fails machine rejections with the code, without retries', async () => {
     startWorker();
     const deploymentId = randomUUID();

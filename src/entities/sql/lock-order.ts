@@ -2,7 +2,11 @@
  * The one lock order (docs/architecture.md, "One lock order"). Every statement that can lock more than one row of
  * `deployments` or `attempts` first locks them in a CTE made by `lockedInIdOrder`, by primary key ascending, and
  * writes only rows it has locked there (its UPDATE joins the CTE); a statement that writes both tables locks its
- * attempts after its deployments. So no two writers each hold a row the other waits for: they cannot deadlock.
+ * attempts after its deployments. So no row-lock cycle forms among the writers of deployments and attempts: no two
+ * of them each hold a row the other waits for. The order covers those row locks only; other waits are outside it (a
+ * claim INSERT waiting on an uncommitted duplicate key, an ON CONFLICT waiting on another transaction, the one-event
+ * path's FOR UPDATE), so a deadlock PostgreSQL breaks is still retried (`retryLockConflicts`): the retry is a
+ * safety net.
  *
  * Sorting the input arrays is not enough: an `UPDATE ... FROM unnest(...)` locks rows in the order its join
  * produces them, the array's in a nested loop driven by it, the heap's in a hash join that scans the table, and the

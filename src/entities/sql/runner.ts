@@ -107,8 +107,10 @@ export interface LockConflictRetry {
  * Runs `work` again when PostgreSQL aborted it for a lock conflict (`isLockConflict`: a deadlock it broke, or a
  * serialization failure), up to `tries` runs in all, after a short random pause in which the other side finishes.
  * Only for work that such an abort undoes whole: one autocommit statement, or one transaction. Each retry is a warn
- * line: with one lock order (lock-order.ts) a deadlock means some statement breaks it. The last failure is thrown;
- * it is still no outage (`isLockConflict`).
+ * line. The one lock order (lock-order.ts) leaves no row-lock cycle among the writers of deployments and attempts;
+ * waits outside it (a claim INSERT on an uncommitted duplicate, ON CONFLICT, the one-event path's FOR UPDATE) can
+ * still take part in a deadlock, so this retry is a safety net. The last failure is thrown; it is still no outage
+ * (`isLockConflict`).
  */
 export async function retryLockConflicts<T>(work: () => Promise<T>, retry: LockConflictRetry): Promise<T> {
   const tries = retry.tries ?? 3;

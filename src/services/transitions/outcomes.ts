@@ -59,10 +59,14 @@ export function snapshotOf(row: SnapshotRow): Snapshot {
   };
 }
 
-/** A processed row is this event when name, deployment and payload agree (rows from before the digest: name and
- * deployment). */
+/**
+ * A processed row is this event when name, deployment and payload agree (rows from before the digest: name and
+ * deployment). Rows from before issue 28 hashed the endpoint URL as sent, not normalised: the same event sent again,
+ * as sent then, has that digest as its `digestAsSent`.
+ */
 export function sameEvent(event: LifecycleEvent, name: string, deploymentId: string | null, digest: string | null): boolean {
-  return name === event.name && deploymentId === event.data.deploymentId && (digest === null || digest === payloadDigest(event.data));
+  const samePayload = digest === null || digest === payloadDigest(event.data) || digest === event.digestAsSent;
+  return name === event.name && deploymentId === event.data.deploymentId && samePayload;
 }
 
 /** What an earlier delivery of the event did (its `processed_events` row), for `duplicate_event`'s `previous`. */

@@ -105,11 +105,18 @@ export interface LifecycleWorkerOptions {
     readonly checkEveryMs?: number;
   };
   /**
-   * How long an event for a deployment or attempt that does not exist ("not yet") is retried, as the sum of its
-   * backoff delays (default 30 s: 6 retries, 250 ms doubling; never more than `retryBudgetMs`). Then a heartbeat or
-   * readiness event completes as a noop `not_found`, and any other event fails `not_found`.
+   * How long a heartbeat or readiness event for a deployment or attempt that does not exist ("not yet") is retried,
+   * as the sum of its backoff delays (default 30 s: 6 retries, 250 ms doubling; never more than `retryBudgetMs`).
+   * Then it completes as a noop `not_found`.
    */
   readonly stampRetryBudgetMs?: number;
+  /**
+   * The same for every other event (default 3 min: 11 retries; never more than `retryBudgetMs`); then it fails
+   * `not_found`. Longer than a stamp's because losing it loses a transition: its create may be held up by the
+   * fleet's own fault handling (a cut-off host's jobs run again elsewhere within 15 s, a Redis failover takes ~10 s)
+   * and the jittered backoff can spend as little as half the budget. The chaos run on three hosts lost events at 30 s.
+   */
+  readonly notFoundRetryBudgetMs?: number;
   /** reports every job's outcome and duration (metrics) */
   readonly onJob?: (report: JobReport) => void;
   /** test hook: runs after the service has committed, before the job completes */
@@ -332,7 +339,7 @@ export class LifecycleWorker {
       throw new UnrecoverableError(message);
     }
     const retries = Math.max(0, job.attemptsStarted - 1);
-    if (err instanceof NotYetError && retries >= this.notYetRetries()) {
+    if (err instanceof NotYetError && retries >= this.notYetRetries(STAMP_EVENTS.has(job.name))) {
       if (STAMP_EVENTS.has(job.name)) {
         // A stamp changes no state: one for something that still does not exist is dropped, not failed.
         this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
@@ -371,9 +378,10 @@ export class LifecycleWorker {
     throw err;
   }
 
-  /** Retries of a "not yet" before its event ends `not_found` (the stamps' budget, never past the retry budget). */
-  private notYetRetries(): number {
-    return Math.min(retriesWithin(this.options.stampRetryBudgetMs ?? 30_000), retriesWithin(this.options.retryBudgetMs ?? 10 * 60_000));
+  /** Retries of a "not yet" before its event ends `not_found` (a stamp's or another event's budget, never past the retry budget). */
+  private notYetRetries(stamp: boolean): number {
+    const budget = stamp ? (this.options.stampRetryBudgetMs ?? 30_000) : (this.options.notFoundRetryBudgetMs ?? 3 * 60_000);
+    return Math.min(retriesWithin(budget), retriesWithin(this.options.retryBudgetMs ?? 10 * 60_000));
   }
 
   /**

@@ -434,7 +434,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     return settled(jobIds);
   }
 
-  it('ends events for a deployment or attempt that never arrives as not_found within the stamps\' bound: failed at once, at warn, not gave_up', async () => {
+  it('ends events for a deployment or attempt that never arrives as not_found within their bound (3 min of backoff; a stamp\'s 30 s): failed at once, at warn, not gave_up', async () => {
     let logged = '';
     const outcomes: string[] = [];
     startWorker({ logger: createLogger('debug', { write: (line: string) => void (logged += line) }), onJob: (r) => void outcomes.push(`${r.name} ${r.outcome}`) });
@@ -448,14 +448,15 @@ describe('lifecycle worker through real BullMQ queues', function () {
     const [deployment, teardown, attempt, heartbeat] = await settledPromptly(['ghost-deployment', 'ghost-teardown', 'ghost-attempt', 'ghost-heartbeat']);
 
     expect(heartbeat?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'not_found' });
-    const bound = heartbeat?.attemptsStarted ?? 0;
-    expect(bound).to.equal(retriesWithin(30_000) + 1); // 6 retries: about 30 s of backoff
+    expect(heartbeat?.attemptsStarted).to.equal(retriesWithin(30_000) + 1); // 6 retries: about 30 s of backoff
+    const bound = retriesWithin(3 * 60_000) + 1; // 11 retries: about 3 min of backoff
+    expect(bound).to.equal(12);
     for (const job of [deployment, teardown, attempt]) {
       expect(await job?.getState(), job?.id).to.equal('failed');
       expect(job?.attemptsStarted, job?.id).to.equal(bound); // no retry after it: UnrecoverableError
     }
-    expect(deployment?.failedReason).to.match(/^not_found: deployment_not_found: deployment [0-9a-f-]{36} does not exist after 6 retries$/);
-    expect(attempt?.failedReason).to.match(new RegExp(`^not_found: attempt_not_found: deployment ${existing} has no attempt [0-9a-f-]{36} after 6 retries$`));
+    expect(deployment?.failedReason).to.match(/^not_found: deployment_not_found: deployment [0-9a-f-]{36} does not exist after 11 retries$/);
+    expect(attempt?.failedReason).to.match(new RegExp(`^not_found: attempt_not_found: deployment ${existing} has no attempt [0-9a-f-]{36} after 11 retries$`));
 
     const lines = logged.trim().split('\n').map((l) => JSON.parse(l) as { level: number; outcome?: string; jobId?: string });
     expect(lines.filter((l) => l.level >= 50), 'nothing at error level').to.deep.equal([]);

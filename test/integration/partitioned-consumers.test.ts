@@ -4,13 +4,14 @@ import type IORedis from 'ioredis';
 import { ConfigError } from '../../src/errors';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
-import { parseEntry, type TransitionEntry } from '../../src/streams/consumer';
+import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
+import { sleep } from '../../src/util';
 
 /** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
 async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
@@ -173,6 +174,196 @@ describe('a partitioned transition stream', function () {
       const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE deployment_id = $1 AND published_at IS NULL`, [id]);
       expect(Number(row?.n)).to.equal(2);
       expect(await lengths(4)).to.equal(0);
+    });
+  });
+
+  describe('consumers of one group', () => {
+    /**
+     * What the handlers saw: per deployment the versions in handler-call order, and any moment two consumers were
+     * inside the handler for one partition at once.
+     */
+    class Audit {
+      readonly versions = new Map<string, number[]>();
+      readonly byConsumer = new Map<string, number>();
+      readonly overlaps: string[] = [];
+      private readonly inflight = new Map<number, string>();
+      calls = 0;
+      constructor(
+        private readonly partitions: number,
+        private readonly delayMs: number,
+      ) {}
+
+      handler(name: string): (e: TransitionEntry) => Promise<void> {
+        return async (e) => {
+          const n = partitionOf(e.deploymentId, this.partitions);
+          const other = this.inflight.get(n);
+          if (other !== undefined) this.overlaps.push(`${name} handled partition ${n} while ${other} did`);
+          this.inflight.set(n, name);
+          this.calls++;
+          try {
+            await sleep(this.delayMs);
+            this.versions.set(e.deploymentId, [...(this.versions.get(e.deploymentId) ?? []), e.version]);
+            this.byConsumer.set(name, (this.byConsumer.get(name) ?? 0) + 1);
+          } finally {
+            if (this.inflight.get(n) === name) this.inflight.delete(n);
+          }
+        };
+      }
+
+      /** every deployment got every version 1..last, never a lower one after a higher one */
+      expectComplete(deployments: readonly string[], last: number, strictly: boolean): void {
+        expect(this.overlaps).to.deep.equal([]);
+        for (const d of deployments) {
+          const seen = this.versions.get(d) ?? [];
+          for (let i = 1; i < seen.length; i++) {
+            const [prev, cur] = [seen[i - 1] ?? 0, seen[i] ?? 0];
+            expect(strictly ? cur > prev : cur >= prev, `${d}: ${seen.join(',')}`).to.equal(true);
+          }
+          expect([...new Set(seen)], d).to.deep.equal(Array.from({ length: last }, (_, i) => i + 1));
+        }
+      }
+
+      count(deployments: readonly string[]): number {
+        return deployments.reduce((sum, d) => sum + new Set(this.versions.get(d)).size, 0);
+      }
+    }
+
+    /** Appends versions from..to of every deployment, interleaved as in a real fleet, to their partitions. */
+    async function publish(deployments: readonly string[], partitions: number, from: number, to: number): Promise<void> {
+      const pipeline = redis.pipeline();
+      for (let v = from; v <= to; v++) {
+        for (const d of deployments) {
+          const key = partitionKey(streamKey, partitionOf(d, partitions), partitions);
+          pipeline.xadd(key, '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v), 'to', 'pending', 'reason', 'test');
+        }
+      }
+      await pipeline.exec();
+    }
+
+    const shared = memoryVersionStore();
+    function consumer(name: string, audit: Audit, options: Partial<TransitionConsumerOptions> = {}): TransitionConsumer {
+      const c = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'g',
+        consumer: name,
+        startId: '0',
+        blockMs: 200,
+        batchSize: 20,
+        leaseMs: 1000,
+        versions: shared,
+        handler: audit.handler(name),
+        ...options,
+      });
+      closers.push(() => c.close());
+      void c.run();
+      return c;
+    }
+
+    it('4 consumers, 16 partitions: every entry handled, per deployment in increasing version, partitions shared out', async () => {
+      await recordPartitions(redis, streamKey, 16);
+      const audit = new Audit(16, 2);
+      const deployments = Array.from({ length: 60 }, () => randomUUID());
+      const consumers = ['c1', 'c2', 'c3', 'c4'].map((name) => consumer(name, audit));
+      await publish(deployments, 16, 1, 8);
+      await waitFor('480 entries handled', () => (audit.count(deployments) >= 480 ? true : undefined), 60_000);
+      audit.expectComplete(deployments, 8, true);
+      await waitFor('4 partitions each', () => (consumers.every((c) => c.ownedPartitions().length === 4) ? true : undefined));
+      expect(consumers.flatMap((c) => c.ownedPartitions()).sort((a, b) => a - b)).to.deep.equal(Array.from({ length: 16 }, (_, n) => n));
+    });
+
+    it('through a consumer joining, one closing and one crashing mid-run: complete and in order', async () => {
+      await recordPartitions(redis, streamKey, 16);
+      const audit = new Audit(16, 2);
+      const deployments = Array.from({ length: 40 }, () => randomUUID());
+      const crashing = testRedis();
+      closers.push(async () => crashing.disconnect());
+      const [a, b, c] = [consumer('a', audit), consumer('b', audit), consumer('c', audit, { redis: crashing })];
+      await publish(deployments, 16, 1, 4);
+      await waitFor('some handled', () => (audit.calls >= 40 ? true : undefined));
+      const d = consumer('d', audit); // joins
+      await waitFor('the joiner to own partitions', () => (d.ownedPartitions().length > 0 ? true : undefined));
+      await publish(deployments, 16, 5, 8);
+      await a.close(); // leaves
+      crashing.disconnect(); // c crashes: its leases left to expire
+      await publish(deployments, 16, 9, 12);
+      await waitFor('480 entries handled', () => (audit.count(deployments) >= 480 ? true : undefined), 60_000);
+      audit.expectComplete(deployments, 12, false);
+      await waitFor('the survivors to own every partition', () => (b.ownedPartitions().length + d.ownedPartitions().length === 16 ? true : undefined));
+      expect(c.acquisitions).to.be.above(0);
+    });
+
+    it('with one partition, one consumer of three is active and the others are hot standbys', async () => {
+      const audit = new Audit(1, 1);
+      const deployments = Array.from({ length: 20 }, () => randomUUID());
+      const consumers = ['x', 'y', 'z'].map((name) => consumer(name, audit));
+      await publish(deployments, 1, 1, 5);
+      await waitFor('100 entries handled', () => (audit.count(deployments) >= 100 ? true : undefined));
+      audit.expectComplete(deployments, 5, true);
+      const active = consumers.filter((c) => c.ownedPartitions().length > 0);
+      expect(active).to.have.length(1);
+      expect(audit.byConsumer.size).to.equal(1);
+      // the active one leaves: a standby takes over
+      await active[0]?.close();
+      await publish(deployments, 1, 6, 8);
+      await waitFor('160 entries handled', () => (audit.count(deployments) >= 160 ? true : undefined));
+      audit.expectComplete(deployments, 8, true);
+      expect(audit.byConsumer.size).to.equal(2);
+    });
+
+    it('fences a consumer that cannot renew: it stops handling before another starts, and the next owner takes its pending entries first', async () => {
+      const audit = new Audit(1, 50);
+      const deployments = Array.from({ length: 5 }, () => randomUUID());
+      // a's process stalls: no renewal, no heartbeat, and by its own clock its lease is long past when it runs again
+      let paused = false;
+      let skew = 0;
+      const a = consumer('a', audit, { beforeRenew: () => !paused, monotonicNow: () => performance.now() + skew });
+      await waitFor('a to own the partition', () => (a.ownedPartitions().length === 1 ? true : undefined));
+      const b = consumer('b', audit);
+      await publish(deployments, 1, 1, 8);
+      await waitFor('a to have handled some', () => ((audit.byConsumer.get('a') ?? 0) >= 5 ? true : undefined));
+      paused = true;
+      skew = 10_000;
+      const byA = audit.byConsumer.get('a') ?? 0;
+      await waitFor('b to take over', () => (b.ownedPartitions().length === 1 ? true : undefined));
+      // a stopped at once (the call in flight, if any, finished), not when Redis expired its lease
+      expect(audit.byConsumer.get('a') ?? 0).to.be.at.most(byA + 1);
+      await waitFor('40 entries handled', () => (audit.count(deployments) >= 40 ? true : undefined), 30_000);
+      // no handler call of a's overlapped one of b's, and b went on from where a stopped, in order
+      audit.expectComplete(deployments, 8, true);
+      expect(audit.byConsumer.get('b') ?? 0).to.be.above(0);
+      expect(a.ownedPartitions()).to.deep.equal([]);
+    });
+
+    it('fences a consumer whose lease another took: its next acknowledgement fails and it handles nothing more', async () => {
+      const deploymentId = randomUUID();
+      let release: () => void = () => undefined;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      const calls: number[] = [];
+      const a = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'g',
+        consumer: 'a',
+        startId: '0',
+        blockMs: 200,
+        leaseMs: 60_000,
+        handler: async (e) => {
+          calls.push(e.version);
+          if (e.version === 3) await gate;
+        },
+      });
+      closers.push(() => a.close());
+      void a.run();
+      await publish([deploymentId], 1, 1, 10);
+      await waitFor('the handler to hold v3', () => (calls.length === 3 ? true : undefined));
+      await redis.set(partitionKey(streamKey, 0, 1) + ':lease:g', 'another-owner', 'PX', 60_000);
+      release();
+      await waitFor('a to give the partition up', () => (a.ownedPartitions().length === 0 ? true : undefined));
+      expect(calls).to.deep.equal([1, 2, 3]);
+      // v3 was not acknowledged: it and the rest wait for the partition's owner
+      const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
+      expect(pending[0]).to.equal(8);
     });
   });
 });

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { ConfigError } from '../../src/errors';
+import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
@@ -147,6 +148,22 @@ describe('a partitioned transition stream', function () {
       const firstNew = entries.findIndex((e) => e.deploymentId === more);
       const lastOld = entries.map((e) => mine.includes(e.deploymentId)).lastIndexOf(true);
       expect(lastOld).to.be.below(firstNew);
+    });
+
+    it("lets the fleet's ACL user (fleetAclRules) write a hash-tagged prefix's partitions and their leases", async () => {
+      const tagged = `{${prefix}}`;
+      const user = `${prefix}-acl`;
+      await redis.call('ACL', 'SETUSER', user, 'reset', 'on', '>a-long-password-1', ...fleetAclRules(tagged));
+      try {
+        const key = partitionKey(`${tagged}:transitions`, 3, 16);
+        expect(key).to.equal(`{${prefix}:p3}:transitions:3`);
+        expect(await redis.call('ACL', 'DRYRUN', user, 'XADD', key, '*', 'a', 'b')).to.equal('OK');
+        expect(await redis.call('ACL', 'DRYRUN', user, 'SET', `${key}:lease:g`, 'x')).to.equal('OK');
+        expect(await redis.call('ACL', 'DRYRUN', user, 'GET', partitionsRecordKey(`${tagged}:transitions`))).to.equal('OK');
+        expect(String(await redis.call('ACL', 'DRYRUN', user, 'XADD', `{other:p3}:transitions:3`, '*', 'a', 'b'))).to.contain('no permissions');
+      } finally {
+        await redis.call('ACL', 'DELUSER', user);
+      }
     });
 
     it('refuses a number of partitions other than the recorded one, naming both', async () => {

@@ -28,7 +28,7 @@ import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, isCluster, logReport, ServerWatch } from '../queues/redis';
 import { settleWithin } from '../util';
 import { failSpan, traceparentContext, tracer } from '../telemetry';
-import { FENCED_ACK, FENCED_CLAIM, HEARTBEAT, RELEASE, RENEW, fairShare, leaseKey, membersKey, preferredPartitions } from './leases';
+import { ACQUIRE, FENCED_ACK, FENCED_CLAIM, HEARTBEAT, RELEASE, RENEW, fairShare, leaseKey, membersKey, preferredPartitions } from './leases';
 import { partitionKeys, readPartitions } from './partitions';
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
@@ -415,14 +415,15 @@ export class TransitionConsumer {
     return sentAt + this.leaseMs - this.leaseMs / 4;
   }
 
-  /** Takes partition n's lease if it is free, and starts its worker. */
+  /** Takes partition n's lease if it is free (or still this instance's), and starts its worker. */
   private async acquire(session: Session, n: number): Promise<boolean> {
     const key = session.keys[n] ?? this.options.streamKey;
     const lease = leaseKey(key, this.options.group);
-    const token = `${this.options.consumer}:${this.instance}:${randomUUID().slice(0, 8)}`;
+    const mine = `${this.options.consumer}:${this.instance}:`;
+    const token = `${mine}${randomUUID().slice(0, 8)}`;
     const sentAt = this.now();
-    const taken = await this.redis.set(lease, token, 'PX', this.leaseMs, 'NX');
-    if (taken !== 'OK') return false;
+    const taken = Number(await this.redis.eval(ACQUIRE, 1, lease, token, mine, String(this.leaseMs)));
+    if (taken !== 1) return false;
     const owned: Owned = { n, key, leaseKey: lease, token, deadline: this.deadlineFrom(sentAt), releasing: false, lost: false, position: '0-0', worker: Promise.resolve() };
     session.owned.set(n, owned);
     this.acquisitions++;

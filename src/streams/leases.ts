@@ -32,6 +32,18 @@ end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 `;
 
+/**
+ * Takes the lease KEYS[1] with the token ARGV[1] for ARGV[3] ms if it is free, or still held by this consumer
+ * instance (ARGV[2], its tokens' prefix: a holding whose worker stopped, e.g. at its deadline during an outage,
+ * which no other consumer can have taken meanwhile): 1, else 0.
+ */
+export const ACQUIRE = `
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, #ARGV[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[3]))
+return 1
+`;
+
 /** Renews the lease KEYS[1] for ARGV[2] ms if it still holds the token ARGV[1]: 1, else 0. */
 export const RENEW = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end

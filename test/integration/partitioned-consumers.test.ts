@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
+import { tail } from '../../src/cli/tail';
 import { ConfigError } from '../../src/errors';
 import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
@@ -381,6 +382,50 @@ describe('a partitioned transition stream', function () {
       // v3 was not acknowledged: it and the rest wait for the partition's owner
       const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
       expect(pending[0]).to.equal(8);
+    });
+  });
+
+  describe('fleet tail', () => {
+    it('prints every partition, each deployment in version order, from --from or from now', async () => {
+      await recordPartitions(redis, streamKey, 4);
+      const deployments = Array.from({ length: 12 }, () => randomUUID());
+      const add = async (from: number, to: number) => {
+        for (let v = from; v <= to; v++) {
+          for (const d of deployments) {
+            await redis.xadd(partitionKey(streamKey, partitionOf(d, 4), 4), '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v));
+          }
+        }
+      };
+      await add(1, 2); // history
+      const run = (from?: string) => {
+        const lines: TransitionEntry[] = [];
+        let stop: () => void = () => undefined;
+        const stopped = new Promise<void>((resolve) => (stop = resolve));
+        const done = tail({ redisUrl: testEnv().redisUrl, streamKey, json: true, write: (line) => void lines.push(JSON.parse(line) as TransitionEntry), stop: stopped, ...(from === undefined ? {} : { from }) });
+        return { lines, stop, done };
+      };
+      const history = run('0');
+      const live = run();
+      closers.push(async () => {
+        history.stop();
+        live.stop();
+        await Promise.all([history.done, live.done]);
+      });
+      await waitFor('the history', () => (history.lines.length >= 24 ? true : undefined));
+      // both tails wait in their blocking read: the live one has pinned where "now" is on every partition
+      await waitFor('both tails waiting', async () => (/blocked_clients:([2-9]|\d\d)/.test(await redis.info('clients')) ? true : undefined));
+      await add(3, 4);
+      await waitFor('everything on the history tail', () => (history.lines.length >= 48 ? true : undefined));
+      await waitFor('what came after the live tail started', () => (live.lines.length >= 24 ? true : undefined));
+      const byDeployment = (lines: readonly TransitionEntry[]) => {
+        const by = new Map<string, number[]>();
+        for (const e of lines) by.set(e.deploymentId, [...(by.get(e.deploymentId) ?? []), Number(e.version)]);
+        return by;
+      };
+      for (const d of deployments) {
+        expect(byDeployment(history.lines).get(d)).to.deep.equal([1, 2, 3, 4]);
+        expect(byDeployment(live.lines).get(d)).to.deep.equal([3, 4]);
+      }
     });
   });
 });

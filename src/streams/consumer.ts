@@ -231,6 +231,8 @@ export class TransitionConsumer {
   /** partitions whose worker waits for new entries: their position, and how to wake the worker */
   private readonly idle = new Map<number, { key: string; position: string; wake: () => void }>();
   private wakeWaiter: (() => void) | null = null;
+  /** the end of the last handler call queued: calls run one at a time */
+  private handlerTurn: Promise<void> = Promise.resolve();
   /** entries handled (not dropped) since start */
   handled = 0;
   /** entries dropped as already seen */
@@ -721,18 +723,39 @@ export class TransitionConsumer {
 
   private async retrying(session: Session, o: Owned, entry: TransitionEntry, onFailure?: (err: unknown) => void): Promise<boolean> {
     for (let attempt = 0; ; attempt++) {
-      if (!this.holds(session, o)) return false;
-      try {
-        await this.options.handler(entry);
-        return true;
-      } catch (err) {
-        onFailure?.(err);
-        if (this.stopped) return false;
-        const delay = Math.min(10_000, 250 * 2 ** attempt);
-        this.log.warn({ err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
-        await this.pause(delay);
-        if (this.stopped) return false;
-      }
+      // one handler call at a time per consumer, as with one stream: its partitions take turns (the lease is checked
+      // once it is this entry's turn, right before the call)
+      const outcome = await this.oneAtATime(async () => {
+        if (!this.holds(session, o)) return 'stop' as const;
+        try {
+          await this.options.handler(entry);
+          return 'done' as const;
+        } catch (err) {
+          return { err };
+        }
+      });
+      if (outcome === 'stop') return false;
+      if (outcome === 'done') return true;
+      onFailure?.(outcome.err);
+      if (this.stopped) return false;
+      const delay = Math.min(10_000, 250 * 2 ** attempt);
+      this.log.warn({ err: outcome.err, deploymentId: entry.deploymentId, version: entry.version, delayMs: delay }, 'handler failed; retrying');
+      // the backoff lets the other partitions' entries go on; this partition's wait behind this entry
+      await this.pause(delay);
+      if (this.stopped) return false;
+    }
+  }
+
+  /** Runs `fn` after every call queued before it has finished (FIFO). */
+  private async oneAtATime<T>(fn: () => Promise<T>): Promise<T> {
+    const before = this.handlerTurn;
+    let done: () => void = () => undefined;
+    this.handlerTurn = new Promise<void>((resolve) => (done = resolve));
+    await before;
+    try {
+      return await fn();
+    } finally {
+      done();
     }
   }
 }

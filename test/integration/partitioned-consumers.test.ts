@@ -216,6 +216,8 @@ describe('a partitioned transition stream', function () {
           const n = partitionOf(e.deploymentId, this.partitions);
           const other = this.inflight.get(n);
           if (other !== undefined) this.overlaps.push(`${name} handled partition ${n} while ${other} did`);
+          // and one consumer's handler is called for one entry at a time, as before partitions
+          if ([...this.inflight.values()].includes(name)) this.overlaps.push(`${name} handled two entries at once`);
           this.inflight.set(n, name);
           this.calls++;
           try {

@@ -3,6 +3,7 @@
  */
 import type { DispatchResult } from '../scenarios/dispatch';
 import { hostsMarkdown, type HostsResult } from '../scenarios/hosts';
+import { consumersMarkdown, consumersTargets, type ConsumersResult } from '../scenarios/consumers';
 import type { LatencyResult } from '../scenarios/latency';
 import { describeSpec, type ScaleResult, type ScaleRun } from '../scenarios/scale';
 import type { SweepScenarioResult } from '../scenarios/sweep';
@@ -45,6 +46,8 @@ export interface BenchResults {
   readonly scale?: ScaleResult | null;
   /** scenario 7, horizontal throughput with worker hosts (absent in results written before it existed) */
   readonly hosts?: HostsResult | null;
+  /** scenario 8, consumers of one group over a partitioned stream (absent in results written before it existed) */
+  readonly consumers?: ConsumersResult | null;
   readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
   readonly targets: readonly Target[];
 }
@@ -65,6 +68,7 @@ export function rssSummary(t: ThroughputResult | null, l: LatencyResult | null):
 
 export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Target[] {
   const targets: Target[] = [];
+  if (r.consumers !== undefined && r.consumers !== null) targets.push(...consumersTargets(r.consumers));
   const t = r.throughput;
   if (t !== null) {
     targets.push({
@@ -314,6 +318,7 @@ export function markdown(r: BenchResults): string {
   }
   if (r.scale !== undefined && r.scale !== null) out.push(...scaleMarkdown(r.scale));
   if (r.hosts !== undefined && r.hosts !== null) out.push(...hostsMarkdown(r.hosts));
+  if (r.consumers !== undefined && r.consumers !== null) out.push(...consumersMarkdown(r.consumers));
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');

@@ -383,7 +383,8 @@ export class TransitionConsumer {
     if (this.options.beforeRenew?.() === false) return;
     const { streamKey, group, consumer } = this.options;
     const sentAt = this.now();
-    const members = (await this.redis.eval(HEARTBEAT, 1, membersKey(streamKey, group), String(this.leaseMs), consumer, '1')) as string[];
+    // by name: every member must see the same order (the set's own order is by expiry, which each heartbeat moves)
+    const members = ((await this.redis.eval(HEARTBEAT, 1, membersKey(streamKey, group), String(this.leaseMs), consumer, '1')) as string[]).sort();
     await Promise.all(
       [...session.owned.values()].map(async (o) => {
         if (o.lost) return;

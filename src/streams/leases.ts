@@ -17,7 +17,8 @@ export function membersKey(baseKey: string, group: string): string {
 
 /**
  * Heartbeat: ARGV[1] TTL ms, ARGV[2] the member. Drops expired members (by Redis's clock, so hosts' clocks do not
- * matter), adds or refreshes this one unless ARGV[3] is '0' (leaving), and returns the live members, sorted.
+ * matter), adds or refreshes this one unless ARGV[3] is '0' (leaving), and returns the live members (in expiry
+ * order: sort them by name before use).
  */
 export const HEARTBEAT = `
 local t = redis.call('TIME')
@@ -75,7 +76,7 @@ return redis.call('XCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, unpack(ARGV, 4))
 `;
 
 /**
- * How many partitions `me` aims to own: P split evenly over the live members (sorted), the first `P mod m` members
+ * How many partitions `me` aims to own: P split evenly over the live members (sorted by name), the first `P mod m` members
  * taking one more. With fewer partitions than members each aims for one, so an owner keeps its partition when
  * another consumer joins (the others are hot standbys) rather than hand it to whichever name sorts first. A consumer
  * not (yet) among the members aims for none.

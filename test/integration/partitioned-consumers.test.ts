@@ -290,6 +290,13 @@ describe('a partitioned transition stream', function () {
       audit.expectComplete(deployments, 8, true);
       await waitFor('4 partitions each', () => (consumers.every((c) => c.ownedPartitions().length === 4) ? true : undefined));
       expect(consumers.flatMap((c) => c.ownedPartitions()).sort((a, b) => a - b)).to.deep.equal(Array.from({ length: 16 }, (_, n) => n));
+      // a fifth joins: 16 over 5 is 4, 3, 3, 3, 3 by name, and every partition stays owned (every member must see
+      // the members in one order for the shares to add up to 16)
+      consumers.push(consumer('c5', audit));
+      await waitFor('16 over 5', () => {
+        const owned = consumers.map((c) => c.ownedPartitions().length);
+        return owned.join(',') === '4,3,3,3,3' ? true : undefined;
+      });
     });
 
     it('through a consumer joining, one closing and one crashing mid-run: complete and in order', async () => {

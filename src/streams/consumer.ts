@@ -204,8 +204,10 @@ interface Session {
   readonly partitions: number;
   readonly keys: readonly string[];
   readonly owned: Map<number, Owned>;
-  /** the first error that ends the run (a resync, a non-transient error) */
+  /** what ends the run: the first error (a resync, a non-transient error), a change of partitions, the stop */
   failure: unknown;
+  /** the recorded number of partitions is no longer this run's */
+  repartitioned: boolean;
   fail: (err: unknown) => void;
 }
 
@@ -226,6 +228,8 @@ export class TransitionConsumer {
   private onClose: () => void = () => undefined;
   private running: Promise<void> | null = null;
   private session: Session | null = null;
+  /** where groups created from now on start, when not `startId` (after the partitions changed) */
+  private startOverride: string | null = null;
   /** wakes the renewal loop (on close, on a released partition) */
   private wakeTick: (() => void) | null = null;
   /** partitions whose worker waits for new entries: their position, and how to wake the worker */
@@ -301,8 +305,10 @@ export class TransitionConsumer {
     for (let failures = 0; ; ) {
       const handled = this.handled;
       try {
-        await this.consume();
-        return;
+        if ((await this.consume()) === 'stopped') return;
+        // the stream's partitions changed under it (a consumer started before the fleet first recorded them): every
+        // entry on the new partitions came after this consumer started, so its group there starts from the beginning
+        this.startOverride = '0';
       } catch (err) {
         if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
         failures = this.handled > handled ? 1 : failures + 1;
@@ -317,7 +323,7 @@ export class TransitionConsumer {
    * One run: finds the partitions, makes sure the group exists on each, then keeps its membership and leases
    * (`tick`) while a worker per owned partition handles its entries; ends on close or on the first fatal error.
    */
-  private async consume(): Promise<void> {
+  private async consume(): Promise<'stopped' | 'repartitioned'> {
     const { streamKey, group } = this.options;
     const partitions = await readPartitions(this.redis, streamKey);
     const keys = partitionKeys(streamKey, partitions);
@@ -330,6 +336,7 @@ export class TransitionConsumer {
       keys,
       owned: new Map(),
       failure: null,
+      repartitioned: false,
       fail: (err) => {
         if (session.failure !== null) return;
         session.failure = err;
@@ -350,6 +357,7 @@ export class TransitionConsumer {
       await this.leave().catch(() => undefined);
       this.log.debug({ streamKey, group }, 'consumer stopped');
     }
+    return session.repartitioned && !this.stopped ? 'repartitioned' : 'stopped';
   }
 
   /** Heartbeats, renews, rebalances every `leaseMs / 5` until the run ends. */
@@ -384,6 +392,14 @@ export class TransitionConsumer {
     const { streamKey, group, consumer } = this.options;
     const sentAt = this.now();
     // by name: every member must see the same order (the set's own order is by expiry, which each heartbeat moves)
+    const recorded = await readPartitions(this.redis, streamKey);
+    if (recorded !== session.partitions) {
+      this.log.info({ from: session.partitions, to: recorded }, "the stream's number of partitions changed: starting over on the new partitions");
+      session.repartitioned = true;
+      session.failure = 'repartitioned';
+      this.wakeAll();
+      return;
+    }
     const members = ((await this.redis.eval(HEARTBEAT, 1, membersKey(streamKey, group), String(this.leaseMs), consumer, '1')) as string[]).sort();
     await Promise.all(
       [...session.owned.values()].map(async (o) => {
@@ -520,7 +536,8 @@ export class TransitionConsumer {
   }
 
   private async ensureGroup(key: string): Promise<void> {
-    const { group, startId = '$' } = this.options;
+    const { group } = this.options;
+    const startId = this.startOverride ?? this.options.startId ?? '$';
     try {
       // from the beginning, the group has read nothing yet: tell Redis, so it can count what the group misses
       if (startId === '0' || startId === '0-0') await this.redis.xgroup('CREATE', key, group, startId, 'MKSTREAM', 'ENTRIESREAD', 0);

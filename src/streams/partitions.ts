@@ -38,12 +38,13 @@ export function partitionsRecordKey(baseKey: string): string {
 
 /**
  * Records P if nothing is recorded, and returns what is recorded. A fleet that ran before partitions existed has
- * its stream at the base key and no record: that counts as 1.
+ * entries at the base key and no record: that counts as 1. (An empty stream there is a consumer's group waiting for
+ * a fleet that has not started yet: it moves to the partitions once they are recorded.)
  */
 const RECORD_PARTITIONS = `
 local recorded = redis.call('GET', KEYS[1])
 if not recorded then
-  if redis.call('EXISTS', KEYS[2]) == 1 and ARGV[1] ~= '1' then return '1' end
+  if redis.call('XLEN', KEYS[2]) > 0 and ARGV[1] ~= '1' then return '1' end
   redis.call('SET', KEYS[1], ARGV[1])
   return ARGV[1]
 end

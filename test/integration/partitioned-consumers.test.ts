@@ -320,6 +320,18 @@ describe('a partitioned transition stream', function () {
       expect(c.acquisitions).to.be.above(0);
     });
 
+    it('a consumer started before the fleet recorded its partitions moves to them, missing nothing', async () => {
+      const audit = new Audit(4, 1);
+      const deployments = Array.from({ length: 8 }, () => randomUUID());
+      const early = consumer('early', audit, { startId: '$' }); // nothing recorded: one partition, the base key
+      await waitFor('it owns the one stream', () => (early.ownedPartitions().length === 1 ? true : undefined));
+      await recordPartitions(redis, streamKey, 4); // the fleet starts with 4
+      await publish(deployments, 4, 1, 3);
+      await waitFor('24 entries handled', () => (audit.count(deployments) >= 24 ? true : undefined));
+      audit.expectComplete(deployments, 3, true);
+      await waitFor('it owns the 4 partitions', () => (early.ownedPartitions().length === 4 ? true : undefined));
+    });
+
     it('with one partition, one consumer of three is active and the others are hot standbys', async () => {
       const audit = new Audit(1, 1);
       const deployments = Array.from({ length: 20 }, () => randomUUID());

@@ -87,7 +87,7 @@ interface Args {
   readonly hosts: HostsArgs;
   /** --levels: the throughput scenario's worker concurrencies [1,4,16,32; --quick: 4,16] */
   readonly levels: number[] | null;
-  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) on request */
+  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) and `partitioned` (ours with 16 stream partitions) on request */
   readonly kinds: WorkerKind[] | null;
   /** --rounds: the throughput scenario's rounds [2; --quick: 1] */
   readonly rounds: number | null;

@@ -25,6 +25,11 @@ export interface BenchServices {
   readonly description: string;
   /** a run-unique tag for database names and key prefixes */
   readonly tag: string;
+  /**
+   * The same database as `url`, as a superuser: the private servers' admin (the fleet's own role is no superuser,
+   * and the bench's CHECKPOINT needs one); with external services, `url` itself
+   */
+  asAdmin(url: string): string;
   /** creates and migrates a database of the scenario's own; returns its URL */
   createDatabase(label: string): Promise<string>;
   /** a BullMQ / stream key prefix of the run's own */
@@ -84,6 +89,13 @@ export async function startBenchServices(options: BenchServicesOptions = {}): Pr
     pids: {
       ...(local?.pgPid !== undefined ? { postgres: local.pgPid } : {}),
       ...(local?.redisPid !== undefined ? { redis: local.redisPid } : {}),
+    },
+    asAdmin(url: string): string {
+      const admin = envPg !== undefined && envPg !== '' ? undefined : local?.adminDatabaseUrl;
+      if (admin === undefined) return url;
+      const out = new URL(admin);
+      out.pathname = new URL(url).pathname;
+      return out.toString();
     },
     async createDatabase(label: string): Promise<string> {
       const name = `bench_${label}_${tag}`;

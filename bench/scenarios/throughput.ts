@@ -63,8 +63,8 @@ async function isolateOutbox(dbUrl: string): Promise<void> {
  * row), statistics current, and a checkpoint behind it, so that neither autovacuum nor a checkpoint's writes land
  * inside whichever run comes later (they did: every second round measured up to twice the PostgreSQL CPU per event).
  */
-async function settle(dbUrl: string): Promise<void> {
-  await withClient(dbUrl, async (c) => {
+async function settle(adminUrl: string): Promise<void> {
+  await withClient(adminUrl, async (c) => {
     await c.query('VACUUM (ANALYZE)');
     await c.query('CHECKPOINT');
   });
@@ -77,7 +77,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
   const runDirectLevel = async (concurrency: number, variant: DirectVariant): Promise<DirectRun> => {
     const n = options.events(concurrency);
     const ids = await seedReadyDeployments(dbUrl, options.warmup + n);
-    await settle(dbUrl);
+    await settle(services.asAdmin(dbUrl));
     await runDirect(dbUrl, ids.slice(0, options.warmup), concurrency, variant); // warm-up
     const run = await runDirect(dbUrl, ids.slice(options.warmup), concurrency, variant, cpuGroups({ servicePids: services.pids }, null));
     log(
@@ -92,7 +92,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
       for (const kind of options.kinds) {
         await isolateOutbox(dbUrl);
         const ids = await seedReadyDeployments(dbUrl, options.warmup + events);
-        await settle(dbUrl);
+        await settle(services.asAdmin(dbUrl));
         const run = await runWorkerLevel(
           {
             kind,

@@ -14,6 +14,7 @@
  */
 import { z } from 'zod';
 import { context, SpanKind, trace } from '@opentelemetry/api';
+import { Cluster, type default as IORedis } from 'ioredis';
 import type { RedisConnection } from '../queues/redis';
 import { isTransient, ResyncRequiredError } from '../errors';
 import { ACTOR_PATTERN, EVENT_ID_PATTERN } from '../events/schemas';
@@ -176,6 +177,16 @@ export class TransitionConsumer {
   private readonly lastVersions = new Map<string, number>();
   /** the group's last delivered id as of the last read: where a blocking wait for new entries starts */
   private position = '0-0';
+  /** this run has made or found its group: from then on a missing group is a lost position, never made anew */
+  private joined = false;
+  /**
+   * Connections to Redis closed since start. ioredis sends a command that was in flight when its connection closed
+   * again on the next one: a read whose reply was lost ran twice, and what the first run delivered waits unseen in
+   * this consumer's pending list. A read that spans a close is therefore not trusted (see `delivering`).
+   */
+  private resets = 0;
+  private readonly countReset = (): void => void this.resets++;
+  private readonly watchNode = (node: IORedis): void => void node.on('close', this.countReset);
 
   constructor(private readonly options: TransitionConsumerOptions) {
     this.ownsRedis = typeof options.redis === 'string';
@@ -186,6 +197,12 @@ export class TransitionConsumer {
     this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
     // its connection lost and back, once per outage, to its logger (or the watch it was given)
     (options.redisWatch ?? new ServerWatch(describeRedis(this.redis), logReport(this.log))).attach(this.redis);
+    if (this.redis instanceof Cluster) {
+      for (const node of this.redis.nodes('all')) this.watchNode(node);
+      this.redis.on('+node', this.watchNode);
+    } else {
+      this.redis.on('close', this.countReset);
+    }
   }
 
   /** Runs until `close()`; rejects with `ResyncRequiredError` when the group's position was trimmed away. */
@@ -209,6 +226,30 @@ export class TransitionConsumer {
     if (this.ownsRedis && this.redis.status !== 'ready') this.redis.disconnect();
     if (this.running) await settleWithin(this.running.catch(() => undefined), graceMs);
     if (this.ownsRedis) this.redis.disconnect();
+    else this.detach();
+  }
+
+  /** Stops counting the resets of a connection this consumer was lent. */
+  private detach(): void {
+    if (this.redis instanceof Cluster) {
+      this.redis.off('+node', this.watchNode);
+      for (const node of this.redis.nodes('all')) node.off('close', this.countReset);
+    } else {
+      this.redis.off('close', this.countReset);
+    }
+  }
+
+  /**
+   * Runs a command that delivers entries to this consumer (XREADGROUP `>`, XAUTOCLAIM). If a connection closed while
+   * it ran, ioredis may have run it twice: the first run's entries sit in this consumer's pending list and the reply
+   * carries the second run's, which come after them. Rejects then with `ReadInterrupted`: the run reads its pending
+   * list again from the start, in stream order, before anything new.
+   */
+  private async delivering<T>(command: () => Promise<T>): Promise<T> {
+    const resets = this.resets;
+    const reply = await command();
+    if (this.resets !== resets) throw new ReadInterrupted();
+    return reply;
   }
 
   /** Waits `ms`, or less when closed meanwhile. */
@@ -232,7 +273,12 @@ export class TransitionConsumer {
         // the stream or the group vanished under it: Redis lost its data (a restart without its AOF, a failover to a
         // replica that never had them): what this consumer had not read is gone, as when trimmed
         if (!this.stopped && err instanceof Error && /NOGROUP|no such key/i.test(err.message)) throw this.resync(this.position, '0-0');
-        if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
+        if (this.stopped || err instanceof ResyncRequiredError) throw err;
+        if (err instanceof ReadInterrupted) {
+          this.log.info('connection to Redis reset during a read: reading this consumer\'s pending entries again');
+          continue;
+        }
+        if (!isTransient(err)) throw err;
         failures = this.handled > handled ? 1 : failures + 1;
         this.log.debug({ reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
         await this.pause(Math.min(5000, 250 * 2 ** (failures - 1)));
@@ -262,6 +308,16 @@ export class TransitionConsumer {
 
   private async ensureGroup(): Promise<void> {
     const { streamKey, group, startId = '$' } = this.options;
+    if (this.joined) {
+      // back after an error: a group that vanished meanwhile (Redis lost its data) is a lost position. Making it anew
+      // at startId would skip, without a word, whatever the relay republished before it.
+      const groups = await this.redis.xinfo('GROUPS', streamKey).catch((err: unknown) => {
+        if (err instanceof Error && /no such key/i.test(err.message)) return [];
+        throw err;
+      });
+      if (!(groups as unknown[][]).map(pairs).some((g) => g.name === group)) throw this.resync(this.position, '0-0');
+      return;
+    }
     try {
       // from the beginning, the group has read nothing yet: tell Redis, so it can count what the group misses
       if (startId === '0' || startId === '0-0') await this.redis.xgroup('CREATE', streamKey, group, startId, 'MKSTREAM', 'ENTRIESREAD', 0);
@@ -270,6 +326,7 @@ export class TransitionConsumer {
     } catch (err) {
       if (!(err instanceof Error) || !err.message.includes('BUSYGROUP')) throw err;
     }
+    this.joined = true;
   }
 
   /**
@@ -309,7 +366,7 @@ export class TransitionConsumer {
     this.lastClaim = Date.now();
     const { streamKey, group, consumer } = this.options;
     for (let cursor = '0-0'; !this.stopped; ) {
-      const reply = (await this.redis.xautoclaim(streamKey, group, consumer, idle, cursor, 'COUNT', this.options.batchSize ?? 100)) as [
+      const reply = (await this.delivering(() => this.redis.xautoclaim(streamKey, group, consumer, idle, cursor, 'COUNT', this.options.batchSize ?? 100))) as [
         string,
         Array<[string, string[]] | null>,
         string[]?,
@@ -336,7 +393,7 @@ export class TransitionConsumer {
   private async readNew(): Promise<TransitionEntry[]> {
     const { streamKey, group, consumer } = this.options;
     for (let waited = false; ; waited = true) {
-      const [status, last, reply] = (await this.redis.eval(READ_IF_CONTIGUOUS, 1, streamKey, group, consumer, String(this.options.batchSize ?? 100))) as [
+      const [status, last, reply] = (await this.delivering(() => this.redis.eval(READ_IF_CONTIGUOUS, 1, streamKey, group, consumer, String(this.options.batchSize ?? 100)))) as [
         string,
         string,
         Array<[string, Array<[string, string[]]>]> | null | string,
@@ -426,6 +483,14 @@ export class TransitionConsumer {
         if (this.stopped) return false;
       }
     }
+  }
+}
+
+/** A read that spanned a reset connection, which ioredis may have run twice: read the pending list again. */
+class ReadInterrupted extends Error {
+  constructor() {
+    super('the connection to Redis was reset during a read');
+    this.name = 'ReadInterrupted';
   }
 }
 

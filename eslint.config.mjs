@@ -18,7 +18,7 @@ const LAYERS = {
   queues: ['events', 'machine', 'telemetry', ...FOUNDATION], // BullMQ names, connections, the producer SDK
   config: ['events', 'machine', 'telemetry', ...FOUNDATION],
   metrics: [...FOUNDATION],
-  services: ['entities', 'events', 'machine', 'queues', 'telemetry', ...FOUNDATION], // domain services
+  services: ['entities', 'events', 'machine', 'queues', 'config', 'telemetry', ...FOUNDATION], // domain services (config: its DEFAULTS)
   streams: ['entities', 'queues', 'events', 'machine', 'telemetry', ...FOUNDATION], // outbox relay, stream consumer
   workers: ['services', 'entities', 'queues', 'events', 'machine', 'metrics', 'telemetry', ...FOUNDATION],
   http: ['services', 'entities', 'queues', 'streams', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],

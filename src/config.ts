@@ -7,7 +7,19 @@ import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
 import { LOG_FORMATS, type LogFormat } from './log';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from './util/redis-url';
+import type { LivenessLimits } from './machine';
 import type { TracingSettings } from './telemetry';
+
+/**
+ * Defaults that components built without a `FleetConfig` (embedders, tests) fall back to as well: the one place each
+ * is written. `loadConfig` uses them for the variables.
+ */
+export const DEFAULTS = Object.freeze({
+  /** `FLEET_ORPHAN_AFTER_S`: three missed 30 s heartbeats */
+  orphanAfterS: 90,
+  /** `FLEET_PROGRESS_DEADLINE_S` */
+  progressDeadlineS: 1800,
+} satisfies LivenessLimits);
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -255,8 +267,8 @@ export function loadConfig(env: Env = process.env, terminal: boolean = process.s
     publicEndpointUrl: url('FLEET_PUBLIC_ENDPOINT_URL', ['http', 'https']),
     readyWindowS,
     sweepEveryS,
-    orphanAfterS: int('FLEET_ORPHAN_AFTER_S', 90, 1, 86_400),
-    progressDeadlineS: int('FLEET_PROGRESS_DEADLINE_S', 1800, 1, 7 * 86_400),
+    orphanAfterS: int('FLEET_ORPHAN_AFTER_S', DEFAULTS.orphanAfterS, 1, 86_400),
+    progressDeadlineS: int('FLEET_PROGRESS_DEADLINE_S', DEFAULTS.progressDeadlineS, 1, 7 * 86_400),
     streamMaxLen: int('FLEET_STREAM_MAXLEN', 1_000_000, 1000, 1_000_000_000),
     httpPort: int('FLEET_HTTP_PORT', 3000, 0, 65_535),
     httpHost,

@@ -12,8 +12,9 @@ import type { Deployment } from './deployment';
 @Unique('attempts_deployment_id_number_key', ['deploymentId', 'number'])
 // the sweep's deadline scan: running attempts by start
 @Index('attempts_running_started_idx', ['startedAt'], { where: `status = 'running'` })
-// The sweep's orphan scan, on COALESCE(last_heartbeat_at, started_at) WHERE status = 'running': TypeORM cannot
-// declare an expression index, so the migration owns it and the schema diff leaves it alone (synchronize: false).
+// The sweep's orphan scan, on the liveness expression (ATTEMPT_LIVENESS, sql/liveness.ts) WHERE status = 'running':
+// TypeORM cannot declare an expression index, so the migration owns it and the schema diff leaves it alone
+// (synchronize: false).
 @Index('attempts_running_liveness_idx', { synchronize: false })
 export class Attempt {
   @PrimaryColumn({ type: 'uuid' })

@@ -23,7 +23,9 @@
  * statements, each an index scan on a partial index whose size is the work, not the table.
  */
 import type { DataSource } from 'typeorm';
+import { DEFAULTS } from '../config';
 import { Database, SWEEP_SQL } from '../entities/sql';
+import { cutoffsAt, type LivenessLimits } from '../machine';
 import { silentLogger, type Logger } from '../log';
 import type { EndpointAllowList } from '../events/endpoint-allow';
 import { SWEEP_ACTOR } from '../events/schemas';
@@ -170,8 +172,7 @@ export class Sweeper {
   private readonly now: () => Date;
   private readonly tickMs: number;
   private readonly readyWindowMs: number;
-  private readonly orphanAfterMs: number;
-  private readonly progressDeadlineMs: number;
+  private readonly limits: LivenessLimits;
   private readonly probeTimeoutMs: number;
   private readonly probeBudgetMs: number;
   private readonly shardSize: number;
@@ -193,8 +194,10 @@ export class Sweeper {
     this.now = options.now ?? (() => new Date());
     this.tickMs = (options.everyS ?? 30) * 1000;
     this.readyWindowMs = (options.readyWindowS ?? 120) * 1000;
-    this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
-    this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
+    this.limits = {
+      orphanAfterS: options.orphanAfterS ?? DEFAULTS.orphanAfterS,
+      progressDeadlineS: options.progressDeadlineS ?? DEFAULTS.progressDeadlineS,
+    };
     this.probeTimeoutMs = options.probeTimeoutMs ?? 2000;
     this.lanes = new ProbeLanes(Math.max(1, options.probeConcurrency ?? DEFAULT_PROBE_CONCURRENCY));
     this.probeBudgetMs = options.probeBudgetMs ?? Math.max(1000, this.tickMs * 0.8);
@@ -283,9 +286,8 @@ export class Sweeper {
   private async sweepAttempts(now: Date): Promise<{ flushed: number; orphaned: number; expired: number }> {
     // heartbeats absorbed in Redis first: an attempt whose latest heartbeat is not in PostgreSQL yet is alive
     const flushed = this.flushStamps === undefined ? 0 : await this.flushStamps(now);
-    const orphanCutoff = new Date(now.getTime() - this.orphanAfterMs);
-    const deadlineCutoff = new Date(now.getTime() - this.progressDeadlineMs);
-    const { rows } = await this.db.run(SWEEP_SQL.dueAttempts, [orphanCutoff, deadlineCutoff, this.maxAttempts]);
+    const { deadBefore, startedBefore } = cutoffsAt(now, this.limits);
+    const { rows } = await this.db.run(SWEEP_SQL.dueAttempts, [deadBefore, startedBefore, this.maxAttempts]);
     if (rows.length === 0) return { flushed, orphaned: 0, expired: 0 };
 
     // Past its deadline is definite (failed); an attempt that is both gets only attempt.expired.

@@ -5,6 +5,7 @@
 export { sql, plain, type Statement } from './statement';
 export { Database, retryLockConflicts, sessionOf, type LockConflictRetry, type Session, type Result } from './runner';
 export { lockedInIdOrder } from './lock-order';
+export { ATTEMPT_LIVENESS } from './liveness';
 export * from './rows';
 export * from './read';
 export * from './transitions';

@@ -2,6 +2,7 @@
  * The sweep's statements. Each WHERE repeats its partial index's predicate verbatim so the planner can use it
  * (test/integration/sweep.test.ts EXPLAINs exactly these texts).
  */
+import { ATTEMPT_LIVENESS } from './liveness';
 import { lockedInIdOrder } from './lock-order';
 import { sql } from './statement';
 
@@ -63,7 +64,7 @@ UPDATE deployments AS d
 RETURNING d.id, (p.ok AND d.endpoint_url = p.url) AS stamped`),
   /**
    * Expired and orphaned running attempts in one statement: attempts_running_started_idx and
-   * attempts_running_liveness_idx (on COALESCE(last_heartbeat_at, started_at) WHERE status = 'running').
+   * attempts_running_liveness_idx (on `ATTEMPT_LIVENESS` WHERE status = 'running').
    * ($1 orphan cutoff, $2 deadline cutoff, $3 limit per kind)
    */
   dueAttempts: sql<DueAttemptRow>(`(SELECT 'expired' AS kind, id, deployment_id, started_at AS liveness_at
@@ -72,9 +73,9 @@ RETURNING d.id, (p.ok AND d.endpoint_url = p.url) AS stamped`),
   ORDER BY started_at
   LIMIT $3)
 UNION ALL
-(SELECT 'orphaned' AS kind, id, deployment_id, COALESCE(last_heartbeat_at, started_at) AS liveness_at
+(SELECT 'orphaned' AS kind, id, deployment_id, ${ATTEMPT_LIVENESS} AS liveness_at
    FROM attempts
-  WHERE status = 'running' AND COALESCE(last_heartbeat_at, started_at) < $1
-  ORDER BY COALESCE(last_heartbeat_at, started_at)
+  WHERE status = 'running' AND ${ATTEMPT_LIVENESS} < $1
+  ORDER BY ${ATTEMPT_LIVENESS}
   LIMIT $3)`),
 });

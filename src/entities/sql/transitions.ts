@@ -21,7 +21,7 @@ export interface SnapshotRow {
   a_id: string | null;
   a_deployment_id: string | null;
   a_status: AttemptStatus | null;
-  a_liveness_at: Date | null;
+  a_last_heartbeat_at: Date | null;
   a_started_at: Date | null;
   c_id: string | null;
   c_status: AttemptStatus | null;
@@ -53,7 +53,7 @@ export const TRANSITION_SQL = Object.freeze({
   snapshot: sql<SnapshotRow>(
     `SELECT d.name AS d_name, d.state AS d_state, d.version AS d_version, d.current_attempt_id AS d_current_attempt_id,
             a.id AS a_id, a.deployment_id AS a_deployment_id, a.status AS a_status,
-            COALESCE(a.last_heartbeat_at, a.started_at) AS a_liveness_at, a.started_at AS a_started_at,
+            a.last_heartbeat_at AS a_last_heartbeat_at, a.started_at AS a_started_at,
             c.id AS c_id, c.status AS c_status,
             p.event_name AS p_event_name, p.deployment_id AS p_deployment_id, p.payload_sha256 AS p_payload_sha256,
             p.outcome AS p_outcome, p.reason AS p_reason, p.version AS p_version

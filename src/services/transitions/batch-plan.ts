@@ -13,6 +13,7 @@ import type { BatchSnapshotRow, BatchWriteParams } from '../../entities/sql';
 import { DEFAULT_ACTOR, payloadDigest } from '../../events/schemas';
 import {
   decide,
+  livenessOf,
   TIME_DEPENDENT_NOOPS,
   type AttemptSnapshot,
   type AttemptStatus,
@@ -279,7 +280,7 @@ export function planBatch(events: readonly PreparedEvent[], snapshot: BatchSnaps
 }
 
 function attemptView(a: WorkingAttempt): AttemptSnapshot {
-  return { id: a.id, status: a.status, livenessAt: a.lastHeartbeatAt ?? a.startedAt, startedAt: a.startedAt };
+  return { id: a.id, status: a.status, livenessAt: livenessOf(a), startedAt: a.startedAt };
 }
 
 function created(id: string, event: StateEvent, deployments: Map<string, WorkingDeployment>): WorkingDeployment {

@@ -5,7 +5,7 @@
 import { ValidationError } from '../../errors';
 import type { SnapshotRow } from '../../entities/sql';
 import { payloadDigest, type LifecycleEvent } from '../../events/schemas';
-import type { DeploymentState, MachineEvent, NoopReason, RejectionCode, Snapshot } from '../../machine';
+import { livenessOf, type DeploymentState, type MachineEvent, type NoopReason, type RejectionCode, type Snapshot } from '../../machine';
 
 /**
  * Outcomes of heartbeat and readiness stamps, which change no state. `buffered`: absorbed by the stamp buffer, to
@@ -54,7 +54,12 @@ export function snapshotOf(row: SnapshotRow): Snapshot {
     attempt:
       row.a_id === null || row.a_status === null
         ? null
-        : { id: row.a_id, status: row.a_status, livenessAt: row.a_liveness_at, startedAt: row.a_started_at },
+        : {
+            id: row.a_id,
+            status: row.a_status,
+            livenessAt: livenessOf({ lastHeartbeatAt: row.a_last_heartbeat_at, startedAt: row.a_started_at }),
+            startedAt: row.a_started_at,
+          },
     currentAttempt: row.c_id === null || row.c_status === null ? null : { id: row.c_id, status: row.c_status },
   };
 }

@@ -30,7 +30,8 @@ import {
 import { assertEndpointAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
 import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '../../events/schemas';
 import { silentLogger, type Logger } from '../../log';
-import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
+import { DEFAULTS } from '../../config';
+import { cutoffsAt, decide, TIME_DEPENDENT_NOOPS, type Decision, type LivenessLimits, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
 import { duplicateOf, eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
 import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batch-plan';
@@ -118,8 +119,7 @@ export class TransitionService {
   private readonly log: Logger;
   private readonly hooks: TransitionHooks;
   private readonly endpointAllow: EndpointAllowList | null;
-  private readonly orphanAfterMs: number;
-  private readonly progressDeadlineMs: number;
+  private readonly limits: LivenessLimits;
   private readonly stamps: Stamps;
   private readonly stampBuffer: StampBuffer | null;
   private readonly wakeup: RelayWakeup;
@@ -131,8 +131,10 @@ export class TransitionService {
     this.log = options.logger ?? silentLogger;
     this.hooks = options.hooks ?? {};
     this.endpointAllow = options.endpointAllow ?? null;
-    this.orphanAfterMs = (options.orphanAfterS ?? 90) * 1000;
-    this.progressDeadlineMs = (options.progressDeadlineS ?? 1800) * 1000;
+    this.limits = {
+      orphanAfterS: options.orphanAfterS ?? DEFAULTS.orphanAfterS,
+      progressDeadlineS: options.progressDeadlineS ?? DEFAULTS.progressDeadlineS,
+    };
     this.stampBuffer = options.stampBuffer ?? null;
     this.stamps = new Stamps(this.db, this.now, this.stampBuffer);
     this.wakeup = new RelayWakeup(this.db, this.log, options.relay);
@@ -355,11 +357,7 @@ export class TransitionService {
     // to its tick, on the fleet clock), so that heartbeats that waited behind it in a backlog still count. Not capped
     // at our clock: a declaration is a trusted actor's (the sweep, `events:admin`), and the chaos workload dates its
     // own ahead on purpose (chaos/sender.ts, declaredAt)
-    const declared = (producedAt ?? this.now()).getTime();
-    return toMachineEvent(event, {
-      deadBefore: new Date(declared - this.orphanAfterMs),
-      startedBefore: new Date(declared - this.progressDeadlineMs),
-    });
+    return toMachineEvent(event, cutoffsAt(producedAt ?? this.now(), this.limits));
   }
 
   private async transition(event: StateEvent, producedAt: Date | undefined, traceContext: Context | undefined): Promise<ApplyResult> {

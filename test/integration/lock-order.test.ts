@@ -14,15 +14,14 @@ import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { Client } from 'pg';
 import {
-  BATCH_SQL,
-  batchWriteParams,
   Database,
   sessionOf,
   STAMP_BATCH_SQL,
   SWEEP_SQL,
-  transitionWrite,
-  type BatchWriteParams,
+  TRANSITION_SQL,
+  transitionWriteParams,
   type Session,
+  type TransitionWrite,
 } from '../../src/entities/sql';
 import { createLogger, type Logger } from '../../src/log';
 import { LifecycleProducer } from '../../src/queues/producer';
@@ -182,6 +181,18 @@ describe('lock order: every multi-row write of deployments and attempts locks it
     return owners;
   }
 
+  /** Running attempts of one deployment (numbered in the order given); resolves to their deployment, once per attempt. */
+  async function attemptsOfOne(ids: readonly string[]): Promise<string[]> {
+    const deploymentId = randomUUID();
+    await q(`INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'web', 'deploying', 1, $2)`, [deploymentId, T0]);
+    await q(
+      `INSERT INTO attempts (id, deployment_id, number, status, started_at)
+       SELECT a.id, $2, a.n, 'running', $3 FROM unnest($1::uuid[]) WITH ORDINALITY AS a(id, n)`,
+      [ids, deploymentId, T0],
+    );
+    return ids.map(() => deploymentId);
+  }
+
   async function connect(settings: Readonly<Record<string, string>> = {}): Promise<Conn> {
     // setting deadlock_timeout takes a superuser: such sessions connect as the admin
     const client = new Client({ connectionString: Object.keys(settings).length === 0 ? db.url : adminUrl() });
@@ -254,45 +265,20 @@ describe('lock order: every multi-row write of deployments and attempts locks it
     return product;
   }
 
-  /** A batch write (BATCH_SQL.write's parameters) of version-checked deployment updates and attempt changes only. */
+  /** A write (TRANSITION_SQL.write's parameters) of version-checked deployment updates and attempt changes only. */
   function batchWrite(updates: readonly string[], changed: ReadonlyArray<{ id: string; deploymentId: string }> = []): unknown[] {
-    const p: BatchWriteParams = {
-      updates: {
-        id: [...updates], fromVersion: updates.map(() => 1), toVersion: updates.map(() => 2), state: updates.map(() => 'ready'),
-        at: updates.map(() => T0), setCurrent: updates.map(() => false), currentAttemptId: updates.map(() => null),
-        setEndpoint: updates.map(() => false), endpointUrl: updates.map(() => null), endpointKind: updates.map(() => null),
-        setReady: updates.map(() => false), lastReadyAt: updates.map(() => null),
-      },
-      inserts: { id: [], name: [], state: [], version: [], endpointUrl: [], endpointKind: [], currentAttemptId: [], lastReadyAt: [], at: [] },
-      claims: { eventId: [], eventName: [], deploymentId: [], reason: [], version: [], sha: [], at: [] },
-      noopClaims: { eventId: [], eventName: [], deploymentId: [], reason: [], version: [], sha: [], at: [], needsWin: [] },
-      newAttempts: { id: [], deploymentId: [], number: [], status: [], reason: [], startedAt: [], endedAt: [], at: [] },
-      changedAttempts: {
-        id: changed.map((c) => c.id), deploymentId: changed.map((c) => c.deploymentId), status: changed.map(() => 'succeeded'),
-        reason: changed.map(() => null), startedAt: changed.map(() => null), endedAt: changed.map(() => T0),
-      },
-      transitions: { deploymentId: [], attemptId: [], from: [], to: [], version: [], reason: [], eventId: [], actor: [], at: [], atText: [], traceparent: [] },
+    const write: TransitionWrite = {
+      updates: updates.map((id) => ({
+        id, from_version: 1, to_version: 2, state: 'ready', at: T0, set_current: false, current_attempt_id: null,
+        set_endpoint: false, endpoint_url: null, endpoint_kind: null, set_ready: false, last_ready_at: null,
+      })),
+      inserts: [],
+      applied: [],
+      noopClaims: [],
+      newAttempts: [],
+      changedAttempts: changed.map((c) => ({ id: c.id, deployment_id: c.deploymentId, status: 'succeeded', reason: null, started_at: null, ended_at: T0 })),
     };
-    return batchWriteParams(p);
-  }
-
-  /** The one-event write of an applied decision that changes these attempts (`effects.attempts`). */
-  function transitionWriteOf(deploymentId: string, changed: readonly string[]) {
-    return transitionWrite({
-      deploymentId,
-      eventId: `lock-order.${randomUUID()}`,
-      eventName: 'attempt.end',
-      attemptId: null,
-      actor: 'test',
-      payloadSha256: '0'.repeat(64),
-      fromVersion: 1,
-      decision: {
-        kind: 'applied', from: 'ready', to: 'ready', reason: 'attempt_succeeded',
-        effects: { attempts: changed.map((attemptId) => ({ attemptId, status: 'succeeded' as const, endedAt: T0 })) },
-      },
-      now: T0,
-      traceparent: null,
-    });
+    return transitionWriteParams(write);
   }
 
   describe('the statements, over several sessions', () => {
@@ -308,7 +294,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       await hold(gates, { table: 'deployments', ids: [g1, g2, g3] });
       const [batch, flush, shard] = [await connect(), await connect(), await connect()];
 
-      const batched = settle(batch.session.run(BATCH_SQL.write, batchWrite([a, g1, c])));
+      const batched = settle(batch.session.run(TRANSITION_SQL.write, batchWrite([a, g1, c])));
       await blocked('the group-commit write', batch.pid);
       const flushed = settle(flush.session.run(STAMP_BATCH_SQL.readiness, [[c, g2, b], [at(1), at(2), at(3)]]));
       await blocked('the readiness flush', flush.pid);
@@ -346,7 +332,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       const flushed = settle(flush.session.run(STAMP_BATCH_SQL.heartbeats, [[x, g1, y], [dx, dg1, dy], [at(1), at(2), at(3)]]));
       await blocked('the heartbeat flush', flush.pid);
       const changed = [{ id: y, deploymentId: dy }, { id: g2, deploymentId: dg2 }, { id: x, deploymentId: dx }];
-      const batched = settle(batch.session.run(BATCH_SQL.write, batchWrite([dx, dy, dg2].sort(), changed)));
+      const batched = settle(batch.session.run(TRANSITION_SQL.write, batchWrite([dx, dy, dg2].sort(), changed)));
       await blocked('the group-commit write', batch.pid);
       await gates.client.query('COMMIT');
 
@@ -375,6 +361,8 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       readonly table: Table;
       /** runs the statement over `ids` in the order given; `owners`: each attempt's deployment */
       readonly run: (s: Session, ids: readonly string[], owners: readonly string[]) => Promise<unknown>;
+      /** makes the attempts (default: each of a deployment of its own); resolves to their deployments */
+      readonly attempts?: (ids: readonly string[]) => Promise<string[]>;
     }> = [
       {
         name: 'the readiness flush (STAMP_BATCH_SQL.readiness)',
@@ -387,9 +375,9 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         run: (s, ids) => s.run(SWEEP_SQL.stamp, [ids, ids.map(() => url), ids.map(() => at(1)), ids.map(() => true)]),
       },
       {
-        name: 'the group-commit write\'s deployments (BATCH_SQL.write)',
+        name: 'the group-commit write\'s deployments (TRANSITION_SQL.write)',
         table: 'deployments',
-        run: (s, ids) => s.run(BATCH_SQL.write, batchWrite(ids)),
+        run: (s, ids) => s.run(TRANSITION_SQL.write, batchWrite(ids)),
       },
       {
         name: 'the heartbeat flush (STAMP_BATCH_SQL.heartbeats)',
@@ -397,19 +385,15 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         run: (s, ids, owners) => s.run(STAMP_BATCH_SQL.heartbeats, [ids, owners, ids.map(() => at(1))]),
       },
       {
-        name: 'the group-commit write\'s attempts (BATCH_SQL.write)',
+        name: 'the group-commit write\'s attempts (TRANSITION_SQL.write)',
         table: 'attempts',
-        run: (s, ids, owners) => s.run(BATCH_SQL.write, batchWrite([...owners].sort(), ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })))),
+        run: (s, ids, owners) => s.run(TRANSITION_SQL.write, batchWrite([...owners].sort(), ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })))),
       },
       {
-        name: 'the one-event write\'s attempts (transitionWrite)',
+        name: 'a lone event\'s write\'s attempts (TRANSITION_SQL.write, a batch of one: one deployment)',
         table: 'attempts',
-        run: async (s, ids) => {
-          const [own] = orderedIds(1) as [string];
-          await deployments([own]);
-          const { statement, params } = transitionWriteOf(own, ids);
-          return s.run(statement, params);
-        },
+        attempts: attemptsOfOne,
+        run: (s, ids, owners) => s.run(TRANSITION_SQL.write, batchWrite([owners[0] ?? ''], ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })))),
       },
     ];
 
@@ -419,7 +403,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         for (const [plan, settings] of PLANS) {
           const [lo, mid, hi] = orderedIds(3) as [string, string, string];
           const given = [hi, mid, lo];
-          const owners = statement.table === 'deployments' ? (await deployments(given), []) : await attempts(given);
+          const owners = statement.table === 'deployments' ? (await deployments(given), []) : await (statement.attempts ?? attempts)(given);
           const gate = await connect();
           await hold(gate, { table: statement.table, ids: [mid] });
           const product = await connect(settings);
@@ -554,7 +538,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         gate: { table: 'deployments', ids: [ids.deploymentId] },
         held: { table: 'attempts', ids: [ids.attemptId] },
         wanted: { table: 'deployments', ids: [ids.deploymentId] },
-        fragment: 'dep AS (',
+        fragment: 'upd AS (', // near the start: pg_stat_activity keeps the first 1 kB of a text
         product: () => service.apply('attempt.end', { ...ids, outcome: 'succeeded', eventId: `end.${randomUUID()}` }),
       });
       expect(failureOf('attempt.end', result)).to.deep.equal([]);

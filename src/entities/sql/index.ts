@@ -9,7 +9,18 @@ export { ATTEMPT_LIVENESS } from './liveness';
 export * from './rows';
 export * from './read';
 export * from './transitions';
-export * from './batch';
+export {
+  transitionWriteParams,
+  writesAnything,
+  type AppliedEventRow,
+  type AttemptChangeRow,
+  type AttemptInsertRow,
+  type DeploymentInsertRow,
+  type DeploymentUpdateRow,
+  type NoopClaimRow,
+  type TransitionWrite,
+  type TransitionWriteRow,
+} from './transition-write';
 export * from './stamps';
 export * from './sweep';
 export * from './outbox';

@@ -1,29 +1,21 @@
 /**
- * Group commit's decisions, without I/O: given one snapshot of everything a batch of events reads, decide every
- * event in order as if each had been applied on its own after the ones before it (each decision sees the effects
- * of the batch's earlier decisions), and gather what the batch writes as the column arrays of `BATCH_SQL.write`.
+ * The one planner of transitions, without I/O. Given one snapshot of everything a set of events reads, it decides
+ * every event in order as if each had been applied on its own after the ones before it (each decision sees the
+ * effects of the earlier ones), and gathers what they write as the rows of the one write statement
+ * (`TRANSITION_SQL.write`). A lone event is a batch of one: the one-event path and group commit plan alike.
  *
- * Each event's outcome is provisional until the write says whether its deployment's row was written: an event
- * decided on top of an applied event of the same deployment earlier in the batch (`dirty`) stands or falls with
- * that deployment's version check; events decided on the snapshot alone stand as they are (a rejection or a noop is
- * what the one-event path would have decided, had it run first).
+ * Each event's outcome is provisional until the write says whether its deployment's row was written (`verdictOf`):
+ * an event decided on top of an applied event of the same deployment earlier in the batch (`dirty`) stands or falls
+ * with that deployment's version check; events decided on the snapshot alone stand as they are (a rejection or a
+ * noop is what the one-event path would have decided, had it run first).
  */
 import { NotYetError } from '../../errors';
-import type { BatchSnapshotRow, BatchWriteParams } from '../../entities/sql';
+import type { AppliedEventRow, NoopClaimRow, TransitionSnapshotRow, TransitionWrite, TransitionWriteRow } from '../../entities/sql';
 import { DEFAULT_ACTOR, payloadDigest } from '../../events/schemas';
-import {
-  decide,
-  livenessOf,
-  TIME_DEPENDENT_NOOPS,
-  type AttemptSnapshot,
-  type AttemptStatus,
-  type Decision,
-  type DeploymentState,
-  type Endpoint,
-  type MachineEvent,
-} from '../../machine';
+import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { duplicateOf, eventIdConflict, sameEvent, type ApplyResult, type StateEvent } from './outcomes';
 import type { EventTrace } from './tracing';
+import { machineSnapshot, rowsOf, WorkingState, type WorkingDeployment } from './working-state';
 
 /** An event ready to be decided: validated, with its machine form (cutoffs applied). */
 export interface PreparedEvent {
@@ -51,8 +43,9 @@ export interface PlannedEvent {
 }
 
 export interface BatchPlan {
-  readonly events: PlannedEvent[];
-  readonly write: BatchWriteParams;
+  readonly events: readonly PlannedEvent[];
+  /** the rows of the write; nothing to write when `writesAnything` says so */
+  readonly write: TransitionWrite;
   /** deployments with applied events in this batch */
   readonly writes: ReadonlySet<string>;
 }
@@ -75,278 +68,92 @@ export function attemptIdOf(event: StateEvent): string | null {
   return 'attemptId' in event.data ? event.data.attemptId : null;
 }
 
-interface WorkingDeployment {
-  readonly id: string;
-  name: string;
-  state: DeploymentState;
-  version: number;
-  currentAttemptId: string | null;
-  maxNumber: number;
-  /** the version read (null: the deployment did not exist: it is inserted) */
-  readonly fromVersion: number | null;
-  applied: number;
-  setCurrent: boolean;
-  setEndpoint: boolean;
-  endpoint: Endpoint | null;
-  setReady: boolean;
-  lastReadyAt: Date | null;
-}
-
-interface WorkingAttempt {
-  readonly id: string;
-  readonly deploymentId: string;
-  status: AttemptStatus;
-  readonly lastHeartbeatAt: Date | null;
-  startedAt: Date | null;
-  /** created in this batch, with this number */
-  readonly number: number | null;
-  changed: boolean;
-  /** values this batch set (a change's null leaves the column as it is, as the one-event write's COALESCE does) */
-  reason: string | null;
-  setStartedAt: Date | null;
-  setEndedAt: Date | null;
-}
-
-const date = (value: string | null): Date | null => (value === null ? null : new Date(value));
-
 /**
  * Decides every event of the batch in order. Callers keep an eventId, and an attempt id, to one event and one
- * deployment per batch (see `TransitionService.applyMany`), so no decision here depends on another deployment's.
+ * deployment per batch (`splitBatch`), so no decision here depends on another deployment's.
  */
-export function planBatch(events: readonly PreparedEvent[], snapshot: BatchSnapshotRow, now: Date): BatchPlan {
-  const deployments = new Map<string, WorkingDeployment>();
-  for (const d of snapshot.deployments ?? []) {
-    deployments.set(d.id, {
-      id: d.id,
-      name: d.name,
-      state: d.state,
-      version: d.version,
-      currentAttemptId: d.current_attempt_id,
-      maxNumber: d.max_number ?? 0,
-      fromVersion: d.version,
-      applied: 0,
-      setCurrent: false,
-      setEndpoint: false,
-      endpoint: null,
-      setReady: false,
-      lastReadyAt: null,
-    });
-  }
-  const attempts = new Map<string, WorkingAttempt>();
-  for (const a of snapshot.attempts ?? []) {
-    attempts.set(a.id, {
-      id: a.id,
-      deploymentId: a.deployment_id,
-      status: a.status,
-      lastHeartbeatAt: date(a.last_heartbeat_at),
-      startedAt: date(a.started_at),
-      number: null,
-      changed: false,
-      reason: null,
-      setStartedAt: null,
-      setEndedAt: null,
-    });
-  }
-  const processed = new Map((snapshot.processed ?? []).map((p) => [p.event_id, p]));
-  const write = emptyWrite();
-  const planned: PlannedEvent[] = [];
-
-  for (const prepared of events) {
-    const { event, machineEvent } = prepared;
-    const { deploymentId } = event.data;
-    const attemptId = attemptIdOf(event);
-    const base = { eventId: event.eventId, deploymentId };
-    const working = deployments.get(deploymentId) ?? null;
-    const dirty = working !== null && working.applied > 0;
-    const push = (outcome: PlannedOutcome) => planned.push({ prepared, outcome, dirty });
-
-    const p = processed.get(event.eventId);
-    if (p !== undefined) {
-      if (!sameEvent(event, p.event_name, p.deployment_id, p.payload_sha256)) {
-        push({ kind: 'done', result: eventIdConflict(event, p.event_name, p.deployment_id) });
-      } else {
-        push({ kind: 'done', result: duplicateOf(event, p) });
-      }
-      continue;
-    }
-    const attempt = attemptId === null ? undefined : attempts.get(attemptId);
-    if (attempt !== undefined && attempt.deploymentId !== deploymentId) {
-      const message = `attempt ${attempt.id} belongs to another deployment`;
-      push({ kind: 'done', result: { ...base, outcome: 'rejected', code: 'id_conflict', message } });
-      continue;
-    }
-    const current = working?.currentAttemptId == null ? undefined : attempts.get(working.currentAttemptId);
-    const decision = decide(
-      {
-        deployment:
-          working === null
-            ? null
-            : { name: working.name, state: working.state, version: working.version, currentAttemptId: working.currentAttemptId },
-        attempt: attempt === undefined ? null : attemptView(attempt),
-        currentAttempt: current === undefined ? null : { id: current.id, status: current.status },
-      },
-      machineEvent,
-      now,
-    );
-    switch (decision.kind) {
-      case 'deferred':
-        push({ kind: 'deferred', error: new NotYetError(decision.why, deploymentId, attemptId ?? undefined) });
-        break;
-      case 'rejected':
-        push({ kind: 'done', result: { ...base, outcome: 'rejected', code: decision.code, message: decision.message } });
-        break;
-      case 'noop': {
-        const result: ApplyResult = { ...base, outcome: 'noop', reason: decision.why };
-        if (TIME_DEPENDENT_NOOPS.has(decision.why)) {
-          push({ kind: 'done', result });
-          break;
-        }
-        const n = write.noopClaims;
-        n.eventId.push(event.eventId);
-        n.eventName.push(event.name);
-        n.deploymentId.push(deploymentId);
-        n.reason.push(decision.why);
-        n.version.push(working?.version ?? null);
-        n.sha.push(payloadDigest(event.data));
-        n.at.push(now);
-        n.needsWin.push(dirty);
-        push({ kind: 'noop_claim', result });
-        break;
-      }
-      case 'applied': {
-        const target = working ?? created(deploymentId, event, deployments);
-        const result = applyDecision(target, attempts, event, attemptId, decision, now, write, prepared.trace?.traceparent ?? null);
-        push({ kind: 'applied', result });
-        break;
-      }
-    }
-  }
-
-  const writes = new Set<string>();
-  // every batch writes its deployment rows in id order, so two batches lock rows in the same order
-  for (const d of [...deployments.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))) {
-    if (d.applied === 0) continue;
-    writes.add(d.id);
-    if (d.fromVersion === null) {
-      const i = write.inserts;
-      i.id.push(d.id);
-      i.name.push(d.name);
-      i.state.push(d.state);
-      i.version.push(d.version);
-      i.endpointUrl.push(d.endpoint?.url ?? null);
-      i.endpointKind.push(d.endpoint?.kind ?? null);
-      i.currentAttemptId.push(d.currentAttemptId);
-      i.lastReadyAt.push(d.lastReadyAt);
-      i.at.push(now);
-    } else {
-      const u = write.updates;
-      u.id.push(d.id);
-      u.fromVersion.push(d.fromVersion);
-      u.toVersion.push(d.version);
-      u.state.push(d.state);
-      u.at.push(now);
-      u.setCurrent.push(d.setCurrent);
-      u.currentAttemptId.push(d.currentAttemptId);
-      u.setEndpoint.push(d.setEndpoint);
-      u.endpointUrl.push(d.endpoint?.url ?? null);
-      u.endpointKind.push(d.endpoint?.kind ?? null);
-      u.setReady.push(d.setReady);
-      u.lastReadyAt.push(d.lastReadyAt);
-    }
-  }
-  for (const a of attempts.values()) {
-    if (!writes.has(a.deploymentId)) continue;
-    if (a.number !== null) {
-      const n = write.newAttempts;
-      n.id.push(a.id);
-      n.deploymentId.push(a.deploymentId);
-      n.number.push(a.number);
-      n.status.push(a.status);
-      n.reason.push(a.reason);
-      n.startedAt.push(a.setStartedAt);
-      n.endedAt.push(a.setEndedAt);
-      n.at.push(now);
-    } else if (a.changed) {
-      const x = write.changedAttempts;
-      x.id.push(a.id);
-      x.deploymentId.push(a.deploymentId);
-      x.status.push(a.status);
-      x.reason.push(a.reason);
-      x.startedAt.push(a.setStartedAt);
-      x.endedAt.push(a.setEndedAt);
-    }
-  }
-  return { events: planned, write, writes };
+export function planBatch(events: readonly PreparedEvent[], snapshot: TransitionSnapshotRow, now: Date): BatchPlan {
+  const state = new WorkingState(snapshot);
+  const applied: AppliedEventRow[] = [];
+  const noopClaims: NoopClaimRow[] = [];
+  const planned = events.map((prepared) => planEvent(prepared, state, now, applied, noopClaims));
+  const { writes, ...rows } = rowsOf(state, now);
+  return { events: planned, write: { ...rows, applied, noopClaims }, writes };
 }
 
-function attemptView(a: WorkingAttempt): AttemptSnapshot {
-  return { id: a.id, status: a.status, livenessAt: livenessOf(a), startedAt: a.startedAt };
+function planEvent(
+  prepared: PreparedEvent,
+  state: WorkingState,
+  now: Date,
+  applied: AppliedEventRow[],
+  noopClaims: NoopClaimRow[],
+): PlannedEvent {
+  const { event, machineEvent } = prepared;
+  const { deploymentId } = event.data;
+  const attemptId = attemptIdOf(event);
+  const base = { eventId: event.eventId, deploymentId };
+  const working = state.deployments.get(deploymentId) ?? null;
+  const dirty = working !== null && working.applied > 0;
+  const planned = (outcome: PlannedOutcome): PlannedEvent => ({ prepared, outcome, dirty });
+
+  const p = state.processed.get(event.eventId);
+  if (p !== undefined) {
+    const result = sameEvent(event, p.event_name, p.deployment_id, p.payload_sha256)
+      ? duplicateOf(event, p)
+      : eventIdConflict(event, p.event_name, p.deployment_id);
+    return planned({ kind: 'done', result });
+  }
+  const attempt = attemptId === null ? undefined : state.attempts.get(attemptId);
+  if (attempt !== undefined && attempt.deploymentId !== deploymentId) {
+    const message = `attempt ${attempt.id} belongs to another deployment`;
+    return planned({ kind: 'done', result: { ...base, outcome: 'rejected', code: 'id_conflict', message } });
+  }
+  const decision = decide(machineSnapshot(state, working, attempt), machineEvent, now);
+  switch (decision.kind) {
+    case 'deferred':
+      return planned({ kind: 'deferred', error: new NotYetError(decision.why, deploymentId, attemptId ?? undefined) });
+    case 'rejected':
+      return planned({ kind: 'done', result: { ...base, outcome: 'rejected', code: decision.code, message: decision.message } });
+    case 'noop': {
+      const result: ApplyResult = { ...base, outcome: 'noop', reason: decision.why };
+      // a noop that only says "not yet" is no decision about the event: it stays free to apply later
+      if (TIME_DEPENDENT_NOOPS.has(decision.why)) return planned({ kind: 'done', result });
+      noopClaims.push({
+        event_id: event.eventId,
+        event_name: event.name,
+        deployment_id: deploymentId,
+        reason: decision.why,
+        version: working?.version ?? null,
+        payload_sha256: payloadDigest(event.data),
+        at: now,
+        needs_win: dirty,
+      });
+      return planned({ kind: 'noop_claim', result });
+    }
+    case 'applied': {
+      const target = working ?? state.create(deploymentId, event);
+      const row = applyDecision(target, state, event, decision, now, prepared.trace?.traceparent ?? null);
+      applied.push(row);
+      return planned({ kind: 'applied', result: appliedResult(row) });
+    }
+  }
 }
 
-function created(id: string, event: StateEvent, deployments: Map<string, WorkingDeployment>): WorkingDeployment {
-  if (event.name !== 'deployment.create') throw new Error(`only deployment.create may insert (${event.name})`);
-  const d: WorkingDeployment = {
-    id,
-    name: event.data.name,
-    state: 'pending',
-    version: 0,
-    currentAttemptId: null,
-    maxNumber: 0,
-    fromVersion: null,
-    applied: 0,
-    setCurrent: false,
-    setEndpoint: false,
-    endpoint: null,
-    setReady: false,
-    lastReadyAt: null,
-  };
-  deployments.set(id, d);
-  return d;
-}
-
-/** Applies an applied decision to the working state and records its claim and history rows. */
+/** Applies an applied decision to the working state; returns its claim, history and outbox row. */
 function applyDecision(
   d: WorkingDeployment,
-  attempts: Map<string, WorkingAttempt>,
+  state: WorkingState,
   event: StateEvent,
-  attemptId: string | null,
   decision: Extract<Decision, { kind: 'applied' }>,
   now: Date,
-  write: BatchWriteParams,
   traceparent: string | null,
-): Extract<ApplyResult, { outcome: 'applied' }> {
+): AppliedEventRow {
   const { effects } = decision;
-  const from = decision.from;
   d.version += 1;
   d.applied += 1;
   d.state = decision.to;
-  if (effects.createAttempt !== undefined) {
-    d.maxNumber += 1;
-    attempts.set(effects.createAttempt.attemptId, {
-      id: effects.createAttempt.attemptId,
-      deploymentId: d.id,
-      status: 'pending',
-      lastHeartbeatAt: null,
-      startedAt: null,
-      number: d.maxNumber,
-      changed: true,
-      reason: null,
-      setStartedAt: null,
-      setEndedAt: null,
-    });
-  }
-  for (const change of effects.attempts) {
-    const a = attempts.get(change.attemptId);
-    if (a === undefined) throw new Error(`attempt ${change.attemptId} changed by a decision was not in the batch's snapshot`);
-    a.status = change.status;
-    a.changed = true;
-    if (change.reason != null) a.reason = change.reason;
-    if (change.startedAt != null) {
-      a.setStartedAt = change.startedAt;
-      a.startedAt = change.startedAt;
-    }
-    if (change.endedAt != null) a.setEndedAt = change.endedAt;
-  }
+  if (effects.createAttempt !== undefined) state.createAttempt(d, effects.createAttempt.attemptId);
+  for (const change of effects.attempts) state.changeAttempt(change);
   if (effects.currentAttemptId !== undefined) {
     d.setCurrent = true;
     d.currentAttemptId = effects.currentAttemptId;
@@ -359,51 +166,117 @@ function applyDecision(
     d.setReady = true;
     d.lastReadyAt = effects.lastReadyAt;
   }
-  const actor = event.data.actor ?? DEFAULT_ACTOR;
-  const c = write.claims;
-  c.eventId.push(event.eventId);
-  c.eventName.push(event.name);
-  c.deploymentId.push(d.id);
-  c.reason.push(decision.reason);
-  c.version.push(d.version);
-  c.sha.push(payloadDigest(event.data));
-  c.at.push(now);
-  const t = write.transitions;
-  t.deploymentId.push(d.id);
-  t.attemptId.push(attemptId);
-  t.from.push(from);
-  t.to.push(decision.to);
-  t.version.push(d.version);
-  t.reason.push(decision.reason);
-  t.eventId.push(event.eventId);
-  t.actor.push(actor);
-  t.at.push(now);
-  t.atText.push(now.toISOString());
-  t.traceparent.push(traceparent);
   return {
-    outcome: 'applied',
-    eventId: event.eventId,
-    deploymentId: d.id,
-    attemptId,
-    from,
-    to: decision.to,
+    event_id: event.eventId,
+    event_name: event.name,
+    deployment_id: d.id,
+    attempt_id: attemptIdOf(event),
+    from_state: decision.from,
+    to_state: decision.to,
     version: d.version,
     reason: decision.reason,
+    actor: event.data.actor ?? DEFAULT_ACTOR,
+    payload_sha256: payloadDigest(event.data),
+    at: now,
+    traceparent,
+  };
+}
+
+function appliedResult(row: AppliedEventRow): Extract<ApplyResult, { outcome: 'applied' }> {
+  return {
+    outcome: 'applied',
+    eventId: row.event_id,
+    deploymentId: row.deployment_id,
+    attemptId: row.attempt_id,
+    from: row.from_state,
+    to: row.to_state,
+    version: row.version,
+    reason: row.reason,
     transitionId: '',
   };
 }
 
-function emptyWrite(): BatchWriteParams {
+/** What the write reported, as `verdictOf` reads it. */
+export interface WriteReport {
+  /** deployments whose row was written */
+  readonly won: ReadonlySet<string>;
+  /** history row ids by eventId */
+  readonly transitions: ReadonlyMap<string, string>;
+  /** eventIds whose noop claim took */
+  readonly noopClaimed: ReadonlySet<string>;
+}
+
+/** The write's row as a report; null (nothing was written) reports nothing. */
+export function writeReportOf(row: TransitionWriteRow | null): WriteReport {
   return {
-    updates: {
-      id: [], fromVersion: [], toVersion: [], state: [], at: [], setCurrent: [], currentAttemptId: [], setEndpoint: [],
-      endpointUrl: [], endpointKind: [], setReady: [], lastReadyAt: [],
-    },
-    inserts: { id: [], name: [], state: [], version: [], endpointUrl: [], endpointKind: [], currentAttemptId: [], lastReadyAt: [], at: [] },
-    claims: { eventId: [], eventName: [], deploymentId: [], reason: [], version: [], sha: [], at: [] },
-    noopClaims: { eventId: [], eventName: [], deploymentId: [], reason: [], version: [], sha: [], at: [], needsWin: [] },
-    newAttempts: { id: [], deploymentId: [], number: [], status: [], reason: [], startedAt: [], endedAt: [], at: [] },
-    changedAttempts: { id: [], deploymentId: [], status: [], reason: [], startedAt: [], endedAt: [] },
-    transitions: { deploymentId: [], attemptId: [], from: [], to: [], version: [], reason: [], eventId: [], actor: [], at: [], atText: [], traceparent: [] },
+    won: new Set(row?.won ?? []),
+    transitions: new Map(Object.entries(row?.transitions ?? {})),
+    noopClaimed: new Set(row?.noop_claimed ?? []),
   };
+}
+
+/** What a planned event came to once the write has run. */
+export type Verdict =
+  | { readonly kind: 'settled'; readonly result: ApplyResult }
+  | { readonly kind: 'failed'; readonly error: Error }
+  /** its deployment's version check lost to a concurrent writer: it was decided on what is no longer there */
+  | { readonly kind: 'redo' }
+  /** its noop's claim did not take: another delivery claimed the eventId first */
+  | { readonly kind: 'claimed_elsewhere' };
+
+export function verdictOf(p: PlannedEvent, plan: BatchPlan, report: WriteReport): Verdict {
+  const { deploymentId } = p.prepared.event.data;
+  if (plan.writes.has(deploymentId) && !report.won.has(deploymentId) && (p.dirty || p.outcome.kind === 'applied')) {
+    return { kind: 'redo' };
+  }
+  switch (p.outcome.kind) {
+    case 'done':
+      return { kind: 'settled', result: p.outcome.result };
+    case 'deferred':
+      return { kind: 'failed', error: p.outcome.error };
+    case 'noop_claim':
+      return report.noopClaimed.has(p.prepared.event.eventId) ? { kind: 'settled', result: p.outcome.result } : { kind: 'claimed_elsewhere' };
+    case 'applied': {
+      const transitionId = report.transitions.get(p.prepared.event.eventId);
+      if (transitionId === undefined) throw new Error(`the write returned no history row for ${p.prepared.event.eventId}`);
+      return { kind: 'settled', result: { ...p.outcome.result, transitionId } };
+    }
+  }
+}
+
+/**
+ * Which events of a set can go in one batch (`now`) and which wait for the next (`later`), by index. An eventId, and
+ * an attempt id, belong to one event and one deployment per batch: a second delivery of an eventId, or another
+ * deployment naming the same attempt, waits for the next batch (decided after this one has committed, as one at a
+ * time would). What waits holds back every later event that could depend on it: those of its deployment, of its
+ * eventId and of its attempt.
+ */
+export function splitBatch(events: readonly PreparedEvent[]): { readonly now: number[]; readonly later: number[] } {
+  const now: number[] = [];
+  const later: number[] = [];
+  const eventIds = new Set<string>();
+  const attemptOwner = new Map<string, string>();
+  const held = { deployments: new Set<string>(), eventIds: new Set<string>(), attempts: new Set<string>() };
+  events.forEach(({ event }, i) => {
+    const deploymentId = event.data.deploymentId;
+    const attemptId = attemptIdOf(event);
+    const owner = attemptId === null ? undefined : attemptOwner.get(attemptId);
+    if (
+      held.deployments.has(deploymentId) ||
+      held.eventIds.has(event.eventId) ||
+      (attemptId !== null && held.attempts.has(attemptId)) ||
+      eventIds.has(event.eventId) ||
+      (owner !== undefined && owner !== deploymentId)
+    ) {
+      held.deployments.add(deploymentId);
+      held.eventIds.add(event.eventId);
+      if (attemptId !== null) held.attempts.add(attemptId);
+      later.push(i);
+      return;
+    }
+    eventIds.add(event.eventId);
+    if (attemptId !== null) attemptOwner.set(attemptId, deploymentId);
+    now.push(i);
+  });
+  return { now, later };
 }

@@ -10,7 +10,8 @@
  * only lose its version check), which also keeps one deployment's events in the order they arrived.
  */
 import { canonicalId, STAMP_EVENTS } from '../../events/schemas';
-import type { ApplyOptions, TransitionService } from './service';
+import type { ApplyOptions } from './options';
+import type { TransitionService } from './service';
 import type { ApplyResult } from './outcomes';
 
 export interface CoalescerOptions {

@@ -1,10 +1,5 @@
-export {
-  TransitionService,
-  type ApplyItem,
-  type ApplyOptions,
-  type TransitionHooks,
-  type TransitionServiceOptions,
-} from './service';
+export { TransitionService } from './service';
+export type { ApplyItem, ApplyOptions, TransitionHooks, TransitionServiceOptions } from './options';
 export { TransitionCoalescer, type CoalescerOptions } from './coalescer';
 export type { ApplyResult, StampNoopReason } from './outcomes';
 export type { LocalRelay } from './relay-wakeup';

@@ -1,11 +1,10 @@
 /**
- * What applying an event can come to, and the pure pieces around a decision: the machine's view of an event, the
- * snapshot row as the machine's `Snapshot`, and how an eventId claimed by another event reads.
+ * What applying an event can come to, and the pure pieces around a decision: the machine's view of an event, and
+ * how an eventId claimed by another event reads.
  */
 import { ValidationError } from '../../errors';
-import type { SnapshotRow } from '../../entities/sql';
 import { payloadDigest, type LifecycleEvent } from '../../events/schemas';
-import { livenessOf, type DeploymentState, type MachineEvent, type NoopReason, type RejectionCode, type Snapshot } from '../../machine';
+import type { DeploymentState, MachineEvent, NoopReason, RejectionCode } from '../../machine';
 
 /**
  * Outcomes of heartbeat and readiness stamps, which change no state. `buffered`: absorbed by the stamp buffer, to
@@ -43,26 +42,6 @@ export type ApplyResult =
 
 /** Events that the machine decides on (everything but the stamps). */
 export type StateEvent = Exclude<LifecycleEvent, { name: 'attempt.heartbeat' | 'deployment.readiness' }>;
-
-/** The snapshot row as the machine sees it. */
-export function snapshotOf(row: SnapshotRow): Snapshot {
-  return {
-    deployment:
-      row.d_state === null || row.d_name === null || row.d_version === null
-        ? null
-        : { name: row.d_name, state: row.d_state, version: row.d_version, currentAttemptId: row.d_current_attempt_id },
-    attempt:
-      row.a_id === null || row.a_status === null
-        ? null
-        : {
-            id: row.a_id,
-            status: row.a_status,
-            livenessAt: livenessOf({ lastHeartbeatAt: row.a_last_heartbeat_at, startedAt: row.a_started_at }),
-            startedAt: row.a_started_at,
-          },
-    currentAttempt: row.c_id === null || row.c_status === null ? null : { id: row.c_id, status: row.c_status },
-  };
-}
 
 /**
  * A processed row is this event when name, deployment and payload agree (rows from before the digest: name and

@@ -5,109 +5,43 @@
  *   version-checked UPDATE of the deployment -> processed_events row (the eventId's claim) -> attempt rows ->
  *   state_transitions row -> outbox row
  *
- * (the statement is built in src/entities/sql/transitions.ts). A statement is atomic on its own, so the optimistic
- * first try is two round trips: the snapshot read and the write, no transaction around them (bench/ found
- * PostgreSQL's and the worker's CPU per transition to go mostly to per-statement overhead). Zero rows from the
- * version check means a concurrent writer won, and nothing was written: reload, decide again, now holding the
- * deployment's row lock in a transaction, with bounded retries and jitter. An eventId already claimed by another
- * delivery makes the whole statement fail on the claim's primary key, so nothing of it stays, and the event is a
- * duplicate. Noops record the eventId and write nothing else; rejections write nothing at all. Stamps (heartbeat,
- * readiness) are apart, in stamps.ts; the relay wake-up after a commit in relay-wakeup.ts.
+ * A lone event is a batch of one: both paths read one snapshot (`TRANSITION_SQL.snapshot`), plan with the one
+ * planner (batch-plan.ts) and write with the one statement (`TRANSITION_SQL.write`, src/entities/sql/
+ * transition-write.ts). A statement is atomic on its own, so the optimistic first try is two round trips: the
+ * snapshot read and the write, no transaction around them (bench/ found PostgreSQL's and the worker's CPU per
+ * transition to go mostly to per-statement overhead). A lost version check means a concurrent writer won, and
+ * nothing was written: reload, decide again, now holding the deployment's row lock in a transaction, with bounded
+ * retries and jitter. An eventId already claimed by another delivery makes the whole statement fail on the claim's
+ * primary key, so nothing of it stays, and the event is a duplicate. Noops record the eventId and write nothing
+ * else; rejections write nothing at all. Stamps (heartbeat, readiness) are apart, in stamps.ts; the relay wake-up
+ * after a commit in relay-wakeup.ts.
  */
-import type { DataSource } from 'typeorm';
 import { context as activeContext, type Context } from '@opentelemetry/api';
-import { ConflictError, isLockConflict, isTransient, NotYetError } from '../../errors';
-import {
-  BATCH_SQL,
-  batchWriteParams,
-  Database,
-  isClaimConflict,
-  retryLockConflicts,
-  TRANSITION_SQL,
-  transitionWrite,
-  type Session,
-} from '../../entities/sql';
+import { ConflictError, isLockConflict, isTransient } from '../../errors';
+import { Database, isClaimConflict, retryLockConflicts, TRANSITION_SQL, transitionWriteParams, writesAnything, type Session } from '../../entities/sql';
 import { assertEndpointAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
-import { DEFAULT_ACTOR, parseEvent, payloadDigest, type LifecycleEvent } from '../../events/schemas';
+import type { ApplyItem, ApplyOptions, TransitionHooks, TransitionServiceOptions } from './options';
+import { parseEvent, type LifecycleEvent } from '../../events/schemas';
 import { silentLogger, type Logger } from '../../log';
 import { DEFAULTS } from '../../config';
-import { cutoffsAt, decide, TIME_DEPENDENT_NOOPS, type Decision, type LivenessLimits, type MachineEvent } from '../../machine';
+import { cutoffsAt, type LivenessLimits, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
-import { duplicateOf, eventIdConflict, sameEvent, snapshotOf, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
-import { attemptIdOf, planBatch, snapshotKeys, type PreparedEvent } from './batch-plan';
+import { duplicateOf, eventIdConflict, sameEvent, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
+import {
+  planBatch,
+  snapshotKeys,
+  splitBatch,
+  verdictOf,
+  writeReportOf,
+  type BatchPlan,
+  type PreparedEvent,
+  type WriteReport,
+} from './batch-plan';
 import type { StampBuffer } from '../stamp-buffer';
-import { RelayWakeup, type LocalRelay } from './relay-wakeup';
+import { RelayWakeup } from './relay-wakeup';
 import { Stamps } from './stamps';
 import { inSpan } from '../../telemetry';
 import { endEventTrace, startBatchTrace, startEventTrace, type EventTrace } from './tracing';
-
-/**
- * Test hooks. They observe the production path and may delay it (to stage an interleaving) or throw (to stage a
- * failure at that point); they never switch the service onto another path.
- */
-export interface TransitionHooks {
-  /** after the snapshot was read and decided, before the version-checked write */
-  readonly beforeUpdate?: (event: LifecycleEvent) => void | Promise<void>;
-  /** after the write statement returned (on the optimistic try it has committed; on a locked retry, before COMMIT) */
-  readonly afterWrite?: (event: LifecycleEvent, written: boolean) => void | Promise<void>;
-  /** after a noop was decided, before its eventId's claim (the one-event path) */
-  readonly beforeClaim?: (event: LifecycleEvent) => void | Promise<void>;
-  /** group commit: after a batch's snapshot was read and decided, before its write (the events it decided) */
-  readonly beforeBatchWrite?: (events: readonly LifecycleEvent[]) => void | Promise<void>;
-}
-
-/** One event of `applyMany`. */
-export interface ApplyItem {
-  readonly name: string;
-  readonly data: unknown;
-  readonly options?: ApplyOptions;
-}
-
-export interface ApplyOptions {
-  /** used as the eventId when the payload carries none (the BullMQ jobId) */
-  readonly fallbackEventId?: string;
-  /**
-   * when the event was produced (the job's timestamp): the time an orphan or expiry is judged as of. Stamps do not
-   * use it: they record the service's clock when they are processed.
-   */
-  readonly producedAt?: Date;
-  /**
-   * The trace context the event continues (the job's, under BullMQ's worker span): the event gets a `transition
-   * <name>` span under it, and its outbox row that span's `traceparent`. Default: the active context. Under no
-   * span (tracing off), nothing is traced.
-   */
-  readonly traceContext?: Context;
-}
-
-export interface TransitionServiceOptions {
-  readonly dataSource: DataSource;
-  /** the clock; default `() => new Date()` */
-  readonly now?: () => Date;
-  /** version-check losses retried in-process before giving up with `ConflictError` (default 12) */
-  readonly maxConflictRetries?: number;
-  readonly logger?: Logger;
-  readonly hooks?: TransitionHooks;
-  /**
-   * The outbox relay of this process, if it runs one: while it is the active relay, a commit wakes it directly
-   * instead of with a NOTIFY (relay-wakeup.ts).
-   */
-  readonly relay?: LocalRelay;
-  /** FLEET_ENDPOINT_ALLOW: an endpoint outside it fails the event as invalid (default: any endpoint) */
-  readonly endpointAllow?: EndpointAllowList | null;
-  /**
-   * FLEET_ORPHAN_AFTER_S (default 90): `attempt.orphaned` applies only while the attempt's liveness is older than
-   * the time the event was produced minus this (a heartbeat since makes it a noop `alive`)
-   */
-  readonly orphanAfterS?: number;
-  /** FLEET_PROGRESS_DEADLINE_S (default 1800): likewise for `attempt.expired`, with the attempt's start (`not_due`) */
-  readonly progressDeadlineS?: number;
-  /**
-   * The process's stamp buffer (default none: each stamp is one UPDATE). With it, heartbeat and readiness events
-   * only absorb into Redis and complete as the noop `buffered`, and `attempt.orphaned` first writes the attempt's
-   * buffered heartbeat to PostgreSQL, so an attempt whose latest heartbeat is still in Redis is never orphaned.
-   */
-  readonly stampBuffer?: StampBuffer;
-}
 
 /** Signals a lost version check; caught by the retry loop. */
 class VersionCheckLost extends Error {}
@@ -212,39 +146,10 @@ export class TransitionService {
   /** Applies prepared state events as batches: one batch, then (rarely) the events it had to leave for later. */
   private async applyPrepared(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
     if (events.length === 0) return [];
-    if (events.length === 1) return [await settle(this.transitionOne(events[0] as PreparedEvent))];
-    // An eventId, and an attempt id, belong to one event and one deployment per batch: a second delivery of an
-    // eventId, or another deployment naming the same attempt, waits for the next batch (decided after this one
-    // has committed, as one at a time would). What waits holds back every later event that could depend on it:
-    // those of its deployment, of its eventId and of its attempt.
-    const now: number[] = [];
-    const later: number[] = [];
-    const eventIds = new Set<string>();
-    const attemptOwner = new Map<string, string>();
-    const held = { deployments: new Set<string>(), eventIds: new Set<string>(), attempts: new Set<string>() };
-    events.forEach(({ event }, i) => {
-      const deploymentId = event.data.deploymentId;
-      const attemptId = attemptIdOf(event);
-      const owner = attemptId === null ? undefined : attemptOwner.get(attemptId);
-      if (
-        held.deployments.has(deploymentId) ||
-        held.eventIds.has(event.eventId) ||
-        (attemptId !== null && held.attempts.has(attemptId)) ||
-        eventIds.has(event.eventId) ||
-        (owner !== undefined && owner !== deploymentId)
-      ) {
-        held.deployments.add(deploymentId);
-        held.eventIds.add(event.eventId);
-        if (attemptId !== null) held.attempts.add(attemptId);
-        later.push(i);
-        return;
-      }
-      eventIds.add(event.eventId);
-      if (attemptId !== null) attemptOwner.set(attemptId, deploymentId);
-      now.push(i);
-    });
+    const { now, later } = splitBatch(events);
     const results = new Array<PromiseSettledResult<ApplyResult>>(events.length);
     const batch = now.map((i) => events[i] as PreparedEvent);
+    // a batch of one goes the one-event path: its retries take the deployment's row lock
     const applied = batch.length === 1 ? [await settle(this.transitionOne(batch[0] as PreparedEvent))] : await this.applyBatch(batch);
     applied.forEach((r, k) => (results[now[k] as number] = r));
     if (later.length > 0) {
@@ -255,84 +160,65 @@ export class TransitionService {
 
   /** One batch: snapshot, decisions, one write. Events whose deployment's write lost are redone one at a time. */
   private async applyBatch(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
-    const keys = snapshotKeys(events);
     // the batch's statements serve every event in it: they go under a span of the batch's own, linked to each event's
     const batchTrace = startBatchTrace(events.map((e) => e.trace ?? null), events.length);
-    const traced = batchTrace?.context ?? null;
-    let outcome;
+    let written: { readonly plan: BatchPlan; readonly report: WriteReport };
     try {
-      outcome = await this.db.session(async (s) => {
-        const snapshot = (
-          await inSpan('sql snapshot', traced, () => s.run(BATCH_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering]))
-        ).rows[0];
-        if (snapshot === undefined) throw new Error('batch snapshot returned no row');
-        const plan = planBatch(events, snapshot, this.now());
-        if (plan.writes.size === 0 && plan.write.noopClaims.eventId.length === 0) return { plan, row: null };
-        await this.hooks.beforeBatchWrite?.(plan.events.map((p) => p.prepared.event));
-        const row = (await inSpan('sql write', traced, () => s.run(BATCH_SQL.write, batchWriteParams(plan.write)))).rows[0];
-        if (row === undefined) throw new Error('batch write returned no row');
-        return { plan, row };
-      });
+      written = await this.db.session((s) =>
+        this.readDecideWrite(s, events, batchTrace?.context ?? null, {
+          before: (plan) => this.hooks.beforeBatchWrite?.(plan.events.map((p) => p.prepared.event)),
+        }),
+      );
     } catch (err) {
       batchTrace?.span.end();
-      if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
-      // an eventId claimed meanwhile by another delivery (the statement failed on the claim), a lock conflict, or
-      // anything unforeseen: nothing of the batch was written; each event takes the one-event path, which knows
-      // how to tell each case (and surfaces a bug on the one event that has it)
-      if (isLockConflict(err)) {
-        const what = 'the group-commit write, one event at a time';
-        this.log.warn({ what, code: pgCode(err), events: events.length }, 'lock conflict: running it again');
-      } else {
-        this.log[isClaimConflict(err) ? 'debug' : 'warn']({ err, events: events.length }, 'batch write failed; applying its events one at a time');
-      }
-      return this.oneByOne(events);
+      return this.batchFailed(events, err);
     }
     batchTrace?.span.end();
-    const { plan, row } = outcome;
-    const won = new Set(row?.won ?? []);
-    const claimed = new Set(row?.noop_claimed ?? []);
-    const transitions = row?.transitions ?? {};
+    const { plan, report } = written;
     const results: Array<Promise<PromiseSettledResult<ApplyResult>> | PromiseSettledResult<ApplyResult>> = [];
     const redo: Array<{ readonly index: number; readonly prepared: PreparedEvent }> = [];
-    let applied = false;
     plan.events.forEach((p, index) => {
-      const deploymentId = p.prepared.event.data.deploymentId;
-      if (plan.writes.has(deploymentId) && !won.has(deploymentId) && (p.dirty || p.outcome.kind === 'applied')) {
-        // its deployment's version check lost to a concurrent writer: decided on what is no longer there
-        redo.push({ index, prepared: p.prepared });
-        results.push({ status: 'rejected', reason: new Error('redone') });
-        return;
-      }
-      switch (p.outcome.kind) {
-        case 'done':
-          results.push({ status: 'fulfilled', value: p.outcome.result });
+      const verdict = verdictOf(p, plan, report);
+      switch (verdict.kind) {
+        case 'settled':
+          results.push({ status: 'fulfilled', value: verdict.result });
           break;
-        case 'deferred':
-          results.push({ status: 'rejected', reason: p.outcome.error });
+        case 'failed':
+          results.push({ status: 'rejected', reason: verdict.error });
           break;
-        case 'noop_claim':
-          results.push(
-            claimed.has(p.prepared.event.eventId)
-              ? { status: 'fulfilled', value: p.outcome.result }
-              : settle(this.claimedElsewhere(this.db, p.prepared.event)),
-          );
+        case 'claimed_elsewhere':
+          results.push(settle(this.claimedElsewhere(this.db, p.prepared.event)));
           break;
-        case 'applied': {
-          const transitionId = transitions[p.prepared.event.eventId];
-          if (transitionId === undefined) throw new Error(`batch write returned no history row for ${p.prepared.event.eventId}`);
-          applied = true;
-          results.push({ status: 'fulfilled', value: { ...p.outcome.result, transitionId } });
+        case 'redo':
+          redo.push({ index, prepared: p.prepared });
+          results.push({ status: 'rejected', reason: new Error('redone') });
           break;
-        }
       }
     });
-    if (applied) this.wakeup.committed();
+    if (plan.events.some((p) => p.outcome.kind === 'applied' && report.won.has(p.prepared.event.data.deploymentId))) this.wakeup.committed();
     if (redo.length > 0) {
       this.log.debug({ events: redo.length }, 'version check lost in a batch; applying those events one at a time');
       const redone = await this.oneByOne(redo.map((r) => r.prepared));
       redo.forEach((r, k) => (results[r.index] = redone[k] as PromiseSettledResult<ApplyResult>));
     }
     return Promise.all(results.map((r) => Promise.resolve(r)));
+  }
+
+  /**
+   * A batch whose statements failed wrote nothing. On its data (an eventId claimed meanwhile by another delivery, a
+   * lock conflict) or on something unforeseen, each event takes the one-event path, which knows how to tell each
+   * case (and surfaces a bug on the one event that has it); on the connection or the server, every event fails
+   * with that error, for the worker's retries.
+   */
+  private async batchFailed(events: readonly PreparedEvent[], err: unknown): Promise<Array<PromiseSettledResult<ApplyResult>>> {
+    if (!fallsBackOneByOne(err)) return events.map(() => ({ status: 'rejected', reason: err }));
+    if (isLockConflict(err)) {
+      const what = 'the group-commit write, one event at a time';
+      this.log.warn({ what, code: pgCode(err), events: events.length }, 'lock conflict: running it again');
+    } else {
+      this.log[isClaimConflict(err) ? 'debug' : 'warn']({ err, events: events.length }, 'batch write failed; applying its events one at a time');
+    }
+    return this.oneByOne(events);
   }
 
   /** The one-event path for each event: one deployment's events in order, deployments side by side. */
@@ -382,7 +268,8 @@ export class TransitionService {
     return { event, machineEvent: this.machineEventOf(event, producedAt), trace };
   }
 
-  private async transitionOne({ event, machineEvent, trace = null }: PreparedEvent): Promise<ApplyResult> {
+  private async transitionOne(prepared: PreparedEvent): Promise<ApplyResult> {
+    const { event } = prepared;
     for (let attempt = 1; ; attempt++) {
       // Optimistic first: read, decide, write, two statements and no transaction. Once it has lost, take the
       // deployment's row lock before reading, in a transaction, so a hot deployment cannot starve one writer: the
@@ -394,8 +281,8 @@ export class TransitionService {
         const result = await retryLockConflicts(
           () =>
             lock
-              ? this.db.transaction((s) => this.decideAndWrite(s, event, machineEvent, true, trace))
-              : this.db.session((s) => this.decideAndWrite(s, event, machineEvent, false, trace)),
+              ? this.db.transaction((s) => this.tryOne(s, prepared, true))
+              : this.db.session((s) => this.tryOne(s, prepared, false)),
           { what: 'the one-event write', log: this.log, context: { deploymentId: event.data.deploymentId, eventId: event.eventId } },
         );
         if (result.outcome === 'applied') this.wakeup.committed();
@@ -414,92 +301,58 @@ export class TransitionService {
     }
   }
 
-  private async decideAndWrite(
-    s: Session,
-    event: StateEvent,
-    machineEvent: MachineEvent,
-    lock: boolean,
-    trace: EventTrace | null,
-  ): Promise<ApplyResult> {
-    const { deploymentId } = event.data;
-    const attemptId = 'attemptId' in event.data ? event.data.attemptId : null;
-    const base = { eventId: event.eventId, deploymentId };
+  /** One try of one event, as a batch of one; with `lock`, in a transaction that first takes its deployment's row lock. */
+  private async tryOne(s: Session, prepared: PreparedEvent, lock: boolean): Promise<ApplyResult> {
+    const { event, trace = null } = prepared;
     // a lone event's statements are children of its own transition span
     const traced = trace?.context ?? null;
-
-    if (lock) await inSpan('sql lock', traced, () => s.run(TRANSITION_SQL.lockDeployment, [deploymentId]));
-    const row = (await inSpan('sql snapshot', traced, () => s.run(TRANSITION_SQL.snapshot, [deploymentId, attemptId, event.eventId]))).rows[0];
-    if (row === undefined) throw new Error('snapshot query returned no row');
-    if (row.p_event_name !== null && !sameEvent(event, row.p_event_name, row.p_deployment_id, row.p_payload_sha256)) {
-      return eventIdConflict(event, row.p_event_name, row.p_deployment_id);
-    }
-    if (row.p_outcome !== null) return duplicateOf(event, { outcome: row.p_outcome, reason: row.p_reason ?? '', version: row.p_version });
-    if (row.a_id !== null && row.a_deployment_id !== deploymentId) {
-      return { ...base, outcome: 'rejected', code: 'id_conflict', message: `attempt ${row.a_id} belongs to another deployment` };
-    }
-
-    const snapshot = snapshotOf(row);
-    const now = this.now();
-    const decision = decide(snapshot, machineEvent, now);
-    const version = snapshot.deployment?.version ?? null;
-    switch (decision.kind) {
-      case 'deferred':
-        throw new NotYetError(decision.why, deploymentId, attemptId ?? undefined);
-      case 'rejected':
-        return { ...base, outcome: 'rejected', code: decision.code, message: decision.message };
-      case 'noop': {
-        // a noop that only says "not yet" is no decision about the event: it stays free to apply later
-        if (TIME_DEPENDENT_NOOPS.has(decision.why)) return { ...base, outcome: 'noop', reason: decision.why };
-        const claim = [event.eventId, event.name, deploymentId, decision.why, version, payloadDigest(event.data), now];
-        await this.hooks.beforeClaim?.(event);
-        if ((await s.run(TRANSITION_SQL.claimNoop, claim)).affected !== 1) return this.claimedElsewhere(s, event);
-        return { ...base, outcome: 'noop', reason: decision.why };
-      }
-      case 'applied':
-        return this.write(s, event, attemptId, version, decision, now, trace);
+    if (lock) await inSpan('sql lock', traced, () => s.run(TRANSITION_SQL.lockDeployment, [event.data.deploymentId]));
+    const { plan, report } = await this.readDecideWrite(s, [prepared], traced, {
+      before: async ({ events: [p] }) => {
+        if (p?.outcome.kind === 'applied') await this.hooks.beforeUpdate?.(event);
+        else if (p?.outcome.kind === 'noop_claim') await this.hooks.beforeClaim?.(event);
+      },
+      after: async ({ events: [p] }, { won }) => {
+        if (p?.outcome.kind === 'applied') await this.hooks.afterWrite?.(event, won.has(event.data.deploymentId));
+      },
+    });
+    const [planned] = plan.events;
+    if (planned === undefined) throw new Error(`the plan of one event has none (${event.eventId})`);
+    const verdict = verdictOf(planned, plan, report);
+    switch (verdict.kind) {
+      case 'settled':
+        return verdict.result;
+      case 'failed':
+        throw verdict.error;
+      case 'redo':
+        throw new VersionCheckLost(); // and nothing was written: everything hangs on the deployment's row
+      case 'claimed_elsewhere':
+        return this.claimedElsewhere(s, event);
     }
   }
 
-  private async write(
+  /**
+   * The one way transitions are written, a lone event's and a batch's alike: one snapshot read, the planner's
+   * decisions and, when they write anything, the one write statement (with `hooks` around it).
+   */
+  private async readDecideWrite(
     s: Session,
-    event: StateEvent,
-    attemptId: string | null,
-    fromVersion: number | null,
-    decision: Extract<Decision, { kind: 'applied' }>,
-    now: Date,
-    trace: EventTrace | null,
-  ): Promise<ApplyResult> {
-    const { deploymentId } = event.data;
-    const { statement, params } = transitionWrite({
-      traceparent: trace?.traceparent ?? null,
-      deploymentId,
-      eventId: event.eventId,
-      eventName: event.name,
-      ...(event.name === 'deployment.create' ? { deploymentName: event.data.name } : {}),
-      attemptId,
-      actor: event.data.actor ?? DEFAULT_ACTOR,
-      payloadSha256: payloadDigest(event.data),
-      fromVersion,
-      decision,
-      now,
-    });
-    await this.hooks.beforeUpdate?.(event);
-    const row = (await inSpan('sql write', trace?.context ?? null, () => s.run(statement, params))).rows[0];
-    if (row === undefined) throw new Error('transition write returned no row');
-    await this.hooks.afterWrite?.(event, row.written === 1);
-    if (row.written !== 1) throw new VersionCheckLost(); // and nothing was written: everything hangs on `dep`
-    if (row.transition_id === null) throw new Error('state_transitions insert returned no id');
-    return {
-      outcome: 'applied',
-      eventId: event.eventId,
-      deploymentId,
-      attemptId,
-      from: decision.from,
-      to: decision.to,
-      version: (fromVersion ?? 0) + 1,
-      reason: decision.reason,
-      transitionId: row.transition_id,
-    };
+    events: readonly PreparedEvent[],
+    traced: Context | null,
+    hooks: { readonly before: (plan: BatchPlan) => unknown; readonly after?: (plan: BatchPlan, report: WriteReport) => Promise<void> },
+  ): Promise<{ readonly plan: BatchPlan; readonly report: WriteReport }> {
+    const keys = snapshotKeys(events);
+    const read = () => s.run(TRANSITION_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering]);
+    const snapshot = (await inSpan('sql snapshot', traced, read)).rows[0];
+    if (snapshot === undefined) throw new Error('the snapshot returned no row');
+    const plan = planBatch(events, snapshot, this.now());
+    if (!writesAnything(plan.write)) return { plan, report: writeReportOf(null) };
+    await hooks.before(plan);
+    const row = (await inSpan('sql write', traced, () => s.run(TRANSITION_SQL.write, transitionWriteParams(plan.write)))).rows[0];
+    if (row === undefined) throw new Error('the write returned no row');
+    const report = writeReportOf(row);
+    await hooks.after?.(plan, report);
+    return { plan, report };
   }
 
   /**

@@ -163,7 +163,7 @@ const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('upda
          endpoint_url = CASE WHEN v.set_endpoint THEN v.endpoint_url ELSE d.endpoint_url END,
          endpoint_kind = CASE WHEN v.set_endpoint THEN v.endpoint_kind ELSE d.endpoint_kind END,
          last_ready_at = CASE WHEN v.set_ready THEN v.last_ready_at ELSE d.last_ready_at END
-       FROM locked JOIN ${ROWS.unnest('updates', 'v')} ON v.id = locked.id
+       FROM locked JOIN ${ROWS.from('updates', 'v')} ON v.id = locked.id
        WHERE d.id = locked.id AND d.version = v.from_version
        RETURNING d.id
      ),
@@ -172,12 +172,12 @@ const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('upda
                                 state_changed_at, created_at, updated_at)
        SELECT v.id, v.name, v.state, v.version, v.endpoint_url, v.endpoint_kind, v.current_attempt_id, v.last_ready_at,
               v.at, v.at, v.at
-         FROM ${ROWS.unnest('inserts', 'v')}
+         FROM ${ROWS.from('inserts', 'v')}
        ON CONFLICT (id) DO NOTHING
        RETURNING id
      ),
      won AS (SELECT id FROM upd UNION ALL SELECT id FROM ins),
-     av AS (SELECT * FROM ${ROWS.unnest('applied', 'v', 'ord')} WHERE v.deployment_id IN (SELECT id FROM won)),
+     av AS (SELECT * FROM ${ROWS.from('applied', 'v', 'ord')} WHERE v.deployment_id IN (SELECT id FROM won)),
      claims AS (
        INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, payload_sha256, processed_at)
        SELECT event_id, event_name, deployment_id, 'applied', reason, version, payload_sha256, at FROM av
@@ -185,7 +185,7 @@ const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('upda
      noop_claims AS (
        INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, payload_sha256, processed_at)
        SELECT v.event_id, v.event_name, v.deployment_id, 'noop', v.reason, v.version, v.payload_sha256, v.at
-         FROM ${ROWS.unnest('noopClaims', 'v')}
+         FROM ${ROWS.from('noopClaims', 'v')}
         WHERE NOT v.needs_win OR v.deployment_id IN (SELECT id FROM won)
        ON CONFLICT (event_id) DO NOTHING
        RETURNING event_id
@@ -193,14 +193,14 @@ const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('upda
      new_attempts AS (
        INSERT INTO attempts (id, deployment_id, number, status, reason, started_at, ended_at, created_at)
        SELECT v.id, v.deployment_id, v.number, v.status, v.reason, v.started_at, v.ended_at, v.at
-         FROM ${ROWS.unnest('newAttempts', 'v')}
+         FROM ${ROWS.from('newAttempts', 'v')}
         WHERE v.deployment_id IN (SELECT id FROM won)
      ),
      locked_attempts AS ${lockedInIdOrder('attempts', ROWS.column('changedAttempts', 'id'), 'deployment_id = ANY(ARRAY(SELECT id FROM won))')},
      changed_attempts AS (
        UPDATE attempts AS a SET status = v.status, reason = COALESCE(v.reason, a.reason),
               started_at = COALESCE(v.started_at, a.started_at), ended_at = COALESCE(v.ended_at, a.ended_at)
-         FROM locked_attempts JOIN ${ROWS.unnest('changedAttempts', 'v')} ON v.id = locked_attempts.id
+         FROM locked_attempts JOIN ${ROWS.from('changedAttempts', 'v')} ON v.id = locked_attempts.id
         WHERE a.id = locked_attempts.id AND v.deployment_id IN (SELECT id FROM won)
      ),
      t AS (

@@ -46,6 +46,21 @@ export interface TransitionSnapshotRow {
   }> | null;
 }
 
+/** What `TRANSITION_SQL.snapshot` reads, by key. */
+export interface TransitionSnapshotKeys {
+  readonly deployments: readonly string[];
+  /** the attempts the events name (their deployments' current attempts come along) */
+  readonly attempts: readonly string[];
+  readonly eventIds: readonly string[];
+  /** deployments whose highest attempt number is needed (an attempt.create's) */
+  readonly numbering: readonly string[];
+}
+
+/** The parameters of `TRANSITION_SQL.snapshot`: each key list as a JSON array. */
+export function transitionSnapshotParams(keys: TransitionSnapshotKeys): string[] {
+  return [keys.deployments, keys.attempts, keys.eventIds, keys.numbering].map((list) => JSON.stringify(list));
+}
+
 export interface ClaimRow {
   event_name: string;
   deployment_id: string;
@@ -63,18 +78,29 @@ export const TRANSITION_SQL = Object.freeze({
    * too): its deployments, the attempts its events name and their current attempts, and any earlier processing of
    * its eventIds. Reading them in separate statements could see an attempt.create commit in between and misclassify
    * an event as stale. ($1 deployment ids, $2 attempt ids the events name, $3 eventIds, $4 deployments whose highest
-   * attempt number is needed.) Every part is an index lookup: the named and the current attempts are one `= ANY` of
-   * one array (an `OR id IN (...)` made PostgreSQL scan the whole attempts table for every batch)
+   * attempt number is needed: each a JSON array of strings.)
+   *
+   * Every row is found by one primary-key probe per key (LATERAL ... LIMIT 1, which the planner cannot turn into a
+   * join that scans a table), and the keys come as jsonb, whose length the planner cannot see: so it costs a lone
+   * event's read as a batch's and keeps one generic plan per connection instead of planning every call, and that
+   * plan stays a probe per key even when it was made while the tables were nearly empty (an `= ANY(array)` plan made
+   * then scanned all of processed_events for every read until the next ANALYZE).
    */
   snapshot: sql<TransitionSnapshotRow>(
-    `WITH d AS (SELECT id, name, state, version, current_attempt_id,
-                       CASE WHEN id = ANY($4::uuid[])
-                            THEN (SELECT max(number) FROM attempts n WHERE n.deployment_id = deployments.id) END AS max_number
-                  FROM deployments WHERE id = ANY($1::uuid[])),
-          a AS (SELECT id, deployment_id, status, last_heartbeat_at, started_at FROM attempts
-                 WHERE id = ANY($2::uuid[] || ARRAY(SELECT current_attempt_id FROM d WHERE current_attempt_id IS NOT NULL))),
-          p AS (SELECT event_id, event_name, deployment_id, payload_sha256, outcome, reason, version
-                  FROM processed_events WHERE event_id = ANY($3::varchar[]))
+    `WITH d AS (SELECT x.*, CASE WHEN x.id IN (SELECT n.value::uuid FROM jsonb_array_elements_text($4::jsonb) n)
+                                 THEN (SELECT max(number) FROM attempts n WHERE n.deployment_id = x.id) END AS max_number
+                  FROM (SELECT DISTINCT k.value::uuid AS id FROM jsonb_array_elements_text($1::jsonb) k) k
+                 CROSS JOIN LATERAL (SELECT id, name, state, version, current_attempt_id FROM deployments
+                                      WHERE id = k.id LIMIT 1) x),
+          a AS (SELECT x.*
+                  FROM (SELECT k.value::uuid AS id FROM jsonb_array_elements_text($2::jsonb) k
+                        UNION SELECT current_attempt_id FROM d WHERE current_attempt_id IS NOT NULL) k
+                 CROSS JOIN LATERAL (SELECT id, deployment_id, status, last_heartbeat_at, started_at FROM attempts
+                                      WHERE id = k.id LIMIT 1) x),
+          p AS (SELECT x.*
+                  FROM (SELECT DISTINCT k.value AS event_id FROM jsonb_array_elements_text($3::jsonb) k) k
+                 CROSS JOIN LATERAL (SELECT event_id, event_name, deployment_id, payload_sha256, outcome, reason, version
+                                       FROM processed_events WHERE event_id = k.event_id LIMIT 1) x)
      SELECT (SELECT json_agg(d) FROM d) AS deployments, (SELECT json_agg(a) FROM a) AS attempts,
             (SELECT json_agg(p) FROM p) AS processed`,
   ),

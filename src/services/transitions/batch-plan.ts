@@ -10,7 +10,14 @@
  * noop is what the one-event path would have decided, had it run first).
  */
 import { NotYetError } from '../../errors';
-import type { AppliedEventRow, NoopClaimRow, TransitionSnapshotRow, TransitionWrite, TransitionWriteRow } from '../../entities/sql';
+import type {
+  AppliedEventRow,
+  NoopClaimRow,
+  TransitionSnapshotKeys,
+  TransitionSnapshotRow,
+  TransitionWrite,
+  TransitionWriteRow,
+} from '../../entities/sql';
 import { DEFAULT_ACTOR, payloadDigest } from '../../events/schemas';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
 import { duplicateOf, eventIdConflict, sameEvent, type ApplyResult, type StateEvent } from './outcomes';
@@ -51,7 +58,7 @@ export interface BatchPlan {
 }
 
 /** What the snapshot read needs: every deployment, named attempt and eventId of the batch. */
-export function snapshotKeys(events: readonly PreparedEvent[]): { deployments: string[]; attempts: string[]; eventIds: string[]; numbering: string[] } {
+export function snapshotKeys(events: readonly PreparedEvent[]): TransitionSnapshotKeys {
   const deployments = new Set<string>();
   const attempts = new Set<string>();
   const numbering = new Set<string>();

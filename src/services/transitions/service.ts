@@ -18,7 +18,16 @@
  */
 import { context as activeContext, type Context } from '@opentelemetry/api';
 import { ConflictError, isLockConflict, isTransient } from '../../errors';
-import { Database, isClaimConflict, retryLockConflicts, TRANSITION_SQL, transitionWriteParams, writesAnything, type Session } from '../../entities/sql';
+import {
+  Database,
+  isClaimConflict,
+  retryLockConflicts,
+  TRANSITION_SQL,
+  transitionSnapshotParams,
+  transitionWriteParams,
+  writesAnything,
+  type Session,
+} from '../../entities/sql';
 import { assertEndpointAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
 import type { ApplyItem, ApplyOptions, TransitionHooks, TransitionServiceOptions } from './options';
 import { parseEvent, type LifecycleEvent } from '../../events/schemas';
@@ -342,7 +351,7 @@ export class TransitionService {
     hooks: { readonly before: (plan: BatchPlan) => unknown; readonly after?: (plan: BatchPlan, report: WriteReport) => Promise<void> },
   ): Promise<{ readonly plan: BatchPlan; readonly report: WriteReport }> {
     const keys = snapshotKeys(events);
-    const read = () => s.run(TRANSITION_SQL.snapshot, [keys.deployments, keys.attempts, keys.eventIds, keys.numbering]);
+    const read = () => s.run(TRANSITION_SQL.snapshot, transitionSnapshotParams(keys));
     const snapshot = (await inSpan('sql snapshot', traced, read)).rows[0];
     if (snapshot === undefined) throw new Error('the snapshot returned no row');
     const plan = planBatch(events, snapshot, this.now());

@@ -123,50 +123,98 @@ export function isLoopbackHost(host: string): boolean {
   return LOOPBACK_HOSTS.has(host) || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
-/**
- * @param terminal whether stdout is a terminal (the default of `LOG_FORMAT`); default: asks `process.stdout`
- */
-export function loadConfig(env: Env = process.env, terminal: boolean = process.stdout.isTTY === true): FleetConfig {
-  const problems: string[] = [];
-  const read = (name: string): string | undefined => {
-    const value = env[name];
-    return value === undefined || value.trim() === '' ? undefined : value.trim();
-  };
+/** Reads the environment, collecting every problem (never echoing a value that may carry a secret). */
+class EnvReader {
+  readonly problems: string[] = [];
 
-  const int = (name: string, fallback: number, min: number, max: number): number => {
-    const raw = read(name);
+  constructor(private readonly env: Env) {}
+
+  /** the variable, trimmed; undefined when unset or blank */
+  read(name: string): string | undefined {
+    const value = this.env[name];
+    return value === undefined || value.trim() === '' ? undefined : value.trim();
+  }
+
+  int(name: string, fallback: number, min: number, max: number): number {
+    const raw = this.read(name);
     if (raw === undefined) return fallback;
     if (!/^\d+$/.test(raw)) {
-      problems.push(`${name}: must be a whole number, got "${raw}"`);
+      this.problems.push(`${name}: must be a whole number, got "${raw}"`);
       return fallback;
     }
     const value = Number(raw);
     if (value < min || value > max) {
-      problems.push(`${name}: must be between ${min} and ${max}, got ${value}`);
+      this.problems.push(`${name}: must be between ${min} and ${max}, got ${value}`);
       return fallback;
     }
     return value;
-  };
+  }
 
-  const url = (name: string, protocols: readonly string[]): string | null => {
-    const raw = read(name);
+  url(name: string, protocols: readonly string[]): string | null {
+    const raw = this.read(name);
     if (raw === undefined) return null;
     let parsed: URL;
     try {
       parsed = new URL(raw);
     } catch {
-      problems.push(`${name}: must be a URL (${protocols.join(' or ')}), got an unparsable value`);
+      this.problems.push(`${name}: must be a URL (${protocols.join(' or ')}), got an unparsable value`);
       return null;
     }
     if (!protocols.includes(parsed.protocol.replace(/:$/, ''))) {
       // Never echo the value: it may carry a password.
-      problems.push(`${name}: scheme must be ${protocols.join(' or ')}, got "${parsed.protocol.replace(/:$/, '')}"`);
+      this.problems.push(`${name}: scheme must be ${protocols.join(' or ')}, got "${parsed.protocol.replace(/:$/, '')}"`);
       return null;
     }
     return raw;
+  }
+}
+
+/**
+ * @param terminal whether stdout is a terminal (the default of `LOG_FORMAT`); default: asks `process.stdout`
+ */
+export function loadConfig(env: Env = process.env, terminal: boolean = process.stdout.isTTY === true): FleetConfig {
+  const r = new EnvReader(env);
+  const redis = readRedis(r);
+  const logging = readLogging(r, terminal);
+  const http = readHttp(r);
+  const sweepEveryS = r.int('FLEET_SWEEP_EVERY_S', 30, 1, 3600);
+  const readyWindowS = r.int('FLEET_READY_WINDOW_S', 120, 1, 86_400);
+  if (readyWindowS <= sweepEveryS) {
+    r.problems.push(
+      `FLEET_READY_WINDOW_S: must be longer than FLEET_SWEEP_EVERY_S (${readyWindowS} <= ${sweepEveryS}), or every endpoint flaps between ticks`,
+    );
+  }
+  const tracing = readTracing((name) => r.read(name), r.problems);
+
+  const config: FleetConfig = {
+    ...redis,
+    databaseUrl: r.url('DATABASE_URL', ['postgres', 'postgresql']),
+    publicEndpointUrl: r.url('FLEET_PUBLIC_ENDPOINT_URL', ['http', 'https']),
+    readyWindowS,
+    sweepEveryS,
+    orphanAfterS: r.int('FLEET_ORPHAN_AFTER_S', DEFAULTS.orphanAfterS, 1, 86_400),
+    progressDeadlineS: r.int('FLEET_PROGRESS_DEADLINE_S', DEFAULTS.progressDeadlineS, 1, 7 * 86_400),
+    streamMaxLen: r.int('FLEET_STREAM_MAXLEN', 1_000_000, 1000, 1_000_000_000),
+    httpPort: r.int('FLEET_HTTP_PORT', 3000, 0, 65_535),
+    concurrency: r.int('FLEET_CONCURRENCY', 16, 1, 1000),
+    batchMax: r.int('FLEET_BATCH_MAX', 32, 1, 1000),
+    probeConcurrency: r.int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
+    durableReplicas: r.int('FLEET_DURABLE_ENQUEUE', 0, 0, 16),
+    // under the fleet's Redis command timeout (5 s), or the client gives up on WAIT before Redis answers it
+    durableTimeoutMs: r.int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 4000),
+    ...logging,
+    ...http,
+    eventsRateLimit: r.int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),
+    tracing,
   };
 
-  const redisUrlRaw = read('REDIS_URL');
+  if (r.problems.length > 0) throw new ConfigError(r.problems);
+  return Object.freeze(config);
+}
+
+/** `REDIS_URL` (a cluster URL or a plain one) and `FLEET_PREFIX`, which a cluster constrains. */
+function readRedis(r: EnvReader): Pick<FleetConfig, 'redisUrl' | 'redisCluster' | 'prefix'> {
+  const redisUrlRaw = r.read('REDIS_URL');
   const redisCluster = redisUrlRaw !== undefined && isClusterUrl(redisUrlRaw);
   let redisUrl: string | null = null;
   if (redisCluster && redisUrlRaw !== undefined) {
@@ -175,123 +223,97 @@ export function loadConfig(env: Env = process.env, terminal: boolean = process.s
       redisUrl = redisUrlRaw;
     } catch (err) {
       // the parser's messages never echo the value (it may carry a password)
-      problems.push(`REDIS_URL: a cluster URL (redis+cluster://[user:password@]host:port,host:port,.../): ${(err as Error).message}`);
+      r.problems.push(`REDIS_URL: a cluster URL (redis+cluster://[user:password@]host:port,host:port,.../): ${(err as Error).message}`);
     }
   } else {
-    redisUrl = url('REDIS_URL', ['redis', 'rediss', 'redis+cluster', 'rediss+cluster']);
+    redisUrl = r.url('REDIS_URL', ['redis', 'rediss', 'redis+cluster', 'rediss+cluster']);
   }
 
-  const prefix = read('FLEET_PREFIX') ?? (redisCluster ? '{fleet}' : 'fleet');
+  const prefix = r.read('FLEET_PREFIX') ?? (redisCluster ? '{fleet}' : 'fleet');
   if (!/^[A-Za-z0-9_.{}-]{1,64}$/.test(prefix)) {
-    problems.push(`FLEET_PREFIX: must be 1-64 characters of A-Za-z0-9_.-{} (no ':' or spaces), got "${prefix}"`);
+    r.problems.push(`FLEET_PREFIX: must be 1-64 characters of A-Za-z0-9_.-{} (no ':' or spaces), got "${prefix}"`);
   } else if (redisCluster && prefixHashTag(prefix) === null) {
-    problems.push(
+    r.problems.push(
       `FLEET_PREFIX: with a Redis Cluster (REDIS_URL redis+cluster://) it must contain a non-empty hash tag, e.g. "{${prefix.replace(/[{}]/g, '') || 'fleet'}}", so that all of the fleet's keys live in one slot; got "${prefix}"`,
     );
   }
+  return { redisUrl, redisCluster, prefix };
+}
 
-  const logLevel = read('LOG_LEVEL') ?? 'info';
+/** `LOG_LEVEL` and `LOG_FORMAT` (pretty on a terminal, else JSON). */
+function readLogging(r: EnvReader, terminal: boolean): Pick<FleetConfig, 'logLevel' | 'logFormat'> {
+  const logLevel = r.read('LOG_LEVEL') ?? 'info';
   if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
-    problems.push(`LOG_LEVEL: must be one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
+    r.problems.push(`LOG_LEVEL: must be one of ${LOG_LEVELS.join(', ')}, got "${logLevel}"`);
   }
-
-  const logFormat = read('LOG_FORMAT') ?? (terminal ? 'pretty' : 'json');
+  const logFormat = r.read('LOG_FORMAT') ?? (terminal ? 'pretty' : 'json');
   if (!(LOG_FORMATS as readonly string[]).includes(logFormat)) {
-    problems.push(`LOG_FORMAT: must be one of ${LOG_FORMATS.join(', ')}, got "${logFormat.slice(0, 40)}"`);
+    r.problems.push(`LOG_FORMAT: must be one of ${LOG_FORMATS.join(', ')}, got "${logFormat.slice(0, 40)}"`);
   }
+  return { logLevel: logLevel as LogLevel, logFormat: logFormat as LogFormat };
+}
 
-  const httpHost = read('FLEET_HTTP_HOST') ?? '127.0.0.1';
-  const boardUser = read('FLEET_BOARD_USER') ?? null;
-  const boardPassword = read('FLEET_BOARD_PASSWORD') ?? null;
+type HttpSettings = Pick<
+  FleetConfig,
+  'httpHost' | 'boardUser' | 'boardPassword' | 'apiTokensFile' | 'endpointAllow' | 'httpTrustProxy' | 'metricsAuth'
+>;
+
+/** The HTTP role's variables, and what off loopback requires (board credentials, tokens, the allow-list). */
+function readHttp(r: EnvReader): HttpSettings {
+  const httpHost = r.read('FLEET_HTTP_HOST') ?? '127.0.0.1';
+  const loopback = isLoopbackHost(httpHost);
+  const boardUser = r.read('FLEET_BOARD_USER') ?? null;
+  const boardPassword = r.read('FLEET_BOARD_PASSWORD') ?? null;
   if ((boardUser === null) !== (boardPassword === null)) {
-    problems.push('FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: set both or neither');
-  } else if (boardUser === null && !isLoopbackHost(httpHost)) {
-    problems.push(
+    r.problems.push('FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: set both or neither');
+  } else if (boardUser === null && !loopback) {
+    r.problems.push(
       `FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}")`,
     );
   }
-
-  const loopback = isLoopbackHost(httpHost);
   if (boardPassword !== null && !loopback && boardPassword.length < MIN_BOARD_PASSWORD_LENGTH) {
     // never echo the password, not even its length
-    problems.push(`FLEET_BOARD_PASSWORD: must be at least ${MIN_BOARD_PASSWORD_LENGTH} characters when FLEET_HTTP_HOST is not loopback`);
+    r.problems.push(`FLEET_BOARD_PASSWORD: must be at least ${MIN_BOARD_PASSWORD_LENGTH} characters when FLEET_HTTP_HOST is not loopback`);
   }
-  const apiTokensFile = read('FLEET_API_TOKENS_FILE') ?? null;
+  const apiTokensFile = r.read('FLEET_API_TOKENS_FILE') ?? null;
   if (apiTokensFile === null && !loopback) {
-    problems.push(
+    r.problems.push(
       `FLEET_API_TOKENS_FILE: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}"): create tokens with \`fleet token create\``,
     );
   }
-  const allowRaw = read('FLEET_ENDPOINT_ALLOW');
+  const allowRaw = r.read('FLEET_ENDPOINT_ALLOW');
   let endpointAllow: EndpointAllowList | null = null;
   if (allowRaw !== undefined) {
     const parsed = parseEndpointAllowList(allowRaw);
-    problems.push(...parsed.problems);
+    r.problems.push(...parsed.problems);
     endpointAllow = parsed.list;
   } else if (!loopback) {
-    problems.push(
+    r.problems.push(
       `FLEET_ENDPOINT_ALLOW: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}"): the host names, .suffixes and CIDR ranges endpoint URLs may name`,
     );
   }
-  const httpTrustProxy = (read('FLEET_HTTP_TRUST_PROXY') ?? '')
+  const metricsAuth = r.read('FLEET_METRICS_AUTH') ?? 'open';
+  const httpTrustProxy = readTrustProxy(r);
+  if (metricsAuth !== 'open' && metricsAuth !== 'read') {
+    r.problems.push(`FLEET_METRICS_AUTH: must be "open" or "read", got "${metricsAuth.slice(0, 40)}"`);
+  }
+  return { httpHost, boardUser, boardPassword, apiTokensFile, endpointAllow, httpTrustProxy, metricsAuth: metricsAuth === 'read' ? 'read' : 'open' };
+}
+
+/** `FLEET_HTTP_TRUST_PROXY`: comma-separated addresses and CIDR ranges. */
+function readTrustProxy(r: EnvReader): readonly string[] {
+  const entries = (r.read('FLEET_HTTP_TRUST_PROXY') ?? '')
     .split(',')
     .map((e) => e.trim())
     .filter((e) => e !== '');
-  for (const entry of httpTrustProxy) {
+  for (const entry of entries) {
     const [address = '', bits, ...rest] = entry.split('/');
     const family = isIP(address);
     if (family === 0 || rest.length > 0 || (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= (family === 4 ? 32 : 128)))) {
-      problems.push(`FLEET_HTTP_TRUST_PROXY: "${entry.slice(0, 60)}": must be an IP address or a CIDR range`);
+      r.problems.push(`FLEET_HTTP_TRUST_PROXY: "${entry.slice(0, 60)}": must be an IP address or a CIDR range`);
     }
   }
-  const metricsAuth = read('FLEET_METRICS_AUTH') ?? 'open';
-  if (metricsAuth !== 'open' && metricsAuth !== 'read') {
-    problems.push(`FLEET_METRICS_AUTH: must be "open" or "read", got "${metricsAuth.slice(0, 40)}"`);
-  }
-
-  const sweepEveryS = int('FLEET_SWEEP_EVERY_S', 30, 1, 3600);
-  const readyWindowS = int('FLEET_READY_WINDOW_S', 120, 1, 86_400);
-  if (readyWindowS <= sweepEveryS) {
-    problems.push(
-      `FLEET_READY_WINDOW_S: must be longer than FLEET_SWEEP_EVERY_S (${readyWindowS} <= ${sweepEveryS}), or every endpoint flaps between ticks`,
-    );
-  }
-
-  const tracing = readTracing(read, problems);
-
-  const config: FleetConfig = {
-    redisUrl,
-    redisCluster,
-    databaseUrl: url('DATABASE_URL', ['postgres', 'postgresql']),
-    prefix,
-    publicEndpointUrl: url('FLEET_PUBLIC_ENDPOINT_URL', ['http', 'https']),
-    readyWindowS,
-    sweepEveryS,
-    orphanAfterS: int('FLEET_ORPHAN_AFTER_S', DEFAULTS.orphanAfterS, 1, 86_400),
-    progressDeadlineS: int('FLEET_PROGRESS_DEADLINE_S', DEFAULTS.progressDeadlineS, 1, 7 * 86_400),
-    streamMaxLen: int('FLEET_STREAM_MAXLEN', 1_000_000, 1000, 1_000_000_000),
-    httpPort: int('FLEET_HTTP_PORT', 3000, 0, 65_535),
-    httpHost,
-    boardUser,
-    boardPassword,
-    concurrency: int('FLEET_CONCURRENCY', 16, 1, 1000),
-    batchMax: int('FLEET_BATCH_MAX', 32, 1, 1000),
-    probeConcurrency: int('FLEET_PROBE_CONCURRENCY', 64, 1, 10_000),
-    durableReplicas: int('FLEET_DURABLE_ENQUEUE', 0, 0, 16),
-    // under the fleet's Redis command timeout (5 s), or the client gives up on WAIT before Redis answers it
-    durableTimeoutMs: int('FLEET_DURABLE_TIMEOUT_MS', 1000, 1, 4000),
-    logLevel: logLevel as LogLevel,
-    logFormat: logFormat as LogFormat,
-    apiTokensFile,
-    endpointAllow,
-    eventsRateLimit: int('FLEET_EVENTS_RATE_LIMIT', 100, 0, 1_000_000),
-    metricsAuth: metricsAuth === 'read' ? 'read' : 'open',
-    httpTrustProxy: Object.freeze(httpTrustProxy),
-    tracing,
-  };
-
-  if (problems.length > 0) throw new ConfigError(problems);
-  return Object.freeze(config);
+  return Object.freeze(entries);
 }
 
 /** The `OTEL_*` variables this fleet honours (OTLP over HTTP only), and the bench's `FLEET_TRACE_BENCH` hook. */

@@ -45,9 +45,7 @@ export class Initial1763900000000 implements MigrationInterface {
     await q.query(
       `ALTER TABLE deployments ADD CONSTRAINT deployments_current_attempt_fk FOREIGN KEY (current_attempt_id) REFERENCES attempts (id) DEFERRABLE INITIALLY DEFERRED`,
     );
-    // The sweep: running attempts by liveness (orphans) and by start (progress deadline). The liveness expression is
-    // ATTEMPT_LIVENESS (src/entities/sql/liveness.ts), written out here as a migration's text must stay as it ran;
-    // test/integration/liveness.test.ts fails if the two differ.
+    // The sweep: running attempts by liveness (orphans) and by start (progress deadline).
     await q.query(
       `CREATE INDEX attempts_running_liveness_idx ON attempts ((COALESCE(last_heartbeat_at, started_at))) WHERE status = 'running'`,
     );

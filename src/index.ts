@@ -14,6 +14,7 @@ export { TransitionConsumer, memoryVersionStore, parseEntry } from './streams/co
 export type { TransitionConsumerOptions, TransitionEntry, VersionStore } from './streams/consumer';
 export { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 export type { OutboxRelayOptions } from './streams/outbox-relay';
+export { partitionOf, partitionKey, partitionKeys, partitionsRecordKey, readPartitions, MAX_STREAM_PARTITIONS } from './streams/partitions';
 export { ConfigError, ConflictError, FleetError, NotYetError, ResyncRequiredError, ValidationError, isTransient } from './errors';
 export type { FieldIssue } from './errors';
 export { loadConfig } from './config';

@@ -1,13 +1,15 @@
 /**
- * `fleet tail`: prints transitions as they happen. Without a group it reads the stream directly from `--from`
- * (default `$`, only new entries); with `--group/--consumer` it reads through a consumer group, so a restarted tail
- * continues where it stopped.
+ * `fleet tail`: prints transitions as they happen, from every partition of the stream (each deployment's in order).
+ * Without a group it reads the stream directly from `--from` (default `$`, only new entries; an id applies to every
+ * partition); with `--group/--consumer` it reads through a consumer group, so a restarted tail continues where it
+ * stopped.
  */
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
-import { printable } from '../util';
-import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../queues/redis';
+import { printable, sleep } from '../util';
+import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
+import { partitionKeys, readPartitions } from '../streams/partitions';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -33,6 +35,9 @@ export function formatEntry(entry: TransitionEntry, json: boolean): string {
 
 /** How long a stopping tail waits for the read in flight (a read blocks for 1 s) before it drops its connection. */
 const STOP_GRACE_MS = 1000;
+
+/** An XREAD's reply: per stream key, its entries. */
+type XReadReply = Array<[string, Array<[string, string[]]>]> | null;
 
 /** What a command cut short by the stop resolves to. */
 const STOPPED = Symbol('stopped');
@@ -73,23 +78,43 @@ export async function tail(options: TailOptions): Promise<void> {
     return Promise.race([command, stopping]);
   };
   try {
-    let last = options.from ?? '$';
-    if (last === '$') {
-      // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
-      // skip whatever was added between the two reads
-      const newest = await untilStopped(redis.xrevrange(options.streamKey, '+', '-', 'COUNT', 1));
-      if (newest === STOPPED) return;
-      last = newest[0]?.[0] ?? '0-0';
-    } else if ((await untilStopped(refuseTrimmed(redis, options.streamKey, last))) === STOPPED) {
-      return;
-    }
-    while (!stopped) {
-      const reply = await untilStopped(redis.xread('COUNT', 100, 'BLOCK', 1000, 'STREAMS', options.streamKey, last));
-      if (reply === STOPPED) return;
-      for (const [id, fields] of reply?.[0]?.[1] ?? []) {
-        print(parseEntry(id, fields));
-        last = id;
+    const partitions = await untilStopped(readPartitions(redis, options.streamKey));
+    if (partitions === STOPPED) return;
+    const keys = partitionKeys(options.streamKey, partitions);
+    // per partition, the id after which it reads: each partition is in order, so each deployment is
+    const last = new Map<string, string>();
+    for (const key of keys) {
+      let from = options.from ?? '$';
+      if (from === '$') {
+        // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
+        // skip whatever was added between the two reads
+        const newest = await untilStopped(redis.xrevrange(key, '+', '-', 'COUNT', 1));
+        if (newest === STOPPED) return;
+        from = newest[0]?.[0] ?? '0-0';
+      } else if ((await untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) {
+        return;
       }
+      last.set(key, from);
+    }
+    // One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
+    // slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
+    const spread = isCluster(redis) && keys.length > 1;
+    const after = (key: string) => last.get(key) ?? '0-0';
+    while (!stopped) {
+      const read = spread
+        ? Promise.all(keys.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
+            replies.flatMap((r) => r ?? []),
+          )
+        : (redis.call('XREAD', 'COUNT', '100', 'BLOCK', '1000', 'STREAMS', ...keys, ...keys.map(after)) as Promise<XReadReply>).then((r) => r ?? []);
+      const reply = await untilStopped(read);
+      if (reply === STOPPED) return;
+      for (const [key, entries] of reply) {
+        for (const [id, fields] of entries) {
+          print(parseEntry(id, fields));
+          last.set(key, id);
+        }
+      }
+      if (spread && reply.every(([, entries]) => entries.length === 0) && (await untilStopped(sleep(200))) === STOPPED) return;
     }
   } catch (err) {
     if (!stopped) throw err; // cut short by the stop: not an error

@@ -45,11 +45,18 @@ export const OUTBOX_SQL = Object.freeze({
       WHERE published_at IS NULL AND NOT (id = ANY($1::bigint[]))
       ORDER BY id LIMIT $3`,
   ),
-  /** rows marked published past the stream's tail ($1 ms, $2 seq) go out again */
-  unpublishAfter: sql<never>(
+  /**
+   * Rows marked published past their stream's tail go out again. A row's stream id is `ms-seq` on a stream of one
+   * partition and `ms-seq@n` on partition n of several; per partition ($1 partitions, '' for the one stream; $2 ms
+   * and $3 seq of its tail).
+   */
+  unpublishPastTails: sql<never>(
     `UPDATE outbox SET published_at = NULL, stream_id = NULL
+       FROM unnest($1::text[], $2::numeric[], $3::numeric[]) AS t(part, ms, seq)
       WHERE published_at IS NOT NULL AND stream_id IS NOT NULL
-        AND (split_part(stream_id, '-', 1)::numeric, split_part(stream_id, '-', 2)::numeric) > ($1::numeric, $2::numeric)`,
+        AND split_part(stream_id, '@', 2) = t.part
+        AND (split_part(split_part(stream_id, '@', 1), '-', 1)::numeric, split_part(split_part(stream_id, '@', 1), '-', 2)::numeric)
+            > (t.ms, t.seq)`,
   ),
   /** published rows older than $1 ms, 10,000 at a time */
   prunePublished: sql<never>(

@@ -1,0 +1,452 @@
+import { randomUUID } from 'node:crypto';
+import { expect } from 'chai';
+import type IORedis from 'ioredis';
+import { tail } from '../../src/cli/tail';
+import { ConfigError } from '../../src/errors';
+import { fleetAclRules } from '../../src/queues/redis';
+import { createLogger } from '../../src/log';
+import { TransitionService } from '../../src/services/transitions';
+import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
+import { OutboxRelay } from '../../src/streams/outbox-relay';
+import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
+import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { testEnv } from '../helpers/env';
+import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { waitFor } from '../helpers/wait';
+import { sleep } from '../../src/util';
+
+/** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
+async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
+  await apply(service, 'deployment.create', { deploymentId, name: 'web' });
+  for (let v = 2; v <= count; v += 2) {
+    const attemptId = randomUUID();
+    await apply(service, 'attempt.create', { deploymentId, attemptId });
+    if (v < count) await apply(service, 'attempt.cancel', { deploymentId, attemptId });
+  }
+}
+
+async function apply(service: TransitionService, name: string, data: Record<string, unknown>): Promise<void> {
+  const result = await service.apply(name, data, { fallbackEventId: randomUUID() });
+  if (result.outcome !== 'applied') throw new Error(`${name} was ${result.outcome}`);
+}
+
+async function readStream(redis: IORedis, key: string): Promise<TransitionEntry[]> {
+  const raw = (await redis.xrange(key, '-', '+')) as Array<[string, string[]]>;
+  return raw.map(([id, fields]) => parseEntry(id, fields));
+}
+
+describe('a partitioned transition stream', function () {
+  this.timeout(120_000);
+  let db: TestDatabase;
+  let service: TransitionService;
+  let prefix: string;
+  let streamKey: string;
+  let redis: IORedis;
+  const closers: Array<() => Promise<void>> = [];
+
+  before(async () => {
+    db = await openTestDatabase(8);
+    service = new TransitionService({ dataSource: db.dataSource });
+    redis = testRedis();
+  });
+  after(async () => {
+    redis.disconnect();
+    await db?.close();
+  });
+  beforeEach(async () => {
+    prefix = uniquePrefix();
+    streamKey = `${prefix}:transitions`;
+    // every test has a stream of its own over the one database: earlier tests' rows are neither pending nor traceable
+    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+  });
+  afterEach(async () => {
+    for (const close of closers.splice(0).reverse()) await close();
+    await dropPrefix(prefix);
+  });
+
+  function relay(partitions: number, options: Partial<ConstructorParameters<typeof OutboxRelay>[0]> = {}): OutboxRelay {
+    const r = new OutboxRelay({ databaseUrl: db.url, redis: testEnv().redisUrl, streamKey, partitions, standbyRetryMs: 200, ...options });
+    closers.push(() => r.close());
+    r.start();
+    return r;
+  }
+
+  async function lengths(partitions: number): Promise<number> {
+    let total = 0;
+    for (const key of partitionKeys(streamKey, partitions)) total += await redis.xlen(key);
+    return total;
+  }
+
+  describe('the relay', () => {
+    it('with 16 partitions appends each deployment to its partition, in version order, and records 16', async () => {
+      relay(16);
+      const deployments = Array.from({ length: 40 }, () => randomUUID());
+      await Promise.all(deployments.map((id) => transitions(service, id, 6)));
+      await waitFor('240 entries', async () => ((await lengths(16)) >= 240 ? true : undefined), 30_000);
+
+      expect(await redis.exists(streamKey)).to.equal(0); // nothing on the one-partition key
+      expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('16');
+      const used = new Set<number>();
+      for (const [n, key] of partitionKeys(streamKey, 16).entries()) {
+        const entries = await readStream(redis, key);
+        if (entries.length > 0) used.add(n);
+        const byDeployment = new Map<string, number[]>();
+        for (const e of entries) {
+          expect(partitionOf(e.deploymentId, 16), `${e.deploymentId} on ${key}`).to.equal(n);
+          byDeployment.set(e.deploymentId, [...(byDeployment.get(e.deploymentId) ?? []), e.version]);
+        }
+        for (const versions of byDeployment.values()) expect(versions).to.deep.equal([1, 2, 3, 4, 5, 6]);
+      }
+      expect(used.size).to.be.above(8);
+      // each row is marked with its entry's id and partition
+      await waitFor('every row marked', async () => {
+        const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
+        return Number(row?.n) === 0 ? true : undefined;
+      });
+      const marked = await db.dataSource.query<Array<{ deployment_id: string; stream_id: string }>>(
+        `SELECT deployment_id, stream_id FROM outbox WHERE deployment_id = ANY($1::uuid[])`,
+        [deployments],
+      );
+      for (const m of marked) expect(m.stream_id).to.match(new RegExp(`^\\d+-\\d+@${partitionOf(m.deployment_id, 16)}$`));
+    });
+
+    it('with one partition writes the one stream key as before, and records 1', async () => {
+      relay(1);
+      const id = randomUUID();
+      await transitions(service, id, 4);
+      await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
+      expect((await readStream(redis, streamKey)).map((e) => e.version)).to.deep.equal([1, 2, 3, 4]);
+      expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('1');
+      expect(await redis.exists(partitionKey(streamKey, 0, 2))).to.equal(0);
+    });
+
+    it('republishes what one partition lost before appending anything after the gap there', async () => {
+      relay(4);
+      const deployments: string[] = Array.from({ length: 8 }, () => randomUUID());
+      for (const id of deployments) await transitions(service, id, 4);
+      await waitFor('32 entries', async () => ((await lengths(4)) >= 32 ? true : undefined));
+      await waitFor('every row marked', async () => {
+        const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
+        return Number(row?.n) === 0 ? true : undefined;
+      });
+      // partition n loses its last 3 entries (a crash before fsync, a failover)
+      const n = partitionOf(deployments[0] ?? '', 4);
+      const key = partitionKey(streamKey, n, 4);
+      const lost = (await redis.xrevrange(key, '+', '-', 'COUNT', 3)).map(([id]) => id);
+      await redis.xdel(key, ...lost);
+      // a new deployment in that partition
+      let more: string = randomUUID();
+      while (partitionOf(more, 4) !== n) more = randomUUID();
+      await transitions(service, more, 2);
+      const mine = deployments.filter((d) => partitionOf(d, 4) === n);
+      await waitFor('every version back on the partition', async () => {
+        const entries = await readStream(redis, key);
+        return [...mine, more].every((d) => new Set(entries.filter((e) => e.deploymentId === d).map((e) => e.version)).size === (d === more ? 2 : 4))
+          ? true
+          : undefined;
+      });
+      const entries = await readStream(redis, key);
+      const firstNew = entries.findIndex((e) => e.deploymentId === more);
+      const lastOld = entries.map((e) => mine.includes(e.deploymentId)).lastIndexOf(true);
+      expect(lastOld).to.be.below(firstNew);
+    });
+
+    it("lets the fleet's ACL user (fleetAclRules) write a hash-tagged prefix's partitions and their leases", async () => {
+      const tagged = `{${prefix}}`;
+      const user = `${prefix}-acl`;
+      await redis.call('ACL', 'SETUSER', user, 'reset', 'on', '>a-long-password-1', ...fleetAclRules(tagged));
+      try {
+        const key = partitionKey(`${tagged}:transitions`, 3, 16);
+        expect(key).to.equal(`{${prefix}:p3}:transitions:3`);
+        expect(await redis.call('ACL', 'DRYRUN', user, 'XADD', key, '*', 'a', 'b')).to.equal('OK');
+        expect(await redis.call('ACL', 'DRYRUN', user, 'SET', `${key}:lease:g`, 'x')).to.equal('OK');
+        expect(await redis.call('ACL', 'DRYRUN', user, 'GET', partitionsRecordKey(`${tagged}:transitions`))).to.equal('OK');
+        expect(String(await redis.call('ACL', 'DRYRUN', user, 'XADD', `{other:p3}:transitions:3`, '*', 'a', 'b'))).to.contain('no permissions');
+      } finally {
+        await redis.call('ACL', 'DELUSER', user);
+      }
+    });
+
+    it('refuses a number of partitions other than the recorded one, naming both', async () => {
+      await recordPartitions(redis, streamKey, 16);
+      const err = await recordPartitions(redis, streamKey, 4).catch((e: unknown) => e);
+      expect(err).to.be.instanceOf(ConfigError);
+      expect((err as ConfigError).message).to.contain('written with 16 partition(s)').and.contain('but 4 are configured');
+      expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('16'); // nothing changed
+      await recordPartitions(redis, streamKey, 16); // the same number is fine
+
+      // a fleet from before partitions: its stream at the base key, no record, counts as 1
+      const old = `${prefix}:old:transitions`;
+      await redis.xadd(old, '*', 'type', 'state_transition');
+      const before = await recordPartitions(redis, old, 8).catch((e: unknown) => e);
+      expect((before as ConfigError).message).to.contain('written with 1 partition(s)').and.contain('but 8 are configured');
+      expect(await redis.exists(partitionsRecordKey(old))).to.equal(0);
+
+      // and the relay publishes nothing while the record names another number: its cycle fails, saying why
+      let logged = '';
+      const r = relay(4, { logger: createLogger('warn', { write: (line: string) => void (logged += line) }) });
+      const id = randomUUID();
+      await transitions(service, id, 2);
+      await waitFor('the refusal in its log', () => (logged.includes('but 4 are configured') ? true : undefined));
+      expect(r.publishedCount).to.equal(0);
+      const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE deployment_id = $1 AND published_at IS NULL`, [id]);
+      expect(Number(row?.n)).to.equal(2);
+      expect(await lengths(4)).to.equal(0);
+    });
+  });
+
+  describe('consumers of one group', () => {
+    /**
+     * What the handlers saw: per deployment the versions in handler-call order, and any moment two consumers were
+     * inside the handler for one partition at once.
+     */
+    class Audit {
+      readonly versions = new Map<string, number[]>();
+      readonly byConsumer = new Map<string, number>();
+      readonly overlaps: string[] = [];
+      private readonly inflight = new Map<number, string>();
+      calls = 0;
+      constructor(
+        private readonly partitions: number,
+        private readonly delayMs: number,
+      ) {}
+
+      handler(name: string): (e: TransitionEntry) => Promise<void> {
+        return async (e) => {
+          const n = partitionOf(e.deploymentId, this.partitions);
+          const other = this.inflight.get(n);
+          if (other !== undefined) this.overlaps.push(`${name} handled partition ${n} while ${other} did`);
+          // and one consumer's handler is called for one entry at a time, as before partitions
+          if ([...this.inflight.values()].includes(name)) this.overlaps.push(`${name} handled two entries at once`);
+          this.inflight.set(n, name);
+          this.calls++;
+          try {
+            await sleep(this.delayMs);
+            this.versions.set(e.deploymentId, [...(this.versions.get(e.deploymentId) ?? []), e.version]);
+            this.byConsumer.set(name, (this.byConsumer.get(name) ?? 0) + 1);
+          } finally {
+            if (this.inflight.get(n) === name) this.inflight.delete(n);
+          }
+        };
+      }
+
+      /** every deployment got every version 1..last, never a lower one after a higher one */
+      expectComplete(deployments: readonly string[], last: number, strictly: boolean): void {
+        expect(this.overlaps).to.deep.equal([]);
+        for (const d of deployments) {
+          const seen = this.versions.get(d) ?? [];
+          for (let i = 1; i < seen.length; i++) {
+            const [prev, cur] = [seen[i - 1] ?? 0, seen[i] ?? 0];
+            expect(strictly ? cur > prev : cur >= prev, `${d}: ${seen.join(',')}`).to.equal(true);
+          }
+          expect([...new Set(seen)], d).to.deep.equal(Array.from({ length: last }, (_, i) => i + 1));
+        }
+      }
+
+      count(deployments: readonly string[]): number {
+        return deployments.reduce((sum, d) => sum + new Set(this.versions.get(d)).size, 0);
+      }
+    }
+
+    /** Appends versions from..to of every deployment, interleaved as in a real fleet, to their partitions. */
+    async function publish(deployments: readonly string[], partitions: number, from: number, to: number): Promise<void> {
+      const pipeline = redis.pipeline();
+      for (let v = from; v <= to; v++) {
+        for (const d of deployments) {
+          const key = partitionKey(streamKey, partitionOf(d, partitions), partitions);
+          pipeline.xadd(key, '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v), 'to', 'pending', 'reason', 'test');
+        }
+      }
+      await pipeline.exec();
+    }
+
+    const shared = memoryVersionStore();
+    function consumer(name: string, audit: Audit, options: Partial<TransitionConsumerOptions> = {}): TransitionConsumer {
+      const c = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'g',
+        consumer: name,
+        startId: '0',
+        blockMs: 200,
+        batchSize: 20,
+        leaseMs: 1000,
+        versions: shared,
+        handler: audit.handler(name),
+        ...options,
+      });
+      closers.push(() => c.close());
+      void c.run();
+      return c;
+    }
+
+    it('4 consumers, 16 partitions: every entry handled, per deployment in increasing version, partitions shared out', async () => {
+      await recordPartitions(redis, streamKey, 16);
+      const audit = new Audit(16, 2);
+      const deployments = Array.from({ length: 60 }, () => randomUUID());
+      const consumers = ['c1', 'c2', 'c3', 'c4'].map((name) => consumer(name, audit));
+      await publish(deployments, 16, 1, 8);
+      await waitFor('480 entries handled', () => (audit.count(deployments) >= 480 ? true : undefined), 60_000);
+      audit.expectComplete(deployments, 8, true);
+      await waitFor('4 partitions each', () => (consumers.every((c) => c.ownedPartitions().length === 4) ? true : undefined));
+      expect(consumers.flatMap((c) => c.ownedPartitions()).sort((a, b) => a - b)).to.deep.equal(Array.from({ length: 16 }, (_, n) => n));
+      // a fifth joins: 16 over 5 is 4, 3, 3, 3, 3 by name, and every partition stays owned (every member must see
+      // the members in one order for the shares to add up to 16)
+      consumers.push(consumer('c5', audit));
+      await waitFor('16 over 5', () => {
+        const owned = consumers.map((c) => c.ownedPartitions().length);
+        return owned.join(',') === '4,3,3,3,3' ? true : undefined;
+      });
+    });
+
+    it('through a consumer joining, one closing and one crashing mid-run: complete and in order', async () => {
+      await recordPartitions(redis, streamKey, 16);
+      const audit = new Audit(16, 2);
+      const deployments = Array.from({ length: 40 }, () => randomUUID());
+      const crashing = testRedis();
+      closers.push(async () => crashing.disconnect());
+      const [a, b, c] = [consumer('a', audit), consumer('b', audit), consumer('c', audit, { redis: crashing })];
+      await publish(deployments, 16, 1, 4);
+      await waitFor('some handled', () => (audit.calls >= 40 ? true : undefined));
+      const d = consumer('d', audit); // joins
+      await waitFor('the joiner to own partitions', () => (d.ownedPartitions().length > 0 ? true : undefined));
+      await publish(deployments, 16, 5, 8);
+      await a.close(); // leaves
+      crashing.disconnect(); // c crashes: its leases left to expire
+      await publish(deployments, 16, 9, 12);
+      await waitFor('480 entries handled', () => (audit.count(deployments) >= 480 ? true : undefined), 60_000);
+      audit.expectComplete(deployments, 12, false);
+      await waitFor('the survivors to own every partition', () => (b.ownedPartitions().length + d.ownedPartitions().length === 16 ? true : undefined));
+      expect(c.acquisitions).to.be.above(0);
+    });
+
+    it('a consumer started before the fleet recorded its partitions moves to them, missing nothing', async () => {
+      const audit = new Audit(4, 1);
+      const deployments = Array.from({ length: 8 }, () => randomUUID());
+      const early = consumer('early', audit, { startId: '$' }); // nothing recorded: one partition, the base key
+      await waitFor('it owns the one stream', () => (early.ownedPartitions().length === 1 ? true : undefined));
+      await recordPartitions(redis, streamKey, 4); // the fleet starts with 4
+      await publish(deployments, 4, 1, 3);
+      await waitFor('24 entries handled', () => (audit.count(deployments) >= 24 ? true : undefined));
+      audit.expectComplete(deployments, 3, true);
+      await waitFor('it owns the 4 partitions', () => (early.ownedPartitions().length === 4 ? true : undefined));
+    });
+
+    it('with one partition, one consumer of three is active and the others are hot standbys', async () => {
+      const audit = new Audit(1, 1);
+      const deployments = Array.from({ length: 20 }, () => randomUUID());
+      const consumers = ['x', 'y', 'z'].map((name) => consumer(name, audit));
+      await publish(deployments, 1, 1, 5);
+      await waitFor('100 entries handled', () => (audit.count(deployments) >= 100 ? true : undefined));
+      audit.expectComplete(deployments, 5, true);
+      const active = consumers.filter((c) => c.ownedPartitions().length > 0);
+      expect(active).to.have.length(1);
+      expect(audit.byConsumer.size).to.equal(1);
+      // the active one leaves: a standby takes over
+      await active[0]?.close();
+      await publish(deployments, 1, 6, 8);
+      await waitFor('160 entries handled', () => (audit.count(deployments) >= 160 ? true : undefined));
+      audit.expectComplete(deployments, 8, true);
+      expect(audit.byConsumer.size).to.equal(2);
+    });
+
+    it('fences a consumer that cannot renew: it stops handling before another starts, and the next owner takes its pending entries first', async () => {
+      const audit = new Audit(1, 50);
+      const deployments = Array.from({ length: 5 }, () => randomUUID());
+      // a's process stalls: no renewal, no heartbeat, and by its own clock its lease is long past when it runs again
+      let paused = false;
+      let skew = 0;
+      const a = consumer('a', audit, { beforeRenew: () => !paused, monotonicNow: () => performance.now() + skew });
+      await waitFor('a to own the partition', () => (a.ownedPartitions().length === 1 ? true : undefined));
+      const b = consumer('b', audit);
+      await publish(deployments, 1, 1, 8);
+      await waitFor('a to have handled some', () => ((audit.byConsumer.get('a') ?? 0) >= 5 ? true : undefined));
+      paused = true;
+      skew = 10_000;
+      const byA = audit.byConsumer.get('a') ?? 0;
+      await waitFor('b to take over', () => (b.ownedPartitions().length === 1 ? true : undefined));
+      // a stopped at once (the call in flight, if any, finished), not when Redis expired its lease
+      expect(audit.byConsumer.get('a') ?? 0).to.be.at.most(byA + 1);
+      await waitFor('40 entries handled', () => (audit.count(deployments) >= 40 ? true : undefined), 30_000);
+      // no handler call of a's overlapped one of b's, and b went on from where a stopped, in order
+      audit.expectComplete(deployments, 8, true);
+      expect(audit.byConsumer.get('b') ?? 0).to.be.above(0);
+      expect(a.ownedPartitions()).to.deep.equal([]);
+    });
+
+    it('fences a consumer whose lease another took: its next acknowledgement fails and it handles nothing more', async () => {
+      const deploymentId = randomUUID();
+      let release: () => void = () => undefined;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      const calls: number[] = [];
+      const a = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey,
+        group: 'g',
+        consumer: 'a',
+        startId: '0',
+        blockMs: 200,
+        leaseMs: 60_000,
+        handler: async (e) => {
+          calls.push(e.version);
+          if (e.version === 3) await gate;
+        },
+      });
+      closers.push(() => a.close());
+      void a.run();
+      await publish([deploymentId], 1, 1, 10);
+      await waitFor('the handler to hold v3', () => (calls.length === 3 ? true : undefined));
+      await redis.set(partitionKey(streamKey, 0, 1) + ':lease:g', 'another-owner', 'PX', 60_000);
+      release();
+      await waitFor('a to give the partition up', () => (a.ownedPartitions().length === 0 ? true : undefined));
+      expect(calls).to.deep.equal([1, 2, 3]);
+      // v3 was not acknowledged: it and the rest wait for the partition's owner
+      const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
+      expect(pending[0]).to.equal(8);
+    });
+  });
+
+  describe('fleet tail', () => {
+    it('prints every partition, each deployment in version order, from --from or from now', async () => {
+      await recordPartitions(redis, streamKey, 4);
+      const deployments = Array.from({ length: 12 }, () => randomUUID());
+      const add = async (from: number, to: number) => {
+        for (let v = from; v <= to; v++) {
+          for (const d of deployments) {
+            await redis.xadd(partitionKey(streamKey, partitionOf(d, 4), 4), '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v));
+          }
+        }
+      };
+      await add(1, 2); // history
+      const run = (from?: string) => {
+        const lines: TransitionEntry[] = [];
+        let stop: () => void = () => undefined;
+        const stopped = new Promise<void>((resolve) => (stop = resolve));
+        const done = tail({ redisUrl: testEnv().redisUrl, streamKey, json: true, write: (line) => void lines.push(JSON.parse(line) as TransitionEntry), stop: stopped, ...(from === undefined ? {} : { from }) });
+        return { lines, stop, done };
+      };
+      const history = run('0');
+      const live = run();
+      closers.push(async () => {
+        history.stop();
+        live.stop();
+        await Promise.all([history.done, live.done]);
+      });
+      await waitFor('the history', () => (history.lines.length >= 24 ? true : undefined));
+      // both tails wait in their blocking read: the live one has pinned where "now" is on every partition
+      await waitFor('both tails waiting', async () => (/blocked_clients:([2-9]|\d\d)/.test(await redis.info('clients')) ? true : undefined));
+      await add(3, 4);
+      await waitFor('everything on the history tail', () => (history.lines.length >= 48 ? true : undefined));
+      await waitFor('what came after the live tail started', () => (live.lines.length >= 24 ? true : undefined));
+      const byDeployment = (lines: readonly TransitionEntry[]) => {
+        const by = new Map<string, number[]>();
+        for (const e of lines) by.set(e.deploymentId, [...(by.get(e.deploymentId) ?? []), Number(e.version)]);
+        return by;
+      };
+      for (const d of deployments) {
+        expect(byDeployment(history.lines).get(d)).to.deep.equal([1, 2, 3, 4]);
+        expect(byDeployment(live.lines).get(d)).to.deep.equal([3, 4]);
+      }
+    });
+  });
+});

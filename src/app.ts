@@ -30,6 +30,7 @@ import { TransitionService } from './services/transitions';
 import { streamCounts } from './streams/consumer';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 import { recordPartitions } from './streams/partitions';
+import { readPartitionStats } from './streams/stream-stats';
 import { LifecycleWorker, type LifecycleWorkerOptions } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
 import { settleWithin } from './util';
@@ -190,6 +191,7 @@ export async function startFleet(
         };
       },
       relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
+      streamPartitions: () => readPartitionStats(monitorRedis, transitionStreamKey(config.prefix)),
     });
     let relay: OutboxRelay | null = null;
     if (roles.relay ?? true) {

@@ -10,6 +10,15 @@ export function leaseKey(partitionKey: string, group: string): string {
   return `${partitionKey}:lease:${group}`;
 }
 
+/**
+ * The consumer named in a lease's token (`<consumer>:<instance>:<holding>`, written by `TransitionConsumer`): the
+ * token without its last two parts, so that a consumer name may contain colons.
+ */
+export function leaseOwner(token: string): string {
+  const parts = token.split(':');
+  return parts.length < 3 ? token : parts.slice(0, -2).join(':');
+}
+
 /** The group's live members: `<base key>:members:<group>`, a sorted set of consumer names scored by expiry. */
 export function membersKey(baseKey: string, group: string): string {
   return `${baseKey}:members:${group}`;

@@ -134,6 +134,12 @@ export interface TransitionConsumerOptions {
   readonly leaseMs?: number;
   readonly versions?: VersionStore;
   readonly logger?: Logger;
+  /**
+   * Called when this consumer takes a partition over (`acquired`, including at start), hands one over or stops
+   * (`released`: everything it read is acknowledged or left pending), or stops handling one because its lease was
+   * lost (`lost`): a hook for the caller's own metrics (e.g. a counter of rebalances); it must not throw.
+   */
+  readonly onPartitionChange?: (change: { readonly partition: number; readonly change: 'acquired' | 'released' | 'lost' }) => void;
   /** test hook: called before each renewal round; false skips it (a paused process, a cut-off host) */
   readonly beforeRenew?: () => boolean;
   /** a monotonic clock in ms for the lease deadlines (default `performance.now`); tests inject one */
@@ -447,6 +453,7 @@ export class TransitionConsumer {
     session.owned.set(n, owned);
     this.acquisitions++;
     this.log.info({ partition: n, stream: key }, 'took over a partition');
+    this.options.onPartitionChange?.({ partition: n, change: 'acquired' });
     owned.worker = this.work(session, owned).finally(() => session.owned.delete(n));
     return true;
   }
@@ -459,6 +466,7 @@ export class TransitionConsumer {
   private lose(o: Owned, why: string): void {
     if (o.lost) return;
     o.lost = true;
+    this.options.onPartitionChange?.({ partition: o.n, change: 'lost' });
     this.idle.get(o.n)?.wake();
     this.log.warn({ partition: o.n, stream: o.key }, `stopped handling a partition: ${why}`);
   }
@@ -504,6 +512,7 @@ export class TransitionConsumer {
       // handed over (or stopping): everything it read is acknowledged, or pending for the next owner
       await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).catch(() => undefined);
       if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
+      this.options.onPartitionChange?.({ partition: o.n, change: 'released' });
       this.wakeTick?.();
     }
   }

@@ -10,6 +10,7 @@ import { loadConfig } from '../../src/config';
 import { silentLogger } from '../../src/log';
 import { TransitionConsumer } from '../../src/streams/consumer';
 import { transitionStreamKey } from '../../src/streams/outbox-relay';
+import { leaseKey } from '../../src/streams/leases';
 import { partitionKey } from '../../src/streams/partitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -60,7 +61,17 @@ describe('stream metrics: per-partition length, group lag and owner on /metrics'
       }
     }
     const gate = new Promise<void>((resolve) => (release = resolve));
-    const c = new TransitionConsumer({ redis: testEnv().redisUrl, streamKey: base, group: 'audit', consumer: 'reader:1', startId: '0', handler: () => gate });
+    const changes: string[] = [];
+    const c = new TransitionConsumer({
+      redis: testEnv().redisUrl,
+      streamKey: base,
+      group: 'audit',
+      consumer: 'reader:1',
+      startId: '0',
+      handler: () => gate,
+      leaseMs: 2000,
+      onPartitionChange: ({ partition, change }) => changes.push(`${change} ${partition}`),
+    });
     consumer = c;
     void c.run().catch(() => undefined);
     const scrape = async () => (await fetch(`${fleet?.httpUrl ?? ''}/metrics`)).text();
@@ -83,10 +94,19 @@ describe('stream metrics: per-partition length, group lag and owner on /metrics'
       const lag = samples(await scrape(), 'fleet_stream_group_lag');
       return lag.size === P && [...lag.values()].every((v) => v === 0) ? true : undefined;
     });
+    // partition 0's lease taken by another consumer (as after an expiry): the consumer loses it, the owner changes
+    await r.set(leaseKey(partitionKey(base, 0, P), 'audit'), 'reader:2:instance:holding', 'PX', 60_000);
+    await waitFor('the consumer to report partition 0 lost', () => (changes.includes('lost 0') ? true : undefined));
+    expect(samples(await scrape(), 'fleet_stream_partition_owner').get('{group="audit",partition="0",consumer="reader:2"}')).to.equal(1);
+    await r.del(leaseKey(partitionKey(base, 0, P), 'audit'));
+    await waitFor('the consumer to take partition 0 back', () => (changes.filter((x) => x === 'acquired 0').length === 2 ? true : undefined));
     await c.close();
     consumer = null;
     const after = await scrape();
     expect(samples(after, 'fleet_stream_partition_owner').size, 'no owner once the consumer closed').to.equal(0);
+    // the consumer's own hook (for its process's metrics): every partition taken over, then handed back on close
+    const all = (change: string) => Array.from({ length: P }, (_, n) => `${change} ${n}`);
+    expect([...changes].sort()).to.deep.equal([...all('acquired'), 'acquired 0', 'lost 0', ...all('released')].sort());
     expect(samples(after, 'fleet_stream_partition_length')).to.deep.equal(expected((n) => n + 1, (n) => `{partition="${n}"}`));
   });
 });

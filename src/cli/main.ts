@@ -15,7 +15,7 @@ import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
 import { restartMe } from './restart';
 import { PortTakenError, runningLocalEndpoints, runStart } from './start';
-import { tail } from './tail';
+import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 import { describeServer, isRedisError, pingRedis } from '../queues/redis';
@@ -172,8 +172,14 @@ const TAIL_STOP_MS = 2000;
 
 async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
   if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
-  if (options.from !== undefined && !/^(\$|0|\d+(-\d+)?)$/.test(options.from)) {
-    throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+  if (options.from !== undefined && !isStreamId(options.from)) {
+    if (options.group !== undefined) throw new UsageError(`--from: with --group, must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+    try {
+      decodeCursor(options.from);
+    } catch (err) {
+      if (err instanceof TailCursorError) throw new UsageError(err.message);
+      throw err;
+    }
   }
   const config = loadConfig();
   const redisUrl = resolveEndpoints(config).redisUrl;
@@ -215,8 +221,10 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
       },
       stop,
       report: (_level, message) => process.stderr.write(`fleet tail: ${message}\n`),
+      onCursor: (cursor) => process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`),
     });
   } catch (err) {
+    if (err instanceof TailCursorError) throw new UsageError(err.message);
     if (err instanceof ResyncRequiredError) {
       process.stderr.write(`fleet: ${err.message}\n`);
       process.exitCode = 3;
@@ -314,7 +322,7 @@ Examples:
     .description('print transitions as they happen (exit 3 when --from was trimmed away: resync from the history API)')
     .option('--group <group>', 'read through this consumer group (a durable position)')
     .option('--consumer <name>', 'consumer name within the group (default tail-<pid>)')
-    .option('--from <id>', 'start at this stream id (0 = all retained, $ = new only; default $)')
+    .option('--from <id>', 'start at this stream id on every partition (0 = all retained, $ = new only; default $), or at the cursor a tail printed when it stopped')
     .option('--json', 'one JSON object per line instead of text')
     .action(runTail);
   program

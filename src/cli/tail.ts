@@ -1,15 +1,15 @@
 /**
  * `fleet tail`: prints transitions as they happen, from every partition of the stream (each deployment's in order).
  * Without a group it reads the stream directly from `--from` (default `$`, only new entries; an id applies to every
- * partition); with `--group/--consumer` it reads through a consumer group, so a restarted tail continues where it
- * stopped.
+ * partition, or a cursor that a tail printed when it stopped: every partition's position); with `--group/--consumer`
+ * it reads through a consumer group, so a restarted tail continues where it stopped.
  */
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
 import { printable, sleep } from '../util';
 import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
-import { partitionKeys, readPartitions } from '../streams/partitions';
+import { MAX_STREAM_PARTITIONS, partitionKeys, readPartitions } from '../streams/partitions';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -23,6 +23,52 @@ export interface TailOptions {
   readonly stop: Promise<void>;
   /** where "lost Redis at ..., retrying" and "... is back" go (default: nowhere) */
   readonly report?: ServerReport;
+  /** without a group: given, when the tail stops, the cursor of every partition's position (for `from`) */
+  readonly onCursor?: (cursor: string) => void;
+}
+
+/** A `--from` that cannot be used: a malformed cursor, or one for another number of partitions. */
+export class TailCursorError extends Error {}
+
+/** Every partition's position: P and, per partition in order, the id of the last entry read. */
+export interface TailCursor {
+  readonly p: number;
+  readonly ids: readonly string[];
+}
+
+const ENTRY_ID = /^\d+(-\d+)?$/;
+
+/** The opaque form of a cursor: base64url of `{"p":P,"ids":[...]}`. */
+export function encodeCursor(cursor: TailCursor): string {
+  return Buffer.from(JSON.stringify({ p: cursor.p, ids: cursor.ids })).toString('base64url');
+}
+
+/** A plain stream id (`$`, `0`, `<ms>` or `<ms>-<seq>`), applied to every partition; anything else is a cursor. */
+export function isStreamId(from: string): boolean {
+  return /^(\$|0|\d+(-\d+)?)$/.test(from);
+}
+
+/** Reads a cursor, or throws TailCursorError saying what is wrong with it. */
+export function decodeCursor(text: string): TailCursor {
+  let parsed: unknown;
+  try {
+    parsed = /^[A-Za-z0-9_-]+$/.test(text) ? JSON.parse(Buffer.from(text, 'base64url').toString('utf8')) : undefined;
+  } catch {
+    parsed = undefined;
+  }
+  const { p, ids } = (typeof parsed === 'object' && parsed !== null ? parsed : {}) as { p?: unknown; ids?: unknown };
+  if (
+    typeof p !== 'number' ||
+    !Number.isInteger(p) ||
+    p < 1 ||
+    p > MAX_STREAM_PARTITIONS ||
+    !Array.isArray(ids) ||
+    ids.length !== p ||
+    !ids.every((id): id is string => typeof id === 'string' && ENTRY_ID.test(id))
+  ) {
+    throw new TailCursorError(`--from: must be a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail, got "${text.slice(0, 80)}"`);
+  }
+  return { p, ids };
 }
 
 /** One entry as a line for a terminal: what producers sent (a reason, an id) with its control characters escaped. */
@@ -77,14 +123,22 @@ export async function tail(options: TailOptions): Promise<void> {
     command.catch(() => undefined);
     return Promise.race([command, stopping]);
   };
+  // once every partition has a position: the cursor of where the tail is
+  let positioned: (() => string) | null = null;
   try {
     const partitions = await untilStopped(readPartitions(redis, options.streamKey));
     if (partitions === STOPPED) return;
     const keys = partitionKeys(options.streamKey, partitions);
+    const cursor = options.from === undefined || isStreamId(options.from) ? null : decodeCursor(options.from);
+    if (cursor !== null && cursor.p !== partitions) {
+      throw new TailCursorError(
+        `--from: the cursor is for ${cursor.p} partition(s), but the stream ${options.streamKey} has ${partitions}: start from a stream id, 0 or $ instead`,
+      );
+    }
     // per partition, the id after which it reads: each partition is in order, so each deployment is
     const last = new Map<string, string>();
-    for (const key of keys) {
-      let from = options.from ?? '$';
+    for (const [n, key] of keys.entries()) {
+      let from = cursor?.ids[n] ?? options.from ?? '$';
       if (from === '$') {
         // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
         // skip whatever was added between the two reads
@@ -96,6 +150,7 @@ export async function tail(options: TailOptions): Promise<void> {
       }
       last.set(key, from);
     }
+    positioned = () => encodeCursor({ p: partitions, ids: keys.map((key) => last.get(key) ?? '0-0') });
     // One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
     // slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
     const spread = isCluster(redis) && keys.length > 1;
@@ -117,9 +172,13 @@ export async function tail(options: TailOptions): Promise<void> {
       if (spread && reply.every(([, entries]) => entries.length === 0) && (await untilStopped(sleep(200))) === STOPPED) return;
     }
   } catch (err) {
-    if (!stopped) throw err; // cut short by the stop: not an error
+    if (!stopped) {
+      positioned = null; // a tail that failed has no position to resume from
+      throw err;
+    } // cut short by the stop: not an error
   } finally {
     redis.disconnect();
+    if (options.onCursor !== undefined && positioned !== null) options.onCursor(positioned());
   }
 }
 

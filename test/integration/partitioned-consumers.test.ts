@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
-import { tail } from '../../src/cli/tail';
+import { encodeCursor, tail, TailCursorError } from '../../src/cli/tail';
 import { ConfigError } from '../../src/errors';
 import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
@@ -447,6 +447,78 @@ describe('a partitioned transition stream', function () {
         expect(byDeployment(history.lines).get(d)).to.deep.equal([1, 2, 3, 4]);
         expect(byDeployment(live.lines).get(d)).to.deep.equal([3, 4]);
       }
+    });
+
+    it('prints a cursor of every partition when it stops, resumes every partition from it, and refuses one for another P', async () => {
+      await recordPartitions(redis, streamKey, 4);
+      const deployments = Array.from({ length: 12 }, () => randomUUID());
+      const add = async (from: number, to: number) => {
+        for (let v = from; v <= to; v++) {
+          for (const d of deployments) {
+            await redis.xadd(partitionKey(streamKey, partitionOf(d, 4), 4), '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v));
+          }
+        }
+      };
+      const run = (from: string) => {
+        const lines: TransitionEntry[] = [];
+        const cursors: string[] = [];
+        let stop: () => void = () => undefined;
+        const stopped = new Promise<void>((resolve) => (stop = resolve));
+        const done = tail({
+          redisUrl: testEnv().redisUrl,
+          streamKey,
+          from,
+          json: true,
+          write: (line) => void lines.push(JSON.parse(line) as TransitionEntry),
+          stop: stopped,
+          onCursor: (c) => void cursors.push(c),
+        });
+        closers.push(async () => {
+          stop();
+          await done.catch(() => undefined);
+        });
+        return { lines, cursors, stop, done };
+      };
+      const versions = (lines: readonly TransitionEntry[], d: string) => lines.filter((e) => e.deploymentId === d).map((e) => Number(e.version));
+
+      await add(1, 2);
+      const first = run('0');
+      await waitFor('the first two versions', () => (first.lines.length >= 24 ? true : undefined));
+      first.stop();
+      await first.done;
+      expect(first.cursors).to.have.length(1);
+      const cursor = first.cursors[0] ?? '';
+      const decoded = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as { p: number; ids: string[] };
+      expect(decoded.p).to.equal(4);
+      expect(decoded.ids).to.have.length(4);
+
+      await add(3, 4);
+      const resumed = run(cursor);
+      await waitFor('what came after the cursor', () => (resumed.lines.length >= 24 ? true : undefined));
+      for (const d of deployments) expect(versions(resumed.lines, d), d).to.deep.equal([3, 4]);
+      resumed.stop();
+      await resumed.done;
+
+      // a plain id keeps its meaning: every partition from the start
+      const plain = run('0');
+      await waitFor('everything from 0', () => (plain.lines.length >= 48 ? true : undefined));
+      for (const d of deployments) expect(versions(plain.lines, d), d).to.deep.equal([1, 2, 3, 4]);
+      plain.stop();
+      await plain.done;
+
+      const other = run(encodeCursor({ p: 2, ids: ['0-0', '0-0'] }));
+      const refused = await other.done.then(() => null, (err: unknown) => err);
+      expect(refused).to.be.instanceOf(TailCursorError);
+      expect((refused as Error).message).to.equal(
+        `--from: the cursor is for 2 partition(s), but the stream ${streamKey} has 4: start from a stream id, 0 or $ instead`,
+      );
+      expect(other.lines).to.deep.equal([]);
+      expect(other.cursors).to.deep.equal([]);
+
+      const garbage = run('not-a-cursor');
+      const malformed = await garbage.done.then(() => null, (err: unknown) => err);
+      expect(malformed).to.be.instanceOf(TailCursorError);
+      expect((malformed as Error).message).to.contain('--from: must be a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail, got "not-a-cursor"');
     });
   });
 });

@@ -400,6 +400,16 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       expect(text.output.out).to.contain(`${deploymentId}  v1  (new) -> pending  created`);
       child.kill('SIGINT');
       expect(await exited).to.equal(0);
+      // on exit, a cursor of every partition's position (here one): resuming from it prints nothing already printed
+      const cursor = /to resume every partition from here: --from (\S+)/.exec(output.err)?.[1];
+      expect(cursor, output.err).to.be.a('string');
+      const last = lines[lines.length - 1]?.streamId;
+      expect(JSON.parse(Buffer.from(cursor ?? '', 'base64url').toString('utf8'))).to.deep.equal({ p: 1, ids: [last] });
+      // a cursor for another number of partitions is refused, naming both
+      const other = startTail(['--from', Buffer.from(JSON.stringify({ p: 4, ids: ['0-0', '0-0', '0-0', '0-0'] })).toString('base64url')]);
+      expect(await other.exited).to.equal(2);
+      expect(other.output.err).to.contain(`--from: the cursor is for 4 partition(s), but the stream ${prefix}:transitions has 1`);
+      expect(other.output.out).to.equal('');
     });
 
     it('resumes through a consumer group where it stopped', async () => {

@@ -20,6 +20,7 @@
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { context, SpanKind, trace } from '@opentelemetry/api';
+import { Cluster, type default as IORedis } from 'ioredis';
 import type { RedisConnection } from '../queues/redis';
 import { isTransient, ResyncRequiredError } from '../errors';
 import { ACTOR_PATTERN, EVENT_ID_PATTERN } from '../events/schemas';
@@ -251,6 +252,16 @@ export class TransitionConsumer {
   acquisitions = 0;
   /** the last version this consumer handled per deployment, since start (handed to the caller on a resync) */
   private readonly lastVersions = new Map<string, number>();
+  /** partitions whose group this consumer made or found: from then on a missing group is a lost position */
+  private readonly joined = new Set<string>();
+  /**
+   * Connections to Redis closed since start. ioredis sends a command that was in flight when its connection closed
+   * again on the next one: a read whose reply was lost ran twice, and what the first run delivered waits unseen in
+   * this consumer's pending list. A read that spans a close is therefore not trusted (see `delivering`).
+   */
+  private resets = 0;
+  private readonly countReset = (): void => void this.resets++;
+  private readonly watchNode = (node: IORedis): void => void node.on('close', this.countReset);
 
   constructor(private readonly options: TransitionConsumerOptions) {
     this.ownsRedis = typeof options.redis === 'string';
@@ -263,6 +274,12 @@ export class TransitionConsumer {
     this.log = (options.logger ?? silentLogger).child({ component: 'transition-consumer', group: options.group, consumer: options.consumer });
     // its connection lost and back, once per outage, to its logger (or the watch it was given)
     (options.redisWatch ?? new ServerWatch(describeRedis(this.redis), logReport(this.log))).attach(this.redis);
+    if (this.redis instanceof Cluster) {
+      for (const node of this.redis.nodes('all')) this.watchNode(node);
+      this.redis.on('+node', this.watchNode);
+    } else {
+      this.redis.on('close', this.countReset);
+    }
   }
 
   /** Runs until `close()`; rejects with `ResyncRequiredError` when a partition's position was trimmed away. */
@@ -289,6 +306,30 @@ export class TransitionConsumer {
     this.waiterRedis?.disconnect();
     if (this.running) await settleWithin(this.running.catch(() => undefined), graceMs);
     if (this.ownsRedis) this.redis.disconnect();
+    else this.detach();
+  }
+
+  /** Stops counting the resets of a connection this consumer was lent. */
+  private detach(): void {
+    if (this.redis instanceof Cluster) {
+      this.redis.off('+node', this.watchNode);
+      for (const node of this.redis.nodes('all')) node.off('close', this.countReset);
+    } else {
+      this.redis.off('close', this.countReset);
+    }
+  }
+
+  /**
+   * Runs a command that delivers entries to this consumer (XREADGROUP `>`). If a connection closed while it ran,
+   * ioredis may have run it twice: the first run's entries sit in the group's pending list and the reply carries the
+   * second run's, which come after them. Rejects then with `ReadInterrupted`: the partition's worker takes over its
+   * pending entries again, in stream order, before anything new.
+   */
+  private async delivering<T>(command: () => Promise<T>): Promise<T> {
+    const resets = this.resets;
+    const reply = await command();
+    if (this.resets !== resets) throw new ReadInterrupted();
+    return reply;
   }
 
   /** Waits `ms`, or less when closed meanwhile. */
@@ -493,6 +534,11 @@ export class TransitionConsumer {
         failures = 0;
       } catch (err) {
         if (this.stopped || session.failure !== null) break;
+        if (err instanceof ReadInterrupted) {
+          this.log.info({ partition: o.n }, "connection to Redis reset during a read: taking over the partition's pending entries again");
+          pendingDone = false;
+          continue;
+        }
         // the stream or the group vanished under it: Redis lost its data (a restart without its AOF, a failover to a
         // replica that never had them): what this consumer had not read is gone, as when trimmed
         if (err instanceof Error && /NOGROUP|no such key/i.test(err.message)) {
@@ -547,6 +593,16 @@ export class TransitionConsumer {
   private async ensureGroup(key: string): Promise<void> {
     const { group } = this.options;
     const startId = this.startOverride ?? this.options.startId ?? '$';
+    if (this.joined.has(key)) {
+      // back after an error: a group that vanished meanwhile (Redis lost its data) is a lost position. Making it anew
+      // at startId would skip, without a word, whatever the relay republished before it.
+      const groups = await this.redis.xinfo('GROUPS', key).catch((err: unknown) => {
+        if (err instanceof Error && /no such key/i.test(err.message)) return [];
+        throw err;
+      });
+      if (!(groups as unknown[][]).map(pairs).some((g) => g.name === group)) throw this.resync(key, '0-0', '0-0');
+      return;
+    }
     try {
       // from the beginning, the group has read nothing yet: tell Redis, so it can count what the group misses
       if (startId === '0' || startId === '0-0') await this.redis.xgroup('CREATE', key, group, startId, 'MKSTREAM', 'ENTRIESREAD', 0);
@@ -555,6 +611,7 @@ export class TransitionConsumer {
     } catch (err) {
       if (!(err instanceof Error) || !err.message.includes('BUSYGROUP')) throw err;
     }
+    this.joined.add(key);
   }
 
   /**
@@ -595,7 +652,7 @@ export class TransitionConsumer {
    */
   private async readNew(session: Session, o: Owned): Promise<TransitionEntry[] | null> {
     const { group, consumer } = this.options;
-    const reply = (await this.redis.eval(READ_IF_CONTIGUOUS, 2, o.key, o.leaseKey, group, consumer, String(this.options.batchSize ?? 100), o.token)) as [
+    const reply = (await this.delivering(() => this.redis.eval(READ_IF_CONTIGUOUS, 2, o.key, o.leaseKey, group, consumer, String(this.options.batchSize ?? 100), o.token))) as [
       string,
       string?,
       (Array<[string, Array<[string, string[]]>]> | null | string)?,
@@ -784,6 +841,14 @@ export class TransitionConsumer {
     } finally {
       done();
     }
+  }
+}
+
+/** A read that spanned a reset connection, which ioredis may have run twice: read the pending list again. */
+class ReadInterrupted extends Error {
+  constructor() {
+    super('the connection to Redis was reset during a read');
+    this.name = 'ReadInterrupted';
   }
 }
 

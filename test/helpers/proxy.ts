@@ -9,6 +9,7 @@ export class TcpProxy {
   private readonly sockets = new Set<net.Socket>();
   private down = false;
   private stalled = false;
+  private rule: InterceptRule | null = null;
 
   constructor(
     private readonly targetHost: string,
@@ -45,6 +46,21 @@ export class TcpProxy {
     for (const socket of this.sockets) socket.pause();
   }
 
+  /**
+   * The next command whose bytes contain `marker` meets `action`: `lose-reply` forwards it (the server runs it), then
+   * resets the connection instead of passing the reply on, and stays down until `restore()` (a connection lost
+   * between a command and its reply); `{ error }` answers it with that Redis error instead of forwarding it.
+   * (A command is matched within one chunk: a client's command written at once arrives at once on loopback.)
+   */
+  intercept(marker: string, action: InterceptAction): void {
+    this.rule = { marker: Buffer.from(marker), action };
+  }
+
+  /** whether the last `intercept` rule has met its command */
+  get intercepted(): boolean {
+    return this.rule === null;
+  }
+
   restore(): void {
     this.down = false;
     this.stalled = false;
@@ -73,12 +89,38 @@ export class TcpProxy {
     };
     client.on('error', drop).on('close', drop);
     upstream.on('error', drop).on('close', drop);
-    client.pipe(upstream).pipe(client);
+    let loseReply = false;
+    client.on('data', (chunk: Buffer) => {
+      const rule = this.rule;
+      if (rule !== null && chunk.includes(rule.marker)) {
+        this.rule = null;
+        if (rule.action !== 'lose-reply') {
+          client.write(`-${rule.action.error.replace(/[\r\n]/g, ' ')}\r\n`);
+          return;
+        }
+        loseReply = true;
+      }
+      upstream.write(chunk);
+    });
+    upstream.on('data', (chunk: Buffer) => {
+      if (!loseReply) {
+        client.write(chunk);
+        return;
+      }
+      this.cut();
+    });
     if (this.stalled) {
       client.pause();
       upstream.pause();
     }
   }
+}
+
+export type InterceptAction = 'lose-reply' | { readonly error: string };
+
+interface InterceptRule {
+  readonly marker: Buffer;
+  readonly action: InterceptAction;
 }
 
 /**

@@ -12,6 +12,7 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 
@@ -444,6 +445,85 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       const malformed = startTail(['--from', 'yesterday']);
       expect(await malformed.exited).to.equal(2);
       expect(malformed.output.err).to.contain('--from: must be a stream id');
+    });
+  });
+
+  describe('a connection lost between a read and its reply', () => {
+    /** The consumer's read script (READ_IF_CONTIGUOUS) is the one command that says MISSED. */
+    const READ_SCRIPT = "'MISSED'";
+    let proxy: TcpProxy;
+    let proxiedUrl: string;
+
+    beforeEach(async () => {
+      const target = new URL(testEnv().redisUrl);
+      proxy = new TcpProxy(target.hostname, Number(target.port));
+      proxiedUrl = TcpProxy.rewrite(testEnv().redisUrl, await proxy.listen());
+      closers.push(() => proxy.close());
+    });
+
+    function consumerOf(handled: TransitionEntry[], options: Partial<ConstructorParameters<typeof TransitionConsumer>[0]> = {}): TransitionConsumer {
+      const consumer = new TransitionConsumer({
+        redis: proxiedUrl,
+        streamKey,
+        group: 'g',
+        consumer: 'c1',
+        startId: '0',
+        batchSize: 2,
+        blockMs: 100,
+        claimIdleMs: 3_600_000, // nothing is claimed back: what the consumer handles, it got from its reads
+        handler: (e) => void handled.push(e),
+        ...options,
+      });
+      closers.push(() => consumer.close());
+      return consumer;
+    }
+
+    it('handles every entry, in order: the read ioredis sends again does not skip what the lost reply carried', async () => {
+      const deploymentId = randomUUID();
+      for (let v = 1; v <= 6; v++) await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(v));
+      // the first read runs (v1, v2 delivered to the consumer), its reply is lost with the connection
+      proxy.intercept(READ_SCRIPT, 'lose-reply');
+      const handled: TransitionEntry[] = [];
+      const consumer = consumerOf(handled);
+      const running = consumer.run();
+      await waitFor('the read to run and its reply to be lost', () => (proxy.intercepted ? true : undefined));
+      proxy.restore();
+      await waitFor('v6 handled', () => (handled.some((e) => e.version === 6) ? true : undefined));
+      await consumer.close();
+      await running;
+      expect(handled.map((e) => e.version)).to.deep.equal([1, 2, 3, 4, 5, 6]);
+      // nothing left pending in the group: every entry was acknowledged once handled
+      const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
+      expect(pending[0]).to.equal(0);
+    });
+
+    it('stops with resync_required, not a new group at $, when the group is gone after a transient error', async () => {
+      const deploymentId = randomUUID();
+      const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+      const handled: TransitionEntry[] = [];
+      const consumer = consumerOf(handled, { startId: '$' });
+      const outcome = consumer.run().then(
+        () => 'finished',
+        (err: unknown) => err,
+      );
+      await waitFor('the group', async () => ((await redis.exists(streamKey)) === 1 ? true : undefined));
+      await add(1);
+      await waitFor('v1', () => (handled.length === 1 ? true : undefined));
+      // Redis loses its data (a failover to a replica that never had the stream); the relay republishes; the
+      // consumer's next read meets a transient error (LOADING) and it reads again
+      proxy.intercept(READ_SCRIPT, { error: 'LOADING Redis is loading the dataset in memory' });
+      await redis.del(streamKey);
+      for (let v = 1; v <= 3; v++) await add(v);
+      await waitFor('the read to fail', () => (proxy.intercepted ? true : undefined));
+      let settled: unknown;
+      void outcome.then((o) => (settled = o));
+      const groupNames = async () => ((await redis.xinfo('GROUPS', streamKey)) as unknown[][]).map((g) => String(g[1]));
+      // either it stops, or it makes the group anew (the bug): whichever first; then one more entry shows which
+      await waitFor('the consumer to stop or make a new group', async () => settled ?? ((await groupNames()).includes('g') ? 'new group' : undefined));
+      await add(4);
+      const err = await Promise.race([outcome, waitFor('an entry handled in a new group', () => (handled.length > 1 ? `went on in a new group at v${handled[1]?.version}` : undefined))]);
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      expect(handled.map((e) => e.version)).to.deep.equal([1]);
     });
   });
 

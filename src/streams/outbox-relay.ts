@@ -20,8 +20,13 @@
  *   entry this relay appended (per partition); if it does not (Redis lost entries, or this relay just became
  *   leader), the relay reconciles before appending anything: every row whose stream id is beyond its partition's
  *   last entry is marked unpublished and goes out again, in id order. No entry can land after a gap.
- * - It records the number of partitions where consumers read it (`recordPartitions`) each time it reconciles, and
- *   publishes nothing while the record names another number.
+ * - It records the number of partitions where consumers read it each time it reconciles (when nothing is recorded
+ *   yet), and publishes to as many partitions as the record names, whatever it was configured with: `fleet streams
+ *   repartition` changes the record while it holds the relays' lock, so a relay follows it when it next leads. Each
+ *   append also checks the key's layout (`layoutKey`): a relay left with the old number (one that lost its lock
+ *   between its read and its append) cannot append to a key written under the new one.
+ * - Asked to hand over (a NOTIFY on `RELAY_HANDOVER_CHANNEL`, sent by `fleet streams repartition`), the leader marks
+ *   what it appended and releases the lock, then stands by.
  * - Published rows older than `retentionMs` are pruned by the leader, and `processed_events` rows older than
  *   `processedRetentionMs`.
  */
@@ -31,25 +36,29 @@ import { SpanKind, type Span } from '@opentelemetry/api';
 import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
-import { partitionKey, partitionOf, recordPartitions } from './partitions';
-import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
+import { compareIds, layoutKey, partitionKey, partitionOf, readLayout, recordOrRead } from './partitions';
+import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 import { failSpan, formatTraceparent, traceparentContext, tracer } from '../telemetry';
 
 /** The advisory lock the active relay holds. */
 export { RELAY_LOCK_KEY };
 
 /**
- * Appends a batch to the stream only if the stream still ends with the entry the relay appended last
- * (ARGV[1]; `0-0` for an empty stream). ARGV[2] is MAXLEN; then each entry is a field count followed by its
- * fields. Returns the new entry ids, or the error `TAIL_MOVED <actual tail>`. One round trip, atomic.
+ * Appends a batch to the stream KEYS[1] only if the stream still ends with the entry the relay appended last
+ * (ARGV[1]; `0-0` for an empty stream) and the key's layout (KEYS[2]) does not name another number of partitions
+ * than the relay's (ARGV[3]). ARGV[2] is MAXLEN; then each entry is a field count followed by its fields. Returns the
+ * new entry ids, or the error `TAIL_MOVED <actual tail>` or `REPARTITIONED <the layout's number>`. One round trip,
+ * atomic.
  */
 const APPEND_IF_TAIL = `
+local layout = redis.call('HGET', KEYS[2], 'partitions')
+if layout and layout ~= ARGV[3] then return redis.error_reply('REPARTITIONED ' .. layout) end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local tail = '0-0'
 if #last > 0 then tail = last[1][1] end
 if tail ~= ARGV[1] then return redis.error_reply('TAIL_MOVED ' .. tail) end
 local ids = {}
-local i = 3
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local args = {KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
@@ -72,7 +81,11 @@ export interface OutboxRelayOptions {
   readonly redis: string | RedisConnection;
   /** the stream's base key, `<prefix>:transitions` (the stream itself with one partition) */
   readonly streamKey: string;
-  /** partitions of the stream (`FLEET_STREAM_PARTITIONS`, default 1): see `partitionKey` for their keys */
+  /**
+   * partitions of the stream (`FLEET_STREAM_PARTITIONS`, default 1): see `partitionKey` for their keys. Recorded
+   * when nothing is; when the record names another number (changed by `fleet streams repartition`), the relay
+   * publishes to that many and warns that this one is stale.
+   */
   readonly partitions?: number;
   /** approximate stream retention (`MAXLEN ~`), default 1,000,000 */
   readonly maxLen?: number;
@@ -152,7 +165,14 @@ export class OutboxRelay {
   /** the last WAIT fell short (one warning per episode) */
   private replicasBehind = false;
   private published = 0;
-  private readonly partitions: number;
+  /** the number of partitions it publishes to: the recorded one, read at each reconcile */
+  private partitions: number;
+  /** the recorded number this relay last warned differs from its configuration (one warning per change) */
+  private staleWarned: number | null = null;
+  /** `fleet streams repartition` asked the leader to hand its lock over */
+  private handoverAsked = false;
+  /** an append met a layout for another number of partitions (one warning per episode) */
+  private fenced = false;
 
   constructor(private readonly options: OutboxRelayOptions) {
     this.log = (options.logger ?? silentLogger).child({ component: 'outbox-relay' });
@@ -225,6 +245,10 @@ export class OutboxRelay {
     let failures = 0;
     while (!this.stopped) {
       try {
+        if (this.leader && this.handoverAsked) {
+          await this.handOver();
+          continue;
+        }
         if (!this.leader) {
           // a poke means "rows to publish": only the leader acts on it, a standby must not spin on it
           this.pending = false;
@@ -278,7 +302,10 @@ export class OutboxRelay {
         this.log.warn({ code: (err as { code?: unknown }).code, reason: err.message }, 'relay database session lost');
         this.leader = false;
       });
-      client.on('notification', () => this.poke());
+      client.on('notification', (message) => {
+        if (message.channel === RELAY_HANDOVER_CHANNEL) this.handoverAsked = true;
+        this.poke();
+      });
       await client.connect();
       this.client = client;
     }
@@ -293,9 +320,28 @@ export class OutboxRelay {
       // reconciles again. Waiting for the fsync of every mark held up the next batch by its duration.
       await session.run(OUTBOX_SQL.asyncCommit);
       this.tails = null;
+      this.handoverAsked = false;
       this.leader = true;
       this.log.info('became the active outbox relay');
     }
+  }
+
+  /**
+   * Hands the lock over to `fleet streams repartition`, which waits for it (a waiter is granted a released advisory
+   * lock before any standby's try): marks what this relay appended, so that nothing of it goes out again, and ends
+   * its session, which releases the lock. It stands by from then on, trying again after `standbyRetryMs`.
+   */
+  private async handOver(): Promise<void> {
+    this.handoverAsked = false;
+    try {
+      await this.flushMarks();
+    } catch (err) {
+      this.log.warn({ err }, 'marking the last rows before handing over failed; they go out again after the repartition');
+    }
+    this.log.info('handing the outbox relay lock over (fleet streams repartition)');
+    await this.dropSession();
+    this.pending = false;
+    await this.idle(this.options.standbyRetryMs ?? 1000);
   }
 
   /** One cycle: publish a batch. Returns the number of rows published. */
@@ -336,7 +382,7 @@ export class OutboxRelay {
         const n = this.partitions === 1 ? 0 : partitionOf(row.fields.deploymentId ?? '', this.partitions);
         let batch = batches.get(n);
         if (batch === undefined) {
-          batch = { args: [tails.get(n) ?? '0-0', String(this.options.maxLen ?? 1_000_000)], rows: [], spans: [] };
+          batch = { args: [tails.get(n) ?? '0-0', String(this.options.maxLen ?? 1_000_000), String(this.partitions)], rows: [], spans: [] };
           batches.set(n, batch);
         }
         const { fields, span } = startPublish(row.fields, this.keyOf(n));
@@ -369,9 +415,24 @@ export class OutboxRelay {
           this.tails = null;
           return 0;
         }
+        if (err instanceof Error && err.message.includes('REPARTITIONED')) {
+          // the partitions changed (`fleet streams repartition`) since this relay read the record: read it again
+          // (reconcile) before appending anything. Still refused then, the record and the layouts disagree: a
+          // repartition that stopped half-way.
+          if (!this.fenced) {
+            this.log.warn(
+              { partitions: this.partitions, layout: err.message.split('REPARTITIONED ')[1] },
+              'a partition of the stream is written with another number of partitions than this relay read: reading the record again (if this repeats, a `fleet streams repartition` stopped half-way: run it again)',
+            );
+          }
+          this.fenced = true;
+          this.tails = null;
+          return 0;
+        }
         // the appends that did go through moved their tails: the next cycle meets TAIL_MOVED there and reconciles
         throw err;
       }
+      this.fenced = false;
       const streamIds = new Array<string>(rows.length).fill('');
       for (const r of results) {
         if (r.status !== 'fulfilled') continue;
@@ -433,10 +494,10 @@ export class OutboxRelay {
   /** Runs APPEND_IF_TAIL by its SHA (the script is not resent every cycle), loading it when Redis lacks it. */
   private async appendIfTail(key: string, args: readonly string[]): Promise<string[]> {
     try {
-      return (await this.redis.evalsha(APPEND_IF_TAIL_SHA, 1, key, ...args)) as string[];
+      return (await this.redis.evalsha(APPEND_IF_TAIL_SHA, 2, key, layoutKey(key), ...args)) as string[];
     } catch (err) {
       if (!(err instanceof Error && err.message.startsWith('NOSCRIPT'))) throw err;
-      return (await this.redis.eval(APPEND_IF_TAIL, 1, key, ...args)) as string[];
+      return (await this.redis.eval(APPEND_IF_TAIL, 2, key, layoutKey(key), ...args)) as string[];
     }
   }
 
@@ -449,22 +510,40 @@ export class OutboxRelay {
    * Makes the outbox agree with the stream before anything is appended: rows marked published whose entries the
    * stream no longer holds past its partition's last entry (a Redis that lost writes, a restored snapshot, a failover) are
    * marked unpublished, so they go out again in id order. Duplicates are allowed; gaps are not.
+   *
+   * First it reads the recorded number of partitions (recording its own when nothing is) and publishes to that many.
+   * A row's stream id names its key (`@n`: `<base>:n` whatever P is; none: the base key), so rows published under an
+   * earlier number are compared with the key they went to, when it is a key of this number too; and never past the
+   * key's layout boundary (`since`): what an earlier layout wrote there was acknowledged by every group before the
+   * switch, and published again now it would land on its deployment's new partition after newer versions.
    */
   private async reconcile(client: Client): Promise<void> {
     // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
     this.unmarked = null;
     this.unreplicated = null;
     const generation = this.generation;
-    // the stream's consumers find the number of partitions here; a fleet configured with another number stops here
-    await recordPartitions(this.redis, this.options.streamKey, this.partitions);
+    const configured = this.options.partitions ?? 1;
+    const recorded = await recordOrRead(this.redis, this.options.streamKey, configured);
+    if (recorded !== this.partitions) this.log.info({ from: this.partitions, to: recorded }, 'publishing to the recorded number of partitions');
+    this.partitions = recorded;
+    if (recorded !== configured && this.staleWarned !== recorded) {
+      this.log.warn(
+        { configured, recorded },
+        `FLEET_STREAM_PARTITIONS of this process (${configured}) is stale: the stream is recorded with ${recorded} partition(s) (fleet streams repartition), and this relay publishes to ${recorded}; set FLEET_STREAM_PARTITIONS=${recorded} before it restarts`,
+      );
+    }
+    this.staleWarned = recorded === configured ? null : recorded;
     const tails = new Map<number, string>();
-    const lastIds = await Promise.all(
-      Array.from({ length: this.partitions }, async (_, n) => (await this.redis.xrevrange(this.keyOf(n), '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0'),
+    const found = await Promise.all(
+      Array.from({ length: this.partitions }, async (_, n) => {
+        const [last, layout] = await Promise.all([this.redis.xrevrange(this.keyOf(n), '+', '-', 'COUNT', 1), readLayout(this.redis, this.keyOf(n))]);
+        return { tail: last[0]?.[0] ?? '0-0', since: layout.since };
+      }),
     );
-    lastIds.forEach((tail, n) => tails.set(n, tail));
+    found.forEach(({ tail }, n) => tails.set(n, tail));
     const [parts, ms, seq] = [[] as string[], [] as string[], [] as string[]];
-    for (const [n, tail] of tails) {
-      const [m, q] = tail.split('-');
+    for (const [n, { tail, since }] of found.entries()) {
+      const [m, q] = (since !== null && compareIds(since, tail) > 0 ? since : tail).split('-');
       parts.push(this.partitions === 1 ? '' : String(n));
       ms.push(m ?? '0');
       seq.push(q ?? '0');

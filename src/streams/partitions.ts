@@ -1,7 +1,8 @@
 /**
  * The transition stream's partitions (docs/contract.md, "The transition stream", Partitions): which partition a
- * deployment's entries go to (`partitionOf`), each partition's key, and where the fleet records how many there are.
- * Pure, except `recordPartitions` and `readPartitions`, which write and read the record.
+ * deployment's entries go to (`partitionOf`), each partition's key, where the fleet records how many there are, and
+ * each key's layout (what a repartition leaves behind: `layoutKey`). Pure, except the functions that read and write
+ * the record and the layouts.
  */
 import { ConfigError } from '../errors';
 import type { RedisConnection } from '../queues/redis';
@@ -51,16 +52,21 @@ end
 return recorded
 `;
 
+/** What the record says now, recording `partitions` first if nothing is recorded (RECORD_PARTITIONS). */
+export async function recordOrRead(redis: RedisConnection, baseKey: string, partitions: number): Promise<number> {
+  return parseRecord(baseKey, String(await redis.eval(RECORD_PARTITIONS, 2, partitionsRecordKey(baseKey), baseKey, String(partitions))));
+}
+
 /**
  * Records the configured number of partitions where consumers read it, or refuses (ConfigError, naming both values)
- * when the fleet's stream was written with another number: changing it on a live fleet needs a procedure that is not
- * available yet.
+ * when the fleet's stream is written with another number: a process starts only with the recorded one. The number
+ * of a live fleet changes only through `fleet streams repartition --to N` (`repartition` in ./repartition.ts).
  */
 export async function recordPartitions(redis: RedisConnection, baseKey: string, partitions: number): Promise<void> {
-  const recorded = String(await redis.eval(RECORD_PARTITIONS, 2, partitionsRecordKey(baseKey), baseKey, String(partitions)));
-  if (recorded !== String(partitions)) {
+  const recorded = await recordOrRead(redis, baseKey, partitions);
+  if (recorded !== partitions) {
     throw new ConfigError([
-      `FLEET_STREAM_PARTITIONS: this fleet's stream ${baseKey} is written with ${recorded} partition(s) (recorded at ${partitionsRecordKey(baseKey)}), but ${partitions} are configured; changing the number of partitions of a live fleet is not supported yet: set FLEET_STREAM_PARTITIONS=${recorded}`,
+      `FLEET_STREAM_PARTITIONS: this fleet's stream ${baseKey} is written with ${recorded} partition(s) (recorded at ${partitionsRecordKey(baseKey)}), but ${partitions} are configured: set FLEET_STREAM_PARTITIONS=${recorded}; to change the number of partitions of a live fleet, run \`fleet streams repartition --to ${partitions}\` first (docs/contract.md, "Changing the number of partitions")`,
     ]);
   }
 }
@@ -68,8 +74,62 @@ export async function recordPartitions(redis: RedisConnection, baseKey: string, 
 /** The recorded number of partitions (1 when nothing is recorded: a fleet from before partitions). */
 export async function readPartitions(redis: RedisConnection, baseKey: string): Promise<number> {
   const raw = await redis.get(partitionsRecordKey(baseKey));
-  if (raw === null) return 1;
+  return raw === null ? 1 : parseRecord(baseKey, raw);
+}
+
+function parseRecord(baseKey: string, raw: string): number {
   const n = Number(raw);
   if (!Number.isInteger(n) || n < 1 || n > MAX_STREAM_PARTITIONS) throw new Error(`${partitionsRecordKey(baseKey)}: not a number of partitions (1-${MAX_STREAM_PARTITIONS}): "${raw.slice(0, 40)}"`);
   return n;
+}
+
+/**
+ * A partition key's layout: `<partition key>:layout`, a hash in the key's slot, written by `fleet streams
+ * repartition` for every key of the old and the new layout, absent on a fleet never repartitioned. Fields:
+ * - `partitions`: the number of partitions the key is written under from now on; the relay appends to the key only
+ *   with that number (a relay left with the old number, one that lost its lock mid-append, is fenced off);
+ * - `since`, `entries`: on a key of the new layout that already held entries (P = 4 -> 8: `<base>:0..3`; or a key of
+ *   a layout from before), the id of its last entry and the count of entries ever added to it at the switch. What is
+ *   up to `since` belongs to an earlier layout and was read and acknowledged by every group before the switch: a
+ *   group made there later starts after it, a reader never reads before it, the relay never republishes it.
+ */
+export function layoutKey(partitionKey: string): string {
+  return `${partitionKey}:layout`;
+}
+
+/** A key's layout as `fleet streams repartition` left it (every field null on a key never repartitioned). */
+export interface PartitionLayout {
+  readonly partitions: number | null;
+  readonly since: string | null;
+  readonly entries: number | null;
+}
+
+export async function readLayout(redis: RedisConnection, partitionKey: string): Promise<PartitionLayout> {
+  const [partitions, since, entries] = await redis.hmget(layoutKey(partitionKey), 'partitions', 'since', 'entries');
+  return {
+    partitions: partitions === null ? null : Number(partitions),
+    since: since ?? null,
+    entries: entries === null ? null : Number(entries),
+  };
+}
+
+/**
+ * Where a reader of a partition key starts, given where it asked to (`$`, `0` or a stream id): never before the
+ * key's layout boundary (`since`), whose entries belong to an earlier layout. `entriesRead` is the count of entries
+ * up to the start when known (for XGROUP CREATE's ENTRIESREAD): 0 from the beginning, the layout's count at its
+ * boundary, null otherwise.
+ */
+export async function readerStart(redis: RedisConnection, partitionKey: string, asked: string): Promise<{ id: string; entriesRead: number | null }> {
+  const fromStart = asked === '0' || asked === '0-0';
+  if (asked === '$') return { id: asked, entriesRead: null };
+  const { since, entries } = await readLayout(redis, partitionKey);
+  if (since !== null && (fromStart || compareIds(asked, since) < 0)) return { id: since, entriesRead: entries };
+  return { id: asked, entriesRead: fromStart ? 0 : null };
+}
+
+/** Orders Redis stream ids (`ms-seq`, or `ms`). */
+export function compareIds(a: string, b: string): number {
+  const [am = 0n, as = 0n] = a.split('-').map((p) => BigInt(p));
+  const [bm = 0n, bs = 0n] = b.split('-').map((p) => BigInt(p));
+  return am === bm ? (as === bs ? 0 : as < bs ? -1 : 1) : am < bm ? -1 : 1;
 }

@@ -39,8 +39,18 @@ export async function readPartitionStats(redis: RedisConnection, baseKey: string
   );
 }
 
-/** XINFO GROUPS, or none when the partition has no stream yet. */
-async function xinfoGroups(redis: RedisConnection, key: string): Promise<Array<{ name: string; pending: number; lag: number | null }>> {
+/** One consumer group on a stream key, as XINFO GROUPS tells it. */
+export interface GroupInfo {
+  readonly name: string;
+  /** entries delivered and not acknowledged */
+  readonly pending: number;
+  /** entries not yet delivered (null when Redis cannot tell, e.g. after an XDEL) */
+  readonly lag: number | null;
+  readonly lastDeliveredId: string;
+}
+
+/** XINFO GROUPS, or none when the key has no stream yet. */
+export async function xinfoGroups(redis: RedisConnection, key: string): Promise<GroupInfo[]> {
   let reply: unknown[];
   try {
     reply = (await redis.xinfo('GROUPS', key)) as unknown[];
@@ -52,6 +62,11 @@ async function xinfoGroups(redis: RedisConnection, key: string): Promise<Array<{
     const flat = raw as unknown[];
     const f: Record<string, unknown> = {};
     for (let i = 0; i + 1 < flat.length; i += 2) f[String(flat[i])] = flat[i + 1];
-    return { name: String(f.name), pending: Number(f.pending ?? 0), lag: f.lag === null || f.lag === undefined ? null : Number(f.lag) };
+    return {
+      name: String(f.name),
+      pending: Number(f.pending ?? 0),
+      lag: f.lag === null || f.lag === undefined ? null : Number(f.lag),
+      lastDeliveredId: typeof f['last-delivered-id'] === 'string' ? f['last-delivered-id'] : '0-0',
+    };
   });
 }

@@ -167,11 +167,15 @@ describe('a partitioned transition stream', function () {
       }
     });
 
-    it('refuses a number of partitions other than the recorded one, naming both', async () => {
+    it('refuses a number of partitions other than the recorded one at start, naming both and the procedure', async () => {
       await recordPartitions(redis, streamKey, 16);
       const err = await recordPartitions(redis, streamKey, 4).catch((e: unknown) => e);
       expect(err).to.be.instanceOf(ConfigError);
-      expect((err as ConfigError).message).to.contain('written with 16 partition(s)').and.contain('but 4 are configured');
+      expect((err as ConfigError).message)
+        .to.contain('written with 16 partition(s)')
+        .and.contain('but 4 are configured')
+        .and.contain('set FLEET_STREAM_PARTITIONS=16')
+        .and.contain('fleet streams repartition --to 4');
       expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('16'); // nothing changed
       await recordPartitions(redis, streamKey, 16); // the same number is fine
 
@@ -181,17 +185,20 @@ describe('a partitioned transition stream', function () {
       const before = await recordPartitions(redis, old, 8).catch((e: unknown) => e);
       expect((before as ConfigError).message).to.contain('written with 1 partition(s)').and.contain('but 8 are configured');
       expect(await redis.exists(partitionsRecordKey(old))).to.equal(0);
+    });
 
-      // and the relay publishes nothing while the record names another number: its cycle fails, saying why
+    it('a running relay publishes to the recorded number of partitions, warning that its own is stale', async () => {
+      // the record changed under it (`fleet streams repartition`): it follows the record when it next leads
+      await recordPartitions(redis, streamKey, 16);
       let logged = '';
       const r = relay(4, { logger: createLogger('warn', { write: (line: string) => void (logged += line) }) });
       const id = randomUUID();
       await transitions(service, id, 2);
-      await waitFor('the refusal in its log', () => (logged.includes('but 4 are configured') ? true : undefined));
-      expect(r.publishedCount).to.equal(0);
-      const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE deployment_id = $1 AND published_at IS NULL`, [id]);
-      expect(Number(row?.n)).to.equal(2);
-      expect(await lengths(4)).to.equal(0);
+      await waitFor('2 entries', async () => ((await lengths(16)) >= 2 ? true : undefined));
+      expect((await readStream(redis, partitionKey(streamKey, partitionOf(id, 16), 16))).map((e) => e.version)).to.deep.equal([1, 2]);
+      expect(r.publishedCount).to.equal(2);
+      expect(logged).to.contain('FLEET_STREAM_PARTITIONS of this process (4) is stale').and.contain('set FLEET_STREAM_PARTITIONS=16');
+      expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('16');
     });
   });
 

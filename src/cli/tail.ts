@@ -2,14 +2,16 @@
  * `fleet tail`: prints transitions as they happen, from every partition of the stream (each deployment's in order).
  * Without a group it reads the stream directly from `--from` (default `$`, only new entries; an id applies to every
  * partition, or a cursor that a tail printed when it stopped: every partition's position); with `--group/--consumer`
- * it reads through a consumer group, so a restarted tail continues where it stopped.
+ * it reads through a consumer group, so a restarted tail continues where it stopped. A reader never starts before a
+ * key's layout boundary (what an earlier number of partitions wrote there), and when the number of partitions changes
+ * (`fleet streams repartition`) it reads the old partitions to their end, then the new ones.
  */
 import type { RedisConnection } from '../queues/redis';
 import { ResyncRequiredError } from '../errors';
 import { printable, sleep } from '../util';
 import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
-import { MAX_STREAM_PARTITIONS, partitionKeys, readPartitions } from '../streams/partitions';
+import { MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readPartitions } from '../streams/partitions';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -82,8 +84,10 @@ export function formatEntry(entry: TransitionEntry, json: boolean): string {
 /** How long a stopping tail waits for the read in flight (a read blocks for 1 s) before it drops its connection. */
 const STOP_GRACE_MS = 1000;
 
-/** An XREAD's reply: per stream key, its entries. */
-type XReadReply = Array<[string, Array<[string, string[]]>]> | null;
+/** What an XREAD read: per stream key, its entries. */
+type Read = Array<[string, Array<[string, string[]]>]>;
+/** An XREAD's reply (null: nothing) */
+type XReadReply = Read | null;
 
 /** What a command cut short by the stop resolves to. */
 const STOPPED = Symbol('stopped');
@@ -126,9 +130,10 @@ export async function tail(options: TailOptions): Promise<void> {
   // once every partition has a position: the cursor of where the tail is
   let positioned: (() => string) | null = null;
   try {
-    const partitions = await untilStopped(readPartitions(redis, options.streamKey));
-    if (partitions === STOPPED) return;
-    const keys = partitionKeys(options.streamKey, partitions);
+    const recorded = await untilStopped(readPartitions(redis, options.streamKey));
+    if (recorded === STOPPED) return;
+    let partitions = recorded;
+    let keys = partitionKeys(options.streamKey, partitions);
     const cursor = options.from === undefined || isStreamId(options.from) ? null : decodeCursor(options.from);
     if (cursor !== null && cursor.p !== partitions) {
       throw new TailCursorError(
@@ -145,31 +150,63 @@ export async function tail(options: TailOptions): Promise<void> {
         const newest = await untilStopped(redis.xrevrange(key, '+', '-', 'COUNT', 1));
         if (newest === STOPPED) return;
         from = newest[0]?.[0] ?? '0-0';
-      } else if ((await untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) {
-        return;
+      } else {
+        const start = await untilStopped(readerStart(redis, key, from));
+        if (start === STOPPED) return;
+        from = start.id;
+        if ((await untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) return;
       }
       last.set(key, from);
     }
     positioned = () => encodeCursor({ p: partitions, ids: keys.map((key) => last.get(key) ?? '0-0') });
     // One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
     // slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
-    const spread = isCluster(redis) && keys.length > 1;
+    const spread = () => isCluster(redis) && keys.length > 1;
     const after = (key: string) => last.get(key) ?? '0-0';
-    while (!stopped) {
-      const read = spread
-        ? Promise.all(keys.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
+    const read = (from: readonly string[], block: boolean): Promise<Read> =>
+      spread()
+        ? Promise.all(from.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
             replies.flatMap((r) => r ?? []),
           )
-        : (redis.call('XREAD', 'COUNT', '100', 'BLOCK', '1000', 'STREAMS', ...keys, ...keys.map(after)) as Promise<XReadReply>).then((r) => r ?? []);
-      const reply = await untilStopped(read);
-      if (reply === STOPPED) return;
+        : (redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>).then(
+            (r) => r ?? [],
+          );
+    const show = (reply: Read): number => {
+      let shown = 0;
       for (const [key, entries] of reply) {
         for (const [id, fields] of entries) {
           print(parseEntry(id, fields));
           last.set(key, id);
+          shown++;
         }
       }
-      if (spread && reply.every(([, entries]) => entries.length === 0) && (await untilStopped(sleep(200))) === STOPPED) return;
+      return shown;
+    };
+    while (!stopped) {
+      const now = await untilStopped(readPartitions(redis, options.streamKey));
+      if (now === STOPPED) return;
+      if (now !== partitions) {
+        // repartitioned: nothing more comes to the old partitions (the record changes only once the relays are
+        // fenced off them), and nothing to the new ones before the record changed. Read the old ones to their end,
+        // then the new ones from where each was, never before its layout boundary.
+        for (;;) {
+          const rest = await untilStopped(read(keys, false));
+          if (rest === STOPPED) return;
+          if (show(rest) === 0) break;
+        }
+        partitions = now;
+        keys = partitionKeys(options.streamKey, partitions);
+        for (const key of keys) {
+          const start = await untilStopped(readerStart(redis, key, last.get(key) ?? '0'));
+          if (start === STOPPED) return;
+          last.set(key, start.id);
+        }
+        continue;
+      }
+      const reply = await untilStopped(read(keys, !spread()));
+      if (reply === STOPPED) return;
+      const shown = show(reply);
+      if (spread() && shown === 0 && (await untilStopped(sleep(200))) === STOPPED) return;
     }
   } catch (err) {
     if (!stopped) {

@@ -30,7 +30,9 @@ import { createRedis, describeRedis, isCluster, logReport, ServerWatch } from '.
 import { settleWithin } from '../util';
 import { failSpan, traceparentContext, tracer } from '../telemetry';
 import { ACQUIRE, FENCED_ACK, FENCED_CLAIM, HEARTBEAT, RELEASE, RENEW, fairShare, leaseKey, membersKey, preferredPartitions } from './leases';
-import { partitionKeys, readPartitions } from './partitions';
+import { compareIds, partitionKeys, readerStart, readPartitions } from './partitions';
+
+export { compareIds };
 
 /** One stream entry, parsed (docs/contract.md, "The transition stream"). */
 export interface TransitionEntry {
@@ -353,8 +355,10 @@ export class TransitionConsumer {
       const handled = this.handled;
       try {
         if ((await this.consume()) === 'stopped') return;
-        // the stream's partitions changed under it (a consumer started before the fleet first recorded them): every
-        // entry on the new partitions came after this consumer started, so its group there starts from the beginning
+        // the stream's partitions changed under it (a consumer started before the fleet first recorded them, or
+        // `fleet streams repartition`, which changes the record only once every group has acknowledged everything on
+        // the old partitions): every entry of the new layout came after this consumer started, so its group starts
+        // there from the beginning of the layout (a key's entries from an earlier layout are skipped: readerStart)
         this.startOverride = '0';
       } catch (err) {
         if (this.stopped || err instanceof ResyncRequiredError || !isTransient(err)) throw err;
@@ -604,10 +608,14 @@ export class TransitionConsumer {
       return;
     }
     try {
-      // from the beginning, the group has read nothing yet: tell Redis, so it can count what the group misses
-      if (startId === '0' || startId === '0-0') await this.redis.xgroup('CREATE', key, group, startId, 'MKSTREAM', 'ENTRIESREAD', 0);
-      else await this.redis.xgroup('CREATE', key, group, startId, 'MKSTREAM');
-      this.log.info({ startId, stream: key }, 'created consumer group');
+      // never before the key's layout boundary: what precedes it was written under an earlier number of partitions
+      // (`fleet streams repartition`), and its deployments' later entries are on other partitions now. Where the
+      // count of entries up to the start is known (from the beginning: 0), tell Redis, so it can count what the
+      // group misses.
+      const start = await readerStart(this.redis, key, startId);
+      if (start.entriesRead !== null) await this.redis.xgroup('CREATE', key, group, start.id, 'MKSTREAM', 'ENTRIESREAD', start.entriesRead);
+      else await this.redis.xgroup('CREATE', key, group, start.id, 'MKSTREAM');
+      this.log.info({ startId: start.id, stream: key }, 'created consumer group');
     } catch (err) {
       if (!(err instanceof Error) || !err.message.includes('BUSYGROUP')) throw err;
     }
@@ -858,7 +866,8 @@ export async function streamCounts(redis: RedisConnection, streamKey: string): P
   return { added: Number(info['entries-added'] ?? 0), length: Number(info.length ?? 0) };
 }
 
-function pairs(flat: unknown[]): Record<string, unknown> {
+/** A flat Redis reply of names and values (XINFO's) as an object. */
+export function pairs(flat: unknown[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];
   return out;
@@ -884,9 +893,3 @@ export function parseEntry(streamId: string, fields: readonly string[]): Transit
   };
 }
 
-/** Orders Redis stream ids (`ms-seq`). */
-export function compareIds(a: string, b: string): number {
-  const [am = 0n, as = 0n] = a.split('-').map((p) => BigInt(p));
-  const [bm = 0n, bs = 0n] = b.split('-').map((p) => BigInt(p));
-  return am === bm ? (as === bs ? 0 : as < bs ? -1 : 1) : am < bm ? -1 : 1;
-}

@@ -121,6 +121,8 @@ export interface OutboxRelayOptions {
    * (default: off, rows are marked once the master has the entries)
    */
   readonly durable?: { readonly replicas: number; readonly timeoutMs: number } | null;
+  /** test hook: after a cycle read its rows and chose their partitions, before it appends them */
+  readonly beforeXadd?: (ids: readonly string[]) => void | Promise<void>;
   /** test hook: after the XADD pipeline succeeded, before the rows are marked published */
   readonly afterXadd?: (ids: readonly string[]) => void | Promise<void>;
 }
@@ -391,6 +393,7 @@ export class OutboxRelay {
         const flat = Object.entries(fields).flat();
         batch.args.push(String(flat.length), ...flat);
       }
+      await this.options.beforeXadd?.(rows.map((r) => r.id));
       const results = await Promise.allSettled(
         [...batches].map(async ([n, batch]) => {
           try {

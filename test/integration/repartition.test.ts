@@ -224,6 +224,28 @@ describe('changing the number of partitions of a live fleet', function () {
     expect((await run(8)).kind).to.equal('repartitioned');
   });
 
+  it('entries a consumer read and did not acknowledge (mid-handler, or it crashed) hold the switch until handled', async () => {
+    await recordPartitions(redis, streamKey, 1);
+    relay(1);
+    const fleet = new Deployments(Array.from({ length: 4 }, () => randomUUID()));
+    await fleet.each(2);
+    await waitFor('8 entries', async () => ((await redis.xlen(streamKey)) >= 8 ? true : undefined));
+    // a consumer of the group read everything, then died before acknowledging
+    await redis.xgroup('CREATE', streamKey, 'g', '0');
+    await redis.xreadgroup('GROUP', 'g', 'crashed', 'COUNT', '100', 'STREAMS', streamKey, '>');
+    const outcome = await run(4, 300);
+    if (outcome.kind !== 'refused') throw new Error(`expected a refusal, got ${outcome.kind}`);
+    expect(outcome.behind).to.deep.equal([{ group: 'g', key: streamKey, unread: 0, pending: 8 }]);
+    expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('1');
+    // a consumer of the group takes them over: handled, and the switch goes through
+    const audit = new Audit();
+    consumer('c1', audit);
+    expect((await run(4)).kind).to.equal('repartitioned');
+    await fleet.each(1);
+    await waitFor('12 handled', () => (audit.count() >= 12 ? true : undefined));
+    audit.expectExactly(fleet.applied, 'the group');
+  });
+
   it('puts every layout back when it cannot switch the record after fencing the keys', async () => {
     await recordPartitions(redis, streamKey, 4);
     relay(4);
@@ -352,6 +374,43 @@ describe('changing the number of partitions of a live fleet', function () {
       expect(audit.versions.get(id), `the group: ${id}`).to.deep.equal([3, 4]);
       expect(tailed.versions.get(id), `the tail: ${id}`).to.deep.equal([3, 4]);
     }
+  });
+
+  it('fleet tail without a group reads the old partitions to their end before the new ones', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    const ids = Array.from({ length: 500 }, () => randomUUID());
+    const append = async (v: number, partitions: number) => {
+      const pipeline = redis.pipeline();
+      for (const id of ids) {
+        pipeline.xadd(partitionKey(streamKey, partitionOf(id, partitions), partitions), '*', 'deploymentId', id, 'version', String(v), 'to', 'pending');
+      }
+      await pipeline.exec();
+    };
+    await append(1, 4);
+    await append(2, 4);
+    const tailed = new Audit();
+    let stopTail: () => void = () => undefined;
+    let switched: Promise<unknown> | null = null;
+    const tailDone = tail({
+      redisUrl: testEnv().redisUrl,
+      streamKey,
+      from: '0',
+      json: true,
+      write: (line) => {
+        tailed.see(JSON.parse(line) as TransitionEntry);
+        // the record changes once the tail has read its first 100 of 1,000 entries (as a repartition's last step)
+        switched ??= redis.set(partitionsRecordKey(streamKey), '2');
+      },
+      stop: new Promise<void>((resolve) => (stopTail = resolve)),
+    });
+    closers.push(async () => {
+      stopTail();
+      await tailDone.catch(() => undefined);
+    });
+    await waitFor('the switch', () => switched ?? undefined);
+    await append(3, 2);
+    await waitFor('1,500 tailed', () => (tailed.count() >= 1500 ? true : undefined));
+    for (const id of ids) expect(tailed.versions.get(id), id).to.deep.equal([1, 2, 3]);
   });
 
   describe('the command', () => {

@@ -14,9 +14,12 @@
  *    append to any of them (one that lost its lock between its read and its append, for instance), and checks the
  *    groups again. On the keys of the new layout it records the boundary (`since`): the last entry an earlier layout
  *    wrote there, which a group made later starts after and the relay never republishes.
- * 4. It changes the record, only if it still holds the old number. Consumers see the change at their next round
+ * 4. Every group of the old partitions is made on each new one that lacks it, at the key's boundary: a group whose
+ *    consumers are all stopped during the switch continues from it when they start again (at `$` it would skip what
+ *    came between).
+ * 5. It changes the record, only if it still holds the old number. Consumers see the change at their next round
  *    and start over on the new partitions; the next relay to lead reads it and publishes the waiting rows there.
- * 5. It releases the lock.
+ * 6. It releases the lock.
  */
 import { Client } from 'pg';
 import type { RedisConnection } from '../queues/redis';
@@ -24,7 +27,7 @@ import { OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities
 import { settleWithin, sleep } from '../util';
 import { pairs } from './consumer';
 import { xinfoGroups } from './stream-stats';
-import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readPartitions } from './partitions';
+import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readPartitions } from './partitions';
 
 export interface RepartitionOptions {
   /** PostgreSQL URL: the procedure holds the relays' lock on a session of its own */
@@ -101,7 +104,11 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
     if (behind.length > 0) return refusedBehind(options, behind);
 
     const layouts = await Promise.all(keys.map(async (key) => ({ key, fields: await redis.hgetall(layoutKey(key)) })));
-    const restore = () => Promise.all(layouts.map(({ key, fields }) => restoreLayout(redis, key, fields)));
+    const made: Array<{ key: string; group: string }> = [];
+    const restore = async () => {
+      await Promise.all(made.map(({ key, group }) => redis.xgroup('DESTROY', key, group)));
+      await Promise.all(layouts.map(({ key, fields }) => restoreLayout(redis, key, fields)));
+    };
     try {
       await Promise.all(keys.map((key) => redis.hset(layoutKey(key), 'partitions', String(to))));
       // what a relay that had lost its lock appended before the fence: the groups read it under the old layout first
@@ -111,6 +118,7 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
         return refusedBehind(options, late);
       }
       await Promise.all(newKeys.map((key) => markBoundary(redis, key)));
+      made.push(...(await carryGroups(redis, oldKeys, newKeys)));
       const switched = Number(await redis.eval(SWITCH_RECORD, 1, partitionsRecordKey(streamKey), String(from), String(to)));
       if (switched !== 1) {
         await restore();
@@ -216,6 +224,27 @@ async function markBoundary(redis: RedisConnection, key: string): Promise<void> 
     return;
   }
   await redis.hset(layoutKey(key), 'since', String(info['last-generated-id']), 'entries', String(Number(info['entries-added'] ?? 0)));
+}
+
+/**
+ * Makes every group of the old keys on each new key that lacks it, at the key's boundary (its start when it has
+ * none), with the count of entries up to there. Returns the groups it made.
+ */
+async function carryGroups(redis: RedisConnection, oldKeys: readonly string[], newKeys: readonly string[]): Promise<Array<{ key: string; group: string }>> {
+  const groups = [...new Set((await Promise.all(oldKeys.map((key) => xinfoGroups(redis, key)))).flat().map((g) => g.name))];
+  const made: Array<{ key: string; group: string }> = [];
+  for (const key of newKeys) {
+    const start = await readerStart(redis, key, '0');
+    for (const group of groups) {
+      try {
+        await redis.xgroup('CREATE', key, group, start.id, 'MKSTREAM', 'ENTRIESREAD', start.entriesRead ?? 0);
+        made.push({ key, group });
+      } catch (err) {
+        if (!(err instanceof Error && err.message.includes('BUSYGROUP'))) throw err;
+      }
+    }
+  }
+  return made;
 }
 
 /** Puts a key's layout back as it was (`fields`; none: no layout). */

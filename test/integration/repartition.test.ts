@@ -10,6 +10,7 @@ import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { layoutKey, partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
 import { repartition, type RepartitionOutcome } from '../../src/streams/repartition';
+import { xinfoGroups } from '../../src/streams/stream-stats';
 import { repoRoot } from '../../src/util';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -246,6 +247,26 @@ describe('changing the number of partitions of a live fleet', function () {
     audit.expectExactly(fleet.applied, 'the group');
   });
 
+  it('a group whose consumers were all stopped during the switch goes on from it on the new partitions', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    relay(4);
+    const fleet = new Deployments(Array.from({ length: 16 }, () => randomUUID()));
+    const audit = new Audit();
+    const first = consumer('c1', audit, { startId: '$' });
+    await waitFor('the group on every partition', async () =>
+      (await Promise.all(partitionKeys(streamKey, 4).map((k) => redis.exists(k)))).every((n) => n === 1) ? true : undefined,
+    );
+    await fleet.each(1);
+    await waitFor('16 handled', () => (audit.count() >= 16 ? true : undefined));
+    await first.close();
+    expect((await run(8)).kind).to.equal('repartitioned');
+    await fleet.each(1); // published to the 8 partitions while no consumer of the group runs
+    await waitFor('every row published', async () => ((await unpublished()) === 0 ? true : undefined));
+    consumer('c1', audit, { startId: '$' }); // started again as it was: new entries only, for a new group
+    await waitFor('32 handled', () => (audit.count() >= 32 ? true : undefined));
+    audit.expectExactly(fleet.applied, 'the group');
+  });
+
   it('puts every layout back when it cannot switch the record after fencing the keys', async () => {
     await recordPartitions(redis, streamKey, 4);
     relay(4);
@@ -269,6 +290,8 @@ describe('changing the number of partitions of a live fleet', function () {
     expect(outcome.reason).to.equal('record_changed');
     expect(await redis.hgetall(layoutKey(key))).to.deep.equal({ partitions: '4', since: '1-0', entries: '1' });
     for (const k of partitionKeys(streamKey, 8).filter((k) => k !== key)) expect(await redis.exists(layoutKey(k)), k).to.equal(0);
+    // nor the group it had made on the new partitions
+    for (const k of partitionKeys(streamKey, 8).slice(4)) expect(await xinfoGroups(redis, k), k).to.deep.equal([]);
   });
 
   it('says so and changes nothing when the number is already the recorded one', async () => {

@@ -7,6 +7,9 @@ What a consumer must do (docs/contract.md, "The transition stream"; docs/schemas
 
 - read every partition of the stream: the fleet records their number P at <prefix>:transitions:partitions (absent:
   1), and each deployment's entries are on one partition, in version order (keys: `partition_keys` below);
+- follow a change of P (`fleet streams repartition`, which switches only once every group has acknowledged
+  everything on the old partitions): go on with the new partitions, the group there from the beginning of the new
+  layout, and on a key an earlier P wrote never before its boundary (`<key>:layout`'s `since`: `group_start`);
 - read through a consumer group, so a restart resumes where it left off: first its own pending entries (read but
   not acknowledged before it stopped), then new ones with XREADGROUP ... BLOCK;
 - drop an entry whose version it has already seen for that deployment: the stream is at-least-once;
@@ -104,6 +107,23 @@ def read_partitions(client, base):
     return int(raw)
 
 
+def stream_id(text):
+    """A stream id (`ms-seq`, or `ms`) as a pair, to order ids."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def group_start(client, key, start_id):
+    """Where a new group starts on a key: where asked, but never before the key's layout boundary, the last entry an
+    earlier number of partitions wrote there (docs/contract.md, "Changing the number of partitions")."""
+    if start_id == "$":
+        return start_id
+    since = client.hget(f"{key}:layout", "since")
+    if since is not None and stream_id(start_id) < stream_id(since):
+        return since
+    return start_id
+
+
 def slot_of(key):
     """What decides a key's Redis Cluster slot: its hash tag if it has one, else the whole key."""
     tag = prefix_hash_tag(key)
@@ -121,18 +141,24 @@ def main():
     base = f"{args.prefix}:transitions"
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     stop = Stop()
+
+    def join(partitions, start_id):
+        """The partitions' keys, the group made on each where missing, and the keys by slot."""
+        keys = partition_keys(base, partitions)
+        for key in keys:  # one group per partition, under the same name
+            try:
+                client.xgroup_create(key, args.group, id=group_start(client, key, start_id), mkstream=True)
+            except redis.ResponseError as err:
+                if "BUSYGROUP" not in str(err):  # the group exists: keep its position
+                    raise
+        # one XREADGROUP spans the keys of one slot: all of them without a cluster, one partition each with hash tags
+        slots = {}
+        for key in keys:
+            slots.setdefault(slot_of(key), []).append(key)
+        return keys, slots
+
     partitions = read_partitions(client, base)
-    keys = partition_keys(base, partitions)
-    for key in keys:  # one group per partition, under the same name
-        try:
-            client.xgroup_create(key, args.group, id=args.start_id, mkstream=True)
-        except redis.ResponseError as err:
-            if "BUSYGROUP" not in str(err):  # the group exists: keep its position
-                raise
-    # one XREADGROUP spans the keys of one slot: all of them without a cluster, one partition each with hash tags
-    slots = {}
-    for key in keys:
-        slots.setdefault(slot_of(key), []).append(key)
+    keys, slots = join(partitions, args.start_id)
     print(f"reading {base} as {args.group}/{args.consumer} on {describe(args.redis_url)}, {partitions} partition(s)",
           file=sys.stderr, flush=True)
 
@@ -167,9 +193,16 @@ def main():
             if not entries:
                 break
             handle(key, entries)
-    # with several slots (a cluster) each read blocks for its share of --block-ms
-    block = max(1, args.block_ms // len(slots))
     while not done():
+        recorded = read_partitions(client, base)
+        if recorded != partitions:
+            # repartitioned: this group acknowledged everything on the old partitions before the switch, and every
+            # entry of the new layout came after it: the group starts there from the layout's beginning
+            print(f"{base} now has {recorded} partition(s) (was {partitions}): reading them", file=sys.stderr, flush=True)
+            partitions = recorded
+            keys, slots = join(partitions, "0")
+        # with several slots (a cluster) each read blocks for its share of --block-ms
+        block = max(1, args.block_ms // len(slots))
         found = False
         for group_keys in slots.values():
             reply = client.xreadgroup(args.group, args.consumer, {key: ">" for key in group_keys}, count=100, block=block)

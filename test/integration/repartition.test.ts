@@ -1,4 +1,5 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
@@ -21,6 +22,10 @@ import { waitFor } from '../helpers/wait';
  * `fleet streams repartition` (issue 29 item 5) against a live fleet: relays, a transition service and consumers of
  * one group, real Redis and PostgreSQL.
  */
+const CONSUMER = path.join(repoRoot(), 'examples', 'python', 'consume_transitions.py');
+/** Debian's python3-redis is installed for Debian's interpreter; PYTHON names another one. */
+const PYTHON = process.env.PYTHON ?? (fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
+
 describe('changing the number of partitions of a live fleet', function () {
   this.timeout(180_000);
   let db: TestDatabase;
@@ -434,6 +439,53 @@ describe('changing the number of partitions of a live fleet', function () {
     await append(3, 2);
     await waitFor('1,500 tailed', () => (tailed.count() >= 1500 ? true : undefined));
     for (const id of ids) expect(tailed.versions.get(id), id).to.deep.equal([1, 2, 3]);
+  });
+
+  it('the Python example follows a repartition, and a group it makes later starts at the boundary', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    const ids = Array.from({ length: 20 }, () => randomUUID());
+    const append = async (v: number, partitions: number) => {
+      for (const id of ids) {
+        const fields = ['type', 'state_transition', 'deploymentId', id, 'version', String(v), 'from', 'pending', 'to', 'pending', 'reason', 'test', 'eventId', `e-${v}`];
+        await redis.xadd(partitionKey(streamKey, partitionOf(id, partitions), partitions), '*', ...fields);
+      }
+    };
+    await append(1, 4);
+    const python = (group: string, more: string[]) => {
+      const child = spawn(PYTHON, [CONSUMER, '--prefix', prefix, '--group', group, '--start-id', '0', '--block-ms', '200', ...more], {
+        env: { PATH: process.env.PATH, REDIS_URL: testEnv().redisUrl },
+      });
+      const out = { stdout: '', stderr: '', exited: new Promise<number | null>((resolve) => child.on('exit', resolve)) };
+      child.stdout.on('data', (chunk: Buffer) => (out.stdout += chunk.toString()));
+      child.stderr.on('data', (chunk: Buffer) => (out.stderr += chunk.toString()));
+      closers.push(async () => {
+        child.kill();
+        await out.exited;
+      });
+      return out;
+    };
+    const versions = (stdout: string) => {
+      const seen = new Map<string, number[]>();
+      for (const line of stdout.split('\n').filter((l) => l !== '')) {
+        const [id = '', v = ''] = line.split(' ');
+        seen.set(id, [...(seen.get(id) ?? []), Number(v.slice(1))]);
+      }
+      return seen;
+    };
+    const following = python('py', ['--count', '60']);
+    await waitFor('20 printed', () => (following.stdout.split('\n').length > 20 ? true : undefined));
+    expect((await run(8)).kind).to.equal('repartitioned');
+    await append(2, 8);
+    await append(3, 8);
+    expect(await following.exited, following.stderr).to.equal(0);
+    expect(following.stderr).to.contain('now has 8 partition(s) (was 4)');
+    const seen = versions(following.stdout);
+    for (const id of ids) expect(seen.get(id), id).to.deep.equal([1, 2, 3]);
+    // a group made after the switch, from 0: only what the 8 partitions hold
+    const late = python('py-late', ['--until-idle']);
+    expect(await late.exited, late.stderr).to.equal(0);
+    const after = versions(late.stdout);
+    for (const id of ids) expect(after.get(id), id).to.deep.equal([2, 3]);
   });
 
   describe('the command', () => {

@@ -455,7 +455,8 @@ describe('changing the number of partitions of a live fleet', function () {
       const child = spawn(PYTHON, [CONSUMER, '--prefix', prefix, '--group', group, '--start-id', '0', '--block-ms', '200', ...more], {
         env: { PATH: process.env.PATH, REDIS_URL: testEnv().redisUrl },
       });
-      const out = { stdout: '', stderr: '', exited: new Promise<number | null>((resolve) => child.on('exit', resolve)) };
+      const out = { stdout: '', stderr: '', code: undefined as number | null | undefined, exited: new Promise<void>((resolve) => child.on('exit', resolve)) };
+      child.on('exit', (code) => (out.code = code));
       child.stdout.on('data', (chunk: Buffer) => (out.stdout += chunk.toString()));
       child.stderr.on('data', (chunk: Buffer) => (out.stderr += chunk.toString()));
       closers.push(async () => {
@@ -477,13 +478,13 @@ describe('changing the number of partitions of a live fleet', function () {
     expect((await run(8)).kind).to.equal('repartitioned');
     await append(2, 8);
     await append(3, 8);
-    expect(await following.exited, following.stderr).to.equal(0);
+    expect(await waitFor('the follower to print 60 and exit', () => following.code)).to.equal(0);
     expect(following.stderr).to.contain('now has 8 partition(s) (was 4)');
     const seen = versions(following.stdout);
     for (const id of ids) expect(seen.get(id), id).to.deep.equal([1, 2, 3]);
     // a group made after the switch, from 0: only what the 8 partitions hold
     const late = python('py-late', ['--until-idle']);
-    expect(await late.exited, late.stderr).to.equal(0);
+    expect(await waitFor('the late group to read all and exit', () => late.code)).to.equal(0);
     const after = versions(late.stdout);
     for (const id of ids) expect(after.get(id), id).to.deep.equal([2, 3]);
   });

@@ -2,7 +2,8 @@
  * The consumer-group client for the transition stream, for services that react to transitions.
  *
  * - Finds the stream's partitions (`<streamKey>:partitions`, 1 when absent) and creates the group on each if
- *   missing (at `startId`, default `$`: only new transitions).
+ *   missing (at `startId`, default `$`: only new transitions; never before a key's layout boundary), and starts
+ *   over on the new partitions when the record changes (`fleet streams repartition`).
  * - Within the group each partition is owned by one live consumer at a time, under a lease in Redis that it renews
  *   (docs/architecture.md, "The stream consumer"): consumers joining or leaving move only the partitions they must,
  *   each handed over after its owner acknowledged what it read; a consumer that cannot renew stops handling before

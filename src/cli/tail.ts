@@ -11,7 +11,7 @@ import { ResyncRequiredError } from '../errors';
 import { printable, sleep } from '../util';
 import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../queues/redis';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
-import { MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readPartitions } from '../streams/partitions';
+import { MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from '../streams/partitions';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -130,9 +130,9 @@ export async function tail(options: TailOptions): Promise<void> {
   // once every partition has a position: the cursor of where the tail is
   let positioned: (() => string) | null = null;
   try {
-    const recorded = await untilStopped(readPartitions(redis, options.streamKey));
+    const recorded = await untilStopped(readRecord(redis, options.streamKey));
     if (recorded === STOPPED) return;
-    let partitions = recorded;
+    let { partitions, repartitions } = recorded;
     let keys = partitionKeys(options.streamKey, partitions);
     const cursor = options.from === undefined || isStreamId(options.from) ? null : decodeCursor(options.from);
     if (cursor !== null && cursor.p !== partitions) {
@@ -183,9 +183,14 @@ export async function tail(options: TailOptions): Promise<void> {
       return shown;
     };
     while (!stopped) {
-      const now = await untilStopped(readPartitions(redis, options.streamKey));
+      const now = await untilStopped(readRecord(redis, options.streamKey));
       if (now === STOPPED) return;
-      if (now !== partitions) {
+      if (now.repartitions > repartitions + 1) {
+        throw new Error(
+          `the stream ${options.streamKey} was repartitioned ${now.repartitions - repartitions} times since this tail last looked: the entries of the layouts in between cannot be printed in each deployment's order; start it again`,
+        );
+      }
+      if (now.repartitions !== repartitions || now.partitions !== partitions) {
         // repartitioned: nothing more comes to the old partitions (the record changes only once the relays are
         // fenced off them), and nothing to the new ones before the record changed. Read the old ones to their end,
         // then the new ones from where each was, never before its layout boundary.
@@ -194,7 +199,7 @@ export async function tail(options: TailOptions): Promise<void> {
           if (rest === STOPPED) return;
           if (show(rest) === 0) break;
         }
-        partitions = now;
+        ({ partitions, repartitions } = now);
         keys = partitionKeys(options.streamKey, partitions);
         for (const key of keys) {
           const start = await untilStopped(readerStart(redis, key, last.get(key) ?? '0'));

@@ -71,6 +71,21 @@ export async function recordPartitions(redis: RedisConnection, baseKey: string, 
   }
 }
 
+/**
+ * How many times `fleet streams repartition` changed the record: `<prefix>:transitions:repartitions` (in the
+ * record's slot; absent: never). A reader without a group that sees it grow by more than one between two looks missed
+ * a whole layout, whose entries it cannot put in order any more.
+ */
+export function repartitionsKey(baseKey: string): string {
+  return `${baseKey}:repartitions`;
+}
+
+/** The record and the count of repartitions, read together. */
+export async function readRecord(redis: RedisConnection, baseKey: string): Promise<{ partitions: number; repartitions: number }> {
+  const [raw, count] = await redis.mget(partitionsRecordKey(baseKey), repartitionsKey(baseKey));
+  return { partitions: raw == null ? 1 : parseRecord(baseKey, raw), repartitions: Number(count ?? 0) };
+}
+
 /** The recorded number of partitions (1 when nothing is recorded: a fleet from before partitions). */
 export async function readPartitions(redis: RedisConnection, baseKey: string): Promise<number> {
   const raw = await redis.get(partitionsRecordKey(baseKey));

@@ -27,7 +27,7 @@ import { OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities
 import { settleWithin, sleep } from '../util';
 import { pairs } from './consumer';
 import { xinfoGroups } from './stream-stats';
-import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readPartitions } from './partitions';
+import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readPartitions, repartitionsKey } from './partitions';
 
 export interface RepartitionOptions {
   /** PostgreSQL URL: the procedure holds the relays' lock on a session of its own */
@@ -65,11 +65,15 @@ export type RepartitionOutcome =
       readonly behind: readonly GroupBehind[];
     };
 
-/** Sets the record to ARGV[2] only if it holds ARGV[1] (absent counts as 1, as consumers read it): 1, else 0. */
+/**
+ * Sets the record KEYS[1] to ARGV[2] only if it holds ARGV[1] (absent counts as 1, as consumers read it), and counts
+ * the change in KEYS[2]: 1, else 0.
+ */
 const SWITCH_RECORD = `
 local recorded = redis.call('GET', KEYS[1])
 if (recorded or '1') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('INCR', KEYS[2])
 return 1
 `;
 
@@ -119,7 +123,7 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
       }
       await Promise.all(newKeys.map((key) => markBoundary(redis, key)));
       made.push(...(await carryGroups(redis, oldKeys, newKeys)));
-      const switched = Number(await redis.eval(SWITCH_RECORD, 1, partitionsRecordKey(streamKey), String(from), String(to)));
+      const switched = Number(await redis.eval(SWITCH_RECORD, 2, partitionsRecordKey(streamKey), repartitionsKey(streamKey), String(from), String(to)));
       if (switched !== 1) {
         await restore();
         const message = `the record ${partitionsRecordKey(streamKey)} no longer holds ${from} (a process recorded another number meanwhile): nothing was changed; run this again`;

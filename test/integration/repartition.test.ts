@@ -9,7 +9,7 @@ import { tail } from '../../src/cli/tail';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
-import { layoutKey, partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
+import { layoutKey, partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions, repartitionsKey } from '../../src/streams/partitions';
 import { repartition, type RepartitionOutcome } from '../../src/streams/repartition';
 import { xinfoGroups } from '../../src/streams/stream-stats';
 import { repoRoot } from '../../src/util';
@@ -180,6 +180,10 @@ describe('changing the number of partitions of a live fleet', function () {
       const outcome = await run(to, 60_000, (line) => reports.push(line));
       expect(outcome.kind, reports.join('\n')).to.equal('repartitioned');
       expect(await redis.get(partitionsRecordKey(streamKey))).to.equal(String(to));
+      // a tail follows one repartition at a time (two while it looks away, and it stops: the next test): it has
+      // followed this one once it printed what was applied up to now, some of which went to the new partitions
+      const upTo = fleet.total;
+      await waitFor(`the tail at ${upTo}`, () => (tailed.count() >= upTo ? true : undefined), 60_000);
     }
     await waitFor('more transitions on 2 partitions', () => (fleet.total >= 500 ? true : undefined), 60_000);
     trickling = false;
@@ -487,6 +491,42 @@ describe('changing the number of partitions of a live fleet', function () {
     expect(await waitFor('the late group to read all and exit', () => late.code)).to.equal(0);
     const after = versions(late.stdout);
     for (const id of ids) expect(after.get(id), id).to.deep.equal([2, 3]);
+  });
+
+  it('fleet tail without a group stops, saying why, when it missed a whole layout', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    let stopTail: () => void = () => undefined;
+    let printed = 0;
+    const tailDone = tail({
+      redisUrl: testEnv().redisUrl,
+      streamKey,
+      from: '0',
+      write: () => void printed++,
+      stop: new Promise<void>((resolve) => (stopTail = resolve)),
+    });
+    closers.push(async () => {
+      stopTail();
+      await tailDone.catch(() => undefined);
+    });
+    const id = randomUUID();
+    await redis.xadd(partitionKey(streamKey, partitionOf(id, 4), 4), '*', 'deploymentId', id, 'version', '1');
+    await waitFor('the tail reading', () => (printed > 0 ? true : undefined));
+    // 4 -> 8 -> 2 between two of its looks (as two repartitions' last steps)
+    await redis
+      .multi()
+      .set(partitionsRecordKey(streamKey), '8')
+      .incr(repartitionsKey(streamKey))
+      .set(partitionsRecordKey(streamKey), '2')
+      .incr(repartitionsKey(streamKey))
+      .exec();
+    const ended: { err?: unknown } = {};
+    tailDone.then(
+      () => (ended.err = null),
+      (e: unknown) => (ended.err = e),
+    );
+    const err = await waitFor('the tail to stop', () => ended.err);
+    expect(err).to.be.instanceOf(Error);
+    expect((err as Error).message).to.contain(`${streamKey} was repartitioned 2 times since this tail last looked`).and.contain('start it again');
   });
 
   describe('the command', () => {

@@ -6,6 +6,7 @@ import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { Client } from 'pg';
 import { tail } from '../../src/cli/tail';
+import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
@@ -301,6 +302,22 @@ describe('changing the number of partitions of a live fleet', function () {
     for (const k of partitionKeys(streamKey, 8).filter((k) => k !== key)) expect(await redis.exists(layoutKey(k)), k).to.equal(0);
     // nor the group it had made on the new partitions
     for (const k of partitionKeys(streamKey, 8).slice(4)) expect(await xinfoGroups(redis, k), k).to.deep.equal([]);
+  });
+
+  it('a repartition stopped half-way holds the relays, saying so, until it is run again', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    // killed after fencing the keys for 8, before the record
+    for (const key of partitionKeys(streamKey, 8)) await redis.hset(layoutKey(key), 'partitions', '8');
+    let logged = '';
+    const r = relay(4, { logger: createLogger('warn', { write: (line: string) => void (logged += line) }) });
+    const fleet = new Deployments(Array.from({ length: 8 }, () => randomUUID()));
+    await fleet.each(1);
+    await waitFor('the warning', () => (logged.includes('a `fleet streams repartition` stopped half-way: run it again') ? true : undefined));
+    expect(r.publishedCount).to.equal(0);
+    expect(await unpublished()).to.equal(8);
+    expect((await run(8)).kind).to.equal('repartitioned');
+    await waitFor('every row published', async () => ((await unpublished()) === 0 ? true : undefined));
+    for (const id of fleet.ids) expect((await entriesOn(partitionKey(streamKey, partitionOf(id, 8), 8))).map((e) => e.deploymentId)).to.include(id);
   });
 
   it('says so and changes nothing when the number is already the recorded one', async () => {

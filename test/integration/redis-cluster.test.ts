@@ -17,6 +17,8 @@ import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweepResult } from '../
 import { TransitionService } from '../../src/services/transitions';
 import { TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay, transitionStreamKey } from '../../src/streams/outbox-relay';
+import { partitionKey, partitionOf, recordPartitions } from '../../src/streams/partitions';
+import { repartition } from '../../src/streams/repartition';
 import { tail } from '../../src/cli/tail';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
@@ -195,6 +197,48 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect(all).to.include.members([streamKey, `${prefix}:lifecycle:meta`, `${prefix}:maintenance:meta`]);
     expect(all.some((k) => k.startsWith(`${prefix}:ratelimit:`))).to.equal(true);
     expect([...bySlot.keys()], all.join(', ')).to.have.length(1);
+  });
+
+  it('fleet streams repartition 1 -> 4 under a relay and a consumer group: hash-tagged partitions, nothing lost, in order', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const streamKey = transitionStreamKey(prefix);
+    const redis = createRedis(cluster.url, 'worker', 'lifecycle-fleet-test');
+    closers.push(async () => redis.disconnect());
+    // this test's stream only: earlier tests' rows are not pending
+    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now())`);
+    await recordPartitions(redis, streamKey, 1);
+    const relay = new OutboxRelay({ databaseUrl: db.url, redis: cluster.url, streamKey, standbyRetryMs: 100 });
+    closers.push(() => relay.close());
+    relay.start();
+    const service = new TransitionService({ dataSource: db.dataSource, relay });
+    const seen = new Map<string, number[]>();
+    const consumer = new TransitionConsumer({
+      redis: cluster.url,
+      streamKey,
+      group: 'g',
+      consumer: 'c1',
+      startId: '0',
+      blockMs: 200,
+      leaseMs: 1000,
+      handler: (e) => void seen.set(e.deploymentId, [...(seen.get(e.deploymentId) ?? []), e.version]),
+    });
+    closers.push(() => consumer.close());
+    void consumer.run();
+    const ids = Array.from({ length: 12 }, () => randomUUID());
+    const attempts = ids.map(() => randomUUID());
+    for (const id of ids) await service.apply('deployment.create', { deploymentId: id, name: 'web' }, { fallbackEventId: randomUUID() });
+    await waitFor('12 handled', () => (ids.every((id) => seen.has(id)) ? true : undefined));
+    const outcome = await repartition({ databaseUrl: db.url, redis, streamKey, to: 4, timeoutMs: 30_000, report: () => undefined });
+    expect(outcome).to.deep.equal({ kind: 'repartitioned', from: 1, to: 4 });
+    for (const [i, id] of ids.entries()) await service.apply('attempt.create', { deploymentId: id, attemptId: attempts[i] }, { fallbackEventId: randomUUID() });
+    await waitFor('24 handled', () => (ids.every((id) => seen.get(id)?.length === 2) ? true : undefined), 30_000);
+    for (const id of ids) {
+      expect(seen.get(id), id).to.deep.equal([1, 2]);
+      const key = partitionKey(streamKey, partitionOf(id, 4), 4);
+      expect(key).to.match(/^\{t[0-9a-f]+:p[0-3]\}:transitions:[0-3]$/);
+      const versions = ((await redis.xrange(key, '-', '+')) as Array<[string, string[]]>).filter(([, f]) => f.includes(id)).map(([, f]) => f[f.indexOf('version') + 1]);
+      expect(versions, key).to.deep.equal(['2']);
+    }
   });
 
   // last in the file: it fails a master over (and brings it back as a replica)

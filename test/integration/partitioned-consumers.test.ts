@@ -12,8 +12,8 @@ import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPa
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { ConsumerAudit as Audit } from '../helpers/consumer-audit';
 import { waitFor } from '../helpers/wait';
-import { sleep } from '../../src/util';
 
 /** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
 async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
@@ -196,58 +196,6 @@ describe('a partitioned transition stream', function () {
   });
 
   describe('consumers of one group', () => {
-    /**
-     * What the handlers saw: per deployment the versions in handler-call order, and any moment two consumers were
-     * inside the handler for one partition at once.
-     */
-    class Audit {
-      readonly versions = new Map<string, number[]>();
-      readonly byConsumer = new Map<string, number>();
-      readonly overlaps: string[] = [];
-      private readonly inflight = new Map<number, string>();
-      calls = 0;
-      constructor(
-        private readonly partitions: number,
-        private readonly delayMs: number,
-      ) {}
-
-      handler(name: string): (e: TransitionEntry) => Promise<void> {
-        return async (e) => {
-          const n = partitionOf(e.deploymentId, this.partitions);
-          const other = this.inflight.get(n);
-          if (other !== undefined) this.overlaps.push(`${name} handled partition ${n} while ${other} did`);
-          // and one consumer's handler is called for one entry at a time, as before partitions
-          if ([...this.inflight.values()].includes(name)) this.overlaps.push(`${name} handled two entries at once`);
-          this.inflight.set(n, name);
-          this.calls++;
-          try {
-            await sleep(this.delayMs);
-            this.versions.set(e.deploymentId, [...(this.versions.get(e.deploymentId) ?? []), e.version]);
-            this.byConsumer.set(name, (this.byConsumer.get(name) ?? 0) + 1);
-          } finally {
-            if (this.inflight.get(n) === name) this.inflight.delete(n);
-          }
-        };
-      }
-
-      /** every deployment got every version 1..last, never a lower one after a higher one */
-      expectComplete(deployments: readonly string[], last: number, strictly: boolean): void {
-        expect(this.overlaps).to.deep.equal([]);
-        for (const d of deployments) {
-          const seen = this.versions.get(d) ?? [];
-          for (let i = 1; i < seen.length; i++) {
-            const [prev, cur] = [seen[i - 1] ?? 0, seen[i] ?? 0];
-            expect(strictly ? cur > prev : cur >= prev, `${d}: ${seen.join(',')}`).to.equal(true);
-          }
-          expect([...new Set(seen)], d).to.deep.equal(Array.from({ length: last }, (_, i) => i + 1));
-        }
-      }
-
-      count(deployments: readonly string[]): number {
-        return deployments.reduce((sum, d) => sum + new Set(this.versions.get(d)).size, 0);
-      }
-    }
-
     /** Appends versions from..to of every deployment, interleaved as in a real fleet, to their partitions. */
     async function publish(deployments: readonly string[], partitions: number, from: number, to: number): Promise<void> {
       const pipeline = redis.pipeline();
@@ -273,6 +221,7 @@ describe('a partitioned transition stream', function () {
         leaseMs: 1000,
         versions: shared,
         handler: audit.handler(name),
+        onPartitionChange: audit.changes(name),
         ...options,
       });
       closers.push(() => c.close());

@@ -1,4 +1,6 @@
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { encodeCursor, tail, TailCursorError } from '../../src/cli/tail';
@@ -7,13 +9,15 @@ import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
+import { leaseKey, leaseOwner } from '../../src/streams/leases';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
-import { ConsumerAudit as Audit } from '../helpers/consumer-audit';
+import { ConsumerAudit as Audit, type AuditEvent } from '../helpers/consumer-audit';
 import { waitFor } from '../helpers/wait';
+import { repoRoot } from '../../src/util';
 
 /** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
 async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
@@ -229,6 +233,28 @@ describe('a partitioned transition stream', function () {
       return c;
     }
 
+    /** Waits until the consumers own these numbers of partitions (e.g. '3,3,2'): the group is balanced. */
+    async function balanced(consumers: readonly TransitionConsumer[], shares: string): Promise<void> {
+      await waitFor(`shares ${shares}`, () => (consumers.map((c) => c.ownedPartitions().length).join(',') === shares ? true : undefined));
+    }
+
+    /** `count` deployments, at least `each` of them on every one of the partitions */
+    function spread(count: number, partitions: number, each: number): string[] {
+      for (;;) {
+        const deployments = Array.from({ length: count }, () => randomUUID());
+        const per = new Array<number>(partitions).fill(0);
+        for (const d of deployments) per[partitionOf(d, partitions)] = (per[partitionOf(d, partitions)] ?? 0) + 1;
+        if (per.every((n) => n >= each)) return deployments;
+      }
+    }
+
+    /** Entries pending for the group on every partition. */
+    async function pendingCount(partitions: number): Promise<number> {
+      let total = 0;
+      for (const key of partitionKeys(streamKey, partitions)) total += ((await redis.xpending(key, 'g')) as [number])[0];
+      return total;
+    }
+
     it('4 consumers, 16 partitions: every entry handled, per deployment in increasing version, partitions shared out', async () => {
       await recordPartitions(redis, streamKey, 16);
       const audit = new Audit(16, 2);
@@ -352,6 +378,110 @@ describe('a partitioned transition stream', function () {
       // v3 was not acknowledged: it and the rest wait for the partition's owner
       const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
       expect(pending[0]).to.equal(8);
+    });
+
+    it('a consumer process SIGKILLed mid-handler: the others take its partitions after its lease, the interrupted entry first, then everything after it, in order', async () => {
+      await recordPartitions(redis, streamKey, 8);
+      const audit = new Audit(8, 1);
+      const deployments = spread(40, 8, 2);
+      // a consumer of the group in a process of its own: it handles 15 entries, then waits inside the 16th's handler
+      const child = spawn(process.execPath, [path.join(repoRoot(), 'dist', 'test', 'fixtures', 'dying-consumer.js')], {
+        env: { ...process.env, STREAM_KEY: streamKey, GROUP: 'g', KEEP: '15', HOLD: '1', LEASE_MS: '1000', START_ID: '0', BLOCK_MS: '200' },
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      let out = '';
+      child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+      const closed = new Promise<NodeJS.Signals | null>((resolve) => child.on('close', (_code, signal) => resolve(signal)));
+      closers.push(async () => {
+        if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        await closed;
+      });
+      const [b, c] = [consumer('b', audit), consumer('c', audit)];
+      // b, c and the child ("doomed"): 3, 3 and 2 partitions, before anything is published (no partition moves later)
+      const owners = async () => Promise.all(partitionKeys(streamKey, 8).map(async (key) => leaseOwner((await redis.get(leaseKey(key, 'g'))) ?? '')));
+      const mine = await waitFor('b, c and the child to own 3, 3 and 2 partitions', async () => {
+        const now = await owners();
+        const child = now.flatMap((o, n) => (o === 'doomed' ? [n] : []));
+        return b.ownedPartitions().length === 3 && c.ownedPartitions().length === 3 && child.length === 2 ? child : undefined;
+      });
+      const publishedAt = audit.mark();
+      await publish(deployments, 8, 1, 6);
+      const entered = await waitFor('the child to enter the handler of its 16th entry', () => /^entered (\S+):(\d+)$/m.exec(out) ?? undefined);
+      const killedAt = audit.mark();
+      child.kill('SIGKILL');
+      expect(await closed).to.equal('SIGKILL');
+
+      // what the child handled came first for its deployments (its partitions were never anyone else's before)
+      const byChild = new Map<string, number[]>();
+      const childLines = out.split('\n').filter((line) => /^[0-9a-f-]{36}:\d+$/.test(line));
+      for (const [d = '', v = '0'] of childLines.map((line) => line.split(':'))) byChild.set(d, [...(byChild.get(d) ?? []), Number(v)]);
+      expect(childLines).to.have.length(15);
+      const total = () => deployments.reduce((sum, d) => sum + new Set([...(byChild.get(d) ?? []), ...audit.versionsOf(d)]).size, 0);
+      await waitFor('all 240 entries handled', () => (total() === 240 ? true : undefined), 30_000);
+      audit.expectComplete(deployments, 6, false, byChild);
+      // the entry the child died in went to the survivors, and its deployment went on from exactly there
+      const [, interrupted = '', version = '0'] = entered;
+      expect(mine).to.include(partitionOf(interrupted, 8));
+      expect(audit.versionsOf(interrupted)[0], `${interrupted}: ${audit.versionsOf(interrupted).join(',')}`).to.equal(Number(version));
+      // nobody touched the child's partitions while it lived; after its lease they are the survivors'
+      const early = audit.log.slice(publishedAt, killedAt).filter((e) => mine.includes(e.partition));
+      expect(early).to.deep.equal([]);
+      await waitFor('b and c to own all 8 partitions', () => (b.ownedPartitions().length + c.ownedPartitions().length === 8 ? true : undefined));
+      expect(audit.fenceViolations()).to.deep.equal([]);
+      await waitFor('nothing pending', async () => ((await pendingCount(8)) === 0 ? true : undefined));
+    });
+
+    it('a handler that throws for a while: later entries of its deployment wait, other partitions go on, and its consumer keeps the lease through the retries', async () => {
+      await recordPartitions(redis, streamKey, 8);
+      const leaseMs = 1000;
+      const deployments = spread(40, 8, 2);
+      const failing = deployments[0] ?? '';
+      const partition = partitionOf(failing, 8);
+      const behind = deployments.filter((d) => partitionOf(d, 8) === partition);
+      const others = deployments.filter((d) => partitionOf(d, 8) !== partition);
+      // v3 of one deployment fails at least 4 times (backoff 250 + 500 + 1000 ms: longer than the lease) and until
+      // the other partitions have handled what is published after its first failure
+      let othersDone = false;
+      const failures: number[] = [];
+      let succeededAt = 0;
+      const fault = (e: TransitionEntry): void => {
+        if (e.deploymentId !== failing || e.version !== 3) return;
+        if (failures.length < 4 || !othersDone) {
+          failures.push(performance.now());
+          throw new Error(`${failing} v3 fails (${failures.length})`);
+        }
+        succeededAt = performance.now();
+      };
+      const audit = new Audit(8, 2);
+      const consumers = ['a', 'b', 'c'].map((name) => consumer(name, audit, { handler: audit.handler(name, fault), leaseMs }));
+      await balanced(consumers, '3,3,2');
+      await publish(deployments, 8, 1, 6);
+      await waitFor('the first failure', () => (failures.length > 0 ? true : undefined));
+      const lease = leaseKey(partitionKey(streamKey, partition, 8), 'g');
+      const token = await redis.get(lease);
+      await publish(others, 8, 7, 8);
+      await waitFor('the other partitions to handle versions 7 and 8', () => (audit.count(others) === others.length * 8 ? true : undefined));
+      othersDone = true;
+      await waitFor('everything handled', () => (audit.count(deployments) === others.length * 8 + behind.length * 6 ? true : undefined));
+      audit.expectComplete(others, 8, true);
+      audit.expectComplete(behind, 6, true);
+
+      // the failing deployment's calls, failed ones marked: v3 again and again until it succeeded, nothing after it first
+      const calls = audit.log.filter((e): e is Extract<AuditEvent, { kind: 'call' }> => e.kind === 'call' && e.entry.deploymentId === failing);
+      expect(calls.map((e) => `${e.entry.version}${e.ok === true ? '' : '!'}`)).to.deep.equal(['1', '2', ...failures.map(() => '3!'), '3', '4', '5', '6']);
+      const first = audit.log.findIndex((e) => e.kind === 'call' && e.ok === false);
+      const success = audit.log.findIndex((e) => e.kind === 'call' && e.ok === true && e.entry.deploymentId === failing && e.entry.version === 3);
+      // every try by one consumer, which kept the partition throughout: no loss, no release, its lease renewed
+      const owner = calls.find((e) => e.ok === false)?.consumer ?? '';
+      expect(new Set(calls.filter((e) => e.entry.version === 3).map((e) => e.consumer))).to.deep.equal(new Set([owner]));
+      expect(audit.log.slice(first, success).filter((e) => e.kind !== 'call' && e.partition === partition)).to.deep.equal([]);
+      expect(await redis.get(lease)).to.equal(token);
+      expect(succeededAt - (failures[0] ?? 0), 'the retries outlasted the lease').to.be.above(leaseMs);
+      // meanwhile the other partitions went on: every consumer's, the owner's own other partitions among them
+      const meanwhile = audit.log.slice(first, success).filter((e) => e.kind === 'call' && e.ok === true && e.partition !== partition);
+      expect(new Set(meanwhile.map((e) => e.consumer))).to.deep.equal(new Set(['a', 'b', 'c']));
+      expect(meanwhile.length).to.be.at.least(others.length * 2);
+      expect(audit.fenceViolations()).to.deep.equal([]);
     });
   });
 

@@ -97,12 +97,17 @@ export const STREAM_ENTRY_SCHEMA = z
 /** Remembers the highest version handled per deployment. The default keeps it in memory. */
 export interface VersionStore {
   get(deploymentId: string): number | undefined | Promise<number | undefined>;
+  /**
+   * Records a handled version. It must never lower what is remembered (keep the maximum, e.g. `GREATEST` in SQL):
+   * a handler call that outlived its consumer's lease records its version after the partition's next owner may
+   * have recorded higher ones, and a lowered memory would let a republished copy of those through again.
+   */
   set(deploymentId: string, version: number): void | Promise<void>;
 }
 
 export function memoryVersionStore(): VersionStore {
   const seen = new Map<string, number>();
-  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, v) };
+  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, Math.max(v, seen.get(id) ?? v)) };
 }
 
 export interface TransitionConsumerOptions {
@@ -555,10 +560,15 @@ export class TransitionConsumer {
       }
     }
     if (!o.lost) {
-      // handed over (or stopping): everything it read is acknowledged, or pending for the next owner
-      await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).catch(() => undefined);
-      if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
-      this.options.onPartitionChange?.({ partition: o.n, change: 'released' });
+      // handed over (or stopping): everything it read is acknowledged, or pending for the next owner. A lease that is
+      // no longer its own by then was lost, not given up: it stopped at its deadline (cut off, paused) and the lease
+      // expired, or another consumer took the partition meanwhile
+      const released = await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).then(Number, () => null);
+      if (released === 0) this.lose(o, 'its lease had expired when it stopped');
+      else if (!o.lost) {
+        if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
+        this.options.onPartitionChange?.({ partition: o.n, change: 'released' });
+      }
       this.wakeTick?.();
     }
   }

@@ -8,7 +8,7 @@ import { ConfigError } from '../../src/errors';
 import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
-import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
+import { compareIds, memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { leaseKey, leaseOwner } from '../../src/streams/leases';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
@@ -16,6 +16,7 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { ConsumerAudit as Audit, type AuditEvent } from '../helpers/consumer-audit';
+import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 
@@ -481,6 +482,92 @@ describe('a partitioned transition stream', function () {
       const meanwhile = audit.log.slice(first, success).filter((e) => e.kind === 'call' && e.ok === true && e.partition !== partition);
       expect(new Set(meanwhile.map((e) => e.consumer))).to.deep.equal(new Set(['a', 'b', 'c']));
       expect(meanwhile.length).to.be.at.least(others.length * 2);
+      expect(audit.fenceViolations()).to.deep.equal([]);
+    });
+
+    it('a consumer cut off from Redis (its line stalls) stops before its lease can expire; the others take its partitions, pending entries first; back, it handles nothing of what it lost and rejoins', async () => {
+      await recordPartitions(redis, streamKey, 6);
+      const target = new URL(testEnv().redisUrl);
+      const proxy = new TcpProxy(target.hostname, Number(target.port));
+      const url = TcpProxy.rewrite(testEnv().redisUrl, await proxy.listen());
+      closers.push(() => proxy.close());
+      const audit = new Audit(6, 2);
+      const deployments = spread(36, 6, 3);
+      const versions = memoryVersionStore();
+      const logged: string[] = [];
+      const logger = createLogger('info', { write: (line: string) => void logged.push(line) });
+
+      // a's 5th handler call is in flight when its line stalls, and stays so until its partitions are another's (a
+      // call longer than the lease's margin, the contract's caveat); meanwhile a's other partition has its next
+      // entry in hand, waiting for its turn: that one a must not start
+      let aCalls = 0;
+      let held: { partition: number; entry: TransitionEntry } | null = null;
+      let otherInHand = false;
+      let heldDone = false;
+      let stalledAt = -1;
+      const aVersions: VersionStore = {
+        get: (id) => {
+          if (held !== null && partitionOf(id, 6) !== held.partition) otherInHand = true;
+          return versions.get(id);
+        },
+        set: (id, v) => versions.set(id, v),
+      };
+      const inA = (): string[] => deployments.filter((d) => aPartitions.includes(partitionOf(d, 6)));
+      const hold = async (e: TransitionEntry): Promise<void> => {
+        if (++aCalls !== 5) return;
+        held = { partition: partitionOf(e.deploymentId, 6), entry: e };
+        await waitFor("a's other partition to have its next entry in hand", () => (otherInHand ? true : undefined));
+        proxy.stall();
+        stalledAt = audit.mark();
+        await waitFor('b and c to own all six partitions', () => (b.ownedPartitions().length + c.ownedPartitions().length === 6 ? true : undefined));
+        await waitFor("b and c to handle everything on a's partitions", () => (audit.count(inA()) === inA().length * 8 ? true : undefined));
+        heldDone = true;
+      };
+      closers.push(async () => proxy.restore()); // a test that failed while stalled: let a close at once
+      const a = consumer('a', audit, { redis: url, handler: audit.handler('a', hold), versions: aVersions });
+      const b = consumer('b', audit, { versions, logger });
+      const c = consumer('c', audit, { versions, logger });
+      await balanced([a, b, c], '2,2,2');
+      const aPartitions = a.ownedPartitions();
+      await publish(deployments, 6, 1, 8);
+
+      await waitFor("a's held call to end", () => (heldDone ? true : undefined), 30_000);
+      const restoredAt = audit.mark();
+      proxy.restore();
+      await waitFor('a to rejoin: 2 partitions each again', () => ([a, b, c].every((x) => x.ownedPartitions().length === 2) ? true : undefined));
+
+      // cut off, a started nothing: not the entry it had in hand when its lease could have expired
+      expect(audit.log.slice(stalledAt, restoredAt).filter((e) => e.kind === 'call' && e.consumer === 'a')).to.deep.equal([]);
+      // back, it learnt it had lost both (its acknowledgement and renewal refused), and acquired others afterwards
+      const aChanges = audit.log.slice(restoredAt).filter((e) => e.kind !== 'call' && e.consumer === 'a');
+      const lost = aChanges.filter((e) => aPartitions.includes(e.partition) && e.kind !== 'acquired');
+      expect(lost.map((e) => `${e.kind} ${e.partition}`).sort()).to.deep.equal(aPartitions.map((n) => `lost ${n}`));
+      expect(audit.fenceViolations()).to.deep.equal([]);
+      // the new owners took a's pending entries over first: what a read and had not acknowledged, in stream order
+      for (const n of aPartitions) {
+        const took = logged.map((l) => JSON.parse(l) as { msg?: string; partition?: number; claimed?: number }).find((l) => l.msg === 'took over entries pending on the partition' && l.partition === n);
+        expect(took?.claimed ?? 0, `partition ${n}`).to.be.above(0);
+        const ids = audit.handled(stalledAt).filter((e) => e.partition === n && e.consumer !== 'a').map((e) => e.entry.streamId);
+        expect(ids, `partition ${n}`).to.deep.equal([...ids].sort((x, y) => compareIds(x, y)));
+      }
+      // the one overlap is the documented caveat: the call a had in flight, whose entry the new owner handled again
+      const heldPartition = held === null ? -1 : (held as { partition: number }).partition;
+      expect(audit.overlaps.length).to.be.above(0);
+      for (const overlap of audit.overlaps) expect(overlap).to.match(new RegExp(`handled partition ${heldPartition} .* while a did$`));
+      audit.overlaps.splice(0);
+
+      // a relay that died between its appends and their marks republishes everything: every copy is dropped, the held
+      // call's late version included (the group's shared memory of versions never goes back)
+      const seen = () => [a, b, c].reduce((sum, x) => sum + x.handled + x.dropped, 0);
+      const [before, mark] = [seen(), audit.mark()];
+      await publish(deployments, 6, 1, 8);
+      await waitFor('the copies to go through', () => (seen() - before >= 36 * 8 ? true : undefined));
+      expect(audit.log.slice(mark).filter((e) => e.kind === 'call').map((e) => (e.kind === 'call' ? `${e.entry.deploymentId}:${e.entry.version}` : ''))).to.deep.equal([]);
+
+      await publish(deployments, 6, 9, 10);
+      await waitFor('versions 9 and 10', () => (audit.count(deployments) === 36 * 10 ? true : undefined));
+      expect(audit.handled(mark).some((e) => e.consumer === 'a')).to.equal(true);
+      audit.expectComplete(deployments, 10, false);
       expect(audit.fenceViolations()).to.deep.equal([]);
     });
   });

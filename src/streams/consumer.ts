@@ -291,7 +291,11 @@ export class TransitionConsumer {
   run(): Promise<void> {
     this.running ??= this.loop().catch((err: unknown) => {
       // a command cut short by close() (the connection dropped at once while Redis was away) is the stop, not an error
-      if (!this.stopped) throw err;
+      if (this.stopped) return;
+      // the last versions as the run ends: a handler call in flight on another partition when one partition's
+      // resync was found has finished (and been acknowledged) since
+      if (err instanceof ResyncRequiredError) throw new ResyncRequiredError(err.streamKey, err.from, err.firstRetained, this.lastHandledVersions());
+      throw err;
     });
     return this.running;
   }

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { encodeCursor, tail, TailCursorError } from '../../src/cli/tail';
-import { ConfigError } from '../../src/errors';
+import { ConfigError, ResyncRequiredError } from '../../src/errors';
 import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
@@ -569,6 +569,37 @@ describe('a partitioned transition stream', function () {
       expect(audit.handled(mark).some((e) => e.consumer === 'a')).to.equal(true);
       audit.expectComplete(deployments, 10, false);
       expect(audit.fenceViolations()).to.deep.equal([]);
+    });
+
+    it('a position trimmed away on one partition: ResyncRequiredError naming that partition, with the last versions handled', async () => {
+      await recordPartitions(redis, streamKey, 4);
+      const deployments = spread(8, 4, 2);
+      const target = deployments[0] ?? '';
+      const key = partitionKey(streamKey, partitionOf(target, 4), 4);
+      let release: () => void = () => undefined;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      const audit = new Audit(4, 0);
+      // a slow handler on v2 of one deployment (or a long retry) while its partition is trimmed past it
+      const a = consumer('a', audit, { batchSize: 1, handler: audit.handler('a', (e) => (e.deploymentId === target && e.version === 2 ? gate : undefined)) });
+      const ended = a.run().then(
+        () => 'resolved',
+        (err: unknown) => err,
+      );
+      await publish(deployments, 4, 1, 2);
+      await waitFor('the handler to hold v2', () => (audit.log.some((e) => e.kind === 'call' && e.entry.deploymentId === target && e.entry.version === 2) ? true : undefined));
+      for (let v = 3; v <= 300; v++) await redis.xadd(key, '*', 'type', 'state_transition', 'deploymentId', target, 'version', String(v));
+      await redis.xtrim(key, 'MAXLEN', 10);
+      release();
+      const err = await Promise.race([ended, waitFor('an entry handled past the hole', () => (audit.versionsOf(target).length > 2 ? `went on to v${audit.versionsOf(target)[2]}` : undefined))]);
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      const resync = err as ResyncRequiredError;
+      expect(resync.streamKey).to.equal(key);
+      expect(audit.versionsOf(target)).to.deep.equal([1, 2]);
+      // the last version handled of every deployment it handled, on every partition
+      const last = new Map(deployments.filter((d) => audit.versionsOf(d).length > 0).map((d) => [d, Math.max(...audit.versionsOf(d))]));
+      expect([...resync.lastVersions].sort()).to.deep.equal([...last].sort());
+      expect(last.get(target)).to.equal(2);
+      expect(last.size).to.be.above(1);
     });
   });
 

@@ -15,25 +15,11 @@ import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPa
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { applyVersions } from '../helpers/lifecycle';
 import { ConsumerAudit as Audit, type AuditEvent } from '../helpers/consumer-audit';
 import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
-
-/** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
-async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
-  await apply(service, 'deployment.create', { deploymentId, name: 'web' });
-  for (let v = 2; v <= count; v += 2) {
-    const attemptId = randomUUID();
-    await apply(service, 'attempt.create', { deploymentId, attemptId });
-    if (v < count) await apply(service, 'attempt.cancel', { deploymentId, attemptId });
-  }
-}
-
-async function apply(service: TransitionService, name: string, data: Record<string, unknown>): Promise<void> {
-  const result = await service.apply(name, data, { fallbackEventId: randomUUID() });
-  if (result.outcome !== 'applied') throw new Error(`${name} was ${result.outcome}`);
-}
 
 async function readStream(redis: IORedis, key: string): Promise<TransitionEntry[]> {
   const raw = (await redis.xrange(key, '-', '+')) as Array<[string, string[]]>;
@@ -86,7 +72,7 @@ describe('a partitioned transition stream', function () {
     it('with 16 partitions appends each deployment to its partition, in version order, and records 16', async () => {
       relay(16);
       const deployments = Array.from({ length: 40 }, () => randomUUID());
-      await Promise.all(deployments.map((id) => transitions(service, id, 6)));
+      await Promise.all(deployments.map((id) => applyVersions(service, id, 1, 6)));
       await waitFor('240 entries', async () => ((await lengths(16)) >= 240 ? true : undefined), 30_000);
 
       expect(await redis.exists(streamKey)).to.equal(0); // nothing on the one-partition key
@@ -118,7 +104,7 @@ describe('a partitioned transition stream', function () {
     it('with one partition writes the one stream key as before, and records 1', async () => {
       relay(1);
       const id = randomUUID();
-      await transitions(service, id, 4);
+      await applyVersions(service, id, 1, 4);
       await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
       expect((await readStream(redis, streamKey)).map((e) => e.version)).to.deep.equal([1, 2, 3, 4]);
       expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('1');
@@ -128,7 +114,7 @@ describe('a partitioned transition stream', function () {
     it('republishes what one partition lost before appending anything after the gap there', async () => {
       relay(4);
       const deployments: string[] = Array.from({ length: 8 }, () => randomUUID());
-      for (const id of deployments) await transitions(service, id, 4);
+      for (const id of deployments) await applyVersions(service, id, 1, 4);
       await waitFor('32 entries', async () => ((await lengths(4)) >= 32 ? true : undefined));
       await waitFor('every row marked', async () => {
         const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
@@ -142,7 +128,7 @@ describe('a partitioned transition stream', function () {
       // a new deployment in that partition
       let more: string = randomUUID();
       while (partitionOf(more, 4) !== n) more = randomUUID();
-      await transitions(service, more, 2);
+      await applyVersions(service, more, 1, 2);
       const mine = deployments.filter((d) => partitionOf(d, 4) === n);
       await waitFor('every version back on the partition', async () => {
         const entries = await readStream(redis, key);
@@ -191,7 +177,7 @@ describe('a partitioned transition stream', function () {
       let logged = '';
       const r = relay(4, { logger: createLogger('warn', { write: (line: string) => void (logged += line) }) });
       const id = randomUUID();
-      await transitions(service, id, 2);
+      await applyVersions(service, id, 1, 2);
       await waitFor('the refusal in its log', () => (logged.includes('but 4 are configured') ? true : undefined));
       expect(r.publishedCount).to.equal(0);
       const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE deployment_id = $1 AND published_at IS NULL`, [id]);

@@ -332,6 +332,7 @@ describe('a partitioned transition stream', function () {
       await waitFor('40 entries handled', () => (audit.count(deployments) >= 40 ? true : undefined), 30_000);
       // no handler call of a's overlapped one of b's, and b went on from where a stopped, in order
       audit.expectComplete(deployments, 8, true);
+      expect(audit.fenceViolations()).to.deep.equal([]);
       expect(audit.byConsumer.get('b') ?? 0).to.be.above(0);
       expect(a.ownedPartitions()).to.deep.equal([]);
     });
@@ -420,13 +421,13 @@ describe('a partitioned transition stream', function () {
 
     it('a handler that throws for a while: later entries of its deployment wait, other partitions go on, and its consumer keeps the lease through the retries', async () => {
       await recordPartitions(redis, streamKey, 8);
-      const leaseMs = 1000;
+      const leaseMs = 2000;
       const deployments = spread(40, 8, 2);
       const failing = deployments[0] ?? '';
       const partition = partitionOf(failing, 8);
       const behind = deployments.filter((d) => partitionOf(d, 8) === partition);
       const others = deployments.filter((d) => partitionOf(d, 8) !== partition);
-      // v3 of one deployment fails at least 4 times (backoff 250 + 500 + 1000 ms: longer than the lease) and until
+      // v3 of one deployment fails at least 4 times (backoff 250 + 500 + 1000 + 2000 ms: longer than the lease) and until
       // the other partitions have handled what is published after its first failure
       let othersDone = false;
       const failures: number[] = [];

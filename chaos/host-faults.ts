@@ -34,6 +34,8 @@ export interface PartitionRecord {
   /** the leader's host cut off: until the stream's last entry changed after the takeover (the new leader published) */
   readonly firstPublishMs: number | null;
   readonly durationMs: number;
+  /** the consumer group's members that ran on the host when it was cut off */
+  readonly consumers: readonly string[];
 }
 
 export interface FailoverEvent {
@@ -69,11 +71,13 @@ export async function relayLeaderHost(fleet: Fleet, lab: ChaosLab): Promise<stri
   return addr === null ? null : lab.hostOfAddress(addr);
 }
 
-/** The stream's last entry id ('' when empty or unreadable). */
+/** The last entry id of every partition of the stream, joined ('' when all are empty or unreadable). */
 async function streamTail(fleet: Fleet): Promise<string> {
   try {
-    const last = (await fleet.admin.xrevrange(fleet.streamKey, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>;
-    return last[0]?.[0] ?? '';
+    const tails = await Promise.all(
+      fleet.partitionKeys.map(async (key) => ((await fleet.admin.xrevrange(key, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>)[0]?.[0] ?? ''),
+    );
+    return tails.some((t) => t !== '') ? tails.join(',') : '';
   } catch {
     return '';
   }
@@ -103,6 +107,8 @@ export class HostFaults {
     private readonly elapsedS: () => number,
     private readonly say: (line: string) => void,
     private readonly ackedLost: AckedLostCheck,
+    /** the consumer group's members running on a host */
+    private readonly consumersOn: (host: string) => readonly string[] = () => [],
     private readonly restartAfterS = 5,
     /** the replica is stopped this long before its master is killed: it lacks the master's last writes */
     private readonly replicaLagMs = 1500,
@@ -141,6 +147,7 @@ export class HostFaults {
       await sleep(50);
     }
     const tail = await streamTail(this.fleet);
+    const consumers = this.consumersOn(host);
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
     this.lab.partition(host);
@@ -150,14 +157,25 @@ export class HostFaults {
     // what Redis sees it hold once it is cut off: these can only finish by running again elsewhere
     const held = await heldBy();
     const target = host;
-    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader, forS }).finally(() => {
+    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader, forS, consumers }).finally(() => {
       this.partitioning = null;
     });
     const others = held.length === 0 ? ` (workers seen holding jobs just before: ${[...busyWorkers].join(', ') || 'none'})` : '';
-    return `${target} cut off for ${forS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}`;
+    const members = consumers.length === 0 ? '' : `; consumers ${consumers.join(', ')} cut off with it`;
+    return `${target} cut off for ${forS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}${members}`;
   }
 
-  private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean; forS: number }): Promise<void> {
+  private async watch(p: {
+    host: string;
+    name: string | null;
+    held: string[];
+    tail: string;
+    cutAt: number;
+    atS: number;
+    ledRelay: boolean;
+    forS: number;
+    consumers: readonly string[];
+  }): Promise<void> {
     const until = p.cutAt + p.forS * 1000;
     const rerunAt = new Map<string, number>();
     const finishedBeforeCut = new Set<string>();
@@ -183,7 +201,7 @@ export class HostFaults {
             tailAtTakeover = await streamTail(this.fleet);
           }
         } else if (publishedAt === null) {
-          // a new last entry after the takeover: the new leader appended (a wipe or failover empties it: not that)
+          // a new last entry on a partition after the takeover: the new leader appended (a wipe or failover empties it: not that)
           const tail = await streamTail(this.fleet);
           if (tail !== '' && tail !== tailAtTakeover) publishedAt = Date.now();
         }
@@ -202,6 +220,7 @@ export class HostFaults {
       takeoverMs: takeoverAt === null ? null : takeoverAt - p.cutAt,
       firstPublishMs: publishedAt === null ? null : publishedAt - p.cutAt,
       durationMs: Date.now() - p.cutAt,
+      consumers: p.consumers,
     };
     this.partitions.push(record);
     const relay = p.ledRelay ? `; relay taken over after ${String(record.takeoverMs)} ms, stream moved after ${String(record.firstPublishMs)} ms` : '';

@@ -858,7 +858,8 @@ export async function streamCounts(redis: RedisConnection, streamKey: string): P
   return { added: Number(info['entries-added'] ?? 0), length: Number(info.length ?? 0) };
 }
 
-function pairs(flat: unknown[]): Record<string, unknown> {
+/** A flat `XINFO` reply (`[name, value, name, value, ...]`) as an object. */
+export function pairs(flat: unknown[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];
   return out;

@@ -1,7 +1,7 @@
 /**
  * The `consumer-held` fault: a consumer group made at the stream's end, whose handler hangs on the first entry it
- * gets; 40 entries behind it on that entry's partition are trimmed away (once the audit, and the chaos consumer group,
- * have read them); then the handler is let go. The consumer must stop with ResyncRequiredError, not go on past the
+ * gets; the entries behind it on that entry's partition (40 over all partitions, at least 10) are trimmed away (once
+ * the audit, and the chaos consumer group, have read them); then the handler is let go. The consumer must stop with ResyncRequiredError, not go on past the
  * hole (it owns every partition: entries of the other partitions may still reach its handler before it stops).
  */
 import type { RedisConnection } from '../src/queues/redis';
@@ -73,9 +73,11 @@ export async function holdConsumerBehindTrim(target: HeldConsumerTarget, group: 
     const n = partitionOf(firstEntry.deploymentId, partitions);
     const key = partitionKey(streamKey, n, partitions);
     const on = partitions === 1 ? '' : ` on partition ${n}`;
+    // on one of P partitions, a P-th of the traffic
+    const trim = Math.max(10, Math.ceil(40 / partitions));
     const behind = await until(async () => {
-      const next = await admin.xrange(key, `(${first}`, '+', 'COUNT', 41);
-      return next.length >= 41 ? next[40]?.[0] : undefined;
+      const next = await admin.xrange(key, `(${first}`, '+', 'COUNT', trim + 1);
+      return next.length > trim ? next[trim]?.[0] : undefined;
     }, 30_000);
     if (behind === undefined) return plain(`too little traffic behind the held consumer${on}`);
     if ((await until(() => (target.audit.reached(n, behind) ? true : undefined), 20_000)) === undefined) return plain('the audit did not catch up; nothing trimmed');

@@ -705,7 +705,11 @@ export class TransitionConsumer {
         for (const [, w] of waiting) w.wake();
         continue;
       }
-      this.waiterRedis ??= this.redis.duplicate();
+      if (this.waiterRedis === null) {
+        this.waiterRedis = this.redis.duplicate();
+        // its outages are the main connection's, which its watch reports once: never "Unhandled error event"
+        this.waiterRedis.on('error', () => undefined);
+      }
       try {
         const block = session.partitions === 1 ? blockMs : Math.min(blockMs, 100);
         const reply = (await this.waiterRedis.call(

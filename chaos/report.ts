@@ -198,7 +198,7 @@ export function formatReport(r: ChaosReport): string {
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);
-  for (const v of r.group.check.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId ?? `partition ${String(v.partition)}`} v${String(v.version ?? '-')}: ${v.detail}`);
+  for (const v of r.group.check.violations.slice(0, 10)) lines.push(`  ! ${v.kind}${v.deploymentId === undefined ? '' : ` ${v.deploymentId}`}${v.version === undefined ? '' : ` v${v.version}`}: ${v.detail}`);
   for (const s of r.lostSamples.slice(0, 10)) lines.push(`  ! ${s}`);
   return `${lines.join('\n')}\n`;
 }

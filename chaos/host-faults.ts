@@ -8,7 +8,8 @@
  *   is 30 s.
  * - `redis-failover`: the master serving the fleet's slot is SIGKILLed; its replica takes over after the cluster's
  *   node timeout; the old master comes back `restartAfterS` later and rejoins as a replica.
- * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time.
+ * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time (the
+ * next waits for the last to heal).
  */
 import * as os from 'node:os';
 import type { Job } from 'bullmq';
@@ -234,7 +235,10 @@ export class HostFaults {
   async failover(): Promise<string> {
     const cluster = this.fleet.cluster;
     if (cluster === null) return 'no Redis Cluster';
-    if (this.failingOver !== null) return 'the last failover is still healing: none this time';
+    // one at a time: on a busy machine a failover and its old master's rejoin can outlast the next one's turn
+    const waitedFrom = Date.now();
+    await this.failingOver;
+    const waited = Date.now() - waitedFrom > 100 ? ` (after the last one healed, ${((Date.now() - waitedFrom) / 1000).toFixed(1)} s)` : '';
     const port = await cluster.masterFor(this.fleet.streamKey);
     const atS = Number(this.elapsedS().toFixed(1));
     const killedAt = Date.now();
@@ -261,7 +265,7 @@ export class HostFaults {
       .finally(() => {
         this.failingOver = null;
       });
-    return `master ${port} (the fleet's slot) SIGKILLed; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
+    return `master ${port} (the fleet's slot) SIGKILLed${waited}; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
   }
 
   /**
@@ -318,6 +322,11 @@ export class HostFaults {
     const pid = Number(name.slice(name.lastIndexOf(':') + 1));
     const slot = this.fleet.workers.slotOf(pid);
     return slot < 0 ? name : this.lab.hostOfSlot(slot);
+  }
+
+  /** Waits for a failover under way to end (its losses counted, its old master back). */
+  async failoverHealed(): Promise<void> {
+    await this.failingOver;
   }
 
   /** Waits for every partition to heal and every failed-over master to rejoin. */

@@ -59,10 +59,10 @@ const ROTATION: readonly FaultKind[] = [
   'consumer-kill',
   'consumer-held',
   'kill-relay-leader',
+  'redis-wipe',
   'consumer-pause',
   'redelivery-burst',
   'consumer-join',
-  'redis-wipe',
   'terminate-backends',
   'replay-burst',
   'redis-restart',
@@ -265,6 +265,8 @@ export class FaultSchedule {
    */
   private async wipeRedis(): Promise<string> {
     const { fleet, sender, scripts } = this.t;
+    // not during a failover: what the wipe takes would count as lost by the failover, and a master is down
+    await this.hosts?.failoverHealed();
     if (fleet.cluster !== null) await fleet.cluster.onMasters('FLUSHALL');
     else await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
     const decided = new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));

@@ -516,7 +516,8 @@ export class TransitionConsumer {
    * A partition's worker: checks its position was not trimmed, handles every entry pending in the group on it (what
    * a previous owner read and did not acknowledge), in id order, then new entries; stops when the lease is lost or
    * past its deadline, when asked to give the partition up (after acknowledging what it read), or at the end of the
-   * run. Redis going away is waited out; a resync or any other error ends the run.
+   * run. Redis going away (or the version store) is waited out, and then what it had read and not acknowledged is
+   * taken over again before anything newer; a resync or any other error ends the run.
    */
   private async work(session: Session, o: Owned): Promise<void> {
     for (let failures = 0, pendingDone = false; this.holds(session, o) && !o.releasing; ) {
@@ -550,6 +551,9 @@ export class TransitionConsumer {
           break;
         }
         failures++;
+        // a batch cut short (its version store or an acknowledgement failed) left the rest pending for this consumer:
+        // take that over again, in id order, before reading anything newer
+        pendingDone = false;
         this.log.debug({ partition: o.n, reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
         await this.pause(Math.min(5000, 250 * 2 ** (failures - 1)));
       }

@@ -6,17 +6,18 @@
  * - `consumer-kill`: a member SIGKILLed in the middle of a handler call (waited for, up to 10 s);
  * - `consumer-pause`: a member SIGSTOPped in a handler call for its lease and 3 s more, then SIGCONTed: another takes
  *   its partitions over meanwhile, and it must not handle anything more of them.
+ * The members share their memory of versions handled (a table in PostgreSQL: chaos/consumer-member.ts).
  * When a member stops with ResyncRequiredError (its position trimmed away, or Redis lost the group) the group resyncs
  * as the contract says a consumer must: every member stopped, a new group at `$`, then every version the group had
- * not handled read from history (PostgreSQL) and counted as such, then the members started again, remembering the
- * versions handled so far. At the end the members' records are checked (chaos/group-check.ts).
+ * not handled read from history (PostgreSQL), counted as such and remembered as handled, then the members started
+ * again. At the end the members' records are checked (chaos/group-check.ts).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { compareIds, pairs } from '../src/streams/consumer';
 import { readPartitions } from '../src/streams/partitions';
 import { repoRoot, sleep } from '../src/util';
-import { RESYNC_EXIT, type MemberConfig } from './consumer-member';
+import { RESYNC_EXIT, VERSIONS_TABLE, type MemberConfig } from './consumer-member';
 import { WorkerPool } from './faults';
 import type { Fleet } from './fleet';
 import { checkGroup, FROM_HISTORY, parseMemberRecord, type GroupCall, type GroupCheck, type MemberRecord } from './group-check';
@@ -60,7 +61,6 @@ export class ConsumerGroup {
   private readonly dir: string;
   private readonly pool: WorkerPool;
   private generation = 0;
-  private seedFile: string | null = null;
   /** the consumer name each slot's process runs under */
   private readonly names = new Map<number, string>();
   /** members SIGSTOPped now, by pid: the timer that lets them go on */
@@ -118,12 +118,14 @@ export class ConsumerGroup {
       leaseMs: MEMBER_LEASE_MS,
       handlerMs: HANDLER_MS,
       recordFile: path.join(this.dir, `${consumer}.rec`),
-      seedFile: this.seedFile,
+      databaseUrl: fleet.databaseUrl,
     };
   }
 
-  /** Makes the group on every partition (at their end: the stream is new) and starts the members. */
+  /** Makes the group on every partition (at their end: the stream is new), its version table, and starts the members. */
   async start(): Promise<void> {
+    await this.fleet.pool.query(`CREATE TABLE IF NOT EXISTS ${VERSIONS_TABLE} (deployment_id uuid PRIMARY KEY, version integer NOT NULL)`);
+    await this.fleet.pool.query(`TRUNCATE ${VERSIONS_TABLE}`);
     await this.makeGroups();
     this.pool.start();
     this.log(`consumer group: ${this.initial} members (at most ${this.max}), lease ${MEMBER_LEASE_MS} ms, handler ${HANDLER_MS} ms, ${this.fleet.options.streamPartitions} partition(s)`);
@@ -166,8 +168,8 @@ export class ConsumerGroup {
   /**
    * Every member stopped; a new group at `$` on every partition; then what the group had not handled, read from
    * history: every version above the highest it handled, per deployment (a version committed before the read is in
-   * it; one committed after is published after the new group was made, so the group gets it); then the members start
-   * again, remembering what was handled, so that they drop what the new group delivers of it.
+   * it; one committed after is published after the new group was made, so the group gets it), remembered as handled
+   * so that the members drop what the new group delivers of it; then the members start again.
    */
   private async resyncNow(): Promise<void> {
     this.pool.suspend();
@@ -188,27 +190,41 @@ export class ConsumerGroup {
     for (const call of this.records().flatMap((r) => r.calls)) handled.set(call.deploymentId, Math.max(handled.get(call.deploymentId) ?? 0, call.version));
     const rows = await this.historyRows();
     const lines: string[] = [];
-    let read = 0;
+    const recovered = new Map<string, number>();
     for (const { deployment_id: id, version } of rows) {
       if (version <= (handled.get(id) ?? 0)) continue;
       lines.push(`S ${process.hrtime.bigint()} -1 -1 ${id} ${version} -`);
       handled.set(id, version);
-      read++;
+      recovered.set(id, version);
     }
+    const read = lines.length;
     fs.appendFileSync(path.join(this.dir, `${FROM_HISTORY}.rec`), lines.map((l) => `${l}\n`).join(''));
-    this.seedFile = path.join(this.dir, `seed-${this.generation}.json`);
-    fs.writeFileSync(this.seedFile, JSON.stringify(Object.fromEntries(handled)));
+    await this.withPostgres(() =>
+      fleet.pool.query(
+        `INSERT INTO ${VERSIONS_TABLE} (deployment_id, version) SELECT * FROM unnest($1::uuid[], $2::int[])
+         ON CONFLICT (deployment_id) DO UPDATE SET version = GREATEST(${VERSIONS_TABLE}.version, EXCLUDED.version)`,
+        [[...recovered.keys()], [...recovered.values()]],
+      ),
+    );
     const why = `${this.group}: ${read} versions read from history`;
     this.resyncs.push(why);
     this.log(`consumer group resynced: ${why}`);
     this.pool.resume();
   }
 
-  /** Every transition in history, per deployment in version order (PostgreSQL restarting is waited out). */
+  /** Every transition in history, per deployment in version order. */
   private async historyRows(): Promise<Array<{ deployment_id: string; version: number }>> {
+    const { rows } = await this.withPostgres(() =>
+      this.fleet.pool.query<{ deployment_id: string; version: number }>(`SELECT deployment_id, version FROM state_transitions ORDER BY deployment_id, version`),
+    );
+    return rows;
+  }
+
+  /** Runs `query`, waiting out PostgreSQL restarting (up to 2 min). */
+  private async withPostgres<T>(query: () => Promise<T>): Promise<T> {
     for (let attempt = 0; ; attempt++) {
       try {
-        return (await this.fleet.pool.query<{ deployment_id: string; version: number }>(`SELECT deployment_id, version FROM state_transitions ORDER BY deployment_id, version`)).rows;
+        return await query();
       } catch (err) {
         if (attempt >= 120) throw err;
         await sleep(1000);

@@ -12,10 +12,15 @@
  *   X <ns> <why> <message>                                              the run ended: resync, missing, error
  * `holding` counts this process's acquisitions of the partition: the calls of one holding are one owner's.
  *
+ * The members share one `VersionStore`, as the contract asks of a group's consumers: a table in the chaos fleet's
+ * PostgreSQL (durable through Redis wipes and failovers, which bring entries back under new ids), whose writes never
+ * lower a version (a member paused in a handler call finishes it after the next owner went on).
+ *
  * Usage: node dist/chaos/consumer-member.js '<MemberConfig as JSON>'. Exit codes: 0 stopped (SIGTERM), 3 the group's
  * position is lost (ResyncRequiredError, or the group missing at start: Redis lost it), 1 anything else.
  */
 import * as fs from 'node:fs';
+import { Pool } from 'pg';
 import { ResyncRequiredError } from '../src/errors';
 import { createLogger } from '../src/log';
 import { createRedis, type RedisConnection } from '../src/queues/redis';
@@ -34,16 +39,28 @@ export interface MemberConfig {
   /** how long a handler call takes */
   readonly handlerMs: number;
   readonly recordFile: string;
-  /** a JSON object of deploymentId -> version already handled (by the group, before a resync), or null */
-  readonly seedFile: string | null;
+  /** the chaos fleet's PostgreSQL, where the group's versions are (VERSIONS_TABLE) */
+  readonly databaseUrl: string;
 }
 
 /** The exit code of a member whose group lost its position. */
 export const RESYNC_EXIT = 3;
 
-function seededStore(seedFile: string | null): VersionStore {
-  const seen = new Map<string, number>(seedFile === null ? [] : Object.entries(JSON.parse(fs.readFileSync(seedFile, 'utf8')) as Record<string, number>));
-  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, v) };
+/** The group's versions: the highest handled per deployment. */
+export const VERSIONS_TABLE = 'chaos_consumer_versions';
+
+/** The group's shared version store in PostgreSQL (an outage is the consumer's to wait out: a transient error). */
+function sharedVersionStore(pool: Pool): VersionStore {
+  return {
+    get: async (deploymentId) =>
+      (await pool.query<{ version: number }>(`SELECT version FROM ${VERSIONS_TABLE} WHERE deployment_id = $1`, [deploymentId])).rows[0]?.version,
+    set: async (deploymentId, version) =>
+      void (await pool.query(
+        `INSERT INTO ${VERSIONS_TABLE} (deployment_id, version) VALUES ($1, $2)
+         ON CONFLICT (deployment_id) DO UPDATE SET version = GREATEST(${VERSIONS_TABLE}.version, EXCLUDED.version)`,
+        [deploymentId, version],
+      )),
+  };
 }
 
 /**
@@ -90,6 +107,8 @@ async function main(config: MemberConfig): Promise<number> {
     return RESYNC_EXIT;
   }
   const holdings = new Map<number, number>();
+  const pool = new Pool({ connectionString: config.databaseUrl, max: 2, application_name: 'lifecycle-fleet-chaos-consumer', connectionTimeoutMillis: 5000 });
+  pool.on('error', () => undefined); // a terminated backend: the next query fails, and the consumer waits it out
   const consumer = new TransitionConsumer({
     redis: config.redisUrl,
     streamKey: config.streamKey,
@@ -98,7 +117,7 @@ async function main(config: MemberConfig): Promise<number> {
     batchSize: 10,
     blockMs: 500,
     leaseMs: config.leaseMs,
-    versions: seededStore(config.seedFile),
+    versions: sharedVersionStore(pool),
     logger: createLogger('info'),
     onPartitionChange: ({ partition, change }) => {
       if (change === 'acquired') holdings.set(partition, (holdings.get(partition) ?? 0) + 1);
@@ -121,6 +140,7 @@ async function main(config: MemberConfig): Promise<number> {
     return resync ? RESYNC_EXIT : 1;
   } finally {
     await consumer.close();
+    await pool.end().catch(() => undefined);
     fs.closeSync(fd);
   }
 }

@@ -259,7 +259,7 @@ export class ConsumerGroup {
 
   /** `consumer-join`: one more member; at the bound, the oldest leaves first. */
   async join(): Promise<string> {
-    if (this.resyncing !== null) return 'the group is resyncing: nobody joined';
+    const waited = await this.afterResync();
     let left = '';
     const slots = this.pool.activeSlots();
     if (slots.length >= this.max) {
@@ -273,7 +273,7 @@ export class ConsumerGroup {
     const slot = this.pool.grow();
     this.faults.joins++;
     const where = this.fleet.lab === null ? '' : ` on ${this.fleet.lab.hostOfSlot(slot)}`;
-    return `${left}${this.names.get(slot) ?? `slot ${slot}`} joined${where} (${this.pool.activeSlots().length} members)`;
+    return `${waited}${left}${this.names.get(slot) ?? `slot ${slot}`} joined${where} (${this.pool.activeSlots().length} members)`;
   }
 
   /** `consumer-kill`: SIGKILL a member in the middle of a handler call (it is started again, under a new name). */
@@ -315,9 +315,10 @@ export class ConsumerGroup {
    * IN_HANDLER_WITHIN_MS; after that one picked at random, with no call. A string when there is none to pick.
    */
   private async memberInHandler(pick: <T>(items: readonly T[]) => T): Promise<{ member: Member; call: GroupCall | null } | string> {
+    await this.afterResync();
     const deadline = Date.now() + IN_HANDLER_WITHIN_MS;
     for (;;) {
-      if (this.resyncing !== null) return 'the group is resyncing: nothing done';
+      if (this.resyncing !== null) return 'the group began to resync: nothing done';
       const members = this.running().filter((m) => !this.paused.has(m.pid));
       if (members.length === 0) return 'no member running';
       for (const member of members) {
@@ -327,6 +328,14 @@ export class ConsumerGroup {
       if (Date.now() > deadline) return { member: pick(members), call: null };
       await sleep(2);
     }
+  }
+
+  /** Waits for a resync under way (its members are stopped meanwhile): a fault meets the group running. */
+  private async afterResync(): Promise<string> {
+    if (this.resyncing === null) return '';
+    const from = Date.now();
+    await this.resyncing;
+    return `after the group's resync (${((Date.now() - from) / 1000).toFixed(1)} s): `;
   }
 
   /** Lets a paused member go on. */

@@ -21,7 +21,7 @@
  */
 import * as fs from 'node:fs';
 import { Pool } from 'pg';
-import { ResyncRequiredError } from '../src/errors';
+import { isTransient, ResyncRequiredError } from '../src/errors';
 import { createLogger } from '../src/log';
 import { createRedis, type RedisConnection } from '../src/queues/redis';
 import { TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
@@ -72,12 +72,12 @@ async function groupReady(config: MemberConfig): Promise<boolean> {
   const redis = createRedis(config.redisUrl, 'worker', `lifecycle-fleet-chaos-${config.consumer}`);
   redis.on('error', () => undefined);
   try {
-    for (let waited = 0; (await readPartitions(redis, config.streamKey)) !== config.partitions; waited += 200) {
+    for (let waited = 0; (await waitingOut(() => readPartitions(redis, config.streamKey))) !== config.partitions; waited += 200) {
       if (waited > 60_000) return false;
       await sleep(200);
     }
     for (const key of partitionKeys(config.streamKey, config.partitions)) {
-      const groups = await groupsOn(redis, key);
+      const groups = await waitingOut(() => groupsOn(redis, key));
       if (!groups.some((g) => g[g.indexOf('name') + 1] === config.group)) return false;
     }
     return true;
@@ -86,15 +86,25 @@ async function groupReady(config: MemberConfig): Promise<boolean> {
   }
 }
 
-/** The groups of a stream (none when it does not exist); a Redis loading its data or away is waited out. */
-async function groupsOn(redis: RedisConnection, key: string): Promise<unknown[][]> {
+/** Runs `command` until it does not fail transiently (Redis away, loading, a cluster failing over). */
+async function waitingOut<T>(command: () => Promise<T>): Promise<T> {
   for (;;) {
     try {
-      return (await redis.xinfo('GROUPS', key)) as unknown[][];
+      return await command();
     } catch (err) {
-      if (err instanceof Error && /no such key/i.test(err.message)) return [];
+      if (!isTransient(err)) throw err;
       await sleep(500);
     }
+  }
+}
+
+/** The groups of a stream (none when it does not exist). */
+async function groupsOn(redis: RedisConnection, key: string): Promise<unknown[][]> {
+  try {
+    return (await redis.xinfo('GROUPS', key)) as unknown[][];
+  } catch (err) {
+    if (err instanceof Error && /no such key/i.test(err.message)) return [];
+    throw err;
   }
 }
 

@@ -315,10 +315,12 @@ export class ConsumerGroup {
    * IN_HANDLER_WITHIN_MS; after that one picked at random, with no call. A string when there is none to pick.
    */
   private async memberInHandler(pick: <T>(items: readonly T[]) => T): Promise<{ member: Member; call: GroupCall | null } | string> {
-    await this.afterResync();
-    const deadline = Date.now() + IN_HANDLER_WITHIN_MS;
+    let deadline = Date.now() + IN_HANDLER_WITHIN_MS;
     for (;;) {
-      if (this.resyncing !== null) return 'the group began to resync: nothing done';
+      if (this.resyncing !== null) {
+        await this.afterResync();
+        deadline = Date.now() + IN_HANDLER_WITHIN_MS;
+      }
       const members = this.running().filter((m) => !this.paused.has(m.pid));
       if (members.length === 0) return 'no member running';
       for (const member of members) {

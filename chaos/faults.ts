@@ -75,7 +75,8 @@ export class WorkerPool {
   }
 
   private spawn(slot: number): void {
-    if (this.stopped || this.suspended || this.retired.has(slot)) return;
+    // a restart timer that fires after `resume` filled the slot again must not start a second process there
+    if (this.stopped || this.suspended || this.retired.has(slot) || (this.slots[slot] ?? null) !== null) return;
     const fd = fs.openSync(this.spec.logFile, 'a');
     let child: ChildProcess;
     try {

@@ -525,7 +525,8 @@ export class TransitionConsumer {
    * A partition's worker: checks its position was not trimmed, handles every entry pending in the group on it (what
    * a previous owner read and did not acknowledge), in id order, then new entries; stops when the lease is lost or
    * past its deadline, when asked to give the partition up (after acknowledging what it read), or at the end of the
-   * run. Redis going away is waited out; a resync or any other error ends the run.
+   * run. Redis going away (or the version store) is waited out, and then what it had read and not acknowledged is
+   * taken over again before anything newer; a resync or any other error ends the run.
    */
   private async work(session: Session, o: Owned): Promise<void> {
     for (let failures = 0, pendingDone = false; this.holds(session, o) && !o.releasing; ) {
@@ -559,6 +560,9 @@ export class TransitionConsumer {
           break;
         }
         failures++;
+        // a batch cut short (its version store or an acknowledgement failed) left the rest pending for this consumer:
+        // take that over again, in id order, before reading anything newer
+        pendingDone = false;
         this.log.debug({ partition: o.n, reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
         await this.pause(Math.min(5000, 250 * 2 ** (failures - 1)));
       }
@@ -719,7 +723,11 @@ export class TransitionConsumer {
         for (const [, w] of waiting) w.wake();
         continue;
       }
-      this.waiterRedis ??= this.redis.duplicate();
+      if (this.waiterRedis === null) {
+        this.waiterRedis = this.redis.duplicate();
+        // its outages are the main connection's, which its watch reports once: never "Unhandled error event"
+        this.waiterRedis.on('error', () => undefined);
+      }
       try {
         const block = session.partitions === 1 ? blockMs : Math.min(blockMs, 100);
         const reply = (await this.waiterRedis.call(
@@ -872,7 +880,8 @@ export async function streamCounts(redis: RedisConnection, streamKey: string): P
   return { added: Number(info['entries-added'] ?? 0), length: Number(info.length ?? 0) };
 }
 
-function pairs(flat: unknown[]): Record<string, unknown> {
+/** A flat `XINFO` reply (`[name, value, name, value, ...]`) as an object. */
+export function pairs(flat: unknown[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];
   return out;

@@ -100,12 +100,17 @@ export const STREAM_ENTRY_SCHEMA = z
 /** Remembers the highest version handled per deployment. The default keeps it in memory. */
 export interface VersionStore {
   get(deploymentId: string): number | undefined | Promise<number | undefined>;
+  /**
+   * Records a handled version. It must never lower what is remembered (keep the maximum, e.g. `GREATEST` in SQL):
+   * a handler call that outlived its consumer's lease records its version after the partition's next owner may
+   * have recorded higher ones, and a lowered memory would let a republished copy of those through again.
+   */
   set(deploymentId: string, version: number): void | Promise<void>;
 }
 
 export function memoryVersionStore(): VersionStore {
   const seen = new Map<string, number>();
-  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, v) };
+  return { get: (id) => seen.get(id), set: (id, v) => void seen.set(id, Math.max(v, seen.get(id) ?? v)) };
 }
 
 export interface TransitionConsumerOptions {
@@ -289,7 +294,11 @@ export class TransitionConsumer {
   run(): Promise<void> {
     this.running ??= this.loop().catch((err: unknown) => {
       // a command cut short by close() (the connection dropped at once while Redis was away) is the stop, not an error
-      if (!this.stopped) throw err;
+      if (this.stopped) return;
+      // the last versions as the run ends: a handler call in flight on another partition when one partition's
+      // resync was found has finished (and been acknowledged) since
+      if (err instanceof ResyncRequiredError) throw new ResyncRequiredError(err.streamKey, err.from, err.firstRetained, this.lastHandledVersions());
+      throw err;
     });
     return this.running;
   }
@@ -521,7 +530,8 @@ export class TransitionConsumer {
    * A partition's worker: checks its position was not trimmed, handles every entry pending in the group on it (what
    * a previous owner read and did not acknowledge), in id order, then new entries; stops when the lease is lost or
    * past its deadline, when asked to give the partition up (after acknowledging what it read), or at the end of the
-   * run. Redis going away is waited out; a resync or any other error ends the run.
+   * run. Redis going away (or the version store) is waited out, and then what it had read and not acknowledged is
+   * taken over again before anything newer; a resync or any other error ends the run.
    */
   private async work(session: Session, o: Owned): Promise<void> {
     for (let failures = 0, pendingDone = false; this.holds(session, o) && !o.releasing; ) {
@@ -555,15 +565,23 @@ export class TransitionConsumer {
           break;
         }
         failures++;
+        // a batch cut short (its version store or an acknowledgement failed) left the rest pending for this consumer:
+        // take that over again, in id order, before reading anything newer
+        pendingDone = false;
         this.log.debug({ partition: o.n, reason: err instanceof Error ? err.message : String(err), failures }, 'stream read failed; reading again');
         await this.pause(Math.min(5000, 250 * 2 ** (failures - 1)));
       }
     }
     if (!o.lost) {
-      // handed over (or stopping): everything it read is acknowledged, or pending for the next owner
-      await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).catch(() => undefined);
-      if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
-      this.options.onPartitionChange?.({ partition: o.n, change: 'released' });
+      // handed over (or stopping): everything it read is acknowledged, or pending for the next owner. A lease that is
+      // no longer its own by then was lost, not given up: it stopped at its deadline (cut off, paused) and the lease
+      // expired, or another consumer took the partition meanwhile
+      const released = await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).then(Number, () => null);
+      if (released === 0) this.lose(o, 'its lease had expired when it stopped');
+      else if (!o.lost) {
+        if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
+        this.options.onPartitionChange?.({ partition: o.n, change: 'released' });
+      }
       this.wakeTick?.();
     }
   }
@@ -714,7 +732,11 @@ export class TransitionConsumer {
         for (const [, w] of waiting) w.wake();
         continue;
       }
-      this.waiterRedis ??= this.redis.duplicate();
+      if (this.waiterRedis === null) {
+        this.waiterRedis = this.redis.duplicate();
+        // its outages are the main connection's, which its watch reports once: never "Unhandled error event"
+        this.waiterRedis.on('error', () => undefined);
+      }
       try {
         const block = session.partitions === 1 ? blockMs : Math.min(blockMs, 100);
         const reply = (await this.waiterRedis.call(
@@ -867,7 +889,7 @@ export async function streamCounts(redis: RedisConnection, streamKey: string): P
   return { added: Number(info['entries-added'] ?? 0), length: Number(info.length ?? 0) };
 }
 
-/** A flat Redis reply of names and values (XINFO's) as an object. */
+/** A flat `XINFO` reply (`[name, value, name, value, ...]`) as an object. */
 export function pairs(flat: unknown[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (let i = 0; i + 1 < flat.length; i += 2) out[String(flat[i])] = flat[i + 1];

@@ -1,34 +1,25 @@
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { encodeCursor, tail, TailCursorError } from '../../src/cli/tail';
-import { ConfigError } from '../../src/errors';
+import { ConfigError, ResyncRequiredError } from '../../src/errors';
 import { fleetAclRules } from '../../src/queues/redis';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
-import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
+import { compareIds, memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
+import { leaseKey, leaseOwner } from '../../src/streams/leases';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
+import { applyVersions } from '../helpers/lifecycle';
+import { ConsumerAudit as Audit, type AuditEvent } from '../helpers/consumer-audit';
+import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
-import { sleep } from '../../src/util';
-
-/** `count` transitions for one deployment: created, then attempts created and cancelled in turn. */
-async function transitions(service: TransitionService, deploymentId: string, count: number): Promise<void> {
-  await apply(service, 'deployment.create', { deploymentId, name: 'web' });
-  for (let v = 2; v <= count; v += 2) {
-    const attemptId = randomUUID();
-    await apply(service, 'attempt.create', { deploymentId, attemptId });
-    if (v < count) await apply(service, 'attempt.cancel', { deploymentId, attemptId });
-  }
-}
-
-async function apply(service: TransitionService, name: string, data: Record<string, unknown>): Promise<void> {
-  const result = await service.apply(name, data, { fallbackEventId: randomUUID() });
-  if (result.outcome !== 'applied') throw new Error(`${name} was ${result.outcome}`);
-}
+import { repoRoot } from '../../src/util';
 
 async function readStream(redis: IORedis, key: string): Promise<TransitionEntry[]> {
   const raw = (await redis.xrange(key, '-', '+')) as Array<[string, string[]]>;
@@ -81,7 +72,7 @@ describe('a partitioned transition stream', function () {
     it('with 16 partitions appends each deployment to its partition, in version order, and records 16', async () => {
       relay(16);
       const deployments = Array.from({ length: 40 }, () => randomUUID());
-      await Promise.all(deployments.map((id) => transitions(service, id, 6)));
+      await Promise.all(deployments.map((id) => applyVersions(service, id, 1, 6)));
       await waitFor('240 entries', async () => ((await lengths(16)) >= 240 ? true : undefined), 30_000);
 
       expect(await redis.exists(streamKey)).to.equal(0); // nothing on the one-partition key
@@ -113,7 +104,7 @@ describe('a partitioned transition stream', function () {
     it('with one partition writes the one stream key as before, and records 1', async () => {
       relay(1);
       const id = randomUUID();
-      await transitions(service, id, 4);
+      await applyVersions(service, id, 1, 4);
       await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
       expect((await readStream(redis, streamKey)).map((e) => e.version)).to.deep.equal([1, 2, 3, 4]);
       expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('1');
@@ -123,7 +114,7 @@ describe('a partitioned transition stream', function () {
     it('republishes what one partition lost before appending anything after the gap there', async () => {
       relay(4);
       const deployments: string[] = Array.from({ length: 8 }, () => randomUUID());
-      for (const id of deployments) await transitions(service, id, 4);
+      for (const id of deployments) await applyVersions(service, id, 1, 4);
       await waitFor('32 entries', async () => ((await lengths(4)) >= 32 ? true : undefined));
       await waitFor('every row marked', async () => {
         const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`);
@@ -137,7 +128,7 @@ describe('a partitioned transition stream', function () {
       // a new deployment in that partition
       let more: string = randomUUID();
       while (partitionOf(more, 4) !== n) more = randomUUID();
-      await transitions(service, more, 2);
+      await applyVersions(service, more, 1, 2);
       const mine = deployments.filter((d) => partitionOf(d, 4) === n);
       await waitFor('every version back on the partition', async () => {
         const entries = await readStream(redis, key);
@@ -193,7 +184,7 @@ describe('a partitioned transition stream', function () {
       let logged = '';
       const r = relay(4, { logger: createLogger('warn', { write: (line: string) => void (logged += line) }) });
       const id = randomUUID();
-      await transitions(service, id, 2);
+      await applyVersions(service, id, 1, 2);
       await waitFor('2 entries', async () => ((await lengths(16)) >= 2 ? true : undefined));
       expect((await readStream(redis, partitionKey(streamKey, partitionOf(id, 16), 16))).map((e) => e.version)).to.deep.equal([1, 2]);
       expect(r.publishedCount).to.equal(2);
@@ -203,58 +194,6 @@ describe('a partitioned transition stream', function () {
   });
 
   describe('consumers of one group', () => {
-    /**
-     * What the handlers saw: per deployment the versions in handler-call order, and any moment two consumers were
-     * inside the handler for one partition at once.
-     */
-    class Audit {
-      readonly versions = new Map<string, number[]>();
-      readonly byConsumer = new Map<string, number>();
-      readonly overlaps: string[] = [];
-      private readonly inflight = new Map<number, string>();
-      calls = 0;
-      constructor(
-        private readonly partitions: number,
-        private readonly delayMs: number,
-      ) {}
-
-      handler(name: string): (e: TransitionEntry) => Promise<void> {
-        return async (e) => {
-          const n = partitionOf(e.deploymentId, this.partitions);
-          const other = this.inflight.get(n);
-          if (other !== undefined) this.overlaps.push(`${name} handled partition ${n} while ${other} did`);
-          // and one consumer's handler is called for one entry at a time, as before partitions
-          if ([...this.inflight.values()].includes(name)) this.overlaps.push(`${name} handled two entries at once`);
-          this.inflight.set(n, name);
-          this.calls++;
-          try {
-            await sleep(this.delayMs);
-            this.versions.set(e.deploymentId, [...(this.versions.get(e.deploymentId) ?? []), e.version]);
-            this.byConsumer.set(name, (this.byConsumer.get(name) ?? 0) + 1);
-          } finally {
-            if (this.inflight.get(n) === name) this.inflight.delete(n);
-          }
-        };
-      }
-
-      /** every deployment got every version 1..last, never a lower one after a higher one */
-      expectComplete(deployments: readonly string[], last: number, strictly: boolean): void {
-        expect(this.overlaps).to.deep.equal([]);
-        for (const d of deployments) {
-          const seen = this.versions.get(d) ?? [];
-          for (let i = 1; i < seen.length; i++) {
-            const [prev, cur] = [seen[i - 1] ?? 0, seen[i] ?? 0];
-            expect(strictly ? cur > prev : cur >= prev, `${d}: ${seen.join(',')}`).to.equal(true);
-          }
-          expect([...new Set(seen)], d).to.deep.equal(Array.from({ length: last }, (_, i) => i + 1));
-        }
-      }
-
-      count(deployments: readonly string[]): number {
-        return deployments.reduce((sum, d) => sum + new Set(this.versions.get(d)).size, 0);
-      }
-    }
-
     /** Appends versions from..to of every deployment, interleaved as in a real fleet, to their partitions. */
     async function publish(deployments: readonly string[], partitions: number, from: number, to: number): Promise<void> {
       const pipeline = redis.pipeline();
@@ -280,11 +219,34 @@ describe('a partitioned transition stream', function () {
         leaseMs: 1000,
         versions: shared,
         handler: audit.handler(name),
+        onPartitionChange: audit.changes(name),
         ...options,
       });
       closers.push(() => c.close());
       void c.run();
       return c;
+    }
+
+    /** Waits until the consumers own these numbers of partitions (e.g. '3,3,2'): the group is balanced. */
+    async function balanced(consumers: readonly TransitionConsumer[], shares: string): Promise<void> {
+      await waitFor(`shares ${shares}`, () => (consumers.map((c) => c.ownedPartitions().length).join(',') === shares ? true : undefined));
+    }
+
+    /** `count` deployments, at least `each` of them on every one of the partitions */
+    function spread(count: number, partitions: number, each: number): string[] {
+      for (;;) {
+        const deployments = Array.from({ length: count }, () => randomUUID());
+        const per = new Array<number>(partitions).fill(0);
+        for (const d of deployments) per[partitionOf(d, partitions)] = (per[partitionOf(d, partitions)] ?? 0) + 1;
+        if (per.every((n) => n >= each)) return deployments;
+      }
+    }
+
+    /** Entries pending for the group on every partition. */
+    async function pendingCount(partitions: number): Promise<number> {
+      let total = 0;
+      for (const key of partitionKeys(streamKey, partitions)) total += ((await redis.xpending(key, 'g')) as [number])[0];
+      return total;
     }
 
     it('4 consumers, 16 partitions: every entry handled, per deployment in increasing version, partitions shared out', async () => {
@@ -377,6 +339,7 @@ describe('a partitioned transition stream', function () {
       await waitFor('40 entries handled', () => (audit.count(deployments) >= 40 ? true : undefined), 30_000);
       // no handler call of a's overlapped one of b's, and b went on from where a stopped, in order
       audit.expectComplete(deployments, 8, true);
+      expect(audit.fenceViolations()).to.deep.equal([]);
       expect(audit.byConsumer.get('b') ?? 0).to.be.above(0);
       expect(a.ownedPartitions()).to.deep.equal([]);
     });
@@ -410,6 +373,227 @@ describe('a partitioned transition stream', function () {
       // v3 was not acknowledged: it and the rest wait for the partition's owner
       const pending = (await redis.xpending(streamKey, 'g')) as [number, ...unknown[]];
       expect(pending[0]).to.equal(8);
+    });
+
+    it('a consumer process SIGKILLed mid-handler: the others take its partitions after its lease, the interrupted entry first, then everything after it, in order', async () => {
+      await recordPartitions(redis, streamKey, 8);
+      const audit = new Audit(8, 1);
+      const deployments = spread(40, 8, 2);
+      // a consumer of the group in a process of its own: it handles 15 entries, then waits inside the 16th's handler
+      const child = spawn(process.execPath, [path.join(repoRoot(), 'dist', 'test', 'fixtures', 'dying-consumer.js')], {
+        env: { ...process.env, STREAM_KEY: streamKey, GROUP: 'g', KEEP: '15', HOLD: '1', LEASE_MS: '1000', START_ID: '0', BLOCK_MS: '200' },
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      let out = '';
+      child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+      const closed = new Promise<NodeJS.Signals | null>((resolve) => child.on('close', (_code, signal) => resolve(signal)));
+      closers.push(async () => {
+        if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        await closed;
+      });
+      const [b, c] = [consumer('b', audit), consumer('c', audit)];
+      // b, c and the child ("doomed"): 3, 3 and 2 partitions, before anything is published (no partition moves later)
+      const owners = async () => Promise.all(partitionKeys(streamKey, 8).map(async (key) => leaseOwner((await redis.get(leaseKey(key, 'g'))) ?? '')));
+      const mine = await waitFor('b, c and the child to own 3, 3 and 2 partitions', async () => {
+        const now = await owners();
+        const child = now.flatMap((o, n) => (o === 'doomed' ? [n] : []));
+        return b.ownedPartitions().length === 3 && c.ownedPartitions().length === 3 && child.length === 2 ? child : undefined;
+      });
+      const publishedAt = audit.mark();
+      await publish(deployments, 8, 1, 6);
+      const entered = await waitFor('the child to enter the handler of its 16th entry', () => /^entered (\S+):(\d+)$/m.exec(out) ?? undefined);
+      const killedAt = audit.mark();
+      child.kill('SIGKILL');
+      expect(await closed).to.equal('SIGKILL');
+
+      // what the child handled came first for its deployments (its partitions were never anyone else's before)
+      const byChild = new Map<string, number[]>();
+      const childLines = out.split('\n').filter((line) => /^[0-9a-f-]{36}:\d+$/.test(line));
+      for (const [d = '', v = '0'] of childLines.map((line) => line.split(':'))) byChild.set(d, [...(byChild.get(d) ?? []), Number(v)]);
+      expect(childLines).to.have.length(15);
+      const total = () => deployments.reduce((sum, d) => sum + new Set([...(byChild.get(d) ?? []), ...audit.versionsOf(d)]).size, 0);
+      await waitFor('all 240 entries handled', () => (total() === 240 ? true : undefined), 30_000);
+      audit.expectComplete(deployments, 6, false, byChild);
+      // the entry the child died in went to the survivors, and its deployment went on from exactly there
+      const [, interrupted = '', version = '0'] = entered;
+      expect(mine).to.include(partitionOf(interrupted, 8));
+      expect(audit.versionsOf(interrupted)[0], `${interrupted}: ${audit.versionsOf(interrupted).join(',')}`).to.equal(Number(version));
+      // nobody touched the child's partitions while it lived; after its lease they are the survivors'
+      const early = audit.log.slice(publishedAt, killedAt).filter((e) => mine.includes(e.partition));
+      expect(early).to.deep.equal([]);
+      await waitFor('b and c to own all 8 partitions', () => (b.ownedPartitions().length + c.ownedPartitions().length === 8 ? true : undefined));
+      expect(audit.fenceViolations()).to.deep.equal([]);
+      await waitFor('nothing pending', async () => ((await pendingCount(8)) === 0 ? true : undefined));
+    });
+
+    it('a handler that throws for a while: later entries of its deployment wait, other partitions go on, and its consumer keeps the lease through the retries', async () => {
+      await recordPartitions(redis, streamKey, 8);
+      const leaseMs = 2000;
+      const deployments = spread(40, 8, 2);
+      const failing = deployments[0] ?? '';
+      const partition = partitionOf(failing, 8);
+      const behind = deployments.filter((d) => partitionOf(d, 8) === partition);
+      const others = deployments.filter((d) => partitionOf(d, 8) !== partition);
+      // v3 of one deployment fails at least 4 times (backoff 250 + 500 + 1000 + 2000 ms: longer than the lease) and until
+      // the other partitions have handled what is published after its first failure
+      let othersDone = false;
+      const failures: number[] = [];
+      let succeededAt = 0;
+      const fault = (e: TransitionEntry): void => {
+        if (e.deploymentId !== failing || e.version !== 3) return;
+        if (failures.length < 4 || !othersDone) {
+          failures.push(performance.now());
+          throw new Error(`${failing} v3 fails (${failures.length})`);
+        }
+        succeededAt = performance.now();
+      };
+      const audit = new Audit(8, 2);
+      const consumers = ['a', 'b', 'c'].map((name) => consumer(name, audit, { handler: audit.handler(name, fault), leaseMs }));
+      await balanced(consumers, '3,3,2');
+      await publish(deployments, 8, 1, 6);
+      await waitFor('the first failure', () => (failures.length > 0 ? true : undefined));
+      const lease = leaseKey(partitionKey(streamKey, partition, 8), 'g');
+      const token = await redis.get(lease);
+      await publish(others, 8, 7, 8);
+      await waitFor('the other partitions to handle versions 7 and 8', () => (audit.count(others) === others.length * 8 ? true : undefined));
+      othersDone = true;
+      await waitFor('everything handled', () => (audit.count(deployments) === others.length * 8 + behind.length * 6 ? true : undefined));
+      audit.expectComplete(others, 8, true);
+      audit.expectComplete(behind, 6, true);
+
+      // the failing deployment's calls, failed ones marked: v3 again and again until it succeeded, nothing after it first
+      const calls = audit.log.filter((e): e is Extract<AuditEvent, { kind: 'call' }> => e.kind === 'call' && e.entry.deploymentId === failing);
+      expect(calls.map((e) => `${e.entry.version}${e.ok === true ? '' : '!'}`)).to.deep.equal(['1', '2', ...failures.map(() => '3!'), '3', '4', '5', '6']);
+      const first = audit.log.findIndex((e) => e.kind === 'call' && e.ok === false);
+      const success = audit.log.findIndex((e) => e.kind === 'call' && e.ok === true && e.entry.deploymentId === failing && e.entry.version === 3);
+      // every try by one consumer, which kept the partition throughout: no loss, no release, its lease renewed
+      const owner = calls.find((e) => e.ok === false)?.consumer ?? '';
+      expect(new Set(calls.filter((e) => e.entry.version === 3).map((e) => e.consumer))).to.deep.equal(new Set([owner]));
+      expect(audit.log.slice(first, success).filter((e) => e.kind !== 'call' && e.partition === partition)).to.deep.equal([]);
+      expect(await redis.get(lease)).to.equal(token);
+      expect(succeededAt - (failures[0] ?? 0), 'the retries outlasted the lease').to.be.above(leaseMs);
+      // meanwhile the other partitions went on: every consumer's, the owner's own other partitions among them
+      const meanwhile = audit.log.slice(first, success).filter((e) => e.kind === 'call' && e.ok === true && e.partition !== partition);
+      expect(new Set(meanwhile.map((e) => e.consumer))).to.deep.equal(new Set(['a', 'b', 'c']));
+      expect(meanwhile.length).to.be.at.least(others.length * 2);
+      expect(audit.fenceViolations()).to.deep.equal([]);
+    });
+
+    it('a consumer cut off from Redis (its line stalls) stops before its lease can expire; the others take its partitions, pending entries first; back, it handles nothing of what it lost and rejoins', async () => {
+      await recordPartitions(redis, streamKey, 6);
+      const target = new URL(testEnv().redisUrl);
+      const proxy = new TcpProxy(target.hostname, Number(target.port));
+      const url = TcpProxy.rewrite(testEnv().redisUrl, await proxy.listen());
+      closers.push(() => proxy.close());
+      const audit = new Audit(6, 2);
+      const deployments = spread(36, 6, 3);
+      const versions = memoryVersionStore();
+      const logged: string[] = [];
+      const logger = createLogger('info', { write: (line: string) => void logged.push(line) });
+
+      // a's 5th handler call is in flight when its line stalls, and stays so until its partitions are another's (a
+      // call longer than the lease's margin, the contract's caveat); meanwhile a's other partition has its next
+      // entry in hand, waiting for its turn: that one a must not start
+      let aCalls = 0;
+      let held: { partition: number; entry: TransitionEntry } | null = null;
+      let otherInHand = false;
+      let heldDone = false;
+      let stalledAt = -1;
+      const aVersions: VersionStore = {
+        get: (id) => {
+          if (held !== null && partitionOf(id, 6) !== held.partition) otherInHand = true;
+          return versions.get(id);
+        },
+        set: (id, v) => versions.set(id, v),
+      };
+      const inA = (): string[] => deployments.filter((d) => aPartitions.includes(partitionOf(d, 6)));
+      const hold = async (e: TransitionEntry): Promise<void> => {
+        if (++aCalls !== 5) return;
+        held = { partition: partitionOf(e.deploymentId, 6), entry: e };
+        await waitFor("a's other partition to have its next entry in hand", () => (otherInHand ? true : undefined));
+        proxy.stall();
+        stalledAt = audit.mark();
+        await waitFor('b and c to own all six partitions', () => (b.ownedPartitions().length + c.ownedPartitions().length === 6 ? true : undefined));
+        await waitFor("b and c to handle everything on a's partitions", () => (audit.count(inA()) === inA().length * 8 ? true : undefined));
+        heldDone = true;
+      };
+      closers.push(async () => proxy.restore()); // a test that failed while stalled: let a close at once
+      const a = consumer('a', audit, { redis: url, handler: audit.handler('a', hold), versions: aVersions });
+      const b = consumer('b', audit, { versions, logger });
+      const c = consumer('c', audit, { versions, logger });
+      await balanced([a, b, c], '2,2,2');
+      const aPartitions = a.ownedPartitions();
+      await publish(deployments, 6, 1, 8);
+
+      await waitFor("a's held call to end", () => (heldDone ? true : undefined), 30_000);
+      const restoredAt = audit.mark();
+      proxy.restore();
+      await waitFor('a to rejoin: 2 partitions each again', () => ([a, b, c].every((x) => x.ownedPartitions().length === 2) ? true : undefined));
+
+      // cut off, a started nothing: not the entry it had in hand when its lease could have expired
+      expect(audit.log.slice(stalledAt, restoredAt).filter((e) => e.kind === 'call' && e.consumer === 'a')).to.deep.equal([]);
+      // back, it learnt it had lost both (its acknowledgement and renewal refused), and acquired others afterwards
+      const aChanges = audit.log.slice(restoredAt).filter((e) => e.kind !== 'call' && e.consumer === 'a');
+      const lost = aChanges.filter((e) => aPartitions.includes(e.partition) && e.kind !== 'acquired');
+      expect(lost.map((e) => `${e.kind} ${e.partition}`).sort()).to.deep.equal(aPartitions.map((n) => `lost ${n}`));
+      expect(audit.fenceViolations()).to.deep.equal([]);
+      // the new owners took a's pending entries over first: what a read and had not acknowledged, in stream order
+      for (const n of aPartitions) {
+        const took = logged.map((l) => JSON.parse(l) as { msg?: string; partition?: number; claimed?: number }).find((l) => l.msg === 'took over entries pending on the partition' && l.partition === n);
+        expect(took?.claimed ?? 0, `partition ${n}`).to.be.above(0);
+        const ids = audit.handled(stalledAt).filter((e) => e.partition === n && e.consumer !== 'a').map((e) => e.entry.streamId);
+        expect(ids, `partition ${n}`).to.deep.equal([...ids].sort((x, y) => compareIds(x, y)));
+      }
+      // the one overlap is the documented caveat: the call a had in flight, whose entry the new owner handled again
+      const heldPartition = held === null ? -1 : (held as { partition: number }).partition;
+      expect(audit.overlaps.length).to.be.above(0);
+      for (const overlap of audit.overlaps) expect(overlap).to.match(new RegExp(`handled partition ${heldPartition} .* while a did$`));
+      audit.overlaps.splice(0);
+
+      // a relay that died between its appends and their marks republishes everything: every copy is dropped, the held
+      // call's late version included (the group's shared memory of versions never goes back)
+      const seen = () => [a, b, c].reduce((sum, x) => sum + x.handled + x.dropped, 0);
+      const [before, mark] = [seen(), audit.mark()];
+      await publish(deployments, 6, 1, 8);
+      await waitFor('the copies to go through', () => (seen() - before >= 36 * 8 ? true : undefined));
+      expect(audit.log.slice(mark).filter((e) => e.kind === 'call').map((e) => (e.kind === 'call' ? `${e.entry.deploymentId}:${e.entry.version}` : ''))).to.deep.equal([]);
+
+      await publish(deployments, 6, 9, 10);
+      await waitFor('versions 9 and 10', () => (audit.count(deployments) === 36 * 10 ? true : undefined));
+      expect(audit.handled(mark).some((e) => e.consumer === 'a')).to.equal(true);
+      audit.expectComplete(deployments, 10, false);
+      expect(audit.fenceViolations()).to.deep.equal([]);
+    });
+
+    it('a position trimmed away on one partition: ResyncRequiredError naming that partition, with the last versions handled', async () => {
+      await recordPartitions(redis, streamKey, 4);
+      const deployments = spread(8, 4, 2);
+      const target = deployments[0] ?? '';
+      const key = partitionKey(streamKey, partitionOf(target, 4), 4);
+      let release: () => void = () => undefined;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      const audit = new Audit(4, 0);
+      // a slow handler on v2 of one deployment (or a long retry) while its partition is trimmed past it
+      const a = consumer('a', audit, { batchSize: 1, handler: audit.handler('a', (e) => (e.deploymentId === target && e.version === 2 ? gate : undefined)) });
+      const ended = a.run().then(
+        () => 'resolved',
+        (err: unknown) => err,
+      );
+      await publish(deployments, 4, 1, 2);
+      await waitFor('the handler to hold v2', () => (audit.log.some((e) => e.kind === 'call' && e.entry.deploymentId === target && e.entry.version === 2) ? true : undefined));
+      for (let v = 3; v <= 300; v++) await redis.xadd(key, '*', 'type', 'state_transition', 'deploymentId', target, 'version', String(v));
+      await redis.xtrim(key, 'MAXLEN', 10);
+      release();
+      const err = await Promise.race([ended, waitFor('an entry handled past the hole', () => (audit.versionsOf(target).length > 2 ? `went on to v${audit.versionsOf(target)[2]}` : undefined))]);
+      expect(err).to.be.instanceOf(ResyncRequiredError);
+      const resync = err as ResyncRequiredError;
+      expect(resync.streamKey).to.equal(key);
+      expect(audit.versionsOf(target)).to.deep.equal([1, 2]);
+      // the last version handled of every deployment it handled, on every partition
+      const last = new Map(deployments.filter((d) => audit.versionsOf(d).length > 0).map((d) => [d, Math.max(...audit.versionsOf(d))]));
+      expect([...resync.lastVersions].sort()).to.deep.equal([...last].sort());
+      expect(last.get(target)).to.equal(2);
+      expect(last.size).to.be.above(1);
     });
   });
 

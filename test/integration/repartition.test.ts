@@ -15,6 +15,7 @@ import { repartition, type RepartitionOutcome } from '../../src/streams/repartit
 import { xinfoGroups } from '../../src/streams/stream-stats';
 import { repoRoot } from '../../src/util';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { applyVersions } from '../helpers/lifecycle';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
@@ -67,20 +68,14 @@ describe('changing the number of partitions of a live fleet', function () {
     return repartition({ databaseUrl: db.url, redis, streamKey, to, timeoutMs, pollMs: 50, report });
   }
 
-  /** The versions applied so far per deployment; `next` applies the next event of one (create, then attempts). */
+  /** The versions applied so far per deployment; `next` applies the next one of one (`applyVersions`). */
   class Deployments {
     readonly applied = new Map<string, number>();
-    private readonly attempts = new Map<string, string>();
     constructor(readonly ids: readonly string[]) {}
 
     async next(id: string): Promise<void> {
       const v = (this.applied.get(id) ?? 0) + 1;
-      const attemptId = v % 2 === 0 ? randomUUID() : (this.attempts.get(id) ?? '');
-      const [name, data]: [string, Record<string, unknown>] =
-        v === 1 ? ['deployment.create', { deploymentId: id, name: 'web' }] : v % 2 === 0 ? ['attempt.create', { deploymentId: id, attemptId }] : ['attempt.cancel', { deploymentId: id, attemptId }];
-      const result = await service.apply(name, data, { fallbackEventId: randomUUID() });
-      if (result.outcome !== 'applied') throw new Error(`${name} v${v} of ${id} was ${result.outcome}`);
-      this.attempts.set(id, attemptId);
+      await applyVersions(service, id, v, v);
       this.applied.set(id, v);
     }
 

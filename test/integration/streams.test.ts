@@ -6,8 +6,9 @@ import type IORedis from 'ioredis';
 import { Database } from '../../src/entities/sql';
 import { ResyncRequiredError } from '../../src/errors';
 import { TransitionService } from '../../src/services/transitions';
-import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
+import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
+import { createRedis } from '../../src/queues/redis';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';
@@ -299,6 +300,72 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
     }, 30_000);
     await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
+  });
+
+  it('says nothing on the console while Redis is away: the connection that waits for new entries handles its errors too', async () => {
+    const own = await OwnRedis.start();
+    closers.push(() => own.stop());
+    const lent = createRedis(own.url, 'worker', 'lifecycle-fleet-consumer-quiet');
+    closers.push(async () => lent.disconnect());
+    let refused = 0;
+    lent.on('error', () => void refused++);
+    const consumer = new TransitionConsumer({ redis: lent, streamKey, group: 'quiet', consumer: 'c', blockMs: 200, handler: () => undefined });
+    closers.push(() => consumer.close());
+    const printed: string[] = [];
+    const consoleError = console.error;
+    console.error = (...args: unknown[]) => void printed.push(args.map(String).join(' '));
+    try {
+      void consumer.run().catch(() => undefined);
+      // its second connection is made when the partition's worker first waits for new entries
+      await waitFor('the connection that waits', async () =>
+        String(await lent.client('LIST')).split('\n').filter((l) => l.includes('name=lifecycle-fleet-consumer-quiet')).length >= 2 ? true : undefined,
+      );
+      await own.kill('SIGKILL');
+      // both connections retry on one schedule from the same moment: by the third refused attempt of the one, the
+      // other has met its first
+      await waitFor('three refused reconnects', () => (refused >= 3 ? true : undefined));
+    } finally {
+      console.error = consoleError;
+    }
+    expect(printed.filter((line) => line.includes('Unhandled error event'))).to.deep.equal([]);
+  });
+
+  it('after a transient error in the middle of a batch (its version store away for a moment), handles the rest of the batch before anything newer', async () => {
+    const deploymentId = randomUUID();
+    const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+    for (let v = 1; v <= 5; v++) await add(v);
+    const handled: number[] = [];
+    const seen = memoryVersionStore();
+    let failed = false;
+    const versions: VersionStore = {
+      get: (id) => {
+        if (!failed && handled.length === 2) {
+          failed = true;
+          throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' });
+        }
+        return seen.get(id);
+      },
+      set: (id, version) => seen.set(id, version),
+    };
+    const consumer = new TransitionConsumer({
+      redis: testEnv().redisUrl,
+      streamKey,
+      group: 'g',
+      consumer: 'c',
+      startId: '0',
+      batchSize: 10,
+      blockMs: 100,
+      versions,
+      handler: (e) => void handled.push(e.version),
+    });
+    closers.push(() => consumer.close());
+    const running = consumer.run();
+    await waitFor('the store to fail once', () => (failed ? true : undefined));
+    await add(6);
+    await waitFor('v6 handled', () => (handled.includes(6) ? true : undefined));
+    await consumer.close();
+    await running;
+    expect(handled).to.deep.equal([1, 2, 3, 4, 5, 6]);
   });
 
   it('after Redis comes back empty mid-cycle, reconciles before appending: no permanent gap (issue 13 A)', async () => {

@@ -5,7 +5,7 @@
 import type { FastifyReply } from 'fastify';
 import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, type EventName } from '../events/schemas';
+import { ANONYMOUS_ACTOR, validateEvent } from '../events/schemas';
 import type { Logger } from '../log';
 import type { LifecycleProducer } from '../queues/producer';
 import { hasScope, scopeForEvent, type Access } from './auth';
@@ -53,12 +53,12 @@ export async function acceptEvent(intake: Intake, access: Access | undefined, bo
   let eventId: string | undefined;
   try {
     const given = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
-    // the payload's shape first (so its errors come as they always have), then the allow-list
-    const parsed = parsePayload(name as string, given);
-    assertEndpointAllowed(parsed, intake.endpointAllow);
-    // The eventId is fixed before the enqueue, so that an answer that never comes (503) can name the id to retry with.
-    eventId = parsed.eventId ?? deriveEventId(name as EventName, parsed);
-    const result = await intake.producer.enqueue(name as string, { ...(given as object), eventId });
+    // the payload's shape first (so its errors come as they always have), then the allow-list. The eventId is fixed
+    // before the enqueue, so that an answer that never comes (503) can name the id to retry with.
+    const event = validateEvent(name as string, given);
+    assertEndpointAllowed(event.data, intake.endpointAllow);
+    eventId = event.data.eventId;
+    const result = await intake.producer.enqueueValidated(event);
     return await reply.status(202).send(result);
   } catch (err) {
     if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);

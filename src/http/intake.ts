@@ -5,7 +5,7 @@
 import type { FastifyReply } from 'fastify';
 import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, validateEvent } from '../events/schemas';
+import { ANONYMOUS_ACTOR, EVENT_CATALOG, isEventName, validateEvent } from '../events/schemas';
 import type { Logger } from '../log';
 import type { LifecycleProducer } from '../queues/producer';
 import { hasScope, scopeForEvent, type Access } from './auth';
@@ -39,7 +39,10 @@ export async function acceptEvent(intake: Intake, access: Access | undefined, bo
   if (access === undefined) throw new HttpError(401, 'unauthorized', 'the request was not authenticated'); // never open by default
   const needs = scopeForEvent(name, data);
   if (!hasScope(access, needs)) {
-    throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${needs === 'events:admin' && name === 'deployment.teardown' ? ' with force' : ''} needs the "${needs}" scope`);
+    // an event that needs events:admin only with a flag set (a forced teardown) says so: "deployment.teardown with force"
+    const scope = isEventName(name) ? EVENT_CATALOG[name].scope : null;
+    const condition = needs === 'events:admin' && typeof scope === 'object' && scope !== null ? ` with ${scope.adminWhen}` : '';
+    throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${condition} needs the "${needs}" scope`);
   }
   // The actor is the caller: the token's name (anonymous while the API is open), never what the payload says.
   const actor = access.kind === 'token' ? access.principal.name : ANONYMOUS_ACTOR;

@@ -21,12 +21,14 @@ const LAYERS = {
   services: ['entities', 'events', 'machine', 'queues', 'telemetry', ...FOUNDATION], // domain services
   streams: ['entities', 'queues', 'events', 'machine', 'telemetry', ...FOUNDATION], // outbox relay, stream consumer
   workers: ['services', 'entities', 'queues', 'events', 'machine', 'metrics', 'telemetry', ...FOUNDATION],
+  // the SDK's entry (lifecycle-fleet/client): the producer, the consumer, the event contract, the errors
+  client: ['queues', 'streams', 'events', 'machine', ...FOUNDATION],
   http: ['services', 'entities', 'queues', 'streams', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
   app: ['http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
   cli: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
-  index: ['app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
+  index: ['client', 'app', 'http', 'workers', 'streams', 'services', 'entities', 'queues', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
 };
-const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'telemetry', 'app', 'index']);
+const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'telemetry', 'app', 'client', 'index']);
 const pathOf = (layer) => (FILE_LAYERS.has(layer) ? `./src/${layer}.ts` : `./src/${layer}/**`);
 
 const layerZones = Object.entries(LAYERS).flatMap(([layer, allowed]) =>

@@ -60,31 +60,37 @@ export function clientErrorOf(err: { readonly code?: string; readonly message?: 
 }
 
 /**
+ * An error body another part wrote (Fastify, a plugin, Bull Board), in the API's shape; null when it is ours already,
+ * or a body of its own (/readyz's checks), which is left alone.
+ */
+function inOneShape(status: number, payload: string): string | null {
+  let body: unknown;
+  try {
+    body = JSON.parse(payload);
+  } catch {
+    body = undefined;
+  }
+  const b = (typeof body === 'object' && body !== null ? body : {}) as { error?: unknown; message?: unknown; statusCode?: unknown };
+  const inner = typeof b.error === 'object' && b.error !== null ? (b.error as { code?: unknown; key?: unknown }) : null;
+  if (inner !== null && typeof inner.code === 'string') return null;
+  const foreign = typeof b.error === 'string' || inner !== null || typeof b.message === 'string' || typeof b.statusCode === 'number' || body === undefined;
+  if (!foreign) return null;
+  // Bull Board names its errors by a translation key (`ERRORS.JOB_NOT_FOUND` -> "job not found")
+  const message = typeof inner?.key === 'string' ? inner.key.replace(/^ERRORS\./, '').replace(/_/g, ' ').toLowerCase() : b.message;
+  return JSON.stringify({ error: { code: codeOf(status), message: typeof message === 'string' ? message : (STATUS_CODES[status] ?? 'error') } });
+}
+
+/**
  * Every error answer in one shape, `{error: {code, message}}`, whoever produced it (Fastify, a plugin, Bull Board):
- * the server's error and not-found handlers, and a reshaping of the bodies of errors answered elsewhere.
+ * the server's error and not-found handlers, and the bodies of errors answered elsewhere reshaped on their way out.
  */
 export function answerErrorsInOneShape(app: FastifyInstance, logger: Logger): void {
-  // Every error answer has one shape, `{error: {code, message}}`, whoever produced it (Fastify, a plugin, Bull Board).
   app.addHook('onSend', async (_request, reply, payload) => {
     if (reply.statusCode < 400 || typeof payload !== 'string') return payload;
-    let body: unknown;
-    try {
-      body = JSON.parse(payload);
-    } catch {
-      body = undefined;
-    }
-    const b = (typeof body === 'object' && body !== null ? body : {}) as { error?: unknown; message?: unknown; statusCode?: unknown };
-    // ours already, or a body of its own (/readyz's checks): left alone; a framework's or a plugin's error: reshaped
-    const inner = typeof b.error === 'object' && b.error !== null ? (b.error as { code?: unknown; key?: unknown }) : null;
-    if (inner !== null && typeof inner.code === 'string') return payload;
-    const foreign = typeof b.error === 'string' || inner !== null || typeof b.message === 'string' || typeof b.statusCode === 'number' || body === undefined;
-    if (!foreign) return payload;
-    // Bull Board names its errors by a translation key (`ERRORS.JOB_NOT_FOUND` -> "job not found")
-    const message = typeof inner?.key === 'string' ? inner.key.replace(/^ERRORS\./, '').replace(/_/g, ' ').toLowerCase() : b.message;
+    const reshaped = inOneShape(reply.statusCode, payload);
+    if (reshaped === null) return payload;
     void reply.header('content-type', 'application/json; charset=utf-8');
-    return JSON.stringify({
-      error: { code: codeOf(reply.statusCode), message: typeof message === 'string' ? message : (STATUS_CODES[reply.statusCode] ?? 'error') },
-    });
+    return reshaped;
   });
 
   app.setErrorHandler((err: unknown, request, reply) => {

@@ -234,7 +234,8 @@ export function fleetAclRules(prefix: string): string[] {
   return [
     'resetkeys',
     `~${prefix}:*`,
-    ...(tag === null ? [] : [`~${prefix.replace(`{${tag}}`, `{${tag}:p*}`)}:*`]),
+    // the partitions' own keys only (`{fleet:p<n>}:transitions:<n>...`), not another prefix such as `{fleet:prod}`
+    ...(tag === null ? [] : [`~${prefix.replace(`{${tag}}`, `{${tag}:p[0-9]*}`)}:transitions:*`]),
     'resetchannels',
     `&${prefix}:*`,
     '+@all',

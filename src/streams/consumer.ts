@@ -299,6 +299,11 @@ export class TransitionConsumer {
       // resync was found has finished (and been acknowledged) since
       if (err instanceof ResyncRequiredError) throw new ResyncRequiredError(err.streamKey, err.from, err.firstRetained, this.lastHandledVersions());
       throw err;
+    }).finally(() => {
+      // the run is over (stopped, or ended by an error the caller gets): the waiting connection is this consumer's
+      // own even when the caller lent the main one, and must not outlive the run
+      this.waiterRedis?.disconnect();
+      this.waiterRedis = null;
     });
     return this.running;
   }
@@ -578,6 +583,8 @@ export class TransitionConsumer {
       // expired, or another consumer took the partition meanwhile
       const released = await this.redis.eval(RELEASE, 1, o.leaseKey, o.token).then(Number, () => null);
       if (released === 0) this.lose(o, 'its lease had expired when it stopped');
+      // not given up (Redis away): the lease is left to expire, as a lost one is
+      else if (released === null) this.lose(o, 'its lease could not be given up (Redis away): it expires');
       else if (!o.lost) {
         if (o.releasing) this.log.info({ partition: o.n }, 'gave up a partition');
         this.options.onPartitionChange?.({ partition: o.n, change: 'released' });

@@ -262,10 +262,21 @@ export class OutboxRelay {
           }
         }
         this.pending = false;
+        const wasFenced = this.fenced;
         const count = await this.cycle();
         if (failures > 0) this.log.info({ failures }, 'relay cycle works again');
         this.options.pgWatch?.back();
         failures = 0;
+        if (wasFenced && this.fenced) {
+          // refused again after reading the record anew: a repartition stopped half-way, until it is run again. Try
+          // at the standbys' pace, not at every commit's wake-up (each try reconciles every partition)
+          const until = performance.now() + (this.options.standbyRetryMs ?? 1000);
+          while (!this.stopped && performance.now() < until) {
+            this.pending = false;
+            await this.idle(until - performance.now());
+          }
+          continue;
+        }
         // Fewer rows than a batch is everything that was committed when the batch was read, and every commit
         // after that read is followed by a wake-up (a NOTIFY sent after the commit, or notifyCommitted()): wait for
         // one rather than read again at once; poll as the fallback.

@@ -27,7 +27,7 @@ import { OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities
 import { settleWithin, sleep } from '../util';
 import { pairs } from './consumer';
 import { xinfoGroups } from './stream-stats';
-import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readPartitions, repartitionsKey } from './partitions';
+import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readLayout, readPartitions, repartitionsKey } from './partitions';
 
 export interface RepartitionOptions {
   /** PostgreSQL URL: the procedure holds the relays' lock on a session of its own */
@@ -121,6 +121,8 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
         await restore();
         return refusedBehind(options, late);
       }
+      const republished = await republishLostOfOldLayout(redis, session, from, oldKeys);
+      if (republished > 0) report(`${republished} transition(s) of the old layout were no longer on the stream (Redis lost them): they go out again on the new partitions, before anything newer`);
       await Promise.all(newKeys.map((key) => markBoundary(redis, key)));
       made.push(...(await carryGroups(redis, oldKeys, newKeys)));
       const switched = Number(await redis.eval(SWITCH_RECORD, 2, partitionsRecordKey(streamKey), repartitionsKey(streamKey), String(from), String(to)));
@@ -141,6 +143,26 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
     await session.run(OUTBOX_SQL.unlock, [RELAY_LOCK_KEY]).catch(() => undefined);
     await client.end().catch(() => undefined);
   }
+}
+
+/**
+ * Rows of the old layout marked published whose entries its keys no longer hold (Redis lost its last writes, or failed
+ * over to a replica a little behind, while this waited under the relays' lock, so no relay could reconcile): marked
+ * unpublished, so that the next relay publishes them on their new partitions, in id order, before anything newer.
+ * After the switch no relay looks at the old layout's rows again. Returns how many.
+ */
+async function republishLostOfOldLayout(redis: RedisConnection, session: Session, from: number, oldKeys: readonly string[]): Promise<number> {
+  const [parts, ms, seq] = [[] as string[], [] as string[], [] as string[]];
+  for (const [n, key] of oldKeys.entries()) {
+    const [last, layout] = await Promise.all([redis.xrevrange(key, '+', '-', 'COUNT', 1), readLayout(redis, key)]);
+    const tail = last[0]?.[0] ?? '0-0';
+    // what an earlier layout wrote on the key (before its `since`) was acknowledged by every group before that switch
+    const [m, q] = (layout.since !== null && compareIds(layout.since, tail) > 0 ? layout.since : tail).split('-');
+    parts.push(from === 1 ? '' : String(n));
+    ms.push(m ?? '0');
+    seq.push(q ?? '0');
+  }
+  return (await session.run(OUTBOX_SQL.unpublishPastTails, [parts, ms, seq])).affected;
 }
 
 /**

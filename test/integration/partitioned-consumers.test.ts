@@ -152,7 +152,10 @@ describe('a partitioned transition stream', function () {
         expect(await redis.call('ACL', 'DRYRUN', user, 'XADD', key, '*', 'a', 'b')).to.equal('OK');
         expect(await redis.call('ACL', 'DRYRUN', user, 'SET', `${key}:lease:g`, 'x')).to.equal('OK');
         expect(await redis.call('ACL', 'DRYRUN', user, 'GET', partitionsRecordKey(`${tagged}:transitions`))).to.equal('OK');
+        expect(await redis.call('ACL', 'DRYRUN', user, 'HSET', `${key}:layout`, 'partitions', '16')).to.equal('OK');
         expect(String(await redis.call('ACL', 'DRYRUN', user, 'XADD', `{other:p3}:transitions:3`, '*', 'a', 'b'))).to.contain('no permissions');
+        // another prefix that merely starts like a partition's tag (a second fleet on a shared cluster) is not the fleet's
+        expect(String(await redis.call('ACL', 'DRYRUN', user, 'SET', `{${prefix}:prod}:anything`, 'x'))).to.contain('no permissions');
       } finally {
         await redis.call('ACL', 'DELUSER', user);
       }
@@ -428,20 +431,21 @@ describe('a partitioned transition stream', function () {
 
     it('a handler that throws for a while: later entries of its deployment wait, other partitions go on, and its consumer keeps the lease through the retries', async () => {
       await recordPartitions(redis, streamKey, 8);
-      const leaseMs = 2000;
+      // 4 s: renewals every 800 ms with a 1 s margin, so an event loop stalled for 2 s on a busy machine keeps the lease
+      const leaseMs = 4000;
       const deployments = spread(40, 8, 2);
       const failing = deployments[0] ?? '';
       const partition = partitionOf(failing, 8);
       const behind = deployments.filter((d) => partitionOf(d, 8) === partition);
       const others = deployments.filter((d) => partitionOf(d, 8) !== partition);
-      // v3 of one deployment fails at least 4 times (backoff 250 + 500 + 1000 + 2000 ms: longer than the lease) and until
-      // the other partitions have handled what is published after its first failure
+      // v3 of one deployment fails at least 5 times (backoff 250 + 500 + 1000 + 2000 + 4000 ms: longer than the lease)
+      // and until the other partitions have handled what is published after its first failure
       let othersDone = false;
       const failures: number[] = [];
       let succeededAt = 0;
       const fault = (e: TransitionEntry): void => {
         if (e.deploymentId !== failing || e.version !== 3) return;
-        if (failures.length < 4 || !othersDone) {
+        if (failures.length < 5 || !othersDone) {
           failures.push(performance.now());
           throw new Error(`${failing} v3 fails (${failures.length})`);
         }

@@ -390,6 +390,25 @@ describe('changing the number of partitions of a live fleet', function () {
     expect((await entriesOn(partitionKey(streamKey, 5, 8))).map((e) => e.version)).to.deep.equal([3, 4]);
   });
 
+  it('republishes on the new partitions what Redis lost of the old layout before the switch (a restart while it waited)', async () => {
+    const deploymentId = randomUUID();
+    const fleet = new Deployments([deploymentId]);
+    const first = relay(1);
+    await fleet.each(3);
+    await waitFor('every row published', async () => ((await unpublished()) === 0 ? true : undefined));
+    await first.close(); // marks what it appended: v1..v3 are published, on the one stream
+    // Redis loses its last writes (appendfsync everysec; a failover to a replica a little behind): v3 is gone, and
+    // the groups' positions with it, so nothing looks behind
+    const [lost] = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>;
+    await redis.xdel(streamKey, lost?.[0] ?? '');
+    expect((await run(4)).kind).to.equal('repartitioned');
+    relay(4);
+    await fleet.next(deploymentId); // v4, after the switch
+    await waitFor('every row published', async () => ((await unpublished()) === 0 ? true : undefined));
+    // v3 was on no stream any more: it goes out on the deployment's new partition, before v4
+    expect((await entriesOn(partitionKey(streamKey, partitionOf(deploymentId, 4), 4))).map((e) => e.version)).to.deep.equal([3, 4]);
+  });
+
   it('a group made after the switch, and a tail from 0, start after what an earlier layout wrote on a key', async () => {
     await recordPartitions(redis, streamKey, 4);
     relay(4);

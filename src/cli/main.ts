@@ -223,7 +223,10 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
       },
       stop,
       report: (_level, message) => process.stderr.write(`fleet tail: ${message}\n`),
-      onCursor: (cursor) => process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`),
+      // not after a reader closed stdout (`fleet tail | head -1`): it took what it wanted, and the tail ends quietly
+      onCursor: (cursor) => {
+        if (!outClosed) process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`);
+      },
     });
   } catch (err) {
     if (err instanceof TailCursorError) throw new UsageError(err.message);

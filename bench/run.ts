@@ -2,7 +2,7 @@
  * `npm run bench`: runs every scenario against its own Redis and PostgreSQL (or REDIS_URL / DATABASE_URL), prints
  * the tables, and writes bench/results/latest.{json,md,svg}. See bench/README.md.
  *
- *   node dist/bench/run.js [--quick] [--only throughput,latency,sweep,dispatch,scale] [--rate N --concurrency C]
+ *   node dist/bench/run.js [--quick] [--only throughput,latency,sweep,dispatch,scale,hosts,consumers] [--rate N --concurrency C]
  *                          [--cpu-prof] [--out DIR] [scale options]
  *
  * --quick        small counts: checks the harness in about a minute, figures not meant to be compared
@@ -44,10 +44,14 @@ import { runSweep, type SweepScenarioResult } from './scenarios/sweep';
 import { runHosts, type HostsOptions, type HostsResult } from './scenarios/hosts';
 import { runScale, type ScaleOptions, type ScaleResult } from './scenarios/scale';
 import { runThroughput, type ThroughputResult } from './scenarios/throughput';
+import { runConsumers, type ConsumersResult } from './scenarios/consumers';
 
-const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale', 'hosts'] as const;
+const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale', 'hosts', 'consumers'] as const;
 type Scenario = (typeof SCENARIOS)[number];
-/** what runs without --only: `scale` takes about 20 minutes on its own, `hosts` needs root; both are asked for by name */
+/**
+ * what runs without --only: `scale` takes about 20 minutes on its own, `hosts` needs root, `consumers` (issue 29)
+ * about 6 minutes; they are asked for by name
+ */
 const DEFAULT_SCENARIOS: readonly Scenario[] = ['throughput', 'latency', 'sweep', 'dispatch'];
 const SCALE_PARTS = ['matrix', 'default', 'timeouts', 'heartbeats'] as const;
 type ScalePart = (typeof SCALE_PARTS)[number];
@@ -83,7 +87,7 @@ interface Args {
   readonly hosts: HostsArgs;
   /** --levels: the throughput scenario's worker concurrencies [1,4,16,32; --quick: 4,16] */
   readonly levels: number[] | null;
-  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) on request */
+  /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) and `partitioned` (ours with 16 stream partitions) on request */
   readonly kinds: WorkerKind[] | null;
   /** --rounds: the throughput scenario's rounds [2; --quick: 1] */
   readonly rounds: number | null;
@@ -269,6 +273,7 @@ async function main(): Promise<void> {
   let dispatch: DispatchResult | null = null;
   let scale: ScaleResult | null = null;
   let hosts: HostsResult | null = null;
+  let consumers: ConsumersResult | null = null;
   try {
     const cpuProfDir = args.cpuProf ? path.join(repoRoot(), '.fleet', 'bench', 'profiles') : undefined;
     if (cpuProfDir !== undefined) fs.mkdirSync(cpuProfDir, { recursive: true });
@@ -309,12 +314,25 @@ async function main(): Promise<void> {
     if (args.only.has('hosts')) {
       hosts = await runHosts(hostsOptions(args.hosts, args.quick, cpuProfDir));
     }
+    if (services !== null && args.only.has('consumers')) {
+      // 2,000 transitions over 1,000 deployments, interleaved; a 20 ms handler (the issue's workload). Many
+      // deployments with few transitions each, so that they spread evenly enough over 16 partitions for the busiest
+      // consumer's share not to bound 8 consumers below the target (250 deployments did: see bench/README.md)
+      consumers = await runConsumers(services, {
+        partitions: [16, 1],
+        consumers: [1, 2, 4, 8],
+        deployments: args.quick ? 100 : 1000,
+        versions: 2,
+        handlerMs: 20,
+        leaseMs: 10_000,
+      });
+    }
   } finally {
     await services?.stop();
   }
 
   const finishedAt = new Date();
-  const partial = { throughput, latency, sweep, dispatch, scale, hosts, rss: rssSummary(throughput, latency) };
+  const partial = { throughput, latency, sweep, dispatch, scale, hosts, consumers, rss: rssSummary(throughput, latency) };
   const cpus = os.cpus();
   const results: BenchResults = {
     meta: {

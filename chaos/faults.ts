@@ -16,15 +16,26 @@ export interface WorkerSpec {
   readonly logFile: string;
   /** an argv prefix per slot that runs the worker elsewhere (a lab host: `ip netns exec <ns>`, which execs) */
   readonly wrap?: (slot: number) => readonly string[];
+  /** arguments appended per process: its slot and its start number (1, 2, ... over the pool's life) */
+  readonly argsOf?: (slot: number, start: number) => readonly string[];
+  /** told of every exit: `expected` when `kill`, `retire` or `stop` asked for it */
+  readonly onExit?: (exit: { readonly slot: number; readonly pid: number; readonly code: number | null; readonly signal: string | null; readonly expected: boolean }) => void;
+  /** what a process is called in log lines (default `worker`) */
+  readonly what?: string;
 }
 
 /**
  * `count` worker processes kept running: one that dies (killed by a fault, or exiting because a service was down
- * when it started) is started again after `restartDelayMs`, as a process supervisor would.
+ * when it started) is started again after `restartDelayMs`, as a process supervisor would. Slots can be added
+ * (`grow`) and retired (`retire`), and restarts held back for a while (`suspend`, `resume`).
  */
 export class WorkerPool {
   private readonly slots: Array<ChildProcess | null>;
   private stopped = false;
+  /** restarts wait for `resume` */
+  private suspended = false;
+  /** slots whose process is not started again */
+  private readonly retired = new Set<number>();
   private readonly timers = new Set<NodeJS.Timeout>();
   /** processes started, restarts included */
   started = 0;
@@ -64,12 +75,14 @@ export class WorkerPool {
   }
 
   private spawn(slot: number): void {
-    if (this.stopped) return;
+    // a restart timer that fires after `resume` filled the slot again must not start a second process there
+    if (this.stopped || this.suspended || this.retired.has(slot) || (this.slots[slot] ?? null) !== null) return;
     const fd = fs.openSync(this.spec.logFile, 'a');
     let child: ChildProcess;
     try {
       const [command = this.spec.command, ...prefix] = [...(this.spec.wrap?.(slot) ?? []), this.spec.command];
-      child = spawn(command, [...prefix, ...this.spec.args], { env: this.spec.env, stdio: ['ignore', fd, fd] });
+      const args = [...prefix, ...this.spec.args, ...(this.spec.argsOf?.(slot, this.started + 1) ?? [])];
+      child = spawn(command, args, { env: this.spec.env, stdio: ['ignore', fd, fd] });
     } finally {
       fs.closeSync(fd);
     }
@@ -78,20 +91,72 @@ export class WorkerPool {
     if (child.pid !== undefined) this.slotOfPid.set(child.pid, slot);
     child.once('exit', (code, signal) => {
       const pid = child.pid ?? -1;
-      if (!this.expected.delete(pid) && !this.stopped) {
+      const expected = this.expected.delete(pid) || this.stopped;
+      if (!expected) {
         this.unexpectedExits++;
         const how = signal ?? `code ${String(code)}`;
         this.exitsBy[how] = (this.exitsBy[how] ?? 0) + 1;
-        this.log(`worker pid ${pid} exited by itself (${signal ?? `code ${String(code)}`}); see ${this.spec.logFile}`);
+        this.log(`${this.spec.what ?? 'worker'} pid ${pid} exited by itself (${signal ?? `code ${String(code)}`}); see ${this.spec.logFile}`);
       }
       if (this.slots[slot] === child) this.slots[slot] = null;
-      if (this.stopped) return;
+      this.spec.onExit?.({ slot, pid, code, signal, expected });
+      if (this.stopped || this.retired.has(slot)) return;
       const timer = setTimeout(() => {
         this.timers.delete(timer);
         this.spawn(slot);
       }, this.restartDelayMs);
       this.timers.add(timer);
     });
+  }
+
+  /** Adds a slot and starts its process (unless suspended: then on `resume`); returns the slot. */
+  grow(): number {
+    this.slots.push(null);
+    const slot = this.slots.length - 1;
+    this.spawn(slot);
+    return slot;
+  }
+
+  /** The slots that are not retired. */
+  activeSlots(): number[] {
+    return this.slots.map((_, slot) => slot).filter((slot) => !this.retired.has(slot));
+  }
+
+  /** The process of a slot, while it runs. */
+  processOf(slot: number): ChildProcess | null {
+    return this.slots[slot] ?? null;
+  }
+
+  /** Stops the slot's process for good: SIGTERM (graceful), SIGKILL after `graceMs`; resolves once it exited. */
+  async retire(slot: number, graceMs = 15_000): Promise<void> {
+    this.retired.add(slot);
+    const child = this.slots[slot];
+    if (child === null || child === undefined || child.exitCode !== null || child.signalCode !== null) return;
+    await this.terminate(child, graceMs);
+  }
+
+  /** Holds restarts back until `resume` (a process that exits meanwhile is started again then). */
+  suspend(): void {
+    this.suspended = true;
+  }
+
+  /** Starts every active slot that has no process, and lets restarts happen again. */
+  resume(): void {
+    this.suspended = false;
+    for (const slot of this.activeSlots()) if (this.slots[slot] === null) this.spawn(slot);
+  }
+
+  /** SIGKILLs every live process (each counted as asked for) and waits for their exits; the slots stay. */
+  async killEvery(): Promise<void> {
+    const live = this.slots.filter((c): c is ChildProcess => c !== null && c.exitCode === null && c.signalCode === null);
+    await Promise.all(
+      live.map(async (child) => {
+        const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+        if (child.pid !== undefined) this.expected.add(child.pid);
+        child.kill('SIGKILL');
+        await exited;
+      }),
+    );
   }
 
   /** SIGKILLs the worker with this pid (it is restarted); false when it is not one of ours. */
@@ -109,16 +174,18 @@ export class WorkerPool {
     for (const t of this.timers) clearTimeout(t);
     this.timers.clear();
     const live = this.slots.filter((c): c is ChildProcess => c !== null && c.exitCode === null && c.signalCode === null);
-    await Promise.all(
-      live.map(async (child) => {
-        const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-        child.kill('SIGTERM');
-        if ((await settleWithin(exited, graceMs)) === 'timeout') {
-          child.kill('SIGKILL');
-          await exited;
-        }
-      }),
-    );
+    await Promise.all(live.map((child) => this.terminate(child, graceMs)));
+  }
+
+  /** SIGTERM, SIGKILL after `graceMs`; resolves once the process exited. */
+  private async terminate(child: ChildProcess, graceMs: number): Promise<void> {
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    if (child.pid !== undefined) this.expected.add(child.pid);
+    child.kill('SIGTERM');
+    if ((await settleWithin(exited, graceMs)) === 'timeout') {
+      child.kill('SIGKILL');
+      await exited;
+    }
   }
 
   /** Synchronous last resort on process exit. */

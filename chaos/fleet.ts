@@ -12,6 +12,7 @@ import { migrate } from '../src/entities/migrate';
 import { LifecycleProducer } from '../src/queues/producer';
 import { createRedis } from '../src/queues/redis';
 import { transitionStreamKey } from '../src/streams/outbox-relay';
+import { partitionKeys } from '../src/streams/partitions';
 import { repoRoot } from '../src/util';
 import { Queue } from 'bullmq';
 import type { OwnRedisCluster } from '../dev/redis-cluster';
@@ -45,6 +46,7 @@ function workerEnv(options: ChaosOptions, redisUrl: string, databaseUrl: string)
     LOG_LEVEL: 'info',
     FLEET_SWEEP_EVERY_S: String(CHAOS_SWEEP_EVERY_S),
     ...(options.durable ? { FLEET_DURABLE_ENQUEUE: '1' } : {}),
+    FLEET_STREAM_PARTITIONS: String(options.streamPartitions),
     // the workload holds attempts in `deploying` on purpose; the sweep must not orphan or expire them
     FLEET_ORPHAN_AFTER_S: String(CHAOS_ORPHAN_AFTER_S),
     FLEET_PROGRESS_DEADLINE_S: '604800',
@@ -60,7 +62,10 @@ async function migrateDatabase(databaseUrl: string): Promise<void> {
 
 export class Fleet {
   readonly prefix: string;
+  /** the transition stream's base key (`<prefix>:transitions`) */
   readonly streamKey: string;
+  /** its partitions' keys, in partition order (the base key alone with one partition) */
+  readonly partitionKeys: readonly string[];
   readonly redisUrl: string;
   readonly databaseUrl: string;
   /** where the workers' output goes (the sweep counts read it) */
@@ -86,6 +91,7 @@ export class Fleet {
     this.databaseUrl = services.databaseUrl ?? '';
     this.prefix = prefixOf(options);
     this.streamKey = transitionStreamKey(this.prefix);
+    this.partitionKeys = partitionKeys(this.streamKey, options.streamPartitions);
     this.workersLog = path.join(options.dir, 'workers.log');
   }
 

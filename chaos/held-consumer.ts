@@ -1,11 +1,13 @@
 /**
  * The `consumer-held` fault: a consumer group made at the stream's end, whose handler hangs on the first entry it
- * gets; 40 entries behind it are trimmed away (once the audit has read them); then the handler is let go. The
- * consumer must stop with ResyncRequiredError, not go on past the hole.
+ * gets; the entries behind it on that entry's partition (40 over all partitions, at least 10) are trimmed away (once
+ * the audit, and the chaos consumer group, have read them); then the handler is let go. The consumer must stop with ResyncRequiredError, not go on past the
+ * hole (it owns every partition: entries of the other partitions may still reach its handler before it stops).
  */
 import type { RedisConnection } from '../src/queues/redis';
 import { ResyncRequiredError } from '../src/errors';
-import { TransitionConsumer, type TransitionEntry } from '../src/streams/consumer';
+import { compareIds, TransitionConsumer, type TransitionEntry } from '../src/streams/consumer';
+import { partitionKey, partitionKeys, partitionOf } from '../src/streams/partitions';
 import { sleep } from '../src/util';
 import { KEEP_ALL, type AuditConsumer } from './audit';
 
@@ -22,8 +24,12 @@ async function until<T>(check: () => T | undefined | Promise<T | undefined>, tim
 export interface HeldConsumerTarget {
   readonly redisUrl: string;
   readonly admin: RedisConnection;
+  /** the stream's base key, and its partitions */
   readonly streamKey: string;
+  readonly partitions: number;
   readonly audit: AuditConsumer;
+  /** whether the run's other readers of the stream have read (and acknowledged) partition key `key` up to `id` */
+  readonly readUpTo?: (key: string, id: string) => Promise<boolean>;
 }
 
 export interface HeldConsumerResult {
@@ -34,9 +40,9 @@ export interface HeldConsumerResult {
   readonly skipped: boolean;
 }
 
-/** Holds a consumer (group `group`) on an entry, trims the stream past it, lets it go, and says what it did. */
+/** Holds a consumer (group `group`) on an entry, trims its partition past it, lets it go, and says what it did. */
 export async function holdConsumerBehindTrim(target: HeldConsumerTarget, group: string): Promise<HeldConsumerResult> {
-  const { admin, streamKey } = target;
+  const { admin, streamKey, partitions } = target;
   let release: () => void = () => undefined;
   const gate = new Promise<void>((resolve) => (release = resolve));
   const handled: TransitionEntry[] = [];
@@ -61,26 +67,36 @@ export async function holdConsumerBehindTrim(target: HeldConsumerTarget, group: 
   );
   const plain = (detail: string): HeldConsumerResult => ({ detail, resync: false, skipped: false });
   try {
-    const first = await until(() => handled[0]?.streamId, 15_000);
-    if (first === undefined) return plain('no entry came to hold the consumer on');
+    const firstEntry = await until(() => handled[0], 15_000);
+    if (firstEntry === undefined) return plain('no entry came to hold the consumer on');
+    const first = firstEntry.streamId;
+    const n = partitionOf(firstEntry.deploymentId, partitions);
+    const key = partitionKey(streamKey, n, partitions);
+    const on = partitions === 1 ? '' : ` on partition ${n}`;
+    // on one of P partitions, a P-th of the traffic
+    const trim = Math.max(10, Math.ceil(40 / partitions));
     const behind = await until(async () => {
-      const next = await admin.xrange(streamKey, `(${first}`, '+', 'COUNT', 41);
-      return next.length >= 41 ? next[40]?.[0] : undefined;
-    }, 20_000);
-    if (behind === undefined) return plain('too little traffic behind the held consumer');
-    if ((await until(() => (target.audit.reached(behind) ? true : undefined), 20_000)) === undefined) return plain('the audit did not catch up; nothing trimmed');
-    const trimmed = await admin.xtrim(streamKey, 'MINID', behind);
+      const next = await admin.xrange(key, `(${first}`, '+', 'COUNT', trim + 1);
+      return next.length > trim ? next[trim]?.[0] : undefined;
+    }, 30_000);
+    if (behind === undefined) return plain(`too little traffic behind the held consumer${on}`);
+    if ((await until(() => (target.audit.reached(n, behind) ? true : undefined), 20_000)) === undefined) return plain('the audit did not catch up; nothing trimmed');
+    // the consumer group too, when it can (else it must stop with resync_required, which the report counts)
+    const groupCaughtUp = target.readUpTo === undefined || (await until(async () => ((await target.readUpTo?.(key, behind)) === true ? true : undefined), 20_000)) === true;
+    const trimmed = await admin.xtrim(key, 'MINID', behind);
     release();
-    // whichever comes first: the consumer ends, or it handles an entry past the hole
-    const result = (await until(() => ended ?? (handled.length > 1 ? { result: 'skipped' } : undefined), 15_000))?.result;
+    // whichever comes first: the consumer ends, or it handles an entry of that partition past the hole
+    const pastHole = (): boolean => handled.some((e) => partitionOf(e.deploymentId, partitions) === n && compareIds(e.streamId, first) > 0);
+    const result = (await until(() => ended ?? (pastHole() ? { result: 'skipped' } : undefined), 15_000))?.result;
+    const lagging = groupCaughtUp ? '' : ' (the consumer group had not read that far)';
     if (result instanceof ResyncRequiredError) {
-      return { detail: `consumer held at ${first}; ${trimmed} entries trimmed behind it; it stopped with resync_required`, resync: true, skipped: false };
+      return { detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed behind it${lagging}; it stopped with resync_required`, resync: true, skipped: false };
     }
     const skipped = result === 'skipped';
-    return { detail: `consumer held at ${first}; ${trimmed} entries trimmed; it ${skipped ? 'WENT ON PAST THE HOLE' : `ended with ${String(result)}`}`, resync: false, skipped };
+    return { detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed${lagging}; it ${skipped ? 'WENT ON PAST THE HOLE' : `ended with ${String(result)}`}`, resync: false, skipped };
   } finally {
     release();
     await held.close();
-    await admin.xgroup('DESTROY', streamKey, group).catch(() => undefined);
+    for (const key of partitionKeys(streamKey, partitions)) await admin.xgroup('DESTROY', key, group).catch(() => undefined);
   }
 }

@@ -12,7 +12,7 @@
  *   outcome and `teardown`'s force follow from it), so the check needs no producer-side record;
  * - given what the producer sent (`events`), every recorded noop is checked too: at the version it saw, the
  *   machine must decide the same noop; and every applied event must be the event that was sent;
- * - the stream (`stream`): every version appears; the first occurrences of a deployment's versions come in
+ * - the stream (`stream`, every partition): every version appears; the first occurrences of a deployment's versions come in
  *   increasing order; a repeat is identical to its first occurrence; every entry matches its history row.
  *
  * Read-only; safe to run against a live fleet, though in-flight transitions may then show as stream gaps.
@@ -74,8 +74,9 @@ export interface SentEvent {
 export interface HistoryCheckOptions {
   readonly dataSource: DataSource;
   /**
-   * check the transition stream too: a connection and `<prefix>:transitions`; `before`: entries a consumer read
-   * before they were trimmed away (in stream order), checked as if the stream still held them
+   * check the transition stream too: a connection and `<prefix>:transitions` (the base key: every partition the
+   * fleet recorded is read); `before`: entries a consumer read before they were trimmed away (per deployment in
+   * stream order), checked as if the stream still held them
    */
   readonly stream?: StreamSource;
   /** only these deployments (default: every deployment in the database) */

@@ -2,9 +2,11 @@
  * The history checker's stream check: every version of every deployment is on the transition stream; the first
  * occurrences of a deployment's versions come in increasing order; a repeat is identical to its first occurrence;
  * every entry matches its history row. Entries a consumer read before they were trimmed (`before`) count as if the
- * stream still held them.
+ * stream still held them. A partitioned stream is read partition by partition (P as the fleet recorded it): each
+ * deployment's entries are all on one partition, so its order is that partition's.
  */
 import { parseEntry, type TransitionEntry } from '../src/streams/consumer';
+import { partitionKeys, partitionOf, readPartitions } from '../src/streams/partitions';
 import type { StreamSource, StreamSummary } from './history-checker';
 import type { Collector, DeploymentRow, TransitionRow } from './history-rows';
 
@@ -139,16 +141,21 @@ export async function checkStream(
   v: Collector,
 ): Promise<StreamSummary> {
   const check = new StreamCheck(v, scope, deployments, transitions);
+  const partitions = await readPartitions(stream.redis, stream.key);
+  // stream ids are per partition: two partitions may hold the same id
+  const where = (partition: number, id: string): string => `${partition}/${id}`;
   // first the entries read before a trim, then the stream itself from its start (skipping those entries)
   const before = stream.before ?? [];
   for (const e of before) check.add(e.streamId, Object.entries(e).flat().map(String));
-  const seenBefore = new Set(before.map((e) => e.streamId));
-  for (let start = '-'; ; ) {
-    const page = (await stream.redis.xrange(stream.key, start, '+', 'COUNT', PAGE)) as Array<[string, string[]]>;
-    for (const [id, fields] of page) if (!seenBefore.has(id)) check.add(id, fields);
-    const last = page[page.length - 1];
-    if (page.length < PAGE || last === undefined) break;
-    start = `(${last[0]}`;
+  const seenBefore = new Set(before.map((e) => where(partitionOf(e.deploymentId, partitions), e.streamId)));
+  for (const [partition, key] of partitionKeys(stream.key, partitions).entries()) {
+    for (let start = '-'; ; ) {
+      const page = (await stream.redis.xrange(key, start, '+', 'COUNT', PAGE)) as Array<[string, string[]]>;
+      for (const [id, fields] of page) if (!seenBefore.has(where(partition, id))) check.add(id, fields);
+      const last = page[page.length - 1];
+      if (page.length < PAGE || last === undefined) break;
+      start = `(${last[0]}`;
+    }
   }
   const gaps = check.gaps();
   return { entries: check.entries, repeats: check.repeats, gaps, outOfOrder: check.outOfOrder, mismatches: check.mismatches };

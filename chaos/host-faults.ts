@@ -8,7 +8,8 @@
  *   is 30 s.
  * - `redis-failover`: the master serving the fleet's slot is SIGKILLed; its replica takes over after the cluster's
  *   node timeout; the old master comes back `restartAfterS` later and rejoins as a replica.
- * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time.
+ * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time (the
+ * next waits for the last to heal).
  */
 import * as os from 'node:os';
 import type { Job } from 'bullmq';
@@ -34,6 +35,8 @@ export interface PartitionRecord {
   /** the leader's host cut off: until the stream's last entry changed after the takeover (the new leader published) */
   readonly firstPublishMs: number | null;
   readonly durationMs: number;
+  /** the consumer group's members that ran on the host when it was cut off */
+  readonly consumers: readonly string[];
 }
 
 export interface FailoverEvent {
@@ -69,11 +72,13 @@ export async function relayLeaderHost(fleet: Fleet, lab: ChaosLab): Promise<stri
   return addr === null ? null : lab.hostOfAddress(addr);
 }
 
-/** The stream's last entry id ('' when empty or unreadable). */
+/** The last entry id of every partition of the stream, joined ('' when all are empty or unreadable). */
 async function streamTail(fleet: Fleet): Promise<string> {
   try {
-    const last = (await fleet.admin.xrevrange(fleet.streamKey, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>;
-    return last[0]?.[0] ?? '';
+    const tails = await Promise.all(
+      fleet.partitionKeys.map(async (key) => ((await fleet.admin.xrevrange(key, '+', '-', 'COUNT', 1)) as Array<[string, string[]]>)[0]?.[0] ?? ''),
+    );
+    return tails.some((t) => t !== '') ? tails.join(',') : '';
   } catch {
     return '';
   }
@@ -103,6 +108,8 @@ export class HostFaults {
     private readonly elapsedS: () => number,
     private readonly say: (line: string) => void,
     private readonly ackedLost: AckedLostCheck,
+    /** the consumer group's members running on a host */
+    private readonly consumersOn: (host: string) => readonly string[] = () => [],
     private readonly restartAfterS = 5,
     /** the replica is stopped this long before its master is killed: it lacks the master's last writes */
     private readonly replicaLagMs = 1500,
@@ -141,6 +148,7 @@ export class HostFaults {
       await sleep(50);
     }
     const tail = await streamTail(this.fleet);
+    const consumers = this.consumersOn(host);
     const cutAt = Date.now();
     const atS = Number(this.elapsedS().toFixed(1));
     this.lab.partition(host);
@@ -150,14 +158,25 @@ export class HostFaults {
     // what Redis sees it hold once it is cut off: these can only finish by running again elsewhere
     const held = await heldBy();
     const target = host;
-    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader, forS }).finally(() => {
+    this.partitioning = this.watch({ host: target, name, held, tail, cutAt, atS, ledRelay: leader, forS, consumers }).finally(() => {
       this.partitioning = null;
     });
     const others = held.length === 0 ? ` (workers seen holding jobs just before: ${[...busyWorkers].join(', ') || 'none'})` : '';
-    return `${target} cut off for ${forS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}`;
+    const members = consumers.length === 0 ? '' : `; consumers ${consumers.join(', ')} cut off with it`;
+    return `${target} cut off for ${forS} s${leader ? ' (its relay led)' : ''}; its worker held ${held.length} jobs${others}${members}`;
   }
 
-  private async watch(p: { host: string; name: string | null; held: string[]; tail: string; cutAt: number; atS: number; ledRelay: boolean; forS: number }): Promise<void> {
+  private async watch(p: {
+    host: string;
+    name: string | null;
+    held: string[];
+    tail: string;
+    cutAt: number;
+    atS: number;
+    ledRelay: boolean;
+    forS: number;
+    consumers: readonly string[];
+  }): Promise<void> {
     const until = p.cutAt + p.forS * 1000;
     const rerunAt = new Map<string, number>();
     const finishedBeforeCut = new Set<string>();
@@ -183,7 +202,7 @@ export class HostFaults {
             tailAtTakeover = await streamTail(this.fleet);
           }
         } else if (publishedAt === null) {
-          // a new last entry after the takeover: the new leader appended (a wipe or failover empties it: not that)
+          // a new last entry on a partition after the takeover: the new leader appended (a wipe or failover empties it: not that)
           const tail = await streamTail(this.fleet);
           if (tail !== '' && tail !== tailAtTakeover) publishedAt = Date.now();
         }
@@ -202,6 +221,7 @@ export class HostFaults {
       takeoverMs: takeoverAt === null ? null : takeoverAt - p.cutAt,
       firstPublishMs: publishedAt === null ? null : publishedAt - p.cutAt,
       durationMs: Date.now() - p.cutAt,
+      consumers: p.consumers,
     };
     this.partitions.push(record);
     const relay = p.ledRelay ? `; relay taken over after ${String(record.takeoverMs)} ms, stream moved after ${String(record.firstPublishMs)} ms` : '';
@@ -215,7 +235,10 @@ export class HostFaults {
   async failover(): Promise<string> {
     const cluster = this.fleet.cluster;
     if (cluster === null) return 'no Redis Cluster';
-    if (this.failingOver !== null) return 'the last failover is still healing: none this time';
+    // one at a time: on a busy machine a failover and its old master's rejoin can outlast the next one's turn
+    const waitedFrom = Date.now();
+    await this.failingOver;
+    const waited = Date.now() - waitedFrom > 100 ? ` (after the last one healed, ${((Date.now() - waitedFrom) / 1000).toFixed(1)} s)` : '';
     const port = await cluster.masterFor(this.fleet.streamKey);
     const atS = Number(this.elapsedS().toFixed(1));
     const killedAt = Date.now();
@@ -242,7 +265,7 @@ export class HostFaults {
       .finally(() => {
         this.failingOver = null;
       });
-    return `master ${port} (the fleet's slot) SIGKILLed; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
+    return `master ${port} (the fleet's slot) SIGKILLed${waited}; its replica takes over after the node timeout, the old master comes back ${this.restartAfterS} s later`;
   }
 
   /**
@@ -299,6 +322,11 @@ export class HostFaults {
     const pid = Number(name.slice(name.lastIndexOf(':') + 1));
     const slot = this.fleet.workers.slotOf(pid);
     return slot < 0 ? name : this.lab.hostOfSlot(slot);
+  }
+
+  /** Waits for a failover under way to end (its losses counted, its old master back). */
+  async failoverHealed(): Promise<void> {
+    await this.failingOver;
   }
 
   /** Waits for every partition to heal and every failed-over master to rejoin. */

@@ -1,5 +1,6 @@
 /** The chaos run's options: defaults, the `--ci` preset, and the command line. */
 import * as path from 'node:path';
+import { MAX_STREAM_PARTITIONS } from '../src/streams/partitions';
 import { repoRoot } from '../src/util';
 
 export interface ChaosOptions {
@@ -37,6 +38,11 @@ export interface ChaosOptions {
   readonly durable: boolean;
   /** how long a partitioned host stays cut off, in seconds (default 20: past the 8 s job lock and the relay's ~11 s) */
   readonly partitionS: number;
+  /**
+   * partitions of the transition stream (FLEET_STREAM_PARTITIONS for the workers; default 4, so that the audit, the
+   * history checker and the consumer group cover partitions; 1: the one stream of a fleet before partitions)
+   */
+  readonly streamPartitions: number;
 }
 
 type MutableOptions = { -readonly [K in keyof ChaosOptions]: ChaosOptions[K] };
@@ -59,6 +65,7 @@ function defaultOptions(ci: boolean): ChaosOptions {
     redisCluster: false,
     durable: false,
     partitionS: 20,
+    streamPartitions: 4,
     ...(ci ? CI_PRESET : {}),
   };
 }
@@ -108,6 +115,9 @@ function applyFlag(out: MutableOptions, flag: string | undefined, value: string 
       break;
     case '--partition':
       out.partitionS = num(flag, value, 1, 600);
+      break;
+    case '--stream-partitions':
+      out.streamPartitions = num(flag, value, 1, MAX_STREAM_PARTITIONS);
       break;
     case '--json':
       if (value === undefined) throw new Error('--json: expected a file');

@@ -1,5 +1,6 @@
 /** The chaos run's report: what it holds, how it is put together from a finished run, and its text form. */
 import type { EventCounts } from './accounting';
+import { groupClean, type ConsumerGroupReport } from './consumer-group';
 import type { HistoryReport } from './history-checker';
 import type { ChaosOptions } from './options';
 import type { FailoverEvent, HostActivity, PartitionRecord } from './host-faults';
@@ -52,6 +53,8 @@ export interface ChaosReport {
     /** why the audit consumer stopped: `other` (not a resync, not a lost group) must be 0 */
     readonly auditStops: { readonly resync: number; readonly other: number };
   };
+  /** the consumer group of several processes: its faults, and its check (complete, in order, fenced) */
+  readonly group: ConsumerGroupReport;
   readonly streamGaps: number;
   readonly streamRepeats: number;
   readonly transitions: number;
@@ -77,6 +80,7 @@ export interface RunResults {
   readonly events: EventCounts & { readonly sent: number; readonly resent: number; readonly redelivered: number; readonly replayed: number };
   readonly history: HistoryReport;
   readonly consumers: ChaosReport['consumers'];
+  readonly group: ConsumerGroupReport;
   readonly deployments: ChaosReport['deployments'];
   readonly faultLog: readonly FaultRecord[];
   readonly leaderKills: number;
@@ -123,13 +127,14 @@ export function buildReport(r: RunResults): ChaosReport {
     r.drainedAt !== null &&
     r.consumers.skipped === 0 &&
     r.consumers.auditStops.other === 0 &&
+    groupClean(r.group) &&
     r.sweeps.startedTwice === 0 &&
     hostsHeld(r.hosts) &&
     (!options.durable || failoverLosses(r.hosts) === 0);
-  const { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS } = options;
+  const { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS, streamPartitions } = options;
   return {
     ok,
-    options: { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS },
+    options: { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS, streamPartitions },
     events: {
       sent: events.sent,
       applied: events.applied,
@@ -143,6 +148,7 @@ export function buildReport(r: RunResults): ChaosReport {
     },
     appliedTwice: history.appliedTwice,
     consumers: r.consumers,
+    group: r.group,
     streamGaps,
     streamRepeats: history.stream?.repeats ?? 0,
     transitions: history.transitions,
@@ -169,7 +175,7 @@ export function formatReport(r: ChaosReport): string {
   const lines = [
     '',
     `chaos report (seed ${r.options.seed}${where}): ${r.ok ? 'OK' : 'FAILED'}`,
-    `  scale               ${r.options.deployments} deployments, ${r.options.workers} worker processes x ${r.options.concurrency}, ${r.options.durationS} s of faults every ${r.options.faultEveryS} s`,
+    `  scale               ${r.options.deployments} deployments, ${r.options.workers} worker processes x ${r.options.concurrency}, ${r.options.durationS} s of faults every ${r.options.faultEveryS} s, a stream of ${r.options.streamPartitions} partition(s)`,
     `  events sent         ${r.events.sent} distinct (${r.events.replayed} of them out-of-order replays under new eventIds)`,
     `    + duplicates      ${r.events.resent} re-enqueued (same jobId), ${r.events.redelivered} redelivered (same eventId, new jobId)`,
     `  applied             ${r.events.applied}`,
@@ -185,14 +191,28 @@ export function formatReport(r: ChaosReport): string {
     `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
     `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.other} other)`,
+    ...groupLines(r),
     `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves and were restarted: ${Object.entries(r.workerExitsBy).map(([how, n]) => `${how} x${n}`).join(', ') || 'none'}; code 4: a service unreachable at its start, code 5: its fetch watchdog found it stuck)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);
+  for (const v of r.group.check.violations.slice(0, 10)) lines.push(`  ! ${v.kind}${v.deploymentId === undefined ? '' : ` ${v.deploymentId}`}${v.version === undefined ? '' : ` v${v.version}`}: ${v.detail}`);
   for (const s of r.lostSamples.slice(0, 10)) lines.push(`  ! ${s}`);
   return `${lines.join('\n')}\n`;
+}
+
+function groupLines(r: ChaosReport): string[] {
+  const g = r.group;
+  const { check, faults } = g;
+  const violations = Object.values(check.violationCounts).reduce((n, c) => n + c, 0);
+  const exits = g.members.exits;
+  const cutOff = r.hosts?.partitions.filter((p) => p.consumers.length > 0).length ?? 0;
+  return [
+    `  consumer group      ${check.calls} handler calls (${check.redelivered} redelivered), ${g.acquisitions} partitions taken over (${g.leasesLost} leases lost), ${g.resyncs.length} resyncs (${check.fromHistory} versions read from history), violations ${violations === 0 ? '0' : JSON.stringify(check.violationCounts)}${g.drained ? '' : ', DID NOT DRAIN'}`,
+    `    its faults        ${faults.joins} joins (${faults.leaves} leaves), ${faults.kills} SIGKILLs (${faults.killsMidHandler} mid-handler), ${faults.pauses} pauses past the lease${r.hosts === null ? '' : `, ${cutOff} hosts cut off with a member`}; ${g.members.initial}-${g.members.max} members, ${g.members.started} processes, exits by themselves: ${exits.resync} resync, ${exits.other} other`,
+  ];
 }
 
 const ms = (v: number | null): string => (v === null ? '-' : `${(v / 1000).toFixed(1)} s`);
@@ -203,7 +223,8 @@ function hostLines(r: ChaosReport): string[] {
   const lines = [`  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each (the leader's host at least ${TAKEOVER_WITHIN_MS / 1000 + 2} s)`];
   for (const p of partitions) {
     const relay = p.ledRelay ? `; relay taken over after ${ms(p.takeoverMs)}, stream moved after ${ms(p.firstPublishMs)} (within ${TAKEOVER_WITHIN_MS / 1000} s)` : '';
-    lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}`);
+    const consumers = p.consumers.length === 0 ? '' : `; consumers ${p.consumers.join(', ')} cut off`;
+    lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}${consumers}`);
   }
   lines.push(`  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`);
   lines.push(`  jobs finished       ${r.hosts.activity.map((a) => `${a.host} ${a.finished} (last at ${a.lastS ?? '-'} s)`).join(', ')} of the last 10,000 the queue keeps`);

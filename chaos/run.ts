@@ -6,21 +6,28 @@
  * a scripted workload (chaos/workload.ts) over hundreds of deployments while it injects faults on a schedule:
  * SIGKILL of workers and of the relay leader, redis-server SIGKILLed and restarted (AOF), PostgreSQL restarted in
  * immediate mode, backends terminated, Redis client connections killed, bursts of redeliveries (same eventId, new
- * job) and of out-of-order replays (old events under new eventIds). Then it drains and accounts for every event the
- * generator intended (applied, noop, rejected with the expected code, or lost), checks every deployment's history and
- * the transition stream with the history checker, and compares every deployment with the state its script ends in.
+ * job) and of out-of-order replays (old events under new eventIds); and a consumer group of several processes reads
+ * the (partitioned) transition stream while its members join, are SIGKILLed mid-handler and paused past their lease
+ * (chaos/consumer-group.ts). Then it drains and accounts for every event the generator intended (applied, noop,
+ * rejected with the expected code, or lost), checks every deployment's history and the transition stream with the
+ * history checker, compares every deployment with the state its script ends in, and checks that the consumer group
+ * handled every version of every deployment, per deployment never a lower version after a higher one, never with two
+ * owners of a partition at once.
  *
  * Usage: npm run chaos -- [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S] [--drain-timeout S]
  *        [--phases MIN-MAX] [--concurrency N] [--seed N] [--dir DIR] [--json FILE]
- *        [--hosts N] [--redis-cluster] [--durable | --no-durable] [--partition S]
+ *        [--hosts N] [--redis-cluster] [--durable | --no-durable] [--partition S] [--stream-partitions N]
  * With --hosts N the services and N worker hosts each run in a network namespace (chaos/lab.ts) and the faults add
- * partitions of a worker host and of the relay leader's host; with --redis-cluster, master failovers.
- * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap and the checker is clean.
+ * partitions of a worker host (and the consumer group's member on it) and of the relay leader's host; with
+ * --redis-cluster, master failovers. The stream has 4 partitions unless --stream-partitions says otherwise.
+ * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap, the checker is clean and the
+ * consumer group's check too.
  */
 import * as fs from 'node:fs';
 import { countEvents, countWrongFinalStates, checkRunHistory, Samples } from './accounting';
 import { AuditConsumer } from './audit';
 import { Barriers } from './barriers';
+import { ConsumerGroup } from './consumer-group';
 import { drain } from './drain';
 import { CHAOS_SWEEP_EVERY_S, Fleet } from './fleet';
 import { countSweeps } from './sweeps';
@@ -42,11 +49,17 @@ export async function runChaos(options: ChaosOptions, say: (line: string) => voi
   const elapsed = () => (Date.now() - t0) / 1000;
   const log = (line: string) => say(`[${elapsed().toFixed(1).padStart(6)}s] ${line}`);
   const fleet = await Fleet.start(options, log);
+  const group = new ConsumerGroup(fleet, log);
+  const onExit = (): void => group.killAll();
+  process.once('exit', onExit);
   try {
-    const report = await runAgainst(fleet, options, { t0, elapsed, log });
+    await group.start();
+    const report = await runAgainst(fleet, group, options, { t0, elapsed, log });
     if (options.jsonFile !== null) fs.writeFileSync(options.jsonFile, `${JSON.stringify(report, null, 2)}\n`);
     return report;
   } finally {
+    process.off('exit', onExit);
+    await group.stop();
     await fleet.close();
   }
 }
@@ -58,12 +71,12 @@ interface Clock {
 }
 
 /** The workload under faults, the drain and the accounting, against a started fleet. */
-async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, log }: Clock): Promise<ChaosReport> {
+async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOptions, { t0, elapsed, log }: Clock): Promise<ChaosReport> {
   const runId = `c${options.seed.toString(36)}`;
   const timing = new Random(options.seed ^ 0x5eed);
   const scripts = planWorkload({ deployments: options.deployments, phases: options.phases, random: new Random(options.seed), runId });
   const sender = new Sender(fleet.producer, timing);
-  const audit = new AuditConsumer(fleet.redisUrl, fleet.streamKey, log);
+  const audit = new AuditConsumer(fleet.redisUrl, fleet.streamKey, options.streamPartitions, log);
   audit.start();
   const barriers = new Barriers(fleet.pool, fleet.producer);
   const player = new ScriptPlayer(sender, barriers, timing);
@@ -72,7 +85,7 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   const where = options.hosts > 0 ? ` on ${options.hosts} hosts${options.redisCluster ? ', Redis Cluster' : ''}${options.durable ? ', durable enqueue' : ''}` : '';
   log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
 
-  const faults = new FaultSchedule({ fleet, sender, scripts: player, audit, timing }, options, elapsed, log);
+  const faults = new FaultSchedule({ fleet, group, sender, scripts: player, audit, timing }, options, elapsed, log);
   await faults.run(options, elapsed, log);
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
@@ -90,16 +103,22 @@ async function runAgainst(fleet: Fleet, options: ChaosOptions, { t0, elapsed, lo
   // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
   await fleet.stopWorkers();
   await audit.stop();
+  // the stream is complete now: the consumer group reads it to its end, then stops
+  const groupDrained = await group.drain(60_000);
+  if (!groupDrained) log('the consumer group did not read the stream to its end within 60 s');
+  await group.stop();
 
   const samples = new Samples();
   const events = await countEvents(fleet, sender.sent, barriers.rejectionsSeen, samples);
   const wrongFinalState = await countWrongFinalStates(fleet, scripts, samples);
   const history = await checkRunHistory(fleet, sender.sent, audit);
+  const finalVersions = new Map((await fleet.pool.query<{ id: string; version: number }>(`SELECT id, version FROM deployments`)).rows.map((r) => [r.id, r.version]));
   return buildReport({
     options,
     events: { sent: sender.sent.size, ...events, ...sender.counters },
     history,
     consumers: { ...faults.consumers, auditRestarts: audit.restarts, auditStops: { ...audit.stops } },
+    group: group.report(finalVersions, groupDrained),
     deployments: { total: scripts.length, scriptsFinished: player.finished, wrongFinalState },
     faultLog: faults.log,
     leaderKills: faults.leaderKills,

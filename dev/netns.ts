@@ -10,6 +10,9 @@
  * behind by a killed run is removed by the next `NetnsLab.create` with the same name.
  */
 import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 
 /** Why namespaces cannot be made here, or null when they can. */
 export function netnsUnavailable(): string | null {
@@ -52,6 +55,51 @@ export interface LabHost {
   readonly link: string;
 }
 
+/** Where the process that owns a lab of a name records its pid while the lab lives. */
+function labClaimFile(name: string): string {
+  return path.join(os.tmpdir(), `lifecycle-fleet-netns-${name}.pid`);
+}
+
+/**
+ * Claims the lab's name for this process, or refuses when a live process holds it: making the lab would first
+ * remove that run's namespaces and bridge (as a killed run's are removed) and break it mid-run. A claim whose
+ * process is gone (a killed run) is taken over.
+ */
+function claimLab(name: string): void {
+  const file = labClaimFile(name);
+  for (;;) {
+    try {
+      fs.writeFileSync(file, String(process.pid), { flag: 'wx' });
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const holder = Number(fs.readFileSync(file, 'utf8').trim());
+    if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && processAlive(holder)) {
+      throw new Error(`netns lab ${name} is in use by process ${holder} (another run on this machine); wait for it to end, or run one at a time`);
+    }
+    fs.rmSync(file, { force: true }); // its process is gone: a killed run's
+  }
+}
+
+function releaseLab(name: string): void {
+  const file = labClaimFile(name);
+  try {
+    if (fs.readFileSync(file, 'utf8').trim() === String(process.pid)) fs.rmSync(file, { force: true });
+  } catch {
+    // not claimed (any more): nothing to release
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 export class NetnsLab {
   private readonly children = new Set<ChildProcess>();
 
@@ -80,6 +128,7 @@ export class NetnsLab {
       hosts.set(host, { name: host, netns: `fl-${name}-${host}`, address: `10.213.${subnet}.${10 + i}`, link: `flv${name}${i}` });
     });
     const lab = new NetnsLab(name, bridge, gateway, hosts);
+    claimLab(name);
     lab.removeLinks(); // a lab of this name left behind by a killed run
     try {
       ip('link', 'add', bridge, 'type', 'bridge');
@@ -99,6 +148,7 @@ export class NetnsLab {
       }
     } catch (err) {
       lab.removeLinks();
+      releaseLab(name);
       throw new Error(`netns lab ${name}: ${String((err as { stderr?: Buffer }).stderr ?? err).trim()}`);
     }
     return lab;
@@ -136,6 +186,7 @@ export class NetnsLab {
     for (const child of this.children) child.kill('SIGKILL');
     await Promise.all(exits);
     this.removeLinks();
+    releaseLab(this.name);
   }
 
   private removeLinks(): void {

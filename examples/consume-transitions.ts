@@ -6,7 +6,7 @@
  * Run two of them with the same group and different consumer names: each transition is handled by one of them;
  * kill one with SIGKILL and the other claims what it had read but not acknowledged (after 30 s idle).
  */
-import { ResyncRequiredError, TransitionConsumer } from '../src';
+import { ResyncRequiredError, TransitionConsumer } from '../src/client'; // lifecycle-fleet/client, as a service imports it
 
 const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const prefix = process.env.FLEET_PREFIX ?? 'fleet';

@@ -29,6 +29,8 @@ import { createStampBuffer } from './services/stamp-buffer';
 import { TransitionService } from './services/transitions';
 import { streamCounts } from './streams/consumer';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
+import { recordPartitions } from './streams/partitions';
+import { readPartitionStats } from './streams/stream-stats';
 import { LifecycleWorker, type LifecycleWorkerOptions } from './workers/lifecycle-worker';
 import { SweepWorker } from './workers/sweep-worker';
 import { settleWithin } from './util';
@@ -189,13 +191,17 @@ export async function startFleet(
         };
       },
       relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
+      streamPartitions: () => readPartitionStats(monitorRedis, transitionStreamKey(config.prefix)),
     });
     let relay: OutboxRelay | null = null;
     if (roles.relay ?? true) {
+      // the stream's number of partitions is recorded for its consumers; a fleet started with another one stops here
+      await recordPartitions(monitorRedis, transitionStreamKey(config.prefix), config.streamPartitions);
       const r = new OutboxRelay({
         databaseUrl: endpoints.databaseUrl,
         redis: endpoints.redisUrl,
         streamKey: transitionStreamKey(config.prefix),
+        partitions: config.streamPartitions,
         maxLen: config.streamMaxLen,
         durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
         logger,

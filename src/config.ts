@@ -6,6 +6,7 @@ import { isIP } from 'node:net';
 import { ConfigError } from './errors';
 import { parseEndpointAllowList, type EndpointAllowList } from './events/endpoint-allow';
 import { LOG_FORMATS, type LogFormat } from './log';
+import { MAX_STREAM_PARTITIONS } from './util/partition-of';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from './util/redis-url';
 import type { LivenessLimits } from './machine';
 import type { TracingSettings } from './telemetry';
@@ -51,6 +52,11 @@ export interface FleetConfig {
   readonly progressDeadlineS: number;
   /** `FLEET_STREAM_MAXLEN` (default 1000000) */
   readonly streamMaxLen: number;
+  /**
+   * `FLEET_STREAM_PARTITIONS` (default 1, at most 1024): partitions of the transition stream (docs/contract.md,
+   * "The transition stream"); 1 is the one stream `<prefix>:transitions`
+   */
+  readonly streamPartitions: number;
   /** `FLEET_HTTP_PORT` (default 3000) */
   readonly httpPort: number;
   /** `FLEET_HTTP_HOST` (default 127.0.0.1) */
@@ -195,6 +201,7 @@ export function loadConfig(env: Env = process.env, terminal: boolean = process.s
     orphanAfterS: r.int('FLEET_ORPHAN_AFTER_S', DEFAULTS.orphanAfterS, 1, 86_400),
     progressDeadlineS: r.int('FLEET_PROGRESS_DEADLINE_S', DEFAULTS.progressDeadlineS, 1, 7 * 86_400),
     streamMaxLen: r.int('FLEET_STREAM_MAXLEN', 1_000_000, 1000, 1_000_000_000),
+    streamPartitions: r.int('FLEET_STREAM_PARTITIONS', 1, 1, MAX_STREAM_PARTITIONS),
     httpPort: r.int('FLEET_HTTP_PORT', 3000, 0, 65_535),
     concurrency: r.int('FLEET_CONCURRENCY', 16, 1, 1000),
     batchMax: r.int('FLEET_BATCH_MAX', 32, 1, 1000),

@@ -1,21 +1,19 @@
-/** The package's public API: the producer SDK, the event contract, the state machine and the building blocks. */
-export { LifecycleProducer, DEFAULT_JOB_OPTIONS, deriveEventId, jobIdFor } from './queues/producer';
-export type { EnqueueResult, EventInput, LifecycleProducerOptions } from './queues/producer';
-export { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
-export { EVENT_NAMES, EVENT_SCHEMAS, MAX_PAYLOAD_BYTES, parseEvent, parsePayload, isEventName } from './events/schemas';
-export type { EventName, EventPayloads, LifecycleEvent } from './events/schemas';
+/**
+ * The package's root: the client (src/client.ts: the producer SDK, the stream consumer, the event contract, the
+ * errors), and what a program that runs a fleet itself builds it from: the state machine, the transition service,
+ * the workers, the outbox relay, the configuration, the database and the composition root (`startFleet`). Internals
+ * that only the fleet wires (the sweeper, the stamp buffer, the HTTP server) are not exported.
+ */
+export * from './client';
 export { decide } from './machine';
 export type * from './machine';
 export { TransitionService } from './services/transitions';
 export type { ApplyResult, ApplyOptions, TransitionServiceOptions } from './services/transitions';
 export { LifecycleWorker } from './workers/lifecycle-worker';
 export type { LifecycleWorkerOptions } from './workers/lifecycle-worker';
-export { TransitionConsumer, memoryVersionStore, parseEntry } from './streams/consumer';
-export type { TransitionConsumerOptions, TransitionEntry, VersionStore } from './streams/consumer';
 export { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
 export type { OutboxRelayOptions } from './streams/outbox-relay';
-export { ConfigError, ConflictError, FleetError, NotYetError, ResyncRequiredError, ValidationError, isTransient } from './errors';
-export type { FieldIssue } from './errors';
+export { ConfigError } from './errors';
 export { loadConfig } from './config';
 export type { FleetConfig } from './config';
 export { createDataSource } from './entities/data-source';
@@ -23,13 +21,8 @@ export { migrate } from './entities/migrate';
 export { startFleet } from './app';
 export { resolveEndpoint, DEFAULT_READY_WINDOW_S } from './services/dispatch';
 export type { DispatchInput, DispatchOptions, DispatchReason, DispatchSource, ResolvedEndpoint } from './services/dispatch';
-export { StampBuffer, createStampBuffer, stampKeys } from './services/stamp-buffer';
-export type { CreateStampBufferOptions, FlushResult, StampBufferOptions } from './services/stamp-buffer';
-export { Sweeper, probeReady } from './services/sweep';
-export type { SweepResult, SweeperOptions, SweepMetrics } from './services/sweep';
 export { SweepWorker, ensureSweepScheduler, SWEEP_SCHEDULER_ID } from './workers/sweep-worker';
 export type { SweepWorkerOptions, EnsureSweepSchedulerOptions, EnsureSweepSchedulerResult } from './workers/sweep-worker';
 export { FleetMetrics } from './metrics';
-export { buildHttpServer } from './http/server';
 export { startTracing, TRACING_OFF, formatTraceparent, traceparentContext } from './telemetry';
 export type { Tracing, TracingSettings, TracingStartOptions } from './telemetry';

@@ -42,11 +42,29 @@ export interface ShardMetricsReport {
   readonly stale: number;
 }
 
+/** A partition of the transition stream at scrape time, with its consumer groups (src/streams/stream-stats.ts). */
+export interface PartitionStats {
+  readonly partition: number;
+  readonly length: number;
+  readonly groups: ReadonlyArray<{
+    readonly group: string;
+    /** entries not yet delivered to the group plus those delivered and not acknowledged; null when Redis cannot tell */
+    readonly lag: number | null;
+    /** the consumer holding the group's lease on the partition, null when none does */
+    readonly owner: string | null;
+  }>;
+}
+
 export interface FleetMetricsSources {
   /** job counts per state for each queue, read at scrape time */
   readonly queueCounts?: () => Promise<Record<string, Record<string, number>>>;
   /** age of the oldest unpublished outbox row, read at scrape time */
   readonly relayLagSeconds?: () => Promise<number>;
+  /**
+   * the transition stream's partitions with their consumer groups, read at scrape time (once for the three gauges
+   * it feeds); series: P (at most 1024) for the length, P per group for the lag and the owner
+   */
+  readonly streamPartitions?: () => Promise<readonly PartitionStats[]>;
 }
 
 export class FleetMetrics {
@@ -148,6 +166,53 @@ export class FleetMetrics {
         },
       });
     }
+    if (sources.streamPartitions !== undefined) this.partitionGauges(sources.streamPartitions, registers);
+  }
+
+  /** One read of the partitions per scrape, whichever of its gauges asks first (they are collected at once). */
+  private partitionGauges(read: () => Promise<readonly PartitionStats[]>, registers: Registry[]): void {
+    let inFlight: Promise<readonly PartitionStats[]> | null = null;
+    const shared = (): Promise<readonly PartitionStats[]> => {
+      inFlight ??= read().finally(() => {
+        inFlight = null;
+      });
+      return inFlight;
+    };
+    new Gauge({
+      name: 'fleet_stream_partition_length',
+      help: "Entries retained by each partition of the transition stream (partition 0 of 1: the stream's base key)",
+      labelNames: ['partition'],
+      registers,
+      async collect() {
+        const stats = await shared();
+        this.reset();
+        for (const p of stats) this.set({ partition: String(p.partition) }, p.length);
+      },
+    });
+    new Gauge({
+      name: 'fleet_stream_group_lag',
+      help: 'Per consumer group and partition: entries not yet delivered to the group plus those delivered and not acknowledged (absent when Redis cannot tell, after XDEL)',
+      labelNames: ['group', 'partition'],
+      registers,
+      async collect() {
+        const stats = await shared();
+        this.reset();
+        for (const p of stats) for (const g of p.groups) if (g.lag !== null) this.set({ group: g.group, partition: String(p.partition) }, g.lag);
+      },
+    });
+    new Gauge({
+      name: 'fleet_stream_partition_owner',
+      help: "1 for the consumer holding a group's lease on a partition (no series: no consumer owns it)",
+      labelNames: ['group', 'partition', 'consumer'],
+      registers,
+      async collect() {
+        const stats = await shared();
+        this.reset();
+        for (const p of stats) {
+          for (const g of p.groups) if (g.owner !== null) this.set({ group: g.group, partition: String(p.partition), consumer: g.owner }, 1);
+        }
+      },
+    });
   }
 
   job(report: JobReport): void {

@@ -129,6 +129,12 @@ export class MeasuredProcess {
     return this.lastPeakMb;
   }
 
+  /** SIGKILL (a crash: nothing closes, nothing is given up), and wait for the exit. */
+  async kill(): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGKILL');
+    await this.exited;
+  }
+
   /** SIGTERM, wait for a graceful exit (SIGKILL after `graceMs`); returns the peak RSS read just before. */
   async stop(graceMs = 30_000): Promise<number | null> {
     const peak = this.peakRssMb();

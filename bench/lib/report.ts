@@ -3,6 +3,7 @@
  */
 import type { DispatchResult } from '../scenarios/dispatch';
 import { hostsMarkdown, type HostsResult } from '../scenarios/hosts';
+import { consumersMarkdown, consumersTargets, type ConsumersResult } from '../scenarios/consumers';
 import type { LatencyResult } from '../scenarios/latency';
 import { describeSpec, type ScaleResult, type ScaleRun } from '../scenarios/scale';
 import type { SweepScenarioResult } from '../scenarios/sweep';
@@ -45,6 +46,8 @@ export interface BenchResults {
   readonly scale?: ScaleResult | null;
   /** scenario 7, horizontal throughput with worker hosts (absent in results written before it existed) */
   readonly hosts?: HostsResult | null;
+  /** scenario 8, consumers of one group over a partitioned stream (absent in results written before it existed) */
+  readonly consumers?: ConsumersResult | null;
   readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
   readonly targets: readonly Target[];
 }
@@ -65,6 +68,7 @@ export function rssSummary(t: ThroughputResult | null, l: LatencyResult | null):
 
 export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Target[] {
   const targets: Target[] = [];
+  if (r.consumers !== undefined && r.consumers !== null) targets.push(...consumersTargets(r.consumers));
   const t = r.throughput;
   if (t !== null) {
     targets.push({
@@ -74,6 +78,16 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       ratio: round(t.ratios.vsDirect / 1.0, 2),
       met: t.ratios.vsDirect >= 1.0,
     });
+    const partitioned = t.best.partitioned ?? null;
+    if (partitioned !== null) {
+      targets.push({
+        id: 'relay-partitions',
+        target: 'end-to-end throughput with 16 stream partitions >= 1.0 x one stream, same run and concurrency (issue 29)',
+        measured: `${round(partitioned.eventsPerSec)} vs ${round(t.best.ours.eventsPerSec)} events/s at c=${partitioned.concurrency} = ${round(partitioned.eventsPerSec / t.best.ours.eventsPerSec, 2)} x`,
+        ratio: round(partitioned.eventsPerSec / t.best.ours.eventsPerSec, 2),
+        met: partitioned.eventsPerSec >= t.best.ours.eventsPerSec,
+      });
+    }
     const off = t.best.unbatched ?? null;
     if (off !== null && off !== undefined) {
       const workerPg = (cpu: Record<string, number>) => (cpu['worker'] ?? 0) + (cpu['postgres'] ?? 0);
@@ -185,16 +199,16 @@ export function markdown(r: BenchResults): string {
     out.push(`Workload: ${t.workload}. Each level ran ${t.rounds} time(s), rounds one after the other; the best run of each counts.`);
     out.push('');
     out.push(
-      '| worker concurrency | ours: enqueue -> stream | ours, group commit off | ours, tracing on | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
+      '| worker concurrency | ours: enqueue -> stream | ours, group commit off | ours, tracing on | ours, 16 stream partitions | (b) BullMQ no-op: -> completed | (c) naive TypeORM save(): -> committed | (a) direct pg, tx/s: 3 writes / 1 statement | ours peak RSS (MiB) |',
     );
-    out.push('|---:|---:|---:|---:|---:|---:|---:|---:|');
+    out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
     const cs = [...new Set([...t.runs.map((x) => x.concurrency), ...t.direct.map((d) => d.concurrency)])].sort((a, b) => a - b);
     const direct = (c: number, variant: string) => t.direct.find((d) => d.concurrency === c && d.variant === variant)?.eventsPerSec;
     for (const c of cs) {
       const run = (kind: string) => t.runs.find((x) => x.kind === kind && x.concurrency === c);
       const fail = (kind: string) => ((run(kind)?.failed ?? 0) > 0 ? ` (${run(kind)?.failed} failed)` : '');
       out.push(
-        `| ${c} | ${n0(run('ours')?.eventsPerSec)}${fail('ours')} | ${n0(run('unbatched')?.eventsPerSec)}${fail('unbatched')} | ${n0(run('traced')?.eventsPerSec)}${fail('traced')} | ${n0(run('noop')?.eventsPerSec)}${fail('noop')} | ${n0(run('naive')?.eventsPerSec)}${fail('naive')} | ` +
+        `| ${c} | ${n0(run('ours')?.eventsPerSec)}${fail('ours')} | ${n0(run('unbatched')?.eventsPerSec)}${fail('unbatched')} | ${n0(run('traced')?.eventsPerSec)}${fail('traced')} | ${n0(run('partitioned')?.eventsPerSec)}${fail('partitioned')} | ${n0(run('noop')?.eventsPerSec)}${fail('noop')} | ${n0(run('naive')?.eventsPerSec)}${fail('naive')} | ` +
           `${n0(direct(c, 'statements'))} / ${n0(direct(c, 'one-statement'))} | ${n1(run('ours')?.peakRssMb)} |`,
       );
     }
@@ -314,6 +328,7 @@ export function markdown(r: BenchResults): string {
   }
   if (r.scale !== undefined && r.scale !== null) out.push(...scaleMarkdown(r.scale));
   if (r.hosts !== undefined && r.hosts !== null) out.push(...hostsMarkdown(r.hosts));
+  if (r.consumers !== undefined && r.consumers !== null) out.push(...consumersMarkdown(r.consumers));
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');

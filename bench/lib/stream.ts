@@ -1,6 +1,6 @@
 /**
- * Watches the transition stream the way a consumer does (blocking XREAD on a connection of its own) and records
- * when each entry became visible, by eventId.
+ * Watches the transition stream the way a consumer does (blocking XREAD on a connection of its own, over every
+ * partition) and records when each entry became visible, by eventId.
  */
 import IORedis from 'ioredis';
 import { now } from './common';
@@ -28,7 +28,7 @@ export class StreamWatcher {
 
   constructor(
     redisUrl: string,
-    private readonly key: string,
+    private readonly keys: readonly string[],
   ) {
     this.redis = new IORedis(redisUrl, { maxRetriesPerRequest: null, connectionName: 'bench-stream-watcher' });
   }
@@ -55,15 +55,17 @@ export class StreamWatcher {
   }
 
   private async run(): Promise<void> {
-    let lastId = '0-0';
+    const lastIds = new Map(this.keys.map((key) => [key, '0-0']));
     try {
       while (!this.stopped) {
-        const reply = await this.redis.xread('COUNT', 10_000, 'BLOCK', 200, 'STREAMS', this.key, lastId);
+        const reply = (await this.redis.call('XREAD', 'COUNT', '10000', 'BLOCK', '200', 'STREAMS', ...this.keys, ...this.keys.map((k) => lastIds.get(k) ?? '0-0'))) as
+          | Array<[string, Array<[string, string[]]>]>
+          | null;
         if (reply === null) continue;
         const at = now();
-        for (const [, entries] of reply) {
+        for (const [key, entries] of reply) {
           for (const [id, fields] of entries) {
-            lastId = id;
+            lastIds.set(key, id);
             const i = fields.indexOf('eventId');
             const eventId = i >= 0 ? fields[i + 1] : undefined;
             if (eventId !== undefined && !this.arrivals.has(eventId)) {

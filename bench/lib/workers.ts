@@ -10,10 +10,13 @@
  *   Done = the entry was read from the stream, as for `ours`.
  * - `traced`: `ours` with tracing on (FLEET_TRACE_BENCH=1: every span made, batched and handed to an in-process
  *   exporter that counts and drops them), so that `ours` next to it shows what tracing costs per event.
+ * - `partitioned`: `ours` with FLEET_STREAM_PARTITIONS=16 (issue 29): the relay appends to 16 partition streams;
+ *   done = the entry was read from its partition.
  */
 import * as path from 'node:path';
 import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
 import { transitionStreamKey } from '../../src/streams/outbox-relay';
+import { partitionKeys } from '../../src/streams/partitions';
 import { MeasuredProcess } from './child';
 import { inLanes, now, within } from './common';
 import { cpuNow, cpuPerEvent } from './cpu';
@@ -25,14 +28,17 @@ import { TEARDOWN } from './workload';
  * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines;
  * `traced`: `ours` with tracing on (issue 19), on request only (`--kinds ours,traced`).
  */
-export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive', 'traced'] as const;
+export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive', 'traced', 'partitioned'] as const;
 /** what the throughput scenario runs without `--kinds` */
 export const DEFAULT_WORKER_KINDS: readonly WorkerKind[] = ['ours', 'unbatched', 'noop', 'naive'];
 /** `stream`: baseline (d), bench/fixtures/stream-worker, the latency floor (measured by the latency scenario only). */
 export type WorkerKind = (typeof WORKER_KINDS)[number] | 'stream';
 
 /** The kinds that are `fleet worker` itself (and publish to the stream). */
-export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced';
+export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced' || kind === 'partitioned';
+
+/** The stream partitions of the `partitioned` kind. */
+export const BENCH_PARTITIONS = 16;
 
 /** The kinds whose events end as entries on the transition stream (done = the entry was read). */
 const appendsToStream = (kind: WorkerKind): boolean => isFleetWorker(kind) || kind === 'stream';
@@ -90,6 +96,7 @@ export class WorkerUnderTest {
       BENCH_REPORT: setup.report === 'each' ? 'each' : `every:${setup.report ?? 100}`,
       ...(setup.kind === 'unbatched' ? { FLEET_BATCH_MAX: '1' } : {}),
       ...(setup.kind === 'traced' ? { FLEET_TRACE_BENCH: '1' } : {}),
+      ...(setup.kind === 'partitioned' ? { FLEET_STREAM_PARTITIONS: String(BENCH_PARTITIONS) } : {}),
     };
     const label = `${setup.prefix}`;
     const proc =
@@ -111,7 +118,7 @@ export class WorkerUnderTest {
     const producer = new LifecycleProducer({ connection: setup.redisUrl, prefix: setup.prefix });
     let watcher: StreamWatcher | null = null;
     if (appendsToStream(setup.kind)) {
-      watcher = new StreamWatcher(setup.redisUrl, transitionStreamKey(setup.prefix));
+      watcher = new StreamWatcher(setup.redisUrl, partitionKeys(transitionStreamKey(setup.prefix), setup.kind === 'partitioned' ? BENCH_PARTITIONS : 1));
       watcher.start();
     }
     return new WorkerUnderTest(setup, proc, producer, watcher);

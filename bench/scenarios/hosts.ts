@@ -160,7 +160,7 @@ async function runLevel(lab: NetnsLab, services: BenchServices, n: number, r: nu
   );
   const workers = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
   const producer = new LifecycleProducer({ connection: services.redisUrl, prefix });
-  const watcher = new StreamWatcher(services.redisUrl, transitionStreamKey(prefix));
+  const watcher = new StreamWatcher(services.redisUrl, [transitionStreamKey(prefix)]);
   let stopped = false;
   const stopAll = async (): Promise<{ peaks: Array<number | null>; failed: number }> => {
     stopped = true;

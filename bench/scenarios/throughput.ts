@@ -40,6 +40,8 @@ export interface ThroughputResult {
     readonly unbatched?: WorkerRun | null;
     /** ours with tracing on (FLEET_TRACE_BENCH=1) at ours' best concurrency, when `traced` ran */
     readonly traced?: WorkerRun | null;
+    /** ours with FLEET_STREAM_PARTITIONS=16 at ours' best concurrency, when `partitioned` ran (issue 29) */
+    readonly partitioned?: WorkerRun | null;
   };
   /** diagnostic: baseline (a) with a NOTIFY inside each transaction, at (a)'s best concurrency */
   readonly directWithNotify: DirectRun;
@@ -156,6 +158,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
       direct: bestDirect,
       unbatched: runs.find((x) => x.kind === 'unbatched' && x.concurrency === ours.concurrency) ?? null,
       traced: runs.find((x) => x.kind === 'traced' && x.concurrency === ours.concurrency) ?? null,
+      partitioned: runs.find((x) => x.kind === 'partitioned' && x.concurrency === ours.concurrency) ?? null,
     },
     directWithNotify: withNotify,
     ratios: {

@@ -15,10 +15,12 @@ import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
 import { restartMe } from './restart';
 import { PortTakenError, runningLocalEndpoints, runStart } from './start';
-import { tail } from './tail';
+import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { describeServer, isRedisError, pingRedis } from '../queues/redis';
+import { createRedis, describeServer, isRedisError, pingRedis } from '../queues/redis';
+import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
+import { repartition } from '../streams/repartition';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
 import { printable, UUID_PATTERN } from '../util';
 
@@ -172,8 +174,14 @@ const TAIL_STOP_MS = 2000;
 
 async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
   if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
-  if (options.from !== undefined && !/^(\$|0|\d+(-\d+)?)$/.test(options.from)) {
-    throw new UsageError(`--from: must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+  if (options.from !== undefined && !isStreamId(options.from)) {
+    if (options.group !== undefined) throw new UsageError(`--from: with --group, must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+    try {
+      decodeCursor(options.from);
+    } catch (err) {
+      if (err instanceof TailCursorError) throw new UsageError(err.message);
+      throw err;
+    }
   }
   const config = loadConfig();
   const redisUrl = resolveEndpoints(config).redisUrl;
@@ -215,14 +223,63 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
       },
       stop,
       report: (_level, message) => process.stderr.write(`fleet tail: ${message}\n`),
+      // not after a reader closed stdout (`fleet tail | head -1`): it took what it wanted, and the tail ends quietly
+      onCursor: (cursor) => {
+        if (!outClosed) process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`);
+      },
     });
   } catch (err) {
+    if (err instanceof TailCursorError) throw new UsageError(err.message);
     if (err instanceof ResyncRequiredError) {
       process.stderr.write(`fleet: ${err.message}\n`);
       process.exitCode = 3;
       return;
     }
     throw err;
+  }
+}
+
+/** How long `fleet streams repartition` waits for the relay's lock and the consumer groups by default (s). */
+const REPARTITION_TIMEOUT_S = 60;
+
+/**
+ * `fleet streams repartition --to N`: changes the number of partitions of a live fleet's stream, losing nothing and
+ * keeping every deployment's order for consumers (src/streams/repartition.ts). Progress goes to stderr, the outcome
+ * to stdout; a refusal (a group behind, the relay's lock not handed over) exits 1 with nothing changed.
+ */
+async function runRepartition(options: { to?: string; timeout?: string }): Promise<void> {
+  const rule = `a whole number from 1 to ${MAX_STREAM_PARTITIONS}`;
+  if (options.to === undefined) throw new UsageError(`--to: required: the new number of partitions, ${rule}`);
+  const to = /^\d+$/.test(options.to) ? Number(options.to) : NaN;
+  if (!(to >= 1 && to <= MAX_STREAM_PARTITIONS)) throw new UsageError(`--to: must be ${rule}, got "${printable(options.to)}"`);
+  const timeoutText = options.timeout ?? String(REPARTITION_TIMEOUT_S);
+  const timeoutS = /^\d+(\.\d+)?$/.test(timeoutText) ? Number(timeoutText) : NaN;
+  if (!(timeoutS > 0 && timeoutS <= 86_400)) throw new UsageError(`--timeout: must be a number of seconds above 0 and at most 86400, got "${printable(timeoutText)}"`);
+  const config = loadConfig();
+  const endpoints = resolveEndpoints(config);
+  const redis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-repartition');
+  redis.on('error', () => undefined); // a connection error fails the command below, once
+  try {
+    const outcome = await starting(endpoints, () =>
+      repartition({
+        databaseUrl: endpoints.databaseUrl,
+        redis,
+        streamKey: transitionStreamKey(config.prefix),
+        to,
+        timeoutMs: timeoutS * 1000,
+        report: (line) => process.stderr.write(`fleet streams repartition: ${line}\n`),
+      }),
+    );
+    if (outcome.kind === 'refused') {
+      process.stderr.write(`fleet streams repartition: refused: ${outcome.message}\n`);
+      process.exitCode = 1;
+      return;
+    }
+    process.stdout.write(
+      outcome.kind === 'unchanged' ? `unchanged: ${outcome.partitions} partition(s)\n` : `repartitioned: ${outcome.from} -> ${outcome.to} partition(s)\n`,
+    );
+  } finally {
+    redis.disconnect();
   }
 }
 
@@ -314,9 +371,19 @@ Examples:
     .description('print transitions as they happen (exit 3 when --from was trimmed away: resync from the history API)')
     .option('--group <group>', 'read through this consumer group (a durable position)')
     .option('--consumer <name>', 'consumer name within the group (default tail-<pid>)')
-    .option('--from <id>', 'start at this stream id (0 = all retained, $ = new only; default $)')
+    .option('--from <id>', 'start at this stream id on every partition (0 = all retained, $ = new only; default $), or at the cursor a tail printed when it stopped')
     .option('--json', 'one JSON object per line instead of text')
     .action(runTail);
+  program
+    .command('streams')
+    .description("manage the transition stream")
+    .command('repartition')
+    .description(
+      'change the number of partitions of a running fleet\'s stream, losing nothing and keeping each deployment\'s order: takes the relays\' lock, waits until every consumer group has acknowledged everything, then switches (exit 1, nothing changed, when a group stays behind)',
+    )
+    .option('--to <n>', `the new number of partitions (1-${MAX_STREAM_PARTITIONS})`)
+    .option('--timeout <seconds>', `how long to wait for the active relay's lock and for the consumer groups to catch up (default ${REPARTITION_TIMEOUT_S})`)
+    .action(runRepartition);
   program
     .command('demo')
     .description('drive a realistic workload through a running fleet (`npm start`): every state, orphans, dispatch fallback')

@@ -8,9 +8,8 @@ import { FastifyAdapter } from '@bull-board/fastify';
 import type { Queue } from 'bullmq';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import type { Access, Credentials } from './auth';
+import type { Gate } from './access';
 import { HttpError } from './http-error';
-import type { Scope } from './tokens';
 
 export const BOARD_PATH = '/admin/queues';
 
@@ -92,13 +91,10 @@ function withoutJobOptions(body: unknown): unknown {
 export interface BoardDeps {
   /** queues shown */
   readonly queues: readonly Queue[];
-  readonly creds: Credentials;
-  /** the server's admission: authenticates the request for `scope`, or answers it (401/403/429) and returns false */
-  readonly admit: (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: 'Bearer' | 'Basic') => boolean;
-  /** who each admitted request is */
-  readonly accessOf: WeakMap<FastifyRequest, Access>;
+  /** the server's access: the credentials, and the admission of a request for a scope (access.ts) */
+  readonly gate: Gate;
   /**
-   * the intake as POST /api/events runs it (intake.ts's `acceptEvent` after the token's event budget): takes the
+   * the intake as POST /api/events runs it (routes/events.ts: the token's event budget, then intake.ts): takes the
    * event `{name, data}` from the request's caller and answers
    */
   readonly acceptEvent: (request: FastifyRequest, body: unknown, reply: FastifyReply) => Promise<FastifyReply>;
@@ -111,8 +107,8 @@ export interface BoardDeps {
  * answered by the server's error handler, like everywhere else.
  */
 export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Promise<void> {
-  const { creds, admit, accessOf } = deps;
-  const open = creds.tokens === null && creds.boardUser === null;
+  const { gate } = deps;
+  const open = gate.creds.tokens === null && gate.creds.boardUser === null;
   const serverAdapter = new FastifyAdapter();
   serverAdapter.setBasePath(BOARD_PATH);
   createBullBoard({
@@ -141,7 +137,7 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
           .status(403)
           .send({ error: { code: 'forbidden', message: 'Bull Board is read-only without FLEET_BOARD_USER/FLEET_BOARD_PASSWORD or API tokens' } });
       }
-      if (!admit(request, reply, reading(request.method) ? 'read' : 'board', 'Basic')) return reply;
+      if (!gate.admit(request, reply, reading(request.method) ? 'read' : 'board', 'Basic')) return reply;
       // Bull Board answers a clean of a state that does not exist with 200 {}: refuse it, naming the states
       const clean = /\/api\/queues\/[^/]+\/clean\/([^/?]+)/.exec(request.url)?.[1];
       if (clean !== undefined && !CLEANABLE.has(decodeURIComponent(clean))) {
@@ -151,7 +147,7 @@ export async function registerBoard(app: FastifyInstance, deps: BoardDeps): Prom
       }
       const refusal = reading(request.method) ? null : refusalOf(request);
       if (refusal !== null) return reply.status(403).send({ error: { code: 'forbidden', message: refusal } });
-      const access = accessOf.get(request);
+      const access = gate.accessOf(request);
       if (access?.kind === 'token' && !access.principal.scopes.has('board')) readOnly.add(request);
       return undefined;
     });

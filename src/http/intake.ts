@@ -5,7 +5,7 @@
 import type { FastifyReply } from 'fastify';
 import { DurabilityError, EventIdConflictError, isTransient, ValidationError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
-import { ANONYMOUS_ACTOR, deriveEventId, parsePayload, type EventName } from '../events/schemas';
+import { ANONYMOUS_ACTOR, EVENT_CATALOG, isEventName, validateEvent } from '../events/schemas';
 import type { Logger } from '../log';
 import type { LifecycleProducer } from '../queues/producer';
 import { hasScope, scopeForEvent, type Access } from './auth';
@@ -39,7 +39,10 @@ export async function acceptEvent(intake: Intake, access: Access | undefined, bo
   if (access === undefined) throw new HttpError(401, 'unauthorized', 'the request was not authenticated'); // never open by default
   const needs = scopeForEvent(name, data);
   if (!hasScope(access, needs)) {
-    throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${needs === 'events:admin' && name === 'deployment.teardown' ? ' with force' : ''} needs the "${needs}" scope`);
+    // an event that needs events:admin only with a flag set (a forced teardown) says so: "deployment.teardown with force"
+    const scope = isEventName(name) ? EVENT_CATALOG[name].scope : null;
+    const condition = needs === 'events:admin' && typeof scope === 'object' && scope !== null ? ` with ${scope.adminWhen}` : '';
+    throw new HttpError(403, 'forbidden', `${String(name).slice(0, 60)}${condition} needs the "${needs}" scope`);
   }
   // The actor is the caller: the token's name (anonymous while the API is open), never what the payload says.
   const actor = access.kind === 'token' ? access.principal.name : ANONYMOUS_ACTOR;
@@ -53,12 +56,12 @@ export async function acceptEvent(intake: Intake, access: Access | undefined, bo
   let eventId: string | undefined;
   try {
     const given = typeof data === 'object' && data !== null && !Array.isArray(data) ? { ...data, actor } : data;
-    // the payload's shape first (so its errors come as they always have), then the allow-list
-    const parsed = parsePayload(name as string, given);
-    assertEndpointAllowed(parsed, intake.endpointAllow);
-    // The eventId is fixed before the enqueue, so that an answer that never comes (503) can name the id to retry with.
-    eventId = parsed.eventId ?? deriveEventId(name as EventName, parsed);
-    const result = await intake.producer.enqueue(name as string, { ...(given as object), eventId });
+    // the payload's shape first (so its errors come as they always have), then the allow-list. The eventId is fixed
+    // before the enqueue, so that an answer that never comes (503) can name the id to retry with.
+    const event = validateEvent(name as string, given);
+    assertEndpointAllowed(event.data, intake.endpointAllow);
+    eventId = event.data.eventId;
+    const result = await intake.producer.enqueueValidated(event);
     return await reply.status(202).send(result);
   } catch (err) {
     if (err instanceof ValidationError) throw new HttpError(400, err.code, err.message, err.issues);

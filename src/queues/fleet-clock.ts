@@ -96,6 +96,15 @@ export class FleetClock {
   }
 
   /**
+   * How far `now()` may be from Redis's time, ms: half the round trip of the sample the offset comes from (the
+   * answer was made somewhere within it). Null before the first sample.
+   */
+  get uncertaintyMs(): number | null {
+    const best = this.best();
+    return best === null ? null : best.roundTripMs / 2;
+  }
+
+  /**
    * Asks Redis for its time once and folds the answer in. True when it answered in time; a failure keeps the last
    * offset (and is logged once per outage).
    */

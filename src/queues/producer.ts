@@ -8,7 +8,8 @@ import type { DefaultJobOptions, JobsOptions, Telemetry } from 'bullmq';
 import { SpanKind } from '@opentelemetry/api';
 import type { RedisConnection } from './redis';
 import { z } from 'zod';
-import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, type EventName, type EventPayloads } from '../events/schemas';
+import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, validateEvent, type EventName, type EventPayloads, type ValidatedEvent } from '../events/schemas';
+import { PRODUCER_METHODS, type EventOfMethod, type ProducerMethodName } from '../events/catalog';
 import { LIFECYCLE_QUEUE } from './names';
 import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from './redis';
 import { DurabilityError, EventIdConflictError } from '../errors';
@@ -40,15 +41,17 @@ export const DEFAULT_JOB_OPTIONS: DefaultJobOptions = Object.freeze({
 });
 
 /**
- * A held job's payload as the schemas read it today, so that a job enqueued before a normalisation was added (an
+ * Whether the job held under an eventId carries this payload. Normally it is the job just added, as it was sent: the
+ * same text. Else it is read as the schemas read it today, so that a job enqueued before a normalisation was added (an
  * endpoint URL stored as sent before issue 28) is still the same event as its retry; as stored when it no longer
  * validates (then it is another event).
  */
-function canonicalHeld(name: string, data: unknown): string {
+function holdsPayload(name: string, held: unknown, ours: string): boolean {
+  if (canonicalPayload(held) === ours) return true;
   try {
-    return canonicalPayload(parsePayload(name, data));
+    return canonicalPayload(parsePayload(name, held)) === ours;
   } catch {
-    return canonicalPayload(data);
+    return false;
   }
 }
 
@@ -95,6 +98,15 @@ export interface LifecycleProducerOptions {
   readonly telemetry?: Telemetry;
 }
 
+/** One method per event whose catalog entry names one (`createDeployment` for deployment.create, ...): `enqueue` of that event. */
+export type EventMethods = { readonly [M in ProducerMethodName]: (input: EventInput<EventOfMethod<M>>) => Promise<EnqueueResult> };
+
+// The class declares the catalog's methods through this interface and gets them on its prototype below: an event
+// added to the catalog with a method has it here too, typed, with no second list to keep.
+// eslint-disable-next-line @typescript-eslint/no-unsafe-declaration-merging, @typescript-eslint/no-empty-object-type
+export interface LifecycleProducer extends EventMethods {}
+
+// eslint-disable-next-line @typescript-eslint/no-unsafe-declaration-merging -- see the interface above
 export class LifecycleProducer {
   readonly queue: Queue;
   private readonly ownedConnection: RedisConnection | null;
@@ -142,10 +154,17 @@ export class LifecycleProducer {
   async enqueue<K extends EventName>(name: K, payload: EventInput<K>, jobOptions?: JobsOptions): Promise<EnqueueResult>;
   async enqueue(name: string, payload: unknown, jobOptions?: JobsOptions): Promise<EnqueueResult>;
   async enqueue(name: string, payload: unknown, jobOptions: JobsOptions = {}): Promise<EnqueueResult> {
-    const data = parsePayload(name, payload);
-    assertEndpointAllowed(data, this.endpointAllow);
-    const eventName = name as EventName;
-    const eventId = data.eventId ?? deriveEventId(eventName, data);
+    return this.enqueueValidated(validateEvent(name, payload), jobOptions);
+  }
+
+  /**
+   * Enqueues an event validated already (`validateEvent`, as the HTTP intake does) as it is, without parsing it
+   * again; the endpoint allow-list still applies. Otherwise as `enqueue`.
+   */
+  async enqueueValidated(event: ValidatedEvent, jobOptions: JobsOptions = {}): Promise<EnqueueResult> {
+    assertEndpointAllowed(event.data, this.endpointAllow);
+    const { name: eventName, data } = event;
+    const eventId = data.eventId;
     const attributes = {
       'fleet.event.name': eventName,
       'fleet.event.id': eventId,
@@ -156,7 +175,7 @@ export class LifecycleProducer {
     // span and the job's trace context come under it
     return tracer().startActiveSpan(`enqueue ${eventName}`, { kind: SpanKind.INTERNAL, attributes }, async (span) => {
       try {
-        const result = await this.add(eventName, { ...data, eventId }, jobOptions);
+        const result = await this.add(eventName, data, jobOptions);
         span.setAttribute('fleet.duplicate', result.duplicate);
         return result;
       } catch (err) {
@@ -182,7 +201,7 @@ export class LifecycleProducer {
         await this.awaitReplicas(eventId);
         return { name: eventName, eventId, jobId, duplicate: false }; // added each time and done at once: it is in
       }
-      const differs = held.name !== eventName ? 'name' : canonicalHeld(held.name, held.data) === canonicalPayload(ours) ? null : 'payload';
+      const differs = held.name !== eventName ? 'name' : holdsPayload(held.name, held.data, canonicalPayload(ours)) ? null : 'payload';
       if (differs !== null) {
         throw new EventIdConflictError(eventId, { name: held.name, state: await held.getState() }, differs);
       }
@@ -203,34 +222,6 @@ export class LifecycleProducer {
     if (acknowledged < replicas) throw new DurabilityError(eventId, replicas, acknowledged, timeoutMs);
   }
 
-  createDeployment(input: EventInput<'deployment.create'>) {
-    return this.enqueue('deployment.create', input);
-  }
-  createAttempt(input: EventInput<'attempt.create'>) {
-    return this.enqueue('attempt.create', input);
-  }
-  startAttempt(input: EventInput<'attempt.start'>) {
-    return this.enqueue('attempt.start', input);
-  }
-  heartbeat(input: EventInput<'attempt.heartbeat'>) {
-    return this.enqueue('attempt.heartbeat', input);
-  }
-  endAttempt(input: EventInput<'attempt.end'>) {
-    return this.enqueue('attempt.end', input);
-  }
-  cancelAttempt(input: EventInput<'attempt.cancel'>) {
-    return this.enqueue('attempt.cancel', input);
-  }
-  teardown(input: EventInput<'deployment.teardown'>) {
-    return this.enqueue('deployment.teardown', input);
-  }
-  resolve(input: EventInput<'deployment.resolve'>) {
-    return this.enqueue('deployment.resolve', input);
-  }
-  readiness(input: EventInput<'deployment.readiness'>) {
-    return this.enqueue('deployment.readiness', input);
-  }
-
   /** Closes the queue and the connection it owns. Safe to call twice. */
   close(): Promise<void> {
     this.closing ??= (async () => {
@@ -242,4 +233,14 @@ export class LifecycleProducer {
     })();
     return this.closing;
   }
+}
+
+for (const [method, name] of Object.entries(PRODUCER_METHODS)) {
+  Object.defineProperty(LifecycleProducer.prototype, method, {
+    value(this: LifecycleProducer, input: unknown): Promise<EnqueueResult> {
+      return this.enqueue(name, input);
+    },
+    writable: true,
+    configurable: true,
+  });
 }

@@ -223,15 +223,19 @@ function errorCode(err: unknown): string {
 /**
  * Redis ACL rules for a fleet user confined to its prefix (`ACL SETUSER <user> reset on ><password> ...rules`): keys
  * and pub/sub channels under `<prefix>:` only; every command but the `@dangerous` ones (FLUSHALL, KEYS, CONFIG,
- * CLIENT KILL/LIST, DEBUG, MONITOR, ACL, ...); plus INFO, which BullMQ reads for the server version and the relay for
+ * CLIENT KILL/LIST, DEBUG, MONITOR, ACL, ...), and with a hash-tagged prefix the stream partitions' own tags; plus INFO, which BullMQ reads for the server version and the relay for
  * the server's run_id; minus what reaches beyond the prefix although it is not `@dangerous`: switching databases,
  * and managing the server-wide script cache and function libraries. Enough for the lifecycle worker, the relay, the
  * sweep, the producer SDK, the HTTP surface and stream consumers (test/hardening.test.ts runs them under it).
  */
 export function fleetAclRules(prefix: string): string[] {
+  // a hash-tagged prefix's stream partitions carry tags of their own (`{fleet:p3}:transitions:3`, see partitionKey)
+  const tag = prefixHashTag(prefix);
   return [
     'resetkeys',
     `~${prefix}:*`,
+    // the partitions' own keys only (`{fleet:p<n>}:transitions:<n>...`), not another prefix such as `{fleet:prod}`
+    ...(tag === null ? [] : [`~${prefix.replace(`{${tag}}`, `{${tag}:p[0-9]*}`)}:transitions:*`]),
     'resetchannels',
     `&${prefix}:*`,
     '+@all',

@@ -1,12 +1,14 @@
 /**
  * The outbox relay (docs/architecture.md, "the outbox"): moves committed outbox rows to the Redis stream
- * `<prefix>:transitions`, in id order, at least once.
+ * `<prefix>:transitions`, in id order, at least once; with `partitions` P > 1 each row goes to its deployment's
+ * partition (`partitionOf`), in id order per partition, so per deployment in version order.
  *
  * - One active relay fleet-wide: the leader holds a session-level PostgreSQL advisory lock on a dedicated
  *   connection; standbys try to take it every `standbyRetryMs`. When the leader dies its session ends and the lock
  *   goes with it. The leader publishes through that same session, so a leader that lost its lock cannot go on
  *   marking rows.
- * - A cycle reads unpublished rows in id order and XADDs them with one script call (`MAXLEN ~`); their mark
+ * - A cycle reads unpublished rows in id order and XADDs them with one script call per partition (`MAXLEN ~`),
+ *   the partitions' calls sent together; their mark
  *   (published, with their stream ids) goes with the next cycle's read, in one statement, or on its own when no
  *   commit comes within `markDelayMs`: one statement and one Redis call per cycle. A crash between the XADD and
  *   the mark republishes them: consumers drop versions they have seen.
@@ -15,9 +17,16 @@
  *   fallback.
  * - Redis with `appendfsync everysec` can lose its last second of writes when it crashes, or a failover can lose
  *   more. So every batch is appended by a script that first checks that the stream still ends with the last
- *   entry this relay appended; if it does not (Redis lost entries, or this relay just became leader), the relay
- *   reconciles before appending anything: every row whose stream id is beyond the stream's last entry is marked
- *   unpublished and goes out again, in id order. No entry can land after a gap.
+ *   entry this relay appended (per partition); if it does not (Redis lost entries, or this relay just became
+ *   leader), the relay reconciles before appending anything: every row whose stream id is beyond its partition's
+ *   last entry is marked unpublished and goes out again, in id order. No entry can land after a gap.
+ * - It records the number of partitions where consumers read it each time it reconciles (when nothing is recorded
+ *   yet), and publishes to as many partitions as the record names, whatever it was configured with: `fleet streams
+ *   repartition` changes the record while it holds the relays' lock, so a relay follows it when it next leads. Each
+ *   append also checks the key's layout (`layoutKey`): a relay left with the old number (one that lost its lock
+ *   between its read and its append) cannot append to a key written under the new one.
+ * - Asked to hand over (a NOTIFY on `RELAY_HANDOVER_CHANNEL`, sent by `fleet streams repartition`), the leader marks
+ *   what it appended and releases the lock, then stands by.
  * - Published rows older than `retentionMs` are pruned by the leader, and `processed_events` rows older than
  *   `processedRetentionMs`.
  */
@@ -27,24 +36,29 @@ import { SpanKind, type Span } from '@opentelemetry/api';
 import type { RedisConnection } from '../queues/redis';
 import { silentLogger, type Logger } from '../log';
 import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
-import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
+import { compareIds, layoutKey, partitionKey, partitionOf, readLayout, recordOrRead } from './partitions';
+import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 import { failSpan, formatTraceparent, traceparentContext, tracer } from '../telemetry';
 
 /** The advisory lock the active relay holds. */
 export { RELAY_LOCK_KEY };
 
 /**
- * Appends a batch to the stream only if the stream still ends with the entry the relay appended last
- * (ARGV[1]; `0-0` for an empty stream). ARGV[2] is MAXLEN; then each entry is a field count followed by its
- * fields. Returns the new entry ids, or the error `TAIL_MOVED <actual tail>`. One round trip, atomic.
+ * Appends a batch to the stream KEYS[1] only if the stream still ends with the entry the relay appended last
+ * (ARGV[1]; `0-0` for an empty stream) and the key's layout (KEYS[2]) does not name another number of partitions
+ * than the relay's (ARGV[3]). ARGV[2] is MAXLEN; then each entry is a field count followed by its fields. Returns the
+ * new entry ids, or the error `TAIL_MOVED <actual tail>` or `REPARTITIONED <the layout's number>`. One round trip,
+ * atomic.
  */
 const APPEND_IF_TAIL = `
+local layout = redis.call('HGET', KEYS[2], 'partitions')
+if layout and layout ~= ARGV[3] then return redis.error_reply('REPARTITIONED ' .. layout) end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local tail = '0-0'
 if #last > 0 then tail = last[1][1] end
 if tail ~= ARGV[1] then return redis.error_reply('TAIL_MOVED ' .. tail) end
 local ids = {}
-local i = 3
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local args = {KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
@@ -65,8 +79,14 @@ export interface OutboxRelayOptions {
   readonly databaseUrl: string;
   /** Redis URL (a connection is made and owned) or an ioredis connection */
   readonly redis: string | RedisConnection;
-  /** the stream key, `<prefix>:transitions` */
+  /** the stream's base key, `<prefix>:transitions` (the stream itself with one partition) */
   readonly streamKey: string;
+  /**
+   * partitions of the stream (`FLEET_STREAM_PARTITIONS`, default 1): see `partitionKey` for their keys. Recorded
+   * when nothing is; when the record names another number (changed by `fleet streams repartition`), the relay
+   * publishes to that many and warns that this one is stale.
+   */
+  readonly partitions?: number;
   /** approximate stream retention (`MAXLEN ~`), default 1,000,000 */
   readonly maxLen?: number;
   /** rows per cycle (default 500) */
@@ -101,6 +121,8 @@ export interface OutboxRelayOptions {
    * (default: off, rows are marked once the master has the entries)
    */
   readonly durable?: { readonly replicas: number; readonly timeoutMs: number } | null;
+  /** test hook: after a cycle read its rows and chose their partitions, before it appends them */
+  readonly beforeXadd?: (ids: readonly string[]) => void | Promise<void>;
   /** test hook: after the XADD pipeline succeeded, before the rows are marked published */
   readonly afterXadd?: (ids: readonly string[]) => void | Promise<void>;
 }
@@ -116,11 +138,14 @@ export class OutboxRelay {
   private wake: (() => void) | null = null;
   private pending = false;
   private loop: Promise<void> | null = null;
-  /** the id of the last stream entry this relay appended; null: unknown, reconcile before appending */
-  private lastStreamId: string | null = null;
+  /**
+   * Per partition, the id of the last stream entry this relay appended (`0-0`: the partition is empty); null:
+   * unknown, reconcile before appending
+   */
+  private tails: Map<number, string> | null = null;
   /**
    * Bumped by every (re)connection to Redis. A cycle remembers it before its reads and checks it after each: if a
-   * reconnect happened meanwhile, the server may be another one (restarted empty, a failover), and `lastStreamId`
+   * reconnect happened meanwhile, the server may be another one (restarted empty, a failover), and `tails`
    * from before may match its tail by accident (`0-0` on an empty stream), so the cycle appends nothing and the next
    * one reconciles first.
    */
@@ -136,15 +161,24 @@ export class OutboxRelay {
    * Durable appends: rows appended whose entries are not yet on the replicas. Neither marked nor followed by more
    * appends until they are; dropped like `unmarked` (so republished) on a reconnect or a reconcile.
    */
-  private unreplicated: { ids: string[]; streamIds: string[] } | null = null;
-  /** on a cluster: the stream key's slot (asked once) */
+  private unreplicated: { ids: string[]; streamIds: string[]; partitions: number[] } | null = null;
+  /** on a cluster: each partition key's slot (asked once) */
   private readonly slots = new Map<string, number>();
   /** the last WAIT fell short (one warning per episode) */
   private replicasBehind = false;
   private published = 0;
+  /** the number of partitions it publishes to: the recorded one, read at each reconcile */
+  private partitions: number;
+  /** the recorded number this relay last warned differs from its configuration (one warning per change) */
+  private staleWarned: number | null = null;
+  /** `fleet streams repartition` asked the leader to hand its lock over */
+  private handoverAsked = false;
+  /** an append met a layout for another number of partitions (one warning per episode) */
+  private fenced = false;
 
   constructor(private readonly options: OutboxRelayOptions) {
     this.log = (options.logger ?? silentLogger).child({ component: 'outbox-relay' });
+    this.partitions = options.partitions ?? 1;
     this.ownsRedis = typeof options.redis === 'string';
     // fail fast: a command issued while Redis is away errors at once instead of waiting in memory, so a cycle (and
     // close()) never hangs on an outage and nothing queued can reach a restarted Redis before the reconcile
@@ -158,7 +192,7 @@ export class OutboxRelay {
     this.redis.on('ready', () => {
       // a new connection may be a new (or restarted) server: reconcile before appending anything
       this.generation++;
-      this.lastStreamId = null;
+      this.tails = null;
       this.unreplicated = null;
       this.poke();
     });
@@ -213,6 +247,10 @@ export class OutboxRelay {
     let failures = 0;
     while (!this.stopped) {
       try {
+        if (this.leader && this.handoverAsked) {
+          await this.handOver();
+          continue;
+        }
         if (!this.leader) {
           // a poke means "rows to publish": only the leader acts on it, a standby must not spin on it
           this.pending = false;
@@ -224,10 +262,21 @@ export class OutboxRelay {
           }
         }
         this.pending = false;
+        const wasFenced = this.fenced;
         const count = await this.cycle();
         if (failures > 0) this.log.info({ failures }, 'relay cycle works again');
         this.options.pgWatch?.back();
         failures = 0;
+        if (wasFenced && this.fenced) {
+          // refused again after reading the record anew: a repartition stopped half-way, until it is run again. Try
+          // at the standbys' pace, not at every commit's wake-up (each try reconciles every partition)
+          const until = performance.now() + (this.options.standbyRetryMs ?? 1000);
+          while (!this.stopped && performance.now() < until) {
+            this.pending = false;
+            await this.idle(until - performance.now());
+          }
+          continue;
+        }
         // Fewer rows than a batch is everything that was committed when the batch was read, and every commit
         // after that read is followed by a wake-up (a NOTIFY sent after the commit, or notifyCommitted()): wait for
         // one rather than read again at once; poll as the fallback.
@@ -266,7 +315,10 @@ export class OutboxRelay {
         this.log.warn({ code: (err as { code?: unknown }).code, reason: err.message }, 'relay database session lost');
         this.leader = false;
       });
-      client.on('notification', () => this.poke());
+      client.on('notification', (message) => {
+        if (message.channel === RELAY_HANDOVER_CHANNEL) this.handoverAsked = true;
+        this.poke();
+      });
       await client.connect();
       this.client = client;
     }
@@ -280,10 +332,29 @@ export class OutboxRelay {
       // PostgreSQL crash only republishes its rows (duplicates are allowed; gaps are not), and the next leader
       // reconciles again. Waiting for the fsync of every mark held up the next batch by its duration.
       await session.run(OUTBOX_SQL.asyncCommit);
-      this.lastStreamId = null;
+      this.tails = null;
+      this.handoverAsked = false;
       this.leader = true;
       this.log.info('became the active outbox relay');
     }
+  }
+
+  /**
+   * Hands the lock over to `fleet streams repartition`, which waits for it (a waiter is granted a released advisory
+   * lock before any standby's try): marks what this relay appended, so that nothing of it goes out again, and ends
+   * its session, which releases the lock. It stands by from then on, trying again after `standbyRetryMs`.
+   */
+  private async handOver(): Promise<void> {
+    this.handoverAsked = false;
+    try {
+      await this.flushMarks();
+    } catch (err) {
+      this.log.warn({ err }, 'marking the last rows before handing over failed; they go out again after the repartition');
+    }
+    this.log.info('handing the outbox relay lock over (fleet streams repartition)');
+    await this.dropSession();
+    this.pending = false;
+    await this.idle(this.options.standbyRetryMs ?? 1000);
   }
 
   /** One cycle: publish a batch. Returns the number of rows published. */
@@ -292,13 +363,13 @@ export class OutboxRelay {
     if (client === null) throw new Error('no database session');
     if (this.redis.status !== 'ready') return 0; // its 'ready' event wakes the loop
     const generation = this.generation;
-    if (this.lastStreamId === null) await this.reconcile(client);
+    if (this.tails === null) await this.reconcile(client);
 
     if (this.unreplicated !== null) {
       // durable: the last batch is on the master only; nothing more goes out until the replicas have it
-      if (!(await this.replicated())) return 0;
+      if (!(await this.replicated(this.unreplicated.partitions))) return 0;
       if (generation !== this.generation) return 0;
-      this.unmarked = this.unreplicated;
+      this.unmarked = { ids: this.unreplicated.ids, streamIds: this.unreplicated.streamIds };
       this.unreplicated = null;
       this.published += this.unmarked.ids.length;
       this.options.onPublished?.(this.unmarked.ids.length);
@@ -309,7 +380,8 @@ export class OutboxRelay {
     const marks = this.unmarked ?? { ids: [], streamIds: [] };
     const { rows } = await sessionOf(client).run(OUTBOX_SQL.markAndRead, [marks.ids, marks.streamIds, this.options.batchSize ?? 500]);
     this.unmarked = null;
-    if (generation !== this.generation || this.lastStreamId === null) {
+    const tails = this.tails;
+    if (generation !== this.generation || tails === null) {
       // Redis reconnected while this cycle read: never append against a tail learnt from another connection. The
       // rows just read stay unpublished; the marks just committed, if they name entries the new server lacks, are
       // undone by the reconcile that comes first next cycle.
@@ -317,41 +389,81 @@ export class OutboxRelay {
       return 0;
     }
     if (rows.length > 0) {
-      const expected = this.lastStreamId;
-      const args: string[] = [expected, String(this.options.maxLen ?? 1_000_000)];
-      const spans: Array<Span | null> = [];
-      for (const row of rows) {
-        const { fields, span } = startPublish(row.fields, this.options.streamKey);
-        spans.push(span);
+      // per partition, its rows in id order: one append each, all sent together
+      const batches = new Map<number, { args: string[]; rows: number[]; spans: Array<Span | null> }>();
+      for (const [i, row] of rows.entries()) {
+        const n = this.partitions === 1 ? 0 : partitionOf(row.fields.deploymentId ?? '', this.partitions);
+        let batch = batches.get(n);
+        if (batch === undefined) {
+          batch = { args: [tails.get(n) ?? '0-0', String(this.options.maxLen ?? 1_000_000), String(this.partitions)], rows: [], spans: [] };
+          batches.set(n, batch);
+        }
+        const { fields, span } = startPublish(row.fields, this.keyOf(n));
+        batch.spans.push(span);
+        batch.rows.push(i);
         const flat = Object.entries(fields).flat();
-        args.push(String(flat.length), ...flat);
+        batch.args.push(String(flat.length), ...flat);
       }
-      let streamIds: string[];
-      try {
-        streamIds = await this.appendIfTail(args);
-        spans.forEach((span, i) => span?.setAttribute('messaging.message.id', streamIds[i] ?? ''));
-      } catch (err) {
-        for (const span of spans) if (span !== null) failSpan(span, err);
+      await this.options.beforeXadd?.(rows.map((r) => r.id));
+      const results = await Promise.allSettled(
+        [...batches].map(async ([n, batch]) => {
+          try {
+            const ids = await this.appendIfTail(this.keyOf(n), batch.args);
+            batch.spans.forEach((span, i) => span?.setAttribute('messaging.message.id', ids[i] ?? ''));
+            return { n, batch, ids };
+          } catch (err) {
+            for (const span of batch.spans) if (span !== null) failSpan(span, err);
+            throw err;
+          } finally {
+            for (const span of batch.spans) span?.end();
+          }
+        }),
+      );
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed !== undefined) {
+        const err: unknown = failed.reason;
         if (err instanceof Error && err.message.includes('TAIL_MOVED')) {
-          this.log.warn({ expected, found: err.message.split('TAIL_MOVED ')[1] }, 'the stream does not end where this relay left it');
-          this.lastStreamId = null; // reconcile on the next cycle, before appending anything
+          this.log.warn({ found: err.message.split('TAIL_MOVED ')[1] }, 'the stream does not end where this relay left it');
+          // reconcile on the next cycle, before appending anything; what other partitions took stays unmarked and
+          // goes out again (duplicates are allowed, gaps are not)
+          this.tails = null;
           return 0;
         }
+        if (err instanceof Error && err.message.includes('REPARTITIONED')) {
+          // the partitions changed (`fleet streams repartition`) since this relay read the record: read it again
+          // (reconcile) before appending anything. Still refused then, the record and the layouts disagree: a
+          // repartition that stopped half-way.
+          if (!this.fenced) {
+            this.log.warn(
+              { partitions: this.partitions, layout: err.message.split('REPARTITIONED ')[1] },
+              'a partition of the stream is written with another number of partitions than this relay read: reading the record again (if this repeats, a `fleet streams repartition` stopped half-way: run it again)',
+            );
+          }
+          this.fenced = true;
+          this.tails = null;
+          return 0;
+        }
+        // the appends that did go through moved their tails: the next cycle meets TAIL_MOVED there and reconciles
         throw err;
-      } finally {
-        for (const span of spans) span?.end();
+      }
+      this.fenced = false;
+      const streamIds = new Array<string>(rows.length).fill('');
+      for (const r of results) {
+        if (r.status !== 'fulfilled') continue;
+        const { n, batch, ids } = r.value;
+        batch.rows.forEach((row, i) => (streamIds[row] = this.partitions === 1 ? (ids[i] ?? '') : `${ids[i] ?? ''}@${n}`));
+        tails.set(n, ids[ids.length - 1] ?? tails.get(n) ?? '0-0');
       }
       const ids = rows.map((r) => r.id);
       if (generation !== this.generation) {
         // appended to a server this relay reconnected to during the call: leave the rows unmarked (republished
         // after the reconcile; duplicates are allowed, gaps are not)
-        this.lastStreamId = null;
+        this.tails = null;
         return 0;
       }
-      this.lastStreamId = streamIds[streamIds.length - 1] ?? expected;
       await this.options.afterXadd?.(ids);
-      if (this.options.durable != null && !(await this.replicated())) {
-        this.unreplicated = { ids, streamIds };
+      if (this.options.durable != null && !(await this.replicated([...batches.keys()]))) {
+        this.unreplicated = { ids, streamIds, partitions: [...batches.keys()] };
         return 0;
       }
       this.unmarked = { ids, streamIds };
@@ -363,11 +475,13 @@ export class OutboxRelay {
   }
 
   /** Durable appends: whether every entry this relay appended is on the asked number of replicas (Redis `WAIT`). */
-  private async replicated(): Promise<boolean> {
+  private async replicated(partitions: readonly number[]): Promise<boolean> {
     const durable = this.options.durable;
     if (durable == null) return true;
-    const writer = await connectionForKey(this.redis, this.options.streamKey, this.slots);
-    const acknowledged = Number(await writer.call('WAIT', durable.replicas, durable.timeoutMs));
+    // on a cluster the partitions may live on several masters: each one's connection waits for its own writes
+    const writers = new Set(await Promise.all(partitions.map((n) => connectionForKey(this.redis, this.keyOf(n), this.slots))));
+    const answers = await Promise.all([...writers].map(async (writer) => Number(await writer.call('WAIT', durable.replicas, durable.timeoutMs))));
+    const acknowledged = Math.min(...answers);
     if (acknowledged >= durable.replicas) {
       if (this.replicasBehind) this.log.info({ replicas: durable.replicas }, 'stream entries reach their replicas again: publishing resumes');
       this.replicasBehind = false;
@@ -392,31 +506,66 @@ export class OutboxRelay {
   }
 
   /** Runs APPEND_IF_TAIL by its SHA (the script is not resent every cycle), loading it when Redis lacks it. */
-  private async appendIfTail(args: readonly string[]): Promise<string[]> {
+  private async appendIfTail(key: string, args: readonly string[]): Promise<string[]> {
     try {
-      return (await this.redis.evalsha(APPEND_IF_TAIL_SHA, 1, this.options.streamKey, ...args)) as string[];
+      return (await this.redis.evalsha(APPEND_IF_TAIL_SHA, 2, key, layoutKey(key), ...args)) as string[];
     } catch (err) {
       if (!(err instanceof Error && err.message.startsWith('NOSCRIPT'))) throw err;
-      return (await this.redis.eval(APPEND_IF_TAIL, 1, this.options.streamKey, ...args)) as string[];
+      return (await this.redis.eval(APPEND_IF_TAIL, 2, key, layoutKey(key), ...args)) as string[];
     }
+  }
+
+  /** Partition n's stream key. */
+  private keyOf(n: number): string {
+    return partitionKey(this.options.streamKey, n, this.partitions);
   }
 
   /**
    * Makes the outbox agree with the stream before anything is appended: rows marked published whose entries the
-   * stream no longer holds past its last entry (a Redis that lost writes, a restored snapshot, a failover) are
+   * stream no longer holds past its partition's last entry (a Redis that lost writes, a restored snapshot, a failover) are
    * marked unpublished, so they go out again in id order. Duplicates are allowed; gaps are not.
+   *
+   * First it reads the recorded number of partitions (recording its own when nothing is) and publishes to that many.
+   * A row's stream id names its key (`@n`: `<base>:n` whatever P is; none: the base key), so rows published under an
+   * earlier number are compared with the key they went to, when it is a key of this number too; and never past the
+   * key's layout boundary (`since`): what an earlier layout wrote there was acknowledged by every group before the
+   * switch, and published again now it would land on its deployment's new partition after newer versions.
    */
   private async reconcile(client: Client): Promise<void> {
     // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
     this.unmarked = null;
     this.unreplicated = null;
     const generation = this.generation;
-    const tail = (await this.redis.xrevrange(this.options.streamKey, '+', '-', 'COUNT', 1))[0]?.[0] ?? '0-0';
-    const [ms, seq] = tail.split('-');
-    const { affected } = await sessionOf(client).run(OUTBOX_SQL.unpublishAfter, [ms ?? '0', seq ?? '0']);
-    if (affected > 0) this.log.warn({ republish: affected, streamTail: tail }, 'the stream lost entries: republishing them');
-    // a reconnect during the reconcile may have brought another server: its tail is unknown, reconcile again
-    this.lastStreamId = generation === this.generation ? tail : null;
+    const configured = this.options.partitions ?? 1;
+    const recorded = await recordOrRead(this.redis, this.options.streamKey, configured);
+    if (recorded !== this.partitions) this.log.info({ from: this.partitions, to: recorded }, 'publishing to the recorded number of partitions');
+    this.partitions = recorded;
+    if (recorded !== configured && this.staleWarned !== recorded) {
+      this.log.warn(
+        { configured, recorded },
+        `FLEET_STREAM_PARTITIONS of this process (${configured}) is stale: the stream is recorded with ${recorded} partition(s) (fleet streams repartition), and this relay publishes to ${recorded}; set FLEET_STREAM_PARTITIONS=${recorded} before it restarts`,
+      );
+    }
+    this.staleWarned = recorded === configured ? null : recorded;
+    const tails = new Map<number, string>();
+    const found = await Promise.all(
+      Array.from({ length: this.partitions }, async (_, n) => {
+        const [last, layout] = await Promise.all([this.redis.xrevrange(this.keyOf(n), '+', '-', 'COUNT', 1), readLayout(this.redis, this.keyOf(n))]);
+        return { tail: last[0]?.[0] ?? '0-0', since: layout.since };
+      }),
+    );
+    found.forEach(({ tail }, n) => tails.set(n, tail));
+    const [parts, ms, seq] = [[] as string[], [] as string[], [] as string[]];
+    for (const [n, { tail, since }] of found.entries()) {
+      const [m, q] = (since !== null && compareIds(since, tail) > 0 ? since : tail).split('-');
+      parts.push(this.partitions === 1 ? '' : String(n));
+      ms.push(m ?? '0');
+      seq.push(q ?? '0');
+    }
+    const { affected } = await sessionOf(client).run(OUTBOX_SQL.unpublishPastTails, [parts, ms, seq]);
+    if (affected > 0) this.log.warn({ republish: affected, streamTails: Object.fromEntries(tails) }, 'the stream lost entries: republishing them');
+    // a reconnect during the reconcile may have brought another server: its tails are unknown, reconcile again
+    this.tails = generation === this.generation ? tails : null;
   }
 
   private async prune(client: Client): Promise<void> {

@@ -43,11 +43,22 @@ function expectClean(report: ChaosReport, out: string): void {
   expect(report.sweeps.startedTwice, out).to.equal(0);
   // the audit consumer stops only to resync (its position lost with a wipe, a trim or a failover), never on an outage
   expect(report.consumers.auditStops.other, out).to.equal(0);
+  // the consumer group: every version handled, per deployment in order, one owner per partition at a time; its members
+  // stopped only to resync; it read the stream to its end; and its faults happened
+  const group = report.group;
+  expect(group.check.violations, out).to.deep.equal([]);
+  expect(group.members.exits.other, out).to.equal(0);
+  expect(group.drained, out).to.equal(true);
+  expect(group.check.calls, out).to.be.above(1000);
+  expect(group.faults.joins, out).to.be.at.least(1);
+  expect(group.faults.kills, out).to.be.at.least(1);
+  expect(group.faults.pauses, out).to.be.at.least(1);
 }
 
 /**
  * The CI variant of `npm run chaos`: its own Redis and PostgreSQL (under .fleet/chaos-test, so it can kill and
- * restart them without touching the suite's), three worker processes, about 75 s of faults, then the accounting.
+ * restart them without touching the suite's), three worker processes, a stream of 4 partitions read by a consumer
+ * group of 2-3 processes, about 75 s of faults, then the accounting.
  */
 describe('chaos (CI variant)', function () {
   this.timeout(200_000);
@@ -74,8 +85,12 @@ describe('chaos (CI variant)', function () {
       'replay-burst',
       'redis-wipe',
       'consumer-held',
+      'consumer-join',
+      'consumer-kill',
+      'consumer-pause',
     ]);
     expect(report.faults.leaderKills).to.be.at.least(1);
+    expect(report.options.streamPartitions, 'the stream is partitioned').to.equal(4);
     expect(report.sweeps.ticks, out).to.be.above(5);
     expect(report.ok).to.equal(true);
     expect(code).to.equal(0);
@@ -97,6 +112,8 @@ describe('chaos (CI variant)', function () {
     expect(hosts.partitions.length, out).to.be.at.least(2);
     expect(hosts.partitions.filter((p) => p.ledRelay).length, out).to.be.at.least(1);
     expect(hosts.failovers.length, out).to.be.at.least(2);
+    // a member of the consumer group runs on every worker host: each cut cut one off
+    expect(hosts.partitions.filter((p) => p.consumers.length > 0).length, out).to.be.at.least(2);
     for (const p of hosts.partitions) {
       expect(p.notRerun, out).to.equal(0);
       if (p.rerunMaxMs !== null) expect(p.rerunMaxMs, out).to.be.at.most(15_000);

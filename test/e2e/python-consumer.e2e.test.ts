@@ -15,6 +15,7 @@ import { Queue } from 'bullmq';
 import { Client } from 'pg';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
+import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey } from '../../src/streams/partitions';
 import { repoRoot } from '../../src/util';
 import { createDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -89,11 +90,21 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
     this.skip();
   });
 
-  it('receives every version of each deployment in order, drops redeliveries, and stops cleanly', async () => {
+  /** The same consumer against a fleet with one stream and with 4 partitions: it reads every one. */
+  const consumes = (partitions: number) => async () => {
     const { redisUrl } = testEnv();
     const db = await createDatabase();
     const prefix = uniquePrefix();
-    const env: NodeJS.ProcessEnv = { PATH: process.env.PATH, REDIS_URL: redisUrl, DATABASE_URL: db.url, FLEET_PREFIX: prefix, LOG_LEVEL: 'info' };
+    const env: NodeJS.ProcessEnv = {
+      PATH: process.env.PATH,
+      REDIS_URL: redisUrl,
+      DATABASE_URL: db.url,
+      FLEET_PREFIX: prefix,
+      FLEET_STREAM_PARTITIONS: String(partitions),
+      LOG_LEVEL: 'info',
+    };
+    const base = `${prefix}:transitions`;
+    const keys = partitionKeys(base, partitions);
     const python = (args: string[]) => [CONSUMER, '--prefix', prefix, ...args];
     const children: ChildProcessWithoutNullStreams[] = [];
     const redis = testRedis();
@@ -105,13 +116,16 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
       expect(migrated.code, migrated.stderr).to.equal(0);
       await pg.connect();
 
-      // the consumer first: its new group starts at the stream's end ($), so it must exist before the first entry
-      const live = start(PYTHON, python(['--group', 'live', '--consumer', 'c1']), { PATH: process.env.PATH, REDIS_URL: redisUrl });
-      children.push(live.child);
-      await waitFor('the consumer to read', () => (live.err().includes(`reading ${prefix}:transitions as live/c1`) ? true : undefined));
+      // the worker first, so that the consumer finds the recorded number of partitions; the consumer before the
+      // first event: its new groups start at the partitions' end ($)
       const worker = start(process.execPath, [FLEET, 'worker'], env);
       children.push(worker.child);
       await waitFor('the worker to start', () => (worker.out().includes('worker started') ? true : undefined), 30_000);
+      await waitFor('the partitions recorded', async () => ((await redis.get(partitionsRecordKey(base))) === String(partitions) ? true : undefined));
+      const live = start(PYTHON, python(['--group', 'live', '--consumer', 'c1']), { PATH: process.env.PATH, REDIS_URL: redisUrl });
+      children.push(live.child);
+      await waitFor('the consumer to read', () => (live.err().includes(`reading ${base} as live/c1`) ? true : undefined));
+      expect(live.err()).to.contain(`${partitions} partition(s)`);
 
       // whole lifecycles: a failed attempt, a second that succeeds, a teardown; each step once the last has applied
       const deployments = Array.from({ length: 3 }, () => ({ deploymentId: randomUUID(), first: randomUUID(), second: randomUUID() }));
@@ -162,7 +176,7 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
       const ajv = new Ajv2020({ allErrors: true });
       addFormats(ajv);
       const validEntry = ajv.compile(JSON.parse(fs.readFileSync(path.join(ROOT, 'docs', 'schemas', 'stream-entry.json'), 'utf8')) as object);
-      const entries = await redis.xrange(`${prefix}:transitions`, '-', '+');
+      const entries = (await Promise.all(keys.map((key) => redis.xrange(key, '-', '+')))).flat();
       expect(entries).to.have.length(total);
       for (const [, flat] of entries) {
         const fields = Object.fromEntries(flat.flatMap((v, i) => (i % 2 === 0 ? [[v, flat[i + 1]]] : [])));
@@ -178,17 +192,27 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
       expect(await worker.exited, worker.out().slice(-2000)).to.equal(0);
 
       // at-least-once: entries delivered again (copies of the first two, after the rest) are dropped, not printed
-      for (const [, flat] of entries.slice(0, 2)) await redis.xadd(`${prefix}:transitions`, '*', ...flat);
+      const deploymentOf = (flat: string[]) => flat[flat.indexOf('deploymentId') + 1] ?? '';
+      const firstTwo = lines.slice(0, 2).map((l) => entries.find(([, flat]) => deploymentOf(flat) === l.deploymentId && flat[flat.indexOf('version') + 1] === String(l.version)));
+      for (const entry of firstTwo) {
+        if (entry === undefined) throw new Error('an entry printed is not in the stream');
+        await redis.xadd(partitionKey(base, partitionOf(deploymentOf(entry[1]), partitions), partitions), '*', ...entry[1]);
+      }
       const replay = await run(PYTHON, python(['--group', 'replay', '--start-id', '0', '--until-idle', '--block-ms', '200']), {
         PATH: process.env.PATH,
         REDIS_URL: redisUrl,
       });
       expect(replay.code, replay.stderr).to.equal(0);
-      expect(printed(replay.stdout)).to.deep.equal(lines); // one consumer reads in stream order, both times
+      // one stream is read in stream order both times; partitions in another interleaving, each deployment's in order
+      const byDeployment = (all: Printed[]) => [...all].sort((a, b) => a.deploymentId.localeCompare(b.deploymentId) || a.version - b.version);
+      if (partitions === 1) expect(printed(replay.stdout)).to.deep.equal(lines);
+      else expect(byDeployment(printed(replay.stdout))).to.deep.equal(byDeployment(lines));
       expect(replay.stderr).to.contain(`stopped: ${total} transitions printed, 2 duplicates dropped`);
       // nothing left unacknowledged
-      const pending = (await redis.xpending(`${prefix}:transitions`, 'replay')) as [number, ...unknown[]];
-      expect(pending[0]).to.equal(0);
+      for (const key of keys) {
+        const pending = (await redis.xpending(key, 'replay')) as [number, ...unknown[]];
+        expect(pending[0], key).to.equal(0);
+      }
 
       const counted = await run(PYTHON, python(['--group', 'counted', '--start-id', '0', '--count', '3']), { PATH: process.env.PATH, REDIS_URL: redisUrl });
       expect(counted.code, counted.stderr).to.equal(0);
@@ -202,5 +226,8 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
       await dropPrefix(prefix);
       await db.drop();
     }
-  });
+  };
+
+  it('receives every version of each deployment in order, drops redeliveries, and stops cleanly', consumes(1));
+  it('with FLEET_STREAM_PARTITIONS=4: reads every partition, each deployment in order', consumes(4));
 });

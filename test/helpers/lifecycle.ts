@@ -20,3 +20,24 @@ export async function runningAttempt(service: TransitionService): Promise<{ depl
   await applied(service, 'attempt.start', ids);
   return ids;
 }
+
+/** each deployment's attempt that `applyVersions` created last (random ids: one map serves every test) */
+const openAttempts = new Map<string, string>();
+
+/**
+ * Applies versions `from`..`to` of a deployment, one transition each: v1 creates it, then an even version creates an
+ * attempt and an odd one cancels it. Calls may continue one another (1-2, then 3-4, ...).
+ */
+export async function applyVersions(service: TransitionService, deploymentId: string, from: number, to: number): Promise<void> {
+  for (let v = from; v <= to; v++) {
+    if (v === 1) {
+      await applied(service, 'deployment.create', { deploymentId, name: 'web' });
+    } else if (v % 2 === 0) {
+      const attemptId = randomUUID();
+      openAttempts.set(deploymentId, attemptId);
+      await applied(service, 'attempt.create', { deploymentId, attemptId });
+    } else {
+      await applied(service, 'attempt.cancel', { deploymentId, attemptId: openAttempts.get(deploymentId) });
+    }
+  }
+}

@@ -10,6 +10,8 @@ export class TcpProxy {
   private down = false;
   private stalled = false;
   private rule: InterceptRule | null = null;
+  /** the last rule's action is complete (its reply answered, or its connection reset) */
+  private fired = false;
 
   constructor(
     private readonly targetHost: string,
@@ -54,11 +56,12 @@ export class TcpProxy {
    */
   intercept(marker: string, action: InterceptAction): void {
     this.rule = { marker: Buffer.from(marker), action };
+    this.fired = false;
   }
 
-  /** whether the last `intercept` rule has met its command */
+  /** whether the last `intercept` rule has met its command and its action is complete (the line reset, or answered) */
   get intercepted(): boolean {
-    return this.rule === null;
+    return this.fired;
   }
 
   restore(): void {
@@ -96,6 +99,7 @@ export class TcpProxy {
         this.rule = null;
         if (rule.action !== 'lose-reply') {
           client.write(`-${rule.action.error.replace(/[\r\n]/g, ' ')}\r\n`);
+          this.fired = true;
           return;
         }
         loseReply = true;
@@ -108,6 +112,7 @@ export class TcpProxy {
         return;
       }
       this.cut();
+      this.fired = true;
     });
     if (this.stalled) {
       client.pause();

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import type { Queue } from 'bullmq';
+import { Queue } from 'bullmq';
 import IORedis from 'ioredis';
 import { testEnv } from './env';
 
@@ -33,7 +33,10 @@ export async function dropPrefix(prefix: string): Promise<void> {
  * Queue writes its `meta` key when its connection is ready, whatever is added, so "no key at all" is a race.
  */
 export async function enqueueTraces(redis: IORedis, queue: Queue): Promise<{ jobs: number; events: number; otherKeys: string[] }> {
-  const counts = await queue.getJobCounts();
+  // counted over the test's own connection: the queue's may be a producer's, whose 5 s command timeout a starved
+  // test process can pass while the answer waits in its socket (seen on a machine at load 16)
+  const counter = new Queue(queue.name, { connection: redis, prefix: queue.opts.prefix });
+  const counts = await counter.getJobCounts().finally(() => counter.close());
   const own = new Set(Object.values(queue.keys));
   const otherKeys: string[] = [];
   let cursor = '0';

@@ -181,12 +181,14 @@ describe('clocks that disagree: hosts minutes off (faketime)', function () {
   it('a process whose clock is 300 s behind reads the fleet clock within 1 s of Redis TIME', async () => {
     const child = underFaketime(-300, 'fleet-clock-process.js', { REDIS_URL: testEnv().redisUrl });
     closers.push(() => child.stop());
-    const reported = await child.next<{ local: number; fleet: number; offset: number }>();
+    const reported = await child.next<{ local: number; fleet: number; offset: number; uncertaintyMs: number }>();
     const redisNow = await redisTimeMs(redis);
     expect((reported.local - Date.now()) / 1000, "the process's own clock is off").to.be.closeTo(-300, 5);
     expect(reported.offset / 1000).to.be.closeTo(300, 5);
-    // read before the line reached us: at most Redis's now, and within 1 s of it
-    expect(reported.fleet).to.be.at.most(redisNow + 50);
+    // read before the line reached us: at most Redis's now (give or take the half round trip the offset is known
+    // within: on a busy machine that is more than a few ms), and within 1 s of it
+    expect(reported.uncertaintyMs).to.be.a('number').and.at.least(0);
+    expect(reported.fleet).to.be.at.most(redisNow + reported.uncertaintyMs + 1);
     expect(redisNow - reported.fleet).to.be.lessThan(1000);
   });
 });

@@ -3,6 +3,8 @@ import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { checkHistory, type HistoryCheckOptions, type SentEvent } from '../../chaos/history-checker';
 import { TransitionService } from '../../src/services/transitions';
+import { parseEntry } from '../../src/streams/consumer';
+import { partitionKey, partitionOf, recordPartitions } from '../../src/streams/partitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 
@@ -232,6 +234,42 @@ describe('history checker', function () {
     expect(report.violations.find((v) => v.kind === 'stream_missing_version')).to.include({ deploymentId: gap.deploymentId });
     expect(report.violations.find((v) => v.kind === 'stream_out_of_order')).to.include({ deploymentId: order.deploymentId, version: 2 });
     expect(report.violations.find((v) => v.kind === 'stream_entry_mismatch')?.detail).to.match(/different to/);
+  });
+
+  it('reads every partition of a partitioned stream, and tells apart entries of two partitions with the same id', async () => {
+    const runs = [await lifecycle(), await lifecycle(), await lifecycle(), await lifecycle(), await lifecycle(), await lifecycle()];
+    const ids = runs.map((r) => r.deploymentId);
+    const P = 4;
+    await recordPartitions(redis, streamKey, P);
+    // what the relay does with P = 4, but with ids that repeat across partitions (each partition counts from 1-1)
+    const rows = await q<{ fields: Record<string, string> }>(`SELECT fields FROM outbox WHERE deployment_id = ANY($1) ORDER BY id`, [ids]);
+    const next = new Map<number, number>();
+    for (const row of rows) {
+      const n = partitionOf(row.fields.deploymentId ?? '', P);
+      next.set(n, (next.get(n) ?? 0) + 1);
+      await redis.xadd(partitionKey(streamKey, n, P), `1-${next.get(n)}`, ...Object.entries(row.fields).flat());
+    }
+    const used = [...next.keys()];
+    expect(used.length, 'the deployments cover two partitions at least').to.be.at.least(2);
+    const report = await check(ids);
+    expect(report.violations).to.deep.equal([]);
+    expect(report.stream).to.deep.equal({ entries: 36, repeats: 0, gaps: 0, outOfOrder: 0, mismatches: 0 });
+
+    // one partition's entries read by a consumer, then trimmed away: the same ids on the other partitions still count
+    const first = partitionKey(streamKey, used[0] ?? 0, P);
+    const read = ((await redis.xrange(first, '-', '+')) as Array<[string, string[]]>).map(([id, fields]) => parseEntry(id, fields));
+    await redis.xtrim(first, 'MAXLEN', 0);
+    const trimmed = await check(ids, { stream: { redis, key: streamKey, before: read } });
+    expect(trimmed.violations).to.deep.equal([]);
+    expect(trimmed.stream).to.deep.equal({ entries: 36, repeats: 0, gaps: 0, outOfOrder: 0, mismatches: 0 });
+
+    // an entry lost on another partition is a gap of its deployment
+    const other = partitionKey(streamKey, used[1] ?? 1, P);
+    const [[lostId, lostFields] = ['', []]] = (await redis.xrange(other, '-', '+', 'COUNT', 1)) as Array<[string, string[]]>;
+    await redis.xdel(other, lostId);
+    const gap = await check(ids, { stream: { redis, key: streamKey, before: read } });
+    expect(gap.violationCounts).to.deep.equal({ stream_missing_version: 1 });
+    expect(gap.violations[0]).to.include({ deploymentId: parseEntry(lostId, lostFields).deploymentId });
   });
 
   it('lists at most maxViolations, and counts them all', async () => {

@@ -4,6 +4,8 @@ import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type IORedis from 'ioredis';
 import { loadConfig } from '../../src/config';
+import { ValidationError } from '../../src/errors';
+import { EVENT_SCHEMAS } from '../../src/events/schemas';
 import { type HttpDeps } from '../../src/http/server';
 import { FleetMetrics } from '../../src/metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
@@ -173,6 +175,30 @@ describe('HTTP surface', function () {
       });
       const job = await producer.queue.getJob(`deployment.create.${deploymentId}`);
       expect(job?.data).to.deep.equal({ deploymentId, name: 'web', eventId: `deployment.create.${deploymentId}`, actor: 'anonymous' });
+    });
+
+    it('parses a payload once: the intake validates it and the producer enqueues it as validated (issue 30)', async () => {
+      // every parse of a deployment.create payload goes through its schema's safeParse: count them
+      const schema = EVENT_SCHEMAS['deployment.create'];
+      let parses = 0;
+      const safeParse = schema.safeParse.bind(schema);
+      schema.safeParse = (...args) => {
+        parses++;
+        return safeParse(...args);
+      };
+      try {
+        const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId: randomUUID(), name: 'web' } } });
+        expect(res.statusCode).to.equal(202);
+        expect(parses, 'schema parses for one POST /api/events').to.equal(1);
+        // the SDK still validates what it is given, once
+        parses = 0;
+        await producer.createDeployment({ deploymentId: randomUUID(), name: 'web' });
+        expect(parses, 'schema parses for one producer.createDeployment').to.equal(1);
+        const refused = await producer.enqueue('deployment.create', { deploymentId: 'x', name: 'web' }).catch((err: unknown) => err);
+        expect(refused).to.be.instanceOf(ValidationError);
+      } finally {
+        delete (schema as { safeParse?: unknown }).safeParse; // the prototype's again
+      }
     });
 
     const bad: Array<[string, unknown, number, string, string]> = [

@@ -12,6 +12,8 @@ import { expect } from 'chai';
 import { startFleet, type Fleet } from '../../src/app';
 import { loadConfig } from '../../src/config';
 import { silentLogger } from '../../src/log';
+import { TransitionConsumer } from '../../src/streams/consumer';
+import { transitionStreamKey } from '../../src/streams/outbox-relay';
 import type { JobOutcome, ReadinessMeasure, SweepResult } from '../../src/metrics';
 import type { DispatchReason, DispatchSource } from '../../src/services/dispatch';
 import { repoRoot } from '../../src/util';
@@ -197,6 +199,7 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
   describe('against a live fleet', () => {
     let db: TestDatabase | null = null;
     let fleet: Fleet | null = null;
+    let consumer: TransitionConsumer | null = null;
     const ready = new ReadyServer('ok');
     const prefix = uniquePrefix();
     let families = new Map<string, Family>();
@@ -212,6 +215,9 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
       });
       fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, { http: true });
       const api = fleet.httpUrl ?? '';
+      // a consumer group on the stream, for the partition metrics (lag, owner)
+      consumer = new TransitionConsumer({ redis: testEnv().redisUrl, streamKey: transitionStreamKey(prefix), group: 'monitoring', consumer: 'c1', startId: '0', handler: () => undefined });
+      void consumer.run().catch(() => undefined);
       const endpointUrl = await ready.listen();
 
       // a lifecycle to ready through the intake (transitions, the relay, probes), then an event the machine
@@ -255,6 +261,7 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
             f.get('fleet_jobs_total')?.labels.get('outcome')?.has('rejected') === true &&
             f.get('fleet_sweep_results_total')?.labels.get('result')?.has('stamped') === true &&
             f.get('fleet_dispatch_total')?.labels.get('source')?.has('public') === true &&
+            f.get('fleet_stream_partition_owner')?.labels.get('group')?.has('monitoring') === true &&
             Number(/^fleet_outbox_published_total (\S+)$/m.exec(text)?.[1] ?? 0) > 0;
           return done ? true : undefined;
         },
@@ -264,6 +271,7 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
     });
 
     after(async () => {
+      await consumer?.close();
       await fleet?.close(5000);
       await ready.close();
       await db?.close();
@@ -291,6 +299,9 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
         'fleet_sweep_results_total',
         'fleet_readiness_endpoints',
         'fleet_dispatch_total',
+        'fleet_stream_partition_length',
+        'fleet_stream_group_lag',
+        'fleet_stream_partition_owner',
       ]);
     });
 

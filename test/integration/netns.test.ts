@@ -3,6 +3,11 @@
  * own on one bridge. Partitioning the client's host cuts it off from Redis while everything else still reaches it;
  * healing brings it back. Skipped, saying why, where namespaces cannot be made (not root, no iproute2).
  */
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { expect } from 'chai';
 import IORedis from 'ioredis';
 import { NetnsLab, netnsUnavailable } from '../../dev/netns';
@@ -55,5 +60,25 @@ describe('hosts as network namespaces: partition and heal', function () {
     } finally {
       fromRoot.disconnect();
     }
+  });
+
+  it("refuses a lab name a live run holds (rather than tear that run's lab down), and takes over a killed run's", async () => {
+    const name = `u${process.pid % 10_000}`;
+    const subnet = 21 + (process.pid % 200); // never the other test's
+    const claim = path.join(os.tmpdir(), `lifecycle-fleet-netns-${name}.pid`);
+    const holder = spawn('sleep', ['60'], { stdio: 'ignore' });
+    try {
+      fs.writeFileSync(claim, String(holder.pid));
+      expect(() => NetnsLab.create(name, ['a'], subnet)).to.throw(`netns lab ${name} is in use by process ${holder.pid}`);
+      expect(fs.readFileSync(claim, 'utf8')).to.equal(String(holder.pid));
+    } finally {
+      holder.kill('SIGKILL');
+      await once(holder, 'exit');
+    }
+    // the holder is gone, as a SIGKILLed run is: its claim is taken over
+    const taken = NetnsLab.create(name, ['a'], subnet);
+    expect(fs.readFileSync(claim, 'utf8')).to.equal(String(process.pid));
+    await taken.destroy();
+    expect(fs.existsSync(claim)).to.equal(false);
   });
 });

@@ -149,6 +149,9 @@ describe('outages: fleet tail when Redis goes away', function () {
       expect(await tail.exited).to.equal(0);
       process.stdout.write(`      (tail exited ${Date.now() - stoppedAt} ms after SIGTERM with Redis down)\n`);
       const lines = tail.err().trim().split('\n');
+      // then, as any tail without a group that stops, where to resume from (issue 29: an opaque cursor)
+      const cursor = lines.pop();
+      expect(cursor).to.match(/^fleet tail: to resume every partition from here: --from [A-Za-z0-9_-]+=*$/);
       expect(lines).to.deep.equal([
         `fleet tail: lost Redis at 127.0.0.1:${own.port}, retrying`,
         `fleet tail: Redis at 127.0.0.1:${own.port} is back`,

@@ -8,19 +8,23 @@ import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
 import { Queue, Worker, type Job } from 'bullmq';
 import { loadConfig } from '../../src/config';
-import { ConfigError, DurabilityError } from '../../src/errors';
+import { ConfigError, DurabilityError, ResyncRequiredError } from '../../src/errors';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { createRedis, describeRedis, isCluster, type RedisConnection } from '../../src/queues/redis';
 import { createStampBuffer, type StampBuffer } from '../../src/services/stamp-buffer';
 import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweepResult } from '../../src/services/sweep';
 import { TransitionService } from '../../src/services/transitions';
-import { TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
+import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';
+import { partitionKey, partitionKeys, partitionOf, recordPartitions } from '../../src/streams/partitions';
 import { OutboxRelay, transitionStreamKey } from '../../src/streams/outbox-relay';
+import { repartition } from '../../src/streams/repartition';
 import { tail } from '../../src/cli/tail';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
+import { ConsumerAudit } from '../helpers/consumer-audit';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { applyVersions } from '../helpers/lifecycle';
 import { testHttpServer } from '../helpers/http';
 import { ReadyServer } from '../helpers/ready-server';
 import { OwnRedisCluster } from '../helpers/redis-cluster';
@@ -197,7 +201,146 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect([...bySlot.keys()], all.join(', ')).to.have.length(1);
   });
 
+  it('fleet streams repartition 1 -> 4 under a relay and a consumer group: hash-tagged partitions, nothing lost, in order', async () => {
+    const prefix = `{${uniquePrefix()}}`;
+    const streamKey = transitionStreamKey(prefix);
+    const redis = createRedis(cluster.url, 'worker', 'lifecycle-fleet-test');
+    closers.push(async () => redis.disconnect());
+    // this test's stream only: earlier tests' rows are not pending
+    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now())`);
+    await recordPartitions(redis, streamKey, 1);
+    const relay = new OutboxRelay({ databaseUrl: db.url, redis: cluster.url, streamKey, standbyRetryMs: 100 });
+    closers.push(() => relay.close());
+    relay.start();
+    const service = new TransitionService({ dataSource: db.dataSource, relay });
+    const seen = new Map<string, number[]>();
+    const consumer = new TransitionConsumer({
+      redis: cluster.url,
+      streamKey,
+      group: 'g',
+      consumer: 'c1',
+      startId: '0',
+      blockMs: 200,
+      leaseMs: 1000,
+      handler: (e) => void seen.set(e.deploymentId, [...(seen.get(e.deploymentId) ?? []), e.version]),
+    });
+    closers.push(() => consumer.close());
+    void consumer.run();
+    const ids = Array.from({ length: 12 }, () => randomUUID());
+    const attempts = ids.map(() => randomUUID());
+    for (const id of ids) await service.apply('deployment.create', { deploymentId: id, name: 'web' }, { fallbackEventId: randomUUID() });
+    await waitFor('12 handled', () => (ids.every((id) => seen.has(id)) ? true : undefined));
+    const outcome = await repartition({ databaseUrl: db.url, redis, streamKey, to: 4, timeoutMs: 30_000, report: () => undefined });
+    expect(outcome).to.deep.equal({ kind: 'repartitioned', from: 1, to: 4 });
+    for (const [i, id] of ids.entries()) await service.apply('attempt.create', { deploymentId: id, attemptId: attempts[i] }, { fallbackEventId: randomUUID() });
+    await waitFor('24 handled', () => (ids.every((id) => seen.get(id)?.length === 2) ? true : undefined), 30_000);
+    for (const id of ids) {
+      expect(seen.get(id), id).to.deep.equal([1, 2]);
+      const key = partitionKey(streamKey, partitionOf(id, 4), 4);
+      expect(key).to.match(/^\{t[0-9a-f]+:p[0-3]\}:transitions:[0-3]$/);
+      const versions = ((await redis.xrange(key, '-', '+')) as Array<[string, string[]]>).filter(([, f]) => f.includes(id)).map(([, f]) => f[f.indexOf('version') + 1]);
+      expect(versions, key).to.deep.equal(['2']);
+    }
+  });
+
   // last in the file: it fails a master over (and brings it back as a replica)
+  it('consumers of one group ride out the failover of a master serving some partitions, to a replica that lagged: complete and in order, what the failover lost republished and dropped by version; a group made during the lag gets resync_required for a partition there', async () => {
+    const P = 6;
+    const url = cluster.url;
+    // a prefix whose partitions are spread over at least two masters: one master's fail over, the others' do not
+    let streamKey = '';
+    let masters: number[] = [];
+    while (new Set(masters).size < 2) {
+      streamKey = transitionStreamKey(`{${uniquePrefix()}}`);
+      masters = await Promise.all(partitionKeys(streamKey, P).map((key) => cluster.masterFor(key)));
+    }
+    const keys = partitionKeys(streamKey, P);
+    const failing = masters[0] ?? 0;
+    const there = keys.flatMap((_, n) => (masters[n] === failing ? [n] : []));
+    // this test's stream over the file's one database: earlier tests' rows are neither pending nor traceable
+    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    const admin = createRedis(url, 'worker', 'lifecycle-fleet-test-admin');
+    closers.push(async () => admin.disconnect());
+    await recordPartitions(admin, streamKey, P);
+    const service = new TransitionService({ dataSource: db.dataSource });
+    const relay = new OutboxRelay({ databaseUrl: db.url, redis: url, streamKey, partitions: P, standbyRetryMs: 200, pollIntervalMs: 100 });
+    closers.push(() => relay.close());
+    relay.start();
+
+    const audit = new ConsumerAudit(P, 1);
+    // each group's memory of versions, shared by its consumers
+    const versions = new Map([['g', memoryVersionStore()], ['late', memoryVersionStore()]]);
+    const ended: unknown[] = [];
+    const start = (group: string, name: string, handler: (e: TransitionEntry) => Promise<void>, onPartitionChange?: TransitionConsumerOptions['onPartitionChange']) => {
+      const c = new TransitionConsumer({
+        redis: url,
+        streamKey,
+        group,
+        consumer: name,
+        startId: '0',
+        blockMs: 200,
+        batchSize: 20,
+        leaseMs: 2000,
+        versions: versions.get(group) ?? memoryVersionStore(),
+        handler,
+        ...(onPartitionChange ? { onPartitionChange } : {}),
+      });
+      closers.push(() => c.close());
+      return { consumer: c, ended: c.run().then(() => 'resolved', (err: unknown) => err) };
+    };
+    const group = ['a', 'b', 'c'].map((name) => start('g', name, audit.handler(name), audit.changes(name)));
+    for (const g of group) void g.ended.then((outcome) => ended.push(outcome));
+    const deployments = Array.from({ length: 24 }, () => randomUUID());
+    const through = (from: number, to: number) => Promise.all(deployments.map((d) => applyVersions(service, d, from, to)));
+    await through(1, 2);
+    await waitFor('versions 1-2 handled', () => (audit.count(deployments) === 48 ? true : undefined), 30_000);
+    await waitFor('2 partitions each', () => (group.every((g) => g.consumer.ownedPartitions().length === 2) ? true : undefined));
+
+    // the replica falls behind; meanwhile 3-4 are appended, handled and acknowledged on the master only, and another
+    // group is made on every partition; then the master dies and the replica takes over without any of it
+    const late = new ConsumerAudit(P, 0);
+    let lateRun: { consumer: TransitionConsumer; ended: Promise<unknown> } | null = null;
+    let handledDuringLag: Array<{ readonly n: number; readonly id: string }> = [];
+    const failover = await cluster.failover(failing, {
+      replicaLagMs: 1500,
+      duringLag: async () => {
+        lateRun = start('late', 'l1', late.handler('l1'));
+        await through(3, 4);
+        await waitFor('versions 3-4 handled', () => (audit.count(deployments) === 96 ? true : undefined), 20_000);
+        await waitFor("the late group to read on the failing master's partitions", () => (late.handled().some((e) => there.includes(e.partition)) ? true : undefined));
+        handledDuringLag = audit.handled().filter((e) => there.includes(e.partition) && e.entry.version >= 3).map((e) => ({ n: e.partition, id: e.entry.streamId }));
+      },
+    });
+    closers.push(() => cluster.restart(failover.killed));
+    expect(handledDuringLag).to.not.deep.equal([]);
+
+    // the relay finds the failed-over partitions shorter at its next append there and republishes 3-4 first
+    await through(5, 6);
+    await waitFor('versions 5-6 handled', () => (audit.count(deployments) === 144 ? true : undefined), 60_000);
+    // each version exactly once, in order (a deployment's republished copies come before its 5 on its partition), by
+    // one owner at a time; no consumer of the group stopped
+    audit.expectComplete(deployments, 6, true);
+    await waitFor('the republished copies dropped', () => (group.reduce((sum, g) => sum + g.consumer.dropped, 0) > 0 ? true : undefined), 30_000);
+    expect(audit.fenceViolations()).to.deep.equal([]);
+    expect(ended).to.deep.equal([]);
+    // what was handled during the lag is gone from those partitions; its versions are back under new ids
+    const retained: Array<{ readonly n: number; readonly entry: TransitionEntry }> = [];
+    for (const n of there) for (const [id, fields] of await admin.xrange(keys[n] ?? '', '-', '+')) retained.push({ n, entry: parseEntry(id, fields) });
+    const gone = handledDuringLag.filter((h) => retained.some((r) => r.n === h.n && r.entry.streamId === h.id));
+    expect(gone).to.deep.equal([]);
+    const back = (d: string, v: number) => retained.some((r) => r.entry.deploymentId === d && r.entry.version === v);
+    const thereDeployments = deployments.filter((d) => there.includes(partitionOf(d, P)));
+    expect(thereDeployments).to.not.deep.equal([]);
+    expect(thereDeployments.filter((d) => !back(d, 3) || !back(d, 4))).to.deep.equal([]);
+
+    // the group made during the lag: its position on the failed-over partitions is gone, so it stops there
+    let lateOutcome: { readonly result: unknown } | undefined;
+    void (lateRun as { ended: Promise<unknown> } | null)?.ended.then((result) => (lateOutcome = { result }));
+    const lateEnded = (await waitFor('the late group to stop', () => lateOutcome, 30_000)).result;
+    expect(lateEnded).to.be.instanceOf(ResyncRequiredError);
+    expect(there.map((n) => keys[n])).to.include((lateEnded as ResyncRequiredError).streamKey);
+  });
+
   it('a stream consumer rides out a failover of the master serving its slot: it neither stops nor misses an entry', async () => {
     const prefix = `{${uniquePrefix()}}`;
     const streamKey = transitionStreamKey(prefix);

@@ -6,8 +6,9 @@ import type IORedis from 'ioredis';
 import { Database } from '../../src/entities/sql';
 import { ResyncRequiredError } from '../../src/errors';
 import { TransitionService } from '../../src/services/transitions';
-import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
+import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
+import { createRedis } from '../../src/queues/redis';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';
@@ -155,8 +156,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await waitFor('the standby to take over', () => (standby.isLeader ? true : undefined), 5000);
     const deploymentId = randomUUID();
     await tenTransitions(service, deploymentId);
-    await waitFor('ten entries', async () => ((await redis.xlen(streamKey)) >= 10 ? true : undefined));
+    // the count goes up just after the append returns: wait for it rather than for the entries
+    await waitFor('ten published by the standby', () => (standby.publishedCount >= 10 ? true : undefined));
     expect(standby.publishedCount).to.equal(10);
+    expect(await redis.xlen(streamKey)).to.equal(10);
   });
 
   it('loses nothing when the relay is SIGKILLed between XADD and the mark; the consumer drops the repeats', async () => {
@@ -200,7 +203,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     for (const versions of versionsByDeployment(handled).values()) expect(versions).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
   });
 
-  it('lets another consumer claim and handle what a SIGKILLed consumer left un-acked mid-batch', async () => {
+  it('lets another consumer take over, once its lease expired, what a SIGKILLed consumer left un-acked mid-batch', async () => {
     const deployments = Array.from({ length: 4 }, () => randomUUID());
     relay();
     for (const id of deployments) await tenTransitions(service, id);
@@ -208,7 +211,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await redis.xgroup('CREATE', streamKey, 'billing', '0');
 
     const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'fixtures', 'dying-consumer.js')], {
-      env: { ...process.env, STREAM_KEY: streamKey, GROUP: 'billing', KEEP: '5' },
+      env: { ...process.env, STREAM_KEY: streamKey, GROUP: 'billing', KEEP: '5', LEASE_MS: '1000' },
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     let out = '';
@@ -226,7 +229,8 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       streamKey,
       group: 'billing',
       consumer: 'survivor',
-      claimIdleMs: 200,
+      // the doomed consumer's lease on the stream expires; the survivor takes over what it left pending, first
+      leaseMs: 1000,
       blockMs: 100,
       handler: (e) => void handled.push(`${e.deploymentId}:${e.version}`),
     });
@@ -296,6 +300,72 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
     }, 30_000);
     await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
+  });
+
+  it('says nothing on the console while Redis is away: the connection that waits for new entries handles its errors too', async () => {
+    const own = await OwnRedis.start();
+    closers.push(() => own.stop());
+    const lent = createRedis(own.url, 'worker', 'lifecycle-fleet-consumer-quiet');
+    closers.push(async () => lent.disconnect());
+    let refused = 0;
+    lent.on('error', () => void refused++);
+    const consumer = new TransitionConsumer({ redis: lent, streamKey, group: 'quiet', consumer: 'c', blockMs: 200, handler: () => undefined });
+    closers.push(() => consumer.close());
+    const printed: string[] = [];
+    const consoleError = console.error;
+    console.error = (...args: unknown[]) => void printed.push(args.map(String).join(' '));
+    try {
+      void consumer.run().catch(() => undefined);
+      // its second connection is made when the partition's worker first waits for new entries
+      await waitFor('the connection that waits', async () =>
+        String(await lent.client('LIST')).split('\n').filter((l) => l.includes('name=lifecycle-fleet-consumer-quiet')).length >= 2 ? true : undefined,
+      );
+      await own.kill('SIGKILL');
+      // both connections retry on one schedule from the same moment: by the third refused attempt of the one, the
+      // other has met its first
+      await waitFor('three refused reconnects', () => (refused >= 3 ? true : undefined));
+    } finally {
+      console.error = consoleError;
+    }
+    expect(printed.filter((line) => line.includes('Unhandled error event'))).to.deep.equal([]);
+  });
+
+  it('after a transient error in the middle of a batch (its version store away for a moment), handles the rest of the batch before anything newer', async () => {
+    const deploymentId = randomUUID();
+    const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+    for (let v = 1; v <= 5; v++) await add(v);
+    const handled: number[] = [];
+    const seen = memoryVersionStore();
+    let failed = false;
+    const versions: VersionStore = {
+      get: (id) => {
+        if (!failed && handled.length === 2) {
+          failed = true;
+          throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' });
+        }
+        return seen.get(id);
+      },
+      set: (id, version) => seen.set(id, version),
+    };
+    const consumer = new TransitionConsumer({
+      redis: testEnv().redisUrl,
+      streamKey,
+      group: 'g',
+      consumer: 'c',
+      startId: '0',
+      batchSize: 10,
+      blockMs: 100,
+      versions,
+      handler: (e) => void handled.push(e.version),
+    });
+    closers.push(() => consumer.close());
+    const running = consumer.run();
+    await waitFor('the store to fail once', () => (failed ? true : undefined));
+    await add(6);
+    await waitFor('v6 handled', () => (handled.includes(6) ? true : undefined));
+    await consumer.close();
+    await running;
+    expect(handled).to.deep.equal([1, 2, 3, 4, 5, 6]);
   });
 
   it('after Redis comes back empty mid-cycle, reconciles before appending: no permanent gap (issue 13 A)', async () => {
@@ -398,6 +468,16 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       expect(text.output.out).to.contain(`${deploymentId}  v1  (new) -> pending  created`);
       child.kill('SIGINT');
       expect(await exited).to.equal(0);
+      // on exit, a cursor of every partition's position (here one): resuming from it prints nothing already printed
+      const cursor = /to resume every partition from here: --from (\S+)/.exec(output.err)?.[1];
+      expect(cursor, output.err).to.be.a('string');
+      const last = lines[lines.length - 1]?.streamId;
+      expect(JSON.parse(Buffer.from(cursor ?? '', 'base64url').toString('utf8'))).to.deep.equal({ p: 1, ids: [last] });
+      // a cursor for another number of partitions is refused, naming both
+      const other = startTail(['--from', Buffer.from(JSON.stringify({ p: 4, ids: ['0-0', '0-0', '0-0', '0-0'] })).toString('base64url')]);
+      expect(await other.exited).to.equal(2);
+      expect(other.output.err).to.contain(`--from: the cursor is for 4 partition(s), but the stream ${prefix}:transitions has 1`);
+      expect(other.output.out).to.equal('');
     });
 
     it('resumes through a consumer group where it stopped', async () => {

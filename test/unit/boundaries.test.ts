@@ -37,6 +37,19 @@ describe('layer boundaries (lint)', function () {
     });
   }
 
+  it('holds src/http and src/events to 450 lines a file and 80 a function; warns elsewhere (issue 30)', async () => {
+    const longFunction = `export function _probe(): number {\n  let n = 0;\n${'  n++;\n'.repeat(79)}  return n;\n}`;
+    const longFile = '// a line\n'.repeat(450);
+    const severities = async (file: string, injected: string, rule: string): Promise<number[]> => {
+      const filePath = path.join(root, file);
+      const [result] = await eslint.lintText(`${injected}\n${fs.readFileSync(filePath, 'utf8')}`, { filePath });
+      return (result?.messages ?? []).filter((m) => m.ruleId === rule).map((m) => m.severity);
+    };
+    expect(await severities('src/http/server.ts', longFunction, 'max-lines-per-function')).to.deep.equal([2]);
+    expect(await severities('src/events/catalog.ts', longFile, 'max-lines')).to.deep.equal([2]);
+    expect(await severities('src/services/dispatch.ts', longFunction, 'max-lines-per-function')).to.deep.equal([1]);
+  });
+
   it('passes the files as they are, including the one lazy dev import of fleet start', async () => {
     const results = await eslint.lintFiles(['src/cli/start.ts', 'src/machine/decide.ts', 'src/entities/migrate.ts', 'src/services/transitions/outcomes.ts']);
     expect(results.flatMap((r) => r.messages.map((m) => `${r.filePath}: ${m.ruleId}: ${m.message}`))).to.deep.equal([]);

@@ -47,6 +47,7 @@ describe('chaos report: partitions and failovers', () => {
     takeoverMs: null,
     firstPublishMs: null,
     durationMs: 20_000,
+    consumers: [],
     ...p,
   });
   const failover = (f: Partial<FailoverEvent>): FailoverEvent => ({ atS: 30, killed: 7001, promoted: 7004, tookMs: 8000, rejoinedAfterMs: 11_000, ackedLost: 0, ...f });

@@ -16,6 +16,7 @@ describe('configuration', () => {
       orphanAfterS: 90,
       progressDeadlineS: 1800,
       streamMaxLen: 1_000_000,
+      streamPartitions: 1,
       httpPort: 3000,
       httpHost: '127.0.0.1',
       boardUser: null,

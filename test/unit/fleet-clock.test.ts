@@ -44,6 +44,7 @@ describe('FleetClock: Redis time, estimated from TIME', () => {
     redis.redisAheadMs = -120_000 + 450;
     await clock.sample();
     expect(clock.offset).to.be.closeTo(-120_000, 1);
+    expect(clock.uncertaintyMs, 'half the round trip of the sample in use').to.equal(2);
     // the tight sample ages out once `keep` newer ones came (these agree with it: 3 ms apart, within 4 / 2 + 10 / 2)
     redis.roundTripMs = 10;
     redis.redisAheadMs = -120_000 + 3;
@@ -51,6 +52,7 @@ describe('FleetClock: Redis time, estimated from TIME', () => {
     expect(clock.offset).to.be.closeTo(-120_000, 1);
     await clock.sample();
     expect(clock.offset).to.be.closeTo(-120_000 + 3, 1);
+    expect(clock.uncertaintyMs).to.equal(5);
   });
 
   it('starts the samples over when a sample cannot be right together with the one in use (a clock jumped)', async () => {

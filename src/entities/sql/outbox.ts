@@ -18,9 +18,21 @@ const MARK_PUBLISHED = `UPDATE outbox SET published_at = now(), stream_id = v.st
     FROM unnest($1::bigint[], $2::text[]) AS v(id, stream_id)
    WHERE outbox.id = v.id`;
 
+/**
+ * The NOTIFY channel on which `fleet streams repartition` asks the active relay to hand its lock over: the leader
+ * marks what it appended and releases the lock, to the command waiting for it.
+ */
+export const RELAY_HANDOVER_CHANNEL = 'lifecycle_fleet_relay_handover';
+
 export const OUTBOX_SQL = Object.freeze({
   tryLock: sql<{ locked: boolean }>(`SELECT pg_try_advisory_lock(hashtext($1)) AS locked`),
-  listen: plain(`LISTEN ${OUTBOX_CHANNEL}`),
+  /** waits for the relay lock ($1 the key) at most as long as the session's lock_timeout */
+  lock: sql<never>(`SELECT pg_advisory_lock(hashtext($1))`),
+  unlock: sql<never>(`SELECT pg_advisory_unlock(hashtext($1))`),
+  /** how long this session waits for a lock ($1: e.g. '5000ms'; '0' waits for ever) */
+  lockTimeout: sql<never>(`SELECT set_config('lock_timeout', $1, false)`),
+  listen: plain(`LISTEN ${OUTBOX_CHANNEL}; LISTEN ${RELAY_HANDOVER_CHANNEL}`),
+  askHandover: plain(`NOTIFY ${RELAY_HANDOVER_CHANNEL}`),
   /**
    * The server side notices a vanished (partitioned) leader too, and frees the lock for a standby: keepalive probes
    * after 5 s of silence, every 2 s, 3 unanswered end the session (about 11 s); `tcp_user_timeout` bounds the same
@@ -45,11 +57,18 @@ export const OUTBOX_SQL = Object.freeze({
       WHERE published_at IS NULL AND NOT (id = ANY($1::bigint[]))
       ORDER BY id LIMIT $3`,
   ),
-  /** rows marked published past the stream's tail ($1 ms, $2 seq) go out again */
-  unpublishAfter: sql<never>(
+  /**
+   * Rows marked published past their stream's tail go out again. A row's stream id is `ms-seq` on a stream of one
+   * partition and `ms-seq@n` on partition n of several; per partition ($1 partitions, '' for the one stream; $2 ms
+   * and $3 seq of its tail).
+   */
+  unpublishPastTails: sql<never>(
     `UPDATE outbox SET published_at = NULL, stream_id = NULL
+       FROM unnest($1::text[], $2::numeric[], $3::numeric[]) AS t(part, ms, seq)
       WHERE published_at IS NOT NULL AND stream_id IS NOT NULL
-        AND (split_part(stream_id, '-', 1)::numeric, split_part(stream_id, '-', 2)::numeric) > ($1::numeric, $2::numeric)`,
+        AND split_part(stream_id, '@', 2) = t.part
+        AND (split_part(split_part(stream_id, '@', 1), '-', 1)::numeric, split_part(split_part(stream_id, '@', 1), '-', 2)::numeric)
+            > (t.ms, t.seq)`,
   ),
   /** published rows older than $1 ms, 10,000 at a time */
   prunePublished: sql<never>(

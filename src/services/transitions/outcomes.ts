@@ -2,9 +2,8 @@
  * What applying an event can come to, and the pure pieces around a decision: the machine's view of an event, and
  * how an eventId claimed by another event reads.
  */
-import { ValidationError } from '../../errors';
 import { payloadDigest, type LifecycleEvent } from '../../events/schemas';
-import type { DeploymentState, MachineEvent, NoopReason, RejectionCode } from '../../machine';
+import type { DeploymentState, NoopReason, RejectionCode } from '../../machine';
 
 /**
  * Outcomes of heartbeat and readiness stamps, which change no state. `buffered`: absorbed by the stamp buffer, to
@@ -40,8 +39,8 @@ export type ApplyResult =
       readonly message: string;
     };
 
-/** Events that the machine decides on (everything but the stamps). */
-export type StateEvent = Exclude<LifecycleEvent, { name: 'attempt.heartbeat' | 'deployment.readiness' }>;
+// The events the machine decides on, and its view of one: derived from the event catalog (src/events/catalog.ts).
+export { toMachineEvent, type StateEvent } from '../../events/schemas';
 
 /**
  * A processed row is this event when name, deployment and payload agree (rows from before the digest: name and
@@ -89,36 +88,4 @@ export function eventIdConflict(event: LifecycleEvent, claimedBy: string, claime
     code: 'event_id_conflict',
     message: `eventId "${event.eventId}" was already used by ${other}; send this event with an eventId of its own`,
   };
-}
-
-export function toMachineEvent(event: StateEvent, cutoffs: { deadBefore: Date; startedBefore: Date }): MachineEvent {
-  switch (event.name) {
-    case 'deployment.create':
-      return { type: event.name, name: event.data.name, endpoint: event.data.endpoint };
-    case 'attempt.create':
-    case 'attempt.start':
-      return { type: event.name, attemptId: event.data.attemptId };
-    case 'attempt.orphaned':
-      return { type: event.name, attemptId: event.data.attemptId, deadBefore: cutoffs.deadBefore };
-    case 'attempt.expired':
-      return { type: event.name, attemptId: event.data.attemptId, startedBefore: cutoffs.startedBefore };
-    case 'attempt.end':
-      return {
-        type: event.name,
-        attemptId: event.data.attemptId,
-        outcome: event.data.outcome,
-        reason: event.data.reason,
-        endpoint: event.data.endpoint,
-      };
-    case 'attempt.cancel':
-      return { type: event.name, attemptId: event.data.attemptId, reason: event.data.reason };
-    case 'deployment.teardown':
-      return { type: event.name, force: event.data.force };
-    case 'deployment.resolve':
-      return { type: event.name, outcome: event.data.outcome, reason: event.data.reason };
-    default: {
-      const never: never = event;
-      throw new ValidationError('unknown_event', [{ field: 'name', rule: `unhandled event ${JSON.stringify(never)}` }]);
-    }
-  }
 }

@@ -94,133 +94,184 @@ const STOPPED = Symbol('stopped');
 
 export async function tail(options: TailOptions): Promise<void> {
   const print = (entry: TransitionEntry) => options.write(formatEntry(entry, options.json === true));
-  if (options.group !== undefined) {
-    const consumer = new TransitionConsumer({
-      redis: options.redisUrl,
-      streamKey: options.streamKey,
-      group: options.group,
-      consumer: options.consumer ?? `tail-${process.pid}`,
-      startId: options.from ?? '$',
-      blockMs: 1000,
-      handler: print,
-      ...(options.report !== undefined ? { redisWatch: new ServerWatch(describeServer('Redis', options.redisUrl), options.report) } : {}),
+  if (options.group !== undefined) return tailGroup(options, options.group, print);
+  await new StreamTail(options, print).run();
+}
+
+/** A tail through a consumer group: it continues where the group's last tail of this consumer stopped. */
+async function tailGroup(options: TailOptions, group: string, print: (entry: TransitionEntry) => void): Promise<void> {
+  const consumer = new TransitionConsumer({
+    redis: options.redisUrl,
+    streamKey: options.streamKey,
+    group,
+    consumer: options.consumer ?? `tail-${process.pid}`,
+    startId: options.from ?? '$',
+    blockMs: 1000,
+    handler: print,
+    ...(options.report !== undefined ? { redisWatch: new ServerWatch(describeServer('Redis', options.redisUrl), options.report) } : {}),
+  });
+  // the run rejects only before the stop (a resync, a bug); once closed, it ends without an error
+  await Promise.race([consumer.run(), options.stop]);
+  // A frozen Redis never answers the read in flight: the close stops waiting for it after the grace and drops the
+  // connection (ioredis lets go of the read when it destroys the socket, 2 s later; the tail does not wait for
+  // that). An entry printed but not acknowledged is read again by the next tail of this consumer.
+  await consumer.close(STOP_GRACE_MS);
+}
+
+/** A tail without a group: reads every partition directly, from positions of its own, until the stop. */
+class StreamTail {
+  private readonly redis: RedisConnection;
+  private stopped = false;
+  private readonly stopping: Promise<typeof STOPPED>;
+  private partitions = 1;
+  private repartitions = 0;
+  private keys: string[] = [];
+  /** per partition, the id after which it reads: each partition is in order, so each deployment is */
+  private readonly last = new Map<string, string>();
+  /** every partition has a position: the tail has a cursor of where it is */
+  private positioned = false;
+
+  constructor(
+    private readonly options: TailOptions,
+    private readonly print: (entry: TransitionEntry) => void,
+  ) {
+    this.redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
+    if (options.report !== undefined) new ServerWatch(describeRedis(this.redis), options.report).attach(this.redis);
+    this.stopping = options.stop.then(() => {
+      this.stopped = true;
+      return STOPPED;
     });
-    // the run rejects only before the stop (a resync, a bug); once closed, it ends without an error
-    await Promise.race([consumer.run(), options.stop]);
-    // A frozen Redis never answers the read in flight: the close stops waiting for it after the grace and drops the
-    // connection (ioredis lets go of the read when it destroys the socket, 2 s later; the tail does not wait for
-    // that). An entry printed but not acknowledged is read again by the next tail of this consumer.
-    await consumer.close(STOP_GRACE_MS);
-    return;
   }
 
-  const redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
-  if (options.report !== undefined) new ServerWatch(describeRedis(redis), options.report).attach(redis);
-  let stopped = false;
-  const stopping: Promise<typeof STOPPED> = options.stop.then(() => {
-    stopped = true;
-    return STOPPED;
-  });
-  // Every command races the stop: one waiting for a Redis that is away or frozen would wait for its return. What the
-  // stop leaves behind fails when the connection is dropped below.
-  const untilStopped = <T>(command: Promise<T>): Promise<T | typeof STOPPED> => {
+  async run(): Promise<void> {
+    const { options, redis } = this;
+    try {
+      if ((await this.start()) === STOPPED) return;
+      this.positioned = true;
+      while (!this.stopped) {
+        const now = await this.untilStopped(readRecord(redis, options.streamKey));
+        if (now === STOPPED) return;
+        if (now.repartitions > this.repartitions + 1) {
+          throw new Error(
+            `the stream ${options.streamKey} was repartitioned ${now.repartitions - this.repartitions} times since this tail last looked: the entries of the layouts in between cannot be printed in each deployment's order; start it again`,
+          );
+        }
+        if (now.repartitions !== this.repartitions || now.partitions !== this.partitions) {
+          if ((await this.followRepartition(now)) === STOPPED) return;
+          continue;
+        }
+        const reply = await this.untilStopped(this.read(this.keys, !this.spread()));
+        if (reply === STOPPED) return;
+        const shown = this.show(reply);
+        if (this.spread() && shown === 0 && (await this.untilStopped(sleep(200))) === STOPPED) return;
+      }
+    } catch (err) {
+      if (!this.stopped) {
+        this.positioned = false; // a tail that failed has no position to resume from
+        throw err;
+      } // cut short by the stop: not an error
+    } finally {
+      redis.disconnect();
+      if (options.onCursor !== undefined && this.positioned) options.onCursor(this.cursor());
+    }
+  }
+
+  /** Every partition's position, as `--from` takes it. */
+  private cursor(): string {
+    return encodeCursor({ p: this.partitions, ids: this.keys.map((key) => this.last.get(key) ?? '0-0') });
+  }
+
+  /**
+   * Every command races the stop: one waiting for a Redis that is away or frozen would wait for its return. What the
+   * stop leaves behind fails when the connection is dropped.
+   */
+  private untilStopped<T>(command: Promise<T>): Promise<T | typeof STOPPED> {
     command.catch(() => undefined);
-    return Promise.race([command, stopping]);
-  };
-  // once every partition has a position: the cursor of where the tail is
-  let positioned: (() => string) | null = null;
-  try {
-    const recorded = await untilStopped(readRecord(redis, options.streamKey));
-    if (recorded === STOPPED) return;
-    let { partitions, repartitions } = recorded;
-    let keys = partitionKeys(options.streamKey, partitions);
+    return Promise.race([command, this.stopping]);
+  }
+
+  /** Reads the record and gives every partition its position: from `--from` (an id, or a cursor), or now. */
+  private async start(): Promise<void | typeof STOPPED> {
+    const { options, redis } = this;
+    const recorded = await this.untilStopped(readRecord(redis, options.streamKey));
+    if (recorded === STOPPED) return STOPPED;
+    ({ partitions: this.partitions, repartitions: this.repartitions } = recorded);
+    this.keys = partitionKeys(options.streamKey, this.partitions);
     const cursor = options.from === undefined || isStreamId(options.from) ? null : decodeCursor(options.from);
-    if (cursor !== null && cursor.p !== partitions) {
+    if (cursor !== null && cursor.p !== this.partitions) {
       throw new TailCursorError(
-        `--from: the cursor is for ${cursor.p} partition(s), but the stream ${options.streamKey} has ${partitions}: start from a stream id, 0 or $ instead`,
+        `--from: the cursor is for ${cursor.p} partition(s), but the stream ${options.streamKey} has ${this.partitions}: start from a stream id, 0 or $ instead`,
       );
     }
-    // per partition, the id after which it reads: each partition is in order, so each deployment is
-    const last = new Map<string, string>();
-    for (const [n, key] of keys.entries()) {
+    for (const [n, key] of this.keys.entries()) {
       let from = cursor?.ids[n] ?? options.from ?? '$';
       if (from === '$') {
         // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
         // skip whatever was added between the two reads
-        const newest = await untilStopped(redis.xrevrange(key, '+', '-', 'COUNT', 1));
-        if (newest === STOPPED) return;
+        const newest = await this.untilStopped(redis.xrevrange(key, '+', '-', 'COUNT', 1));
+        if (newest === STOPPED) return STOPPED;
         from = newest[0]?.[0] ?? '0-0';
       } else {
-        const start = await untilStopped(readerStart(redis, key, from));
-        if (start === STOPPED) return;
+        const start = await this.untilStopped(readerStart(redis, key, from));
+        if (start === STOPPED) return STOPPED;
         from = start.id;
-        if ((await untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) return;
+        if ((await this.untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) return STOPPED;
       }
-      last.set(key, from);
+      this.last.set(key, from);
     }
-    positioned = () => encodeCursor({ p: partitions, ids: keys.map((key) => last.get(key) ?? '0-0') });
-    // One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
-    // slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
-    const spread = () => isCluster(redis) && keys.length > 1;
-    const after = (key: string) => last.get(key) ?? '0-0';
-    const read = (from: readonly string[], block: boolean): Promise<Read> =>
-      spread()
-        ? Promise.all(from.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
-            replies.flatMap((r) => r ?? []),
-          )
-        : (redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>).then(
-            (r) => r ?? [],
-          );
-    const show = (reply: Read): number => {
-      let shown = 0;
-      for (const [key, entries] of reply) {
-        for (const [id, fields] of entries) {
-          print(parseEntry(id, fields));
-          last.set(key, id);
-          shown++;
-        }
-      }
-      return shown;
-    };
-    while (!stopped) {
-      const now = await untilStopped(readRecord(redis, options.streamKey));
-      if (now === STOPPED) return;
-      if (now.repartitions > repartitions + 1) {
-        throw new Error(
-          `the stream ${options.streamKey} was repartitioned ${now.repartitions - repartitions} times since this tail last looked: the entries of the layouts in between cannot be printed in each deployment's order; start it again`,
+  }
+
+  /**
+   * Repartitioned: nothing more comes to the old partitions (the record changes only once the relays are fenced off
+   * them), and nothing to the new ones before the record changed. Reads the old ones to their end, then the new ones
+   * from where each was, never before its layout boundary.
+   */
+  private async followRepartition(now: { partitions: number; repartitions: number }): Promise<void | typeof STOPPED> {
+    for (;;) {
+      const rest = await this.untilStopped(this.read(this.keys, false));
+      if (rest === STOPPED) return STOPPED;
+      if (this.show(rest) === 0) break;
+    }
+    ({ partitions: this.partitions, repartitions: this.repartitions } = now);
+    this.keys = partitionKeys(this.options.streamKey, this.partitions);
+    for (const key of this.keys) {
+      const start = await this.untilStopped(readerStart(this.redis, key, this.last.get(key) ?? '0'));
+      if (start === STOPPED) return STOPPED;
+      this.last.set(key, start.id);
+    }
+  }
+
+  /**
+   * One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
+   * slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
+   */
+  private spread(): boolean {
+    return isCluster(this.redis) && this.keys.length > 1;
+  }
+
+  private read(from: readonly string[], block: boolean): Promise<Read> {
+    const { redis } = this;
+    const after = (key: string) => this.last.get(key) ?? '0-0';
+    return this.spread()
+      ? Promise.all(from.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
+          replies.flatMap((r) => r ?? []),
+        )
+      : (redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>).then(
+          (r) => r ?? [],
         );
+  }
+
+  /** Prints what a read brought, moving each partition's position; how many entries. */
+  private show(reply: Read): number {
+    let shown = 0;
+    for (const [key, entries] of reply) {
+      for (const [id, fields] of entries) {
+        this.print(parseEntry(id, fields));
+        this.last.set(key, id);
+        shown++;
       }
-      if (now.repartitions !== repartitions || now.partitions !== partitions) {
-        // repartitioned: nothing more comes to the old partitions (the record changes only once the relays are
-        // fenced off them), and nothing to the new ones before the record changed. Read the old ones to their end,
-        // then the new ones from where each was, never before its layout boundary.
-        for (;;) {
-          const rest = await untilStopped(read(keys, false));
-          if (rest === STOPPED) return;
-          if (show(rest) === 0) break;
-        }
-        ({ partitions, repartitions } = now);
-        keys = partitionKeys(options.streamKey, partitions);
-        for (const key of keys) {
-          const start = await untilStopped(readerStart(redis, key, last.get(key) ?? '0'));
-          if (start === STOPPED) return;
-          last.set(key, start.id);
-        }
-        continue;
-      }
-      const reply = await untilStopped(read(keys, !spread()));
-      if (reply === STOPPED) return;
-      const shown = show(reply);
-      if (spread() && shown === 0 && (await untilStopped(sleep(200))) === STOPPED) return;
     }
-  } catch (err) {
-    if (!stopped) {
-      positioned = null; // a tail that failed has no position to resume from
-      throw err;
-    } // cut short by the stop: not an error
-  } finally {
-    redis.disconnect();
-    if (options.onCursor !== undefined && positioned !== null) options.onCursor(positioned());
+    return shown;
   }
 }
 

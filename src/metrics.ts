@@ -140,6 +140,11 @@ export class FleetMetrics {
       labelNames: ['source', 'reason'],
       registers,
     });
+    this.scrapedGauges(sources, registers);
+  }
+
+  /** The gauges read when /metrics is scraped, from the sources given (none: no such gauge). */
+  private scrapedGauges(sources: FleetMetricsSources, registers: Registry[]): void {
     const queueCounts = sources.queueCounts;
     if (queueCounts !== undefined) {
       new Gauge({

@@ -90,129 +90,27 @@ export function lifecycleQueueWatch(
   };
 }
 
+/** Stops one component, given what is left of the stop's grace period. */
+type Closer = (graceMs: number) => Promise<void>;
+
 export async function startFleet(
   config: FleetConfig,
   endpoints: Endpoints,
   logger: Logger,
   roles: FleetRoles = {},
 ): Promise<Fleet> {
-  const closers: Array<(graceMs: number) => Promise<void>> = [];
-  // One deadline for the whole stop: a component that cannot stop (BullMQ's close and the relay's last publish wait
-  // for Redis, for ever, while it is unreachable) is left behind once its share is spent, and the stop goes on.
-  const close = async (graceMs: number) => {
-    const deadline = Date.now() + graceMs;
-    for (const closer of closers.splice(0).reverse()) {
-      const left = Math.max(1000, deadline - Date.now());
-      try {
-        if ((await settleWithin(closer(left), left)) === 'timeout') logger.warn({ graceMs }, 'a component did not stop in time; leaving it behind');
-      } catch (err) {
-        logger.error({ err }, 'error while closing');
-      }
-    }
-  };
-
+  const closers: Closer[] = [];
+  const close = (graceMs: number) => closeInReverse(closers, graceMs, logger);
   // SIGHUP re-reads the API tokens in an HTTP process, and is harmless in every other (Node would exit on it)
-  let tokens: TokenStore | null = null;
-  const onHangup = () => {
-    if (tokens === null) {
-      logger.info('SIGHUP: nothing to reload in this process (no API tokens file)');
-      return;
-    }
-    try {
-      logger.info({ tokens: tokens.reload(), file: config.apiTokensFile }, 'API tokens reloaded');
-    } catch (err) {
-      logger.error({ err: (err as Error).message }, 'API tokens not reloaded; the previous ones stay in force');
-    }
-  };
+  const reloadable: Reloadable = { tokens: null };
+  const onHangup = hangupHandler(reloadable, config, logger);
   process.on('SIGHUP', onHangup);
   closers.push(async () => void process.off('SIGHUP', onHangup));
 
   try {
-    // first to start, last to stop: the spans of the shutdown itself are flushed
-    const tracing = await startTracing(config.tracing, logger);
-    if (tracing !== null) closers.push(() => tracing.close());
-    const telemetry = tracing === null ? {} : { telemetry: tracing.bullmq };
-
-    const dataSource = createDataSource({
-      url: endpoints.databaseUrl,
-      poolSize: config.concurrency + 6,
-      applicationName: 'lifecycle-fleet',
-    });
-    await dataSource.initialize();
-    closers.push(() => dataSource.destroy());
-    if (!(await migrationsApplied(dataSource))) {
-      throw new Error('the database schema is not up to date: run `fleet migrate` first');
-    }
-
-    const producer = new LifecycleProducer({
-      connection: endpoints.redisUrl,
-      prefix: config.prefix,
-      endpointAllow: config.endpointAllow,
-      durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
-      ...telemetry,
-    });
-    closers.push(() => producer.close());
-    // the one clock of the fleet: Redis's time. Its own fail-fast connection, so a sample never waits for a reconnect.
-    const clockRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-clock');
-    // on a cluster every node has a clock of its own: ask the master that serves the fleet's slot, always
-    const slots = new Map<string, number>();
-    const clock = new FleetClock({ redis: { time: async () => (await connectionForKey(clockRedis, `${config.prefix}:clock`, slots)).time() }, logger });
-    closers.push(async () => {
-      clock.close();
-      clockRedis.disconnect();
-    });
-    await clock.start();
-    logger.info({ offsetMs: Math.round(clock.offset ?? 0) }, 'fleet clock: Redis time minus this host\'s');
-    const now = clock.now;
-    // heartbeat and readiness stamps wait in Redis until the tick writes them in batches; it closes after the
-    // worker, the sweep and HTTP (closers run in reverse)
-    const stampBuffer = createStampBuffer({ redisUrl: endpoints.redisUrl, dataSource, prefix: config.prefix, logger });
-    closers.push(() => stampBuffer.close());
-    // a second view of the maintenance queue, for queue-depth metrics and Bull Board
-    const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
-    // this process's one view of each server: one line when it is lost, one when it is back, whichever component saw it
-    const pgWatch = new ServerWatch(describeServer('PostgreSQL', endpoints.databaseUrl), logReport(logger));
-    const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis, (err) =>
-      logger.warn({ err }, 'redis error'),
-    );
-    const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitorRedis, prefix: config.prefix });
-    maintenance.on('error', () => undefined);
-    closers.push(async () => {
-      await maintenance.close();
-      monitorRedis.disconnect();
-    });
-
-    const metrics = new FleetMetrics({
-      queueCounts: async () => {
-        const states = ['waiting', 'active', 'delayed', 'completed', 'failed', 'prioritized'] as const;
-        return {
-          [LIFECYCLE_QUEUE]: await producer.queue.getJobCounts(...states),
-          [MAINTENANCE_QUEUE]: await maintenance.getJobCounts(...states),
-        };
-      },
-      relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
-      streamPartitions: () => readPartitionStats(monitorRedis, transitionStreamKey(config.prefix)),
-    });
-    let relay: OutboxRelay | null = null;
-    if (roles.relay ?? true) {
-      // the stream's number of partitions is recorded for its consumers; a fleet started with another one stops here
-      await recordPartitions(monitorRedis, transitionStreamKey(config.prefix), config.streamPartitions);
-      const r = new OutboxRelay({
-        databaseUrl: endpoints.databaseUrl,
-        redis: endpoints.redisUrl,
-        streamKey: transitionStreamKey(config.prefix),
-        partitions: config.streamPartitions,
-        maxLen: config.streamMaxLen,
-        durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
-        logger,
-        redisWatch,
-        pgWatch,
-        onPublished: (n) => metrics.publishedCount(n),
-      });
-      relay = r;
-      closers.push(() => r.close());
-      r.start();
-    }
+    const base = await startBase(config, endpoints, logger, closers);
+    const { tracing, dataSource, producer, metrics, now, stampBuffer } = base;
+    const relay = (roles.relay ?? true) ? await startRelay(config, endpoints, logger, base, closers) : null;
     // while this process's relay is the active one, commits wake it directly rather than with a NOTIFY
     const service = new TransitionService({
       dataSource,
@@ -227,98 +125,9 @@ export async function startFleet(
     if (config.endpointAllow === null && ((roles.worker ?? true) || (roles.sweep ?? true))) {
       logger.info('FLEET_ENDPOINT_ALLOW is unset: this process takes and probes any endpoint host (set it wherever producers are not all trusted)');
     }
-
-    let sweep: SweepWorker | null = null;
-    if (roles.sweep ?? true) {
-      const sweeper = new Sweeper({
-        dataSource,
-        now,
-        pgWatch,
-        producer,
-        shardQueue: maintenance,
-        flushStamps: async (now) => (await stampBuffer.flush(now)).stamped,
-        everyS: config.sweepEveryS,
-        readyWindowS: config.readyWindowS,
-        orphanAfterS: config.orphanAfterS,
-        progressDeadlineS: config.progressDeadlineS,
-        probeConcurrency: config.probeConcurrency,
-        // no probe starts after 80% of the tick: a tick's shards never run into the next tick's
-        probeBudgetMs: Math.max(1000, config.sweepEveryS * 800),
-        logger,
-        metrics: { onSweep: (result) => metrics.sweep(result), onShard: (report) => metrics.shard(report) },
-        endpointAllow: config.endpointAllow,
-      });
-      const s = new SweepWorker({
-        connection: endpoints.redisUrl,
-        prefix: config.prefix,
-        sweeper,
-        everyS: config.sweepEveryS,
-        logger,
-        redisWatch,
-        durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
-      });
-      sweep = s;
-      closers.push((graceMs) => s.close(graceMs));
-      await s.start();
-    }
-
-    let worker: LifecycleWorker | null = null;
-    if (roles.worker ?? true) {
-      const w = new LifecycleWorker({
-        connection: endpoints.redisUrl,
-        prefix: config.prefix,
-        service,
-        stampBuffer,
-        concurrency: config.concurrency,
-        maxBatch: config.batchMax,
-        logger,
-        redisWatch,
-        pgWatch,
-        onJob: (report) => metrics.job(report),
-        ...telemetry,
-        watchdog: { ...lifecycleQueueWatch(monitorRedis, producer.queue), onStuck: roles.onStuck ?? (() => undefined) },
-      });
-      worker = w;
-      closers.push((graceMs) => w.close(graceMs));
-      await w.worker.waitUntilReady();
-    }
-
-    let http: FastifyInstance | null = null;
-    let httpUrl: string | null = null;
-    if (roles.http ?? false) {
-      tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile, { warn: (message, fields) => logger.warn(fields, message) });
-      if (tokens === null) {
-        logger.warn(
-          { host: config.httpHost },
-          'the HTTP API is open: no FLEET_API_TOKENS_FILE (allowed on loopback only; create tokens with `fleet token create`)',
-        );
-      } else {
-        logger.info({ tokens: tokens.size, file: config.apiTokensFile }, 'API tokens loaded');
-      }
-      // fail-fast: a rate-limit counter that cannot be reached is skipped, not waited for
-      const rateLimitRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-ratelimit');
-      rateLimitRedis.on('error', () => undefined);
-      closers.push(async () => rateLimitRedis.disconnect());
-      const app = await buildHttpServer({
-        now,
-        tokens,
-        rateLimitRedis,
-        config,
-        dataSource,
-        producer,
-        redis: monitorRedis,
-        queues: [producer.queue, maintenance],
-        stampBuffer,
-        metrics,
-        logger,
-      });
-      http = app;
-      closers.push(() => app.close());
-      await app.listen({ host: config.httpHost, port: config.httpPort });
-      const address = app.server.address();
-      const port = typeof address === 'object' && address !== null ? address.port : config.httpPort;
-      httpUrl = `http://${config.httpHost.includes(':') ? `[${config.httpHost}]` : config.httpHost}:${port}`;
-    }
+    const sweep = (roles.sweep ?? true) ? await startSweep(config, endpoints, logger, base, closers) : null;
+    const worker = (roles.worker ?? true) ? await startWorker(config, endpoints, logger, base, service, roles.onStuck, closers) : null;
+    const { http, httpUrl } = (roles.http ?? false) ? await startHttp(config, endpoints, logger, base, reloadable, closers) : { http: null, httpUrl: null };
 
     let closing: Promise<void> | null = null;
     return {
@@ -338,6 +147,258 @@ export async function startFleet(
     await close(1000);
     throw err;
   }
+}
+
+/**
+ * Stops the components in reverse start order under one deadline for the whole stop: a component that cannot stop
+ * (BullMQ's close and the relay's last publish wait for Redis, for ever, while it is unreachable) is left behind once
+ * its share is spent, and the stop goes on.
+ */
+async function closeInReverse(closers: Closer[], graceMs: number, logger: Logger): Promise<void> {
+  const deadline = Date.now() + graceMs;
+  for (const closer of closers.splice(0).reverse()) {
+    const left = Math.max(1000, deadline - Date.now());
+    try {
+      if ((await settleWithin(closer(left), left)) === 'timeout') logger.warn({ graceMs }, 'a component did not stop in time; leaving it behind');
+    } catch (err) {
+      logger.error({ err }, 'error while closing');
+    }
+  }
+}
+
+/** What SIGHUP reloads: the API tokens, once the HTTP role loaded them. */
+interface Reloadable {
+  tokens: TokenStore | null;
+}
+
+function hangupHandler(reloadable: Reloadable, config: FleetConfig, logger: Logger): () => void {
+  return () => {
+    const tokens = reloadable.tokens;
+    if (tokens === null) {
+      logger.info('SIGHUP: nothing to reload in this process (no API tokens file)');
+      return;
+    }
+    try {
+      logger.info({ tokens: tokens.reload(), file: config.apiTokensFile }, 'API tokens reloaded');
+    } catch (err) {
+      logger.error({ err: (err as Error).message }, 'API tokens not reloaded; the previous ones stay in force');
+    }
+  };
+}
+
+/** What every process starts, whatever its roles, in start order; the roles are built on it. */
+interface Base {
+  readonly tracing: Tracing | null;
+  /** BullMQ's `telemetry` option for the process's queues and workers, when tracing is on */
+  readonly telemetry: { readonly telemetry?: Tracing['bullmq'] };
+  readonly dataSource: DataSource;
+  readonly producer: LifecycleProducer;
+  /** the fleet clock */
+  readonly now: () => Date;
+  readonly stampBuffer: ReturnType<typeof createStampBuffer>;
+  /** a second view of the queues, for queue-depth metrics, Bull Board and the worker's watchdog */
+  readonly monitorRedis: RedisConnection;
+  readonly maintenance: Queue;
+  readonly pgWatch: ServerWatch;
+  readonly redisWatch: ServerWatch;
+  readonly metrics: FleetMetrics;
+}
+
+async function startBase(config: FleetConfig, endpoints: Endpoints, logger: Logger, closers: Closer[]): Promise<Base> {
+  // first to start, last to stop: the spans of the shutdown itself are flushed
+  const tracing = await startTracing(config.tracing, logger);
+  if (tracing !== null) closers.push(() => tracing.close());
+  const telemetry = tracing === null ? {} : { telemetry: tracing.bullmq };
+
+  const dataSource = createDataSource({
+    url: endpoints.databaseUrl,
+    poolSize: config.concurrency + 6,
+    applicationName: 'lifecycle-fleet',
+  });
+  await dataSource.initialize();
+  closers.push(() => dataSource.destroy());
+  if (!(await migrationsApplied(dataSource))) {
+    throw new Error('the database schema is not up to date: run `fleet migrate` first');
+  }
+
+  const producer = new LifecycleProducer({
+    connection: endpoints.redisUrl,
+    prefix: config.prefix,
+    endpointAllow: config.endpointAllow,
+    durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+    ...telemetry,
+  });
+  closers.push(() => producer.close());
+  const now = await startClock(config, endpoints, logger, closers);
+  // heartbeat and readiness stamps wait in Redis until the tick writes them in batches; it closes after the
+  // worker, the sweep and HTTP (closers run in reverse)
+  const stampBuffer = createStampBuffer({ redisUrl: endpoints.redisUrl, dataSource, prefix: config.prefix, logger });
+  closers.push(() => stampBuffer.close());
+  // a second view of the maintenance queue, for queue-depth metrics and Bull Board
+  const monitorRedis = createRedis(endpoints.redisUrl, 'worker', 'lifecycle-fleet-monitor');
+  // this process's one view of each server: one line when it is lost, one when it is back, whichever component saw it
+  const pgWatch = new ServerWatch(describeServer('PostgreSQL', endpoints.databaseUrl), logReport(logger));
+  const redisWatch = new ServerWatch(describeRedis(monitorRedis), logReport(logger)).attach(monitorRedis, (err) =>
+    logger.warn({ err }, 'redis error'),
+  );
+  const maintenance = new Queue(MAINTENANCE_QUEUE, { connection: monitorRedis, prefix: config.prefix });
+  maintenance.on('error', () => undefined);
+  closers.push(async () => {
+    await maintenance.close();
+    monitorRedis.disconnect();
+  });
+
+  const metrics = new FleetMetrics({
+    queueCounts: async () => {
+      const states = ['waiting', 'active', 'delayed', 'completed', 'failed', 'prioritized'] as const;
+      return {
+        [LIFECYCLE_QUEUE]: await producer.queue.getJobCounts(...states),
+        [MAINTENANCE_QUEUE]: await maintenance.getJobCounts(...states),
+      };
+    },
+    relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
+    streamPartitions: () => readPartitionStats(monitorRedis, transitionStreamKey(config.prefix)),
+  });
+  return { tracing, telemetry, dataSource, producer, now, stampBuffer, monitorRedis, maintenance, pgWatch, redisWatch, metrics };
+}
+
+/** The one clock of the fleet: Redis's time. Its own fail-fast connection, so a sample never waits for a reconnect. */
+async function startClock(config: FleetConfig, endpoints: Endpoints, logger: Logger, closers: Closer[]): Promise<() => Date> {
+  const clockRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-clock');
+  // on a cluster every node has a clock of its own: ask the master that serves the fleet's slot, always
+  const slots = new Map<string, number>();
+  const clock = new FleetClock({ redis: { time: async () => (await connectionForKey(clockRedis, `${config.prefix}:clock`, slots)).time() }, logger });
+  closers.push(async () => {
+    clock.close();
+    clockRedis.disconnect();
+  });
+  await clock.start();
+  logger.info({ offsetMs: Math.round(clock.offset ?? 0) }, 'fleet clock: Redis time minus this host\'s');
+  return clock.now;
+}
+
+async function startRelay(config: FleetConfig, endpoints: Endpoints, logger: Logger, base: Base, closers: Closer[]): Promise<OutboxRelay> {
+  // the stream's number of partitions is recorded for its consumers; a fleet started with another one stops here
+  await recordPartitions(base.monitorRedis, transitionStreamKey(config.prefix), config.streamPartitions);
+  const r = new OutboxRelay({
+    databaseUrl: endpoints.databaseUrl,
+    redis: endpoints.redisUrl,
+    streamKey: transitionStreamKey(config.prefix),
+    partitions: config.streamPartitions,
+    maxLen: config.streamMaxLen,
+    durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+    logger,
+    redisWatch: base.redisWatch,
+    pgWatch: base.pgWatch,
+    onPublished: (n) => base.metrics.publishedCount(n),
+  });
+  closers.push(() => r.close());
+  r.start();
+  return r;
+}
+
+async function startSweep(config: FleetConfig, endpoints: Endpoints, logger: Logger, base: Base, closers: Closer[]): Promise<SweepWorker> {
+  const { dataSource, now, pgWatch, producer, maintenance, stampBuffer, metrics } = base;
+  const sweeper = new Sweeper({
+    dataSource,
+    now,
+    pgWatch,
+    producer,
+    shardQueue: maintenance,
+    flushStamps: async (now) => (await stampBuffer.flush(now)).stamped,
+    everyS: config.sweepEveryS,
+    readyWindowS: config.readyWindowS,
+    orphanAfterS: config.orphanAfterS,
+    progressDeadlineS: config.progressDeadlineS,
+    probeConcurrency: config.probeConcurrency,
+    // no probe starts after 80% of the tick: a tick's shards never run into the next tick's
+    probeBudgetMs: Math.max(1000, config.sweepEveryS * 800),
+    logger,
+    metrics: { onSweep: (result) => metrics.sweep(result), onShard: (report) => metrics.shard(report) },
+    endpointAllow: config.endpointAllow,
+  });
+  const s = new SweepWorker({
+    connection: endpoints.redisUrl,
+    prefix: config.prefix,
+    sweeper,
+    everyS: config.sweepEveryS,
+    logger,
+    redisWatch: base.redisWatch,
+    durable: config.durableReplicas > 0 ? { replicas: config.durableReplicas, timeoutMs: config.durableTimeoutMs } : null,
+  });
+  closers.push((graceMs) => s.close(graceMs));
+  await s.start();
+  return s;
+}
+
+async function startWorker(
+  config: FleetConfig,
+  endpoints: Endpoints,
+  logger: Logger,
+  base: Base,
+  service: TransitionService,
+  onStuck: FleetRoles['onStuck'],
+  closers: Closer[],
+): Promise<LifecycleWorker> {
+  const w = new LifecycleWorker({
+    connection: endpoints.redisUrl,
+    prefix: config.prefix,
+    service,
+    stampBuffer: base.stampBuffer,
+    concurrency: config.concurrency,
+    maxBatch: config.batchMax,
+    logger,
+    redisWatch: base.redisWatch,
+    pgWatch: base.pgWatch,
+    onJob: (report) => base.metrics.job(report),
+    ...base.telemetry,
+    watchdog: { ...lifecycleQueueWatch(base.monitorRedis, base.producer.queue), onStuck: onStuck ?? (() => undefined) },
+  });
+  closers.push((graceMs) => w.close(graceMs));
+  await w.worker.waitUntilReady();
+  return w;
+}
+
+async function startHttp(
+  config: FleetConfig,
+  endpoints: Endpoints,
+  logger: Logger,
+  base: Base,
+  reloadable: Reloadable,
+  closers: Closer[],
+): Promise<{ http: FastifyInstance; httpUrl: string }> {
+  const tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile, { warn: (message, fields) => logger.warn(fields, message) });
+  reloadable.tokens = tokens;
+  if (tokens === null) {
+    logger.warn(
+      { host: config.httpHost },
+      'the HTTP API is open: no FLEET_API_TOKENS_FILE (allowed on loopback only; create tokens with `fleet token create`)',
+    );
+  } else {
+    logger.info({ tokens: tokens.size, file: config.apiTokensFile }, 'API tokens loaded');
+  }
+  // fail-fast: a rate-limit counter that cannot be reached is skipped, not waited for
+  const rateLimitRedis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-ratelimit');
+  rateLimitRedis.on('error', () => undefined);
+  closers.push(async () => rateLimitRedis.disconnect());
+  const app = await buildHttpServer({
+    now: base.now,
+    tokens,
+    rateLimitRedis,
+    config,
+    dataSource: base.dataSource,
+    producer: base.producer,
+    redis: base.monitorRedis,
+    queues: [base.producer.queue, base.maintenance],
+    stampBuffer: base.stampBuffer,
+    metrics: base.metrics,
+    logger,
+  });
+  closers.push(() => app.close());
+  await app.listen({ host: config.httpHost, port: config.httpPort });
+  const address = app.server.address();
+  const port = typeof address === 'object' && address !== null ? address.port : config.httpPort;
+  return { http: app, httpUrl: `http://${config.httpHost.includes(':') ? `[${config.httpHost}]` : config.httpHost}:${port}` };
 }
 
 /**

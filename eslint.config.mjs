@@ -49,13 +49,15 @@ const toolingZones = (except = []) =>
   }));
 const outsideZone = { target: './src/**', from: './ormconfig.ts', message: 'src/ imports the data source from src/entities/data-source' };
 
-// Size budgets (issue 30): a file of src/ up to 450 lines, a function up to 80, counted as written. They fail the lint
-// where the tree keeps them already (SIZE_ENFORCED); elsewhere they warn until the files they name are split.
-const SIZE_RULES = (level) => ({
-  'max-lines': [level, { max: 450 }],
-  'max-lines-per-function': [level, { max: 80 }],
-});
-const SIZE_ENFORCED = ['src/http/**/*.ts', 'src/events/**/*.ts'];
+// Size budgets (issue 30): a file of src/ up to 450 lines, a function up to 80, counted as written.
+const SIZE_RULES = {
+  'max-lines': ['error', { max: 450 }],
+  'max-lines-per-function': ['error', { max: 80 }],
+};
+// Except a migration's functions: a migration is history, run as written on every database and never edited once
+// released, so a long `up` is the length of the schema it made, not code anyone changes; split into helpers it
+// would only be edited where nothing may change.
+const MIGRATIONS = 'src/**/migrations/**/*.ts';
 
 const PACKAGE_RULES = {
   machine: { patterns: [{ regex: '^(?!\\./)', message: 'the machine is pure: no packages, no node: modules' }] },
@@ -99,8 +101,8 @@ export default tseslint.config(
     files: ['src/cli/start.ts'],
     rules: { 'import-x/no-restricted-paths': ['error', { zones: [...layerZones, ...toolingZones(['dev']), outsideZone] }] },
   },
-  { files: ['src/**/*.ts'], rules: SIZE_RULES('warn') },
-  { files: SIZE_ENFORCED, rules: SIZE_RULES('error') },
+  { files: ['src/**/*.ts'], rules: SIZE_RULES },
+  { files: [MIGRATIONS], rules: { 'max-lines-per-function': 'off' } },
   ...Object.entries(PACKAGE_RULES).map(([layer, options]) => ({
     files: [`src/${layer}/**/*.ts`],
     rules: { 'no-restricted-imports': ['error', options] },

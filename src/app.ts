@@ -342,7 +342,8 @@ export async function startFleet(
 
 /**
  * Runs until SIGTERM or SIGINT, then stops gracefully; a second signal exits at once.
- * Resolves when the fleet has stopped.
+ * Resolves when the fleet has stopped. The handlers are in place when it returns: call it before logging that the
+ * process started, or a supervisor (or a test) that stops it on that line can kill it before they are.
  */
 export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }, logger: Logger, graceMs = 30_000): Promise<void> {
   return new Promise((resolve) => {

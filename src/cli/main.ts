@@ -115,8 +115,10 @@ async function runWorker(): Promise<void> {
   const fleet = await starting(endpoints, () =>
     startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false, onStuck: restartMe }),
   );
+  // the handlers first: whoever reads the start line may stop the process at once
+  const stopped = closeOnSignals(fleet, logger);
   logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started (lifecycle jobs, outbox relay, sweep)');
-  await closeOnSignals(fleet, logger);
+  await stopped;
 }
 
 async function runHttp(): Promise<void> {
@@ -124,8 +126,9 @@ async function runHttp(): Promise<void> {
   const logger = createLogger(config.logLevel, undefined, { format: config.logFormat });
   const endpoints = resolveEndpoints(config);
   const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: false, relay: false, sweep: false, http: true }));
+  const stopped = closeOnSignals(fleet, logger);
   logger.info({ url: fleet.httpUrl }, 'http started');
-  await closeOnSignals(fleet, logger);
+  await stopped;
 }
 
 async function runEnqueue(name: string, json: string): Promise<void> {

@@ -12,8 +12,8 @@
  * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
  */
 import { z } from 'zod';
-import { servableEndpoint, type EndpointAllowList } from '../events/endpoint-allow';
-import type { DeploymentState, EndpointKind } from '../machine';
+import { servableEndpoint, type EndpointAllowList } from '../../events/endpoint-allow';
+import type { DeploymentState, EndpointKind } from '../../machine';
 
 /** Default readiness staleness window (FLEET_READY_WINDOW_S). */
 export const DEFAULT_READY_WINDOW_S = 120;

@@ -28,13 +28,13 @@
  * `{stamps}`. Either way they sit in one slot, with every other key of the prefix when it has a tag.
  */
 import { randomUUID } from 'node:crypto';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../../redis/connection';
 import type { DataSource } from 'typeorm';
-import { Database, retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
-import { silentLogger, type Logger } from '../log';
-import { createRedis, requireSlotPrefix } from '../queues/redis';
-import { acquireLock, releaseLock } from '../queues/redis-lock';
-import { rejectAfter, UUID_PATTERN } from '../util';
+import { Database, retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL } from '../../entities/sql';
+import { silentLogger, type Logger } from '../../log';
+import { createRedis, requireSlotPrefix } from '../../redis/connection';
+import { acquireLock, releaseLock } from '../../redis/lock';
+import { rejectAfter, UUID_PATTERN } from '../../util';
 
 /** The two kinds of stamp. */
 type Kind = 'heartbeat' | 'readiness';

@@ -25,7 +25,7 @@ import { FleetClock } from './redis/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
 import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './redis/connection';
 import { Sweeper } from './services/sweep/sweeper';
-import { createStampBuffer } from './services/stamps/buffer';
+import { createStampBuffer } from './services/stamps';
 import { TransitionService } from './services/transitions';
 import { streamCounts } from './streams/consumer';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';

@@ -24,7 +24,7 @@ import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
 import type { LifecycleProducer } from '../queues/producer';
 import type { RedisConnection } from '../redis/connection';
-import type { StampBuffer } from '../services/stamps/buffer';
+import type { StampBuffer } from '../services/stamps';
 import { createGate, credentialsOf, guardRoutes } from './access';
 import { AuthThrottle } from './auth';
 import { registerBoard } from './board';

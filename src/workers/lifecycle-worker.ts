@@ -31,7 +31,7 @@ import { closeWithin } from './close-within';
 import { rejectAfter } from '../util';
 import type { JobOutcome, JobReport } from '../metrics';
 import { TransitionCoalescer, type ApplyResult, type TransitionService } from '../services/transitions';
-import type { StampBuffer } from '../services/stamps/buffer';
+import type { StampBuffer } from '../services/stamps';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
 export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;

@@ -18,7 +18,7 @@ import type IORedis from 'ioredis';
 import { FleetClock } from '../../src/redis/fleet-clock';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { createRedis, type RedisConnection } from '../../src/redis/connection';
-import { StampBuffer } from '../../src/services/stamps/buffer';
+import { StampBuffer } from '../../src/services/stamps';
 import { Sweeper } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { Database } from '../../src/entities/sql';

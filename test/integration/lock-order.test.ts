@@ -26,7 +26,7 @@ import {
 import { createLogger, type Logger } from '../../src/log';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { ServerWatch } from '../../src/redis/connection';
-import { StampBuffer } from '../../src/services/stamps/buffer';
+import { StampBuffer } from '../../src/services/stamps';
 import { Sweeper, type SweeperOptions } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';

@@ -9,7 +9,7 @@ import { expect } from 'chai';
 import { Queue, type Job } from 'bullmq';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { StampBuffer } from '../../src/services/stamps/buffer';
+import { StampBuffer } from '../../src/services/stamps';
 import { Database } from '../../src/entities/sql';
 import { PROBE_JOB_NAME, Sweeper, type ShardJobData, type ShardReport, type SweeperOptions, type SweepResult } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';

@@ -12,7 +12,7 @@ import { ConfigError, DurabilityError, ResyncRequiredError } from '../../src/err
 import { LifecycleProducer } from '../../src/queues/producer';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { createRedis, describeRedis, isCluster, type RedisConnection } from '../../src/redis/connection';
-import { createStampBuffer, type StampBuffer } from '../../src/services/stamps/buffer';
+import { createStampBuffer, type StampBuffer } from '../../src/services/stamps';
 import { PROBE_JOB_NAME, Sweeper, type ShardReport, type SweepResult } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry } from '../../src/streams/consumer';

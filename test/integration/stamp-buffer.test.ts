@@ -10,7 +10,7 @@ import { Database, type Session } from '../../src/entities/sql';
 import { migrate } from '../../src/entities/schema/migrate';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { getDeployment } from '../../src/services/read-model/views';
-import { heartbeatMember, StampBuffer, type StampBufferOptions } from '../../src/services/stamps/buffer';
+import { heartbeatMember, StampBuffer, type StampBufferOptions } from '../../src/services/stamps';
 import { Sweeper, type SweeperOptions } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';

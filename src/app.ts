@@ -4,7 +4,7 @@
  *
  * Start order: tracing (only when the OTEL_* variables ask for it) -> database -> producer -> fleet clock -> relay ->
  * sweep -> lifecycle worker -> HTTP.
- * Every component that reads a time reads the fleet clock (Redis's time, src/queues/fleet-clock.ts).
+ * Every component that reads a time reads the fleet clock (Redis's time, src/redis/fleet-clock.ts).
  * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
  * its tick, the relay publishes what the last jobs committed, then the connections close.
  */

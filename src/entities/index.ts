@@ -1,6 +1,6 @@
 /**
- * Persistence: the entity classes (the typed schema, proven equal to what the migrations build by
- * test/integration/migrate.test.ts), the data source, the migrations and their runner, and in sql/ every
+ * Persistence: in model/ the entity classes (the typed schema, proven equal to what the migrations build by
+ * test/integration/migrate.test.ts), in schema/ the data source, the migrations and their runner, and in sql/ every
  * statement the product runs. Knows nothing of BullMQ or Redis.
  */
 import { Attempt } from './model/attempt';

@@ -9,7 +9,7 @@
  *   "public" with FLEET_PUBLIC_ENDPOINT_URL unset -> source "none", url null
  *
  * `lastReadyAt` is whatever the caller read: the HTTP route passes the read model's view, which overlays a readiness
- * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
+ * stamp still in the stamp buffer (read-model/views.ts), so a buffered stamp is served at once, not at the next flush.
  */
 import { z } from 'zod';
 import { servableEndpoint, type EndpointAllowList } from '../../events/endpoint-allow';

@@ -4,28 +4,28 @@
  *
  * Start order: tracing (only when the OTEL_* variables ask for it) -> database -> producer -> fleet clock -> relay ->
  * sweep -> lifecycle worker -> HTTP.
- * Every component that reads a time reads the fleet clock (Redis's time, src/queues/fleet-clock.ts).
+ * Every component that reads a time reads the fleet clock (Redis's time, src/redis/fleet-clock.ts).
  * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
  * its tick, the relay publishes what the last jobs committed, then the connections close.
  */
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type { DataSource } from 'typeorm';
-import { createDataSource } from './entities/data-source';
+import { createDataSource } from './entities/schema/data-source';
 import { Database } from './entities/sql';
 import type { FleetConfig } from './config';
-import { migrationsApplied } from './entities/migrate';
+import { migrationsApplied } from './entities/schema/migrate';
 import { buildHttpServer } from './http/server';
 import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { readBacklog } from './queues/backlog';
-import { FleetClock } from './queues/fleet-clock';
+import { FleetClock } from './redis/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './queues/redis';
-import { Sweeper } from './services/sweep';
-import { createStampBuffer } from './services/stamp-buffer';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './redis/connection';
+import { Sweeper } from './services/sweep/sweeper';
+import { createStampBuffer } from './services/stamps';
 import { TransitionService } from './services/transitions';
 import { streamCounts } from './streams/consumer';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';

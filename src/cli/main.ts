@@ -4,10 +4,10 @@
  */
 import * as fs from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { createDataSource } from '../entities/data-source';
+import { createDataSource } from '../entities/schema/data-source';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
-import { migrate } from '../entities/migrate';
+import { migrate } from '../entities/schema/migrate';
 import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
@@ -18,7 +18,7 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { createRedis, describeServer, isRedisError, pingRedis } from '../queues/redis';
+import { createRedis, describeServer, isRedisError, pingRedis } from '../redis/connection';
 import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
 import { repartition } from '../streams/repartition';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';

@@ -9,12 +9,12 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { createDataSource } from '../entities/data-source';
+import { createDataSource } from '../entities/schema/data-source';
 import { isProcessAlive, repoRoot } from '../util';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { restartMe } from './restart';
 import { loadConfig } from '../config';
-import { migrate } from '../entities/migrate';
+import { migrate } from '../entities/schema/migrate';
 import { createLogger, scrubUrls } from '../log';
 import type * as DevServers from '../../dev/servers';
 

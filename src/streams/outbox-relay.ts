@@ -33,9 +33,9 @@
 import { createHash } from 'node:crypto';
 import { Client } from 'pg';
 import { SpanKind, type Span } from '@opentelemetry/api';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
-import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch } from '../redis/connection';
 import { compareIds, layoutKey, partitionKey, partitionOf, readLayout, recordOrRead } from './partitions';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 import { failSpan, formatTraceparent, traceparentContext, tracer } from '../telemetry';

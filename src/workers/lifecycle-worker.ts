@@ -20,18 +20,18 @@ import * as os from 'node:os';
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job, Telemetry } from 'bullmq';
 import { context } from '@opentelemetry/api';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { STAMP_EVENTS } from '../events/schemas';
 import { silentLogger, type Logger } from '../log';
 import type { BacklogHeld, QueueBacklog } from '../queues/backlog';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
+import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../redis/connection';
 import { closeWithin } from './close-within';
 import { rejectAfter } from '../util';
 import type { JobOutcome, JobReport } from '../metrics';
 import { TransitionCoalescer, type ApplyResult, type TransitionService } from '../services/transitions';
-import type { StampBuffer } from '../services/stamp-buffer';
+import type { StampBuffer } from '../services/stamps';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
 export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;

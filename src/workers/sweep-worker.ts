@@ -22,14 +22,14 @@ import { createHash, randomUUID } from 'node:crypto';
 import * as os from 'node:os';
 import { Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Job, JobSchedulerJson } from 'bullmq';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
-import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
+import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../redis/connection';
 import { closeWithin } from './close-within';
-import { acquireLock, releaseLock } from '../queues/redis-lock';
+import { acquireLock, releaseLock } from '../redis/lock';
 import { idleReport } from '../services/readiness';
-import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep';
+import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep/sweeper';
 import { isTransient } from '../errors';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';

@@ -1,6 +1,8 @@
 /**
- * The composition root: builds the long-lived components in start order and closes them in reverse.
- * Nothing else wires components together.
+ * The composition root: builds a fleet process's long-lived components (for the roles asked for) in start order and
+ * closes them in reverse. No other code builds them; the CLI's short commands (`migrate`, `enqueue`, `status`,
+ * `tail`, `demo`, `streams repartition`) make the one client they need (a data source, a producer, a consumer, a
+ * Redis connection) themselves.
  *
  * Start order: tracing (only when the OTEL_* variables ask for it) -> database -> producer -> fleet clock -> relay ->
  * sweep -> lifecycle worker -> HTTP.

@@ -1,6 +1,7 @@
 /**
- * The lifecycle worker: a thin adapter from a BullMQ job to `TransitionService.apply`, mapping outcomes to BullMQ
- * semantics in one place:
+ * The lifecycle worker: takes BullMQ jobs from the `lifecycle` queue and hands their events to the transition service
+ * through the group-commit coalescer (`TransitionCoalescer`; given a stamp buffer, heartbeat and readiness stamps
+ * travel on this worker's connection), and maps the outcomes to BullMQ semantics, here and nowhere else:
  *
  * - applied / noop                      -> completed, the result as the job's return value
  * - rejected, invalid payload, unknown  -> UnrecoverableError (failed, no retries), the code in the reason
@@ -8,13 +9,17 @@
  *   PostgreSQL or Redis unreachable     -> moved to delayed with backoff (DelayedError: uses up no `attempts`),
  *                                          until the retry budget (10 min of retries) is spent, then failed
  * - an event for a deployment or attempt
- *   that does not exist, past a short
- *   budget (30 s: its create, racing
- *   behind it, would have arrived)      -> a heartbeat or readiness stamp: completed as a noop `not_found` (a stamp
+ *   that does not exist, past its budget
+ *   (a stamp 30 s, any other event
+ *   3 min: its create, racing behind
+ *   it, would have arrived)             -> a heartbeat or readiness stamp: completed as a noop `not_found` (a stamp
  *                                          for nothing is dropped); any other event: failed `not_found`, no retry,
  *                                          at warn (a producer's mistake, not an outage: not ten minutes of retries
  *                                          and a `gave_up`)
  * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
+ *
+ * It also carries the fetch watchdog (`watchdog` below): a worker whose fetch loop stopped while jobs wait calls its
+ * owner's `onStuck` (the fleet then stops the process with exit code 5, for its supervisor to start again).
  */
 import * as os from 'node:os';
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';

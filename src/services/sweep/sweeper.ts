@@ -95,8 +95,8 @@ export interface ShardJobOptions {
 
 /**
  * Options of every `probe` job. Prioritized, so a tick's own job (not prioritized: BullMQ takes the waiting list
- * first) never waits behind a backlog of shards; equal priorities run in the order added. No retries: a shard is
- * never run twice (the next tick probes what it missed first). Finished shards are kept an hour, bounded.
+ * first) never waits behind a backlog of shards; equal priorities run in the order added. No retries: a shard that
+ * failed is not run again (the next tick probes what it missed first). Finished shards are kept an hour, bounded.
  */
 export const PROBE_JOB_OPTIONS = Object.freeze({
   priority: 1,

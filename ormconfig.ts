@@ -1,5 +1,5 @@
 /**
  * The TypeORM data source, where TypeORM's tooling looks for it. The definition lives with the rest of the
- * persistence layer, in src/entities/data-source.ts.
+ * persistence layer, in src/entities/schema/data-source.ts.
  */
-export { createDataSource, GuardedClient, type DataSourceSettings } from './src/entities/data-source';
+export { createDataSource, GuardedClient, type DataSourceSettings } from './src/entities/schema/data-source';

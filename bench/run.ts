@@ -10,6 +10,8 @@
  * --levels 16,32 the throughput scenario's worker concurrencies; --kinds ours,unbatched its workers; --rounds 1
  * --cpu-prof     the measured `fleet worker` processes write V8 CPU profiles to .fleet/bench/profiles
  * --out          where results go (default bench/results)
+ * --before DIR   also run an earlier commit's `fleet worker` (DIR: a built checkout) as the kind `before` in
+ *                throughput and latency, next to ours: a change's before and after in one run
  *
  * `hosts` (issue 17: horizontal throughput with 1, 2 and 4 worker hosts, network namespaces; root) runs only when
  * named in --only (about 5 minutes). Its options:
@@ -91,6 +93,11 @@ interface Args {
   readonly kinds: WorkerKind[] | null;
   /** --rounds: the throughput scenario's rounds [2; --quick: 1] */
   readonly rounds: number | null;
+  /**
+   * --before DIR: a built checkout of an earlier commit (`git worktree add DIR <commit> && (cd DIR && npm ci && npm
+   * run build)`); its `fleet worker` runs as the kind `before` next to ours in throughput and latency
+   */
+  readonly before: string | null;
 }
 
 function parseArgs(argv: readonly string[]): Args {
@@ -125,6 +132,7 @@ function parseArgs(argv: readonly string[]): Args {
   let levels: number[] | null = null;
   let kinds: WorkerKind[] | null = null;
   let rounds: number | null = null;
+  let before: string | null = null;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = (): string => {
@@ -141,7 +149,12 @@ function parseArgs(argv: readonly string[]): Args {
       if (unknown.length > 0 || !names.includes('ours')) throw new Error(`--kinds: ours and any of ${WORKER_KINDS.join(', ')}; got ${names.join(', ')}`);
       kinds = names as WorkerKind[];
     }
-    else if (a === '--cpu-prof') cpuProf = true;
+    else if (a === '--before') {
+      before = path.resolve(value());
+      if (!fs.existsSync(path.join(before, 'bin', 'fleet.js')) || !fs.existsSync(path.join(before, 'dist'))) {
+        throw new Error(`--before: ${before} is not a built checkout (bin/fleet.js and dist/ are needed: npm ci && npm run build there)`);
+      }
+    } else if (a === '--cpu-prof') cpuProf = true;
     else if (a === '--only') {
       const names = value().split(',');
       const unknown = names.filter((n) => !(SCENARIOS as readonly string[]).includes(n));
@@ -180,7 +193,8 @@ function parseArgs(argv: readonly string[]): Args {
   scale.tickS = tickS;
   scale.windowS = windowS;
   if (hosts.sizes !== null && Math.max(...hosts.sizes) > 16) throw new Error('--hosts-sizes: at most 16 worker hosts');
-  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts, levels, kinds, rounds };
+  if (before !== null && kinds !== null && !kinds.includes('before')) kinds = [...kinds, 'before'];
+  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts, levels, kinds, rounds, before };
 }
 
 /**
@@ -251,10 +265,10 @@ function updateReadme(table: string): void {
   fs.writeFileSync(file, `${text.slice(0, i + start.length)}\n${table.replace(/^### /gm, '#### ')}\n${text.slice(j)}`);
 }
 
-function gitDescription(): string {
+function gitDescription(root: string = repoRoot()): string {
   try {
-    const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: repoRoot(), encoding: 'utf8' }).trim();
-    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: repoRoot(), encoding: 'utf8' }).trim() !== '';
+    const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).trim();
+    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: root, encoding: 'utf8' }).trim() !== '';
     return `${commit}${dirty ? ' (uncommitted changes)' : ''}`;
   } catch {
     return 'unknown';
@@ -283,7 +297,8 @@ async function main(): Promise<void> {
         directConcurrencies: args.quick ? [16] : [1, 4, 16, 32],
         events: (c) => (args.quick ? 500 : c === 1 ? 1000 : 3000),
         warmup: args.quick ? 100 : 300,
-        kinds: args.kinds ?? DEFAULT_WORKER_KINDS,
+        kinds: args.kinds ?? (args.before !== null ? [...DEFAULT_WORKER_KINDS, 'before'] : DEFAULT_WORKER_KINDS),
+        ...(args.before !== null ? { beforeRoot: args.before } : {}),
         rounds: args.rounds ?? (args.quick ? 1 : 2),
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
@@ -299,6 +314,7 @@ async function main(): Promise<void> {
         alsoConcurrencies: [4].filter((c) => c !== concurrency),
         seconds: args.quick ? 3 : 10,
         warmup: 200,
+        ...(args.before !== null ? { beforeRoot: args.before } : {}),
         ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }
@@ -348,6 +364,7 @@ async function main(): Promise<void> {
       loadAvgEnd: os.loadavg().map((v) => round(v, 2)),
       services: services?.description ?? (hosts !== null && hosts.skipped === null ? hosts.services : 'none (hosts skipped)'),
       git: gitDescription(),
+      ...(args.before !== null ? { before: gitDescription(args.before) } : {}),
       quick: args.quick,
     },
     ...partial,

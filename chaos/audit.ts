@@ -5,7 +5,7 @@
  * read) it is started again from 0 in a new group.
  */
 import { ResyncRequiredError } from '../src/errors';
-import { createRedis } from '../src/queues/redis';
+import { createRedis } from '../src/redis/connection';
 import { compareIds, streamCounts, TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
 import { partitionKeys, partitionOf } from '../src/streams/partitions';
 import { sleep } from '../src/util';

@@ -23,7 +23,7 @@ import * as fs from 'node:fs';
 import { Pool } from 'pg';
 import { isTransient, ResyncRequiredError } from '../src/errors';
 import { createLogger } from '../src/log';
-import { createRedis, type RedisConnection } from '../src/queues/redis';
+import { createRedis, type RedisConnection } from '../src/redis/connection';
 import { TransitionConsumer, type TransitionEntry, type VersionStore } from '../src/streams/consumer';
 import { partitionKeys, partitionOf, readPartitions } from '../src/streams/partitions';
 import { sleep } from '../src/util';

@@ -4,7 +4,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import type { RedisConnection } from '../src/queues/redis';
+import type { RedisConnection } from '../src/redis/connection';
 import type { Pool } from 'pg';
 import { settleWithin } from '../src/util';
 

@@ -4,13 +4,13 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { RedisConnection } from '../src/queues/redis';
+import type { RedisConnection } from '../src/redis/connection';
 import { Pool } from 'pg';
 import { createDataSource } from '../ormconfig';
 import { startLocalServices, type LocalServices } from '../dev/servers';
-import { migrate } from '../src/entities/migrate';
+import { migrate } from '../src/entities/schema/migrate';
 import { LifecycleProducer } from '../src/queues/producer';
-import { createRedis } from '../src/queues/redis';
+import { createRedis } from '../src/redis/connection';
 import { transitionStreamKey } from '../src/streams/outbox-relay';
 import { partitionKeys } from '../src/streams/partitions';
 import { repoRoot } from '../src/util';

@@ -4,7 +4,7 @@
  * the audit, and the chaos consumer group, have read them); then the handler is let go. The consumer must stop with ResyncRequiredError, not go on past the
  * hole (it owns every partition: entries of the other partitions may still reach its handler before it stops).
  */
-import type { RedisConnection } from '../src/queues/redis';
+import type { RedisConnection } from '../src/redis/connection';
 import { ResyncRequiredError } from '../src/errors';
 import { compareIds, TransitionConsumer, type TransitionEntry } from '../src/streams/consumer';
 import { partitionKey, partitionKeys, partitionOf } from '../src/streams/partitions';

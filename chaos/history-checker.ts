@@ -20,7 +20,7 @@
  * This file has the report's shape, the database checks (versions, exactly once) and the walk over deployments;
  * history-rows.ts reads PostgreSQL, history-replay.ts replays the machine, history-stream.ts checks the stream.
  */
-import type { RedisConnection } from '../src/queues/redis';
+import type { RedisConnection } from '../src/redis/connection';
 import type { DataSource } from 'typeorm';
 import type { TransitionEntry } from '../src/streams/consumer';
 import { Collector, groupBy, readHistoryRows, type AttemptRow, type DeploymentRow, type HistoryRows, type ProcessedRow, type TransitionRow } from './history-rows';

@@ -1,31 +1,33 @@
 /**
- * The composition root: builds the long-lived components in start order and closes them in reverse.
- * Nothing else wires components together.
+ * The composition root: builds a fleet process's long-lived components (for the roles asked for) in start order and
+ * closes them in reverse. No other code builds them; the CLI's short commands (`migrate`, `enqueue`, `status`,
+ * `tail`, `demo`, `streams repartition`) make the one client they need (a data source, a producer, a consumer, a
+ * Redis connection) themselves.
  *
  * Start order: tracing (only when the OTEL_* variables ask for it) -> database -> producer -> fleet clock -> relay ->
  * sweep -> lifecycle worker -> HTTP.
- * Every component that reads a time reads the fleet clock (Redis's time, src/queues/fleet-clock.ts).
+ * Every component that reads a time reads the fleet clock (Redis's time, src/redis/fleet-clock.ts).
  * Stop order is the reverse: HTTP stops taking requests, the worker finishes its in-flight jobs, the sweep finishes
  * its tick, the relay publishes what the last jobs committed, then the connections close.
  */
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type { DataSource } from 'typeorm';
-import { createDataSource } from './entities/data-source';
+import { createDataSource } from './entities/schema/data-source';
 import { Database } from './entities/sql';
 import type { FleetConfig } from './config';
-import { migrationsApplied } from './entities/migrate';
+import { migrationsApplied } from './entities/schema/migrate';
 import { buildHttpServer } from './http/server';
 import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
 import { FleetMetrics } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { readBacklog } from './queues/backlog';
-import { FleetClock } from './queues/fleet-clock';
+import { FleetClock } from './redis/fleet-clock';
 import { LifecycleProducer } from './queues/producer';
-import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './queues/redis';
-import { Sweeper } from './services/sweep';
-import { createStampBuffer } from './services/stamp-buffer';
+import { connectionForKey, createRedis, describeRedis, describeServer, logReport, ServerWatch, type RedisConnection } from './redis/connection';
+import { Sweeper } from './services/sweep/sweeper';
+import { createStampBuffer } from './services/stamps';
 import { TransitionService } from './services/transitions';
 import { streamCounts } from './streams/consumer';
 import { OutboxRelay, relayLagSeconds, transitionStreamKey } from './streams/outbox-relay';
@@ -403,7 +405,8 @@ async function startHttp(
 
 /**
  * Runs until SIGTERM or SIGINT, then stops gracefully; a second signal exits at once.
- * Resolves when the fleet has stopped.
+ * Resolves when the fleet has stopped. The handlers are in place when it returns: call it before logging that the
+ * process started, or a supervisor (or a test) that stops it on that line can kill it before they are.
  */
 export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }, logger: Logger, graceMs = 30_000): Promise<void> {
   return new Promise((resolve) => {

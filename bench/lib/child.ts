@@ -12,6 +12,8 @@ export interface ChildOptions {
   readonly label: string;
   /** script and arguments, relative to the repo root (e.g. `bin/fleet.js worker`) */
   readonly args: readonly string[];
+  /** the checkout `args` are relative to, and the process's working directory (default: this repo) */
+  readonly root?: string;
   readonly env: Readonly<Record<string, string>>;
   /**
    * `log`: ready when the log file matches `readyPattern` (the fleet CLI's pino log).
@@ -58,7 +60,7 @@ export class MeasuredProcess {
   }
 
   static async start(options: ChildOptions): Promise<MeasuredProcess> {
-    const root = repoRoot();
+    const root = options.root ?? repoRoot();
     const logFile = path.join(logDir(), `${options.label}.log`);
     const fd = fs.openSync(logFile, 'w');
     const nodeArgs = options.cpuProfDir !== undefined ? ['--cpu-prof', `--cpu-prof-dir=${options.cpuProfDir}`] : [];

@@ -24,6 +24,8 @@ export interface BenchMeta {
   readonly loadAvgEnd: readonly number[];
   readonly services: string;
   readonly git: string;
+  /** `--before`: the earlier commit measured as the kind `before` */
+  readonly before?: string;
   readonly quick: boolean;
 }
 
@@ -179,6 +181,34 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
 const n0 = (v: number | null | undefined): string => (v === null || v === undefined || Number.isNaN(v) ? '–' : String(Math.round(v)));
 const n1 = (v: number | null | undefined): string => (v === null || v === undefined || Number.isNaN(v) ? '–' : String(round(v, 1)));
 
+/** `--before`: ours next to the earlier commit's worker, measured in this run (empty without `--before`). */
+export function beforeAndAfter(r: BenchResults): string[] {
+  const m = r.meta;
+  if (m.before === undefined) return [];
+  const out = [`### Before and after: ours (${m.git}) and \`before\` (${m.before}), in this run`, ''];
+  out.push('| measure | ours | before | ours / before |', '|---|---:|---:|---:|');
+  const line = (label: string, a: number | undefined, b: number | undefined) =>
+    out.push(`| ${label} | ${a ?? '–'} | ${b ?? '–'} | ${a !== undefined && b !== undefined && b > 0 ? round(a / b, 2) : '–'} |`);
+  const t = r.throughput;
+  for (const c of [...new Set(t?.runs.map((x) => x.concurrency) ?? [])].sort((a, b) => a - b)) {
+    const run = (kind: string) => t?.runs.find((x) => x.kind === kind && x.concurrency === c);
+    if (run('before') === undefined) continue;
+    line(`throughput c=${c} (events/s)`, round(run('ours')?.eventsPerSec ?? NaN), round(run('before')?.eventsPerSec ?? NaN));
+    line(`worker CPU c=${c} (ms/event)`, run('ours')?.cpuMsPerEvent['worker'], run('before')?.cpuMsPerEvent['worker']);
+  }
+  const l = r.latency;
+  for (const [label, ours, before] of [
+    [`latency at ${l?.rate ?? '–'}/s`, l?.ours, l?.before],
+    [`latency at ${l?.low?.rate ?? '–'}/s`, l?.low?.ours, l?.low?.before],
+  ] as const) {
+    if (ours === undefined || before === undefined) continue;
+    line(`${label}, p50 (ms)`, ours.latencyMs.p50, before.latencyMs.p50);
+    line(`${label}, p99 (ms)`, ours.latencyMs.p99, before.latencyMs.p99);
+  }
+  out.push('');
+  return out;
+}
+
 export function markdown(r: BenchResults): string {
   const out: string[] = [];
   const m = r.meta;
@@ -192,6 +222,7 @@ export function markdown(r: BenchResults): string {
     );
   }
   out.push('');
+  out.push(...beforeAndAfter(r));
   const t = r.throughput;
   if (t !== null) {
     out.push('### 1. End-to-end throughput (events/s)');

@@ -8,11 +8,11 @@
 import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import IORedis from 'ioredis';
-import type { RedisConnection } from '../../src/queues/redis';
+import type { RedisConnection } from '../../src/redis/connection';
 import { Client } from 'pg';
 import type { DataSource } from 'typeorm';
 import { createDataSource } from '../../ormconfig';
-import { migrate } from '../../src/entities/migrate';
+import { migrate } from '../../src/entities/schema/migrate';
 import { startLocalServices, type LocalServices } from '../../dev/servers';
 import type { ServerHost } from '../../dev/servers/types';
 import { log, repoRoot } from './common';

@@ -12,6 +12,8 @@
  *   exporter that counts and drops them), so that `ours` next to it shows what tracing costs per event.
  * - `partitioned`: `ours` with FLEET_STREAM_PARTITIONS=16 (issue 29): the relay appends to 16 partition streams;
  *   done = the entry was read from its partition.
+ * - `before`: `ours` as an earlier commit built it (`--before DIR`, a built checkout): a change's before and after
+ *   measured in one run, on the same services and under the same outside load.
  */
 import * as path from 'node:path';
 import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
@@ -28,14 +30,14 @@ import { TEARDOWN } from './workload';
  * per event as before issue 18 (the before-and-after in one run); `noop`, `naive`: the fixtures' baselines;
  * `traced`: `ours` with tracing on (issue 19), on request only (`--kinds ours,traced`).
  */
-export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive', 'traced', 'partitioned'] as const;
+export const WORKER_KINDS = ['ours', 'unbatched', 'noop', 'naive', 'traced', 'partitioned', 'before'] as const;
 /** what the throughput scenario runs without `--kinds` */
 export const DEFAULT_WORKER_KINDS: readonly WorkerKind[] = ['ours', 'unbatched', 'noop', 'naive'];
 /** `stream`: baseline (d), bench/fixtures/stream-worker, the latency floor (measured by the latency scenario only). */
 export type WorkerKind = (typeof WORKER_KINDS)[number] | 'stream';
 
 /** The kinds that are `fleet worker` itself (and publish to the stream). */
-export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced' || kind === 'partitioned';
+export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced' || kind === 'partitioned' || kind === 'before';
 
 /** The stream partitions of the `partitioned` kind. */
 export const BENCH_PARTITIONS = 16;
@@ -54,6 +56,8 @@ export interface WorkerSetup {
   readonly cpuProfDir?: string;
   /** server pids for CPU accounting */
   readonly servicePids?: { readonly postgres?: number; readonly redis?: number };
+  /** `before`: the built checkout of the earlier commit */
+  readonly beforeRoot?: string;
 }
 
 /** A started worker process with a producer on its queue and a way to wait for completions. */
@@ -99,11 +103,13 @@ export class WorkerUnderTest {
       ...(setup.kind === 'partitioned' ? { FLEET_STREAM_PARTITIONS: String(BENCH_PARTITIONS) } : {}),
     };
     const label = `${setup.prefix}`;
+    if (setup.kind === 'before' && setup.beforeRoot === undefined) throw new Error('the `before` worker needs --before DIR');
     const proc =
       isFleetWorker(setup.kind)
         ? await MeasuredProcess.start({
             label,
             args: ['bin/fleet.js', 'worker'],
+            ...(setup.kind === 'before' && setup.beforeRoot !== undefined ? { root: setup.beforeRoot } : {}),
             env,
             ready: { kind: 'log', pattern: /worker started/ },
             ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),

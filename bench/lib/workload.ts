@@ -86,7 +86,7 @@ export const DIRECT_SQL = Object.freeze({
        FROM t
        RETURNING (SELECT id FROM t) AS id`,
   notify: `SELECT pg_notify('${OUTBOX_CHANNEL}', '')`,
-  /** the service's write statement for an applied teardown (src/services/transition-service.ts, `write`) */
+  /** baseline (a)'s one-statement form of an applied teardown, as the service wrote it before issue 30 (the service's own statement is now src/entities/sql/transition-write.ts, for batches of any size) */
   oneStatement: `WITH claim AS (
          INSERT INTO processed_events (event_id, event_name, deployment_id, outcome, reason, version, processed_at)
          VALUES ($1::varchar, 'deployment.teardown', $2::uuid, 'applied', 'torn_down', 4, $3::timestamptz)

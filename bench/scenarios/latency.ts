@@ -25,6 +25,8 @@ export interface LatencyOptions {
   /** low load: ours and ours with group commit off at this rate (default 10 events/s) for `lowSeconds` (default 30) */
   readonly lowRate?: number;
   readonly lowSeconds?: number;
+  /** also measure `before` (an earlier commit's build, `--before DIR`) at both rates, next to ours */
+  readonly beforeRoot?: string;
 }
 
 export interface LatencyRun {
@@ -68,8 +70,16 @@ export interface LatencyResult {
   readonly direct: LatencyRun;
   /** ours with group commit off (FLEET_BATCH_MAX=1), same rate and concurrency: before and after issue 18 */
   readonly unbatched?: LatencyRun;
+  /** `before`, an earlier commit (`--before`), same rate and concurrency */
+  readonly before?: LatencyRun;
   /** at low load (absent in results written before issue 18) */
-  readonly low?: { readonly rate: number; readonly seconds: number; readonly ours: LatencyRun; readonly unbatched: LatencyRun };
+  readonly low?: {
+    readonly rate: number;
+    readonly seconds: number;
+    readonly ours: LatencyRun;
+    readonly unbatched: LatencyRun;
+    readonly before?: LatencyRun;
+  };
 }
 
 async function workerLatency(services: BenchServices, dbUrl: string, kind: WorkerKind, options: LatencyOptions): Promise<LatencyRun> {
@@ -85,6 +95,7 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
     report: 'each',
     servicePids: services.pids,
     ...(options.cpuProfDir !== undefined ? { cpuProfDir: options.cpuProfDir } : {}),
+    ...(options.beforeRoot !== undefined ? { beforeRoot: options.beforeRoot } : {}),
   });
   try {
     await w.enqueueAll(ids.slice(0, options.warmup));
@@ -154,12 +165,16 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     oursAt.push({ ...run, concurrency });
   }
   const unbatched = await workerLatency(services, dbUrl, 'unbatched', options);
+  const before = options.beforeRoot !== undefined ? await workerLatency(services, dbUrl, 'before', options) : undefined;
+  if (before !== undefined) log(`latency before at ${options.rate}/s: ${JSON.stringify(before.latencyMs)} ms`);
   log(`latency ours, group commit off, at ${options.rate}/s: ${JSON.stringify(unbatched.latencyMs)} ms`);
   const lowRate = options.lowRate ?? 10;
   const lowSeconds = options.lowSeconds ?? 30;
   const lowOptions = { ...options, rate: lowRate, seconds: lowSeconds, warmup: Math.min(options.warmup, 50) };
   const lowOurs = await workerLatency(services, dbUrl, 'ours', lowOptions);
   const lowUnbatched = await workerLatency(services, dbUrl, 'unbatched', lowOptions);
+  const lowBefore = options.beforeRoot !== undefined ? await workerLatency(services, dbUrl, 'before', lowOptions) : undefined;
+  if (lowBefore !== undefined) log(`latency before at ${lowRate}/s: ${JSON.stringify(lowBefore.latencyMs)} ms`);
   log(`latency at ${lowRate}/s: ours ${JSON.stringify(lowOurs.latencyMs)} ms; group commit off ${JSON.stringify(lowUnbatched.latencyMs)} ms`);
   const noop = await workerLatency(services, dbUrl, 'noop', options);
   log(`latency noop   at ${options.rate}/s: ${JSON.stringify(noop.latencyMs)} ms (other processes: ${noop.otherCpuShare ?? '?'} of the CPU)`);
@@ -188,6 +203,7 @@ export async function runLatency(services: BenchServices, options: LatencyOption
     floor,
     direct,
     unbatched,
-    low: { rate: lowRate, seconds: lowSeconds, ours: lowOurs, unbatched: lowUnbatched },
+    ...(before !== undefined ? { before } : {}),
+    low: { rate: lowRate, seconds: lowSeconds, ours: lowOurs, unbatched: lowUnbatched, ...(lowBefore !== undefined ? { before: lowBefore } : {}) },
   };
 }

@@ -24,11 +24,11 @@
  * the tables truncated and reseeded; workers stop with SIGTERM and are waited for.
  */
 import { Queue, type Job } from 'bullmq';
-import type { RedisConnection } from '../../src/queues/redis';
+import type { RedisConnection } from '../../src/redis/connection';
 import { Client } from 'pg';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { DEFAULT_JOB_OPTIONS, deriveEventId, jobIdFor } from '../../src/queues/producer';
-import { createRedis } from '../../src/queues/redis';
+import { createRedis } from '../../src/redis/connection';
 import { MeasuredProcess } from '../lib/child';
 import { log, now, round, sleep } from '../lib/common';
 import { cpuNow } from '../lib/cpu';

@@ -11,7 +11,7 @@
  */
 import type { DataSource, Logger as TypeOrmLogger } from 'typeorm';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { probeReady, Sweeper } from '../../src/services/sweep';
+import { probeReady, Sweeper } from '../../src/services/sweep/sweeper';
 import { MeasuredProcess } from '../lib/child';
 import { inLanes, log, median, now, round } from '../lib/common';
 import { openDataSource, type BenchServices } from '../lib/services';

@@ -20,6 +20,8 @@ export interface ThroughputOptions {
    */
   readonly rounds: number;
   readonly cpuProfDir?: string;
+  /** the `before` kind's built checkout (`--before DIR`) */
+  readonly beforeRoot?: string;
 }
 
 export interface ThroughputResult {
@@ -38,6 +40,8 @@ export interface ThroughputResult {
     readonly direct: DirectRun;
     /** ours with group commit off (FLEET_BATCH_MAX=1) at ours' best concurrency: before and after issue 18 */
     readonly unbatched?: WorkerRun | null;
+    /** `before` (an earlier commit, `--before`) at ours' best concurrency */
+    readonly before?: WorkerRun | null;
     /** ours with tracing on (FLEET_TRACE_BENCH=1) at ours' best concurrency, when `traced` ran */
     readonly traced?: WorkerRun | null;
     /** ours with FLEET_STREAM_PARTITIONS=16 at ours' best concurrency, when `partitioned` ran (issue 29) */
@@ -102,6 +106,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
             prefix: services.prefix(`${kind}-c${concurrency}-r${r}`),
             servicePids: services.pids,
             ...(options.cpuProfDir !== undefined ? { cpuProfDir: options.cpuProfDir } : {}),
+            ...(options.beforeRoot !== undefined ? { beforeRoot: options.beforeRoot } : {}),
           },
           ids,
           options.warmup,
@@ -157,6 +162,7 @@ export async function runThroughput(services: BenchServices, options: Throughput
       naive,
       direct: bestDirect,
       unbatched: runs.find((x) => x.kind === 'unbatched' && x.concurrency === ours.concurrency) ?? null,
+      before: runs.find((x) => x.kind === 'before' && x.concurrency === ours.concurrency) ?? null,
       traced: runs.find((x) => x.kind === 'traced' && x.concurrency === ours.concurrency) ?? null,
       partitioned: runs.find((x) => x.kind === 'partitioned' && x.concurrency === ours.concurrency) ?? null,
     },

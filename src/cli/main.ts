@@ -4,10 +4,10 @@
  */
 import * as fs from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { createDataSource } from '../entities/data-source';
+import { createDataSource } from '../entities/schema/data-source';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { loadConfig, type FleetConfig } from '../config';
-import { migrate } from '../entities/migrate';
+import { migrate } from '../entities/schema/migrate';
 import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
@@ -18,7 +18,7 @@ import { PortTakenError, runningLocalEndpoints, runStart } from './start';
 import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { createRedis, describeServer, isRedisError, pingRedis } from '../queues/redis';
+import { createRedis, describeServer, isRedisError, pingRedis } from '../redis/connection';
 import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
 import { repartition } from '../streams/repartition';
 import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
@@ -115,8 +115,10 @@ async function runWorker(): Promise<void> {
   const fleet = await starting(endpoints, () =>
     startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: false, onStuck: restartMe }),
   );
+  // the handlers first: whoever reads the start line may stop the process at once
+  const stopped = closeOnSignals(fleet, logger);
   logger.info({ prefix: config.prefix, concurrency: config.concurrency }, 'worker started (lifecycle jobs, outbox relay, sweep)');
-  await closeOnSignals(fleet, logger);
+  await stopped;
 }
 
 async function runHttp(): Promise<void> {
@@ -124,8 +126,9 @@ async function runHttp(): Promise<void> {
   const logger = createLogger(config.logLevel, undefined, { format: config.logFormat });
   const endpoints = resolveEndpoints(config);
   const fleet = await starting(endpoints, () => startFleet(config, endpoints, logger, { worker: false, relay: false, sweep: false, http: true }));
+  const stopped = closeOnSignals(fleet, logger);
   logger.info({ url: fleet.httpUrl }, 'http started');
-  await closeOnSignals(fleet, logger);
+  await stopped;
 }
 
 async function runEnqueue(name: string, json: string): Promise<void> {

@@ -9,12 +9,12 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { createDataSource } from '../entities/data-source';
+import { createDataSource } from '../entities/schema/data-source';
 import { isProcessAlive, repoRoot } from '../util';
 import { closeOnSignals, startFleet, type Endpoints } from '../app';
 import { restartMe } from './restart';
 import { loadConfig } from '../config';
-import { migrate } from '../entities/migrate';
+import { migrate } from '../entities/schema/migrate';
 import { createLogger, scrubUrls } from '../log';
 import type * as DevServers from '../../dev/servers';
 
@@ -114,6 +114,8 @@ export async function runStart(): Promise<void> {
     }
     const fleet = await startFleet(config, endpoints, logger, { worker: true, relay: true, sweep: true, http: true, onStuck: restartMe });
     const url = fleet.httpUrl ?? '';
+    // the handlers first: whoever reads the start line may stop the process at once
+    const stopped = closeOnSignals(fleet, logger);
     logger.info({ url }, 'lifecycle-fleet is running; Ctrl-C stops it');
     process.stderr.write(
       [
@@ -131,7 +133,7 @@ export async function runStart(): Promise<void> {
         '',
       ].join('\n'),
     );
-    await closeOnSignals(fleet, logger);
+    await stopped;
   } finally {
     if (local !== null) {
       fs.rmSync(localEndpointsFile(), { force: true });

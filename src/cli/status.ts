@@ -1,5 +1,5 @@
 import type { DataSource } from 'typeorm';
-import { getDeployment, listTransitions, type DeploymentView, type TransitionView } from '../services/read-model';
+import { getDeployment, listTransitions, type DeploymentView, type TransitionView } from '../services/read-model/views';
 import { printable } from '../util';
 
 export interface DeploymentStatus {

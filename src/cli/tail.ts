@@ -6,10 +6,10 @@
  * key's layout boundary (what an earlier number of partitions wrote there), and when the number of partitions changes
  * (`fleet streams repartition`) it reads the old partitions to their end, then the new ones.
  */
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { ResyncRequiredError } from '../errors';
 import { printable, sleep } from '../util';
-import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../queues/redis';
+import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../redis/connection';
 import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
 import { MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from '../streams/partitions';
 

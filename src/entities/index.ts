@@ -1,16 +1,16 @@
 /**
- * Persistence: the entity classes (the typed schema, proven equal to what the migrations build by
- * test/integration/migrate.test.ts), the data source, the migrations and their runner, and in sql/ every
+ * Persistence: in model/ the entity classes (the typed schema, proven equal to what the migrations build by
+ * test/integration/migrate.test.ts), in schema/ the data source, the migrations and their runner, and in sql/ every
  * statement the product runs. Knows nothing of BullMQ or Redis.
  */
-import { Attempt } from './attempt';
-import { Deployment } from './deployment';
-import { OutboxEntry } from './outbox-entry';
-import { ProcessedEvent } from './processed-event';
-import { StateTransition } from './state-transition';
-import { Initial1763900000000 } from './migrations/1763900000000-initial';
-import { TransitionActor1764650000000 } from './migrations/1764650000000-transition-actor';
-import { ReadinessProbed1764700000000 } from './migrations/1764700000000-readiness-probed';
+import { Attempt } from './model/attempt';
+import { Deployment } from './model/deployment';
+import { OutboxEntry } from './model/outbox-entry';
+import { ProcessedEvent } from './model/processed-event';
+import { StateTransition } from './model/state-transition';
+import { Initial1763900000000 } from './schema/migrations/1763900000000-initial';
+import { TransitionActor1764650000000 } from './schema/migrations/1764650000000-transition-actor';
+import { ReadinessProbed1764700000000 } from './schema/migrations/1764700000000-readiness-probed';
 
 export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 

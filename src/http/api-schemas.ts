@@ -7,7 +7,7 @@
 import { z } from 'zod';
 import { EVENT_NAMES, payloadSchemaWithoutActor, UUID_PATTERN } from '../events/schemas';
 import { DEPLOYMENT_STATES } from '../machine';
-import { attemptViewSchema, transitionViewSchema } from '../services/read-model';
+import { attemptViewSchema, transitionViewSchema } from '../services/read-model/views';
 
 /** Every error answer, whatever its status (`POST /api/events` adds the fields its failures need). */
 export const apiErrorSchema = z

@@ -3,7 +3,7 @@
  * watchdog (src/workers/lifecycle-worker.ts) must not take jobs an operator or a limit holds back for a stuck fetch.
  */
 import type { Queue } from 'bullmq';
-import type { RedisConnection } from './redis';
+import type { RedisConnection } from '../redis/connection';
 
 /**
  * Why no worker may take a queue's waiting jobs now, by the rules of BullMQ's `moveToActive` script (its

@@ -6,12 +6,12 @@
 import { Queue } from 'bullmq';
 import type { DefaultJobOptions, JobsOptions, Telemetry } from 'bullmq';
 import { SpanKind } from '@opentelemetry/api';
-import type { RedisConnection } from './redis';
+import type { RedisConnection } from '../redis/connection';
 import { z } from 'zod';
 import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, validateEvent, type EventName, type EventPayloads, type ValidatedEvent } from '../events/schemas';
 import { PRODUCER_METHODS, type EventOfMethod, type ProducerMethodName } from '../events/catalog';
 import { LIFECYCLE_QUEUE } from './names';
-import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from './redis';
+import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from '../redis/connection';
 import { DurabilityError, EventIdConflictError } from '../errors';
 import { assertEndpointAllowed, type EndpointAllowList } from '../events/endpoint-allow';
 import { failSpan, tracer } from '../telemetry';

@@ -5,7 +5,7 @@
  * handler call at a time per consumer; each entry acknowledged under the lease.
  */
 import { context, SpanKind, trace } from '@opentelemetry/api';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import type { Logger } from '../log';
 import { failSpan, traceparentContext, tracer } from '../telemetry';
 import { memoryVersionStore, type ConsumerContext, type TransitionConsumerOptions, type VersionStore } from './consumer-options';

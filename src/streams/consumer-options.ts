@@ -2,7 +2,7 @@
  * The options of a `TransitionConsumer` (with the version store it keeps by default), and what its parts
  * (./consumer-*.ts) share.
  */
-import type { RedisConnection, ServerWatch } from '../queues/redis';
+import type { RedisConnection, ServerWatch } from '../redis/connection';
 import type { Logger } from '../log';
 import type { TransitionEntry } from './stream-entry';
 

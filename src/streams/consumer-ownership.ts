@@ -6,7 +6,7 @@
  * deadline passed, is not handled any more (`holds`). The scripts and the fair share are in ./leases.ts.
  */
 import { randomUUID } from 'node:crypto';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { isTransient } from '../errors';
 import type { Logger } from '../log';
 import type { ConsumerContext, TransitionConsumerOptions } from './consumer-options';

@@ -6,7 +6,7 @@
  * is a resync (`ResyncRequiredError`); a read that spanned a reset connection is not trusted (`ReadInterrupted`).
  */
 import { Cluster, type default as IORedis } from 'ioredis';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { ResyncRequiredError } from '../errors';
 import type { Logger } from '../log';
 import type { EntryHandling } from './consumer-handling';

@@ -4,9 +4,9 @@
  * once, on a connection of its own, and wakes the workers of those that got some. A blocking wait never holds up the
  * lease renewals on the main connection.
  */
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import type { Logger } from '../log';
-import { isCluster } from '../queues/redis';
+import { isCluster } from '../redis/connection';
 import type { ConsumerContext, TransitionConsumerOptions } from './consumer-options';
 import type { Owned, Session } from './consumer-ownership';
 

@@ -23,8 +23,8 @@
  */
 import { isTransient, ResyncRequiredError } from '../errors';
 import { silentLogger, type Logger } from '../log';
-import type { RedisConnection } from '../queues/redis';
-import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../redis/connection';
 import { settleWithin } from '../util';
 import { EntryHandling } from './consumer-handling';
 import type { ConsumerContext, TransitionConsumerOptions } from './consumer-options';

@@ -34,9 +34,9 @@
  * ./relay-publisher.ts, the fenced append in ./relay-append.ts, the PostgreSQL session in ./relay-session.ts.
  */
 import type { Client } from 'pg';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
-import { createRedis, describeRedis, logReport, ServerWatch } from '../queues/redis';
+import { createRedis, describeRedis, logReport, ServerWatch } from '../redis/connection';
 import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 import type { OutboxRelayOptions } from './relay-options';
 import { RelayPublisher } from './relay-publisher';

@@ -5,7 +5,7 @@
  * the record and the layouts.
  */
 import { ConfigError } from '../errors';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { MAX_STREAM_PARTITIONS } from '../util/partition-of';
 import { prefixHashTag } from '../util/redis-url';
 

@@ -6,7 +6,7 @@
  */
 import { createHash } from 'node:crypto';
 import { SpanKind, type Span } from '@opentelemetry/api';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { failSpan, formatTraceparent, traceparentContext, tracer } from '../telemetry';
 import { layoutKey, partitionOf } from './partitions';
 

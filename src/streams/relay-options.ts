@@ -2,7 +2,7 @@
  * The options of an `OutboxRelay`.
  */
 import type { Logger } from '../log';
-import type { RedisConnection, ServerWatch } from '../queues/redis';
+import type { RedisConnection, ServerWatch } from '../redis/connection';
 
 export interface OutboxRelayOptions {
   /** PostgreSQL URL: the relay opens one dedicated session for its lock, LISTEN and its queries */

@@ -7,8 +7,8 @@
  */
 import type { Client } from 'pg';
 import type { Logger } from '../log';
-import type { RedisConnection } from '../queues/redis';
-import { connectionForKey } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
+import { connectionForKey } from '../redis/connection';
 import { OUTBOX_SQL, sessionOf } from '../entities/sql';
 import { compareIds, partitionKey, readLayout, recordOrRead } from './partitions';
 import { appendBatches, partitionBatches } from './relay-append';

@@ -22,7 +22,7 @@
  * 6. It releases the lock.
  */
 import { Client } from 'pg';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
 import { settleWithin, sleep } from '../util';
 import { pairs } from './consumer';

@@ -4,7 +4,7 @@
  * holding its lease. Read at scrape time: per partition one XLEN and one XINFO GROUPS, and one GET per group's lease,
  * sent at once (no pipeline, so that it works on a Redis Cluster, whose partitions live in different slots).
  */
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { leaseKey, leaseOwner } from './leases';
 import { partitionKeys, readPartitions } from './partitions';
 

@@ -1,6 +1,7 @@
 /**
- * The lifecycle worker: a thin adapter from a BullMQ job to `TransitionService.apply`, mapping outcomes to BullMQ
- * semantics in one place:
+ * The lifecycle worker: takes BullMQ jobs from the `lifecycle` queue and hands their events to the transition service
+ * through the group-commit coalescer (`TransitionCoalescer`; given a stamp buffer, heartbeat and readiness stamps
+ * travel on this worker's connection), and maps the outcomes to BullMQ semantics, here and nowhere else:
  *
  * - applied / noop                      -> completed, the result as the job's return value
  * - rejected, invalid payload, unknown  -> UnrecoverableError (failed, no retries), the code in the reason
@@ -8,30 +9,34 @@
  *   PostgreSQL or Redis unreachable     -> moved to delayed with backoff (DelayedError: uses up no `attempts`),
  *                                          until the retry budget (10 min of retries) is spent, then failed
  * - an event for a deployment or attempt
- *   that does not exist, past a short
- *   budget (30 s: its create, racing
- *   behind it, would have arrived)      -> a heartbeat or readiness stamp: completed as a noop `not_found` (a stamp
+ *   that does not exist, past its budget
+ *   (a stamp 30 s, any other event
+ *   3 min: its create, racing behind
+ *   it, would have arrived)             -> a heartbeat or readiness stamp: completed as a noop `not_found` (a stamp
  *                                          for nothing is dropped); any other event: failed `not_found`, no retry,
  *                                          at warn (a producer's mistake, not an outage: not ten minutes of retries
  *                                          and a `gave_up`)
  * - anything else (a bug)               -> thrown as is: BullMQ's `attempts` and backoff apply
+ *
+ * It also carries the fetch watchdog (`watchdog` below): a worker whose fetch loop stopped while jobs wait calls its
+ * owner's `onStuck` (the fleet then stops the process with exit code 5, for its supervisor to start again).
  */
 import * as os from 'node:os';
 import { DelayedError, UnrecoverableError, Worker } from 'bullmq';
 import type { Job, Telemetry } from 'bullmq';
 import { context } from '@opentelemetry/api';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { FleetError, isTransient, NotYetError, ValidationError } from '../errors';
 import { STAMP_EVENTS } from '../events/schemas';
 import { silentLogger, type Logger } from '../log';
 import type { BacklogHeld, QueueBacklog } from '../queues/backlog';
 import { LIFECYCLE_QUEUE } from '../queues/names';
-import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
+import { createRedis, describeRedis, isRedisError, logReport, ServerWatch, requireSlotPrefix } from '../redis/connection';
 import { closeWithin } from './close-within';
 import { rejectAfter } from '../util';
 import type { JobOutcome, JobReport } from '../metrics';
 import { TransitionCoalescer, type ApplyResult, type TransitionService } from '../services/transitions';
-import type { StampBuffer } from '../services/stamp-buffer';
+import type { StampBuffer } from '../services/stamps';
 
 /** The BullMQ worker settings a LifecycleWorker uses unless told otherwise (the bench's baseline workers use them too). */
 export const LIFECYCLE_WORKER_DEFAULTS = { concurrency: 16, lockDuration: 8000, stalledInterval: 4000, maxStalledCount: 5 } as const;

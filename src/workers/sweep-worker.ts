@@ -5,7 +5,8 @@
  * (`<prefix>:maintenance:sweep-claim:<tick>`, SET NX) before it runs, so a tick job BullMQ delivers again (its worker
  * stalled: alive but cut off, its lock lapsed) returns `{tick, ran: 'duplicate'}` instead of sweeping a second time.
  *
- * The scheduler is registered from one place, `ensureSweepScheduler`, which every worker process calls at start.
+ * The scheduler is registered from one place, `ensureSweepScheduler`, which every process with the sweep role calls
+ * at start and again every `recheckEveryMs`.
  * BullMQ has a history of bugs around concurrent or repeated `upsertJobScheduler` calls: upserts in quick
  * succession leaving several delayed iterations (taskforcesh/bullmq#2988, #2876), instances starting together and
  * the scheduler ending up with no next job (#3085, #3381), remove-then-upsert leaving nothing scheduled (#3063),
@@ -22,14 +23,14 @@ import { createHash, randomUUID } from 'node:crypto';
 import * as os from 'node:os';
 import { Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Job, JobSchedulerJson } from 'bullmq';
-import type { RedisConnection } from '../queues/redis';
+import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
 import { MAINTENANCE_QUEUE } from '../queues/names';
-import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../queues/redis';
+import { connectionForKey, createRedis, describeRedis, logReport, ServerWatch, requireSlotPrefix } from '../redis/connection';
 import { closeWithin } from './close-within';
-import { acquireLock, releaseLock } from '../queues/redis-lock';
+import { acquireLock, releaseLock } from '../redis/lock';
 import { idleReport } from '../services/readiness';
-import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep';
+import { PROBE_JOB_NAME, type ShardJobData, type ShardReport, type SweepResult } from '../services/sweep/sweeper';
 import { isTransient } from '../errors';
 
 export const SWEEP_SCHEDULER_ID = 'sweep';
@@ -219,7 +220,8 @@ export interface SweepWorkerOptions {
  * Takes `sweep` and `probe` jobs from the `maintenance` queue. Whichever process takes a tick's job runs it (BullMQ
  * hands each job to one worker); the tick's shards go back on the queue as `probe` jobs that any process takes.
  * A tick and a shard are each claimed in Redis before they run, so a redelivered one (its worker stalled or died)
- * never runs twice.
+ * does not run twice; a failover to a replica that never got the claim could let it, unless `durable` makes the
+ * claim reach the replicas first (docs/architecture.md, "When a host is cut off, or a Redis master fails").
  */
 export class SweepWorker {
   readonly worker: Worker<unknown, SweepJobResult | ShardReport>;

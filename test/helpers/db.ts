@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { Client } from 'pg';
 import type { DataSource } from 'typeorm';
 import { createDataSource } from '../../ormconfig';
-import { migrate } from '../../src/entities/migrate';
+import { migrate } from '../../src/entities/schema/migrate';
 import { testEnv } from './env';
 
 export interface TestDatabase {

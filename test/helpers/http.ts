@@ -4,7 +4,7 @@
  */
 import type { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
-import type { RedisConnection } from '../../src/queues/redis';
+import type { RedisConnection } from '../../src/redis/connection';
 import type { DataSource } from 'typeorm';
 import { loadConfig } from '../../src/config';
 import { buildHttpServer, type HttpDeps } from '../../src/http/server';

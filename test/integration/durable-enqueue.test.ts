@@ -12,7 +12,7 @@ import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
-import { Sweeper, type ShardJobData } from '../../src/services/sweep';
+import { Sweeper, type ShardJobData } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testHttpServer } from '../helpers/http';

@@ -15,7 +15,7 @@ import { ValidationError } from '../../src/errors';
 import { createToken } from '../../src/http/tokens';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { Sweeper } from '../../src/services/sweep';
+import { Sweeper } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';

@@ -17,7 +17,7 @@ import { type HttpDeps } from '../../src/http/server';
 import { createToken, TokenStore } from '../../src/http/tokens';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { Sweeper } from '../../src/services/sweep';
+import { Sweeper } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { parseEndpointAllowList } from '../../src/events/endpoint-allow';

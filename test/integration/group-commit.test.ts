@@ -11,7 +11,7 @@ import { Database } from '../../src/entities/sql';
 import { isTransient, NotYetError, ValidationError } from '../../src/errors';
 import type { EventName } from '../../src/events/schemas';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { StampBuffer } from '../../src/services/stamp-buffer';
+import { StampBuffer } from '../../src/services/stamps';
 import { TransitionCoalescer, TransitionService, type ApplyResult } from '../../src/services/transitions';
 import type { ApplyOptions } from '../../src/services/transitions';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';

@@ -11,7 +11,7 @@ import { startFleet, type Fleet } from '../../src/app';
 import { loadConfig } from '../../src/config';
 import { createLogger, scrubUrls } from '../../src/log';
 import { startLocalServices, type LocalServices } from '../../dev/servers';
-import { fleetAclRules } from '../../src/queues/redis';
+import { fleetAclRules } from '../../src/redis/connection';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { createDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
@@ -20,7 +20,7 @@ import { ReadyServer } from '../helpers/ready-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 import { createDataSource } from '../../ormconfig';
-import { migrate } from '../../src/entities/migrate';
+import { migrate } from '../../src/entities/schema/migrate';
 import { repoRoot } from '../../src/util';
 
 const ROOT = repoRoot();

@@ -14,7 +14,7 @@ import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { TcpProxy } from '../helpers/proxy';
 import { waitFor } from '../helpers/wait';
-import { createDataSource } from '../../src/entities/data-source';
+import { createDataSource } from '../../src/entities/schema/data-source';
 import { testHttpServer } from '../helpers/http';
 
 /** Sends `chunks` (a function may pace them) and returns what the server answered before it closed. */

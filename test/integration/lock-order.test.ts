@@ -25,9 +25,9 @@ import {
 } from '../../src/entities/sql';
 import { createLogger, type Logger } from '../../src/log';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { ServerWatch } from '../../src/queues/redis';
-import { StampBuffer } from '../../src/services/stamp-buffer';
-import { Sweeper, type SweeperOptions } from '../../src/services/sweep';
+import { ServerWatch } from '../../src/redis/connection';
+import { StampBuffer } from '../../src/services/stamps';
+import { Sweeper, type SweeperOptions } from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';

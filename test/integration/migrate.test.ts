@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import { createDataSource } from '../../ormconfig';
 import { Deployment, MIGRATIONS } from '../../src/entities';
-import { migrate, migrationsApplied } from '../../src/entities/migrate';
+import { migrate, migrationsApplied } from '../../src/entities/schema/migrate';
 import { createDatabase } from '../helpers/db';
 
 describe('migrations (PostgreSQL)', () => {

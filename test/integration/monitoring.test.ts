@@ -15,7 +15,7 @@ import { silentLogger } from '../../src/log';
 import { TransitionConsumer } from '../../src/streams/consumer';
 import { transitionStreamKey } from '../../src/streams/outbox-relay';
 import type { JobOutcome, ReadinessMeasure, SweepResult } from '../../src/metrics';
-import type { DispatchReason, DispatchSource } from '../../src/services/dispatch';
+import type { DispatchReason, DispatchSource } from '../../src/services/dispatch/resolve-endpoint';
 import { repoRoot } from '../../src/util';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';

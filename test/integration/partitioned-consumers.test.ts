@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { encodeCursor, tail, TailCursorError } from '../../src/cli/tail';
 import { ConfigError, ResyncRequiredError } from '../../src/errors';
-import { fleetAclRules } from '../../src/queues/redis';
+import { fleetAclRules } from '../../src/redis/connection';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
 import { compareIds, memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';

@@ -8,7 +8,7 @@ import { ResyncRequiredError } from '../../src/errors';
 import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
-import { createRedis } from '../../src/queues/redis';
+import { createRedis } from '../../src/redis/connection';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';

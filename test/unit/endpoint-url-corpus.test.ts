@@ -14,7 +14,7 @@ import { ValidationError } from '../../src/errors';
 import { endpointHost, parseEndpointAllowList } from '../../src/events/endpoint-allow';
 import { ENDPOINT_URL_MAX_LENGTH, ENDPOINT_URL_PATTERN } from '../../src/events/endpoint-url';
 import { parsePayload } from '../../src/events/schemas';
-import { resolveEndpoint } from '../../src/services/dispatch';
+import { resolveEndpoint } from '../../src/services/dispatch/resolve-endpoint';
 
 const PYTHON = process.env.PYTHON ?? (fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
 

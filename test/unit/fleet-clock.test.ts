@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { FleetClock, type RedisTimeSource } from '../../src/queues/fleet-clock';
+import { FleetClock, type RedisTimeSource } from '../../src/redis/fleet-clock';
 
 /** A Redis whose TIME the test scripts: each call takes `roundTripMs` of local time and answers `redisMs`. */
 class ScriptedRedis implements RedisTimeSource {

@@ -13,8 +13,8 @@ import { parseEndpointAllowList } from '../../src/events/endpoint-allow';
 import { deriveEventId, parsePayload } from '../../src/events/schemas';
 import { AuthThrottle, hasScope, readAccess, scopeForEvent } from '../../src/http/auth';
 import { createToken, parseTokenFile, TokenFileError, TokenStore } from '../../src/http/tokens';
-import { resolveEndpoint } from '../../src/services/dispatch';
-import { readinessUrl } from '../../src/services/sweep';
+import { resolveEndpoint } from '../../src/services/dispatch/resolve-endpoint';
+import { readinessUrl } from '../../src/services/sweep/sweeper';
 
 function issuesOf(fn: () => unknown): Array<{ field: string; rule: string }> {
   try {

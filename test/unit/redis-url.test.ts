@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { describeServer } from '../../src/queues/redis';
+import { describeServer } from '../../src/redis/connection';
 import { isClusterUrl, parseClusterUrl, prefixHashTag } from '../../src/util/redis-url';
 
 describe('Redis Cluster URLs and hash tags', () => {

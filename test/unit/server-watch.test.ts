@@ -4,7 +4,7 @@
  */
 import { expect } from 'chai';
 import { isTransient, NotYetError } from '../../src/errors';
-import { ServerWatch } from '../../src/queues/redis';
+import { ServerWatch } from '../../src/redis/connection';
 
 describe('ServerWatch', () => {
   it('reports a lost connection once and its return once', () => {

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { fateOf, heartbeatMember, parseHeartbeatMember, stampKeys } from '../../src/services/stamp-buffer';
+import { fateOf, heartbeatMember, parseHeartbeatMember, stampKeys } from '../../src/services/stamps';
 
 describe('stamp buffer rules (pure)', () => {
   const a = '0b6a3a1e-8a4e-4c1a-9f43-1c2d3e4f5a6b';

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { transitionEntryFields } from '../../src/entities/outbox-entry';
+import { transitionEntryFields } from '../../src/entities/model/outbox-entry';
 
 const NOW = new Date('2026-12-02T12:00:00.000Z');
 const D = '00000000-0000-4000-8000-00000000000d';

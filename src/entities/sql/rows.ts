@@ -3,9 +3,9 @@
  * entity-typed records (`DeploymentRecord`, ...), never ad-hoc row shapes. A record is the entity without its
  * relations (the fleet never loads relations; they exist to declare the foreign keys).
  */
-import type { Attempt } from '../attempt';
-import type { Deployment } from '../deployment';
-import type { StateTransition } from '../state-transition';
+import type { Attempt } from '../model/attempt';
+import type { Deployment } from '../model/deployment';
+import type { StateTransition } from '../model/state-transition';
 
 /** (`lastProbedAt` is the sweep's own bookkeeping, its round-robin order: not part of what a deployment reads as) */
 export type DeploymentRecord = Omit<Deployment, 'currentAttempt' | 'lastProbedAt'>;

@@ -39,7 +39,7 @@ export interface ReadinessFlushRow {
 }
 
 /**
- * The stamp buffer's batch writes (src/services/stamp-buffer.ts): one statement per kind per flush, whatever the
+ * The stamp buffer's batch writes (src/services/stamps/flush.ts): one statement per kind per flush, whatever the
  * number of stamps. Each is the same monotonic UPDATE as the per-event statements above, over unnest()ed arrays,
  * and reports the input rows it did NOT stamp, each with whether what it names exists, so the buffer can tell
  * "written" (not reported: the common case costs no result rows), "not running / not ready: drop" and "not there

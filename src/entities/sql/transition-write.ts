@@ -8,7 +8,7 @@
  * for a new one), and its claims, attempt rows, history rows and outbox rows are written only if its row was; a
  * deployment whose check lost writes nothing, and the others commit. The whole statement is one commit.
  */
-import { transitionEntryFields, type TransitionEntryFields } from '../outbox-entry';
+import { transitionEntryFields, type TransitionEntryFields } from '../model/outbox-entry';
 import type { AttemptStatus, DeploymentState, EndpointKind } from '../../machine';
 import { lockedInIdOrder } from './lock-order';
 import { RowSets } from './row-sets';

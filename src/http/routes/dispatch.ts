@@ -3,7 +3,7 @@ import type { FastifyPluginAsync } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { FleetConfig } from '../../config';
 import type { FleetMetrics } from '../../metrics';
-import { resolveEndpoint, resolvedEndpointSchema } from '../../services/dispatch';
+import { resolveEndpoint, resolvedEndpointSchema } from '../../services/dispatch/resolve-endpoint';
 import { deploymentIdParamsSchema } from '../api-schemas';
 import { answer, BAD_ID, NOT_FOUND, route, UNAVAILABLE } from '../route-options';
 import { deploymentOr404, type DeploymentReads } from './deployments';

@@ -10,7 +10,7 @@ import type { FleetConfig } from '../../config';
 import { EVENT_CATALOG, EVENT_NAMES } from '../../events/catalog';
 import type { Logger } from '../../log';
 import { enqueueResultSchema, type LifecycleProducer } from '../../queues/producer';
-import type { RedisConnection } from '../../queues/redis';
+import type { RedisConnection } from '../../redis/connection';
 import { failSpan, traceparentContext, tracer } from '../../telemetry';
 import type { Gate } from '../access';
 import { eventBodySchema } from '../api-schemas';

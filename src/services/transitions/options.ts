@@ -6,7 +6,7 @@ import type { Context } from '@opentelemetry/api';
 import type { EndpointAllowList } from '../../events/endpoint-allow';
 import type { LifecycleEvent } from '../../events/schemas';
 import type { Logger } from '../../log';
-import type { StampBuffer } from '../stamp-buffer';
+import type { StampBuffer } from '../stamps';
 import type { LocalRelay } from './relay-wakeup';
 
 /**

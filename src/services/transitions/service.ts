@@ -46,7 +46,7 @@ import {
   type PreparedEvent,
   type WriteReport,
 } from './batch-plan';
-import type { StampBuffer } from '../stamp-buffer';
+import type { StampBuffer } from '../stamps';
 import { RelayWakeup } from './relay-wakeup';
 import { Stamps } from './stamps';
 import { inSpan } from '../../telemetry';

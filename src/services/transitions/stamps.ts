@@ -13,7 +13,7 @@
 import { NotYetError } from '../../errors';
 import { STAMP_SQL, type Database } from '../../entities/sql';
 import type { LifecycleEvent } from '../../events/schemas';
-import type { StampBuffer } from '../stamp-buffer';
+import type { StampBuffer } from '../stamps';
 import type { ApplyResult } from './outcomes';
 
 export class Stamps {

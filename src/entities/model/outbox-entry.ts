@@ -1,5 +1,5 @@
 import { Column, Entity, Index, PrimaryGeneratedColumn } from 'typeorm';
-import type { DeploymentState } from '../machine';
+import type { DeploymentState } from '../../machine';
 
 /**
  * A transition waiting to be published on the stream, written in the same transaction as the transition.

@@ -1,7 +1,7 @@
 import type { PoolClient } from 'pg';
 import type { DataSource } from 'typeorm';
-import { ADMIN_SQL, MIGRATION_LOCK_KEY } from './sql/admin';
-import { sessionOf } from './sql/runner';
+import { ADMIN_SQL, MIGRATION_LOCK_KEY } from '../sql/admin';
+import { sessionOf } from '../sql/runner';
 
 export { MIGRATION_LOCK_KEY };
 

@@ -1,5 +1,5 @@
 import { Column, Entity, JoinColumn, ManyToOne, PrimaryGeneratedColumn, Unique } from 'typeorm';
-import type { DeploymentState } from '../machine';
+import type { DeploymentState } from '../../machine';
 import type { Deployment } from './deployment';
 
 /** Append-only history: one row per applied transition, unique per (deployment, version). */

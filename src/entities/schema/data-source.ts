@@ -5,7 +5,7 @@
 import 'reflect-metadata';
 import { Client, type ClientConfig } from 'pg';
 import { DataSource } from 'typeorm';
-import { ENTITIES, MIGRATIONS } from './index';
+import { ENTITIES, MIGRATIONS } from '../index';
 
 /**
  * A pool client that can never crash the process with an unhandled 'error' event. When a backend is terminated

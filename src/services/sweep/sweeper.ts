@@ -23,18 +23,18 @@
  * statements, each an index scan on a partial index whose size is the work, not the table.
  */
 import type { DataSource } from 'typeorm';
-import { DEFAULTS } from '../config';
-import { Database, SWEEP_SQL } from '../entities/sql';
-import { cutoffsAt, type LivenessLimits } from '../machine';
-import { silentLogger, type Logger } from '../log';
-import type { EndpointAllowList } from '../events/endpoint-allow';
-import { SWEEP_ACTOR } from '../events/schemas';
-import { deriveEventId, jobIdFor, type LifecycleProducer } from '../queues/producer';
-import { isRedisError, type ServerWatch } from '../queues/redis';
-import { isLockConflict, isTransient } from '../errors';
-import { addTotals, cutShards, loadShard, ProbeLanes, probeShard, runShard, type ProbeTotals, type ShardJobData, type ShardReport, type ShardRunnerOptions } from './readiness';
+import { DEFAULTS } from '../../config';
+import { Database, SWEEP_SQL } from '../../entities/sql';
+import { cutoffsAt, type LivenessLimits } from '../../machine';
+import { silentLogger, type Logger } from '../../log';
+import type { EndpointAllowList } from '../../events/endpoint-allow';
+import { SWEEP_ACTOR } from '../../events/schemas';
+import { deriveEventId, jobIdFor, type LifecycleProducer } from '../../queues/producer';
+import { isRedisError, type ServerWatch } from '../../redis/connection';
+import { isLockConflict, isTransient } from '../../errors';
+import { addTotals, cutShards, loadShard, ProbeLanes, probeShard, runShard, type ProbeTotals, type ShardJobData, type ShardReport, type ShardRunnerOptions } from '../readiness';
 
-export { probeReady, readinessUrl, ProbeLanes, type ProbeOutcome, type ShardJobData, type ShardReport, type ProbeTotals } from './readiness';
+export { probeReady, readinessUrl, ProbeLanes, type ProbeOutcome, type ShardJobData, type ShardReport, type ProbeTotals } from '../readiness';
 
 /** The name of a shard's job on the maintenance queue. */
 export const PROBE_JOB_NAME = 'probe';
@@ -95,8 +95,8 @@ export interface ShardJobOptions {
 
 /**
  * Options of every `probe` job. Prioritized, so a tick's own job (not prioritized: BullMQ takes the waiting list
- * first) never waits behind a backlog of shards; equal priorities run in the order added. No retries: a shard is
- * never run twice (the next tick probes what it missed first). Finished shards are kept an hour, bounded.
+ * first) never waits behind a backlog of shards; equal priorities run in the order added. No retries: a shard that
+ * failed is not run again (the next tick probes what it missed first). Finished shards are kept an hour, bounded.
  */
 export const PROBE_JOB_OPTIONS = Object.freeze({
   priority: 1,

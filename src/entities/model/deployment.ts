@@ -1,5 +1,5 @@
 import { Check, Column, CreateDateColumn, Entity, Index, JoinColumn, ManyToOne, PrimaryColumn, UpdateDateColumn } from 'typeorm';
-import type { DeploymentState, EndpointKind } from '../machine';
+import type { DeploymentState, EndpointKind } from '../../machine';
 import type { Attempt } from './attempt';
 
 /** A deployment's current state. Written only by the transition service's version-checked UPDATE. */

@@ -3,7 +3,7 @@
  * where one process at a time should do something fleet-wide: the sweep scheduler's registration, the stamp flush.
  */
 import { sleep } from '../util';
-import type { RedisConnection } from './redis';
+import type { RedisConnection } from './connection';
 
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`;
 

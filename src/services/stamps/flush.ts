@@ -1,9 +1,7 @@
 /**
- * The stamp buffer (docs/architecture.md, "Heartbeats between flushes"): heartbeat and readiness stamps absorbed in
- * Redis, one command each, and written to PostgreSQL in batches, so a heartbeat costs no PostgreSQL commit.
+ * The stamp buffer's flush (docs/architecture.md, "Heartbeats between flushes"): what moves buffered stamps from
+ * Redis to PostgreSQL. The buffer (buffer.ts) absorbs and reads; this writes.
  *
- * - **Absorb**: `ZADD <key> GT <ms> <member>` keeps the latest time per attempt (member `<attemptId>:<deploymentId>`,
- *   both of which the UPDATE checks) or per deployment (member `<deploymentId>`).
  * - **Flush**: first *take* what is buffered: each kind's sorted set is renamed to its `:flushing` key (O(1); merged
  *   into it, `AGGREGATE MAX`, if a flush that died half-way left one), so stamps absorbed from then on gather in a
  *   new set for the next flush. Then *drain* the taken set, in rounds of up to `maxPerStatement` stamps of each kind:
@@ -20,55 +18,15 @@
  *   one that does not exist is kept (moved back into the absorbing set, for the next flush) until its stamp is older
  *   than `notYetForMs` (the lifecycle worker's 30 s budget for stamps of what does not exist yet), then dropped with
  *   a warning (`not_found`).
- * - **Reads** overlay the buffered time on PostgreSQL's (the latest of the absorbing and the taken set's, and
- *   PostgreSQL's), one Redis round trip.
- *
- * Keys live under the BullMQ prefix (`<prefix>:{stamps}:...`, so a Redis user confined to `<prefix>:*` reaches them),
- * and share one hash tag: the prefix's when it has one (Redis hashes on the first `{...}`; a cluster requires one), else
- * `{stamps}`. Either way they sit in one slot, with every other key of the prefix when it has a tag.
+ * - **One attempt now** (`flushAttempt`): the orphan path writes one attempt's buffered heartbeat before it judges
+ *   liveness from PostgreSQL.
  */
 import { randomUUID } from 'node:crypto';
-import type { RedisConnection } from '../queues/redis';
-import type { DataSource } from 'typeorm';
-import { Database, retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL } from '../entities/sql';
-import { silentLogger, type Logger } from '../log';
-import { createRedis, requireSlotPrefix } from '../queues/redis';
-import { acquireLock, releaseLock } from '../queues/redis-lock';
-import { rejectAfter, UUID_PATTERN } from '../util';
-
-/** The two kinds of stamp. */
-type Kind = 'heartbeat' | 'readiness';
-
-/** The Redis keys of a prefix's stamp buffer: each kind's absorbing set, the set a flush took, and the flush lock. */
-export function stampKeys(prefix: string): {
-  readonly heartbeat: string;
-  readonly readiness: string;
-  readonly heartbeatFlushing: string;
-  readonly readinessFlushing: string;
-  readonly lock: string;
-} {
-  return {
-    heartbeat: `${prefix}:{stamps}:heartbeat`,
-    readiness: `${prefix}:{stamps}:readiness`,
-    heartbeatFlushing: `${prefix}:{stamps}:heartbeat:flushing`,
-    readinessFlushing: `${prefix}:{stamps}:readiness:flushing`,
-    lock: `${prefix}:{stamps}:flush-lock`,
-  };
-}
-
-/** A heartbeat's member: both ids, because the write checks that the attempt belongs to the deployment. */
-export function heartbeatMember(attemptId: string, deploymentId: string): string {
-  return `${attemptId}:${deploymentId}`;
-}
-
-export function parseHeartbeatMember(member: string): { attemptId: string; deploymentId: string } | null {
-  const [attemptId, deploymentId, ...rest] = member.split(':');
-  if (attemptId === undefined || deploymentId === undefined || rest.length > 0) return null;
-  return isUuid(attemptId) && isUuid(deploymentId) ? { attemptId, deploymentId } : null;
-}
-
-/** Members come from validated events, but the key is Redis's: one bad member must not fail a whole batch's cast. */
-const isUuid = (s: string): boolean => UUID_PATTERN.test(s);
+import type { RedisConnection } from '../../redis/connection';
+import { retryLockConflicts, STAMP_BATCH_SQL, STAMP_SQL, type Database } from '../../entities/sql';
+import type { Logger } from '../../log';
+import { acquireLock, releaseLock } from '../../redis/lock';
+import { heartbeatMember, isUuid, parseHeartbeatMember, type Kind, type StampKeys } from './keys';
 
 /**
  * What a flush does with one buffered stamp, given what its statement reported (`row`; undefined when the member
@@ -116,35 +74,6 @@ export interface StampBufferHooks {
   readonly beforeRemove?: () => void | Promise<void>;
 }
 
-export interface StampBufferOptions {
-  /**
-   * A Redis URL (the buffer owns a fail-fast connection to it: one retry, 5 s command timeout, auto-pipelined) or
-   * an ioredis connection, which the buffer does not close
-   */
-  readonly redis: string | RedisConnection;
-  readonly db: Database;
-  /** BullMQ key prefix (default `fleet`) */
-  readonly prefix?: string;
-  /**
-   * How long a stamp for an attempt or deployment that does not exist is kept, counted from the stamp's time
-   * (default 30 s, the lifecycle worker's `stampRetryBudgetMs`): its create may still be on its way.
-   */
-  readonly notYetForMs?: number;
-  /**
-   * Stamps of each kind per statement (default 100,000). A flush writes everything buffered when it started, in as
-   * many statements as that takes.
-   */
-  readonly maxPerStatement?: number;
-  /** how long the flush lock is held at most (default 30 s; a flush that takes longer lets another run beside it) */
-  readonly lockMs?: number;
-  /** how long a flush waits for another process's flush to finish before it flushes anyway (default 10 s) */
-  readonly lockWaitMs?: number;
-  /** how long a read's overlay waits for Redis before it answers from PostgreSQL alone (default 500 ms) */
-  readonly readTimeoutMs?: number;
-  readonly logger?: Logger;
-  readonly hooks?: StampBufferHooks;
-}
-
 /**
  * Takes what is buffered for a flush. KEYS are (absorbing, flushing) pairs: each absorbing set is renamed to its
  * flushing key, or merged into it (the later time of each member) when a flush that died half-way left one.
@@ -184,72 +113,42 @@ interface Buffered {
   readonly at: Date;
 }
 
-export class StampBuffer {
-  readonly keys: ReturnType<typeof stampKeys>;
+/** What a flusher works with: the buffer's connection, keys and logger, and the flush settings of its options. */
+export interface StampFlusherOptions {
+  readonly redis: RedisConnection;
+  readonly db: Database;
+  readonly keys: StampKeys;
+  readonly log: Logger;
+  /** the flush settings, defaults applied (see StampBufferOptions) */
+  readonly notYetForMs: number;
+  readonly maxPerStatement: number;
+  readonly lockMs: number;
+  readonly lockWaitMs: number;
+  readonly hooks: StampBufferHooks;
+}
+
+/** The flush of one stamp buffer (its `flush` and `flushAttempt`). */
+export class StampFlusher {
   private readonly redis: RedisConnection;
   private readonly db: Database;
+  private readonly keys: StampKeys;
   private readonly log: Logger;
   private readonly notYetForMs: number;
   private readonly maxPerStatement: number;
   private readonly lockMs: number;
   private readonly lockWaitMs: number;
-  readonly readTimeoutMs: number;
   private readonly hooks: StampBufferHooks;
-  private readonly ownsRedis: boolean;
-  private closing: Promise<void> | null = null;
-  /** the lifecycle worker's connection, when stamps go through it (`absorbThrough`) */
-  private through: RedisConnection | null = null;
 
-  constructor(options: StampBufferOptions) {
-    requireSlotPrefix(options.redis, options.prefix ?? 'fleet', 'StampBuffer');
-    this.ownsRedis = typeof options.redis === 'string';
-    // auto-pipelining: the absorbs of a worker's concurrent jobs leave in one write (measured: fewer syscalls per job)
-    this.redis =
-      typeof options.redis === 'string'
-        ? createRedis(options.redis, 'producer', 'lifecycle-fleet-stamps', { enableAutoPipelining: true })
-        : options.redis;
+  constructor(options: StampFlusherOptions) {
+    this.redis = options.redis;
     this.db = options.db;
-    this.keys = stampKeys(options.prefix ?? 'fleet');
-    this.log = (options.logger ?? silentLogger).child({ component: 'stamp-buffer' });
-    this.notYetForMs = options.notYetForMs ?? 30_000;
-    this.maxPerStatement = Math.max(1, options.maxPerStatement ?? 100_000);
-    this.lockMs = options.lockMs ?? 30_000;
-    this.lockWaitMs = options.lockWaitMs ?? 10_000;
-    this.readTimeoutMs = options.readTimeoutMs ?? 500;
-    this.hooks = options.hooks ?? {};
-  }
-
-  /** Absorbs a heartbeat, keeping the latest time per attempt (see `absorb`). */
-  absorbHeartbeat(attemptId: string, deploymentId: string, at: Date): Promise<void> {
-    return this.absorb(this.keys.heartbeat, at.getTime(), heartbeatMember(attemptId, deploymentId));
-  }
-
-  /** Absorbs a readiness stamp, keeping the latest time per deployment (see `absorb`). */
-  absorbReadiness(deploymentId: string, at: Date): Promise<void> {
-    return this.absorb(this.keys.readiness, at.getTime(), deploymentId);
-  }
-
-  /**
-   * Absorbs stamps through the lifecycle worker's own Redis connection from now on (null: back to the buffer's).
-   * A worker's job completes with a command on that same connection, which Redis runs after everything sent before
-   * it: so a stamp sent there ahead of the job's completion is in Redis before the job counts as done, without the
-   * job waiting a round trip for it (measured: the heartbeat job rate next to BullMQ no-op jobs, bench `scale`).
-   */
-  absorbThrough(connection: RedisConnection | null): void {
-    this.through = connection;
-  }
-
-  /**
-   * One `ZADD key GT score member`. On the buffer's own connection it resolves once Redis has the stamp. Through a
-   * worker's connection (`absorbThrough`) it resolves once the command is queued there, ahead of the job's
-   * completion; should Redis refuse it (only if the key was changed to another type), the stamp is lost like a
-   * heartbeat never sent, and the refusal is logged.
-   */
-  private absorb(key: string, score: number, member: string): Promise<void> {
-    const through = this.through;
-    if (through === null) return this.redis.zadd(key, 'GT', score, member).then(() => undefined);
-    through.zadd(key, 'GT', score, member).catch((err: unknown) => this.log.error({ err, key }, 'a stamp was not absorbed: Redis refused it'));
-    return Promise.resolve();
+    this.keys = options.keys;
+    this.log = options.log;
+    this.notYetForMs = options.notYetForMs;
+    this.maxPerStatement = options.maxPerStatement;
+    this.lockMs = options.lockMs;
+    this.lockWaitMs = options.lockWaitMs;
+    this.hooks = options.hooks;
   }
 
   /**
@@ -378,58 +277,6 @@ export class StampBuffer {
     return at;
   }
 
-  /** The buffered readiness time of each deployment that has one (one Redis command). */
-  async latestReadiness(deploymentIds: readonly string[]): Promise<Map<string, Date>> {
-    return (await this.latest({ readiness: deploymentIds })).readiness;
-  }
-
-  /** The buffered heartbeat time of each attempt that has one, keyed by attempt id (one Redis command). */
-  async latestHeartbeat(attempts: ReadonlyArray<{ attemptId: string; deploymentId: string }>): Promise<Map<string, Date>> {
-    return (await this.latest({ heartbeats: attempts })).heartbeats;
-  }
-
-  /**
-   * Both at once, in one round trip (a pipeline of a ZMSCORE per kind and set: absorbing, and taken by a flush under
-   * way; the later time wins), within `readTimeoutMs`: what the read model overlays on PostgreSQL's stamps. Throws
-   * when Redis does not answer in time.
-   */
-  async latest(query: {
-    readonly readiness?: readonly string[];
-    readonly heartbeats?: ReadonlyArray<{ attemptId: string; deploymentId: string }>;
-  }): Promise<{ readiness: Map<string, Date>; heartbeats: Map<string, Date> }> {
-    const deploymentIds = query.readiness ?? [];
-    const attempts = query.heartbeats ?? [];
-    const result = { readiness: new Map<string, Date>(), heartbeats: new Map<string, Date>() };
-    const queries = [
-      { into: result.readiness, ids: deploymentIds, members: deploymentIds, keys: [this.keys.readiness, this.keys.readinessFlushing] },
-      {
-        into: result.heartbeats,
-        ids: attempts.map((a) => a.attemptId),
-        members: attempts.map((a) => heartbeatMember(a.attemptId, a.deploymentId)),
-        keys: [this.keys.heartbeat, this.keys.heartbeatFlushing],
-      },
-    ].filter((query) => query.members.length > 0);
-    if (queries.length === 0) return result;
-    const pipeline = this.redis.pipeline();
-    for (const query of queries) for (const key of query.keys) pipeline.zmscore(key, ...query.members);
-    const replies = (await rejectAfter(pipeline.exec(), this.readTimeoutMs, 'buffered stamps')) ?? [];
-    let reply = 0;
-    for (const query of queries) {
-      for (let k = 0; k < query.keys.length; k++) {
-        const [err, value] = replies[reply++] ?? [null, []];
-        if (err !== null) throw err;
-        (value as Array<string | null>).forEach((score, i) => {
-          const id = query.ids[i];
-          if (score === null || id === undefined) return;
-          const time = Number(score);
-          const earlier = query.into.get(id);
-          if (earlier === undefined || earlier.getTime() < time) query.into.set(id, new Date(time));
-        });
-      }
-    }
-    return result;
-  }
-
   /** The next round of what a flush took: up to `maxPerStatement` of each kind, oldest first (one round trip). */
   private async read(): Promise<[Buffered[], Buffered[]]> {
     const replies = (await this.redis
@@ -465,15 +312,6 @@ export class StampBuffer {
     }
   }
 
-  /**
-   * Closes the connection the buffer owns (none when it was given one). Buffered stamps stay in Redis for the next
-   * flush, by any process. Safe to call twice.
-   */
-  close(): Promise<void> {
-    this.closing ??= this.ownsRedis ? this.redis.quit().then(() => undefined, () => this.redis.disconnect()) : Promise.resolve();
-    return this.closing;
-  }
-
   /** Takes the flush lock, waiting up to `lockWaitMs` for another process's flush; false: flush unlocked. */
   private async lock(token: string): Promise<boolean> {
     if (await acquireLock(this.redis, this.keys.lock, token, this.lockMs, this.lockWaitMs)) return true;
@@ -481,17 +319,4 @@ export class StampBuffer {
     this.log.debug({ lockWaitMs: this.lockWaitMs }, 'another flush held the lock too long; flushing anyway');
     return false;
   }
-}
-
-export interface CreateStampBufferOptions extends Omit<StampBufferOptions, 'redis' | 'db'> {
-  /** the Redis the queues use (REDIS_URL) */
-  readonly redisUrl: string;
-  /** the process's data source */
-  readonly dataSource: DataSource;
-}
-
-/** A stamp buffer for the composition root: one per process, on a fail-fast Redis connection of its own. */
-export function createStampBuffer(options: CreateStampBufferOptions): StampBuffer {
-  const { redisUrl, dataSource, ...rest } = options;
-  return new StampBuffer({ ...rest, redis: redisUrl, db: new Database(dataSource) });
 }

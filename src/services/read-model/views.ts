@@ -22,10 +22,10 @@ import {
   type AttemptRecord,
   type DeploymentWithAttempt,
   type StateTransitionRecord,
-} from '../entities/sql';
-import type { Logger } from '../log';
-import { ATTEMPT_STATUSES, DEPLOYMENT_STATES, ENDPOINT_KINDS, type DeploymentState } from '../machine';
-import type { StampBuffer } from './stamp-buffer';
+} from '../../entities/sql';
+import type { Logger } from '../../log';
+import { ATTEMPT_STATUSES, DEPLOYMENT_STATES, ENDPOINT_KINDS, type DeploymentState } from '../../machine';
+import type { StampBuffer } from '../stamps';
 
 /** How a read sees stamps not yet flushed (default: PostgreSQL's alone). */
 export interface StampReadOptions {

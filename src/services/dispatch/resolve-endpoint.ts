@@ -9,11 +9,11 @@
  *   "public" with FLEET_PUBLIC_ENDPOINT_URL unset -> source "none", url null
  *
  * `lastReadyAt` is whatever the caller read: the HTTP route passes the read model's view, which overlays a readiness
- * stamp still in the stamp buffer (read-model.ts), so a buffered stamp is served at once, not at the next flush.
+ * stamp still in the stamp buffer (read-model/views.ts), so a buffered stamp is served at once, not at the next flush.
  */
 import { z } from 'zod';
-import { servableEndpoint, type EndpointAllowList } from '../events/endpoint-allow';
-import type { DeploymentState, EndpointKind } from '../machine';
+import { servableEndpoint, type EndpointAllowList } from '../../events/endpoint-allow';
+import type { DeploymentState, EndpointKind } from '../../machine';
 
 /** Default readiness staleness window (FLEET_READY_WINDOW_S). */
 export const DEFAULT_READY_WINDOW_S = 120;

@@ -1,5 +1,5 @@
 import { Check, Column, Entity, Index, JoinColumn, ManyToOne, PrimaryColumn, Unique } from 'typeorm';
-import type { AttemptStatus } from '../machine';
+import type { AttemptStatus } from '../../machine';
 import type { Deployment } from './deployment';
 
 /** One try at deploying a deployment. `number` counts from 1 per deployment. */

@@ -385,7 +385,7 @@ Examples:
       'change the number of partitions of a running fleet\'s stream, losing nothing and keeping each deployment\'s order: takes the relays\' lock, waits until every consumer group has acknowledged everything, then switches (exit 1, nothing changed, when a group stays behind)',
     )
     .option('--to <n>', `the new number of partitions (1-${MAX_STREAM_PARTITIONS})`)
-    .option('--timeout <seconds>', `how long to wait for the active relay's lock and for the consumer groups to catch up (default ${REPARTITION_TIMEOUT_S})`)
+    .option('--timeout <seconds>', `how long to wait for the active relay's lock, and then for the consumer groups to catch up (each; default ${REPARTITION_TIMEOUT_S})`)
     .action(runRepartition);
   program
     .command('demo')

@@ -37,8 +37,13 @@ export interface RepartitionOptions {
   readonly streamKey: string;
   /** the new number of partitions, 1-1024 */
   readonly to: number;
-  /** how long it waits, in all, for the relay's lock and for the groups to catch up (ms) */
+  /**
+   * how long it waits for the groups to catch up once it holds the relays' lock (ms), and for the lock itself unless
+   * `lockTimeoutMs` says otherwise
+   */
   readonly timeoutMs: number;
+  /** how long it waits for the active relay to hand its lock over (default `timeoutMs`) */
+  readonly lockTimeoutMs?: number;
   /** progress, one line at a time: what it waits for, who is behind, what it did */
   readonly report: (line: string) => void;
   /** how often it looks at the groups again (default 250 ms), and asks the relay again (4 times that) */
@@ -80,7 +85,6 @@ return 1
 export async function repartition(options: RepartitionOptions): Promise<RepartitionOutcome> {
   const { redis, streamKey, to, report } = options;
   if (!Number.isInteger(to) || to < 1 || to > MAX_STREAM_PARTITIONS) throw new RangeError(`to: must be a whole number from 1 to ${MAX_STREAM_PARTITIONS}, got ${to}`);
-  const deadline = performance.now() + options.timeoutMs;
   const unchanged = (partitions: number): RepartitionOutcome => {
     report(`the stream ${streamKey} has ${partitions} partition(s) already: nothing to do`);
     return { kind: 'unchanged', partitions };
@@ -92,8 +96,9 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
   await client.connect();
   const session = sessionOf(client);
   try {
-    if (!(await takeRelayLock(options, session, deadline))) {
-      const message = `the active outbox relay did not hand its lock over within ${seconds(options.timeoutMs)}: is every relay of this version? Nothing was changed.`;
+    const lockTimeoutMs = options.lockTimeoutMs ?? options.timeoutMs;
+    if (!(await takeRelayLock(options, session, performance.now() + lockTimeoutMs))) {
+      const message = `the active outbox relay did not hand its lock over within ${seconds(lockTimeoutMs)}: is every relay of this version? Nothing was changed.`;
       return { kind: 'refused', reason: 'relay_lock', message, behind: [] };
     }
     report('holding the outbox relays\' lock: no relay appends until the partitions are switched (transitions are still applied; their rows wait)');
@@ -104,6 +109,8 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
     const newKeys = partitionKeys(streamKey, to);
     const keys = [...new Set([...oldKeys, ...newKeys])];
 
+    // the groups' time starts with the lock: how long the hand-over took is not theirs
+    const deadline = performance.now() + options.timeoutMs;
     const behind = await waitCaughtUp(options, keys, deadline);
     if (behind.length > 0) return refusedBehind(options, behind);
 

@@ -146,7 +146,8 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       fs.renameSync(`${tokensFile}.new`, tokensFile);
       child.kill('SIGHUP');
       await waitFor('the new token to be accepted', async () => ((await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined));
-      expect(log).to.contain('API tokens reloaded');
+      // the process logs the reload after it swapped the tokens in, and its output reaches us through a pipe later still
+      await waitFor('the reload in the log', () => (log.includes('API tokens reloaded') ? true : undefined));
       // SIGHUP is harmless in a process with nothing to reload (Node's default would end it)
       const worker = spawn(process.execPath, [FLEET, 'worker'], { env: { ...env, FLEET_HTTP_HOST: '127.0.0.1', FLEET_API_TOKENS_FILE: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
       let workerLog = '';

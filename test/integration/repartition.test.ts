@@ -64,8 +64,12 @@ describe('changing the number of partitions of a live fleet', function () {
     return r;
   }
 
+  /**
+   * `timeoutMs` bounds the wait for the groups; the relay's hand-over of its lock gets 30 s whatever it is (a refusal
+   * for groups behind must not turn into one for the lock on a busy machine)
+   */
   function run(to: number, timeoutMs = 30_000, report: (line: string) => void = () => undefined): Promise<RepartitionOutcome> {
-    return repartition({ databaseUrl: db.url, redis, streamKey, to, timeoutMs, pollMs: 50, report });
+    return repartition({ databaseUrl: db.url, redis, streamKey, to, timeoutMs, lockTimeoutMs: 30_000, pollMs: 50, report });
   }
 
   /** The versions applied so far per deployment; `next` applies the next one of one (`applyVersions`). */

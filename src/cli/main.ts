@@ -5,94 +5,24 @@
 import * as fs from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { createDataSource } from '../entities/schema/data-source';
-import { closeOnSignals, startFleet, type Endpoints } from '../app';
-import { loadConfig, type FleetConfig } from '../config';
+import { closeOnSignals, startFleet } from '../app';
+import { loadConfig } from '../config';
 import { migrate } from '../entities/schema/migrate';
 import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
 import { createToken, parseTokenFile, SCOPES, TokenFileError } from '../http/tokens';
+import { reaching, resolveEndpoints, starting, UnreachableError, UsageError } from './reach';
 import { restartMe } from './restart';
-import { PortTakenError, runningLocalEndpoints, runStart } from './start';
+import { PortTakenError, runStart } from './start';
 import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
-import { createRedis, describeServer, isRedisError, pingRedis } from '../redis/connection';
+import { createRedis, describeServer, pingRedis } from '../redis/connection';
 import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
 import { repartition } from '../streams/repartition';
-import { isClusterUrl, parseClusterUrl } from '../util/redis-url';
 import { printable, UUID_PATTERN } from '../util';
-
-/** Thrown for bad input on the command line: exit code 2. */
-class UsageError extends Error {}
-
-/** A server the command needs did not answer: exit code 4, one line naming it (never its password). */
-class UnreachableError extends Error {}
-
-/** A connection error from `server` as one readable line (exit code 4): the error's code, or what it means. */
-function unreachable(server: string, err: unknown): UnreachableError {
-  const code = (err as { code?: unknown }).code;
-  const message = err instanceof Error ? err.message : String(err);
-  const why =
-    typeof code === 'string'
-      ? code
-      : /timed out|timeout/i.test(message)
-        ? 'no answer in time'
-        : /max retries per request/i.test(message)
-          ? 'no connection'
-          : message;
-  return new UnreachableError(`${server} is unreachable (${why})`);
-}
-
-/** Runs `fn`; a connection error (refused, reset, timed out) becomes one readable line and exit code 4. */
-async function reaching<T>(server: string, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    throw isTransient(err) ? unreachable(server, err) : err;
-  }
-}
-
-/** The ports REDIS_URL names (a cluster URL's seed nodes each have one). */
-function redisPorts(url: string): string[] {
-  try {
-    return isClusterUrl(url) ? parseClusterUrl(url).nodes.map((n) => String(n.port)) : [new URL(url).port];
-  } catch {
-    return [];
-  }
-}
-
-/** Starts the fleet; a server that cannot be reached at start becomes one line naming it (which one: an ioredis
- * error, or one that carries Redis's port, is Redis's; any other is PostgreSQL's) and exit code 4. */
-async function starting<T>(endpoints: Endpoints, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (!isTransient(err)) throw err;
-    const redis = isRedisError(err) || redisPorts(endpoints.redisUrl).includes(String((err as { port?: unknown }).port));
-    throw unreachable(redis ? describeServer('Redis', endpoints.redisUrl) : describeServer('PostgreSQL', endpoints.databaseUrl), err);
-  }
-}
-
-/**
- * REDIS_URL and DATABASE_URL, or else those of the local services a running `fleet start` brought up.
- */
-function resolveEndpoints(config: FleetConfig): Endpoints {
-  if (config.redisUrl !== null && config.databaseUrl !== null) {
-    return { redisUrl: config.redisUrl, databaseUrl: config.databaseUrl };
-  }
-  const local = runningLocalEndpoints();
-  if (local !== undefined) {
-    return { redisUrl: config.redisUrl ?? local.redisUrl, databaseUrl: config.databaseUrl ?? local.databaseUrl };
-  }
-  const missing = [config.redisUrl === null ? 'REDIS_URL' : null, config.databaseUrl === null ? 'DATABASE_URL' : null]
-    .filter((v) => v !== null)
-    .join(' and ');
-  throw new UsageError(
-    `${missing} not set, and no local fleet is running: set ${missing}, or run \`npm start\` (it starts local Redis and PostgreSQL) in another terminal`,
-  );
-}
 
 async function runMigrate(): Promise<void> {
   const config = loadConfig();
@@ -178,7 +108,8 @@ const TAIL_STOP_MS = 2000;
 async function runTail(options: { group?: string; consumer?: string; from?: string; json?: boolean }): Promise<void> {
   if (options.consumer !== undefined && options.group === undefined) throw new UsageError('--consumer needs --group');
   if (options.from !== undefined && !isStreamId(options.from)) {
-    if (options.group !== undefined) throw new UsageError(`--from: with --group, must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
+    if (options.group !== undefined)
+      throw new UsageError(`--from: with --group, must be a stream id like 1763900000000-0, 0 or $, got "${options.from}"`);
     try {
       decodeCursor(options.from);
     } catch (err) {
@@ -257,7 +188,8 @@ async function runRepartition(options: { to?: string; timeout?: string }): Promi
   if (!(to >= 1 && to <= MAX_STREAM_PARTITIONS)) throw new UsageError(`--to: must be ${rule}, got "${printable(options.to)}"`);
   const timeoutText = options.timeout ?? String(REPARTITION_TIMEOUT_S);
   const timeoutS = /^\d+(\.\d+)?$/.test(timeoutText) ? Number(timeoutText) : NaN;
-  if (!(timeoutS > 0 && timeoutS <= 86_400)) throw new UsageError(`--timeout: must be a number of seconds above 0 and at most 86400, got "${printable(timeoutText)}"`);
+  if (!(timeoutS > 0 && timeoutS <= 86_400))
+    throw new UsageError(`--timeout: must be a number of seconds above 0 and at most 86400, got "${printable(timeoutText)}"`);
   const config = loadConfig();
   const endpoints = resolveEndpoints(config);
   const redis = createRedis(endpoints.redisUrl, 'producer', 'lifecycle-fleet-repartition');
@@ -279,7 +211,9 @@ async function runRepartition(options: { to?: string; timeout?: string }): Promi
       return;
     }
     process.stdout.write(
-      outcome.kind === 'unchanged' ? `unchanged: ${outcome.partitions} partition(s)\n` : `repartitioned: ${outcome.from} -> ${outcome.to} partition(s)\n`,
+      outcome.kind === 'unchanged'
+        ? `unchanged: ${outcome.partitions} partition(s)\n`
+        : `repartitioned: ${outcome.from} -> ${outcome.to} partition(s)\n`,
     );
   } finally {
     redis.disconnect();
@@ -311,7 +245,10 @@ async function runDemoCommand(options: { api?: string }): Promise<void> {
  * so a running fleet's SIGHUP reload never reads half a file).
  */
 function runTokenCreate(options: { name: string; scopes: string; file?: string }): void {
-  const scopes = options.scopes.split(',').map((s) => s.trim()).filter((s) => s !== '');
+  const scopes = options.scopes
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '');
   let created: ReturnType<typeof createToken>;
   try {
     created = createToken(options.name, scopes);
@@ -374,18 +311,24 @@ Examples:
     .description('print transitions as they happen (exit 3 when --from was trimmed away: resync from the history API)')
     .option('--group <group>', 'read through this consumer group (a durable position)')
     .option('--consumer <name>', 'consumer name within the group (default tail-<pid>)')
-    .option('--from <id>', 'start at this stream id on every partition (0 = all retained, $ = new only; default $), or at the cursor a tail printed when it stopped')
+    .option(
+      '--from <id>',
+      'start at this stream id on every partition (0 = all retained, $ = new only; default $), or at the cursor a tail printed when it stopped',
+    )
     .option('--json', 'one JSON object per line instead of text')
     .action(runTail);
   program
     .command('streams')
-    .description("manage the transition stream")
+    .description('manage the transition stream')
     .command('repartition')
     .description(
-      'change the number of partitions of a running fleet\'s stream, losing nothing and keeping each deployment\'s order: takes the relays\' lock, waits until every consumer group has acknowledged everything, then switches (exit 1, nothing changed, when a group stays behind)',
+      "change the number of partitions of a running fleet's stream, losing nothing and keeping each deployment's order: takes the relays' lock, waits until every consumer group has acknowledged everything, then switches (exit 1, nothing changed, when a group stays behind)",
     )
     .option('--to <n>', `the new number of partitions (1-${MAX_STREAM_PARTITIONS})`)
-    .option('--timeout <seconds>', `how long to wait for the active relay's lock, and then for the consumer groups to catch up (each; default ${REPARTITION_TIMEOUT_S})`)
+    .option(
+      '--timeout <seconds>',
+      `how long to wait for the active relay's lock, and then for the consumer groups to catch up (each; default ${REPARTITION_TIMEOUT_S})`,
+    )
     .action(runRepartition);
   program
     .command('demo')
@@ -394,7 +337,7 @@ Examples:
     .action(runDemoCommand);
   program
     .command('status')
-    .description("show a deployment, its current attempt and its latest transitions")
+    .description('show a deployment, its current attempt and its latest transitions')
     .argument('<deploymentId>', 'the deployment id (UUID)')
     .option('--json', 'print JSON instead of text')
     .action(runStatus);

@@ -116,7 +116,8 @@ function parseArgs(argv: readonly string[]): Args {
   };
   const ints = (v: string, what: string): number[] => {
     const xs = v.split(',').map(Number);
-    if (xs.length === 0 || xs.some((x) => !Number.isInteger(x) || x < 1)) throw new Error(`${what}: a comma-separated list of positive whole numbers, got ${v}`);
+    if (xs.length === 0 || xs.some((x) => !Number.isInteger(x) || x < 1))
+      throw new Error(`${what}: a comma-separated list of positive whole numbers, got ${v}`);
     return xs;
   };
   const positive = (v: string, what: string): number => {
@@ -146,10 +147,10 @@ function parseArgs(argv: readonly string[]): Args {
     else if (a === '--kinds') {
       const names = value().split(',');
       const unknown = names.filter((n) => !(WORKER_KINDS as readonly string[]).includes(n));
-      if (unknown.length > 0 || !names.includes('ours')) throw new Error(`--kinds: ours and any of ${WORKER_KINDS.join(', ')}; got ${names.join(', ')}`);
+      if (unknown.length > 0 || !names.includes('ours'))
+        throw new Error(`--kinds: ours and any of ${WORKER_KINDS.join(', ')}; got ${names.join(', ')}`);
       kinds = names as WorkerKind[];
-    }
-    else if (a === '--before') {
+    } else if (a === '--before') {
       before = path.resolve(value());
       if (!fs.existsSync(path.join(before, 'bin', 'fleet.js')) || !fs.existsSync(path.join(before, 'dist'))) {
         throw new Error(`--before: ${before} is not a built checkout (bin/fleet.js and dist/ are needed: npm ci && npm run build there)`);

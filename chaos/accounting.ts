@@ -37,7 +37,10 @@ export async function countEvents(
   samples: Samples,
 ): Promise<EventCounts> {
   const processed = new Map(
-    (await fleet.pool.query<{ event_id: string; outcome: string }>(`SELECT event_id, outcome FROM processed_events`)).rows.map((r) => [r.event_id, r.outcome]),
+    (await fleet.pool.query<{ event_id: string; outcome: string }>(`SELECT event_id, outcome FROM processed_events`)).rows.map((r) => [
+      r.event_id,
+      r.outcome,
+    ]),
   );
   const n = { applied: 0, noop: 0, rejected: 0, lost: 0, wrongOutcome: 0 };
   for (const [eventId, event] of sent) {
@@ -89,7 +92,12 @@ export async function checkRunHistory(fleet: Fleet, sent: ReadonlyMap<string, Tr
   await checkDs.initialize();
   try {
     const events = new Map<string, SentEvent>([...sent].map(([id, e]) => [id, { name: e.name, data: e.data }]));
-    return await checkHistory({ dataSource: checkDs, stream: { redis: fleet.admin, key: fleet.streamKey, before: audit.entries }, events, maxViolations: 20 });
+    return await checkHistory({
+      dataSource: checkDs,
+      stream: { redis: fleet.admin, key: fleet.streamKey, before: audit.entries },
+      events,
+      maxViolations: 20,
+    });
   } finally {
     await checkDs.destroy();
   }

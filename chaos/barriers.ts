@@ -80,7 +80,11 @@ export class Barriers {
     const decided =
       expected.length === 0
         ? new Set<string>()
-        : new Set((await this.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [expected])).rows.map((r) => r.event_id));
+        : new Set(
+            (await this.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [expected])).rows.map(
+              (r) => r.event_id,
+            ),
+          );
     for (const [id, w] of [...this.waiting]) {
       const want = w.barrier.state;
       const row = stateOf.get(id);

@@ -40,8 +40,19 @@ interface Member {
 
 export interface ConsumerGroupReport {
   /** members at the start and at most; processes started (restarts included); exits by themselves */
-  readonly members: { readonly initial: number; readonly max: number; readonly started: number; readonly exits: { readonly resync: number; readonly other: number } };
-  readonly faults: { readonly joins: number; readonly leaves: number; readonly kills: number; readonly killsMidHandler: number; readonly pauses: number };
+  readonly members: {
+    readonly initial: number;
+    readonly max: number;
+    readonly started: number;
+    readonly exits: { readonly resync: number; readonly other: number };
+  };
+  readonly faults: {
+    readonly joins: number;
+    readonly leaves: number;
+    readonly kills: number;
+    readonly killsMidHandler: number;
+    readonly pauses: number;
+  };
   /** partitions taken over (each start included), and leases lost (a member fenced off) */
   readonly acquisitions: number;
   readonly leasesLost: number;
@@ -128,7 +139,9 @@ export class ConsumerGroup {
     await this.fleet.pool.query(`TRUNCATE ${VERSIONS_TABLE}`);
     await this.makeGroups();
     this.pool.start();
-    this.log(`consumer group: ${this.initial} members (at most ${this.max}), lease ${MEMBER_LEASE_MS} ms, handler ${HANDLER_MS} ms, ${this.fleet.options.streamPartitions} partition(s)`);
+    this.log(
+      `consumer group: ${this.initial} members (at most ${this.max}), lease ${MEMBER_LEASE_MS} ms, handler ${HANDLER_MS} ms, ${this.fleet.options.streamPartitions} partition(s)`,
+    );
   }
 
   /** The group at `$` on every partition; Redis away or loading is waited out. */
@@ -187,7 +200,8 @@ export class ConsumerGroup {
     await this.makeGroups();
     for (const key of fleet.partitionKeys) await fleet.admin.xgroup('DESTROY', key, old).catch(() => undefined);
     const handled = new Map<string, number>();
-    for (const call of this.records().flatMap((r) => r.calls)) handled.set(call.deploymentId, Math.max(handled.get(call.deploymentId) ?? 0, call.version));
+    for (const call of this.records().flatMap((r) => r.calls))
+      handled.set(call.deploymentId, Math.max(handled.get(call.deploymentId) ?? 0, call.version));
     const rows = await this.historyRows();
     const lines: string[] = [];
     const recovered = new Map<string, number>();
@@ -215,7 +229,9 @@ export class ConsumerGroup {
   /** Every transition in history, per deployment in version order. */
   private async historyRows(): Promise<Array<{ deployment_id: string; version: number }>> {
     const { rows } = await this.withPostgres(() =>
-      this.fleet.pool.query<{ deployment_id: string; version: number }>(`SELECT deployment_id, version FROM state_transitions ORDER BY deployment_id, version`),
+      this.fleet.pool.query<{ deployment_id: string; version: number }>(
+        `SELECT deployment_id, version FROM state_transitions ORDER BY deployment_id, version`,
+      ),
     );
     return rows;
   }
@@ -246,7 +262,8 @@ export class ConsumerGroup {
     for (const slot of this.pool.activeSlots()) {
       const child = this.pool.processOf(slot);
       const name = this.names.get(slot);
-      if (child?.pid !== undefined && child.exitCode === null && child.signalCode === null && name !== undefined) out.push({ slot, pid: child.pid, name });
+      if (child?.pid !== undefined && child.exitCode === null && child.signalCode === null && name !== undefined)
+        out.push({ slot, pid: child.pid, name });
     }
     return out;
   }
@@ -254,7 +271,11 @@ export class ConsumerGroup {
   /** The names of the members running on a lab host. */
   membersOn(host: string): string[] {
     const lab = this.fleet.lab;
-    return lab === null ? [] : this.running().filter((m) => lab.hostOfSlot(m.slot) === host).map((m) => m.name);
+    return lab === null
+      ? []
+      : this.running()
+          .filter((m) => lab.hostOfSlot(m.slot) === host)
+          .map((m) => m.name);
   }
 
   /** `consumer-join`: one more member; at the bound, the oldest leaves first. */
@@ -282,7 +303,8 @@ export class ConsumerGroup {
     if (typeof found === 'string') return found;
     const { member, call } = found;
     const child = this.pool.processOf(member.slot);
-    if (child === null || child.pid !== member.pid || child.exitCode !== null || child.signalCode !== null) return `${member.name} exited meanwhile: nobody killed`;
+    if (child === null || child.pid !== member.pid || child.exitCode !== null || child.signalCode !== null)
+      return `${member.name} exited meanwhile: nobody killed`;
     const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     this.pool.kill(member.pid);
     this.faults.kills++;
@@ -290,7 +312,10 @@ export class ConsumerGroup {
     // the record says whether it died in the handler: a call that started and never returned
     const mid = parseMemberRecord(member.name, this.recordOf(member.name)).inHandlerAtEnd;
     if (mid !== null) this.faults.killsMidHandler++;
-    const what = mid === null ? `between handler calls${call === null ? ` (none in a handler within ${IN_HANDLER_WITHIN_MS / 1000} s)` : ''}` : `in its handler (${mid.deploymentId} v${mid.version}, partition ${mid.partition})`;
+    const what =
+      mid === null
+        ? `between handler calls${call === null ? ` (none in a handler within ${IN_HANDLER_WITHIN_MS / 1000} s)` : ''}`
+        : `in its handler (${mid.deploymentId} v${mid.version}, partition ${mid.partition})`;
     return `SIGKILL ${member.name} pid ${member.pid} ${what}`;
   }
 
@@ -306,7 +331,10 @@ export class ConsumerGroup {
       setTimeout(() => this.continueOne(member.pid), forMs),
     );
     this.faults.pauses++;
-    const what = call === null ? `between handler calls (none in a handler within ${IN_HANDLER_WITHIN_MS / 1000} s)` : `in its handler (${call.deploymentId} v${call.version}, partition ${call.partition})`;
+    const what =
+      call === null
+        ? `between handler calls (none in a handler within ${IN_HANDLER_WITHIN_MS / 1000} s)`
+        : `in its handler (${call.deploymentId} v${call.version}, partition ${call.partition})`;
     return `SIGSTOP ${member.name} pid ${member.pid} ${what} for ${forMs / 1000} s (its lease is ${MEMBER_LEASE_MS / 1000} s), then SIGCONT`;
   }
 
@@ -446,7 +474,10 @@ function lastOpenCall(name: string, file: string): GroupCall | null {
     const length = Math.min(size, 512);
     const buffer = Buffer.alloc(length);
     fs.readSync(fd, buffer, 0, length, size - length);
-    const lines = buffer.toString('utf8').split('\n').filter((l) => l !== '');
+    const lines = buffer
+      .toString('utf8')
+      .split('\n')
+      .filter((l) => l !== '');
     const last = lines[lines.length - 1] ?? '';
     return last.startsWith('S ') ? parseMemberRecord(name, last).inHandlerAtEnd : null;
   } finally {

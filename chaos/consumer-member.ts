@@ -117,7 +117,12 @@ async function main(config: MemberConfig): Promise<number> {
     return RESYNC_EXIT;
   }
   const holdings = new Map<number, number>();
-  const pool = new Pool({ connectionString: config.databaseUrl, max: 2, application_name: 'lifecycle-fleet-chaos-consumer', connectionTimeoutMillis: 5000 });
+  const pool = new Pool({
+    connectionString: config.databaseUrl,
+    max: 2,
+    application_name: 'lifecycle-fleet-chaos-consumer',
+    connectionTimeoutMillis: 5000,
+  });
   pool.on('error', () => undefined); // a terminated backend: the next query fails, and the consumer waits it out
   const consumer = new TransitionConsumer({
     redis: config.redisUrl,

@@ -19,7 +19,13 @@ export interface WorkerSpec {
   /** arguments appended per process: its slot and its start number (1, 2, ... over the pool's life) */
   readonly argsOf?: (slot: number, start: number) => readonly string[];
   /** told of every exit: `expected` when `kill`, `retire` or `stop` asked for it */
-  readonly onExit?: (exit: { readonly slot: number; readonly pid: number; readonly code: number | null; readonly signal: string | null; readonly expected: boolean }) => void;
+  readonly onExit?: (exit: {
+    readonly slot: number;
+    readonly pid: number;
+    readonly code: number | null;
+    readonly signal: string | null;
+    readonly expected: boolean;
+  }) => void;
   /** what a process is called in log lines (default `worker`) */
   readonly what?: string;
 }

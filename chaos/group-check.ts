@@ -142,7 +142,8 @@ export function checkGroup(calls: readonly GroupCall[], finalVersions: ReadonlyM
     const seen = handled.get(deploymentId);
     const missing: number[] = [];
     for (let version = 1; version <= final; version++) if (seen?.has(version) !== true) missing.push(version);
-    if (missing.length > 0) v.add({ kind: 'group_missing_version', deploymentId, detail: `versions ${missing.join(', ')} of ${final} never reached the handler` });
+    if (missing.length > 0)
+      v.add({ kind: 'group_missing_version', deploymentId, detail: `versions ${missing.join(', ')} of ${final} never reached the handler` });
   }
   return { calls: calls.length - fromHistory, redelivered, fromHistory, violationCounts: v.counts, violations: v.list };
 }
@@ -154,7 +155,8 @@ function checkOwners(v: Collector, ordered: readonly GroupCall[], t0: bigint): v
     if (call.consumer === FROM_HISTORY) continue;
     const key = `${call.partition}/${call.consumer}/${call.holding}`;
     const span = spans.get(key);
-    if (span === undefined) spans.set(key, { partition: call.partition, who: `${call.consumer} (holding ${call.holding})`, first: call.at, last: call.at });
+    if (span === undefined)
+      spans.set(key, { partition: call.partition, who: `${call.consumer} (holding ${call.holding})`, first: call.at, last: call.at });
     else span.last = call.at;
   }
   const byPartition = new Map<number, Array<{ who: string; first: bigint; last: bigint }>>();

@@ -80,9 +80,12 @@ export async function holdConsumerBehindTrim(target: HeldConsumerTarget, group: 
       return next.length > trim ? next[trim]?.[0] : undefined;
     }, 30_000);
     if (behind === undefined) return plain(`too little traffic behind the held consumer${on}`);
-    if ((await until(() => (target.audit.reached(n, behind) ? true : undefined), 20_000)) === undefined) return plain('the audit did not catch up; nothing trimmed');
+    if ((await until(() => (target.audit.reached(n, behind) ? true : undefined), 20_000)) === undefined)
+      return plain('the audit did not catch up; nothing trimmed');
     // the consumer group too, when it can (else it must stop with resync_required, which the report counts)
-    const groupCaughtUp = target.readUpTo === undefined || (await until(async () => ((await target.readUpTo?.(key, behind)) === true ? true : undefined), 20_000)) === true;
+    const groupCaughtUp =
+      target.readUpTo === undefined ||
+      (await until(async () => ((await target.readUpTo?.(key, behind)) === true ? true : undefined), 20_000)) === true;
     const trimmed = await admin.xtrim(key, 'MINID', behind);
     release();
     // whichever comes first: the consumer ends, or it handles an entry of that partition past the hole
@@ -90,10 +93,18 @@ export async function holdConsumerBehindTrim(target: HeldConsumerTarget, group: 
     const result = (await until(() => ended ?? (pastHole() ? { result: 'skipped' } : undefined), 15_000))?.result;
     const lagging = groupCaughtUp ? '' : ' (the consumer group had not read that far)';
     if (result instanceof ResyncRequiredError) {
-      return { detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed behind it${lagging}; it stopped with resync_required`, resync: true, skipped: false };
+      return {
+        detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed behind it${lagging}; it stopped with resync_required`,
+        resync: true,
+        skipped: false,
+      };
     }
     const skipped = result === 'skipped';
-    return { detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed${lagging}; it ${skipped ? 'WENT ON PAST THE HOLE' : `ended with ${String(result)}`}`, resync: false, skipped };
+    return {
+      detail: `consumer held at ${first}${on}; ${trimmed} entries trimmed${lagging}; it ${skipped ? 'WENT ON PAST THE HOLE' : `ended with ${String(result)}`}`,
+      resync: false,
+      skipped,
+    };
   } finally {
     release();
     await held.close();

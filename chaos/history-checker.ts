@@ -23,7 +23,16 @@
 import type { RedisConnection } from '../src/redis/connection';
 import type { DataSource } from 'typeorm';
 import type { TransitionEntry } from '../src/streams/consumer';
-import { Collector, groupBy, readHistoryRows, type AttemptRow, type DeploymentRow, type HistoryRows, type ProcessedRow, type TransitionRow } from './history-rows';
+import {
+  Collector,
+  groupBy,
+  readHistoryRows,
+  type AttemptRow,
+  type DeploymentRow,
+  type HistoryRows,
+  type ProcessedRow,
+  type TransitionRow,
+} from './history-rows';
 import { checkFinalState, checkNoops, replayDeployment } from './history-replay';
 import { checkStream } from './history-stream';
 
@@ -144,7 +153,9 @@ export async function checkHistory(options: HistoryCheckOptions): Promise<Histor
   }
 
   const stream =
-    options.stream === undefined ? null : await checkStream(options.stream, scope === null ? null : new Set(scope), byDeployment, rows.transitions, v);
+    options.stream === undefined
+      ? null
+      : await checkStream(options.stream, scope === null ? null : new Set(scope), byDeployment, rows.transitions, v);
 
   const applied = rows.allProcessed.filter((p) => p.outcome === 'applied').length;
   return {
@@ -206,7 +217,8 @@ function checkVersions(v: Collector, d: DeploymentRow, rows: readonly Transition
     v.add({
       kind: 'version_gap',
       deploymentId: d.id,
-      detail: `history versions [${versions.join(', ')}] for version ${d.version}` +
+      detail:
+        `history versions [${versions.join(', ')}] for version ${d.version}` +
         `${missing.length > 0 ? `; missing ${missing.join(', ')}` : ''}${repeated.length > 0 ? `; repeated ${repeated.join(', ')}` : ''}`,
     });
   }

@@ -88,9 +88,7 @@ function snapshotOf(state: ReplayState, event: MachineEvent): Snapshot {
   const current = state.currentAttemptId === null ? undefined : state.attempts.get(state.currentAttemptId);
   return {
     deployment:
-      state.state === null
-        ? null
-        : { name: state.name, state: state.state, version: state.version, currentAttemptId: state.currentAttemptId },
+      state.state === null ? null : { name: state.name, state: state.state, version: state.version, currentAttemptId: state.currentAttemptId },
     attempt: attemptId !== null && named !== undefined ? { id: attemptId, status: named } : null,
     currentAttempt: state.currentAttemptId !== null && current !== undefined ? { id: state.currentAttemptId, status: current } : null,
   };
@@ -110,14 +108,24 @@ function applyDecision(state: ReplayState, decision: Extract<Decision, { kind: '
 }
 
 const describeDecision = (d: Decision): string =>
-  d.kind === 'applied' ? `applied ${d.from ?? '(none)'} -> ${d.to} (${d.reason})` : d.kind === 'noop' ? `noop ${d.why}` : d.kind === 'rejected' ? `rejected ${d.code}` : `deferred ${d.why}`;
+  d.kind === 'applied'
+    ? `applied ${d.from ?? '(none)'} -> ${d.to} (${d.reason})`
+    : d.kind === 'noop'
+      ? `noop ${d.why}`
+      : d.kind === 'rejected'
+        ? `rejected ${d.code}`
+        : `deferred ${d.why}`;
 
 /** Replay time is irrelevant to the decision's kind and states; a fixed instant keeps the replay pure. */
 const REPLAY_NOW = new Date(0);
 
 function checkSent(v: Collector, deploymentId: string, version: number, eventId: string, sent: SentEvent, fromHistory: MachineEvent): void {
   const fromSent = eventFromSent(sent);
-  if (fromSent === null || sent.data.deploymentId !== deploymentId || JSON.stringify(normalize(fromSent)) !== JSON.stringify(normalize(fromHistory))) {
+  if (
+    fromSent === null ||
+    sent.data.deploymentId !== deploymentId ||
+    JSON.stringify(normalize(fromSent)) !== JSON.stringify(normalize(fromHistory))
+  ) {
     v.add({
       kind: 'event_mismatch',
       deploymentId,

@@ -149,7 +149,7 @@ export async function checkStream(
   for (const e of before) check.add(e.streamId, Object.entries(e).flat().map(String));
   const seenBefore = new Set(before.map((e) => where(partitionOf(e.deploymentId, partitions), e.streamId)));
   for (const [partition, key] of partitionKeys(stream.key, partitions).entries()) {
-    for (let start = '-'; ; ) {
+    for (let start = '-'; ;) {
       const page = (await stream.redis.xrange(key, start, '+', 'COUNT', PAGE)) as Array<[string, string[]]>;
       for (const [id, fields] of page) if (!seenBefore.has(where(partition, id))) check.add(id, fields);
       const last = page[page.length - 1];

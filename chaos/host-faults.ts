@@ -192,7 +192,8 @@ export class HostFaults {
           continue;
         }
         // gone (removed on completion), finished, or taken by another worker: it ran again elsewhere
-        if (job === undefined || job.finishedOn !== undefined || (job.processedBy !== undefined && job.processedBy !== p.name)) rerunAt.set(id, Date.now());
+        if (job === undefined || job.finishedOn !== undefined || (job.processedBy !== undefined && job.processedBy !== p.name))
+          rerunAt.set(id, Date.now());
       }
       if (p.ledRelay) {
         if (takeoverAt === null) {
@@ -224,7 +225,9 @@ export class HostFaults {
       consumers: p.consumers,
     };
     this.partitions.push(record);
-    const relay = p.ledRelay ? `; relay taken over after ${String(record.takeoverMs)} ms, stream moved after ${String(record.firstPublishMs)} ms` : '';
+    const relay = p.ledRelay
+      ? `; relay taken over after ${String(record.takeoverMs)} ms, stream moved after ${String(record.firstPublishMs)} ms`
+      : '';
     this.say(`healed ${p.host}: ${record.inFlight} held jobs, ${rerunAt.size} ran again elsewhere (longest ${String(record.rerunMaxMs)} ms)${relay}`);
   }
 

@@ -99,12 +99,16 @@ const seconds = (ms: number): number => Number((ms / 1000).toFixed(1));
 /** Every partitioned worker's held jobs ran again in time; every cut-off leader was replaced and published in time. */
 export function hostsHeld(hosts: HostsReport | null): boolean {
   if (hosts === null) return true;
-  return hosts.partitions.every(
-    (p) =>
-      p.notRerun === 0 &&
-      (p.rerunMaxMs === null || p.rerunMaxMs <= RERUN_WITHIN_MS) &&
-      (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
-  ) && hosts.failovers.every((f) => f.rejoinedAfterMs !== null) && hosts.activity.every((a) => a.probed > 0);
+  return (
+    hosts.partitions.every(
+      (p) =>
+        p.notRerun === 0 &&
+        (p.rerunMaxMs === null || p.rerunMaxMs <= RERUN_WITHIN_MS) &&
+        (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
+    ) &&
+    hosts.failovers.every((f) => f.rejoinedAfterMs !== null) &&
+    hosts.activity.every((a) => a.probed > 0)
+  );
 }
 
 /** Acknowledged events the failovers lost (the run's `lost` must stay 0 with durable enqueue; without, it may not). */
@@ -131,10 +135,38 @@ export function buildReport(r: RunResults): ChaosReport {
     r.sweeps.startedTwice === 0 &&
     hostsHeld(r.hosts) &&
     (!options.durable || failoverLosses(r.hosts) === 0);
-  const { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS, streamPartitions } = options;
+  const {
+    deployments,
+    workers,
+    concurrency,
+    durationS,
+    faultEveryS,
+    phases,
+    drainTimeoutS,
+    seed,
+    hosts,
+    redisCluster,
+    durable,
+    partitionS,
+    streamPartitions,
+  } = options;
   return {
     ok,
-    options: { deployments, workers, concurrency, durationS, faultEveryS, phases, drainTimeoutS, seed, hosts, redisCluster, durable, partitionS, streamPartitions },
+    options: {
+      deployments,
+      workers,
+      concurrency,
+      durationS,
+      faultEveryS,
+      phases,
+      drainTimeoutS,
+      seed,
+      hosts,
+      redisCluster,
+      durable,
+      partitionS,
+      streamPartitions,
+    },
     events: {
       sent: events.sent,
       applied: events.applied,
@@ -171,7 +203,10 @@ export function buildReport(r: RunResults): ChaosReport {
 }
 
 export function formatReport(r: ChaosReport): string {
-  const where = r.options.hosts > 0 ? `, on ${r.options.hosts} hosts${r.options.redisCluster ? ' with a Redis Cluster' : ''}, durable enqueue ${r.options.durable ? 'on' : 'off'}` : '';
+  const where =
+    r.options.hosts > 0
+      ? `, on ${r.options.hosts} hosts${r.options.redisCluster ? ' with a Redis Cluster' : ''}, durable enqueue ${r.options.durable ? 'on' : 'off'}`
+      : '';
   const lines = [
     '',
     `chaos report (seed ${r.options.seed}${where}): ${r.ok ? 'OK' : 'FAILED'}`,
@@ -188,17 +223,26 @@ export function formatReport(r: ChaosReport): string {
     `  transitions         ${r.transitions}`,
     `  final states        ${r.deployments.total - r.deployments.wrongFinalState}/${r.deployments.total} as scripted (${r.deployments.scriptsFinished} scripts finished)`,
     `  history checker     ${r.checker.ok ? 'clean' : JSON.stringify(r.checker.violationCounts)}`,
-    `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind).map(([k, n]) => `${k} x${n}`).join(', ')}`,
+    `  faults              ${r.faults.total}: ${Object.entries(r.faults.byKind)
+      .map(([k, n]) => `${k} x${n}`)
+      .join(', ')}`,
     `  relay leader kills  ${r.faults.leaderKills}`,
     `  held consumers      ${r.consumers.resyncs} stopped with resync_required, ${r.consumers.skipped} went past the hole (audit restarts ${r.consumers.auditRestarts}: ${r.consumers.auditStops.resync} resync, ${r.consumers.auditStops.other} other)`,
     ...groupLines(r),
-    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves and were restarted: ${Object.entries(r.workerExitsBy).map(([how, n]) => `${how} x${n}`).join(', ') || 'none'}; code 4: a service unreachable at its start, code 5: its fetch watchdog found it stuck)`,
+    `  worker starts       ${r.workerStarts} (${r.unexpectedWorkerExits} exited by themselves and were restarted: ${
+      Object.entries(r.workerExitsBy)
+        .map(([how, n]) => `${how} x${n}`)
+        .join(', ') || 'none'
+    }; code 4: a service unreachable at its start, code 5: its fetch watchdog found it stuck)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);
-  for (const v of r.group.check.violations.slice(0, 10)) lines.push(`  ! ${v.kind}${v.deploymentId === undefined ? '' : ` ${v.deploymentId}`}${v.version === undefined ? '' : ` v${v.version}`}: ${v.detail}`);
+  for (const v of r.group.check.violations.slice(0, 10))
+    lines.push(
+      `  ! ${v.kind}${v.deploymentId === undefined ? '' : ` ${v.deploymentId}`}${v.version === undefined ? '' : ` v${v.version}`}: ${v.detail}`,
+    );
   for (const s of r.lostSamples.slice(0, 10)) lines.push(`  ! ${s}`);
   return `${lines.join('\n')}\n`;
 }
@@ -220,17 +264,31 @@ const ms = (v: number | null): string => (v === null ? '-' : `${(v / 1000).toFix
 function hostLines(r: ChaosReport): string[] {
   if (r.hosts === null) return [];
   const { partitions, failovers } = r.hosts;
-  const lines = [`  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each (the leader's host at least ${TAKEOVER_WITHIN_MS / 1000 + 2} s)`];
+  const lines = [
+    `  partitions          ${partitions.length} (${partitions.filter((p) => p.ledRelay).length} of the relay leader's host), ${r.options.partitionS} s each (the leader's host at least ${TAKEOVER_WITHIN_MS / 1000 + 2} s)`,
+  ];
   for (const p of partitions) {
-    const relay = p.ledRelay ? `; relay taken over after ${ms(p.takeoverMs)}, stream moved after ${ms(p.firstPublishMs)} (within ${TAKEOVER_WITHIN_MS / 1000} s)` : '';
+    const relay = p.ledRelay
+      ? `; relay taken over after ${ms(p.takeoverMs)}, stream moved after ${ms(p.firstPublishMs)} (within ${TAKEOVER_WITHIN_MS / 1000} s)`
+      : '';
     const consumers = p.consumers.length === 0 ? '' : `; consumers ${p.consumers.join(', ')} cut off`;
-    lines.push(`    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}${consumers}`);
+    lines.push(
+      `    at ${p.atS} s ${p.host}: ${p.inFlight} held jobs ran again elsewhere after at most ${ms(p.rerunMaxMs)}${p.notRerun > 0 ? `, ${p.notRerun} did not` : ''} (within ${RERUN_WITHIN_MS / 1000} s)${relay}${consumers}`,
+    );
   }
-  lines.push(`  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`);
-  lines.push(`  jobs finished       ${r.hosts.activity.map((a) => `${a.host} ${a.finished} (last at ${a.lastS ?? '-'} s)`).join(', ')} of the last 10,000 the queue keeps`);
-  lines.push(`  liveness after it   ${r.hosts.activity.map((a) => `${a.host} took ${a.probed}`).join(', ')} of ${r.hosts.activity.reduce((n, a) => n + a.probed, 0)} jobs sent one at a time to the idle fleet after the faults (each host must take some within 60 s)`);
+  lines.push(
+    `  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`,
+  );
+  lines.push(
+    `  jobs finished       ${r.hosts.activity.map((a) => `${a.host} ${a.finished} (last at ${a.lastS ?? '-'} s)`).join(', ')} of the last 10,000 the queue keeps`,
+  );
+  lines.push(
+    `  liveness after it   ${r.hosts.activity.map((a) => `${a.host} took ${a.probed}`).join(', ')} of ${r.hosts.activity.reduce((n, a) => n + a.probed, 0)} jobs sent one at a time to the idle fleet after the faults (each host must take some within 60 s)`,
+  );
   for (const f of failovers) {
-    lines.push(`    at ${f.atS} s master ${f.killed} -> replica ${f.promoted} in ${ms(f.tookMs)}; ${f.ackedLost} acknowledged events lost; old master back as a replica after ${ms(f.rejoinedAfterMs)}`);
+    lines.push(
+      `    at ${f.atS} s master ${f.killed} -> replica ${f.promoted} in ${ms(f.tookMs)}; ${f.ackedLost} acknowledged events lost; old master back as a replica after ${ms(f.rejoinedAfterMs)}`,
+    );
   }
   return lines;
 }

@@ -82,8 +82,13 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   const player = new ScriptPlayer(sender, barriers, timing);
   // starts spread over 90 % of the window: scripts are still in flight when the last fault hits
   const scriptRuns = player.startAll(scripts, options.durationS * 900);
-  const where = options.hosts > 0 ? ` on ${options.hosts} hosts${options.redisCluster ? ', Redis Cluster' : ''}${options.durable ? ', durable enqueue' : ''}` : '';
-  log(`${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`);
+  const where =
+    options.hosts > 0
+      ? ` on ${options.hosts} hosts${options.redisCluster ? ', Redis Cluster' : ''}${options.durable ? ', durable enqueue' : ''}`
+      : '';
+  log(
+    `${scripts.length} deployments, ${options.workers} workers x ${options.concurrency}${where}, faults every ${options.faultEveryS}s for ${options.durationS}s (seed ${options.seed})`,
+  );
 
   const faults = new FaultSchedule({ fleet, group, sender, scripts: player, audit, timing }, options, elapsed, log);
   await faults.run(options, elapsed, log);
@@ -93,12 +98,17 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   await barriers.stop();
   for (const [id, label] of [...player.stepOf].slice(0, 10)) log(`unfinished: deployment ${id} at step ${label}`);
   const { lastFaultAt } = faults;
-  log(drainedAt === null ? `drain timed out after ${options.drainTimeoutS}s` : `drained ${((drainedAt - lastFaultAt) / 1000).toFixed(1)}s after the last fault`);
+  log(
+    drainedAt === null
+      ? `drain timed out after ${options.drainTimeoutS}s`
+      : `drained ${((drainedAt - lastFaultAt) / 1000).toFixed(1)}s after the last fault`,
+  );
 
   // every worker host still takes jobs once the faults are over
   const decided = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
   // (not after a drain that timed out: the sender is aborted by then, and the run has failed already)
-  const probed = drainedAt === null ? new Map<string, number>() : await faults.hosts?.probeLiveness((n) => sender.redeliver(timing.pick(decided), `-live${n}`));
+  const probed =
+    drainedAt === null ? new Map<string, number>() : await faults.hosts?.probeLiveness((n) => sender.redeliver(timing.pick(decided), `-live${n}`));
   const activity = (await faults.hosts?.activity(t0, probed)) ?? [];
   // a moment for a relay that is between XADD and its mark, then stop the workers gracefully
   await fleet.stopWorkers();
@@ -112,7 +122,9 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   const events = await countEvents(fleet, sender.sent, barriers.rejectionsSeen, samples);
   const wrongFinalState = await countWrongFinalStates(fleet, scripts, samples);
   const history = await checkRunHistory(fleet, sender.sent, audit);
-  const finalVersions = new Map((await fleet.pool.query<{ id: string; version: number }>(`SELECT id, version FROM deployments`)).rows.map((r) => [r.id, r.version]));
+  const finalVersions = new Map(
+    (await fleet.pool.query<{ id: string; version: number }>(`SELECT id, version FROM deployments`)).rows.map((r) => [r.id, r.version]),
+  );
   return buildReport({
     options,
     events: { sent: sender.sent.size, ...events, ...sender.counters },

@@ -108,7 +108,15 @@ export class FaultSchedule {
     this.hosts =
       lab === null
         ? null
-        : new HostFaults(t.fleet, lab, options.partitionS, elapsed, say, (before) => this.ackedButGone(before), (host) => t.group.membersOn(host));
+        : new HostFaults(
+            t.fleet,
+            lab,
+            options.partitionS,
+            elapsed,
+            say,
+            (before) => this.ackedButGone(before),
+            (host) => t.group.membersOn(host),
+          );
   }
 
   /** The k-th fault of the window: the rotation, with every third a host fault on several hosts. */
@@ -172,9 +180,21 @@ export class FaultSchedule {
       case 'redis-failover':
         return this.hosts === null ? 'not on several hosts' : this.hosts.failover();
       case 'partition-worker':
-        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(false, (hosts) => this.t.timing.pick(hosts), () => this.redeliveryBurst(200));
+        return this.hosts === null
+          ? 'not on several hosts'
+          : this.hosts.partition(
+              false,
+              (hosts) => this.t.timing.pick(hosts),
+              () => this.redeliveryBurst(200),
+            );
       case 'partition-relay-leader':
-        return this.hosts === null ? 'not on several hosts' : this.hosts.partition(true, (hosts) => this.t.timing.pick(hosts), () => this.redeliveryBurst(200));
+        return this.hosts === null
+          ? 'not on several hosts'
+          : this.hosts.partition(
+              true,
+              (hosts) => this.t.timing.pick(hosts),
+              () => this.redeliveryBurst(200),
+            );
       case 'redis-wipe':
         return this.wipeRedis();
       case 'consumer-held':
@@ -236,7 +256,11 @@ export class FaultSchedule {
     const { fleet, sender } = this.t;
     const candidates = [...sender.acked].filter(([id, at]) => at <= before && sender.sent.get(id)?.expect.kind === 'decided').map(([id]) => id);
     const decided = async (ids: string[]): Promise<Set<string>> =>
-      new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [ids])).rows.map((r) => r.event_id));
+      new Set(
+        (await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events WHERE event_id = ANY($1)`, [ids])).rows.map(
+          (r) => r.event_id,
+        ),
+      );
     const done = await decided(candidates);
     const missing: string[] = [];
     for (const id of candidates.filter((c) => !done.has(c))) {
@@ -272,9 +296,12 @@ export class FaultSchedule {
     else await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
     const decided = new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));
     const currentRejections = [...scripts.stepEvents.values()].flat().filter((e) => e.expect.kind === 'rejected' && sender.sent.has(e.data.eventId));
-    const again = [...[...sender.sent.values()].filter((e) => e.expect.kind === 'decided'), ...currentRejections].filter((e) => !decided.has(e.data.eventId));
+    const again = [...[...sender.sent.values()].filter((e) => e.expect.kind === 'decided'), ...currentRejections].filter(
+      (e) => !decided.has(e.data.eventId),
+    );
     for (const event of again) sender.inBackground(() => sender.resend(event, true));
-    const what = fleet.cluster !== null ? 'every master FLUSHALLed (the replicas follow)' : 'redis-server SIGKILLed, its data deleted, restarted empty';
+    const what =
+      fleet.cluster !== null ? 'every master FLUSHALLed (the replicas follow)' : 'redis-server SIGKILLed, its data deleted, restarted empty';
     return `${what}; ${again.length} undecided events sent again`;
   }
 

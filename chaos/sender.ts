@@ -86,7 +86,9 @@ export class Sender {
 
   /** Enqueues an event again with its own eventId and jobId (dated as `declaredAt` says when `dated`). */
   async resend(event: Tracked, dated: boolean): Promise<void> {
-    await this.retrying(() => (dated ? this.producer.enqueue(event.name, event.data, declaredAt(event.name)) : this.producer.enqueue(event.name, event.data)));
+    await this.retrying(() =>
+      dated ? this.producer.enqueue(event.name, event.data, declaredAt(event.name)) : this.producer.enqueue(event.name, event.data),
+    );
     this.counters.resent++;
   }
 

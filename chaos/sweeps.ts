@@ -38,7 +38,10 @@ export function countSweeps(logFile: string, everyS: number): SweepCounts {
     if (entry.msg === 'sweep tick started') started.set(entry.tick, (started.get(entry.tick) ?? 0) + 1);
     else if (typeof entry.msg === 'string' && entry.msg.startsWith('sweep tick delivered again')) refused++;
   }
-  const ticks = [...started.keys()].map(Number).filter(Number.isFinite).sort((a, b) => a - b);
+  const ticks = [...started.keys()]
+    .map(Number)
+    .filter(Number.isFinite)
+    .sort((a, b) => a - b);
   const first = ticks[0];
   const last = ticks[ticks.length - 1];
   const expected = first === undefined || last === undefined ? 0 : Math.round((last - first) / (everyS * 1000)) + 1;

@@ -215,7 +215,12 @@ function planAttemptPhase(kind: Exclude<PhaseKind, 'teardown'>, event: EventMake
       steps: [
         {
           label: 'cancel',
-          events: [...late, event('attempt.create', { attemptId }), event('attempt.start', { attemptId }), event('attempt.cancel', { attemptId, reason: 'chaos' })],
+          events: [
+            ...late,
+            event('attempt.create', { attemptId }),
+            event('attempt.start', { attemptId }),
+            event('attempt.cancel', { attemptId, reason: 'chaos' }),
+          ],
           barrier: barrierOf({ state: 'failed', currentAttemptId: attemptId }, []),
         },
       ],

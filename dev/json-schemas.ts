@@ -13,7 +13,7 @@ import { repoRoot } from '../src/util';
 /** Where the schemas live, relative to the repository root. */
 export const SCHEMAS_DIR = path.join('docs', 'schemas');
 
-const GENERATED = 'Generated from the fleet\'s zod schemas by `npm run schemas`; do not edit.';
+const GENERATED = "Generated from the fleet's zod schemas by `npm run schemas`; do not edit.";
 
 /**
  * A zod schema as a JSON Schema document (draft 2020-12) with a title and a description in front. The payloads'
@@ -26,7 +26,8 @@ function document(schema: z.ZodType, title: string, description: string, text: '
     io: 'input',
     target: 'draft-2020-12',
     override: ({ jsonSchema }) => {
-      const free = jsonSchema.type === 'string' && jsonSchema.pattern === undefined && jsonSchema.enum === undefined && jsonSchema.const === undefined;
+      const free =
+        jsonSchema.type === 'string' && jsonSchema.pattern === undefined && jsonSchema.enum === undefined && jsonSchema.const === undefined;
       if (text === 'storable' && free) jsonSchema.pattern = STORABLE_TEXT_PATTERN;
     },
   });
@@ -37,7 +38,7 @@ function jobDescription(name: string): string {
   return [
     `The data of a BullMQ job named "${name}" on the queue "lifecycle" (prefix FLEET_PREFIX); its jobId is its eventId.`,
     `The fleet also refuses: a payload over ${MAX_PAYLOAD_BYTES} bytes as JSON, an eventId that begins with another`,
-    'event\'s name and a dot (in any case), an eventId that begins with this event\'s name and a dot but does not go on',
+    "event's name and a dot (in any case), an eventId that begins with this event's name and a dot but does not go on",
     'with its own subject (attemptId, or deploymentId for deployment.create; docs/contract.md, "Event ids"), an endpoint',
     'URL with an invalid punycode (xn--) label, and an endpoint whose host FLEET_ENDPOINT_ALLOW does not allow.',
     GENERATED,
@@ -72,7 +73,7 @@ export function renderJsonSchemas(): ReadonlyMap<string, string> {
       'reads. A payload these schemas accept is one the fleet accepts, except for what they cannot say: the size',
       `limit (${MAX_PAYLOAD_BYTES} bytes as JSON), an eventId that begins with another event's name and a dot (in any`,
       'case) or with its own but not followed by its own subject, an endpoint URL with an invalid punycode (xn--) label,',
-      'and the endpoint allow-list (a running fleet\'s setting). A JSON Schema counts string lengths in code points, the fleet',
+      "and the endpoint allow-list (a running fleet's setting). A JSON Schema counts string lengths in code points, the fleet",
       'in UTF-16 units: near a length limit, text with characters outside the Basic Multilingual Plane (emoji) may',
       'pass here and be refused there.',
       '',

@@ -28,7 +28,9 @@ export function netnsUnavailable(): string | null {
     execFileSync('ip', ['netns', 'add', probe], { stdio: 'pipe' });
     execFileSync('ip', ['netns', 'del', probe], { stdio: 'pipe' });
   } catch (err) {
-    return `ip netns add failed: ${String((err as { stderr?: Buffer }).stderr ?? err).trim().slice(0, 200)}`;
+    return `ip netns add failed: ${String((err as { stderr?: Buffer }).stderr ?? err)
+      .trim()
+      .slice(0, 200)}`;
   }
   return null;
 }

@@ -104,10 +104,21 @@ export class OwnRedisCluster {
         fs.mkdirSync(path.join(dir, String(port)));
         cluster.spawnNode(port);
       }
-      for (const port of ports) await until(`redis-server on ${port}`, async () => ((await cluster.cli(port, 'PING')) === 'PONG' ? true : undefined), 10_000);
+      for (const port of ports)
+        await until(`redis-server on ${port}`, async () => ((await cluster.cli(port, 'PING')) === 'PONG' ? true : undefined), 10_000);
       await run(
         'redis-cli',
-        ['-a', cluster.password, '--no-auth-warning', '--cluster', 'create', ...ports.map((p) => `${cluster.address}:${p}`), '--cluster-replicas', String(replicasEach), '--cluster-yes'],
+        [
+          '-a',
+          cluster.password,
+          '--no-auth-warning',
+          '--cluster',
+          'create',
+          ...ports.map((p) => `${cluster.address}:${p}`),
+          '--cluster-replicas',
+          String(replicasEach),
+          '--cluster-yes',
+        ],
         { timeout: 60_000 },
       );
       await cluster.whole(30_000);
@@ -120,18 +131,30 @@ export class OwnRedisCluster {
 
   private spawnNode(port: number): void {
     const args = [
-      '--port', String(port),
-      '--bind', this.address,
-      '--dir', path.join(this.dir, String(port)),
-      '--cluster-enabled', 'yes',
-      '--cluster-config-file', `nodes-${port}.conf`,
-      '--cluster-node-timeout', String(this.options.nodeTimeoutMs ?? 5000),
-      '--cluster-announce-ip', this.address,
-      '--requirepass', this.password,
-      '--masterauth', this.password,
-      '--appendonly', this.options.appendonly === true ? 'yes' : 'no',
-      '--save', '',
-      '--maxmemory-policy', 'noeviction',
+      '--port',
+      String(port),
+      '--bind',
+      this.address,
+      '--dir',
+      path.join(this.dir, String(port)),
+      '--cluster-enabled',
+      'yes',
+      '--cluster-config-file',
+      `nodes-${port}.conf`,
+      '--cluster-node-timeout',
+      String(this.options.nodeTimeoutMs ?? 5000),
+      '--cluster-announce-ip',
+      this.address,
+      '--requirepass',
+      this.password,
+      '--masterauth',
+      this.password,
+      '--appendonly',
+      this.options.appendonly === true ? 'yes' : 'no',
+      '--save',
+      '',
+      '--maxmemory-policy',
+      'noeviction',
     ];
     const netns = this.options.host?.netns;
     const child =
@@ -282,7 +305,9 @@ export class OwnRedisCluster {
 
   /** Runs one command on one node through redis-cli; its reply as text. */
   async cli(port: number, ...args: string[]): Promise<string> {
-    const { stdout } = await run('redis-cli', ['-h', this.address, '-p', String(port), '-a', this.password, '--no-auth-warning', ...args], { timeout: 10_000 });
+    const { stdout } = await run('redis-cli', ['-h', this.address, '-p', String(port), '-a', this.password, '--no-auth-warning', ...args], {
+      timeout: 10_000,
+    });
     return stdout.trim();
   }
 

@@ -95,12 +95,7 @@ export function lifecycleQueueWatch(
 /** Stops one component, given what is left of the stop's grace period. */
 type Closer = (graceMs: number) => Promise<void>;
 
-export async function startFleet(
-  config: FleetConfig,
-  endpoints: Endpoints,
-  logger: Logger,
-  roles: FleetRoles = {},
-): Promise<Fleet> {
+export async function startFleet(config: FleetConfig, endpoints: Endpoints, logger: Logger, roles: FleetRoles = {}): Promise<Fleet> {
   const closers: Closer[] = [];
   const close = (graceMs: number) => closeInReverse(closers, graceMs, logger);
   // SIGHUP re-reads the API tokens in an HTTP process, and is harmless in every other (Node would exit on it)
@@ -129,7 +124,8 @@ export async function startFleet(
     }
     const sweep = (roles.sweep ?? true) ? await startSweep(config, endpoints, logger, base, closers) : null;
     const worker = (roles.worker ?? true) ? await startWorker(config, endpoints, logger, base, service, roles.onStuck, closers) : null;
-    const { http, httpUrl } = (roles.http ?? false) ? await startHttp(config, endpoints, logger, base, reloadable, closers) : { http: null, httpUrl: null };
+    const { http, httpUrl } =
+      (roles.http ?? false) ? await startHttp(config, endpoints, logger, base, reloadable, closers) : { http: null, httpUrl: null };
 
     let closing: Promise<void> | null = null;
     return {
@@ -275,7 +271,7 @@ async function startClock(config: FleetConfig, endpoints: Endpoints, logger: Log
     clockRedis.disconnect();
   });
   await clock.start();
-  logger.info({ offsetMs: Math.round(clock.offset ?? 0) }, 'fleet clock: Redis time minus this host\'s');
+  logger.info({ offsetMs: Math.round(clock.offset ?? 0) }, "fleet clock: Redis time minus this host's");
   return clock.now;
 }
 
@@ -369,7 +365,8 @@ async function startHttp(
   reloadable: Reloadable,
   closers: Closer[],
 ): Promise<{ http: FastifyInstance; httpUrl: string }> {
-  const tokens = config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile, { warn: (message, fields) => logger.warn(fields, message) });
+  const tokens =
+    config.apiTokensFile === null ? null : new TokenStore(config.apiTokensFile, { warn: (message, fields) => logger.warn(fields, message) });
   reloadable.tokens = tokens;
   if (tokens === null) {
     logger.warn(
@@ -439,4 +436,3 @@ export function closeOnSignals(fleet: { close(graceMs?: number): Promise<void> }
     process.on('SIGINT', onSignal);
   });
 }
-

@@ -11,6 +11,15 @@ export type { EventName, EventPayloads, LifecycleEvent, ValidatedEvent } from '.
 export { STREAM_ENTRY_SCHEMA, TransitionConsumer, memoryVersionStore, parseEntry } from './streams/consumer';
 export type { TransitionConsumerOptions, TransitionEntry, VersionStore } from './streams/consumer';
 export { partitionOf, partitionKey, partitionKeys, partitionsRecordKey, readPartitions, MAX_STREAM_PARTITIONS } from './streams/partitions';
-export { ConflictError, DurabilityError, EventIdConflictError, FleetError, NotYetError, ResyncRequiredError, ValidationError, isTransient } from './errors';
+export {
+  ConflictError,
+  DurabilityError,
+  EventIdConflictError,
+  FleetError,
+  NotYetError,
+  ResyncRequiredError,
+  ValidationError,
+  isTransient,
+} from './errors';
 export type { FieldIssue } from './errors';
 export type { AttemptStatus, DeploymentState, Endpoint, EndpointKind, MachineEvent, TransitionReason } from './machine';

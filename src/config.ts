@@ -274,9 +274,7 @@ function readHttp(r: EnvReader): HttpSettings {
   if ((boardUser === null) !== (boardPassword === null)) {
     r.problems.push('FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: set both or neither');
   } else if (boardUser === null && !loopback) {
-    r.problems.push(
-      `FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}")`,
-    );
+    r.problems.push(`FLEET_BOARD_USER / FLEET_BOARD_PASSWORD: required when FLEET_HTTP_HOST is not loopback (it is "${httpHost}")`);
   }
   if (boardPassword !== null && !loopback && boardPassword.length < MIN_BOARD_PASSWORD_LENGTH) {
     // never echo the password, not even its length
@@ -339,7 +337,9 @@ function readTracing(read: (name: string) => string | undefined, problems: strin
   }
   const protocol = read('OTEL_EXPORTER_OTLP_TRACES_PROTOCOL') ?? read('OTEL_EXPORTER_OTLP_PROTOCOL');
   if (protocol !== undefined && protocol !== 'http/json' && protocol !== 'http/protobuf') {
-    problems.push(`OTEL_EXPORTER_OTLP_PROTOCOL: this fleet exports OTLP over HTTP (JSON), so it must be "http/json" or "http/protobuf" (the same HTTP endpoint), got "${protocol.slice(0, 40)}"`);
+    problems.push(
+      `OTEL_EXPORTER_OTLP_PROTOCOL: this fleet exports OTLP over HTTP (JSON), so it must be "http/json" or "http/protobuf" (the same HTTP endpoint), got "${protocol.slice(0, 40)}"`,
+    );
   }
   const endpoint = (name: string): string | undefined => {
     const raw = read(name);

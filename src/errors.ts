@@ -194,6 +194,7 @@ export function isTransient(err: unknown): boolean {
   return (
     /Command timed out|Connection terminated|connection is closed|Connection is closed|terminating connection|timeout exceeded when trying to connect|Client has encountered a connection error|the database system is (starting up|shutting down|in recovery)|Stream isn't writeable|MaxRetriesPerRequestError|Reached the max retries per request|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready|Too many Cluster redirections|^CLUSTERDOWN|^TRYAGAIN|^LOADING|^READONLY|^MASTERDOWN/i.test(
       message,
-    ) || (err.cause !== undefined && err.cause !== err && isTransient(err.cause))
+    ) ||
+    (err.cause !== undefined && err.cause !== err && isTransient(err.cause))
   );
 }

@@ -121,7 +121,12 @@ export async function startTracing(settings: TracingSettings, logger: Logger, op
       })()),
   };
   started = { tracing, users: 0 };
-  const where = options.exporter !== undefined ? 'a test exporter' : settings.benchExporter ? 'the bench\'s counting exporter (FLEET_TRACE_BENCH)' : originOf(settings.tracesUrl);
+  const where =
+    options.exporter !== undefined
+      ? 'a test exporter'
+      : settings.benchExporter
+        ? "the bench's counting exporter (FLEET_TRACE_BENCH)"
+        : originOf(settings.tracesUrl);
   logger.info({ serviceName: settings.serviceName, exporter: where }, 'tracing on');
   return share(started);
 }

@@ -131,8 +131,15 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       measured:
         `p99 ${best.latencyMs.p99} ms at ${l.rate} events/s (p50 ${best.latencyMs.p50} ms), worker concurrency ${best.concurrency}` +
         (capacity > 0 ? ` (which sustains ${round(capacity)} events/s)` : '') +
-        (runs.length > 1 ? `; ${runs.filter((x) => x !== best).map((x) => `p99 ${x.latencyMs.p99} ms at concurrency ${x.concurrency}`).join(', ')}` : '') +
-        (l.floor !== undefined ? `. The floor, (d) BullMQ + XADD with no database, same load: p99 ${l.floor.latencyMs.p99} ms (p50 ${l.floor.latencyMs.p50} ms)` : ''),
+        (runs.length > 1
+          ? `; ${runs
+              .filter((x) => x !== best)
+              .map((x) => `p99 ${x.latencyMs.p99} ms at concurrency ${x.concurrency}`)
+              .join(', ')}`
+          : '') +
+        (l.floor !== undefined
+          ? `. The floor, (d) BullMQ + XADD with no database, same load: p99 ${l.floor.latencyMs.p99} ms (p50 ${l.floor.latencyMs.p50} ms)`
+          : ''),
       ratio: round(25 / best.latencyMs.p99, 2),
       met: best.latencyMs.p99 <= 25,
     });
@@ -212,7 +219,9 @@ export function beforeAndAfter(r: BenchResults): string[] {
 export function markdown(r: BenchResults): string {
   const out: string[] = [];
   const m = r.meta;
-  out.push(`Run ${m.startedAt} (${m.durationS} s${m.quick ? ', --quick' : ''}) on ${m.cpus} x ${m.cpuModel}, ${m.memGb} GB, Node ${m.node}; git ${m.git}.`);
+  out.push(
+    `Run ${m.startedAt} (${m.durationS} s${m.quick ? ', --quick' : ''}) on ${m.cpus} x ${m.cpuModel}, ${m.memGb} GB, Node ${m.node}; git ${m.git}.`,
+  );
   out.push(`Services: ${m.services}. Load average at start ${m.loadAvgStart.join(' ')}, at end ${m.loadAvgEnd.join(' ')}.`);
   if (Math.max(m.loadAvgStart[0] ?? 0, m.loadAvgEnd[0] ?? 0) > m.cpus * 0.75) {
     out.push('');
@@ -310,7 +319,9 @@ export function markdown(r: BenchResults): string {
     }
     const st = l.ours.stagesMs;
     if (st !== undefined) {
-      out.push('Where ours spends it (wall-clock milestones, ms precision: the entry\'s `at` is set when the service decides, its stream id by XADD):');
+      out.push(
+        "Where ours spends it (wall-clock milestones, ms precision: the entry's `at` is set when the service decides, its stream id by XADD):",
+      );
       out.push('');
       out.push('| stage | p50 | p95 | p99 | max |');
       out.push('|---|---:|---:|---:|---:|');
@@ -363,7 +374,9 @@ export function markdown(r: BenchResults): string {
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');
-    out.push(`ours (\`fleet worker\`: lifecycle worker + relay + sweep) ${r.rss.oursMaxMb ?? '–'} MiB; (b) no-op BullMQ worker ${r.rss.noopMaxMb ?? '–'} MiB; (c) naive TypeORM worker ${r.rss.naiveMaxMb ?? '–'} MiB.`);
+    out.push(
+      `ours (\`fleet worker\`: lifecycle worker + relay + sweep) ${r.rss.oursMaxMb ?? '–'} MiB; (b) no-op BullMQ worker ${r.rss.noopMaxMb ?? '–'} MiB; (c) naive TypeORM worker ${r.rss.naiveMaxMb ?? '–'} MiB.`,
+    );
     out.push('');
   }
   out.push('### Targets');
@@ -449,9 +462,27 @@ export function chart(r: BenchResults): string {
       log: true,
       series,
       groups: [
-        { label: 'in-process vs row read', bars: [{ series: 'resolveEndpoint', value: d.inProcess.resolveEndpoint.perSec }, { series: 'baseline', value: d.inProcess.baselineRowRead.perSec }] },
-        { label: 'inject vs /healthz', bars: [{ series: 'resolveEndpoint', value: d.inject.endpoint.perSec }, { series: 'baseline', value: d.inject.baselineHealthz.perSec }] },
-        { label: 'HTTP vs /healthz', bars: [{ series: 'resolveEndpoint', value: d.http.endpoint.perSec }, { series: 'baseline', value: d.http.baselineHealthz.perSec }] },
+        {
+          label: 'in-process vs row read',
+          bars: [
+            { series: 'resolveEndpoint', value: d.inProcess.resolveEndpoint.perSec },
+            { series: 'baseline', value: d.inProcess.baselineRowRead.perSec },
+          ],
+        },
+        {
+          label: 'inject vs /healthz',
+          bars: [
+            { series: 'resolveEndpoint', value: d.inject.endpoint.perSec },
+            { series: 'baseline', value: d.inject.baselineHealthz.perSec },
+          ],
+        },
+        {
+          label: 'HTTP vs /healthz',
+          bars: [
+            { series: 'resolveEndpoint', value: d.http.endpoint.perSec },
+            { series: 'baseline', value: d.http.baselineHealthz.perSec },
+          ],
+        },
       ],
     });
   }
@@ -486,7 +517,12 @@ function scaleTargets(s: ScaleResult): Target[] {
       target: 'stamped per tick grows >= 1.7 x from 1 to 2 worker processes (same per-process probe concurrency)',
       measured:
         `${biggest.endpoints} endpoints: ${biggest.one.stampedPerTick} -> ${biggest.two.stampedPerTick} per tick = ${biggest.ratio} x` +
-        (ratios.length > 1 ? `; ${ratios.slice(0, -1).map((x) => `${x.endpoints}: ${x.ratio} x`).join(', ')}` : '') +
+        (ratios.length > 1
+          ? `; ${ratios
+              .slice(0, -1)
+              .map((x) => `${x.endpoints}: ${x.ratio} x`)
+              .join(', ')}`
+          : '') +
         ` (tick ${biggest.one.spec.tickS} s)`,
       ratio: round(biggest.ratio / 1.7, 2),
       met: biggest.ratio >= 1.7,
@@ -532,7 +568,8 @@ function scaleTargets(s: ScaleResult): Target[] {
   return targets;
 }
 
-const list = (values: ReadonlyArray<number | null>): string => (values.every((v) => v === null) ? '–' : values.map((v) => (v === null ? '–' : String(v))).join(' / '));
+const list = (values: ReadonlyArray<number | null>): string =>
+  values.every((v) => v === null) ? '–' : values.map((v) => (v === null ? '–' : String(v))).join(' / ');
 const pct = (f: number): string => `${round(f * 100, 1)}%`;
 
 function scaleRunTable(runs: readonly ScaleRun[], withRatio: boolean): string[] {
@@ -546,7 +583,12 @@ function scaleRunTable(runs: readonly ScaleRun[], withRatio: boolean): string[] 
   for (const r of runs) {
     const one = runs.find((x) => x.spec.endpoints === r.spec.endpoints && x.spec.workers === 1);
     const ratio = one === undefined ? '–' : `${round(r.stampedPerTick / Math.max(1, one.stampedPerTick), 2)} x`;
-    const shape = r.jobShape === 'probe' ? `${r.probeJobs} probe (shards), ${r.sweepJobs} sweep` : r.jobShape === 'sweep-only' ? `${r.sweepJobs} sweep (no probe jobs)` : 'none found';
+    const shape =
+      r.jobShape === 'probe'
+        ? `${r.probeJobs} probe (shards), ${r.sweepJobs} sweep`
+        : r.jobShape === 'sweep-only'
+          ? `${r.sweepJobs} sweep (no probe jobs)`
+          : 'none found';
     out.push(
       `| ${r.spec.endpoints} | ${r.spec.workers} | ${list(r.ticks.map((t) => t.readinessSet))} | ${list(r.ticks.map((t) => t.probedJobs))} | ` +
         `${r.ticks.map((t) => (t.distinctProbed < t.probesSeen ? `${t.probesSeen} (${t.distinctProbed})` : String(t.probesSeen))).join(' / ')} | ` +
@@ -566,8 +608,8 @@ function scaleMarkdown(s: ScaleResult): string[] {
   out.push('');
   out.push(
     `Endpoints on loopback answer \`/ready\` after ${s.delayMs} ms (${s.endpointProcesses} fixture process(es)); probe timeout ${s.probeTimeoutMs} ms; FLEET_PROBE_CONCURRENCY ${conc} per process. ` +
-      'Per tick (values per tick, first to last, sampled 250 ms before the next tick): the readiness set, probed and left unprobed from the `maintenance` queue\'s completed jobs ' +
-      '(`probe` shards summed, or today\'s `sweep` job); probes seen by the endpoints (and how many distinct endpoints); stamped, from the jobs and from PostgreSQL (rows with last_ready_at since the tick began, read 250 ms before the next tick: a tick that overruns stamps after the read). ' +
+      "Per tick (values per tick, first to last, sampled 250 ms before the next tick): the readiness set, probed and left unprobed from the `maintenance` queue's completed jobs " +
+      "(`probe` shards summed, or today's `sweep` job); probes seen by the endpoints (and how many distinct endpoints); stamped, from the jobs and from PostgreSQL (rows with last_ready_at since the tick began, read 250 ms before the next tick: a tick that overruns stamps after the read). " +
       'Fresh: last_ready_at >= now() - window at the last sample; "of answering" leaves out endpoints that never answer.',
   );
   out.push('');
@@ -593,7 +635,8 @@ function scaleMarkdown(s: ScaleResult): string[] {
     out.push('');
     out.push('| endpoints | tick / window s | 1 process: stamped / tick | 2 processes: stamped / tick | ratio |');
     out.push('|---:|---|---:|---:|---:|');
-    for (const x of ratios) out.push(`| ${x.endpoints} | ${x.one.spec.tickS} / ${x.one.spec.windowS} | ${x.one.stampedPerTick} | ${x.two.stampedPerTick} | ${x.ratio} x |`);
+    for (const x of ratios)
+      out.push(`| ${x.endpoints} | ${x.one.spec.tickS} / ${x.one.spec.windowS} | ${x.one.stampedPerTick} | ${x.two.stampedPerTick} | ${x.ratio} x |`);
     out.push('');
   }
   const def = s.runs.find((x) => x.spec.kind === 'default-window');
@@ -613,7 +656,9 @@ function scaleMarkdown(s: ScaleResult): string[] {
   if (s.runs.length > 0) {
     out.push('Where the CPU went during each run (cores busy, of 2), and the endpoint fixture:');
     out.push('');
-    out.push('| run | workers | postgres | redis | endpoint fixture | other | fixture: CPU of its core, max event-loop delay ms, late answers, max in flight | worker peak RSS MiB |');
+    out.push(
+      '| run | workers | postgres | redis | endpoint fixture | other | fixture: CPU of its core, max event-loop delay ms, late answers, max in flight | worker peak RSS MiB |',
+    );
     out.push('|---|---:|---:|---:|---:|---:|---|---|');
     for (const r of s.runs) {
       const c = r.cpuCores;
@@ -626,9 +671,13 @@ function scaleMarkdown(s: ScaleResult): string[] {
   }
   const h = s.heartbeats;
   if (h !== null) {
-    out.push(`#### Heartbeats: ${h.heartbeats} \`attempt.heartbeat\` jobs drained by one worker process, concurrency ${h.concurrency} (tick ${h.tickS} s)`);
+    out.push(
+      `#### Heartbeats: ${h.heartbeats} \`attempt.heartbeat\` jobs drained by one worker process, concurrency ${h.concurrency} (tick ${h.tickS} s)`,
+    );
     out.push('');
-    out.push('| path | jobs/s | drain s | failed | PostgreSQL commits: window / idle baseline (same length) | commits per heartbeat | attempts stamped in PostgreSQL |');
+    out.push(
+      '| path | jobs/s | drain s | failed | PostgreSQL commits: window / idle baseline (same length) | commits per heartbeat | attempts stamped in PostgreSQL |',
+    );
     out.push('|---|---:|---:|---:|---|---:|---:|');
     out.push(
       `| \`fleet worker\`: attempt.heartbeat | ${h.fleet.jobsPerSec} | ${h.fleet.drainS} | ${h.fleet.failed} | ${h.fleet.commitsWindow} / ${h.fleet.commitsIdle} over ${h.fleet.windowS} s | ` +

@@ -58,9 +58,16 @@ export class StreamWatcher {
     const lastIds = new Map(this.keys.map((key) => [key, '0-0']));
     try {
       while (!this.stopped) {
-        const reply = (await this.redis.call('XREAD', 'COUNT', '10000', 'BLOCK', '200', 'STREAMS', ...this.keys, ...this.keys.map((k) => lastIds.get(k) ?? '0-0'))) as
-          | Array<[string, Array<[string, string[]]>]>
-          | null;
+        const reply = (await this.redis.call(
+          'XREAD',
+          'COUNT',
+          '10000',
+          'BLOCK',
+          '200',
+          'STREAMS',
+          ...this.keys,
+          ...this.keys.map((k) => lastIds.get(k) ?? '0-0'),
+        )) as Array<[string, Array<[string, string[]]>]> | null;
         if (reply === null) continue;
         const at = now();
         for (const [key, entries] of reply) {

@@ -71,7 +71,9 @@ function renderPanel(panel: Panel, x0: number, y0: number): string {
     out.push(`<line x1="0" x2="${w}" y1="${y}" y2="${y}" stroke="#e5e5e5"/>`);
     out.push(`<text x="-6" y="${y + 4}" text-anchor="end" font-size="10">${fmt(t)}</text>`);
   }
-  out.push(`<text transform="translate(-48,${h / 2}) rotate(-90)" text-anchor="middle" font-size="11">${esc(panel.unit)}${panel.log === true ? ' (log)' : ''}</text>`);
+  out.push(
+    `<text transform="translate(-48,${h / 2}) rotate(-90)" text-anchor="middle" font-size="11">${esc(panel.unit)}${panel.log === true ? ' (log)' : ''}</text>`,
+  );
   const groupW = w / Math.max(1, panel.groups.length);
   const barW = Math.min(28, (groupW * 0.8) / Math.max(1, panel.series.length));
   panel.groups.forEach((g, gi) => {

@@ -37,7 +37,8 @@ export const DEFAULT_WORKER_KINDS: readonly WorkerKind[] = ['ours', 'unbatched',
 export type WorkerKind = (typeof WORKER_KINDS)[number] | 'stream';
 
 /** The kinds that are `fleet worker` itself (and publish to the stream). */
-export const isFleetWorker = (kind: WorkerKind): boolean => kind === 'ours' || kind === 'unbatched' || kind === 'traced' || kind === 'partitioned' || kind === 'before';
+export const isFleetWorker = (kind: WorkerKind): boolean =>
+  kind === 'ours' || kind === 'unbatched' || kind === 'traced' || kind === 'partitioned' || kind === 'before';
 
 /** The stream partitions of the `partitioned` kind. */
 export const BENCH_PARTITIONS = 16;
@@ -104,27 +105,29 @@ export class WorkerUnderTest {
     };
     const label = `${setup.prefix}`;
     if (setup.kind === 'before' && setup.beforeRoot === undefined) throw new Error('the `before` worker needs --before DIR');
-    const proc =
-      isFleetWorker(setup.kind)
-        ? await MeasuredProcess.start({
-            label,
-            args: ['bin/fleet.js', 'worker'],
-            ...(setup.kind === 'before' && setup.beforeRoot !== undefined ? { root: setup.beforeRoot } : {}),
-            env,
-            ready: { kind: 'log', pattern: /worker started/ },
-            ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
-          })
-        : await MeasuredProcess.start({
-            label,
-            args: [path.join('dist', 'bench', 'fixtures', `${setup.kind}-worker.js`)],
-            env,
-            ready: { kind: 'json' },
-            ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
-          });
+    const proc = isFleetWorker(setup.kind)
+      ? await MeasuredProcess.start({
+          label,
+          args: ['bin/fleet.js', 'worker'],
+          ...(setup.kind === 'before' && setup.beforeRoot !== undefined ? { root: setup.beforeRoot } : {}),
+          env,
+          ready: { kind: 'log', pattern: /worker started/ },
+          ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
+        })
+      : await MeasuredProcess.start({
+          label,
+          args: [path.join('dist', 'bench', 'fixtures', `${setup.kind}-worker.js`)],
+          env,
+          ready: { kind: 'json' },
+          ...(setup.cpuProfDir !== undefined ? { cpuProfDir: setup.cpuProfDir } : {}),
+        });
     const producer = new LifecycleProducer({ connection: setup.redisUrl, prefix: setup.prefix });
     let watcher: StreamWatcher | null = null;
     if (appendsToStream(setup.kind)) {
-      watcher = new StreamWatcher(setup.redisUrl, partitionKeys(transitionStreamKey(setup.prefix), setup.kind === 'partitioned' ? BENCH_PARTITIONS : 1));
+      watcher = new StreamWatcher(
+        setup.redisUrl,
+        partitionKeys(transitionStreamKey(setup.prefix), setup.kind === 'partitioned' ? BENCH_PARTITIONS : 1),
+      );
       watcher.start();
     }
     return new WorkerUnderTest(setup, proc, producer, watcher);
@@ -204,11 +207,7 @@ export interface WorkerRun {
  * One throughput level: seeds `warmup + events` deployments, starts the worker, runs the warm-up batch to
  * completion (JIT, pools, connections), then enqueues `events` teardowns and times first enqueue -> last done.
  */
-export async function runWorkerLevel(
-  setup: WorkerSetup,
-  ids: readonly string[],
-  warmup: number,
-): Promise<WorkerRun> {
+export async function runWorkerLevel(setup: WorkerSetup, ids: readonly string[], warmup: number): Promise<WorkerRun> {
   const w = await WorkerUnderTest.start(setup);
   const events = ids.length - warmup;
   let seconds: number;

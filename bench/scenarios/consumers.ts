@@ -128,11 +128,31 @@ class Audit {
 }
 
 /** Every deployment's versions from..to, interleaved, each on its partition. */
-async function append(redis: IORedis, streamKey: string, partitions: number, deployments: readonly string[], from: number, to: number): Promise<void> {
+async function append(
+  redis: IORedis,
+  streamKey: string,
+  partitions: number,
+  deployments: readonly string[],
+  from: number,
+  to: number,
+): Promise<void> {
   const pipeline = redis.pipeline();
   for (let v = from; v <= to; v++) {
     for (const d of deployments) {
-      pipeline.xadd(partitionKey(streamKey, partitionOf(d, partitions), partitions), '*', 'type', 'state_transition', 'deploymentId', d, 'version', String(v), 'to', 'pending', 'reason', 'bench');
+      pipeline.xadd(
+        partitionKey(streamKey, partitionOf(d, partitions), partitions),
+        '*',
+        'type',
+        'state_transition',
+        'deploymentId',
+        d,
+        'version',
+        String(v),
+        'to',
+        'pending',
+        'reason',
+        'bench',
+      );
     }
   }
   await pipeline.exec();
@@ -202,7 +222,9 @@ export async function runConsumers(services: BenchServices, options: ConsumersOp
     const n = partitionOf(d, REBALANCE_PARTITIONS);
     perPartition[n] = (perPartition[n] ?? 0) + options.versions;
   }
-  log(`consumers: ${entries} entries over ${options.deployments} deployments; per partition of 16: min ${Math.min(...perPartition)}, max ${Math.max(...perPartition)}`);
+  log(
+    `consumers: ${entries} entries over ${options.deployments} deployments; per partition of 16: min ${Math.min(...perPartition)}, max ${Math.max(...perPartition)}`,
+  );
   try {
     for (const partitions of options.partitions) {
       for (const count of options.consumers) {
@@ -241,7 +263,15 @@ export async function runConsumers(services: BenchServices, options: ConsumersOp
       rebalance.push(await runRebalance(services, redis, options, event, start));
       await Promise.all(open.splice(0).map((c) => c.close()));
     }
-    return { handlerMs: options.handlerMs, leaseMs: options.leaseMs, deployments: options.deployments, versions: options.versions, perPartition, rows, rebalance };
+    return {
+      handlerMs: options.handlerMs,
+      leaseMs: options.leaseMs,
+      deployments: options.deployments,
+      versions: options.versions,
+      perPartition,
+      rows,
+      rebalance,
+    };
   } finally {
     await Promise.all(open.splice(0).map((c) => c.close()));
     redis.disconnect();
@@ -347,7 +377,9 @@ export function consumersMarkdown(r: ConsumersResult): string[] {
       "The busiest consumer's share of the entries bounds the speed-up over one consumer (ideal: entries / its entries).",
   );
   out.push('');
-  out.push("| partitions | consumers | entries/s | vs 1 consumer | busiest consumer's share (ideal speed-up) | of ideal | consumers active | versions never handled | out-of-order handler calls |");
+  out.push(
+    "| partitions | consumers | entries/s | vs 1 consumer | busiest consumer's share (ideal speed-up) | of ideal | consumers active | versions never handled | out-of-order handler calls |",
+  );
   out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const row of r.rows) {
     const one = r.rows.find((x) => x.partitions === row.partitions && x.consumers === 1);
@@ -365,10 +397,14 @@ export function consumersMarkdown(r: ConsumersResult): string[] {
       `Rebalance under load (16 partitions, 4 consumers, a quarter handled; the SIGKILLed consumer runs in a process of its own, killed while a handler call is in flight; lease ${r.leaseMs} ms):`,
     );
     out.push('');
-    out.push(`| event | every partition owned again after (lease ${r.leaseMs} ms) | entries pending at the event | entries redelivered | versions never handled | out-of-order handler calls |`);
+    out.push(
+      `| event | every partition owned again after (lease ${r.leaseMs} ms) | entries pending at the event | entries redelivered | versions never handled | out-of-order handler calls |`,
+    );
     out.push('|---|---:|---:|---:|---:|---:|');
     for (const row of r.rebalance) {
-      out.push(`| ${row.event} | ${row.settledMs} ms | ${row.pendingAtEvent ?? '–'} | ${row.redelivered} | ${row.neverHandled} | ${row.outOfOrder} |`);
+      out.push(
+        `| ${row.event} | ${row.settledMs} ms | ${row.pendingAtEvent ?? '–'} | ${row.redelivered} | ${row.neverHandled} | ${row.outOfOrder} |`,
+      );
     }
     out.push('');
   }
@@ -376,11 +412,16 @@ export function consumersMarkdown(r: ConsumersResult): string[] {
 }
 
 /** The issue's targets: with 16 partitions 4 consumers >= 3.5 x one, 8 >= 6 x; nothing skipped or out of order. */
-export function consumersTargets(r: ConsumersResult): Array<{ id: string; target: string; measured: string; ratio: number | null; met: boolean | null }> {
+export function consumersTargets(
+  r: ConsumersResult,
+): Array<{ id: string; target: string; measured: string; ratio: number | null; met: boolean | null }> {
   const row = (consumers: number) => r.rows.find((x) => x.partitions === 16 && x.consumers === consumers);
   const one = row(1)?.entriesPerSec;
   const out = [];
-  for (const [consumers, factor] of [[4, 3.5], [8, 6]] as const) {
+  for (const [consumers, factor] of [
+    [4, 3.5],
+    [8, 6],
+  ] as const) {
     const many = row(consumers);
     if (one === undefined || many === undefined) continue;
     out.push({

@@ -81,7 +81,7 @@ export interface HostsResult {
 }
 
 const WORKLOAD =
-  'deployment.teardown of ready deployments, one event per deployment (the throughput scenario\'s workload: one applied ' +
+  "deployment.teardown of ready deployments, one event per deployment (the throughput scenario's workload: one applied " +
   'transition each), enqueued through the SDK from the root namespace (64 in flight)';
 
 export async function runHosts(options: HostsOptions): Promise<HostsResult> {
@@ -264,7 +264,7 @@ function notesOf(runs: readonly HostsRun[], cpus: number): string[] {
     notes.push(
       `${run.hosts} host(s): ${round(run.eventsPerSec)} events/s${speedup !== null && run.hosts !== 1 ? ` (${speedup} x 1 host)` : ''}; ` +
         `${round(busy, 2)} of ${cpus} cores busy (workers ${round(sumOf(run.cpuCores, workerKeys(run)), 2)}, postgres ${run.cpuCores['postgres'] ?? '–'}, redis ${run.cpuCores['redis'] ?? '–'})` +
-        `${busy >= cpus * 0.9 ? ': the machine\'s cores are the limit' : ''}`,
+        `${busy >= cpus * 0.9 ? ": the machine's cores are the limit" : ''}`,
     );
   }
   return notes;
@@ -287,7 +287,9 @@ export function hostsMarkdown(h: HostsResult): string[] {
       (h.options.rounds > 1 ? ` Each size ran ${h.options.rounds} times; the best run counts.` : ''),
   );
   out.push('');
-  out.push('| worker hosts | events/s (enqueue -> stream) | x vs 1 host | s | enqueue s | failed | CPU ms/event: workers (each) | postgres | redis | bench | other | total |');
+  out.push(
+    '| worker hosts | events/s (enqueue -> stream) | x vs 1 host | s | enqueue s | failed | CPU ms/event: workers (each) | postgres | redis | bench | other | total |',
+  );
   out.push('|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|');
   const one = h.runs.find((x) => x.hosts === 1);
   for (const run of h.runs) {
@@ -302,7 +304,9 @@ export function hostsMarkdown(h: HostsResult): string[] {
   out.push('');
   out.push(`Cores busy over each measured window (CPU seconds / wall seconds; the machine has ${h.cpus}):`);
   out.push('');
-  out.push('| worker hosts | workers (each) | postgres | redis | bench | other | total | other work just before (idle fleet, 3 s) | worker peak RSS MiB |');
+  out.push(
+    '| worker hosts | workers (each) | postgres | redis | bench | other | total | other work just before (idle fleet, 3 s) | worker peak RSS MiB |',
+  );
   out.push('|---:|---|---:|---:|---:|---:|---:|---:|---|');
   for (const run of h.runs) {
     const keys = workerKeys(run);
@@ -318,7 +322,13 @@ export function hostsMarkdown(h: HostsResult): string[] {
     out.push(
       'Every run, in the order run (events/s, and cores busy outside the measured processes during its window): ' +
         sizes
-          .map((n) => `${n} host(s): ${h.allRuns.filter((x) => x.hosts === n).map((x) => `${round(x.eventsPerSec)} (${x.cpuCores['other'] ?? '?'})`).join(', ')}`)
+          .map(
+            (n) =>
+              `${n} host(s): ${h.allRuns
+                .filter((x) => x.hosts === n)
+                .map((x) => `${round(x.eventsPerSec)} (${x.cpuCores['other'] ?? '?'})`)
+                .join(', ')}`,
+          )
           .join('; ') +
         '.',
     );

@@ -135,10 +135,7 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
   }
 }
 
-function stageBreakdown(
-  w: WorkerUnderTest,
-  enqueued: ReadonlyArray<{ result: EnqueueResult; scheduledAt: number }>,
-): LatencyRun['stagesMs'] | null {
+function stageBreakdown(w: WorkerUnderTest, enqueued: ReadonlyArray<{ result: EnqueueResult; scheduledAt: number }>): LatencyRun['stagesMs'] | null {
   const queue: number[] = [];
   const commitAndRelay: number[] = [];
   const delivery: number[] = [];

@@ -95,7 +95,12 @@ export interface ScaleRun {
   /** endpoints that answer (N minus the silent ones) */
   readonly answering: number;
   /** after window÷tick ticks */
-  readonly freshAfterWindow: { readonly fresh: number; readonly fraction: number; readonly freshAnswering: number; readonly fractionAnswering: number };
+  readonly freshAfterWindow: {
+    readonly fresh: number;
+    readonly fraction: number;
+    readonly freshAnswering: number;
+    readonly fractionAnswering: number;
+  };
   readonly everStamped: number;
   /** mean over the ticks (PostgreSQL) */
   readonly stampedPerTick: number;
@@ -103,7 +108,13 @@ export interface ScaleRun {
   readonly probesPerSec: number;
   readonly duplicateProbes: number;
   /** the fixture's CPU use over the ticks, share of one core, and its worst event-loop delay */
-  readonly fixture: { readonly cpuShare: number; readonly loopDelayMaxMs: number; readonly lateAnswers: number; readonly maxInFlight: number; readonly saturated: boolean };
+  readonly fixture: {
+    readonly cpuShare: number;
+    readonly loopDelayMaxMs: number;
+    readonly lateAnswers: number;
+    readonly maxInFlight: number;
+    readonly saturated: boolean;
+  };
   /** busy CPU over the ticks, in cores: the workers together, PostgreSQL, Redis, the fixture, everything else */
   readonly cpuCores: Record<string, number>;
   readonly workerPeakRssMb: readonly (number | null)[];
@@ -330,7 +341,13 @@ async function startWorkers(count: number, label: string, env: Record<string, st
     const check = async (): Promise<boolean> => (await queue.getWorkersCount()) >= count;
     const started = await Promise.allSettled(
       Array.from({ length: count }, (_, i) =>
-        MeasuredProcess.start({ label: `${label}-w${i + 1}`, args: ['bin/fleet.js', 'worker'], env, ready: { kind: 'poll', check }, timeoutMs: 60_000 }),
+        MeasuredProcess.start({
+          label: `${label}-w${i + 1}`,
+          args: ['bin/fleet.js', 'worker'],
+          env,
+          ready: { kind: 'poll', check },
+          timeoutMs: 60_000,
+        }),
       ),
     );
     const procs = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
@@ -404,7 +421,12 @@ async function samplePg(c: Client, since: Date, windowS: number, silent: readonl
     [since, windowS, silent],
   );
   const r = rows[0];
-  return { stamped: Number(r?.stamped ?? 0), fresh: Number(r?.fresh ?? 0), freshAnswering: Number(r?.fresh_answering ?? 0), ever: Number(r?.ever ?? 0) };
+  return {
+    stamped: Number(r?.stamped ?? 0),
+    fresh: Number(r?.fresh ?? 0),
+    freshAnswering: Number(r?.fresh_answering ?? 0),
+    ever: Number(r?.ever ?? 0),
+  };
 }
 
 const num = (o: unknown, k: string): number | null => {
@@ -436,10 +458,23 @@ interface JobTick {
 }
 
 /** Per tick (1..k), what the maintenance queue's completed jobs say, in both shapes (see the module comment). */
-async function jobTicks(maintenance: Queue, t1: number, tickMs: number, k: number): Promise<{ byTick: JobTick[]; sweepJobs: number; probeJobs: number; failed: number }> {
+async function jobTicks(
+  maintenance: Queue,
+  t1: number,
+  tickMs: number,
+  k: number,
+): Promise<{ byTick: JobTick[]; sweepJobs: number; probeJobs: number; failed: number }> {
   const jobs: Job[] = await maintenance.getJobs(['completed'], 0, -1);
   const failed = (await maintenance.getJobCounts('failed'))['failed'] ?? 0;
-  const byTick: JobTick[] = Array.from({ length: k }, () => ({ readinessSet: null, probed: null, stamped: null, failed: null, unprobed: null, shards: null, startLagMs: null }));
+  const byTick: JobTick[] = Array.from({ length: k }, () => ({
+    readinessSet: null,
+    probed: null,
+    stamped: null,
+    failed: null,
+    unprobed: null,
+    shards: null,
+    startLagMs: null,
+  }));
   const indexOf = (t: number): number | null => {
     const i = Math.round((t - t1) / tickMs);
     return i >= 0 && i < k ? i : null;
@@ -507,7 +542,13 @@ async function jobTicks(maintenance: Queue, t1: number, tickMs: number, k: numbe
   return { byTick, sweepJobs, probeJobs, failed };
 }
 
-async function runReadiness(services: BenchServices, redis: RedisConnection, dbUrl: string, spec: ScaleRunSpec, options: ScaleOptions): Promise<ScaleRun> {
+async function runReadiness(
+  services: BenchServices,
+  redis: RedisConnection,
+  dbUrl: string,
+  spec: ScaleRunSpec,
+  options: ScaleOptions,
+): Promise<ScaleRun> {
   const label = `scale-${spec.kind}-${spec.endpoints}-w${spec.workers}`;
   const prefix = services.prefix(label);
   const tickMs = spec.tickS * 1000;
@@ -717,7 +758,12 @@ async function runHeartbeats(services: BenchServices, redis: RedisConnection, db
   // the BullMQ no-op worker at the same concurrency: the queue's own limit
   const noopPrefix = services.prefix('scale-hb-noop');
   await cleanRedis(services, redis, noopPrefix);
-  const noopQueue = new Queue(LIFECYCLE_QUEUE, { connection: redis, prefix: noopPrefix, defaultJobOptions: DEFAULT_JOB_OPTIONS, skipWaitingForReady: true });
+  const noopQueue = new Queue(LIFECYCLE_QUEUE, {
+    connection: redis,
+    prefix: noopPrefix,
+    defaultJobOptions: DEFAULT_JOB_OPTIONS,
+    skipWaitingForReady: true,
+  });
   noopQueue.on('error', () => undefined);
   let noop: HeartbeatPath;
   const noopProc = await MeasuredProcess.start({
@@ -770,7 +816,9 @@ async function runHeartbeats(services: BenchServices, redis: RedisConnection, db
     const windowMs = now() - t0;
     await sleep(windowMs);
     const c2 = await commits(pg);
-    const { rows } = await pg.query<{ n: string }>(`SELECT count(*) AS n FROM attempts WHERE status = 'running' AND last_heartbeat_at >= $1`, [enqueuedFrom]);
+    const { rows } = await pg.query<{ n: string }>(`SELECT count(*) AS n FROM attempts WHERE status = 'running' AND last_heartbeat_at >= $1`, [
+      enqueuedFrom,
+    ]);
     const stampedInPg = Number(rows[0]?.n ?? 0);
     const commitsWindow = c1 - c0;
     const commitsIdle = c2 - c1;

@@ -12,7 +12,17 @@ import { claimed, releaseLock } from './lock';
 import { choosePgDataDir } from './os-user';
 import type { RunAs } from './os-user';
 import {
-  admitClients, convertOldRoles, ensureFleetRole, hasRoles, hbaTrustsHost, initdb, PG_ADMIN, PG_USER, pgMajorVersion, pgProcesses, pgReady,
+  admitClients,
+  convertOldRoles,
+  ensureFleetRole,
+  hasRoles,
+  hbaTrustsHost,
+  initdb,
+  PG_ADMIN,
+  PG_USER,
+  pgMajorVersion,
+  pgProcesses,
+  pgReady,
   requirePassword,
 } from './postgres';
 import type { PgContext, PgLogin } from './postgres';
@@ -90,12 +100,17 @@ export class Instance {
     const recent = (this.restarts.get(s.name) ?? []).filter((t) => now - t < supervise.withinMs);
     if (recent.length >= supervise.maxRestarts) {
       this.givenUp = true;
-      supervise.onGiveUp(`${s.name} died ${recent.length + 1} times within ${Math.round(supervise.withinMs / 1000)} s (last: ${why}); see ${s.logFile}`);
+      supervise.onGiveUp(
+        `${s.name} died ${recent.length + 1} times within ${Math.round(supervise.withinMs / 1000)} s (last: ${why}); see ${s.logFile}`,
+      );
       return;
     }
     this.restarts.set(s.name, [...recent, now]);
     this.log(`restarting ${s.name} (${recent.length + 1} of at most ${supervise.maxRestarts} within ${Math.round(supervise.withinMs / 1000)} s)`);
-    const revive = s.name === 'redis-server' ? this.restartRedis('SIGKILL', 0, this.redisPassword ?? '') : this.restartPostgres('immediate', 0, this.pgPassword ?? '');
+    const revive =
+      s.name === 'redis-server'
+        ? this.restartRedis('SIGKILL', 0, this.redisPassword ?? '')
+        : this.restartPostgres('immediate', 0, this.pgPassword ?? '');
     revive.then(
       () => this.log(`${s.name} is back`),
       (err: unknown) => {
@@ -125,10 +140,24 @@ export class Instance {
       usedPorts.add(port);
       const args = [
         conf,
-        '--port', String(port), '--bind', this.address, '--protected-mode', 'yes',
-        '--dir', redisDir, '--appendonly', 'yes', '--save', '',
-        '--maxmemory-policy', 'noeviction', '--daemonize', 'no',
-        '--pidfile', path.join(this.dir, 'redis.pid'),
+        '--port',
+        String(port),
+        '--bind',
+        this.address,
+        '--protected-mode',
+        'yes',
+        '--dir',
+        redisDir,
+        '--appendonly',
+        'yes',
+        '--save',
+        '',
+        '--maxmemory-policy',
+        'noeviction',
+        '--daemonize',
+        'no',
+        '--pidfile',
+        path.join(this.dir, 'redis.pid'),
       ];
       this.assertNotStopping();
       const server = spawnServer('redis-server', bin, args, logFile, redisDir, undefined, this.unexpected, this.netns);
@@ -184,8 +213,16 @@ export class Instance {
       port = await freePort(usedPorts);
       usedPorts.add(port);
       const args = [
-        '-D', dataDir, '-p', String(port),
-        '-c', `listen_addresses=${this.address}`, '-c', 'unix_socket_directories=', '-c', 'max_connections=200',
+        '-D',
+        dataDir,
+        '-p',
+        String(port),
+        '-c',
+        `listen_addresses=${this.address}`,
+        '-c',
+        'unix_socket_directories=',
+        '-c',
+        'max_connections=200',
         ...(this.opts.fast ? ['-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off'] : []),
       ];
       this.assertNotStopping();
@@ -200,7 +237,10 @@ export class Instance {
         this.pgStart = { bin: path.join(binDir, 'postgres'), args, logFile, dataDir, runAs };
         break;
       } catch (err) {
-        await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);
+        await server.stop([
+          ['SIGINT', 10_000],
+          ['SIGQUIT', 5000],
+        ]);
         if (attempt >= 3 || !PORT_RACE.test(logTail(logFile, server.logFrom))) throw err;
         await sleep(500 * attempt);
       }
@@ -233,7 +273,14 @@ export class Instance {
     if (start === undefined || port === undefined || this.pg === undefined) throw new Error('PostgreSQL is not running here');
     this.assertNotStopping();
     // SIGQUIT = pg_ctl stop -m immediate: the postmaster kills its backends at once and exits; the next start recovers
-    await this.pg.stop(mode === 'immediate' ? [['SIGQUIT', 15_000]] : [['SIGINT', 30_000], ['SIGQUIT', 5000]]);
+    await this.pg.stop(
+      mode === 'immediate'
+        ? [['SIGQUIT', 15_000]]
+        : [
+            ['SIGINT', 30_000],
+            ['SIGQUIT', 5000],
+          ],
+    );
     // backends the postmaster left behind would keep its shared memory busy
     await waitGone(pgProcesses(start.dataDir), 10_000);
     if (downMs > 0) await sleep(downMs);
@@ -246,7 +293,10 @@ export class Instance {
         await waitReady(server, () => pgReady(port, start.dataDir, { user: PG_ADMIN, password }, credentialsFile, this.address), 120_000);
         return;
       } catch (err) {
-        await server.stop([['SIGINT', 10_000], ['SIGQUIT', 5000]]);
+        await server.stop([
+          ['SIGINT', 10_000],
+          ['SIGQUIT', 5000],
+        ]);
         if (attempt >= 5 || !PORT_RACE.test(logTail(start.logFile, server.logFrom))) throw err;
         await sleep(500 * attempt);
       }
@@ -285,7 +335,10 @@ export class Instance {
       try {
         await Promise.all([
           this.redis?.stop([['SIGTERM', 15_000]]),
-          this.pg?.stop([['SIGINT', 30_000], ['SIGQUIT', 5000]]), // fast, then immediate
+          this.pg?.stop([
+            ['SIGINT', 30_000],
+            ['SIGQUIT', 5000],
+          ]), // fast, then immediate
         ]);
       } finally {
         this.releaseLock();
@@ -297,4 +350,3 @@ export class Instance {
     return this.stopping;
   }
 }
-

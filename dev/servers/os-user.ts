@@ -38,11 +38,9 @@ export function ensureOsUser(log: (m: string) => void): RunAs {
   const adduser = which('adduser', ['/usr/sbin', '/sbin']);
   let r: SpawnSyncReturns<string> | undefined;
   if (useradd) {
-    r = spawnSync(
-      useradd,
-      ['--system', '--user-group', '--no-create-home', '--home-dir', '/nonexistent', '--shell', shell, OS_USER],
-      { encoding: 'utf8' },
-    );
+    r = spawnSync(useradd, ['--system', '--user-group', '--no-create-home', '--home-dir', '/nonexistent', '--shell', shell, OS_USER], {
+      encoding: 'utf8',
+    });
   } else if (adduser) {
     r = spawnSync(adduser, ['-S', '-D', '-H', '-s', shell, OS_USER], { encoding: 'utf8' }); // busybox
   }

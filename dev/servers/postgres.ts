@@ -186,7 +186,11 @@ export interface PgContext {
 
 /** The password as PostgreSQL stores it: the password itself appears in no statement, hence in no server log. */
 function passwordVerifier(login: PgLogin, major: number): string {
-  return major >= 10 ? scramVerifier(login.password) : `md5${createHash('md5').update(login.password + login.user).digest('hex')}`;
+  return major >= 10
+    ? scramVerifier(login.password)
+    : `md5${createHash('md5')
+        .update(login.password + login.user)
+        .digest('hex')}`;
 }
 
 /** Switches a data directory of `initdb --auth=trust` (older versions) to password authentication, `login`'s first. */
@@ -286,25 +290,45 @@ export async function convertOldRoles(
     throw err;
   });
   if (!renamed) {
-    ctx.log(`PostgreSQL in ${dataDir}: the fleet's role "${PG_USER}" is the superuser (made by an older version); making "${PG_ADMIN}" the superuser and "${PG_USER}" a least-privilege role`);
+    ctx.log(
+      `PostgreSQL in ${dataDir}: the fleet's role "${PG_USER}" is the superuser (made by an older version); making "${PG_ADMIN}" the superuser and "${PG_USER}" a least-privilege role`,
+    );
     const upgrade = { user: PG_UPGRADE, password: roles.admin.password };
-    await pgQuery(port, 'postgres', roles.fleet, async (c) => {
-      const verb = (await roleExists(c, PG_UPGRADE)) ? 'ALTER' : 'CREATE';
-      await c.query(`${verb} ROLE ${PG_UPGRADE} SUPERUSER LOGIN PASSWORD '${passwordVerifier(upgrade, major)}'`);
-    }, host);
-    await pgQuery(port, 'postgres', upgrade, async (c) => {
-      await c.query('BEGIN');
-      await c.query(`ALTER ROLE ${PG_USER} RENAME TO ${PG_ADMIN}`);
-      await c.query(`ALTER ROLE ${PG_ADMIN} PASSWORD '${passwordVerifier(roles.admin, major)}'`);
-      await c.query(`CREATE ROLE ${PG_USER} LOGIN PASSWORD '${passwordVerifier(roles.fleet, major)}'`);
-      if (await databaseExists(c, PG_DATABASE)) await c.query(`ALTER DATABASE ${PG_DATABASE} OWNER TO ${PG_USER}`);
-      await c.query('COMMIT');
-    }, host);
+    await pgQuery(
+      port,
+      'postgres',
+      roles.fleet,
+      async (c) => {
+        const verb = (await roleExists(c, PG_UPGRADE)) ? 'ALTER' : 'CREATE';
+        await c.query(`${verb} ROLE ${PG_UPGRADE} SUPERUSER LOGIN PASSWORD '${passwordVerifier(upgrade, major)}'`);
+      },
+      host,
+    );
+    await pgQuery(
+      port,
+      'postgres',
+      upgrade,
+      async (c) => {
+        await c.query('BEGIN');
+        await c.query(`ALTER ROLE ${PG_USER} RENAME TO ${PG_ADMIN}`);
+        await c.query(`ALTER ROLE ${PG_ADMIN} PASSWORD '${passwordVerifier(roles.admin, major)}'`);
+        await c.query(`CREATE ROLE ${PG_USER} LOGIN PASSWORD '${passwordVerifier(roles.fleet, major)}'`);
+        if (await databaseExists(c, PG_DATABASE)) await c.query(`ALTER DATABASE ${PG_DATABASE} OWNER TO ${PG_USER}`);
+        await c.query('COMMIT');
+      },
+      host,
+    );
   }
-  const hasDatabase = await pgQuery(port, 'postgres', roles.admin, async (c) => {
-    await c.query(`DROP ROLE IF EXISTS ${PG_UPGRADE}`);
-    return databaseExists(c, PG_DATABASE);
-  }, host);
+  const hasDatabase = await pgQuery(
+    port,
+    'postgres',
+    roles.admin,
+    async (c) => {
+      await c.query(`DROP ROLE IF EXISTS ${PG_UPGRADE}`);
+      return databaseExists(c, PG_DATABASE);
+    },
+    host,
+  );
   if (hasDatabase) await pgQuery(port, PG_DATABASE, roles.admin, (c) => c.query(GIVE_OBJECTS_TO_FLEET), host);
   writeMarker(dataDir, ROLES_MARKER, runAs);
 }
@@ -314,11 +338,23 @@ export async function convertOldRoles(
  * create databases and nothing more, owning the database `fleet` (created if missing).
  */
 export async function ensureFleetRole(port: number, admin: PgLogin, fleet: PgLogin, major: number, host = '127.0.0.1'): Promise<void> {
-  await pgQuery(port, 'postgres', admin, async (c) => {
-    const verb = (await roleExists(c, PG_USER)) ? 'ALTER' : 'CREATE';
-    await c.query(`${verb} ROLE ${PG_USER} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS CREATEDB PASSWORD '${passwordVerifier(fleet, major)}'`);
-    await c.query((await databaseExists(c, PG_DATABASE)) ? `ALTER DATABASE ${PG_DATABASE} OWNER TO ${PG_USER}` : `CREATE DATABASE ${PG_DATABASE} OWNER ${PG_USER}`);
-  }, host);
+  await pgQuery(
+    port,
+    'postgres',
+    admin,
+    async (c) => {
+      const verb = (await roleExists(c, PG_USER)) ? 'ALTER' : 'CREATE';
+      await c.query(
+        `${verb} ROLE ${PG_USER} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS CREATEDB PASSWORD '${passwordVerifier(fleet, major)}'`,
+      );
+      await c.query(
+        (await databaseExists(c, PG_DATABASE))
+          ? `ALTER DATABASE ${PG_DATABASE} OWNER TO ${PG_USER}`
+          : `CREATE DATABASE ${PG_DATABASE} OWNER ${PG_USER}`,
+      );
+    },
+    host,
+  );
 }
 
 /** Creates the cluster unless it exists, its superuser `fleet_admin` with `password`; true when it did. */
@@ -351,10 +387,19 @@ export async function initdb(ctx: PgContext, binDir: string, dataDir: string, ru
   writePrivateFile(pwFile, `${password}\n`, runAs);
   try {
     const args = [
-      '-D', dataDir, '-U', PG_ADMIN, '--pwfile', pwFile,
+      '-D',
+      dataDir,
+      '-U',
+      PG_ADMIN,
+      '--pwfile',
+      pwFile,
       // no Unix-domain socket is ever opened (unix_socket_directories=''), so `local` is moot
-      '--auth-local=trust', `--auth-host=${hostAuthMethod(parseFloat(major))}`,
-      '-E', 'UTF8', '--no-locale', ...(ctx.fast ? ['--no-sync'] : []),
+      '--auth-local=trust',
+      `--auth-host=${hostAuthMethod(parseFloat(major))}`,
+      '-E',
+      'UTF8',
+      '--no-locale',
+      ...(ctx.fast ? ['--no-sync'] : []),
     ];
     await runLogged(path.join(binDir, 'initdb'), args, logFile, { env: serverEnv(runAs), ...(runAs ? { runAs } : {}) });
   } finally {

@@ -59,7 +59,6 @@ export function procStartTime(pid: number): string | null {
 
 export { isProcessAlive };
 
-
 export function signal(pid: number, sig: NodeJS.Signals): void {
   try {
     process.kill(pid, sig);

@@ -70,4 +70,3 @@ export interface LocalServices {
    */
   restartPostgres(options?: { mode?: 'immediate' | 'fast'; downMs?: number }): Promise<void>;
 }
-

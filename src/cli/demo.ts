@@ -114,10 +114,14 @@ class Demo {
   async attempt(deploymentId: string): Promise<string> {
     const attemptId = randomUUID();
     await this.producer.createAttempt({ deploymentId, attemptId });
-    await this.waitUntil(`${deploymentId.slice(0, 8)} attempt created`, async () => {
-      const d = await this.api<{ currentAttempt: { id: string } | null }>(`/api/deployments/${deploymentId}`).catch(() => null);
-      return d?.currentAttempt?.id === attemptId;
-    }, 30);
+    await this.waitUntil(
+      `${deploymentId.slice(0, 8)} attempt created`,
+      async () => {
+        const d = await this.api<{ currentAttempt: { id: string } | null }>(`/api/deployments/${deploymentId}`).catch(() => null);
+        return d?.currentAttempt?.id === attemptId;
+      },
+      30,
+    );
     return attemptId;
   }
 
@@ -153,7 +157,10 @@ async function aDeploymentThatSucceeds(demo: Demo): Promise<{ id: string; node: 
   const { producer } = demo;
   demo.next('a deployment that succeeds: pending -> deploying -> ready, served on its node');
   const good = await demo.node();
-  const web = await demo.deployment('demo-web', 'succeeds, then its node wedges: dispatch falls back to public', { url: good.url, kind: 'node_port' });
+  const web = await demo.deployment('demo-web', 'succeeds, then its node wedges: dispatch falls back to public', {
+    url: good.url,
+    kind: 'node_port',
+  });
   const webAttempt = await demo.attempt(web);
   await producer.startAttempt({ deploymentId: web, attemptId: webAttempt });
   await producer.heartbeat({ deploymentId: web, attemptId: webAttempt });

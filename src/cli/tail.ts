@@ -256,9 +256,9 @@ class StreamTail {
       ? Promise.all(from.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
           replies.flatMap((r) => r ?? []),
         )
-      : (redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>).then(
-          (r) => r ?? [],
-        );
+      : (
+          redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>
+        ).then((r) => r ?? []);
   }
 
   /** Prints what a read brought, moving each partition's position; how many entries. */

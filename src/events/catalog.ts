@@ -60,7 +60,10 @@ function transition<S extends Subject, F extends z.core.$ZodLooseShape, Method e
 
 /** Every event of the machine has an entry, and an entry maps to the machine's event of its own name. */
 type MachineMapping = {
-  readonly [K in MachineEventType]: { readonly kind: 'transition'; readonly toMachine: (data: never, cutoffs: MachineCutoffs) => Extract<MachineEvent, { type: K }> };
+  readonly [K in MachineEventType]: {
+    readonly kind: 'transition';
+    readonly toMachine: (data: never, cutoffs: MachineCutoffs) => Extract<MachineEvent, { type: K }>;
+  };
 };
 
 export const EVENT_CATALOG = {
@@ -184,7 +187,10 @@ export const STAMP_EVENTS: ReadonlySet<string> = new Set<EventName>(EVENT_NAMES.
 export const ONCE_PER_SUBJECT: ReadonlySet<EventName> = new Set<EventName>(EVENT_NAMES.filter((name) => EVENT_CATALOG[name].once));
 
 /** The id of what the event is about: its attemptId, or its deploymentId. */
-export function subjectIdOf(name: EventName, payload: { readonly deploymentId: string; readonly attemptId?: string }): { field: 'attemptId' | 'deploymentId'; id: string } {
+export function subjectIdOf(
+  name: EventName,
+  payload: { readonly deploymentId: string; readonly attemptId?: string },
+): { field: 'attemptId' | 'deploymentId'; id: string } {
   return EVENT_CATALOG[name].subject === 'attempt' && payload.attemptId !== undefined
     ? { field: 'attemptId', id: payload.attemptId }
     : { field: 'deploymentId', id: payload.deploymentId };

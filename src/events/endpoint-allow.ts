@@ -74,7 +74,10 @@ export function endpointHost(url: string): string | null {
   } catch {
     return null;
   }
-  const host = parsed.hostname.toLowerCase().replace(/^\[|\]$/g, '').replace(/\.$/, '');
+  const host = parsed.hostname
+    .toLowerCase()
+    .replace(/^\[|\]$/g, '')
+    .replace(/\.$/, '');
   return host === '' ? null : host;
 }
 

@@ -77,7 +77,9 @@ function storableText(value: unknown, ctx: z.RefinementCtx): void {
   if (typeof value !== 'object' || value === null) return;
   const failed = ctx.issues.map((issue) => issue.path ?? []).filter((path) => path.length > 0);
   const alreadyFailed = (path: ReadonlyArray<PropertyKey>) => failed.some((f) => f.length <= path.length && f.every((key, i) => key === path[i]));
-  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value as Record<string, unknown>).map(([key, v]) => ({ v, path: [key] }));
+  const pending: Array<{ readonly v: unknown; readonly path: ReadonlyArray<string | number> }> = Object.entries(value as Record<string, unknown>).map(
+    ([key, v]) => ({ v, path: [key] }),
+  );
   // breadth first, in the payload's order (so the issues come in it); the list grows as objects are opened
   for (let i = 0; i < pending.length; i++) {
     const { v, path } = pending[i] ?? { v: undefined, path: [] };

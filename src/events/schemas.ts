@@ -6,7 +6,16 @@
 import { createHash, randomUUID } from 'node:crypto';
 import type { z } from 'zod';
 import { ValidationError, type FieldIssue } from '../errors';
-import { EVENT_NAMES, EVENT_SCHEMAS, isEventName, ONCE_PER_SUBJECT, subjectIdOf, type EventName, type EventPayloads, type TransitionName } from './catalog';
+import {
+  EVENT_NAMES,
+  EVENT_SCHEMAS,
+  isEventName,
+  ONCE_PER_SUBJECT,
+  subjectIdOf,
+  type EventName,
+  type EventPayloads,
+  type TransitionName,
+} from './catalog';
 import { canonicalId, EVENT_ID_PATTERN, payloadSchema } from './fields';
 
 // The catalog and the fields, for the modules that import the event contract from here.
@@ -78,9 +87,7 @@ export function parsePayload(name: string, data: unknown): EventPayloads[EventNa
     throw new ValidationError('invalid_payload', [{ field: '(root)', rule: 'must be JSON-serializable' }]);
   }
   if (size > MAX_PAYLOAD_BYTES) {
-    throw new ValidationError('invalid_payload', [
-      { field: '(root)', rule: `must be at most ${MAX_PAYLOAD_BYTES} bytes as JSON, got ${size}` },
-    ]);
+    throw new ValidationError('invalid_payload', [{ field: '(root)', rule: `must be at most ${MAX_PAYLOAD_BYTES} bytes as JSON, got ${size}` }]);
   }
   const result = EVENT_SCHEMAS[name].safeParse(data, { reportInput: true });
   if (!result.success) throw new ValidationError('invalid_payload', toIssues(result.error));
@@ -159,7 +166,8 @@ export function parseEvent(name: string, data: unknown, fallbackEventId?: string
   }
   // parsePayload checked the payload's own id; isEventName only narrows `name` (parsePayload refused any other)
   const problem = payload.eventId === undefined && isEventName(name) ? eventIdProblem(name, { ...payload, eventId: id }) : null;
-  if (problem !== null) throw new ValidationError('invalid_payload', [{ field: 'eventId', rule: `${problem} (the job id, standing for the missing eventId)` }]);
+  if (problem !== null)
+    throw new ValidationError('invalid_payload', [{ field: 'eventId', rule: `${problem} (the job id, standing for the missing eventId)` }]);
   return { name, eventId: id, data: payload, ...digestAsSent(data, payload) } as LifecycleEvent;
 }
 

@@ -68,7 +68,10 @@ export function createGate(creds: Credentials, throttle: AuthThrottle = new Auth
     accesses.set(request, access);
     if (access.kind === 'invalid' || access.kind === 'anonymous') {
       if (access.kind === 'invalid') throttle.fail(request.ip);
-      void reply.header('www-authenticate', challenge === 'Basic' ? 'Basic realm="lifecycle-fleet", charset="UTF-8"' : 'Bearer realm="lifecycle-fleet"');
+      void reply.header(
+        'www-authenticate',
+        challenge === 'Basic' ? 'Basic realm="lifecycle-fleet", charset="UTF-8"' : 'Bearer realm="lifecycle-fleet"',
+      );
       const message = access.kind === 'invalid' ? 'the credentials are not valid' : 'send Authorization: Bearer <token> (see `fleet token create`)';
       return refuse(reply, 401, 'unauthorized', message);
     }

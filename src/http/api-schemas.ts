@@ -32,7 +32,10 @@ export const apiErrorSchema = z
 
 /** `:id` of the deployment routes; a bad one is `400 invalid_id`. */
 export const deploymentIdParamsSchema = z.object({
-  id: z.string().regex(UUID_PATTERN, { error: (issue) => `must be a UUID, got "${String(issue.input).slice(0, 60)}"` }).describe('the deployment id'),
+  id: z
+    .string()
+    .regex(UUID_PATTERN, { error: (issue) => `must be a UUID, got "${String(issue.input).slice(0, 60)}"` })
+    .describe('the deployment id'),
 });
 
 /** A whole number in a query string: digits only, in range; absent or empty means `fallback`. */
@@ -90,11 +93,7 @@ export const attemptListSchema = z.object({ items: z.array(attemptViewSchema) })
 /** `GET /api/deployments/:id/transitions`: history after `afterVersion`, in version order. */
 export const transitionPageSchema = z.object({
   items: z.array(transitionViewSchema),
-  nextAfterVersion: z
-    .number()
-    .int()
-    .nullable()
-    .describe('pass as `afterVersion` for the next page; null when this page was not full'),
+  nextAfterVersion: z.number().int().nullable().describe('pass as `afterVersion` for the next page; null when this page was not full'),
 });
 
 /** `GET /metrics`. */

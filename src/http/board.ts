@@ -68,7 +68,8 @@ function refusalOf(request: FastifyRequest): string | null {
   const write = writeOf(request);
   const route = `${request.method} ${request.routeOptions.url ?? request.url}`;
   if (write === undefined) return `the board does not allow ${route} (docs/contract.md, "Bull Board")`;
-  if (write === 'refused') return `the board does not replace job data (${route}): a job's data is the event as validated when it was enqueued; send a new event (POST /api/events)`;
+  if (write === 'refused')
+    return `the board does not replace job data (${route}): a job's data is the event as validated when it was enqueued; send a new event (POST /api/events)`;
   const queue = (request.params as { queueName?: string } | undefined)?.queueName;
   if (write === 'event' && queue !== LIFECYCLE_QUEUE) {
     return `the "${String(queue).slice(0, 60)}" queue takes no jobs from the board: only the "${LIFECYCLE_QUEUE}" queue does, as events that pass the intake (POST /api/events)`;

@@ -22,7 +22,10 @@ export class HttpError extends Error {
 
 /** The reason phrase of a status, as an error code: 408 -> request_timeout. */
 export function codeOf(status: number): string {
-  return (STATUS_CODES[status] ?? 'error').toLowerCase().replace(/[^a-z]+/g, '_').replace(/^_|_$/g, '');
+  return (STATUS_CODES[status] ?? 'error')
+    .toLowerCase()
+    .replace(/[^a-z]+/g, '_')
+    .replace(/^_|_$/g, '');
 }
 
 /** What a framework refusal's message may say about the request. */
@@ -35,10 +38,14 @@ interface Refused {
 const FRAMEWORK_CODES: Readonly<Record<string, { readonly code: string; readonly message: (r: Refused) => string }>> = {
   FST_ERR_CTP_INVALID_MEDIA_TYPE: {
     code: 'unsupported_media_type',
-    message: (r) => `content-type: must be application/json, got ${r.contentType === undefined ? 'none' : JSON.stringify(r.contentType.slice(0, 80))}`,
+    message: (r) =>
+      `content-type: must be application/json, got ${r.contentType === undefined ? 'none' : JSON.stringify(r.contentType.slice(0, 80))}`,
   },
   FST_ERR_CTP_EMPTY_JSON_BODY: { code: 'invalid_body', message: () => 'body: must not be empty with content-type application/json' },
-  FST_ERR_CTP_INVALID_JSON_BODY: { code: 'invalid_body', message: () => 'body: must be valid JSON, without `__proto__` or `constructor.prototype` keys' },
+  FST_ERR_CTP_INVALID_JSON_BODY: {
+    code: 'invalid_body',
+    message: () => 'body: must be valid JSON, without `__proto__` or `constructor.prototype` keys',
+  },
   FST_ERR_CTP_INVALID_CONTENT_LENGTH: { code: 'invalid_body', message: () => 'body: its length must match the content-length header' },
   FST_ERR_CTP_BODY_TOO_LARGE: { code: 'payload_too_large', message: (r) => `body: must be at most ${r.bodyLimit ?? 'the limit of'} bytes` },
   FST_ERR_NOT_FOUND: { code: 'not_found', message: () => 'no such route' },
@@ -52,7 +59,10 @@ const API_CODE = /^[a-z][a-z0-9_]*$/;
  * use them) as they are, Fastify's by FRAMEWORK_CODES, and any other by its status (`FST_ERR_VALIDATION` -> 400
  * `bad_request`), keeping its message.
  */
-export function clientErrorOf(err: { readonly code?: string; readonly message?: string; readonly statusCode: number }, request: Refused): { code: string; message: string } {
+export function clientErrorOf(
+  err: { readonly code?: string; readonly message?: string; readonly statusCode: number },
+  request: Refused,
+): { code: string; message: string } {
   const known = err.code !== undefined && Object.hasOwn(FRAMEWORK_CODES, err.code) ? FRAMEWORK_CODES[err.code] : undefined;
   if (known !== undefined) return { code: known.code, message: known.message(request) };
   const message = err.message ?? STATUS_CODES[err.statusCode] ?? 'bad request';
@@ -73,10 +83,17 @@ function inOneShape(status: number, payload: string): string | null {
   const b = (typeof body === 'object' && body !== null ? body : {}) as { error?: unknown; message?: unknown; statusCode?: unknown };
   const inner = typeof b.error === 'object' && b.error !== null ? (b.error as { code?: unknown; key?: unknown }) : null;
   if (inner !== null && typeof inner.code === 'string') return null;
-  const foreign = typeof b.error === 'string' || inner !== null || typeof b.message === 'string' || typeof b.statusCode === 'number' || body === undefined;
+  const foreign =
+    typeof b.error === 'string' || inner !== null || typeof b.message === 'string' || typeof b.statusCode === 'number' || body === undefined;
   if (!foreign) return null;
   // Bull Board names its errors by a translation key (`ERRORS.JOB_NOT_FOUND` -> "job not found")
-  const message = typeof inner?.key === 'string' ? inner.key.replace(/^ERRORS\./, '').replace(/_/g, ' ').toLowerCase() : b.message;
+  const message =
+    typeof inner?.key === 'string'
+      ? inner.key
+          .replace(/^ERRORS\./, '')
+          .replace(/_/g, ' ')
+          .toLowerCase()
+      : b.message;
   return JSON.stringify({ error: { code: codeOf(status), message: typeof message === 'string' ? message : (STATUS_CODES[status] ?? 'error') } });
 }
 
@@ -100,12 +117,18 @@ export function answerErrorsInOneShape(app: FastifyInstance, logger: Logger): vo
     const e = err as { statusCode?: number; code?: string; message?: string };
     if (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
       const contentType = request.headers['content-type'];
-      const refused = clientErrorOf({ code: e.code, message: e.message, statusCode: e.statusCode }, { contentType, bodyLimit: request.routeOptions.bodyLimit });
+      const refused = clientErrorOf(
+        { code: e.code, message: e.message, statusCode: e.statusCode },
+        { contentType, bodyLimit: request.routeOptions.bodyLimit },
+      );
       return reply.status(e.statusCode).send({ error: refused });
     }
     if (isTransient(err)) {
       // a server (PostgreSQL, Redis) that is away is not the request's fault: the caller may try again
-      logger.warn({ url: request.url, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'http request: a server did not answer');
+      logger.warn(
+        { url: request.url, code: (err as { code?: unknown }).code, reason: (err as Error).message },
+        'http request: a server did not answer',
+      );
       return reply
         .status(503)
         .header('retry-after', '5')
@@ -130,7 +153,9 @@ export function clientErrorResponse(err: NodeJS.ErrnoException & { code?: string
   }
   const status =
     err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : err.code === 'HPE_URI_TOO_LONG' ? 414 : 400;
-  const body = JSON.stringify({ error: { code: codeOf(status), message: `${STATUS_CODES[status] ?? 'Bad Request'}: the request could not be read` } });
+  const body = JSON.stringify({
+    error: { code: codeOf(status), message: `${STATUS_CODES[status] ?? 'Bad Request'}: the request could not be read` },
+  });
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
   );

@@ -26,7 +26,9 @@ export interface Intake {
  */
 export async function acceptEvent(intake: Intake, access: Access | undefined, body: unknown, reply: FastifyReply): Promise<FastifyReply> {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-    throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [{ field: '(root)', rule: 'must be a JSON object {name, data}' }]);
+    throw new HttpError(400, 'invalid_body', 'body: must be a JSON object {name, data}', [
+      { field: '(root)', rule: 'must be a JSON object {name, data}' },
+    ]);
   }
   const extra = Object.keys(body).filter((k) => k !== 'name' && k !== 'data');
   const { name, data } = body as { name?: unknown; data?: unknown };
@@ -79,7 +81,10 @@ export async function acceptEvent(intake: Intake, access: Access | undefined, bo
         .send({ error: { code: err.code, message: err.message, eventId: err.eventId, replicas: err.replicas, acknowledged: err.acknowledged } });
     }
     if (isTransient(err)) {
-      intake.logger.warn({ eventName: name, eventId, code: (err as { code?: unknown }).code, reason: (err as Error).message }, 'intake: Redis did not answer; answered 503');
+      intake.logger.warn(
+        { eventName: name, eventId, code: (err as { code?: unknown }).code, reason: (err as Error).message },
+        'intake: Redis did not answer; answered 503',
+      );
       return reply
         .status(503)
         .header('retry-after', '5')

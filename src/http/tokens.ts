@@ -87,7 +87,8 @@ export function parseTokenFile(text: string, file = 'FLEET_API_TOKENS_FILE'): To
       problems.push(`${at}.scopes: must be a non-empty array of ${SCOPES.join(', ')}`);
     } else {
       const unknown = scopes.filter((s) => !(SCOPES as readonly unknown[]).includes(s));
-      if (unknown.length > 0) problems.push(`${at}.scopes: unknown scope(s) ${unknown.map((s) => JSON.stringify(s)).join(', ')} (known: ${SCOPES.join(', ')})`);
+      if (unknown.length > 0)
+        problems.push(`${at}.scopes: unknown scope(s) ${unknown.map((s) => JSON.stringify(s)).join(', ')} (known: ${SCOPES.join(', ')})`);
     }
     if (problems.length > before) return;
     names.add(name as string);

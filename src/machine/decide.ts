@@ -45,17 +45,9 @@ export function decide(snapshot: Snapshot, event: MachineEvent, now: Date): Deci
   }
 }
 
-type AttemptEvent = Extract<
-  MachineEvent,
-  { type: 'attempt.start' | 'attempt.end' | 'attempt.cancel' | 'attempt.orphaned' | 'attempt.expired' }
->;
+type AttemptEvent = Extract<MachineEvent, { type: 'attempt.start' | 'attempt.end' | 'attempt.cancel' | 'attempt.orphaned' | 'attempt.expired' }>;
 
-function decideAttemptEvent(
-  snapshot: Snapshot,
-  deployment: DeploymentSnapshot,
-  event: AttemptEvent,
-  now: Date,
-): Decision {
+function decideAttemptEvent(snapshot: Snapshot, deployment: DeploymentSnapshot, event: AttemptEvent, now: Date): Decision {
   const { attempt } = snapshot;
   if (attempt === null || attempt.id !== event.attemptId) return { kind: 'deferred', why: 'attempt_not_found' };
   if (deployment.currentAttemptId !== attempt.id) return noop('stale_attempt');
@@ -134,12 +126,7 @@ function createAttempt(snapshot: Snapshot, deployment: DeploymentSnapshot, attem
   });
 }
 
-function teardown(
-  deployment: DeploymentSnapshot,
-  current: AttemptSnapshot | null,
-  force: boolean,
-  now: Date,
-): Decision {
+function teardown(deployment: DeploymentSnapshot, current: AttemptSnapshot | null, force: boolean, now: Date): Decision {
   const state = deployment.state;
   if (state === 'deploying') {
     return rejected('attempt_in_progress', 'the current attempt is running; cancel it before teardown');
@@ -165,12 +152,7 @@ function supersede(attempt: AttemptSnapshot, now: Date) {
   return { attemptId: attempt.id, status: 'superseded', reason: 'superseded', endedAt: now } as const;
 }
 
-function applied(
-  from: DeploymentState | null,
-  to: DeploymentState,
-  reason: TransitionReason,
-  effects: Effects,
-): Decision {
+function applied(from: DeploymentState | null, to: DeploymentState, reason: TransitionReason, effects: Effects): Decision {
   return { kind: 'applied', from, to, reason, effects };
 }
 

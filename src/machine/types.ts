@@ -6,15 +6,7 @@
 export const DEPLOYMENT_STATES = ['pending', 'deploying', 'ready', 'failed', 'unknown'] as const;
 export type DeploymentState = (typeof DEPLOYMENT_STATES)[number];
 
-export const ATTEMPT_STATUSES = [
-  'pending',
-  'running',
-  'succeeded',
-  'failed',
-  'cancelled',
-  'abandoned',
-  'superseded',
-] as const;
+export const ATTEMPT_STATUSES = ['pending', 'running', 'succeeded', 'failed', 'cancelled', 'abandoned', 'superseded'] as const;
 export type AttemptStatus = (typeof ATTEMPT_STATUSES)[number];
 
 export const ENDPOINT_KINDS = ['node_port', 'cluster_dns'] as const;

@@ -8,7 +8,16 @@ import type { DefaultJobOptions, JobsOptions, Telemetry } from 'bullmq';
 import { SpanKind } from '@opentelemetry/api';
 import type { RedisConnection } from '../redis/connection';
 import { z } from 'zod';
-import { canonicalPayload, deriveEventId, EVENT_NAMES, parsePayload, validateEvent, type EventName, type EventPayloads, type ValidatedEvent } from '../events/schemas';
+import {
+  canonicalPayload,
+  deriveEventId,
+  EVENT_NAMES,
+  parsePayload,
+  validateEvent,
+  type EventName,
+  type EventPayloads,
+  type ValidatedEvent,
+} from '../events/schemas';
 import { PRODUCER_METHODS, type EventOfMethod, type ProducerMethodName } from '../events/catalog';
 import { LIFECYCLE_QUEUE } from './names';
 import { commandTimeoutOf, connectionForKey, createRedis, requireSlotPrefix } from '../redis/connection';
@@ -20,12 +29,14 @@ import { failSpan, tracer } from '../telemetry';
 export type EventInput<K extends EventName> = Omit<EventPayloads[K], 'eventId'> & { eventId?: string };
 
 /** What an enqueue did (the SDK's answer, and `POST /api/events`'s 202 body). */
-export const enqueueResultSchema = z.object({
-  name: z.enum(EVENT_NAMES),
-  eventId: z.string(),
-  jobId: z.string(),
-  duplicate: z.boolean().describe('true when the same event (same name and payload) was already enqueued: nothing was added'),
-}).meta({ id: 'EnqueueResult' });
+export const enqueueResultSchema = z
+  .object({
+    name: z.enum(EVENT_NAMES),
+    eventId: z.string(),
+    jobId: z.string(),
+    duplicate: z.boolean().describe('true when the same event (same name and payload) was already enqueued: nothing was added'),
+  })
+  .meta({ id: 'EnqueueResult' });
 export type EnqueueResult = z.output<typeof enqueueResultSchema>;
 
 /**

@@ -21,12 +21,7 @@ export type RedisRole =
  * exponential backoff either way; what differs is whether a command issued while disconnected waits (worker) or
  * fails at once (producer).
  */
-export function createRedis(
-  url: string,
-  role: RedisRole,
-  connectionName = `lifecycle-fleet-${role}`,
-  overrides: RedisOptions = {},
-): RedisConnection {
+export function createRedis(url: string, role: RedisRole, connectionName = `lifecycle-fleet-${role}`, overrides: RedisOptions = {}): RedisConnection {
   const backoff = (times: number): number => Math.min(50 * 2 ** times, 2000);
   const options: RedisOptions = {
     connectionName,
@@ -140,7 +135,9 @@ export function describeRedis(redis: RedisConnection): string {
 export function describeServer(kind: 'Redis' | 'PostgreSQL', url: string): string {
   if (kind === 'Redis' && isClusterUrl(url)) {
     try {
-      return `Redis Cluster at ${parseClusterUrl(url).nodes.map((n) => hostPort(n.host, n.port)).join(',')}`;
+      return `Redis Cluster at ${parseClusterUrl(url)
+        .nodes.map((n) => hostPort(n.host, n.port))
+        .join(',')}`;
     } catch {
       return 'Redis Cluster';
     }
@@ -211,7 +208,14 @@ export class ServerWatch {
 /** An error from an ioredis command (rather than from PostgreSQL's driver). */
 export function isRedisError(err: unknown): boolean {
   if (!(err instanceof Error)) return false;
-  return err.name === 'MaxRetriesPerRequestError' || err.name === 'ReplyError' || err.name === 'ClusterAllFailedError' || /max retries per request|Command timed out|Connection is closed|Stream isn't writeable|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready|Too many Cluster redirections/i.test(err.message);
+  return (
+    err.name === 'MaxRetriesPerRequestError' ||
+    err.name === 'ReplyError' ||
+    err.name === 'ClusterAllFailedError' ||
+    /max retries per request|Command timed out|Connection is closed|Stream isn't writeable|None of startup nodes is available|Failed to refresh slots cache|Cluster isn't ready|Too many Cluster redirections/i.test(
+      err.message,
+    )
+  );
 }
 
 function errorCode(err: unknown): string {

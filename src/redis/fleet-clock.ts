@@ -139,7 +139,11 @@ export class FleetClock {
     const best = this.best() ?? sample;
     if (this.offsetMs !== null && Math.abs(best.offsetMs - this.offsetMs) > 1000) {
       const fields = { fromMs: Math.round(this.offsetMs), toMs: Math.round(best.offsetMs), roundTripMs: Math.round(roundTripMs) };
-      if (jumped) this.log.warn(fields, "fleet clock: Redis's time jumped against ours by more than 1 s (a failover to a host whose clock differs?); sampling anew from here");
+      if (jumped)
+        this.log.warn(
+          fields,
+          "fleet clock: Redis's time jumped against ours by more than 1 s (a failover to a host whose clock differs?); sampling anew from here",
+        );
       else this.log.warn(fields, 'fleet clock: the offset to Redis moved by more than 1 s');
     }
     this.offsetMs = best.offsetMs;

@@ -156,7 +156,17 @@ export class PartitionOwnership {
     const sentAt = this.now();
     const taken = Number(await this.redis.eval(ACQUIRE, 1, lease, token, mine, String(this.leaseMs)));
     if (taken !== 1) return false;
-    const owned: Owned = { n, key, leaseKey: lease, token, deadline: this.deadlineFrom(sentAt), releasing: false, lost: false, position: '0-0', worker: Promise.resolve() };
+    const owned: Owned = {
+      n,
+      key,
+      leaseKey: lease,
+      token,
+      deadline: this.deadlineFrom(sentAt),
+      releasing: false,
+      lost: false,
+      position: '0-0',
+      worker: Promise.resolve(),
+    };
     session.owned.set(n, owned);
     this.acquisitions++;
     this.log.info({ partition: n, stream: key }, 'took over a partition');

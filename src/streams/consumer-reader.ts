@@ -124,11 +124,12 @@ export class PartitionReader {
   async takeOverPending(session: Session, o: Owned): Promise<void> {
     const { group, consumer } = this.options;
     const count = this.options.batchSize ?? 100;
-    for (let from = '-'; this.leases.holds(session, o); ) {
+    for (let from = '-'; this.leases.holds(session, o);) {
       const pending = (await this.redis.xpending(o.key, group, from, '+', count)) as Array<[string, string, number, number]>;
       if (pending.length === 0) return;
       const ids = pending.map(([id]) => id);
-      const claimed = (await this.redis.eval(FENCED_CLAIM, 2, o.key, o.leaseKey, o.token, group, consumer, ...ids)) as Array<[string, string[]]> | number;
+      const claimed = (await this.redis.eval(FENCED_CLAIM, 2, o.key, o.leaseKey, o.token, group, consumer, ...ids)) as
+        Array<[string, string[]]> | number;
       if (typeof claimed === 'number') {
         this.leases.lose(o, 'its lease was taken');
         return;
@@ -139,7 +140,11 @@ export class PartitionReader {
         throw this.resync(o.key, gone[0] ?? from, gone[gone.length - 1] ?? from);
       }
       if (claimed.length > 0) this.log.info({ partition: o.n, claimed: claimed.length }, 'took over entries pending on the partition');
-      await this.handling.handleAll(session, o, claimed.map(([id, fields]) => parseEntry(id, fields)));
+      await this.handling.handleAll(
+        session,
+        o,
+        claimed.map(([id, fields]) => parseEntry(id, fields)),
+      );
       from = `(${ids[ids.length - 1] ?? '0-0'}`;
     }
   }
@@ -207,11 +212,9 @@ export class PartitionReader {
    */
   async readNew(session: Session, o: Owned): Promise<TransitionEntry[] | null> {
     const { group, consumer } = this.options;
-    const reply = (await this.delivering(() => this.redis.eval(READ_IF_CONTIGUOUS, 2, o.key, o.leaseKey, group, consumer, String(this.options.batchSize ?? 100), o.token))) as [
-      string,
-      string?,
-      (Array<[string, Array<[string, string[]]>]> | null | string)?,
-    ];
+    const reply = (await this.delivering(() =>
+      this.redis.eval(READ_IF_CONTIGUOUS, 2, o.key, o.leaseKey, group, consumer, String(this.options.batchSize ?? 100), o.token),
+    )) as [string, string?, (Array<[string, Array<[string, string[]]>]> | null | string)?];
     const [status, last = '0-0', read] = reply;
     if (status === 'LOST') {
       this.leases.lose(o, 'its lease was taken');

@@ -85,18 +85,20 @@ export class TransitionConsumer {
 
   /** Runs until `close()`; rejects with `ResyncRequiredError` when a partition's position was trimmed away. */
   run(): Promise<void> {
-    this.running ??= this.loop().catch((err: unknown) => {
-      // a command cut short by close() (the connection dropped at once while Redis was away) is the stop, not an error
-      if (this.stopped) return;
-      // the last versions as the run ends: a handler call in flight on another partition when one partition's
-      // resync was found has finished (and been acknowledged) since
-      if (err instanceof ResyncRequiredError) throw new ResyncRequiredError(err.streamKey, err.from, err.firstRetained, this.lastHandledVersions());
-      throw err;
-    }).finally(() => {
-      // the run is over (stopped, or ended by an error the caller gets): the waiting connection is this consumer's
-      // own even when the caller lent the main one, and must not outlive the run
-      this.waiter.end();
-    });
+    this.running ??= this.loop()
+      .catch((err: unknown) => {
+        // a command cut short by close() (the connection dropped at once while Redis was away) is the stop, not an error
+        if (this.stopped) return;
+        // the last versions as the run ends: a handler call in flight on another partition when one partition's
+        // resync was found has finished (and been acknowledged) since
+        if (err instanceof ResyncRequiredError) throw new ResyncRequiredError(err.streamKey, err.from, err.firstRetained, this.lastHandledVersions());
+        throw err;
+      })
+      .finally(() => {
+        // the run is over (stopped, or ended by an error the caller gets): the waiting connection is this consumer's
+        // own even when the caller lent the main one, and must not outlive the run
+        this.waiter.end();
+      });
     return this.running;
   }
 
@@ -113,7 +115,11 @@ export class TransitionConsumer {
     // with the server away nothing in flight can finish: drop the connection now rather than wait for the timeout
     if (this.ownsRedis && this.redis.status !== 'ready') this.redis.disconnect();
     this.waiter.disconnect();
-    if (this.running) await settleWithin(this.running.catch(() => undefined), graceMs);
+    if (this.running)
+      await settleWithin(
+        this.running.catch(() => undefined),
+        graceMs,
+      );
     if (this.ownsRedis) this.redis.disconnect();
     else this.reader.detach();
   }
@@ -135,7 +141,7 @@ export class TransitionConsumer {
    * (the position trimmed away, or the stream or group gone with Redis's data) or a non-transient error ends the run.
    */
   private async loop(): Promise<void> {
-    for (let failures = 0; ; ) {
+    for (let failures = 0; ;) {
       const handled = this.handled;
       try {
         if ((await this.consume()) === 'stopped') return;
@@ -203,7 +209,7 @@ export class TransitionConsumer {
    * taken over again before anything newer; a resync or any other error ends the run.
    */
   private async work(session: Session, o: Owned): Promise<void> {
-    for (let failures = 0, pendingDone = false; this.ownership.holds(session, o) && !o.releasing; ) {
+    for (let failures = 0, pendingDone = false; this.ownership.holds(session, o) && !o.releasing;) {
       try {
         if (!pendingDone) {
           await this.reader.checkTrimmed(o.key);

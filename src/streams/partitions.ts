@@ -94,7 +94,8 @@ export async function readPartitions(redis: RedisConnection, baseKey: string): P
 
 function parseRecord(baseKey: string, raw: string): number {
   const n = Number(raw);
-  if (!Number.isInteger(n) || n < 1 || n > MAX_STREAM_PARTITIONS) throw new Error(`${partitionsRecordKey(baseKey)}: not a number of partitions (1-${MAX_STREAM_PARTITIONS}): "${raw.slice(0, 40)}"`);
+  if (!Number.isInteger(n) || n < 1 || n > MAX_STREAM_PARTITIONS)
+    throw new Error(`${partitionsRecordKey(baseKey)}: not a number of partitions (1-${MAX_STREAM_PARTITIONS}): "${raw.slice(0, 40)}"`);
   return n;
 }
 

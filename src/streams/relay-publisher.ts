@@ -135,7 +135,11 @@ export class RelayPublisher {
    * them to be marked with the next cycle's read. False when none may be marked: an append was refused (the next
    * cycle reconciles first), Redis reconnected meanwhile, or (durable) the entries are not on the replicas yet.
    */
-  private async publish(rows: ReadonlyArray<{ readonly id: string; readonly fields: Record<string, string> }>, tails: Map<number, string>, generation: number): Promise<boolean> {
+  private async publish(
+    rows: ReadonlyArray<{ readonly id: string; readonly fields: Record<string, string> }>,
+    tails: Map<number, string>,
+    generation: number,
+  ): Promise<boolean> {
     const batches = partitionBatches(rows, this.partitions, tails, this.options.maxLen ?? 1_000_000, (n) => this.keyOf(n));
     await this.options.beforeXadd?.(rows.map((r) => r.id));
     const results = await appendBatches(this.redis, batches, (n) => this.keyOf(n));

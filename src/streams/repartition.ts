@@ -27,7 +27,17 @@ import { OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities
 import { settleWithin, sleep } from '../util';
 import { pairs } from './consumer';
 import { xinfoGroups } from './stream-stats';
-import { compareIds, layoutKey, MAX_STREAM_PARTITIONS, partitionKeys, partitionsRecordKey, readerStart, readLayout, readPartitions, repartitionsKey } from './partitions';
+import {
+  compareIds,
+  layoutKey,
+  MAX_STREAM_PARTITIONS,
+  partitionKeys,
+  partitionsRecordKey,
+  readerStart,
+  readLayout,
+  readPartitions,
+  repartitionsKey,
+} from './partitions';
 
 export interface RepartitionOptions {
   /** PostgreSQL URL: the procedure holds the relays' lock on a session of its own */
@@ -84,7 +94,8 @@ return 1
 
 export async function repartition(options: RepartitionOptions): Promise<RepartitionOutcome> {
   const { redis, streamKey, to, report } = options;
-  if (!Number.isInteger(to) || to < 1 || to > MAX_STREAM_PARTITIONS) throw new RangeError(`to: must be a whole number from 1 to ${MAX_STREAM_PARTITIONS}, got ${to}`);
+  if (!Number.isInteger(to) || to < 1 || to > MAX_STREAM_PARTITIONS)
+    throw new RangeError(`to: must be a whole number from 1 to ${MAX_STREAM_PARTITIONS}, got ${to}`);
   const unchanged = (partitions: number): RepartitionOutcome => {
     report(`the stream ${streamKey} has ${partitions} partition(s) already: nothing to do`);
     return { kind: 'unchanged', partitions };
@@ -92,7 +103,11 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
   const before = await readPartitions(redis, streamKey);
   if (before === to) return unchanged(before);
 
-  const client = new Client({ connectionString: options.databaseUrl, application_name: 'lifecycle-fleet-repartition', connectionTimeoutMillis: 5000 });
+  const client = new Client({
+    connectionString: options.databaseUrl,
+    application_name: 'lifecycle-fleet-repartition',
+    connectionTimeoutMillis: 5000,
+  });
   await client.connect();
   const session = sessionOf(client);
   try {
@@ -101,7 +116,7 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
       const message = `the active outbox relay did not hand its lock over within ${seconds(lockTimeoutMs)}: is every relay of this version? Nothing was changed.`;
       return { kind: 'refused', reason: 'relay_lock', message, behind: [] };
     }
-    report('holding the outbox relays\' lock: no relay appends until the partitions are switched (transitions are still applied; their rows wait)');
+    report("holding the outbox relays' lock: no relay appends until the partitions are switched (transitions are still applied; their rows wait)");
     // under the lock: another repartition may have finished meanwhile
     const from = await readPartitions(redis, streamKey);
     if (from === to) return unchanged(from);
@@ -129,10 +144,15 @@ export async function repartition(options: RepartitionOptions): Promise<Repartit
         return refusedBehind(options, late);
       }
       const republished = await republishLostOfOldLayout(redis, session, from, oldKeys);
-      if (republished > 0) report(`${republished} transition(s) of the old layout were no longer on the stream (Redis lost them): they go out again on the new partitions, before anything newer`);
+      if (republished > 0)
+        report(
+          `${republished} transition(s) of the old layout were no longer on the stream (Redis lost them): they go out again on the new partitions, before anything newer`,
+        );
       await Promise.all(newKeys.map((key) => markBoundary(redis, key)));
       made.push(...(await carryGroups(redis, oldKeys, newKeys)));
-      const switched = Number(await redis.eval(SWITCH_RECORD, 2, partitionsRecordKey(streamKey), repartitionsKey(streamKey), String(from), String(to)));
+      const switched = Number(
+        await redis.eval(SWITCH_RECORD, 2, partitionsRecordKey(streamKey), repartitionsKey(streamKey), String(from), String(to)),
+      );
       if (switched !== 1) {
         await restore();
         const message = `the record ${partitionsRecordKey(streamKey)} no longer holds ${from} (a process recorded another number meanwhile): nothing was changed; run this again`;
@@ -263,7 +283,11 @@ async function markBoundary(redis: RedisConnection, key: string): Promise<void> 
  * Makes every group of the old keys on each new key that lacks it, at the key's boundary (its start when it has
  * none), with the count of entries up to there. Returns the groups it made.
  */
-async function carryGroups(redis: RedisConnection, oldKeys: readonly string[], newKeys: readonly string[]): Promise<Array<{ key: string; group: string }>> {
+async function carryGroups(
+  redis: RedisConnection,
+  oldKeys: readonly string[],
+  newKeys: readonly string[],
+): Promise<Array<{ key: string; group: string }>> {
   const groups = [...new Set((await Promise.all(oldKeys.map((key) => xinfoGroups(redis, key)))).flat().map((g) => g.name))];
   const made: Array<{ key: string; group: string }> = [];
   for (const key of newKeys) {

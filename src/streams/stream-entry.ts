@@ -51,7 +51,10 @@ export const STREAM_ENTRY_SCHEMA = z
     version: z
       .string()
       .regex(/^[1-9][0-9]*$/)
-      .meta({ description: "the deployment's version after the transition (decimal): per deployment, entries arrive in increasing version; drop one whose version you have seen" }),
+      .meta({
+        description:
+          "the deployment's version after the transition (decimal): per deployment, entries arrive in increasing version; drop one whose version you have seen",
+      }),
     reason: z.string().min(1),
     eventId: z.string().regex(EVENT_ID_PATTERN),
     at: z.iso.datetime({ offset: true }).meta({ description: 'when the transition happened (ISO 8601, the fleet clock)' }),

@@ -192,8 +192,7 @@ export class LifecycleWorker {
     });
     requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'LifecycleWorker');
     this.log = (options.logger ?? silentLogger).child({ component: 'lifecycle-worker' });
-    this.ownedConnection =
-      typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-worker') : null;
+    this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-worker') : null;
     this.worker = new Worker(LIFECYCLE_QUEUE, (job, token) => this.process(job, token), {
       connection: this.ownedConnection ?? (options.connection as RedisConnection),
       prefix: options.prefix ?? 'fleet',
@@ -260,11 +259,14 @@ export class LifecycleWorker {
     // healthy worker with free slots gets its turn within seconds (BullMQ wakes the longest-waiting worker first,
     // and a waiting one polls every few seconds), so one that gets none for the whole window is not fetching
     const oldest = this.activitySamples[0];
-    const othersWorked = activity !== null && oldest !== undefined && now - oldest.at >= stuckAfterMs * 0.8 && activity - oldest.count >= (watchdog.minActivity ?? 50);
+    const othersWorked =
+      activity !== null && oldest !== undefined && now - oldest.at >= stuckAfterMs * 0.8 && activity - oldest.count >= (watchdog.minActivity ?? 50);
     const waitedLong = this.idleWhileWaitingSince !== null && now - this.idleWhileWaitingSince >= stuckAfterMs / 2;
     if (!othersWorked && !waitedLong) return;
     if (this.watchdogTimer !== null) clearInterval(this.watchdogTimer);
-    const seen = waitedLong ? `jobs have waited for ${Math.round((now - (this.idleWhileWaitingSince ?? now)) / 1000)} s` : `the queue saw ${activity === null || oldest === undefined ? 0 : activity - oldest.count} job events`;
+    const seen = waitedLong
+      ? `jobs have waited for ${Math.round((now - (this.idleWhileWaitingSince ?? now)) / 1000)} s`
+      : `the queue saw ${activity === null || oldest === undefined ? 0 : activity - oldest.count} job events`;
     const why = `${seen} while this worker, with ${concurrency - this.running} free slots, started none for ${Math.round((now - this.lastStart) / 1000)} s: its Redis connection is stuck`;
     this.log.error({ waiting, running: this.running }, `lifecycle worker stopped taking jobs: ${why}`);
     watchdog.onStuck(why);
@@ -274,7 +276,7 @@ export class LifecycleWorker {
     if (held === this.held) return;
     // a paused queue is an operator's act, worth a line in every worker's log; limits come and go with the load
     const level = held === 'paused' || this.held === 'paused' ? 'info' : 'debug';
-    if (held === null) this.log[level]({ waiting, was: this.held }, 'fetch watchdog: jobs may be taken again; watching this worker\'s fetch from now');
+    if (held === null) this.log[level]({ waiting, was: this.held }, "fetch watchdog: jobs may be taken again; watching this worker's fetch from now");
     else this.log[level]({ waiting, held }, `fetch watchdog: ${HELD[held]}; jobs that wait meanwhile are not a stuck fetch`);
     this.held = held;
   }
@@ -350,7 +352,12 @@ export class LifecycleWorker {
         this.log.info({ ...ids, outcome: 'noop', reason: 'not_found', code, retries, durationMs }, message);
         report('noop');
         const { eventId } = job.data as { eventId?: unknown };
-        return { outcome: 'noop', eventId: typeof eventId === 'string' ? eventId : (job.id ?? ''), deploymentId: err.deploymentId, reason: 'not_found' };
+        return {
+          outcome: 'noop',
+          eventId: typeof eventId === 'string' ? eventId : (job.id ?? ''),
+          deploymentId: err.deploymentId,
+          reason: 'not_found',
+        };
       }
       // Any other event names a deployment or attempt whose create, had it been sent before it, would have been
       // applied by now: the producer's mistake. Failed at once (retrying it from Bull Board is safe), not an outage.
@@ -408,14 +415,16 @@ export class LifecycleWorker {
       this.options.stampBuffer?.absorbThrough(null);
       const { events, batches } = this.coalescer.totals();
       if (batches > 0) {
-        this.log.info({ events, batches, meanBatch: Math.round((events / batches) * 10) / 10 }, 'group commit: events applied in batches since start');
+        this.log.info(
+          { events, batches, meanBatch: Math.round((events / batches) * 10) / 10 },
+          'group commit: events applied in batches since start',
+        );
       }
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();
     })();
     return this.closing;
   }
 }
-
 
 const HELD: Record<Held, string> = {
   paused: 'the queue is paused',

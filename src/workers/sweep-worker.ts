@@ -237,8 +237,7 @@ export class SweepWorker {
   constructor(private readonly options: SweepWorkerOptions) {
     requireSlotPrefix(options.connection, options.prefix ?? 'fleet', 'SweepWorker');
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep-worker' });
-    this.ownedConnection =
-      typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
+    this.ownedConnection = typeof options.connection === 'string' ? createRedis(options.connection, 'worker', 'lifecycle-fleet-sweep') : null;
     this.worker = new Worker<unknown, SweepJobResult | ShardReport>(MAINTENANCE_QUEUE, (job) => this.process(job), {
       connection: this.connection,
       prefix: options.prefix ?? 'fleet',
@@ -254,7 +253,9 @@ export class SweepWorker {
       if (!watch.error(err)) this.log.error({ err }, 'sweep worker error');
     });
     // the sweeper has logged the error itself
-    this.worker.on('failed', (job, err) => this.log[isTransient(err) ? 'debug' : 'warn']({ jobId: job?.id, reason: err.message }, 'sweep job failed'));
+    this.worker.on('failed', (job, err) =>
+      this.log[isTransient(err) ? 'debug' : 'warn']({ jobId: job?.id, reason: err.message }, 'sweep job failed'),
+    );
   }
 
   /**
@@ -328,7 +329,10 @@ export class SweepWorker {
 
   private async probe(job: Job<ShardJobData, ShardReport>): Promise<ShardReport> {
     const data = job.data;
-    const claim = await this.claim(`${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`, Math.max(60_000, data.deadline - Date.now() + 60_000));
+    const claim = await this.claim(
+      `${this.options.prefix ?? 'fleet'}:${MAINTENANCE_QUEUE}:probe-claim:${job.id ?? ''}`,
+      Math.max(60_000, data.deadline - Date.now() + 60_000),
+    );
     if (claim === 'taken') {
       this.log.warn({ jobId: job.id, tick: data.tick, shard: data.shard }, 'probe shard delivered again after it started: not run twice');
       return idleReport(data, 'duplicate');
@@ -367,7 +371,8 @@ export class SweepWorker {
   close(graceMs = 30_000): Promise<void> {
     this.closing ??= (async () => {
       if (this.recheckTimer !== null) clearInterval(this.recheckTimer);
-      if (this.redisWatch.isDown) await closeWithin(this.worker, 1000, true); // a sweep cannot finish without Redis
+      if (this.redisWatch.isDown)
+        await closeWithin(this.worker, 1000, true); // a sweep cannot finish without Redis
       else if ((await closeWithin(this.worker, graceMs)) === 'timeout') this.log.warn({ graceMs }, 'the running sweep did not finish in time');
       await this.rechecking; // it closes the connections it opened
       if (this.ownedConnection !== null) this.ownedConnection.disconnect();

@@ -19,7 +19,10 @@ async function runChaos(args: readonly string[]): Promise<{ report: ChaosReport;
   const env: NodeJS.ProcessEnv = { ...process.env };
   delete env.REDIS_URL;
   delete env.DATABASE_URL;
-  const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'chaos', 'run.js'), ...args, '--json', jsonFile], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'chaos', 'run.js'), ...args, '--json', jsonFile], {
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   let err = '';
   child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));

@@ -14,7 +14,6 @@ import { repoRoot } from '../../src/util';
 const ROOT = repoRoot();
 const FLEET = path.join(ROOT, 'bin', 'fleet.js');
 
-
 function localFleetRunning(): boolean {
   try {
     const { pid } = JSON.parse(fs.readFileSync(path.join(ROOT, '.fleet', 'run', 'endpoints.json'), 'utf8')) as { pid: number };

@@ -36,7 +36,11 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
     const env = { PATH: process.env.PATH, REDIS_URL: testEnv().redisUrl, DATABASE_URL: testEnv().databaseUrl, FLEET_HTTP_HOST: '0.0.0.0' };
     const bare = await fleetRun(['http'], { ...env, FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'short' });
     expect(bare.code).to.equal(2);
-    for (const text of ['FLEET_API_TOKENS_FILE: required', 'FLEET_ENDPOINT_ALLOW: required', 'FLEET_BOARD_PASSWORD: must be at least 12 characters']) {
+    for (const text of [
+      'FLEET_API_TOKENS_FILE: required',
+      'FLEET_ENDPOINT_ALLOW: required',
+      'FLEET_BOARD_PASSWORD: must be at least 12 characters',
+    ]) {
       expect(bare.stderr).to.contain(text);
     }
     expect(bare.stderr).to.not.contain('short');
@@ -45,7 +49,9 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
   it('scopes every write, records the admin as actor everywhere, and reloads tokens on SIGHUP', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-e2e-'));
     const tokensFile = path.join(dir, 'tokens.json');
-    const created = await fleetRun(['token', 'create', '--name', 'platform-admin', '--scopes', 'read,events:admin', '--file', tokensFile], { PATH: process.env.PATH });
+    const created = await fleetRun(['token', 'create', '--name', 'platform-admin', '--scopes', 'read,events:admin', '--file', tokensFile], {
+      PATH: process.env.PATH,
+    });
     expect(created.code, created.stderr).to.equal(0);
     const adminToken = created.stdout.split('\n')[0] ?? '';
     expect(fs.readFileSync(tokensFile, 'utf8')).to.not.contain(adminToken);
@@ -81,7 +87,10 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
     const call = (method: string, url: string, token: string | null, body?: unknown) =>
       fetch(`${api}${url}`, {
         method,
-        headers: { ...(token === null ? {} : { authorization: `Bearer ${token}` }), ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+        headers: {
+          ...(token === null ? {} : { authorization: `Bearer ${token}` }),
+          ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+        },
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
       });
     const event = (token: string, name: string, data: Record<string, unknown>) => call('POST', '/api/events', token, { name, data });
@@ -102,7 +111,8 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
         const res = await event(writer.token, name, { deploymentId, ...data });
         expect(res.status, `${name}: ${await res.clone().text()}`).to.equal(202);
       }
-      const state = async () => ((await (await call('GET', `/api/deployments/${deploymentId}`, reader.token)).json()) as { state: string; version: number });
+      const state = async () =>
+        (await (await call('GET', `/api/deployments/${deploymentId}`, reader.token)).json()) as { state: string; version: number };
       await waitFor('ready', async () => ((await state()).state === 'ready' ? true : undefined));
 
       // nobody without a token reads or writes; a read token cannot enqueue
@@ -114,9 +124,19 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       expect((await event(writer.token, 'deployment.resolve', { deploymentId, outcome: 'failed' })).status).to.equal(403);
       expect((await event(writer.token, 'attempt.orphaned', { deploymentId, attemptId })).status).to.equal(403);
       // hijack and SSRF attempts are refused before anything is enqueued
-      const hijack = await event(writer.token, 'attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'https://attacker.example/', kind: 'cluster_dns' } });
+      const hijack = await event(writer.token, 'attempt.end', {
+        deploymentId,
+        attemptId,
+        outcome: 'succeeded',
+        endpoint: { url: 'https://attacker.example/', kind: 'cluster_dns' },
+      });
       expect(hijack.status).to.equal(400);
-      const ssrf = await event(writer.token, 'attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'http://127.0.0.1:18999/internal-admin?x=', kind: 'node_port' } });
+      const ssrf = await event(writer.token, 'attempt.end', {
+        deploymentId,
+        attemptId,
+        outcome: 'succeeded',
+        endpoint: { url: 'http://127.0.0.1:18999/internal-admin?x=', kind: 'node_port' },
+      });
       expect(ssrf.status).to.equal(400);
       expect(await queue.count()).to.equal(jobs);
       expect((await state()).state).to.equal('ready');
@@ -126,13 +146,17 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       expect(teardown.status).to.equal(202);
       await waitFor('pending', async () => ((await state()).state === 'pending' ? true : undefined));
       const { version } = await state();
-      const history = (await (await call('GET', `/api/deployments/${deploymentId}/transitions?afterVersion=${version - 1}`, reader.token)).json()) as {
+      const history = (await (
+        await call('GET', `/api/deployments/${deploymentId}/transitions?afterVersion=${version - 1}`, reader.token)
+      ).json()) as {
         items: Array<{ version: number; actor: string; reason: string }>;
       };
       expect(history.items).to.deep.equal([{ ...history.items[0], version, actor: 'platform-admin', reason: 'torn_down' }]);
       const entry = await waitFor('the teardown on the stream', async () => {
         const entries = await redis.xrange(`${prefix}:transitions`, '-', '+');
-        const fields = entries.map(([, f]) => Object.fromEntries(f.flatMap((v, i, a) => (i % 2 === 0 ? [[v, a[i + 1]]] : []))) as Record<string, string>);
+        const fields = entries.map(
+          ([, f]) => Object.fromEntries(f.flatMap((v, i, a) => (i % 2 === 0 ? [[v, a[i + 1]]] : []))) as Record<string, string>,
+        );
         return fields.find((f) => f.deploymentId === deploymentId && f.version === String(version));
       });
       expect(entry).to.deep.include({ actor: 'platform-admin', reason: 'torn_down', to: 'pending' });
@@ -145,11 +169,16 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       fs.writeFileSync(`${tokensFile}.new`, JSON.stringify([...current, late.entry]), { mode: 0o600 });
       fs.renameSync(`${tokensFile}.new`, tokensFile);
       child.kill('SIGHUP');
-      await waitFor('the new token to be accepted', async () => ((await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined));
+      await waitFor('the new token to be accepted', async () =>
+        (await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined,
+      );
       // the process logs the reload after it swapped the tokens in, and its output reaches us through a pipe later still
       await waitFor('the reload in the log', () => (log.includes('API tokens reloaded') ? true : undefined));
       // SIGHUP is harmless in a process with nothing to reload (Node's default would end it)
-      const worker = spawn(process.execPath, [FLEET, 'worker'], { env: { ...env, FLEET_HTTP_HOST: '127.0.0.1', FLEET_API_TOKENS_FILE: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      const worker = spawn(process.execPath, [FLEET, 'worker'], {
+        env: { ...env, FLEET_HTTP_HOST: '127.0.0.1', FLEET_API_TOKENS_FILE: '' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       let workerLog = '';
       worker.stdout.on('data', (c: Buffer) => (workerLog += c.toString()));
       worker.stderr.on('data', (c: Buffer) => (workerLog += c.toString()));

@@ -19,7 +19,6 @@ import { openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, uniquePrefix } from '../helpers/redis';
 
-
 describe('Swagger UI (/docs) in a real browser', function () {
   this.timeout(90_000);
   let db: TestDatabase;
@@ -83,7 +82,9 @@ describe('Swagger UI (/docs) in a real browser', function () {
     const outside: string[] = [];
     const context = await uiContext(base, outside);
     try {
-      const document = (await (await context.request.get(`${base}${OPENAPI_PATH}`, { headers: { authorization: `Bearer ${reader.token}` } })).json()) as {
+      const document = (await (
+        await context.request.get(`${base}${OPENAPI_PATH}`, { headers: { authorization: `Bearer ${reader.token}` } })
+      ).json()) as {
         paths: Record<string, Record<string, unknown>>;
       };
       const operations = Object.entries(document.paths)

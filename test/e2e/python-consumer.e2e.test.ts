@@ -66,7 +66,11 @@ function run(file: string, args: string[], env: NodeJS.ProcessEnv): Promise<Run>
 }
 
 /** A child whose output is collected as it comes, and whose exit can be awaited. */
-function start(file: string, args: string[], env: NodeJS.ProcessEnv): { child: ChildProcessWithoutNullStreams; out: () => string; err: () => string; exited: Promise<number | null> } {
+function start(
+  file: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+): { child: ChildProcessWithoutNullStreams; out: () => string; err: () => string; exited: Promise<number | null> } {
   const child = spawn(file, args, { env, stdio: 'pipe' });
   let out = '';
   let err = '';
@@ -147,9 +151,10 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
           return states.every((s) => s === 'completed') ? true : undefined;
         });
       }
-      const { rows } = await pg.query<{ id: string; version: number; state: string }>('SELECT id, version, state FROM deployments WHERE id = ANY($1)', [
-        deployments.map((d) => d.deploymentId),
-      ]);
+      const { rows } = await pg.query<{ id: string; version: number; state: string }>(
+        'SELECT id, version, state FROM deployments WHERE id = ANY($1)',
+        [deployments.map((d) => d.deploymentId)],
+      );
       expect(rows.map((r) => [r.version, r.state])).to.deep.equal(deployments.map(() => [steps.length, 'pending']));
 
       const total = deployments.length * steps.length;
@@ -158,7 +163,10 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
       expect(lines).to.have.length(total);
       for (const { deploymentId } of deployments) {
         const mine = lines.filter((l) => l.deploymentId === deploymentId);
-        expect(mine.map((l) => l.version), deploymentId).to.deep.equal(Array.from({ length: steps.length }, (_, i) => i + 1));
+        expect(
+          mine.map((l) => l.version),
+          deploymentId,
+        ).to.deep.equal(Array.from({ length: steps.length }, (_, i) => i + 1));
         expect(mine.map((l) => `${l.from} -> ${l.to}`)).to.deep.equal([
           '(new) -> pending',
           'pending -> pending',
@@ -193,7 +201,9 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
 
       // at-least-once: entries delivered again (copies of the first two, after the rest) are dropped, not printed
       const deploymentOf = (flat: string[]) => flat[flat.indexOf('deploymentId') + 1] ?? '';
-      const firstTwo = lines.slice(0, 2).map((l) => entries.find(([, flat]) => deploymentOf(flat) === l.deploymentId && flat[flat.indexOf('version') + 1] === String(l.version)));
+      const firstTwo = lines
+        .slice(0, 2)
+        .map((l) => entries.find(([, flat]) => deploymentOf(flat) === l.deploymentId && flat[flat.indexOf('version') + 1] === String(l.version)));
       for (const entry of firstTwo) {
         if (entry === undefined) throw new Error('an entry printed is not in the stream');
         await redis.xadd(partitionKey(base, partitionOf(deploymentOf(entry[1]), partitions), partitions), '*', ...entry[1]);
@@ -214,7 +224,10 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
         expect(pending[0], key).to.equal(0);
       }
 
-      const counted = await run(PYTHON, python(['--group', 'counted', '--start-id', '0', '--count', '3']), { PATH: process.env.PATH, REDIS_URL: redisUrl });
+      const counted = await run(PYTHON, python(['--group', 'counted', '--start-id', '0', '--count', '3']), {
+        PATH: process.env.PATH,
+        REDIS_URL: redisUrl,
+      });
       expect(counted.code, counted.stderr).to.equal(0);
       expect(printed(counted.stdout)).to.have.length(3);
     } finally {

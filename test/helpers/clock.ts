@@ -43,7 +43,9 @@ export class ShiftedRedis {
   static async start(): Promise<ShiftedRedis | string> {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fleet-clock-shift-'));
     const library = path.join(dir, 'clock-shift.so');
-    const built = spawnSync('cc', ['-shared', '-fPIC', '-O2', '-o', library, path.join(repoRoot(), 'test', 'fixtures', 'clock-shift.c')], { encoding: 'utf8' });
+    const built = spawnSync('cc', ['-shared', '-fPIC', '-O2', '-o', library, path.join(repoRoot(), 'test', 'fixtures', 'clock-shift.c')], {
+      encoding: 'utf8',
+    });
     if (built.status !== 0) {
       fs.rmSync(dir, { recursive: true, force: true });
       return `no C compiler to build test/fixtures/clock-shift.c (${built.error?.message ?? built.stderr.trim()})`;

@@ -45,7 +45,8 @@ export class ConsumerAudit {
     return async (entry) => {
       const partition = partitionOf(entry.deploymentId, this.partitions);
       const other = this.inflight.get(partition);
-      if (other !== undefined) this.overlaps.push(`${name} handled partition ${partition} (${entry.deploymentId}:${entry.version}) while ${other} did`);
+      if (other !== undefined)
+        this.overlaps.push(`${name} handled partition ${partition} (${entry.deploymentId}:${entry.version}) while ${other} did`);
       // and one consumer's handler is called for one entry at a time, as before partitions
       if ([...this.inflight.values()].includes(name)) this.overlaps.push(`${name} handled two entries at once`);
       this.inflight.set(partition, name);
@@ -120,7 +121,9 @@ export class ConsumerAudit {
     for (const [i, e] of this.log.entries()) {
       if (e.kind === 'acquired') owner.set(e.partition, e.consumer);
       else if (e.kind === 'call' && owner.get(e.partition) !== e.consumer) {
-        violations.push(`#${i}: ${e.consumer} called the handler for partition ${e.partition} (${e.entry.deploymentId}:${e.entry.version}) while ${owner.get(e.partition) ?? 'nobody'} had acquired it last`);
+        violations.push(
+          `#${i}: ${e.consumer} called the handler for partition ${e.partition} (${e.entry.deploymentId}:${e.entry.version}) while ${owner.get(e.partition) ?? 'nobody'} had acquired it last`,
+        );
       }
     }
     return violations;

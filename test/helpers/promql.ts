@@ -99,7 +99,13 @@ export function expressionNames(expr: string): ExpressionNames {
       skipSpace();
       if (GROUPING.has(name) && expr[i] === '(') {
         const close = expr.indexOf(')', i);
-        grouping.push(...expr.slice(i + 1, close).split(',').map((l) => l.trim()).filter((l) => l !== ''));
+        grouping.push(
+          ...expr
+            .slice(i + 1, close)
+            .split(',')
+            .map((l) => l.trim())
+            .filter((l) => l !== ''),
+        );
         i = close + 1;
       } else if (expr[i] === '(' || KEYWORDS.has(name)) {
         // a function, an aggregation or an operator keyword

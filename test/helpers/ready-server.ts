@@ -24,7 +24,11 @@ export class ReadyServer {
       this.requests.push(req.url ?? '');
       const before = this.beforeAnswer;
       if (before === null) this.answer(res);
-      else before(req.url ?? '').then(() => this.answer(res), () => res.destroy());
+      else
+        before(req.url ?? '').then(
+          () => this.answer(res),
+          () => res.destroy(),
+        );
     });
   }
 

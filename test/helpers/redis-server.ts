@@ -10,7 +10,6 @@ import IORedis from 'ioredis';
 import { freePort } from './net';
 import { waitFor } from './wait';
 
-
 export class OwnRedis {
   private child: ChildProcess | null = null;
   private constructor(
@@ -38,7 +37,21 @@ export class OwnRedis {
   async restart(): Promise<void> {
     this.child = spawn(
       'redis-server',
-      ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--appendonly', 'yes', '--save', '', '--maxmemory-policy', 'noeviction', ...this.extraArgs],
+      [
+        '--port',
+        String(this.port),
+        '--bind',
+        '127.0.0.1',
+        '--dir',
+        this.dir,
+        '--appendonly',
+        'yes',
+        '--save',
+        '',
+        '--maxmemory-policy',
+        'noeviction',
+        ...this.extraArgs,
+      ],
       { stdio: 'ignore', env: { ...process.env, ...this.env } },
     );
     await waitFor('redis-server to answer', async () => {

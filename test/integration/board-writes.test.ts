@@ -97,7 +97,8 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
     return deploymentId;
   }
 
-  const add = (queue: string, body: unknown, headers: Record<string, string>) => app.inject({ method: 'POST', url: ADD(queue), headers, payload: body as object });
+  const add = (queue: string, body: unknown, headers: Record<string, string>) =>
+    app.inject({ method: 'POST', url: ADD(queue), headers, payload: body as object });
   const errorOf = (body: string) => (JSON.parse(body) as ErrorBody).error;
 
   describe('adding a job', () => {
@@ -105,7 +106,10 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       const deploymentId = await readyDeployment();
       const teardown = { name: 'deployment.teardown', data: { deploymentId, force: true, actor: 'sweep' }, options: {} };
       const resolve = { name: 'deployment.resolve', data: { deploymentId, outcome: 'ready' }, options: {} };
-      for (const [who, headers] of [['a board token', bearer('boarder')], ['the basic-auth pair', PAIR]] as const) {
+      for (const [who, headers] of [
+        ['a board token', bearer('boarder')],
+        ['the basic-auth pair', PAIR],
+      ] as const) {
         for (const body of [teardown, resolve]) {
           const res = await add(LIFECYCLE_QUEUE, body, headers);
           expect(res.statusCode, `${who} adds ${body.name}: ${res.body.slice(0, 200)}`).to.equal(403);
@@ -124,7 +128,7 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       expect(await producer.queue.count()).to.equal(0);
     });
 
-    it('a token with `board` and the event\'s scope adds through the intake: the actor is the token, recorded as such', async () => {
+    it("a token with `board` and the event's scope adds through the intake: the actor is the token, recorded as such", async () => {
       const deploymentId = await readyDeployment();
       // the board's modal sends `options: {}`
       const res = await add(LIFECYCLE_QUEUE, { name: 'deployment.teardown', data: { deploymentId, force: true }, options: {} }, bearer('boardAdmin'));
@@ -149,12 +153,18 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       expect(await producer.queue.count()).to.equal(2);
     });
 
-    it("refuses what the intake refuses, naming the field: another actor, a bad payload, an endpoint off the allow-list, job options, other fields", async () => {
+    it('refuses what the intake refuses, naming the field: another actor, a bad payload, an endpoint off the allow-list, job options, other fields', async () => {
       await app.close();
       app = await build({ FLEET_ENDPOINT_ALLOW: '10.0.0.0/8' });
       const deploymentId = randomUUID();
       const cases: Array<[string, unknown, number, string, string[]]> = [
-        ['a client-chosen actor', { name: 'deployment.create', data: { deploymentId, name: 'web', actor: 'sweep' } }, 400, 'invalid_payload', ['actor']],
+        [
+          'a client-chosen actor',
+          { name: 'deployment.create', data: { deploymentId, name: 'web', actor: 'sweep' } },
+          400,
+          'invalid_payload',
+          ['actor'],
+        ],
         ['a bad payload', { name: 'deployment.create', data: { deploymentId: 'nope', name: 'web' } }, 400, 'invalid_payload', ['deploymentId']],
         [
           'an endpoint off the allow-list',
@@ -163,15 +173,30 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
           'invalid_payload',
           ['endpoint.url'],
         ],
-        ['job options (the job id is the eventId)', { name: 'deployment.create', data: { deploymentId, name: 'web' }, options: { jobId: 'mine' } }, 400, 'invalid_body', ['options']],
-        ['a field the intake does not take', { name: 'deployment.create', data: { deploymentId, name: 'web' }, extra: 1 }, 400, 'invalid_body', ['(root)']],
+        [
+          'job options (the job id is the eventId)',
+          { name: 'deployment.create', data: { deploymentId, name: 'web' }, options: { jobId: 'mine' } },
+          400,
+          'invalid_body',
+          ['options'],
+        ],
+        [
+          'a field the intake does not take',
+          { name: 'deployment.create', data: { deploymentId, name: 'web' }, extra: 1 },
+          400,
+          'invalid_body',
+          ['(root)'],
+        ],
         ["the board's default job name", { name: '__default__', data: {} }, 400, 'unknown_event', ['name']],
       ];
       for (const [label, body, status, code, fields] of cases) {
         const res = await add(LIFECYCLE_QUEUE, body, bearer('boardAdmin'));
         expect(res.statusCode, `${label}: ${res.body.slice(0, 300)}`).to.equal(status);
         expect(errorOf(res.body).code, label).to.equal(code);
-        expect(errorOf(res.body).issues?.map((i) => i.field), label).to.deep.equal(fields);
+        expect(
+          errorOf(res.body).issues?.map((i) => i.field),
+          label,
+        ).to.deep.equal(fields);
       }
       expect(await producer.queue.count()).to.equal(0);
     });
@@ -184,7 +209,12 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       expect(await maintenance.count()).to.equal(0);
 
       const deploymentId = randomUUID();
-      const added = await app.inject({ method: 'POST', url: '/api/events', headers: bearer('boardAdmin'), payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } } });
+      const added = await app.inject({
+        method: 'POST',
+        url: '/api/events',
+        headers: bearer('boardAdmin'),
+        payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } },
+      });
       expect(added.statusCode).to.equal(202);
       const { jobId } = added.json<{ jobId: string }>();
       const before = (await producer.queue.getJob(jobId))?.data as unknown;
@@ -214,7 +244,10 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       const statuses = results.map((r) => r.statusCode);
       const refused = results.filter((r) => r.statusCode === 429);
       expect(refused, `the board's adds answered ${statuses.join()}`).to.not.have.length(0);
-      expect(statuses.every((s) => s === 202 || s === 429), statuses.join()).to.equal(true);
+      expect(
+        statuses.every((s) => s === 202 || s === 429),
+        statuses.join(),
+      ).to.equal(true);
       expect(errorOf(refused[0]?.body ?? '{}').code).to.equal('rate_limited');
       expect(refused[0]?.headers['retry-after']).to.match(/^\d+$/);
       expect(await producer.queue.count()).to.equal(statuses.filter((s) => s === 202).length);
@@ -266,11 +299,20 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
       for (const [method, url] of moves) {
         const res = await app.inject({ method, url: `${BOARD_PATH}${url}`, headers: bearer('boarder') });
         expect(res.statusCode, `${method} ${url}: ${res.body.slice(0, 200)}`).to.be.oneOf([200, 204]);
-        expect(BOARD_WRITES[`${method} ${url.replace(LIFECYCLE_QUEUE, ':queueName').replace('delayed-1', ':jobId').replace(/\/(failed|completed)$/, '/:queueStatus')}` as keyof typeof BOARD_WRITES]).to.equal('board');
+        expect(
+          BOARD_WRITES[
+            `${method} ${url
+              .replace(LIFECYCLE_QUEUE, ':queueName')
+              .replace('delayed-1', ':jobId')
+              .replace(/\/(failed|completed)$/, '/:queueStatus')}` as keyof typeof BOARD_WRITES
+          ],
+        ).to.equal('board');
       }
       expect(await (await producer.queue.getJob('delayed-1'))?.getState()).to.equal('waiting');
       // a read token may not
-      expect((await app.inject({ method: 'PUT', url: `${BOARD_PATH}/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: bearer('reader') })).statusCode).to.equal(403);
+      expect(
+        (await app.inject({ method: 'PUT', url: `${BOARD_PATH}/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: bearer('reader') })).statusCode,
+      ).to.equal(403);
     });
   });
 
@@ -305,7 +347,7 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
   });
 
   describe('nested JSON', () => {
-    it('32,000 levels deep: 400 invalid_body at the board\'s routes as at the intake, never a 500, nothing enqueued', async () => {
+    it("32,000 levels deep: 400 invalid_body at the board's routes as at the intake, never a 500, nothing enqueued", async () => {
       const deep = `${'['.repeat(32_000)}${']'.repeat(32_000)}`;
       const targets: Array<[string, string, Record<string, string>]> = [
         ['POST', ADD(LIFECYCLE_QUEUE), bearer('boardAdmin')],
@@ -313,7 +355,10 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
         ['POST', '/api/events', bearer('boardAdmin')],
       ];
       for (const [method, url, headers] of targets) {
-        for (const payload of [`{"name":"deployment.create","data":${deep}}`, `{"name":"deployment.create","data":{"deploymentId":"${randomUUID()}","name":${deep}}}`]) {
+        for (const payload of [
+          `{"name":"deployment.create","data":${deep}}`,
+          `{"name":"deployment.create","data":{"deploymentId":"${randomUUID()}","name":${deep}}}`,
+        ]) {
           const res = await app.inject({ method, url, headers: { ...headers, 'content-type': 'application/json' }, payload });
           expect(res.statusCode, `${method} ${url}: ${res.body.slice(0, 200)}`).to.equal(400);
           expect(errorOf(res.body)).to.deep.include({ code: 'invalid_body' });
@@ -336,7 +381,10 @@ describe('Bull Board writes: inside the scopes, through the intake', function ()
         expect(res.statusCode).to.equal(429);
         expect(errorOf(res.body).code).to.equal('too_many_failed_authentications');
       }
-      for (const [label, headers] of [['bearer', bearer('reader')], ['basic password', basic(`anyone:${tokens.boarder.token}`)]] as const) {
+      for (const [label, headers] of [
+        ['bearer', bearer('reader')],
+        ['basic password', basic(`anyone:${tokens.boarder.token}`)],
+      ] as const) {
         const page = await app.inject({ method: 'GET', url: `${BOARD_PATH}/api/queues`, headers });
         expect(page.statusCode, `a valid token as ${label}: ${page.body.slice(0, 200)}`).to.equal(200);
       }

@@ -129,10 +129,9 @@ describe('the fleet CLI and the producer SDK', function () {
     expect(absent.stderr).to.contain('not found');
 
     const deploymentId = randomUUID();
-    await db.dataSource.query(
-      `INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'web', 'pending', 1, now())`,
-      [deploymentId],
-    );
+    await db.dataSource.query(`INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'web', 'pending', 1, now())`, [
+      deploymentId,
+    ]);
     const found = await fleet(['status', deploymentId, '--json'], env);
     expect(found.code, found.stderr).to.equal(0);
     expect(JSON.parse(found.stdout)).to.deep.nested.include({ 'deployment.id': deploymentId, 'deployment.state': 'pending' });
@@ -142,11 +141,15 @@ describe('the fleet CLI and the producer SDK', function () {
     const deploymentId = randomUUID();
     const attemptId = randomUUID();
     const forged = `\u001b[2J\u001b[H\rweb (${randomUUID()})\n  state     ready\u009b31m\u202e`;
-    await db.dataSource.query(
-      `INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, $2, 'failed', 3, now())`,
-      [deploymentId, 'web\u001b]0;pwned\u0007'],
-    );
-    await db.dataSource.query(`INSERT INTO attempts (id, deployment_id, number, status, reason) VALUES ($1, $2, 1, 'cancelled', $3)`, [attemptId, deploymentId, forged]);
+    await db.dataSource.query(`INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, $2, 'failed', 3, now())`, [
+      deploymentId,
+      'web\u001b]0;pwned\u0007',
+    ]);
+    await db.dataSource.query(`INSERT INTO attempts (id, deployment_id, number, status, reason) VALUES ($1, $2, 1, 'cancelled', $3)`, [
+      attemptId,
+      deploymentId,
+      forged,
+    ]);
     await db.dataSource.query(`UPDATE deployments SET current_attempt_id = $1 WHERE id = $2`, [attemptId, deploymentId]);
     await db.dataSource.query(
       `INSERT INTO state_transitions (deployment_id, attempt_id, from_state, to_state, version, reason, event_id) VALUES ($1, $2, 'deploying', 'failed', 3, $3, $4)`,

@@ -138,7 +138,11 @@ describe('clocks that disagree: hosts minutes off (faketime)', function () {
 
       const ids = await runningAttempt(service);
 
-      const runner = underFaketime(skewS, 'heartbeat-producer.js', { REDIS_URL: redisUrl, FLEET_PREFIX: prefix, ...{ DEPLOYMENT_ID: ids.deploymentId, ATTEMPT_ID: ids.attemptId } });
+      const runner = underFaketime(skewS, 'heartbeat-producer.js', {
+        REDIS_URL: redisUrl,
+        FLEET_PREFIX: prefix,
+        ...{ DEPLOYMENT_ID: ids.deploymentId, ATTEMPT_ID: ids.attemptId },
+      });
       closers.push(() => runner.stop());
       const { ready } = await runner.next<{ ready: number }>();
       expect((ready - Date.now()) / 1000, "the producer's clock is off").to.be.closeTo(skewS, 5);

@@ -17,11 +17,7 @@ const options: DispatchOptions = { readyWindowS: WINDOW_S, publicEndpointUrl: PU
 
 const ago = (seconds: number, ms = 0): Date => new Date(NOW.getTime() - seconds * 1000 - ms);
 
-function deployment(
-  state: DeploymentState,
-  kind: EndpointKind | null,
-  lastReadyAt: Date | string | null,
-): DispatchInput {
+function deployment(state: DeploymentState, kind: EndpointKind | null, lastReadyAt: Date | string | null): DispatchInput {
   return { state, endpoint: kind === null ? null : { url: PRIVATE, kind }, lastReadyAt };
 }
 
@@ -105,9 +101,7 @@ describe('dispatch: resolveEndpoint', () => {
     expect(resolveEndpoint(deployment('ready', 'node_port', ago(120).toISOString()), NOW).reason).to.equal('ready_heartbeat_fresh');
     expect(resolveEndpoint(deployment('ready', 'node_port', ago(121).toISOString()), NOW).reason).to.equal('ready_heartbeat_stale');
     expect(resolveEndpoint(deployment('ready', 'node_port', 'not a date'), NOW).reason).to.equal('no_heartbeat');
-    expect(resolveEndpoint(deployment('ready', 'node_port', new Date(NOW.getTime() + 5000)), NOW).reason).to.equal(
-      'ready_heartbeat_fresh',
-    );
+    expect(resolveEndpoint(deployment('ready', 'node_port', new Date(NOW.getTime() + 5000)), NOW).reason).to.equal('ready_heartbeat_fresh');
     const entityShape: DispatchInput = { state: 'ready', endpointUrl: PRIVATE, endpointKind: 'node_port', lastReadyAt: ago(10) };
     expect(resolveEndpoint(entityShape, NOW, { readyWindowS: 5, publicEndpointUrl: PUBLIC })).to.deep.equal({
       url: PUBLIC,

@@ -74,7 +74,10 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
   });
 
   it('refuses a durable timeout the connection would cut short (its command timeout), naming the field', () => {
-    expect(() => new LifecycleProducer({ connection: master.url, prefix, durable: { replicas: 1, timeoutMs: 4500 } })).to.throw(RangeError, /durable\.timeoutMs: .*commandTimeout \(5000 ms\)/);
+    expect(() => new LifecycleProducer({ connection: master.url, prefix, durable: { replicas: 1, timeoutMs: 4500 } })).to.throw(
+      RangeError,
+      /durable\.timeoutMs: .*commandTimeout \(5000 ms\)/,
+    );
   });
 
   it('without durable, an enqueue does not wait for replicas (acknowledged while the replica is stuck)', async () => {
@@ -97,13 +100,21 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
     replica.pause();
     try {
       const deploymentId = randomUUID();
-      const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } } });
+      const res = await app.inject({
+        method: 'POST',
+        url: '/api/events',
+        payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } },
+      });
       expect(res.statusCode).to.equal(503);
       expect(res.headers['retry-after']).to.equal('1');
       const body = res.json<{ error: { code: string; eventId: string; replicas: number; acknowledged: number } }>();
       expect(body.error).to.deep.include({ code: 'not_durable', eventId: `deployment.create.${deploymentId}`, replicas: 1, acknowledged: 0 });
       replica.resume();
-      const again = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId, name: 'web', eventId: body.error.eventId } } });
+      const again = await app.inject({
+        method: 'POST',
+        url: '/api/events',
+        payload: { name: 'deployment.create', data: { deploymentId, name: 'web', eventId: body.error.eventId } },
+      });
       expect(again.statusCode).to.equal(202);
     } finally {
       replica.resume();
@@ -116,9 +127,16 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
 
   it('the relay marks rows published only once their stream entries are on the replica, and appends nothing more until then', async () => {
     const streamKey = `${prefix}:transitions`;
-    const relay = new OutboxRelay({ databaseUrl: db.url, redis: master.url, streamKey, durable: { replicas: 1, timeoutMs: 200 }, pollIntervalMs: 50 });
+    const relay = new OutboxRelay({
+      databaseUrl: db.url,
+      redis: master.url,
+      streamKey,
+      durable: { replicas: 1, timeoutMs: 200 },
+      pollIntervalMs: 50,
+    });
     const service = new TransitionService({ dataSource: db.dataSource });
-    const unpublished = async () => Number((await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`))[0]?.n);
+    const unpublished = async () =>
+      Number((await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM outbox WHERE published_at IS NULL`))[0]?.n);
     relay.start();
     try {
       await waitFor('the relay to lead', () => (relay.isLeader ? true : undefined));
@@ -156,13 +174,23 @@ describe('durable enqueue: acknowledged only once a replica has the job', functi
       },
       runShard: (data: ShardJobData) => real.runShard(data),
     };
-    const worker = new SweepWorker({ connection: master.url, prefix: claimsPrefix, sweeper, everyS: 3600, recheckEveryMs: 0, durable: { replicas: 1, timeoutMs: 300 } });
+    const worker = new SweepWorker({
+      connection: master.url,
+      prefix: claimsPrefix,
+      sweeper,
+      everyS: 3600,
+      recheckEveryMs: 0,
+      durable: { replicas: 1, timeoutMs: 300 },
+    });
     const queue = new Queue(MAINTENANCE_QUEUE, { connection: admin, prefix: claimsPrefix });
     try {
       worker.worker.run().catch(() => undefined);
       replica.pause();
       const stuck = await queue.add(SWEEP_JOB_NAME, {}, { jobId: 'repeat:sweep:1000' });
-      const first = await waitFor('the tick with the replica stuck', async () => ((await queue.getJob(stuck.id ?? ''))?.returnvalue as { ran?: string } | undefined) ?? undefined);
+      const first = await waitFor(
+        'the tick with the replica stuck',
+        async () => ((await queue.getJob(stuck.id ?? ''))?.returnvalue as { ran?: string } | undefined) ?? undefined,
+      );
       expect(first).to.deep.equal({ tick: '1000', ran: 'unconfirmed' });
       expect(calls, 'the sweep did not run').to.deep.equal([]);
 

@@ -63,7 +63,13 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
     maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
     app = await testHttpServer(
       { prefix, dataSource: db.dataSource, producer, redis, maintenance },
-      { FLEET_API_TOKENS_FILE: tokensFile, FLEET_ENDPOINT_ALLOW: ALLOW, FLEET_PUBLIC_ENDPOINT_URL: PUBLIC, FLEET_BOARD_USER: 'ops', FLEET_BOARD_PASSWORD: 'board-password-1' },
+      {
+        FLEET_API_TOKENS_FILE: tokensFile,
+        FLEET_ENDPOINT_ALLOW: ALLOW,
+        FLEET_PUBLIC_ENDPOINT_URL: PUBLIC,
+        FLEET_BOARD_USER: 'ops',
+        FLEET_BOARD_PASSWORD: 'board-password-1',
+      },
       { now: () => NOW },
     );
   });
@@ -77,13 +83,18 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
     await dropPrefix(prefix);
   });
 
-  const post = (name: string, data: Record<string, unknown>) => app.inject({ method: 'POST', url: '/api/events', headers: auth, payload: { name, data } });
+  const post = (name: string, data: Record<string, unknown>) =>
+    app.inject({ method: 'POST', url: '/api/events', headers: auth, payload: { name, data } });
   const body = (raw: string) => JSON.parse(raw) as { error?: { code: string; issues?: Array<{ field: string; rule: string }> }; eventId?: string };
   const startWorker = () => {
     worker = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service });
   };
   const stateOf = async (deploymentId: string) =>
-    (await db.dataSource.query<Array<{ state: string; endpoint_url: string | null }>>(`SELECT state, endpoint_url FROM deployments WHERE id = $1`, [deploymentId]))[0];
+    (
+      await db.dataSource.query<Array<{ state: string; endpoint_url: string | null }>>(`SELECT state, endpoint_url FROM deployments WHERE id = $1`, [
+        deploymentId,
+      ])
+    )[0];
   // a job read once it has failed for good (finished, with its reason), not between its failure and its state
   const failedReason = (jobId: string) =>
     waitFor(`job ${jobId} failed`, async () => {
@@ -99,7 +110,10 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
         expect(res.statusCode, url).to.equal(400);
         expect(body(res.body).error?.code).to.equal('invalid_payload');
         const issues = body(res.body).error?.issues ?? [];
-        expect(issues.map((i) => i.field), url).to.deep.equal(['endpoint.url']);
+        expect(
+          issues.map((i) => i.field),
+          url,
+        ).to.deep.equal(['endpoint.url']);
         expect(issues[0]?.rule).to.contain('must not contain a backslash');
       }
       expect(await producer.queue.count()).to.equal(0);
@@ -108,7 +122,12 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
 
     it('stores and serves the normalised form; the worker refuses a raw job with a URL the rules refuse', async () => {
       const { deploymentId, attemptId } = await runningAttempt(service);
-      const res = await post('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'HTTP://Web.Cluster.LOCAL:80', kind: 'cluster_dns' } });
+      const res = await post('attempt.end', {
+        deploymentId,
+        attemptId,
+        outcome: 'succeeded',
+        endpoint: { url: 'HTTP://Web.Cluster.LOCAL:80', kind: 'cluster_dns' },
+      });
       expect(res.statusCode).to.equal(202);
       const job = await producer.queue.getJob(body(res.body).eventId ?? '');
       expect((job?.data as { endpoint?: unknown }).endpoint).to.deep.equal({ url: 'http://web.cluster.local/', kind: 'cluster_dns' });
@@ -120,7 +139,11 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
 
       // a producer writing to Redis without the SDK meets the same rules in the worker
       const other = await runningAttempt(service);
-      await producer.queue.add('attempt.end', { ...other, outcome: 'succeeded', endpoint: { url: 'http://10.0.0.1\\@127.0.0.1:3199/', kind: 'cluster_dns' } }, { jobId: 'raw-backslash' });
+      await producer.queue.add(
+        'attempt.end',
+        { ...other, outcome: 'succeeded', endpoint: { url: 'http://10.0.0.1\\@127.0.0.1:3199/', kind: 'cluster_dns' } },
+        { jobId: 'raw-backslash' },
+      );
       const failed = await failedReason('raw-backslash');
       expect(failed.failedReason).to.match(/^invalid_payload: endpoint\.url: must not contain a backslash/);
       expect(await stateOf(other.deploymentId)).to.deep.equal({ state: 'deploying', endpoint_url: null });
@@ -130,7 +153,11 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
       const { deploymentId, attemptId } = await runningAttempt(service);
       const end = { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'HTTP://Web.Cluster.LOCAL:80', kind: 'cluster_dns' } };
       // as an earlier version enqueued it: the URL as sent, under the derived id
-      await producer.queue.add('attempt.end', { ...end, eventId: `attempt.end.${attemptId}`, actor: 'writer' }, { jobId: `attempt.end.${attemptId}` });
+      await producer.queue.add(
+        'attempt.end',
+        { ...end, eventId: `attempt.end.${attemptId}`, actor: 'writer' },
+        { jobId: `attempt.end.${attemptId}` },
+      );
       const retry = await post('attempt.end', end);
       expect(retry.statusCode, retry.body).to.equal(202);
       expect(JSON.parse(retry.body)).to.deep.include({ eventId: `attempt.end.${attemptId}`, duplicate: true });
@@ -138,8 +165,17 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
 
     it('a row stored before the rules is neither served (public fallback, endpoint_not_allowed) nor probed', async () => {
       const { deploymentId, attemptId } = await runningAttempt(service);
-      await service.apply('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: 'http://10.0.0.1:30000', kind: 'node_port' }, eventId: randomUUID() });
-      await db.dataSource.query(`UPDATE deployments SET endpoint_url = $2, endpoint_kind = 'cluster_dns' WHERE id = $1`, [deploymentId, 'http://10.0.0.1\\@127.0.0.1:3199/']);
+      await service.apply('attempt.end', {
+        deploymentId,
+        attemptId,
+        outcome: 'succeeded',
+        endpoint: { url: 'http://10.0.0.1:30000', kind: 'node_port' },
+        eventId: randomUUID(),
+      });
+      await db.dataSource.query(`UPDATE deployments SET endpoint_url = $2, endpoint_kind = 'cluster_dns' WHERE id = $1`, [
+        deploymentId,
+        'http://10.0.0.1\\@127.0.0.1:3199/',
+      ]);
       const served = await app.inject({ method: 'GET', url: `/api/deployments/${deploymentId}/endpoint`, headers: auth });
       expect(JSON.parse(served.body)).to.deep.equal({ url: PUBLIC, source: 'public', reason: 'endpoint_not_allowed' });
 
@@ -148,7 +184,10 @@ describe('front door, second pass: one URL for checker and client, ids bound to 
       const url = await internal.listen();
       try {
         await db.dataSource.query(`UPDATE deployments SET endpoint_url = NULL, endpoint_kind = NULL WHERE state = 'ready'`);
-        await db.dataSource.query(`UPDATE deployments SET endpoint_url = $2, endpoint_kind = 'node_port' WHERE id = $1`, [deploymentId, url.replace('http://', 'http://user@')]);
+        await db.dataSource.query(`UPDATE deployments SET endpoint_url = $2, endpoint_kind = 'node_port' WHERE id = $1`, [
+          deploymentId,
+          url.replace('http://', 'http://user@'),
+        ]);
         const report = await new Sweeper({ dataSource: db.dataSource, producer, now: () => NOW, endpointAllow: null }).sweep();
         expect(report).to.deep.include({ probed: 1, stamped: 0, failed: 1, probeFailures: { not_allowed: 1 } });
         expect(internal.requests).to.have.length(0);

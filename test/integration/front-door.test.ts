@@ -98,40 +98,121 @@ describe('front door: tokens, scopes, limits, actor', function () {
     return { deploymentId, attemptId };
   }
 
-  const json = (body: string) => JSON.parse(body) as { error?: { code: string; message: string; existing?: unknown; issues?: Array<{ field: string }> } } & Record<string, unknown>;
+  const json = (body: string) =>
+    JSON.parse(body) as { error?: { code: string; message: string; existing?: unknown; issues?: Array<{ field: string }> } } & Record<
+      string,
+      unknown
+    >;
   const post = (name: string, data: Record<string, unknown>, headers: Record<string, string>) =>
     app.inject({ method: 'POST', url: '/api/events', headers, payload: { name, data } });
 
   describe('every route x {no token, wrong token, token without the scope, token with it}', () => {
     type Row = { route: string; request: () => Promise<InjectOptions>; scope: string; lacking: keyof typeof tokens; having: keyof typeof tokens };
-    const deploymentRoute = (suffix: string) => async (): Promise<InjectOptions> => ({ method: 'GET', url: `/api/deployments/${(await readyDeployment()).deploymentId}${suffix}` });
-    const event = (name: string, data: (ids: { deploymentId: string; attemptId: string }) => Record<string, unknown>) => async (): Promise<InjectOptions> => {
-      const ids = await readyDeployment();
-      return { method: 'POST', url: '/api/events', payload: { name, data: { deploymentId: ids.deploymentId, ...data(ids) } } };
-    };
+    const deploymentRoute = (suffix: string) => async (): Promise<InjectOptions> => ({
+      method: 'GET',
+      url: `/api/deployments/${(await readyDeployment()).deploymentId}${suffix}`,
+    });
+    const event =
+      (name: string, data: (ids: { deploymentId: string; attemptId: string }) => Record<string, unknown>) => async (): Promise<InjectOptions> => {
+        const ids = await readyDeployment();
+        return { method: 'POST', url: '/api/events', payload: { name, data: { deploymentId: ids.deploymentId, ...data(ids) } } };
+      };
     const rows: Row[] = [
       { route: 'GET /api/deployments/:id', request: deploymentRoute(''), scope: 'read', lacking: 'boarder', having: 'reader' },
-      { route: 'GET /api/deployments', request: async () => ({ method: 'GET', url: '/api/deployments?limit=1' }), scope: 'read', lacking: 'boarder', having: 'reader' },
+      {
+        route: 'GET /api/deployments',
+        request: async () => ({ method: 'GET', url: '/api/deployments?limit=1' }),
+        scope: 'read',
+        lacking: 'boarder',
+        having: 'reader',
+      },
       { route: 'GET /api/deployments/:id/attempts', request: deploymentRoute('/attempts'), scope: 'read', lacking: 'boarder', having: 'reader' },
-      { route: 'GET /api/deployments/:id/transitions', request: deploymentRoute('/transitions'), scope: 'read', lacking: 'boarder', having: 'reader' },
+      {
+        route: 'GET /api/deployments/:id/transitions',
+        request: deploymentRoute('/transitions'),
+        scope: 'read',
+        lacking: 'boarder',
+        having: 'reader',
+      },
       { route: 'GET /api/deployments/:id/endpoint', request: deploymentRoute('/endpoint'), scope: 'read', lacking: 'boarder', having: 'reader' },
-      { route: 'GET /api/nowhere (no probing of routes)', request: async () => ({ method: 'GET', url: '/api/nowhere' }), scope: 'read', lacking: 'boarder', having: 'reader' },
-      { route: 'POST /api/events attempt.heartbeat', request: event('attempt.heartbeat', (i) => ({ attemptId: i.attemptId })), scope: 'events:write', lacking: 'reader', having: 'writer' },
-      { route: 'POST /api/events deployment.teardown', request: event('deployment.teardown', () => ({})), scope: 'events:write', lacking: 'reader', having: 'writer' },
-      { route: 'POST /api/events deployment.teardown force', request: event('deployment.teardown', () => ({ force: true })), scope: 'events:admin', lacking: 'writer', having: 'admin' },
-      { route: 'POST /api/events deployment.resolve', request: event('deployment.resolve', () => ({ outcome: 'ready' })), scope: 'events:admin', lacking: 'writer', having: 'admin' },
-      { route: 'POST /api/events attempt.orphaned', request: event('attempt.orphaned', (i) => ({ attemptId: i.attemptId })), scope: 'events:admin', lacking: 'writer', having: 'admin' },
-      { route: 'POST /api/events attempt.expired', request: event('attempt.expired', (i) => ({ attemptId: i.attemptId })), scope: 'events:admin', lacking: 'writer', having: 'admin' },
-      { route: 'GET /metrics (FLEET_METRICS_AUTH=read)', request: async () => ({ method: 'GET', url: '/metrics' }), scope: 'read', lacking: 'pusher', having: 'reader' },
-      { route: 'GET /admin/queues (board, read)', request: async () => ({ method: 'GET', url: '/admin/queues/api/queues' }), scope: 'read', lacking: 'pusher', having: 'reader' },
-      { route: 'PUT /admin/queues/.../pause (board write)', request: async () => ({ method: 'PUT', url: `/admin/queues/api/queues/${LIFECYCLE_QUEUE}/pause` }), scope: 'board', lacking: 'reader', having: 'boarder' },
+      {
+        route: 'GET /api/nowhere (no probing of routes)',
+        request: async () => ({ method: 'GET', url: '/api/nowhere' }),
+        scope: 'read',
+        lacking: 'boarder',
+        having: 'reader',
+      },
+      {
+        route: 'POST /api/events attempt.heartbeat',
+        request: event('attempt.heartbeat', (i) => ({ attemptId: i.attemptId })),
+        scope: 'events:write',
+        lacking: 'reader',
+        having: 'writer',
+      },
+      {
+        route: 'POST /api/events deployment.teardown',
+        request: event('deployment.teardown', () => ({})),
+        scope: 'events:write',
+        lacking: 'reader',
+        having: 'writer',
+      },
+      {
+        route: 'POST /api/events deployment.teardown force',
+        request: event('deployment.teardown', () => ({ force: true })),
+        scope: 'events:admin',
+        lacking: 'writer',
+        having: 'admin',
+      },
+      {
+        route: 'POST /api/events deployment.resolve',
+        request: event('deployment.resolve', () => ({ outcome: 'ready' })),
+        scope: 'events:admin',
+        lacking: 'writer',
+        having: 'admin',
+      },
+      {
+        route: 'POST /api/events attempt.orphaned',
+        request: event('attempt.orphaned', (i) => ({ attemptId: i.attemptId })),
+        scope: 'events:admin',
+        lacking: 'writer',
+        having: 'admin',
+      },
+      {
+        route: 'POST /api/events attempt.expired',
+        request: event('attempt.expired', (i) => ({ attemptId: i.attemptId })),
+        scope: 'events:admin',
+        lacking: 'writer',
+        having: 'admin',
+      },
+      {
+        route: 'GET /metrics (FLEET_METRICS_AUTH=read)',
+        request: async () => ({ method: 'GET', url: '/metrics' }),
+        scope: 'read',
+        lacking: 'pusher',
+        having: 'reader',
+      },
+      {
+        route: 'GET /admin/queues (board, read)',
+        request: async () => ({ method: 'GET', url: '/admin/queues/api/queues' }),
+        scope: 'read',
+        lacking: 'pusher',
+        having: 'reader',
+      },
+      {
+        route: 'PUT /admin/queues/.../pause (board write)',
+        request: async () => ({ method: 'PUT', url: `/admin/queues/api/queues/${LIFECYCLE_QUEUE}/pause` }),
+        scope: 'board',
+        lacking: 'reader',
+        having: 'boarder',
+      },
     ];
     for (const row of rows) {
       it(row.route, async () => {
         await app.close();
         app = await build({ FLEET_METRICS_AUTH: 'read' });
         const base = await row.request();
-        const send = (headers: Record<string, string>) => app.inject({ ...base, headers: { ...(base.headers as Record<string, string>), ...headers } });
+        const send = (headers: Record<string, string>) =>
+          app.inject({ ...base, headers: { ...(base.headers as Record<string, string>), ...headers } });
         const jobsBefore = await producer.queue.count();
 
         const none = await send({});
@@ -149,7 +230,9 @@ describe('front door: tokens, scopes, limits, actor', function () {
         expect(await producer.queue.isPaused()).to.equal(false);
 
         const having = await send(bearer(row.having));
-        expect(having.statusCode, `a token with ${row.scope}: ${having.body.slice(0, 200)}`).to.be.oneOf(row.route.includes('nowhere') ? [404] : [200, 202]);
+        expect(having.statusCode, `a token with ${row.scope}: ${having.body.slice(0, 200)}`).to.be.oneOf(
+          row.route.includes('nowhere') ? [404] : [200, 202],
+        );
         if (row.route.startsWith('POST')) expect(await producer.queue.count()).to.equal(jobsBefore + 1);
         if (row.route.includes('pause')) expect(await producer.queue.isPaused()).to.equal(true);
       });
@@ -165,7 +248,9 @@ describe('front door: tokens, scopes, limits, actor', function () {
       const raw = (target: string, method = 'GET', body = '') =>
         new Promise<number>((resolve, reject) => {
           const socket = net.connect(port, '127.0.0.1', () => {
-            socket.write(`${method} ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+            socket.write(
+              `${method} ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+            );
           });
           let text = '';
           socket.on('data', (c: Buffer) => (text += c.toString()));
@@ -206,7 +291,10 @@ describe('front door: tokens, scopes, limits, actor', function () {
       const viaToken = await app.inject({ method: 'GET', url: '/admin/queues/api/queues', headers: basic(`x:${tokens.reader.token}`) });
       expect(viaToken.statusCode).to.equal(200);
       expect(readOnly(viaToken.body)).to.deep.equal([true, true]);
-      expect(readOnly((await app.inject({ method: 'GET', url: '/admin/queues/api/queues', headers: bearer('boarder') })).body)).to.deep.equal([false, false]);
+      expect(readOnly((await app.inject({ method: 'GET', url: '/admin/queues/api/queues', headers: bearer('boarder') })).body)).to.deep.equal([
+        false,
+        false,
+      ]);
       // anti-framing on every board response
       const page = await app.inject({ method: 'GET', url: '/admin/queues', headers: bearer('reader') });
       expect(page.statusCode).to.equal(200);
@@ -215,7 +303,10 @@ describe('front door: tokens, scopes, limits, actor', function () {
       // the pair has no API access
       expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: basic('ops:board-password-1') })).statusCode).to.equal(403);
       // the pair may act on the board
-      expect((await app.inject({ method: 'PUT', url: `/admin/queues/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: basic('ops:board-password-1') })).statusCode).to.equal(200);
+      expect(
+        (await app.inject({ method: 'PUT', url: `/admin/queues/api/queues/${LIFECYCLE_QUEUE}/pause`, headers: basic('ops:board-password-1') }))
+          .statusCode,
+      ).to.equal(200);
       expect(await producer.queue.isPaused()).to.equal(true);
     });
   });
@@ -230,7 +321,11 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicWrong })).statusCode).to.equal(401);
       expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: basicWrong })).statusCode).to.equal(401);
       const basicRight = { authorization: `Basic ${Buffer.from('ops:board-password-1').toString('base64')}` };
-      for (const [url, headers] of [['/api/deployments', WRONG], ['/admin/queues', basicWrong], ['/admin/queues', basicRight]] as const) {
+      for (const [url, headers] of [
+        ['/api/deployments', WRONG],
+        ['/admin/queues', basicWrong],
+        ['/admin/queues', basicRight],
+      ] as const) {
         const res = await app.inject({ method: 'GET', url, headers });
         expect(res.statusCode, url).to.equal(429);
         expect(res.headers['retry-after']).to.equal('60');
@@ -278,7 +373,11 @@ describe('front door: tokens, scopes, limits, actor', function () {
             : producer.readiness({ deploymentId: randomUUID() }),
         );
         await Promise.all(ghosts);
-        await waitFor('300 ghost stamps completed', async () => ((await producer.queue.getJobCounts('completed')).completed === 300 ? true : undefined), 40_000);
+        await waitFor(
+          '300 ghost stamps completed',
+          async () => ((await producer.queue.getJobCounts('completed')).completed === 300 ? true : undefined),
+          40_000,
+        );
         const counts = await producer.queue.getJobCounts('delayed', 'waiting', 'active', 'failed');
         expect(counts).to.deep.equal({ delayed: 0, waiting: 0, active: 0, failed: 0 });
         const done = await producer.queue.getJobs(['completed'], 0, 299);
@@ -315,14 +414,28 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect(job?.data).to.deep.include({ actor: 'ops-admin', force: true });
       const applied = await service.apply(job?.name ?? '', job?.data, { fallbackEventId: job?.id });
       expect(applied).to.deep.include({ outcome: 'applied', to: 'pending' });
-      const [row] = await db.dataSource.query<Array<{ actor: string }>>(`SELECT actor FROM state_transitions WHERE deployment_id = $1 AND version = 5`, [deploymentId]);
+      const [row] = await db.dataSource.query<Array<{ actor: string }>>(
+        `SELECT actor FROM state_transitions WHERE deployment_id = $1 AND version = 5`,
+        [deploymentId],
+      );
       expect(row?.actor).to.equal('ops-admin');
-      const api = JSON.parse((await app.inject({ method: 'GET', url: `/api/deployments/${deploymentId}/transitions`, headers: bearer('reader') })).body) as {
+      const api = JSON.parse(
+        (await app.inject({ method: 'GET', url: `/api/deployments/${deploymentId}/transitions`, headers: bearer('reader') })).body,
+      ) as {
         items: Array<{ version: number; actor: string }>;
       };
-      expect(api.items.map((t) => [t.version, t.actor])).to.deep.equal([[1, 'producer'], [2, 'producer'], [3, 'producer'], [4, 'producer'], [5, 'ops-admin']]);
+      expect(api.items.map((t) => [t.version, t.actor])).to.deep.equal([
+        [1, 'producer'],
+        [2, 'producer'],
+        [3, 'producer'],
+        [4, 'producer'],
+        [5, 'ops-admin'],
+      ]);
       // the outbox row is what the relay appends to the stream, field for field
-      const [outbox] = await db.dataSource.query<Array<{ fields: Record<string, string> }>>(`SELECT fields FROM outbox WHERE deployment_id = $1 AND version = 5`, [deploymentId]);
+      const [outbox] = await db.dataSource.query<Array<{ fields: Record<string, string> }>>(
+        `SELECT fields FROM outbox WHERE deployment_id = $1 AND version = 5`,
+        [deploymentId],
+      );
       expect(outbox?.fields).to.deep.include({ actor: 'ops-admin', reason: 'torn_down', version: '5' });
     });
 
@@ -333,8 +446,14 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect(json(res.body).error?.issues?.map((i) => i.field)).to.deep.equal(['actor']);
       expect(await producer.queue.count()).to.equal(0);
       expect((await post('deployment.create', { deploymentId, name: 'web', actor: 'writer' }, bearer('writer'))).statusCode).to.equal(202);
-      const viaSdk = await service.apply('deployment.create', { deploymentId: randomUUID(), name: 'web', actor: 'pipeline-7' }, { fallbackEventId: randomUUID() });
-      const [row] = await db.dataSource.query<Array<{ actor: string }>>(`SELECT actor FROM state_transitions WHERE deployment_id = $1`, [viaSdk.deploymentId]);
+      const viaSdk = await service.apply(
+        'deployment.create',
+        { deploymentId: randomUUID(), name: 'web', actor: 'pipeline-7' },
+        { fallbackEventId: randomUUID() },
+      );
+      const [row] = await db.dataSource.query<Array<{ actor: string }>>(`SELECT actor FROM state_transitions WHERE deployment_id = $1`, [
+        viaSdk.deploymentId,
+      ]);
       expect(row?.actor).to.equal('pipeline-7');
     });
   });
@@ -348,16 +467,26 @@ describe('front door: tokens, scopes, limits, actor', function () {
       app = await build({ FLEET_ENDPOINT_ALLOW: allow });
       const { deploymentId, attemptId } = await readyDeployment();
       const before = await db.dataSource.query<Array<{ endpoint_url: string }>>(`SELECT endpoint_url FROM deployments WHERE id = $1`, [deploymentId]);
-      const hijack = await post('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: attackerUrl, kind: 'cluster_dns' } }, bearer('writer'));
+      const hijack = await post(
+        'attempt.end',
+        { deploymentId, attemptId, outcome: 'succeeded', endpoint: { url: attackerUrl, kind: 'cluster_dns' } },
+        bearer('writer'),
+      );
       expect(hijack.statusCode).to.equal(400);
-      expect(json(hijack.body).error?.issues).to.deep.equal([{ field: 'endpoint.url', rule: 'host "attacker.example" is not allowed by FLEET_ENDPOINT_ALLOW' }]);
+      expect(json(hijack.body).error?.issues).to.deep.equal([
+        { field: 'endpoint.url', rule: 'host "attacker.example" is not allowed by FLEET_ENDPOINT_ALLOW' },
+      ]);
       expect(await producer.queue.count()).to.equal(0);
       // a job written to Redis without the SDK meets the same list in the worker
       const guarded = new TransitionService({ dataSource: db.dataSource, endpointAllow: parseEndpointAllowList(allow).list });
       const other = randomUUID();
       let refused: unknown;
       try {
-        await guarded.apply('deployment.create', { deploymentId: other, name: 'x', endpoint: { url: attackerUrl, kind: 'cluster_dns' } }, { fallbackEventId: randomUUID() });
+        await guarded.apply(
+          'deployment.create',
+          { deploymentId: other, name: 'x', endpoint: { url: attackerUrl, kind: 'cluster_dns' } },
+          { fallbackEventId: randomUUID() },
+        );
       } catch (err) {
         refused = err;
       }
@@ -365,12 +494,25 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect(await db.dataSource.query(`SELECT 1 FROM deployments WHERE id = $1`, [other])).to.have.length(0);
       const after = await db.dataSource.query<Array<{ endpoint_url: string }>>(`SELECT endpoint_url FROM deployments WHERE id = $1`, [deploymentId]);
       expect(after).to.deep.equal(before);
-      const allowed = await post('deployment.create', { deploymentId: randomUUID(), name: 'web', endpoint: { url: 'http://n1.nodes.example.com:30000', kind: 'node_port' } }, bearer('writer'));
+      const allowed = await post(
+        'deployment.create',
+        { deploymentId: randomUUID(), name: 'web', endpoint: { url: 'http://n1.nodes.example.com:30000', kind: 'node_port' } },
+        bearer('writer'),
+      );
       expect(allowed.statusCode).to.equal(202);
     });
 
     it('SSRF: a probe URL with a query is refused, and the sweep never probes a stored endpoint outside the list', async () => {
-      const ssrf = await post('attempt.end', { deploymentId: randomUUID(), attemptId: randomUUID(), outcome: 'succeeded', endpoint: { url: 'http://127.0.0.1:18999/internal-admin?x=', kind: 'node_port' } }, bearer('writer'));
+      const ssrf = await post(
+        'attempt.end',
+        {
+          deploymentId: randomUUID(),
+          attemptId: randomUUID(),
+          outcome: 'succeeded',
+          endpoint: { url: 'http://127.0.0.1:18999/internal-admin?x=', kind: 'node_port' },
+        },
+        bearer('writer'),
+      );
       expect(ssrf.statusCode).to.equal(400);
       expect(json(ssrf.body).error?.issues?.map((i) => i.field)).to.deep.equal(['endpoint.url']);
 
@@ -381,7 +523,12 @@ describe('front door: tokens, scopes, limits, actor', function () {
         await db.dataSource.query(`UPDATE deployments SET endpoint_url = NULL, endpoint_kind = NULL WHERE state = 'ready'`);
         const { deploymentId } = await readyDeployment(url);
         const sweep = (list: string | null) =>
-          new Sweeper({ dataSource: db.dataSource, producer, now: () => NOW, endpointAllow: list === null ? null : parseEndpointAllowList(list).list }).sweep();
+          new Sweeper({
+            dataSource: db.dataSource,
+            producer,
+            now: () => NOW,
+            endpointAllow: list === null ? null : parseEndpointAllowList(list).list,
+          }).sweep();
         const refused = await sweep('.nodes.example.com');
         expect(refused).to.deep.include({ probed: 1, stamped: 0, failed: 1, probeFailures: { not_allowed: 1 } });
         expect(internal.requests).to.have.length(0);
@@ -410,7 +557,9 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect(taken.statusCode).to.equal(409);
       expect(json(taken.body).error).to.deep.include({ code: 'event_id_conflict', existing: { name: 'attempt.heartbeat', state: 'waiting' } });
       // the same name with another payload is another event too
-      expect((await post('attempt.cancel', { deploymentId, attemptId, reason: 'first', eventId: 'ev-43' }, bearer('writer'))).statusCode).to.equal(202);
+      expect((await post('attempt.cancel', { deploymentId, attemptId, reason: 'first', eventId: 'ev-43' }, bearer('writer'))).statusCode).to.equal(
+        202,
+      );
       const changed = await post('attempt.cancel', { deploymentId, attemptId, reason: 'second', eventId: 'ev-43' }, bearer('writer'));
       expect(changed.statusCode).to.equal(409);
       expect(json(changed.body).error?.message).to.contain('with a different payload');
@@ -459,7 +608,10 @@ describe('front door: tokens, scopes, limits, actor', function () {
       expect((real as { message: string }).message).to.contain('with another payload');
       // (another attempt's derived id is refused before it gets that far: issue 28, front-door-input.test.ts)
       // and a true redelivery is still a duplicate
-      expect(await service.apply('attempt.start', { deploymentId, attemptId, eventId: 'shared-id' })).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
+      expect(await service.apply('attempt.start', { deploymentId, attemptId, eventId: 'shared-id' })).to.deep.include({
+        outcome: 'noop',
+        reason: 'duplicate_event',
+      });
     });
 
     it('normalises UUID case: an upper-case attemptId gets the same derived eventId, so a retry is a duplicate', async () => {
@@ -477,13 +629,17 @@ describe('front door: tokens, scopes, limits, actor', function () {
     await app.close();
     app = await build({}, { tokens: store });
     const late = createToken('late', ['read']);
-    expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(401);
+    expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(
+      401,
+    );
     const file = path.join(dir, 'tokens-2.json');
     fs.writeFileSync(file, JSON.stringify([...Object.values(tokens).map((t) => t.entry), late.entry]), { mode: 0o600 });
     fs.renameSync(file, tokensFile);
     try {
       store.reload();
-      expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(200);
+      expect((await app.inject({ method: 'GET', url: '/api/deployments', headers: { authorization: `Bearer ${late.token}` } })).statusCode).to.equal(
+        200,
+      );
     } finally {
       fs.writeFileSync(tokensFile, JSON.stringify(Object.values(tokens).map((t) => t.entry)));
     }
@@ -494,9 +650,16 @@ describe('front door: tokens, scopes, limits, actor', function () {
     await app.close();
     fs.chmodSync(tokensFile, 0o644);
     app = await build({}, { logger: createLogger('info', { write: (line: string) => void (logged += line) }) });
-    const lines = logged.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as { level: number; msg: string; file?: string; mode?: string });
+    const lines = logged
+      .split('\n')
+      .filter((l) => l !== '')
+      .map((l) => JSON.parse(l) as { level: number; msg: string; file?: string; mode?: string });
     expect(lines.filter((l) => l.level === 40).map(({ msg, file, mode }) => ({ msg, file, mode }))).to.deep.equal([
-      { msg: `API tokens file ${tokensFile} is readable by others (mode 0644): make it private (chmod 600 ${tokensFile})`, file: tokensFile, mode: '0644' },
+      {
+        msg: `API tokens file ${tokensFile} is readable by others (mode 0644): make it private (chmod 600 ${tokensFile})`,
+        file: tokensFile,
+        mode: '0644',
+      },
     ]);
   });
 });

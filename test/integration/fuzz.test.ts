@@ -66,7 +66,10 @@ type Mutation =
 const mutation: fc.Arbitrary<Mutation> = fc.oneof(
   fc.record({
     kind: fc.constant('set' as const),
-    key: fc.oneof(fc.constantFrom('deploymentId', 'attemptId', 'name', 'outcome', 'reason', 'endpoint', 'force', 'observedAt', 'eventId'), fc.string({ maxLength: 20 })),
+    key: fc.oneof(
+      fc.constantFrom('deploymentId', 'attemptId', 'name', 'outcome', 'reason', 'endpoint', 'force', 'observedAt', 'eventId'),
+      fc.string({ maxLength: 20 }),
+    ),
     value: hostileValue,
   }),
   fc.record({ kind: fc.constant('delete' as const), key: fc.constantFrom('deploymentId', 'attemptId', 'name', 'outcome') }),
@@ -75,15 +78,24 @@ const mutation: fc.Arbitrary<Mutation> = fc.oneof(
 
 /** A valid payload with 1-3 hostile changes, or something that is not a payload at all. */
 const hostileEvent: fc.Arbitrary<{ name: string; data: unknown }> = fc.oneof(
-  { weight: 4, arbitrary: fc.tuple(fc.constantFrom(...EVENT_NAMES), fc.array(mutation, { minLength: 1, maxLength: 3 })).map(([name, muts]) => {
-    const data: Record<string, unknown> = validPayload(name);
-    for (const m of muts) {
-      if (m.kind === 'delete') delete data[m.key];
-      else Object.defineProperty(data, m.key, { value: m.value, enumerable: true, configurable: true, writable: true });
-    }
-    return { name, data };
-  }) },
-  { weight: 1, arbitrary: fc.record({ name: fc.oneof(fc.constantFrom(...EVENT_NAMES), fc.string(), fc.constantFrom('__proto__', 'constructor', 'toString')), data: hostileValue }) },
+  {
+    weight: 4,
+    arbitrary: fc.tuple(fc.constantFrom(...EVENT_NAMES), fc.array(mutation, { minLength: 1, maxLength: 3 })).map(([name, muts]) => {
+      const data: Record<string, unknown> = validPayload(name);
+      for (const m of muts) {
+        if (m.kind === 'delete') delete data[m.key];
+        else Object.defineProperty(data, m.key, { value: m.value, enumerable: true, configurable: true, writable: true });
+      }
+      return { name, data };
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      name: fc.oneof(fc.constantFrom(...EVENT_NAMES), fc.string(), fc.constantFrom('__proto__', 'constructor', 'toString')),
+      data: hostileValue,
+    }),
+  },
 );
 
 function jsonOrNull(value: unknown): string {
@@ -184,7 +196,12 @@ describe('payload fuzzing: job schemas, the worker and the HTTP intake', functio
   it('the worker: 300 hostile jobs from a raw producer fail once, unretried, with no write', async () => {
     const before = await rowCounts();
     const queue = new Queue('lifecycle', { connection: redis, prefix });
-    const worker = new LifecycleWorker({ connection: testEnv().redisUrl, prefix, service: new TransitionService({ dataSource: db.dataSource }), concurrency: 16 });
+    const worker = new LifecycleWorker({
+      connection: testEnv().redisUrl,
+      prefix,
+      service: new TransitionService({ dataSource: db.dataSource }),
+      concurrency: 16,
+    });
     try {
       // what a raw producer can send at all: BullMQ stores job data as JSON
       const samples = fc
@@ -197,7 +214,11 @@ describe('payload fuzzing: job schemas, the worker and the HTTP intake', functio
       for (const [i, { name, data }] of samples.entries()) {
         added.push(await queue.add(name, data === undefined ? null : data, { jobId: `fuzz-${i}`, attempts: 5 }));
       }
-      await waitFor('every hostile job to fail', async () => ((await queue.getJobCounts('failed')).failed === added.length ? true : undefined), 60_000);
+      await waitFor(
+        'every hostile job to fail',
+        async () => ((await queue.getJobCounts('failed')).failed === added.length ? true : undefined),
+        60_000,
+      );
       const failed = await queue.getJobs(['failed'], 0, -1);
       for (const job of failed) {
         expect(job.attemptsMade, job.failedReason).to.equal(1);
@@ -228,33 +249,48 @@ describe('payload fuzzing: job schemas, the worker and the HTTP intake', functio
     /** JSON text for a body, keeping own `__proto__` keys (JSON.stringify writes them as data). */
     const bodyText: fc.Arbitrary<string> = fc.oneof(
       { weight: 6, arbitrary: hostileEvent.map((e) => jsonOrNull(e)) },
-      { weight: 1, arbitrary: fc.constantFrom(...POLLUTING_KEYS).map((k) => `{"name":"deployment.create","data":{"deploymentId":"${randomUUID()}","name":"web","${k}":{"polluted":true}}}`) },
+      {
+        weight: 1,
+        arbitrary: fc
+          .constantFrom(...POLLUTING_KEYS)
+          .map((k) => `{"name":"deployment.create","data":{"deploymentId":"${randomUUID()}","name":"web","${k}":{"polluted":true}}}`),
+      },
       { weight: 1, arbitrary: fc.constantFrom(...POLLUTING_KEYS).map((k) => `{"${k}":{"polluted":true},"name":"deployment.create","data":{}}`) },
-      { weight: 1, arbitrary: fc.integer({ min: 1000, max: 100_000 }).map((d) => `{"name":"attempt.start","data":${'['.repeat(d)}${']'.repeat(d)}}`) },
+      {
+        weight: 1,
+        arbitrary: fc.integer({ min: 1000, max: 100_000 }).map((d) => `{"name":"attempt.start","data":${'['.repeat(d)}${']'.repeat(d)}}`),
+      },
       { weight: 1, arbitrary: fc.string({ maxLength: 200 }) }, // not JSON at all
-      { weight: 1, arbitrary: fc.integer({ min: 60_000, max: 300_000 }).map((n) => `{"name":"deployment.create","data":{"name":"${'a'.repeat(n)}"}}`) },
+      {
+        weight: 1,
+        arbitrary: fc.integer({ min: 60_000, max: 300_000 }).map((n) => `{"name":"deployment.create","data":{"name":"${'a'.repeat(n)}"}}`),
+      },
     );
 
     it('2,000 hostile bodies: 4xx with a JSON error, never a 2xx or a 5xx, nothing enqueued, nothing written', async () => {
       const before = await rowCounts();
       const statuses = new Map<number, number>();
       await fc.assert(
-        fc.asyncProperty(bodyText, fc.constantFrom('application/json', 'application/json; charset=utf-8', 'text/plain', 'application/x-www-form-urlencoded'), async (payload, contentType) => {
-          let parsed: unknown = undefined;
-          try {
-            parsed = JSON.parse(payload);
-          } catch {
-            // not JSON
-          }
-          const body = parsed as { name?: unknown; data?: unknown } | undefined;
-          fc.pre(!(contentType.startsWith('application/json') && typeof body?.name === 'string' && isValid(body.name, body.data)));
-          const res = await app.inject({ method: 'POST', url: '/api/events', payload, headers: { 'content-type': contentType } });
-          statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
-          expect(res.statusCode, res.body.slice(0, 300)).to.be.within(400, 499);
-          const error = (JSON.parse(res.body) as { error?: { code?: unknown } }).error;
-          expect(error?.code).to.be.a('string');
-          assertNotPolluted();
-        }),
+        fc.asyncProperty(
+          bodyText,
+          fc.constantFrom('application/json', 'application/json; charset=utf-8', 'text/plain', 'application/x-www-form-urlencoded'),
+          async (payload, contentType) => {
+            let parsed: unknown = undefined;
+            try {
+              parsed = JSON.parse(payload);
+            } catch {
+              // not JSON
+            }
+            const body = parsed as { name?: unknown; data?: unknown } | undefined;
+            fc.pre(!(contentType.startsWith('application/json') && typeof body?.name === 'string' && isValid(body.name, body.data)));
+            const res = await app.inject({ method: 'POST', url: '/api/events', payload, headers: { 'content-type': contentType } });
+            statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+            expect(res.statusCode, res.body.slice(0, 300)).to.be.within(400, 499);
+            const error = (JSON.parse(res.body) as { error?: { code?: unknown } }).error;
+            expect(error?.code).to.be.a('string');
+            assertNotPolluted();
+          },
+        ),
         { numRuns: 2000, seed: 42 },
       );
       expect(await enqueueTraces(redis, producer.queue)).to.deep.equal({ jobs: 0, events: 0, otherKeys: [] });

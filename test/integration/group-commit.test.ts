@@ -112,7 +112,13 @@ function materialize(cmds: readonly Cmd[], shared: boolean): Item[] {
         case 'deployment.create':
           return { deploymentId, name: c.flag ? 'web' : 'api', ...(c.a === 0 ? { endpoint } : {}) };
         case 'attempt.end':
-          return { deploymentId, attemptId, outcome: c.flag ? 'succeeded' : 'failed', ...(c.a === 1 ? { endpoint } : {}), ...(c.flag ? {} : { reason: 'boom' }) };
+          return {
+            deploymentId,
+            attemptId,
+            outcome: c.flag ? 'succeeded' : 'failed',
+            ...(c.a === 1 ? { endpoint } : {}),
+            ...(c.flag ? {} : { reason: 'boom' }),
+          };
         case 'attempt.cancel':
           return { deploymentId, attemptId, ...(c.flag ? { reason: 'stop' } : {}) };
         case 'deployment.teardown':
@@ -347,9 +353,7 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
     const [a0, a1, b1] = [randomUUID(), randomUUID(), randomUUID()];
     // a writer elsewhere gets to d1 between the batch's snapshot and its write
-    const { service: hooked, batches } = interleaved(() =>
-      other.apply('attempt.create', { deploymentId: d1, attemptId: a0, eventId: `x-${a0}` }),
-    );
+    const { service: hooked, batches } = interleaved(() => other.apply('attempt.create', { deploymentId: d1, attemptId: a0, eventId: `x-${a0}` }));
     const results = await hooked.applyMany([
       { name: 'attempt.create', data: { deploymentId: d1, attemptId: a1, eventId: `a-${a1}` } },
       { name: 'attempt.start', data: { deploymentId: d1, attemptId: a1, eventId: `s-${a1}` } },
@@ -371,14 +375,21 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
     expect(history.map((h) => h.event_id)).to.deep.equal([`c-${d1}`, `x-${a0}`, `a-${a1}`, `s-${a1}`]);
     // d2 in the batch's one commit; d1's redone events on their own
     const [batchTx] = await q<{ x: string }>(`SELECT xmin::text AS x FROM deployments WHERE id = $1`, [d2]);
-    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 1 AND xmin::text <> $2`, [d2, batchTx?.x])).to.have.length(0);
-    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 2 AND xmin::text = $2`, [d1, batchTx?.x])).to.have.length(0);
+    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 1 AND xmin::text <> $2`, [d2, batchTx?.x])).to.have.length(
+      0,
+    );
+    expect(await q(`SELECT 1 FROM state_transitions WHERE deployment_id = $1 AND version > 2 AND xmin::text = $2`, [d1, batchTx?.x])).to.have.length(
+      0,
+    );
   });
 
   it('an eventId claimed meanwhile by another delivery makes that event a duplicate and applies the others once', async () => {
     const ids = [randomUUID(), randomUUID(), randomUUID()];
     const other = new TransitionService({ dataSource: db.dataSource, now: () => NOW });
-    const items = ids.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `d${i}`, eventId: `dup-${deploymentId}` } }));
+    const items = ids.map((deploymentId, i) => ({
+      name: 'deployment.create',
+      data: { deploymentId, name: `d${i}`, eventId: `dup-${deploymentId}` },
+    }));
     // another worker runs the same job (a stalled lock handed it out again) and commits first
     const { service: hooked } = interleaved(() => other.apply(items[1]!.name, items[1]!.data));
     const results = await hooked.applyMany(items);
@@ -427,7 +438,12 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       return [again, { name: 'deployment.create', data: { deploymentId: fresh, name: 'beside', eventId: `c-${fresh}` } }];
     };
     const [one, two] = await Promise.all([worker().applyMany(batch()), worker().applyMany(batch())]);
-    expect([...(one ?? []), ...(two ?? [])].map(summary).sort()).to.deep.equal(['applied v1', 'applied v1', 'noop duplicate', 'noop duplicate_event']);
+    expect([...(one ?? []), ...(two ?? [])].map(summary).sort()).to.deep.equal([
+      'applied v1',
+      'applied v1',
+      'noop duplicate',
+      'noop duplicate_event',
+    ]);
     const lost = [one?.[0], two?.[0]].find((r) => r?.status === 'fulfilled' && r.value.outcome === 'noop' && r.value.reason === 'duplicate_event');
     expect(lost?.status === 'fulfilled' && lost.value, 'the losing delivery says what the first did').to.deep.include({
       previous: { outcome: 'noop', reason: 'duplicate', version: 3 },
@@ -484,13 +500,7 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       { name: 'attempt.start', data: { deploymentId: d3, attemptId: randomUUID(), eventId: `s-${d3}` } },
       { name: 'deployment.create', data: { deploymentId: d2, name: 'second', eventId: `c-${d2}` } },
     ]);
-    expect(results.map(summary)).to.deep.equal([
-      'applied v1',
-      'error ValidationError',
-      'rejected not_unknown',
-      'error NotYetError',
-      'applied v1',
-    ]);
+    expect(results.map(summary)).to.deep.equal(['applied v1', 'error ValidationError', 'rejected not_unknown', 'error NotYetError', 'applied v1']);
     expect((results[1] as PromiseRejectedResult).reason).to.be.instanceOf(ValidationError);
     expect((results[3] as PromiseRejectedResult).reason).to.be.instanceOf(NotYetError);
     expect(await q(`SELECT 1 FROM processed_events WHERE deployment_id = $1`, [d3])).to.have.length(1); // its create only
@@ -498,7 +508,8 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
 
   it('the coalescer batches only what is in flight (one at a time goes alone), up to its cap', async () => {
     const coalescer = new TransitionCoalescer(service, { maxBatch: 8, maxBatches: 2 });
-    for (let i = 0; i < 5; i++) await coalescer.apply('deployment.create', { deploymentId: randomUUID(), name: `s${i}` }, { fallbackEventId: randomUUID() });
+    for (let i = 0; i < 5; i++)
+      await coalescer.apply('deployment.create', { deploymentId: randomUUID(), name: `s${i}` }, { fallbackEventId: randomUUID() });
     expect([...coalescer.sizes]).to.deep.equal([[1, 5]]);
     const results = await Promise.all(
       Array.from({ length: 40 }, (_, i) =>
@@ -533,7 +544,11 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       },
     });
     const coalescer = new TransitionCoalescer(hooked, { maxBatch: 2, maxBatches: 2 });
-    const settle = (p: Promise<ApplyResult>) => p.then((value) => ({ status: 'fulfilled', value }) as const, (reason: unknown) => ({ status: 'rejected', reason }) as const);
+    const settle = (p: Promise<ApplyResult>) =>
+      p.then(
+        (value) => ({ status: 'fulfilled', value }) as const,
+        (reason: unknown) => ({ status: 'rejected', reason }) as const,
+      );
     const first = settle(coalescer.apply('attempt.create', { deploymentId: d, attemptId: a, eventId: `a-${a}` }));
     await writing;
     // the same deployment in capitals, then a full batch's worth waiting: a second batch may start beside the first
@@ -570,7 +585,11 @@ describe('group commit: applyMany and the coalescer (PostgreSQL)', function () {
       await service.apply('deployment.create', { deploymentId: pending, name: 'pending', eventId: `c-${pending}` });
       const fresh = Array.from({ length: 24 }, () => randomUUID());
       await queue.addBulk([
-        ...fresh.map((deploymentId, i) => ({ name: 'deployment.create', data: { deploymentId, name: `w${i}`, eventId: `c-${deploymentId}` }, opts: { jobId: `c-${deploymentId}` } })),
+        ...fresh.map((deploymentId, i) => ({
+          name: 'deployment.create',
+          data: { deploymentId, name: `w${i}`, eventId: `c-${deploymentId}` },
+          opts: { jobId: `c-${deploymentId}` },
+        })),
         { name: 'deployment.resolve', data: { deploymentId: pending, outcome: 'ready', eventId: 'rejected-one' }, opts: { jobId: 'rejected-one' } },
         { name: 'attempt.start', data: { deploymentId: pending, attemptId: randomUUID(), eventId: 'waiting-one' }, opts: { jobId: 'waiting-one' } },
         { name: 'deployment.create', data: { deploymentId: 'nope', name: 'bad' }, opts: { jobId: 'invalid-one' } },

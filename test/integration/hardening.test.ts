@@ -143,7 +143,13 @@ describe('hardening', function () {
         badRedis.password = wrongRedisPassword;
         const badDb = new URL(databaseUrl.toString());
         badDb.port = String(await freePort());
-        const relay = new OutboxRelay({ databaseUrl: badDb.toString(), redis: badRedis.toString(), streamKey: `${prefix}:x`, logger, standbyRetryMs: 100 });
+        const relay = new OutboxRelay({
+          databaseUrl: badDb.toString(),
+          redis: badRedis.toString(),
+          streamKey: `${prefix}:x`,
+          logger,
+          standbyRetryMs: 100,
+        });
         closers.push(() => relay.close());
         relay.start();
         await waitFor('the refused AUTH to be logged', () => (capture.text.includes('WRONGPASS') ? true : undefined));
@@ -210,7 +216,23 @@ describe('hardening', function () {
       run(['req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=lifecycle-fleet test CA']);
       run(['req', ...ec, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=localhost']);
       fs.writeFileSync(path.join(tmp, 'san.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
-      run(['x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'server.crt', '-days', '2', '-extfile', 'san.ext']);
+      run([
+        'x509',
+        '-req',
+        '-in',
+        'server.csr',
+        '-CA',
+        'ca.crt',
+        '-CAkey',
+        'ca.key',
+        '-CAcreateserial',
+        '-out',
+        'server.crt',
+        '-days',
+        '2',
+        '-extfile',
+        'san.ext',
+      ]);
       return { ca: path.join(tmp, 'ca.crt'), cert: path.join(tmp, 'server.crt'), key: path.join(tmp, 'server.key') };
     }
 
@@ -224,7 +246,10 @@ describe('hardening', function () {
       services = await startLocalServices({ dir: path.join(ROOT, '.fleet', 'hardening'), redis: false, postgres: true, fresh: true, fast: true });
       const dataDir = services.pgDataDir ?? '';
       const owner = fs.statSync(dataDir);
-      for (const [from, to] of [[certs.cert, 'server.crt'], [certs.key, 'server.key']] as const) {
+      for (const [from, to] of [
+        [certs.cert, 'server.crt'],
+        [certs.key, 'server.key'],
+      ] as const) {
         fs.copyFileSync(from, path.join(dataDir, to));
         fs.chownSync(path.join(dataDir, to), owner.uid, owner.gid);
         fs.chmodSync(path.join(dataDir, to), 0o600);
@@ -269,14 +294,40 @@ describe('hardening', function () {
       redisServer = spawn(
         'redis-server',
         [
-          '--port', '0', '--tls-port', String(redisPort), '--bind', '127.0.0.1',
-          '--tls-cert-file', certs.cert, '--tls-key-file', certs.key, '--tls-ca-cert-file', certs.ca, '--tls-auth-clients', 'no',
-          '--save', '', '--appendonly', 'no', '--requirepass', pw.redisAdmin,
+          '--port',
+          '0',
+          '--tls-port',
+          String(redisPort),
+          '--bind',
+          '127.0.0.1',
+          '--tls-cert-file',
+          certs.cert,
+          '--tls-key-file',
+          certs.key,
+          '--tls-ca-cert-file',
+          certs.ca,
+          '--tls-auth-clients',
+          'no',
+          '--save',
+          '',
+          '--appendonly',
+          'no',
+          '--requirepass',
+          pw.redisAdmin,
         ],
         { stdio: 'ignore' },
       );
       const tlsRedis = (username: string, password: string) =>
-        new IORedis({ host: 'localhost', port: redisPort, username, password, tls: { ca }, maxRetriesPerRequest: 1, retryStrategy: () => null, lazyConnect: true });
+        new IORedis({
+          host: 'localhost',
+          port: redisPort,
+          username,
+          password,
+          tls: { ca },
+          maxRetriesPerRequest: 1,
+          retryStrategy: () => null,
+          lazyConnect: true,
+        });
       const admin = tlsRedis('default', pw.redisAdmin);
       admin.on('error', () => undefined);
       await waitFor('redis-server with TLS', async () => {
@@ -293,7 +344,14 @@ describe('hardening', function () {
 
       // --- migrations as the schema's owner, then only the DML the app needs
       const env = (databaseUrl: string, extra: Record<string, string> = {}): NodeJS.ProcessEnv => {
-        const e: NodeJS.ProcessEnv = { ...process.env, REDIS_URL: redisUrl, DATABASE_URL: databaseUrl, FLEET_PREFIX: prefix, NODE_EXTRA_CA_CERTS: certs.ca, ...extra };
+        const e: NodeJS.ProcessEnv = {
+          ...process.env,
+          REDIS_URL: redisUrl,
+          DATABASE_URL: databaseUrl,
+          FLEET_PREFIX: prefix,
+          NODE_EXTRA_CA_CERTS: certs.ca,
+          ...extra,
+        };
         return e;
       };
       const migrateRun = spawnSync(process.execPath, [FLEET, 'migrate'], { env: env(pgUrl('fleet_migrator', pw.migrator)), encoding: 'utf8' });
@@ -329,7 +387,11 @@ describe('hardening', function () {
       const http = spawnFleet(['http'], { LOG_LEVEL: 'info', FLEET_HTTP_PORT: String(httpPort) });
       const tail = spawnFleet(['tail', '--group', 'audit', '--from', '0', '--json']);
       const api = `http://127.0.0.1:${httpPort}`;
-      await waitFor('the HTTP surface to be ready', async () => ((await fetch(`${api}/readyz`).catch(() => null))?.status === 200 ? true : undefined), 30_000);
+      await waitFor(
+        'the HTTP surface to be ready',
+        async () => ((await fetch(`${api}/readyz`).catch(() => null))?.status === 200 ? true : undefined),
+        30_000,
+      );
       await waitFor('the relay to lead', () => (worker.out.includes('became the active outbox relay') ? true : undefined), 30_000);
 
       const ready = new ReadyServer('ok');
@@ -358,18 +420,24 @@ describe('hardening', function () {
         });
         // the relay published under the ACL user, and a consumer group read and acknowledged every version (3 or 4:
         // the worker runs events concurrently, and an end that overtakes its start is applied from pending)
-        await waitFor('every transition through the consumer group', () =>
-          tail.out.split('\n').filter((l) => l.includes(deploymentId)).length >= version ? true : undefined,
-        30_000).catch((err: Error) => {
+        await waitFor(
+          'every transition through the consumer group',
+          () => (tail.out.split('\n').filter((l) => l.includes(deploymentId)).length >= version ? true : undefined),
+          30_000,
+        ).catch((err: Error) => {
           throw new Error(`${err.message}\ntail: ${tail.out.slice(-2000)}\nworker: ${worker.out.slice(-3000)}`);
         });
         // the sweep probed the endpoint and stamped it: an UPDATE as fleet_app
         const stampedAfter = Date.now();
-        await waitFor('a sweep stamp', async () => {
-          const res = await fetch(`${api}/api/deployments/${deploymentId}`);
-          const body = (await res.json()) as { lastReadyAt: string | null };
-          return body.lastReadyAt !== null && Date.parse(body.lastReadyAt) >= stampedAfter ? true : undefined;
-        }, 15_000);
+        await waitFor(
+          'a sweep stamp',
+          async () => {
+            const res = await fetch(`${api}/api/deployments/${deploymentId}`);
+            const body = (await res.json()) as { lastReadyAt: string | null };
+            return body.lastReadyAt !== null && Date.parse(body.lastReadyAt) >= stampedAfter ? true : undefined;
+          },
+          15_000,
+        );
         const endpoint = (await (await fetch(`${api}/api/deployments/${deploymentId}/endpoint`)).json()) as { source: string };
         expect(endpoint).to.include({ source: 'private' });
       } finally {

@@ -147,15 +147,18 @@ describe('history checker', function () {
     await q(`DELETE FROM processed_events WHERE event_id = (SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version = 2)`, [
       one.deploymentId,
     ]);
-    await q(`UPDATE processed_events SET outcome = 'noop' WHERE event_id = (SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version = 4)`, [
-      two.deploymentId,
-    ]);
+    await q(
+      `UPDATE processed_events SET outcome = 'noop' WHERE event_id = (SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version = 4)`,
+      [two.deploymentId],
+    );
     const report = await checkHistory({ dataSource: db.dataSource, deploymentIds: [one.deploymentId, two.deploymentId] });
     expect(report.violationCounts).to.deep.equal({ history_without_claim: 2 });
-    expect(report.violations.map((v) => [v.deploymentId, v.version])).to.deep.equal([
-      [one.deploymentId, 2],
-      [two.deploymentId, 4],
-    ].sort((x, y) => String(x[0]).localeCompare(String(y[0]))));
+    expect(report.violations.map((v) => [v.deploymentId, v.version])).to.deep.equal(
+      [
+        [one.deploymentId, 2],
+        [two.deploymentId, 4],
+      ].sort((x, y) => String(x[0]).localeCompare(String(y[0]))),
+    );
   });
 
   it('needs no claim for transitions older than the processed_events retention', async () => {
@@ -178,7 +181,9 @@ describe('history checker', function () {
     await q(`UPDATE attempts SET status = 'running' WHERE id = $1`, [attempts[0]]);
     const report = await checkHistory({ dataSource: db.dataSource, deploymentIds: [deploymentId] });
     expect(report.violationCounts).to.deep.equal({ final_state_mismatch: 1 });
-    expect(report.violations[0]?.detail).to.match(/state ready, replay failed/).and.match(/running, replay succeeded/);
+    expect(report.violations[0]?.detail)
+      .to.match(/state ready, replay failed/)
+      .and.match(/running, replay succeeded/);
   });
 
   it('finds a transition the machine would not make', async () => {
@@ -194,20 +199,24 @@ describe('history checker', function () {
 
   it('checks noops and applied events against what was sent', async () => {
     const run = await lifecycle();
-    const [noopId] = (await q<{ event_id: string }>(
-      `SELECT event_id FROM processed_events WHERE deployment_id = $1 AND outcome = 'noop' AND event_name = 'attempt.start'`,
-      [run.deploymentId],
-    )).map((r) => r.event_id);
+    const [noopId] = (
+      await q<{ event_id: string }>(
+        `SELECT event_id FROM processed_events WHERE deployment_id = $1 AND outcome = 'noop' AND event_name = 'attempt.start'`,
+        [run.deploymentId],
+      )
+    ).map((r) => r.event_id);
     await q(`UPDATE processed_events SET reason = 'stale_attempt' WHERE event_id = $1`, [noopId]);
     // the producer's record says attempt B's end was a success; history applied a failure
-    const [endId] = (await q<{ event_id: string }>(`SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version = 6`, [run.deploymentId])).map(
-      (r) => r.event_id,
-    );
+    const [endId] = (
+      await q<{ event_id: string }>(`SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version = 6`, [run.deploymentId])
+    ).map((r) => r.event_id);
     const sent = new Map(run.sent);
     sent.set(endId ?? '', { name: 'attempt.end', data: { deploymentId: run.deploymentId, attemptId: run.attempts[1], outcome: 'succeeded' } });
     const report = await checkHistory({ dataSource: db.dataSource, deploymentIds: [run.deploymentId], events: sent });
     expect(report.violationCounts).to.deep.equal({ noop_mismatch: 1, event_mismatch: 1 });
-    expect(report.violations.find((v) => v.kind === 'noop_mismatch')?.detail).to.match(/recorded noop stale_attempt; the machine at version 3: noop already_ended/);
+    expect(report.violations.find((v) => v.kind === 'noop_mismatch')?.detail).to.match(
+      /recorded noop stale_attempt; the machine at version 3: noop already_ended/,
+    );
   });
 
   it('finds stream gaps, first occurrences out of order, and entries that differ from history', async () => {

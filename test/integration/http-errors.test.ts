@@ -48,7 +48,11 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
     redis = testRedis();
     producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
-    app = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis, maintenance }, {}, { requestTimeoutMs: 800, headersTimeoutMs: 800 });
+    app = await testHttpServer(
+      { prefix, dataSource: db.dataSource, producer, redis, maintenance },
+      {},
+      { requestTimeoutMs: 800, headersTimeoutMs: 800 },
+    );
     await app.listen({ host: '127.0.0.1', port: 0 });
     port = (app.server.address() as net.AddressInfo).port;
   });
@@ -76,7 +80,9 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
   });
 
   it('a body shorter than its Content-Length: 408 once the request timeout passes, not a connection held for ever', async () => {
-    const res = await raw(port, (s) => s.write('POST /api/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"name":'));
+    const res = await raw(port, (s) =>
+      s.write('POST /api/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"name":'),
+    );
     expect(res.status).to.equal(408);
     expect(shape(res.body).error.code).to.equal('request_timeout');
   });
@@ -129,7 +135,13 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
         ['broken JSON (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{nope', 400, 'invalid_body'],
         ['a __proto__ key (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{"__proto__":{"admin":true}}', 400, 'invalid_body'],
         ['a constructor.prototype key (FST_ERR_CTP_INVALID_JSON_BODY)', json, '{"constructor":{"prototype":{"admin":true}}}', 400, 'invalid_body'],
-        ['a body shorter than its Content-Length (FST_ERR_CTP_INVALID_CONTENT_LENGTH)', { ...json, 'content-length': '10' }, '{}', 400, 'invalid_body'],
+        [
+          'a body shorter than its Content-Length (FST_ERR_CTP_INVALID_CONTENT_LENGTH)',
+          { ...json, 'content-length': '10' },
+          '{}',
+          400,
+          'invalid_body',
+        ],
         ['a body over 64 KiB (FST_ERR_CTP_BODY_TOO_LARGE)', json, JSON.stringify({ name: 'x', data: 'y'.repeat(100_000) }), 413, 'payload_too_large'],
       ];
       const targets: Array<[string, string]> = [
@@ -149,7 +161,13 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
         }
       }
       // no route (FST_ERR_NOT_FOUND), under the API, the board, the docs' assets, and anywhere
-      for (const [method, url] of [['GET', '/api/nowhere'], ['DELETE', '/api/events'], ['GET', '/admin/queues/api/nowhere'], ['GET', '/docs/static/nope.js'], ['GET', '/nowhere']] as const) {
+      for (const [method, url] of [
+        ['GET', '/api/nowhere'],
+        ['DELETE', '/api/events'],
+        ['GET', '/admin/queues/api/nowhere'],
+        ['GET', '/docs/static/nope.js'],
+        ['GET', '/nowhere'],
+      ] as const) {
         const res = await board.inject({ method, url, headers: auth });
         answers.push(res.body);
         expect(res.statusCode, `${method} ${url}`).to.equal(404);
@@ -182,7 +200,9 @@ describe('HTTP errors: one shape, and timeouts for slow clients', function () {
       expect(away.headers['retry-after']).to.equal('5');
       expect(away.json<{ error: { code: string } }>().error.code).to.equal('unavailable');
       proxy.restore();
-      await waitFor('reads to work again', async () => ((await reads.inject({ method: 'GET', url: '/api/deployments' })).statusCode === 200 ? true : undefined));
+      await waitFor('reads to work again', async () =>
+        (await reads.inject({ method: 'GET', url: '/api/deployments' })).statusCode === 200 ? true : undefined,
+      );
     } finally {
       await reads.close();
       await proxied.destroy();

@@ -118,7 +118,12 @@ describe('HTTP surface', function () {
       const onlyPending = json((await app.inject({ method: 'GET', url: '/api/deployments?state=pending' })).body) as { items: Array<{ id: string }> };
       expect(onlyPending.items.map((d) => d.id)).to.deep.equal([...pending].sort());
 
-      for (const url of ['/api/deployments?state=sleeping', '/api/deployments?limit=0', '/api/deployments?limit=9999', '/api/deployments?cursor=xyz']) {
+      for (const url of [
+        '/api/deployments?state=sleeping',
+        '/api/deployments?limit=0',
+        '/api/deployments?limit=9999',
+        '/api/deployments?cursor=xyz',
+      ]) {
         const res = await app.inject({ method: 'GET', url });
         expect(res.statusCode, url).to.equal(400);
         expect(json(res.body)).to.deep.nested.include({ 'error.code': 'invalid_query' });
@@ -165,7 +170,11 @@ describe('HTTP surface', function () {
   describe('POST /api/events', () => {
     it('validates and enqueues: 202 with the eventId, the job on the queue', async () => {
       const deploymentId = randomUUID();
-      const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } } });
+      const res = await app.inject({
+        method: 'POST',
+        url: '/api/events',
+        payload: { name: 'deployment.create', data: { deploymentId, name: 'web' } },
+      });
       expect(res.statusCode).to.equal(202);
       expect(json(res.body)).to.deep.equal({
         name: 'deployment.create',
@@ -187,7 +196,11 @@ describe('HTTP surface', function () {
         return safeParse(...args);
       };
       try {
-        const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId: randomUUID(), name: 'web' } } });
+        const res = await app.inject({
+          method: 'POST',
+          url: '/api/events',
+          payload: { name: 'deployment.create', data: { deploymentId: randomUUID(), name: 'web' } },
+        });
         expect(res.statusCode).to.equal(202);
         expect(parses, 'schema parses for one POST /api/events').to.equal(1);
         // the SDK still validates what it is given, once
@@ -208,7 +221,13 @@ describe('HTTP surface', function () {
       ['a missing data', { name: 'deployment.create' }, 400, 'invalid_body', 'data'],
       ['an extra field', { name: 'deployment.create', data: {}, extra: 1 }, 400, 'invalid_body', '(root)'],
       ['an array body', [1, 2], 400, 'invalid_body', '(root)'],
-      ['an unknown payload field', { name: 'deployment.teardown', data: { deploymentId: randomUUID(), please: true } }, 400, 'invalid_payload', '(root)'],
+      [
+        'an unknown payload field',
+        { name: 'deployment.teardown', data: { deploymentId: randomUUID(), please: true } },
+        400,
+        'invalid_payload',
+        '(root)',
+      ],
     ];
     for (const [label, payload, status, code, field] of bad) {
       it(`refuses ${label}: ${status} ${code} naming ${field}, enqueues nothing`, async () => {
@@ -246,7 +265,11 @@ describe('HTTP surface', function () {
       expect(ready.statusCode).to.equal(200);
       expect(json(ready.body)).to.deep.equal({ status: 'ok', checks: { redis: 'ok', postgres: 'ok', migrations: 'ok' } });
 
-      const deadRedis = new (await import('ioredis')).default('redis://127.0.0.1:1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+      const deadRedis = new (await import('ioredis')).default('redis://127.0.0.1:1', {
+        lazyConnect: true,
+        maxRetriesPerRequest: 0,
+        retryStrategy: () => null,
+      });
       deadRedis.on('error', () => undefined);
       const unmigrated = await openTestDatabase(2);
       await unmigrated.dataSource.query(`DELETE FROM migrations`);
@@ -311,7 +334,11 @@ describe('HTTP surface', function () {
       const anonymous = await app.inject({ method: 'GET', url: '/admin/queues' });
       expect(anonymous.statusCode).to.equal(401);
       expect(anonymous.headers['www-authenticate']).to.match(/^Basic /);
-      const wrong = await app.inject({ method: 'GET', url: '/admin/queues', headers: { authorization: `Basic ${Buffer.from('ops:nope').toString('base64')}` } });
+      const wrong = await app.inject({
+        method: 'GET',
+        url: '/admin/queues',
+        headers: { authorization: `Basic ${Buffer.from('ops:nope').toString('base64')}` },
+      });
       expect(wrong.statusCode).to.equal(401);
       const auth = { authorization: `Basic ${Buffer.from('ops:s3cret').toString('base64')}` };
       expect((await app.inject({ method: 'GET', url: '/admin/queues', headers: auth })).statusCode).to.equal(200);
@@ -326,7 +353,9 @@ describe('HTTP surface', function () {
 
     it('is read-only without credentials: mutating routes are refused', async () => {
       expect((await app.inject({ method: 'GET', url: '/admin/queues' })).statusCode).to.equal(200);
-      const queues = json((await app.inject({ method: 'GET', url: '/admin/queues/api/queues' })).body) as { queues: Array<{ readOnlyMode: boolean }> };
+      const queues = json((await app.inject({ method: 'GET', url: '/admin/queues/api/queues' })).body) as {
+        queues: Array<{ readOnlyMode: boolean }>;
+      };
       expect(queues.queues.every((q) => q.readOnlyMode)).to.equal(true);
       for (const [method, url] of [
         ['PUT', `/admin/queues/api/queues/${LIFECYCLE_QUEUE}/pause`],

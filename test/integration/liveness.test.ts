@@ -65,10 +65,9 @@ describe('liveness: the rule, its SQL fragment and the orphan index agree', func
   it('ATTEMPT_LIVENESS and livenessOf give the same time for every mix of heartbeat and start', async () => {
     const deploymentId = randomUUID();
     const [heartbeat, start] = [new Date('2026-03-01T10:00:05.000Z'), new Date('2026-03-01T10:00:00.000Z')];
-    await client.query(
-      `INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'liveness', 'deploying', 1, now())`,
-      [deploymentId],
-    );
+    await client.query(`INSERT INTO deployments (id, name, state, version, state_changed_at) VALUES ($1, 'liveness', 'deploying', 1, now())`, [
+      deploymentId,
+    ]);
     const cases: Array<{ lastHeartbeatAt: Date | null; startedAt: Date | null }> = [
       { lastHeartbeatAt: null, startedAt: null },
       { lastHeartbeatAt: null, startedAt: start },

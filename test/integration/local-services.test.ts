@@ -143,7 +143,11 @@ function mode(file: string): string {
 }
 
 function credentials(dir: string): { redisPassword: string; postgresPassword: string; postgresAdminPassword: string } {
-  return JSON.parse(fs.readFileSync(path.join(dir, 'credentials.json'), 'utf8')) as { redisPassword: string; postgresPassword: string; postgresAdminPassword: string };
+  return JSON.parse(fs.readFileSync(path.join(dir, 'credentials.json'), 'utf8')) as {
+    redisPassword: string;
+    postgresPassword: string;
+    postgresAdminPassword: string;
+  };
 }
 
 /** Does connecting to PostgreSQL at `url` with password `password` instead fail? */
@@ -202,9 +206,7 @@ describe('local services (real redis-server and postgres)', function () {
 
     expect(await sql<{ one: number }>(url, 'SELECT 1 AS one')).to.deep.equal([{ one: 1 }]);
     expect(await sql<{ fsync: string }>(url, 'SHOW fsync')).to.deep.equal([{ fsync: 'off' }]);
-    expect(await sql<{ max_connections: string }>(url, 'SHOW max_connections')).to.deep.equal([
-      { max_connections: '200' },
-    ]);
+    expect(await sql<{ max_connections: string }>(url, 'SHOW max_connections')).to.deep.equal([{ max_connections: '200' }]);
     await sql(url, "CREATE TABLE persisted (v text); INSERT INTO persisted VALUES ('first run')");
 
     // without the password: refused by both
@@ -244,7 +246,12 @@ describe('local services (real redis-server and postgres)', function () {
   });
 
   it('gives the servers a clean environment (no FLEET_*, no password, no token) and the fleet a role that is not a superuser', async () => {
-    const planted = { FLEET_BOARD_PASSWORD: 'board-secret-4711', FLEET_API_TOKENS_FILE: '/etc/tokens-4711.json', PGPASSWORD: 'pg-secret-4711', SOME_API_TOKEN: 'token-4711' };
+    const planted = {
+      FLEET_BOARD_PASSWORD: 'board-secret-4711',
+      FLEET_API_TOKENS_FILE: '/etc/tokens-4711.json',
+      PGPASSWORD: 'pg-secret-4711',
+      SOME_API_TOKEN: 'token-4711',
+    };
     const saved = Object.fromEntries(Object.keys(planted).map((k) => [k, process.env[k]]));
     Object.assign(process.env, planted);
     let s: LocalServices;
@@ -263,10 +270,14 @@ describe('local services (real redis-server and postgres)', function () {
       try {
         const backend = (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? 0;
         for (const pid of [pidOf(s).pg, backend]) {
-          const environ = fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').filter((e) => e !== '');
+          const environ = fs
+            .readFileSync(`/proc/${pid}/environ`, 'utf8')
+            .split('\0')
+            .filter((e) => e !== '');
           expect(environ.join('\n')).to.not.match(/4711|FLEET_|PASSWORD|TOKEN/);
           // what postgres sets for itself (PG_GRANDPARENT_PID, PGLOCALEDIR, ...) besides the allow-list
-          for (const name of environ.map((e) => e.slice(0, e.indexOf('=')))) expect(name).to.match(/^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ|HOME|PG[A-Z_]*)$/);
+          for (const name of environ.map((e) => e.slice(0, e.indexOf('='))))
+            expect(name).to.match(/^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ|HOME|PG[A-Z_]*)$/);
         }
       } finally {
         await client.end();
@@ -274,12 +285,22 @@ describe('local services (real redis-server and postgres)', function () {
 
       // the fleet's role: owns its database, may make scratch databases (the test suite does), nothing more
       const url = s.databaseUrl ?? '';
-      expect(await sql(url, `SELECT rolsuper, rolcreaterole, rolreplication, rolbypassrls, rolcreatedb FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([
-        { rolsuper: false, rolcreaterole: false, rolreplication: false, rolbypassrls: false, rolcreatedb: true },
+      expect(
+        await sql(url, `SELECT rolsuper, rolcreaterole, rolreplication, rolbypassrls, rolcreatedb FROM pg_roles WHERE rolname = current_user`),
+      ).to.deep.equal([{ rolsuper: false, rolcreaterole: false, rolreplication: false, rolbypassrls: false, rolcreatedb: true }]);
+      expect(await sql(url, `SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = current_database()`)).to.deep.equal([
+        { owner: 'fleet' },
       ]);
-      expect(await sql(url, `SELECT pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = current_database()`)).to.deep.equal([{ owner: 'fleet' }]);
-      for (const statement of [`SELECT pg_read_file('/proc/self/environ')`, `COPY (SELECT 1) TO PROGRAM 'env'`, `ALTER SYSTEM SET work_mem = '8MB'`, `CREATE ROLE intruder SUPERUSER`]) {
-        const code = await sql(url, statement).then(() => 'ok', (err: { code?: string }) => err.code);
+      for (const statement of [
+        `SELECT pg_read_file('/proc/self/environ')`,
+        `COPY (SELECT 1) TO PROGRAM 'env'`,
+        `ALTER SYSTEM SET work_mem = '8MB'`,
+        `CREATE ROLE intruder SUPERUSER`,
+      ]) {
+        const code = await sql(url, statement).then(
+          () => 'ok',
+          (err: { code?: string }) => err.code,
+        );
         expect(code, statement).to.equal('42501'); // insufficient_privilege
       }
       // the administrator's URL, for setting up what the fleet may not (tests of other roles)
@@ -313,7 +334,9 @@ describe('local services (real redis-server and postgres)', function () {
       const url = again.databaseUrl ?? '';
       expect(url).to.equal(`postgres://fleet:${creds.postgresPassword}@127.0.0.1:${again.pgPort}/fleet`); // the same URL
       expect(await sql(url, `SELECT rolsuper FROM pg_roles WHERE rolname = current_user`)).to.deep.equal([{ rolsuper: false }]);
-      expect(await sql(again.adminDatabaseUrl ?? '', `SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY rolname`)).to.deep.equal([{ rolname: 'fleet_admin' }]);
+      expect(await sql(again.adminDatabaseUrl ?? '', `SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY rolname`)).to.deep.equal([
+        { rolname: 'fleet_admin' },
+      ]);
       // its data, now its own: readable, writable, alterable
       await sql(url, `INSERT INTO persisted VALUES ('converted'); ALTER TABLE persisted ADD COLUMN n int; ALTER TABLE persisted DROP COLUMN n`);
       expect(await sql<{ v: string }>(url, 'SELECT v FROM persisted ORDER BY v')).to.deep.equal([{ v: 'converted' }, { v: 'first run' }]);
@@ -402,9 +425,7 @@ describe('local services (real redis-server and postgres)', function () {
     expect(fs.existsSync(path.join(dir, 'redis.pid'))).to.equal(true);
 
     const again = await start();
-    expect(await sql<{ v: string }>(again.databaseUrl ?? '', 'SELECT v FROM persisted')).to.deep.equal([
-      { v: 'first run' },
-    ]);
+    expect(await sql<{ v: string }>(again.databaseUrl ?? '', 'SELECT v FROM persisted')).to.deep.equal([{ v: 'first run' }]);
     expect(await withRedis(again.redisUrl ?? '', (r) => r.get('persisted'))).to.equal('first run');
     await again.stop();
   });

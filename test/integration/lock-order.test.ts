@@ -269,20 +269,37 @@ describe('lock order: every multi-row write of deployments and attempts locks it
   function batchWrite(updates: readonly string[], changed: ReadonlyArray<{ id: string; deploymentId: string }> = []): unknown[] {
     const write: TransitionWrite = {
       updates: updates.map((id) => ({
-        id, from_version: 1, to_version: 2, state: 'ready', at: T0, set_current: false, current_attempt_id: null,
-        set_endpoint: false, endpoint_url: null, endpoint_kind: null, set_ready: false, last_ready_at: null,
+        id,
+        from_version: 1,
+        to_version: 2,
+        state: 'ready',
+        at: T0,
+        set_current: false,
+        current_attempt_id: null,
+        set_endpoint: false,
+        endpoint_url: null,
+        endpoint_kind: null,
+        set_ready: false,
+        last_ready_at: null,
       })),
       inserts: [],
       applied: [],
       noopClaims: [],
       newAttempts: [],
-      changedAttempts: changed.map((c) => ({ id: c.id, deployment_id: c.deploymentId, status: 'succeeded', reason: null, started_at: null, ended_at: T0 })),
+      changedAttempts: changed.map((c) => ({
+        id: c.id,
+        deployment_id: c.deploymentId,
+        status: 'succeeded',
+        reason: null,
+        started_at: null,
+        ended_at: T0,
+      })),
     };
     return transitionWriteParams(write);
   }
 
   describe('the statements, over several sessions', () => {
-    it('the flush\'s readiness UPDATE, a probe shard\'s UPDATE and the group-commit write never deadlock, in whatever orders they are given rows', async () => {
+    it("the flush's readiness UPDATE, a probe shard's UPDATE and the group-commit write never deadlock, in whatever orders they are given rows", async () => {
       // In the orders each caller gives (the flush: oldest stamp first; the shard: the order its probes finished;
       // group commit: by id), these three form a cycle: the batch holds a and wants c, the flush holds c and wants b,
       // the shard holds b and wants a. Gates (g1, g2, g3, held by a fourth session) stop each one after its first row,
@@ -296,10 +313,22 @@ describe('lock order: every multi-row write of deployments and attempts locks it
 
       const batched = settle(batch.session.run(TRANSITION_SQL.write, batchWrite([a, g1, c])));
       await blocked('the group-commit write', batch.pid);
-      const flushed = settle(flush.session.run(STAMP_BATCH_SQL.readiness, [[c, g2, b], [at(1), at(2), at(3)]]));
+      const flushed = settle(
+        flush.session.run(STAMP_BATCH_SQL.readiness, [
+          [c, g2, b],
+          [at(1), at(2), at(3)],
+        ]),
+      );
       await blocked('the readiness flush', flush.pid);
       const url = 'http://127.0.0.1:9/';
-      const stamped = settle(shard.session.run(SWEEP_SQL.stamp, [[b, g3, a], [url, url, url], [at(4), at(4), at(4)], [true, true, true]]));
+      const stamped = settle(
+        shard.session.run(SWEEP_SQL.stamp, [
+          [b, g3, a],
+          [url, url, url],
+          [at(4), at(4), at(4)],
+          [true, true, true],
+        ]),
+      );
       await blocked('the probe shard', shard.pid);
       await gates.client.query('COMMIT');
 
@@ -329,9 +358,19 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       await hold(gates, { table: 'attempts', ids: [g1, g2] });
       const [flush, batch] = [await connect(), await connect()];
 
-      const flushed = settle(flush.session.run(STAMP_BATCH_SQL.heartbeats, [[x, g1, y], [dx, dg1, dy], [at(1), at(2), at(3)]]));
+      const flushed = settle(
+        flush.session.run(STAMP_BATCH_SQL.heartbeats, [
+          [x, g1, y],
+          [dx, dg1, dy],
+          [at(1), at(2), at(3)],
+        ]),
+      );
       await blocked('the heartbeat flush', flush.pid);
-      const changed = [{ id: y, deploymentId: dy }, { id: g2, deploymentId: dg2 }, { id: x, deploymentId: dx }];
+      const changed = [
+        { id: y, deploymentId: dy },
+        { id: g2, deploymentId: dg2 },
+        { id: x, deploymentId: dx },
+      ];
       const batched = settle(batch.session.run(TRANSITION_SQL.write, batchWrite([dx, dy, dg2].sort(), changed)));
       await blocked('the group-commit write', batch.pid);
       await gates.client.query('COMMIT');
@@ -348,7 +387,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
     // loop driven by the array, the heap's in a hash join that scans the table. So sorting the input is not enough.
     // The rows sit in the heap from the highest id down, and each statement gets them from the highest id down.
     const PLANS: ReadonlyArray<readonly [string, Readonly<Record<string, string>>]> = [
-      ['the planner\'s choice', {}],
+      ["the planner's choice", {}],
       ['hash joins only', { enable_nestloop: 'off', enable_mergejoin: 'off' }],
       ['merge joins only', { enable_nestloop: 'off', enable_hashjoin: 'off' }],
       ['nested loops only', { enable_hashjoin: 'off', enable_mergejoin: 'off' }],
@@ -370,12 +409,12 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         run: (s, ids) => s.run(STAMP_BATCH_SQL.readiness, [ids, ids.map(() => at(1))]),
       },
       {
-        name: 'a probe shard\'s stamp (SWEEP_SQL.stamp)',
+        name: "a probe shard's stamp (SWEEP_SQL.stamp)",
         table: 'deployments',
         run: (s, ids) => s.run(SWEEP_SQL.stamp, [ids, ids.map(() => url), ids.map(() => at(1)), ids.map(() => true)]),
       },
       {
-        name: 'the group-commit write\'s deployments (TRANSITION_SQL.write)',
+        name: "the group-commit write's deployments (TRANSITION_SQL.write)",
         table: 'deployments',
         run: (s, ids) => s.run(TRANSITION_SQL.write, batchWrite(ids)),
       },
@@ -385,15 +424,29 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         run: (s, ids, owners) => s.run(STAMP_BATCH_SQL.heartbeats, [ids, owners, ids.map(() => at(1))]),
       },
       {
-        name: 'the group-commit write\'s attempts (TRANSITION_SQL.write)',
+        name: "the group-commit write's attempts (TRANSITION_SQL.write)",
         table: 'attempts',
-        run: (s, ids, owners) => s.run(TRANSITION_SQL.write, batchWrite([...owners].sort(), ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })))),
+        run: (s, ids, owners) =>
+          s.run(
+            TRANSITION_SQL.write,
+            batchWrite(
+              [...owners].sort(),
+              ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })),
+            ),
+          ),
       },
       {
-        name: 'a lone event\'s write\'s attempts (TRANSITION_SQL.write, a batch of one: one deployment)',
+        name: "a lone event's write's attempts (TRANSITION_SQL.write, a batch of one: one deployment)",
         table: 'attempts',
         attempts: attemptsOfOne,
-        run: (s, ids, owners) => s.run(TRANSITION_SQL.write, batchWrite([owners[0] ?? ''], ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })))),
+        run: (s, ids, owners) =>
+          s.run(
+            TRANSITION_SQL.write,
+            batchWrite(
+              [owners[0] ?? ''],
+              ids.map((id, i) => ({ id, deploymentId: owners[i] ?? '' })),
+            ),
+          ),
       },
     ];
 
@@ -411,10 +464,12 @@ describe('lock order: every multi-row write of deployments and attempts locks it
           await blocked(`${statement.name} under ${plan}`, product.pid);
           // which of the other two it locked before it came to wait for the middle one: SKIP LOCKED leaves those out
           const probe = await connect();
-          const free = (await probe.client.query<{ id: string }>(
-            `SELECT id FROM ${statement.table} WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE SKIP LOCKED`,
-            [[lo, hi]],
-          )).rows.map((r) => r.id);
+          const free = (
+            await probe.client.query<{ id: string }>(
+              `SELECT id FROM ${statement.table} WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE SKIP LOCKED`,
+              [[lo, hi]],
+            )
+          ).rows.map((r) => r.id);
           await gate.client.query('COMMIT');
           expect(failureOf(statement.name, await ran)).to.deep.equal([]);
           const label = (id: string): string => (id === lo ? 'lo' : id === hi ? 'hi' : id);
@@ -450,10 +505,13 @@ describe('lock order: every multi-row write of deployments and attempts locks it
 
     /** The lock conflicts retried, as logged: [code, what]. */
     function retriesLogged(log: Capture): string[][] {
-      return log.records().filter((r) => r.msg === 'lock conflict: running it again').map((r) => [String(r.code), String(r.what)]);
+      return log
+        .records()
+        .filter((r) => r.msg === 'lock conflict: running it again')
+        .map((r) => [String(r.code), String(r.what)]);
     }
 
-    it('the flush\'s readiness UPDATE: the sweep tick completes, and says nothing of a server away', async () => {
+    it("the flush's readiness UPDATE: the sweep tick completes, and says nothing of a server away", async () => {
       const [lo, mid, hi] = orderedIds(3) as [string, string, string];
       await deployments([lo, mid, hi], 'cluster_dns'); // not probed: only the flush writes them
       const log = new Capture();
@@ -504,7 +562,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       expect(stamps.map((r) => r.last_heartbeat_at.toISOString())).to.deep.equal([at(1), at(2), at(3)].map((d) => d.toISOString()));
     });
 
-    it('a probe shard\'s UPDATE: the shard\'s results are written, not lost', async () => {
+    it("a probe shard's UPDATE: the shard's results are written, not lost", async () => {
       const node = new ReadyServer('ok');
       const base = await node.listen();
       closers.push(() => node.close());
@@ -524,7 +582,7 @@ describe('lock order: every multi-row write of deployments and attempts locks it
 
       expect(failureOf('the probe shard', shard)).to.deep.equal([]);
       expect(shard.status === 'fulfilled' ? [shard.value.probed, shard.value.stamped] : null).to.deep.equal([3, 3]);
-      expect(retriesLogged(log)).to.deep.equal([['40P01', 'the probe shard\'s stamp']]);
+      expect(retriesLogged(log)).to.deep.equal([['40P01', "the probe shard's stamp"]]);
       const stamps = await q<{ last_ready_at: Date | null }>(`SELECT last_ready_at FROM deployments WHERE id = ANY($1) ORDER BY id`, [[lo, mid, hi]]);
       expect(stamps.map((r) => r.last_ready_at?.toISOString())).to.deep.equal([at(10), at(10), at(10)].map((d) => d.toISOString()));
     });
@@ -558,10 +616,12 @@ describe('lock order: every multi-row write of deployments and attempts locks it
         held: { table: 'attempts', ids: [hi.attemptId] },
         wanted: { table: 'attempts', ids: [lo.attemptId] },
         fragment: 'upd AS (', // near the start: pg_stat_activity keeps the first 1 kB of a text
-        product: () => service.applyMany(running.map((ids) => ({ name: 'attempt.end', data: { ...ids, outcome: 'succeeded', eventId: `end.${randomUUID()}` } }))),
+        product: () =>
+          service.applyMany(running.map((ids) => ({ name: 'attempt.end', data: { ...ids, outcome: 'succeeded', eventId: `end.${randomUUID()}` } }))),
       });
       expect(failureOf('applyMany', results)).to.deep.equal([]);
-      const outcomes = results.status === 'fulfilled' ? results.value.map((r) => (r.status === 'fulfilled' ? r.value.outcome : String(r.reason))) : [];
+      const outcomes =
+        results.status === 'fulfilled' ? results.value.map((r) => (r.status === 'fulfilled' ? r.value.outcome : String(r.reason))) : [];
       expect(outcomes).to.deep.equal(['applied', 'applied', 'applied']);
       expect(retriesLogged(log)).to.deep.equal([['40P01', 'the group-commit write, one event at a time']]);
     });
@@ -587,11 +647,13 @@ describe('lock order: every multi-row write of deployments and attempts locks it
       });
       const tick = await settle(sweep.sweep());
       expect(tick.status).to.equal('rejected');
-      expect(log.records().filter((r) => r.level === 40 || r.level === 50).map((r) => [r.msg, r.code])).to.deep.equal([
-        ['sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again', '40P01'],
-      ]);
+      expect(
+        log
+          .records()
+          .filter((r) => r.level === 40 || r.level === 50)
+          .map((r) => [r.msg, r.code]),
+      ).to.deep.equal([['sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again', '40P01']]);
       expect(reports).to.deep.equal([]);
     });
   });
 });
-

@@ -39,7 +39,7 @@ describe('migrations (PostgreSQL)', () => {
     }
   });
 
-  it('build exactly the schema the entities declare: TypeORM\'s schema diff against a migrated database is empty', async () => {
+  it("build exactly the schema the entities declare: TypeORM's schema diff against a migrated database is empty", async () => {
     const db = await createDatabase();
     const ds = createDataSource({ url: db.url, poolSize: 2, statementTimeoutMs: 0 });
     try {

@@ -39,7 +39,16 @@ const TARGET_LABELS = new Set(['job', 'instance']);
 const every = <T extends string>(values: Record<T, true>): Set<string> => new Set(Object.keys(values));
 const KNOWN_VALUES: Record<string, Record<string, Set<string>>> = {
   fleet_jobs_total: {
-    outcome: every<JobOutcome>({ applied: true, noop: true, rejected: true, invalid: true, not_found: true, retry: true, gave_up: true, error: true }),
+    outcome: every<JobOutcome>({
+      applied: true,
+      noop: true,
+      rejected: true,
+      invalid: true,
+      not_found: true,
+      retry: true,
+      gave_up: true,
+      error: true,
+    }),
   },
   fleet_sweep_results_total: {
     result: every<SweepResult>({ probed: true, stamped: true, failed: true, unprobed: true, stale: true, orphaned: true, expired: true }),
@@ -98,7 +107,7 @@ function namedExpressions(): Array<{ where: string; expr: string }> {
   );
   const variables = (dashboard.templating?.list ?? []).flatMap((v) => {
     if (v.type !== 'query') return [];
-    const query = typeof v.query === 'string' ? v.query : (v.query as { query?: string } | undefined)?.query ?? '';
+    const query = typeof v.query === 'string' ? v.query : ((v.query as { query?: string } | undefined)?.query ?? '');
     // label_values(selector, label): the selector is an expression, the label must be on its series
     const m = /^label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\)$/.exec(query);
     return [{ where: `dashboard variable ${v.name}`, expr: m === null ? query : `count by (${m[2]}) (${m[1]})` }];
@@ -150,7 +159,10 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
       expect(out.stdout).to.contain('SUCCESS');
       const alerts = [...fs.readFileSync(RULES, 'utf8').matchAll(/^\s*- alert: (\S+)$/gm)].map((m) => m[1]);
       const tested = new Set([...fs.readFileSync(RULE_TESTS, 'utf8').matchAll(/^\s*alertname: (\S+)$/gm)].map((m) => m[1]));
-      expect(alerts.filter((a) => !tested.has(a)), 'alerts without a unit test').to.deep.equal([]);
+      expect(
+        alerts.filter((a) => !tested.has(a)),
+        'alerts without a unit test',
+      ).to.deep.equal([]);
     });
 
     it("every dashboard query is valid PromQL (promtool checks them as recording rules, Grafana's variables filled in)", () => {
@@ -185,7 +197,8 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
       const faults = panels.flatMap((p) => {
         const name = `panel "${p.title ?? p.id}"`;
         const f: string[] = [];
-        if (p.datasource?.type !== 'prometheus' || p.datasource.uid !== '${datasource}') f.push(`${name}: datasource is not the \${datasource} variable`);
+        if (p.datasource?.type !== 'prometheus' || p.datasource.uid !== '${datasource}')
+          f.push(`${name}: datasource is not the \${datasource} variable`);
         if ((p.targets ?? []).length === 0) f.push(`${name}: no target`);
         if ((p.targets ?? []).some((t) => typeof t.expr !== 'string' || t.expr.trim() === '')) f.push(`${name}: a target without expr`);
         return f;
@@ -216,7 +229,14 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
       fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, { http: true });
       const api = fleet.httpUrl ?? '';
       // a consumer group on the stream, for the partition metrics (lag, owner)
-      consumer = new TransitionConsumer({ redis: testEnv().redisUrl, streamKey: transitionStreamKey(prefix), group: 'monitoring', consumer: 'c1', startId: '0', handler: () => undefined });
+      consumer = new TransitionConsumer({
+        redis: testEnv().redisUrl,
+        streamKey: transitionStreamKey(prefix),
+        group: 'monitoring',
+        consumer: 'c1',
+        startId: '0',
+        handler: () => undefined,
+      });
       void consumer.run().catch(() => undefined);
       const endpointUrl = await ready.listen();
 
@@ -321,7 +341,8 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
             }
             const known = new Set([...seen, ...(KNOWN_VALUES[familyName(families, s.metric)]?.[m.label] ?? [])]);
             const values = m.op === '=' || m.op === '!=' ? [m.value] : /^[a-zA-Z0-9_.|]+$/.test(m.value) ? m.value.split('|') : [];
-            for (const v of values) if (!known.has(v)) f.push(`${s.metric}{${m.label}${m.op}"${m.value}"}: "${v}" is not a value of ${m.label} (${where})`);
+            for (const v of values)
+              if (!known.has(v)) f.push(`${s.metric}{${m.label}${m.op}"${m.value}"}: "${v}" is not a value of ${m.label} (${where})`);
           }
         }
         const labels = new Set([...TARGET_LABELS, ...used.flatMap(({ family }) => [...(family?.labels.keys() ?? [])])]);

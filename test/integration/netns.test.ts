@@ -32,11 +32,16 @@ describe('hosts as network namespaces: partition and heal', function () {
   it('cuts a partitioned host off from Redis on another host, leaves the rest connected, and heals it', async () => {
     lab = NetnsLab.create(`t${process.pid % 10_000}`, ['redis', 'w1'], 20 + (process.pid % 200));
     const redisHost = lab.host('redis');
-    lab.spawn('redis', 'redis-server', ['--port', '6399', '--bind', redisHost.address, '--protected-mode', 'no', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    lab.spawn(
+      'redis',
+      'redis-server',
+      ['--port', '6399', '--bind', redisHost.address, '--protected-mode', 'no', '--save', '', '--appendonly', 'no'],
+      { stdio: 'ignore' },
+    );
     const fromRoot = new IORedis({ host: redisHost.address, port: 6399, maxRetriesPerRequest: 1, commandTimeout: 1000, lazyConnect: true });
     fromRoot.on('error', () => undefined);
     try {
-      await waitFor('Redis on its host to answer', async () => (await fromRoot.ping().catch(() => null)) === 'PONG' ? true : undefined);
+      await waitFor('Redis on its host to answer', async () => ((await fromRoot.ping().catch(() => null)) === 'PONG' ? true : undefined));
 
       // a client on host w1 that pings every 100 ms and says how each went
       const script = `
@@ -46,8 +51,16 @@ describe('hosts as network namespaces: partition and heal', function () {
         setInterval(() => r.ping().then(() => console.log('ok'), () => console.log('err')), 100);`;
       const client = lab.spawn('w1', process.execPath, ['-e', script], { cwd: repoRoot(), stdio: ['ignore', 'pipe', 'inherit'] });
       let lines: string[] = [];
-      client.stdout?.on('data', (chunk: Buffer) => lines.push(...chunk.toString().split('\n').filter((l) => l !== '')));
-      const sawAfterReset = (what: string, n: number) => waitFor(`${n} "${what}" from w1`, () => (lines.filter((l) => l === what).length >= n ? true : undefined));
+      client.stdout?.on('data', (chunk: Buffer) =>
+        lines.push(
+          ...chunk
+            .toString()
+            .split('\n')
+            .filter((l) => l !== ''),
+        ),
+      );
+      const sawAfterReset = (what: string, n: number) =>
+        waitFor(`${n} "${what}" from w1`, () => (lines.filter((l) => l === what).length >= n ? true : undefined));
 
       await sawAfterReset('ok', 3);
       lab.partition('w1');

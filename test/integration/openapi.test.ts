@@ -47,7 +47,10 @@ interface OpenApiDocument {
   readonly openapi: string;
   readonly info: { readonly title: string; readonly version: string };
   readonly paths: Record<string, Partial<Record<(typeof METHODS)[number], Operation>>>;
-  readonly components: { readonly schemas: Record<string, unknown>; readonly securitySchemes: Record<string, { readonly type: string; readonly scheme?: string }> };
+  readonly components: {
+    readonly schemas: Record<string, unknown>;
+    readonly securitySchemes: Record<string, { readonly type: string; readonly scheme?: string }>;
+  };
   readonly security?: ReadonlyArray<Record<string, unknown>>;
 }
 
@@ -221,7 +224,15 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
         conforms(op, await post(app, 'deployment.create', { deploymentId, name: 'web' }, {})),
         conforms(op, await post(app, 'deployment.resolve', { deploymentId, outcome: 'ready' }, bearer('pusher'))),
         conforms(op, await post(app, 'deployment.create', { deploymentId: randomUUID(), name: 'other', eventId: 'openapi-create' })),
-        conforms(op, await app.inject({ method: 'POST', url: '/api/events', headers: { ...bearer('writer'), 'content-type': 'application/xml' }, payload: '<a/>' })),
+        conforms(
+          op,
+          await app.inject({
+            method: 'POST',
+            url: '/api/events',
+            headers: { ...bearer('writer'), 'content-type': 'application/xml' },
+            payload: '<a/>',
+          }),
+        ),
       ];
       const limited = await build({ FLEET_EVENTS_RATE_LIMIT: '1' });
       const dead = new LifecycleProducer({ connection: 'redis://127.0.0.1:1', prefix });
@@ -266,8 +277,14 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
         // every {param} of the path is a required path parameter, and nothing else is
         const inPath = [...template.matchAll(/\{([^}]+)\}/g)].map((m) => m[1]);
         const declared = (operation?.parameters ?? []).filter((p) => p.in === 'path');
-        expect(declared.map((p) => p.name), `${op}: path parameters`).to.deep.equal(inPath);
-        expect(declared.every((p) => p.required === true), `${op}: path parameters required`).to.equal(true);
+        expect(
+          declared.map((p) => p.name),
+          `${op}: path parameters`,
+        ).to.deep.equal(inPath);
+        expect(
+          declared.every((p) => p.required === true),
+          `${op}: path parameters required`,
+        ).to.equal(true);
         const responses = Object.entries(operation?.responses ?? {});
         expect(responses, `${op}: answers`).to.not.be.empty;
         for (const [status, answer] of responses) {
@@ -287,9 +304,13 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
           const operation = doc.paths[template]?.[method.toLowerCase() as (typeof METHODS)[number]];
           return [
             ...Object.entries(operation?.responses ?? {}).flatMap(([status, answer]) =>
-              Object.keys(answer.content ?? {}).map((media) => pointer('paths', template, method.toLowerCase(), 'responses', status, 'content', media, 'schema')),
+              Object.keys(answer.content ?? {}).map((media) =>
+                pointer('paths', template, method.toLowerCase(), 'responses', status, 'content', media, 'schema'),
+              ),
             ),
-            ...Object.keys(operation?.requestBody?.content ?? {}).map((media) => pointer('paths', template, method.toLowerCase(), 'requestBody', 'content', media, 'schema')),
+            ...Object.keys(operation?.requestBody?.content ?? {}).map((media) =>
+              pointer('paths', template, method.toLowerCase(), 'requestBody', 'content', media, 'schema'),
+            ),
             ...(operation?.parameters ?? []).map((_, i) => pointer('paths', template, method.toLowerCase(), 'parameters', String(i), 'schema')),
           ];
         }),
@@ -305,7 +326,12 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
       };
       const routes = routesOf(app);
       // the route tree was read: the board's, the UI's and the API's routes are all in it
-      expect(routes).to.include.members(['GET /api/deployments/{id}/transitions', `GET ${OPENAPI_PATH}`, `GET ${DOCS_PATH}/json`, `PUT ${BOARD_PATH}/api/queues/{queueName}/pause`]);
+      expect(routes).to.include.members([
+        'GET /api/deployments/{id}/transitions',
+        `GET ${OPENAPI_PATH}`,
+        `GET ${DOCS_PATH}/json`,
+        `PUT ${BOARD_PATH}/api/queues/{queueName}/pause`,
+      ]);
       expect(operationsOf(doc).sort()).to.deep.equal(routes.filter((r) => !hidden(r)).sort());
     });
 
@@ -322,7 +348,9 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
       const deploymentId = randomUUID();
       expect(validate({ name: 'deployment.create', data: { deploymentId, name: 'web' } }), ajv.errorsText(validate.errors)).to.equal(true);
       expect(validate({ name: 'attempt.end', data: { deploymentId, attemptId: randomUUID(), outcome: 'succeeded' } })).to.equal(true);
-      expect(validate({ name: 'deployment.create', data: { deploymentId, name: 'web', actor: 'me' } }), 'actor is set from the caller').to.equal(false);
+      expect(validate({ name: 'deployment.create', data: { deploymentId, name: 'web', actor: 'me' } }), 'actor is set from the caller').to.equal(
+        false,
+      );
       expect(validate({ name: 'deployment.sleep', data: { deploymentId } })).to.equal(false);
     });
   });
@@ -344,7 +372,14 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
   });
 
   describe('auth of the document and its UI', () => {
-    for (const url of [OPENAPI_PATH, DOCS_PATH, `${DOCS_PATH}/`, `${DOCS_PATH}/json`, `${DOCS_PATH}/static/index.html`, `${DOCS_PATH}/static/swagger-ui-bundle.js`]) {
+    for (const url of [
+      OPENAPI_PATH,
+      DOCS_PATH,
+      `${DOCS_PATH}/`,
+      `${DOCS_PATH}/json`,
+      `${DOCS_PATH}/static/index.html`,
+      `${DOCS_PATH}/static/swagger-ui-bundle.js`,
+    ]) {
       it(`${url}: 401 without a token, 403 without "read", 200 with it`, async () => {
         const anonymous = await app.inject({ method: 'GET', url });
         expect(anonymous.statusCode).to.equal(401);
@@ -354,7 +389,10 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
         expect(wrong.statusCode).to.equal(401);
         const lacking = await app.inject({ method: 'GET', url, headers: bearer('pusher') });
         expect(lacking.statusCode).to.equal(403);
-        expect(lacking.json<{ error: { code: string; message: string } }>().error).to.deep.equal({ code: 'forbidden', message: 'this token lacks the "read" scope' });
+        expect(lacking.json<{ error: { code: string; message: string } }>().error).to.deep.equal({
+          code: 'forbidden',
+          message: 'this token lacks the "read" scope',
+        });
         const allowed = await app.inject({ method: 'GET', url, headers: bearer('reader') });
         expect(allowed.statusCode, allowed.body.slice(0, 200)).to.be.oneOf([200, 302]);
       });

@@ -77,7 +77,9 @@ describe('outages: the HTTP intake when Redis does not answer', function () {
         );
         return Number(rows[0]?.n) > 0 ? true : undefined;
       });
-      await waitFor('the queue drained', async () => ((await producer.queue.getJobCountByTypes('wait', 'active', 'delayed')) === 0 ? true : undefined));
+      await waitFor('the queue drained', async () =>
+        (await producer.queue.getJobCountByTypes('wait', 'active', 'delayed')) === 0 ? true : undefined,
+      );
       const teardowns = await db.dataSource.query<Array<{ event_id: string }>>(
         `SELECT event_id FROM state_transitions WHERE deployment_id = $1 AND version > 1`,
         [deploymentId],
@@ -107,7 +109,11 @@ describe('outages: fleet tail when Redis goes away', function () {
     await db?.close();
   });
 
-  function startTail(prefix: string, args: string[] = [], redisUrl = own.url): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<number | null> } {
+  function startTail(
+    prefix: string,
+    args: string[] = [],
+    redisUrl = own.url,
+  ): { child: ChildProcess; out: () => string; err: () => string; exited: Promise<number | null> } {
     const child = spawn(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), 'tail', ...args], {
       env: { PATH: process.env.PATH, REDIS_URL: redisUrl, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -123,7 +129,19 @@ describe('outages: fleet tail when Redis goes away', function () {
   async function append(prefix: string, version: number): Promise<void> {
     const redis = createRedis(own.url, 'producer');
     try {
-      const fields = { type: 'state_transition', transitionId: String(version), deploymentId: randomUUID(), attemptId: '', from: '', to: 'pending', version: String(version), reason: 'created', eventId: `e${version}`, at: new Date().toISOString(), actor: 'test' };
+      const fields = {
+        type: 'state_transition',
+        transitionId: String(version),
+        deploymentId: randomUUID(),
+        attemptId: '',
+        from: '',
+        to: 'pending',
+        version: String(version),
+        reason: 'created',
+        eventId: `e${version}`,
+        at: new Date().toISOString(),
+        actor: 'test',
+      };
       await redis.xadd(`${prefix}:transitions`, '*', ...Object.entries(fields).flat());
     } finally {
       redis.disconnect();
@@ -257,8 +275,11 @@ describe('outages: short commands fail fast with one line and exit code 4', func
   function fleet(args: string[], env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string; ms: number }> {
     const started = Date.now();
     return new Promise((resolve) => {
-      const child = execFile(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), ...args], { env: { PATH: process.env.PATH, ...env }, timeout: 30_000 }, (_err, stdout, stderr) =>
-        resolve({ code: child.exitCode, stdout, stderr, ms: Date.now() - started }),
+      const child = execFile(
+        process.execPath,
+        [path.join(repoRoot(), 'bin', 'fleet.js'), ...args],
+        { env: { PATH: process.env.PATH, ...env }, timeout: 30_000 },
+        (_err, stdout, stderr) => resolve({ code: child.exitCode, stdout, stderr, ms: Date.now() - started }),
       );
     });
   }
@@ -289,7 +310,12 @@ describe('outages: short commands fail fast with one line and exit code 4', func
       const redisDown = await fleet(['worker'], { REDIS_URL: `redis://:pw@127.0.0.1:${closed}`, DATABASE_URL: db.url, FLEET_PREFIX: uniquePrefix() });
       expect(redisDown.stderr.trim().split('\n').pop()).to.equal(`fleet: Redis at 127.0.0.1:${closed} is unreachable (no connection)`);
       expect(redisDown.code).to.equal(4);
-      const pgDown = await fleet(['http'], { REDIS_URL: own.url, DATABASE_URL: `postgres://fleet:pw@127.0.0.1:${closed}/fleet`, FLEET_PREFIX: uniquePrefix(), FLEET_HTTP_PORT: '0' });
+      const pgDown = await fleet(['http'], {
+        REDIS_URL: own.url,
+        DATABASE_URL: `postgres://fleet:pw@127.0.0.1:${closed}/fleet`,
+        FLEET_PREFIX: uniquePrefix(),
+        FLEET_HTTP_PORT: '0',
+      });
       expect(pgDown.stderr.trim().split('\n').pop()).to.equal(`fleet: PostgreSQL at 127.0.0.1:${closed} is unreachable (ECONNREFUSED)`);
       expect(pgDown.code).to.equal(4);
       expect(redisDown.stdout + redisDown.stderr + pgDown.stdout + pgDown.stderr).to.not.include('pw@');
@@ -346,15 +372,31 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
     let text = '';
     const logger = createLogger('debug', { write: (line: string) => void (text += line) });
     const watched: string[] = [];
-    const pgWatch = new ServerWatch(describeServer('PostgreSQL', proxied.options.type === 'postgres' ? String(proxied.options.url) : ''), (_l, m) => watched.push(m));
+    const pgWatch = new ServerWatch(describeServer('PostgreSQL', proxied.options.type === 'postgres' ? String(proxied.options.url) : ''), (_l, m) =>
+      watched.push(m),
+    );
     const sweeper = new Sweeper({ dataSource: proxied, producer, logger, pgWatch });
     try {
       await sweeper.sweep();
       proxy.cut();
-      for (let i = 0; i < 3; i++) await sweeper.sweep().then(() => expect.fail('a tick without PostgreSQL succeeded'), () => undefined);
+      for (let i = 0; i < 3; i++)
+        await sweeper.sweep().then(
+          () => expect.fail('a tick without PostgreSQL succeeded'),
+          () => undefined,
+        );
       proxy.restore();
-      await waitFor('a tick to work again', async () => (await sweeper.sweep().then(() => true, () => undefined)));
-      const lines = text.trim().split('\n').map((l) => JSON.parse(l) as { level: number; msg: string; err?: unknown });
+      await waitFor(
+        'a tick to work again',
+        async () =>
+          await sweeper.sweep().then(
+            () => true,
+            () => undefined,
+          ),
+      );
+      const lines = text
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { level: number; msg: string; err?: unknown });
       const said = lines.filter((l) => l.level >= 30 && l.msg !== 'sweep').map((l) => l.msg);
       expect(said).to.deep.equal(['sweep failed: a server is away; retrying every tick', 'sweep works again']);
       expect(lines.filter((l) => l.level >= 40 && l.err !== undefined)).to.deep.equal([]); // no error objects, no stacks

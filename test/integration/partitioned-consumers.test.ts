@@ -8,7 +8,15 @@ import { ConfigError, ResyncRequiredError } from '../../src/errors';
 import { fleetAclRules } from '../../src/redis/connection';
 import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
-import { compareIds, memoryVersionStore, parseEntry, TransitionConsumer, type TransitionConsumerOptions, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
+import {
+  compareIds,
+  memoryVersionStore,
+  parseEntry,
+  TransitionConsumer,
+  type TransitionConsumerOptions,
+  type TransitionEntry,
+  type VersionStore,
+} from '../../src/streams/consumer';
 import { leaseKey, leaseOwner } from '../../src/streams/leases';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
@@ -177,7 +185,9 @@ describe('a partitioned transition stream', function () {
       const old = `${prefix}:old:transitions`;
       await redis.xadd(old, '*', 'type', 'state_transition');
       const before = await recordPartitions(redis, old, 8).catch((e: unknown) => e);
-      expect((before as ConfigError).message).to.contain('written with 1 partition(s)').and.contain('but 8 are configured');
+      expect((before as ConfigError).message)
+        .to.contain('written with 1 partition(s)')
+        .and.contain('but 8 are configured');
       expect(await redis.exists(partitionsRecordKey(old))).to.equal(0);
     });
 
@@ -288,7 +298,9 @@ describe('a partitioned transition stream', function () {
       await publish(deployments, 16, 9, 12);
       await waitFor('480 entries handled', () => (audit.count(deployments) >= 480 ? true : undefined), 60_000);
       audit.expectComplete(deployments, 12, false);
-      await waitFor('the survivors to own every partition', () => (b.ownedPartitions().length + d.ownedPartitions().length === 16 ? true : undefined));
+      await waitFor('the survivors to own every partition', () =>
+        b.ownedPartitions().length + d.ownedPartitions().length === 16 ? true : undefined,
+      );
       expect(c.acquisitions).to.be.above(0);
     });
 
@@ -467,7 +479,15 @@ describe('a partitioned transition stream', function () {
 
       // the failing deployment's calls, failed ones marked: v3 again and again until it succeeded, nothing after it first
       const calls = audit.log.filter((e): e is Extract<AuditEvent, { kind: 'call' }> => e.kind === 'call' && e.entry.deploymentId === failing);
-      expect(calls.map((e) => `${e.entry.version}${e.ok === true ? '' : '!'}`)).to.deep.equal(['1', '2', ...failures.map(() => '3!'), '3', '4', '5', '6']);
+      expect(calls.map((e) => `${e.entry.version}${e.ok === true ? '' : '!'}`)).to.deep.equal([
+        '1',
+        '2',
+        ...failures.map(() => '3!'),
+        '3',
+        '4',
+        '5',
+        '6',
+      ]);
       const first = audit.log.findIndex((e) => e.kind === 'call' && e.ok === false);
       const success = audit.log.findIndex((e) => e.kind === 'call' && e.ok === true && e.entry.deploymentId === failing && e.entry.version === 3);
       // every try by one consumer, which kept the partition throughout: no loss, no release, its lease renewed
@@ -543,9 +563,14 @@ describe('a partitioned transition stream', function () {
       expect(audit.fenceViolations()).to.deep.equal([]);
       // the new owners took a's pending entries over first: what a read and had not acknowledged, in stream order
       for (const n of aPartitions) {
-        const took = logged.map((l) => JSON.parse(l) as { msg?: string; partition?: number; claimed?: number }).find((l) => l.msg === 'took over entries pending on the partition' && l.partition === n);
+        const took = logged
+          .map((l) => JSON.parse(l) as { msg?: string; partition?: number; claimed?: number })
+          .find((l) => l.msg === 'took over entries pending on the partition' && l.partition === n);
         expect(took?.claimed ?? 0, `partition ${n}`).to.be.above(0);
-        const ids = audit.handled(stalledAt).filter((e) => e.partition === n && e.consumer !== 'a').map((e) => e.entry.streamId);
+        const ids = audit
+          .handled(stalledAt)
+          .filter((e) => e.partition === n && e.consumer !== 'a')
+          .map((e) => e.entry.streamId);
         expect(ids, `partition ${n}`).to.deep.equal([...ids].sort((x, y) => compareIds(x, y)));
       }
       // the one overlap is the documented caveat: the call a had in flight, whose entry the new owner handled again
@@ -560,7 +585,12 @@ describe('a partitioned transition stream', function () {
       const [before, mark] = [seen(), audit.mark()];
       await publish(deployments, 6, 1, 8);
       await waitFor('the copies to go through', () => (seen() - before >= 36 * 8 ? true : undefined));
-      expect(audit.log.slice(mark).filter((e) => e.kind === 'call').map((e) => (e.kind === 'call' ? `${e.entry.deploymentId}:${e.entry.version}` : ''))).to.deep.equal([]);
+      expect(
+        audit.log
+          .slice(mark)
+          .filter((e) => e.kind === 'call')
+          .map((e) => (e.kind === 'call' ? `${e.entry.deploymentId}:${e.entry.version}` : '')),
+      ).to.deep.equal([]);
 
       await publish(deployments, 6, 9, 10);
       await waitFor('versions 9 and 10', () => (audit.count(deployments) === 36 * 10 ? true : undefined));
@@ -578,17 +608,27 @@ describe('a partitioned transition stream', function () {
       const gate = new Promise<void>((resolve) => (release = resolve));
       const audit = new Audit(4, 0);
       // a slow handler on v2 of one deployment (or a long retry) while its partition is trimmed past it
-      const a = consumer('a', audit, { batchSize: 1, handler: audit.handler('a', (e) => (e.deploymentId === target && e.version === 2 ? gate : undefined)) });
+      const a = consumer('a', audit, {
+        batchSize: 1,
+        handler: audit.handler('a', (e) => (e.deploymentId === target && e.version === 2 ? gate : undefined)),
+      });
       const ended = a.run().then(
         () => 'resolved',
         (err: unknown) => err,
       );
       await publish(deployments, 4, 1, 2);
-      await waitFor('the handler to hold v2', () => (audit.log.some((e) => e.kind === 'call' && e.entry.deploymentId === target && e.entry.version === 2) ? true : undefined));
+      await waitFor('the handler to hold v2', () =>
+        audit.log.some((e) => e.kind === 'call' && e.entry.deploymentId === target && e.entry.version === 2) ? true : undefined,
+      );
       for (let v = 3; v <= 300; v++) await redis.xadd(key, '*', 'type', 'state_transition', 'deploymentId', target, 'version', String(v));
       await redis.xtrim(key, 'MAXLEN', 10);
       release();
-      const err = await Promise.race([ended, waitFor('an entry handled past the hole', () => (audit.versionsOf(target).length > 2 ? `went on to v${audit.versionsOf(target)[2]}` : undefined))]);
+      const err = await Promise.race([
+        ended,
+        waitFor('an entry handled past the hole', () =>
+          audit.versionsOf(target).length > 2 ? `went on to v${audit.versionsOf(target)[2]}` : undefined,
+        ),
+      ]);
       expect(err).to.be.instanceOf(ResyncRequiredError);
       const resync = err as ResyncRequiredError;
       expect(resync.streamKey).to.equal(key);
@@ -617,7 +657,14 @@ describe('a partitioned transition stream', function () {
         const lines: TransitionEntry[] = [];
         let stop: () => void = () => undefined;
         const stopped = new Promise<void>((resolve) => (stop = resolve));
-        const done = tail({ redisUrl: testEnv().redisUrl, streamKey, json: true, write: (line) => void lines.push(JSON.parse(line) as TransitionEntry), stop: stopped, ...(from === undefined ? {} : { from }) });
+        const done = tail({
+          redisUrl: testEnv().redisUrl,
+          streamKey,
+          json: true,
+          write: (line) => void lines.push(JSON.parse(line) as TransitionEntry),
+          stop: stopped,
+          ...(from === undefined ? {} : { from }),
+        });
         return { lines, stop, done };
       };
       const history = run('0');
@@ -702,7 +749,10 @@ describe('a partitioned transition stream', function () {
       await plain.done;
 
       const other = run(encodeCursor({ p: 2, ids: ['0-0', '0-0'] }));
-      const refused = await other.done.then(() => null, (err: unknown) => err);
+      const refused = await other.done.then(
+        () => null,
+        (err: unknown) => err,
+      );
       expect(refused).to.be.instanceOf(TailCursorError);
       expect((refused as Error).message).to.equal(
         `--from: the cursor is for 2 partition(s), but the stream ${streamKey} has 4: start from a stream id, 0 or $ instead`,
@@ -711,9 +761,14 @@ describe('a partitioned transition stream', function () {
       expect(other.cursors).to.deep.equal([]);
 
       const garbage = run('not-a-cursor');
-      const malformed = await garbage.done.then(() => null, (err: unknown) => err);
+      const malformed = await garbage.done.then(
+        () => null,
+        (err: unknown) => err,
+      );
       expect(malformed).to.be.instanceOf(TailCursorError);
-      expect((malformed as Error).message).to.contain('--from: must be a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail, got "not-a-cursor"');
+      expect((malformed as Error).message).to.contain(
+        '--from: must be a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail, got "not-a-cursor"',
+      );
     });
   });
 });

@@ -11,7 +11,14 @@ import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { StampBuffer } from '../../src/services/stamps';
 import { Database } from '../../src/entities/sql';
-import { PROBE_JOB_NAME, Sweeper, type ShardJobData, type ShardReport, type SweeperOptions, type SweepResult } from '../../src/services/sweep/sweeper';
+import {
+  PROBE_JOB_NAME,
+  Sweeper,
+  type ShardJobData,
+  type ShardReport,
+  type SweeperOptions,
+  type SweepResult,
+} from '../../src/services/sweep/sweeper';
 import { TransitionService } from '../../src/services/transitions';
 import { SWEEP_JOB_NAME, SWEEP_JOB_OPTIONS, SweepWorker, type SweepJobResult, type SweepWorkerOptions } from '../../src/workers/sweep-worker';
 import { createLogger, type Logger } from '../../src/log';
@@ -88,7 +95,16 @@ describe('readiness shards: probing shared across sweep workers', function () {
 
   /** A sweep worker taking maintenance jobs without registering the scheduler (the test plans its own ticks). */
   function startWorker(name: string, runner: SweepWorkerOptions['sweeper'], logger?: Logger): SweepWorker {
-    const worker = new SweepWorker({ connection: testEnv().redisUrl, prefix, everyS: 3600, name, sweeper: runner, concurrency: 2, recheckEveryMs: 0, logger });
+    const worker = new SweepWorker({
+      connection: testEnv().redisUrl,
+      prefix,
+      everyS: 3600,
+      name,
+      sweeper: runner,
+      concurrency: 2,
+      recheckEveryMs: 0,
+      logger,
+    });
     workers.push(worker);
     worker.worker.run().catch(() => undefined);
     return worker;
@@ -103,7 +119,9 @@ describe('readiness shards: probing shared across sweep workers', function () {
   }
 
   async function stampedCount(): Promise<number> {
-    const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM deployments WHERE last_ready_at IS NOT NULL AND last_probed_at IS NOT NULL`);
+    const [row] = await db.dataSource.query<Array<{ n: string }>>(
+      `SELECT count(*) AS n FROM deployments WHERE last_ready_at IS NOT NULL AND last_probed_at IS NOT NULL`,
+    );
     return Number(row?.n);
   }
 
@@ -196,7 +214,9 @@ describe('readiness shards: probing shared across sweep workers', function () {
     expect((await completed('the redelivered tick to complete')).returnvalue).to.deep.equal({ tick, ran: 'duplicate' });
     expect(swept, 'sweep() ran once for the tick').to.deep.equal([tick]);
     expect(capture.records('sweep tick started').map((r) => [r.tick, r.jobId])).to.deep.equal([[tick, id]]);
-    expect(capture.records('sweep tick delivered again after it started: not run twice').map((r) => [r.tick, r.jobId, r.claimedBy])).to.deep.equal([[tick, id, 'worker-a']]);
+    expect(capture.records('sweep tick delivered again after it started: not run twice').map((r) => [r.tick, r.jobId, r.claimedBy])).to.deep.equal([
+      [tick, id, 'worker-a'],
+    ]);
     const claim = `${prefix}:${MAINTENANCE_QUEUE}:sweep-claim:${tick}`;
     expect(await connection.get(claim)).to.equal('worker-a');
     expect(await connection.pttl(claim), 'kept past any redelivery: max(10 min, 10 ticks)').to.be.greaterThan(9 * 3600_000);
@@ -237,7 +257,9 @@ describe('readiness shards: probing shared across sweep workers', function () {
       clock.at(t0, 120);
       const tick = sweeper(clock, { flushStamps: async (now) => (await buffer.flush(now)).stamped });
       expect(await tick.sweep('3000')).to.deep.include({ flushed: 1, orphaned: 0 });
-      const [row] = await db.dataSource.query<Array<{ last_heartbeat_at: Date }>>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [ids.attemptId]);
+      const [row] = await db.dataSource.query<Array<{ last_heartbeat_at: Date }>>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [
+        ids.attemptId,
+      ]);
       expect(row?.last_heartbeat_at.toISOString()).to.equal(new Date(t0.getTime() + 80_000).toISOString());
       // without the flush the same tick declares it orphaned
       await db.dataSource.query(`UPDATE attempts SET last_heartbeat_at = NULL WHERE id = $1`, [ids.attemptId]);

@@ -88,7 +88,15 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     await worker.worker.waitUntilReady();
 
     const consumed: TransitionEntry[] = [];
-    const consumer = new TransitionConsumer({ redis: url, streamKey, group: 'audit', consumer: 'c1', startId: '0', blockMs: 500, handler: (e) => void consumed.push(e) });
+    const consumer = new TransitionConsumer({
+      redis: url,
+      streamKey,
+      group: 'audit',
+      consumer: 'c1',
+      startId: '0',
+      blockMs: 500,
+      handler: (e) => void consumed.push(e),
+    });
     const consuming = consumer.run();
     closers.push(async () => {
       await consumer.close();
@@ -97,7 +105,14 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
 
     const tailed: string[] = [];
     let stopTail = (): void => undefined;
-    const tailing = tail({ redisUrl: url, streamKey, from: '0', json: true, write: (line) => void tailed.push(line), stop: new Promise<void>((resolve) => (stopTail = resolve)) });
+    const tailing = tail({
+      redisUrl: url,
+      streamKey,
+      from: '0',
+      json: true,
+      write: (line) => void tailed.push(line),
+      stop: new Promise<void>((resolve) => (stopTail = resolve)),
+    });
     closers.push(async () => {
       stopTail();
       await tailing;
@@ -130,11 +145,15 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect((await sweep.start()).action).to.equal('created');
 
     const settle = async (jobId: string): Promise<Job> =>
-      waitFor(`job ${jobId} to complete`, async () => {
-        const state = await producer.queue.getJobState(jobId);
-        if (state === 'failed') throw new Error(`job ${jobId} failed`);
-        return state === 'completed' ? producer.queue.getJob(jobId) : undefined;
-      }, 30_000);
+      waitFor(
+        `job ${jobId} to complete`,
+        async () => {
+          const state = await producer.queue.getJobState(jobId);
+          if (state === 'failed') throw new Error(`job ${jobId} failed`);
+          return state === 'completed' ? producer.queue.getJob(jobId) : undefined;
+        },
+        30_000,
+      );
     const outcome = async (jobId: string): Promise<unknown> => ((await settle(jobId)).returnvalue as { outcome?: unknown }).outcome;
 
     const deploymentId = randomUUID();
@@ -145,15 +164,24 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
 
     // a heartbeat waits in the stamp buffer (under the prefix's slot) until a tick writes it to PostgreSQL
     await settle((await producer.heartbeat({ deploymentId, attemptId })).jobId);
-    const heartbeatAt = await waitFor('a tick to flush the heartbeat', async () => {
-      const [row] = await db.dataSource.query<Array<{ last_heartbeat_at: Date | null }>>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [attemptId]);
-      return row?.last_heartbeat_at ?? undefined;
-    }, 30_000);
+    const heartbeatAt = await waitFor(
+      'a tick to flush the heartbeat',
+      async () => {
+        const [row] = await db.dataSource.query<Array<{ last_heartbeat_at: Date | null }>>(`SELECT last_heartbeat_at FROM attempts WHERE id = $1`, [
+          attemptId,
+        ]);
+        return row?.last_heartbeat_at ?? undefined;
+      },
+      30_000,
+    );
     expect(heartbeatAt).to.be.instanceOf(Date);
 
     const endpoint = { url: `${node.url}/e/1`, kind: 'node_port' as const };
     expect(await outcome((await producer.endAttempt({ deploymentId, attemptId, outcome: 'succeeded', endpoint })).jobId)).to.equal('applied');
-    const [deployment] = await db.dataSource.query<Array<{ state: string; version: number }>>(`SELECT state, version FROM deployments WHERE id = $1`, [deploymentId]);
+    const [deployment] = await db.dataSource.query<Array<{ state: string; version: number }>>(
+      `SELECT state, version FROM deployments WHERE id = $1`,
+      [deploymentId],
+    );
     expect(deployment).to.deep.equal({ state: 'ready', version: 4 });
 
     // the relay appended the four transitions in order; the group and tail read them in that order
@@ -182,16 +210,28 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     // the HTTP intake, its rate-limit counters in the cluster
     const counters: RedisConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-ratelimit');
     closers.push(async () => counters.disconnect());
-    const app = await testHttpServer({ prefix, dataSource: db.dataSource, producer, redis: counters, maintenance }, { FLEET_EVENTS_RATE_LIMIT: '50' }, { rateLimitRedis: counters });
+    const app = await testHttpServer(
+      { prefix, dataSource: db.dataSource, producer, redis: counters, maintenance },
+      { FLEET_EVENTS_RATE_LIMIT: '50' },
+      { rateLimitRedis: counters },
+    );
     closers.push(() => app.close());
     const second = randomUUID();
-    const res = await app.inject({ method: 'POST', url: '/api/events', payload: { name: 'deployment.create', data: { deploymentId: second, name: 'api' } } });
+    const res = await app.inject({
+      method: 'POST',
+      url: '/api/events',
+      payload: { name: 'deployment.create', data: { deploymentId: second, name: 'api' } },
+    });
     expect(res.statusCode).to.equal(202);
     expect((await app.inject({ method: 'GET', url: '/readyz' })).statusCode).to.equal(200);
-    await waitFor('the intake event to apply', async () => {
-      const [row] = await db.dataSource.query<Array<{ state: string }>>(`SELECT state FROM deployments WHERE id = $1`, [second]);
-      return row?.state === 'pending' ? true : undefined;
-    }, 30_000);
+    await waitFor(
+      'the intake event to apply',
+      async () => {
+        const [row] = await db.dataSource.query<Array<{ state: string }>>(`SELECT state FROM deployments WHERE id = $1`, [second]);
+        return row?.state === 'pending' ? true : undefined;
+      },
+      30_000,
+    );
 
     // every key the fleet made is in the prefix's one slot
     const bySlot = await keysBySlot(`${prefix}*`);
@@ -232,13 +272,16 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     await waitFor('12 handled', () => (ids.every((id) => seen.has(id)) ? true : undefined));
     const outcome = await repartition({ databaseUrl: db.url, redis, streamKey, to: 4, timeoutMs: 30_000, report: () => undefined });
     expect(outcome).to.deep.equal({ kind: 'repartitioned', from: 1, to: 4 });
-    for (const [i, id] of ids.entries()) await service.apply('attempt.create', { deploymentId: id, attemptId: attempts[i] }, { fallbackEventId: randomUUID() });
+    for (const [i, id] of ids.entries())
+      await service.apply('attempt.create', { deploymentId: id, attemptId: attempts[i] }, { fallbackEventId: randomUUID() });
     await waitFor('24 handled', () => (ids.every((id) => seen.get(id)?.length === 2) ? true : undefined), 30_000);
     for (const id of ids) {
       expect(seen.get(id), id).to.deep.equal([1, 2]);
       const key = partitionKey(streamKey, partitionOf(id, 4), 4);
       expect(key).to.match(/^\{t[0-9a-f]+:p[0-3]\}:transitions:[0-3]$/);
-      const versions = ((await redis.xrange(key, '-', '+')) as Array<[string, string[]]>).filter(([, f]) => f.includes(id)).map(([, f]) => f[f.indexOf('version') + 1]);
+      const versions = ((await redis.xrange(key, '-', '+')) as Array<[string, string[]]>)
+        .filter(([, f]) => f.includes(id))
+        .map(([, f]) => f[f.indexOf('version') + 1]);
       expect(versions, key).to.deep.equal(['2']);
     }
   });
@@ -269,9 +312,17 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
 
     const audit = new ConsumerAudit(P, 1);
     // each group's memory of versions, shared by its consumers
-    const versions = new Map([['g', memoryVersionStore()], ['late', memoryVersionStore()]]);
+    const versions = new Map([
+      ['g', memoryVersionStore()],
+      ['late', memoryVersionStore()],
+    ]);
     const ended: unknown[] = [];
-    const start = (group: string, name: string, handler: (e: TransitionEntry) => Promise<void>, onPartitionChange?: TransitionConsumerOptions['onPartitionChange']) => {
+    const start = (
+      group: string,
+      name: string,
+      handler: (e: TransitionEntry) => Promise<void>,
+      onPartitionChange?: TransitionConsumerOptions['onPartitionChange'],
+    ) => {
       const c = new TransitionConsumer({
         redis: url,
         streamKey,
@@ -286,7 +337,13 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
         ...(onPartitionChange ? { onPartitionChange } : {}),
       });
       closers.push(() => c.close());
-      return { consumer: c, ended: c.run().then(() => 'resolved', (err: unknown) => err) };
+      return {
+        consumer: c,
+        ended: c.run().then(
+          () => 'resolved',
+          (err: unknown) => err,
+        ),
+      };
     };
     const group = ['a', 'b', 'c'].map((name) => start('g', name, audit.handler(name), audit.changes(name)));
     for (const g of group) void g.ended.then((outcome) => ended.push(outcome));
@@ -307,8 +364,13 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
         lateRun = start('late', 'l1', late.handler('l1'));
         await through(3, 4);
         await waitFor('versions 3-4 handled', () => (audit.count(deployments) === 96 ? true : undefined), 20_000);
-        await waitFor("the late group to read on the failing master's partitions", () => (late.handled().some((e) => there.includes(e.partition)) ? true : undefined));
-        handledDuringLag = audit.handled().filter((e) => there.includes(e.partition) && e.entry.version >= 3).map((e) => ({ n: e.partition, id: e.entry.streamId }));
+        await waitFor("the late group to read on the failing master's partitions", () =>
+          late.handled().some((e) => there.includes(e.partition)) ? true : undefined,
+        );
+        handledDuringLag = audit
+          .handled()
+          .filter((e) => there.includes(e.partition) && e.entry.version >= 3)
+          .map((e) => ({ n: e.partition, id: e.entry.streamId }));
       },
     });
     closers.push(() => cluster.restart(failover.killed));
@@ -325,7 +387,8 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect(ended).to.deep.equal([]);
     // what was handled during the lag is gone from those partitions; its versions are back under new ids
     const retained: Array<{ readonly n: number; readonly entry: TransitionEntry }> = [];
-    for (const n of there) for (const [id, fields] of await admin.xrange(keys[n] ?? '', '-', '+')) retained.push({ n, entry: parseEntry(id, fields) });
+    for (const n of there)
+      for (const [id, fields] of await admin.xrange(keys[n] ?? '', '-', '+')) retained.push({ n, entry: parseEntry(id, fields) });
     const gone = handledDuringLag.filter((h) => retained.some((r) => r.n === h.n && r.entry.streamId === h.id));
     expect(gone).to.deep.equal([]);
     const back = (d: string, v: number) => retained.some((r) => r.entry.deploymentId === d && r.entry.version === v);
@@ -351,7 +414,15 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     const append = (version: number) =>
       writer.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version), 'to', 'deploying');
     const seen: number[] = [];
-    const consumer = new TransitionConsumer({ redis: url, streamKey, group: 'failover', consumer: 'c1', startId: '0', blockMs: 200, handler: (e) => void seen.push(e.version) });
+    const consumer = new TransitionConsumer({
+      redis: url,
+      streamKey,
+      group: 'failover',
+      consumer: 'c1',
+      startId: '0',
+      blockMs: 200,
+      handler: (e) => void seen.push(e.version),
+    });
     closers.push(() => consumer.close());
     let ended: unknown = null;
     consumer.run().then(
@@ -370,7 +441,7 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect(seen).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
   });
 
-  it('a BullMQ worker on the cluster keeps taking jobs through failovers of its slot\'s master and the old master\'s return as a replica', async () => {
+  it("a BullMQ worker on the cluster keeps taking jobs through failovers of its slot's master and the old master's return as a replica", async () => {
     const prefix = `{${uniquePrefix()}}`;
     const url = cluster.url;
     const queueConnection = createRedis(url, 'producer', 'lifecycle-fleet-test-queue');
@@ -389,7 +460,11 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     let n = 0;
     const addAndWait = async (what: string) => {
       const id = `j${++n}`;
-      await waitFor(`${what}: job ${id} added`, async () => ((await queue.add('j', {}, { jobId: id }).catch(() => undefined)) === undefined ? undefined : true), 60_000);
+      await waitFor(
+        `${what}: job ${id} added`,
+        async () => ((await queue.add('j', {}, { jobId: id }).catch(() => undefined)) === undefined ? undefined : true),
+        60_000,
+      );
       await waitFor(`${what}: job ${id} taken`, () => (done.has(id) ? true : undefined), 30_000);
     };
     await addAndWait('before');
@@ -435,7 +510,11 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     expect(acknowledged, 'the plain enqueue was acknowledged').to.have.length(1);
     expect(refused, 'the durable enqueue was not').to.be.instanceOf(DurabilityError);
     // the promoted replica never had the acknowledged job
-    const after = await waitFor('the queue to answer after the failover', async () => ({ job: (await jobs.getJob(acknowledged[0] ?? '')) ?? null }), 30_000);
+    const after = await waitFor(
+      'the queue to answer after the failover',
+      async () => ({ job: (await jobs.getJob(acknowledged[0] ?? '')) ?? null }),
+      30_000,
+    );
     expect(after.job).to.equal(null);
   });
 });

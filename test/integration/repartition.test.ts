@@ -10,7 +10,15 @@ import { createLogger } from '../../src/log';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, TransitionConsumer, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
-import { layoutKey, partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions, repartitionsKey } from '../../src/streams/partitions';
+import {
+  layoutKey,
+  partitionKey,
+  partitionKeys,
+  partitionOf,
+  partitionsRecordKey,
+  recordPartitions,
+  repartitionsKey,
+} from '../../src/streams/partitions';
 import { repartition, type RepartitionOutcome } from '../../src/streams/repartition';
 import { xinfoGroups } from '../../src/streams/stream-stats';
 import { repoRoot } from '../../src/util';
@@ -207,7 +215,9 @@ describe('changing the number of partitions of a live fleet', function () {
     relay(4);
     const fleet = new Deployments(Array.from({ length: 8 }, () => randomUUID()));
     await fleet.each(2);
-    await waitFor('16 entries', async () => ((await Promise.all(partitionKeys(streamKey, 4).map((k) => redis.xlen(k)))).reduce((a, b) => a + b) >= 16 ? true : undefined));
+    await waitFor('16 entries', async () =>
+      (await Promise.all(partitionKeys(streamKey, 4).map((k) => redis.xlen(k)))).reduce((a, b) => a + b) >= 16 ? true : undefined,
+    );
     // a group nobody reads: created on every partition, at the beginning
     for (const key of partitionKeys(streamKey, 4)) await redis.xgroup('CREATE', key, 'abandoned', '0', 'MKSTREAM');
     const reports: string[] = [];
@@ -281,7 +291,9 @@ describe('changing the number of partitions of a live fleet', function () {
     relay(4);
     const fleet = new Deployments(Array.from({ length: 8 }, () => randomUUID()));
     await fleet.each(1);
-    await waitFor('8 entries', async () => ((await Promise.all(partitionKeys(streamKey, 4).map((k) => redis.xlen(k)))).reduce((a, b) => a + b) >= 8 ? true : undefined));
+    await waitFor('8 entries', async () =>
+      (await Promise.all(partitionKeys(streamKey, 4).map((k) => redis.xlen(k)))).reduce((a, b) => a + b) >= 8 ? true : undefined,
+    );
     const key = partitionKey(streamKey, partitionOf(fleet.ids[0] ?? '', 4), 4);
     await redis.xgroup('CREATE', key, 'late', '0');
     await redis.hset(layoutKey(key), 'partitions', '4', 'since', '1-0', 'entries', '1'); // left by an earlier repartition
@@ -387,7 +399,9 @@ describe('changing the number of partitions of a live fleet', function () {
     // Redis loses the end of partition 1: stays v3 (new layout), moves v2 and stays v2 (the old one's)
     for (const [id] of (await redis.xrevrange(p1, '+', '-', 'COUNT', 3)) as Array<[string, string[]]>) await redis.xdel(p1, id);
     relay(8); // reconciles as it leads
-    await waitFor('stays v3 again on partition 1', async () => ((await entriesOn(p1)).some((e) => e.deploymentId === stays && e.version === 3) ? true : undefined));
+    await waitFor('stays v3 again on partition 1', async () =>
+      (await entriesOn(p1)).some((e) => e.deploymentId === stays && e.version === 3) ? true : undefined,
+    );
     await fleet.next(moves); // v4: the relay is past its reconcile
     await waitFor('every row published', async () => ((await unpublished()) === 0 ? true : undefined));
     expect((await entriesOn(p1)).map((e) => `${e.deploymentId === stays ? 's' : 'm'}${e.version}`)).to.deep.equal(['s1', 'm1', 's3']);
@@ -449,7 +463,16 @@ describe('changing the number of partitions of a live fleet', function () {
     const append = async (v: number, partitions: number) => {
       const pipeline = redis.pipeline();
       for (const id of ids) {
-        pipeline.xadd(partitionKey(streamKey, partitionOf(id, partitions), partitions), '*', 'deploymentId', id, 'version', String(v), 'to', 'pending');
+        pipeline.xadd(
+          partitionKey(streamKey, partitionOf(id, partitions), partitions),
+          '*',
+          'deploymentId',
+          id,
+          'version',
+          String(v),
+          'to',
+          'pending',
+        );
       }
       await pipeline.exec();
     };
@@ -485,7 +508,22 @@ describe('changing the number of partitions of a live fleet', function () {
     const ids = Array.from({ length: 20 }, () => randomUUID());
     const append = async (v: number, partitions: number) => {
       for (const id of ids) {
-        const fields = ['type', 'state_transition', 'deploymentId', id, 'version', String(v), 'from', 'pending', 'to', 'pending', 'reason', 'test', 'eventId', `e-${v}`];
+        const fields = [
+          'type',
+          'state_transition',
+          'deploymentId',
+          id,
+          'version',
+          String(v),
+          'from',
+          'pending',
+          'to',
+          'pending',
+          'reason',
+          'test',
+          'eventId',
+          `e-${v}`,
+        ];
         await redis.xadd(partitionKey(streamKey, partitionOf(id, partitions), partitions), '*', ...fields);
       }
     };
@@ -494,7 +532,12 @@ describe('changing the number of partitions of a live fleet', function () {
       const child = spawn(PYTHON, [CONSUMER, '--prefix', prefix, '--group', group, '--start-id', '0', '--block-ms', '200', ...more], {
         env: { PATH: process.env.PATH, REDIS_URL: testEnv().redisUrl },
       });
-      const out = { stdout: '', stderr: '', code: undefined as number | null | undefined, exited: new Promise<void>((resolve) => child.on('exit', resolve)) };
+      const out = {
+        stdout: '',
+        stderr: '',
+        code: undefined as number | null | undefined,
+        exited: new Promise<void>((resolve) => child.on('exit', resolve)),
+      };
       child.on('exit', (code) => (out.code = code));
       child.stdout.on('data', (chunk: Buffer) => (out.stdout += chunk.toString()));
       child.stderr.on('data', (chunk: Buffer) => (out.stderr += chunk.toString()));
@@ -561,7 +604,9 @@ describe('changing the number of partitions of a live fleet', function () {
     );
     const err = await waitFor('the tail to stop', () => ended.err);
     expect(err).to.be.instanceOf(Error);
-    expect((err as Error).message).to.contain(`${streamKey} was repartitioned 2 times since this tail last looked`).and.contain('start it again');
+    expect((err as Error).message)
+      .to.contain(`${streamKey} was repartitioned 2 times since this tail last looked`)
+      .and.contain('start it again');
   });
 
   describe('the command', () => {
@@ -606,7 +651,9 @@ describe('changing the number of partitions of a live fleet', function () {
       await redis.xgroup('CREATE', partitionKey(streamKey, 1, 2), 'behind', '0');
       const refused = await fleet(['--to', '8', '--timeout', '0.2']);
       expect(refused.code).to.equal(1);
-      expect(refused.stderr).to.contain(`refused: consumer group(s) behind did not read and acknowledge everything within 0.2 s: group behind on ${partitionKey(streamKey, 1, 2)}`);
+      expect(refused.stderr).to.contain(
+        `refused: consumer group(s) behind did not read and acknowledge everything within 0.2 s: group behind on ${partitionKey(streamKey, 1, 2)}`,
+      );
       expect(await redis.get(partitionsRecordKey(streamKey))).to.equal('2');
     });
   });

@@ -145,7 +145,13 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
   function sweeper(flushing: StampBuffer, options: Partial<SweeperOptions> = {}): Sweeper {
     const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     closers.push(() => producer.close());
-    return new Sweeper({ dataSource: db.dataSource, producer, now: clock.now, flushStamps: async (now) => (await flushing.flush(now)).stamped, ...options });
+    return new Sweeper({
+      dataSource: db.dataSource,
+      producer,
+      now: clock.now,
+      flushStamps: async (now) => (await flushing.flush(now)).stamped,
+      ...options,
+    });
   }
 
   it('keeps the latest of many out-of-order heartbeats; one flush writes the maximum with one UPDATE per kind', async () => {
@@ -245,7 +251,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     }
   });
 
-  it('has PostgreSQL plan each flush\'s statements for its own stamps: no cached generic plan (made for 10 rows, it was quadratic)', async () => {
+  it("has PostgreSQL plan each flush's statements for its own stamps: no cached generic plan (made for 10 rows, it was quadratic)", async () => {
     // one connection, as a pool hands the same idle one to every flush: PostgreSQL caches a generic plan for a
     // prepared statement from its sixth run on a connection
     const one = createDataSource({ url: db.url, poolSize: 1, applicationName: 'lifecycle-fleet-test' });
@@ -272,7 +278,11 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(await heartbeatAt(a.attemptId), 'only in Redis').to.equal(null);
 
     // the sweep declared it at +100 from PostgreSQL's view (liveness +0, over 90 s old)
-    const result = await service.apply('attempt.orphaned', { ...a, eventId: `attempt.orphaned.${a.attemptId}.${T0.getTime()}`, actor: 'sweep' }, { producedAt: at(100) });
+    const result = await service.apply(
+      'attempt.orphaned',
+      { ...a, eventId: `attempt.orphaned.${a.attemptId}.${T0.getTime()}`, actor: 'sweep' },
+      { producedAt: at(100) },
+    );
     expect(result).to.deep.include({ outcome: 'noop', reason: 'alive' });
     const [attempt] = await q<{ status: string }>(`SELECT status FROM attempts WHERE id = $1`, [a.attemptId]);
     expect(attempt?.status).to.equal('running');
@@ -281,7 +291,11 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
 
     // and a runner that really went silent is still orphaned
     clock.at(T0, 200);
-    const dead = await service.apply('attempt.orphaned', { ...a, eventId: `attempt.orphaned.${a.attemptId}.${at(60).getTime()}`, actor: 'sweep' }, { producedAt: at(200) });
+    const dead = await service.apply(
+      'attempt.orphaned',
+      { ...a, eventId: `attempt.orphaned.${a.attemptId}.${at(60).getTime()}`, actor: 'sweep' },
+      { producedAt: at(200) },
+    );
     expect(dead).to.deep.include({ outcome: 'applied', to: 'unknown', reason: 'orphaned' });
   });
 
@@ -297,12 +311,13 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
       options: { producedAt: at(100) },
     });
     const results = await service.applyMany([declared(a), declared(b)]);
-    expect(results.map((r) => (r.status === 'fulfilled' ? `${r.value.outcome} ${r.value.outcome === 'noop' ? r.value.reason : ''}` : 'error'))).to.deep.equal([
-      'noop alive',
-      'applied ',
-    ]);
+    expect(
+      results.map((r) => (r.status === 'fulfilled' ? `${r.value.outcome} ${r.value.outcome === 'noop' ? r.value.reason : ''}` : 'error')),
+    ).to.deep.equal(['noop alive', 'applied ']);
     expect((await heartbeatAt(a.attemptId))?.toISOString(), 'the orphan path wrote it').to.equal(at(60).toISOString());
-    const statuses = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE id = ANY($1::uuid[])`, [[a.attemptId, b.attemptId]]);
+    const statuses = await q<{ id: string; status: string }>(`SELECT id, status FROM attempts WHERE id = ANY($1::uuid[])`, [
+      [a.attemptId, b.attemptId],
+    ]);
     expect(new Map(statuses.map((r) => [r.id, r.status]))).to.deep.equal(
       new Map([
         [a.attemptId, 'running'],
@@ -381,7 +396,13 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     const [a1, a2, a3, a4] = [await running(), await running(), await running(), await running()];
     const r = await ready(); // last_ready_at +0
     clock.at(T0, 100);
-    for (const [a, s] of [[a1, 10], [a2, 20], [a3, 30], [a4, 35]] as const) await stampAt('attempt.heartbeat', a, at(s));
+    for (const [a, s] of [
+      [a1, 10],
+      [a2, 20],
+      [a3, 30],
+      [a4, 35],
+    ] as const)
+      await stampAt('attempt.heartbeat', a, at(s));
     await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(50));
     let round = 0;
     const dying = newBuffer({
@@ -453,7 +474,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     expect(await buffered('readiness')).to.deep.equal([]);
   });
 
-  it('serves a buffered readiness stamp at once (the read model and dispatch overlay it), and PostgreSQL\'s alone when Redis is away', async () => {
+  it("serves a buffered readiness stamp at once (the read model and dispatch overlay it), and PostgreSQL's alone when Redis is away", async () => {
     const r = await ready(); // last_ready_at +0
     clock.at(T0, 100);
     await stampAt('deployment.readiness', { deploymentId: r.deploymentId }, at(90));
@@ -508,7 +529,7 @@ describe('stamp buffer: heartbeats and readiness absorbed in Redis, flushed in b
     // A backend reports its commits when it exits: close every connection to the database before each count.
     const commits = async (): Promise<number> => {
       if (ds.isInitialized) await ds.destroy();
-      return waitFor('the database\'s backends to exit and report', async () => {
+      return waitFor("the database's backends to exit and report", async () => {
         const { rows } = await admin.query<{ n: string; c: string }>(
           `SELECT numbackends AS n, xact_commit AS c FROM pg_stat_database WHERE datname = $1`,
           [target.name],

@@ -39,7 +39,11 @@ describe('stream metrics: per-partition length, group lag and owner on /metrics'
     db = await openTestDatabase(4);
     redis = testRedis();
     const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0', FLEET_STREAM_PARTITIONS: String(P) });
-    fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, { http: true, worker: false, sweep: false });
+    fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: db.url }, silentLogger, {
+      http: true,
+      worker: false,
+      sweep: false,
+    });
   });
 
   after(async () => {
@@ -83,10 +87,23 @@ describe('stream metrics: per-partition length, group lag and owner on /metrics'
     });
     const expected = (value: (n: number) => number, labels: (n: number) => string) =>
       new Map(Array.from({ length: P }, (_, n) => [labels(n), value(n)] as const));
-    expect(samples(text, 'fleet_stream_partition_length')).to.deep.equal(expected((n) => n + 1, (n) => `{partition="${n}"}`));
-    expect(samples(text, 'fleet_stream_group_lag')).to.deep.equal(expected((n) => n + 1, (n) => `{group="audit",partition="${n}"}`));
+    expect(samples(text, 'fleet_stream_partition_length')).to.deep.equal(
+      expected(
+        (n) => n + 1,
+        (n) => `{partition="${n}"}`,
+      ),
+    );
+    expect(samples(text, 'fleet_stream_group_lag')).to.deep.equal(
+      expected(
+        (n) => n + 1,
+        (n) => `{group="audit",partition="${n}"}`,
+      ),
+    );
     expect(samples(text, 'fleet_stream_partition_owner')).to.deep.equal(
-      expected(() => 1, (n) => `{group="audit",partition="${n}",consumer="reader:1"}`),
+      expected(
+        () => 1,
+        (n) => `{group="audit",partition="${n}",consumer="reader:1"}`,
+      ),
     );
 
     release();
@@ -107,6 +124,11 @@ describe('stream metrics: per-partition length, group lag and owner on /metrics'
     // the consumer's own hook (for its process's metrics): every partition taken over, then handed back on close
     const all = (change: string) => Array.from({ length: P }, (_, n) => `${change} ${n}`);
     expect([...changes].sort()).to.deep.equal([...all('acquired'), 'acquired 0', 'lost 0', ...all('released')].sort());
-    expect(samples(after, 'fleet_stream_partition_length')).to.deep.equal(expected((n) => n + 1, (n) => `{partition="${n}"}`));
+    expect(samples(after, 'fleet_stream_partition_length')).to.deep.equal(
+      expected(
+        (n) => n + 1,
+        (n) => `{partition="${n}"}`,
+      ),
+    );
   });
 });

@@ -294,11 +294,15 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await own.kill('SIGKILL'); // a crash: the AOF may miss its last second
     await own.restart();
     await writing;
-    await waitFor('every transition in the stream', async () => {
-      const entries = await readStream(probe, streamKey);
-      const by = versionsByDeployment(entries);
-      return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
-    }, 30_000);
+    await waitFor(
+      'every transition in the stream',
+      async () => {
+        const entries = await readStream(probe, streamKey);
+        const by = versionsByDeployment(entries);
+        return deployments.every((d) => new Set(by.get(d)).size === 10) ? entries : undefined;
+      },
+      30_000,
+    );
     await waitFor('every row marked published', async () => ((await unmarkedCount()) === 0 ? true : undefined), 5000);
   });
 
@@ -318,7 +322,11 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       void consumer.run().catch(() => undefined);
       // its second connection is made when the partition's worker first waits for new entries
       await waitFor('the connection that waits', async () =>
-        String(await lent.client('LIST')).split('\n').filter((l) => l.includes('name=lifecycle-fleet-consumer-quiet')).length >= 2 ? true : undefined,
+        String(await lent.client('LIST'))
+          .split('\n')
+          .filter((l) => l.includes('name=lifecycle-fleet-consumer-quiet')).length >= 2
+          ? true
+          : undefined,
       );
       await own.kill('SIGKILL');
       // both connections retry on one schedule from the same moment: by the third refused attempt of the one, the
@@ -414,10 +422,14 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await locker.query('COMMIT');
 
     // every version of both deployments reaches the new stream, the first deployment's before the second's
-    await waitFor('both deployments whole in the stream', async () => {
-      const by = versionsByDeployment(await readStream(probe, streamKey));
-      return [first, second].every((d) => new Set(by.get(d)).size === 10) ? true : undefined;
-    }, 10_000);
+    await waitFor(
+      'both deployments whole in the stream',
+      async () => {
+        const by = versionsByDeployment(await readStream(probe, streamKey));
+        return [first, second].every((d) => new Set(by.get(d)).size === 10) ? true : undefined;
+      },
+      10_000,
+    );
     await r.close();
     const entries = await readStream(probe, streamKey);
     expect(entries.map((e) => `${e.deploymentId === first ? 'a' : 'b'}${e.version}`)).to.deep.equal([
@@ -461,7 +473,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       const deploymentId = randomUUID();
       await tenTransitions(service, deploymentId);
       await waitFor('ten JSON lines', () => (output.out.trim().split('\n').length >= 10 ? true : undefined));
-      const lines = output.out.trim().split('\n').map((l) => JSON.parse(l) as TransitionEntry);
+      const lines = output.out
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as TransitionEntry);
       expect(lines.map((l) => l.version)).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
       expect(lines[2]).to.include({ deploymentId, from: 'pending', to: 'deploying', reason: 'attempt_started' });
       await waitFor('ten text lines', () => (text.output.out.trim().split('\n').length >= 10 ? true : undefined));
@@ -494,7 +509,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       await waitFor('twenty entries', async () => ((await redis.xlen(streamKey)) >= 20 ? true : undefined));
       const b = startTail(['--group', 'ops', '--consumer', 'me', '--json']);
       await waitFor('the next ten', () => (b.output.out.trim().split('\n').length >= 10 ? true : undefined));
-      const seen = b.output.out.trim().split('\n').map((l) => (JSON.parse(l) as TransitionEntry).deploymentId);
+      const seen = b.output.out
+        .trim()
+        .split('\n')
+        .map((l) => (JSON.parse(l) as TransitionEntry).deploymentId);
       expect(new Set(seen)).to.deep.equal(new Set([second]));
     });
 
@@ -566,7 +584,8 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
 
     it('stops with resync_required, not a new group at $, when the group is gone after a transient error', async () => {
       const deploymentId = randomUUID();
-      const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+      const add = (version: number) =>
+        redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
       const handled: TransitionEntry[] = [];
       const consumer = consumerOf(handled, { startId: '$' });
       const outcome = consumer.run().then(
@@ -586,9 +605,15 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       void outcome.then((o) => (settled = o));
       const groupNames = async () => ((await redis.xinfo('GROUPS', streamKey)) as unknown[][]).map((g) => String(g[1]));
       // either it stops, or it makes the group anew (the bug): whichever first; then one more entry shows which
-      await waitFor('the consumer to stop or make a new group', async () => settled ?? ((await groupNames()).includes('g') ? 'new group' : undefined));
+      await waitFor(
+        'the consumer to stop or make a new group',
+        async () => settled ?? ((await groupNames()).includes('g') ? 'new group' : undefined),
+      );
       await add(4);
-      const err = await Promise.race([outcome, waitFor('an entry handled in a new group', () => (handled.length > 1 ? `went on in a new group at v${handled[1]?.version}` : undefined))]);
+      const err = await Promise.race([
+        outcome,
+        waitFor('an entry handled in a new group', () => (handled.length > 1 ? `went on in a new group at v${handled[1]?.version}` : undefined)),
+      ]);
       expect(err).to.be.instanceOf(ResyncRequiredError);
       expect(handled.map((e) => e.version)).to.deep.equal([1]);
     });
@@ -622,7 +647,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       expect((err as Error).message).to.contain('/api/deployments/:id/transitions?afterVersion=');
     });
 
-    it('is refused while running when the stream vanishes with Redis\'s data (a restart without its AOF, a failover)', async () => {
+    it("is refused while running when the stream vanishes with Redis's data (a restart without its AOF, a failover)", async () => {
       const seen: number[] = [];
       const consumer = new TransitionConsumer({
         redis: testEnv().redisUrl,
@@ -659,7 +684,8 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
 
     it('is detected while running: a consumer held behind the trim rejects before handling past the hole (issue 13 B)', async () => {
       const deploymentId = randomUUID();
-      const add = (version: number) => redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
+      const add = (version: number) =>
+        redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', deploymentId, 'version', String(version));
       await add(1);
       let release: () => void = () => undefined;
       const held = new Promise<void>((resolve) => (release = resolve));
@@ -687,7 +713,10 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       await redis.xtrim(streamKey, 'MAXLEN', 10);
       release();
       // either the consumer stops with the resync signal, or it goes on past the hole (the bug): whichever first
-      const err = await Promise.race([outcome, waitFor('an entry handled past the hole', () => (handled.length > 1 ? `skipped to v${handled[1]}` : undefined))]);
+      const err = await Promise.race([
+        outcome,
+        waitFor('an entry handled past the hole', () => (handled.length > 1 ? `skipped to v${handled[1]}` : undefined)),
+      ]);
       expect(err).to.be.instanceOf(ResyncRequiredError);
       // nothing past the hole was handled, and the caller learns where each deployment stands
       expect(handled).to.deep.equal([1]);

@@ -171,7 +171,18 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
 
     clock.at(t0, 30);
     const first = await sweep.sweep();
-    expect(first).to.deep.include({ at: clock.now().toISOString(), queued: false, endpoints: 5, probed: 5, stamped: 1, failed: 4, unprobed: 0, stale: 0, orphaned: 0, expired: 0 });
+    expect(first).to.deep.include({
+      at: clock.now().toISOString(),
+      queued: false,
+      endpoints: 5,
+      probed: 5,
+      stamped: 1,
+      failed: 4,
+      unprobed: 0,
+      stale: 0,
+      orphaned: 0,
+      expired: 0,
+    });
     expect(first).to.deep.include({ probeFailures: { http_503: 1, timeout: 1, refused: 1, redirect: 1 } });
     expect(healthy.requests).to.deep.equal(['/ready']);
     expect(hanging.requests).to.deep.equal(['/ready']);
@@ -258,11 +269,17 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     }
 
     const firstPublic = sources.indexOf('public');
-    expect(sources.slice(0, firstPublic).every((s) => s === 'private'), 'private throughout the slow and the missed tick').to.equal(true);
+    expect(
+      sources.slice(0, firstPublic).every((s) => s === 'private'),
+      'private throughout the slow and the missed tick',
+    ).to.equal(true);
     expect(firstPublic).to.equal(301); // last stamp at +180, window 120 s: +300 is the edge, still private
     expect(firstPublic - FAILURE_STARTS_S).to.be.at.most(WINDOW_S + TICK_S);
     expect(sources.slice(firstPublic, 360).every((s) => s === 'public')).to.equal(true);
-    expect(sources.slice(360).every((s) => s === 'private'), 'served again after recovery').to.equal(true);
+    expect(
+      sources.slice(360).every((s) => s === 'private'),
+      'served again after recovery',
+    ).to.equal(true);
     const flips = sources.filter((s, i) => i > 0 && s !== sources[i - 1]).length;
     expect(flips).to.equal(2);
 
@@ -355,7 +372,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
         await reader.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
         await reader.query('SELECT 1 FROM deployments WHERE id = $1', [deploymentId]); // the snapshot
         await db.dataSource.query('UPDATE deployments SET name = name WHERE id = $1', [deploymentId]);
-        const lost = await reader.query('UPDATE deployments SET name = name WHERE id = $1', [deploymentId]).then(() => null, (err: unknown) => err);
+        const lost = await reader.query('UPDATE deployments SET name = name WHERE id = $1', [deploymentId]).then(
+          () => null,
+          (err: unknown) => err,
+        );
         if (!(lost instanceof Error)) throw new Error('the second update of the row did not fail');
         expect((lost as Error & { code?: unknown }).code).to.equal('40001');
         return lost;
@@ -384,7 +404,12 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const reports: string[] = [];
       const pgWatch = new ServerWatch('PostgreSQL (test)', (_level, message) => reports.push(message));
       const sweep = new Sweeper({ dataSource: db.dataSource, producer, logger, pgWatch, flushStamps: () => Promise.reject(conflict) });
-      expect(await sweep.sweep().then(() => null, (err: unknown) => err)).to.equal(conflict);
+      expect(
+        await sweep.sweep().then(
+          () => null,
+          (err: unknown) => err,
+        ),
+      ).to.equal(conflict);
       expect(said()).to.deep.equal([['sweep failed: a lock conflict (deadlock) lost on every try; the next tick tries again', 'attempts', null]]);
       expect(reports).to.deep.equal([]);
     });
@@ -401,7 +426,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const sweep = new Sweeper({ dataSource: proxied, producer, logger, pgWatch, flushStamps: () => Promise.reject(conflict) });
       try {
         await proxy.close(); // nothing listens there any more
-        const failed = await sweep.sweep().then(() => null, (err: unknown) => err);
+        const failed = await sweep.sweep().then(
+          () => null,
+          (err: unknown) => err,
+        );
         expect(failed, 'the tick throws its first failure').to.equal(conflict);
         expect(said()).to.deep.equal([['sweep failed: a server is away; retrying every tick', 'readiness', null]]);
         expect(reports).to.deep.equal(['lost PostgreSQL (test), retrying']);
@@ -417,7 +445,10 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const { logger, said } = captured();
       const shardQueue = { addBulk: () => Promise.reject(new TypeError('a bug in queueing the shards')) };
       const sweep = new Sweeper({ dataSource: db.dataSource, producer, logger, shardQueue, flushStamps: () => Promise.reject(conflict) });
-      const failed = await sweep.sweep().then(() => null, (err: unknown) => err);
+      const failed = await sweep.sweep().then(
+        () => null,
+        (err: unknown) => err,
+      );
       expect(failed).to.equal(conflict);
       expect(said()).to.deep.equal([['sweep failed', 'readiness', 'a bug in queueing the shards']]);
     });
@@ -444,10 +475,12 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
     }
 
     const stateOf = async (deploymentId: string) =>
-      (await db.dataSource.query<Array<{ state: string; status: string; reason: string | null }>>(
-        `SELECT d.state, a.status, a.reason FROM deployments d JOIN attempts a ON a.deployment_id = d.id WHERE d.id = $1 ORDER BY a.number DESC LIMIT 1`,
-        [deploymentId],
-      ))[0];
+      (
+        await db.dataSource.query<Array<{ state: string; status: string; reason: string | null }>>(
+          `SELECT d.state, a.status, a.reason FROM deployments d JOIN attempts a ON a.deployment_id = d.id WHERE d.id = $1 ORDER BY a.number DESC LIMIT 1`,
+          [deploymentId],
+        )
+      )[0];
 
     it('re-checks an orphan when it is applied: a heartbeat since makes it a noop `alive`, and a later death still orphans (issue 13 C)', async () => {
       const { t0, clock } = pastClock();
@@ -460,7 +493,9 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       expect(await producer.queue.getJobState(firstId)).to.equal('waiting');
       // a heartbeat produced before the sweep ran, applied after it declared the orphan (it waited in a backlog): it
       // records when it was processed (t0 + 100 s), not when it was produced
-      expect(await service.apply('attempt.heartbeat', { ...a, eventId: 'hb-1' }, { producedAt: new Date(t0.getTime() + 95_000) })).to.deep.include({ reason: 'stamped' });
+      expect(await service.apply('attempt.heartbeat', { ...a, eventId: 'hb-1' }, { producedAt: new Date(t0.getTime() + 95_000) })).to.deep.include({
+        reason: 'stamped',
+      });
       const [stamp] = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = $1`, [a.attemptId]);
       expect(stamp?.at.getTime()).to.equal(t0.getTime() + 100_000);
       startWorker(service);
@@ -497,7 +532,9 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       expect(jobs.map((j) => (j.returnvalue as { reason: string }).reason)).to.deep.equal(['orphaned', 'alive', 'alive', 'alive']);
       expect(await stateOf(dead.deploymentId)).to.deep.include({ state: 'unknown' });
       for (const x of alive) expect(await stateOf(x.deploymentId)).to.deep.include({ state: 'deploying', status: 'running' });
-      const stamps = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = ANY($1)`, [alive.map((x) => x.attemptId)]);
+      const stamps = await db.dataSource.query<Array<{ at: Date }>>(`SELECT last_heartbeat_at AS at FROM attempts WHERE id = ANY($1)`, [
+        alive.map((x) => x.attemptId),
+      ]);
       expect(stamps.map((r) => r.at.getTime())).to.deep.equal(alive.map(() => t0.getTime() + 97_000));
     });
 
@@ -543,7 +580,12 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const service = new TransitionService({ dataSource: db.dataSource, now: clock.now });
       startWorker(service);
       const sweep = sweeper(clock, { orphanAfterS: 90, progressDeadlineS: 1800 });
-      const [lateEnd, forced, resolved, alive] = [await runningAttempt(service), await runningAttempt(service), await runningAttempt(service), await runningAttempt(service)];
+      const [lateEnd, forced, resolved, alive] = [
+        await runningAttempt(service),
+        await runningAttempt(service),
+        await runningAttempt(service),
+        await runningAttempt(service),
+      ];
       if (lateEnd === undefined || forced === undefined || resolved === undefined || alive === undefined) throw new Error('unreachable');
 
       clock.at(t0, 60);
@@ -583,7 +625,9 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       const force = await settledOne((await producer.teardown({ deploymentId: forced.deploymentId, force: true })).jobId);
       expect(force.returnvalue).to.deep.include({ outcome: 'applied', from: 'unknown', to: 'pending', reason: 'torn_down' });
       // or a person resolves it.
-      const resolve = await settledOne((await producer.resolve({ deploymentId: resolved.deploymentId, outcome: 'failed', reason: 'runner lost' })).jobId);
+      const resolve = await settledOne(
+        (await producer.resolve({ deploymentId: resolved.deploymentId, outcome: 'failed', reason: 'runner lost' })).jobId,
+      );
       expect(resolve.returnvalue).to.deep.include({ outcome: 'applied', from: 'unknown', to: 'failed', reason: 'resolved' });
       for (const a of [lateEnd, resolved]) {
         const teardown = await settledOne((await producer.teardown({ deploymentId: a.deploymentId })).jobId);
@@ -641,7 +685,12 @@ describe('sweep: readiness heartbeats, orphans and deadlines', function () {
       clock.at(t0, 600); // steady started exactly 600 s ago: not yet; silent is past both thresholds
       expect(await sweep.sweep()).to.deep.include({ expired: 1, orphaned: 0 });
       await settled([`attempt.expired.${silent.attemptId}`]);
-      expect(await producer.queue.getJobs(['waiting', 'active', 'completed', 'failed', 'delayed']).then((jobs) => jobs.filter((j) => j.name === 'attempt.orphaned')), 'past the deadline wins over orphaned').to.deep.equal([]);
+      expect(
+        await producer.queue
+          .getJobs(['waiting', 'active', 'completed', 'failed', 'delayed'])
+          .then((jobs) => jobs.filter((j) => j.name === 'attempt.orphaned')),
+        'past the deadline wins over orphaned',
+      ).to.deep.equal([]);
 
       clock.at(t0, 601);
       expect(await sweep.sweep()).to.deep.include({ expired: 1, orphaned: 0 });
@@ -886,7 +935,13 @@ describe('sweep scheduler: one scheduler, one sweep per tick, fleet-wide', funct
         child.stdout?.on('data', (chunk: Buffer) => (outputs[i] += chunk.toString()));
         exits.push(new Promise((resolve) => child.on('exit', (code) => resolve(code))));
       }
-      const lines = () => outputs.map((o) => o.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Record<string, unknown>));
+      const lines = () =>
+        outputs.map((o) =>
+          o
+            .split('\n')
+            .filter((l) => l !== '')
+            .map((l) => JSON.parse(l) as Record<string, unknown>),
+        );
       await waitFor('three processes to register and start', () => (lines().every((l) => l.some((e) => 'registered' in e)) ? true : undefined));
       const completed = () => queue.getJobs(['completed'], 0, -1);
       await waitFor('six ticks to complete', async () => ((await completed()).length >= 6 ? true : undefined), 20_000);
@@ -904,13 +959,18 @@ describe('sweep scheduler: one scheduler, one sweep per tick, fleet-wide', funct
       const firstTick = ticks[0] ?? NaN;
       const lastTick = ticks[ticks.length - 1] ?? NaN;
       // BullMQ keeps `every` iterations on one grid: the first registration's time plus whole intervals.
-      expect(ticks.every((t) => Number.isInteger(t) && (t - firstTick) % 1000 === 0), 'every job is a tick on the 1 s grid').to.equal(true);
+      expect(
+        ticks.every((t) => Number.isInteger(t) && (t - firstTick) % 1000 === 0),
+        'every job is a tick on the 1 s grid',
+      ).to.equal(true);
       expect(new Set(ticks).size).to.equal(ticks.length);
       expect(ticks.length, 'one job per tick, none missing, none extra').to.equal((lastTick - firstTick) / 1000 + 1);
       expect(await queue.getJobCounts('failed')).to.deep.equal({ failed: 0 });
       expect(jobs.every((j) => j.attemptsMade === 1 && typeof (j.returnvalue as SweepResult | null)?.durationMs === 'number')).to.equal(true);
       // Each job ran its sweep exactly once, in exactly one process.
-      const sweeps = lines().flat().filter((e) => 'swept' in e).length;
+      const sweeps = lines()
+        .flat()
+        .filter((e) => 'swept' in e).length;
       expect(sweeps).to.equal(jobs.length);
       const byProcess = new Map<string, number>();
       for (const j of jobs) byProcess.set(j.processedBy ?? '?', (byProcess.get(j.processedBy ?? '?') ?? 0) + 1);

@@ -130,7 +130,10 @@ describe('tracing: one trace per event, from the enqueue to the consumer (OpenTe
 
   const one = (spans: readonly ReadableSpan[], name: string, where: (s: ReadableSpan) => boolean = () => true): ReadableSpan => {
     const found = spans.filter((s) => s.name === name && where(s));
-    expect(found.map((s) => s.name), `exactly one "${name}" span`).to.deep.equal([name]);
+    expect(
+      found.map((s) => s.name),
+      `exactly one "${name}" span`,
+    ).to.deep.equal([name]);
     return found[0] as ReadableSpan;
   };
 
@@ -157,7 +160,11 @@ describe('tracing: one trace per event, from the enqueue to the consumer (OpenTe
 
     const enqueue = one(spans, 'enqueue attempt.end');
     expect(parentOf(enqueue)).to.equal(undefined); // the trace starts at the SDK's enqueue
-    expect(enqueue.attributes).to.include({ 'fleet.event.id': endEventId, 'fleet.deployment.id': ids.deploymentId, 'fleet.attempt.id': ids.attemptId });
+    expect(enqueue.attributes).to.include({
+      'fleet.event.id': endEventId,
+      'fleet.deployment.id': ids.deploymentId,
+      'fleet.attempt.id': ids.attemptId,
+    });
     const add = one(spans, 'add lifecycle.attempt.end'); // BullMQ's producer span (bullmq-otel)
     expect(parentOf(add)).to.equal(idOf(enqueue));
     const processJob = one(spans, 'process lifecycle'); // BullMQ's worker span continues the producer's context
@@ -258,7 +265,12 @@ describe('tracing: one trace per event, from the enqueue to the consumer (OpenTe
         env: { ...env, DATABASE_URL: child.url, FLEET_PREFIX: prefix, LOG_LEVEL: 'silent' },
         timeout: 60_000,
       });
-      const report = JSON.parse(stdout.trim()) as { sdkModules: string[]; bullmqTelemetry: boolean; tracing: boolean; fields: Record<string, string> };
+      const report = JSON.parse(stdout.trim()) as {
+        sdkModules: string[];
+        bullmqTelemetry: boolean;
+        tracing: boolean;
+        fields: Record<string, string>;
+      };
       expect(report.sdkModules).to.deep.equal([]);
       expect(report.bullmqTelemetry).to.equal(false);
       expect(report.tracing).to.equal(false);

@@ -52,9 +52,7 @@ describe('transition service (PostgreSQL)', () => {
     clock = new Date('2026-11-23T12:00:10.000Z');
     results.push(await service.apply('attempt.start', { deploymentId, attemptId, eventId: 'e3' }));
     clock = new Date('2026-11-23T12:01:00.000Z');
-    results.push(
-      await service.apply('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint, eventId: 'e4' }),
-    );
+    results.push(await service.apply('attempt.end', { deploymentId, attemptId, outcome: 'succeeded', endpoint, eventId: 'e4' }));
 
     expect(results.map((r) => (r.outcome === 'applied' ? `${r.from ?? ''}>${r.to}@${r.version}` : r.outcome))).to.deep.equal([
       '>pending@1',
@@ -144,9 +142,15 @@ describe('transition service (PostgreSQL)', () => {
       await q(`UPDATE processed_events SET payload_sha256 = $2 WHERE event_id = $1`, [`old-${id}`, payloadDigest(sent(id))]);
     }
     const [one, two, three] = ids as [string, string, string];
-    const outcomes = (settled: Array<PromiseSettledResult<ApplyResult>>): unknown[] => settled.map((r): unknown => (r.status === 'fulfilled' ? r.value : r.reason));
-    expect(await service.apply('deployment.create', { ...sent(one), eventId: `old-${one}` })).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
-    for (const result of outcomes(await service.applyMany([two, three].map((id) => ({ name: 'deployment.create', data: { ...sent(id), eventId: `old-${id}` } }))))) {
+    const outcomes = (settled: Array<PromiseSettledResult<ApplyResult>>): unknown[] =>
+      settled.map((r): unknown => (r.status === 'fulfilled' ? r.value : r.reason));
+    expect(await service.apply('deployment.create', { ...sent(one), eventId: `old-${one}` })).to.deep.include({
+      outcome: 'noop',
+      reason: 'duplicate_event',
+    });
+    for (const result of outcomes(
+      await service.applyMany([two, three].map((id) => ({ name: 'deployment.create', data: { ...sent(id), eventId: `old-${id}` } }))),
+    )) {
       expect(result).to.deep.include({ outcome: 'noop', reason: 'duplicate_event' });
     }
     const other = (id: string) => ({ ...sent(id, 'http://10.0.0.2:30000'), eventId: `old-${id}` });
@@ -224,15 +228,14 @@ describe('transition service (PostgreSQL)', () => {
       await q<{ version: number }>(`SELECT version FROM state_transitions WHERE deployment_id = $1 ORDER BY version`, [deploymentId])
     ).map((r) => r.version);
     expect(versions).to.deep.equal(Array.from({ length: c.transitions }, (_, i) => i + 1));
-    const outboxVersions = (
-      await q<{ version: number }>(`SELECT version FROM outbox WHERE deployment_id = $1 ORDER BY id`, [deploymentId])
-    ).map((r) => r.version);
+    const outboxVersions = (await q<{ version: number }>(`SELECT version FROM outbox WHERE deployment_id = $1 ORDER BY id`, [deploymentId])).map(
+      (r) => r.version,
+    );
     expect(outboxVersions).to.deep.equal(versions); // id order is version order
     // every attempt is current-and-cancelled, superseded, or stale-cancelled; never two current
-    const [current] = await q<{ n: string }>(
-      `SELECT count(*) AS n FROM attempts WHERE deployment_id = $1 AND status IN ('pending', 'running')`,
-      [deploymentId],
-    );
+    const [current] = await q<{ n: string }>(`SELECT count(*) AS n FROM attempts WHERE deployment_id = $1 AND status IN ('pending', 'running')`, [
+      deploymentId,
+    ]);
     expect(Number(current?.n)).to.be.at.most(1);
   });
 
@@ -259,9 +262,7 @@ describe('transition service (PostgreSQL)', () => {
       maxConflictRetries: 1,
       hooks: { beforeUpdate: bumpUnderneath },
     });
-    const err = await alwaysLoses
-      .apply('attempt.create', { deploymentId, attemptId: randomUUID(), eventId: 'contended-2' })
-      .catch((e: unknown) => e);
+    const err = await alwaysLoses.apply('attempt.create', { deploymentId, attemptId: randomUUID(), eventId: 'contended-2' }).catch((e: unknown) => e);
     expect(err).to.be.instanceOf(ConflictError);
     expect(err).to.deep.include({ code: 'version_conflict', tries: 1 });
     expect(await q(`SELECT 1 FROM processed_events WHERE event_id = 'contended-2'`)).to.have.length(0);
@@ -388,7 +389,11 @@ describe('transition service (PostgreSQL)', () => {
     clock = new Date('2026-11-23T12:05:00.000Z');
     // the stamp is the service's clock when it is processed, not the job's timestamp (the producer's clock, here
     // two minutes behind)
-    const hb = await service.apply('attempt.heartbeat', { deploymentId, attemptId, eventId: 'hb1' }, { producedAt: new Date('2026-11-23T12:03:00.000Z') });
+    const hb = await service.apply(
+      'attempt.heartbeat',
+      { deploymentId, attemptId, eventId: 'hb1' },
+      { producedAt: new Date('2026-11-23T12:03:00.000Z') },
+    );
     expect(hb).to.deep.include({ outcome: 'noop', reason: 'stamped' });
     // a heartbeat processed by a worker whose clock reads earlier does not move the stamp back
     clock = new Date('2026-11-23T12:04:59.000Z');

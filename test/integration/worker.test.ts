@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
-import type { Queue} from 'bullmq';
+import type { Queue } from 'bullmq';
 import { type Job } from 'bullmq';
 import { createDataSource } from '../../ormconfig';
 import { LifecycleProducer } from '../../src/queues/producer';
@@ -74,7 +74,10 @@ describe('lifecycle worker through real BullMQ queues', function () {
     it('calls onStuck once when jobs keep waiting and the worker, with free slots, takes none (a fetch loop that stopped)', async () => {
       const stuck: string[] = [];
       // autorun off: its fetch loop never runs, as one stuck on a dead connection
-      startWorker({ autorun: false, watchdog: { waiting: () => readBacklog(redis, queue), onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      startWorker({
+        autorun: false,
+        watchdog: { waiting: () => readBacklog(redis, queue), onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 },
+      });
       for (let i = 0; i < 3; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `w${i}` });
       await waitFor('the watchdog to call onStuck', () => (stuck.length > 0 ? true : undefined));
       expect(stuck[0]).to.match(/jobs have waited for \d+ s while this worker, with 16 free slots, started none .*stuck/);
@@ -85,14 +88,30 @@ describe('lifecycle worker through real BullMQ queues', function () {
       const { activity } = lifecycleQueueWatch(redis, queue);
       startWorker({ concurrency: 4 }); // healthy: takes everything as it comes
       // as if nothing ever waited (the healthy worker absorbs it all): only the others' work can give it away
-      startWorker({ autorun: false, watchdog: { waiting: async () => ({ waiting: 0, held: null }), activity, minActivity: 20, onStuck: (why) => stuck.push(why), stuckAfterMs: 600, checkEveryMs: 50 } });
+      startWorker({
+        autorun: false,
+        watchdog: {
+          waiting: async () => ({ waiting: 0, held: null }),
+          activity,
+          minActivity: 20,
+          onStuck: (why) => stuck.push(why),
+          stuckAfterMs: 600,
+          checkEveryMs: 50,
+        },
+      });
       for (let i = 0; stuck.length === 0 && i < 5000; i++) await producer.createDeployment({ deploymentId: randomUUID(), name: `a${i}` });
       expect(stuck[0]).to.match(/the queue saw \d+ job events while this worker, with 16 free slots, started none/);
     });
 
     it('stays quiet for two healthy workers sharing a steady stream (each gets its turn)', async () => {
       const stuck: string[] = [];
-      const watchdog = { ...lifecycleQueueWatch(redis, queue), minActivity: 20, onStuck: (why: string) => stuck.push(why), stuckAfterMs: 3000, checkEveryMs: 100 };
+      const watchdog = {
+        ...lifecycleQueueWatch(redis, queue),
+        minActivity: 20,
+        onStuck: (why: string) => stuck.push(why),
+        stuckAfterMs: 3000,
+        checkEveryMs: 100,
+      };
       startWorker({ concurrency: 4, watchdog });
       startWorker({ concurrency: 4, watchdog });
       const until = Date.now() + 8000; // the load's length, not a wait for time to pass: the watchdog judges over 3 s windows
@@ -240,9 +259,9 @@ describe('lifecycle worker through real BullMQ queues', function () {
 
   const q = <T>(sql: string, params: unknown[] = []): Promise<T[]> => db.dataSource.query<T[]>(sql, params);
   const transitionsOf = async (deploymentId: string) =>
-    (await q<{ version: number; to_state: string }>(`SELECT version, to_state FROM state_transitions WHERE deployment_id = $1 ORDER BY version`, [
+    await q<{ version: number; to_state: string }>(`SELECT version, to_state FROM state_transitions WHERE deployment_id = $1 ORDER BY version`, [
       deploymentId,
-    ]));
+    ]);
 
   /** Waits until every job is completed or failed; returns them. */
   async function settled(jobIds: string[], timeoutMs = 30_000): Promise<Job[]> {
@@ -281,7 +300,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
       returned.push(job?.returnvalue);
     }
     expect(returned.map((r) => (r as { outcome: string }).outcome)).to.deep.equal(['applied', 'applied', 'applied', 'applied']);
-    expect((returned[3])).to.deep.include({ to: 'ready', version: 4 });
+    expect(returned[3]).to.deep.include({ to: 'ready', version: 4 });
     expect(await transitionsOf(deploymentId)).to.deep.equal([
       { version: 1, to_state: 'pending' },
       { version: 2, to_state: 'pending' },
@@ -304,7 +323,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     await queue.add('attempt.create', data, { jobId: 'raw-1' });
     await queue.add('attempt.create', data, { jobId: 'raw-2' });
     const jobs = await settled(['raw-1', 'raw-2']);
-    const outcomes = jobs.map((j) => (j.returnvalue as { outcome: string; reason?: string }));
+    const outcomes = jobs.map((j) => j.returnvalue as { outcome: string; reason?: string });
     expect(outcomes.filter((o) => o.outcome === 'applied')).to.have.length(1);
     expect(outcomes.filter((o) => o.reason === 'duplicate_event')).to.have.length(1);
     expect((await transitionsOf(deploymentId)).map((t) => t.version)).to.deep.equal([1, 2]);
@@ -412,7 +431,9 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(second.id).to.equal(first.id);
     const [job] = await settled([second.id ?? '']);
     expect(job?.returnvalue).to.deep.include({ outcome: 'applied', deploymentId: two });
-    expect(job?.returnvalue).to.have.property('eventId').that.matches(/^bullmq\.\d+\.\d+$/);
+    expect(job?.returnvalue)
+      .to.have.property('eventId')
+      .that.matches(/^bullmq\.\d+\.\d+$/);
   });
 
   /**
@@ -434,10 +455,13 @@ describe('lifecycle worker through real BullMQ queues', function () {
     return settled(jobIds);
   }
 
-  it('ends events for a deployment or attempt that never arrives as not_found within their bound (3 min of backoff; a stamp\'s 30 s): failed at once, at warn, not gave_up', async () => {
+  it("ends events for a deployment or attempt that never arrives as not_found within their bound (3 min of backoff; a stamp's 30 s): failed at once, at warn, not gave_up", async () => {
     let logged = '';
     const outcomes: string[] = [];
-    startWorker({ logger: createLogger('debug', { write: (line: string) => void (logged += line) }), onJob: (r) => void outcomes.push(`${r.name} ${r.outcome}`) });
+    startWorker({
+      logger: createLogger('debug', { write: (line: string) => void (logged += line) }),
+      onJob: (r) => void outcomes.push(`${r.name} ${r.outcome}`),
+    });
     const existing = randomUUID();
     await producer.createDeployment({ deploymentId: existing, name: 'web' });
     await queue.add('attempt.start', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'ghost-deployment' });
@@ -445,7 +469,12 @@ describe('lifecycle worker through real BullMQ queues', function () {
     await queue.add('attempt.end', { deploymentId: existing, attemptId: randomUUID(), outcome: 'succeeded' }, { jobId: 'ghost-attempt' });
     // a heartbeat for nothing, the bound's reference: dropped as a noop after the same number of retries
     await queue.add('attempt.heartbeat', { deploymentId: randomUUID(), attemptId: randomUUID() }, { jobId: 'ghost-heartbeat' });
-    const [deployment, teardown, attempt, heartbeat] = await settledPromptly(['ghost-deployment', 'ghost-teardown', 'ghost-attempt', 'ghost-heartbeat']);
+    const [deployment, teardown, attempt, heartbeat] = await settledPromptly([
+      'ghost-deployment',
+      'ghost-teardown',
+      'ghost-attempt',
+      'ghost-heartbeat',
+    ]);
 
     expect(heartbeat?.returnvalue).to.deep.include({ outcome: 'noop', reason: 'not_found' });
     expect(heartbeat?.attemptsStarted).to.equal(retriesWithin(30_000) + 1); // 6 retries: about 30 s of backoff
@@ -456,11 +485,24 @@ describe('lifecycle worker through real BullMQ queues', function () {
       expect(job?.attemptsStarted, job?.id).to.equal(bound); // no retry after it: UnrecoverableError
     }
     expect(deployment?.failedReason).to.match(/^not_found: deployment_not_found: deployment [0-9a-f-]{36} does not exist after 11 retries$/);
-    expect(attempt?.failedReason).to.match(new RegExp(`^not_found: attempt_not_found: deployment ${existing} has no attempt [0-9a-f-]{36} after 11 retries$`));
+    expect(attempt?.failedReason).to.match(
+      new RegExp(`^not_found: attempt_not_found: deployment ${existing} has no attempt [0-9a-f-]{36} after 11 retries$`),
+    );
 
-    const lines = logged.trim().split('\n').map((l) => JSON.parse(l) as { level: number; outcome?: string; jobId?: string });
-    expect(lines.filter((l) => l.level >= 50), 'nothing at error level').to.deep.equal([]);
-    expect(lines.filter((l) => l.outcome === 'not_found' && l.level === 40).map((l) => l.jobId).sort()).to.deep.equal(['ghost-attempt', 'ghost-deployment', 'ghost-teardown']);
+    const lines = logged
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { level: number; outcome?: string; jobId?: string });
+    expect(
+      lines.filter((l) => l.level >= 50),
+      'nothing at error level',
+    ).to.deep.equal([]);
+    expect(
+      lines
+        .filter((l) => l.outcome === 'not_found' && l.level === 40)
+        .map((l) => l.jobId)
+        .sort(),
+    ).to.deep.equal(['ghost-attempt', 'ghost-deployment', 'ghost-teardown']);
     expect(outcomes.filter((o) => !o.endsWith(' retry') && !o.startsWith('deployment.create'))).to.have.members([
       'attempt.start not_found',
       'deployment.teardown not_found',
@@ -478,7 +520,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     expect(job?.failedReason).to.match(/^not_found: deployment_not_found: .* after 0 retries$/);
   });
 
-  it('makes a SIGKILLed worker\'s committed job effectively-once when another worker picks it up', async () => {
+  it("makes a SIGKILLed worker's committed job effectively-once when another worker picks it up", async () => {
     const deploymentId = randomUUID();
     const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'test', 'fixtures', 'dying-worker.js')], {
       env: { ...process.env, DATABASE_URL: db.url, FLEET_PREFIX: prefix },
@@ -492,7 +534,7 @@ describe('lifecycle worker through real BullMQ queues', function () {
     const exit = await new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
     expect(exit).to.equal('SIGKILL');
     expect(out).to.contain(`"committed":"${jobId}"`);
-    expect((await queue.getJobState(jobId))).to.equal('active'); // held by the dead worker's lock
+    expect(await queue.getJobState(jobId)).to.equal('active'); // held by the dead worker's lock
 
     const killedAt = Date.now();
     startWorker(); // production lock and stalled-check settings

@@ -21,7 +21,8 @@ describe('bin/fleet.js before a build', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  const run = () => spawnSync(process.execPath, [path.join(dir, 'bin', 'fleet.js'), 'status', 'x'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  const run = () =>
+    spawnSync(process.execPath, [path.join(dir, 'bin', 'fleet.js'), 'status', 'x'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
 
   it('says to build when dist/ is missing, with exit code 1 and no stack', () => {
     const result = run();
@@ -35,7 +36,7 @@ describe('bin/fleet.js before a build', () => {
     fs.mkdirSync(path.dirname(main), { recursive: true });
     fs.writeFileSync(main, "'use strict';\nrequire('commander-not-installed');\nexports.main = async () => undefined;\n");
     const result = run();
-    expect(result.stderr).to.equal("fleet: a dependency of lifecycle-fleet is missing (commander-not-installed): run `npm install`\n");
+    expect(result.stderr).to.equal('fleet: a dependency of lifecycle-fleet is missing (commander-not-installed): run `npm install`\n');
     expect(result.status).to.equal(1);
   });
 

@@ -22,24 +22,81 @@ describe('layer boundaries (lint)', function () {
   }
 
   const cases: Array<[string, string, string, string, RegExp]> = [
-    ['the machine importing persistence', 'src/machine/decide.ts', "import { Deployment } from '../entities';\nexport const _probe = Deployment;", 'import-x/no-restricted-paths', /src\/machine may not import src\/entities/],
-    ['persistence importing a service', 'src/entities/schema/migrate.ts', "import { Sweeper } from '../../services/sweep/sweeper';\nexport const _probe = Sweeper;", 'import-x/no-restricted-paths', /src\/entities may not import src\/services/],
-    ['persistence importing BullMQ', 'src/entities/schema/migrate.ts', "import { Queue } from 'bullmq';\nexport const _probe = Queue;", 'no-restricted-imports', /persistence knows no BullMQ/],
-    ['a service importing a worker', 'src/services/sweep/sweeper.ts', "import { SweepWorker } from '../../workers/sweep-worker';\nexport const _probe = SweepWorker;", 'import-x/no-restricted-paths', /src\/services may not import src\/workers/],
-    ['the Redis layer importing a queue', 'src/redis/lock.ts', "import { LIFECYCLE_QUEUE } from '../queues/names';\nexport const _probe = LIFECYCLE_QUEUE;", 'import-x/no-restricted-paths', /src\/redis may not import src\/queues/],
-    ['the Redis layer importing BullMQ', 'src/redis/connection.ts', "import { Queue } from 'bullmq';\nexport const _probe = Queue;", 'no-restricted-imports', /the Redis layer knows no BullMQ/],
-    ['the product importing chaos tooling', 'src/workers/sweep-worker.ts', "import { runChaos } from '../../chaos/run';\nexport const _probe = runChaos;", 'import-x/no-restricted-paths', /never imports its tooling \(chaos\/\)/],
-    ['the product loading dev servers outside fleet start', 'src/cli/main.ts', "export const _probe = async () => import('../../dev/servers');", 'import-x/no-restricted-paths', /never imports its tooling \(dev\/\)/],
-    ['a circular import', 'src/services/transitions/outcomes.ts', "import { TransitionService } from './service';\nexport const _probe = TransitionService;", 'import-x/no-cycle', /Dependency cycle/],
+    [
+      'the machine importing persistence',
+      'src/machine/decide.ts',
+      "import { Deployment } from '../entities';\nexport const _probe = Deployment;",
+      'import-x/no-restricted-paths',
+      /src\/machine may not import src\/entities/,
+    ],
+    [
+      'persistence importing a service',
+      'src/entities/schema/migrate.ts',
+      "import { Sweeper } from '../../services/sweep/sweeper';\nexport const _probe = Sweeper;",
+      'import-x/no-restricted-paths',
+      /src\/entities may not import src\/services/,
+    ],
+    [
+      'persistence importing BullMQ',
+      'src/entities/schema/migrate.ts',
+      "import { Queue } from 'bullmq';\nexport const _probe = Queue;",
+      'no-restricted-imports',
+      /persistence knows no BullMQ/,
+    ],
+    [
+      'a service importing a worker',
+      'src/services/sweep/sweeper.ts',
+      "import { SweepWorker } from '../../workers/sweep-worker';\nexport const _probe = SweepWorker;",
+      'import-x/no-restricted-paths',
+      /src\/services may not import src\/workers/,
+    ],
+    [
+      'the Redis layer importing a queue',
+      'src/redis/lock.ts',
+      "import { LIFECYCLE_QUEUE } from '../queues/names';\nexport const _probe = LIFECYCLE_QUEUE;",
+      'import-x/no-restricted-paths',
+      /src\/redis may not import src\/queues/,
+    ],
+    [
+      'the Redis layer importing BullMQ',
+      'src/redis/connection.ts',
+      "import { Queue } from 'bullmq';\nexport const _probe = Queue;",
+      'no-restricted-imports',
+      /the Redis layer knows no BullMQ/,
+    ],
+    [
+      'the product importing chaos tooling',
+      'src/workers/sweep-worker.ts',
+      "import { runChaos } from '../../chaos/run';\nexport const _probe = runChaos;",
+      'import-x/no-restricted-paths',
+      /never imports its tooling \(chaos\/\)/,
+    ],
+    [
+      'the product loading dev servers outside fleet start',
+      'src/cli/main.ts',
+      "export const _probe = async () => import('../../dev/servers');",
+      'import-x/no-restricted-paths',
+      /never imports its tooling \(dev\/\)/,
+    ],
+    [
+      'a circular import',
+      'src/services/transitions/outcomes.ts',
+      "import { TransitionService } from './service';\nexport const _probe = TransitionService;",
+      'import-x/no-cycle',
+      /Dependency cycle/,
+    ],
   ];
   for (const [what, file, injected, rule, message] of cases) {
     it(`fails on ${what}`, async () => {
       const found = await breaches(file, injected);
-      expect(found.filter((m) => m.rule === rule).map((m) => m.message)).to.satisfy((ms: string[]) => ms.some((m) => message.test(m)), JSON.stringify(found));
+      expect(found.filter((m) => m.rule === rule).map((m) => m.message)).to.satisfy(
+        (ms: string[]) => ms.some((m) => message.test(m)),
+        JSON.stringify(found),
+      );
     });
   }
 
-  it('holds src/ to 450 lines a file and 80 a function, a migration\'s functions excepted (issue 30)', async () => {
+  it("holds src/ to 450 lines a file and 80 a function, a migration's functions excepted (issue 30)", async () => {
     const longFunction = `export function _probe(): number {\n  let n = 0;\n${'  n++;\n'.repeat(79)}  return n;\n}`;
     const longFile = '// a line\n'.repeat(450);
     const severities = async (file: string, injected: string, rule: string): Promise<number[]> => {
@@ -61,7 +118,12 @@ describe('layer boundaries (lint)', function () {
   });
 
   it('passes the files as they are, including the one lazy dev import of fleet start', async () => {
-    const results = await eslint.lintFiles(['src/cli/start.ts', 'src/machine/decide.ts', 'src/entities/schema/migrate.ts', 'src/services/transitions/outcomes.ts']);
+    const results = await eslint.lintFiles([
+      'src/cli/start.ts',
+      'src/machine/decide.ts',
+      'src/entities/schema/migrate.ts',
+      'src/services/transitions/outcomes.ts',
+    ]);
     expect(results.flatMap((r) => r.messages.map((m) => `${r.filePath}: ${m.ruleId}: ${m.message}`))).to.deep.equal([]);
   });
 });

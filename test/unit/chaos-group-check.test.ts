@@ -26,7 +26,13 @@ describe('chaos consumer group check', () => {
       { ...call(10, FROM_HISTORY, -1, E, 2, -1), streamId: '' },
       call(11, 'c2-3', 1, E, 3, 1),
     ];
-    const check = checkGroup(calls, new Map([[D, 3], [E, 3]]));
+    const check = checkGroup(
+      calls,
+      new Map([
+        [D, 3],
+        [E, 3],
+      ]),
+    );
     expect(check.violations).to.deep.equal([]);
     expect(check).to.deep.include({ calls: 6, redelivered: 1, fromHistory: 1 });
   });
@@ -40,18 +46,39 @@ describe('chaos consumer group check', () => {
 
   it('finds two holdings of one partition handling at once, but not one after the other', () => {
     // c0-1 goes on handling partition 0 after c1-2 took it over (it was not fenced)
-    const twice = checkGroup([call(1, 'c0-1', 1, D, 1), call(3, 'c1-2', 1, E, 1), call(5, 'c0-1', 1, D, 2)], new Map([[D, 2], [E, 1]]));
+    const twice = checkGroup(
+      [call(1, 'c0-1', 1, D, 1), call(3, 'c1-2', 1, E, 1), call(5, 'c0-1', 1, D, 2)],
+      new Map([
+        [D, 2],
+        [E, 1],
+      ]),
+    );
     expect(twice.violationCounts).to.deep.equal({ group_two_owners: 1 });
     expect(twice.violations[0]?.detail).to.equal('partition 0: c1-2 (holding 1) handled from 2.000 s while c0-1 (holding 1) handled until 4.000 s');
     // the same member owning the partition again later (a new holding) is no overlap
-    const again = checkGroup([call(1, 'c0-1', 1, D, 1), call(3, 'c1-2', 1, E, 1), call(5, 'c0-1', 2, D, 2)], new Map([[D, 2], [E, 1]]));
+    const again = checkGroup(
+      [call(1, 'c0-1', 1, D, 1), call(3, 'c1-2', 1, E, 1), call(5, 'c0-1', 2, D, 2)],
+      new Map([
+        [D, 2],
+        [E, 1],
+      ]),
+    );
     expect(again.violations).to.deep.equal([]);
   });
 
   it('finds versions that never reached the handler, and a deployment never handled at all', () => {
-    const check = checkGroup([call(1, 'c0-1', 1, D, 1), call(2, 'c0-1', 1, D, 2), call(3, 'c0-1', 1, D, 4)], new Map([[D, 4], [E, 2]]));
+    const check = checkGroup(
+      [call(1, 'c0-1', 1, D, 1), call(2, 'c0-1', 1, D, 2), call(3, 'c0-1', 1, D, 4)],
+      new Map([
+        [D, 4],
+        [E, 2],
+      ]),
+    );
     expect(check.violationCounts).to.deep.equal({ group_missing_version: 2 });
-    expect(check.violations.map((v) => v.detail)).to.deep.equal(['versions 3 of 4 never reached the handler', 'versions 1, 2 of 2 never reached the handler']);
+    expect(check.violations.map((v) => v.detail)).to.deep.equal([
+      'versions 3 of 4 never reached the handler',
+      'versions 1, 2 of 2 never reached the handler',
+    ]);
   });
 
   it('reads a record file: calls with their holding, partition changes, a call that never returned, how the run ended', () => {

@@ -18,7 +18,8 @@ function logFile(lines: readonly string[]): string {
 }
 
 const started = (tick: number) => JSON.stringify({ level: 30, msg: 'sweep tick started', tick: String(tick), jobId: `repeat:sweep:${tick}` });
-const refused = (tick: number) => JSON.stringify({ level: 40, msg: 'sweep tick delivered again after it started: not run twice', tick: String(tick) });
+const refused = (tick: number) =>
+  JSON.stringify({ level: 40, msg: 'sweep tick delivered again after it started: not run twice', tick: String(tick) });
 
 describe('chaos report: sweep ticks from the workers logs', () => {
   it('counts each tick once, a refused redelivery apart, and the ticks between that never started', () => {
@@ -32,7 +33,12 @@ describe('chaos report: sweep ticks from the workers logs', () => {
   });
 
   it('reads a missing log as no ticks', () => {
-    expect(countSweeps(path.join(os.tmpdir(), 'no-such-dir-fleet', 'workers.log'), 5)).to.deep.equal({ ticks: 0, startedTwice: 0, refused: 0, missing: 0 });
+    expect(countSweeps(path.join(os.tmpdir(), 'no-such-dir-fleet', 'workers.log'), 5)).to.deep.equal({
+      ticks: 0,
+      startedTwice: 0,
+      refused: 0,
+      missing: 0,
+    });
   });
 });
 
@@ -50,12 +56,28 @@ describe('chaos report: partitions and failovers', () => {
     consumers: [],
     ...p,
   });
-  const failover = (f: Partial<FailoverEvent>): FailoverEvent => ({ atS: 30, killed: 7001, promoted: 7004, tookMs: 8000, rejoinedAfterMs: 11_000, ackedLost: 0, ...f });
-  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({ partitions, failovers, activity: [{ host: 'w1', finished: 1, lastS: 1, probed: 1 }] });
+  const failover = (f: Partial<FailoverEvent>): FailoverEvent => ({
+    atS: 30,
+    killed: 7001,
+    promoted: 7004,
+    tookMs: 8000,
+    rejoinedAfterMs: 11_000,
+    ackedLost: 0,
+    ...f,
+  });
+  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({
+    partitions,
+    failovers,
+    activity: [{ host: 'w1', finished: 1, lastS: 1, probed: 1 }],
+  });
 
   it('holds when held jobs ran again within 15 s and a cut-off leader was replaced and published within 30 s', () => {
     expect(hostsHeld(null)).to.equal(true);
-    expect(hostsHeld(report([partition({}), partition({ ledRelay: true, inFlight: 0, rerunMaxMs: null, takeoverMs: 9000, firstPublishMs: 9500 })], [failover({})]))).to.equal(true);
+    expect(
+      hostsHeld(
+        report([partition({}), partition({ ledRelay: true, inFlight: 0, rerunMaxMs: null, takeoverMs: 9000, firstPublishMs: 9500 })], [failover({})]),
+      ),
+    ).to.equal(true);
   });
 
   it('fails on a held job later than 15 s, one that never ran again, a leader not replaced in time, a master that never came back, a host that stopped taking jobs', () => {
@@ -64,7 +86,10 @@ describe('chaos report: partitions and failovers', () => {
     expect(hostsHeld(report([partition({ ledRelay: true, firstPublishMs: null })]))).to.equal(false);
     expect(hostsHeld(report([partition({ ledRelay: true, takeoverMs: 31_000, firstPublishMs: 31_000 })]))).to.equal(false);
     expect(hostsHeld(report([], [failover({ rejoinedAfterMs: null })]))).to.equal(false);
-    expect(hostsHeld({ ...report([]), activity: [{ host: 'w1', finished: 10, lastS: 5, probed: 0 }] }), 'a host that took no job after the faults').to.equal(false);
+    expect(
+      hostsHeld({ ...report([]), activity: [{ host: 'w1', finished: 10, lastS: 5, probed: 0 }] }),
+      'a host that took no job after the faults',
+    ).to.equal(false);
   });
 
   it('adds up what the failovers lost, ignoring a count that could not be made', () => {

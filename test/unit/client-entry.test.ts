@@ -30,7 +30,17 @@ describe('lifecycle-fleet/client', function () {
   it('loads none of fastify, typeorm, @bull-board or the OpenTelemetry SDK', async () => {
     const client = await load('lifecycle-fleet/client');
     expect(client.server).to.deep.equal([]);
-    for (const name of ['LifecycleProducer', 'TransitionConsumer', 'EVENT_SCHEMAS', 'parsePayload', 'validateEvent', 'ValidationError', 'EventIdConflictError', 'DurabilityError', 'ResyncRequiredError']) {
+    for (const name of [
+      'LifecycleProducer',
+      'TransitionConsumer',
+      'EVENT_SCHEMAS',
+      'parsePayload',
+      'validateEvent',
+      'ValidationError',
+      'EventIdConflictError',
+      'DurabilityError',
+      'ResyncRequiredError',
+    ]) {
       expect(client.exports, name).to.include(name);
     }
   });

@@ -42,8 +42,13 @@ describe('configuration', () => {
     const tracing = (env: Record<string, string>) => loadConfig(env).tracing;
 
     it('is on when an OTLP endpoint is set or OTEL_TRACES_EXPORTER=otlp, sending to the traces endpoint', () => {
-      expect(tracing({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318/' })).to.include({ enabled: true, tracesUrl: 'http://127.0.0.1:4318/v1/traces' });
-      expect(tracing({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9999/t', OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318' })).to.include({
+      expect(tracing({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318/' })).to.include({
+        enabled: true,
+        tracesUrl: 'http://127.0.0.1:4318/v1/traces',
+      });
+      expect(
+        tracing({ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'http://127.0.0.1:9999/t', OTEL_EXPORTER_OTLP_ENDPOINT: 'http://127.0.0.1:4318' }),
+      ).to.include({
         enabled: true,
         tracesUrl: 'http://127.0.0.1:9999/t',
       });
@@ -201,7 +206,12 @@ describe('configuration', () => {
     });
 
     it('refuses a malformed node list, naming REDIS_URL, without echoing the password', () => {
-      for (const url of ['redis+cluster://u:hunter2@h1:7000,h2', 'redis+cluster://u:hunter2@h1:70000', 'redis+cluster://u:hunter2@h1:7000/2', 'redis+cluster://']) {
+      for (const url of [
+        'redis+cluster://u:hunter2@h1:7000,h2',
+        'redis+cluster://u:hunter2@h1:70000',
+        'redis+cluster://u:hunter2@h1:7000/2',
+        'redis+cluster://',
+      ]) {
         const problems = problemsOf({ REDIS_URL: url });
         expect(problems, url).to.have.length(1);
         expect(problems[0]).to.match(/^REDIS_URL: a cluster URL/);

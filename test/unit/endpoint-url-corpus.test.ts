@@ -28,7 +28,7 @@ const RULE = {
   query: 'must not carry a query or a fragment',
   scheme: 'must be an http or https URL',
   percent: 'the host must not be percent-encoded',
-  number: 'a host name\'s last label must begin with a letter',
+  number: "a host name's last label must begin with a letter",
   ipv6: 'an IPv6 host must be',
   host: 'the host must be',
   port: 'the port must be a number 1-65535',
@@ -183,7 +183,12 @@ function readByPython(urls: readonly string[], pattern: string): Array<Reading &
 
 function storedForm(url: string): { stored: string } | { issues: ReadonlyArray<{ field: string; rule: string }> } {
   try {
-    const data = parsePayload('attempt.end', { deploymentId: randomUUID(), attemptId: randomUUID(), outcome: 'succeeded', endpoint: { url, kind: 'cluster_dns' } });
+    const data = parsePayload('attempt.end', {
+      deploymentId: randomUUID(),
+      attemptId: randomUUID(),
+      outcome: 'succeeded',
+      endpoint: { url, kind: 'cluster_dns' },
+    });
     return { stored: data.endpoint?.url ?? '' };
   } catch (err) {
     if (err instanceof ValidationError) return { issues: err.issues };
@@ -202,7 +207,8 @@ describe('endpoint URLs: one host for the checker and every parser (issue 28)', 
         if ('stored' in o.got && o.got.stored === o.stored) return [];
         return [`${label}: expected stored as ${o.stored}, got ${JSON.stringify(o.got)}`];
       }
-      if ('issues' in o.got && o.got.issues.length === 1 && o.got.issues[0]?.field === 'endpoint.url' && o.got.issues[0].rule.includes(o.refused)) return [];
+      if ('issues' in o.got && o.got.issues.length === 1 && o.got.issues[0]?.field === 'endpoint.url' && o.got.issues[0].rule.includes(o.refused))
+        return [];
       return [`${label}: expected refused (endpoint.url: ${o.refused}...), got ${JSON.stringify(o.got)}`];
     });
     expect(wrong).to.deep.equal([]);
@@ -246,13 +252,24 @@ describe('endpoint URLs: one host for the checker and every parser (issue 28)', 
   it('dispatch serves a stored row in its normalised form, and never one the rules refuse (rows stored before them)', () => {
     const list = parseEndpointAllowList('.cluster.local,10.0.0.0/8').list;
     const serve = (url: string) =>
-      resolveEndpoint({ state: 'ready', lastReadyAt: null, endpoint: { url, kind: 'cluster_dns' } }, new Date(0), { publicEndpointUrl: 'https://public.example.com', endpointAllow: list });
-    expect(serve('http://10.0.0.1\\@127.0.0.1:3199/')).to.deep.equal({ url: 'https://public.example.com', source: 'public', reason: 'endpoint_not_allowed' });
+      resolveEndpoint({ state: 'ready', lastReadyAt: null, endpoint: { url, kind: 'cluster_dns' } }, new Date(0), {
+        publicEndpointUrl: 'https://public.example.com',
+        endpointAllow: list,
+      });
+    expect(serve('http://10.0.0.1\\@127.0.0.1:3199/')).to.deep.equal({
+      url: 'https://public.example.com',
+      source: 'public',
+      reason: 'endpoint_not_allowed',
+    });
     expect(serve('https://build.cluster.local\\@attacker.example.com/')).to.deep.include({ source: 'public', reason: 'endpoint_not_allowed' });
     expect(serve('http://10.0.0.1\t@127.0.0.1/')).to.deep.include({ source: 'public', reason: 'endpoint_not_allowed' });
     expect(serve('HTTP://Web.Cluster.Local:80')).to.deep.equal({ url: 'http://web.cluster.local/', source: 'private', reason: 'cluster_dns' });
     // without a list too: the rules are not the list's
-    const open = resolveEndpoint({ state: 'ready', lastReadyAt: null, endpoint: { url: 'http://user@10.0.0.1/', kind: 'cluster_dns' } }, new Date(0), {});
+    const open = resolveEndpoint(
+      { state: 'ready', lastReadyAt: null, endpoint: { url: 'http://user@10.0.0.1/', kind: 'cluster_dns' } },
+      new Date(0),
+      {},
+    );
     expect(open).to.deep.equal({ url: null, source: 'none', reason: 'endpoint_not_allowed' });
   });
 });

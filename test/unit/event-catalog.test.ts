@@ -28,7 +28,10 @@ const SAMPLES: Record<EventName, { data: Record<string, unknown>; machine: Recor
   'attempt.create': { data: { deploymentId, attemptId }, machine: { attemptId } },
   'attempt.start': { data: { deploymentId, attemptId }, machine: { attemptId } },
   'attempt.heartbeat': { data: { deploymentId, attemptId }, machine: null },
-  'attempt.end': { data: { deploymentId, attemptId, outcome: 'failed', reason: 'oom' }, machine: { attemptId, outcome: 'failed', reason: 'oom', endpoint: undefined } },
+  'attempt.end': {
+    data: { deploymentId, attemptId, outcome: 'failed', reason: 'oom' },
+    machine: { attemptId, outcome: 'failed', reason: 'oom', endpoint: undefined },
+  },
   'attempt.cancel': { data: { deploymentId, attemptId, reason: 'user' }, machine: { attemptId, reason: 'user' } },
   'attempt.orphaned': { data: { deploymentId, attemptId }, machine: { attemptId, deadBefore: new Date(1000) } },
   'attempt.expired': { data: { deploymentId, attemptId }, machine: { attemptId, startedBefore: new Date(2000) } },
@@ -38,13 +41,21 @@ const SAMPLES: Record<EventName, { data: Record<string, unknown>; machine: Recor
 };
 
 describe('event catalog', () => {
-  it('has the contract\'s events, in its order', () => {
+  it("has the contract's events, in its order", () => {
     expect(EVENT_NAMES).to.deep.equal(Object.keys(SAMPLES));
   });
 
   it('derives the stamps and the events that happen once per subject', () => {
     expect([...STAMP_EVENTS]).to.deep.equal(['attempt.heartbeat', 'deployment.readiness']);
-    expect([...ONCE_PER_SUBJECT]).to.deep.equal(['deployment.create', 'attempt.create', 'attempt.start', 'attempt.end', 'attempt.cancel', 'attempt.orphaned', 'attempt.expired']);
+    expect([...ONCE_PER_SUBJECT]).to.deep.equal([
+      'deployment.create',
+      'attempt.create',
+      'attempt.start',
+      'attempt.end',
+      'attempt.cancel',
+      'attempt.orphaned',
+      'attempt.expired',
+    ]);
   });
 
   it("maps every event the machine decides on to the machine's event of its name, with the payload's fields", () => {
@@ -58,7 +69,7 @@ describe('event catalog', () => {
     }
   });
 
-  it('asks events:admin of the sweep\'s events, resolve and a forced teardown only', () => {
+  it("asks events:admin of the sweep's events, resolve and a forced teardown only", () => {
     const admin = EVENT_NAMES.filter((name) => eventScope(name, SAMPLES[name].data) === 'events:admin');
     expect(admin).to.deep.equal(['attempt.orphaned', 'attempt.expired', 'deployment.teardown', 'deployment.resolve']);
     expect(eventScope('deployment.teardown', { deploymentId, force: false })).to.equal('events:write');
@@ -66,7 +77,7 @@ describe('event catalog', () => {
     expect(eventScope('deployment.teardown', 'not an object')).to.equal('events:write');
   });
 
-  it("gives the producer one method per event that has one, each enqueueing its own event", async () => {
+  it('gives the producer one method per event that has one, each enqueueing its own event', async () => {
     expect(PRODUCER_METHODS).to.deep.equal({
       createDeployment: 'deployment.create',
       createAttempt: 'attempt.create',

@@ -22,7 +22,7 @@ class ScriptedRedis implements RedisTimeSource {
 }
 
 describe('FleetClock: Redis time, estimated from TIME', () => {
-  it('reports local time plus the offset to Redis, from the round trip\'s midpoint', async () => {
+  it("reports local time plus the offset to Redis, from the round trip's midpoint", async () => {
     const redis = new ScriptedRedis();
     redis.redisAheadMs = 300_000;
     redis.roundTripMs = 40;
@@ -90,7 +90,7 @@ describe('FleetClock: Redis time, estimated from TIME', () => {
     expect(clock.now().getTime()).to.be.greaterThan(before);
   });
 
-  it('fails the start with Redis\'s error when Redis does not answer, like every component', async () => {
+  it("fails the start with Redis's error when Redis does not answer, like every component", async () => {
     const redis = new ScriptedRedis();
     redis.away = true;
     const clock = new FleetClock({ redis, local: redis.local });

@@ -123,13 +123,19 @@ describe('front door rules', () => {
         // writable by anyone but its owner: anyone could give themselves a token with every scope
         for (const mode of [0o666, 0o620, 0o602]) {
           fs.chmodSync(file, mode);
-          expect(() => new TokenStore(file, { warn }), octal(mode)).to.throw(TokenFileError, `is writable by ${mode & 0o020 ? 'its group' : 'others'} (mode ${octal(mode)})`);
+          expect(() => new TokenStore(file, { warn }), octal(mode)).to.throw(
+            TokenFileError,
+            `is writable by ${mode & 0o020 ? 'its group' : 'others'} (mode ${octal(mode)})`,
+          );
         }
         // on reload, a file made writable meanwhile keeps the tokens in force, like a file that does not parse
         fs.chmodSync(file, 0o600);
         const store = new TokenStore(file, { warn });
         fs.chmodSync(file, 0o646);
-        expect(() => store.reload()).to.throw(TokenFileError, /is writable by others \(mode 0646\): anyone who can write it can give themselves any scope; chmod go-w/);
+        expect(() => store.reload()).to.throw(
+          TokenFileError,
+          /is writable by others \(mode 0646\): anyone who can write it can give themselves any scope; chmod go-w/,
+        );
         expect(store.authenticate(t.token)?.name).to.equal('viewer');
       } finally {
         fs.rmSync(dir, { recursive: true });
@@ -156,7 +162,8 @@ describe('front door rules', () => {
     });
 
     it('gives events:admin everything events:write has; scopes events by what they do', () => {
-      const principal = (scopes: string[]) => ({ kind: 'token', principal: { name: 'p', scopes: new Set(scopes) } }) as Parameters<typeof hasScope>[0];
+      const principal = (scopes: string[]) =>
+        ({ kind: 'token', principal: { name: 'p', scopes: new Set(scopes) } }) as Parameters<typeof hasScope>[0];
       expect(hasScope(principal(['events:admin']), 'events:write')).to.equal(true);
       expect(hasScope(principal(['events:write']), 'events:admin')).to.equal(false);
       expect(hasScope(principal(['board']), 'read')).to.equal(false);
@@ -166,7 +173,8 @@ describe('front door rules', () => {
       expect(scopeForEvent('deployment.teardown', { force: false })).to.equal('events:write');
       expect(scopeForEvent('deployment.teardown', { force: 'true' })).to.equal('events:write');
       for (const name of ['deployment.resolve', 'attempt.orphaned', 'attempt.expired']) expect(scopeForEvent(name, {})).to.equal('events:admin');
-      for (const name of ['deployment.create', 'attempt.end', 'attempt.heartbeat', 'nonsense']) expect(scopeForEvent(name, {})).to.equal('events:write');
+      for (const name of ['deployment.create', 'attempt.end', 'attempt.heartbeat', 'nonsense'])
+        expect(scopeForEvent(name, {})).to.equal('events:write');
     });
   });
 
@@ -236,7 +244,11 @@ describe('front door rules', () => {
     });
 
     it('dispatch never serves a stored private endpoint outside the list', () => {
-      const deployment = { state: 'ready' as const, lastReadyAt: new Date(0), endpoint: { url: 'http://127.0.0.1:18999', kind: 'cluster_dns' as const } };
+      const deployment = {
+        state: 'ready' as const,
+        lastReadyAt: new Date(0),
+        endpoint: { url: 'http://127.0.0.1:18999', kind: 'cluster_dns' as const },
+      };
       expect(resolveEndpoint(deployment, new Date(0), { publicEndpointUrl: 'https://public.example.com' })).to.include({ source: 'private' });
       expect(resolveEndpoint(deployment, new Date(0), { publicEndpointUrl: 'https://public.example.com', endpointAllow: list })).to.deep.equal({
         url: 'https://public.example.com',
@@ -247,11 +259,25 @@ describe('front door rules', () => {
   });
 
   describe('endpoint URLs and the probe URL', () => {
-    const end = (url: string) => ({ deploymentId: randomUUID(), attemptId: randomUUID(), outcome: 'succeeded', endpoint: { url, kind: 'node_port' } });
+    const end = (url: string) => ({
+      deploymentId: randomUUID(),
+      attemptId: randomUUID(),
+      outcome: 'succeeded',
+      endpoint: { url, kind: 'node_port' },
+    });
     it('refuses credentials, a query or a fragment, naming endpoint.url', () => {
-      for (const url of ['http://user:pw@h.example.com/', 'http://user@h.example.com/', 'http://127.0.0.1:18999/internal-admin?x=', 'http://h.example.com/?', 'http://h.example.com/#x']) {
+      for (const url of [
+        'http://user:pw@h.example.com/',
+        'http://user@h.example.com/',
+        'http://127.0.0.1:18999/internal-admin?x=',
+        'http://h.example.com/?',
+        'http://h.example.com/#x',
+      ]) {
         const issues = issuesOf(() => parsePayload('attempt.end', end(url)));
-        expect(issues.map((i) => i.field), url).to.deep.equal(['endpoint.url']);
+        expect(
+          issues.map((i) => i.field),
+          url,
+        ).to.deep.equal(['endpoint.url']);
       }
       expect(() => parsePayload('attempt.end', end('http://h.example.com:30000/app'))).to.not.throw();
     });
@@ -278,16 +304,29 @@ describe('front door rules', () => {
       ];
       for (const [name, data] of cases) {
         const issues = issuesOf(() => parsePayload(name, data));
-        expect(issues.map((i) => i.field), name).to.deep.equal(['eventId']);
+        expect(
+          issues.map((i) => i.field),
+          name,
+        ).to.deep.equal(['eventId']);
         expect(issues[0]?.rule).to.contain('claims only its own event kind');
       }
     });
 
     it('takes free-form ids, and ids of its own kind that name its own subject (any case)', () => {
-      for (const eventId of [`attempt.end.${A}`, `attempt.end.${A.toUpperCase()}`, `Attempt.End.${A}`, `attempt.end.${A}.retry-2`, 'end-1', 'attempt.ending', `attempt.end-${randomUUID()}`]) {
+      for (const eventId of [
+        `attempt.end.${A}`,
+        `attempt.end.${A.toUpperCase()}`,
+        `Attempt.End.${A}`,
+        `attempt.end.${A}.retry-2`,
+        'end-1',
+        'attempt.ending',
+        `attempt.end-${randomUUID()}`,
+      ]) {
         expect(() => parsePayload('attempt.end', { deploymentId: D, attemptId: A, outcome: 'failed', eventId }), eventId).to.not.throw();
       }
-      expect(() => parsePayload('deployment.create', { deploymentId: D, name: 'web', eventId: `DEPLOYMENT.CREATE.${D.toUpperCase()}` })).to.not.throw();
+      expect(() =>
+        parsePayload('deployment.create', { deploymentId: D, name: 'web', eventId: `DEPLOYMENT.CREATE.${D.toUpperCase()}` }),
+      ).to.not.throw();
       // events that happen many times derive random ids: they name no subject
       expect(() => parsePayload('attempt.heartbeat', { deploymentId: D, attemptId: A, eventId: `attempt.heartbeat.${randomUUID()}` })).to.not.throw();
       expect(() => parsePayload('deployment.teardown', { deploymentId: D, eventId: `deployment.teardown.${randomUUID()}` })).to.not.throw();
@@ -305,7 +344,10 @@ describe('front door rules', () => {
       ];
       for (const [name, data, field] of cases) {
         const issues = issuesOf(() => parsePayload(name, data));
-        expect(issues.map((i) => i.field), String(data.eventId)).to.deep.equal(['eventId']);
+        expect(
+          issues.map((i) => i.field),
+          String(data.eventId),
+        ).to.deep.equal(['eventId']);
         expect(issues[0]?.rule).to.contain(`must name this event's ${field} next`);
       }
     });
@@ -320,8 +362,12 @@ describe('front door rules', () => {
 
     it('takes an actor of the contract shape, naming actor otherwise', () => {
       expect(parsePayload('deployment.teardown', { deploymentId: D, actor: 'pipeline:team-a@ci' })).to.deep.include({ actor: 'pipeline:team-a@ci' });
-      expect(issuesOf(() => parsePayload('deployment.teardown', { deploymentId: D, actor: 'has space' })).map((i) => i.field)).to.deep.equal(['actor']);
-      expect(issuesOf(() => parsePayload('deployment.teardown', { deploymentId: D, actor: 'x'.repeat(101) })).map((i) => i.field)).to.deep.equal(['actor']);
+      expect(issuesOf(() => parsePayload('deployment.teardown', { deploymentId: D, actor: 'has space' })).map((i) => i.field)).to.deep.equal([
+        'actor',
+      ]);
+      expect(issuesOf(() => parsePayload('deployment.teardown', { deploymentId: D, actor: 'x'.repeat(101) })).map((i) => i.field)).to.deep.equal([
+        'actor',
+      ]);
     });
   });
 
@@ -344,8 +390,12 @@ describe('front door rules', () => {
     };
     it('off loopback: a tokens file, an allow-list and a 12-character board password are required', () => {
       expect(problems(offLoopback)).to.deep.equal([]);
-      expect(problems({ ...offLoopback, FLEET_API_TOKENS_FILE: '' }).join()).to.match(/^FLEET_API_TOKENS_FILE: required when FLEET_HTTP_HOST is not loopback/);
-      expect(problems({ ...offLoopback, FLEET_ENDPOINT_ALLOW: '' }).join()).to.match(/^FLEET_ENDPOINT_ALLOW: required when FLEET_HTTP_HOST is not loopback/);
+      expect(problems({ ...offLoopback, FLEET_API_TOKENS_FILE: '' }).join()).to.match(
+        /^FLEET_API_TOKENS_FILE: required when FLEET_HTTP_HOST is not loopback/,
+      );
+      expect(problems({ ...offLoopback, FLEET_ENDPOINT_ALLOW: '' }).join()).to.match(
+        /^FLEET_ENDPOINT_ALLOW: required when FLEET_HTTP_HOST is not loopback/,
+      );
       const short = problems({ ...offLoopback, FLEET_BOARD_PASSWORD: 'elevenchars' });
       expect(short).to.deep.equal(['FLEET_BOARD_PASSWORD: must be at least 12 characters when FLEET_HTTP_HOST is not loopback']);
       expect(short.join()).to.not.contain('elevenchars');
@@ -362,7 +412,11 @@ describe('front door rules', () => {
       expect(problems({ FLEET_METRICS_AUTH: 'token' }).join()).to.contain('FLEET_METRICS_AUTH: must be "open" or "read"');
       expect(problems({ FLEET_ENDPOINT_ALLOW: 'a/b' }).join()).to.contain('FLEET_ENDPOINT_ALLOW: "a/b"');
       expect(loadConfig({ FLEET_EVENTS_RATE_LIMIT: '0', FLEET_METRICS_AUTH: 'read' })).to.deep.include({ eventsRateLimit: 0, metricsAuth: 'read' });
-      expect(loadConfig({ FLEET_HTTP_TRUST_PROXY: '10.0.0.0/8, 192.0.2.1,fd00::/8' }).httpTrustProxy).to.deep.equal(['10.0.0.0/8', '192.0.2.1', 'fd00::/8']);
+      expect(loadConfig({ FLEET_HTTP_TRUST_PROXY: '10.0.0.0/8, 192.0.2.1,fd00::/8' }).httpTrustProxy).to.deep.equal([
+        '10.0.0.0/8',
+        '192.0.2.1',
+        'fd00::/8',
+      ]);
       expect(problems({ FLEET_HTTP_TRUST_PROXY: '10.0.0.0/33,proxy.local' })).to.deep.equal([
         'FLEET_HTTP_TRUST_PROXY: "10.0.0.0/33": must be an IP address or a CIDR range',
         'FLEET_HTTP_TRUST_PROXY: "proxy.local": must be an IP address or a CIDR range',

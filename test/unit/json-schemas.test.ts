@@ -60,7 +60,16 @@ const FIELDS: Record<string, { readonly valid: readonly unknown[]; readonly inva
   force: { valid: [true, false], invalid: ['true', 1, null] },
   observedAt: {
     valid: ['2025-01-02T03:04:05Z', '2025-01-02T03:04:05.123+02:00', '2024-02-29T23:59:59.999999Z'],
-    invalid: ['2025-01-02', '2025-01-02 03:04:05Z', '2025-01-02T03:04:05', '2025-13-01T00:00:00Z', '2025-02-29T00:00:00Z', '2025-01-02T03:04:60Z', 'yesterday', 0],
+    invalid: [
+      '2025-01-02',
+      '2025-01-02 03:04:05Z',
+      '2025-01-02T03:04:05',
+      '2025-13-01T00:00:00Z',
+      '2025-02-29T00:00:00Z',
+      '2025-01-02T03:04:60Z',
+      'yesterday',
+      0,
+    ],
   },
   endpoint: {
     valid: [
@@ -114,7 +123,8 @@ function jobSamples(name: EventName): Sample[] {
     const values = fields(field);
     if (values === undefined) throw new Error(`no samples for ${name}.${field}: add them to FIELDS`);
     for (const v of values.valid) samples.push({ label: `${field}=${JSON.stringify(v).slice(0, 40)}`, data: { ...base, [field]: v }, valid: true });
-    for (const v of values.invalid) samples.push({ label: `${field}=${JSON.stringify(v)?.slice(0, 40)}`, data: { ...base, [field]: v }, valid: false });
+    for (const v of values.invalid)
+      samples.push({ label: `${field}=${JSON.stringify(v)?.slice(0, 40)}`, data: { ...base, [field]: v }, valid: false });
     if (required.includes(field)) {
       const { [field]: _dropped, ...without } = base;
       samples.push({ label: `without ${field}`, data: without, valid: false });
@@ -148,7 +158,7 @@ describe('JSON Schemas (docs/schemas)', () => {
     });
   }
 
-  it('the stream entry: ajv accepts and refuses what the fleet\'s schema does', () => {
+  it("the stream entry: ajv accepts and refuses what the fleet's schema does", () => {
     const entry = {
       type: 'state_transition',
       transitionId: '42',

@@ -5,7 +5,7 @@ import { cutoffsAt, livenessOf } from '../../src/machine';
 describe('liveness (the pure rule)', () => {
   const t = (s: number) => new Date(Date.UTC(2026, 2, 1, 10, 0, s));
 
-  it("is the last heartbeat, else the start, else none", () => {
+  it('is the last heartbeat, else the start, else none', () => {
     expect(livenessOf({ lastHeartbeatAt: t(5), startedAt: t(0) })).to.deep.equal(t(5));
     expect(livenessOf({ lastHeartbeatAt: null, startedAt: t(0) })).to.deep.equal(t(0));
     expect(livenessOf({ lastHeartbeatAt: null, startedAt: null })).to.equal(null);

@@ -39,7 +39,9 @@ describe('log format', () => {
   });
 
   it('json: one object per line, as before', () => {
-    const lines = record('json').split('\n').filter((l) => l !== '');
+    const lines = record('json')
+      .split('\n')
+      .filter((l) => l !== '');
     const parsed = lines.map((l) => JSON.parse(l) as { level: number; msg: string; service: string });
     expect(parsed.map((p) => p.msg)).to.deep.equal(['worker started', 'could not reach postgres://fleet:[redacted]@db:5432/fleet', 'start failed']);
     expect(parsed[0]?.service).to.equal('lifecycle-fleet');

@@ -95,24 +95,12 @@ const TABLE: ReadonlyArray<readonly [string, MachineEvent, readonly [Expect, Exp
   [
     'attempt.expired (A)',
     { type: 'attempt.expired', attemptId: A },
-    [
-      'noop:not_running',
-      'applied:failed:progress_deadline_exceeded',
-      'noop:already_ended',
-      'noop:already_ended',
-      'noop:already_ended',
-    ],
+    ['noop:not_running', 'applied:failed:progress_deadline_exceeded', 'noop:already_ended', 'noop:already_ended', 'noop:already_ended'],
   ],
   [
     'deployment.teardown',
     { type: 'deployment.teardown' },
-    [
-      'applied:pending:torn_down',
-      'rejected:attempt_in_progress',
-      'applied:pending:torn_down',
-      'applied:pending:torn_down',
-      'rejected:unknown_state',
-    ],
+    ['applied:pending:torn_down', 'rejected:attempt_in_progress', 'applied:pending:torn_down', 'applied:pending:torn_down', 'rejected:unknown_state'],
   ],
   [
     'deployment.teardown force',
@@ -190,9 +178,7 @@ describe('state machine: the transition table', () => {
   it('an attempt event naming an attempt the deployment never had is deferred', () => {
     for (const state of STATES) {
       const snapshot = { ...snapshotIn(state), attempt: null };
-      expect(summarize(decide(snapshot, { type: 'attempt.start', attemptId: B }, NOW))).to.equal(
-        'deferred:attempt_not_found',
-      );
+      expect(summarize(decide(snapshot, { type: 'attempt.start', attemptId: B }, NOW))).to.equal('deferred:attempt_not_found');
     }
   });
 
@@ -208,17 +194,13 @@ describe('state machine: the transition table', () => {
     ];
     for (const state of STATES) {
       for (const event of events) {
-        expect(summarize(decide(snapshotIn(state, B), event, NOW)), `${event.type} in ${state}`).to.equal(
-          'noop:stale_attempt',
-        );
+        expect(summarize(decide(snapshotIn(state, B), event, NOW)), `${event.type} in ${state}`).to.equal('noop:stale_attempt');
       }
     }
   });
 
   it('attempt.create of the current attempt again is a duplicate noop', () => {
-    expect(summarize(decide(snapshotIn('pending'), { type: 'attempt.create', attemptId: A }, NOW))).to.equal(
-      'noop:duplicate',
-    );
+    expect(summarize(decide(snapshotIn('pending'), { type: 'attempt.create', attemptId: A }, NOW))).to.equal('noop:duplicate');
   });
 
   it('attempt.create supersedes an unstarted current attempt and makes the new one current', () => {
@@ -297,14 +279,12 @@ describe('state machine: convergence (property)', () => {
 
   /** a permutation of the attempt's events, each delivered one to three times */
   const deliveries = (end: MachineEvent) =>
-    fc
-      .tuple(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 3 }))
-      .chain(([starts, ends]) =>
-        fc.shuffledSubarray([...Array<MachineEvent>(starts).fill(start), ...Array<MachineEvent>(ends).fill(end)], {
-          minLength: starts + ends,
-          maxLength: starts + ends,
-        }),
-      );
+    fc.tuple(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 3 })).chain(([starts, ends]) =>
+      fc.shuffledSubarray([...Array<MachineEvent>(starts).fill(start), ...Array<MachineEvent>(ends).fill(end)], {
+        minLength: starts + ends,
+        maxLength: starts + ends,
+      }),
+    );
 
   for (const [label, end] of [
     ['succeeded', endOk],
@@ -337,7 +317,9 @@ describe('decide: the promises that a table of usual snapshots does not pin (iss
       currentAttempt: { id: A, status: 'cancelled' },
     };
     const endpoint = { url: 'http://10.0.0.1:30000', kind: 'node_port' as const };
-    expect(summarize(decide(cancelled, { type: 'attempt.end', attemptId: A, outcome: 'succeeded', endpoint }, NOW))).to.equal('noop:first_outcome_wins');
+    expect(summarize(decide(cancelled, { type: 'attempt.end', attemptId: A, outcome: 'succeeded', endpoint }, NOW))).to.equal(
+      'noop:first_outcome_wins',
+    );
     expect(summarize(decide(cancelled, { type: 'attempt.end', attemptId: A, outcome: 'failed' }, NOW))).to.equal('noop:already_ended');
     for (const type of ['attempt.cancel', 'attempt.orphaned', 'attempt.expired', 'attempt.start'] as const) {
       expect(decide(cancelled, { type, attemptId: A }, NOW).kind, type).to.equal('noop');

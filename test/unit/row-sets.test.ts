@@ -26,9 +26,14 @@ describe("row sets (a statement's rows by name, one jsonb parameter a set)", () 
 
   it('passes each set as a JSON array of its rows, in the declared order', () => {
     const at = new Date('2026-01-01T00:00:00.000Z');
-    expect(rows.values({ items: [{ id: 'a', n: 1 }, { id: 'b', n: null }], tags: [{ id: 'c', at }] })).to.deep.equal([
-      '[{"id":"a","n":1},{"id":"b","n":null}]',
-      '[{"id":"c","at":"2026-01-01T00:00:00.000Z"}]',
-    ]);
+    expect(
+      rows.values({
+        items: [
+          { id: 'a', n: 1 },
+          { id: 'b', n: null },
+        ],
+        tags: [{ id: 'c', at }],
+      }),
+    ).to.deep.equal(['[{"id":"a","n":1},{"id":"b","n":null}]', '[{"id":"c","at":"2026-01-01T00:00:00.000Z"}]']);
   });
 });

@@ -58,11 +58,17 @@ describe('text for a terminal', () => {
   it('the pretty logger escapes what a record carries; a stack keeps its lines', () => {
     let text = '';
     const logger = createLogger('info', { write: (line: string) => void (text += line) }, { format: 'pretty' });
-    logger.warn({ reason: HOSTILE, nested: { deep: HOSTILE }, err: new Error(`boom ${HOSTILE}`) }, `job failed: ${HOSTILE}\n[00:00:00.000] INFO (1): forged`);
+    logger.warn(
+      { reason: HOSTILE, nested: { deep: HOSTILE }, err: new Error(`boom ${HOSTILE}`) },
+      `job failed: ${HOSTILE}\n[00:00:00.000] INFO (1): forged`,
+    );
     const lines = text.split('\n').filter((l) => l !== '');
     for (const line of lines) expect(RAW.test(line), line).to.equal(false);
     expect(lines[0]).to.match(/^\[\d\d:\d\d:\d\d\.\d{3}\] WARN \(\d+\): job failed: x\\u001b\[2J/);
     expect(lines.filter((l) => l.includes('forged'))).to.have.length(1); // the forged line stays inside the first
-    expect(lines.some((l) => /^\s+at /.test(l)), 'the stack, line by line').to.equal(true);
+    expect(
+      lines.some((l) => /^\s+at /.test(l)),
+      'the stack, line by line',
+    ).to.equal(true);
   });
 });

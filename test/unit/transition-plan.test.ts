@@ -9,14 +9,7 @@ import type { TransitionSnapshotRow, TransitionWriteRow } from '../../src/entiti
 import type { NotYetError } from '../../src/errors';
 import { parseEvent, payloadDigest } from '../../src/events/schemas';
 import { cutoffsAt } from '../../src/machine';
-import {
-  planBatch,
-  splitBatch,
-  verdictOf,
-  writeReportOf,
-  type BatchPlan,
-  type PreparedEvent,
-} from '../../src/services/transitions/batch-plan';
+import { planBatch, splitBatch, verdictOf, writeReportOf, type BatchPlan, type PreparedEvent } from '../../src/services/transitions/batch-plan';
 import { toMachineEvent, type StateEvent } from '../../src/services/transitions/outcomes';
 
 const NOW = new Date('2026-12-02T12:00:00.000Z');
@@ -85,13 +78,33 @@ describe('the transition planner (pure)', () => {
     const create = prepared('deployment.create', { deploymentId: D, name: 'web', endpoint: ENDPOINT, eventId: 'c1', actor: 'ci' });
     const plan = planBatch([create], EMPTY, NOW);
     expect(plan.write.inserts).to.deep.equal([
-      { id: D, name: 'web', state: 'pending', version: 1, endpoint_url: ENDPOINT.url, endpoint_kind: 'node_port', current_attempt_id: null, last_ready_at: null, at: NOW },
+      {
+        id: D,
+        name: 'web',
+        state: 'pending',
+        version: 1,
+        endpoint_url: ENDPOINT.url,
+        endpoint_kind: 'node_port',
+        current_attempt_id: null,
+        last_ready_at: null,
+        at: NOW,
+      },
     ]);
     expect(plan.write.updates).to.deep.equal([]);
     expect(plan.write.applied).to.deep.equal([
       {
-        event_id: 'c1', event_name: 'deployment.create', deployment_id: D, attempt_id: null, from_state: null, to_state: 'pending',
-        version: 1, reason: 'created', actor: 'ci', payload_sha256: payloadDigest(create.event.data), at: NOW, traceparent: null,
+        event_id: 'c1',
+        event_name: 'deployment.create',
+        deployment_id: D,
+        attempt_id: null,
+        from_state: null,
+        to_state: 'pending',
+        version: 1,
+        reason: 'created',
+        actor: 'ci',
+        payload_sha256: payloadDigest(create.event.data),
+        at: NOW,
+        traceparent: null,
       },
     ]);
     expect([...plan.writes]).to.deep.equal([D]);
@@ -107,7 +120,17 @@ describe('the transition planner (pure)', () => {
     ];
     const plan = planBatch(events, EMPTY, NOW);
     expect(plan.write.inserts).to.deep.equal([
-      { id: D, name: 'web', state: 'ready', version: 4, endpoint_url: ENDPOINT.url, endpoint_kind: 'node_port', current_attempt_id: A1, last_ready_at: NOW, at: NOW },
+      {
+        id: D,
+        name: 'web',
+        state: 'ready',
+        version: 4,
+        endpoint_url: ENDPOINT.url,
+        endpoint_kind: 'node_port',
+        current_attempt_id: A1,
+        last_ready_at: NOW,
+        at: NOW,
+      },
     ]);
     // the new attempt goes in as the batch left it; nothing else of it is changed
     expect(plan.write.newAttempts).to.deep.equal([
@@ -129,8 +152,18 @@ describe('the transition planner (pure)', () => {
     const plan = planBatch([prepared('attempt.create', { deploymentId: D, attemptId: A2, eventId: 'a2' })], snapshot, NOW);
     expect(plan.write.updates).to.deep.equal([
       {
-        id: D, from_version: 5, to_version: 6, state: 'pending', at: NOW, set_current: true, current_attempt_id: A2,
-        set_endpoint: false, endpoint_url: null, endpoint_kind: null, set_ready: false, last_ready_at: null,
+        id: D,
+        from_version: 5,
+        to_version: 6,
+        state: 'pending',
+        at: NOW,
+        set_current: true,
+        current_attempt_id: A2,
+        set_endpoint: false,
+        endpoint_url: null,
+        endpoint_kind: null,
+        set_ready: false,
+        last_ready_at: null,
       },
     ]);
     expect(plan.write.newAttempts.map((a) => [a.id, a.number, a.status])).to.deep.equal([[A2, 4, 'pending']]);
@@ -139,12 +172,21 @@ describe('the transition planner (pure)', () => {
     ]);
   });
 
-  it('claims a noop, on top of the batch\'s own write when it was decided on it', () => {
+  it("claims a noop, on top of the batch's own write when it was decided on it", () => {
     const snapshot = snapshotOf({ state: 'deploying', version: 3, current: A1 }, [{ id: A1, status: 'running', startedAt: NOW }]);
     const again = prepared('attempt.start', { deploymentId: D, attemptId: A1, eventId: 'again' });
     const alone = planBatch([again], snapshot, NOW);
     expect(alone.write.noopClaims).to.deep.equal([
-      { event_id: 'again', event_name: 'attempt.start', deployment_id: D, reason: 'duplicate', version: 3, payload_sha256: payloadDigest(again.event.data), at: NOW, needs_win: false },
+      {
+        event_id: 'again',
+        event_name: 'attempt.start',
+        deployment_id: D,
+        reason: 'duplicate',
+        version: 3,
+        payload_sha256: payloadDigest(again.event.data),
+        at: NOW,
+        needs_win: false,
+      },
     ]);
     expect(summaries(alone, allWon(alone))).to.deep.equal(['noop duplicate']);
     // another delivery claimed it first: the claim did not take
@@ -171,7 +213,17 @@ describe('the transition planner (pure)', () => {
     const create = prepared('deployment.create', { deploymentId: D, name: 'web', eventId: 'c1' });
     const processed = (digest: string): TransitionSnapshotRow => ({
       ...snapshotOf({ state: 'pending', version: 1 }),
-      processed: [{ event_id: 'c1', event_name: 'deployment.create', deployment_id: D, payload_sha256: digest, outcome: 'applied', reason: 'created', version: 1 }],
+      processed: [
+        {
+          event_id: 'c1',
+          event_name: 'deployment.create',
+          deployment_id: D,
+          payload_sha256: digest,
+          outcome: 'applied',
+          reason: 'created',
+          version: 1,
+        },
+      ],
     });
     const duplicate = planBatch([create], processed(payloadDigest(create.event.data)), NOW);
     const reused = planBatch([create], processed('0'.repeat(64)), NOW);
@@ -196,7 +248,11 @@ describe('the transition planner (pure)', () => {
     const snapshot = snapshotOf({ state: 'pending', version: 2, current: A1 }, [{ id: A1, status: 'pending' }]);
     const start = prepared('attempt.start', { deploymentId: D, attemptId: A1, eventId: 's1' });
     const orphan = (declaredS: number) =>
-      prepared('attempt.orphaned', { deploymentId: D, attemptId: A1, eventId: `o${declaredS}`, actor: 'sweep' }, new Date(NOW.getTime() + declaredS * 1000));
+      prepared(
+        'attempt.orphaned',
+        { deploymentId: D, attemptId: A1, eventId: `o${declaredS}`, actor: 'sweep' },
+        new Date(NOW.getTime() + declaredS * 1000),
+      );
     const alive = planBatch([start, orphan(60)], snapshot, NOW);
     expect(summaries(alive, allWon(alive))).to.deep.equal(['applied v3 #1', 'noop alive']);
     // `alive` is no claim: the orphan stays free to apply later

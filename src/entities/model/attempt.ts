@@ -5,10 +5,7 @@ import type { Deployment } from './deployment';
 /** One try at deploying a deployment. `number` counts from 1 per deployment. */
 @Entity({ name: 'attempts' })
 @Check('attempts_number_check', `number >= 1`)
-@Check(
-  'attempts_status_check',
-  `status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled', 'abandoned', 'superseded')`,
-)
+@Check('attempts_status_check', `status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled', 'abandoned', 'superseded')`)
 @Unique('attempts_deployment_id_number_key', ['deploymentId', 'number'])
 // the sweep's deadline scan: running attempts by start
 @Index('attempts_running_started_idx', ['startedAt'], { where: `status = 'running'` })

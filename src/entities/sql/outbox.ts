@@ -38,9 +38,7 @@ export const OUTBOX_SQL = Object.freeze({
    * after 5 s of silence, every 2 s, 3 unanswered end the session (about 11 s); `tcp_user_timeout` bounds the same
    * when the server has unacknowledged data in flight (a NOTIFY to the cut-off leader), where keepalives do not run.
    */
-  keepalives: plain(
-    `SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 11000`,
-  ),
+  keepalives: plain(`SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 11000`),
   /**
    * The relay's own writes (marks, reconcile, prune) do not wait for their WAL flush: a mark lost in a PostgreSQL
    * crash only republishes its rows (duplicates are allowed; gaps are not), and the next leader reconciles again.

@@ -23,7 +23,12 @@ export interface DeploymentWithAttempt {
   readonly currentAttempt: AttemptRecord | null;
 }
 
-type DeploymentJoinRow = DeploymentRow & { attempt: (Omit<AttemptRow, 'started_at' | 'ended_at' | 'last_heartbeat_at' | 'created_at'> & Record<'started_at' | 'ended_at' | 'last_heartbeat_at' | 'created_at', string | null>) | null };
+type DeploymentJoinRow = DeploymentRow & {
+  attempt:
+    | (Omit<AttemptRow, 'started_at' | 'ended_at' | 'last_heartbeat_at' | 'created_at'> &
+        Record<'started_at' | 'ended_at' | 'last_heartbeat_at' | 'created_at', string | null>)
+    | null;
+};
 
 // Columns are listed, never `*`: a prepared `SELECT *` fails ("cached plan must not change result type") in a
 // process that outlives a migration adding a column.
@@ -93,11 +98,6 @@ export async function findAttempts(db: Session, deploymentId: string): Promise<A
   return (await db.run(READ_SQL.attempts, [deploymentId])).rows.map(toAttempt);
 }
 
-export async function findTransitions(
-  db: Session,
-  deploymentId: string,
-  afterVersion: number,
-  limit: number,
-): Promise<StateTransitionRecord[]> {
+export async function findTransitions(db: Session, deploymentId: string, afterVersion: number, limit: number): Promise<StateTransitionRecord[]> {
   return (await db.run(READ_SQL.transitions, [deploymentId, afterVersion, limit])).rows.map(toStateTransition);
 }

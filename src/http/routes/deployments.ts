@@ -6,7 +6,16 @@ import type { FastifyPluginAsync } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { DataSource } from 'typeorm';
 import { Database, deploymentExists } from '../../entities/sql';
-import { deploymentPageSchema, deploymentViewSchema, getDeployment, listAttempts, listDeployments, listTransitions, type DeploymentView, type StampReadOptions } from '../../services/read-model/views';
+import {
+  deploymentPageSchema,
+  deploymentViewSchema,
+  getDeployment,
+  listAttempts,
+  listDeployments,
+  listTransitions,
+  type DeploymentView,
+  type StampReadOptions,
+} from '../../services/read-model/views';
 import { attemptListSchema, deploymentIdParamsSchema, deploymentListQuerySchema, transitionPageSchema, transitionQuerySchema } from '../api-schemas';
 import { HttpError } from '../http-error';
 import { answer, BAD_ID, failure, NOT_FOUND, route, UNAVAILABLE } from '../route-options';

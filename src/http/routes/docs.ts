@@ -59,7 +59,8 @@ export async function gatherDocument(app: FastifyInstance): Promise<void> {
           bearer: {
             type: 'http',
             scheme: 'bearer',
-            description: 'An API token (`fleet token create`); each operation names the scope it needs (`x-scope`). Without a tokens file (loopback only) the API is open.',
+            description:
+              'An API token (`fleet token create`); each operation names the scope it needs (`x-scope`). Without a tokens file (loopback only) the API is open.',
           },
         },
       },
@@ -82,7 +83,8 @@ export const docsRoutes: FastifyPluginAsync = async (app) => {
       routePrefix: DOCS_PATH,
       // nothing from elsewhere: the assets come from the package, and no online validator is asked
       validatorUrl: false,
-      staticCSP: "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; object-src 'none'; frame-ancestors 'none'",
+      staticCSP:
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; object-src 'none'; frame-ancestors 'none'",
       uiConfig: { showExtensions: true, displayRequestDuration: true },
     });
   });

@@ -54,7 +54,11 @@ export async function eventIntake(app: FastifyInstance, options: EventIntakeOpti
       skipOnError: true,
       // an Error, so that it reaches the server's error handler through the board's too (which passes on only Errors)
       errorResponseBuilder: (_request, context) =>
-        new HttpError(429, 'rate_limited', `more than ${context.max} events in ${context.after === '' ? 'a second' : 'the window'} for this token; retry in ${context.after}`),
+        new HttpError(
+          429,
+          'rate_limited',
+          `more than ${context.max} events in ${context.after === '' ? 'a second' : 'the window'} for this token; retry in ${context.after}`,
+        ),
     });
   }
   const limitEvents = config.eventsRateLimit > 0 ? app.rateLimit() : null;

@@ -44,11 +44,13 @@ export const DISPATCH_SOURCES = ['private', 'public', 'none'] as const;
 export type DispatchSource = (typeof DISPATCH_SOURCES)[number];
 
 /** The answer (docs/contract.md, `GET /api/deployments/:id/endpoint`). `url` is null exactly when `source` is "none". */
-export const resolvedEndpointSchema = z.object({
-  url: z.string().nullable().describe('null exactly when `source` is "none"'),
-  source: z.enum(DISPATCH_SOURCES),
-  reason: z.enum(DISPATCH_REASONS),
-}).meta({ id: 'ResolvedEndpoint' });
+export const resolvedEndpointSchema = z
+  .object({
+    url: z.string().nullable().describe('null exactly when `source` is "none"'),
+    source: z.enum(DISPATCH_SOURCES),
+    reason: z.enum(DISPATCH_REASONS),
+  })
+  .meta({ id: 'ResolvedEndpoint' });
 export type ResolvedEndpoint = z.output<typeof resolvedEndpointSchema>;
 
 interface DispatchCommon {

@@ -38,44 +38,50 @@ export interface StampReadOptions {
 const isoTime = z.iso.datetime();
 
 /** An attempt as the API shows it (`GET /api/deployments/:id/attempts`, a deployment's `currentAttempt`). */
-export const attemptViewSchema = z.object({
-  id: z.uuid(),
-  number: z.number().int().min(1).describe("1 for a deployment's first attempt"),
-  status: z.enum(ATTEMPT_STATUSES),
-  startedAt: isoTime.nullable(),
-  endedAt: isoTime.nullable(),
-  lastHeartbeatAt: isoTime.nullable(),
-  reason: z.string().nullable(),
-}).meta({ id: 'Attempt' });
+export const attemptViewSchema = z
+  .object({
+    id: z.uuid(),
+    number: z.number().int().min(1).describe("1 for a deployment's first attempt"),
+    status: z.enum(ATTEMPT_STATUSES),
+    startedAt: isoTime.nullable(),
+    endedAt: isoTime.nullable(),
+    lastHeartbeatAt: isoTime.nullable(),
+    reason: z.string().nullable(),
+  })
+  .meta({ id: 'Attempt' });
 export type AttemptView = z.output<typeof attemptViewSchema>;
 
 /** A deployment with its current attempt (`GET /api/deployments/:id`, the items of a page). */
-export const deploymentViewSchema = z.object({
-  id: z.uuid(),
-  name: z.string(),
-  state: z.enum(DEPLOYMENT_STATES),
-  version: z.number().int().min(1).describe('one more with every transition'),
-  endpoint: z.object({ url: z.string(), kind: z.enum(ENDPOINT_KINDS) }).nullable(),
-  lastReadyAt: isoTime.nullable(),
-  stateChangedAt: isoTime,
-  createdAt: isoTime,
-  updatedAt: isoTime,
-  currentAttempt: attemptViewSchema.nullable(),
-}).meta({ id: 'Deployment' });
+export const deploymentViewSchema = z
+  .object({
+    id: z.uuid(),
+    name: z.string(),
+    state: z.enum(DEPLOYMENT_STATES),
+    version: z.number().int().min(1).describe('one more with every transition'),
+    endpoint: z.object({ url: z.string(), kind: z.enum(ENDPOINT_KINDS) }).nullable(),
+    lastReadyAt: isoTime.nullable(),
+    stateChangedAt: isoTime,
+    createdAt: isoTime,
+    updatedAt: isoTime,
+    currentAttempt: attemptViewSchema.nullable(),
+  })
+  .meta({ id: 'Deployment' });
 export type DeploymentView = z.output<typeof deploymentViewSchema>;
 
 /** One transition of a deployment's history, in the stream entry's field names. */
-export const transitionViewSchema = z.object({
-  transitionId: z.string().regex(/^\d+$/).describe("the transition's id: a whole number, as a string (a bigint)"),
-  attemptId: z.uuid().nullable(),
-  from: z.enum(DEPLOYMENT_STATES).nullable(),
-  to: z.enum(DEPLOYMENT_STATES),
-  version: z.number().int().min(1),
-  reason: z.string(),
-  eventId: z.string(),
-  actor: z.string().describe("who caused it: an API token's name, `sweep`, or the producer's `actor`"),
-  at: isoTime,
-}).meta({ id: 'Transition' });
+export const transitionViewSchema = z
+  .object({
+    transitionId: z.string().regex(/^\d+$/).describe("the transition's id: a whole number, as a string (a bigint)"),
+    attemptId: z.uuid().nullable(),
+    from: z.enum(DEPLOYMENT_STATES).nullable(),
+    to: z.enum(DEPLOYMENT_STATES),
+    version: z.number().int().min(1),
+    reason: z.string(),
+    eventId: z.string(),
+    actor: z.string().describe("who caused it: an API token's name, `sweep`, or the producer's `actor`"),
+    at: isoTime,
+  })
+  .meta({ id: 'Transition' });
 export type TransitionView = z.output<typeof transitionViewSchema>;
 
 const iso = (d: Date | null): string | null => (d === null ? null : d.toISOString());
@@ -132,9 +138,7 @@ async function withBufferedStamps(views: DeploymentView[], options: StampReadOpt
   const buffer = options.stampBuffer;
   if (buffer == null || views.length === 0) return views;
   const ready = views.filter((v) => v.state === 'ready').map((v) => v.id);
-  const running = views.flatMap((v) =>
-    v.currentAttempt?.status === 'running' ? [{ attemptId: v.currentAttempt.id, deploymentId: v.id }] : [],
-  );
+  const running = views.flatMap((v) => (v.currentAttempt?.status === 'running' ? [{ attemptId: v.currentAttempt.id, deploymentId: v.id }] : []));
   if (ready.length === 0 && running.length === 0) return views;
   let latest: Awaited<ReturnType<StampBuffer['latest']>>;
   try {
@@ -161,10 +165,12 @@ export async function getDeployment(ds: DataSource, id: string, options: StampRe
 }
 
 /** A page of deployments (`GET /api/deployments`). */
-export const deploymentPageSchema = z.object({
-  items: z.array(deploymentViewSchema),
-  nextCursor: z.uuid().nullable().describe('pass as `cursor` for the next page; null on the last page'),
-}).meta({ id: 'DeploymentPage' });
+export const deploymentPageSchema = z
+  .object({
+    items: z.array(deploymentViewSchema),
+    nextCursor: z.uuid().nullable().describe('pass as `cursor` for the next page; null on the last page'),
+  })
+  .meta({ id: 'DeploymentPage' });
 export type DeploymentPage = z.output<typeof deploymentPageSchema>;
 
 /** A page of deployments in id order (keyset paging: stable under concurrent inserts), optionally by state. */
@@ -182,11 +188,6 @@ export async function listAttempts(ds: DataSource, deploymentId: string): Promis
 }
 
 /** History after `afterVersion` in version order, at most `limit` rows. */
-export async function listTransitions(
-  ds: DataSource,
-  deploymentId: string,
-  afterVersion = 0,
-  limit = 100,
-): Promise<TransitionView[]> {
+export async function listTransitions(ds: DataSource, deploymentId: string, afterVersion = 0, limit = 100): Promise<TransitionView[]> {
   return (await findTransitions(new Database(ds), deploymentId, afterVersion, limit)).map(transitionView);
 }

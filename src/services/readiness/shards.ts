@@ -74,7 +74,19 @@ export function cutShards(ids: readonly string[], size: number): string[][] {
 /** A report for a shard that probed nothing (`late` or `duplicate`). */
 export function idleReport(data: Pick<ShardJobData, 'tick' | 'shard' | 'ids'>, ran: 'late' | 'duplicate' | 'unconfirmed'): ShardReport {
   const unprobed = ran === 'duplicate' ? 0 : data.ids.length;
-  return { tick: data.tick, shard: data.shard, ran, endpoints: data.ids.length, probed: 0, stamped: 0, failed: 0, unprobed, stale: 0, probeFailures: {}, durationMs: 0 };
+  return {
+    tick: data.tick,
+    shard: data.shard,
+    ran,
+    endpoints: data.ids.length,
+    probed: 0,
+    stamped: 0,
+    failed: 0,
+    unprobed,
+    stale: 0,
+    probeFailures: {},
+    durationMs: 0,
+  };
 }
 
 interface Probed {
@@ -114,9 +126,7 @@ export async function probeShard(options: ShardRunnerOptions, data: ShardJobData
     // a row stored before the list or the endpoint URL rules is never probed; the others as normalised
     const servable = servableEndpoint(row.endpoint_url, options.endpointAllow);
     const probe =
-      'url' in servable
-        ? probeReady(servable.url, options.probeTimeoutMs)
-        : Promise.resolve<ProbeOutcome>({ ok: false, reason: 'not_allowed' });
+      'url' in servable ? probeReady(servable.url, options.probeTimeoutMs) : Promise.resolve<ProbeOutcome>({ ok: false, reason: 'not_allowed' });
     inFlight.push(
       probe.then((outcome) => {
         options.lanes.release();

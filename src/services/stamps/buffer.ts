@@ -186,7 +186,12 @@ export class StampBuffer {
    * flush, by any process. Safe to call twice.
    */
   close(): Promise<void> {
-    this.closing ??= this.ownsRedis ? this.redis.quit().then(() => undefined, () => this.redis.disconnect()) : Promise.resolve();
+    this.closing ??= this.ownsRedis
+      ? this.redis.quit().then(
+          () => undefined,
+          () => this.redis.disconnect(),
+        )
+      : Promise.resolve();
     return this.closing;
   }
 }

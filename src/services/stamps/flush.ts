@@ -279,11 +279,12 @@ export class StampFlusher {
 
   /** The next round of what a flush took: up to `maxPerStatement` of each kind, oldest first (one round trip). */
   private async read(): Promise<[Buffered[], Buffered[]]> {
-    const replies = (await this.redis
-      .pipeline()
-      .zrange(this.keys.heartbeatFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
-      .zrange(this.keys.readinessFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
-      .exec()) ?? [];
+    const replies =
+      (await this.redis
+        .pipeline()
+        .zrange(this.keys.heartbeatFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
+        .zrange(this.keys.readinessFlushing, 0, this.maxPerStatement - 1, 'WITHSCORES')
+        .exec()) ?? [];
     const parse = (reply: [Error | null, unknown] | undefined): Buffered[] => {
       if (reply === undefined) return [];
       if (reply[0] !== null) throw reply[0];

@@ -32,7 +32,18 @@ import { SWEEP_ACTOR } from '../../events/schemas';
 import { deriveEventId, jobIdFor, type LifecycleProducer } from '../../queues/producer';
 import { isRedisError, type ServerWatch } from '../../redis/connection';
 import { isLockConflict, isTransient } from '../../errors';
-import { addTotals, cutShards, loadShard, ProbeLanes, probeShard, runShard, type ProbeTotals, type ShardJobData, type ShardReport, type ShardRunnerOptions } from '../readiness';
+import {
+  addTotals,
+  cutShards,
+  loadShard,
+  ProbeLanes,
+  probeShard,
+  runShard,
+  type ProbeTotals,
+  type ShardJobData,
+  type ShardReport,
+  type ShardRunnerOptions,
+} from '../readiness';
 
 export { probeReady, readinessUrl, ProbeLanes, type ProbeOutcome, type ShardJobData, type ShardReport, type ProbeTotals } from '../readiness';
 
@@ -247,7 +258,12 @@ export class Sweeper {
    */
   private reportFailures(failures: ReadonlyArray<{ readonly part: 'attempts' | 'readiness'; readonly err: unknown }>, now: Date): void {
     const at = now.toISOString();
-    const briefly = ({ part, err }: (typeof failures)[number]) => ({ at, part, code: (err as { code?: unknown }).code, reason: (err as Error).message });
+    const briefly = ({ part, err }: (typeof failures)[number]) => ({
+      at,
+      part,
+      code: (err as { code?: unknown }).code,
+      reason: (err as Error).message,
+    });
     const conflicts = failures.filter((f) => isLockConflict(f.err));
     const away = failures.filter((f) => !isLockConflict(f.err) && isTransient(f.err));
     const bugs = failures.filter((f) => !isLockConflict(f.err) && !isTransient(f.err));
@@ -274,12 +290,21 @@ export class Sweeper {
   }
 
   private shardRunner(): ShardRunnerOptions {
-    return { db: this.db, lanes: this.lanes, now: this.now, probeTimeoutMs: this.probeTimeoutMs, readyWindowMs: this.readyWindowMs, endpointAllow: this.endpointAllow, log: this.log };
+    return {
+      db: this.db,
+      lanes: this.lanes,
+      now: this.now,
+      probeTimeoutMs: this.probeTimeoutMs,
+      readyWindowMs: this.readyWindowMs,
+      endpointAllow: this.endpointAllow,
+      log: this.log,
+    };
   }
 
   private reported(data: ShardJobData, report: ShardReport): ShardReport {
     this.metrics.onShard?.(report);
-    if (report.ran === 'late') this.log.debug({ tick: data.tick, shard: data.shard, endpoints: report.endpoints }, 'probe shard taken after its deadline: skipped');
+    if (report.ran === 'late')
+      this.log.debug({ tick: data.tick, shard: data.shard, endpoints: report.endpoints }, 'probe shard taken after its deadline: skipped');
     return report;
   }
 
@@ -327,7 +352,10 @@ export class Sweeper {
         if (earlier !== undefined && (reason === 'alive' || reason === 'not_due')) {
           await earlier.remove();
           await this.producer.queue.add(job.name, job.data, job.opts);
-          this.log.warn({ jobId: job.opts.jobId, reason }, 'declared again: the attempt is due by this tick (do the sweep and the workers share FLEET_ORPHAN_AFTER_S, FLEET_PROGRESS_DEADLINE_S and a clock?)');
+          this.log.warn(
+            { jobId: job.opts.jobId, reason },
+            'declared again: the attempt is due by this tick (do the sweep and the workers share FLEET_ORPHAN_AFTER_S, FLEET_PROGRESS_DEADLINE_S and a clock?)',
+          );
         }
       }
     }
@@ -374,7 +402,9 @@ export class Sweeper {
     // every shard's rows first, then all probe together: the lanes go to the lowest shards first
     const runner = this.shardRunner();
     const loaded = await Promise.all(shards.map((data) => loadShard(runner, data)));
-    const reports = await Promise.all(shards.map((data, i) => probeShard(runner, data, loaded[i] ?? []).then((report) => this.reported(data, report))));
+    const reports = await Promise.all(
+      shards.map((data, i) => probeShard(runner, data, loaded[i] ?? []).then((report) => this.reported(data, report))),
+    );
     const totals = addTotals(reports);
     return { ...facts, shards: shards.length, queued: false as const, ...totals, endpoints: rows.length };
   }

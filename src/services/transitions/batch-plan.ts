@@ -88,13 +88,7 @@ export function planBatch(events: readonly PreparedEvent[], snapshot: Transition
   return { events: planned, write: { ...rows, applied, noopClaims }, writes };
 }
 
-function planEvent(
-  prepared: PreparedEvent,
-  state: WorkingState,
-  now: Date,
-  applied: AppliedEventRow[],
-  noopClaims: NoopClaimRow[],
-): PlannedEvent {
+function planEvent(prepared: PreparedEvent, state: WorkingState, now: Date, applied: AppliedEventRow[], noopClaims: NoopClaimRow[]): PlannedEvent {
   const { event, machineEvent } = prepared;
   const { deploymentId } = event.data;
   const attemptId = attemptIdOf(event);

@@ -34,7 +34,6 @@ interface Waiting {
   readonly reject: (err: unknown) => void;
 }
 
-
 export class TransitionCoalescer {
   readonly maxBatch: number;
   readonly maxBatches: number;

@@ -36,16 +36,7 @@ import { DEFAULTS } from '../../config';
 import { cutoffsAt, type LivenessLimits, type MachineEvent } from '../../machine';
 import { sleep } from '../../util';
 import { duplicateOf, eventIdConflict, sameEvent, toMachineEvent, type ApplyResult, type StateEvent } from './outcomes';
-import {
-  planBatch,
-  snapshotKeys,
-  splitBatch,
-  verdictOf,
-  writeReportOf,
-  type BatchPlan,
-  type PreparedEvent,
-  type WriteReport,
-} from './batch-plan';
+import { planBatch, snapshotKeys, splitBatch, verdictOf, writeReportOf, type BatchPlan, type PreparedEvent, type WriteReport } from './batch-plan';
 import type { StampBuffer } from '../stamps';
 import { RelayWakeup } from './relay-wakeup';
 import { Stamps } from './stamps';
@@ -113,7 +104,8 @@ export class TransitionService {
    */
   async applyMany(items: readonly ApplyItem[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
     const settled: Array<Promise<PromiseSettledResult<ApplyResult>>> = [];
-    const preparing: Array<Promise<{ readonly prepared: PreparedEvent; readonly settle: (r: PromiseSettledResult<ApplyResult>) => void } | null>> = [];
+    const preparing: Array<Promise<{ readonly prepared: PreparedEvent; readonly settle: (r: PromiseSettledResult<ApplyResult>) => void } | null>> =
+      [];
     for (const item of items) {
       let event: LifecycleEvent;
       try {
@@ -170,7 +162,10 @@ export class TransitionService {
   /** One batch: snapshot, decisions, one write. Events whose deployment's write lost are redone one at a time. */
   private async applyBatch(events: readonly PreparedEvent[]): Promise<Array<PromiseSettledResult<ApplyResult>>> {
     // the batch's statements serve every event in it: they go under a span of the batch's own, linked to each event's
-    const batchTrace = startBatchTrace(events.map((e) => e.trace ?? null), events.length);
+    const batchTrace = startBatchTrace(
+      events.map((e) => e.trace ?? null),
+      events.length,
+    );
     let written: { readonly plan: BatchPlan; readonly report: WriteReport };
     try {
       written = await this.db.session((s) =>
@@ -288,10 +283,7 @@ export class TransitionService {
         // a lock conflict PostgreSQL broke undid the whole try (its write is one statement, or the locked retry's
         // transaction): read and decide again
         const result = await retryLockConflicts(
-          () =>
-            lock
-              ? this.db.transaction((s) => this.tryOne(s, prepared, true))
-              : this.db.session((s) => this.tryOne(s, prepared, false)),
+          () => (lock ? this.db.transaction((s) => this.tryOne(s, prepared, true)) : this.db.session((s) => this.tryOne(s, prepared, false))),
           { what: 'the one-event write', log: this.log, context: { deploymentId: event.data.deploymentId, eventId: event.eventId } },
         );
         if (result.outcome === 'applied') this.wakeup.committed();

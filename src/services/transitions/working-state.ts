@@ -125,14 +125,16 @@ export function machineSnapshot(state: WorkingState, d: WorkingDeployment | null
   const current = d?.currentAttemptId == null ? undefined : state.attempts.get(d.currentAttemptId);
   return {
     deployment: d === null ? null : { name: d.name, state: d.state, version: d.version, currentAttemptId: d.currentAttemptId },
-    attempt:
-      attempt === undefined ? null : { id: attempt.id, status: attempt.status, livenessAt: livenessOf(attempt), startedAt: attempt.startedAt },
+    attempt: attempt === undefined ? null : { id: attempt.id, status: attempt.status, livenessAt: livenessOf(attempt), startedAt: attempt.startedAt },
     currentAttempt: current === undefined ? null : { id: current.id, status: current.status },
   };
 }
 
 /** The rows of the deployments and attempts the batch wrote, and which deployments those are. */
-export function rowsOf(state: WorkingState, now: Date): {
+export function rowsOf(
+  state: WorkingState,
+  now: Date,
+): {
   readonly updates: DeploymentUpdateRow[];
   readonly inserts: DeploymentInsertRow[];
   readonly newAttempts: AttemptInsertRow[];
@@ -148,12 +150,29 @@ export function rowsOf(state: WorkingState, now: Date): {
     writes.add(d.id);
     const endpoint = { endpoint_url: d.endpoint?.url ?? null, endpoint_kind: d.endpoint?.kind ?? null };
     if (d.fromVersion === null) {
-      inserts.push({ id: d.id, name: d.name, state: d.state, version: d.version, ...endpoint, current_attempt_id: d.currentAttemptId, last_ready_at: d.lastReadyAt, at: now });
+      inserts.push({
+        id: d.id,
+        name: d.name,
+        state: d.state,
+        version: d.version,
+        ...endpoint,
+        current_attempt_id: d.currentAttemptId,
+        last_ready_at: d.lastReadyAt,
+        at: now,
+      });
     } else {
       updates.push({
-        id: d.id, from_version: d.fromVersion, to_version: d.version, state: d.state, at: now,
-        set_current: d.setCurrent, current_attempt_id: d.currentAttemptId, set_endpoint: d.setEndpoint, ...endpoint,
-        set_ready: d.setReady, last_ready_at: d.lastReadyAt,
+        id: d.id,
+        from_version: d.fromVersion,
+        to_version: d.version,
+        state: d.state,
+        at: now,
+        set_current: d.setCurrent,
+        current_attempt_id: d.currentAttemptId,
+        set_endpoint: d.setEndpoint,
+        ...endpoint,
+        set_ready: d.setReady,
+        last_ready_at: d.lastReadyAt,
       });
     }
   }
@@ -161,7 +180,14 @@ export function rowsOf(state: WorkingState, now: Date): {
   const changedAttempts: AttemptChangeRow[] = [];
   for (const a of state.attempts.values()) {
     if (!writes.has(a.deploymentId)) continue;
-    const values = { id: a.id, deployment_id: a.deploymentId, status: a.status, reason: a.reason, started_at: a.setStartedAt, ended_at: a.setEndedAt };
+    const values = {
+      id: a.id,
+      deployment_id: a.deploymentId,
+      status: a.status,
+      reason: a.reason,
+      started_at: a.setStartedAt,
+      ended_at: a.setEndedAt,
+    };
     if (a.number !== null) newAttempts.push({ ...values, number: a.number, at: now });
     else if (a.changed) changedAttempts.push(values);
   }

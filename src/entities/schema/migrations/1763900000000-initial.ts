@@ -25,9 +25,7 @@ export class Initial1763900000000 implements MigrationInterface {
       )`);
     // Paged listing by state; the sweep's readiness set.
     await q.query(`CREATE INDEX deployments_state_id_idx ON deployments (state, id)`);
-    await q.query(
-      `CREATE INDEX deployments_ready_node_port_idx ON deployments (id) WHERE state = 'ready' AND endpoint_kind = 'node_port'`,
-    );
+    await q.query(`CREATE INDEX deployments_ready_node_port_idx ON deployments (id) WHERE state = 'ready' AND endpoint_kind = 'node_port'`);
 
     await q.query(`
       CREATE TABLE attempts (
@@ -46,9 +44,7 @@ export class Initial1763900000000 implements MigrationInterface {
       `ALTER TABLE deployments ADD CONSTRAINT deployments_current_attempt_fk FOREIGN KEY (current_attempt_id) REFERENCES attempts (id) DEFERRABLE INITIALLY DEFERRED`,
     );
     // The sweep: running attempts by liveness (orphans) and by start (progress deadline).
-    await q.query(
-      `CREATE INDEX attempts_running_liveness_idx ON attempts ((COALESCE(last_heartbeat_at, started_at))) WHERE status = 'running'`,
-    );
+    await q.query(`CREATE INDEX attempts_running_liveness_idx ON attempts ((COALESCE(last_heartbeat_at, started_at))) WHERE status = 'running'`);
     await q.query(`CREATE INDEX attempts_running_started_idx ON attempts (started_at) WHERE status = 'running'`);
 
     await q.query(`

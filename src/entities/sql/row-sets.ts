@@ -7,7 +7,8 @@
  * Why jsonb and not one typed array per column (`unnest($1::uuid[], ...)`): the planner sees into an array
  * parameter, so it costed a lone event's write (arrays of one) below its generic plan and planned every call
  * afresh (about 0.6 ms of planning a write, measured); it cannot see into jsonb, so the generic plan costs the same
- * and each connection keeps it. Rows are estimated at 100 a set, whatever their number.
+ * and each connection keeps it (test/integration/transition-plan-cache.test.ts). Rows are estimated at 100 a set,
+ * whatever their number.
  */
 
 /** Each column of a row set, in the statement's order, with its PostgreSQL type (`uuid`, `timestamptz`, ...). */

@@ -2,10 +2,11 @@
  * The transition service's statements: the snapshot read, the row lock, the write (transition-write.ts), who holds
  * an eventId, and the relay's wake-up. This is the hot write path, hand-tuned SQL on purpose: a lone event and a
  * group-commit batch alike are two statements, one snapshot read and one write (the version-checked UPDATEs and
- * everything that hangs on them, as data-modifying CTEs), each with one fixed text (arrays, not one text per size)
- * and explicit parameter types, prepared once per connection. bench/ measured per-statement overhead to be most of
- * PostgreSQL's and the worker's CPU per transition, so an ORM's save() (one statement per row, no version check in
- * its WHERE) is not used here.
+ * everything that hangs on them, as data-modifying CTEs), each with one fixed text for any number of events (its
+ * keys and row sets are jsonb parameters, row-sets.ts) and explicit parameter types, prepared once per connection,
+ * which keeps one generic plan of each (test/integration/transition-plan-cache.test.ts). bench/ measured
+ * per-statement overhead to be most of PostgreSQL's and the worker's CPU per transition, so an ORM's save() (one
+ * statement per row, no version check in its WHERE) is not used here.
  */
 import type { AttemptStatus, DeploymentState } from '../../machine';
 import { sql } from './statement';

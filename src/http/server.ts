@@ -10,10 +10,10 @@
  *   the scope. Without one (loopback only: the config refuses it elsewhere) the API is open. `/healthz` and `/readyz`
  *   are always open; `/metrics` needs `read` when FLEET_METRICS_AUTH=read. Failed authentications are throttled per
  *   client address (access.ts, auth.ts); intake is rate-limited per token (routes/events.ts);
- * - the routes, as Fastify plugins by concern: routes/deployments.ts, dispatch.ts, events.ts, health.ts, docs.ts;
- *   each declares its schemas (route-options.ts), which validate its parameters and queries and from which the
- *   OpenAPI document at /openapi.json (Swagger UI at /docs) is generated;
- * - Bull Board behind the same access: board.ts.
+ * - the routes, as Fastify plugins by concern: routes/deployments.ts, summary.ts, dispatch.ts, events.ts, health.ts,
+ *   docs.ts; each declares its schemas (route-options.ts), which validate its parameters and queries and from which
+ *   the OpenAPI document at /openapi.json (Swagger UI at /docs) is generated;
+ * - Bull Board behind the same access: board.ts; the live page at /ui: routes/ui.ts.
  */
 import { createServer } from 'node:http';
 import type { Queue } from 'bullmq';
@@ -36,10 +36,13 @@ import { dispatchRoutes } from './routes/dispatch';
 import { docsRoutes, gatherDocument } from './routes/docs';
 import { eventIntake, eventRoutes } from './routes/events';
 import { healthRoutes } from './routes/health';
+import { summaryRoutes } from './routes/summary';
+import { uiRoutes } from './routes/ui';
 import type { TokenStore } from './tokens';
 
 export { BOARD_PATH } from './board';
 export { DOCS_PATH, OPENAPI_PATH } from './routes/docs';
+export { UI_PATH } from './routes/ui';
 
 export interface HttpDeps {
   readonly config: FleetConfig;
@@ -121,11 +124,14 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   const accept = await eventIntake(app, { config, gate, producer: deps.producer, logger, rateLimitRedis: deps.rateLimitRedis });
 
   const reads = { dataSource, stamps: { stampBuffer: deps.stampBuffer ?? null, logger } };
+  const now = deps.now ?? (() => new Date());
   await app.register(deploymentRoutes, reads);
-  await app.register(dispatchRoutes, { ...reads, config, metrics, now: deps.now ?? (() => new Date()) });
+  await app.register(summaryRoutes, { dataSource, now });
+  await app.register(dispatchRoutes, { ...reads, config, metrics, now });
   await app.register(eventRoutes, { accept });
   await app.register(healthRoutes, { config, dataSource, redis: deps.redis, metrics, logger });
   await app.register(docsRoutes);
   await registerBoard(app, { queues: deps.queues, gate, acceptEvent: accept });
+  await app.register(uiRoutes, { gate });
   return app;
 }

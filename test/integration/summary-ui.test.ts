@@ -264,7 +264,8 @@ describe('GET /api/summary and the page at /ui', function () {
       for (const headers of [{}, basic('anyone', createToken('nobody', ['read']).token), { authorization: 'Bearer nope' }]) {
         const res = await app.inject({ method: 'GET', url: UI_PATH, headers });
         expect(res.statusCode).to.equal(401);
-        expect(res.headers['www-authenticate']).to.equal('Basic realm="lifecycle-fleet", charset="UTF-8"');
+        // a browser answers the Basic challenge with the credentials it holds for the realm, or asks for them
+        expect([res.headers['www-authenticate']].flat()).to.include('Basic realm="lifecycle-fleet", charset="UTF-8"');
         expect(res.json<{ error: { code: string } }>().error.code).to.equal('unauthorized');
       }
     });

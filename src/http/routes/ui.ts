@@ -1,16 +1,15 @@
 /**
  * The live page at UI_PATH (docs/contract.md, "HTTP"): a page, its script and its style, as written under
- * src/http/ui/ (no build step; read once when the server is built), needing `read` like the API. A browser gives
- * the token as Bull Board takes one: the basic-auth password, any user name; it then sends the same credentials to
- * /api/summary and /api/watch on this origin, which take them as the API does. Open, as the API, on loopback
- * without a tokens file. Its CSP allows nothing but its own files and connections to its own origin.
+ * src/http/ui/ (no build step; read once when the server is built), needing `read` like the API. The gate asks a
+ * browser for basic auth as well as a bearer token (the `Bearer or Basic` challenge of GET /api/watch): a browser
+ * gives the token as the password, any user name, and then sends the same credentials to /api/summary and
+ * /api/watch on this origin. Open, as the API, on loopback without a tokens file. Its CSP allows nothing but its own
+ * files and connections to its own origin.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { repoRoot } from '../../util';
-import type { Gate } from '../access';
-import { hasScope } from '../auth';
 
 export const UI_PATH = '/ui';
 
@@ -25,30 +24,16 @@ const FILES = {
   [`${UI_PATH}/page.css`]: { file: 'page.css', type: 'text/css; charset=utf-8' },
 } as const;
 
-/** Where the files are: beside this module's source, from `src/` and `dist/src/` alike. */
+/** Where the files are: the package's src/http/ui/, read from `src/` and `dist/src/` alike (tsc copies no files). */
 export const UI_DIR = path.join(repoRoot(), 'src', 'http', 'ui');
 
-export interface UiOptions {
-  /** the server's access (access.ts) */
-  readonly gate: Gate;
-}
+/** What every route of the page needs: `read`, from a browser too (a 401 asks for basic auth as well). */
+const GUARD = { scope: 'read', challenge: 'Bearer or Basic' } as const;
 
-export const uiRoutes: FastifyPluginAsync<UiOptions> = async (app, { gate }) => {
-  // every route below passes this gate, not the API's: a browser is asked for basic auth, which it can answer
-  app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
-    if (gate.creds.tokens === null) return undefined; // the API is open (loopback without a tokens file)
-    if (!gate.admit(request, reply, 'read', 'Basic')) return reply;
-    // the gate lets the board's own pair and `board` tokens onto the board's pages; this page shows the API's data
-    const access = gate.accessOf(request);
-    if (access !== undefined && hasScope(access, 'read')) return undefined;
-    return reply.status(403).send({
-      error: { code: 'forbidden', message: 'this page needs an API token with the "read" scope (as the basic-auth password, any user name)' },
-    });
-  });
-
+export const uiRoutes: FastifyPluginAsync = async (app) => {
   for (const [url, { file, type }] of Object.entries(FILES)) {
     const body = fs.readFileSync(path.join(UI_DIR, file));
-    app.get(url, { config: { scope: null }, schema: { hide: true } }, async (_request, reply) =>
+    app.get(url, { config: GUARD, schema: { hide: true } }, async (_request, reply) =>
       reply
         .type(type)
         .header('content-security-policy', UI_CSP)
@@ -59,5 +44,5 @@ export const uiRoutes: FastifyPluginAsync<UiOptions> = async (app, { gate }) => 
         .send(body),
     );
   }
-  app.get(`${UI_PATH}/`, { config: { scope: null }, schema: { hide: true } }, async (_request, reply) => reply.redirect(UI_PATH, 308));
+  app.get(`${UI_PATH}/`, { config: GUARD, schema: { hide: true } }, async (_request, reply) => reply.redirect(UI_PATH, 308));
 };

@@ -42,6 +42,8 @@
 
   /** counts per state, null until the first summary */
   let counts = null;
+  /** when the summary the counts and the attention list start from was read (ms) */
+  let summaryAt = 0;
   /** the deployments needing a person: {deploymentId, name, state, since} */
   let attention = [];
   /** names the summary gave, for deployments that enter attention live (a transition carries no name) */
@@ -129,14 +131,18 @@
 
   // ---- the summary ----------------------------------------------------------------------------------------------
 
-  function countTransition(t) {
-    if (counts === null) return;
+  /**
+   * Moves the counts and the attention list by a transition the summary they started from cannot hold: one later
+   * than it. An earlier one is in it already: one the stream sent again (it delivers at least once; after a resync the
+   * relay may send a whole stretch again), or one from before the summary caught up after a reconnect. `at` is the
+   * applying worker's clock and the summary's the server's: what a skew between them gets wrong, the next summary
+   * puts right.
+   */
+  function applyToSummary(t) {
+    if (counts === null || !(Date.parse(t.at) > summaryAt)) return;
     if (STATES.includes(t.from)) counts[t.from] = Math.max(0, counts[t.from] - 1);
     if (STATES.includes(t.to)) counts[t.to] += 1;
-  }
-
-  /** A deployment enters the attention list as it goes `unknown` or `failed`, and leaves it as it goes elsewhere. */
-  function noteAttention(t) {
+    // a deployment needs a person as it goes `unknown` or `failed`, and no longer as it goes elsewhere
     attention = attention.filter((a) => a.deploymentId !== t.deploymentId);
     if (t.to === 'unknown' || t.to === 'failed') {
       attention.unshift({ deploymentId: t.deploymentId, name: names.get(t.deploymentId) ?? '', state: t.to, since: t.at });
@@ -151,13 +157,11 @@
       if (!res.ok) throw new Error(`GET /api/summary answered ${res.status}`);
       const summary = await res.json();
       counts = { ...summary.counts };
+      summaryAt = Date.parse(summary.at);
       for (const a of summary.attention) names.set(a.deploymentId, a.name);
       attention = summary.attention.slice();
-      // what arrived while the summary was read and is later than it: the summary cannot hold it
-      for (const t of arrivedDuringRead.filter((t) => Date.parse(t.at) > Date.parse(summary.at))) {
-        countTransition(t);
-        noteAttention(t);
-      }
+      // what arrived while the summary was read: the summary may not hold it
+      for (const t of arrivedDuringRead) applyToSummary(t);
       renderCounts();
       renderAttention();
       byId('summary-note').replaceChildren('Counted at ', time(summary.at, clockTime(summary.at)), '; kept current as transitions arrive.');
@@ -175,9 +179,8 @@
     if (last !== undefined && Number(t.version) <= last) return; // a repeat (at least once)
     versions.set(t.deploymentId, Number(t.version));
     if (arrivedDuringRead !== null) arrivedDuringRead.push(t);
-    countTransition(t);
+    applyToSummary(t);
     renderCounts();
-    noteAttention(t);
     renderAttention();
     prepend(transitionRow(t));
     announce(t);

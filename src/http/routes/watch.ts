@@ -59,6 +59,12 @@ export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, op
     description:
       'Every transition as it is applied, from the stream, per deployment in version order; filters by deployment and by the state it went to. Resume with the `Last-Event-ID` header (an EventSource sends it) or `after`: nothing missed, nothing repeated. Also takes the token as a basic-auth password (any user), for a browser.',
     querystring: watchQuerySchema,
+    headers: z.object({
+      'last-event-id': z
+        .string()
+        .optional()
+        .describe('resume after this cursor (an EventSource sends the last id it had when it reconnects); wins over `after`'),
+    }),
     response: {
       200: {
         description: 'the stream of events, until a resync, an overflow or the server stopping',

@@ -52,6 +52,8 @@
   const versions = new Map();
   /** while a summary is being read: the transitions that arrived meanwhile (the summary may or may not hold them) */
   let arrivedDuringRead = null;
+  /** a read was asked for while one was under way (after a resync: that one may be from before the gap) */
+  let readAgain = false;
   let source = null;
   /** the last cursor the stream gave, to open it again where it was */
   let cursor = '';
@@ -150,8 +152,12 @@
   }
 
   async function loadSummary() {
-    if (arrivedDuringRead !== null) return; // one read at a time
+    if (arrivedDuringRead !== null) {
+      readAgain = true; // one read at a time
+      return;
+    }
     arrivedDuringRead = [];
+    readAgain = false;
     try {
       const res = await fetch('/api/summary', { headers: { accept: 'application/json' }, cache: 'no-store' });
       if (!res.ok) throw new Error(`GET /api/summary answered ${res.status}`);
@@ -170,6 +176,7 @@
     } finally {
       arrivedDuringRead = null;
     }
+    if (readAgain) await loadSummary();
   }
 
   // ---- the stream -----------------------------------------------------------------------------------------------

@@ -155,6 +155,17 @@ export default tseslint.config(
     rules: { 'no-restricted-imports': ['error', options] },
   })),
   {
+    // the live page's script (src/http/ui/, docs/architecture.md, "Layers"): browser JavaScript served as written,
+    // outside the TypeScript project, so linted without types
+    files: ['src/http/ui/**/*.js'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: {
+      sourceType: 'script',
+      parserOptions: { projectService: false },
+      globals: { document: 'readonly', EventSource: 'readonly', fetch: 'readonly', setTimeout: 'readonly', setInterval: 'readonly' },
+    },
+  },
+  {
     files: ['test/**/*.ts'],
     rules: {
       // chai's `expect(x).to.be.true` style is an expression statement

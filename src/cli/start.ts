@@ -122,6 +122,7 @@ export async function runStart(): Promise<void> {
         '',
         'lifecycle-fleet is running',
         `  Bull Board   ${url}/admin/queues`,
+        `  live page    ${url}/ui`,
         `  API          ${url}/api/deployments`,
         `  metrics      ${url}/metrics`,
         // never a password on the terminal (it ends up in scrollback and CI logs): the URLs with theirs are in

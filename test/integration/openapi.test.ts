@@ -15,7 +15,7 @@ import type IORedis from 'ioredis';
 import Ajv2020 from 'ajv/dist/2020';
 import addFormats from 'ajv-formats';
 import { AuthThrottle } from '../../src/http/auth';
-import { BOARD_PATH, DOCS_PATH, OPENAPI_PATH, type HttpDeps } from '../../src/http/server';
+import { BOARD_PATH, DOCS_PATH, OPENAPI_PATH, UI_PATH, type HttpDeps } from '../../src/http/server';
 import { createToken } from '../../src/http/tokens';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
@@ -250,6 +250,25 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
       expect(statuses).to.include.members(['429', '503', '415']);
       return statuses;
     },
+    'GET /api/summary': async (op) => {
+      await readyDeployment();
+      return [
+        conforms(op, await app.inject({ method: 'GET', url: '/api/summary', headers: bearer('reader') })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/summary' })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/summary', headers: bearer('pusher') })),
+      ];
+    },
+    'GET /api/watch': async (op) => {
+      // a stream that ends by itself: a Last-Event-ID that is no cursor is answered with a resync, then the end
+      const resync = await app.inject({ method: 'GET', url: '/api/watch', headers: { ...bearer('reader'), 'last-event-id': 'not-a-cursor' } });
+      expect(resync.body).to.match(/^retry: 2000\n\nevent: resync\ndata: \{"reason":"bad_cursor"/);
+      return [
+        conforms(op, resync),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch?state=sleeping', headers: bearer('reader') })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch' })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch', headers: bearer('pusher') })),
+      ];
+    },
     'GET /healthz': async (op) => [conforms(op, await app.inject({ method: 'GET', url: '/healthz' }))],
     'GET /readyz': async (op) => [conforms(op, await app.inject({ method: 'GET', url: '/readyz' }))],
     'GET /metrics': async (op) => [
@@ -322,7 +341,14 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
     it("lists every route the server has, and only those, leaving out Bull Board's and its own", () => {
       const hidden = (route: string) => {
         const p = route.split(' ')[1] ?? '';
-        return p.startsWith(BOARD_PATH) || p === DOCS_PATH || p.startsWith(`${DOCS_PATH}/`) || p === OPENAPI_PATH;
+        return (
+          p.startsWith(BOARD_PATH) ||
+          p === DOCS_PATH ||
+          p.startsWith(`${DOCS_PATH}/`) ||
+          p === OPENAPI_PATH ||
+          p === UI_PATH ||
+          p.startsWith(`${UI_PATH}/`)
+        );
       };
       const routes = routesOf(app);
       // the route tree was read: the board's, the UI's and the API's routes are all in it
@@ -331,6 +357,7 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
         `GET ${OPENAPI_PATH}`,
         `GET ${DOCS_PATH}/json`,
         `PUT ${BOARD_PATH}/api/queues/{queueName}/pause`,
+        `GET ${UI_PATH}`,
       ]);
       expect(operationsOf(doc).sort()).to.deep.equal(routes.filter((r) => !hidden(r)).sort());
     });

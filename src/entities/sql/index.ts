@@ -8,6 +8,7 @@ export { lockedInIdOrder } from './lock-order';
 export { ATTEMPT_LIVENESS } from './liveness';
 export * from './rows';
 export * from './read';
+export * from './summary';
 export * from './transitions';
 export {
   transitionWriteParams,

@@ -41,6 +41,13 @@ describe('reading an event stream', () => {
     for (let size = 1; size < 12; size++) expect(read(STREAM, size), `pieces of ${size}`).to.deep.equal(whole);
   });
 
+  it('does not take a CRLF split between two pieces for two line ends', () => {
+    const text = 'event: transition\r\ndata: a\r\ndata: b\r\n\r\n';
+    for (let size = 1; size < text.length; size++) {
+      expect(read(text, size), `pieces of ${size}`).to.deep.equal([{ event: 'transition', data: 'a\nb', lastEventId: null }]);
+    }
+  });
+
   it('takes retry: in ms, only digits', () => {
     const parser = new SseParser();
     parser.push('retry: 2000\n\n');

@@ -4,14 +4,15 @@
  * partition, or a cursor that a tail printed when it stopped: every partition's position); with `--group/--consumer`
  * it reads through a consumer group, so a restarted tail continues where it stopped. A reader never starts before a
  * key's layout boundary (what an earlier number of partitions wrote there), and when the number of partitions changes
- * (`fleet streams repartition`) it reads the old partitions to their end, then the new ones.
+ * (`fleet streams repartition`) it reads the old partitions to their end, then the new ones: src/streams/stream-follower.ts.
  */
 import type { RedisConnection } from '../redis/connection';
-import { ResyncRequiredError } from '../errors';
-import { printable, sleep } from '../util';
-import { createRedis, describeRedis, describeServer, isCluster, ServerWatch, type ServerReport } from '../redis/connection';
-import { compareIds, parseEntry, streamCounts, TransitionConsumer, type TransitionEntry } from '../streams/consumer';
-import { MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from '../streams/partitions';
+import { printable } from '../util';
+import { createRedis, describeRedis, describeServer, ServerWatch, type ServerReport } from '../redis/connection';
+import { TransitionConsumer, parseEntry, type TransitionEntry } from '../streams/consumer';
+import { StreamFollower } from '../streams/stream-follower';
+
+export { CursorError as TailCursorError, decodeCursor, encodeCursor, isStreamId, type StreamCursor as TailCursor } from '../streams/stream-follower';
 
 export interface TailOptions {
   readonly redisUrl: string;
@@ -29,50 +30,6 @@ export interface TailOptions {
   readonly onCursor?: (cursor: string) => void;
 }
 
-/** A `--from` that cannot be used: a malformed cursor, or one for another number of partitions. */
-export class TailCursorError extends Error {}
-
-/** Every partition's position: P and, per partition in order, the id of the last entry read. */
-export interface TailCursor {
-  readonly p: number;
-  readonly ids: readonly string[];
-}
-
-const ENTRY_ID = /^\d+(-\d+)?$/;
-
-/** The opaque form of a cursor: base64url of `{"p":P,"ids":[...]}`. */
-export function encodeCursor(cursor: TailCursor): string {
-  return Buffer.from(JSON.stringify({ p: cursor.p, ids: cursor.ids })).toString('base64url');
-}
-
-/** A plain stream id (`$`, `0`, `<ms>` or `<ms>-<seq>`), applied to every partition; anything else is a cursor. */
-export function isStreamId(from: string): boolean {
-  return /^(\$|0|\d+(-\d+)?)$/.test(from);
-}
-
-/** Reads a cursor, or throws TailCursorError saying what is wrong with it. */
-export function decodeCursor(text: string): TailCursor {
-  let parsed: unknown;
-  try {
-    parsed = /^[A-Za-z0-9_-]+$/.test(text) ? JSON.parse(Buffer.from(text, 'base64url').toString('utf8')) : undefined;
-  } catch {
-    parsed = undefined;
-  }
-  const { p, ids } = (typeof parsed === 'object' && parsed !== null ? parsed : {}) as { p?: unknown; ids?: unknown };
-  if (
-    typeof p !== 'number' ||
-    !Number.isInteger(p) ||
-    p < 1 ||
-    p > MAX_STREAM_PARTITIONS ||
-    !Array.isArray(ids) ||
-    ids.length !== p ||
-    !ids.every((id): id is string => typeof id === 'string' && ENTRY_ID.test(id))
-  ) {
-    throw new TailCursorError(`--from: must be a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail, got "${text.slice(0, 80)}"`);
-  }
-  return { p, ids };
-}
-
 /** One entry as a line for a terminal: what producers sent (a reason, an id) with its control characters escaped. */
 export function formatEntry(entry: TransitionEntry, json: boolean): string {
   if (json) return printable(JSON.stringify(entry));
@@ -83,11 +40,6 @@ export function formatEntry(entry: TransitionEntry, json: boolean): string {
 
 /** How long a stopping tail waits for the read in flight (a read blocks for 1 s) before it drops its connection. */
 const STOP_GRACE_MS = 1000;
-
-/** What an XREAD read: per stream key, its entries. */
-type Read = Array<[string, Array<[string, string[]]>]>;
-/** An XREAD's reply (null: nothing) */
-type XReadReply = Read | null;
 
 /** What a command cut short by the stop resolves to. */
 const STOPPED = Symbol('stopped');
@@ -118,16 +70,12 @@ async function tailGroup(options: TailOptions, group: string, print: (entry: Tra
   await consumer.close(STOP_GRACE_MS);
 }
 
-/** A tail without a group: reads every partition directly, from positions of its own, until the stop. */
+/** A tail without a group: reads every partition directly, from positions of its own (a StreamFollower), until the stop. */
 class StreamTail {
   private readonly redis: RedisConnection;
   private stopped = false;
   private readonly stopping: Promise<typeof STOPPED>;
-  private partitions = 1;
-  private repartitions = 0;
-  private keys: string[] = [];
-  /** per partition, the id after which it reads: each partition is in order, so each deployment is */
-  private readonly last = new Map<string, string>();
+  private readonly follower: StreamFollower;
   /** every partition has a position: the tail has a cursor of where it is */
   private positioned = false;
 
@@ -137,6 +85,7 @@ class StreamTail {
   ) {
     this.redis = createRedis(options.redisUrl, 'worker', 'lifecycle-fleet-tail');
     if (options.report !== undefined) new ServerWatch(describeRedis(this.redis), options.report).attach(this.redis);
+    this.follower = new StreamFollower({ redis: this.redis, streamKey: options.streamKey, reader: 'this tail' });
     this.stopping = options.stop.then(() => {
       this.stopped = true;
       return STOPPED;
@@ -144,26 +93,14 @@ class StreamTail {
   }
 
   async run(): Promise<void> {
-    const { options, redis } = this;
+    const { options, follower } = this;
     try {
-      if ((await this.start()) === STOPPED) return;
+      if ((await this.untilStopped(follower.start(options.from ?? '$'))) === STOPPED) return;
       this.positioned = true;
       while (!this.stopped) {
-        const now = await this.untilStopped(readRecord(redis, options.streamKey));
-        if (now === STOPPED) return;
-        if (now.repartitions > this.repartitions + 1) {
-          throw new Error(
-            `the stream ${options.streamKey} was repartitioned ${now.repartitions - this.repartitions} times since this tail last looked: the entries of the layouts in between cannot be printed in each deployment's order; start it again`,
-          );
-        }
-        if (now.repartitions !== this.repartitions || now.partitions !== this.partitions) {
-          if ((await this.followRepartition(now)) === STOPPED) return;
-          continue;
-        }
-        const reply = await this.untilStopped(this.read(this.keys, !this.spread()));
-        if (reply === STOPPED) return;
-        const shown = this.show(reply);
-        if (this.spread() && shown === 0 && (await this.untilStopped(sleep(200))) === STOPPED) return;
+        const step = await this.untilStopped(follower.read({ block: true }));
+        if (step === STOPPED) return;
+        for (const entry of step.entries) this.print(parseEntry(entry.id, entry.fields));
       }
     } catch (err) {
       if (!this.stopped) {
@@ -171,114 +108,17 @@ class StreamTail {
         throw err;
       } // cut short by the stop: not an error
     } finally {
-      redis.disconnect();
-      if (options.onCursor !== undefined && this.positioned) options.onCursor(this.cursor());
+      this.redis.disconnect();
+      if (options.onCursor !== undefined && this.positioned) options.onCursor(follower.cursor());
     }
   }
 
-  /** Every partition's position, as `--from` takes it. */
-  private cursor(): string {
-    return encodeCursor({ p: this.partitions, ids: this.keys.map((key) => this.last.get(key) ?? '0-0') });
-  }
-
   /**
-   * Every command races the stop: one waiting for a Redis that is away or frozen would wait for its return. What the
+   * Every read races the stop: one waiting for a Redis that is away or frozen would wait for its return. What the
    * stop leaves behind fails when the connection is dropped.
    */
   private untilStopped<T>(command: Promise<T>): Promise<T | typeof STOPPED> {
     command.catch(() => undefined);
     return Promise.race([command, this.stopping]);
   }
-
-  /** Reads the record and gives every partition its position: from `--from` (an id, or a cursor), or now. */
-  private async start(): Promise<void | typeof STOPPED> {
-    const { options, redis } = this;
-    const recorded = await this.untilStopped(readRecord(redis, options.streamKey));
-    if (recorded === STOPPED) return STOPPED;
-    ({ partitions: this.partitions, repartitions: this.repartitions } = recorded);
-    this.keys = partitionKeys(options.streamKey, this.partitions);
-    const cursor = options.from === undefined || isStreamId(options.from) ? null : decodeCursor(options.from);
-    if (cursor !== null && cursor.p !== this.partitions) {
-      throw new TailCursorError(
-        `--from: the cursor is for ${cursor.p} partition(s), but the stream ${options.streamKey} has ${this.partitions}: start from a stream id, 0 or $ instead`,
-      );
-    }
-    for (const [n, key] of this.keys.entries()) {
-      let from = cursor?.ids[n] ?? options.from ?? '$';
-      if (from === '$') {
-        // pin "now" to an id before the first read: reading from `$` again after a read that found nothing would
-        // skip whatever was added between the two reads
-        const newest = await this.untilStopped(redis.xrevrange(key, '+', '-', 'COUNT', 1));
-        if (newest === STOPPED) return STOPPED;
-        from = newest[0]?.[0] ?? '0-0';
-      } else {
-        const start = await this.untilStopped(readerStart(redis, key, from));
-        if (start === STOPPED) return STOPPED;
-        from = start.id;
-        if ((await this.untilStopped(refuseTrimmed(redis, key, from))) === STOPPED) return STOPPED;
-      }
-      this.last.set(key, from);
-    }
-  }
-
-  /**
-   * Repartitioned: nothing more comes to the old partitions (the record changes only once the relays are fenced off
-   * them), and nothing to the new ones before the record changed. Reads the old ones to their end, then the new ones
-   * from where each was, never before its layout boundary.
-   */
-  private async followRepartition(now: { partitions: number; repartitions: number }): Promise<void | typeof STOPPED> {
-    for (;;) {
-      const rest = await this.untilStopped(this.read(this.keys, false));
-      if (rest === STOPPED) return STOPPED;
-      if (this.show(rest) === 0) break;
-    }
-    ({ partitions: this.partitions, repartitions: this.repartitions } = now);
-    this.keys = partitionKeys(this.options.streamKey, this.partitions);
-    for (const key of this.keys) {
-      const start = await this.untilStopped(readerStart(this.redis, key, this.last.get(key) ?? '0'));
-      if (start === STOPPED) return STOPPED;
-      this.last.set(key, start.id);
-    }
-  }
-
-  /**
-   * One blocking read over every partition. On a Redis Cluster with several partitions their keys are in different
-   * slots, which one XREAD cannot span: each is read in turn without blocking, pausing 200 ms when none had any.
-   */
-  private spread(): boolean {
-    return isCluster(this.redis) && this.keys.length > 1;
-  }
-
-  private read(from: readonly string[], block: boolean): Promise<Read> {
-    const { redis } = this;
-    const after = (key: string) => this.last.get(key) ?? '0-0';
-    return this.spread()
-      ? Promise.all(from.map((key) => redis.call('XREAD', 'COUNT', '100', 'STREAMS', key, after(key)) as Promise<XReadReply>)).then((replies) =>
-          replies.flatMap((r) => r ?? []),
-        )
-      : (
-          redis.call('XREAD', 'COUNT', '100', ...(block ? ['BLOCK', '1000'] : []), 'STREAMS', ...from, ...from.map(after)) as Promise<XReadReply>
-        ).then((r) => r ?? []);
-  }
-
-  /** Prints what a read brought, moving each partition's position; how many entries. */
-  private show(reply: Read): number {
-    let shown = 0;
-    for (const [key, entries] of reply) {
-      for (const [id, fields] of entries) {
-        this.print(parseEntry(id, fields));
-        this.last.set(key, id);
-        shown++;
-      }
-    }
-    return shown;
-  }
-}
-
-async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
-  const first = (await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0];
-  const counts = await streamCounts(redis, streamKey).catch(() => null);
-  if (first === undefined || counts === null) return;
-  const { added, length } = counts;
-  if (added > length && compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
 }

@@ -9,13 +9,20 @@ import { DEPLOYMENT_STATES } from '../machine';
 import { printable, UUID_PATTERN } from '../util';
 import { followOutput, stopOnSignals } from './following';
 import { UsageError } from './reach';
-import { decodeCursor, TailCursorError } from './tail';
+import { CursorError, decodeCursor } from '../streams/stream-follower';
 import { watch, type WatchEnd } from './watch';
 
 /** How long after the first signal `fleet watch` exits even if something still holds it (it stops at once). */
 const WATCH_STOP_MS = 2000;
 /** As many deployments as one watch may name (the route's limit). */
 const MAX_DEPLOYMENTS = 100;
+
+/** How a bad `--from` is named: a watch takes cursors only (no stream id: the fleet's HTTP API has no such position). */
+const WATCH_CURSOR_WORDS = {
+  field: '--from',
+  expected: 'the cursor a fleet watch or a fleet tail printed when it stopped',
+  restart: 'start without --from, after reading what you missed from GET /api/deployments/:id/transitions',
+};
 
 interface WatchCommandOptions {
   readonly url?: string;
@@ -48,12 +55,10 @@ function checked(options: WatchCommandOptions): { deploymentIds: string[]; state
   }
   if (options.from !== undefined) {
     try {
-      decodeCursor(options.from);
+      decodeCursor(options.from, WATCH_CURSOR_WORDS);
     } catch (err) {
-      if (!(err instanceof TailCursorError)) throw err;
-      throw new UsageError(
-        `--from: must be the cursor a fleet watch or a fleet tail printed when it stopped, got "${printable(options.from.slice(0, 80))}"`,
-      );
+      if (err instanceof CursorError) throw new UsageError(err.message);
+      throw err;
     }
   }
   return { deploymentIds, states: [...new Set(wanted)], from: options.from ?? null };

@@ -11,7 +11,8 @@ import { partitionOf } from '../streams/partitions';
 import { sleep } from '../util';
 import { SseParser, type SseEvent } from '../util/sse';
 import { UnreachableError } from './reach';
-import { decodeCursor, formatEntry } from './tail';
+import { decodeCursor } from '../streams/stream-follower';
+import { formatEntry } from './tail';
 
 export interface WatchOptions {
   /** the fleet's HTTP API (`FLEET_URL`, `--url`), e.g. `http://127.0.0.1:3000` */

@@ -80,6 +80,8 @@ export class FleetMetrics {
   private readonly dispatch: Counter<'source' | 'reason'>;
   private readonly readiness: Gauge<'measure'>;
   private readonly unprobedTotal: Counter;
+  private readonly watchers: Gauge;
+  private readonly watchOverflows: Counter;
 
   constructor(sources: FleetMetricsSources = {}, options: { defaultMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -138,6 +140,12 @@ export class FleetMetrics {
       name: 'fleet_dispatch_total',
       help: 'Dispatch answers by source and reason',
       labelNames: ['source', 'reason'],
+      registers,
+    });
+    this.watchers = new Gauge({ name: 'fleet_watchers', help: 'Watches open on this process (GET /api/watch)', registers });
+    this.watchOverflows = new Counter({
+      name: 'fleet_watch_overflows_total',
+      help: 'Watches this process closed with `event: overflow`: the client read too slowly (more than the bound unsent)',
       registers,
     });
     this.scrapedGauges(sources, registers);
@@ -263,6 +271,15 @@ export class FleetMetrics {
 
   dispatched(source: string, reason: string): void {
     this.dispatch.inc({ source, reason });
+  }
+
+  /** A watch opened (+1) or ended (-1). */
+  watching(delta: 1 | -1): void {
+    this.watchers.inc(delta);
+  }
+
+  watchOverflowed(): void {
+    this.watchOverflows.inc();
   }
 
   text(): Promise<string> {

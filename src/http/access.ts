@@ -14,11 +14,25 @@ declare module 'fastify' {
   interface FastifyContextConfig {
     /** what a route needs: a scope, or null for an open route. Every route of ours says; see `scopeOf`. */
     scope?: Scope | null;
+    /** how a caller of the route may authenticate (default `Bearer`) */
+    challenge?: Challenge;
   }
 }
 
-/** How a caller proves who it is: a bearer token (the API), or basic auth (Bull Board, which a browser opens). */
-export type Challenge = 'Bearer' | 'Basic';
+/**
+ * How a caller proves who it is: a bearer token (the API), basic auth (Bull Board, which a browser opens), or either
+ * (`GET /api/watch`, which a browser's EventSource opens with the page's basic-auth credentials: a token as the
+ * password). Basic with a token as the password is a token wherever it is sent (auth.ts); what differs is the 401's
+ * challenge, and that the board takes its own pair.
+ */
+export type Challenge = 'Bearer' | 'Basic' | 'Bearer or Basic';
+
+const CHALLENGES: Record<Challenge, string[]> = {
+  Bearer: ['Bearer realm="lifecycle-fleet"'],
+  Basic: ['Basic realm="lifecycle-fleet", charset="UTF-8"'],
+  // two header lines: a browser answers the Basic one with the credentials it holds for the realm
+  'Bearer or Basic': ['Bearer realm="lifecycle-fleet"', 'Basic realm="lifecycle-fleet", charset="UTF-8"'],
+};
 
 export interface Gate {
   readonly creds: Credentials;
@@ -51,7 +65,7 @@ export function createGate(creds: Credentials, throttle: AuthThrottle = new Auth
   const admit = (request: FastifyRequest, reply: FastifyReply, scope: Scope, challenge: Challenge): boolean => {
     const header = request.headers.authorization;
     const access: Access =
-      challenge === 'Bearer' && creds.tokens === null
+      challenge !== 'Basic' && creds.tokens === null
         ? { kind: 'open' } // no tokens file: the API is open, whatever the request sends
         : challenge === 'Basic' && header === undefined
           ? { kind: 'anonymous' }
@@ -68,11 +82,14 @@ export function createGate(creds: Credentials, throttle: AuthThrottle = new Auth
     accesses.set(request, access);
     if (access.kind === 'invalid' || access.kind === 'anonymous') {
       if (access.kind === 'invalid') throttle.fail(request.ip);
-      void reply.header(
-        'www-authenticate',
-        challenge === 'Basic' ? 'Basic realm="lifecycle-fleet", charset="UTF-8"' : 'Bearer realm="lifecycle-fleet"',
-      );
-      const message = access.kind === 'invalid' ? 'the credentials are not valid' : 'send Authorization: Bearer <token> (see `fleet token create`)';
+      const challenges = CHALLENGES[challenge];
+      void reply.header('www-authenticate', challenges.length === 1 ? challenges[0] : challenges);
+      const message =
+        access.kind === 'invalid'
+          ? 'the credentials are not valid'
+          : challenge === 'Bearer or Basic'
+            ? 'send Authorization: Bearer <token>, or basic auth with the token as the password (see `fleet token create`)'
+            : 'send Authorization: Bearer <token> (see `fleet token create`)';
       return refuse(reply, 401, 'unauthorized', message);
     }
     // on the board, its basic-auth pair and the `board` scope may do everything, reading included
@@ -109,7 +126,8 @@ export function guardRoutes(app: FastifyInstance, gate: Gate): void {
   app.addHook('onRequest', async (request, reply) => {
     const scope = scopeOf(request);
     if (scope === null) return undefined;
-    if (!gate.admit(request, reply, scope, 'Bearer')) return reply;
+    const challenge = (request.routeOptions.config as { challenge?: Challenge } | undefined)?.challenge ?? 'Bearer';
+    if (!gate.admit(request, reply, scope, challenge)) return reply;
     return undefined;
   });
 }

@@ -8,6 +8,7 @@ import { z } from 'zod';
 import { EVENT_NAMES, payloadSchemaWithoutActor, UUID_PATTERN } from '../events/schemas';
 import { DEPLOYMENT_STATES } from '../machine';
 import { attemptViewSchema, transitionViewSchema } from '../services/read-model/views';
+import { decodeCursor, isStreamId } from '../streams/stream-follower';
 
 /** Every error answer, whatever its status (`POST /api/events` adds the fields its failures need). */
 export const apiErrorSchema = z
@@ -69,6 +70,60 @@ export const deploymentListQuerySchema = z.object({
 export const transitionQuerySchema = z.object({
   afterVersion: wholeNumber(0, 2_147_483_647, 0),
   limit: wholeNumber(1, 1000, 100),
+});
+
+/**
+ * A list in a query string: the parameter repeated, comma-separated, or both (empty items left out, repeats
+ * dropped); absent or empty: undefined. Each item must pass `valid` (else `rule, got "<item>"`), at most `max`.
+ */
+function queryList(rule: string, valid: (item: string) => boolean, max: number, description: string) {
+  return z
+    .union([z.string(), z.array(z.string())], { error: rule })
+    .optional()
+    .transform((value, ctx) => {
+      const given = value === undefined ? [] : Array.isArray(value) ? value : [value];
+      const items = [...new Set(given.flatMap((v) => v.split(',')).map((v) => v.trim()))].filter((v) => v !== '');
+      const bad = items.find((item) => !valid(item));
+      if (bad !== undefined) ctx.addIssue({ code: 'custom', message: `${rule}, got "${bad.slice(0, 60)}"` });
+      else if (items.length > max) ctx.addIssue({ code: 'custom', message: `at most ${max} values, got ${items.length}` });
+      return items.length === 0 ? undefined : items;
+    })
+    .describe(description);
+}
+
+/** What `after` (and the `Last-Event-ID` header) takes. */
+export const WATCH_CURSOR_RULE = 'must be a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0';
+
+/** Query of `GET /api/watch`; a bad one is `400 invalid_query`, naming the field and the rule. */
+export const watchQuerySchema = z.object({
+  deploymentId: queryList(
+    'must be a UUID',
+    (v) => UUID_PATTERN.test(v),
+    100,
+    'only these deployments: repeated or comma-separated, at most 100',
+  ).transform((ids) => ids?.map((id) => id.toLowerCase())),
+  state: queryList(
+    `must be one of ${DEPLOYMENT_STATES.join(', ')}`,
+    (v) => (DEPLOYMENT_STATES as readonly string[]).includes(v),
+    DEPLOYMENT_STATES.length,
+    'only transitions to these states (`to`): repeated or comma-separated',
+  ),
+  after: z
+    .string()
+    .refine(
+      (v) => {
+        if (isStreamId(v)) return true;
+        try {
+          decodeCursor(v);
+          return true;
+        } catch {
+          return false;
+        }
+      },
+      { error: (issue) => `${WATCH_CURSOR_RULE}, got "${String(issue.input).slice(0, 60)}"` },
+    )
+    .optional()
+    .describe("resume after this cursor (an event's `id`); the `Last-Event-ID` header wins when both are given. Absent: from now"),
 });
 
 /**

@@ -10,7 +10,8 @@
  *   the scope. Without one (loopback only: the config refuses it elsewhere) the API is open. `/healthz` and `/readyz`
  *   are always open; `/metrics` needs `read` when FLEET_METRICS_AUTH=read. Failed authentications are throttled per
  *   client address (access.ts, auth.ts); intake is rate-limited per token (routes/events.ts);
- * - the routes, as Fastify plugins by concern: routes/deployments.ts, dispatch.ts, events.ts, health.ts, docs.ts;
+ * - the routes, as Fastify plugins by concern: routes/deployments.ts, dispatch.ts, events.ts, health.ts, docs.ts,
+ *   watch.ts (transitions as server-sent events, from one reader of the stream per process);
  *   each declares its schemas (route-options.ts), which validate its parameters and queries and from which the
  *   OpenAPI document at /openapi.json (Swagger UI at /docs) is generated;
  * - Bull Board behind the same access: board.ts.
@@ -23,8 +24,10 @@ import type { FleetConfig } from '../config';
 import type { Logger } from '../log';
 import type { FleetMetrics } from '../metrics';
 import type { LifecycleProducer } from '../queues/producer';
-import type { RedisConnection } from '../redis/connection';
+import { siblingOf, type RedisConnection } from '../redis/connection';
 import type { StampBuffer } from '../services/stamps';
+import { transitionStreamKey } from '../streams/outbox-relay';
+import { WatchHub } from '../streams/watch-hub';
 import { createGate, credentialsOf, guardRoutes } from './access';
 import { AuthThrottle } from './auth';
 import { registerBoard } from './board';
@@ -36,6 +39,7 @@ import { dispatchRoutes } from './routes/dispatch';
 import { docsRoutes, gatherDocument } from './routes/docs';
 import { eventIntake, eventRoutes } from './routes/events';
 import { healthRoutes } from './routes/health';
+import { watchRoutes, type WatchRouteOptions } from './routes/watch';
 import type { TokenStore } from './tokens';
 
 export { BOARD_PATH } from './board';
@@ -45,7 +49,7 @@ export interface HttpDeps {
   readonly config: FleetConfig;
   readonly dataSource: DataSource;
   readonly producer: LifecycleProducer;
-  /** a connection for /readyz */
+  /** a connection for /readyz; the watch's reader makes its own like it */
   readonly redis: RedisConnection;
   /** queues shown in Bull Board */
   readonly queues: readonly Queue[];
@@ -68,6 +72,11 @@ export interface HttpDeps {
    * later of PostgreSQL's and the buffered one; PostgreSQL's alone while Redis does not answer)
    */
   readonly stampBuffer?: StampBuffer | null;
+  /**
+   * GET /api/watch: the process's one reader of the stream (default: made here, started with the first watcher, on
+   * connections like `redis`; closed with the server), the keep-alive and the bound per watcher
+   */
+  readonly watch?: Partial<Omit<WatchRouteOptions, 'metrics'>>;
 }
 
 /**
@@ -125,6 +134,9 @@ export async function buildHttpServer(deps: HttpDeps): Promise<FastifyInstance> 
   await app.register(dispatchRoutes, { ...reads, config, metrics, now: deps.now ?? (() => new Date()) });
   await app.register(eventRoutes, { accept });
   await app.register(healthRoutes, { config, dataSource, redis: deps.redis, metrics, logger });
+  const hub =
+    deps.watch?.hub ?? new WatchHub({ streamKey: transitionStreamKey(config.prefix), connect: (name) => siblingOf(deps.redis, name), logger });
+  await app.register(watchRoutes, { ...deps.watch, hub, metrics });
   await app.register(docsRoutes);
   await registerBoard(app, { queues: deps.queues, gate, acceptEvent: accept });
   return app;

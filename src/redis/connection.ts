@@ -63,6 +63,20 @@ export function createRedis(url: string, role: RedisRole, connectionName = `life
 }
 
 /**
+ * Another connection to where `redis` goes, with its options and a name of its own: for a component given a
+ * connection that needs one more (a reader that blocks). Its errors are silent, as createRedis's are.
+ */
+export function siblingOf(redis: RedisConnection, connectionName: string): RedisConnection {
+  const sibling: RedisConnection = isCluster(redis)
+    ? redis.duplicate([], { redisOptions: { ...redis.options.redisOptions, connectionName } })
+    : redis.duplicate({ connectionName });
+  sibling.on('error', () => undefined);
+  const destination = destinations.get(redis);
+  if (destination !== undefined) destinations.set(sibling, destination);
+  return sibling;
+}
+
+/**
  * Resolves when Redis answers a PING, over a fail-fast connection of its own (the producer's: about 1 s when the
  * connection is refused, 5 s when nothing answers), else rejects with the connection's error. For a command that
  * needs Redis and should say so at once rather than wait for it (`fleet tail`).

@@ -72,9 +72,15 @@ export function isStreamId(from: string): boolean {
 export interface CursorWords {
   readonly field: string;
   readonly expected: string;
+  /** what to do instead of a cursor of a layout that cannot be followed */
+  readonly restart: string;
 }
 
-const TAIL_WORDS: CursorWords = { field: '--from', expected: 'a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail' };
+const TAIL_WORDS: CursorWords = {
+  field: '--from',
+  expected: 'a stream id like 1763900000000-0, 0, $ or a cursor printed by fleet tail',
+  restart: 'start from a stream id, 0 or $ instead',
+};
 
 /** Reads a cursor, or throws CursorError (`bad_cursor`) saying what is wrong with it. */
 export function decodeCursor(text: string, words: CursorWords = TAIL_WORDS): StreamCursor {
@@ -230,12 +236,12 @@ export class StreamFollower {
     if (cursor.r === undefined) {
       return new CursorError(
         'repartitioned',
-        `${words.field}: the cursor is for ${cursor.p} partition(s), but the stream ${streamKey} has ${recorded.partitions}: start from a stream id, 0 or $ instead`,
+        `${words.field}: the cursor is for ${cursor.p} partition(s), but the stream ${streamKey} has ${recorded.partitions}: ${words.restart}`,
       );
     }
     return new CursorError(
       'repartitioned',
-      `${words.field}: the cursor is for ${cursor.p} partition(s) after ${cursor.r} repartition(s), but the stream ${streamKey} has ${recorded.partitions} after ${recorded.repartitions}: its entries in between cannot be read in each deployment's order; start from a stream id, 0 or $ instead`,
+      `${words.field}: the cursor is for ${cursor.p} partition(s) after ${cursor.r} repartition(s), but the stream ${streamKey} has ${recorded.partitions} after ${recorded.repartitions}: its entries in between cannot be read in each deployment's order; ${words.restart}`,
     );
   }
 

@@ -1,0 +1,181 @@
+/**
+ * `GET /api/watch` (docs/contract.md, "HTTP", Watch): transitions as server-sent events, from the process's one
+ * reader of the stream (src/streams/watch-hub.ts). Each watch is bounded: a client that does not read falls behind
+ * its bound of unsent bytes and is closed with `event: overflow`. A comment line keeps idle streams open through
+ * proxies; every watch ends when the server closes (clients reconnect with `Last-Event-ID` to another process).
+ */
+import type { ServerResponse } from 'node:http';
+import type { FastifyPluginAsync } from 'fastify';
+import type { ZodTypeProvider } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { FleetMetrics } from '../../metrics';
+import type { WatchEnd, WatchHub, WatchSubscriber, WatchSubscription } from '../../streams/watch-hub';
+import { watchQuerySchema } from '../api-schemas';
+import { failure, route } from '../route-options';
+
+export interface WatchRouteOptions {
+  /** the process's one reader; the route closes it when the server closes */
+  readonly hub: WatchHub;
+  readonly metrics: Pick<FleetMetrics, 'watching' | 'watchOverflowed'>;
+  /** a comment line this often, so that proxies keep an idle stream open (default 15 s) */
+  readonly keepAliveMs?: number;
+  /** bytes a watch may leave unsent (its client reads too slowly) before it is closed with `event: overflow` (default 1 MiB) */
+  readonly maxUnsentBytes?: number;
+  /** how long an ended watch's last bytes may take to leave before its connection is dropped (default 5 s) */
+  readonly endGraceMs?: number;
+}
+
+const SSE_HEADERS = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-cache, no-transform',
+  // nginx and others buffer responses unless told not to
+  'x-accel-buffering': 'no',
+  connection: 'keep-alive',
+  'x-content-type-options': 'nosniff',
+};
+
+/** Where a client that resyncs reads what it missed. */
+const BACKFILL = 'GET /api/deployments/{id}/transitions?afterVersion={last version you have}';
+
+const watchStreamSchema = z
+  .string()
+  .describe(
+    [
+      'Server-sent events (text/event-stream). First `retry: 2000`; a watch without a cursor then gets `id: <cursor>` alone once it is live (its start position).',
+      '`event: transition`, `id: <cursor>` (opaque: every partition\'s position after this event), `data:` the stream entry\'s fields as one line of JSON (docs/contract.md, "The transition stream"; all values strings).',
+      '`: keep-alive` every 15 s, with `id: <cursor>` when the position moved without an event (a filtered watch).',
+      '`event: resync`, `data: {reason: "trimmed"|"repartitioned"|"bad_cursor", message, positions: {<partition key>: <first id still there>}, backfill}`, then the stream ends: read what you missed from the transitions API, then watch without a cursor.',
+      '`event: overflow`, `data: {message, cursor}`, then the stream ends: the client read too slowly; resume from `cursor`.',
+    ].join(' '),
+  );
+
+export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, options) => {
+  const api = app.withTypeProvider<ZodTypeProvider>();
+  // every watch ends before the server waits for its connections to close
+  app.addHook('preClose', () => options.hub.close());
+
+  const { config, schema } = route('read', {
+    summary: 'Transitions as they happen (server-sent events)',
+    description:
+      'Every transition as it is applied, from the stream, per deployment in version order; filters by deployment and by the state it went to. Resume with the `Last-Event-ID` header (an EventSource sends it) or `after`: nothing missed, nothing repeated. Also takes the token as a basic-auth password (any user), for a browser.',
+    querystring: watchQuerySchema,
+    response: {
+      200: {
+        description: 'the stream of events, until a resync, an overflow or the server stopping',
+        content: { 'text/event-stream': { schema: watchStreamSchema } },
+      },
+      400: failure('invalid_query: names the offending parameter and its rule'),
+    },
+  });
+  api.get('/api/watch', { config: { ...config, challenge: 'Bearer or Basic' }, schema }, (request, reply) => {
+    const header = request.headers['last-event-id'];
+    const lastEventId = typeof header === 'string' && header.trim() !== '' ? header.trim() : undefined;
+    const { deploymentId, state, after } = request.query;
+    reply.hijack();
+    new WatchStream(reply.raw, options).start({
+      ...(lastEventId !== undefined ? { after: lastEventId, afterName: 'Last-Event-ID' } : after !== undefined ? { after, afterName: 'after' } : {}),
+      filter: {
+        ...(deploymentId !== undefined ? { deploymentIds: new Set(deploymentId) } : {}),
+        ...(state !== undefined ? { states: new Set(state) } : {}),
+      },
+    });
+  });
+};
+
+/** One watch: its response, its subscription to the hub, its keep-alive and its bound. */
+class WatchStream {
+  private subscription: WatchSubscription | null = null;
+  /** the last `id:` sent: what the client's Last-Event-ID is once it read everything sent */
+  private lastId: string | null = null;
+  private keepAlive: NodeJS.Timeout | undefined;
+  private dropAfterEnd: NodeJS.Timeout | undefined;
+  private ended = false;
+  private readonly maxUnsent: number;
+
+  constructor(
+    private readonly raw: ServerResponse,
+    private readonly options: WatchRouteOptions,
+  ) {
+    this.maxUnsent = options.maxUnsentBytes ?? 1024 * 1024;
+  }
+
+  start(spec: Pick<WatchSubscriber, 'after' | 'afterName' | 'filter'>): void {
+    const { raw, options } = this;
+    raw.writeHead(200, SSE_HEADERS);
+    raw.write('retry: 2000\n\n');
+    options.metrics.watching(1);
+    raw.once('close', () => {
+      this.stop();
+      clearTimeout(this.dropAfterEnd);
+    });
+    this.lastId = spec.after ?? null;
+    this.subscription = options.hub.subscribe({
+      ...spec,
+      onEntry: (entry, cursor) => this.send(`id: ${cursor}\nevent: transition\ndata: ${entry.data}\n\n`, cursor),
+      onPositioned: (cursor) => void this.send(`id: ${cursor}\n\n`, cursor),
+      onEnd: (end) => this.onEnd(end),
+      drained: () => this.drained(),
+    });
+    this.keepAlive = setInterval(() => this.ping(), options.keepAliveMs ?? 15_000);
+  }
+
+  /** Writes one block; false when the client should be left to read before more (a catch-up waits). */
+  private send(text: string, cursor: string | null): boolean {
+    if (this.ended) return true;
+    this.raw.write(text);
+    if (cursor !== null) this.lastId = cursor;
+    if (this.raw.writableLength > this.maxUnsent) {
+      this.overflow();
+      return true;
+    }
+    return !this.raw.writableNeedDrain;
+  }
+
+  private ping(): void {
+    const cursor = this.subscription?.cursor() ?? null;
+    const moved = cursor !== null && cursor !== this.lastId;
+    this.send(`: keep-alive\n${moved ? `id: ${cursor}\n` : ''}\n`, moved ? cursor : null);
+  }
+
+  private overflow(): void {
+    this.options.metrics.watchOverflowed();
+    const message = `this watch left more than ${this.maxUnsent} bytes unsent: the client reads too slowly; resume from the cursor`;
+    this.finish(`event: overflow\ndata: ${JSON.stringify({ message, cursor: this.lastId ?? this.subscription?.cursor() ?? null })}\n\n`);
+  }
+
+  private onEnd(end: WatchEnd): void {
+    if (end.reason !== 'resync') return this.finish(''); // closing, interrupted: the client reconnects with its last cursor
+    const { resync: reason, message, positions } = end;
+    this.finish(`event: resync\ndata: ${JSON.stringify({ reason, message, positions, backfill: BACKFILL })}\n\n`);
+  }
+
+  /** Ends the response with its last words; a client that does not take them loses its connection after the grace. */
+  private finish(last: string): void {
+    if (this.ended) return;
+    this.stop();
+    this.raw.end(last);
+    this.dropAfterEnd = setTimeout(() => this.raw.destroy(), this.options.endGraceMs ?? 5000);
+    this.dropAfterEnd.unref();
+  }
+
+  /** The watch ends (its last bytes may still be on their way): it counts no more. */
+  private stop(): void {
+    if (this.ended) return;
+    this.options.metrics.watching(-1);
+    this.ended = true;
+    this.subscription?.close();
+    clearInterval(this.keepAlive);
+  }
+
+  private drained(): Promise<void> {
+    const raw = this.raw;
+    if (this.ended || !raw.writableNeedDrain) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        raw.off('drain', done).off('close', done);
+        resolve();
+      };
+      raw.on('drain', done).on('close', done);
+    });
+  }
+}

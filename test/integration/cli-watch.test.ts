@@ -224,11 +224,13 @@ describe('fleet watch: transitions over HTTP with a token', function () {
     expect(keysOf(all)).to.deep.equal(keys(expected));
     const ofA = expected.filter((e) => e.deploymentId === a);
     const toReadyOrFailed = expected.filter((e) => e.to === 'ready' || e.to === 'failed');
-    expect(toReadyOrFailed.map((e) => e.to)).to.deep.equal(['ready', 'failed']);
+    // c went ready; a cancelled attempt leaves a deployment failed (a:3, a:5, a:7, ...)
+    expect(toReadyOrFailed.filter((e) => e.deploymentId === c).map((e) => e.to)).to.deep.equal(['ready', 'failed']);
+    expect(toReadyOrFailed.at(-1)).to.include({ deploymentId: a, version: 7 });
     await printed(onlyA, ofA.length);
     await printed(ready, toReadyOrFailed.length);
-    // one order over one partition: the watch of a printed a:7, the last entry, so it has read (and left out)
-    // everything else; the watch of ready and failed printed c's failed, and only a:7 (not theirs) came after it
+    // one order over one partition: both filtered watches printed a:7, the stream's last entry, so each has read
+    // (and left out) everything else
     expect(keysOf(onlyA)).to.deep.equal(keys(ofA));
     expect(keysOf(ready)).to.deep.equal(keys(toReadyOrFailed));
   });
@@ -297,6 +299,54 @@ describe('fleet watch: transitions over HTTP with a token', function () {
     expect(late.output.err).to.contain(
       'fleet watch: backfill with GET /api/deployments/{id}/transitions?afterVersion={last version you have}, then run fleet watch again without --from',
     );
+  });
+
+  it('exits 1 when it fell behind and the fleet closed it (overflow); --from its cursor resumes with nothing missed', async () => {
+    const run = watch(['--json']);
+    await untilPrinting(run, randomUUID());
+    // the watch stops reading: what the fleet sends fills the sockets' buffers, then its bound of unsent bytes
+    run.child.kill('SIGSTOP');
+    let appended = 0;
+    const append = async (count: number): Promise<void> => {
+      const pipeline = redis.pipeline();
+      for (let i = 0; i < count; i++, appended++) {
+        // a transition's fields, about 400 bytes on the wire
+        pipeline.xadd(
+          streamKey,
+          '*',
+          ...['type', 'state_transition', 'transitionId', String(appended), 'deploymentId', randomUUID(), 'attemptId', randomUUID()],
+          ...['from', '', 'to', 'pending', 'version', '1', 'reason', 'created', 'eventId', `flood-${appended}`],
+          ...['at', new Date().toISOString(), 'actor', 'producer'],
+        );
+      }
+      await pipeline.exec();
+    };
+    const overflows = async () => Number(/^fleet_watch_overflows_total (\d+)/m.exec(await (await fetch(`${api}/metrics`)).text())?.[1] ?? 0);
+    await waitFor(
+      'the fleet to close the watch with an overflow',
+      async () => {
+        if ((await overflows()) > 0) return true;
+        await append(2000);
+        return undefined;
+      },
+      60_000,
+    );
+    run.child.kill('SIGCONT');
+    expect(await run.exited).to.equal(1);
+    expect(run.output.err).to.match(/^fleet: the fleet closed the watch: it fell behind \(.+\)$/m);
+    const cursor = /^fleet watch: to resume from where it was: --from (\S+)$/m.exec(run.output.err)?.[1];
+    expect(cursor, run.output.err).to.be.a('string');
+    const resumed = watch(['--json', '--from', cursor ?? '']);
+    const onStream = (await streamEntries()).map((e) => e.streamId);
+    const streamIdOf = (l: string | undefined) => (l === undefined ? undefined : (JSON.parse(l) as TransitionEntry).streamId);
+    await waitFor(
+      'the resumed watch at the end of the stream',
+      () => (streamIdOf(lines(resumed.output.out).at(-1)) === onStream.at(-1) ? true : undefined),
+      60_000,
+    );
+    const seen = [...lines(run.output.out), ...lines(resumed.output.out)].map(streamIdOf);
+    expect(seen).to.deep.equal(onStream.slice(onStream.indexOf(seen[0] ?? '')));
+    expect(appended).to.be.above(0);
   });
 
   it('exits 2 with one line when the fleet refuses the token (401) or its scope (403); 4 when it is unreachable', async () => {

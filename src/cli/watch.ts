@@ -196,7 +196,7 @@ export class HttpWatch {
     const parser = new SseParser(this.cursor);
     try {
       for (;;) {
-        timer = abortAfter(idleMs, `nothing came for ${Math.round(idleMs / 1000)} s`);
+        timer = abortAfter(idleMs, `nothing came for ${idleMs} ms`);
         const { done, value } = await reader.read();
         clearTimeout(timer);
         if (done) return { kind: 'lost', why: 'the fleet ended the stream', opened: true };

@@ -6,11 +6,14 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { formatEntry } from '../../src/cli/tail';
+import { watch as followWatch } from '../../src/cli/watch';
 import { createToken } from '../../src/http/tokens';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, type TransitionEntry } from '../../src/streams/consumer';
@@ -395,5 +398,102 @@ describe('fleet watch: transitions over HTTP with a token', function () {
     expect(data.map((d) => d.version)).to.deep.equal([String(last + 1), String(last + 2)]);
     expect(out).to.match(/^retry: 2000$/m);
     expect(out).to.match(/^id: \S+$/m);
+  });
+});
+
+describe('fleet watch: answers that are not a watch, and a connection gone silent', function () {
+  this.timeout(60_000);
+  let server: http.Server;
+  let url: string;
+  /** what the next request gets */
+  let answer: (req: http.IncomingMessage, res: http.ServerResponse) => void = () => undefined;
+  const requests: http.IncomingHttpHeaders[] = [];
+
+  before(async () => {
+    server = http.createServer((req, res) => {
+      requests.push(req.headers);
+      answer(req, res);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+  after(async () => {
+    server.closeAllConnections();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  });
+
+  async function watchOnce(): Promise<{ code: number | null; err: string }> {
+    const child = spawn(process.execPath, [FLEET, 'watch'], {
+      env: withoutServers({ FLEET_URL: url, FLEET_TOKEN: 'lft_x' }),
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let err = '';
+    child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    return { code, err };
+  }
+
+  const json =
+    (status: number, body: unknown, headers: Record<string, string> = {}) =>
+    (_req: http.IncomingMessage, res: http.ServerResponse) => {
+      res.writeHead(status, { 'content-type': 'application/json', ...headers });
+      res.end(JSON.stringify(body));
+    };
+
+  it('a 400 exits 2 with the fleet message; 404 and a page that is not an event stream exit 1; 503 at the start exits 4', async () => {
+    answer = json(400, { error: { code: 'invalid_query', message: 'state: must be one of pending, ...' } });
+    expect(await watchOnce()).to.deep.equal({
+      code: 2,
+      err: `fleet: the fleet at ${url} refused the watch (invalid_query: state: must be one of pending, ...)\n`,
+    });
+    answer = json(404, { error: { code: 'not_found', message: 'Route GET:/api/watch not found' } });
+    const notFound = await watchOnce();
+    expect(notFound.code).to.equal(1);
+    expect(notFound.err).to.contain('no /api/watch there');
+    answer = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/html' });
+      res.end('<html></html>');
+    };
+    const page = await watchOnce();
+    expect(page.code).to.equal(1);
+    expect(page.err).to.contain('answered text/html, not an event stream');
+    answer = json(503, { error: { code: 'redis_unavailable', message: 'Redis does not answer' } }, { 'retry-after': '1' });
+    expect(await watchOnce()).to.deep.equal({
+      code: 4,
+      err: `fleet: the fleet at ${url} is unreachable (it answered redis_unavailable: Redis does not answer)\n`,
+    });
+  });
+
+  it('drops a connection on which nothing came for its idle timeout, and makes it again after the last cursor', async () => {
+    requests.length = 0;
+    const event = (n: number) =>
+      `id: c${n}\nevent: transition\ndata: ${JSON.stringify({ type: 'state_transition', deploymentId: randomUUID(), version: String(n), to: 'pending', reason: 'created' })}\n\n`;
+    // the first connection sends one event and then nothing, the next one the second event, and so on
+    answer = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      // (later connections, should the machine be slow to stop the watch, get nothing)
+      res.write(`retry: 10\n\n${requests.length <= 2 ? event(requests.length) : ''}`);
+    };
+    const printed: string[] = [];
+    const reports: string[] = [];
+    let stop: () => void = () => undefined;
+    const ended = followWatch({
+      url,
+      token: null,
+      deploymentIds: [],
+      states: [],
+      from: null,
+      json: true,
+      write: (line) => printed.push(line),
+      stop: new Promise<void>((resolve) => (stop = resolve)),
+      report: (message) => reports.push(message),
+      idleTimeoutMs: 300,
+    });
+    await waitFor('the second event', () => (printed.length >= 2 ? true : undefined));
+    stop();
+    expect(await ended).to.deep.equal({ kind: 'stopped', cursor: 'c2' });
+    expect(requests.slice(0, 2).map((h) => h['last-event-id'])).to.deep.equal([undefined, 'c1']);
+    expect(reports[0]).to.equal(`lost the fleet at ${url} (nothing came for 300 ms), reconnecting`);
+    expect(printed.map((l) => (JSON.parse(l) as TransitionEntry).version)).to.deep.equal([1, 2]);
   });
 });

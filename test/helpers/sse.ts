@@ -18,7 +18,7 @@ export interface SseClient {
   readonly headers: http.IncomingHttpHeaders;
   /** every block so far */
   readonly blocks: SseBlock[];
-  /** the body as text (for a non-200 answer: the JSON error) */
+  /** the body of a non-200 answer (the JSON error); for a stream, '' (see `blocks`) */
   text(): string;
   /** the client's Last-Event-ID: the last `id` of a dispatched block */
   lastEventId(): string | null;
@@ -37,11 +37,13 @@ export function openSse(url: string, headers: Record<string, string> = {}): Prom
       response.setEncoding('utf8');
       const blocks: SseBlock[] = [];
       let body = '';
+      const keepBody = response.statusCode !== 200;
       let pending = '';
       let block: { id?: string; event?: string; data?: string[]; retry?: string; comments: string[] } = { comments: [] };
       let last: string | null = null;
+      const transitions: Array<{ id: string; entry: Record<string, string> }> = [];
       response.on('data', (chunk: string) => {
-        body += chunk;
+        if (keepBody) body += chunk;
         pending += chunk;
         let newline = pending.indexOf('\n');
         while (newline >= 0) {
@@ -50,7 +52,11 @@ export function openSse(url: string, headers: Record<string, string> = {}): Prom
           newline = pending.indexOf('\n');
           if (line === '') {
             const { data, ...rest } = block;
-            blocks.push({ ...rest, ...(data === undefined ? {} : { data: data.join('\n') }) });
+            const dispatched = { ...rest, ...(data === undefined ? {} : { data: data.join('\n') }) };
+            blocks.push(dispatched);
+            if (dispatched.event === 'transition') {
+              transitions.push({ id: dispatched.id ?? '', entry: JSON.parse(dispatched.data ?? '{}') as Record<string, string> });
+            }
             if (block.id !== undefined) last = block.id;
             block = { comments: [] };
           } else if (line.startsWith(':')) {
@@ -75,10 +81,7 @@ export function openSse(url: string, headers: Record<string, string> = {}): Prom
         blocks,
         text: () => body,
         lastEventId: () => last,
-        transitions: () =>
-          blocks
-            .filter((b) => b.event === 'transition')
-            .map((b) => ({ id: b.id ?? '', entry: JSON.parse(b.data ?? '{}') as Record<string, string> })),
+        transitions: () => [...transitions],
         ended,
         close: () => request.destroy(),
       });

@@ -250,6 +250,17 @@ describe('OpenAPI: the document, every answer against it, and its auth', functio
       expect(statuses).to.include.members(['429', '503', '415']);
       return statuses;
     },
+    'GET /api/watch': async (op) => {
+      // a stream that ends by itself: a Last-Event-ID that is no cursor is answered with a resync, then the end
+      const resync = await app.inject({ method: 'GET', url: '/api/watch', headers: { ...bearer('reader'), 'last-event-id': 'not-a-cursor' } });
+      expect(resync.body).to.match(/^retry: 2000\n\nevent: resync\ndata: \{"reason":"bad_cursor"/);
+      return [
+        conforms(op, resync),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch?state=sleeping', headers: bearer('reader') })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch' })),
+        conforms(op, await app.inject({ method: 'GET', url: '/api/watch', headers: bearer('pusher') })),
+      ];
+    },
     'GET /healthz': async (op) => [conforms(op, await app.inject({ method: 'GET', url: '/healthz' }))],
     'GET /readyz': async (op) => [conforms(op, await app.inject({ method: 'GET', url: '/readyz' }))],
     'GET /metrics': async (op) => [

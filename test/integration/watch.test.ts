@@ -6,6 +6,7 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -35,6 +36,33 @@ import { openSse, type SseClient } from '../helpers/sse';
 import { waitFor } from '../helpers/wait';
 
 type Entry = Record<string, string>;
+
+/** A chunked HTTP body's content. */
+function dechunk(chunked: string): string {
+  let out = '';
+  for (let at = 0; ;) {
+    const lineEnd = chunked.indexOf('\r\n', at);
+    const size = parseInt(chunked.slice(at, lineEnd), 16);
+    if (!(size > 0)) return out;
+    const start = lineEnd + 2;
+    out += Buffer.from(chunked.slice(start)).subarray(0, size).toString('utf8');
+    at = start + Buffer.from(chunked.slice(start)).subarray(0, size).toString('utf8').length + 2;
+  }
+}
+
+/** The raw header lines of a GET (Node joins repeated ones in `headers`). */
+function rawHeaders(url: string): Promise<Array<[string, string]>> {
+  return new Promise((resolve, reject) => {
+    http
+      .get(url, (res) => {
+        res.resume();
+        const pairs: Array<[string, string]> = [];
+        for (let i = 0; i + 1 < res.rawHeaders.length; i += 2) pairs.push([res.rawHeaders[i] ?? '', res.rawHeaders[i + 1] ?? '']);
+        resolve(pairs);
+      })
+      .on('error', reject);
+  });
+}
 
 /** Per deployment, the versions in the order they came. */
 function versionsOf(entries: readonly Entry[]): Map<string, number[]> {
@@ -116,17 +144,7 @@ describe('GET /api/watch: transitions as server-sent events', function () {
   }
 
   /** Everything on the stream's partitions (of P), in each partition's order. */
-  async function onStream(partitions: number): Promise<Entry[]> {
-    const out: Entry[] = [];
-    for (const key of partitionKeys(streamKey, partitions)) {
-      for (const [, fields] of await redis.xrange(key, '-', '+')) {
-        const entry: Entry = {};
-        for (let i = 0; i + 1 < fields.length; i += 2) entry[fields[i] ?? ''] = fields[i + 1] ?? '';
-        out.push(entry);
-      }
-    }
-    return out;
-  }
+  const onStream = (partitions: number): Promise<Entry[]> => onKeys(partitionKeys(streamKey, partitions));
 
   const transitionIds = (entries: readonly Entry[]) => entries.map((e) => e.transitionId).sort();
 
@@ -156,7 +174,7 @@ describe('GET /api/watch: transitions as server-sent events', function () {
       'x-accel-buffering': 'no',
       connection: 'keep-alive',
     });
-    expect(all.text().startsWith('retry: 2000\n\n')).to.equal(true);
+    expect(all.blocks[0], 'the first block').to.deep.equal({ retry: '2000', comments: [] });
 
     for (const id of [a, b, c]) await readyDeployment(id);
     await waitFor('12 entries published', async () => ((await redis.xlen(streamKey)) >= 12 ? true : undefined));
@@ -185,4 +203,333 @@ describe('GET /api/watch: transitions as server-sent events', function () {
       ids: [(await redis.xrevrange(streamKey, '+', '-', 'COUNT', 1))[0]?.[0]],
     });
   });
+
+  it('resumes with Last-Event-ID across 4 partitions after a disconnect: nothing missed, nothing repeated, each deployment in order', async () => {
+    await recordPartitions(redis, streamKey, 4);
+    relay(4);
+    // a small ring and small reads: the resume catches up from Redis, then from the ring, then live
+    const hub = new WatchHub({ streamKey, connect: () => testRedis(), ringSize: 8, count: 5 });
+    const { url } = await serve({}, { watch: { hub } });
+    const ids = Array.from({ length: 16 }, () => randomUUID());
+    const versions = async (from: number, to: number) => {
+      for (let v = from; v <= to; v++) for (const id of ids) await applyVersions(service, id, v, v);
+    };
+    const first = await watch(`${url}/api/watch`);
+    await versions(1, 3);
+    await waitFor('48 on the first watch', () => (first.transitions().length >= 48 ? true : undefined));
+    first.close();
+    const cursor = first.lastEventId() ?? '';
+    await versions(4, 6); // while it is away
+    // back, while transitions go on being applied
+    const writing = versions(7, 10);
+    const second = await watch(`${url}/api/watch`, { 'last-event-id': cursor }, false);
+    const third = await watch(`${url}/api/watch?after=${cursor}`, {}, false);
+    await writing;
+    for (const [name, client] of [
+      ['Last-Event-ID', second],
+      ['after', third],
+    ] as const) {
+      await waitFor(`the rest on the watch resumed by ${name}`, () => (client.transitions().length >= 112 ? true : undefined));
+      const seen = [...first.transitions(), ...client.transitions()].map((t) => t.entry);
+      expect(transitionIds(seen), name).to.deep.equal(transitionIds(await onStream(4)));
+      for (const id of ids) expect(versionsOf(seen).get(id), `${name}: ${id}`).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    }
+    expect(JSON.parse(Buffer.from(second.lastEventId() ?? '', 'base64url').toString('utf8'))).to.include({ p: 4, r: 0 });
+  });
+
+  it('a cursor whose position was trimmed gets event: resync, with where the stream starts and how to backfill, then the stream ends', async () => {
+    relay();
+    const { url } = await serve();
+    const first = await watch(`${url}/api/watch`);
+    await readyDeployment();
+    await waitFor('4 transitions', () => (first.transitions().length >= 4 ? true : undefined));
+    const cursor = first.transitions()[0]?.id ?? '';
+    await redis.xtrim(streamKey, 'MAXLEN', 2);
+    const kept = (await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0];
+    for (const [query, headers] of [
+      ['', { 'last-event-id': cursor }],
+      [`?after=${cursor}`, {}],
+    ] as const) {
+      const resumed = await watch(`${url}/api/watch${query}`, headers, false);
+      await resumed.ended;
+      expect(resumed.transitions()).to.deep.equal([]);
+      const resync = resumed.blocks.find((b) => b.event === 'resync');
+      const data = JSON.parse(resync?.data ?? '{}') as Record<string, unknown>;
+      expect(data).to.deep.include({
+        reason: 'trimmed',
+        positions: { [streamKey]: kept },
+        backfill: 'GET /api/deployments/{id}/transitions?afterVersion={last version you have}',
+      });
+      expect(data.message).to.contain(`${streamKey} no longer holds what came after this position (it now starts at ${kept})`);
+      expect(resumed.blocks[resumed.blocks.length - 1]?.event, 'the last block').to.equal('resync');
+    }
+  });
+
+  it('a malformed Last-Event-ID is a resync (bad_cursor), a malformed ?after a 400; a cursor two layouts old is a resync (repartitioned)', async () => {
+    const { url } = await serve();
+    const garbled = await watch(`${url}/api/watch`, { 'last-event-id': 'not-a-cursor!' }, false);
+    await garbled.ended;
+    expect(garbled.status).to.equal(200);
+    expect(JSON.parse(garbled.blocks.find((b) => b.event === 'resync')?.data ?? '{}')).to.deep.include({
+      reason: 'bad_cursor',
+      message: 'Last-Event-ID: must be a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0, got "not-a-cursor!"',
+    });
+
+    const bad = await watch(`${url}/api/watch?after=not-a-cursor`, {}, false);
+    await bad.ended;
+    expect(bad.status).to.equal(400);
+    expect(JSON.parse(bad.text())).to.deep.equal({
+      error: {
+        code: 'invalid_query',
+        message: 'after: must be a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0, got "not-a-cursor"',
+      },
+    });
+
+    // 1 -> 2 -> 1 partitions since the cursor: what was written in between cannot be put in order
+    await redis.multi().set(partitionsRecordKey(streamKey), '1').incr(repartitionsKey(streamKey)).incr(repartitionsKey(streamKey)).exec();
+    for (const cursor of [encodeCursor({ p: 1, r: 0, ids: ['0-0'] }), encodeCursor({ p: 2, ids: ['0-0', '0-0'] })]) {
+      const old = await watch(`${url}/api/watch`, { 'last-event-id': cursor }, false);
+      await old.ended;
+      const data = JSON.parse(old.blocks.find((b) => b.event === 'resync')?.data ?? '{}') as { reason?: string; message?: string };
+      expect(data.reason).to.equal('repartitioned');
+      expect(data.message).to.match(/^Last-Event-ID: the cursor is for \d partition\(s\).*backfill, then watch again without a cursor$/);
+    }
+  });
+
+  it('answers 401 (naming Bearer and Basic), 403 and 400; takes a bearer token and the token as a basic-auth password', async () => {
+    const { url } = await serve({ FLEET_API_TOKENS_FILE: tokensFile });
+    const answer = async (query: string, headers: Record<string, string>) => {
+      const client = await watch(`${url}/api/watch${query}`, headers, false);
+      if (client.status !== 200) await client.ended;
+      return client;
+    };
+    const anonymous = await answer('', {});
+    expect(anonymous.status).to.equal(401);
+    const challenges = (await rawHeaders(`${url}/api/watch`)).filter(([name]) => name.toLowerCase() === 'www-authenticate').map(([, v]) => v);
+    expect(challenges).to.deep.equal(['Bearer realm="lifecycle-fleet"', 'Basic realm="lifecycle-fleet", charset="UTF-8"']);
+    expect((await answer('', { authorization: `Bearer ${createToken('nobody', ['read']).token}` })).status).to.equal(401);
+    expect((await answer('', { authorization: `Basic ${Buffer.from(`me:wrong`).toString('base64')}` })).status).to.equal(401);
+    const lacking = await answer('', bearer('writer'));
+    expect(lacking.status).to.equal(403);
+    expect(JSON.parse(lacking.text())).to.deep.equal({ error: { code: 'forbidden', message: 'this token lacks the "read" scope' } });
+    for (const headers of [bearer('reader'), { authorization: `Basic ${Buffer.from(`anyone:${tokens.reader.token}`).toString('base64')}` }]) {
+      const ok = await answer('', headers);
+      expect(ok.status).to.equal(200);
+      await waitFor('the start id', () => (ok.lastEventId() !== null ? true : undefined));
+    }
+    const many = Array.from({ length: 101 }, () => randomUUID()).join(',');
+    for (const [query, message] of [
+      ['?deploymentId=nope', 'deploymentId: must be a UUID, got "nope"'],
+      [`?deploymentId=${many}`, 'deploymentId: at most 100 values, got 101'],
+      ['?state=ready&state=sleeping', 'state: must be one of pending, deploying, ready, failed, unknown, got "sleeping"'],
+    ] as const) {
+      const refused = await answer(query, bearer('reader'));
+      expect(refused.status, query).to.equal(400);
+      expect(JSON.parse(refused.text()), query).to.deep.equal({ error: { code: 'invalid_query', message } });
+    }
+  });
+
+  it("sends a keep-alive comment at the injected interval; a filtered watch's carries its cursor past what it left out", async () => {
+    relay();
+    const { url } = await serve({}, { watch: { keepAliveMs: 20 } });
+    const [quiet, busy] = [randomUUID(), randomUUID()];
+    const all = await watch(`${url}/api/watch`);
+    const filtered = await watch(`${url}/api/watch?deploymentId=${quiet}`);
+    await waitFor('a keep-alive', () => (all.blocks.some((b) => b.comments.includes('keep-alive')) ? true : undefined));
+    await readyDeployment(busy);
+    await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
+    const newest = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 1))[0]?.[0];
+    await waitFor('the filtered watch past the busy deployment', () => {
+      const id = filtered.lastEventId();
+      return id !== null && (JSON.parse(Buffer.from(id, 'base64url').toString('utf8')) as { ids: string[] }).ids[0] === newest ? true : undefined;
+    });
+    expect(filtered.transitions()).to.deep.equal([]);
+    expect(filtered.blocks.some((b) => b.comments.includes('keep-alive') && b.id === filtered.lastEventId())).to.equal(true);
+    // a watch resumed from there gets nothing of the busy deployment: only what came after
+    const resumed = await watch(`${url}/api/watch`, { 'last-event-id': filtered.lastEventId() ?? '' }, false);
+    await readyDeployment(quiet);
+    await waitFor('the quiet deployment', () => (resumed.transitions().length >= 4 ? true : undefined));
+    expect(resumed.transitions().map((t) => t.entry.deploymentId)).to.deep.equal([quiet, quiet, quiet, quiet]);
+  });
+
+  it('reads the stream once per process, whatever the number of watchers (one reader connection)', async () => {
+    relay();
+    const { url } = await serve();
+    const clients = await Promise.all(Array.from({ length: 20 }, (_, i) => watch(`${url}/api/watch${i % 2 === 0 ? '' : '?state=ready'}`)));
+    const readers = String(await redis.call('CLIENT', 'LIST'))
+      .split('\n')
+      .filter((line) => / name=lifecycle-fleet-watch /.test(line));
+    expect(readers, 'connections named lifecycle-fleet-watch').to.have.length(1);
+    expect(await metricValue('fleet_watchers')).to.equal(20);
+    await readyDeployment();
+    await readyDeployment();
+    for (const [i, client] of clients.entries()) {
+      await waitFor(`watcher ${i}`, () => (client.transitions().length >= (i % 2 === 0 ? 8 : 2) ? true : undefined));
+    }
+    for (const client of clients.slice(0, 5)) client.close();
+    await waitFor('15 watchers', async () => ((await metricValue('fleet_watchers')) === 15 ? true : undefined));
+  });
+
+  it('closes a watch whose client does not read with event: overflow, and counts it, while another keeps receiving', async () => {
+    const { url } = await serve({}, { watch: { maxUnsentBytes: 64 * 1024, endGraceMs: 60_000 } });
+    const reading = await watch(`${url}/api/watch`);
+    // a client that sends its request and never reads
+    const stalled = net.connect(Number(new URL(url).port), '127.0.0.1');
+    stalled.pause();
+    closers.push(async () => void stalled.destroy());
+    stalled.write('GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await waitFor('two watchers', async () => ((await metricValue('fleet_watchers')) === 2 ? true : undefined));
+    // 64 reads of 8 entries of 32 KiB (16 MiB): more than the sockets on both sides hold, and the bound; each read
+    // once the reading watch has the one before (it never falls behind), the stalled one falls behind
+    const deploymentId = randomUUID();
+    const add = async (from: number, to: number) => {
+      const pipeline = redis.pipeline();
+      for (let v = from; v <= to; v++) {
+        pipeline.xadd(
+          streamKey,
+          '*',
+          'type',
+          'state_transition',
+          'deploymentId',
+          deploymentId,
+          'version',
+          String(v),
+          'to',
+          'pending',
+          'reason',
+          'x'.repeat(32 * 1024),
+        );
+      }
+      await pipeline.exec();
+      await waitFor(`${to} on the reading watch`, () => (reading.transitions().length >= to ? true : undefined));
+    };
+    for (let read = 0; read < 64; read++) await add(read * 8 + 1, read * 8 + 8);
+    await waitFor('the overflow counted', async () => ((await metricValue('fleet_watch_overflows_total')) === 1 ? true : undefined));
+    expect(await metricValue('fleet_watchers')).to.equal(1);
+    await add(513, 513);
+    expect(reading.transitions().map((t) => Number(t.entry.version))).to.deep.equal(Array.from({ length: 513 }, (_, i) => i + 1));
+
+    // the stalled client, reading at last, finds some events, then the overflow with the cursor of the last one, then the end
+    let received = '';
+    stalled.setEncoding('utf8');
+    stalled.on('data', (chunk: string) => (received += chunk));
+    stalled.resume();
+    await waitFor('the end of the stalled response', () => (received.endsWith('\r\n0\r\n\r\n') ? true : undefined));
+    const body = dechunk(received.slice(received.indexOf('\r\n\r\n') + 4));
+    const blocks = body.split('\n\n');
+    const ids = blocks.filter((b) => b.includes('event: transition')).map((b) => /^id: (.*)$/m.exec(b)?.[1]);
+    const overflow = blocks.find((b) => b.startsWith('event: overflow\n'));
+    expect(ids.length).to.be.greaterThan(0).and.lessThan(512);
+    expect(JSON.parse(/^data: (.*)$/m.exec(overflow ?? '')?.[1] ?? '{}')).to.deep.equal({
+      message: 'this watch left more than 65536 bytes unsent: the client reads too slowly; resume from the cursor',
+      cursor: ids[ids.length - 1],
+    });
+    expect(blocks[blocks.length - 2], 'the last block').to.equal(overflow);
+  });
+
+  it('follows a repartition while watching: live watches, and watches resumed from before it, get every version once, in order', async () => {
+    await recordPartitions(redis, streamKey, 2);
+    relay(2);
+    relay(2);
+    const { url } = await serve();
+    const ids = Array.from({ length: 12 }, () => randomUUID());
+    const versions = async (from: number, to: number) => {
+      for (let v = from; v <= to; v++) for (const id of ids) await applyVersions(service, id, v, v);
+    };
+    const live = await watch(`${url}/api/watch`);
+    const some = await watch(`${url}/api/watch?deploymentId=${ids.slice(0, 3).join(',')}`);
+    await versions(1, 2);
+    await waitFor('24 live', () => (live.transitions().length >= 24 ? true : undefined));
+    const before = live.lastEventId() ?? '';
+    const writing = versions(3, 6);
+    const outcome = await repartition({
+      databaseUrl: db.url,
+      redis,
+      streamKey,
+      to: 4,
+      timeoutMs: 30_000,
+      lockTimeoutMs: 30_000,
+      pollMs: 50,
+      report: () => undefined,
+    });
+    expect(outcome.kind).to.equal('repartitioned');
+    await writing;
+    await versions(7, 8);
+    const every = (n: number) => Array.from({ length: n }, (_, i) => i + 1);
+    await waitFor('96 live', () => (live.transitions().length >= 96 ? true : undefined));
+    await waitFor('24 of some', () => (some.transitions().length >= 24 ? true : undefined));
+    const stream = await onKeys([...new Set([...partitionKeys(streamKey, 2), ...partitionKeys(streamKey, 4)])]);
+    expect(transitionIds(live.transitions().map((t) => t.entry))).to.deep.equal(transitionIds(stream));
+    for (const id of ids) expect(versionsOf(live.transitions().map((t) => t.entry)).get(id), id).to.deep.equal(every(8));
+    for (const id of ids.slice(0, 3)) expect(versionsOf(some.transitions().map((t) => t.entry)).get(id), id).to.deep.equal(every(8));
+    expect(some.transitions()).to.have.length(24);
+    expect(JSON.parse(Buffer.from(live.lastEventId() ?? '', 'base64url').toString('utf8'))).to.include({ p: 4, r: 1 });
+
+    // from a cursor of the layout before: through this process's ring, and through a new process's catch-up from Redis
+    const other = await serve();
+    for (const [where, base] of [
+      ['this process', url],
+      ['a new process', other.url],
+    ] as const) {
+      const resumed = await watch(`${base}/api/watch`, { 'last-event-id': before }, false);
+      await waitFor(`72 resumed on ${where}`, () => (resumed.transitions().length >= 72 ? true : undefined));
+      for (const id of ids)
+        expect(versionsOf(resumed.transitions().map((t) => t.entry)).get(id), `${where}: ${id}`).to.deep.equal([3, 4, 5, 6, 7, 8]);
+      expect(resumed.transitions(), where).to.have.length(72);
+    }
+  });
+
+  it('ends every watch when the server closes, without waiting for the streams', async () => {
+    const { app, url } = await serve();
+    const clients = await Promise.all([1, 2, 3].map(() => watch(`${url}/api/watch`)));
+    const resuming = await watch(`${url}/api/watch?after=0`, {}, false);
+    await app.close();
+    for (const client of [...clients, resuming]) await client.ended;
+    expect(await metricValue('fleet_watchers')).to.equal(0);
+  });
+
+  it('fleet http stops promptly on SIGTERM with a watcher connected, ending the watch', async () => {
+    const port = await freePort();
+    const env = {
+      ...process.env,
+      REDIS_URL: testEnv().redisUrl,
+      DATABASE_URL: db.url,
+      FLEET_PREFIX: prefix,
+      FLEET_HTTP_PORT: String(port),
+      LOG_FORMAT: 'json',
+    };
+    const child = spawn(process.execPath, [path.join(repoRoot(), 'bin', 'fleet.js'), 'http'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    closers.push(async () => {
+      child.kill('SIGKILL');
+      await exited;
+    });
+    await waitFor('fleet http to start', () => (out.includes('http started') ? true : undefined), 30_000);
+    const client = await watch(`http://127.0.0.1:${port}/api/watch`);
+    child.kill('SIGTERM');
+    expect(await exited, out).to.equal(0);
+    await client.ended;
+    expect(out).to.not.contain('did not stop in time');
+    expect(out).to.contain('"msg":"stopped"');
+  });
+
+  async function onKeys(keys: readonly string[]): Promise<Entry[]> {
+    const out: Entry[] = [];
+    for (const key of keys) {
+      for (const [, fields] of await redis.xrange(key, '-', '+')) {
+        const entry: Entry = {};
+        for (let i = 0; i + 1 < fields.length; i += 2) entry[fields[i] ?? ''] = fields[i + 1] ?? '';
+        out.push(entry);
+      }
+    }
+    return out;
+  }
+
+  async function metricValue(name: string): Promise<number> {
+    const line = (await metrics.text()).split('\n').find((l) => l.startsWith(`${name} `));
+    return Number(line?.split(' ')[1] ?? NaN);
+  }
 });

@@ -59,6 +59,12 @@ export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, op
     description:
       'Every transition as it is applied, from the stream, per deployment in version order; filters by deployment and by the state it went to. Resume with the `Last-Event-ID` header (an EventSource sends it) or `after`: nothing missed, nothing repeated. Also takes the token as a basic-auth password (any user), for a browser.',
     querystring: watchQuerySchema,
+    headers: z.object({
+      'last-event-id': z
+        .string()
+        .optional()
+        .describe('resume after this cursor (an EventSource sends the last id it had when it reconnects); wins over `after`'),
+    }),
     response: {
       200: {
         description: 'the stream of events, until a resync, an overflow or the server stopping',
@@ -82,7 +88,30 @@ export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, op
   });
 };
 
-/** One watch: its response, its subscription to the hub, its keep-alive and its bound. */
+/**
+ * The event loop's turn, counted (one timer however many watches ask): a watch judges its bound once per turn, on
+ * the first write of the turn.
+ */
+let turn = 0;
+let turnCounting = false;
+function currentTurn(): number {
+  if (!turnCounting) {
+    turnCounting = true;
+    setImmediate(() => {
+      turn++;
+      turnCounting = false;
+    });
+  }
+  return turn;
+}
+
+/**
+ * One watch: its response, its subscription to the hub, its keep-alive and its bound. The bound is judged when more
+ * comes (the first write of an event-loop turn: a read of the stream, a keep-alive) on what the client left unsent
+ * of what it had before, not on what one read brings at once, which the client had no turn to take yet: a client
+ * that reads is never closed for a burst, one that does not is closed at the next read after it fell a bound behind.
+ * Unsent bytes stay below the bound plus one read's entries.
+ */
 class WatchStream {
   private subscription: WatchSubscription | null = null;
   /** the last `id:` sent: what the client's Last-Event-ID is once it read everything sent */
@@ -90,6 +119,7 @@ class WatchStream {
   private keepAlive: NodeJS.Timeout | undefined;
   private dropAfterEnd: NodeJS.Timeout | undefined;
   private ended = false;
+  private judgedTurn = -1;
   private readonly maxUnsent: number;
 
   constructor(
@@ -122,12 +152,16 @@ class WatchStream {
   /** Writes one block; false when the client should be left to read before more (a catch-up waits). */
   private send(text: string, cursor: string | null): boolean {
     if (this.ended) return true;
+    const now = currentTurn();
+    if (this.judgedTurn !== now) {
+      this.judgedTurn = now;
+      if (this.raw.writableLength > this.maxUnsent) {
+        this.overflow();
+        return true;
+      }
+    }
     this.raw.write(text);
     if (cursor !== null) this.lastId = cursor;
-    if (this.raw.writableLength > this.maxUnsent) {
-      this.overflow();
-      return true;
-    }
     return !this.raw.writableNeedDrain;
   }
 

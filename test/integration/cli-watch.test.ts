@@ -440,6 +440,34 @@ describe('fleet watch: answers that are not a watch, and a connection gone silen
       res.end(JSON.stringify(body));
     };
 
+  it('refuses bad options with exit 2, naming the option and the rule, before it connects', async () => {
+    requests.length = 0;
+    const refused = async (args: readonly string[]) => {
+      const child = spawn(process.execPath, [FLEET, 'watch', ...args], {
+        env: withoutServers({ FLEET_URL: url }),
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let err = '';
+      child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()));
+      return { code: await new Promise<number | null>((resolve) => child.on('exit', resolve)), err };
+    };
+    expect(await refused(['--deployment', `${randomUUID()},nope`])).to.deep.equal({
+      code: 2,
+      err: 'fleet: --deployment: must be a UUID, got "nope"\n',
+    });
+    expect(await refused(['--state', 'ready', '--state', 'done'])).to.deep.equal({
+      code: 2,
+      err: 'fleet: --state: must be one of pending, deploying, ready, failed, unknown, got "done"\n',
+    });
+    expect(await refused(['--from', '0'])).to.deep.equal({
+      code: 2,
+      err: 'fleet: --from: must be the cursor a fleet watch or a fleet tail printed when it stopped, got "0"\n',
+    });
+    const many = Array.from({ length: 101 }, () => randomUUID()).join(',');
+    expect(await refused(['--deployment', many])).to.deep.equal({ code: 2, err: 'fleet: --deployment: at most 100, got 101\n' });
+    expect(requests).to.have.length(0);
+  });
+
   it('a 400 exits 2 with the fleet message; 404 and a page that is not an event stream exit 1; 503 at the start exits 4', async () => {
     answer = json(400, { error: { code: 'invalid_query', message: 'state: must be one of pending, ...' } });
     expect(await watchOnce()).to.deep.equal({

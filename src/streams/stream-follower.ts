@@ -15,7 +15,10 @@ import { compareIds, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readReco
 /** Every partition's position: P, R (the stream's count of repartitions), and per partition in order the last id read. */
 export interface StreamCursor {
   readonly p: number;
-  /** absent from the cursors `fleet tail` printed before issue 31: read as the stream's count when P matches */
+  /**
+   * absent (as from the cursors `fleet tail` printed before issue 31, and while R is 0): the current layout when P
+   * matches, else the one before it when the stream was repartitioned once
+   */
   readonly r?: number;
   readonly ids: readonly string[];
 }
@@ -57,9 +60,12 @@ export class LayoutMissedError extends Error {
 
 const ENTRY_ID = /^\d+(-\d+)?$/;
 
-/** The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}` (no `r` when the cursor has none). */
+/**
+ * The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}`, without `r` while it is 0 (a stream never
+ * repartitioned: the cursor is then the one `fleet tail` printed before `r` existed).
+ */
 export function encodeCursor(cursor: StreamCursor): string {
-  const json = cursor.r === undefined ? { p: cursor.p, ids: cursor.ids } : { p: cursor.p, r: cursor.r, ids: cursor.ids };
+  const json = cursor.r === undefined || cursor.r === 0 ? { p: cursor.p, ids: cursor.ids } : { p: cursor.p, r: cursor.r, ids: cursor.ids };
   return Buffer.from(JSON.stringify(json)).toString('base64url');
 }
 
@@ -178,10 +184,12 @@ export class StreamFollower {
     const recorded = await readRecord(redis, streamKey);
     const cursor = isStreamId(from) ? null : decodeCursor(from, words);
     let layout: StreamLayout = { ...recorded, keys: partitionKeys(streamKey, recorded.partitions) };
-    if (cursor !== null && (cursor.p !== recorded.partitions || (cursor.r ?? recorded.repartitions) !== recorded.repartitions)) {
+    // without `r`: the current layout if P matches, else the first (`r` is written from the first repartition on)
+    const r = cursor === null ? recorded.repartitions : (cursor.r ?? (cursor.p === recorded.partitions ? recorded.repartitions : 0));
+    if (cursor !== null && (cursor.p !== recorded.partitions || r !== recorded.repartitions)) {
       // the layout before the current one can be followed: its partitions are read to their end, then the current ones
-      if (cursor.r === undefined || cursor.r !== recorded.repartitions - 1) throw this.unfollowable(cursor, recorded, words);
-      layout = { partitions: cursor.p, repartitions: cursor.r, keys: partitionKeys(streamKey, cursor.p) };
+      if (r !== recorded.repartitions - 1) throw this.unfollowable(cursor, recorded, words);
+      layout = { partitions: cursor.p, repartitions: r, keys: partitionKeys(streamKey, cursor.p) };
     }
     const positions = new Map<string, string>();
     const read = this.readable(layout);

@@ -2,7 +2,7 @@
  * `npm run bench`: runs every scenario against its own Redis and PostgreSQL (or REDIS_URL / DATABASE_URL), prints
  * the tables, and writes bench/results/latest.{json,md,svg}. See bench/README.md.
  *
- *   node dist/bench/run.js [--quick] [--only throughput,latency,sweep,dispatch,scale,hosts,consumers] [--rate N --concurrency C]
+ *   node dist/bench/run.js [--quick] [--only throughput,latency,sweep,dispatch,scale,hosts,consumers,watch] [--rate N --concurrency C]
  *                          [--cpu-prof] [--out DIR] [scale options]
  *
  * --quick        small counts: checks the harness in about a minute, figures not meant to be compared
@@ -10,6 +10,8 @@
  * --levels 16,32 the throughput scenario's worker concurrencies; --kinds ours,unbatched its workers; --rounds 1
  * --cpu-prof     the measured `fleet worker` processes write V8 CPU profiles to .fleet/bench/profiles
  * --out          where results go (default bench/results)
+ * --watchers 1,1000  the watch scenario's watcher counts on one fleet http (the first is the baseline); it runs at
+ *                --rate, or half of throughput's best in this run, or half of a short throughput level it measures first
  * --before DIR   also run an earlier commit's `fleet worker` (DIR: a built checkout) as the kind `before` in
  *                throughput and latency, next to ours: a change's before and after in one run
  *
@@ -47,12 +49,13 @@ import { runHosts, type HostsOptions, type HostsResult } from './scenarios/hosts
 import { runScale, type ScaleOptions, type ScaleResult } from './scenarios/scale';
 import { runThroughput, type ThroughputResult } from './scenarios/throughput';
 import { runConsumers, type ConsumersResult } from './scenarios/consumers';
+import { runWatch, type WatchResult } from './scenarios/watch';
 
-const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale', 'hosts', 'consumers'] as const;
+const SCENARIOS = ['throughput', 'latency', 'sweep', 'dispatch', 'scale', 'hosts', 'consumers', 'watch'] as const;
 type Scenario = (typeof SCENARIOS)[number];
 /**
  * what runs without --only: `scale` takes about 20 minutes on its own, `hosts` needs root, `consumers` (issue 29)
- * about 6 minutes; they are asked for by name
+ * about 6 minutes, `watch` (issue 31) about 2 minutes and a thousand connections; they are asked for by name
  */
 const DEFAULT_SCENARIOS: readonly Scenario[] = ['throughput', 'latency', 'sweep', 'dispatch'];
 const SCALE_PARTS = ['matrix', 'default', 'timeouts', 'heartbeats'] as const;
@@ -98,6 +101,8 @@ interface Args {
    * run build)`); its `fleet worker` runs as the kind `before` next to ours in throughput and latency
    */
   readonly before: string | null;
+  /** --watchers 1,1000: the watch scenario's watcher counts, the first the baseline [1,1000; --quick: 1,100] */
+  readonly watchers: number[] | null;
 }
 
 function parseArgs(argv: readonly string[]): Args {
@@ -134,6 +139,7 @@ function parseArgs(argv: readonly string[]): Args {
   let kinds: WorkerKind[] | null = null;
   let rounds: number | null = null;
   let before: string | null = null;
+  let watchers: number[] | null = null;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const value = (): string => {
@@ -143,6 +149,7 @@ function parseArgs(argv: readonly string[]): Args {
     };
     if (a === '--quick') quick = true;
     else if (a === '--levels') levels = ints(value(), '--levels');
+    else if (a === '--watchers') watchers = ints(value(), '--watchers');
     else if (a === '--rounds') rounds = positive(value(), '--rounds');
     else if (a === '--kinds') {
       const names = value().split(',');
@@ -195,7 +202,7 @@ function parseArgs(argv: readonly string[]): Args {
   scale.windowS = windowS;
   if (hosts.sizes !== null && Math.max(...hosts.sizes) > 16) throw new Error('--hosts-sizes: at most 16 worker hosts');
   if (before !== null && kinds !== null && !kinds.includes('before')) kinds = [...kinds, 'before'];
-  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts, levels, kinds, rounds, before };
+  return { quick, only, rate, concurrency, cpuProf, out, scale, hosts, levels, kinds, rounds, before, watchers };
 }
 
 /**
@@ -289,6 +296,7 @@ async function main(): Promise<void> {
   let scale: ScaleResult | null = null;
   let hosts: HostsResult | null = null;
   let consumers: ConsumersResult | null = null;
+  let watch: WatchResult | null = null;
   try {
     const cpuProfDir = args.cpuProf ? path.join(repoRoot(), '.fleet', 'bench', 'profiles') : undefined;
     if (cpuProfDir !== undefined) fs.mkdirSync(cpuProfDir, { recursive: true });
@@ -344,12 +352,24 @@ async function main(): Promise<void> {
         leaseMs: 10_000,
       });
     }
+    if (services !== null && args.only.has('watch')) {
+      watch = await runWatch(services, {
+        // the latency scenario's load: half of what ours sustained in this run, else --rate, else measured first
+        rate: args.rate ?? (throughput !== null ? Math.round(throughput.best.ours.eventsPerSec * 0.5) : null),
+        concurrency: args.concurrency ?? throughput?.best.ours.concurrency ?? 16,
+        watchers: args.watchers ?? (args.quick ? [1, 100] : [1, 1000]),
+        sampled: 20,
+        seconds: args.quick ? 3 : 10,
+        warmupSeconds: args.quick ? 1 : 2,
+        maxRateEvents: args.quick ? 1000 : 3000,
+      });
+    }
   } finally {
     await services?.stop();
   }
 
   const finishedAt = new Date();
-  const partial = { throughput, latency, sweep, dispatch, scale, hosts, consumers, rss: rssSummary(throughput, latency) };
+  const partial = { throughput, latency, sweep, dispatch, scale, hosts, consumers, watch, rss: rssSummary(throughput, latency) };
   const cpus = os.cpus();
   const results: BenchResults = {
     meta: {

@@ -367,3 +367,46 @@ function readTracing(read: (name: string) => string | undefined, problems: strin
     benchExporter: bench === '1',
   });
 }
+
+/** What `fleet watch` reads from the environment: where the fleet's HTTP API is, and the token it sends. */
+export interface WatchClientConfig {
+  /** `FLEET_URL` (default `http://127.0.0.1:3000`): the fleet's HTTP API; `--url` overrides it */
+  readonly url: string;
+  /**
+   * `FLEET_TOKEN` (default unset: no Authorization header, which a fleet on loopback with no tokens file accepts): a
+   * bearer token with the `read` scope. Only from the environment: a command-line value shows in `ps` and in the
+   * shell's history.
+   */
+  readonly token: string | null;
+}
+
+/** The default of `FLEET_URL`: a fleet's HTTP surface on its default host and port. */
+export const DEFAULT_FLEET_URL = 'http://127.0.0.1:3000';
+
+/**
+ * Reads `FLEET_URL` and `FLEET_TOKEN` for `fleet watch` (and checks a `--url` given instead), every problem in one
+ * ConfigError; never echoes the token or a URL's credentials.
+ */
+export function loadWatchConfig(env: Env = process.env, urlOption?: string): WatchClientConfig {
+  const r = new EnvReader(env);
+  const name = urlOption !== undefined ? '--url' : 'FLEET_URL';
+  const url = urlOption !== undefined ? urlOption.trim() : (r.url('FLEET_URL', ['http', 'https']) ?? DEFAULT_FLEET_URL);
+  let parsed: URL | null = null;
+  try {
+    parsed = new URL(url);
+  } catch {
+    r.problems.push(`${name}: must be an http or https URL, got an unparsable value`);
+  }
+  if (parsed !== null && parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+    r.problems.push(`${name}: scheme must be http or https, got "${parsed.protocol.replace(/:$/, '')}"`);
+  }
+  if (parsed !== null && (parsed.username !== '' || parsed.password !== '')) {
+    r.problems.push(`${name}: must carry no credentials: give the token in FLEET_TOKEN`);
+  }
+  if (parsed !== null && (parsed.search !== '' || parsed.hash !== '')) r.problems.push(`${name}: must have no query or fragment`);
+  const token = r.read('FLEET_TOKEN') ?? null;
+  // a header value: visible ASCII only (a line break would end the header; fetch refuses one, with no name to it)
+  if (token !== null && !/^[\x21-\x7e]+$/.test(token)) r.problems.push('FLEET_TOKEN: must be printable ASCII with no spaces');
+  if (r.problems.length > 0) throw new ConfigError(r.problems);
+  return Object.freeze({ url, token });
+}

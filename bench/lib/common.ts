@@ -91,3 +91,14 @@ export function peakRssMb(pid: number): number | null {
     return null;
   }
 }
+
+/** Resident set size now (VmRSS) of a live process, in MiB; null when unreadable. */
+export function rssMb(pid: number): number | null {
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = /^VmRSS:\s+(\d+)\s+kB/m.exec(status)?.[1];
+    return kb === undefined ? null : round(Number(kb) / 1024, 1);
+  } catch {
+    return null;
+  }
+}

@@ -8,6 +8,7 @@ import type { LatencyResult } from '../scenarios/latency';
 import { describeSpec, type ScaleResult, type ScaleRun } from '../scenarios/scale';
 import type { SweepScenarioResult } from '../scenarios/sweep';
 import type { ThroughputResult } from '../scenarios/throughput';
+import { watchMarkdown, type WatchResult } from '../scenarios/watch';
 import { round } from './common';
 import { renderChart, type Panel } from './svg';
 
@@ -50,6 +51,8 @@ export interface BenchResults {
   readonly hosts?: HostsResult | null;
   /** scenario 8, consumers of one group over a partitioned stream (absent in results written before it existed) */
   readonly consumers?: ConsumersResult | null;
+  /** scenario 9, watchers of GET /api/watch on one fleet http (absent in results written before it existed) */
+  readonly watch?: WatchResult | null;
   readonly rss: { readonly oursMaxMb: number | null; readonly noopMaxMb: number | null; readonly naiveMaxMb: number | null } | null;
   readonly targets: readonly Target[];
 }
@@ -371,6 +374,7 @@ export function markdown(r: BenchResults): string {
   if (r.scale !== undefined && r.scale !== null) out.push(...scaleMarkdown(r.scale));
   if (r.hosts !== undefined && r.hosts !== null) out.push(...hostsMarkdown(r.hosts));
   if (r.consumers !== undefined && r.consumers !== null) out.push(...consumersMarkdown(r.consumers));
+  if (r.watch !== undefined && r.watch !== null) out.push(...watchMarkdown(r.watch));
   if (r.rss !== null) {
     out.push('### 5. Worker peak RSS (VmHWM)');
     out.push('');

@@ -17,6 +17,8 @@ import { reaching, resolveEndpoints, starting, UnreachableError, UsageError } fr
 import { restartMe } from './restart';
 import { PortTakenError, runStart } from './start';
 import { decodeCursor, isStreamId, tail, TailCursorError } from './tail';
+import { followOutput, stopOnSignals } from './following';
+import { addWatchCommand } from './watch-command';
 import { runDemo } from './demo';
 import { transitionStreamKey } from '../streams/outbox-relay';
 import { createRedis, describeServer, pingRedis } from '../redis/connection';
@@ -119,47 +121,29 @@ async function runTail(options: { group?: string; consumer?: string; from?: stri
   }
   const config = loadConfig();
   const redisUrl = resolveEndpoints(config).redisUrl;
-  let stopTail: () => void = () => undefined;
-  const stop = new Promise<void>((resolve) => (stopTail = resolve));
   // The first SIGINT or SIGTERM stops the tail, whatever Redis does: the tail returns within about a second (it waits
   // for nothing Redis has to answer), and should anything still hold the process, it exits at TAIL_STOP_MS anyway. A
   // second signal exits at once.
-  let signalled = false;
-  const onSignal = (): void => {
-    if (signalled) process.exit(130);
-    signalled = true;
-    stopTail();
-    setTimeout(() => {
-      process.stderr.write(`fleet tail: not stopped after ${TAIL_STOP_MS} ms; exiting\n`);
-      process.exit(process.exitCode ?? 0);
-    }, TAIL_STOP_MS).unref();
-  };
-  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
+  const stopping = stopOnSignals('fleet tail', TAIL_STOP_MS);
+  const { stop } = stopping;
   // Redis must answer first, as for `fleet enqueue`: unreachable at start is one line and exit code 4, not a tail
   // waiting in silence (an outage after the start is waited out, and said once)
   const reachable = reaching(describeServer('Redis', redisUrl), () => pingRedis(redisUrl));
   reachable.catch(() => undefined); // left behind by a stop
   if ((await Promise.race([reachable.then(() => 'reached' as const), stop.then(() => 'stopped' as const)])) === 'stopped') return;
   // a closed stdout (`fleet tail | head -1`) ends the tail quietly
-  let outClosed = false;
-  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE') throw err;
-    outClosed = true;
-    stopTail();
-  });
+  const out = followOutput(stopping);
   try {
     await tail({
       redisUrl,
       streamKey: transitionStreamKey(config.prefix),
       ...options,
-      write: (line) => {
-        if (!outClosed) process.stdout.write(`${line}\n`);
-      },
+      write: out.write,
       stop,
       report: (_level, message) => process.stderr.write(`fleet tail: ${message}\n`),
       // not after a reader closed stdout (`fleet tail | head -1`): it took what it wanted, and the tail ends quietly
       onCursor: (cursor) => {
-        if (!outClosed) process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`);
+        if (!out.closed()) process.stderr.write(`fleet tail: to resume every partition from here: --from ${cursor}\n`);
       },
     });
   } catch (err) {
@@ -272,14 +256,8 @@ function runTokenCreate(options: { name: string; scopes: string; file?: string }
   );
 }
 
-export function buildProgram(): Command {
-  const program = new Command('fleet')
-    .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
-    .showHelpAfterError('(run `fleet --help` for usage)')
-    .exitOverride()
-    .addHelpText(
-      'after',
-      `
+/** What `fleet --help` says after the commands. */
+const PROGRAM_HELP = `
 Configuration comes from the environment (REDIS_URL, DATABASE_URL, FLEET_PREFIX, ...; see the README).
 With REDIS_URL/DATABASE_URL unset, \`fleet start\` runs local Redis and PostgreSQL under .fleet/, and the
 other commands use them while it runs.
@@ -287,8 +265,14 @@ other commands use them while it runs.
 Examples:
   fleet start
   fleet enqueue deployment.create '{"deploymentId":"6f1c...","name":"web"}'
-  fleet status 6f1c2a9e-0d4b-4c55-9a55-3f1a0c6d2b11`,
-    );
+  fleet status 6f1c2a9e-0d4b-4c55-9a55-3f1a0c6d2b11`;
+
+export function buildProgram(): Command {
+  const program = new Command('fleet')
+    .description('lifecycle-fleet: deployment lifecycle workers on BullMQ and PostgreSQL')
+    .showHelpAfterError('(run `fleet --help` for usage)')
+    .exitOverride()
+    .addHelpText('after', PROGRAM_HELP);
 
   program
     .command('start')
@@ -317,6 +301,7 @@ Examples:
     )
     .option('--json', 'one JSON object per line instead of text')
     .action(runTail);
+  addWatchCommand(program);
   program
     .command('streams')
     .description('manage the transition stream')

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { loadConfig } from '../../src/config';
+import { loadConfig, loadWatchConfig } from '../../src/config';
 import { ConfigError } from '../../src/errors';
 
 describe('configuration', () => {
@@ -218,5 +218,35 @@ describe('configuration', () => {
         expect(problems[0]).not.to.contain('hunter2');
       }
     });
+  });
+});
+
+describe("fleet watch's configuration (FLEET_URL, FLEET_TOKEN, --url)", () => {
+  const problems = (env: Record<string, string>, url?: string): string[] => {
+    try {
+      loadWatchConfig(env, url);
+      return [];
+    } catch (err) {
+      if (err instanceof ConfigError) return [...err.problems];
+      throw err;
+    }
+  };
+
+  it('defaults to the fleet on loopback, without a token; --url wins over FLEET_URL', () => {
+    expect(loadWatchConfig({})).to.deep.equal({ url: 'http://127.0.0.1:3000', token: null });
+    expect(loadWatchConfig({ FLEET_URL: 'https://fleet.example.com/ops/', FLEET_TOKEN: ' lft_abc ' })).to.deep.equal({
+      url: 'https://fleet.example.com/ops/',
+      token: 'lft_abc',
+    });
+    expect(loadWatchConfig({ FLEET_URL: 'https://a.example.com' }, 'http://b.example.com:8080').url).to.equal('http://b.example.com:8080');
+  });
+
+  it('refuses a URL that is not http(s), carries credentials, a query or a fragment, and a token with spaces, never echoing secrets', () => {
+    expect(problems({ FLEET_URL: 'ftp://h' })).to.deep.equal(['FLEET_URL: scheme must be http or https, got "ftp"']);
+    expect(problems({}, 'not a url')).to.deep.equal(['--url: must be an http or https URL, got an unparsable value']);
+    expect(problems({}, 'http://ops:hunter2@h/')).to.deep.equal(['--url: must carry no credentials: give the token in FLEET_TOKEN']);
+    expect(problems({ FLEET_URL: 'http://h/?a=1' })).to.deep.equal(['FLEET_URL: must have no query or fragment']);
+    const token = problems({ FLEET_TOKEN: 'lft_a b\nInjected: 1' });
+    expect(token).to.deep.equal(['FLEET_TOKEN: must be printable ASCII with no spaces']);
   });
 });

@@ -108,9 +108,9 @@ export class WatchHub {
 
   constructor(private readonly options: WatchHubOptions) {}
 
-  /** Watchers open now. */
-  get watchers(): number {
-    return this.feed?.watchers.size ?? 0;
+  /** Watchers open now: all, those on the live feed (the others are catching up or starting), and catch-ups waiting for their client. */
+  get watchers(): { open: number; live: number; waiting: number } {
+    return { open: this.feed?.watchers.size ?? 0, live: this.feed?.joinedCount ?? 0, waiting: this.feed?.waiting ?? 0 };
   }
 
   /** Starts the hub's reader with the first watcher; a watcher after the close ends at once (`closing`). */
@@ -162,6 +162,8 @@ class Feed {
   private cached: string | null = null;
   private ticks: Array<() => void> = [];
   private stopped = false;
+  /** catch-ups waiting for their client to take what they sent */
+  waiting = 0;
 
   constructor(
     private readonly options: WatchHubOptions,
@@ -178,6 +180,10 @@ class Feed {
       this.running = this.run();
     });
     this.ready.catch((err: unknown) => this.fail(err));
+  }
+
+  get joinedCount(): number {
+    return this.joined.size;
   }
 
   add(watcher: Watcher): void {
@@ -333,8 +339,13 @@ class Feed {
     });
   }
 
-  private drained(watcher: Watcher): Promise<void> {
-    return watcher.spec.drained?.() ?? Promise.resolve();
+  private async drained(watcher: Watcher): Promise<void> {
+    this.waiting++;
+    try {
+      await watcher.spec.drained?.();
+    } finally {
+      this.waiting--;
+    }
   }
 
   /** Resolves at the feed's next read, or after `ms`. */

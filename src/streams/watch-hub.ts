@@ -17,12 +17,11 @@ import {
   encodeCursor,
   LayoutMissedError,
   StreamFollower,
-  type FollowedEntry,
   type CursorWords,
   type FollowStep,
   type StreamLayout,
 } from './stream-follower';
-import { WatchRing, type WatchEntry } from './watch-ring';
+import { watchEntry, WatchRing, type WatchEntry } from './watch-ring';
 
 export type { WatchEntry } from './watch-ring';
 
@@ -424,19 +423,4 @@ async function firstPositions(redis: RedisConnection, streamKey: string): Promis
     if (id !== undefined) out[key] = id;
   }
   return out;
-}
-
-/** The entry as watchers get it: its fields as one line of JSON, in their order on the stream. */
-function watchEntry(e: FollowedEntry): WatchEntry {
-  const parts: string[] = [];
-  let deploymentId = '';
-  let to = '';
-  for (let i = 0; i + 1 < e.fields.length; i += 2) {
-    const name = e.fields[i] ?? '';
-    const value = e.fields[i + 1] ?? '';
-    if (name === 'deploymentId') deploymentId = value;
-    else if (name === 'to') to = value;
-    parts.push(`${JSON.stringify(name)}:${JSON.stringify(value)}`);
-  }
-  return { partitionKey: e.key, streamId: e.id, deploymentId, to, data: `{${parts.join(',')}}` };
 }

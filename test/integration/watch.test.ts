@@ -487,6 +487,26 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     }
   });
 
+  it('a reader that missed a whole layout ends its watches with a resync (repartitioned); the next watch gets a new reader', async () => {
+    await recordPartitions(redis, streamKey, 2);
+    const hub = new WatchHub({ streamKey, connect: () => testRedis(), blockMs: 100 });
+    const { url } = await serve({}, { watch: { hub } });
+    const live = await watch(`${url}/api/watch`);
+    // 2 -> 4 -> 1 between two of its looks (as two repartitions' last steps)
+    const multi = redis.multi().set(partitionsRecordKey(streamKey), '1');
+    for (let i = 0; i < 2; i++) multi.incr(repartitionsKey(streamKey));
+    await multi.exec();
+    await live.ended;
+    const resync = JSON.parse(live.blocks.find((b) => b.event === 'resync')?.data ?? '{}') as { reason?: string; message?: string };
+    expect(resync.reason).to.equal('repartitioned');
+    expect(resync.message).to.contain(`${streamKey} was repartitioned 2 times since this reader last looked`);
+    // a new reader for the next watch, on the layout now
+    const next = await watch(`${url}/api/watch`);
+    await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '1', 'to', 'pending');
+    await waitFor('the entry on the next watch', () => (next.transitions().length === 1 ? true : undefined));
+    expect(hub.watchers).to.deep.equal({ open: 1, live: 1, waiting: 0 });
+  });
+
   it('ends every watch when the server closes, without waiting for the streams', async () => {
     const { app, url } = await serve();
     const clients = await Promise.all([1, 2, 3].map(() => watch(`${url}/api/watch`)));

@@ -339,11 +339,14 @@ describe('GET /api/watch: transitions as server-sent events', function () {
 
   it("sends a keep-alive comment at the injected interval; a filtered watch's carries its cursor past what it left out", async () => {
     relay();
-    const { url } = await serve({}, { watch: { keepAliveMs: 20 } });
+    const { url } = await serve({}, { watch: { keepAliveMs: 20 }, requestTimeoutMs: 200 });
     const [quiet, busy] = [randomUUID(), randomUUID()];
     const all = await watch(`${url}/api/watch`);
     const filtered = await watch(`${url}/api/watch?deploymentId=${quiet}`);
     await waitFor('a keep-alive', () => (all.blocks.some((b) => b.comments.includes('keep-alive')) ? true : undefined));
+    // a watch outlives the server's whole-request timeout (a request is whole once its headers are in)
+    const keepAlives = () => all.blocks.filter((b) => b.comments.includes('keep-alive')).length;
+    await waitFor('keep-alives past the request timeout', () => (keepAlives() >= 30 ? true : undefined));
     await readyDeployment(busy);
     await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
     const newest = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 1))[0]?.[0];

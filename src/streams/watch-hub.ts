@@ -17,12 +17,11 @@ import {
   encodeCursor,
   LayoutMissedError,
   StreamFollower,
-  type FollowedEntry,
   type CursorWords,
   type FollowStep,
   type StreamLayout,
 } from './stream-follower';
-import { WatchRing, type WatchEntry } from './watch-ring';
+import { watchEntry, WatchRing, type WatchEntry } from './watch-ring';
 
 export type { WatchEntry } from './watch-ring';
 
@@ -108,9 +107,9 @@ export class WatchHub {
 
   constructor(private readonly options: WatchHubOptions) {}
 
-  /** Watchers open now. */
-  get watchers(): number {
-    return this.feed?.watchers.size ?? 0;
+  /** Watchers open now: all, those on the live feed (the others are catching up or starting), and catch-ups waiting for their client. */
+  get watchers(): { open: number; live: number; waiting: number } {
+    return { open: this.feed?.watchers.size ?? 0, live: this.feed?.joinedCount ?? 0, waiting: this.feed?.waiting ?? 0 };
   }
 
   /** Starts the hub's reader with the first watcher; a watcher after the close ends at once (`closing`). */
@@ -162,6 +161,8 @@ class Feed {
   private cached: string | null = null;
   private ticks: Array<() => void> = [];
   private stopped = false;
+  /** catch-ups waiting for their client to take what they sent */
+  waiting = 0;
 
   constructor(
     private readonly options: WatchHubOptions,
@@ -178,6 +179,10 @@ class Feed {
       this.running = this.run();
     });
     this.ready.catch((err: unknown) => this.fail(err));
+  }
+
+  get joinedCount(): number {
+    return this.joined.size;
   }
 
   add(watcher: Watcher): void {
@@ -333,8 +338,13 @@ class Feed {
     });
   }
 
-  private drained(watcher: Watcher): Promise<void> {
-    return watcher.spec.drained?.() ?? Promise.resolve();
+  private async drained(watcher: Watcher): Promise<void> {
+    this.waiting++;
+    try {
+      await watcher.spec.drained?.();
+    } finally {
+      this.waiting--;
+    }
   }
 
   /** Resolves at the feed's next read, or after `ms`. */
@@ -413,19 +423,4 @@ async function firstPositions(redis: RedisConnection, streamKey: string): Promis
     if (id !== undefined) out[key] = id;
   }
   return out;
-}
-
-/** The entry as watchers get it: its fields as one line of JSON, in their order on the stream. */
-function watchEntry(e: FollowedEntry): WatchEntry {
-  const parts: string[] = [];
-  let deploymentId = '';
-  let to = '';
-  for (let i = 0; i + 1 < e.fields.length; i += 2) {
-    const name = e.fields[i] ?? '';
-    const value = e.fields[i + 1] ?? '';
-    if (name === 'deploymentId') deploymentId = value;
-    else if (name === 'to') to = value;
-    parts.push(`${JSON.stringify(name)}:${JSON.stringify(value)}`);
-  }
-  return { partitionKey: e.key, streamId: e.id, deploymentId, to, data: `{${parts.join(',')}}` };
 }

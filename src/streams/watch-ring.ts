@@ -4,7 +4,7 @@
  * live feed with no gap and no repeat. Pure: no I/O.
  */
 import { compareIds } from './partitions';
-import type { StreamLayout } from './stream-follower';
+import type { FollowedEntry, StreamLayout } from './stream-follower';
 
 /** One entry as every watcher gets it: its fields as on the stream, as one line of JSON, made once. */
 export interface WatchEntry {
@@ -16,6 +16,21 @@ export interface WatchEntry {
   readonly to: string;
   /** the stream entry's fields, in their order on the stream, as one line of JSON (all values strings) */
   readonly data: string;
+}
+
+/** The entry as watchers get it: its fields as one line of JSON, in their order on the stream. */
+export function watchEntry(e: FollowedEntry): WatchEntry {
+  const parts: string[] = [];
+  let deploymentId = '';
+  let to = '';
+  for (let i = 0; i + 1 < e.fields.length; i += 2) {
+    const name = e.fields[i] ?? '';
+    const value = e.fields[i + 1] ?? '';
+    if (name === 'deploymentId') deploymentId = value;
+    else if (name === 'to') to = value;
+    parts.push(`${JSON.stringify(name)}:${JSON.stringify(value)}`);
+  }
+  return { partitionKey: e.key, streamId: e.id, deploymentId, to, data: `{${parts.join(',')}}` };
 }
 
 /** What the reader read, in its order: an entry of a partition, or a move to a new layout (a repartition). */

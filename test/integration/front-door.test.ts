@@ -136,6 +136,14 @@ describe('front door: tokens, scopes, limits, actor', function () {
       },
       { route: 'GET /api/deployments/:id/endpoint', request: deploymentRoute('/endpoint'), scope: 'read', lacking: 'boarder', having: 'reader' },
       {
+        // a stream that ends by itself with the token: a Last-Event-ID that is no cursor is answered with a resync
+        route: 'GET /api/watch',
+        request: async () => ({ method: 'GET', url: '/api/watch', headers: { 'last-event-id': 'not-a-cursor' } }),
+        scope: 'read',
+        lacking: 'boarder',
+        having: 'reader',
+      },
+      {
         route: 'GET /api/nowhere (no probing of routes)',
         request: async () => ({ method: 'GET', url: '/api/nowhere' }),
         scope: 'read',

@@ -14,6 +14,7 @@ import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type IORedis from 'ioredis';
+import { ResyncRequiredError } from '../../src/errors';
 import type { HttpDeps } from '../../src/http/server';
 import { createToken } from '../../src/http/tokens';
 import { FleetMetrics } from '../../src/metrics';
@@ -23,7 +24,7 @@ import { TransitionService } from '../../src/services/transitions';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKeys, partitionsRecordKey, recordPartitions, repartitionsKey } from '../../src/streams/partitions';
 import { repartition } from '../../src/streams/repartition';
-import { encodeCursor } from '../../src/streams/stream-follower';
+import { encodeCursor, StreamFollower } from '../../src/streams/stream-follower';
 import { WatchHub } from '../../src/streams/watch-hub';
 import { repoRoot } from '../../src/util';
 import { openTestDatabase, type TestDatabase } from '../helpers/db';
@@ -225,6 +226,8 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     const second = await watch(`${url}/api/watch`, { 'last-event-id': cursor }, false);
     const third = await watch(`${url}/api/watch?after=${cursor}`, {}, false);
     await writing;
+    // both caught up and joined the live feed (not reading Redis for ever)
+    await waitFor('both resumed watches live', () => (hub.watchers.live === 2 ? true : undefined));
     for (const [name, client] of [
       ['Last-Event-ID', second],
       ['after', third],
@@ -336,11 +339,14 @@ describe('GET /api/watch: transitions as server-sent events', function () {
 
   it("sends a keep-alive comment at the injected interval; a filtered watch's carries its cursor past what it left out", async () => {
     relay();
-    const { url } = await serve({}, { watch: { keepAliveMs: 20 } });
+    const { url } = await serve({}, { watch: { keepAliveMs: 20 }, requestTimeoutMs: 200 });
     const [quiet, busy] = [randomUUID(), randomUUID()];
     const all = await watch(`${url}/api/watch`);
     const filtered = await watch(`${url}/api/watch?deploymentId=${quiet}`);
     await waitFor('a keep-alive', () => (all.blocks.some((b) => b.comments.includes('keep-alive')) ? true : undefined));
+    // a watch outlives the server's whole-request timeout (a request is whole once its headers are in)
+    const keepAlives = () => all.blocks.filter((b) => b.comments.includes('keep-alive')).length;
+    await waitFor('keep-alives past the request timeout', () => (keepAlives() >= 30 ? true : undefined));
     await readyDeployment(busy);
     await waitFor('4 entries', async () => ((await redis.xlen(streamKey)) >= 4 ? true : undefined));
     const newest = (await redis.xrevrange(streamKey, '+', '-', 'COUNT', 1))[0]?.[0];
@@ -484,6 +490,26 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     }
   });
 
+  it('a reader that missed a whole layout ends its watches with a resync (repartitioned); the next watch gets a new reader', async () => {
+    await recordPartitions(redis, streamKey, 2);
+    const hub = new WatchHub({ streamKey, connect: () => testRedis(), blockMs: 100 });
+    const { url } = await serve({}, { watch: { hub } });
+    const live = await watch(`${url}/api/watch`);
+    // 2 -> 4 -> 1 between two of its looks (as two repartitions' last steps)
+    const multi = redis.multi().set(partitionsRecordKey(streamKey), '1');
+    for (let i = 0; i < 2; i++) multi.incr(repartitionsKey(streamKey));
+    await multi.exec();
+    await live.ended;
+    const resync = JSON.parse(live.blocks.find((b) => b.event === 'resync')?.data ?? '{}') as { reason?: string; message?: string };
+    expect(resync.reason).to.equal('repartitioned');
+    expect(resync.message).to.contain(`${streamKey} was repartitioned 2 times since this reader last looked`);
+    // a new reader for the next watch, on the layout now
+    const next = await watch(`${url}/api/watch`);
+    await redis.xadd(streamKey, '*', 'type', 'state_transition', 'deploymentId', randomUUID(), 'version', '1', 'to', 'pending');
+    await waitFor('the entry on the next watch', () => (next.transitions().length === 1 ? true : undefined));
+    expect(hub.watchers).to.deep.equal({ open: 1, live: 1, waiting: 0 });
+  });
+
   it('ends every watch when the server closes, without waiting for the streams', async () => {
     const { app, url } = await serve();
     const clients = await Promise.all([1, 2, 3].map(() => watch(`${url}/api/watch`)));
@@ -519,6 +545,58 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     await client.ended;
     expect(out).to.not.contain('did not stop in time');
     expect(out).to.contain('"msg":"stopped"');
+  });
+
+  it('paces a catch-up by its client: one far behind that reads slowly gets everything, never an overflow', async () => {
+    const hub = new WatchHub({ streamKey, connect: () => testRedis() });
+    const { url } = await serve({}, { watch: { hub, maxUnsentBytes: 64 * 1024 } });
+    const pipeline = redis.pipeline();
+    for (let v = 1; v <= 640; v++) {
+      pipeline.xadd(
+        streamKey,
+        '*',
+        'type',
+        'state_transition',
+        'deploymentId',
+        randomUUID(),
+        'version',
+        String(v),
+        'to',
+        'pending',
+        'reason',
+        'x'.repeat(32 * 1024),
+      );
+    }
+    await pipeline.exec(); // 20 MiB behind
+    // a client that sends its request and reads nothing for now
+    const slow = net.connect(Number(new URL(url).port), '127.0.0.1');
+    slow.pause();
+    closers.push(async () => void slow.destroy());
+    slow.write('GET /api/watch?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await waitFor('the catch-up to wait for its client', () => (hub.watchers.waiting === 1 ? true : undefined));
+    expect(await metricValue('fleet_watch_overflows_total')).to.equal(0);
+    let received = '';
+    slow.setEncoding('utf8');
+    slow.on('data', (chunk: string) => (received += chunk));
+    slow.resume();
+    await waitFor('all 640', () => (received.split('event: transition\n').length > 640 ? true : undefined));
+    await waitFor('the watch live', () => (hub.watchers.live === 1 ? true : undefined));
+    expect(await metricValue('fleet_watch_overflows_total')).to.equal(0);
+  });
+
+  it('a catch-up read checks, after it read, that trimming took nothing after its position: a resync, not a gap', async () => {
+    for (let i = 1; i <= 10; i++) await redis.xadd(streamKey, '*', 'n', String(i));
+    const follower = new StreamFollower({ redis, streamKey, count: 3 });
+    await follower.start('0');
+    const first = await follower.read({ block: false, verify: true });
+    expect(first.entries.map((e) => e.fields[1])).to.deep.equal(['1', '2', '3']);
+    await redis.xtrim(streamKey, 'MAXLEN', 2); // 4 to 8 are gone
+    const refused = await follower.read({ block: false, verify: true }).then(
+      () => null,
+      (err: unknown) => err,
+    );
+    expect(refused).to.be.instanceOf(ResyncRequiredError);
+    expect((refused as ResyncRequiredError).firstRetained).to.equal((await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0]);
   });
 
   async function onKeys(keys: readonly string[]): Promise<Entry[]> {

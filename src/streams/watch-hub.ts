@@ -296,6 +296,8 @@ class Feed {
         // the ring moved past it while it waited: from Redis again, from where it is
         follower = this.catchUpFollower(watcher);
         await follower.start(this.cursorOf(watcher) ?? after);
+        // never before a layout boundary: the follower's positions are the watcher's, or past them
+        Object.assign(watcher, { layout: follower.layout, own: follower.positions() });
         continue;
       }
       const step = await follower.read({ block: false, verify: true });

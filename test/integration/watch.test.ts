@@ -584,6 +584,46 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     expect(await metricValue('fleet_watch_overflows_total')).to.equal(0);
   });
 
+  it('a catch-up that the ring left behind while it waited for its client goes back to Redis: everything once, in order', async () => {
+    const hub = new WatchHub({ streamKey, connect: () => testRedis(), ringSize: 8 });
+    const { url } = await serve({}, { watch: { hub, maxUnsentBytes: 64 * 1024 * 1024 } });
+    const reading = await watch(`${url}/api/watch`);
+    const start = reading.lastEventId() ?? '';
+    const add = async (from: number, to: number) => {
+      for (let v = from; v <= to; v++) {
+        await redis.xadd(
+          streamKey,
+          '*',
+          'type',
+          'state_transition',
+          'deploymentId',
+          randomUUID(),
+          'version',
+          String(v),
+          'reason',
+          'x'.repeat(1024 * 1024),
+        );
+      }
+      await waitFor(`${to} read by the hub`, () => (reading.transitions().length >= to ? true : undefined));
+    };
+    await add(1, 8); // 8 MiB, all in the ring
+    // a client from before them that reads nothing for now: its catch-up from the ring waits for it
+    const slow = net.connect(Number(new URL(url).port), '127.0.0.1');
+    slow.pause();
+    closers.push(async () => void slow.destroy());
+    slow.write(`GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: ${start}\r\n\r\n`);
+    await waitFor('the catch-up to wait for its client', () => (hub.watchers.waiting === 1 ? true : undefined));
+    await add(9, 20); // the ring moves past where it waits
+    let received = '';
+    slow.setEncoding('utf8');
+    slow.on('data', (chunk: string) => (received += chunk));
+    slow.resume();
+    await waitFor('the slow watch live', () => (hub.watchers.live === 2 ? true : undefined));
+    await waitFor('all 20 on the slow watch', () => (received.split('event: transition\n').length > 20 ? true : undefined));
+    const versions = [...received.matchAll(/"version":"(\d+)"/g)].map((m) => Number(m[1]));
+    expect(versions).to.deep.equal(Array.from({ length: 20 }, (_, i) => i + 1));
+  });
+
   it('a catch-up read checks, after it read, that trimming took nothing after its position: a resync, not a gap', async () => {
     for (let i = 1; i <= 10; i++) await redis.xadd(streamKey, '*', 'n', String(i));
     const follower = new StreamFollower({ redis, streamKey, count: 3 });

@@ -7,6 +7,22 @@ import tseslint from 'typescript-eslint';
 
 // Each part of src/ and what of ours it may import (besides itself). Anything not listed is refused.
 const FOUNDATION = ['util', 'errors', 'log'];
+/** what the composition root builds on: every layer but `client`, which only the package root re-exports */
+const BELOW_APP = [
+  'http',
+  'workers',
+  'streams',
+  'services',
+  'entities',
+  'queues',
+  'redis',
+  'events',
+  'machine',
+  'metrics',
+  'config',
+  'telemetry',
+  ...FOUNDATION,
+];
 const LAYERS = {
   machine: [], // the pure state machine: nothing of ours
   util: [], // small shared helpers: nothing of ours
@@ -25,54 +41,9 @@ const LAYERS = {
   // the SDK's entry (lifecycle-fleet/client): the producer, the consumer, the event contract, the errors
   client: ['queues', 'streams', 'events', 'machine', ...FOUNDATION],
   http: ['services', 'entities', 'queues', 'redis', 'streams', 'events', 'machine', 'metrics', 'config', 'telemetry', ...FOUNDATION],
-  app: [
-    'http',
-    'workers',
-    'streams',
-    'services',
-    'entities',
-    'queues',
-    'redis',
-    'events',
-    'machine',
-    'metrics',
-    'config',
-    'telemetry',
-    ...FOUNDATION,
-  ],
-  cli: [
-    'app',
-    'http',
-    'workers',
-    'streams',
-    'services',
-    'entities',
-    'queues',
-    'redis',
-    'events',
-    'machine',
-    'metrics',
-    'config',
-    'telemetry',
-    ...FOUNDATION,
-  ],
-  index: [
-    'client',
-    'app',
-    'http',
-    'workers',
-    'streams',
-    'services',
-    'entities',
-    'queues',
-    'redis',
-    'events',
-    'machine',
-    'metrics',
-    'config',
-    'telemetry',
-    ...FOUNDATION,
-  ],
+  app: BELOW_APP, // the composition root
+  cli: ['app', ...BELOW_APP],
+  index: ['client', 'app', ...BELOW_APP],
 };
 const FILE_LAYERS = new Set(['errors', 'log', 'config', 'metrics', 'telemetry', 'app', 'client', 'index']);
 const pathOf = (layer) => (FILE_LAYERS.has(layer) ? `./src/${layer}.ts` : `./src/${layer}/**`);

@@ -8,7 +8,8 @@
  * --quick        small counts: checks the harness in about a minute, figures not meant to be compared
  * --only         a subset of the scenarios; latency without throughput needs --rate (and --concurrency)
  * --levels 16,32 the throughput scenario's worker concurrencies; --kinds ours,unbatched its workers; --rounds 1
- * --cpu-prof     the measured `fleet worker` processes write V8 CPU profiles to .fleet/bench/profiles
+ * --cpu-prof     the measured `fleet worker` processes (and the watch scenario's `fleet http`) write V8 CPU profiles to
+ *                .fleet/bench/profiles
  * --out          where results go (default bench/results)
  * --watchers 1,1000  the watch scenario's watcher counts on one fleet http (the first is the baseline); it runs at
  *                --rate, or half of throughput's best in this run, or half of a short throughput level it measures first
@@ -362,6 +363,7 @@ async function main(): Promise<void> {
         seconds: args.quick ? 3 : 10,
         warmupSeconds: args.quick ? 1 : 2,
         maxRateEvents: args.quick ? 1000 : 3000,
+        ...(cpuProfDir !== undefined ? { cpuProfDir } : {}),
       });
     }
   } finally {

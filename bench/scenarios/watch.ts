@@ -30,6 +30,8 @@ export interface WatchScenarioOptions {
   readonly concurrency: number;
   /** events of the throughput measurement that sets the rate */
   readonly maxRateEvents: number;
+  /** the `fleet http` process writes a V8 CPU profile here (`--cpu-prof`) */
+  readonly cpuProfDir?: string;
 }
 
 export interface WatchRun {
@@ -200,6 +202,7 @@ export async function runWatch(services: BenchServices, options: WatchScenarioOp
         LOG_LEVEL: 'info',
       },
       ready: { kind: 'log', pattern: /http started/ },
+      ...(options.cpuProfDir !== undefined ? { cpuProfDir: options.cpuProfDir } : {}),
     });
     const api = `http://127.0.0.1:${port}`;
     await sleep(2000); // the process settles (its start's garbage collected) before its idle RSS is read

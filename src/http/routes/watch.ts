@@ -9,7 +9,7 @@ import type { FastifyPluginAsync } from 'fastify';
 import type { ZodTypeProvider } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { FleetMetrics } from '../../metrics';
-import type { WatchEnd, WatchHub, WatchSubscriber, WatchSubscription } from '../../streams/watch-hub';
+import type { WatchEnd, WatchEntry, WatchHub, WatchSubscriber, WatchSubscription } from '../../streams/watch-hub';
 import { watchQuerySchema } from '../api-schemas';
 import { failure, route } from '../route-options';
 
@@ -89,6 +89,18 @@ export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, op
 };
 
 /**
+ * An entry's block: built once per entry and cursor, not once per watcher (the watchers on the live feed get the same
+ * entry with the same cursor one after the other).
+ */
+let lastBlock: { entry: WatchEntry; cursor: string; bytes: Buffer } | null = null;
+function transitionBlock(entry: WatchEntry, cursor: string): Buffer {
+  if (lastBlock?.entry !== entry || lastBlock.cursor !== cursor) {
+    lastBlock = { entry, cursor, bytes: Buffer.from(`id: ${cursor}\nevent: transition\ndata: ${entry.data}\n\n`) };
+  }
+  return lastBlock.bytes;
+}
+
+/**
  * The event loop's turn, counted (one timer however many watches ask): a watch judges its bound once per turn, on
  * the first write of the turn.
  */
@@ -120,6 +132,9 @@ class WatchStream {
   private dropAfterEnd: NodeJS.Timeout | undefined;
   private ended = false;
   private judgedTurn = -1;
+  /** blocks queued this turn, written together at its end (as bytes: an entry's block is encoded once for every watcher) */
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
   private readonly maxUnsent: number;
 
   constructor(
@@ -141,7 +156,7 @@ class WatchStream {
     this.lastId = spec.after ?? null;
     this.subscription = options.hub.subscribe({
       ...spec,
-      onEntry: (entry, cursor) => this.send(`id: ${cursor}\nevent: transition\ndata: ${entry.data}\n\n`, cursor),
+      onEntry: (entry, cursor) => this.send(transitionBlock(entry, cursor), cursor),
       onPositioned: (cursor) => void this.send(`id: ${cursor}\n\n`, cursor),
       onEnd: (end) => this.onEnd(end),
       drained: () => this.drained(),
@@ -149,8 +164,12 @@ class WatchStream {
     this.keepAlive = setInterval(() => this.ping(), options.keepAliveMs ?? 15_000);
   }
 
-  /** Writes one block; false when the client should be left to read before more (a catch-up waits). */
-  private send(text: string, cursor: string | null): boolean {
+  /**
+   * Queues one block; false when the client should be left to read before more (a catch-up waits). The blocks a
+   * watch gets in one turn leave in one write at its end: one chunk and one system call for a whole read of the
+   * stream, not one per entry.
+   */
+  private send(block: Buffer | string, cursor: string | null): boolean {
     if (this.ended) return true;
     const now = currentTurn();
     if (this.judgedTurn !== now) {
@@ -160,9 +179,27 @@ class WatchStream {
         return true;
       }
     }
-    this.raw.write(text);
+    const bytes = typeof block === 'string' ? Buffer.from(block) : block;
+    if (this.pending.length === 0) process.nextTick(() => this.flush());
+    this.pending.push(bytes);
+    this.pendingBytes += bytes.length;
     if (cursor !== null) this.lastId = cursor;
-    return !this.raw.writableNeedDrain;
+    return this.raw.writableLength + this.pendingBytes < this.raw.writableHighWaterMark;
+  }
+
+  /** Takes what this turn queued, as one block of bytes. */
+  private takePending(): Buffer | null {
+    const { pending, pendingBytes } = this;
+    if (pending.length === 0) return null;
+    this.pending = [];
+    this.pendingBytes = 0;
+    return pending.length === 1 ? (pending[0] ?? null) : Buffer.concat(pending, pendingBytes);
+  }
+
+  /** Writes what this turn queued. */
+  private flush(): void {
+    const bytes = this.takePending();
+    if (bytes !== null && !this.ended) this.raw.write(bytes);
   }
 
   private ping(): void {
@@ -186,8 +223,9 @@ class WatchStream {
   /** Ends the response with its last words; a client that does not take them loses its connection after the grace. */
   private finish(last: string): void {
     if (this.ended) return;
+    const queued = this.takePending();
     this.stop();
-    this.raw.end(last);
+    this.raw.end(queued === null ? last : Buffer.concat([queued, Buffer.from(last)]));
     this.dropAfterEnd = setTimeout(() => this.raw.destroy(), this.options.endGraceMs ?? 5000);
     this.dropAfterEnd.unref();
   }
@@ -203,6 +241,7 @@ class WatchStream {
 
   private drained(): Promise<void> {
     const raw = this.raw;
+    this.flush();
     if (this.ended || !raw.writableNeedDrain) return Promise.resolve();
     return new Promise((resolve) => {
       const done = () => {

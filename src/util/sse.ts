@@ -14,6 +14,24 @@ export interface SseEvent {
   readonly lastEventId: string | null;
 }
 
+/** One block of the stream as sent (up to its blank line): what its lines set, comments included. For tests of the wire format. */
+export interface SseBlock {
+  readonly id?: string;
+  readonly event?: string;
+  /** the `data:` lines, joined by line feeds */
+  readonly data?: string;
+  readonly retry?: string;
+  readonly comments: readonly string[];
+}
+
+interface OpenBlock {
+  id?: string;
+  event?: string;
+  data?: string[];
+  retry?: string;
+  comments: string[];
+}
+
 /** Reads an event stream's text in whatever pieces it arrives, and returns the events each piece completes. */
 export class SseParser {
   /**
@@ -29,8 +47,13 @@ export class SseParser {
   private eventType = '';
   private data: string[] = [];
   private started = false;
+  private block: OpenBlock = { comments: [] };
 
-  constructor(lastEventId: string | null = null) {
+  /** `onBlock` sees every block as sent, those that dispatch no event too (a keep-alive, `retry:`). */
+  constructor(
+    lastEventId: string | null = null,
+    private readonly onBlock?: (block: SseBlock) => void,
+  ) {
     this.lastEventId = lastEventId;
     this.idBuffer = lastEventId;
   }
@@ -60,11 +83,19 @@ export class SseParser {
 
   private line(line: string): SseEvent | null {
     if (line === '') return this.dispatch();
-    if (line.startsWith(':')) return null; // a comment (keep-alive)
+    if (line.startsWith(':')) {
+      // a comment (keep-alive)
+      if (this.onBlock !== undefined) this.block.comments.push(line.slice(1).trim());
+      return null;
+    }
     const colon = line.indexOf(':');
     const field = colon < 0 ? line : line.slice(0, colon);
     let value = colon < 0 ? '' : line.slice(colon + 1);
     if (value.startsWith(' ')) value = value.slice(1);
+    if (this.onBlock !== undefined) {
+      if (field === 'data') (this.block.data ??= []).push(value);
+      else if (field === 'id' || field === 'event' || field === 'retry') this.block[field] = value;
+    }
     if (field === 'data') this.data.push(value);
     else if (field === 'event') this.eventType = value;
     else if (field === 'id' && !value.includes('\u0000')) this.idBuffer = value;
@@ -73,6 +104,11 @@ export class SseParser {
   }
 
   private dispatch(): SseEvent | null {
+    if (this.onBlock !== undefined) {
+      const { data, ...rest } = this.block;
+      this.block = { comments: [] };
+      this.onBlock({ ...rest, ...(data === undefined ? {} : { data: data.join('\n') }) });
+    }
     this.lastEventId = this.idBuffer;
     const data = this.data;
     const event = this.eventType;

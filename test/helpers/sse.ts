@@ -1,17 +1,11 @@
 /**
- * A client of `GET /api/watch` for the tests: one HTTP request, its answer read as server-sent events (the SSE
- * spec's parsing: fields per line, a blank line dispatches; an `id` sets the last event id even without data).
+ * A client of `GET /api/watch` for the tests: one HTTP request, its answer read as server-sent events by the parser
+ * `fleet watch` uses (src/util/sse.ts), every block kept as sent (comments and blocks without data too).
  */
 import * as http from 'node:http';
+import { SseParser, type SseBlock } from '../../src/util/sse';
 
-/** One block of the stream, as sent: what its lines set. */
-export interface SseBlock {
-  readonly id?: string;
-  readonly event?: string;
-  readonly data?: string;
-  readonly retry?: string;
-  readonly comments: readonly string[];
-}
+export type { SseBlock } from '../../src/util/sse';
 
 export interface SseClient {
   readonly status: number;
@@ -38,37 +32,16 @@ export function openSse(url: string, headers: Record<string, string> = {}): Prom
       const blocks: SseBlock[] = [];
       let body = '';
       const keepBody = response.statusCode !== 200;
-      let pending = '';
-      let block: { id?: string; event?: string; data?: string[]; retry?: string; comments: string[] } = { comments: [] };
-      let last: string | null = null;
       const transitions: Array<{ id: string; entry: Record<string, string> }> = [];
+      const parser = new SseParser(null, (block) => {
+        blocks.push(block);
+        if (block.event === 'transition') {
+          transitions.push({ id: block.id ?? '', entry: JSON.parse(block.data ?? '{}') as Record<string, string> });
+        }
+      });
       response.on('data', (chunk: string) => {
         if (keepBody) body += chunk;
-        pending += chunk;
-        let newline = pending.indexOf('\n');
-        while (newline >= 0) {
-          const line = pending.slice(0, newline);
-          pending = pending.slice(newline + 1);
-          newline = pending.indexOf('\n');
-          if (line === '') {
-            const { data, ...rest } = block;
-            const dispatched = { ...rest, ...(data === undefined ? {} : { data: data.join('\n') }) };
-            blocks.push(dispatched);
-            if (dispatched.event === 'transition') {
-              transitions.push({ id: dispatched.id ?? '', entry: JSON.parse(dispatched.data ?? '{}') as Record<string, string> });
-            }
-            if (block.id !== undefined) last = block.id;
-            block = { comments: [] };
-          } else if (line.startsWith(':')) {
-            block.comments.push(line.slice(1).trim());
-          } else {
-            const colon = line.indexOf(':');
-            const field = colon < 0 ? line : line.slice(0, colon);
-            const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
-            if (field === 'data') (block.data ??= []).push(value);
-            else if (field === 'id' || field === 'event' || field === 'retry') block[field] = value;
-          }
-        }
+        parser.push(chunk);
       });
       const ended = new Promise<void>((done) => {
         response.on('end', done);
@@ -80,7 +53,7 @@ export function openSse(url: string, headers: Record<string, string> = {}): Prom
         headers: response.headers,
         blocks,
         text: () => body,
-        lastEventId: () => last,
+        lastEventId: () => parser.lastEventId,
         transitions: () => [...transitions],
         ended,
         close: () => request.destroy(),

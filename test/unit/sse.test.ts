@@ -3,7 +3,7 @@
  * HTML standard's rules, in whatever pieces the bytes arrive.
  */
 import { expect } from 'chai';
-import { SseParser, type SseEvent } from '../../src/util/sse';
+import { SseParser, type SseBlock, type SseEvent } from '../../src/util/sse';
 
 /** Feeds `text` in pieces of `size` characters; every event. */
 function read(text: string, size: number, parser = new SseParser()): SseEvent[] {
@@ -71,5 +71,16 @@ describe('reading an event stream', () => {
   it('starts from the id it is given, and dispatches nothing for comments and unknown fields', () => {
     const parser = new SseParser('resumed');
     expect(parser.push(':\n: a comment\nfoo: bar\n\ndata: x\n\n')).to.deep.equal([{ event: 'message', data: 'x', lastEventId: 'resumed' }]);
+  });
+
+  it('shows every block as sent to onBlock, those without data too; an unfinished block never', () => {
+    const blocks: SseBlock[] = [];
+    const parser = new SseParser(null, (block) => blocks.push(block));
+    parser.push('retry: 2000\n\n: keep-alive\nid: k1\n\nid: c1\nevent: transition\ndata: a\ndata: b\n\nid: c2\nevent: trans');
+    expect(blocks).to.deep.equal([
+      { retry: '2000', comments: [] },
+      { id: 'k1', comments: ['keep-alive'] },
+      { id: 'c1', event: 'transition', data: 'a\nb', comments: [] },
+    ]);
   });
 });

@@ -363,6 +363,29 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     expect(resumed.transitions().map((t) => t.entry.deploymentId)).to.deep.equal([quiet, quiet, quiet, quiet]);
   });
 
+  it('answers HEAD with the headers alone and ends it: no watch opens, and its keep-alive connection serves the next request', async () => {
+    const { url } = await serve();
+    const socket = net.connect(Number(new URL(url).port), '127.0.0.1');
+    closers.push(async () => void socket.destroy());
+    let received = '';
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => (received += chunk));
+    socket.write('HEAD /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await waitFor('the answer to HEAD', () => (received.includes('\r\n\r\n') ? true : undefined));
+    expect(received).to.match(/^HTTP\/1\.1 200 /);
+    expect(received.toLowerCase()).to.contain('\r\ncontent-type: text/event-stream; charset=utf-8\r\n');
+    expect(received.endsWith('\r\n\r\n'), 'nothing after the headers').to.equal(true);
+    received = '';
+    socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await waitFor('GET /healthz answered on the same connection', () => (/^HTTP\/1\.1 200 [\s\S]*\r\n\r\n/.test(received) ? true : undefined));
+    expect(await metricValue('fleet_watchers')).to.equal(0);
+    // checked as the GET is
+    received = '';
+    socket.write('HEAD /api/watch?state=sleeping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await waitFor('the answer to a HEAD with a bad filter', () => (received.includes('\r\n\r\n') ? true : undefined));
+    expect(received).to.match(/^HTTP\/1\.1 400 /);
+  });
+
   it('reads the stream once per process, whatever the number of watchers (one reader connection)', async () => {
     relay();
     const { url } = await serve();

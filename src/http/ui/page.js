@@ -219,10 +219,15 @@
         setConnection('reconnecting', 'Reconnecting…');
         return;
       }
-      // closed for good (an answer that was not the stream): open it again, from the last cursor
+      // closed for good (an answer that was not the stream, as a proxy's 502 while the fleet restarts): open it again
+      // from the last transition's cursor and read the counts again. Without one (no transition yet: the start id
+      // fires no event) it can only start over from now, and what happened meanwhile shows in the counts alone.
       setConnection('offline', 'Disconnected; retrying in a few seconds');
       setTimeout(() => {
-        if (es === source) open(cursor);
+        if (es !== source) return;
+        if (cursor === '') return startOver('reconnected');
+        open(cursor);
+        void loadSummary();
       }, REOPEN_MS);
     });
   }

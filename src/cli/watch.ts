@@ -46,7 +46,7 @@ export type WatchEnd =
   | { readonly kind: 'resync'; readonly reason: string; readonly message: string; readonly backfill: string }
   /** the watch fell behind its buffer on the fleet and was closed: resume from `cursor` */
   | { readonly kind: 'overflow'; readonly message: string; readonly cursor: string | null }
-  /** the fleet refused the watch (400 a filter or the cursor, 401 the token, 403 its scopes, 404 no such route...) */
+  /** the fleet refused the watch (400 a filter or the cursor, 401 the token, 403 its scopes, 404 no such route, 500 its own error...) */
   | { readonly kind: 'refused'; readonly status: number; readonly message: string };
 
 /** One connection's outcome: the watch's end, or a connection lost (or never made) that is made again. */
@@ -54,8 +54,14 @@ type Attempt =
   | { readonly kind: 'end'; readonly end: WatchEnd }
   | { readonly kind: 'lost'; readonly why: string; readonly opened: boolean; readonly retryAfterMs?: number };
 
-/** The statuses worth asking again: the fleet is busy, stopping, or its Redis is away. */
-const TRANSIENT_STATUSES = new Set([429, 500, 502, 503, 504]);
+/**
+ * The statuses worth asking again: a server the fleet needs is away (its 503, with Retry-After), or a proxy has no
+ * fleet behind it for now (502, 503, 504: a restart). Not a 500: the fleet answers one for an error of its own,
+ * logged there, which asking again does not mend (and "unreachable" would misname: the fleet answered). Not a 429:
+ * the fleet's comes only to a request without a valid token (a valid token always gets through), so asking again
+ * ends at a 401.
+ */
+const TRANSIENT_STATUSES = new Set([502, 503, 504]);
 /** The stream's reconnection time when it has not said (`retry:`): the fleet says 2000. */
 const DEFAULT_RETRY_MS = 2000;
 
@@ -247,7 +253,9 @@ export class HttpWatch {
             ? ': no /api/watch there (a fleet older than `fleet watch`, or a URL that is not the fleet API)'
             : status === 200
               ? `: answered ${type || 'no content type'}, not an event stream (a URL that is not the fleet API?)`
-              : '';
+              : status >= 500
+                ? ": an error of the fleet's own (its log says more)"
+                : '';
     return { kind: 'end', end: { kind: 'refused', status, message: `${this.fleet} refused the watch (${said})${hint}` } };
   }
 

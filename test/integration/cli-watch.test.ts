@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { formatEntry } from '../../src/cli/tail';
-import { watch as followWatch } from '../../src/cli/watch';
+import { watch as followWatch, type WatchEnd } from '../../src/cli/watch';
 import { createToken } from '../../src/http/tokens';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, type TransitionEntry } from '../../src/streams/consumer';
@@ -468,7 +468,7 @@ describe('fleet watch: answers that are not a watch, and a connection gone silen
     expect(requests).to.have.length(0);
   });
 
-  it('a 400 exits 2 with the fleet message; 404 and a page that is not an event stream exit 1; 503 at the start exits 4', async () => {
+  it('a 400 exits 2 with the fleet message; 404, 429, 500 and a page that is not an event stream exit 1; 502/503/504 at the start exit 4', async () => {
     answer = json(400, { error: { code: 'invalid_query', message: 'state: must be one of pending, ...' } });
     expect(await watchOnce()).to.deep.equal({
       code: 2,
@@ -485,11 +485,68 @@ describe('fleet watch: answers that are not a watch, and a connection gone silen
     const page = await watchOnce();
     expect(page.code).to.equal(1);
     expect(page.err).to.contain('answered text/html, not an event stream');
-    answer = json(503, { error: { code: 'redis_unavailable', message: 'Redis does not answer' } }, { 'retry-after': '1' });
+    // the fleet's own error (logged there): asking again would not mend it, and the fleet was reached
+    answer = json(500, { error: { code: 'internal', message: 'internal error' } });
     expect(await watchOnce()).to.deep.equal({
-      code: 4,
-      err: `fleet: the fleet at ${url} is unreachable (it answered redis_unavailable: Redis does not answer)\n`,
+      code: 1,
+      err: `fleet: the fleet at ${url} refused the watch (internal: internal error): an error of the fleet's own (its log says more)\n`,
     });
+    // the fleet's 429 comes only to a request without a valid token (a valid one always gets through)
+    answer = json(
+      429,
+      { error: { code: 'too_many_failed_authentications', message: 'too many failed authentications from this address; retry in 5 s' } },
+      { 'retry-after': '5' },
+    );
+    expect(await watchOnce()).to.deep.equal({
+      code: 1,
+      err: `fleet: the fleet at ${url} refused the watch (too_many_failed_authentications: too many failed authentications from this address; retry in 5 s)\n`,
+    });
+    for (const status of [502, 503, 504]) {
+      answer = json(status, { error: { code: 'unavailable', message: 'try again shortly' } }, { 'retry-after': '1' });
+      expect(await watchOnce(), String(status)).to.deep.equal({
+        code: 4,
+        err: `fleet: the fleet at ${url} is unreachable (it answered unavailable: try again shortly)\n`,
+      });
+    }
+  });
+
+  it('a watch that reconnects to a 500 ends with the refusal; to a 503 it tries again', async () => {
+    requests.length = 0;
+    // the first connection opens the stream and ends it, the second answers 503, the third 500
+    answer = (_req, res) => {
+      if (requests.length === 1) {
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.end('retry: 10\n\nid: c1\n\n');
+      } else if (requests.length === 2) json(503, { error: { code: 'unavailable', message: 'try again shortly' } })(_req, res);
+      else json(500, { error: { code: 'internal', message: 'internal error' } })(_req, res);
+    };
+    const reports: string[] = [];
+    let stop: () => void = () => undefined;
+    let end: WatchEnd | null = null;
+    const ended = followWatch({
+      url,
+      token: null,
+      deploymentIds: [],
+      states: [],
+      from: null,
+      json: true,
+      write: () => undefined,
+      stop: new Promise<void>((resolve) => (stop = resolve)),
+      report: (message) => reports.push(message),
+    }).then((e) => (end = e));
+    try {
+      await waitFor('the watch to end', () => (end !== null ? true : undefined), 20_000);
+    } finally {
+      stop();
+      await ended;
+    }
+    expect(end).to.deep.equal({
+      kind: 'refused',
+      status: 500,
+      message: `the fleet at ${url} refused the watch (internal: internal error): an error of the fleet's own (its log says more)`,
+    });
+    expect(requests.map((h) => h['last-event-id'])).to.deep.equal([undefined, 'c1', 'c1']);
+    expect(reports).to.deep.equal([`lost the fleet at ${url} (the fleet ended the stream), reconnecting`]);
   });
 
   it('drops a connection on which nothing came for its idle timeout, and makes it again after the last cursor', async () => {

@@ -4,7 +4,7 @@
  *
  * Each count is its own index-only range of `deployments_state_id_idx` (a scalar subquery per state, so the planner
  * cannot fold them into one scan of the table); the attention list is two ranges of the same index (`unknown`, and
- * `failed` filtered by when it failed). test/integration/summary.test.ts EXPLAINs exactly this text.
+ * `failed` filtered by when it failed). test/integration/summary-ui.test.ts EXPLAINs exactly this text.
  */
 import { DEPLOYMENT_STATES, type DeploymentState } from '../../machine';
 import type { Session } from './runner';

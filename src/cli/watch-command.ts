@@ -5,17 +5,16 @@
  */
 import type { Command } from 'commander';
 import { DEFAULT_FLEET_URL, loadWatchConfig } from '../config';
+import { MAX_WATCH_DEPLOYMENTS } from '../http/api-schemas';
 import { DEPLOYMENT_STATES } from '../machine';
 import { printable, UUID_PATTERN } from '../util';
 import { followOutput, stopOnSignals } from './following';
 import { UsageError } from './reach';
 import { CursorError, decodeCursor } from '../streams/stream-follower';
-import { watch, type WatchEnd } from './watch';
+import { watch, type WatchOutcome } from './watch';
 
 /** How long after the first signal `fleet watch` exits even if something still holds it (it stops at once). */
 const WATCH_STOP_MS = 2000;
-/** As many deployments as one watch may name (the route's limit). */
-const MAX_DEPLOYMENTS = 100;
 
 /** How a bad `--from` is named: a watch takes cursors only (no stream id: the fleet's HTTP API has no such position). */
 const WATCH_CURSOR_WORDS = {
@@ -48,7 +47,8 @@ function checked(options: WatchCommandOptions): { deploymentIds: string[]; state
   const bad = ids.find((id) => !UUID_PATTERN.test(id));
   if (bad !== undefined) throw new UsageError(`--deployment: must be a UUID, got "${printable(bad.slice(0, 80))}"`);
   const deploymentIds = [...new Set(ids.map((id) => id.toLowerCase()))];
-  if (deploymentIds.length > MAX_DEPLOYMENTS) throw new UsageError(`--deployment: at most ${MAX_DEPLOYMENTS}, got ${deploymentIds.length}`);
+  if (deploymentIds.length > MAX_WATCH_DEPLOYMENTS)
+    throw new UsageError(`--deployment: at most ${MAX_WATCH_DEPLOYMENTS}, got ${deploymentIds.length}`);
   const badState = wanted.find((s) => !(DEPLOYMENT_STATES as readonly string[]).includes(s));
   if (badState !== undefined) {
     throw new UsageError(`--state: must be one of ${DEPLOYMENT_STATES.join(', ')}, got "${printable(badState.slice(0, 40))}"`);
@@ -65,7 +65,7 @@ function checked(options: WatchCommandOptions): { deploymentIds: string[]; state
 }
 
 /** The end as lines on stderr and an exit code. */
-function finish(end: WatchEnd, say: (line: string) => void): void {
+function finish(end: WatchOutcome, say: (line: string) => void): void {
   switch (end.kind) {
     case 'stopped':
       if (end.cursor !== null) say(`fleet watch: to resume from here: --from ${end.cursor}`);
@@ -122,7 +122,7 @@ export function addWatchCommand(program: Command): void {
       'print transitions as they happen, from a fleet over HTTP (GET /api/watch) with a token: as fleet tail prints them, for operators without Redis access',
     )
     .option('--url <url>', `the fleet's HTTP API (default FLEET_URL, else ${DEFAULT_FLEET_URL})`)
-    .option('--deployment <id>', 'only this deployment (repeatable, or comma-separated; at most 100)', collect)
+    .option('--deployment <id>', `only this deployment (repeatable, or comma-separated; at most ${MAX_WATCH_DEPLOYMENTS})`, collect)
     .option('--state <state>', `only transitions to this state (repeatable, or comma-separated: ${DEPLOYMENT_STATES.join(', ')})`, collect)
     .option('--from <cursor>', 'start after this cursor: what a fleet watch or a fleet tail printed when it stopped (default: from now)')
     .option('--json', 'one JSON object per line instead of text')

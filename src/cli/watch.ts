@@ -39,8 +39,11 @@ export interface WatchOptions {
   readonly maxRetryMs?: number;
 }
 
-/** How a watch ended: decisions as data, which the command turns into lines and exit codes. */
-export type WatchEnd =
+/**
+ * How `fleet watch` ended: decisions as data, which the command turns into lines and exit codes (how the server ends
+ * one watch is the hub's `WatchEnd`).
+ */
+export type WatchOutcome =
   | { readonly kind: 'stopped'; readonly cursor: string | null }
   /** the cursor's position is gone (`reason`: trimmed, repartitioned, bad_cursor): backfill, then watch again */
   | { readonly kind: 'resync'; readonly reason: string; readonly message: string; readonly backfill: string }
@@ -51,7 +54,7 @@ export type WatchEnd =
 
 /** One connection's outcome: the watch's end, or a connection lost (or never made) that is made again. */
 type Attempt =
-  | { readonly kind: 'end'; readonly end: WatchEnd }
+  | { readonly kind: 'end'; readonly end: WatchOutcome }
   | { readonly kind: 'lost'; readonly why: string; readonly opened: boolean; readonly retryAfterMs?: number };
 
 /**
@@ -136,7 +139,7 @@ export class HttpWatch {
   }
 
   /** Follows the watch until it ends; throws UnreachableError when the fleet cannot be reached at the start. */
-  async run(): Promise<WatchEnd> {
+  async run(): Promise<WatchOutcome> {
     let failures = 0;
     let opened = false;
     while (!this.stopped) {
@@ -260,7 +263,7 @@ export class HttpWatch {
   }
 
   /** Prints a transition; the watch's end on a resync or an overflow; null for anything else. */
-  private handle(event: SseEvent): WatchEnd | null {
+  private handle(event: SseEvent): WatchOutcome | null {
     const data = objectOf(event.data);
     if (event.event === 'transition') {
       if (data === null) {
@@ -290,6 +293,6 @@ export class HttpWatch {
   }
 }
 
-export function watch(options: WatchOptions): Promise<WatchEnd> {
+export function watch(options: WatchOptions): Promise<WatchOutcome> {
   return new HttpWatch(options).run();
 }

@@ -94,13 +94,16 @@ function queryList(rule: string, valid: (item: string) => boolean, max: number, 
 /** What `after` (and the `Last-Event-ID` header) takes. */
 export const WATCH_CURSOR_RULE = 'must be a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0';
 
+/** As many deployments as one watch may name (`fleet watch --deployment` checks it before it asks). */
+export const MAX_WATCH_DEPLOYMENTS = 100;
+
 /** Query of `GET /api/watch`; a bad one is `400 invalid_query`, naming the field and the rule. */
 export const watchQuerySchema = z.object({
   deploymentId: queryList(
     'must be a UUID',
     (v) => UUID_PATTERN.test(v),
-    100,
-    'only these deployments: repeated or comma-separated, at most 100',
+    MAX_WATCH_DEPLOYMENTS,
+    `only these deployments: repeated or comma-separated, at most ${MAX_WATCH_DEPLOYMENTS}`,
   ).transform((ids) => ids?.map((id) => id.toLowerCase())),
   state: queryList(
     `must be one of ${DEPLOYMENT_STATES.join(', ')}`,

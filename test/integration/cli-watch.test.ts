@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
 import { formatEntry } from '../../src/cli/tail';
-import { watch as followWatch, type WatchEnd } from '../../src/cli/watch';
+import { watch as followWatch, type WatchOutcome } from '../../src/cli/watch';
 import { createToken } from '../../src/http/tokens';
 import { TransitionService } from '../../src/services/transitions';
 import { parseEntry, type TransitionEntry } from '../../src/streams/consumer';
@@ -522,7 +522,7 @@ describe('fleet watch: answers that are not a watch, and a connection gone silen
     };
     const reports: string[] = [];
     let stop: () => void = () => undefined;
-    let end: WatchEnd | null = null;
+    let end: WatchOutcome | null = null;
     const ended = followWatch({
       url,
       token: null,

@@ -38,6 +38,21 @@ import { waitFor } from '../helpers/wait';
 
 type Entry = Record<string, string>;
 
+/** A Unix stream socket's send buffer: net.core.wmem_default (no autotuning for Unix sockets, unlike TCP's). */
+function unixSendBuffer(): number {
+  try {
+    return Number(fs.readFileSync('/proc/sys/net/core/wmem_default', 'utf8').trim());
+  } catch {
+    return 4 * 1024 * 1024; // not Linux: larger than any default
+  }
+}
+
+/**
+ * The most that the kernel takes from the server for a Unix-socket client that reads nothing (see `stalledClient`):
+ * the send buffer, and a write of at most half of it that may go past it; doubled to be safe.
+ */
+const SOCKET_HOLDS = 2 * unixSendBuffer();
+
 /** A chunked HTTP body's content. */
 function dechunk(chunked: string): string {
   let out = '';
@@ -405,55 +420,38 @@ describe('GET /api/watch: transitions as server-sent events', function () {
   });
 
   it('closes a watch whose client does not read with event: overflow, and counts it, while another keeps receiving', async () => {
-    const { url } = await serve({}, { watch: { maxUnsentBytes: 64 * 1024, endGraceMs: 60_000 } });
+    const maxUnsentBytes = 64 * 1024;
+    const { app, url } = await serve({}, { watch: { maxUnsentBytes, endGraceMs: 60_000 } });
     const reading = await watch(`${url}/api/watch`);
-    // a client that sends its request and never reads
-    const stalled = net.connect(Number(new URL(url).port), '127.0.0.1');
-    stalled.pause();
-    closers.push(async () => void stalled.destroy());
-    stalled.write('GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    const stalled = await stalledClient(app, 'GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
     await waitFor('two watchers', async () => ((await metricValue('fleet_watchers')) === 2 ? true : undefined));
-    // 64 reads of 8 entries of 32 KiB (16 MiB): more than the sockets on both sides hold, and the bound; each read
-    // once the reading watch has the one before (it never falls behind), the stalled one falls behind
+    // reads of 8 entries of 32 KiB, each once the reading watch has the one before (it never falls behind), until
+    // the stalled one's kernel buffer and its bound are full, and one more that finds it so
     const deploymentId = randomUUID();
+    const perRead = 8;
+    const reads = Math.ceil((SOCKET_HOLDS + maxUnsentBytes) / (perRead * 32 * 1024)) + 2;
     const add = async (from: number, to: number) => {
-      const pipeline = redis.pipeline();
-      for (let v = from; v <= to; v++) {
-        pipeline.xadd(
-          streamKey,
-          '*',
-          'type',
-          'state_transition',
-          'deploymentId',
-          deploymentId,
-          'version',
-          String(v),
-          'to',
-          'pending',
-          'reason',
-          'x'.repeat(32 * 1024),
-        );
-      }
-      await pipeline.exec();
+      await appendBulky(from, to, 32 * 1024, deploymentId);
       await waitFor(`${to} on the reading watch`, () => (reading.transitions().length >= to ? true : undefined));
     };
-    for (let read = 0; read < 64; read++) await add(read * 8 + 1, read * 8 + 8);
+    for (let read = 0; read < reads; read++) await add(read * perRead + 1, read * perRead + perRead);
     await waitFor('the overflow counted', async () => ((await metricValue('fleet_watch_overflows_total')) === 1 ? true : undefined));
     expect(await metricValue('fleet_watchers')).to.equal(1);
-    await add(513, 513);
-    expect(reading.transitions().map((t) => Number(t.entry.version))).to.deep.equal(Array.from({ length: 513 }, (_, i) => i + 1));
+    const total = reads * perRead + 1;
+    await add(total, total);
+    expect(reading.transitions().map((t) => Number(t.entry.version))).to.deep.equal(Array.from({ length: total }, (_, i) => i + 1));
 
     // the stalled client, reading at last, finds some events, then the overflow with the cursor of the last one, then the end
-    let received = '';
-    stalled.setEncoding('utf8');
-    stalled.on('data', (chunk: string) => (received += chunk));
     stalled.resume();
-    await waitFor('the end of the stalled response', () => (received.endsWith('\r\n0\r\n\r\n') ? true : undefined));
+    await waitFor('the end of the stalled response', () => (stalled.received().endsWith('\r\n0\r\n\r\n') ? true : undefined));
+    const received = stalled.received();
     const body = dechunk(received.slice(received.indexOf('\r\n\r\n') + 4));
     const blocks = body.split('\n\n');
     const ids = blocks.filter((b) => b.includes('event: transition')).map((b) => /^id: (.*)$/m.exec(b)?.[1]);
     const overflow = blocks.find((b) => b.startsWith('event: overflow\n'));
-    expect(ids.length).to.be.greaterThan(0).and.lessThan(512);
+    expect(ids.length)
+      .to.be.greaterThan(0)
+      .and.lessThan(reads * perRead);
     expect(JSON.parse(/^data: (.*)$/m.exec(overflow ?? '')?.[1] ?? '{}')).to.deep.equal({
       message: 'this watch left more than 65536 bytes unsent: the client reads too slowly; resume from the cursor',
       cursor: ids[ids.length - 1],
@@ -571,80 +569,45 @@ describe('GET /api/watch: transitions as server-sent events', function () {
   });
 
   it('paces a catch-up by its client: one far behind that reads slowly gets everything, never an overflow', async () => {
+    const maxUnsentBytes = 64 * 1024;
     const hub = new WatchHub({ streamKey, connect: () => testRedis() });
-    const { url } = await serve({}, { watch: { hub, maxUnsentBytes: 64 * 1024 } });
-    const pipeline = redis.pipeline();
-    for (let v = 1; v <= 640; v++) {
-      pipeline.xadd(
-        streamKey,
-        '*',
-        'type',
-        'state_transition',
-        'deploymentId',
-        randomUUID(),
-        'version',
-        String(v),
-        'to',
-        'pending',
-        'reason',
-        'x'.repeat(32 * 1024),
-      );
-    }
-    await pipeline.exec(); // 20 MiB behind
-    // a client that sends its request and reads nothing for now
-    const slow = net.connect(Number(new URL(url).port), '127.0.0.1');
-    slow.pause();
-    closers.push(async () => void slow.destroy());
-    slow.write('GET /api/watch?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    const { app } = await serve({}, { watch: { hub, maxUnsentBytes } });
+    // behind by more than three of the hub's reads (100 entries), and by four times what its kernel buffer and its
+    // bound hold together
+    const behind = 320;
+    await appendBulky(1, behind, Math.ceil((4 * (SOCKET_HOLDS + maxUnsentBytes)) / behind));
+    const slow = await stalledClient(app, 'GET /api/watch?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
     await waitFor('the catch-up to wait for its client', () => (hub.watchers.waiting === 1 ? true : undefined));
     expect(await metricValue('fleet_watch_overflows_total')).to.equal(0);
-    let received = '';
-    slow.setEncoding('utf8');
-    slow.on('data', (chunk: string) => (received += chunk));
     slow.resume();
-    await waitFor('all 640', () => (received.split('event: transition\n').length > 640 ? true : undefined));
+    await waitFor(`all ${behind}`, () => (slow.received().split('event: transition\n').length > behind ? true : undefined));
     await waitFor('the watch live', () => (hub.watchers.live === 1 ? true : undefined));
     expect(await metricValue('fleet_watch_overflows_total')).to.equal(0);
   });
 
   it('a catch-up that the ring left behind while it waited for its client goes back to Redis: everything once, in order', async () => {
-    const hub = new WatchHub({ streamKey, connect: () => testRedis(), ringSize: 8 });
-    const { url } = await serve({}, { watch: { hub, maxUnsentBytes: 64 * 1024 * 1024 } });
+    const ringSize = 8;
+    const hub = new WatchHub({ streamKey, connect: () => testRedis(), ringSize });
+    const { app, url } = await serve({}, { watch: { hub, maxUnsentBytes: 64 * 1024 * 1024 } });
     const reading = await watch(`${url}/api/watch`);
     const start = reading.lastEventId() ?? '';
+    // a ring's worth holds twice what the client's kernel buffer does: its catch-up waits before the ring's middle
+    const bytes = Math.ceil((2 * SOCKET_HOLDS) / ringSize);
     const add = async (from: number, to: number) => {
-      for (let v = from; v <= to; v++) {
-        await redis.xadd(
-          streamKey,
-          '*',
-          'type',
-          'state_transition',
-          'deploymentId',
-          randomUUID(),
-          'version',
-          String(v),
-          'reason',
-          'x'.repeat(1024 * 1024),
-        );
-      }
+      await appendBulky(from, to, bytes);
       await waitFor(`${to} read by the hub`, () => (reading.transitions().length >= to ? true : undefined));
     };
-    await add(1, 8); // 8 MiB, all in the ring
+    await add(1, ringSize); // all in the ring
     // a client from before them that reads nothing for now: its catch-up from the ring waits for it
-    const slow = net.connect(Number(new URL(url).port), '127.0.0.1');
-    slow.pause();
-    closers.push(async () => void slow.destroy());
-    slow.write(`GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: ${start}\r\n\r\n`);
+    const slow = await stalledClient(app, `GET /api/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: ${start}\r\n\r\n`);
     await waitFor('the catch-up to wait for its client', () => (hub.watchers.waiting === 1 ? true : undefined));
-    await add(9, 20); // the ring moves past where it waits
-    let received = '';
-    slow.setEncoding('utf8');
-    slow.on('data', (chunk: string) => (received += chunk));
+    const total = ringSize + Math.ceil(1.5 * ringSize);
+    await add(ringSize + 1, total); // the ring moves past where it waits
     slow.resume();
     await waitFor('the slow watch live', () => (hub.watchers.live === 2 ? true : undefined));
-    await waitFor('all 20 on the slow watch', () => (received.split('event: transition\n').length > 20 ? true : undefined));
-    const versions = [...received.matchAll(/"version":"(\d+)"/g)].map((m) => Number(m[1]));
-    expect(versions).to.deep.equal(Array.from({ length: 20 }, (_, i) => i + 1));
+    await waitFor(`all ${total} on the slow watch`, () => (slow.received().split('event: transition\n').length > total ? true : undefined));
+    const versions = [...slow.received().matchAll(/"version":"(\d+)"/g)].map((m) => Number(m[1]));
+    expect(versions).to.deep.equal(Array.from({ length: total }, (_, i) => i + 1));
   });
 
   it('a catch-up read checks, after it read, that trimming took nothing after its position: a resync, not a gap', async () => {
@@ -661,6 +624,50 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     expect(refused).to.be.instanceOf(ResyncRequiredError);
     expect((refused as ResyncRequiredError).firstRetained).to.equal((await redis.xrange(streamKey, '-', '+', 'COUNT', 1))[0]?.[0]);
   });
+
+  /** A client of the server of `app` that sends its request and reads nothing until `resume()`. */
+  interface StalledClient {
+    resume(): void;
+    /** what it read since it resumed, as it came (the raw HTTP answer) */
+    received(): string;
+  }
+
+  /**
+   * A stalled client comes in over a Unix socket, handed to the same HTTP server: the bytes the kernel takes from the
+   * server for it are then at most its socket's send buffer and a write of half of it (`SOCKET_HOLDS`), fixed. Over
+   * TCP they depend on the host: the send buffer grows with the connection up to tcp_wmem's maximum (4 MiB here, more
+   * on hosts tuned for throughput), and the receive window up to tcp_rmem's, so a test that needs the server to find
+   * its client not reading would need more bytes than any host can hold.
+   */
+  async function stalledClient(app: FastifyInstance, request: string): Promise<StalledClient> {
+    const socketPath = path.join(dir, `${randomUUID().slice(0, 8)}.sock`);
+    const door = net.createServer((socket) => app.server.emit('connection', socket));
+    await new Promise<void>((resolve) => door.listen(socketPath, resolve));
+    closers.push(async () => void door.close());
+    const socket = net.connect(socketPath);
+    socket.pause(); // paused before it connects: it reads nothing at all
+    closers.push(async () => void socket.destroy());
+    socket.write(request);
+    let received = '';
+    return {
+      resume: () => {
+        socket.setEncoding('utf8');
+        socket.on('data', (chunk: string) => (received += chunk));
+        socket.resume();
+      },
+      received: () => received,
+    };
+  }
+
+  /** Appends versions `from` to `to` straight to the stream (no relay), each with `bytes` of reason: bulk that fills buffers. */
+  async function appendBulky(from: number, to: number, bytes: number, deploymentId?: string): Promise<void> {
+    const pipeline = redis.pipeline();
+    for (let v = from; v <= to; v++) {
+      const fields = ['type', 'state_transition', 'deploymentId', deploymentId ?? randomUUID(), 'version', String(v), 'to', 'pending'];
+      pipeline.xadd(streamKey, '*', ...fields, 'reason', 'x'.repeat(bytes));
+    }
+    await pipeline.exec();
+  }
 
   async function onKeys(keys: readonly string[]): Promise<Entry[]> {
     const out: Entry[] = [];

@@ -389,6 +389,7 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     await waitFor('the answer to HEAD', () => (received.includes('\r\n\r\n') ? true : undefined));
     expect(received).to.match(/^HTTP\/1\.1 200 /);
     expect(received.toLowerCase()).to.contain('\r\ncontent-type: text/event-stream; charset=utf-8\r\n');
+    expect(received.toLowerCase(), 'no length: the GET has none').to.not.contain('\r\ncontent-length:');
     expect(received.endsWith('\r\n\r\n'), 'nothing after the headers').to.equal(true);
     received = '';
     socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');

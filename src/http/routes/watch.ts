@@ -75,8 +75,13 @@ export const watchRoutes: FastifyPluginAsync<WatchRouteOptions> = async (app, op
   });
   api.get('/api/watch', { config: { ...config, challenge: 'Bearer or Basic' }, schema }, (request, reply) => {
     // Fastify answers HEAD with this handler too (after the same auth and checks): the GET's headers and no body, so
-    // nothing to follow, and the connection is free for its next request
-    if (request.method === 'HEAD') return reply.headers(SSE_HEADERS).send();
+    // nothing to follow, and the connection is free for its next request (raw: Fastify would add a Content-Length: 0
+    // that the GET does not have)
+    if (request.method === 'HEAD') {
+      reply.hijack();
+      reply.raw.writeHead(200, SSE_HEADERS).end();
+      return;
+    }
     const header = request.headers['last-event-id'];
     const lastEventId = typeof header === 'string' && header.trim() !== '' ? header.trim() : undefined;
     const { deploymentId, state, after } = request.query;

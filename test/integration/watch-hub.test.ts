@@ -34,6 +34,8 @@ describe("the watch hub's live reader: falling behind, failing, reconnecting", f
   let maintenance: Queue;
   let metrics: FleetMetrics;
   const closers: Array<() => Promise<void>> = [];
+  /** the watches whose response ended */
+  const ended = new WeakSet<SseClient>();
 
   before(async () => {
     db = await openTestDatabase(2);
@@ -75,7 +77,8 @@ describe("the watch hub's live reader: falling behind, failing, reconnecting", f
   async function watch(url: string, headers: Record<string, string> = {}): Promise<SseClient> {
     const client = await openSse(url, headers);
     closers.push(async () => client.close());
-    if (headers['last-event-id'] === undefined) {
+    void client.ended.then(() => ended.add(client));
+    if (headers['last-event-id'] === undefined && !url.includes('after=')) {
       await waitFor(`the watch at ${url} to be live`, () => (client.lastEventId() !== null ? true : undefined));
     }
     return client;
@@ -142,6 +145,9 @@ describe("the watch hub's live reader: falling behind, failing, reconnecting", f
     const ofA = await watch(`${url}/api/watch?deploymentId=${a}`);
     await append(1, 3, a);
     await waitFor('versions 1-3 on every watch', () => ([all, again, ofA].every((c) => c.transitions().length === 3) ? true : undefined));
+    // and one whose position is ahead of the stream (as a cursor from before Redis lost its data): it loses nothing
+    const ahead = await watch(`${url}/api/watch?after=${Date.now() + 3_600_000}-0`);
+    await waitFor('the watch from ahead live', () => (hub.watchers.live === 4 ? true : undefined));
 
     // 4 to 13 in one step, with MAXLEN 3: 4 to 10 are gone before the reader reads again
     const ids = await append(4, 13, b, 3);
@@ -152,16 +158,19 @@ describe("the watch hub's live reader: falling behind, failing, reconnecting", f
       ['again', again],
       ['of a', ofA],
     ] as const) {
-      await waitFor(`the watch "${name}" to end or to get more`, () =>
-        client.transitions().length > 3 || eventsOf(client).includes('resync') ? true : undefined,
-      );
+      await waitFor(`the watch "${name}" to end or to get more`, () => (client.transitions().length > 3 || ended.has(client) ? true : undefined));
       expect(versionsOf(client), `${name}: what it got`).to.deep.equal([1, 2, 3]);
       expect(eventsOf(client), name).to.deep.equal(['transition', 'transition', 'transition', 'resync']);
       await client.ended;
       const resync = JSON.parse(client.blocks.find((block) => block.event === 'resync')?.data ?? '{}') as Record<string, unknown>;
       expect(resync, name).to.deep.include({ reason: 'trimmed', positions: { [streamKey]: firstRetained } });
-      expect(resync.message, name).to.contain(`${streamKey} no longer holds what came after this position (it now starts at ${firstRetained})`);
+      expect(resync.message, name).to.contain(
+        `this watch fell behind: ${streamKey} no longer holds what came after this position (it now starts at ${firstRetained})`,
+      );
     }
+    // its position is still there: it ends without a resync (interrupted: its client watches again from its cursor)
+    await waitFor('the watch from ahead ended', () => (ended.has(ahead) ? true : undefined));
+    expect(eventsOf(ahead), 'the watch from ahead').to.deep.equal([]);
     expect(hub.watchers).to.deep.equal({ open: 0, live: 0, waiting: 0 });
     expect(await metricValue('fleet_watchers')).to.equal(0);
 
@@ -209,7 +218,7 @@ describe("the watch hub's live reader: falling behind, failing, reconnecting", f
     // the stream key holds a string for a while: the reader's next XREAD fails with WRONGTYPE
     const saved = `${streamKey}:saved`;
     await redis.multi().rename(streamKey, saved).set(streamKey, 'not a stream').exec();
-    for (const client of [all, ofA]) await client.ended;
+    await waitFor('both watches ended', () => (ended.has(all) && ended.has(ofA) ? true : undefined));
     for (const client of [all, ofA])
       expect(eventsOf(client), 'no resync, no overflow: the client reconnects with its cursor').to.deep.equal([
         'transition',

@@ -147,6 +147,18 @@ export interface StreamFollowerOptions {
   readonly words?: CursorWords;
 }
 
+/**
+ * Whether a read checks, after it read, that no partition lost to trimming what came after its position
+ * (ResyncRequiredError rather than a silent gap):
+ * - `true`: after every read (one XINFO STREAM per partition read, sent together): a catch-up, which may be far behind;
+ * - `'when-behind'`: only after a read in which some partition came back full (`count` entries): the reader is
+ *   behind. A partition trimmed past a position holds only entries after it, at least MAXLEN of them (`MAXLEN ~`
+ *   trims no further; FLEET_STREAM_MAXLEN is 1000 or more, a read 100): its read comes back full. A reader at the
+ *   head (the live feed, almost always) pays nothing;
+ * - `false` (default): never.
+ */
+export type Verify = boolean | 'when-behind';
+
 /** What one XREAD read: per stream key, its entries (null: nothing). */
 type XReadReply = Array<[string, Array<[string, string[]]>]> | null;
 
@@ -215,11 +227,10 @@ export class StreamFollower {
   /**
    * One read: the entries after every partition's position (a blocking read waits up to `blockMs` for some), moving
    * the positions past them. When the record says the stream was repartitioned, reads the old partitions to their
-   * end, then moves to the new ones (a step with no entries and the new layout). `verify`: checks after the read
-   * that no partition lost, to trimming, what came after its position (ResyncRequiredError), for a reader that may
-   * be far behind. Throws LayoutMissedError when the stream was repartitioned twice or more since the last look.
+   * end, then moves to the new ones (a step with no entries and the new layout). Throws LayoutMissedError when the
+   * stream was repartitioned twice or more since the last look.
    */
-  async read(how: { block: boolean; verify?: boolean }): Promise<FollowStep> {
+  async read(how: { block: boolean; verify?: Verify }): Promise<FollowStep> {
     const { redis, streamKey } = this.options;
     const now = await readRecord(redis, streamKey);
     const { partitions, repartitions } = this.current;
@@ -229,12 +240,12 @@ export class StreamFollower {
     if (now.repartitions !== repartitions || now.partitions !== partitions) {
       // nothing more comes to the old partitions (the record changes only once the relays are fenced off them),
       // and nothing to the new ones before the record changed
-      const rest = await this.readOnce(false, how.verify === true);
+      const rest = await this.readOnce(false, how.verify ?? false);
       if (rest.length > 0) return { entries: rest, layout: null };
       await this.moveTo(now);
       return { entries: [], layout: this.current };
     }
-    const entries = await this.readOnce(how.block && !this.spread(), how.verify === true);
+    const entries = await this.readOnce(how.block && !this.spread(), how.verify ?? false);
     if (entries.length === 0 && how.block && this.spread()) await sleep(200);
     return { entries, layout: null };
   }
@@ -278,11 +289,12 @@ export class StreamFollower {
   }
 
   /** One read over the partitions it reads; moves their positions past what it brought. */
-  private async readOnce(block: boolean, verify: boolean): Promise<FollowedEntry[]> {
+  private async readOnce(block: boolean, verify: Verify): Promise<FollowedEntry[]> {
     const { redis } = this.options;
     const keys = this.reading;
     if (keys.length === 0) return [];
-    const count = String(this.options.count ?? 100);
+    const limit = this.options.count ?? 100;
+    const count = String(limit);
     const before = keys.map((key) => this.last.get(key) ?? '0-0');
     const replies: XReadReply[] = this.spread()
       ? await Promise.all(keys.map((key, n) => redis.call('XREAD', 'COUNT', count, 'STREAMS', key, before[n] ?? '0-0') as Promise<XReadReply>))
@@ -297,7 +309,10 @@ export class StreamFollower {
             ...before,
           )) as XReadReply,
         ];
-    if (verify) await Promise.all(keys.map((key, n) => refuseTrimmed(redis, key, before[n] ?? '0-0')));
+    const behind = (): boolean => replies.some((reply) => reply?.some(([, read]) => read.length >= limit) ?? false);
+    if (verify === true || (verify === 'when-behind' && behind())) {
+      await Promise.all(keys.map((key, n) => refuseTrimmed(redis, key, before[n] ?? '0-0')));
+    }
     const partitionOfKey = new Map(this.current.keys.map((key, n) => [key, n]));
     const entries: FollowedEntry[] = [];
     for (const reply of replies) {

@@ -224,7 +224,8 @@ class Feed {
   private async run(): Promise<void> {
     try {
       while (!this.stopped) {
-        const step = await this.follower.read({ block: true });
+        // checked for trimming only when it is behind (a read came back full): at the head it costs nothing
+        const step = await this.follower.read({ block: true, verify: 'when-behind' });
         if (this.stopped) return;
         this.take(step);
       }
@@ -366,13 +367,16 @@ class Feed {
     for (const wake of ticks) wake();
   }
 
-  /** The reader failed: every watcher ends (a resync when it missed a layout, else interrupted), and the hub lets go of it. */
+  /**
+   * The reader failed: every watcher ends (a resync when it missed a layout or fell behind what the stream keeps,
+   * else interrupted), and the hub lets go of it.
+   */
   private fail(err: unknown): void {
     if (this.stopped) return;
     this.options.logger?.warn({ err: err instanceof Error ? err.message : String(err) }, 'watch: the reader stopped; its watchers end');
     this.onFailed(this);
     const watchers = [...this.watchers];
-    void Promise.all(watchers.map((watcher) => this.end(watcher, err))).finally(() => {
+    void Promise.all(watchers.map((watcher) => this.end(watcher, this.failureOf(watcher, err), 'this watch fell behind'))).finally(() => {
       this.stopped = true;
       this.wake();
       this.live.disconnect();
@@ -380,11 +384,27 @@ class Feed {
     });
   }
 
-  /** Ends a watcher for an error: a resync for a position it cannot go on from, else interrupted. */
-  private async end(watcher: Watcher, err: unknown): Promise<void> {
+  /**
+   * What the reader's failure is to one watcher. The reader fell behind what the stream keeps (ResyncRequiredError:
+   * a read found trimmed what came after its position): a resync for a watcher whose own position in that partition
+   * is gone too (every watcher where the feed is); one whose position is still there (not yet positioned, or ahead
+   * of the feed) resumes from its cursor (interrupted).
+   */
+  private failureOf(watcher: Watcher, err: unknown): unknown {
+    if (!(err instanceof ResyncRequiredError)) return err;
+    const n = watcher.layout?.keys.indexOf(err.streamKey) ?? -1;
+    const position = n < 0 ? undefined : (watcher.own ?? this.positions)[n];
+    if (position !== undefined && compareIds(position, err.firstRetained) < 0) return err;
+    return new Error(
+      `the watch's reader fell behind what ${err.streamKey} keeps and stopped; this watch's position is still there: resume from its cursor`,
+    );
+  }
+
+  /** Ends a watcher for an error: a resync for a position it cannot go on from (`field` names it), else interrupted. */
+  private async end(watcher: Watcher, err: unknown, field = watcher.spec.afterName ?? 'after'): Promise<void> {
     if (watcher.done) return;
     if (this.stopped) return this.finish(watcher, { reason: 'closing' });
-    const resync = resyncOf(err, watcher.spec.afterName ?? 'after');
+    const resync = resyncOf(err, field);
     if (resync === null) {
       this.options.logger?.warn({ err: err instanceof Error ? err.message : String(err) }, 'watch: a watcher ended on an error');
       return this.finish(watcher, { reason: 'interrupted', message: err instanceof Error ? err.message : String(err) });

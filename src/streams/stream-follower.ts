@@ -6,7 +6,7 @@
  * the old partitions to their end, then the new ones. Its position is a cursor (`encodeCursor`): every partition's
  * last id, with the layout it belongs to.
  */
-import { ResyncRequiredError } from '../errors';
+import { CursorError, LayoutMissedError, ResyncRequiredError } from '../errors';
 import { isCluster, type RedisConnection } from '../redis/connection';
 import { sleep } from '../util';
 import { pairs } from './consumer-reader';
@@ -28,34 +28,6 @@ export interface StreamLayout {
   readonly partitions: number;
   readonly repartitions: number;
   readonly keys: readonly string[];
-}
-
-/** A start a follower cannot take: a malformed cursor, or one of a layout it cannot follow from. */
-export class CursorError extends Error {
-  constructor(
-    readonly reason: 'bad_cursor' | 'repartitioned',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'CursorError';
-  }
-}
-
-/**
- * The stream was repartitioned more than once between two of a follower's looks: the entries of the layouts in
- * between cannot be read in each deployment's order any more.
- */
-export class LayoutMissedError extends Error {
-  constructor(
-    readonly streamKey: string,
-    readonly missed: number,
-    reader: string,
-  ) {
-    super(
-      `the stream ${streamKey} was repartitioned ${missed} times since ${reader} last looked: the entries of the layouts in between cannot be read in each deployment's order; start it again`,
-    );
-    this.name = 'LayoutMissedError';
-  }
 }
 
 const ENTRY_ID = /^\d+(-\d+)?$/;

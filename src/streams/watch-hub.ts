@@ -7,20 +7,12 @@
  * happens in the tick that checked it, so nothing is missed or repeated. Each deployment lives in one partition and
  * each partition is read in order, so each deployment's entries arrive in version order.
  */
-import { ResyncRequiredError } from '../errors';
+import { CursorError, LayoutMissedError, ResyncRequiredError } from '../errors';
 import type { Logger } from '../log';
 import type { RedisConnection } from '../redis/connection';
 import { partitionOf } from '../util/partition-of';
 import { compareIds, partitionKeys, readRecord } from './partitions';
-import {
-  CursorError,
-  encodeCursor,
-  LayoutMissedError,
-  StreamFollower,
-  type CursorWords,
-  type FollowStep,
-  type StreamLayout,
-} from './stream-follower';
+import { encodeCursor, StreamFollower, type CursorWords, type FollowStep, type StreamLayout } from './stream-follower';
 import { watchEntry, WatchRing, type WatchEntry } from './watch-ring';
 
 export type { WatchEntry } from './watch-ring';
@@ -95,11 +87,10 @@ interface Watcher {
   done: boolean;
 }
 
-const WORDS = (field: string): CursorWords => ({
-  field,
-  expected: 'a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0',
-  restart: 'backfill, then watch again without a cursor',
-});
+/** What a watch's `after` (and `Last-Event-ID`) takes, in messages: the route's 400 and a watch's resync say the same. */
+export const WATCH_CURSOR_EXPECTED = 'a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0';
+
+const WORDS = (field: string): CursorWords => ({ field, expected: WATCH_CURSOR_EXPECTED, restart: 'backfill, then watch again without a cursor' });
 
 export class WatchHub {
   private feed: Feed | null = null;

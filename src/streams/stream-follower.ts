@@ -16,8 +16,9 @@ import { compareIds, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readReco
 export interface StreamCursor {
   readonly p: number;
   /**
-   * absent (as from the cursors `fleet tail` printed before issue 31, and while R is 0): the current layout when P
-   * matches, else the one before it when the stream was repartitioned once
+   * absent only in the cursors `fleet tail` printed before `r` existed, after any number of repartitions: read as the
+   * current layout when P matches (an old cursor made before a repartition back to the same P, 2 -> 4 -> 2, is
+   * then taken as the current layout's: the limit of old cursors), else as the first (R = 0)
    */
   readonly r?: number;
   readonly ids: readonly string[];
@@ -33,12 +34,11 @@ export interface StreamLayout {
 const ENTRY_ID = /^\d+(-\d+)?$/;
 
 /**
- * The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}`, without `r` while it is 0 (a stream never
- * repartitioned: the cursor is then the one `fleet tail` printed before `r` existed).
+ * The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}`. `r` is always written: without it a cursor
+ * cannot tell its layout from a later one with the same P (2 -> 4 -> 2), and would skip what came between.
  */
 export function encodeCursor(cursor: StreamCursor): string {
-  const json = cursor.r === undefined || cursor.r === 0 ? { p: cursor.p, ids: cursor.ids } : { p: cursor.p, r: cursor.r, ids: cursor.ids };
-  return Buffer.from(JSON.stringify(json)).toString('base64url');
+  return Buffer.from(JSON.stringify({ p: cursor.p, r: cursor.r ?? 0, ids: cursor.ids })).toString('base64url');
 }
 
 /** A plain stream id (`$`, `0`, `<ms>` or `<ms>-<seq>`), applied to every partition; anything else is a cursor. */
@@ -168,7 +168,7 @@ export class StreamFollower {
     const recorded = await readRecord(redis, streamKey);
     const cursor = isStreamId(from) ? null : decodeCursor(from, words);
     let layout: StreamLayout = { ...recorded, keys: partitionKeys(streamKey, recorded.partitions) };
-    // without `r`: the current layout if P matches, else the first (`r` is written from the first repartition on)
+    // without `r` (a cursor fleet tail printed before `r` existed): the current layout if P matches, else the first
     const r = cursor === null ? recorded.repartitions : (cursor.r ?? (cursor.p === recorded.partitions ? recorded.repartitions : 0));
     if (cursor !== null && (cursor.p !== recorded.partitions || r !== recorded.repartitions)) {
       // the layout before the current one can be followed: its partitions are read to their end, then the current ones

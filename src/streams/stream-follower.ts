@@ -10,7 +10,7 @@ import { CursorError, LayoutMissedError, ResyncRequiredError } from '../errors';
 import { isCluster, type RedisConnection } from '../redis/connection';
 import { sleep } from '../util';
 import { pairs } from './consumer-reader';
-import { compareIds, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from './partitions';
+import { compareIds, idBefore, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from './partitions';
 
 /** Every partition's position: P, R (the stream's count of repartitions), and per partition in order the last id read. */
 export interface StreamCursor {
@@ -157,8 +157,9 @@ export class StreamFollower {
   }
 
   /**
-   * Reads the record and gives every partition its position: `$` (now, the default), `0` or a stream id (every
-   * partition from there, never before its layout boundary), or a cursor (every partition's own, of the current
+   * Reads the record and gives every partition its position: `$` (now, the default), `0` (everything each partition
+   * retains, trimmed or not), a stream id (every partition from there; refused when trimming took what came after
+   * it), never before a partition's layout boundary; or a cursor (every partition's own, of the current
    * layout or of the one before it, whose partitions are then read to their end first). Throws CursorError for a
    * cursor it cannot use, ResyncRequiredError when a partition no longer holds what comes after its position.
    */
@@ -186,7 +187,14 @@ export class StreamFollower {
       } else {
         // a cursor of the layout before keeps its positions: the boundaries written since are the new layout's
         if (layout.repartitions === recorded.repartitions) position = (await readerStart(redis, key, position)).id;
-        if (read.has(key)) await refuseTrimmed(redis, key, position);
+        if (cursor === null && (from === '0' || from === '0-0')) {
+          // everything the key retains: from just before its first entry, never from a start trimming took away (a
+          // cursor's 0-0 is no such start: its partition, empty when the cursor was made, may have lost entries since)
+          const floor = (await trimmedOf(redis, key))?.floor;
+          if (floor !== undefined && compareIds(position, floor) < 0) position = floor;
+        } else if (read.has(key)) {
+          await refuseTrimmed(redis, key, position);
+        }
       }
       positions.set(key, position);
     }
@@ -300,17 +308,29 @@ export class StreamFollower {
 }
 
 /**
- * ResyncRequiredError when the key lost, to trimming, entries after `from`: it dropped entries (added > length)
- * and `from` lies before its first entry (or, all gone, before its last id). A position whose own entry was the
- * last one trimmed counts too: a reader at the trimming edge is told to resync rather than risk a gap.
+ * What a key lost to trimming, or null when it lost nothing (entries-added is its length) or does not exist:
+ * `first`, its first entry still there (all gone: its last id), and `floor`, the id just before it (all gone: its
+ * last id), the earliest position from which a reader misses nothing it retains.
  */
-export async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
+async function trimmedOf(redis: RedisConnection, streamKey: string): Promise<{ first: string; floor: string } | null> {
   const info = await (redis.xinfo('STREAM', streamKey) as Promise<unknown[]>).then(pairs, () => null);
-  if (info === null) return; // no such key: nothing was there to lose
+  if (info === null) return null; // no such key: nothing was there to lose
   const added = Number(info['entries-added'] ?? 0);
   const length = Number(info.length ?? 0);
-  if (added <= length) return;
+  if (added <= length) return null;
   const first = (length > 0 ? info['recorded-first-entry-id'] : info['last-generated-id']) as string | undefined;
-  if (first === undefined) return;
-  if (compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
+  if (first === undefined) return null;
+  return { first, floor: length > 0 ? idBefore(first) : first };
+}
+
+/**
+ * ResyncRequiredError when the key lost, to trimming, entries after `from`: it dropped entries (added > length) and
+ * `from` lies before the id just before its first entry (or, all gone, before its last id). Nothing can lie between
+ * that id and the first entry, so a reader there misses nothing; one further back may have lost entries (a position
+ * whose own entry was the last one trimmed counts too, unless it is that id: the reader is told to resync rather
+ * than risk a gap).
+ */
+export async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
+  const trimmed = await trimmedOf(redis, streamKey);
+  if (trimmed !== null && compareIds(from, trimmed.floor) < 0) throw new ResyncRequiredError(streamKey, from, trimmed.first);
 }

@@ -121,7 +121,7 @@ export const watchQuerySchema = z.object({
       { error: (issue) => `must be ${WATCH_CURSOR_EXPECTED}, got "${String(issue.input).slice(0, 60)}"` },
     )
     .optional()
-    .describe("resume after this cursor (an event's `id`); the `Last-Event-ID` header wins when both are given. Absent: from now"),
+    .describe("resume after this cursor (an event's `id`); the `Last-Event-ID` header wins when both are given. Absent or `$`: from now"),
 });
 
 /**

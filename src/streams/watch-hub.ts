@@ -40,14 +40,14 @@ export type WatchEnd =
   | { readonly reason: 'interrupted'; readonly message: string };
 
 export interface WatchSubscriber {
-  /** a cursor (or a plain stream id, as `fleet tail --from` takes it); absent: from now */
+  /** a cursor (or a plain stream id, as `fleet tail --from` takes it); absent or `$`: from now */
   readonly after?: string;
   /** where `after` came from, in messages about it (default `after`) */
   readonly afterName?: string;
   readonly filter?: WatchFilter;
   /** an entry that passed the filter, and the cursor after it; false: hold a catch-up until `drained()` */
   onEntry(entry: WatchEntry, cursor: string): boolean;
-  /** a watch without `after` is live from here (its start position) */
+  /** a watch from now (without `after`, or `$`) is live from here (its start position) */
   onPositioned?(cursor: string): void;
   onEnd(end: WatchEnd): void;
   /** resolves when the subscriber takes entries again (default: at once) */
@@ -179,8 +179,9 @@ class Feed {
   add(watcher: Watcher): void {
     this.watchers.add(watcher);
     const { after } = watcher.spec;
+    // `$` is now, as without `after`: the watch gets its start position (onPositioned) to resume from
     this.ready
-      .then(() => (after === undefined ? this.joinNow(watcher) : this.catchUp(watcher, after)))
+      .then(() => (after === undefined || after === '$' ? this.joinNow(watcher) : this.catchUp(watcher, after)))
       .catch((err: unknown) => this.end(watcher, err));
   }
 

@@ -1,7 +1,7 @@
 /**
  * Where a watch (and `fleet tail`) starts from a plain stream id or a cursor, over real Redis and real HTTP: `0` is
  * everything the stream retains (trimmed or not), a cursor's `0-0` on a partition that lost entries to trimming since
- * is a resync. docs/contract.md, "Watch".
+ * is a resync, and `$` is a watch without `after` (its start id comes first). docs/contract.md, "Watch".
  */
 import { randomUUID } from 'node:crypto';
 import { expect } from 'chai';
@@ -167,5 +167,24 @@ describe('GET /api/watch and fleet tail: where a start id or a cursor starts', f
     const resync = JSON.parse(late.blocks.find((block) => block.event === 'resync')?.data ?? '{}') as { reason?: string; message?: string };
     expect(resync.reason).to.equal('trimmed');
     expect(resync.message).to.contain(`${keys[1]} no longer holds what came after this position (it now starts at ${kept})`);
+  });
+
+  it('?after=$ is a watch without after: its start id comes first, and a reconnect before any event misses nothing', async () => {
+    const deploymentId = randomUUID();
+    await append(streamKey, deploymentId, 1); // before the watch: not for it
+    const now = await watch('?after=$');
+    await waitFor('the watch live', () => (hub.watchers.live === 1 ? true : undefined));
+    await append(streamKey, deploymentId, 2);
+    await waitFor('version 2', () => (now.transitions().length >= 1 ? true : undefined));
+    const startIds = now.blocks.filter((b) => b.id !== undefined && b.event === undefined && b.data === undefined && b.comments.length === 0);
+    expect(startIds, 'an id-only block before the first transition').to.have.length(1);
+    expect(now.blocks.findIndex((b) => b === startIds[0])).to.be.below(now.blocks.findIndex((b) => b.event === 'transition'));
+    now.close();
+
+    // an EventSource that reconnects sends the start id as Last-Event-ID, with the same URL
+    await append(streamKey, deploymentId, 3);
+    const again = await watch('?after=$', { 'last-event-id': startIds[0]?.id ?? '' });
+    await waitFor('versions 2 and 3', () => (again.transitions().length >= 2 ? true : undefined));
+    expect(versions(again)).to.deep.equal([2, 3]);
   });
 });

@@ -136,6 +136,42 @@ export class ResyncRequiredError extends FleetError {
   }
 }
 
+/**
+ * A start a stream reader without a group cannot take (`fleet tail --from`, a watch's `after` or `Last-Event-ID`): a
+ * malformed cursor (`bad_cursor`), or one of a layout it cannot follow from (`repartitioned`: the stream was
+ * repartitioned since in a way its entries cannot be read in each deployment's order from there).
+ */
+export class CursorError extends FleetError {
+  readonly code = 'cursor_refused';
+  readonly retryable = false;
+  constructor(
+    readonly reason: 'bad_cursor' | 'repartitioned',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'CursorError';
+  }
+}
+
+/**
+ * The stream was repartitioned more than once between two of a reader's looks (a reader without a group: `fleet
+ * tail`, the watch's): the entries of the layouts in between cannot be read in each deployment's order any more.
+ */
+export class LayoutMissedError extends FleetError {
+  readonly code = 'layout_missed';
+  readonly retryable = false;
+  constructor(
+    readonly streamKey: string,
+    readonly missed: number,
+    reader: string,
+  ) {
+    super(
+      `the stream ${streamKey} was repartitioned ${missed} times since ${reader} last looked: the entries of the layouts in between cannot be read in each deployment's order; start it again`,
+    );
+    this.name = 'LayoutMissedError';
+  }
+}
+
 const TRANSIENT_CODES = new Set([
   'ECONNREFUSED',
   'ECONNRESET',

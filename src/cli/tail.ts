@@ -12,7 +12,8 @@ import { createRedis, describeRedis, describeServer, ServerWatch, type ServerRep
 import { TransitionConsumer, parseEntry, type TransitionEntry } from '../streams/consumer';
 import { StreamFollower } from '../streams/stream-follower';
 
-export { CursorError as TailCursorError, decodeCursor, encodeCursor, isStreamId, type StreamCursor as TailCursor } from '../streams/stream-follower';
+export { CursorError as TailCursorError } from '../errors';
+export { decodeCursor, encodeCursor, isStreamId, type StreamCursor as TailCursor } from '../streams/stream-follower';
 
 export interface TailOptions {
   readonly redisUrl: string;

@@ -5,12 +5,13 @@
  */
 import type { Command } from 'commander';
 import { DEFAULT_FLEET_URL, loadWatchConfig } from '../config';
+import { CursorError } from '../errors';
 import { MAX_WATCH_DEPLOYMENTS } from '../http/api-schemas';
 import { DEPLOYMENT_STATES } from '../machine';
 import { printable, UUID_PATTERN } from '../util';
 import { followOutput, stopOnSignals } from './following';
 import { UsageError } from './reach';
-import { CursorError, decodeCursor } from '../streams/stream-follower';
+import { decodeCursor } from '../streams/stream-follower';
 import { watch, type WatchOutcome } from './watch';
 
 /** How long after the first signal `fleet watch` exits even if something still holds it (it stops at once). */

@@ -9,6 +9,7 @@ import { EVENT_NAMES, payloadSchemaWithoutActor, UUID_PATTERN } from '../events/
 import { DEPLOYMENT_STATES } from '../machine';
 import { attemptViewSchema, transitionViewSchema } from '../services/read-model/views';
 import { decodeCursor, isStreamId } from '../streams/stream-follower';
+import { WATCH_CURSOR_EXPECTED } from '../streams/watch-hub';
 
 /** Every error answer, whatever its status (`POST /api/events` adds the fields its failures need). */
 export const apiErrorSchema = z
@@ -91,9 +92,6 @@ function queryList(rule: string, valid: (item: string) => boolean, max: number, 
     .describe(description);
 }
 
-/** What `after` (and the `Last-Event-ID` header) takes. */
-export const WATCH_CURSOR_RULE = 'must be a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0';
-
 /** As many deployments as one watch may name (`fleet watch --deployment` checks it before it asks). */
 export const MAX_WATCH_DEPLOYMENTS = 100;
 
@@ -123,10 +121,10 @@ export const watchQuerySchema = z.object({
           return false;
         }
       },
-      { error: (issue) => `${WATCH_CURSOR_RULE}, got "${String(issue.input).slice(0, 60)}"` },
+      { error: (issue) => `must be ${WATCH_CURSOR_EXPECTED}, got "${String(issue.input).slice(0, 60)}"` },
     )
     .optional()
-    .describe("resume after this cursor (an event's `id`); the `Last-Event-ID` header wins when both are given. Absent: from now"),
+    .describe("resume after this cursor (an event's `id`); the `Last-Event-ID` header wins when both are given. Absent or `$`: from now"),
 });
 
 /**

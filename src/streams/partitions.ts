@@ -143,6 +143,19 @@ export async function readerStart(redis: RedisConnection, partitionKey: string, 
   return { id: asked, entriesRead: fromStart ? 0 : null };
 }
 
+/** The greatest sequence number of a stream id (Redis's are unsigned 64-bit). */
+const MAX_SEQ = 18446744073709551615n;
+
+/**
+ * The stream id just before `id` (`ms-seq`, or `ms` for `ms-0`): no id lies strictly between the two, so a reader
+ * positioned there reads `id` next. `0-0` has none before it and stays `0-0`.
+ */
+export function idBefore(id: string): string {
+  const [ms = 0n, seq = 0n] = id.split('-').map((p) => BigInt(p));
+  if (seq > 0n) return `${ms}-${seq - 1n}`;
+  return ms > 0n ? `${ms - 1n}-${MAX_SEQ}` : '0-0';
+}
+
 /** Orders Redis stream ids (`ms-seq`, or `ms`). */
 export function compareIds(a: string, b: string): number {
   const [am = 0n, as = 0n] = a.split('-').map((p) => BigInt(p));

@@ -6,18 +6,19 @@
  * the old partitions to their end, then the new ones. Its position is a cursor (`encodeCursor`): every partition's
  * last id, with the layout it belongs to.
  */
-import { ResyncRequiredError } from '../errors';
+import { CursorError, LayoutMissedError, ResyncRequiredError } from '../errors';
 import { isCluster, type RedisConnection } from '../redis/connection';
 import { sleep } from '../util';
 import { pairs } from './consumer-reader';
-import { compareIds, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from './partitions';
+import { compareIds, idBefore, MAX_STREAM_PARTITIONS, partitionKeys, readerStart, readRecord } from './partitions';
 
 /** Every partition's position: P, R (the stream's count of repartitions), and per partition in order the last id read. */
 export interface StreamCursor {
   readonly p: number;
   /**
-   * absent (as from the cursors `fleet tail` printed before issue 31, and while R is 0): the current layout when P
-   * matches, else the one before it when the stream was repartitioned once
+   * absent only in the cursors `fleet tail` printed before `r` existed, after any number of repartitions: read as the
+   * current layout when P matches (an old cursor made before a repartition back to the same P, 2 -> 4 -> 2, is
+   * then taken as the current layout's: the limit of old cursors), else as the first (R = 0)
    */
   readonly r?: number;
   readonly ids: readonly string[];
@@ -30,43 +31,14 @@ export interface StreamLayout {
   readonly keys: readonly string[];
 }
 
-/** A start a follower cannot take: a malformed cursor, or one of a layout it cannot follow from. */
-export class CursorError extends Error {
-  constructor(
-    readonly reason: 'bad_cursor' | 'repartitioned',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'CursorError';
-  }
-}
-
-/**
- * The stream was repartitioned more than once between two of a follower's looks: the entries of the layouts in
- * between cannot be read in each deployment's order any more.
- */
-export class LayoutMissedError extends Error {
-  constructor(
-    readonly streamKey: string,
-    readonly missed: number,
-    reader: string,
-  ) {
-    super(
-      `the stream ${streamKey} was repartitioned ${missed} times since ${reader} last looked: the entries of the layouts in between cannot be read in each deployment's order; start it again`,
-    );
-    this.name = 'LayoutMissedError';
-  }
-}
-
 const ENTRY_ID = /^\d+(-\d+)?$/;
 
 /**
- * The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}`, without `r` while it is 0 (a stream never
- * repartitioned: the cursor is then the one `fleet tail` printed before `r` existed).
+ * The opaque form of a cursor: base64url of `{"p":P,"r":R,"ids":[...]}`. `r` is always written: without it a cursor
+ * cannot tell its layout from a later one with the same P (2 -> 4 -> 2), and would skip what came between.
  */
 export function encodeCursor(cursor: StreamCursor): string {
-  const json = cursor.r === undefined || cursor.r === 0 ? { p: cursor.p, ids: cursor.ids } : { p: cursor.p, r: cursor.r, ids: cursor.ids };
-  return Buffer.from(JSON.stringify(json)).toString('base64url');
+  return Buffer.from(JSON.stringify({ p: cursor.p, r: cursor.r ?? 0, ids: cursor.ids })).toString('base64url');
 }
 
 /** A plain stream id (`$`, `0`, `<ms>` or `<ms>-<seq>`), applied to every partition; anything else is a cursor. */
@@ -185,8 +157,9 @@ export class StreamFollower {
   }
 
   /**
-   * Reads the record and gives every partition its position: `$` (now, the default), `0` or a stream id (every
-   * partition from there, never before its layout boundary), or a cursor (every partition's own, of the current
+   * Reads the record and gives every partition its position: `$` (now, the default), `0` (everything each partition
+   * retains, trimmed or not), a stream id (every partition from there; refused when trimming took what came after
+   * it), never before a partition's layout boundary; or a cursor (every partition's own, of the current
    * layout or of the one before it, whose partitions are then read to their end first). Throws CursorError for a
    * cursor it cannot use, ResyncRequiredError when a partition no longer holds what comes after its position.
    */
@@ -196,7 +169,7 @@ export class StreamFollower {
     const recorded = await readRecord(redis, streamKey);
     const cursor = isStreamId(from) ? null : decodeCursor(from, words);
     let layout: StreamLayout = { ...recorded, keys: partitionKeys(streamKey, recorded.partitions) };
-    // without `r`: the current layout if P matches, else the first (`r` is written from the first repartition on)
+    // without `r` (a cursor fleet tail printed before `r` existed): the current layout if P matches, else the first
     const r = cursor === null ? recorded.repartitions : (cursor.r ?? (cursor.p === recorded.partitions ? recorded.repartitions : 0));
     if (cursor !== null && (cursor.p !== recorded.partitions || r !== recorded.repartitions)) {
       // the layout before the current one can be followed: its partitions are read to their end, then the current ones
@@ -214,7 +187,14 @@ export class StreamFollower {
       } else {
         // a cursor of the layout before keeps its positions: the boundaries written since are the new layout's
         if (layout.repartitions === recorded.repartitions) position = (await readerStart(redis, key, position)).id;
-        if (read.has(key)) await refuseTrimmed(redis, key, position);
+        if (cursor === null && (from === '0' || from === '0-0')) {
+          // everything the key retains: from just before its first entry, never from a start trimming took away (a
+          // cursor's 0-0 is no such start: its partition, empty when the cursor was made, may have lost entries since)
+          const floor = (await trimmedOf(redis, key))?.floor;
+          if (floor !== undefined && compareIds(position, floor) < 0) position = floor;
+        } else if (read.has(key)) {
+          await refuseTrimmed(redis, key, position);
+        }
       }
       positions.set(key, position);
     }
@@ -328,17 +308,29 @@ export class StreamFollower {
 }
 
 /**
- * ResyncRequiredError when the key lost, to trimming, entries after `from`: it dropped entries (added > length)
- * and `from` lies before its first entry (or, all gone, before its last id). A position whose own entry was the
- * last one trimmed counts too: a reader at the trimming edge is told to resync rather than risk a gap.
+ * What a key lost to trimming, or null when it lost nothing (entries-added is its length) or does not exist:
+ * `first`, its first entry still there (all gone: its last id), and `floor`, the id just before it (all gone: its
+ * last id), the earliest position from which a reader misses nothing it retains.
  */
-export async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
+async function trimmedOf(redis: RedisConnection, streamKey: string): Promise<{ first: string; floor: string } | null> {
   const info = await (redis.xinfo('STREAM', streamKey) as Promise<unknown[]>).then(pairs, () => null);
-  if (info === null) return; // no such key: nothing was there to lose
+  if (info === null) return null; // no such key: nothing was there to lose
   const added = Number(info['entries-added'] ?? 0);
   const length = Number(info.length ?? 0);
-  if (added <= length) return;
+  if (added <= length) return null;
   const first = (length > 0 ? info['recorded-first-entry-id'] : info['last-generated-id']) as string | undefined;
-  if (first === undefined) return;
-  if (compareIds(from, first) < 0) throw new ResyncRequiredError(streamKey, from, first);
+  if (first === undefined) return null;
+  return { first, floor: length > 0 ? idBefore(first) : first };
+}
+
+/**
+ * ResyncRequiredError when the key lost, to trimming, entries after `from`: it dropped entries (added > length) and
+ * `from` lies before the id just before its first entry (or, all gone, before its last id). Nothing can lie between
+ * that id and the first entry, so a reader there misses nothing; one further back may have lost entries (a position
+ * whose own entry was the last one trimmed counts too, unless it is that id: the reader is told to resync rather
+ * than risk a gap).
+ */
+export async function refuseTrimmed(redis: RedisConnection, streamKey: string, from: string): Promise<void> {
+  const trimmed = await trimmedOf(redis, streamKey);
+  if (trimmed !== null && compareIds(from, trimmed.floor) < 0) throw new ResyncRequiredError(streamKey, from, trimmed.first);
 }

@@ -7,20 +7,12 @@
  * happens in the tick that checked it, so nothing is missed or repeated. Each deployment lives in one partition and
  * each partition is read in order, so each deployment's entries arrive in version order.
  */
-import { ResyncRequiredError } from '../errors';
+import { CursorError, LayoutMissedError, ResyncRequiredError } from '../errors';
 import type { Logger } from '../log';
 import type { RedisConnection } from '../redis/connection';
 import { partitionOf } from '../util/partition-of';
 import { compareIds, partitionKeys, readRecord } from './partitions';
-import {
-  CursorError,
-  encodeCursor,
-  LayoutMissedError,
-  StreamFollower,
-  type CursorWords,
-  type FollowStep,
-  type StreamLayout,
-} from './stream-follower';
+import { encodeCursor, StreamFollower, type CursorWords, type FollowStep, type StreamLayout } from './stream-follower';
 import { watchEntry, WatchRing, type WatchEntry } from './watch-ring';
 
 export type { WatchEntry } from './watch-ring';
@@ -48,14 +40,14 @@ export type WatchEnd =
   | { readonly reason: 'interrupted'; readonly message: string };
 
 export interface WatchSubscriber {
-  /** a cursor (or a plain stream id, as `fleet tail --from` takes it); absent: from now */
+  /** a cursor (or a plain stream id, as `fleet tail --from` takes it); absent or `$`: from now */
   readonly after?: string;
   /** where `after` came from, in messages about it (default `after`) */
   readonly afterName?: string;
   readonly filter?: WatchFilter;
   /** an entry that passed the filter, and the cursor after it; false: hold a catch-up until `drained()` */
   onEntry(entry: WatchEntry, cursor: string): boolean;
-  /** a watch without `after` is live from here (its start position) */
+  /** a watch from now (without `after`, or `$`) is live from here (its start position) */
   onPositioned?(cursor: string): void;
   onEnd(end: WatchEnd): void;
   /** resolves when the subscriber takes entries again (default: at once) */
@@ -95,11 +87,10 @@ interface Watcher {
   done: boolean;
 }
 
-const WORDS = (field: string): CursorWords => ({
-  field,
-  expected: 'a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0',
-  restart: 'backfill, then watch again without a cursor',
-});
+/** What a watch's `after` (and `Last-Event-ID`) takes, in messages: the route's 400 and a watch's resync say the same. */
+export const WATCH_CURSOR_EXPECTED = 'a cursor (the id of an event of this watch) or a stream id like 1763900000000-0 or 0';
+
+const WORDS = (field: string): CursorWords => ({ field, expected: WATCH_CURSOR_EXPECTED, restart: 'backfill, then watch again without a cursor' });
 
 export class WatchHub {
   private feed: Feed | null = null;
@@ -188,8 +179,9 @@ class Feed {
   add(watcher: Watcher): void {
     this.watchers.add(watcher);
     const { after } = watcher.spec;
+    // `$` is now, as without `after`: the watch gets its start position (onPositioned) to resume from
     this.ready
-      .then(() => (after === undefined ? this.joinNow(watcher) : this.catchUp(watcher, after)))
+      .then(() => (after === undefined || after === '$' ? this.joinNow(watcher) : this.catchUp(watcher, after)))
       .catch((err: unknown) => this.end(watcher, err));
   }
 

@@ -755,7 +755,7 @@ describe('a partitioned transition stream', function () {
       );
       expect(refused).to.be.instanceOf(TailCursorError);
       expect((refused as Error).message).to.equal(
-        `--from: the cursor is for 2 partition(s), but the stream ${streamKey} has 4: start from a stream id, 0 or $ instead`,
+        `--from: the cursor is for 2 partition(s) after 0 repartition(s), but the stream ${streamKey} has 4 after 0: its entries in between cannot be read in each deployment's order; start from a stream id, 0 or $ instead`,
       );
       expect(other.lines).to.deep.equal([]);
       expect(other.cursors).to.deep.equal([]);

@@ -487,7 +487,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
       const cursor = /to resume every partition from here: --from (\S+)/.exec(output.err)?.[1];
       expect(cursor, output.err).to.be.a('string');
       const last = lines[lines.length - 1]?.streamId;
-      expect(JSON.parse(Buffer.from(cursor ?? '', 'base64url').toString('utf8'))).to.deep.equal({ p: 1, ids: [last] });
+      expect(JSON.parse(Buffer.from(cursor ?? '', 'base64url').toString('utf8'))).to.deep.equal({ p: 1, r: 0, ids: [last] });
       // a cursor for another number of partitions is refused, naming both
       const other = startTail(['--from', Buffer.from(JSON.stringify({ p: 4, ids: ['0-0', '0-0', '0-0', '0-0'] })).toString('base64url')]);
       expect(await other.exited).to.equal(2);

@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import { loadConfig } from '../../src/config';
 import { ConfigError } from '../../src/errors';
-import { fnv1a32, partitionKey, partitionKeys, partitionOf, partitionsRecordKey } from '../../src/streams/partitions';
+import { compareIds, fnv1a32, idBefore, partitionKey, partitionKeys, partitionOf, partitionsRecordKey } from '../../src/streams/partitions';
 
 const bytes = (s: string) => new TextEncoder().encode(s);
 
@@ -21,6 +21,15 @@ describe('stream partitions', () => {
     expect(partitionOf('foobar', 1024)).to.equal(0xbf9cf968 % 1024);
     expect(partitionOf(id, 1)).to.equal(0);
     expect(() => partitionOf(id, 0)).to.throw(RangeError, 'partitions: must be a whole number of at least 1, got 0');
+  });
+
+  it('names the stream id just before another: nothing lies between the two', () => {
+    expect(idBefore('1763900000000-5')).to.equal('1763900000000-4');
+    expect(idBefore('1763900000000-0')).to.equal('1763899999999-18446744073709551615');
+    expect(idBefore('1763900000000')).to.equal('1763899999999-18446744073709551615');
+    expect(idBefore('0-1')).to.equal('0-0');
+    expect(idBefore('0-0')).to.equal('0-0');
+    for (const id of ['1763900000000-5', '1763900000000-0', '0-1']) expect(compareIds(idBefore(id), id), id).to.equal(-1);
   });
 
   it('spreads deployments over the partitions', () => {

@@ -14,6 +14,8 @@ import { MeasuredProcess } from '../lib/child';
 import { log, now, percentiles, round, rssMb, sleep, type Percentiles } from '../lib/common';
 import { cpuNow, cpuPerEvent } from '../lib/cpu';
 import type { BenchServices } from '../lib/services';
+import IORedis from 'ioredis';
+import { transitionStreamKey } from '../../src/streams/outbox-relay';
 import { cpuGroups, runWorkerLevel, WorkerUnderTest } from '../lib/workers';
 import { paced, seedReadyDeployments } from '../lib/workload';
 
@@ -36,6 +38,12 @@ export interface WatchScenarioOptions {
 
 export interface WatchRun {
   readonly watchers: number;
+  /**
+   * where the entries came from: `fleet`, the worker applying teardowns (the whole pipeline on this machine); `replay`,
+   * the bench appending copies of the fleet's own entries to the stream at the same rate, with no worker, PostgreSQL
+   * or relay at work (what one fleet http does with the machine to itself)
+   */
+  readonly feed: 'fleet' | 'replay';
   readonly events: number;
   /** transitions read by all watchers together in the measured window */
   readonly delivered: number;
@@ -214,6 +222,8 @@ export async function runWatch(services: BenchServices, options: WatchScenarioOp
       next += perRun;
       runs.push(await watchRun({ services, worker, server, api, count, ids: slice, rate, idleRssMb, options }));
     }
+    // the most watchers again, fed by the bench: the watch's own cost, with the pipeline's off the machine's CPUs
+    runs.push(await watchRun({ services, worker, server, api, count: most, ids: [], rate, idleRssMb, options, replay: prefix }));
     return {
       rate,
       rateSource: source,
@@ -241,6 +251,8 @@ interface RunSetup {
   readonly rate: number;
   readonly idleRssMb: number | null;
   readonly options: WatchScenarioOptions;
+  /** the prefix whose stream the bench appends to itself (the replayed feed); absent: the worker's teardowns of `ids` */
+  readonly replay?: string;
 }
 
 /** Paces teardowns of `ids` at the rate; resolves with each event's enqueue result once every one is on the stream. */
@@ -255,14 +267,59 @@ async function pacedEvents(worker: WorkerUnderTest, ids: readonly string[], rate
   return results;
 }
 
+/**
+ * The replayed feed: appends copies of the stream's last `n` entries (each with its own `at` and transitionId) with
+ * the gaps and the grouping the relay appended them with (the entries of one millisecond together: a commit's), so
+ * that the watch reads them as it read the fleet's; the worker idle.
+ */
+async function replayEntries(redisUrl: string, prefix: string, n: number): Promise<void> {
+  const redis = new IORedis(redisUrl, { maxRetriesPerRequest: 2, connectionName: 'bench-watch-replay' });
+  try {
+    const key = transitionStreamKey(prefix);
+    const originals = (await redis.xrevrange(key, '+', '-', 'COUNT', n)).reverse();
+    const first = originals[0];
+    if (first === undefined) throw new Error(`watch: nothing on ${key} to replay`);
+    const msOf = (id: string) => Number(id.split('-')[0]);
+    const t0 = now() + 5;
+    let i = 0;
+    const sent: Array<Promise<unknown>> = [];
+    while (i < originals.length) {
+      const at = msOf(originals[i]?.[0] ?? first[0]);
+      const wait = t0 + (at - msOf(first[0])) - now();
+      if (wait >= 1) await sleep(Math.floor(wait));
+      // every entry of that millisecond at once, as the relay appended them
+      const pipeline = redis.pipeline();
+      for (; i < originals.length && msOf(originals[i]?.[0] ?? '') === at; i++) {
+        const fields = originals[i]?.[1] ?? [];
+        const copy = fields.map((value, f) => {
+          const name = f % 2 === 1 ? fields[f - 1] : undefined;
+          return name === 'at' ? new Date().toISOString() : name === 'transitionId' ? `replay-${i}` : value;
+        });
+        pipeline.xadd(key, '*', ...copy);
+      }
+      sent.push(pipeline.exec());
+    }
+    await Promise.all(sent);
+  } finally {
+    redis.disconnect();
+  }
+}
+
 async function watchRun(setup: RunSetup): Promise<WatchRun> {
-  const { worker, server, api, count, rate, options } = setup;
+  const { worker, server, api, count, rate, options, replay } = setup;
   const sampled = Math.min(count, options.sampled);
-  const watchers = await Watchers.start(api, count, sampled, `${setup.services.prefix('watch')}-watchers-${count}`);
+  const watchers = await Watchers.start(
+    api,
+    count,
+    sampled,
+    `${setup.services.prefix('watch')}-watchers-${count}${replay !== undefined ? '-replay' : ''}`,
+  );
+  const feed = (ids: readonly string[], n: number, doneBefore: number): Promise<EnqueueResult[]> =>
+    replay !== undefined ? replayEntries(setup.services.redisUrl, replay, n).then(() => []) : pacedEvents(worker, ids, rate, doneBefore);
   try {
     const warmup = Math.round(rate * options.warmupSeconds);
     const done = worker.watcher?.count ?? 0;
-    await pacedEvents(worker, setup.ids.slice(0, warmup), rate, done);
+    await feed(setup.ids.slice(0, warmup), warmup, done);
     await watchers.waitDelivered(warmup * count, 60_000);
     const overflowsBefore = await overflowsOf(api);
     const groups = {
@@ -274,8 +331,9 @@ async function watchRun(setup: RunSetup): Promise<WatchRun> {
     const deliveredBefore = watchers.delivered;
     const started = now();
     const windowStart = Date.now();
-    const measured = setup.ids.slice(warmup);
-    const results = await pacedEvents(worker, measured, rate, done + warmup);
+    const measuredCount = replay !== undefined ? Math.round(rate * options.seconds) : setup.ids.length - warmup;
+    const results = await feed(setup.ids.slice(warmup), measuredCount, done + warmup);
+    const measured = { length: measuredCount };
     const complete = await watchers.waitDelivered(deliveredBefore + measured.length * (count - watchers.ended), 60_000);
     const seconds = (now() - started) / 1000;
     const cpu = cpuPerEvent(cpuBefore, cpuNow(groups), measured.length);
@@ -288,6 +346,7 @@ async function watchRun(setup: RunSetup): Promise<WatchRun> {
     const httpMs = (cpu['http'] ?? 0) * measured.length;
     const run: WatchRun = {
       watchers: count,
+      feed: replay !== undefined ? 'replay' : 'fleet',
       events: measured.length,
       delivered,
       seconds: round(seconds, 2),
@@ -302,7 +361,7 @@ async function watchRun(setup: RunSetup): Promise<WatchRun> {
       ended,
     };
     log(
-      `watch: ${count} watcher(s) at ${rate}/s: append -> read p50 ${run.appendToReadMs.p50} / p99 ${run.appendToReadMs.p99} ms ` +
+      `watch: ${count} watcher(s) at ${rate}/s${replay !== undefined ? ' (replayed feed)' : ''}: append -> read p50 ${run.appendToReadMs.p50} / p99 ${run.appendToReadMs.p99} ms ` +
         `(redis reader p99 ${run.redisReaderMs.p99} ms); http RSS ${httpRssMb ?? '?'} MiB (${run.rssPerWatcherKb ?? '?'} KiB per watcher); ` +
         `http CPU ${cpu['http'] ?? '?'} ms per event, ${run.httpCpuUsPerDelivery ?? '?'} µs per delivery; overflows ${overflows}, ended ${ended}`,
     );
@@ -332,7 +391,9 @@ export function watchMarkdown(r: WatchResult): string[] {
     `Latency from each entry's append (its stream id: the XADD, on the same clock) to the end of its event read by a watcher (${r.sampled} sampled watchers ` +
       "parse every event; the rest count them); beside it, from the entry's `at` (the decision, before commit and relay), and the same entries read by a " +
       `blocking XREAD in the bench process. RSS per watcher: the http process's RSS with the watchers minus with none (${r.idleRssMb ?? '?'} MiB), over their number. ` +
-      `CPU per delivery: the http process's CPU over the events times the watchers that read them. Open files: hard limit ${r.fdLimit}.`,
+      `CPU per delivery: the http process's CPU over the events times the watchers that read them. Open files: hard limit ${r.fdLimit}. ` +
+      "The last row, *replayed feed*, is the most watchers again with the bench appending copies of the fleet's last entries with the gaps and grouping " +
+      'the relay appended them with, the worker idle: the watch path alone, without the pipeline on the same CPUs.',
   );
   out.push('');
   out.push(
@@ -341,7 +402,7 @@ export function watchMarkdown(r: WatchResult): string[] {
   out.push('|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|');
   for (const x of r.runs) {
     out.push(
-      `| ${x.watchers} | ${x.appendToReadMs.p50} / ${x.appendToReadMs.p99} | ${x.decidedToReadMs.p99} | ${x.redisReaderMs.p99} | ${x.httpRssMb ?? '–'} | ${x.rssPerWatcherKb ?? '–'} | ` +
+      `| ${x.watchers}${x.feed === 'replay' ? ' (replayed feed)' : ''} | ${x.appendToReadMs.p50} / ${x.appendToReadMs.p99} | ${x.decidedToReadMs.p99} | ${x.feed === 'replay' ? '–' : x.redisReaderMs.p99} | ${x.httpRssMb ?? '–'} | ${x.rssPerWatcherKb ?? '–'} | ` +
         `${x.cpuMsPerEvent['http'] ?? '–'} | ${x.httpCpuUsPerDelivery ?? '–'} | ${x.cpuMsPerEvent['watchers'] ?? '–'} | ${x.cpuMsPerEvent['other'] ?? '–'} | ${x.overflows} / ${x.ended} |`,
     );
   }

@@ -78,11 +78,27 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
   if (t !== null) {
     targets.push({
       id: 'throughput-vs-direct',
-      target: 'end-to-end throughput >= 1.0 x baseline (a) direct pg, one transaction per event (issue 18; was 0.5 x)',
+      target:
+        'end-to-end throughput >= 1.2 x baseline (a) direct pg, one statement per event at its best concurrency (issue 32; issue 18 asked 1.0 x)',
       measured: `${round(t.best.ours.eventsPerSec)} vs ${round(t.best.direct.eventsPerSec)} events/s = ${t.ratios.vsDirect} x`,
-      ratio: round(t.ratios.vsDirect / 1.0, 2),
-      met: t.ratios.vsDirect >= 1.0,
+      ratio: round(t.ratios.vsDirect / 1.2, 2),
+      met: t.ratios.vsDirect >= 1.2,
     });
+    const directCpu = t.best.direct.cpuMsPerEvent;
+    if (directCpu !== undefined) {
+      // ours: the worker, PostgreSQL and Redis (the bench's producer and consumer are the load, not the system); (a):
+      // PostgreSQL and the process that drives it (the bench), whose client work is (a)'s worker
+      const sum = (cpu: Record<string, number>, keys: readonly string[]) => keys.reduce((a, k) => a + (cpu[k] ?? 0), 0);
+      const ours = sum(t.best.ours.cpuMsPerEvent, ['worker', 'postgres', 'redis']);
+      const direct = sum(directCpu, ['postgres', 'bench']);
+      targets.push({
+        id: 'cpu-vs-direct',
+        target: 'CPU per event, worker + PostgreSQL + Redis, <= (a) direct pg (PostgreSQL + its client), each at its best level (issue 32)',
+        measured: `${ours.toFixed(2)} vs ${direct.toFixed(2)} ms/event = ${round(ours / direct, 2)} x`,
+        ratio: ours === 0 ? null : round(direct / ours, 2),
+        met: ours <= direct,
+      });
+    }
     const partitioned = t.best.partitioned ?? null;
     if (partitioned !== null) {
       targets.push({
@@ -130,7 +146,7 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
     );
     targets.push({
       id: 'latency-p99',
-      target: 'p99 enqueue -> stream <= 25 ms at 50% of max throughput',
+      target: "p99 enqueue -> stream <= 25 ms and <= 3 x the floor (d)'s p99 at 50% of max throughput (issue 32)",
       measured:
         `p99 ${best.latencyMs.p99} ms at ${l.rate} events/s (p50 ${best.latencyMs.p50} ms), worker concurrency ${best.concurrency}` +
         (capacity > 0 ? ` (which sustains ${round(capacity)} events/s)` : '') +
@@ -143,8 +159,15 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
         (l.floor !== undefined
           ? `. The floor, (d) BullMQ + XADD with no database, same load: p99 ${l.floor.latencyMs.p99} ms (p50 ${l.floor.latencyMs.p50} ms)`
           : ''),
-      ratio: round(25 / best.latencyMs.p99, 2),
-      met: best.latencyMs.p99 <= 25,
+      ratio: round(Math.min(25, 3 * (l.floor?.latencyMs.p99 ?? Infinity)) / best.latencyMs.p99, 2),
+      met: best.latencyMs.p99 <= 25 && (l.floor === undefined || best.latencyMs.p99 <= 3 * l.floor.latencyMs.p99),
+    });
+    targets.push({
+      id: 'latency-p50',
+      target: 'p50 enqueue -> stream <= 5 ms at 50% of max throughput (issue 32)',
+      measured: `p50 ${l.ours.latencyMs.p50} ms at ${l.rate} events/s, worker concurrency ${l.concurrency}`,
+      ratio: round(5 / l.ours.latencyMs.p50, 2),
+      met: l.ours.latencyMs.p50 <= 5,
     });
   }
   const low = r.latency?.low;
@@ -157,6 +180,13 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       ratio: round(Math.max(b * 1.1, b + 0.5) / a, 2),
       met: a <= Math.max(b * 1.1, b + 0.5),
     });
+    targets.push({
+      id: 'latency-low-load-p50',
+      target: `p50 at ${low.rate} events/s <= 6.4 ms (issue 32: the figure before it)`,
+      measured: `p50 ${a} ms`,
+      ratio: round(6.4 / a, 2),
+      met: a <= 6.4,
+    });
   }
   const biggest = r.sweep?.sizes.find((s) => s.deployments === 100_000) ?? null;
   if (biggest !== null) {
@@ -167,12 +197,18 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       ratio: round(50 / biggest.nothingDue.maxMs, 2),
       met: biggest.nothingDue.maxMs <= 50,
     });
+    // the sharded readiness tick (issue 23) promises one UPDATE per shard, and beside it one read of the shard's
+    // rows: 2 statements per shard, plus the tick's own reads (issue 32: this replaced "one UPDATE" for the tick)
+    const stamped = biggest.work.stamped;
+    const shardSize = r.sweep?.shardSize ?? 500;
+    const shards = Math.ceil(stamped / shardSize);
+    const allowed = 2 * shards + 2;
     targets.push({
-      id: 'sweep-one-stamp',
-      target: 'stamping 25k ready endpoints: one UPDATE',
-      measured: `${biggest.work.stamped} stamped by ${biggest.work.updates} UPDATE (${biggest.work.statements} statements, tick ${round(biggest.work.durationMs / 1000, 2)} s)`,
-      ratio: biggest.work.updates === 0 ? null : round(1 / biggest.work.updates, 2),
-      met: biggest.work.updates === 1 && biggest.work.stamped === 25_000,
+      id: 'sweep-statements-per-stamp',
+      target: `stamping 25k ready endpoints: one UPDATE per shard of ${shardSize}, at most 2 statements per shard and 2 per tick (${round(allowed / 25_000, 4)} statements per stamped endpoint)`,
+      measured: `${stamped} stamped by ${biggest.work.updates} UPDATEs in ${biggest.work.statements} statements (${stamped === 0 ? '–' : round(biggest.work.statements / stamped, 4)} per stamped endpoint; ${shards} shards), tick ${round(biggest.work.durationMs / 1000, 2)} s`,
+      ratio: biggest.work.statements === 0 ? null : round(allowed / biggest.work.statements, 2),
+      met: stamped === 25_000 && biggest.work.updates <= shards && biggest.work.statements <= allowed,
     });
   }
   if (r.scale !== undefined && r.scale !== null) targets.push(...scaleTargets(r.scale));
@@ -323,16 +359,25 @@ export function markdown(r: BenchResults): string {
     const st = l.ours.stagesMs;
     if (st !== undefined) {
       out.push(
-        "Where ours spends it (wall-clock milestones, ms precision: the entry's `at` is set when the service decides, its stream id by XADD):",
+        "Where the time goes (wall-clock milestones, ms precision: BullMQ's `processedOn` when a worker takes the job, the entry's `at` when the service decides, its stream id at the XADD). The floor (d) and (b) pass through BullMQ's stage the same way, in the same run:",
       );
       out.push('');
-      out.push('| stage | p50 | p95 | p99 | max |');
-      out.push('|---|---:|---:|---:|---:|');
-      const stage = (label: string, p: { p50: number; p95: number; p99: number; max: number }) =>
-        `| ${label} | ${p.p50} | ${p.p95} | ${p.p99} | ${p.max} |`;
-      out.push(stage('scheduled -> decided (enqueue, queue wait, pick-up, snapshot read)', st.queue));
-      out.push(stage('decided -> appended (write + commit, relay wake-up, read, XADD)', st.commitAndRelay));
-      out.push(stage('appended -> read by the consumer', st.delivery));
+      out.push('| stage | ours p50 / p95 / p99 | (d) floor p50 / p95 / p99 | (b) no-op p50 / p95 / p99 |');
+      out.push('|---|---:|---:|---:|');
+      type P = { p50: number; p95: number; p99: number } | undefined;
+      const cell = (p: P) => (p === undefined ? '–' : `${p.p50} / ${p.p95} / ${p.p99}`);
+      const fl = l.floor;
+      out.push(
+        `| scheduled -> picked up by a worker (BullMQ: enqueue, wait, pick-up) | ${cell(l.ours.pickupMs)} | ${cell(fl?.pickupMs)} | ${cell(l.noop.pickupMs)} |`,
+      );
+      out.push(
+        `| picked up -> decided (ours: the coalescer's wait, the snapshot read) | ${cell(st.pickedToDecided)} | ${cell(fl?.stagesMs?.pickedToDecided)} | – |`,
+      );
+      out.push(`| scheduled -> decided (both above) | ${cell(st.queue)} | ${cell(fl?.stagesMs?.queue)} | – |`);
+      out.push(
+        `| decided -> appended (write + commit, relay wake-up, read, XADD) | ${cell(st.commitAndRelay)} | ${cell(fl?.stagesMs?.commitAndRelay)} | – |`,
+      );
+      out.push(`| appended -> read by the consumer | ${cell(st.delivery)} | ${cell(fl?.stagesMs?.delivery)} | – |`);
       out.push('');
     }
   }

@@ -16,6 +16,7 @@
  *   measured in one run, on the same services and under the same outside load.
  */
 import * as path from 'node:path';
+import IORedis from 'ioredis';
 import { LifecycleProducer, type EnqueueResult } from '../../src/queues/producer';
 import { transitionStreamKey } from '../../src/streams/outbox-relay';
 import { partitionKeys } from '../../src/streams/partitions';
@@ -165,6 +166,28 @@ export class WorkerUnderTest {
   /** ours only: when the service decided the event's transition and when the relay appended it */
   stages(result: EnqueueResult): EntryStages | undefined {
     return this.watcher?.stages.get(result.eventId);
+  }
+
+  /**
+   * When a worker took each job (BullMQ's `processedOn`, the worker's clock at its move to active, ms precision), in
+   * performance.now() time; jobs no longer kept are left out
+   */
+  async pickedUpAt(jobIds: readonly string[]): Promise<Map<string, number>> {
+    const queue = this.producer.queue;
+    const client = new IORedis(this.setup.redisUrl, { lazyConnect: true });
+    try {
+      const pipeline = client.pipeline();
+      for (const id of jobIds) pipeline.hget(queue.toKey(id), 'processedOn');
+      const replies = (await pipeline.exec()) ?? [];
+      const out = new Map<string, number>();
+      replies.forEach(([err, value], i) => {
+        const id = jobIds[i];
+        if (err === null && typeof value === 'string' && id !== undefined) out.set(id, Number(value) - performance.timeOrigin);
+      });
+      return out;
+    } finally {
+      client.disconnect();
+    }
   }
 
   async enqueueTeardown(deploymentId: string): Promise<EnqueueResult> {

@@ -45,7 +45,18 @@ export interface LatencyRun {
    * snapshot read), decided -> appended (the write and its commit, the relay's wake-up, read and XADD),
    * appended -> read by the consumer.
    */
-  readonly stagesMs?: { readonly queue: Percentiles; readonly commitAndRelay: Percentiles; readonly delivery: Percentiles };
+  readonly stagesMs?: {
+    readonly queue: Percentiles;
+    readonly commitAndRelay: Percentiles;
+    readonly delivery: Percentiles;
+    /** picked up by a worker (BullMQ's `processedOn`) -> decided (ours: the coalescer's wait, the snapshot read) */
+    readonly pickedToDecided?: Percentiles;
+  };
+  /**
+   * scheduled -> picked up by a worker (BullMQ's `processedOn`, ms precision): the enqueue, the wait in the queue and
+   * the pick-up, BullMQ's own stage, for every worker kind (absent in results written before issue 32)
+   */
+  readonly pickupMs?: Percentiles;
 }
 
 function otherShare(cpuMsPerEvent: Record<string, number>, events: number, seconds: number): number | null {
@@ -118,10 +129,16 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
       if (doneAt === undefined) throw new Error(`no completion recorded for ${result.eventId}`);
       return doneAt - scheduledAt;
     });
-    const stages = stageBreakdown(w, enqueued);
+    const picked = await w.pickedUpAt(enqueued.map((e) => e.result.jobId));
+    const pickups = enqueued.flatMap(({ result, scheduledAt }) => {
+      const at = picked.get(result.jobId);
+      return at === undefined ? [] : [at - scheduledAt];
+    });
+    const stages = stageBreakdown(w, enqueued, picked);
     const stopped = await w.stop();
     return {
       ...(stages !== null ? { stagesMs: stages } : {}),
+      ...(pickups.length > 0 ? { pickupMs: percentiles(pickups) } : {}),
       offeredPerSec: options.rate,
       cpuMsPerEvent: cpu,
       achievedPerSec: round(achievedPerSec, 1),
@@ -135,8 +152,13 @@ async function workerLatency(services: BenchServices, dbUrl: string, kind: Worke
   }
 }
 
-function stageBreakdown(w: WorkerUnderTest, enqueued: ReadonlyArray<{ result: EnqueueResult; scheduledAt: number }>): LatencyRun['stagesMs'] | null {
+function stageBreakdown(
+  w: WorkerUnderTest,
+  enqueued: ReadonlyArray<{ result: EnqueueResult; scheduledAt: number }>,
+  picked: ReadonlyMap<string, number>,
+): LatencyRun['stagesMs'] | null {
   const queue: number[] = [];
+  const pickedToDecided: number[] = [];
   const commitAndRelay: number[] = [];
   const delivery: number[] = [];
   for (const { result, scheduledAt } of enqueued) {
@@ -144,11 +166,18 @@ function stageBreakdown(w: WorkerUnderTest, enqueued: ReadonlyArray<{ result: En
     const readAt = w.doneAt(result);
     if (s === undefined || readAt === undefined || Number.isNaN(s.decidedAt)) continue;
     queue.push(s.decidedAt - scheduledAt);
+    const pickedAt = picked.get(result.jobId);
+    if (pickedAt !== undefined) pickedToDecided.push(s.decidedAt - pickedAt);
     commitAndRelay.push(s.appendedAt - s.decidedAt);
     delivery.push(readAt - s.appendedAt);
   }
   if (queue.length === 0) return null;
-  return { queue: percentiles(queue), commitAndRelay: percentiles(commitAndRelay), delivery: percentiles(delivery) };
+  return {
+    queue: percentiles(queue),
+    commitAndRelay: percentiles(commitAndRelay),
+    delivery: percentiles(delivery),
+    ...(pickedToDecided.length > 0 ? { pickedToDecided: percentiles(pickedToDecided) } : {}),
+  };
 }
 
 export async function runLatency(services: BenchServices, options: LatencyOptions): Promise<LatencyResult> {

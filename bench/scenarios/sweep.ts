@@ -11,7 +11,7 @@
  */
 import type { DataSource, Logger as TypeOrmLogger } from 'typeorm';
 import { LifecycleProducer } from '../../src/queues/producer';
-import { probeReady, Sweeper } from '../../src/services/sweep/sweeper';
+import { DEFAULT_SHARD_SIZE, probeReady, Sweeper } from '../../src/services/sweep/sweeper';
 import { MeasuredProcess } from '../lib/child';
 import { inLanes, log, median, now, round } from '../lib/common';
 import { openDataSource, type BenchServices } from '../lib/services';
@@ -58,6 +58,8 @@ export interface SweepSize {
 
 export interface SweepScenarioResult {
   readonly probeConcurrency: number;
+  /** endpoints per probe shard (the sweeper's default; absent in results written before issue 32) */
+  readonly shardSize?: number;
   readonly sizes: readonly SweepSize[];
 }
 
@@ -188,7 +190,7 @@ export async function runSweep(services: BenchServices, sizes: readonly number[]
     await producer.close();
     await ds.destroy();
   }
-  return { probeConcurrency: PROBE_CONCURRENCY, sizes: out };
+  return { probeConcurrency: PROBE_CONCURRENCY, shardSize: DEFAULT_SHARD_SIZE, sizes: out };
 }
 
 /**

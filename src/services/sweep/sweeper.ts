@@ -158,7 +158,7 @@ export interface SweeperOptions {
    * the least recently probed, go first next tick.
    */
   readonly probeBudgetMs?: number;
-  /** endpoints per shard (default 500) */
+  /** endpoints per shard (default `DEFAULT_SHARD_SIZE`, 500) */
   readonly shardSize?: number;
   /** orphaned and expired attempts handled per tick, each (default 5000; the rest next tick) */
   readonly maxAttemptsPerTick?: number;
@@ -174,6 +174,8 @@ export interface SweeperOptions {
 
 /** FLEET_PROBE_CONCURRENCY's default (docs/contract.md; chosen by `npm run bench -- --only scale`). */
 export const DEFAULT_PROBE_CONCURRENCY = 64;
+/** Endpoints per probe shard: each shard stamps them with one UPDATE (docs/architecture.md, "One UPDATE per shard"). */
+export const DEFAULT_SHARD_SIZE = 500;
 
 export class Sweeper {
   private readonly db: Database;
@@ -212,7 +214,7 @@ export class Sweeper {
     this.probeTimeoutMs = options.probeTimeoutMs ?? 2000;
     this.lanes = new ProbeLanes(Math.max(1, options.probeConcurrency ?? DEFAULT_PROBE_CONCURRENCY));
     this.probeBudgetMs = options.probeBudgetMs ?? Math.max(1000, this.tickMs * 0.8);
-    this.shardSize = Math.max(1, options.shardSize ?? 500);
+    this.shardSize = Math.max(1, options.shardSize ?? DEFAULT_SHARD_SIZE);
     this.maxAttempts = Math.max(1, options.maxAttemptsPerTick ?? 5000);
     this.log = (options.logger ?? silentLogger).child({ component: 'sweep' });
     this.metrics = options.metrics ?? {};

@@ -80,7 +80,8 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       id: 'throughput-vs-direct',
       target:
         'end-to-end throughput >= 1.2 x baseline (a) direct pg, one statement per event at its best concurrency (issue 32; issue 18 asked 1.0 x)',
-      measured: `${round(t.best.ours.eventsPerSec)} vs ${round(t.best.direct.eventsPerSec)} events/s = ${t.ratios.vsDirect} x`,
+      // (a) at its best variant and concurrency (the one-statement variant usually; the higher bar either way)
+      measured: `${round(t.best.ours.eventsPerSec)} vs ${round(t.best.direct.eventsPerSec)} events/s ((a) ${t.best.direct.variant}, c=${t.best.direct.concurrency}) = ${t.ratios.vsDirect} x`,
       ratio: round(t.ratios.vsDirect / 1.2, 2),
       met: t.ratios.vsDirect >= 1.2,
     });
@@ -91,12 +92,16 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
       const sum = (cpu: Record<string, number>, keys: readonly string[]) => keys.reduce((a, k) => a + (cpu[k] ?? 0), 0);
       const ours = sum(t.best.ours.cpuMsPerEvent, ['worker', 'postgres', 'redis']);
       const direct = sum(directCpu, ['postgres', 'bench']);
+      // with external services the bench knows no server pids: PostgreSQL's and Redis's CPU is not measured
+      const measuredBoth = 'postgres' in directCpu && 'postgres' in t.best.ours.cpuMsPerEvent && 'redis' in t.best.ours.cpuMsPerEvent;
       targets.push({
         id: 'cpu-vs-direct',
         target: 'CPU per event, worker + PostgreSQL + Redis, <= (a) direct pg (PostgreSQL + its client), each at its best level (issue 32)',
-        measured: `${ours.toFixed(2)} vs ${direct.toFixed(2)} ms/event = ${round(ours / direct, 2)} x`,
-        ratio: ours === 0 ? null : round(direct / ours, 2),
-        met: ours <= direct,
+        measured: measuredBoth
+          ? `${ours.toFixed(2)} vs ${direct.toFixed(2)} ms/event = ${direct === 0 ? '–' : round(ours / direct, 2)} x`
+          : "not measured (the servers are not this run's own: their CPU is unknown)",
+        ratio: !measuredBoth || ours === 0 ? null : round(direct / ours, 2),
+        met: measuredBoth ? ours <= direct : null,
       });
     }
     const partitioned = t.best.partitioned ?? null;
@@ -165,9 +170,10 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
     targets.push({
       id: 'latency-p50',
       target: 'p50 enqueue -> stream <= 5 ms at 50% of max throughput (issue 32)',
-      measured: `p50 ${l.ours.latencyMs.p50} ms at ${l.rate} events/s, worker concurrency ${l.concurrency}`,
-      ratio: round(5 / l.ours.latencyMs.p50, 2),
-      met: l.ours.latencyMs.p50 <= 5,
+      // the run the p99 target counts (the best concurrency measured), so that both can hold in one run
+      measured: `p50 ${best.latencyMs.p50} ms at ${l.rate} events/s, worker concurrency ${best.concurrency}`,
+      ratio: round(5 / best.latencyMs.p50, 2),
+      met: best.latencyMs.p50 <= 5,
     });
   }
   const low = r.latency?.low;
@@ -366,9 +372,11 @@ export function markdown(r: BenchResults): string {
       out.push('|---|---:|---:|---:|');
       type P = { p50: number; p95: number; p99: number } | undefined;
       const cell = (p: P) => (p === undefined ? '–' : `${p.p50} / ${p.p95} / ${p.p99}`);
+      // jobs are kept after completion up to the producer's count: past it, the earliest lost their processedOn
+      const of = (p: { n: number } | undefined) => (p === undefined || p.n === l.ours.latencyMs.n ? '' : ` (${p.n} of ${l.ours.latencyMs.n} jobs)`);
       const fl = l.floor;
       out.push(
-        `| scheduled -> picked up by a worker (BullMQ: enqueue, wait, pick-up) | ${cell(l.ours.pickupMs)} | ${cell(fl?.pickupMs)} | ${cell(l.noop.pickupMs)} |`,
+        `| scheduled -> picked up by a worker (BullMQ: enqueue, wait, pick-up; whole ms, so under 1 ms reads low) | ${cell(l.ours.pickupMs)}${of(l.ours.pickupMs)} | ${cell(fl?.pickupMs)}${of(fl?.pickupMs)} | ${cell(l.noop.pickupMs)}${of(l.noop.pickupMs)} |`,
       );
       out.push(
         `| picked up -> decided (ours: the coalescer's wait, the snapshot read) | ${cell(st.pickedToDecided)} | ${cell(fl?.stagesMs?.pickedToDecided)} | – |`,

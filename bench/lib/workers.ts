@@ -175,6 +175,7 @@ export class WorkerUnderTest {
   async pickedUpAt(jobIds: readonly string[]): Promise<Map<string, number>> {
     const queue = this.producer.queue;
     const client = new IORedis(this.setup.redisUrl, { lazyConnect: true });
+    client.on('error', () => undefined); // a failure rejects the pipeline below
     try {
       const pipeline = client.pipeline();
       for (const id of jobIds) pipeline.hget(queue.toKey(id), 'processedOn');
@@ -182,7 +183,8 @@ export class WorkerUnderTest {
       const out = new Map<string, number>();
       replies.forEach(([err, value], i) => {
         const id = jobIds[i];
-        if (err === null && typeof value === 'string' && id !== undefined) out.set(id, Number(value) - performance.timeOrigin);
+        const at = typeof value === 'string' ? Number(value) : NaN;
+        if (err === null && Number.isFinite(at) && id !== undefined) out.set(id, at - performance.timeOrigin);
       });
       return out;
     } finally {

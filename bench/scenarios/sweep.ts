@@ -64,7 +64,7 @@ export interface SweepScenarioResult {
 }
 
 const FIXED_READY = 250;
-const PROBE_CONCURRENCY = 32; // the Sweeper's default
+const PROBE_CONCURRENCY = 32; // this scenario's probe lanes, as measured since issue 16 (the Sweeper's default is DEFAULT_PROBE_CONCURRENCY, 64)
 
 export async function runSweep(services: BenchServices, sizes: readonly number[]): Promise<SweepScenarioResult> {
   const dbUrl = await services.createDatabase('sweep');

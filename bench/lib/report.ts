@@ -71,6 +71,11 @@ export function rssSummary(t: ThroughputResult | null, l: LatencyResult | null):
   };
 }
 
+/** CPU ms per event of the named process groups, added up (a group not measured counts 0). */
+function sum(cpu: Readonly<Record<string, number>>, keys: readonly string[]): number {
+  return keys.reduce((total, k) => total + (cpu[k] ?? 0), 0);
+}
+
 export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Target[] {
   const targets: Target[] = [];
   if (r.consumers !== undefined && r.consumers !== null) targets.push(...consumersTargets(r.consumers));
@@ -89,7 +94,6 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
     if (directCpu !== undefined) {
       // ours: the worker, PostgreSQL and Redis (the bench's producer and consumer are the load, not the system); (a):
       // PostgreSQL and the process that drives it (the bench), whose client work is (a)'s worker
-      const sum = (cpu: Record<string, number>, keys: readonly string[]) => keys.reduce((a, k) => a + (cpu[k] ?? 0), 0);
       const ours = sum(t.best.ours.cpuMsPerEvent, ['worker', 'postgres', 'redis']);
       const direct = sum(directCpu, ['postgres', 'bench']);
       // with external services the bench knows no server pids: PostgreSQL's and Redis's CPU is not measured
@@ -116,9 +120,8 @@ export function evaluateTargets(r: Omit<BenchResults, 'targets' | 'meta'>): Targ
     }
     const off = t.best.unbatched ?? null;
     if (off !== null && off !== undefined) {
-      const workerPg = (cpu: Record<string, number>) => (cpu['worker'] ?? 0) + (cpu['postgres'] ?? 0);
-      const ours = workerPg(t.best.ours.cpuMsPerEvent);
-      const before = workerPg(off.cpuMsPerEvent);
+      const ours = sum(t.best.ours.cpuMsPerEvent, ['worker', 'postgres']);
+      const before = sum(off.cpuMsPerEvent, ['worker', 'postgres']);
       targets.push({
         id: 'cpu-per-event',
         target: 'worker + PostgreSQL CPU per event <= 0.6 x one transaction per event (group commit off, same run and concurrency)',

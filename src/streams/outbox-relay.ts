@@ -14,7 +14,9 @@
  *   the mark republishes them: consumers drop versions they have seen.
  * - Woken after each commit that wrote rows: by a NOTIFY the transition service sends after the commit, or
  *   directly (`notifyCommitted`) by a transition service in the same process; polls every `pollIntervalMs` as the
- *   fallback.
+ *   fallback. A write of that service whose snapshot had no row waiting for the relay hands over the rows it wrote,
+ *   and they go out without being read back (one round trip less to PostgreSQL between a commit and its entry:
+ *   the low-load path; relay-publisher.ts).
  * - Redis with `appendfsync everysec` can lose its last second of writes when it crashes, or a failover can lose
  *   more. So every batch is appended by a script that first checks that the stream still ends with the last
  *   entry this relay appended (per partition); if it does not (Redis lost entries, or this relay just became
@@ -37,7 +39,7 @@ import type { Client } from 'pg';
 import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../redis/connection';
-import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
+import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type HandedOffRow, type Session } from '../entities/sql';
 import type { OutboxRelayOptions } from './relay-options';
 import { RelayPublisher } from './relay-publisher';
 import { connectRelaySession, takeRelayLock } from './relay-session';
@@ -117,12 +119,30 @@ export class OutboxRelay {
     if (this.ownsRedis) this.redis.disconnect();
   }
 
+  /** rows published as the writes of this process handed them over, without reading them back */
+  get handedOffCount(): number {
+    return this.publisher.handedOffCount;
+  }
+
+  /** it leads, and its last cycle was a read that found nothing: every row committed before that read is out */
+  get caughtUp(): boolean {
+    return this.leader && this.publisher.isCaughtUp;
+  }
+
+  /** while it leads, it takes the rows writes of its process hand over */
+  get takesHandoff(): boolean {
+    return this.leader && !this.stopped;
+  }
+
   /**
    * Rows were just committed: wakes the loop if this relay is the active one (a standby ignores it). A transition
-   * service in the same process calls this instead of sending a NOTIFY.
+   * service in the same process calls this instead of sending a NOTIFY, with the rows its write handed over, if any
+   * (appended without reading them back; relay-publisher.ts).
    */
-  notifyCommitted(): void {
-    if (this.leader) this.poke();
+  notifyCommitted(handoff?: readonly HandedOffRow[] | null): void {
+    if (!this.leader) return;
+    if (handoff != null) this.publisher.handOff(handoff);
+    this.poke();
   }
 
   private poke(): void {

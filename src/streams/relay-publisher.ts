@@ -9,10 +9,15 @@ import type { Client } from 'pg';
 import type { Logger } from '../log';
 import type { RedisConnection } from '../redis/connection';
 import { connectionForKey } from '../redis/connection';
-import { OUTBOX_SQL, sessionOf } from '../entities/sql';
+import { OUTBOX_SQL, sessionOf, type HandedOffRow } from '../entities/sql';
 import { compareIds, partitionKey, readLayout, recordOrRead } from './partitions';
 import { appendBatches, partitionBatches } from './relay-append';
 import type { OutboxRelayOptions } from './relay-options';
+
+/** how many appended rows' ids a relay remembers to drop hand-offs of rows it appended already */
+const RECENT_IDS = 10_000;
+/** the most handed-over rows that wait for a cycle; beyond, they are left to a read */
+const MAX_HANDED = 10_000;
 
 /** The publishing state of one relay: what it appended, where the stream ends, what is not marked yet. */
 export class RelayPublisher {
@@ -51,6 +56,17 @@ export class RelayPublisher {
   private staleWarned: number | null = null;
   /** an append met a layout for another number of partitions (one warning per episode) */
   private fenced = false;
+  /** outbox rows writes of this process handed over, not yet appended, in the order given */
+  private handed: HandedOffRow[] = [];
+  /**
+   * The last cycle was a read that found nothing (or a hand-off after one): every row committed before it is on the
+   * stream. Hand-offs go out only then (`publishHanded`).
+   */
+  private caughtUp = false;
+  private handedOff = 0;
+  /** ids of the rows appended last (up to `RECENT_IDS`), by batch: a hand-off of rows a read appended already is dropped */
+  private readonly recent = new Set<string>();
+  private readonly recentBatches: string[][] = [];
 
   constructor(
     private readonly redis: RedisConnection,
@@ -77,6 +93,27 @@ export class RelayPublisher {
     return this.unmarked !== null;
   }
 
+  /** the last cycle was a read that found nothing (or a hand-off after one): every row committed before it is out */
+  get isCaughtUp(): boolean {
+    return this.caughtUp;
+  }
+
+  /** rows published as writes handed them over, without a read (since the relay started) */
+  get handedOffCount(): number {
+    return this.handedOff;
+  }
+
+  /**
+   * A write of this process committed these outbox rows and saw no row waiting for the relay (transition-write.ts):
+   * every earlier version of their deployments was on the stream, so they may go out without being read back, in
+   * the next cycle that has nothing to mark (`publishHanded`). Beyond `MAX_HANDED` rows waiting, they are dropped:
+   * they are in the outbox, and a read finds them.
+   */
+  handOff(rows: readonly HandedOffRow[]): void {
+    if (this.handed.length + rows.length > MAX_HANDED) this.handed = [];
+    else this.handed.push(...rows);
+  }
+
   /** A new connection to Redis may be a new (or restarted) server: reconcile before appending anything. */
   reconnected(): void {
     this.generation++;
@@ -87,12 +124,14 @@ export class RelayPublisher {
   /** The relay just took the lead: reconcile before appending anything. */
   leading(): void {
     this.tails = null;
+    this.handed = [];
   }
 
   /** The session is gone: what was appended and not marked goes out again. */
   sessionLost(): void {
     this.unmarked = null;
     this.unreplicated = null;
+    this.handed = [];
   }
 
   /** One cycle: publish a batch. Returns the number of rows published. */
@@ -112,6 +151,9 @@ export class RelayPublisher {
       this.options.onPublished?.(this.unmarked.ids.length);
     }
 
+    if (this.caughtUp && this.unmarked === null && this.handed.length > 0) return this.publishHanded(generation);
+    this.caughtUp = false;
+
     // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
     // so it leaves those rows out by id
     const marks = this.unmarked ?? { ids: [], streamIds: [] };
@@ -127,6 +169,30 @@ export class RelayPublisher {
     }
     if (rows.length > 0 && !(await this.publish(rows, tails, generation))) return 0;
     await this.prune(client);
+    this.caughtUp = rows.length === 0;
+    return rows.length;
+  }
+
+  /**
+   * The rows writes handed over, appended without a read, when nothing waits to be marked (their mark goes with the
+   * next cycle's read, as a read's would). Rows a read appended already (a write's hand-off can come after the read
+   * that returned its rows) are left out.
+   *
+   * Why they cannot overtake an earlier version of their deployment: their write saw no row waiting for the relay,
+   * so every earlier version was marked, so appended, before it. A row unpublished since (a reconcile, after Redis
+   * lost entries) is read back before any hand-off goes out: hand-offs go out only when the last cycle was a read that
+   * found nothing (`caughtUp`), and a reconcile, a read that found rows, or a failed cycle clears it. And appends are
+   * fenced (relay-append.ts): one after entries the stream lost is refused, and the reconcile comes first.
+   */
+  private async publishHanded(generation: number): Promise<number> {
+    const tails = this.tails;
+    const rows = this.handed.filter((r) => !this.recent.has(r.id));
+    this.handed = [];
+    if (rows.length === 0 || tails === null) return 0;
+    this.caughtUp = false;
+    if (!(await this.publish(rows, tails, generation))) return 0;
+    this.caughtUp = true;
+    this.handedOff += rows.length;
     return rows.length;
   }
 
@@ -157,6 +223,7 @@ export class RelayPublisher {
       tails.set(n, ids[ids.length - 1] ?? tails.get(n) ?? '0-0');
     }
     const ids = rows.map((r) => r.id);
+    this.remember(ids);
     if (generation !== this.generation) {
       // appended to a server this relay reconnected to during the call: leave the rows unmarked (republished
       // after the reconcile; duplicates are allowed, gaps are not)
@@ -202,6 +269,15 @@ export class RelayPublisher {
     }
     // the appends that did go through moved their tails: the next cycle meets TAIL_MOVED there and reconciles
     throw err;
+  }
+
+  /** Remembers the ids of rows just appended, forgetting the oldest batches beyond `RECENT_IDS`. */
+  private remember(ids: readonly string[]): void {
+    this.recentBatches.push([...ids]);
+    for (const id of ids) this.recent.add(id);
+    while (this.recent.size > RECENT_IDS && this.recentBatches.length > 1) {
+      for (const id of this.recentBatches.shift() ?? []) this.recent.delete(id);
+    }
   }
 
   /** Durable appends: whether every entry this relay appended is on the asked number of replicas (Redis `WAIT`). */
@@ -255,6 +331,7 @@ export class RelayPublisher {
     // whatever was appended and not marked may be what the stream lost: leave it unpublished, so it goes out again
     this.unmarked = null;
     this.unreplicated = null;
+    this.caughtUp = false; // what it unpublishes is read back before any hand-off goes out
     const generation = this.generation;
     const configured = this.options.partitions ?? 1;
     const recorded = await recordOrRead(this.redis, this.options.streamKey, configured);

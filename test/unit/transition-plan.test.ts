@@ -60,6 +60,7 @@ function allWon(plan: BatchPlan): TransitionWriteRow {
     won: [...plan.writes],
     transitions: Object.fromEntries(plan.write.applied.map((r, i) => [r.event_id, String(i + 1)])),
     noop_claimed: plan.write.noopClaims.map((n) => n.event_id),
+    handoff: null,
   };
 }
 
@@ -190,7 +191,7 @@ describe('the transition planner (pure)', () => {
     ]);
     expect(summaries(alone, allWon(alone))).to.deep.equal(['noop duplicate']);
     // another delivery claimed it first: the claim did not take
-    expect(summaries(alone, { won: null, transitions: null, noop_claimed: null })).to.deep.equal(['claimed_elsewhere']);
+    expect(summaries(alone, { won: null, transitions: null, noop_claimed: null, handoff: null })).to.deep.equal(['claimed_elsewhere']);
 
     const cancel = prepared('attempt.cancel', { deploymentId: D, attemptId: A1, eventId: 'x1' });
     const late = prepared('attempt.end', { deploymentId: D, attemptId: A1, outcome: 'succeeded', eventId: 'e1' });
@@ -206,7 +207,7 @@ describe('the transition planner (pure)', () => {
       prepared('attempt.end', { deploymentId: D, attemptId: A1, outcome: 'succeeded', eventId: 'e1' }),
     ];
     const plan = planBatch(events, snapshot, NOW);
-    expect(summaries(plan, { won: null, transitions: null, noop_claimed: ['again'] })).to.deep.equal(['noop duplicate', 'redo', 'redo']);
+    expect(summaries(plan, { won: null, transitions: null, noop_claimed: ['again'], handoff: null })).to.deep.equal(['noop duplicate', 'redo', 'redo']);
   });
 
   it('answers what the snapshot settles without writing: duplicates, reused eventIds, foreign attempts, not yet', () => {

@@ -18,6 +18,7 @@ export {
   type AttemptInsertRow,
   type DeploymentInsertRow,
   type DeploymentUpdateRow,
+  type HandedOffRow,
   type NoopClaimRow,
   type TransitionWrite,
   type TransitionWriteRow,

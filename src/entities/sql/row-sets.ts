@@ -53,6 +53,11 @@ export class RowSets<Input extends RowSetInput> {
     return `ARRAY(SELECT (r->>'${column}')::${type} FROM jsonb_array_elements(${param}) r)`;
   }
 
+  /** The number of parameters the sets take (`$1` to `$count`): a statement's own parameters follow. */
+  get count(): number {
+    return this.sets.length;
+  }
+
   /** The parameter list for these rows: each set as a JSON array of its rows (dates as ISO 8601). */
   values(input: Input): string[] {
     return this.sets.map(({ set }) => JSON.stringify(input[set]));

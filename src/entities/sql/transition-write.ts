@@ -112,6 +112,17 @@ export interface TransitionWriteRow {
   won: string[] | null;
   transitions: Record<string, string> | null;
   noop_claimed: string[] | null;
+  /**
+   * the outbox rows it wrote, in id order, when it was asked for them and no row was waiting for the relay as of the
+   * statement's snapshot (see `WRITE`); null otherwise
+   */
+  handoff: HandedOffRow[] | null;
+}
+
+/** An outbox row as the write hands it to the relay of its process: as the relay's own read returns it. */
+export interface HandedOffRow {
+  readonly id: string;
+  readonly fields: Record<string, string>;
 }
 
 /** An applied event as the statement takes it: with its stream entry (all of it but `transitionId`). */
@@ -187,6 +198,9 @@ const ROWS = new RowSets<Omit<TransitionWrite, 'applied'> & { readonly applied: 
   },
 });
 
+/** the write's own parameter, after the row sets': hand the outbox rows to the relay of this process */
+const HANDOFF_PARAM = ROWS.count + 1;
+
 /**
  * `won` is the deployments whose row was written: version-checked UPDATEs and INSERTs of new ones. The rows it
  * updates are locked by id first (lock-order.ts): the deployments, then, once every deployment is written (`won`
@@ -196,6 +210,13 @@ const ROWS = new RowSets<Omit<TransitionWrite, 'applied'> & { readonly applied: 
  * that `needs_win` hang on their deployment's row; the others stand alone. History and outbox rows go in in the
  * batch's order, so a deployment's outbox ids follow its versions. Numbering new attempts cannot race: every
  * attempt insert comes with its deployment's version-checked write.
+ *
+ * Asked to (its last parameter, when the active relay runs in the writer's process), it returns the outbox rows it
+ * wrote, for the relay to append without reading them back, but only when no outbox row waited for the relay as of
+ * its snapshot (its own rows are not in it). Then every earlier version of each deployment it wrote is on the stream
+ * already: an earlier version committed before this statement's snapshot (a version committed later fails its
+ * version check, and it writes nothing for that deployment), and a row is marked published only once it is
+ * appended. So what it hands over cannot overtake an earlier version of its deployment (relay-publisher.ts).
  */
 const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('updates', 'id'))},
      upd AS (
@@ -255,15 +276,21 @@ const WRITE = `WITH locked AS ${lockedInIdOrder('deployments', ROWS.column('upda
        SELECT av.deployment_id, av.version, av.fields || jsonb_build_object('transitionId', t.id::text), av.at
          FROM av JOIN t ON t.event_id = av.event_id
         ORDER BY av.ord
+       RETURNING id, fields
      )
      SELECT (SELECT array_agg(id::text) FROM won) AS won,
             (SELECT json_object_agg(event_id, id::text) FROM t) AS transitions,
-            (SELECT array_agg(event_id) FROM noop_claims) AS noop_claimed`;
+            (SELECT array_agg(event_id) FROM noop_claims) AS noop_claimed,
+            CASE WHEN $${HANDOFF_PARAM}::boolean AND NOT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)
+                 THEN (SELECT json_agg(json_build_object('id', id::text, 'fields', fields) ORDER BY id) FROM o) END AS handoff`;
 
 export const TRANSITION_WRITE = sql<TransitionWriteRow>(WRITE);
 
-/** The parameters of `TRANSITION_WRITE` for `write`: each applied event with its stream entry. */
-export function transitionWriteParams(write: TransitionWrite): unknown[] {
+/**
+ * The parameters of `TRANSITION_WRITE` for `write`: each applied event with its stream entry; `handoff`: return the
+ * outbox rows for the relay of this process, when nothing waits for it.
+ */
+export function transitionWriteParams(write: TransitionWrite, handoff = false): unknown[] {
   const applied = write.applied.map(({ traceparent, ...row }) => ({
     ...row,
     fields: transitionEntryFields({
@@ -279,7 +306,7 @@ export function transitionWriteParams(write: TransitionWrite): unknown[] {
       traceparent,
     }),
   }));
-  return ROWS.values({ ...write, applied });
+  return [...ROWS.values({ ...write, applied }), handoff];
 }
 
 /** Whether `write` writes anything at all. */

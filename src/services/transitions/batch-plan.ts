@@ -17,6 +17,7 @@ import type {
   TransitionSnapshotRow,
   TransitionWrite,
   TransitionWriteRow,
+  HandedOffRow,
 } from '../../entities/sql';
 import { DEFAULT_ACTOR, payloadDigest } from '../../events/schemas';
 import { decide, TIME_DEPENDENT_NOOPS, type Decision, type MachineEvent } from '../../machine';
@@ -205,14 +206,18 @@ export interface WriteReport {
   readonly transitions: ReadonlyMap<string, string>;
   /** eventIds whose noop claim took */
   readonly noopClaimed: ReadonlySet<string>;
+  /** the outbox rows it wrote, for the relay of this process, when it asked and nothing waited for the relay */
+  readonly handoff: readonly HandedOffRow[] | null;
 }
 
 /** The write's row as a report; null (nothing was written) reports nothing. */
 export function writeReportOf(row: TransitionWriteRow | null): WriteReport {
+  const handoff = row?.handoff ?? null;
   return {
     won: new Set(row?.won ?? []),
     transitions: new Map(Object.entries(row?.transitions ?? {})),
     noopClaimed: new Set(row?.noop_claimed ?? []),
+    handoff: handoff !== null && handoff.length > 0 ? handoff : null,
   };
 }
 

@@ -26,6 +26,7 @@ import {
   transitionSnapshotParams,
   transitionWriteParams,
   writesAnything,
+  type HandedOffRow,
   type Session,
 } from '../../entities/sql';
 import { assertEndpointAllowed, type EndpointAllowList } from '../../events/endpoint-allow';
@@ -199,7 +200,9 @@ export class TransitionService {
           break;
       }
     });
-    if (plan.events.some((p) => p.outcome.kind === 'applied' && report.won.has(p.prepared.event.data.deploymentId))) this.wakeup.committed();
+    if (plan.events.some((p) => p.outcome.kind === 'applied' && report.won.has(p.prepared.event.data.deploymentId))) {
+      this.wakeup.committed(report.handoff);
+    }
     if (redo.length > 0) {
       this.log.debug({ events: redo.length }, 'version check lost in a batch; applying those events one at a time');
       const redone = await this.oneByOne(redo.map((r) => r.prepared));
@@ -282,11 +285,12 @@ export class TransitionService {
       try {
         // a lock conflict PostgreSQL broke undid the whole try (its write is one statement, or the locked retry's
         // transaction): read and decide again
-        const result = await retryLockConflicts(
+        const { result, handoff } = await retryLockConflicts(
           () => (lock ? this.db.transaction((s) => this.tryOne(s, prepared, true)) : this.db.session((s) => this.tryOne(s, prepared, false))),
           { what: 'the one-event write', log: this.log, context: { deploymentId: event.data.deploymentId, eventId: event.eventId } },
         );
-        if (result.outcome === 'applied') this.wakeup.committed();
+        // after the commit (the locked try's transaction commits when tryOne has returned)
+        if (result.outcome === 'applied') this.wakeup.committed(handoff);
         return result;
       } catch (err) {
         if (isClaimConflict(err)) {
@@ -302,8 +306,15 @@ export class TransitionService {
     }
   }
 
-  /** One try of one event, as a batch of one; with `lock`, in a transaction that first takes its deployment's row lock. */
-  private async tryOne(s: Session, prepared: PreparedEvent, lock: boolean): Promise<ApplyResult> {
+  /**
+   * One try of one event, as a batch of one; with `lock`, in a transaction that first takes its deployment's row lock.
+   * Returns its outcome and what its write handed over for the relay of this process.
+   */
+  private async tryOne(
+    s: Session,
+    prepared: PreparedEvent,
+    lock: boolean,
+  ): Promise<{ readonly result: ApplyResult; readonly handoff: readonly HandedOffRow[] | null }> {
     const { event, trace = null } = prepared;
     // a lone event's statements are children of its own transition span
     const traced = trace?.context ?? null;
@@ -322,13 +333,13 @@ export class TransitionService {
     const verdict = verdictOf(planned, plan, report);
     switch (verdict.kind) {
       case 'settled':
-        return verdict.result;
+        return { result: verdict.result, handoff: report.handoff };
       case 'failed':
         throw verdict.error;
       case 'redo':
         throw new VersionCheckLost(); // and nothing was written: everything hangs on the deployment's row
       case 'claimed_elsewhere':
-        return this.claimedElsewhere(s, event);
+        return { result: await this.claimedElsewhere(s, event), handoff: null };
     }
   }
 
@@ -349,7 +360,8 @@ export class TransitionService {
     const plan = planBatch(events, snapshot, this.now());
     if (!writesAnything(plan.write)) return { plan, report: writeReportOf(null) };
     await hooks.before(plan);
-    const row = (await inSpan('sql write', traced, () => s.run(TRANSITION_SQL.write, transitionWriteParams(plan.write)))).rows[0];
+    const params = transitionWriteParams(plan.write, this.wakeup.wantsHandoff());
+    const row = (await inSpan('sql write', traced, () => s.run(TRANSITION_SQL.write, params))).rows[0];
     if (row === undefined) throw new Error('the write returned no row');
     const report = writeReportOf(row);
     await hooks.after?.(plan, report);

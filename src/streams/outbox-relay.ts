@@ -1,7 +1,8 @@
 /**
  * The outbox relay (docs/architecture.md, "the outbox"): moves committed outbox rows to the Redis stream
- * `<prefix>:transitions`, in id order, at least once; with `partitions` P > 1 each row goes to its deployment's
- * partition (`partitionOf`), in id order per partition, so per deployment in version order.
+ * `<prefix>:transitions`, at least once, per deployment in version order; with `partitions` P > 1 each row goes to
+ * its deployment's partition (`partitionOf`). What it reads goes out in id order; rows of other deployments may
+ * come in between (a row committed after a read that passed its id, a hand-off).
  *
  * - One active relay fleet-wide: the leader holds a session-level PostgreSQL advisory lock on a dedicated
  *   connection; standbys try to take it every `standbyRetryMs`. When the leader dies its session ends and the lock

@@ -14,8 +14,6 @@ import { compareIds, partitionKey, readLayout, recordOrRead } from './partitions
 import { appendBatches, partitionBatches } from './relay-append';
 import type { OutboxRelayOptions } from './relay-options';
 
-/** how many appended rows' ids a relay remembers to drop hand-offs of rows it appended already */
-const RECENT_IDS = 10_000;
 /** the most handed-over rows that wait for a cycle; beyond, they are left to a read */
 const MAX_HANDED = 10_000;
 
@@ -56,7 +54,7 @@ export class RelayPublisher {
   private staleWarned: number | null = null;
   /** an append met a layout for another number of partitions (one warning per episode) */
   private fenced = false;
-  /** outbox rows writes of this process handed over, not yet appended, in the order given */
+  /** outbox rows writes of this process handed over since the last read, in the order given */
   private handed: HandedOffRow[] = [];
   /**
    * The last cycle was a read that found nothing (or a hand-off after one): every row committed before it is on the
@@ -64,9 +62,6 @@ export class RelayPublisher {
    */
   private caughtUp = false;
   private handedOff = 0;
-  /** ids of the rows appended last (up to `RECENT_IDS`), by batch: a hand-off of rows a read appended already is dropped */
-  private readonly recent = new Set<string>();
-  private readonly recentBatches: string[][] = [];
 
   constructor(
     private readonly redis: RedisConnection,
@@ -153,6 +148,8 @@ export class RelayPublisher {
 
     if (this.caughtUp && this.unmarked === null && this.handed.length > 0) return this.publishHanded(generation);
     this.caughtUp = false;
+    // what was handed over so far is committed: this read, or the next ones, find it, in id order with the rest
+    this.handed = [];
 
     // the previous batch's mark and this batch's read in one statement; the read cannot see the mark (one snapshot),
     // so it leaves those rows out by id
@@ -175,8 +172,10 @@ export class RelayPublisher {
 
   /**
    * The rows writes handed over, appended without a read, when nothing waits to be marked (their mark goes with the
-   * next cycle's read, as a read's would). Rows a read appended already (a write's hand-off can come after the read
-   * that returned its rows) are left out.
+   * next cycle's read, as a read's would). Every read drops what was handed over before it (it, or the reads after
+   * it, find those rows), so a hand-off goes out in the first cycle after it or not at all. Never twice: a row
+   * handed over after the read that returned it (its hand-off came late) waits for a cycle that reads, as a read that
+   * appended rows leaves them to mark, and that read drops it.
    *
    * Why they cannot overtake an earlier version of their deployment: their write saw no row waiting for the relay,
    * so every earlier version was marked, so appended, before it. A row unpublished since (a reconcile, after Redis
@@ -186,7 +185,7 @@ export class RelayPublisher {
    */
   private async publishHanded(generation: number): Promise<number> {
     const tails = this.tails;
-    const rows = this.handed.filter((r) => !this.recent.has(r.id));
+    const rows = this.handed;
     this.handed = [];
     if (rows.length === 0 || tails === null) return 0;
     this.caughtUp = false;
@@ -223,7 +222,6 @@ export class RelayPublisher {
       tails.set(n, ids[ids.length - 1] ?? tails.get(n) ?? '0-0');
     }
     const ids = rows.map((r) => r.id);
-    this.remember(ids);
     if (generation !== this.generation) {
       // appended to a server this relay reconnected to during the call: leave the rows unmarked (republished
       // after the reconcile; duplicates are allowed, gaps are not)
@@ -269,15 +267,6 @@ export class RelayPublisher {
     }
     // the appends that did go through moved their tails: the next cycle meets TAIL_MOVED there and reconciles
     throw err;
-  }
-
-  /** Remembers the ids of rows just appended, forgetting the oldest batches beyond `RECENT_IDS`. */
-  private remember(ids: readonly string[]): void {
-    this.recentBatches.push([...ids]);
-    for (const id of ids) this.recent.add(id);
-    while (this.recent.size > RECENT_IDS && this.recentBatches.length > 1) {
-      for (const id of this.recentBatches.shift() ?? []) this.recent.delete(id);
-    }
   }
 
   /** Durable appends: whether every entry this relay appended is on the asked number of replicas (Redis `WAIT`). */

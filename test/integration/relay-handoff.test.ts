@@ -63,7 +63,7 @@ describe('the write hands its outbox rows to the relay of its process', function
 
   /** per deployment, the versions on the stream in stream order */
   async function versions(deploymentId: string): Promise<number[]> {
-    const raw = (await redis.xrange(streamKey, '-', '+')) as Array<[string, string[]]>;
+    const raw = await redis.xrange(streamKey, '-', '+');
     return raw.map(([id, fields]) => parseEntry(id, fields)).flatMap((e) => (e.deploymentId === deploymentId ? [e.version] : []));
   }
 
@@ -181,13 +181,50 @@ describe('the write hands its outbox rows to the relay of its process', function
     relay = started.relay;
     const deploymentId = randomUUID();
     await create(started.service, deploymentId); // now handed over, after the read appended it
-    // the next cycle marks it (its hand-off still waits, as nothing can tell it went out already but its id)
+    // the read appended rows, so the next cycle reads too (to mark them), and drops what was handed over before it
     await waitFor('its mark', async () => ((await unmarked(deploymentId)) === 0 ? true : undefined));
-    // and the one after appends what the next write hands over: the first row is not among it again
+    // the one after appends what the next write hands over: the first row is not among it again
     const other = randomUUID();
     await create(started.service, other);
     await waitFor("the other's entry", async () => ((await versions(other)).length === 1 ? true : undefined));
     expect(await versions(deploymentId)).to.deep.equal([1]);
     expect(relay.handedOffCount).to.equal(1); // the other's
+  });
+  it('appends a hand-off only when nothing waits for its mark: the marks of the rows before it are kept', async () => {
+    const { relay, service } = await leadingRelay();
+    const [a, b] = [randomUUID(), randomUUID()];
+    await create(service, a);
+    relay.notifyCommitted(); // a read carries its mark
+    await waitFor("a's mark", async () => ((await unmarked(a)) === 0 && relay.caughtUp ? true : undefined));
+
+    // a's teardown takes its snapshot (nothing waits for the relay) and then waits on the test's lock on a's row
+    const lock = db.dataSource.createQueryRunner();
+    try {
+      await lock.startTransaction();
+      await lock.query(`SELECT 1 FROM deployments WHERE id = $1::uuid FOR UPDATE`, [a]);
+      const tearing = teardown(service, a);
+      await waitFor('the teardown to wait on the lock', async () => {
+        const waiting = await db.dataSource.query<unknown[]>(
+          `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE deployments%'`,
+        );
+        return waiting.length > 0 ? true : undefined;
+      });
+      // meanwhile b is handed over and appended: its mark waits
+      await create(service, b);
+      await waitFor("b's entry", async () => ((await versions(b)).length === 1 ? true : undefined));
+      expect(relay.handedOffCount).to.equal(2);
+      expect(await unmarked(b)).to.equal(1);
+      // a's teardown commits and hands over too (its snapshot saw nothing waiting), while b's mark waits: a read
+      await lock.commitTransaction();
+      expect((await tearing).outcome).to.equal('applied');
+    } finally {
+      if (lock.isTransactionActive) await lock.rollbackTransaction();
+      await lock.release();
+    }
+    await waitFor("a's second entry", async () => ((await versions(a)).length >= 2 ? true : undefined));
+    relay.notifyCommitted(); // and one more cycle for the last mark
+    await waitFor('every mark', async () => ((await unmarked(a)) + (await unmarked(b)) === 0 ? true : undefined));
+    expect(await versions(a)).to.deep.equal([1, 2]);
+    expect(await versions(b)).to.deep.equal([1]);
   });
 });

@@ -91,7 +91,7 @@ interface Args {
   readonly out: string;
   readonly scale: ScaleArgs;
   readonly hosts: HostsArgs;
-  /** --levels: the throughput scenario's worker concurrencies [1,4,16,32; --quick: 4,16] */
+  /** --levels: the throughput scenario's worker concurrencies [1,4,16,32,64; --quick: 4,16] */
   readonly levels: number[] | null;
   /** --kinds: the throughput scenario's workers [ours,unbatched,noop,naive]; `traced` (ours with tracing on) and `partitioned` (ours with 16 stream partitions) on request */
   readonly kinds: WorkerKind[] | null;
@@ -303,8 +303,8 @@ async function main(): Promise<void> {
     if (cpuProfDir !== undefined) fs.mkdirSync(cpuProfDir, { recursive: true });
     if (services !== null && args.only.has('throughput')) {
       throughput = await runThroughput(services, {
-        concurrencies: args.levels ?? (args.quick ? [4, 16] : [1, 4, 16, 32]),
-        directConcurrencies: args.quick ? [16] : [1, 4, 16, 32],
+        concurrencies: args.levels ?? (args.quick ? [4, 16] : [1, 4, 16, 32, 64]),
+        directConcurrencies: args.quick ? [16] : [1, 4, 16, 32, 64],
         events: (c) => (args.quick ? 500 : c === 1 ? 1000 : 3000),
         warmup: args.quick ? 100 : 300,
         kinds: args.kinds ?? (args.before !== null ? [...DEFAULT_WORKER_KINDS, 'before'] : DEFAULT_WORKER_KINDS),

@@ -207,7 +207,11 @@ describe('the transition planner (pure)', () => {
       prepared('attempt.end', { deploymentId: D, attemptId: A1, outcome: 'succeeded', eventId: 'e1' }),
     ];
     const plan = planBatch(events, snapshot, NOW);
-    expect(summaries(plan, { won: null, transitions: null, noop_claimed: ['again'], handoff: null })).to.deep.equal(['noop duplicate', 'redo', 'redo']);
+    expect(summaries(plan, { won: null, transitions: null, noop_claimed: ['again'], handoff: null })).to.deep.equal([
+      'noop duplicate',
+      'redo',
+      'redo',
+    ]);
   });
 
   it('answers what the snapshot settles without writing: duplicates, reused eventIds, foreign attempts, not yet', () => {

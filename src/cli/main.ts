@@ -7,7 +7,7 @@ import { Command, CommanderError } from 'commander';
 import { createDataSource } from '../entities/schema/data-source';
 import { closeOnSignals, startFleet } from '../app';
 import { loadConfig } from '../config';
-import { migrate } from '../entities/schema/migrate';
+import { migrate, migrationStatus } from '../entities/schema/migrate';
 import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
@@ -26,13 +26,23 @@ import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
 import { repartition } from '../streams/repartition';
 import { printable, UUID_PATTERN } from '../util';
 
-async function runMigrate(): Promise<void> {
+async function runMigrate(options: { readonly status?: boolean }): Promise<void> {
   const config = loadConfig();
   const endpoints = resolveEndpoints(config);
   const ds = createDataSource({ url: endpoints.databaseUrl, poolSize: 2, applicationName: 'lifecycle-fleet-migrate', statementTimeoutMs: 0 });
   const postgres = describeServer('PostgreSQL', endpoints.databaseUrl);
   await reaching(postgres, () => ds.initialize());
   try {
+    if (options.status === true) {
+      const states = await reaching(postgres, () => migrationStatus(ds));
+      for (const { name, state } of states) process.stdout.write(`${state.padEnd(8)}${name}\n`);
+      const count = (state: string) => states.filter((m) => m.state === state).length;
+      const unknown = count('unknown');
+      process.stdout.write(
+        `${count('applied')} applied, ${count('pending')} pending${unknown > 0 ? `, ${unknown} unknown to this version (applied by a newer one)` : ''}\n`,
+      );
+      return;
+    }
     const { ran } = await reaching(postgres, () => migrate(ds));
     process.stdout.write(ran.length === 0 ? 'schema is up to date\n' : `applied: ${ran.join(', ')}\n`);
   } finally {
@@ -283,7 +293,11 @@ export function buildProgram(): Command {
     .description('run a lifecycle worker, an outbox relay (standby unless it leads) and the sweep, against REDIS_URL and DATABASE_URL')
     .action(runWorker);
   program.command('http').description('serve the HTTP API, dispatch, /metrics and Bull Board').action(runHttp);
-  program.command('migrate').description('apply pending database migrations (once, under an advisory lock)').action(runMigrate);
+  program
+    .command('migrate')
+    .description('apply pending database migrations (once, under an advisory lock)')
+    .option('--status', 'list the migrations, applied and pending, and change nothing')
+    .action(runMigrate);
   program
     .command('enqueue')
     .description('validate and enqueue one lifecycle event; prints its eventId and jobId')

@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'chai';
+import { MIGRATIONS } from '../../src/entities';
 import { Queue } from 'bullmq';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
@@ -171,6 +172,29 @@ describe('the fleet CLI and the producer SDK', function () {
     const run = await fleet(['migrate'], env);
     expect(run.code, run.stderr).to.equal(0);
     expect(run.stdout).to.contain('schema is up to date');
+  });
+
+  it('migrate --status lists every migration as applied, and a pending one as pending without applying it', async () => {
+    const run = await fleet(['migrate', '--status'], env);
+    expect(run.code, run.stderr).to.equal(0);
+    const lines = run.stdout.trim().split('\n');
+    expect(lines.slice(0, -1)).to.deep.equal(MIGRATIONS.map((m) => `applied ${m.name ?? ''}`));
+    expect(lines.at(-1)).to.equal(`${MIGRATIONS.length} applied, 0 pending`);
+
+    const fresh = await openTestDatabase(2);
+    const last = MIGRATIONS[MIGRATIONS.length - 1]?.name ?? '';
+    await fresh.dataSource.query(`DELETE FROM migrations WHERE name = $1`, [last]);
+    try {
+      const pending = await fleet(['migrate', '--status'], { ...env, DATABASE_URL: fresh.url });
+      expect(pending.code, pending.stderr).to.equal(0);
+      expect(pending.stdout)
+        .to.contain(`pending ${last}\n`)
+        .and.to.contain(`${MIGRATIONS.length - 1} applied, 1 pending\n`);
+      const still = await fresh.dataSource.query<unknown[]>(`SELECT 1 FROM migrations WHERE name = $1`, [last]);
+      expect(still).to.have.length(0);
+    } finally {
+      await fresh.close();
+    }
   });
 
   it('worker refuses an unmigrated database', async () => {

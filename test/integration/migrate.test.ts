@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import { createDataSource } from '../../ormconfig';
 import { Deployment, MIGRATIONS } from '../../src/entities';
-import { migrate, migrationsApplied } from '../../src/entities/schema/migrate';
+import { migrate, migrationsApplied, migrationStatus } from '../../src/entities/schema/migrate';
 import { createDatabase } from '../helpers/db';
 
 describe('migrations (PostgreSQL)', () => {
@@ -35,6 +35,35 @@ describe('migrations (PostgreSQL)', () => {
       expect((await migrate(first)).ran).to.deep.equal([]);
     } finally {
       await Promise.all(sources.filter((s) => s.isInitialized).map((s) => s.destroy()));
+      await db.drop();
+    }
+  });
+
+  it('list applied, pending and unknown migrations (fleet migrate --status), changing nothing', async () => {
+    const db = await createDatabase();
+    const ds = createDataSource({ url: db.url, poolSize: 2 });
+    const names = MIGRATIONS.map((m) => m.name);
+    try {
+      await ds.initialize();
+      // before the first migration there is no table to read
+      expect(await migrationStatus(ds)).to.deep.equal(names.map((name) => ({ name, state: 'pending' })));
+      expect(await ds.query<unknown[]>(`SELECT to_regclass('migrations') AS t`)).to.deep.equal([{ t: null }]);
+      await migrate(ds);
+      expect(await migrationStatus(ds)).to.deep.equal(names.map((name) => ({ name, state: 'applied' })));
+
+      // the newest undone, and one recorded by a newer version: listed last, as unknown
+      const last = names[names.length - 1] ?? '';
+      await ds.query(`DELETE FROM migrations WHERE name = $1`, [last]);
+      await ds.query(`INSERT INTO migrations (timestamp, name) VALUES (1799999999999, 'Future1799999999999')`);
+      const before = await ds.query<unknown[]>(`SELECT * FROM migrations ORDER BY id`);
+      expect(await migrationStatus(ds)).to.deep.equal([
+        ...names.slice(0, -1).map((name) => ({ name, state: 'applied' })),
+        { name: last, state: 'pending' },
+        { name: 'Future1799999999999', state: 'unknown' },
+      ]);
+      expect(await ds.query<unknown[]>(`SELECT * FROM migrations ORDER BY id`)).to.deep.equal(before);
+    } finally {
+      if (ds.isInitialized) await ds.destroy();
       await db.drop();
     }
   });

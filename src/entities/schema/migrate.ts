@@ -31,6 +31,37 @@ export async function migrate(dataSource: DataSource): Promise<MigrateResult> {
   }
 }
 
+/** One migration as `fleet migrate --status` lists it. */
+export interface MigrationState {
+  readonly name: string;
+  /**
+   * applied: recorded in the database; pending: known to this version, not applied yet; unknown: recorded in the
+   * database and not known to this version (a newer version applied it)
+   */
+  readonly state: 'applied' | 'pending' | 'unknown';
+}
+
+/**
+ * Every migration this version knows, in order, applied or pending, and after them those the database records that
+ * this version does not know (a newer version's). Reads only: takes no lock and changes nothing.
+ */
+export async function migrationStatus(dataSource: DataSource): Promise<MigrationState[]> {
+  const runner = dataSource.createQueryRunner();
+  const session = sessionOf((await runner.connect()) as PoolClient);
+  try {
+    const present = (await session.run(ADMIN_SQL.migrationsTableExists)).rows[0]?.present === true;
+    const applied = present ? (await session.run(ADMIN_SQL.appliedMigrations)).rows.map((r) => r.name) : [];
+    const known = dataSource.migrations.map((m) => m.name ?? m.constructor.name);
+    const done = new Set(applied);
+    return [
+      ...known.map((name): MigrationState => ({ name, state: done.has(name) ? 'applied' : 'pending' })),
+      ...applied.filter((name) => !known.includes(name)).map((name): MigrationState => ({ name, state: 'unknown' })),
+    ];
+  } finally {
+    await runner.release();
+  }
+}
+
 /** True when every known migration has been applied (for `/readyz` and start-up checks). */
 export async function migrationsApplied(dataSource: DataSource): Promise<boolean> {
   return !(await dataSource.showMigrations());

@@ -9,4 +9,8 @@ export const ADMIN_SQL = Object.freeze({
   lockMigrations: sql<never>(`SELECT pg_advisory_lock(hashtext($1))`),
   unlockMigrations: sql<never>(`SELECT pg_advisory_unlock(hashtext($1))`),
   ping: sql<{ one: number }>(`SELECT 1 AS one`),
+  /** whether TypeORM's migrations table exists (not before the first migration) */
+  migrationsTableExists: sql<{ present: boolean }>(`SELECT to_regclass('migrations') IS NOT NULL AS present`),
+  /** the migrations recorded as applied, oldest first (only once the table exists) */
+  appliedMigrations: sql<{ name: string }>(`SELECT name FROM migrations ORDER BY id`),
 });

@@ -85,6 +85,8 @@ describe('the write hands its outbox rows to the relay of its process', function
     const deploymentId = randomUUID();
     expect((await create(service, deploymentId)).outcome).to.equal('applied');
     await waitFor('its entry', async () => ((await versions(deploymentId)).length === 1 ? true : undefined));
+    // the count goes up just after the append returns, a moment after the entry shows: wait for it
+    await waitFor('the hand-off counted', () => (relay.handedOffCount >= 1 ? true : undefined));
     expect(relay.handedOffCount).to.equal(1);
     expect(await unmarked(deploymentId)).to.equal(1); // appended, its mark waits for a read
 
@@ -187,6 +189,7 @@ describe('the write hands its outbox rows to the relay of its process', function
     const other = randomUUID();
     await create(started.service, other);
     await waitFor("the other's entry", async () => ((await versions(other)).length === 1 ? true : undefined));
+    await waitFor("the other's hand-off counted", () => (relay.handedOffCount >= 1 ? true : undefined));
     expect(await versions(deploymentId)).to.deep.equal([1]);
     expect(relay.handedOffCount).to.equal(1); // the other's
   });
@@ -212,6 +215,7 @@ describe('the write hands its outbox rows to the relay of its process', function
       // meanwhile b is handed over and appended: its mark waits
       await create(service, b);
       await waitFor("b's entry", async () => ((await versions(b)).length === 1 ? true : undefined));
+      await waitFor("b's hand-off counted", () => (relay.handedOffCount >= 2 ? true : undefined));
       expect(relay.handedOffCount).to.equal(2);
       expect(await unmarked(b)).to.equal(1);
       // a's teardown commits and hands over too (its snapshot saw nothing waiting), while b's mark waits: a read

@@ -16,7 +16,7 @@ import type { DataSource } from 'typeorm';
 import { createDataSource } from './entities/schema/data-source';
 import { Database } from './entities/sql';
 import type { FleetConfig } from './config';
-import { migrationsApplied } from './entities/schema/migrate';
+import { assertSchemaSupported, migrationsApplied } from './entities/schema/migrate';
 import { buildHttpServer } from './http/server';
 import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
@@ -218,6 +218,8 @@ async function startBase(config: FleetConfig, endpoints: Endpoints, logger: Logg
   if (!(await migrationsApplied(dataSource))) {
     throw new Error('the database schema is not up to date: run `fleet migrate` first');
   }
+  // a newer release's migrations are fine (a rolling upgrade) unless they say this version cannot read the schema
+  await assertSchemaSupported(dataSource);
 
   const producer = new LifecycleProducer({
     connection: endpoints.redisUrl,

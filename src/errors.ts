@@ -234,3 +234,25 @@ export function isTransient(err: unknown): boolean {
     (err.cause !== undefined && err.cause !== err && isTransient(err.cause))
   );
 }
+
+/**
+ * The database's schema is newer than this version of the fleet can run against: a newer release contracted it and
+ * says so (`fleet_schema_requires()` names a migration this version does not know). `fleet worker`, `fleet http`
+ * and `fleet start` exit with code 6 (docs/contract.md, "Exit codes"): upgrade this process to the newer release.
+ */
+export class SchemaTooNewError extends FleetError {
+  readonly code = 'schema_too_new';
+  readonly retryable = false;
+  constructor(
+    /** the migration the schema requires its readers to know */
+    readonly requires: string,
+    /** the newest migration this version knows */
+    readonly newestKnown: string,
+  ) {
+    super(
+      `the database schema is newer than this version of lifecycle-fleet supports: it requires migration ${requires}, ` +
+        `and this version knows migrations up to ${newestKnown}; run the newer release`,
+    );
+    this.name = 'SchemaTooNewError';
+  }
+}

@@ -8,7 +8,7 @@ import { createDataSource } from '../entities/schema/data-source';
 import { closeOnSignals, startFleet } from '../app';
 import { loadConfig } from '../config';
 import { migrate, migrationStatus } from '../entities/schema/migrate';
-import { ConfigError, isTransient, ResyncRequiredError, ValidationError } from '../errors';
+import { ConfigError, isTransient, ResyncRequiredError, SchemaTooNewError, ValidationError } from '../errors';
 import { createLogger } from '../log';
 import { LifecycleProducer } from '../queues/producer';
 import { readDeploymentStatus } from './status';
@@ -25,6 +25,9 @@ import { createRedis, describeServer, pingRedis } from '../redis/connection';
 import { MAX_STREAM_PARTITIONS } from '../streams/partitions';
 import { repartition } from '../streams/repartition';
 import { printable, UUID_PATTERN } from '../util';
+
+/** Exit code of a process that meets a schema newer than it can run against (SchemaTooNewError). */
+export const SCHEMA_TOO_NEW_EXIT_CODE = 6;
 
 async function runMigrate(options: { readonly status?: boolean }): Promise<void> {
   const config = loadConfig();
@@ -368,6 +371,11 @@ export async function main(argv: readonly string[]): Promise<void> {
     if (err instanceof ConfigError || err instanceof UsageError || err instanceof TokenFileError || err instanceof PortTakenError) {
       process.stderr.write(`fleet: ${err.message}\n`);
       process.exitCode = 2;
+      return;
+    }
+    if (err instanceof SchemaTooNewError) {
+      process.stderr.write(`fleet: ${err.message}\n`);
+      process.exitCode = SCHEMA_TOO_NEW_EXIT_CODE;
       return;
     }
     if (err instanceof UnreachableError) {

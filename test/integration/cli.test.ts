@@ -209,6 +209,23 @@ describe('the fleet CLI and the producer SDK', function () {
     }
   });
 
+  it('worker refuses a schema a newer release contracted: exit 6, naming the migration it lacks', async () => {
+    const fresh = await openTestDatabase(2);
+    await fresh.dataSource.query(`INSERT INTO migrations (timestamp, name) VALUES (1799999999999, 'Future1799999999999')`);
+    await fresh.dataSource.query(
+      `CREATE OR REPLACE FUNCTION fleet_schema_requires() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'Future1799999999999'::text $$`,
+    );
+    try {
+      const run = await fleet(['worker'], { ...env, DATABASE_URL: fresh.url });
+      expect(run.code, run.stderr).to.equal(6);
+      expect(run.stderr)
+        .to.contain('requires migration Future1799999999999')
+        .and.to.contain(`up to ${MIGRATIONS.at(-1)?.name ?? ''}`);
+    } finally {
+      await fresh.close();
+    }
+  });
+
   it('commands without URLs and without a running local fleet say what to do', async function () {
     const endpointsFile = path.join(repoRoot(), '.fleet', 'run', 'endpoints.json');
     if (isProcessAlive(readPid(endpointsFile))) this.skip(); // a developer's `npm start` is running in this checkout

@@ -1,7 +1,8 @@
 import { expect } from 'chai';
 import { createDataSource } from '../../ormconfig';
 import { Deployment, MIGRATIONS } from '../../src/entities';
-import { migrate, migrationsApplied, migrationStatus } from '../../src/entities/schema/migrate';
+import { assertSchemaSupported, migrate, migrationsApplied, migrationStatus } from '../../src/entities/schema/migrate';
+import { SchemaTooNewError } from '../../src/errors';
 import { createDatabase } from '../helpers/db';
 
 describe('migrations (PostgreSQL)', () => {
@@ -62,6 +63,35 @@ describe('migrations (PostgreSQL)', () => {
         { name: 'Future1799999999999', state: 'unknown' },
       ]);
       expect(await ds.query<unknown[]>(`SELECT * FROM migrations ORDER BY id`)).to.deep.equal(before);
+    } finally {
+      if (ds.isInitialized) await ds.destroy();
+      await db.drop();
+    }
+  });
+
+  it('run against a newer expand-only schema, and refuse one a newer release contracted (fleet_schema_requires)', async () => {
+    const db = await createDatabase();
+    const ds = createDataSource({ url: db.url, poolSize: 2 });
+    try {
+      await ds.initialize();
+      // before the migration that brings the function: nothing is required
+      await assertSchemaSupported(ds);
+      await migrate(ds);
+      await assertSchemaSupported(ds);
+      // a newer release's migration that requires nothing new of its readers: the one-release skew of an upgrade
+      await ds.query(`INSERT INTO migrations (timestamp, name) VALUES (1799999999999, 'Future1799999999999')`);
+      await assertSchemaSupported(ds);
+      // the newer release contracts the schema: its readers must know its migration
+      await ds.query(
+        `CREATE OR REPLACE FUNCTION fleet_schema_requires() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'Future1799999999999'::text $$`,
+      );
+      const err = await assertSchemaSupported(ds).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      expect(err).to.be.instanceOf(SchemaTooNewError);
+      expect((err as SchemaTooNewError).requires).to.equal('Future1799999999999');
+      expect((err as SchemaTooNewError).newestKnown).to.equal(MIGRATIONS[MIGRATIONS.length - 1]?.name);
     } finally {
       if (ds.isInitialized) await ds.destroy();
       await db.drop();

@@ -1,5 +1,6 @@
 import type { PoolClient } from 'pg';
 import type { DataSource } from 'typeorm';
+import { SchemaTooNewError } from '../../errors';
 import { ADMIN_SQL, MIGRATION_LOCK_KEY } from '../sql/admin';
 import { sessionOf } from '../sql/runner';
 
@@ -65,4 +66,22 @@ export async function migrationStatus(dataSource: DataSource): Promise<Migration
 /** True when every known migration has been applied (for `/readyz` and start-up checks). */
 export async function migrationsApplied(dataSource: DataSource): Promise<boolean> {
   return !(await dataSource.showMigrations());
+}
+
+/**
+ * Refuses a schema newer than this version can run against (SchemaTooNewError): one whose
+ * `fleet_schema_requires()` names a migration this version does not know. A schema with migrations from a newer
+ * release that does not require them (expand-only: the one-release skew of a rolling upgrade) passes. Reads only.
+ */
+export async function assertSchemaSupported(dataSource: DataSource): Promise<void> {
+  const runner = dataSource.createQueryRunner();
+  const session = sessionOf((await runner.connect()) as PoolClient);
+  try {
+    if ((await session.run(ADMIN_SQL.schemaFloorExists)).rows[0]?.present !== true) return;
+    const requires = (await session.run(ADMIN_SQL.schemaFloor)).rows[0]?.name ?? '';
+    const known = dataSource.migrations.map((m) => m.name ?? m.constructor.name);
+    if (!known.includes(requires)) throw new SchemaTooNewError(requires, known.at(-1) ?? '(none)');
+  } finally {
+    await runner.release();
+  }
 }

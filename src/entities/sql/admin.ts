@@ -13,4 +13,8 @@ export const ADMIN_SQL = Object.freeze({
   migrationsTableExists: sql<{ present: boolean }>(`SELECT to_regclass('migrations') IS NOT NULL AS present`),
   /** the migrations recorded as applied, oldest first (only once the table exists) */
   appliedMigrations: sql<{ name: string }>(`SELECT name FROM migrations ORDER BY id`),
+  /** whether the schema says which migration its readers must know (from migration 1765000000000 on) */
+  schemaFloorExists: sql<{ present: boolean }>(`SELECT to_regprocedure('fleet_schema_requires()') IS NOT NULL AS present`),
+  /** the migration every process running against this schema must know (only once the function exists) */
+  schemaFloor: sql<{ name: string }>(`SELECT fleet_schema_requires() AS name`),
 });

@@ -20,6 +20,7 @@ import { repoRoot, sleep } from '../src/util';
 import { RESYNC_EXIT, VERSIONS_TABLE, type MemberConfig } from './consumer-member';
 import { WorkerPool } from './faults';
 import type { Fleet } from './fleet';
+import type { Release } from './releases';
 import { checkGroup, FROM_HISTORY, parseMemberRecord, type GroupCall, type GroupCheck, type MemberRecord } from './group-check';
 
 /** A member's lease (renewed every second; it stops handling 1.25 s before it could expire). */
@@ -99,6 +100,8 @@ export class ConsumerGroup {
       {
         command: process.execPath,
         args: [path.join(repoRoot(), 'dist', 'chaos', 'consumer-member.js')],
+        // a mixed-version run: the odd slots run the previous release's member, so one group has both
+        argsFor: (slot) => [path.join(this.releaseOfSlot(slot).dir, 'dist', 'chaos', 'consumer-member.js')],
         env: { ...process.env },
         logFile: path.join(options.dir, 'consumers.log'),
         ...(lab === null ? {} : { wrap: (slot: number) => lab.wrap(slot) }),
@@ -112,12 +115,22 @@ export class ConsumerGroup {
     );
   }
 
+  /** The release a member slot runs. */
+  private releaseOfSlot(slot: number): Release {
+    return this.fleet.previous !== null && slot % 2 === 1 ? this.fleet.previous : this.fleet.current;
+  }
+
+  /** member processes started per release version (a mixed-version run has two) */
+  readonly startedByVersion: Record<string, number> = {};
+
   private get group(): string {
     return `chaos-consumers-${this.generation}`;
   }
 
   private memberConfig(slot: number, start: number): MemberConfig {
     const consumer = `c${slot}-${start}`;
+    const { version } = this.releaseOfSlot(slot);
+    this.startedByVersion[version] = (this.startedByVersion[version] ?? 0) + 1;
     this.names.set(slot, consumer);
     const { fleet } = this;
     return {

@@ -16,6 +16,8 @@ export interface WorkerSpec {
   readonly logFile: string;
   /** an argv prefix per slot that runs the worker elsewhere (a lab host: `ip netns exec <ns>`, which execs) */
   readonly wrap?: (slot: number) => readonly string[];
+  /** the arguments of a slot's process in place of `args` (a mixed-version run: the release of the slot) */
+  readonly argsFor?: (slot: number) => readonly string[];
   /** arguments appended per process: its slot and its start number (1, 2, ... over the pool's life) */
   readonly argsOf?: (slot: number, start: number) => readonly string[];
   /** told of every exit: `expected` when `kill`, `retire` or `stop` asked for it */
@@ -87,7 +89,7 @@ export class WorkerPool {
     let child: ChildProcess;
     try {
       const [command = this.spec.command, ...prefix] = [...(this.spec.wrap?.(slot) ?? []), this.spec.command];
-      const args = [...prefix, ...this.spec.args, ...(this.spec.argsOf?.(slot, this.started + 1) ?? [])];
+      const args = [...prefix, ...(this.spec.argsFor?.(slot) ?? this.spec.args), ...(this.spec.argsOf?.(slot, this.started + 1) ?? [])];
       child = spawn(command, args, { env: this.spec.env, stdio: ['ignore', fd, fd] });
     } finally {
       fs.closeSync(fd);

@@ -20,6 +20,7 @@ import { LIFECYCLE_QUEUE } from '../src/queues/names';
 import { WorkerPool } from './faults';
 import { ChaosLab } from './lab';
 import type { ChaosOptions } from './options';
+import { currentRelease, migrateProcess, preparePrevious, type Release } from './releases';
 
 /** The chaos workers' orphan threshold: a day, so that the sweep never orphans the attempts the workload holds. */
 export const CHAOS_ORPHAN_AFTER_S = 86_400;
@@ -77,6 +78,10 @@ export class Fleet {
   private pgPool: Pool | null = null;
   private adminRedis: RedisConnection | null = null;
   private lifecycleProducer: LifecycleProducer | null = null;
+  private previousProducer: LifecycleProducer | null = null;
+  /** the current checkout as a release, and the previous one of a mixed-version run (else null) */
+  readonly current: Release;
+  readonly previous: Release | null;
   private readonly onExit = () => {
     if (!this.workersStopped) this.workerPool?.killAll();
   };
@@ -86,7 +91,10 @@ export class Fleet {
     /** the hosts of a `--hosts` run, or null on loopback */
     readonly lab: ChaosLab | null,
     readonly options: ChaosOptions,
+    previous: Release | null,
   ) {
+    this.current = currentRelease();
+    this.previous = previous;
     this.redisUrl = lab?.redisUrl ?? services.redisUrl ?? '';
     this.databaseUrl = services.databaseUrl ?? '';
     this.prefix = prefixOf(options);
@@ -103,14 +111,15 @@ export class Fleet {
   /** Starts the services and the workers; on failure, stops whatever it started and throws. */
   static async start(options: ChaosOptions, log: (line: string) => void): Promise<Fleet> {
     fs.mkdirSync(options.dir, { recursive: true });
+    const previous = options.previous === null ? null : preparePrevious(options.previous, log);
     let fleet: Fleet;
     if (options.hosts > 0) {
       const lab = await ChaosLab.start(options, log);
-      fleet = new Fleet(lab.services, lab, options);
+      fleet = new Fleet(lab.services, lab, options, previous);
     } else {
       log(`starting Redis (AOF) and PostgreSQL under ${path.relative(process.cwd(), options.dir) || options.dir}`);
       const services = await startLocalServices({ dir: options.dir, redis: true, postgres: true, fresh: true, fast: false });
-      fleet = new Fleet(services, null, options);
+      fleet = new Fleet(services, null, options, previous);
     }
     process.once('exit', fleet.onExit);
     try {
@@ -123,10 +132,18 @@ export class Fleet {
   }
 
   private async boot(options: ChaosOptions, log: (line: string) => void): Promise<void> {
-    await migrateDatabase(this.databaseUrl);
+    const { previous } = this;
+    // a mixed-version run starts on the previous release's schema: the current one's migrations come mid-run
+    if (previous === null) await migrateDatabase(this.databaseUrl);
+    else {
+      const run = await migrateProcess(previous, this.databaseUrl);
+      if (run.code !== 0) throw new Error(`fleet migrate of ${previous.ref} exited ${run.code}: ${run.stderr.trim()}`);
+      log(`schema of ${previous.ref} (${previous.version}): ${run.stdout.trim()}`);
+    }
     const spec = {
       command: process.execPath,
       args: [path.join(repoRoot(), 'bin', 'fleet.js'), 'worker'],
+      argsFor: (slot: number) => [path.join(this.releaseOfSlot(slot).dir, 'bin', 'fleet.js'), 'worker'],
       env: workerEnv(options, this.redisUrl, this.databaseUrl),
       logFile: this.workersLog,
       ...(this.lab === null ? {} : { wrap: (slot: number) => this.lab?.wrap(slot) ?? [] }),
@@ -146,8 +163,33 @@ export class Fleet {
       defaultJobOptions: { attempts: 1 },
       durable: options.durable ? { replicas: 1, timeoutMs: 1000 } : null,
     });
+    if (previous !== null) {
+      // the previous release's own producer class, loaded from its build (its dependencies resolve from its tree)
+      const { LifecycleProducer: PreviousProducer } = (await import(path.join(previous.dir, 'dist', 'src', 'queues', 'producer.js'))) as {
+        LifecycleProducer: typeof LifecycleProducer;
+      };
+      this.previousProducer = new PreviousProducer({
+        connection: this.redisUrl,
+        prefix: this.prefix,
+        defaultJobOptions: { attempts: 1 },
+        durable: options.durable ? { replicas: 1, timeoutMs: 1000 } : null,
+      });
+    }
     this.lifecycleQueue = new Queue(LIFECYCLE_QUEUE, { connection: admin, prefix: this.prefix });
     this.lifecycleQueue.on('error', () => undefined);
+  }
+
+  /**
+   * The release a worker slot runs: in a mixed-version run the first `workers` slots are the previous release's and
+   * the slots added by the upgrade the current one's; else every slot is current.
+   */
+  releaseOfSlot(slot: number): Release {
+    return this.previous !== null && slot < this.options.workers ? this.previous : this.current;
+  }
+
+  /** The producers the workload sends through: the current release's, and the previous one's in a mixed run. */
+  get producers(): readonly LifecycleProducer[] {
+    return [this.producer, ...(this.previousProducer === null ? [] : [this.previousProducer])];
   }
 
   /** The lifecycle queue, to look at jobs (which worker holds one). */
@@ -183,6 +225,7 @@ export class Fleet {
     process.off('exit', this.onExit);
     if (!this.workersStopped) await this.workerPool?.stop(5000);
     await this.lifecycleProducer?.close();
+    await this.previousProducer?.close();
     await this.lifecycleQueue?.close().catch(() => undefined);
     this.adminRedis?.disconnect();
     await this.pgPool?.end().catch(() => undefined);

@@ -43,6 +43,12 @@ export interface ChaosOptions {
    * history checker and the consumer group cover partitions; 1: the one stream of a fleet before partitions)
    */
   readonly streamPartitions: number;
+  /**
+   * a mixed-version run (a git ref, e.g. v0.1.0; default none): the workers start as that release's (on its own
+   * schema), some consumer group members and a share of the events are its throughout, and mid-run the current
+   * release's migrations are applied, its workers join, then the previous release's retire (chaos/upgrade.ts)
+   */
+  readonly previous: string | null;
 }
 
 type MutableOptions = { -readonly [K in keyof ChaosOptions]: ChaosOptions[K] };
@@ -66,6 +72,7 @@ function defaultOptions(ci: boolean): ChaosOptions {
     durable: false,
     partitionS: 20,
     streamPartitions: 4,
+    previous: null,
     ...(ci ? CI_PRESET : {}),
   };
 }
@@ -119,6 +126,10 @@ function applyFlag(out: MutableOptions, flag: string | undefined, value: string 
     case '--stream-partitions':
       out.streamPartitions = num(flag, value, 1, MAX_STREAM_PARTITIONS);
       break;
+    case '--previous':
+      if (value === undefined || value.startsWith('-')) throw new Error('--previous: expected a git ref, e.g. v0.1.0');
+      out.previous = value;
+      break;
     case '--json':
       if (value === undefined) throw new Error('--json: expected a file');
       out.jsonFile = path.resolve(value);
@@ -141,5 +152,7 @@ export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
   out.redisCluster = argv.includes('--redis-cluster');
   out.durable = argv.includes('--durable') || (out.redisCluster && !argv.includes('--no-durable'));
   if (out.hosts > 0) out.workers = out.hosts; // one `fleet worker` per host
+  // the faults find a host's worker by its slot, one per host; an upgrade runs two releases' workers side by side
+  if (out.previous !== null && out.hosts > 0) throw new Error('--previous: a mixed-version run is on loopback (without --hosts)');
   return out;
 }

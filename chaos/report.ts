@@ -6,6 +6,7 @@ import type { ChaosOptions } from './options';
 import type { FailoverEvent, HostActivity, PartitionRecord } from './host-faults';
 import type { FaultKind, FaultRecord } from './schedule';
 import type { SweepCounts } from './sweeps';
+import { upgradeShown, type UpgradeReport } from './upgrade';
 
 /** A partitioned worker's held jobs must run again elsewhere within this (issue 17). */
 export const RERUN_WITHIN_MS = 15_000;
@@ -70,6 +71,8 @@ export interface ChaosReport {
   readonly sweeps: SweepCounts;
   /** partitions and failovers (--hosts), or null */
   readonly hosts: HostsReport | null;
+  /** a mixed-version run's upgrade (--previous), or null */
+  readonly upgrade: UpgradeReport | null;
   readonly timings: { readonly totalS: number; readonly lastFaultAtS: number; readonly drainAfterLastFaultS: number | null };
   readonly faultLog: readonly FaultRecord[];
 }
@@ -88,6 +91,7 @@ export interface RunResults {
   readonly lostSamples: readonly string[];
   readonly sweeps: SweepCounts;
   readonly hosts: HostsReport | null;
+  readonly upgrade: UpgradeReport | null;
   /** ms since the epoch: the run's start, the last fault's end, the drain's end (null: it did not drain) */
   readonly t0: number;
   readonly lastFaultAt: number;
@@ -134,6 +138,7 @@ export function buildReport(r: RunResults): ChaosReport {
     groupClean(r.group) &&
     r.sweeps.startedTwice === 0 &&
     hostsHeld(r.hosts) &&
+    (r.upgrade === null || upgradeShown(r.upgrade)) &&
     (!options.durable || failoverLosses(r.hosts) === 0);
   const {
     deployments,
@@ -149,6 +154,7 @@ export function buildReport(r: RunResults): ChaosReport {
     durable,
     partitionS,
     streamPartitions,
+    previous,
   } = options;
   return {
     ok,
@@ -166,6 +172,7 @@ export function buildReport(r: RunResults): ChaosReport {
       durable,
       partitionS,
       streamPartitions,
+      previous,
     },
     events: {
       sent: events.sent,
@@ -193,6 +200,7 @@ export function buildReport(r: RunResults): ChaosReport {
     lostSamples: r.lostSamples,
     sweeps: r.sweeps,
     hosts: r.hosts,
+    upgrade: r.upgrade,
     timings: {
       totalS: seconds(Date.now() - r.t0),
       lastFaultAtS: seconds(r.lastFaultAt - r.t0),
@@ -236,6 +244,7 @@ export function formatReport(r: ChaosReport): string {
     }; code 4: a service unreachable at its start, code 5: its fetch watchdog found it stuck)`,
     `  sweep ticks         ${r.sweeps.ticks} started, ${r.sweeps.startedTwice} started twice, ${r.sweeps.refused} redeliveries refused, ${r.sweeps.missing} never started`,
     ...hostLines(r),
+    ...upgradeLines(r),
     `  drain after last fault  ${r.timings.drainAfterLastFaultS === null ? 'did not drain' : `${r.timings.drainAfterLastFaultS} s`} (last fault at ${r.timings.lastFaultAtS} s, total ${r.timings.totalS} s)`,
   ];
   for (const v of r.checker.violations.slice(0, 10)) lines.push(`  ! ${v.kind} ${v.deploymentId} v${String(v.version ?? '-')}: ${v.detail}`);
@@ -256,6 +265,20 @@ function groupLines(r: ChaosReport): string[] {
   return [
     `  consumer group      ${check.calls} handler calls (${check.redelivered} redelivered), ${g.acquisitions} partitions taken over (${g.leasesLost} leases lost), ${g.resyncs.length} resyncs (${check.fromHistory} versions read from history), violations ${violations === 0 ? '0' : JSON.stringify(check.violationCounts)}${g.drained ? '' : ', DID NOT DRAIN'}`,
     `    its faults        ${faults.joins} joins (${faults.leaves} leaves), ${faults.kills} SIGKILLs (${faults.killsMidHandler} mid-handler), ${faults.pauses} pauses past the lease${r.hosts === null ? '' : `, ${cutOff} hosts cut off with a member`}; ${g.members.initial}-${g.members.max} members, ${g.members.started} processes, exits by themselves: ${exits.resync} resync, ${exits.other} other`,
+  ];
+}
+
+function upgradeLines(r: ChaosReport): string[] {
+  const u = r.upgrade;
+  if (u === null) return [];
+  const s = u.samples;
+  const at = (v: number | null): string => (v === null ? 'never' : `${v} s`);
+  return [
+    `  upgrade             ${u.previous.ref} (${u.previous.version}, ${u.previous.commit.slice(0, 7)}) -> ${u.current.version} (${u.current.commit.slice(0, 7)})${upgradeShown(u) ? '' : ': NOT SHOWN (see below)'}`,
+    `    migration         ${u.migration.ok ? `started at ${at(u.migration.atS)} under load, fleet migrate done ${u.migration.tookS ?? '-'} s later (its process start included)` : 'FAILED'}: ${u.migration.output} (${u.migration.tries} run(s))`,
+    `    workers           ${r.options.workers} of ${u.previous.version} from the start, ${r.options.workers} of ${u.current.version} joined at ${at(u.currentWorkersAtS)}, those of ${u.previous.version} retired by ${at(u.previousRetiredAtS)}; jobs finished ${u.previous.version} ${u.jobsFinished.previous}, ${u.current.version} ${u.jobsFinished.current} (of the last 10,000 kept)`,
+    `    1 s samples       ${s.total}: active jobs on ${u.previous.version} ${s.activePrevious}, on ${u.current.version} ${s.activeCurrent}, on both at once ${s.activeBoth}; relay led by ${u.previous.version} ${s.relayPrevious}, by ${u.current.version} ${s.relayCurrent}, moved between them ${s.relayMoves} times`,
+    `    producers         ${u.eventsByProducer.previous} events through ${u.previous.version}'s, ${u.eventsByProducer.current} through ${u.current.version}'s; consumer group members started: ${u.previous.version} ${u.membersStarted.previous}, ${u.current.version} ${u.membersStarted.current}`,
   ];
 }
 

@@ -17,9 +17,11 @@
  * Usage: npm run chaos -- [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S] [--drain-timeout S]
  *        [--phases MIN-MAX] [--concurrency N] [--seed N] [--dir DIR] [--json FILE]
  *        [--hosts N] [--redis-cluster] [--durable | --no-durable] [--partition S] [--stream-partitions N]
+ *        [--previous REF]
  * With --hosts N the services and N worker hosts each run in a network namespace (chaos/lab.ts) and the faults add
  * partitions of a worker host (and the consumer group's member on it) and of the relay leader's host; with
- * --redis-cluster, master failovers. The stream has 4 partitions unless --stream-partitions says otherwise.
+ * --redis-cluster, master failovers. The stream has 4 partitions unless --stream-partitions says otherwise. With
+ * --previous REF (e.g. v0.1.0) the run is a rolling upgrade from that release to this checkout (chaos/upgrade.ts).
  * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap, the checker is clean and the
  * consumer group's check too.
  */
@@ -36,6 +38,7 @@ import { buildReport, formatReport, type ChaosReport } from './report';
 import { FaultSchedule } from './schedule';
 import { ScriptPlayer } from './scripts';
 import { Sender } from './sender';
+import { Upgrade, type UpgradeReport } from './upgrade';
 import { planWorkload, Random } from './workload';
 
 export type { ChaosOptions } from './options';
@@ -75,7 +78,7 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   const runId = `c${options.seed.toString(36)}`;
   const timing = new Random(options.seed ^ 0x5eed);
   const scripts = planWorkload({ deployments: options.deployments, phases: options.phases, random: new Random(options.seed), runId });
-  const sender = new Sender(fleet.producer, timing);
+  const sender = new Sender(fleet.producers, timing);
   const audit = new AuditConsumer(fleet.redisUrl, fleet.streamKey, options.streamPartitions, log);
   audit.start();
   const barriers = new Barriers(fleet.pool, fleet.producer);
@@ -91,7 +94,11 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   );
 
   const faults = new FaultSchedule({ fleet, group, sender, scripts: player, audit, timing }, options, elapsed, log);
+  // a mixed-version run: the upgrade from the previous release plays over the fault window, faults and all
+  const upgrade = fleet.previous === null ? null : new Upgrade(fleet, fleet.previous, log);
+  const upgrading = upgrade?.run(options.durationS, elapsed);
   await faults.run(options, elapsed, log);
+  await upgrading;
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
   const drainedAt = await drain({ fleet, sender, barriers, scripts: player, scriptRuns, scriptCount: scripts.length }, options.drainTimeoutS, log);
@@ -118,6 +125,8 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   if (!groupDrained) log('the consumer group did not read the stream to its end within 60 s');
   await group.stop();
 
+  await upgrade?.stop();
+  const upgradeReport: UpgradeReport | null = (await upgrade?.report(sender.sentBy, group.startedByVersion)) ?? null;
   const samples = new Samples();
   const events = await countEvents(fleet, sender.sent, barriers.rejectionsSeen, samples);
   const wrongFinalState = await countWrongFinalStates(fleet, scripts, samples);
@@ -138,6 +147,7 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
     lostSamples: samples.list,
     sweeps: countSweeps(fleet.workersLog, CHAOS_SWEEP_EVERY_S),
     hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers, activity },
+    upgrade: upgradeReport,
     t0,
     lastFaultAt,
     drainedAt,

@@ -37,10 +37,33 @@ export class Sender {
   private readonly background = new Set<Promise<void>>();
   private abortedFlag = false;
 
+  /** intended events sent through each producer, in the order of `producers` */
+  readonly sentBy: number[];
+
+  /**
+   * `producers`: the first is the current release's; a mixed-version run adds the previous one's, and each event
+   * goes through one of them, always the same for an eventId (a resend comes from the producer that sent it).
+   */
   constructor(
-    private readonly producer: LifecycleProducer,
+    private readonly producers: readonly LifecycleProducer[],
     private readonly timing: Random,
-  ) {}
+  ) {
+    if (producers.length === 0) throw new Error('Sender: no producer');
+    this.sentBy = producers.map(() => 0);
+  }
+
+  /** The producer of an eventId (a stable choice by its characters). */
+  private producerIndex(eventId: string): number {
+    let h = 0;
+    for (let i = 0; i < eventId.length; i++) h = (h * 31 + eventId.charCodeAt(i)) >>> 0;
+    return h % this.producers.length;
+  }
+
+  private producerOf(eventId: string): LifecycleProducer {
+    const producer = this.producers[this.producerIndex(eventId)];
+    if (producer === undefined) throw new Error('Sender: no producer');
+    return producer;
+  }
 
   get aborted(): boolean {
     return this.abortedFlag;
@@ -79,23 +102,28 @@ export class Sender {
 
   /** Records `event` as intended and enqueues it (its jobId derived from its eventId). */
   async sendIntended(event: Tracked): Promise<void> {
+    const producer = this.producerOf(event.data.eventId);
+    if (!this.sent.has(event.data.eventId)) {
+      const index = this.producerIndex(event.data.eventId);
+      this.sentBy[index] = (this.sentBy[index] ?? 0) + 1;
+    }
     this.sent.set(event.data.eventId, event);
-    await this.retrying(() => this.producer.enqueue(event.name, event.data, declaredAt(event.name)));
+    await this.retrying(() => producer.enqueue(event.name, event.data, declaredAt(event.name)));
     if (!this.acked.has(event.data.eventId)) this.acked.set(event.data.eventId, Date.now());
   }
 
   /** Enqueues an event again with its own eventId and jobId (dated as `declaredAt` says when `dated`). */
   async resend(event: Tracked, dated: boolean): Promise<void> {
-    await this.retrying(() =>
-      dated ? this.producer.enqueue(event.name, event.data, declaredAt(event.name)) : this.producer.enqueue(event.name, event.data),
-    );
+    const producer = this.producerOf(event.data.eventId);
+    await this.retrying(() => (dated ? producer.enqueue(event.name, event.data, declaredAt(event.name)) : producer.enqueue(event.name, event.data)));
     this.counters.resent++;
   }
 
   /** The same eventId under a new jobId: a redelivery the queue cannot deduplicate. */
   async redeliver(event: Tracked, n: number | string): Promise<string> {
     const jobId = `${jobIdFor(event.data.eventId)}.redelivery${n}`;
-    await this.retrying(() => this.producer.queue.add(event.name, event.data, { jobId, ...declaredAt(event.name) }));
+    const producer = this.producerOf(event.data.eventId);
+    await this.retrying(() => producer.queue.add(event.name, event.data, { jobId, ...declaredAt(event.name) }));
     this.counters.redelivered++;
     return jobId;
   }

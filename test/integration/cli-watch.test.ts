@@ -20,7 +20,7 @@ import { parseEntry, type TransitionEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { encodeCursor } from '../../src/streams/stream-follower';
 import { repoRoot } from '../../src/util';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { applied, applyVersions } from '../helpers/lifecycle';
 import { freePort } from '../helpers/net';
@@ -85,7 +85,7 @@ describe('fleet watch: transitions over HTTP with a token', function () {
     prefix = uniquePrefix();
     streamKey = `${prefix}:transitions`;
     // a stream of its own over the one database: earlier tests' rows are not this relay's to publish
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
     const relay = new OutboxRelay({ databaseUrl: db.url, redis: testEnv().redisUrl, streamKey, standbyRetryMs: 200 });
     relay.start();
     closers.push(() => relay.close());

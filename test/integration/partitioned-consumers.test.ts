@@ -20,7 +20,7 @@ import {
 import { leaseKey, leaseOwner } from '../../src/streams/leases';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey, recordPartitions } from '../../src/streams/partitions';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { applyVersions } from '../helpers/lifecycle';
@@ -56,7 +56,7 @@ describe('a partitioned transition stream', function () {
     prefix = uniquePrefix();
     streamKey = `${prefix}:transitions`;
     // every test has a stream of its own over the one database: earlier tests' rows are neither pending nor traceable
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

@@ -23,7 +23,7 @@ import { tail } from '../../src/cli/tail';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { SWEEP_JOB_NAME, SweepWorker } from '../../src/workers/sweep-worker';
 import { ConsumerAudit } from '../helpers/consumer-audit';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { applyVersions } from '../helpers/lifecycle';
 import { testHttpServer } from '../helpers/http';
 import { ReadyServer } from '../helpers/ready-server';
@@ -301,7 +301,7 @@ describe('Redis Cluster: the whole fleet under one hash tag', function () {
     const failing = masters[0] ?? 0;
     const there = keys.flatMap((_, n) => (masters[n] === failing ? [n] : []));
     // this test's stream over the file's one database: earlier tests' rows are neither pending nor traceable
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
     const admin = createRedis(url, 'worker', 'lifecycle-fleet-test-admin');
     closers.push(async () => admin.disconnect());
     await recordPartitions(admin, streamKey, P);

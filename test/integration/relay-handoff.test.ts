@@ -9,7 +9,7 @@ import type IORedis from 'ioredis';
 import { TransitionService, type TransitionHooks } from '../../src/services/transitions';
 import { parseEntry } from '../../src/streams/consumer';
 import { OutboxRelay } from '../../src/streams/outbox-relay';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
@@ -34,7 +34,7 @@ describe('the write hands its outbox rows to the relay of its process', function
     prefix = uniquePrefix();
     streamKey = `${prefix}:transitions`;
     // earlier tests' rows are neither pending nor traceable to this stream
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

@@ -25,7 +25,7 @@ import { StreamFollower } from '../../src/streams/stream-follower';
 import { xinfoGroups } from '../../src/streams/stream-stats';
 import { WatchHub, type WatchEnd } from '../../src/streams/watch-hub';
 import { repoRoot } from '../../src/util';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { applyVersions } from '../helpers/lifecycle';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
@@ -61,7 +61,7 @@ describe('changing the number of partitions of a live fleet', function () {
     prefix = uniquePrefix();
     streamKey = `${prefix}:transitions`;
     // every test has a stream of its own over the one database: earlier tests' rows are not pending
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

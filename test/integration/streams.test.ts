@@ -9,7 +9,7 @@ import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
 import { createRedis } from '../../src/redis/connection';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
@@ -75,7 +75,7 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     streamKey = `${prefix}:transitions`;
     // Every test has a stream of its own over the one database: earlier tests' rows are neither pending nor
     // traceable to this stream (a relay reconciles published rows against the stream it publishes to).
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

@@ -21,7 +21,7 @@ import { OutboxRelay, transitionStreamKey } from '../../src/streams/outbox-relay
 import { startTracing, TRACING_OFF, type Tracing } from '../../src/telemetry';
 import { LifecycleWorker } from '../../src/workers/lifecycle-worker';
 import { repoRoot } from '../../src/util';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
@@ -84,7 +84,7 @@ describe('tracing: one trace per event, from the enqueue to the consumer (OpenTe
     prefix = uniquePrefix();
     handled = new Map();
     // this test's relay publishes only this test's rows
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

@@ -27,7 +27,7 @@ import { repartition } from '../../src/streams/repartition';
 import { encodeCursor, StreamFollower } from '../../src/streams/stream-follower';
 import { WatchHub } from '../../src/streams/watch-hub';
 import { repoRoot } from '../../src/util';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { testHttpServer } from '../helpers/http';
 import { applyVersions } from '../helpers/lifecycle';
@@ -125,7 +125,7 @@ describe('GET /api/watch: transitions as server-sent events', function () {
     maintenance = new Queue(MAINTENANCE_QUEUE, { connection: redis, prefix });
     metrics = new FleetMetrics({}, { defaultMetrics: false });
     // every test has a stream of its own over the one database: earlier tests' rows are not pending
-    await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
+    await forgetOutbox(db);
   });
   afterEach(async () => {
     for (const close of closers.splice(0).reverse()) await close();

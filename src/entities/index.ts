@@ -11,6 +11,7 @@ import { StateTransition } from './model/state-transition';
 import { Initial1763900000000 } from './schema/migrations/1763900000000-initial';
 import { TransitionActor1764650000000 } from './schema/migrations/1764650000000-transition-actor';
 import { ReadinessProbed1764700000000 } from './schema/migrations/1764700000000-readiness-probed';
+import { AttentionIndex1765100000000 } from './schema/migrations/1765100000000-attention-index';
 
 export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 
@@ -18,4 +19,4 @@ export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 export const ENTITIES = [Deployment, Attempt, StateTransition, OutboxEntry, ProcessedEvent];
 
 /** Migrations in order. */
-export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000, ReadinessProbed1764700000000];
+export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000, ReadinessProbed1764700000000, AttentionIndex1765100000000];

@@ -12,6 +12,7 @@ import { Initial1763900000000 } from './schema/migrations/1763900000000-initial'
 import { TransitionActor1764650000000 } from './schema/migrations/1764650000000-transition-actor';
 import { ReadinessProbed1764700000000 } from './schema/migrations/1764700000000-readiness-probed';
 import { SchemaFloor1765000000000 } from './schema/migrations/1765000000000-schema-floor';
+import { AttentionIndex1765100000000 } from './schema/migrations/1765100000000-attention-index';
 
 export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 
@@ -19,4 +20,10 @@ export { Attempt, Deployment, OutboxEntry, ProcessedEvent, StateTransition };
 export const ENTITIES = [Deployment, Attempt, StateTransition, OutboxEntry, ProcessedEvent];
 
 /** Migrations in order. */
-export const MIGRATIONS = [Initial1763900000000, TransitionActor1764650000000, ReadinessProbed1764700000000, SchemaFloor1765000000000];
+export const MIGRATIONS = [
+  Initial1763900000000,
+  TransitionActor1764650000000,
+  ReadinessProbed1764700000000,
+  SchemaFloor1765000000000,
+  AttentionIndex1765100000000,
+];

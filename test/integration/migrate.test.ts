@@ -98,6 +98,52 @@ describe('migrations (PostgreSQL)', () => {
     }
   });
 
+  it('build the attention index concurrently, outside a transaction; after a crashed build, drop its invalid leftover and build it again', async () => {
+    const db = await createDatabase();
+    const ds = createDataSource({ url: db.url, poolSize: 2, statementTimeoutMs: 0 });
+    const index = `SELECT indisvalid AS valid, pg_get_indexdef(indexrelid) AS def FROM pg_index WHERE indexrelid = to_regclass('deployments_attention_idx')`;
+    const built = {
+      valid: true,
+      def: `CREATE INDEX deployments_attention_idx ON public.deployments USING btree (state_changed_at DESC, id) WHERE ((state)::text = ANY ((ARRAY['unknown'::character varying, 'failed'::character varying])::text[]))`,
+    };
+    try {
+      await ds.initialize();
+      await migrate(ds); // CREATE INDEX CONCURRENTLY refuses to run in a transaction: this ran outside one
+      expect(await ds.query<unknown[]>(index)).to.deep.equal([built]);
+
+      // a build cut off half-way (here: a unique build meeting duplicates) leaves an INVALID index of that name
+      await ds.query(`DROP INDEX deployments_attention_idx`);
+      await ds.query(`DELETE FROM migrations WHERE name = 'AttentionIndex1765100000000'`);
+      await ds.query(
+        `INSERT INTO deployments (id, name, state, version, state_changed_at) SELECT gen_random_uuid(), 'd', 'failed', 1, now() FROM generate_series(1, 2)`,
+      );
+      const crash = await ds.query(`CREATE UNIQUE INDEX CONCURRENTLY deployments_attention_idx ON deployments (state)`).then(
+        () => 'built',
+        (err: Error) => err.message,
+      );
+      expect(crash).to.match(/could not create unique index/);
+      expect(await ds.query<Array<{ valid: boolean }>>(index)).to.have.nested.property('[0].valid', false);
+
+      expect((await migrate(ds)).ran).to.deep.equal(['AttentionIndex1765100000000']);
+      expect(await ds.query<unknown[]>(index)).to.deep.equal([built]);
+      // its session timeouts were reset: both pooled connections are back to the defaults
+      const runners = [ds.createQueryRunner(), ds.createQueryRunner()];
+      try {
+        await Promise.all(runners.map((r) => r.connect()));
+        for (const r of runners) {
+          expect(await r.query(`SELECT current_setting('lock_timeout') AS l, current_setting('statement_timeout') AS s`)).to.deep.equal([
+            { l: '0', s: '0' },
+          ]);
+        }
+      } finally {
+        await Promise.all(runners.map((r) => r.release()));
+      }
+    } finally {
+      if (ds.isInitialized) await ds.destroy();
+      await db.drop();
+    }
+  });
+
   it("build exactly the schema the entities declare: TypeORM's schema diff against a migrated database is empty", async () => {
     const db = await createDatabase();
     const ds = createDataSource({ url: db.url, poolSize: 2, statementTimeoutMs: 0 });

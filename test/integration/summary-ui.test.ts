@@ -184,7 +184,7 @@ describe('GET /api/summary and the page at /ui', function () {
       expect((await summary()).attention.map((a) => a.name)).to.deep.equal(['stuck']);
     });
 
-    it('is one statement on the state index, with no sequential scan, over thousands of deployments; lists at most 100', async () => {
+    it('is one statement on the state and attention indexes, with no sequential scan, over thousands of deployments; lists at most 100', async () => {
       await db.dataSource.query(
         `INSERT INTO deployments (id, name, state, version, state_changed_at)
          SELECT gen_random_uuid(), 'd-' || i,
@@ -202,7 +202,8 @@ describe('GET /api/summary and the page at /ui', function () {
       ]);
       const plan = planOf(explained?.['QUERY PLAN']);
       expect(plan.nodes, JSON.stringify(plan)).to.not.include('Seq Scan');
-      expect(plan.indexes).to.include('deployments_state_id_idx');
+      expect(plan.indexes).to.include('deployments_state_id_idx'); // the counts
+      expect(plan.indexes).to.include('deployments_attention_idx'); // the attention list, read in order
 
       const got = await summary();
       expect(got.counts).to.deep.equal({ pending: 1000, deploying: 500, ready: 2000, failed: 400, unknown: 100 });

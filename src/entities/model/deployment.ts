@@ -12,6 +12,8 @@ import type { Attempt } from './attempt';
 @Index('deployments_state_id_idx', ['state', 'id'])
 // the sweep's readiness set
 @Index('deployments_ready_node_port_idx', ['id'], { where: `state = 'ready' AND endpoint_kind = 'node_port'` })
+// the summary's attention list, newest first (the migration builds it on state_changed_at DESC: TypeORM cannot say so)
+@Index('deployments_attention_idx', ['stateChangedAt', 'id'], { where: `state IN ('unknown', 'failed')` })
 export class Deployment {
   @PrimaryColumn({ type: 'uuid' })
   id!: string;

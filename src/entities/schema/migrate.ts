@@ -3,8 +3,12 @@ import type { DataSource } from 'typeorm';
 import { SchemaTooNewError } from '../../errors';
 import { ADMIN_SQL, MIGRATION_LOCK_KEY } from '../sql/admin';
 import { sessionOf } from '../sql/runner';
+import { sleep } from '../../util/time';
 
 export { MIGRATION_LOCK_KEY };
+
+/** How often a migrator waiting for another's lock asks again. */
+const LOCK_RETRY_MS = 100;
 
 export interface MigrateResult {
   /** names of the migrations this call ran (empty when another process had already run them) */
@@ -14,13 +18,18 @@ export interface MigrateResult {
 /**
  * Runs pending migrations exactly once however many processes call this together: TypeORM has no migration lock,
  * so a session-level PostgreSQL advisory lock, held on a dedicated connection, admits one migrator at a time; the
- * others wait, then find nothing pending. Each migration runs in its own transaction.
+ * others wait, then find nothing pending. Each migration runs in its own transaction, unless it says
+ * `transaction = false` (a concurrent index build).
+ *
+ * The others wait by asking again every LOCK_RETRY_MS, not in `pg_advisory_lock`: a statement waiting there holds a
+ * snapshot, and CREATE INDEX CONCURRENTLY waits for every older snapshot to go, so the build would wait for the
+ * waiters, the waiters for the lock, and the lock for the build: a deadlock PostgreSQL cannot see.
  */
 export async function migrate(dataSource: DataSource): Promise<MigrateResult> {
   const lock = dataSource.createQueryRunner();
   const session = sessionOf((await lock.connect()) as PoolClient);
   try {
-    await session.run(ADMIN_SQL.lockMigrations, [MIGRATION_LOCK_KEY]);
+    while ((await session.run(ADMIN_SQL.tryLockMigrations, [MIGRATION_LOCK_KEY])).rows[0]?.locked !== true) await sleep(LOCK_RETRY_MS);
     try {
       const ran = await dataSource.runMigrations({ transaction: 'each' });
       return { ran: ran.map((m) => m.name) };

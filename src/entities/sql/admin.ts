@@ -5,8 +5,8 @@ import { sql } from './statement';
 export const MIGRATION_LOCK_KEY = 'lifecycle-fleet:migrate';
 
 export const ADMIN_SQL = Object.freeze({
-  /** waits for the migration lock (a session lock: held on one connection) */
-  lockMigrations: sql<never>(`SELECT pg_advisory_lock(hashtext($1))`),
+  /** takes the migration lock if free (a session lock: held on one connection); never waits */
+  tryLockMigrations: sql<{ locked: boolean }>(`SELECT pg_try_advisory_lock(hashtext($1)) AS locked`),
   unlockMigrations: sql<never>(`SELECT pg_advisory_unlock(hashtext($1))`),
   ping: sql<{ one: number }>(`SELECT 1 AS one`),
   /** whether TypeORM's migrations table exists (not before the first migration) */

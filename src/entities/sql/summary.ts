@@ -3,8 +3,9 @@
  * that need a person, in one statement.
  *
  * Each count is its own index-only range of `deployments_state_id_idx` (a scalar subquery per state, so the planner
- * cannot fold them into one scan of the table); the attention list is two ranges of the same index (`unknown`, and
- * `failed` filtered by when it failed). test/integration/summary-ui.test.ts EXPLAINs exactly this text.
+ * cannot fold them into one scan of the table); the attention list reads `deployments_attention_idx` (the unknown and
+ * failed ones, newest first) in order and stops at `limit`. test/integration/summary-ui.test.ts EXPLAINs exactly this
+ * text.
  */
 import { DEPLOYMENT_STATES, type DeploymentState } from '../../machine';
 import type { Session } from './runner';

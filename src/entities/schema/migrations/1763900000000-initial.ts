@@ -8,7 +8,9 @@ export class Initial1763900000000 implements MigrationInterface {
   name = 'Initial1763900000000';
 
   async up(q: QueryRunner): Promise<void> {
+    // squawk (npm run lint:migrations), annotated after release: timeouts guard tables in use; these are created here
     await q.query(`
+      -- squawk-ignore-file require-lock-timeout, require-statement-timeout -- every table is new, in this transaction
       CREATE TABLE deployments (
         id uuid PRIMARY KEY,
         name varchar(63) NOT NULL,

@@ -87,8 +87,8 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
     const probe = spawnSync(PYTHON, ['-c', 'import redis'], { encoding: 'utf8' });
     if (probe.status === 0) return;
     const cause = probe.error?.message ?? probe.stderr.trim().split('\n').pop();
-    const why = `${PYTHON} cannot import redis (${cause}): apt-get install python3-redis (.ci/run does)`;
-    // CI installs it (.ci/run): there, its absence is a failure, never a skip
+    const why = `${PYTHON} cannot import redis (${cause}): apt-get install python3-redis (npm test does as root)`;
+    // `npm test` installs it as root: in CI, its absence is a failure, never a skip
     if (process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false') throw new Error(why);
     process.stderr.write(`\n  SKIPPING the Python consumer test: ${why}\n\n`);
     this.skip();

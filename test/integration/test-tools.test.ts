@@ -140,6 +140,13 @@ describe('npm test brings the tools the tests run (with-services --test-tools)',
     expect(run.aptCalls).to.deep.equal([]);
   });
 
+  it('takes FLEET_TEST_ALLOW_SKIPS=0 as unset: stops', async () => {
+    const run = await shadow(['faketime']).run({ asUser: true, env: { FLEET_TEST_ALLOW_SKIPS: '0' } });
+    expect(run.code, run.stderr).to.equal(1);
+    expect(run.stdout).not.to.include(MARKER);
+    expect(run.stderr.split('\n'), run.stderr).to.include('  sudo apt-get install -y faketime');
+  });
+
   it('refuses a FLEET_TEST_ALLOW_SKIPS that is neither 1 nor 0, naming the variable and its values', async () => {
     const run = await shadow(['faketime']).run({ asUser: true, env: { FLEET_TEST_ALLOW_SKIPS: 'yes' } });
     expect(run.code, run.stderr).to.equal(2);

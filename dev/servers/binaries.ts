@@ -139,7 +139,7 @@ export function missingRequirements(reqs: readonly Requirement[], asRoot = isRoo
   return reqs.filter((r) => (asRoot || r.onlyAsRoot !== true) && !r.present());
 }
 
-/** May `reqs` be installed here: root, apt-get and Debian (or a derivative)? */
+/** May requirements be installed here: root, apt-get and Debian (or a derivative)? */
 export function canInstall(): boolean {
   return isRoot() && which('apt-get') !== undefined && fs.existsSync('/etc/debian_version');
 }

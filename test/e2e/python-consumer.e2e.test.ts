@@ -13,6 +13,7 @@ import Ajv2020 from 'ajv/dist/2020';
 import addFormats from 'ajv-formats';
 import { Queue } from 'bullmq';
 import { Client } from 'pg';
+import { DEBIAN_PYTHON } from '../../dev/servers/binaries';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey } from '../../src/streams/partitions';
@@ -26,7 +27,7 @@ const ROOT = repoRoot();
 const FLEET = path.join(ROOT, 'bin', 'fleet.js');
 const CONSUMER = path.join(ROOT, 'examples', 'python', 'consume_transitions.py');
 /** Debian's python3-redis is installed for Debian's interpreter; PYTHON names another one. */
-const PYTHON = process.env.PYTHON ?? (fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
+const PYTHON = process.env.PYTHON ?? (fs.existsSync(DEBIAN_PYTHON) ? DEBIAN_PYTHON : 'python3');
 
 /** `<deploymentId> v<version> <from> -> <to> (<reason>) <eventId>` */
 const LINE = /^([0-9a-f-]{36}) v(\d+) (\S+) -> (\S+) \((.*)\) (\S+)$/;

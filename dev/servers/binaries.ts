@@ -1,17 +1,43 @@
 /**
- * Finding redis-server and the PostgreSQL bin directory, the install command to suggest when one is missing, and
- * installing them with apt-get (root on Debian/Ubuntu only).
+ * What the local servers and the test suite need from the machine, in one place: each thing, how to tell it is
+ * there, the Debian package that brings it and the command that installs it. `npm start` and `npm test` install
+ * what is missing with apt-get when they run as root on Debian/Ubuntu; anywhere else they stop with the command to
+ * run (MissingBinaryError).
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { isExecutableFile, isRoot, realpathOrSelf, which } from './fs-helpers';
+import { fileSize, isExecutableFile, isRoot, realpathOrSelf, which } from './fs-helpers';
 import { runLogged } from './process';
 import type { LocalServicesOptions } from './types';
 
+/** Something a command needs, the Debian package that brings it, and how to tell it is there. */
+export interface Requirement {
+  /** the command or file, as messages name it */
+  readonly name: string;
+  /** the Debian package that brings it */
+  readonly pkg: string;
+  /** what needs it, for messages */
+  readonly neededBy: string;
+  readonly present: () => boolean;
+  /** needed only when running as root (what needs it does not run otherwise) */
+  readonly onlyAsRoot?: boolean;
+  /**
+   * Only the package's tool is wanted, not its server: installed without its recommends, in an apt-get run of its
+   * own, and the packaged service (this name) is stopped and disabled again where the install started it.
+   */
+  readonly toolOnlyOf?: string;
+  /** the package's names on Fedora (dnf) and macOS (Homebrew), where the tooling supports those */
+  readonly dnf?: string;
+  readonly brew?: string;
+}
+
 /** A required binary is missing and could not be installed; `message` is the command to run. */
 export class MissingBinaryError extends Error {
-  constructor(readonly command: string) {
+  constructor(
+    readonly command: string,
+    readonly missing: readonly Requirement[] = [],
+  ) {
     super(command);
     this.name = 'MissingBinaryError';
   }
@@ -44,18 +70,144 @@ function findPgBinDir(): string | undefined {
   return candidates.find((d) => PG_BINARIES.every((b) => isExecutableFile(path.join(d, b))));
 }
 
-/** The command a user must run to install `pkgs` (Debian names) on this machine. */
-function installCommand(pkgs: string[]): string {
+const REDIS_SERVER: Requirement = {
+  name: 'redis-server',
+  pkg: 'redis-server',
+  neededBy: 'the local Redis',
+  present: () => findRedisServer() !== undefined,
+  dnf: 'redis',
+  brew: 'redis',
+};
+
+const POSTGRESQL: Requirement = {
+  name: PG_BINARIES.join(', '),
+  pkg: 'postgresql',
+  neededBy: 'the local PostgreSQL',
+  present: () => findPgBinDir() !== undefined,
+  dnf: 'postgresql-server',
+  brew: 'postgresql@15',
+};
+
+/** The servers `startLocalServices` will start. */
+export function serverRequirements(opts: { redis: boolean; postgres: boolean }): Requirement[] {
+  return [...(opts.redis ? [REDIS_SERVER] : []), ...(opts.postgres ? [POSTGRESQL] : [])];
+}
+
+/** Debian's chromium, which the browser tests drive through playwright-core (no downloaded browser). */
+export const CHROMIUM = '/usr/bin/chromium';
+
+/** The interpreter the Python consumer test runs: Debian's, which imports Debian's redis-py. */
+export const DEBIAN_PYTHON = '/usr/bin/python3';
+
+const onPath = (command: string) => (): boolean => which(command) !== undefined;
+
+/**
+ * Every tool a test runs that a fresh Debian machine (with Node and npm) may lack; each test checks for its own
+ * tool the same way and skips, saying so, without it. `npm test` brings them (dev/with-services.ts --test-tools).
+ */
+export const TEST_TOOLS: readonly Requirement[] = [
+  { name: CHROMIUM, pkg: 'chromium', neededBy: 'the browser tests (test/helpers/browser.ts)', present: () => fs.existsSync(CHROMIUM) },
+  {
+    name: `redis for ${DEBIAN_PYTHON}`,
+    pkg: 'python3-redis',
+    neededBy: 'the Python consumer (test/e2e/python-consumer.e2e.test.ts)',
+    present: () => spawnSync(DEBIAN_PYTHON, ['-c', 'import redis'], { stdio: 'ignore' }).status === 0,
+  },
+  { name: 'faketime', pkg: 'faketime', neededBy: 'the clock tests (test/integration/clocks.test.ts)', present: onPath('faketime') },
+  { name: 'cc', pkg: 'gcc', neededBy: 'the clock-jump tests, which build test/fixtures/clock-shift.c', present: onPath('cc') },
+  {
+    name: 'promtool',
+    pkg: 'prometheus',
+    neededBy: 'the alert rules checks (test/integration/monitoring.test.ts)',
+    present: onPath('promtool'),
+    toolOnlyOf: 'prometheus',
+  },
+  { name: 'redis-cli', pkg: 'redis-tools', neededBy: 'the Redis Cluster tests (dev/redis-cluster.ts)', present: onPath('redis-cli') },
+  { name: 'openssl', pkg: 'openssl', neededBy: 'the TLS tests (test/integration/hardening.test.ts)', present: onPath('openssl') },
+  { name: 'script', pkg: 'bsdutils', neededBy: 'the LOG_FORMAT test (test/integration/log-format.test.ts)', present: onPath('script') },
+  {
+    name: 'ip',
+    pkg: 'iproute2',
+    neededBy: 'the hosts harness (dev/netns.ts), which needs root',
+    present: onPath('ip'),
+    onlyAsRoot: true,
+  },
+];
+
+/** Those of `reqs` this machine lacks (for this user: what runs only as root is not needed otherwise). */
+export function missingRequirements(reqs: readonly Requirement[], asRoot = isRoot()): Requirement[] {
+  return reqs.filter((r) => (asRoot || r.onlyAsRoot !== true) && !r.present());
+}
+
+/** May requirements be installed here: root, apt-get and Debian (or a derivative)? */
+export function canInstall(): boolean {
+  return isRoot() && which('apt-get') !== undefined && fs.existsSync('/etc/debian_version');
+}
+
+/** The apt-get runs that install `reqs`: the plain packages first, then those wanted only for their tool. */
+function aptRuns(reqs: readonly Requirement[]): string[][] {
+  const plain = reqs.filter((r) => r.toolOnlyOf === undefined).map((r) => r.pkg);
+  const toolOnly = reqs.filter((r) => r.toolOnlyOf !== undefined).map((r) => r.pkg);
+  return [
+    ...(plain.length > 0 ? [['install', '-y', ...plain]] : []),
+    ...(toolOnly.length > 0 ? [['install', '-y', '--no-install-recommends', ...toolOnly]] : []),
+  ];
+}
+
+/** The command a user must run to install `reqs` on this machine. */
+export function installCommand(reqs: readonly Requirement[]): string {
   const sudo = isRoot() ? '' : 'sudo ';
-  if (!which('apt-get') && which('dnf')) {
-    const names = pkgs.map((p) => (p === 'redis-server' ? 'redis' : 'postgresql-server'));
-    return `${sudo}dnf install -y ${names.join(' ')}`;
+  const apt = which('apt-get') !== undefined;
+  const dnf = reqs.map((r) => r.dnf);
+  if (!apt && which('dnf') && dnf.every((n) => n !== undefined)) return `${sudo}dnf install -y ${dnf.join(' ')}`;
+  const brew = reqs.map((r) => r.brew);
+  if (!apt && process.platform === 'darwin' && brew.every((n) => n !== undefined)) return `brew install ${brew.join(' ')}`;
+  const line = aptRuns(reqs)
+    .map((args) => `${sudo}apt-get ${args.join(' ')}`)
+    .join(' && ');
+  return apt ? line : `${line}  # Debian's package names`;
+}
+
+/**
+ * Installs `reqs` with apt-get (one `apt-get update` first), output appended to `logFile`, and checks each is there
+ * afterwards. Only where `canInstall()`; otherwise throws MissingBinaryError with the command to run.
+ */
+export async function installRequirements(reqs: readonly Requirement[], logFile: string, log: (m: string) => void): Promise<void> {
+  const aptGet = which('apt-get');
+  if (!canInstall() || aptGet === undefined) throw new MissingBinaryError(installCommand(reqs), reqs);
+  log(`installing ${reqs.map((r) => r.pkg).join(' ')} with apt-get (output in ${logFile})`);
+  fs.mkdirSync(path.dirname(logFile), { recursive: true });
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  await runLogged(aptGet, ['update'], logFile, { env });
+  for (const args of aptRuns(reqs)) await runLogged(aptGet, args, logFile, { env });
+  for (const service of new Set(reqs.flatMap((r) => (r.toolOnlyOf === undefined ? [] : [r.toolOnlyOf])))) {
+    await stopPackagedService(service, logFile, log);
   }
-  if (!which('apt-get') && process.platform === 'darwin') {
-    const names = pkgs.map((p) => (p === 'redis-server' ? 'redis' : 'postgresql@15'));
-    return `brew install ${names.join(' ')}`;
+  const still = reqs.filter((r) => !r.present());
+  if (still.length > 0) {
+    throw new Error(
+      `apt-get installed ${still.map((r) => r.pkg).join(' ')} but ${still.map((r) => r.name).join(', ')} still not found; see ${logFile}`,
+    );
   }
-  return `${sudo}apt-get install -y ${pkgs.join(' ')}`;
+}
+
+/**
+ * Stops and disables the server a package's install started (a machine with an init system and no policy-rc.d to
+ * deny it): only the package's tool was wanted. A failure is logged, not thrown: the tool is there either way.
+ */
+async function stopPackagedService(service: string, logFile: string, log: (m: string) => void): Promise<void> {
+  const systemctl = which('systemctl');
+  const initScript = `/etc/init.d/${service}`;
+  let run: { cmd: string; args: string[] } | undefined;
+  if (fs.existsSync('/run/systemd/system') && systemctl !== undefined) run = { cmd: systemctl, args: ['disable', '--now', `${service}.service`] };
+  else if (fileSize(`/run/${service}/${service}.pid`) > 0 && isExecutableFile(initScript)) run = { cmd: initScript, args: ['stop'] };
+  if (run === undefined) return;
+  try {
+    await runLogged(run.cmd, run.args, logFile);
+    log(`stopped the ${service} service the install started (only its tool is wanted)`);
+  } catch (err) {
+    log(`could not stop the ${service} service the install started: ${err instanceof Error ? err.message : String(err)}`);
+  }
 }
 
 export interface Binaries {
@@ -64,27 +216,10 @@ export interface Binaries {
 }
 
 export async function ensureBinaries(opts: LocalServicesOptions, dir: string, log: (m: string) => void): Promise<Binaries> {
-  const find = (): Binaries => ({
+  const missing = missingRequirements(serverRequirements(opts));
+  if (missing.length > 0) await installRequirements(missing, path.join(dir, 'apt-get.log'), log);
+  return {
     redisBin: opts.redis ? findRedisServer() : undefined,
     pgBinDir: opts.postgres ? findPgBinDir() : undefined,
-  });
-  let bins = find();
-  const missing = (b: Binaries): string[] => [
-    ...(opts.redis && !b.redisBin ? ['redis-server'] : []),
-    ...(opts.postgres && !b.pgBinDir ? ['postgresql'] : []),
-  ];
-  const pkgs = missing(bins);
-  if (pkgs.length === 0) return bins;
-
-  const aptGet = which('apt-get');
-  if (!(isRoot() && aptGet && fs.existsSync('/etc/debian_version'))) throw new MissingBinaryError(installCommand(pkgs));
-  const aptLog = path.join(dir, 'apt-get.log');
-  log(`installing ${pkgs.join(' ')} with apt-get (output in ${aptLog})`);
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  await runLogged(aptGet, ['update'], aptLog, { env });
-  await runLogged(aptGet, ['install', '-y', ...pkgs], aptLog, { env });
-  bins = find();
-  const still = missing(bins);
-  if (still.length > 0) throw new Error(`apt-get installed ${still.join(' ')} but the binaries are still not found; see ${aptLog}`);
-  return bins;
+  };
 }

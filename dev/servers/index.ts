@@ -54,6 +54,8 @@ import { wipe } from './wipe';
 
 export type { LocalServices, LocalServicesOptions } from './types';
 export { MissingBinaryError } from './binaries';
+export { canInstall, installCommand, installRequirements, missingRequirements, serverRequirements, TEST_TOOLS } from './binaries';
+export type { Requirement } from './binaries';
 export { isProcessAlive } from './process';
 
 export async function startLocalServices(opts: LocalServicesOptions): Promise<LocalServices> {

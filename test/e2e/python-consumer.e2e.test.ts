@@ -13,6 +13,7 @@ import Ajv2020 from 'ajv/dist/2020';
 import addFormats from 'ajv-formats';
 import { Queue } from 'bullmq';
 import { Client } from 'pg';
+import { DEBIAN_PYTHON } from '../../dev/servers/binaries';
 import { LIFECYCLE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { partitionKey, partitionKeys, partitionOf, partitionsRecordKey } from '../../src/streams/partitions';
@@ -26,7 +27,7 @@ const ROOT = repoRoot();
 const FLEET = path.join(ROOT, 'bin', 'fleet.js');
 const CONSUMER = path.join(ROOT, 'examples', 'python', 'consume_transitions.py');
 /** Debian's python3-redis is installed for Debian's interpreter; PYTHON names another one. */
-const PYTHON = process.env.PYTHON ?? (fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
+const PYTHON = process.env.PYTHON ?? (fs.existsSync(DEBIAN_PYTHON) ? DEBIAN_PYTHON : 'python3');
 
 /** `<deploymentId> v<version> <from> -> <to> (<reason>) <eventId>` */
 const LINE = /^([0-9a-f-]{36}) v(\d+) (\S+) -> (\S+) \((.*)\) (\S+)$/;
@@ -87,8 +88,8 @@ describe('the Python stream consumer (examples/python), against a live fleet', f
     const probe = spawnSync(PYTHON, ['-c', 'import redis'], { encoding: 'utf8' });
     if (probe.status === 0) return;
     const cause = probe.error?.message ?? probe.stderr.trim().split('\n').pop();
-    const why = `${PYTHON} cannot import redis (${cause}): apt-get install python3-redis (.ci/run does)`;
-    // CI installs it (.ci/run): there, its absence is a failure, never a skip
+    const why = `${PYTHON} cannot import redis (${cause}): apt-get install python3-redis (npm test does as root)`;
+    // `npm test` installs it as root: in CI, its absence is a failure, never a skip
     if (process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false') throw new Error(why);
     process.stderr.write(`\n  SKIPPING the Python consumer test: ${why}\n\n`);
     this.skip();

@@ -137,7 +137,7 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
     before(function () {
       const found = which('promtool');
       if (found === null) {
-        if (process.env.CI === 'true') throw new Error("promtool is missing: .ci/run installs it with Debian's prometheus package");
+        if (process.env.CI === 'true') throw new Error("promtool is missing: `npm test` installs it as root with Debian's prometheus package");
         console.warn('\n  !!! SKIPPING the promtool checks: promtool is not installed (apt-get install --no-install-recommends prometheus) !!!\n');
         this.skip();
       }

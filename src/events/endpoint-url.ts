@@ -10,6 +10,7 @@
  * The grammar (`ENDPOINT_URL_PATTERN`) is also the JSON Schema's pattern (docs/schemas): one definition.
  * Pure: no I/O.
  */
+import { domainToUnicode } from 'node:url';
 
 /** The longest endpoint URL, as sent and as stored. */
 export const ENDPOINT_URL_MAX_LENGTH = 2048;
@@ -82,6 +83,9 @@ export function endpointUrlProblem(url: string): string | null {
     return 'the host must be a name (dot-separated labels of letters, digits, "-" and "_"), an IPv4 address or an IPv6 address in brackets';
   }
   if (port !== undefined && !IS_PORT.test(port)) return 'the port must be a number 1-65535 without leading zeros';
+  if (!host.startsWith('[') && host.split('.').some((label) => /^xn--/i.test(label) && !isPunycode(label))) {
+    return 'an xn-- label must be valid punycode (parsers disagree on one that is not)';
+  }
   let href: string;
   try {
     href = new URL(url).href;
@@ -92,6 +96,15 @@ export function endpointUrlProblem(url: string): string | null {
   // every case above names its rule; this keeps the checks and the JSON Schema's pattern one grammar
   if (!IS_GRAMMAR.test(url)) return 'must be http(s)://host[:port][/path]';
   return null;
+}
+
+/**
+ * Whether an `xn--` label decodes to the Unicode label it stands for. Checked here, not left to WHATWG URL: Node 20's
+ * and 22's refuses such a label and Node 24's (ada 4) keeps it as it is, so every supported Node accepts the same URLs.
+ */
+function isPunycode(label: string): boolean {
+  const unicode = domainToUnicode(label.toLowerCase());
+  return unicode !== '' && !/^xn--/i.test(unicode);
 }
 
 /** The stored and served form of an endpoint URL that `endpointUrlProblem` accepts: WHATWG URL's `href`. */

@@ -18,8 +18,11 @@ import { resolveEndpoint } from '../../src/services/dispatch/resolve-endpoint';
 
 const PYTHON = process.env.PYTHON ?? (fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3');
 
-/** An accepted URL and the form stored and served; or a refused one and a part of the rule it breaks. */
-type Case = { readonly url: string; readonly stored: string } | { readonly url: string; readonly refused: string };
+/**
+ * An accepted URL and the form stored and served (or the forms, where the supported Nodes' WHATWG URLs differ); or a
+ * refused one and a part of the rule it breaks.
+ */
+type Case = { readonly url: string; readonly stored: string | readonly string[] } | { readonly url: string; readonly refused: string };
 
 const RULE = {
   backslash: 'must not contain a backslash',
@@ -33,6 +36,7 @@ const RULE = {
   host: 'the host must be',
   port: 'the port must be a number 1-65535',
   whatwg: 'WHATWG URL',
+  punycode: 'an xn-- label must be valid punycode',
   length: 'must be at most 2048 characters',
 } as const;
 
@@ -57,7 +61,8 @@ const CORPUS: readonly Case[] = [
   { url: 'http://h.example.com/a%40b/%2e%2e/c', stored: 'http://h.example.com/c' },
   { url: 'http://h.example.com/a/../../b', stored: 'http://h.example.com/b' },
   { url: 'http://h.example.com//10.0.0.1/', stored: 'http://h.example.com//10.0.0.1/' },
-  { url: 'http://h.example.com/a|b^c[d]', stored: 'http://h.example.com/a|b^c[d]' },
+  // Node 24's WHATWG URL (ada 4) percent-encodes ^ in a path, Node 20's and 22's (ada 2.9) keep it: one URL to all
+  { url: 'http://h.example.com/a|b^c[d]', stored: ['http://h.example.com/a|b^c[d]', 'http://h.example.com/a|b%5Ec[d]'] },
   { url: 'http://h.example.com/"<x>"', stored: 'http://h.example.com/%22%3Cx%3E%22' },
   { url: 'http://1e100.net/', stored: 'http://1e100.net/' },
   // the issue's bypasses, and backslashes anywhere
@@ -125,7 +130,10 @@ const CORPUS: readonly Case[] = [
   { url: 'http://h<x>/', refused: RULE.host },
   { url: 'http://h.exa;mple.com/', refused: RULE.host },
   { url: 'http://h.example.com;10.0.0.1/', refused: RULE.number },
-  { url: 'http://xn--a/', refused: RULE.whatwg },
+  // refused by every supported Node, though Node 24's WHATWG URL keeps them as they are
+  { url: 'http://xn--a/', refused: RULE.punycode },
+  { url: 'http://XN--ZZ.example/', refused: RULE.punycode },
+  { url: 'http://a.xn--a.example:8080/', refused: RULE.punycode },
   // ports
   { url: 'http://h.example.com:/', refused: RULE.port },
   { url: 'http://h.example.com:0/', refused: RULE.port },
@@ -204,8 +212,8 @@ describe('endpoint URLs: one host for the checker and every parser (issue 28)', 
     const wrong = outcomes.flatMap((o) => {
       const label = JSON.stringify(o.url).slice(0, 80);
       if ('stored' in o) {
-        if ('stored' in o.got && o.got.stored === o.stored) return [];
-        return [`${label}: expected stored as ${o.stored}, got ${JSON.stringify(o.got)}`];
+        if ('stored' in o.got && [o.stored].flat().includes(o.got.stored)) return [];
+        return [`${label}: expected stored as ${[o.stored].flat().join(' or ')}, got ${JSON.stringify(o.got)}`];
       }
       if ('issues' in o.got && o.got.issues.length === 1 && o.got.issues[0]?.field === 'endpoint.url' && o.got.issues[0].rule.includes(o.refused))
         return [];
@@ -240,7 +248,7 @@ describe('endpoint URLs: one host for the checker and every parser (issue 28)', 
     const disagreements = outcomes.flatMap((o, i) => {
       const accepted = 'stored' in o.got;
       // the one thing a pattern cannot check: whether an xn-- label is valid punycode (WHATWG URL decodes it)
-      const laxer = !accepted && 'refused' in o && o.refused === RULE.whatwg;
+      const laxer = !accepted && 'refused' in o && (o.refused === RULE.punycode || o.refused === RULE.whatwg);
       const short = o.url.length <= ENDPOINT_URL_MAX_LENGTH; // the JSON Schema's maxLength
       const verdicts = { checks: accepted, javascript: short && js.test(o.url), python: short && python[i]?.matches };
       const agree = laxer ? verdicts.javascript && verdicts.python === true : verdicts.javascript === accepted && verdicts.python === accepted;

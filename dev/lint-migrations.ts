@@ -72,6 +72,27 @@ export async function extractMigrations(files: readonly string[]): Promise<Extra
   return extracted;
 }
 
+/** The squawk-cli release the migrations are linted with. */
+export const SQUAWK_VERSION = '2.66.0';
+
+/**
+ * squawk's binary, installed from the npm registry into `.fleet/squawk/<version>` on first use (as dev/runtimes.ts
+ * installs Node 22 and 24). Not a devDependency: squawk-cli's platform binaries are optional dependencies, and npm
+ * records in package-lock.json only those the registry it resolves against serves, so a lockfile written against a
+ * mirror that lacks the other platforms' packages fails `npm ci` everywhere ("Missing ... from lock file").
+ */
+function squawkBinary(): string {
+  const prefix = path.join(repoRoot(), '.fleet', 'squawk', SQUAWK_VERSION);
+  const bin = path.join(prefix, 'node_modules', '.bin', 'squawk');
+  if (fs.existsSync(bin)) return bin;
+  const args = ['install', '--no-save', '--no-package-lock', '--no-audit', '--no-fund', '--prefix', prefix, `squawk-cli@${SQUAWK_VERSION}`];
+  const installed = spawnSync('npm', args, { encoding: 'utf8' });
+  if (installed.status !== 0 || !fs.existsSync(bin)) {
+    throw new Error(`npm ${args.join(' ')} failed (exit ${String(installed.status)}):\n${(installed.stderr ?? '').slice(-2000)}`);
+  }
+  return bin;
+}
+
 /** The SQL file squawk reads for one migration: what PostgreSQL will be sent, in its transaction if it has one. */
 export function sqlFileText(m: ExtractedMigration): string {
   const body = m.statements.map((s) => `${s};\n`).join('');
@@ -111,7 +132,7 @@ async function main(): Promise<number> {
       return file;
     });
     const root = repoRoot();
-    const squawk = spawnSync(path.join(root, 'node_modules', '.bin', 'squawk'), ['--config', path.join(root, '.squawk.toml'), ...sqlFiles], {
+    const squawk = spawnSync(squawkBinary(), ['--config', path.join(root, '.squawk.toml'), ...sqlFiles], {
       encoding: 'utf8',
     });
     if (squawk.error !== undefined) throw squawk.error;

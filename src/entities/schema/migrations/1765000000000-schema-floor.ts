@@ -17,6 +17,9 @@ export class SchemaFloor1765000000000 implements MigrationInterface {
   name = 'SchemaFloor1765000000000';
 
   async up(q: QueryRunner): Promise<void> {
+    // catalog only, but bounded like every migration: it gives up rather than queue the fleet behind a lock it waits for
+    await q.query(`SET LOCAL lock_timeout = '5s'`);
+    await q.query(`SET LOCAL statement_timeout = '30s'`);
     await q.query(
       `CREATE FUNCTION fleet_schema_requires() RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 'ReadinessProbed1764700000000'::text $$`,
     );

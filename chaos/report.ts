@@ -276,7 +276,7 @@ function upgradeLines(r: ChaosReport): string[] {
   return [
     `  upgrade             ${u.previous.ref} (${u.previous.version}, ${u.previous.commit.slice(0, 7)}) -> ${u.current.version} (${u.current.commit.slice(0, 7)})${upgradeShown(u) ? '' : ': NOT SHOWN (see below)'}`,
     `    migration         ${u.migration.ok ? `started at ${at(u.migration.atS)} under load, fleet migrate done ${u.migration.tookS ?? '-'} s later (its process start included)` : 'FAILED'}: ${u.migration.output} (${u.migration.tries} run(s))`,
-    `    workers           ${r.options.workers} of ${u.previous.version} from the start, ${r.options.workers} of ${u.current.version} joined at ${at(u.currentWorkersAtS)}, those of ${u.previous.version} retired by ${at(u.previousRetiredAtS)}; jobs finished ${u.previous.version} ${u.jobsFinished.previous}, ${u.current.version} ${u.jobsFinished.current} (of the last 10,000 kept)`,
+    `    workers           ${r.options.workers} of ${u.previous.version} from the start, ${r.options.workers} of ${u.current.version} joined at ${at(u.currentWorkersAtS)}, those of ${u.previous.version} retired by ${at(u.previousRetiredAtS)}`,
     `    1 s samples       ${s.total}: active jobs on ${u.previous.version} ${s.activePrevious}, on ${u.current.version} ${s.activeCurrent}, on both at once ${s.activeBoth}; relay led by ${u.previous.version} ${s.relayPrevious}, by ${u.current.version} ${s.relayCurrent}, moved between them ${s.relayMoves} times`,
     `    producers         ${u.eventsByProducer.previous} events through ${u.previous.version}'s, ${u.eventsByProducer.current} through ${u.current.version}'s; consumer group members started: ${u.previous.version} ${u.membersStarted.previous}, ${u.current.version} ${u.membersStarted.current}`,
   ];

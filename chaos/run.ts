@@ -126,7 +126,7 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   await group.stop();
 
   await upgrade?.stop();
-  const upgradeReport: UpgradeReport | null = (await upgrade?.report(sender.sentBy, group.startedByVersion)) ?? null;
+  const upgradeReport: UpgradeReport | null = upgrade?.report(sender.sentBy, group.startedByVersion) ?? null;
   const samples = new Samples();
   const events = await countEvents(fleet, sender.sent, barriers.rejectionsSeen, samples);
   const wrongFinalState = await countWrongFinalStates(fleet, scripts, samples);

@@ -44,8 +44,6 @@ export interface UpgradeReport {
   /** events sent through each release's producer; consumer group member processes started per release */
   readonly eventsByProducer: { readonly previous: number; readonly current: number };
   readonly membersStarted: { readonly previous: number; readonly current: number };
-  /** jobs finished per release, of the last 10,000 the queue keeps */
-  readonly jobsFinished: { readonly previous: number; readonly current: number };
 }
 
 /** Both releases really ran together, and the migration was applied: what an upgrade run must show. */
@@ -165,14 +163,8 @@ export class Upgrade {
     }
   }
 
-  async report(eventsByProducer: readonly number[], membersByVersion: Readonly<Record<string, number>>): Promise<UpgradeReport> {
+  report(eventsByProducer: readonly number[], membersByVersion: Readonly<Record<string, number>>): UpgradeReport {
     const { fleet, previous } = this;
-    const jobsFinished = { previous: 0, current: 0 };
-    for (const job of await fleet.queue.getJobs(['completed', 'failed'], 0, 9999).catch(() => [])) {
-      const pid = Number(job.processedBy?.split(':').at(-1));
-      const which = Number.isInteger(pid) ? this.whichOfPid(pid) : null;
-      if (which !== null) jobsFinished[which]++;
-    }
     return {
       previous: { ref: previous.ref, commit: previous.commit, version: previous.version },
       current: { commit: fleet.current.commit, version: fleet.current.version },
@@ -182,7 +174,6 @@ export class Upgrade {
       samples: { ...this.counts },
       eventsByProducer: { current: eventsByProducer[0] ?? 0, previous: eventsByProducer[1] ?? 0 },
       membersStarted: { previous: membersByVersion[previous.version] ?? 0, current: membersByVersion[fleet.current.version] ?? 0 },
-      jobsFinished,
     };
   }
 }

@@ -31,7 +31,6 @@ describe('chaos: a mixed-version run (--previous)', () => {
       samples: { total: 80, activePrevious: 30, activeCurrent: 40, activeBoth: 5, relayPrevious: 30, relayCurrent: 40, relayMoves: 1 },
       eventsByProducer: { previous: 100, current: 100 },
       membersStarted: { previous: 2, current: 3 },
-      jobsFinished: { previous: 500, current: 600 },
     };
     expect(upgradeShown(shown)).to.equal(true);
     expect(upgradeShown({ ...shown, migration: { ...shown.migration, ok: false } })).to.equal(false);

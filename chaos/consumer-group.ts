@@ -120,8 +120,8 @@ export class ConsumerGroup {
     return this.fleet.previous !== null && slot % 2 === 1 ? this.fleet.previous : this.fleet.current;
   }
 
-  /** member processes started per release version (a mixed-version run has two) */
-  readonly startedByVersion: Record<string, number> = {};
+  /** member processes started of each release (a mixed-version run has previous ones; counted by release, not by version string) */
+  readonly startedBy = { previous: 0, current: 0 };
 
   private get group(): string {
     return `chaos-consumers-${this.generation}`;
@@ -129,8 +129,7 @@ export class ConsumerGroup {
 
   private memberConfig(slot: number, start: number): MemberConfig {
     const consumer = `c${slot}-${start}`;
-    const { version } = this.releaseOfSlot(slot);
-    this.startedByVersion[version] = (this.startedByVersion[version] ?? 0) + 1;
+    this.startedBy[this.releaseOfSlot(slot) === this.fleet.previous ? 'previous' : 'current']++;
     this.names.set(slot, consumer);
     const { fleet } = this;
     return {

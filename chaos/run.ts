@@ -96,9 +96,12 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   const faults = new FaultSchedule({ fleet, group, sender, scripts: player, audit, timing }, options, elapsed, log);
   // a mixed-version run: the upgrade from the previous release plays over the fault window, faults and all
   const upgrade = fleet.previous === null ? null : new Upgrade(fleet, fleet.previous, log);
-  const upgrading = upgrade?.run(options.durationS, elapsed);
-  await faults.run(options, elapsed, log);
-  await upgrading;
+  try {
+    await Promise.all([faults.run(options, elapsed, log), upgrade?.run(options.durationS, elapsed)]);
+  } catch (err) {
+    await upgrade?.stop(); // no worker grown or retired while the run tears down
+    throw err;
+  }
   log(`fault window over; ${sender.sent.size} events so far; draining`);
 
   const drainedAt = await drain({ fleet, sender, barriers, scripts: player, scriptRuns, scriptCount: scripts.length }, options.drainTimeoutS, log);
@@ -126,7 +129,7 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
   await group.stop();
 
   await upgrade?.stop();
-  const upgradeReport: UpgradeReport | null = upgrade?.report(sender.sentBy, group.startedByVersion) ?? null;
+  const upgradeReport: UpgradeReport | null = upgrade?.report(sender.sentBy, group.startedBy) ?? null;
   const samples = new Samples();
   const events = await countEvents(fleet, sender.sent, barriers.rejectionsSeen, samples);
   const wrongFinalState = await countWrongFinalStates(fleet, scripts, samples);

@@ -93,7 +93,9 @@ export class Upgrade {
     await at(0.25);
     this.migration.atS = Number(elapsed().toFixed(1));
     const began = Date.now();
-    while (!this.migration.ok && !this.stopped) {
+    // retried as a migration job would be, but not past the fault window: a migration that keeps failing fails the run
+    const giveUpAt = start + durationS * 1000;
+    while (!this.migration.ok && !this.stopped && Date.now() < giveUpAt) {
       this.migration.tries++;
       const run = await migrateProcess(fleet.current, fleet.databaseUrl);
       if (run.code === 0) {
@@ -108,12 +110,13 @@ export class Upgrade {
     );
 
     await at(0.3);
+    if (this.stopped) return;
     for (let i = 0; i < workers; i++) fleet.workers.grow();
     this.currentWorkersAtS = Number(elapsed().toFixed(1));
     this.log(`upgrade: ${workers} workers of ${fleet.current.version} joined the ${workers} of ${this.previous.version}`);
 
     await at(0.7);
-    for (let slot = 0; slot < workers; slot++) {
+    for (let slot = 0; slot < workers && !this.stopped; slot++) {
       this.log(`upgrade: retiring worker slot ${slot} (${this.previous.version})`);
       await fleet.workers.retire(slot);
       await sleep(2000);
@@ -163,7 +166,7 @@ export class Upgrade {
     }
   }
 
-  report(eventsByProducer: readonly number[], membersByVersion: Readonly<Record<string, number>>): UpgradeReport {
+  report(eventsByProducer: readonly number[], membersStarted: { readonly previous: number; readonly current: number }): UpgradeReport {
     const { fleet, previous } = this;
     return {
       previous: { ref: previous.ref, commit: previous.commit, version: previous.version },
@@ -173,7 +176,7 @@ export class Upgrade {
       previousRetiredAtS: this.previousRetiredAtS,
       samples: { ...this.counts },
       eventsByProducer: { current: eventsByProducer[0] ?? 0, previous: eventsByProducer[1] ?? 0 },
-      membersStarted: { previous: membersByVersion[previous.version] ?? 0, current: membersByVersion[fleet.current.version] ?? 0 },
+      membersStarted: { ...membersStarted },
     };
   }
 }

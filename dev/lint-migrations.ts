@@ -84,10 +84,13 @@ export const SQUAWK_VERSION = '2.66.0';
 function squawkBinary(): string {
   const prefix = path.join(repoRoot(), '.fleet', 'squawk', SQUAWK_VERSION);
   const bin = path.join(prefix, 'node_modules', '.bin', 'squawk');
-  if (fs.existsSync(bin)) return bin;
+  // the launcher is there without its platform binary when the optional package did not install: say so, rather
+  // than read squawk's failure to start as a finding
+  const works = () => spawnSync(bin, ['--version'], { encoding: 'utf8' }).status === 0;
+  if (fs.existsSync(bin) && works()) return bin;
   const args = ['install', '--no-save', '--no-package-lock', '--no-audit', '--no-fund', '--prefix', prefix, `squawk-cli@${SQUAWK_VERSION}`];
   const installed = spawnSync('npm', args, { encoding: 'utf8' });
-  if (installed.status !== 0 || !fs.existsSync(bin)) {
+  if (installed.status !== 0 || !fs.existsSync(bin) || !works()) {
     throw new Error(`npm ${args.join(' ')} failed (exit ${String(installed.status)}):\n${(installed.stderr ?? '').slice(-2000)}`);
   }
   return bin;

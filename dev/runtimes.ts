@@ -1,5 +1,5 @@
 /**
- * The supported Node versions, each checked in one run (README, "Supported Node versions"):
+ * The supported Node versions, each checked in one run (README, "Node.js 20, 22 or 24"):
  *
  *   node dist/dev/with-services.js --test -- node dist/dev/runtimes.js 22 24
  *

@@ -88,7 +88,7 @@ export function endpointUrlProblem(url: string): string | null {
   }
   let href: string;
   try {
-    href = new URL(url).href;
+    href = normalizeEndpointUrl(url);
   } catch {
     return 'must be a URL that WHATWG URL parses (an xn-- label must be valid punycode)';
   }
@@ -107,7 +107,14 @@ function isPunycode(label: string): boolean {
   return unicode !== '' && !/^xn--/i.test(unicode);
 }
 
-/** The stored and served form of an endpoint URL that `endpointUrlProblem` accepts: WHATWG URL's `href`. */
+/**
+ * The stored and served form of an endpoint URL that `endpointUrlProblem` accepts: WHATWG URL's `href`, with `^`
+ * percent-encoded. The URL Standard added `^` to the path percent-encode set, and Node 24's parser (ada 4) encodes it
+ * while Node 20's and 22's keep it: encoding it here makes the stored form, and the digest of the payload that holds
+ * it, the same whichever supported Node validated the event (a rolling runtime upgrade would otherwise read a
+ * redelivery as another payload under the same eventId). `^` can only be in the path (the grammar has no user info,
+ * query or fragment, and no host holds one).
+ */
 export function normalizeEndpointUrl(url: string): string {
-  return new URL(url).href;
+  return new URL(url).href.replaceAll('^', '%5E');
 }

@@ -39,6 +39,7 @@ describe('runtime smoke: fleet start on this Node', function () {
     const api = `http://127.0.0.1:${port}`;
     const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     const redis = testRedis();
+    let code: number | null = null;
     try {
       await waitFor('the fleet to serve', async () => ((await fetch(`${api}/readyz`).catch(() => null))?.status === 200 ? true : undefined), 60_000);
       // the fleet's own report of its runtime: the same Node as this test's, not whatever `node` PATH finds
@@ -62,9 +63,10 @@ describe('runtime smoke: fleet start on this Node', function () {
       if (child.exitCode === null) child.kill('SIGTERM');
       await producer.close();
       redis.disconnect();
+      code = await exited;
+      await db.drop();
+      await dropPrefix(prefix);
     }
-    expect(await exited, log.slice(-2000)).to.equal(0);
-    await db.drop();
-    await dropPrefix(prefix);
+    expect(code, log.slice(-2000)).to.equal(0);
   });
 });

@@ -68,7 +68,7 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('keeps every fleet statement waiting for a lock well under a second, while the fleet applies events', async () => {
+  it('applies the newest migration to 1,000,000 deployments with no fleet statement waiting on a table lock, while the fleet applies events', async () => {
     const url = services?.databaseUrl ?? '';
     const admin = services?.adminDatabaseUrl ?? '';
     await sql(admin, `ALTER SYSTEM SET log_lock_waits = on`);
@@ -87,6 +87,9 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
     if (newest === undefined) throw new Error('no migrations');
     const prefix = uniquePrefix();
     let fleet: Fleet | undefined;
+    // the load's loops, stopped and awaited in every case before the fleet closes
+    let loading = true;
+    const loops: Array<Promise<void>> = [];
     try {
       await migrate(migrator);
       await migrator.query(
@@ -105,13 +108,15 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
       );
       fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl: url }, silentLogger);
       const runner = migrator.createQueryRunner();
-      await new newest().down(runner);
-      await runner.release();
+      try {
+        await new newest().down(runner);
+      } finally {
+        await runner.release();
+      }
       await migrator.query(`DELETE FROM migrations WHERE name = $1`, [newest.name]);
 
       // the load: a new deployment and an attempt for the one before it every 20 ms, and the summary every 200 ms
       const { producer, dataSource } = fleet;
-      let loading = true;
       const load = (async () => {
         let previous: string | undefined;
         while (loading) {
@@ -131,6 +136,7 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
           await sleep(200);
         }
       })();
+      loops.push(load, reads);
       const clock = async () =>
         Number((await migrator.query<Array<{ t: string }>>(`SELECT extract(epoch FROM clock_timestamp()) * 1000 AS t`))[0]?.t);
       const appliedSince = async (from: number, to: number) =>
@@ -148,7 +154,7 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
       const ran = await migrate(migrator);
       const ended = await clock();
       loading = false;
-      await Promise.all([load, reads]);
+      await Promise.all(loops);
       await fleet.close(10_000); // every fleet statement has ended, so has its wait: its "acquired" line is written
       fleet = undefined;
       const during = await appliedSince(started, ended);
@@ -168,10 +174,14 @@ describe('the newest migration on a live table of 1,000,000 deployments', functi
         eventsAppliedDuring: during,
       };
       console.log(`      live migration: ${JSON.stringify(figure)}`);
+      // a migration that blocked writers (an index built without CONCURRENTLY) would let none through while it ran
       expect(during, 'events applied while the migration ran').to.be.greaterThan(0);
-      expect(figure.longestFleetLockWaitMs, JSON.stringify(fleetWaits.slice(0, 5))).to.be.lessThan(1000);
+      // asserted: waits on a table lock, the only kind a migration makes fleet statements wait for (a non-concurrent
+      // build: 559 ms); waits on rows between the fleet's own transactions are printed above, not bounded here
       expect(figure.longestFleetWaitOnATableMs, JSON.stringify(onRelations.slice(0, 5))).to.be.lessThan(100);
     } finally {
+      loading = false;
+      await Promise.allSettled(loops);
       await fleet?.close(10_000);
       await migrator.destroy();
       await dropPrefix(prefix);

@@ -9,6 +9,7 @@ import type { MigrationInterface, QueryRunner } from 'typeorm';
  * this function so that it names a migration that code does not know, and from then on that code refuses to start
  * (exit code 6) instead of failing on its first write.
  *
+ * STABLE, not IMMUTABLE: a later migration replaces it, so its value is constant only within a statement.
  * A function rather than a table: EXECUTE on a new function is granted to PUBLIC, so the fleet's least-privileged
  * role reads it with no new grant, and replacing it is atomic with the migration that contracts. It names the newest
  * migration of release 0.1.0: 0.1.0's code runs against this schema (it has only expand-only changes since).
@@ -21,7 +22,7 @@ export class SchemaFloor1765000000000 implements MigrationInterface {
     await q.query(`SET LOCAL lock_timeout = '5s'`);
     await q.query(`SET LOCAL statement_timeout = '30s'`);
     await q.query(
-      `CREATE FUNCTION fleet_schema_requires() RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 'ReadinessProbed1764700000000'::text $$`,
+      `CREATE FUNCTION fleet_schema_requires() RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT 'ReadinessProbed1764700000000'::text $$`,
     );
   }
 

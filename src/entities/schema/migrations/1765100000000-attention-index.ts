@@ -27,6 +27,13 @@ export class AttentionIndex1765100000000 implements MigrationInterface {
       await q.query(
         `CREATE INDEX CONCURRENTLY IF NOT EXISTS ${INDEX} ON deployments (state_changed_at DESC, id) WHERE state IN ('unknown', 'failed')`,
       );
+      // IF NOT EXISTS also passes over an invalid index that appeared since the check (a build of an earlier run whose
+      // backend outlived its client): never record the migration over one
+      const built = (await q.query(`SELECT indisvalid AS valid FROM pg_index WHERE indexrelid = to_regclass('${INDEX}')`)) as Array<{
+        valid: boolean;
+      }>;
+      if (built[0]?.valid === false)
+        throw new Error(`${INDEX} is not valid after its build (another build of it may still run): run fleet migrate again`);
     });
   }
 

@@ -134,14 +134,23 @@ export const TEST_TOOLS: readonly Requirement[] = [
   },
 ];
 
+/**
+ * Root as the installer sees it: root, unless FLEET_INSTALL_AS_USER=1 asks it to act as it would for an ordinary user
+ * (test/integration/test-tools.test.ts, where the checkout is one `nobody` cannot read: a clone under /root or in a
+ * mktemp -d folder).
+ */
+function installerIsRoot(): boolean {
+  return isRoot() && process.env.FLEET_INSTALL_AS_USER !== '1';
+}
+
 /** Those of `reqs` this machine lacks (for this user: what runs only as root is not needed otherwise). */
-export function missingRequirements(reqs: readonly Requirement[], asRoot = isRoot()): Requirement[] {
+export function missingRequirements(reqs: readonly Requirement[], asRoot = installerIsRoot()): Requirement[] {
   return reqs.filter((r) => (asRoot || r.onlyAsRoot !== true) && !r.present());
 }
 
 /** May requirements be installed here: root, apt-get and Debian (or a derivative)? */
 export function canInstall(): boolean {
-  return isRoot() && which('apt-get') !== undefined && fs.existsSync('/etc/debian_version');
+  return installerIsRoot() && which('apt-get') !== undefined && fs.existsSync('/etc/debian_version');
 }
 
 /** The apt-get runs that install `reqs`: the plain packages first, then those wanted only for their tool. */
@@ -156,7 +165,7 @@ function aptRuns(reqs: readonly Requirement[]): string[][] {
 
 /** The command a user must run to install `reqs` on this machine. */
 export function installCommand(reqs: readonly Requirement[]): string {
-  const sudo = isRoot() ? '' : 'sudo ';
+  const sudo = installerIsRoot() ? '' : 'sudo ';
   const apt = which('apt-get') !== undefined;
   const dnf = reqs.map((r) => r.dnf);
   if (!apt && which('dnf') && dnf.every((n) => n !== undefined)) return `${sudo}dnf install -y ${dnf.join(' ')}`;

@@ -5,7 +5,7 @@
  * called (so nothing is installed for real). REDIS_URL and DATABASE_URL are set, so no server starts; the command it
  * runs prints a marker. An ordinary user's cases run as `nobody` (setpriv) when the test runs as root.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -25,6 +25,14 @@ interface Run {
   /** each apt-get call: `DEBIAN_FRONTEND=<value> <args>` */
   aptCalls: string[];
 }
+
+const AS_NOBODY = [which('setpriv') ?? 'setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', '--'];
+
+/** Whether `nobody` can read with-services in this checkout (every folder above it must be open to others). */
+const NOBODY_READS_CHECKOUT =
+  AS_ROOT &&
+  spawnSync(AS_NOBODY[0] ?? '', [...AS_NOBODY.slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(WITH_SERVICES)})`])
+    .status === 0;
 
 /** A PATH directory: a link to every command on this machine's PATH but `without`, and the recording apt-get. */
 class ShadowPath {
@@ -78,9 +86,11 @@ class ShadowPath {
     };
     if (opts.env?.FLEET_TEST_ALLOW_SKIPS === undefined) delete env.FLEET_TEST_ALLOW_SKIPS;
     const argv = [process.execPath, WITH_SERVICES, '--test-tools', '--', process.execPath, '-e', `console.log(${JSON.stringify(MARKER)})`];
-    const asNobody = opts.asUser && AS_ROOT;
-    const setpriv = which('setpriv') ?? 'setpriv';
-    const [cmd, ...args] = asNobody ? [setpriv, '--reuid=nobody', '--regid=nogroup', '--clear-groups', '--', ...argv] : argv;
+    // as `nobody` where it can read the checkout; else (a clone under /root, or in a mktemp -d folder) as root told to
+    // act as an ordinary user would (FLEET_INSTALL_AS_USER=1)
+    const asNobody = opts.asUser && AS_ROOT && NOBODY_READS_CHECKOUT;
+    if (opts.asUser && AS_ROOT && !asNobody) env.FLEET_INSTALL_AS_USER = '1';
+    const [cmd, ...args] = asNobody ? [...AS_NOBODY, ...argv] : argv;
     const child = spawn(cmd ?? '', args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';

@@ -32,7 +32,10 @@ export async function createDatabase(): Promise<{ url: string; name: string; dro
     url: url.toString(),
     name,
     async drop() {
-      const c = new Client({ connectionString: adminUrl });
+      // as the servers' admin (the superuser, with the test servers): FORCE terminates every session on the database,
+      // and the fleet's role may not terminate the admin's own (a test's admin session whose backend was still exiting
+      // after its client closed failed a drop once: "must be a member of the role whose process is being terminated")
+      const c = new Client({ connectionString: testEnv().adminDatabaseUrl });
       await c.connect();
       try {
         await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);

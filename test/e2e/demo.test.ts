@@ -3,7 +3,8 @@
  * and PostgreSQL under .fleet/run, migrates, serves; `fleet demo` then reaches every state and sees the dispatch
  * fallback; SIGTERM stops everything cleanly.
  */
-import { spawn, execFile } from 'node:child_process';
+import { execFile } from 'node:child_process';
+import { FleetProcess } from '../helpers/fleet-process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'chai';
@@ -42,18 +43,15 @@ describe('fleet start + fleet demo, from nothing', function () {
       FLEET_PUBLIC_ENDPOINT_URL: 'https://public.example.com',
       LOG_LEVEL: 'warn',
     };
-    const start = spawn(process.execPath, [FLEET, 'start'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let log = '';
-    start.stdout.on('data', (c: Buffer) => (log += c.toString()));
-    start.stderr.on('data', (c: Buffer) => (log += c.toString()));
-    const exited = new Promise<number | null>((resolve) => start.on('exit', (code) => resolve(code)));
+    const fleet = new FleetProcess(['start'], env);
+    const { child: start, exited } = fleet;
     try {
       await waitFor(
         'fleet start to serve',
         async () => ((await fetch(`http://127.0.0.1:${port}/readyz`).catch(() => null))?.status === 200 ? true : undefined),
         90_000,
       );
-      expect(log).to.contain(`Bull Board   http://127.0.0.1:${port}/admin/queues`);
+      expect(fleet.log).to.contain(`Bull Board   http://127.0.0.1:${port}/admin/queues`);
 
       const demo = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
         execFile(process.execPath, [FLEET, 'demo'], { env, timeout: 120_000 }, (err, stdout, stderr) =>
@@ -70,7 +68,7 @@ describe('fleet start + fleet demo, from nothing', function () {
     } finally {
       if (start.exitCode === null) start.kill('SIGTERM');
     }
-    expect(await exited, log).to.equal(0);
+    expect(await exited, fleet.log).to.equal(0);
     expect(fs.existsSync(path.join(ROOT, '.fleet', 'run', 'endpoints.json'))).to.equal(false);
   });
 });

@@ -3,6 +3,7 @@
  * board credentials, talked to only over 127.0.0.1.
  */
 import { execFile, spawn } from 'node:child_process';
+import { FleetProcess } from '../helpers/fleet-process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -78,11 +79,8 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       FLEET_BOARD_PASSWORD: 'a-board-password-of-some-length',
       LOG_LEVEL: 'info',
     };
-    const child = spawn(process.execPath, [FLEET, 'start'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let log = '';
-    child.stdout.on('data', (c: Buffer) => (log += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (log += c.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const fleet = new FleetProcess(['start'], env);
+    const { child, exited } = fleet;
     const api = `http://127.0.0.1:${port}`;
     const call = (method: string, url: string, token: string | null, body?: unknown) =>
       fetch(`${api}${url}`, {
@@ -98,7 +96,7 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
     const queue = new Queue(LIFECYCLE_QUEUE, { connection: redis, prefix });
     try {
       await waitFor('the fleet to serve', async () => ((await fetch(`${api}/readyz`).catch(() => null))?.status === 200 ? true : undefined), 60_000);
-      expect(log).to.contain('API tokens loaded');
+      expect(fleet.log).to.contain('API tokens loaded');
 
       const deploymentId = randomUUID();
       const attemptId = randomUUID();
@@ -173,7 +171,7 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
         (await call('GET', '/api/deployments', late.token)).status === 200 ? true : undefined,
       );
       // the process logs the reload after it swapped the tokens in, and its output reaches us through a pipe later still
-      await waitFor('the reload in the log', () => (log.includes('API tokens reloaded') ? true : undefined));
+      await waitFor('the reload in the log', () => (fleet.log.includes('API tokens reloaded') ? true : undefined));
       // SIGHUP is harmless in a process with nothing to reload (Node's default would end it)
       const worker = spawn(process.execPath, [FLEET, 'worker'], {
         env: { ...env, FLEET_HTTP_HOST: '127.0.0.1', FLEET_API_TOKENS_FILE: '' },
@@ -189,7 +187,7 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       worker.kill('SIGTERM');
       expect(await workerExit, workerLog.slice(-2000)).to.equal(0);
       // the log never carries a token
-      for (const t of [adminToken, writer.token, reader.token, late.token]) expect(log).to.not.contain(t);
+      for (const t of [adminToken, writer.token, reader.token, late.token]) expect(fleet.log).to.not.contain(t);
     } finally {
       child.kill('SIGTERM');
       const code = await exited;
@@ -199,7 +197,7 @@ describe('front door, black-box: fleet start on 0.0.0.0', function () {
       await db.drop();
       await dropPrefix(prefix);
       fs.rmSync(dir, { recursive: true, force: true });
-      expect(code, log.slice(-3000)).to.equal(0);
+      expect(code, fleet.log.slice(-3000)).to.equal(0);
     }
   });
 });

@@ -2,19 +2,15 @@
  * The smoke test each supported Node runs in CI (dev/runtimes.ts): `fleet start` on the Node running this test, one
  * event in through the producer SDK, its transition out on the stream, and a clean stop on SIGTERM.
  */
-import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import * as path from 'node:path';
 import { expect } from 'chai';
 import { LifecycleProducer } from '../../src/client';
 import { createDatabase } from '../helpers/db';
+import { FleetProcess } from '../helpers/fleet-process';
 import { testEnv } from '../helpers/env';
 import { freePort } from '../helpers/net';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
-import { repoRoot } from '../../src/util';
-
-const FLEET = path.join(repoRoot(), 'bin', 'fleet.js');
 
 describe('runtime smoke: fleet start on this Node', function () {
   this.timeout(120_000);
@@ -31,11 +27,8 @@ describe('runtime smoke: fleet start on this Node', function () {
       FLEET_HTTP_PORT: String(port),
       LOG_LEVEL: 'warn',
     };
-    const child = spawn(process.execPath, [FLEET, 'start'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let log = '';
-    child.stdout.on('data', (c: Buffer) => (log += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (log += c.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const fleet = new FleetProcess(['start'], env);
+    const { child, exited } = fleet;
     const api = `http://127.0.0.1:${port}`;
     const producer = new LifecycleProducer({ connection: testEnv().redisUrl, prefix });
     const redis = testRedis();
@@ -44,7 +37,7 @@ describe('runtime smoke: fleet start on this Node', function () {
       await waitFor('the fleet to serve', async () => ((await fetch(`${api}/readyz`).catch(() => null))?.status === 200 ? true : undefined), 60_000);
       // the fleet's own report of its runtime: the same Node as this test's, not whatever `node` PATH finds
       const metrics = await (await fetch(`${api}/metrics`)).text();
-      expect(metrics, log).to.match(new RegExp(`^fleet_nodejs_version_info\\{version="${process.version.replace(/\./g, '\\.')}"`, 'm'));
+      expect(metrics, fleet.log).to.match(new RegExp(`^fleet_nodejs_version_info\\{version="${process.version.replace(/\./g, '\\.')}"`, 'm'));
 
       const deploymentId = randomUUID();
       await producer.createDeployment({ deploymentId, name: 'smoke' });
@@ -67,6 +60,6 @@ describe('runtime smoke: fleet start on this Node', function () {
       await db.drop();
       await dropPrefix(prefix);
     }
-    expect(code, log.slice(-2000)).to.equal(0);
+    expect(code, fleet.log.slice(-2000)).to.equal(0);
   });
 });

@@ -132,6 +132,13 @@ export const TEST_TOOLS: readonly Requirement[] = [
     present: onPath('ip'),
     onlyAsRoot: true,
   },
+  {
+    name: 'pg_autoctl',
+    pkg: 'postgresql-15-auto-failover',
+    neededBy: 'the PostgreSQL failover lab (dev/pg-failover.ts), which needs root',
+    present: onPath('pg_autoctl'),
+    onlyAsRoot: true,
+  },
 ];
 
 /**

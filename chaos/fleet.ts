@@ -96,7 +96,7 @@ export class Fleet {
     this.current = currentRelease();
     this.previous = previous;
     this.redisUrl = lab?.redisUrl ?? services.redisUrl ?? '';
-    this.databaseUrl = services.databaseUrl ?? '';
+    this.databaseUrl = lab?.databaseUrl ?? services.databaseUrl ?? '';
     this.prefix = prefixOf(options);
     this.streamKey = transitionStreamKey(this.prefix);
     this.partitionKeys = partitionKeys(this.streamKey, options.streamPartitions);

@@ -8,6 +8,11 @@
  *   is 30 s.
  * - `redis-failover`: the master serving the fleet's slot is SIGKILLed; its replica takes over after the cluster's
  *   node timeout; the old master comes back `restartAfterS` later and rejoins as a replica.
+ * - `postgres-failover` (--pg-failover): the PostgreSQL primary's link to its standby is cut for 1.5 s (the standby
+ *   lacks what the primary does meanwhile: with synchronous replication those commits wait, without it they are
+ *   acknowledged), its host SIGKILLed, the standby promoted by pg_auto_failover's monitor, the database's address
+ *   moved (dev/pg-failover.ts); the old primary comes back as a standby `restartAfterS` later. Measured: the decided
+ *   events of the primary's last view the promoted standby lacks (0 with sync), the recovery times, two primaries.
  * Each runs in the background (the schedule goes on injecting other faults meanwhile); one of each kind at a time (the
  * next waits for the last to heal).
  */
@@ -54,8 +59,52 @@ export interface FailoverEvent {
   readonly ackedLost: number;
 }
 
+/** A PostgreSQL failover (--pg-failover): the primary's host killed, the standby promoted, the address moved. */
+export interface PgFailoverEvent {
+  readonly atS: number;
+  readonly killed: string;
+  readonly promoted: string;
+  /** synchronous replication on */
+  readonly sync: boolean;
+  /** the nodes' link was cut this long before the kill (the standby lacks what the primary did meanwhile) */
+  readonly cutReplicationMs: number;
+  /** from the kill until the monitor had promoted the standby */
+  readonly promotedMs: number;
+  /** from the kill until the database's address was on the new primary */
+  readonly addressMovedMs: number;
+  /** from the kill until a write through the address succeeded */
+  readonly writableMs: number;
+  /** from the kill until the fleet applied an event on the new primary (null: not within 60 s of it taking writes) */
+  readonly fleetAppliedMs: number | null;
+  /** the old primary back as a standby of the new one after (null: it did not come back) */
+  readonly rejoinedAfterMs: number | null;
+  /** samples (every 200 ms, from the cut to the rejoin) in which both nodes took writes: must be 0 */
+  readonly twoPrimaries: number;
+  /** events decided in the primary's last view before the kill (read after the cut) */
+  readonly decidedBefore: number;
+  /** of those, decided no more on the promoted standby: acknowledged and lost (0 with synchronous replication) */
+  readonly ackedLost: number;
+  /**
+   * decided on the promoted standby though not in that view: commits in flight at the kill that had reached the
+   * standby (their acknowledgement may have been lost; a retry finds them decided)
+   */
+  readonly inFlightKept: number;
+}
+
 /** Counts events acknowledged before `before` (ms) that are gone: neither decided nor queued any more. */
 export type AckedLostCheck = (before: number) => Promise<number>;
+
+/** `fn`, tried again every 500 ms while it fails, up to 20 times. */
+async function retried<T>(fn: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (attempt >= 20) throw err;
+      await sleep(500);
+    }
+  }
+}
 
 /** The relay that holds the outbox lock: its client address (the host), or null. */
 async function relayLeaderAddress(fleet: Fleet): Promise<string | null> {
@@ -98,8 +147,10 @@ export interface HostActivity {
 export class HostFaults {
   readonly partitions: PartitionRecord[] = [];
   readonly failovers: FailoverEvent[] = [];
+  readonly pgFailovers: PgFailoverEvent[] = [];
   private partitioning: Promise<void> | null = null;
   private failingOver: Promise<void> | null = null;
+  private pgFailingOver: Promise<void> | null = null;
 
   constructor(
     private readonly fleet: Fleet,
@@ -123,7 +174,7 @@ export class HostFaults {
   async partition(leader: boolean, pick: (hosts: string[]) => string, busy: () => void): Promise<string> {
     await this.partitioning; // one partition at a time
     const workers = this.fleet.workers;
-    const hosts = Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot));
+    const hosts = [...this.lab.workerHosts];
     let host: string | null = null;
     if (leader) {
       for (let i = 0; i < 10 && host === null; i++) {
@@ -272,6 +323,89 @@ export class HostFaults {
   }
 
   /**
+   * Fails PostgreSQL over, in the background: the nodes' link cut for `cutReplicationMs`, the primary's host
+   * SIGKILLed, the standby promoted by the monitor, the address moved; then what the promoted standby lacks of the
+   * primary's last view, how long until the fleet applied an event again, and the old primary back as a standby
+   * `restartAfterS` later. None while the last one is still healing.
+   */
+  async pgFailover(cutReplicationMs = 1500): Promise<string> {
+    const pg = this.lab.pg;
+    if (pg === null) return 'PostgreSQL does not fail over in this run (no --pg-failover)';
+    const waitedFrom = Date.now();
+    await this.pgFailingOver;
+    const waited = Date.now() - waitedFrom > 100 ? ` (after the last one healed, ${((Date.now() - waitedFrom) / 1000).toFixed(1)} s)` : '';
+    const atS = Number(this.elapsedS().toFixed(1));
+    const from = pg.primaryName;
+    let before: Set<string> | null = null;
+    const run = async (): Promise<void> => {
+      const done = await pg.failover({
+        cutReplicationMs,
+        // the primary's last view, read after the cut (with sync, what commits meanwhile waits and is not in it)
+        beforeKill: async () => {
+          const { rows } = await this.fleet.pool.query<{ event_id: string }>('SELECT event_id FROM processed_events');
+          before = new Set(rows.map((r) => r.event_id));
+        },
+      });
+      const seen: Set<string> = before ?? new Set<string>();
+      // the runner's pool may still hold a connection to the dead primary: its first query can fail
+      const { rows } = await retried(() =>
+        this.fleet.pool.query<{ event_id: string; early: boolean }>(
+          `SELECT event_id, processed_at <= to_timestamp($1::double precision / 1000) AS early FROM processed_events`,
+          [done.killedAt],
+        ),
+      );
+      const after = new Set(rows.map((r) => r.event_id));
+      const ackedLost = [...seen].filter((id) => !after.has(id)).length;
+      const inFlightKept = rows.filter((r) => r.early && !seen.has(r.event_id)).length;
+      let fleetAppliedMs: number | null = null;
+      for (const until = Date.now() + 60_000; fleetAppliedMs === null && Date.now() < until;) {
+        const applied = await this.fleet.pool
+          .query(`SELECT 1 FROM processed_events WHERE processed_at > to_timestamp($1::double precision / 1000) LIMIT 1`, [done.killedAt])
+          .catch(() => ({ rowCount: 0 }));
+        if ((applied.rowCount ?? 0) > 0) fleetAppliedMs = Date.now() - done.killedAt;
+        else await sleep(200);
+      }
+      this.say(
+        `postgres failover: ${done.promoted} promoted ${done.promotedMs} ms after ${done.killed} was killed, writable through the address after ` +
+          `${done.writableMs} ms, the fleet applying again after ${fleetAppliedMs ?? '-'} ms; ${ackedLost} of ${seen.size} decided events lost, ${inFlightKept} in-flight commits kept`,
+      );
+      await sleep(this.restartAfterS * 1000);
+      let rejoinedAfterMs: number | null = null;
+      let twoPrimaries = done.twoPrimaries;
+      try {
+        const back = await pg.rejoin();
+        rejoinedAfterMs = Date.now() - done.killedAt;
+        twoPrimaries += back.twoPrimaries;
+      } catch (err) {
+        this.say(`old primary ${done.killed} did not come back as a standby: ${err instanceof Error ? err.message : String(err)}`);
+      }
+      const { killedAt: _killedAt, ...record } = done;
+      this.pgFailovers.push({
+        atS,
+        ...record,
+        sync: pg.sync,
+        fleetAppliedMs,
+        rejoinedAfterMs,
+        twoPrimaries,
+        decidedBefore: seen.size,
+        ackedLost,
+        inFlightKept,
+      });
+    };
+    this.pgFailingOver = run()
+      .catch((err: unknown) => this.say(`postgres failover failed: ${err instanceof Error ? err.message : String(err)}`))
+      .finally(() => {
+        this.pgFailingOver = null;
+      });
+    return `PostgreSQL primary ${from}: its link to the standby cut for ${cutReplicationMs} ms, then its host SIGKILLed${waited}; the monitor promotes the standby, the address moves, the old primary comes back as a standby ${this.restartAfterS} s later`;
+  }
+
+  /** Waits for a PostgreSQL failover under way to end (its old primary back as a standby). */
+  async pgFailoverHealed(): Promise<void> {
+    await this.pgFailingOver;
+  }
+
+  /**
    * Which worker host finished how many lifecycle jobs, and when last (from the jobs the queue keeps, by their
    * `processedBy`): a worker that stopped taking jobs after a fault shows as a host whose last job is long before
    * the end. `t0` is the run's start (ms).
@@ -285,7 +419,7 @@ export class HostFaults {
       const seen = byHost.get(host) ?? { finished: 0, last: 0 };
       byHost.set(host, { finished: seen.finished + 1, last: Math.max(seen.last, job.finishedOn) });
     }
-    return Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, slot) => this.lab.hostOfSlot(slot)).map((host) => {
+    return [...this.lab.workerHosts].map((host) => {
       const seen = byHost.get(host);
       const lastS = seen === undefined ? null : Number(((seen.last - t0) / 1000).toFixed(1));
       return { host, finished: seen?.finished ?? 0, lastS, probed: probed.get(host) ?? 0 };
@@ -302,7 +436,7 @@ export class HostFaults {
    */
   async probeLiveness(send: (n: number) => Promise<string>, count = 30, withinMs = 60_000): Promise<Map<string, number>> {
     const took = new Map<string, number>();
-    const hosts = this.lab.lab.hosts.size - 1;
+    const hosts = this.lab.workerHosts.length;
     const deadline = Date.now() + withinMs;
     for (let n = 0; n < count || (took.size < hosts && Date.now() < deadline); n++) {
       const id = await send(n);
@@ -336,13 +470,11 @@ export class HostFaults {
   async settle(): Promise<void> {
     await this.partitioning;
     await this.failingOver;
+    await this.pgFailingOver;
   }
 
   /** Heals whatever is still cut off (an aborted run). */
   abort(): void {
-    for (const slot of Array.from({ length: this.lab.lab.hosts.size - 1 }, (_, i) => i)) {
-      const host = this.lab.hostOfSlot(slot);
-      if (this.lab.isCut(host)) this.lab.heal(host);
-    }
+    for (const host of this.lab.workerHosts) if (this.lab.isCut(host)) this.lab.heal(host);
   }
 }

@@ -49,6 +49,14 @@ export interface ChaosOptions {
    * release's migrations are applied, its workers join, then the previous release's retire (chaos/upgrade.ts)
    */
   readonly previous: string | null;
+  /**
+   * PostgreSQL as a pg_auto_failover formation (a primary and a streaming standby on hosts of their own, the database
+   * at an address that moves to the promoted standby; needs --hosts) instead of one server on `svc`; the faults gain
+   * `postgres-failover`, which takes the place of the in-place PostgreSQL restart (dev/pg-failover.ts)
+   */
+  readonly pgFailover: boolean;
+  /** with --pg-failover: synchronous replication (default); `--pg-async` measures what a failover loses without it */
+  readonly pgSync: boolean;
 }
 
 type MutableOptions = { -readonly [K in keyof ChaosOptions]: ChaosOptions[K] };
@@ -73,6 +81,8 @@ function defaultOptions(ci: boolean): ChaosOptions {
     partitionS: 20,
     streamPartitions: 4,
     previous: null,
+    pgFailover: false,
+    pgSync: true,
     ...(ci ? CI_PRESET : {}),
   };
 }
@@ -140,7 +150,7 @@ function applyFlag(out: MutableOptions, flag: string | undefined, value: string 
 }
 
 /** Flags without a value. */
-const SWITCHES = new Set(['--ci', '--redis-cluster', '--durable', '--no-durable']);
+const SWITCHES = new Set(['--ci', '--redis-cluster', '--durable', '--no-durable', '--pg-failover', '--pg-async']);
 
 export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
   const out: MutableOptions = { ...defaultOptions(argv.includes('--ci')) };
@@ -151,6 +161,9 @@ export function parseChaosArgs(argv: readonly string[]): ChaosOptions {
   }
   out.redisCluster = argv.includes('--redis-cluster');
   out.durable = argv.includes('--durable') || (out.redisCluster && !argv.includes('--no-durable'));
+  out.pgFailover = argv.includes('--pg-failover') || argv.includes('--pg-async');
+  out.pgSync = !argv.includes('--pg-async');
+  if (out.pgFailover && out.hosts === 0) throw new Error('--pg-failover: the primary and its standby run on hosts of their own: add --hosts N');
   if (out.hosts > 0) out.workers = out.hosts; // one `fleet worker` per host
   // the faults find a host's worker by its slot, one per host; an upgrade runs two releases' workers side by side
   if (out.previous !== null && out.hosts > 0) throw new Error('--previous: a mixed-version run is on loopback (without --hosts)');

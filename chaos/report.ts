@@ -3,7 +3,7 @@ import type { EventCounts } from './accounting';
 import { groupClean, type ConsumerGroupReport } from './consumer-group';
 import type { HistoryReport } from './history-checker';
 import type { ChaosOptions } from './options';
-import type { FailoverEvent, HostActivity, PartitionRecord } from './host-faults';
+import type { FailoverEvent, HostActivity, PartitionRecord, PgFailoverEvent } from './host-faults';
 import type { FaultKind, FaultRecord } from './schedule';
 import type { SweepCounts } from './sweeps';
 import { upgradeShown, type UpgradeReport } from './upgrade';
@@ -17,6 +17,8 @@ export const TAKEOVER_WITHIN_MS = 30_000;
 export interface HostsReport {
   readonly partitions: readonly PartitionRecord[];
   readonly failovers: readonly FailoverEvent[];
+  /** PostgreSQL failovers (--pg-failover) */
+  readonly pgFailovers: readonly PgFailoverEvent[];
   /** how many jobs each worker host finished, and when it last did */
   readonly activity: readonly HostActivity[];
 }
@@ -111,8 +113,14 @@ export function hostsHeld(hosts: HostsReport | null): boolean {
         (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
     ) &&
     hosts.failovers.every((f) => f.rejoinedAfterMs !== null) &&
+    hosts.pgFailovers.every((f) => f.rejoinedAfterMs !== null && f.twoPrimaries === 0 && f.fleetAppliedMs !== null) &&
     hosts.activity.every((a) => a.probed > 0)
   );
+}
+
+/** Decided events the PostgreSQL failovers lost (0 with synchronous replication). */
+export function pgFailoverLosses(hosts: HostsReport | null): number {
+  return hosts === null ? 0 : hosts.pgFailovers.reduce((n, f) => n + f.ackedLost, 0);
 }
 
 /** Acknowledged events the failovers lost (the run's `lost` must stay 0 with durable enqueue; without, it may not). */
@@ -139,7 +147,8 @@ export function buildReport(r: RunResults): ChaosReport {
     r.sweeps.startedTwice === 0 &&
     hostsHeld(r.hosts) &&
     (r.upgrade === null || upgradeShown(r.upgrade)) &&
-    (!options.durable || failoverLosses(r.hosts) === 0);
+    (!options.durable || failoverLosses(r.hosts) === 0) &&
+    (!options.pgSync || pgFailoverLosses(r.hosts) === 0);
   const {
     deployments,
     workers,
@@ -155,6 +164,8 @@ export function buildReport(r: RunResults): ChaosReport {
     partitionS,
     streamPartitions,
     previous,
+    pgFailover,
+    pgSync,
   } = options;
   return {
     ok,
@@ -173,6 +184,8 @@ export function buildReport(r: RunResults): ChaosReport {
       partitionS,
       streamPartitions,
       previous,
+      pgFailover,
+      pgSync,
     },
     events: {
       sent: events.sent,
@@ -213,7 +226,7 @@ export function buildReport(r: RunResults): ChaosReport {
 export function formatReport(r: ChaosReport): string {
   const where =
     r.options.hosts > 0
-      ? `, on ${r.options.hosts} hosts${r.options.redisCluster ? ' with a Redis Cluster' : ''}, durable enqueue ${r.options.durable ? 'on' : 'off'}`
+      ? `, on ${r.options.hosts} hosts${r.options.redisCluster ? ' with a Redis Cluster' : ''}, durable enqueue ${r.options.durable ? 'on' : 'off'}${r.options.pgFailover ? `, PostgreSQL failing over (${r.options.pgSync ? 'synchronous' : 'asynchronous'} replication)` : ''}`
       : '';
   const lines = [
     '',
@@ -302,6 +315,17 @@ function hostLines(r: ChaosReport): string[] {
   lines.push(
     `  master failovers    ${failovers.length}: ${failoverLosses(r.hosts)} acknowledged events lost by them (durable enqueue ${r.options.durable ? 'on' : 'off'})`,
   );
+  if (r.options.pgFailover) {
+    const pg = r.hosts.pgFailovers;
+    lines.push(
+      `  postgres failovers  ${pg.length} (${r.options.pgSync ? 'synchronous' : 'asynchronous'} replication): ${pgFailoverLosses(r.hosts)} decided events lost by them, ${pg.reduce((n, f) => n + f.inFlightKept, 0)} in-flight commits kept, ${pg.reduce((n, f) => n + f.twoPrimaries, 0)} samples with two primaries`,
+    );
+    for (const f of pg) {
+      lines.push(
+        `    at ${f.atS} s ${f.killed} -> ${f.promoted}${f.cutReplicationMs > 0 ? ` (cut off from it ${ms(f.cutReplicationMs)} before)` : ''}: promoted after ${ms(f.promotedMs)}, address moved ${ms(f.addressMovedMs)}, writable ${ms(f.writableMs)}, the fleet applying again ${ms(f.fleetAppliedMs)}; ${f.ackedLost} of ${f.decidedBefore} decided events lost, ${f.inFlightKept} in-flight commits kept; old primary back as a standby after ${ms(f.rejoinedAfterMs)}`,
+      );
+    }
+  }
   lines.push(
     `  jobs finished       ${r.hosts.activity.map((a) => `${a.host} ${a.finished} (last at ${a.lastS ?? '-'} s)`).join(', ')} of the last 10,000 the queue keeps`,
   );

@@ -17,10 +17,12 @@
  * Usage: npm run chaos -- [--ci] [--deployments N] [--workers N] [--duration S] [--fault-every S] [--drain-timeout S]
  *        [--phases MIN-MAX] [--concurrency N] [--seed N] [--dir DIR] [--json FILE]
  *        [--hosts N] [--redis-cluster] [--durable | --no-durable] [--partition S] [--stream-partitions N]
- *        [--previous REF]
+ *        [--previous REF] [--pg-failover | --pg-async]
  * With --hosts N the services and N worker hosts each run in a network namespace (chaos/lab.ts) and the faults add
  * partitions of a worker host (and the consumer group's member on it) and of the relay leader's host; with
  * --redis-cluster, master failovers. The stream has 4 partitions unless --stream-partitions says otherwise. With
+ * --pg-failover (with --hosts) PostgreSQL is a primary and a streaming standby on hosts of their own that fail over
+ * (synchronous replication; --pg-async without it). With
  * --previous REF (e.g. v0.1.0) the run is a rolling upgrade from that release to this checkout (chaos/upgrade.ts).
  * Exit code 0 only when nothing was lost, nothing applied twice, the stream has no gap, the checker is clean and the
  * consumer group's check too.
@@ -149,7 +151,10 @@ async function runAgainst(fleet: Fleet, group: ConsumerGroup, options: ChaosOpti
     workers: { started: fleet.workers.started, unexpectedExits: fleet.workers.unexpectedExits, exitsBy: { ...fleet.workers.exitsBy } },
     lostSamples: samples.list,
     sweeps: countSweeps(fleet.workersLog, CHAOS_SWEEP_EVERY_S),
-    hosts: faults.hosts === null ? null : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers, activity },
+    hosts:
+      faults.hosts === null
+        ? null
+        : { partitions: faults.hosts.partitions, failovers: faults.hosts.failovers, pgFailovers: faults.hosts.pgFailovers, activity },
     upgrade: upgradeReport,
     t0,
     lastFaultAt,

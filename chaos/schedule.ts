@@ -40,7 +40,12 @@ export type FaultKind =
   /** (--hosts) the host whose relay holds the outbox lock, cut off likewise */
   | 'partition-relay-leader'
   /** (--redis-cluster) the master of the fleet's slot SIGKILLed, its replica promoted, the old one back as a replica */
-  | 'redis-failover';
+  | 'redis-failover'
+  /**
+   * (--pg-failover) the PostgreSQL primary cut off from its standby, its host SIGKILLed, the standby promoted, the
+   * database's address moved, the old primary back as a standby; takes the place of `postgres-restart`
+   */
+  | 'postgres-failover';
 
 export interface FaultRecord {
   readonly atS: number;
@@ -81,11 +86,16 @@ export interface FaultTargets {
   readonly timing: Random;
 }
 
-/** On several hosts every third fault is one of these, in turn (failovers only on a Redis Cluster). */
+/**
+ * On several hosts every third fault is one of these, in turn (Redis failovers only on a Redis Cluster; PostgreSQL
+ * failovers with --pg-failover, the fifth: a `--ci` run meets two, the last two of its window, one each way).
+ */
 function hostRotation(fleet: Fleet): readonly FaultKind[] {
-  return fleet.cluster === null
-    ? ['partition-worker', 'partition-relay-leader']
-    : ['partition-worker', 'redis-failover', 'partition-relay-leader', 'redis-failover'];
+  const redis: readonly FaultKind[] =
+    fleet.cluster === null
+      ? ['partition-worker', 'partition-relay-leader']
+      : ['partition-worker', 'redis-failover', 'partition-relay-leader', 'redis-failover'];
+  return fleet.options.pgFailover ? [...redis, 'postgres-failover'] : redis;
 }
 
 export class FaultSchedule {
@@ -121,6 +131,12 @@ export class FaultSchedule {
 
   /** The k-th fault of the window: the rotation, with every third a host fault on several hosts. */
   private kindAt(k: number, last: boolean): FaultKind {
+    const kind = this.rotationAt(k, last);
+    // PostgreSQL that fails over is not restarted in place
+    return kind === 'postgres-restart' && this.t.fleet.options.pgFailover ? 'postgres-failover' : kind;
+  }
+
+  private rotationAt(k: number, last: boolean): FaultKind {
     if (last) return 'postgres-restart';
     const { fleet } = this.t;
     if (this.hosts !== null && k % 3 === 1) {
@@ -179,6 +195,8 @@ export class FaultSchedule {
         return 'redis-server SIGKILLed, down 1 s, restarted from its AOF';
       case 'redis-failover':
         return this.hosts === null ? 'not on several hosts' : this.hosts.failover();
+      case 'postgres-failover':
+        return this.hosts === null ? 'not on several hosts' : this.hosts.pgFailover();
       case 'partition-worker':
         return this.hosts === null
           ? 'not on several hosts'
@@ -290,8 +308,10 @@ export class FaultSchedule {
    */
   private async wipeRedis(): Promise<string> {
     const { fleet, sender, scripts } = this.t;
-    // not during a failover: what the wipe takes would count as lost by the failover, and a master is down
+    // not during a failover: what the wipe takes would count as lost by the failover, and a master is down; nor while
+    // PostgreSQL fails over (what was decided is read from it)
     await this.hosts?.failoverHealed();
+    await this.hosts?.pgFailoverHealed();
     if (fleet.cluster !== null) await fleet.cluster.onMasters('FLUSHALL');
     else await fleet.services.restartRedis({ signal: 'SIGKILL', downMs: 1000, wipe: true });
     const decided = new Set((await fleet.pool.query<{ event_id: string }>(`SELECT event_id FROM processed_events`)).rows.map((r) => r.event_id));

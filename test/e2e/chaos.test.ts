@@ -10,6 +10,7 @@ import { uniquePrefix } from '../helpers/redis';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 import { netnsUnavailable } from '../../dev/netns';
+import { pgFailoverUnavailable } from '../../dev/pg-failover';
 
 const ROOT = repoRoot();
 
@@ -99,14 +100,19 @@ describe('chaos (CI variant)', function () {
     expect(code).to.equal(0);
   });
 
-  it('on 3 hosts with a Redis Cluster: partitions and master failovers lose nothing, and work moves on in time', async function () {
+  it('on 3 hosts with a Redis Cluster and PostgreSQL failing over: partitions and failovers lose nothing, and work moves on in time', async function () {
     const why = netnsUnavailable();
     if (why !== null) {
       process.stdout.write(`      SKIPPED: chaos on several hosts cannot run here: ${why}\n`);
       this.skip();
     }
     this.timeout(400_000);
-    const { report, out, code } = await runChaos(['--ci', '--hosts', '3', '--redis-cluster', '--dir', path.join(ROOT, '.fleet', 'chaos-hosts-test')]);
+    const noPgFailover = pgFailoverUnavailable();
+    if (noPgFailover !== null) process.stdout.write(`      SKIPPED (its PostgreSQL failovers only): ${noPgFailover}\n`);
+    const { report, out, code } = await runChaos([
+      ...['--ci', '--hosts', '3', '--redis-cluster', '--dir', path.join(ROOT, '.fleet', 'chaos-hosts-test')],
+      ...(noPgFailover === null ? ['--pg-failover'] : []),
+    ]);
     expect(report.options.durable, 'durable enqueue is on with a cluster').to.equal(true);
     expectClean(report, out);
     const hosts = report.hosts;
@@ -128,6 +134,20 @@ describe('chaos (CI variant)', function () {
     for (const f of hosts.failovers) {
       expect(f.ackedLost, out).to.equal(0);
       expect(f.rejoinedAfterMs, out).to.be.a('number');
+    }
+    if (noPgFailover === null) {
+      // PostgreSQL failed over (synchronous replication): the promoted standby has every event the primary had
+      // decided, the fleet applied events on it, and the old primary came back as a standby, never beside it
+      expect(report.options.pgSync, out).to.equal(true);
+      expect(report.faults.byKind['postgres-failover'], out).to.be.at.least(1);
+      expect(hosts.pgFailovers.length, out).to.be.at.least(1);
+      for (const f of hosts.pgFailovers) {
+        expect(f.decidedBefore, out).to.be.above(0);
+        expect(f.ackedLost, out).to.equal(0);
+        expect(f.twoPrimaries, out).to.equal(0);
+        expect(f.fleetAppliedMs, out).to.be.a('number');
+        expect(f.rejoinedAfterMs, out).to.be.a('number');
+      }
     }
     expect(report.ok).to.equal(true);
     expect(code).to.equal(0);

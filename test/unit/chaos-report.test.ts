@@ -7,8 +7,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
-import type { FailoverEvent, PartitionRecord } from '../../chaos/host-faults';
-import { failoverLosses, hostsHeld, type HostsReport } from '../../chaos/report';
+import type { FailoverEvent, PartitionRecord, PgFailoverEvent } from '../../chaos/host-faults';
+import { failoverLosses, hostsHeld, pgFailoverLosses, type HostsReport } from '../../chaos/report';
 import { countSweeps } from '../../chaos/sweeps';
 
 function logFile(lines: readonly string[]): string {
@@ -65,9 +65,27 @@ describe('chaos report: partitions and failovers', () => {
     ackedLost: 0,
     ...f,
   });
-  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = []): HostsReport => ({
+  const pgFailover = (f: Partial<PgFailoverEvent>): PgFailoverEvent => ({
+    atS: 40,
+    killed: 'node1',
+    promoted: 'node2',
+    sync: true,
+    cutReplicationMs: 1500,
+    promotedMs: 9000,
+    addressMovedMs: 9100,
+    writableMs: 9200,
+    fleetAppliedMs: 9800,
+    rejoinedAfterMs: 20_000,
+    twoPrimaries: 0,
+    decidedBefore: 1000,
+    ackedLost: 0,
+    inFlightKept: 2,
+    ...f,
+  });
+  const report = (partitions: PartitionRecord[], failovers: FailoverEvent[] = [], pgFailovers: PgFailoverEvent[] = []): HostsReport => ({
     partitions,
     failovers,
+    pgFailovers,
     activity: [{ host: 'w1', finished: 1, lastS: 1, probed: 1 }],
   });
 
@@ -90,6 +108,14 @@ describe('chaos report: partitions and failovers', () => {
       hostsHeld({ ...report([]), activity: [{ host: 'w1', finished: 10, lastS: 5, probed: 0 }] }),
       'a host that took no job after the faults',
     ).to.equal(false);
+  });
+
+  it('holds across a PostgreSQL failover only with the old primary back as a standby, never two primaries, and the fleet applying again', () => {
+    expect(hostsHeld(report([], [], [pgFailover({})]))).to.equal(true);
+    expect(hostsHeld(report([], [], [pgFailover({ rejoinedAfterMs: null })])), 'old primary not back').to.equal(false);
+    expect(hostsHeld(report([], [], [pgFailover({ twoPrimaries: 1 })])), 'two primaries at once').to.equal(false);
+    expect(hostsHeld(report([], [], [pgFailover({ fleetAppliedMs: null })])), 'the fleet never applied again').to.equal(false);
+    expect(pgFailoverLosses(report([], [], [pgFailover({ ackedLost: 4 }), pgFailover({ ackedLost: 3 })]))).to.equal(7);
   });
 
   it('adds up what the failovers lost, ignoring a count that could not be made', () => {

@@ -74,7 +74,10 @@ export interface PgFailoverEvent {
   readonly addressMovedMs: number;
   /** from the kill until a write through the address succeeded */
   readonly writableMs: number;
-  /** from the kill until the fleet applied an event on the new primary (null: not within 60 s of it taking writes) */
+  /**
+   * from the kill until a worker completed an event sent once the new primary took writes (null: not within 60 s):
+   * the fleet at work on it again
+   */
   readonly fleetAppliedMs: number | null;
   /** the old primary back as a standby of the new one after (null: it did not come back) */
   readonly rejoinedAfterMs: number | null;
@@ -328,7 +331,7 @@ export class HostFaults {
    * primary's last view, how long until the fleet applied an event again, and the old primary back as a standby
    * `restartAfterS` later. None while the last one is still healing.
    */
-  async pgFailover(cutReplicationMs = 1500): Promise<string> {
+  async pgFailover(probe: () => Promise<string>, cutReplicationMs = 1500): Promise<string> {
     const pg = this.lab.pg;
     if (pg === null) return 'PostgreSQL does not fail over in this run (no --pg-failover)';
     const waitedFrom = Date.now();
@@ -357,13 +360,14 @@ export class HostFaults {
       const after = new Set(rows.map((r) => r.event_id));
       const ackedLost = [...seen].filter((id) => !after.has(id)).length;
       const inFlightKept = rows.filter((r) => r.early && !seen.has(r.event_id)).length;
+      // the fleet at work on the new primary: an event sent once it takes writes (a decided one again, under a new
+      // job id: a read of its claim on the new primary) and completed by a worker
       let fleetAppliedMs: number | null = null;
-      for (const until = Date.now() + 60_000; fleetAppliedMs === null && Date.now() < until;) {
-        const applied = await this.fleet.pool
-          .query(`SELECT 1 FROM processed_events WHERE processed_at > to_timestamp($1::double precision / 1000) LIMIT 1`, [done.killedAt])
-          .catch(() => ({ rowCount: 0 }));
-        if ((applied.rowCount ?? 0) > 0) fleetAppliedMs = Date.now() - done.killedAt;
-        else await sleep(200);
+      const probeJob = await probe().catch(() => null);
+      for (const until = Date.now() + 60_000; probeJob !== null && fleetAppliedMs === null && Date.now() < until;) {
+        const job = await this.fleet.queue.getJob(probeJob).catch(() => undefined);
+        if (job?.finishedOn !== undefined && job.failedReason === undefined) fleetAppliedMs = job.finishedOn - done.killedAt;
+        else await sleep(100);
       }
       this.say(
         `postgres failover: ${done.promoted} promoted ${done.promotedMs} ms after ${done.killed} was killed, writable through the address after ` +

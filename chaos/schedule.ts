@@ -196,7 +196,13 @@ export class FaultSchedule {
       case 'redis-failover':
         return this.hosts === null ? 'not on several hosts' : this.hosts.failover();
       case 'postgres-failover':
-        return this.hosts === null ? 'not on several hosts' : this.hosts.pgFailover();
+        return this.hosts === null
+          ? 'not on several hosts'
+          : this.hosts.pgFailover(() => {
+              const { sender, timing } = this.t;
+              const decided = [...sender.sent.values()].filter((e) => e.expect.kind === 'decided');
+              return sender.redeliver(timing.pick(decided), `-pgf${this.log.length}`);
+            });
       case 'partition-worker':
         return this.hosts === null
           ? 'not on several hosts'

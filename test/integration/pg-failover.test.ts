@@ -3,7 +3,7 @@
  * address that moves to the promoted standby. Writers commit through that address while the primary's link to the
  * standby is cut and the primary is SIGKILLed: with synchronous replication every commit they were told of is on the
  * promoted standby; without it, the commits acknowledged during the cut are gone. The old primary comes back only as
- * a standby, and a second failover goes back to it. Skipped, saying why, without root or pg_autoctl.
+ * a standby (the chaos run's `--ci` hosts variant then fails over back to it). Skipped, saying why, without root or pg_autoctl.
  */
 import { expect } from 'chai';
 import { Pool } from 'pg';
@@ -116,17 +116,13 @@ for (const sync of [true, false]) {
             `      failover: promoted after ${first.promotedMs} ms, address moved ${first.addressMovedMs} ms, writable ${first.writableMs} ms; ${writers.acked.size} acknowledged, ${lost} lost\n`,
           );
 
+          if (!sync) return; // (the old primary's rejoin is the synchronous case's)
           const back = await formation.rejoin();
           expect(back.twoPrimaries, 'the old primary never took writes beside the new one').to.equal(0);
           expect(formation.primaryName).to.equal('node2');
-
-          // and back: the old primary, now a standby, is promoted in turn
-          const second = await formation.failover();
-          expect(second.killed).to.equal('node2');
-          expect(second.promoted).to.equal('node1');
-          await writers.more(100);
-          if (sync) expect(await missing(pool, writers.acked)).to.equal(0);
-          await formation.rejoin();
+          const states = await formation.states();
+          expect(states.node1?.reported, 'the old primary follows the new one').to.equal('secondary');
+          expect(states.node2?.reported).to.equal('primary');
         } finally {
           await writers.stop();
         }

@@ -68,6 +68,8 @@ export interface PgFailoverEvent {
   readonly sync: boolean;
   /** the nodes' link was cut this long before the kill (the standby lacks what the primary did meanwhile) */
   readonly cutReplicationMs: number;
+  /** lifecycle jobs the workers held when the link was cut (the cut waits up to 5 s for some) */
+  readonly activeAtCut: number;
   /** from the kill until the monitor had promoted the standby */
   readonly promotedMs: number;
   /** from the kill until the database's address was on the new primary */
@@ -340,9 +342,19 @@ export class HostFaults {
     const atS = Number(this.elapsedS().toFixed(1));
     const from = pg.primaryName;
     let before: Set<string> | null = null;
+    let activeAtCut = 0;
     const run = async (): Promise<void> => {
       const done = await pg.failover({
         cutReplicationMs,
+        // the cut meets the fleet at work (up to 5 s for a worker to hold jobs): with sync their commits wait, without
+        // it they are acknowledged and the standby lacks them
+        beforeCut: async () => {
+          for (let waited = 0; waited < 5000; waited += 100) {
+            activeAtCut = await this.fleet.queue.getActiveCount().catch(() => 0);
+            if (activeAtCut > 0) return;
+            await sleep(100);
+          }
+        },
         // the primary's last view, read after the cut (with sync, what commits meanwhile waits and is not in it)
         beforeKill: async () => {
           const { rows } = await this.fleet.pool.query<{ event_id: string }>('SELECT event_id FROM processed_events');
@@ -388,6 +400,7 @@ export class HostFaults {
         atS,
         ...record,
         sync: pg.sync,
+        activeAtCut,
         fleetAppliedMs,
         rejoinedAfterMs,
         twoPrimaries,

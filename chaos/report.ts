@@ -322,7 +322,7 @@ function hostLines(r: ChaosReport): string[] {
     );
     for (const f of pg) {
       lines.push(
-        `    at ${f.atS} s ${f.killed} -> ${f.promoted}${f.cutReplicationMs > 0 ? ` (cut off from it ${ms(f.cutReplicationMs)} before)` : ''}: promoted after ${ms(f.promotedMs)}, address moved ${ms(f.addressMovedMs)}, writable ${ms(f.writableMs)}, the fleet applying again ${ms(f.fleetAppliedMs)}; ${f.ackedLost} of ${f.decidedBefore} decided events lost, ${f.inFlightKept} in-flight commits kept; old primary back as a standby after ${ms(f.rejoinedAfterMs)}`,
+        `    at ${f.atS} s ${f.killed} -> ${f.promoted}${f.cutReplicationMs > 0 ? ` (cut off from it ${ms(f.cutReplicationMs)} before, ${f.activeAtCut} jobs in flight)` : ''}: promoted after ${ms(f.promotedMs)}, address moved ${ms(f.addressMovedMs)}, writable ${ms(f.writableMs)}, the fleet applying again ${ms(f.fleetAppliedMs)}; ${f.ackedLost} of ${f.decidedBefore} decided events lost, ${f.inFlightKept} in-flight commits kept; old primary back as a standby after ${ms(f.rejoinedAfterMs)}`,
       );
     }
   }

@@ -88,14 +88,17 @@ export interface FaultTargets {
 
 /**
  * On several hosts every third fault is one of these, in turn (Redis failovers only on a Redis Cluster; PostgreSQL
- * failovers with --pg-failover, the fifth: a `--ci` run meets two, the last two of its window, one each way).
+ * failovers with --pg-failover, the fourth: a `--ci` run meets two, one each way, the second its last fault).
  */
 function hostRotation(fleet: Fleet): readonly FaultKind[] {
-  const redis: readonly FaultKind[] =
-    fleet.cluster === null
-      ? ['partition-worker', 'partition-relay-leader']
-      : ['partition-worker', 'redis-failover', 'partition-relay-leader', 'redis-failover'];
-  return fleet.options.pgFailover ? [...redis, 'postgres-failover'] : redis;
+  if (fleet.cluster === null)
+    return fleet.options.pgFailover
+      ? ['partition-worker', 'postgres-failover', 'partition-relay-leader']
+      : ['partition-worker', 'partition-relay-leader'];
+  // a PostgreSQL failover not right after a Redis one: the fleet is at work again when its cut comes
+  return fleet.options.pgFailover
+    ? ['partition-worker', 'redis-failover', 'partition-relay-leader', 'postgres-failover', 'redis-failover']
+    : ['partition-worker', 'redis-failover', 'partition-relay-leader', 'redis-failover'];
 }
 
 export class FaultSchedule {

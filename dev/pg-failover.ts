@@ -521,17 +521,18 @@ export class PgFormation {
 
   /**
    * Fails the primary over to the standby: cut (optional), kill, promotion by the monitor, the address moved, writes
-   * through it again. `beforeKill` runs right before the SIGKILL (after the cut). The old primary stays down until
+   * through it again. `beforeCut` runs first, `beforeKill` right before the SIGKILL (after the cut). The old primary stays down until
    * `rejoin()`.
    */
   async failover(
-    options: { readonly cutReplicationMs?: number; readonly beforeKill?: () => Promise<void> } = {},
+    options: { readonly cutReplicationMs?: number; readonly beforeCut?: () => Promise<void>; readonly beforeKill?: () => Promise<void> } = {},
   ): Promise<PgFailoverRecord & { killedAt: number }> {
     const old = this.addressOn;
     const next = this.nodes.find((n) => n !== old) as NodeInfo;
     const cutMs = options.cutReplicationMs ?? 0;
     const watch = this.watchTwoPrimaries();
     try {
+      await options.beforeCut?.();
       if (cutMs > 0) {
         this.cutBetweenNodes();
         await sleep(cutMs);

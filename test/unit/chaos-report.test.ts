@@ -71,6 +71,7 @@ describe('chaos report: partitions and failovers', () => {
     promoted: 'node2',
     sync: true,
     cutReplicationMs: 1500,
+    activeAtCut: 8,
     promotedMs: 9000,
     addressMovedMs: 9100,
     writableMs: 9200,

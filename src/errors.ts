@@ -181,7 +181,7 @@ const TRANSIENT_CODES = new Set([
   'ENOTFOUND',
   'EAI_AGAIN',
   // PostgreSQL SQLSTATEs: connection exceptions, shutdown, serialization, deadlock, too many connections,
-  // statement timeout (57014) and idle-in-transaction timeout (25P03)
+  // statement timeout (57014), idle-in-transaction timeout (25P03) and a read-only server (25006)
   '08000',
   '08001',
   '08003',
@@ -196,6 +196,9 @@ const TRANSIENT_CODES = new Set([
   '53300',
   '57014',
   '25P03',
+  // read_only_sql_transaction: a write that reached a server in recovery or read-only (a standby, or a demoted
+  // primary, left behind the URL for a while after a failover): the event is fine, the server is the wrong one for now
+  '25006',
 ]);
 
 /** PostgreSQL's SQLSTATEs for a conflict it broke by aborting one side: deadlock_detected, serialization_failure. */

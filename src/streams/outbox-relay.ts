@@ -40,10 +40,10 @@ import type { Client } from 'pg';
 import type { RedisConnection } from '../redis/connection';
 import { silentLogger, type Logger } from '../log';
 import { createRedis, describeRedis, logReport, ServerWatch } from '../redis/connection';
-import { ADMIN_SQL, OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type HandedOffRow, type Session } from '../entities/sql';
+import { OUTBOX_SQL, RELAY_HANDOVER_CHANNEL, RELAY_LOCK_KEY, sessionOf, type HandedOffRow, type Session } from '../entities/sql';
 import type { OutboxRelayOptions } from './relay-options';
 import { RelayPublisher } from './relay-publisher';
-import { connectRelaySession, takeRelayLock } from './relay-session';
+import { connectRelaySession, isReadOnly, takeRelayLock } from './relay-session';
 
 /** The advisory lock the active relay holds. */
 export { RELAY_LOCK_KEY };
@@ -197,8 +197,8 @@ export class OutboxRelay {
         const brief = { code: (err as { code?: unknown }).code, reason: err instanceof Error ? err.message : String(err) };
         if (failures === 1) this.log.warn({ ...brief, leader: this.leader }, 'relay cycle failed; retrying');
         else this.log.debug({ err, failures }, 'relay cycle failed again');
-        if (this.client === null || !(await this.sessionAlive())) {
-          this.options.pgWatch?.error(err); // its session to PostgreSQL is gone
+        if (this.client === null || !(await this.sessionUsable())) {
+          this.options.pgWatch?.error(err); // its session to PostgreSQL is gone, or its server takes no writes
           await this.dropSession();
         }
         this.pending = false;
@@ -247,10 +247,10 @@ export class OutboxRelay {
     await this.idle(this.options.standbyRetryMs ?? 1000);
   }
 
-  private async sessionAlive(): Promise<boolean> {
+  /** its session still answers, on a server that takes writes (one that turned read-only is no place to lead from) */
+  private async sessionUsable(): Promise<boolean> {
     try {
-      if (this.client !== null) await sessionOf(this.client).run(ADMIN_SQL.ping);
-      return this.client !== null;
+      return this.client !== null && !(await isReadOnly(sessionOf(this.client)));
     } catch {
       return false;
     }

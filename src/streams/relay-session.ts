@@ -4,9 +4,15 @@
  * the relay, so that a leader that lost its lock cannot go on marking rows.
  */
 import { Client, type Notification } from 'pg';
-import { OUTBOX_SQL, RELAY_LOCK_KEY, type Session } from '../entities/sql';
+import { ADMIN_SQL, OUTBOX_SQL, RELAY_LOCK_KEY, sessionOf, type Session } from '../entities/sql';
+import { describeServer } from '../redis/connection';
 
-/** Opens the session: `onError` when it is lost, `onNotification` for each NOTIFY it listens to. */
+/**
+ * Opens the session: `onError` when it is lost, `onNotification` for each NOTIFY it listens to. A server that takes
+ * no writes (in recovery, or read-only: a standby, or a demoted primary, behind the URL after a failover) is no place
+ * to lead from, although its advisory locks work: the session is closed again and the error is PostgreSQL's own for
+ * a refused write (25006, transient), for the relay to try again later.
+ */
 export async function connectRelaySession(
   databaseUrl: string,
   onError: (err: Error) => void,
@@ -25,7 +31,25 @@ export async function connectRelaySession(
   client.on('error', onError);
   client.on('notification', onNotification);
   await client.connect();
+  try {
+    if (await isReadOnly(sessionOf(client))) throw readOnlyServer(databaseUrl);
+  } catch (err) {
+    await client.end().catch(() => undefined);
+    throw err;
+  }
   return client;
+}
+
+/** The refusal of a server that takes no writes, under PostgreSQL's code for a refused write (25006): transient, as that is. */
+function readOnlyServer(databaseUrl: string): Error {
+  const message = `${describeServer('PostgreSQL', databaseUrl)} takes no writes (in recovery, or read-only): the outbox relay leads only from a primary`;
+  return Object.assign(new Error(message), { code: '25006' });
+}
+
+/** Whether the session's server takes no writes: in recovery, or read-only. */
+export async function isReadOnly(session: Session): Promise<boolean> {
+  const result = await session.run(ADMIN_SQL.readOnly);
+  return result.rows[0]?.read_only !== false;
 }
 
 /**

@@ -70,3 +70,22 @@ export async function openTestDatabase(poolSize = 20): Promise<TestDatabase> {
 export async function forgetOutbox(db: TestDatabase): Promise<void> {
   await db.dataSource.query(`UPDATE outbox SET published_at = COALESCE(published_at, now()), stream_id = NULL`);
 }
+
+/**
+ * Makes the test database refuse writes in every session opened from now on (`default_transaction_read_only`), as a
+ * server in recovery or a demoted primary does after a failover (SQLSTATE 25006), or lets it take them again.
+ * Sessions already open keep what they had. Its own session is made writable first: once the database is
+ * read-only, undoing it is itself a write.
+ */
+export async function setReadOnly(db: Pick<TestDatabase, 'url' | 'name'>, on: boolean): Promise<void> {
+  const c = new Client({ connectionString: db.url });
+  await c.connect();
+  try {
+    await c.query(`SET default_transaction_read_only = off`);
+    await c.query(
+      on ? `ALTER DATABASE ${db.name} SET default_transaction_read_only = on` : `ALTER DATABASE ${db.name} RESET default_transaction_read_only`,
+    );
+  } finally {
+    await c.end();
+  }
+}

@@ -3,13 +3,15 @@ import { randomUUID } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import type IORedis from 'ioredis';
+import { Client } from 'pg';
 import { Database } from '../../src/entities/sql';
 import { ResyncRequiredError } from '../../src/errors';
 import { TransitionService } from '../../src/services/transitions';
 import { memoryVersionStore, parseEntry, TransitionConsumer, type TransitionEntry, type VersionStore } from '../../src/streams/consumer';
 import { OutboxRelay, relayLagSeconds } from '../../src/streams/outbox-relay';
 import { createRedis } from '../../src/redis/connection';
-import { forgetOutbox, openTestDatabase, type TestDatabase } from '../helpers/db';
+import { createLogger } from '../../src/log';
+import { forgetOutbox, openTestDatabase, setReadOnly, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { OwnRedis } from '../helpers/redis-server';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
@@ -160,6 +162,102 @@ describe('transition fan-out: outbox relay, stream, consumer groups', function (
     await waitFor('ten published by the standby', () => (standby.publishedCount >= 10 ? true : undefined));
     expect(standby.publishedCount).to.equal(10);
     expect(await redis.xlen(streamKey)).to.equal(10);
+  });
+
+  describe('a server that takes no writes (after a failover: a standby, a demoted primary)', () => {
+    /** the advisory locks held by relay sessions on the test database */
+    const relayLocks = async (c: Client): Promise<number> => {
+      const { rows } = await c.query<{ n: string }>(
+        `SELECT count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1 AND a.application_name = 'lifecycle-fleet-relay'`,
+        [db.name],
+      );
+      return Number(rows[0]?.n);
+    };
+
+    it('is no place to lead from: the relay takes no lock there, and leads and publishes once the server takes writes', async () => {
+      // the test's own session, opened before: the file's pool is not used while the database is read-only (a
+      // session it opened meanwhile would stay read-only)
+      const watcher = new Client({ connectionString: db.url });
+      await watcher.connect();
+      let logged = '';
+      try {
+        await setReadOnly(db, true);
+        const r = relay({ logger: createLogger('debug', { write: (line: string) => void (logged += line) }) });
+        // refused, and refused again on its next try (its backoff)
+        await waitFor('the relay refused twice', () => (logged.includes('relay cycle failed again') ? true : undefined));
+        expect(logged).not.to.contain('became the active outbox relay');
+        expect(r.isLeader).to.equal(false);
+        expect(await relayLocks(watcher)).to.equal(0);
+        expect(logged).to.contain('"code":"25006"').and.contain('relay cycle failed; retrying');
+
+        await setReadOnly(db, false);
+        await waitFor('the relay to lead', () => (r.isLeader ? true : undefined));
+        expect(await relayLocks(watcher)).to.equal(1);
+        const deploymentId = randomUUID();
+        await tenTransitions(service, deploymentId);
+        await waitFor('ten published', () => (r.publishedCount >= 10 ? true : undefined));
+        expect(versionsByDeployment(await readStream(redis, streamKey)).get(deploymentId)).to.deep.equal([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+      } finally {
+        await setReadOnly(db, false);
+        await watcher.end();
+      }
+    });
+
+    it('makes the leader step down when the server it leads from turns read-only, and lead again once it takes writes', async () => {
+      // the whole server turns read-only, its open sessions too (a configuration reload, as a managed service does
+      // when its disk fills): set as its superuser, undone whatever happens
+      const admin = new Client({ connectionString: testEnv().adminDatabaseUrl });
+      await admin.connect();
+      await admin.query(`SET default_transaction_read_only = off`);
+      const serverReadOnly = async (on: boolean) => {
+        await admin.query(on ? `ALTER SYSTEM SET default_transaction_read_only = on` : `ALTER SYSTEM RESET default_transaction_read_only`);
+        await admin.query(`SELECT pg_reload_conf()`);
+        // a new session has the new setting once the server has reloaded it, and signalled every open session to
+        await waitFor(`a new session to be read-${on ? 'only' : 'write'}`, async () => {
+          const c = new Client({ connectionString: db.url });
+          await c.connect();
+          try {
+            const { rows } = await c.query<{ ro: string }>(`SELECT current_setting('transaction_read_only') AS ro`);
+            return rows[0]?.ro === (on ? 'on' : 'off') ? true : undefined;
+          } finally {
+            await c.end();
+          }
+        });
+      };
+      let logged = '';
+      try {
+        // it cycles only when woken: the test's row waits for its mark, which the next cycle writes
+        const quiet = new TransitionService({ dataSource: db.dataSource, relay: { isLeader: true, notifyCommitted: () => undefined } });
+        const r = relay({
+          markDelayMs: 600_000,
+          pollIntervalMs: 600_000,
+          logger: createLogger('info', { write: (line: string) => void (logged += line) }),
+        });
+        await waitFor('a leader', () => (r.caughtUp ? true : undefined));
+        const deploymentId = randomUUID();
+        await quiet.apply('deployment.create', { deploymentId, name: 'web' }, { fallbackEventId: randomUUID() });
+        r.notifyCommitted();
+        await waitFor('its entry', async () => ((await redis.xlen(streamKey)) >= 1 ? true : undefined));
+        expect(await unmarkedCount(deploymentId)).to.equal(1);
+
+        await serverReadOnly(true);
+        r.notifyCommitted(); // the mark is refused
+        await waitFor('the leader to step down', () => (!r.isLeader ? true : undefined));
+        expect(logged).to.contain('stepped down as the active outbox relay');
+        expect(await relayLocks(admin)).to.equal(0);
+
+        await serverReadOnly(false);
+        await waitFor('the relay to lead again', () => (r.isLeader ? true : undefined));
+        r.notifyCommitted(); // the read that carries the mark
+        await waitFor('the row marked', async () => ((await unmarkedCount(deploymentId)) === 0 ? true : undefined));
+        // published again by the new leadership (duplicates are allowed, gaps are not)
+        expect(new Set(versionsByDeployment(await readStream(redis, streamKey)).get(deploymentId))).to.deep.equal(new Set([1]));
+      } finally {
+        await serverReadOnly(false);
+        await admin.end();
+      }
+    });
   });
 
   it('loses nothing when the relay is SIGKILLed between XADD and the mark; the consumer drops the repeats', async () => {

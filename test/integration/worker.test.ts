@@ -13,7 +13,7 @@ import { LIFECYCLE_WORKER_DEFAULTS, LifecycleWorker, retriesWithin, type Lifecyc
 import { createLogger } from '../../src/log';
 import { lifecycleQueueWatch } from '../../src/app';
 import { readBacklog } from '../../src/queues/backlog';
-import { openTestDatabase, type TestDatabase } from '../helpers/db';
+import { openTestDatabase, setReadOnly, type TestDatabase } from '../helpers/db';
 import { testEnv } from '../helpers/env';
 import { TcpProxy } from '../helpers/proxy';
 import { dropPrefix, testRedis, uniquePrefix } from '../helpers/redis';
@@ -672,6 +672,43 @@ describe('lifecycle worker through real BullMQ queues', function () {
       await Promise.all(workers.splice(0).map((w) => w.close(5000)));
       await ds.destroy();
       await proxy.close();
+    }
+  });
+
+  it('retries a write refused by a read-only server (25006: a standby, or a demoted primary, behind the URL), even on a job of one attempt, and applies it once writes are taken again', async () => {
+    const deploymentId = randomUUID();
+    const eventId = `read-only-${deploymentId}`;
+    await setReadOnly(db, true);
+    // the worker's sessions open now, each read-only, as on a server in recovery after a failover (the file's own
+    // pool is not used until writes are taken again: a session it opened meanwhile would stay read-only)
+    const ds = createDataSource({ url: db.url, poolSize: 4, applicationName: 'lifecycle-fleet-read-only' });
+    try {
+      await ds.initialize();
+      startWorker({ service: new TransitionService({ dataSource: ds }), concurrency: 4 });
+      // a raw producer's job: a single attempt, so an error taken for a bug fails it for good, and the event is lost
+      await queue.add('deployment.create', { deploymentId, name: 'web', eventId }, { jobId: 'read-only', attempts: 1 });
+      const refused = await waitFor('the job refused twice and delayed, or failed', async () => {
+        const job = await queue.getJob('read-only');
+        const state = await job?.getState();
+        return state === 'failed' || (state === 'delayed' && (job?.attemptsStarted ?? 0) >= 2) ? { state, reason: job?.failedReason } : undefined;
+      });
+      expect(refused.state, `failed: ${refused.reason}`).to.equal('delayed');
+
+      // writes are taken again: the sessions on the read-only server go, as a failover drops them
+      await setReadOnly(db, false);
+      await db.dataSource.query(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2`, [
+        db.name,
+        'lifecycle-fleet-read-only',
+      ]);
+      const [job] = await settled(['read-only']);
+      expect(await job?.getState(), job?.failedReason).to.equal('completed');
+      expect(job?.returnvalue).to.deep.include({ outcome: 'applied', version: 1 });
+      expect(await transitionsOf(deploymentId)).to.deep.equal([{ version: 1, to_state: 'pending' }]);
+      expect(await q(`SELECT event_id FROM processed_events WHERE event_id = $1`, [eventId])).to.have.length(1);
+    } finally {
+      await setReadOnly(db, false);
+      await Promise.all(workers.splice(0).map((w) => w.close(5000)));
+      if (ds.isInitialized) await ds.destroy();
     }
   });
 });

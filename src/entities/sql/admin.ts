@@ -9,6 +9,8 @@ export const ADMIN_SQL = Object.freeze({
   tryLockMigrations: sql<{ locked: boolean }>(`SELECT pg_try_advisory_lock(hashtext($1)) AS locked`),
   unlockMigrations: sql<never>(`SELECT pg_advisory_unlock(hashtext($1))`),
   ping: sql<{ one: number }>(`SELECT 1 AS one`),
+  /** whether the server takes no writes: in recovery (a standby), or read-only (`default_transaction_read_only`) */
+  readOnly: sql<{ read_only: boolean }>(`SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' AS read_only`),
   /** whether TypeORM's migrations table exists (not before the first migration) */
   migrationsTableExists: sql<{ present: boolean }>(`SELECT to_regclass('migrations') IS NOT NULL AS present`),
   /** the migrations recorded as applied, oldest first (only once the table exists) */

@@ -178,6 +178,7 @@ export class HostFaults {
    */
   async partition(leader: boolean, pick: (hosts: string[]) => string, busy: () => void): Promise<string> {
     await this.partitioning; // one partition at a time
+    await this.pgFailingOver; // and not while PostgreSQL fails over (below)
     const workers = this.fleet.workers;
     const hosts = [...this.lab.workerHosts];
     let host: string | null = null;
@@ -338,6 +339,10 @@ export class HostFaults {
     if (pg === null) return 'PostgreSQL does not fail over in this run (no --pg-failover)';
     const waitedFrom = Date.now();
     await this.pgFailingOver;
+    // every worker host connected when the primary dies: a host cut off meanwhile keeps statements it sent into the
+    // cut waiting on TCP's retransmissions (the pool has no client-side timeout: docs/postgres-failover.md, "Known
+    // limits"), its slots held past the liveness check (seen once, seed 226725)
+    await this.partitioning;
     const waited = Date.now() - waitedFrom > 100 ? ` (after the last one healed, ${((Date.now() - waitedFrom) / 1000).toFixed(1)} s)` : '';
     const atS = Number(this.elapsedS().toFixed(1));
     const from = pg.primaryName;

@@ -25,6 +25,9 @@ import { createLogger } from '../../src/log';
 import { waitFor } from '../helpers/wait';
 import { repoRoot } from '../../src/util';
 import { testHttpServer } from '../helpers/http';
+import { Database } from '../../src/entities/sql/runner';
+import { plain } from '../../src/entities/sql/statement';
+import { isTransient } from '../../src/errors';
 
 describe('outages: the HTTP intake when Redis does not answer', function () {
   this.timeout(60_000);
@@ -408,6 +411,39 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
       await proxied.destroy();
       await proxy.close();
       await dropPrefix(prefix);
+      await db.close();
+    }
+  });
+});
+
+describe('outages: a PostgreSQL that goes silent', function () {
+  this.timeout(60_000);
+
+  it('fails a statement it never answers as an outage once statement_timeout and the margin are past, and drops its connection', async () => {
+    const db = await openTestDatabase(2);
+    const target = new URL(db.url);
+    const proxy = new TcpProxy(target.hostname, Number(target.port));
+    // the server's own limit short, so the client's deadline (it plus ANSWER_MARGIN_MS) comes soon
+    const proxied = createDataSource({ url: TcpProxy.rewrite(db.url, await proxy.listen()), poolSize: 1, statementTimeoutMs: 200 });
+    await proxied.initialize();
+    const database = new Database(proxied);
+    try {
+      expect((await database.run(plain('SELECT 1 AS one'))).rows).to.deep.equal([{ one: 1 }]);
+      const acceptedBefore = proxy.accepted;
+      // a host that died or was cut off without closing the connection: nothing comes back, nothing is closed
+      proxy.stall();
+      const err = await database.run(plain('SELECT 2 AS two')).then(
+        () => expect.fail('a statement on a silent server was answered'),
+        (e: unknown) => e,
+      );
+      expect(isTransient(err), `an outage, retried like one: ${String(err)}`).to.equal(true);
+      proxy.restore();
+      // the pool dropped the dead connection: the next statement goes out on a new one, and is answered
+      expect((await database.run(plain('SELECT 3 AS three'))).rows).to.deep.equal([{ three: 3 }]);
+      expect(proxy.accepted, 'a new connection').to.equal(acceptedBefore + 1);
+    } finally {
+      await proxied.destroy();
+      await proxy.close();
       await db.close();
     }
   });

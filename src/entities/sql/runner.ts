@@ -27,25 +27,58 @@ export interface Session {
 }
 
 /**
+ * How much longer than the server's `statement_timeout` a pooled statement's answer is awaited. Past that the server
+ * is not there to enforce its limit (its host died or was cut off without closing the connection, a failover moved
+ * the address away from it): the connection is destroyed, so the statement fails as an outage (`Connection
+ * terminated`, retried like one) and the pool drops the connection, instead of holding its job (and its worker
+ * slot) until TCP gives up, which can take minutes after a partition heals.
+ */
+export const ANSWER_MARGIN_MS = 5000;
+
+/**
  * A session on a pg client (the relay's dedicated connection, or a pooled one). `logQuery`, when given, sees every
  * statement before it runs: the pool's sessions pass TypeORM's logger, so its `logging` option covers them too.
+ * `deadlineMs` > 0: a statement not answered within it destroys the connection (`ANSWER_MARGIN_MS`).
  */
-export function sessionOf(client: ClientBase, logQuery?: (text: string, params: unknown[]) => void): Session {
+export function sessionOf(client: ClientBase, logQuery?: (text: string, params: unknown[]) => void, deadlineMs = 0): Session {
   return {
     async run<Row>(statement: Statement<Row>, params: readonly unknown[] = []): Promise<Result<Row>> {
       logQuery?.(statement.text, [...params]);
       // unnamed: the simple protocol without parameters (pg's rule), else the unnamed statement, planned per call
-      const result =
+      const query =
         statement.name === ''
-          ? await client.query({ text: statement.text, values: [...params] })
-          : await client.query({ name: statement.name, text: statement.text, values: [...params] });
+          ? client.query({ text: statement.text, values: [...params] })
+          : client.query({ name: statement.name, text: statement.text, values: [...params] });
+      const result = deadlineMs > 0 ? await answeredWithin(client, query, deadlineMs) : await query;
       return { rows: result.rows as Row[], affected: result.rowCount ?? 0 };
     },
   };
 }
 
+/** `query`'s answer; when none comes within `ms`, the client's connection is destroyed (and `query` fails with it). */
+async function answeredWithin<T>(client: ClientBase, query: Promise<T>, ms: number): Promise<T> {
+  const timer = setTimeout(() => {
+    (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
+  }, ms);
+  try {
+    return await query;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The pool's statement deadline: its `statement_timeout` plus `ANSWER_MARGIN_MS` (0: none, with no timeout). */
+function deadlineOf(dataSource: DataSource): number {
+  const timeout = Number((dataSource.options as { extra?: { statement_timeout?: unknown } }).extra?.statement_timeout ?? 0);
+  return Number.isFinite(timeout) && timeout > 0 ? timeout + ANSWER_MARGIN_MS : 0;
+}
+
 export class Database implements Session {
-  constructor(readonly dataSource: DataSource) {}
+  private readonly deadlineMs: number;
+
+  constructor(readonly dataSource: DataSource) {
+    this.deadlineMs = deadlineOf(dataSource);
+  }
 
   /** Runs one statement on a pooled connection (autocommit: the statement is its own transaction). */
   async run<Row>(statement: Statement<Row>, params: readonly unknown[] = []): Promise<Result<Row>> {
@@ -59,9 +92,13 @@ export class Database implements Session {
       const client = (await q.connect()) as PoolClient;
       const logger = this.dataSource.logger;
       return await fn(
-        sessionOf(client, (text, params) => {
-          logger.logQuery(text, params, q);
-        }),
+        sessionOf(
+          client,
+          (text, params) => {
+            logger.logQuery(text, params, q);
+          },
+          this.deadlineMs,
+        ),
       );
     } finally {
       await q.release();

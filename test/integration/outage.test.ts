@@ -8,6 +8,8 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
+import { startFleet } from '../../src/app';
+import { loadConfig } from '../../src/config';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { createRedis, describeServer, ServerWatch } from '../../src/redis/connection';
@@ -411,4 +413,72 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
       await db.close();
     }
   });
+});
+
+describe('outages: /metrics when PostgreSQL goes away', function () {
+  this.timeout(60_000);
+
+  /** One scrape: the status, and the value of each unlabelled sample line (`name value`). */
+  const scrape = async (url: string) => {
+    // a generous bound: a scrape that hangs on a dead primary fails here rather than at mocha's timeout
+    const res = await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(15_000) });
+    const text = await res.text();
+    const value = (name: string) => new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1];
+    return { status: res.status, text, up: value('fleet_postgres_up'), lag: value('fleet_outbox_lag_seconds') };
+  };
+
+  for (const fault of ['cut', 'stall'] as const) {
+    const how = fault === 'cut' ? 'connections reset and refused (a killed primary)' : 'connections silent (a hung primary)';
+    it(`answers 200 with fleet_postgres_up 0 and no lag series while PostgreSQL is away (${how}), 1 and the lag once it is back; says so once`, async () => {
+      const db = await openTestDatabase(2);
+      const target = new URL(db.url);
+      const proxy = new TcpProxy(target.hostname, Number(target.port));
+      const databaseUrl = TcpProxy.rewrite(db.url, await proxy.listen());
+      const prefix = uniquePrefix();
+      let log = '';
+      const logger = createLogger('info', { write: (line: string) => void (log += line) });
+      const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0' });
+      const fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl }, logger, { http: true, worker: false, sweep: false });
+      const url = fleet.httpUrl ?? '';
+      try {
+        const before = await scrape(url);
+        expect(before.status, before.text).to.equal(200);
+        expect(before.up).to.equal('1');
+        expect(before.lag).to.equal('0');
+
+        if (fault === 'cut') proxy.cut();
+        else proxy.stall();
+        const away = await waitFor('a scrape that says PostgreSQL is away', async () => {
+          const s = await scrape(url);
+          expect(s.status, s.text).to.equal(200);
+          return s.up === '0' ? s : undefined;
+        });
+        expect(away.lag, 'the lag series, which PostgreSQL could not tell').to.equal(undefined);
+        expect(away.text).to.match(/^fleet_queue_jobs\{/m); // the rest of the scrape is served
+        const again = await scrape(url);
+        expect([again.status, again.up, again.lag]).to.deep.equal([200, '0', undefined]);
+
+        proxy.restore();
+        const back = await waitFor('a scrape that says PostgreSQL is back', async () => {
+          const s = await scrape(url);
+          return s.status === 200 && s.up === '1' ? s : undefined;
+        });
+        expect(back.lag).to.match(/^\d/);
+        const lines = log
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l) as { level: number; msg: string; err?: unknown });
+        const at = `PostgreSQL at 127.0.0.1:${new URL(databaseUrl).port}`;
+        // one line when it was lost and one when it was back, however many scrapes failed in between
+        expect(lines.filter((l) => l.msg.includes(at)).map((l) => l.msg)).to.deep.equal([`lost ${at}, retrying`, `${at} is back`]);
+        expect(lines.filter((l) => l.level >= 40 && l.err !== undefined).map((l) => l.msg)).to.deep.equal([]); // no stacks
+      } finally {
+        proxy.restore();
+        await fleet.close(5000);
+        await proxy.close();
+        await dropPrefix(prefix);
+        await db.close();
+      }
+    });
+  }
 });

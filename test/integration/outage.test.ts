@@ -428,7 +428,11 @@ describe('outages: /metrics when PostgreSQL goes away', function () {
   };
 
   for (const fault of ['cut', 'stall'] as const) {
-    const how = fault === 'cut' ? 'connections reset and refused (a killed primary)' : 'connections silent (a hung primary)';
+    // `fleet http` (nothing but the scrape tells the watch that PostgreSQL is back), and a process with the relay
+    const how =
+      fault === 'cut'
+        ? 'connections reset and refused (a killed primary), an HTTP-only process'
+        : 'connections silent (a hung primary), a process with the relay';
     it(`answers 200 with fleet_postgres_up 0 and no lag series while PostgreSQL is away (${how}), 1 and the lag once it is back; says so once`, async () => {
       const db = await openTestDatabase(2);
       const target = new URL(db.url);
@@ -438,7 +442,12 @@ describe('outages: /metrics when PostgreSQL goes away', function () {
       let log = '';
       const logger = createLogger('info', { write: (line: string) => void (log += line) });
       const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0' });
-      const fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl }, logger, { http: true, worker: false, sweep: false });
+      const fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl }, logger, {
+        http: true,
+        worker: false,
+        sweep: false,
+        relay: fault === 'stall',
+      });
       const url = fleet.httpUrl ?? '';
       try {
         const before = await scrape(url);

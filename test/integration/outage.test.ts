@@ -415,17 +415,17 @@ describe('outages: the sweep when PostgreSQL goes away', function () {
   });
 });
 
+/** One scrape: the status, the text, and the value of the unlabelled PostgreSQL series. */
+async function scrape(url: string) {
+  // a generous bound: a scrape that hangs on a dead server fails here rather than at mocha's timeout
+  const res = await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(15_000) });
+  const text = await res.text();
+  const value = (name: string) => new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1];
+  return { status: res.status, text, up: value('fleet_postgres_up'), lag: value('fleet_outbox_lag_seconds') };
+}
+
 describe('outages: /metrics when PostgreSQL goes away', function () {
   this.timeout(60_000);
-
-  /** One scrape: the status, and the value of each unlabelled sample line (`name value`). */
-  const scrape = async (url: string) => {
-    // a generous bound: a scrape that hangs on a dead primary fails here rather than at mocha's timeout
-    const res = await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(15_000) });
-    const text = await res.text();
-    const value = (name: string) => new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1];
-    return { status: res.status, text, up: value('fleet_postgres_up'), lag: value('fleet_outbox_lag_seconds') };
-  };
 
   for (const fault of ['cut', 'stall'] as const) {
     // `fleet http` (nothing but the scrape tells the watch that PostgreSQL is back), and a process with the relay
@@ -490,4 +490,53 @@ describe('outages: /metrics when PostgreSQL goes away', function () {
       }
     });
   }
+});
+
+describe('outages: /metrics when Redis does not answer', function () {
+  this.timeout(60_000);
+
+  it('answers 200 without the queue and stream series (read from Redis) and with the rest, and says Redis was lost once and back once', async () => {
+    const db = await openTestDatabase(2);
+    const own = await OwnRedis.start();
+    const prefix = uniquePrefix();
+    let log = '';
+    const logger = createLogger('info', { write: (line: string) => void (log += line) });
+    const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0' });
+    const fleet = await startFleet(config, { redisUrl: own.url, databaseUrl: db.url }, logger, {
+      http: true,
+      worker: false,
+      sweep: false,
+      relay: false,
+    });
+    const url = fleet.httpUrl ?? '';
+    const redisSeries = /^fleet_(queue_jobs|stream_partition_length)\{/m;
+    try {
+      const before = await scrape(url);
+      expect(before.status, before.text).to.equal(200);
+      expect(before.text).to.match(redisSeries);
+
+      own.pause();
+      const away = await scrape(url);
+      expect(away.status, away.text).to.equal(200);
+      expect(away.text).not.to.match(redisSeries);
+      expect([away.up, away.lag]).to.deep.equal(['1', '0']); // PostgreSQL's series are there
+
+      own.resume();
+      await waitFor('a scrape with the Redis series again', async () => {
+        const s = await scrape(url);
+        return s.status === 200 && redisSeries.test(s.text) ? true : undefined;
+      });
+      const said = log
+        .trim()
+        .split('\n')
+        .map((l) => (JSON.parse(l) as { msg: string }).msg)
+        .filter((m) => m.includes(`Redis at 127.0.0.1:${own.port}`));
+      expect(said).to.deep.equal([`lost Redis at 127.0.0.1:${own.port}, retrying`, `Redis at 127.0.0.1:${own.port} is back`]);
+    } finally {
+      own.resume();
+      await fleet.close(5000);
+      await own.stop();
+      await db.close();
+    }
+  });
 });

@@ -20,7 +20,7 @@ import { assertSchemaSupported, migrationsApplied } from './entities/schema/migr
 import { buildHttpServer } from './http/server';
 import { TokenStore } from './http/tokens';
 import type { Logger } from './log';
-import { FleetMetrics } from './metrics';
+import { FleetMetrics, watchedReads } from './metrics';
 import { LIFECYCLE_QUEUE, MAINTENANCE_QUEUE } from './queues/names';
 import { readBacklog } from './queues/backlog';
 import { FleetClock } from './redis/fleet-clock';
@@ -258,6 +258,8 @@ async function startBase(config: FleetConfig, endpoints: Endpoints, logger: Logg
     },
     relayLagSeconds: () => relayLagSeconds(new Database(dataSource)),
     streamPartitions: () => readPartitionStats(monitorRedis, transitionStreamKey(config.prefix)),
+    postgresUp: () => !pgWatch.isDown,
+    reads: watchedReads({ relay_lag: pgWatch, queue_counts: redisWatch, stream_partitions: redisWatch }, logger),
   });
   return { tracing, telemetry, dataSource, producer, now, stampBuffer, monitorRedis, maintenance, pgWatch, redisWatch, metrics };
 }

@@ -3,6 +3,8 @@
  * gauges that need I/O (queue depths, relay lag) are read when /metrics is scraped.
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Logger } from './log';
+import { settleWithin } from './util';
 
 /**
  * The values of the labels that dashboards and alerts select on (docs/grafana, docs/prometheus): a test holds
@@ -55,6 +57,15 @@ export interface PartitionStats {
   }>;
 }
 
+/** The reads a scrape makes, each for the gauges it feeds (FleetMetricsSources). */
+export type ScrapeRead = 'queue_counts' | 'relay_lag' | 'stream_partitions';
+
+/**
+ * How long a scrape waits for one of its reads: a dead primary or a silent Redis costs a scrape this much, never
+ * Prometheus's scrape timeout (10 s by default), and /readyz calls a server failing after as long.
+ */
+export const SCRAPE_READ_TIMEOUT_MS = 2000;
+
 export interface FleetMetricsSources {
   /** job counts per state for each queue, read at scrape time */
   readonly queueCounts?: () => Promise<Record<string, Record<string, number>>>;
@@ -65,6 +76,48 @@ export interface FleetMetricsSources {
    * it feeds); series: P (at most 1024) for the length, P per group for the lag and the owner
    */
   readonly streamPartitions?: () => Promise<readonly PartitionStats[]>;
+  /**
+   * whether this process reaches PostgreSQL (the last statement any of its components ran worked), asked once this
+   * scrape's own PostgreSQL read (`relayLagSeconds`) has worked, failed or timed out: `fleet_postgres_up`
+   */
+  readonly postgresUp?: () => boolean;
+  /**
+   * How the scrape-time reads went. A read that fails, or has no answer within SCRAPE_READ_TIMEOUT_MS (an error
+   * with code ETIMEDOUT, which `isTransient` counts as a server away), leaves its gauges' series out of that
+   * scrape and the rest is served; `failed` says why (once per waiting scrape). A read that answers after its
+   * scrape gave up on it still reports `worked`. Default: not reported.
+   */
+  readonly reads?: {
+    worked(read: ScrapeRead): void;
+    failed(read: ScrapeRead, err: unknown): void;
+  };
+}
+
+/** A server's outage watch as the scrape reports to it (ServerWatch, src/redis/connection.ts). */
+export interface ReadWatch {
+  /** true when `err` says the server is away (reported there, once per outage) */
+  error(err: unknown): boolean;
+  back(): void;
+}
+
+/**
+ * The scrape's reads reported to the watch of the server each reads: a statement that works says PostgreSQL is
+ * there (`fleet_postgres_up` 1, and "is back" after an outage), one that cannot reach it says it is lost, once per
+ * outage. Any other failure (a bug, a refused statement) is logged once until that read works again.
+ */
+export function watchedReads(watches: Record<ScrapeRead, ReadWatch>, logger: Logger): NonNullable<FleetMetricsSources['reads']> {
+  const failing = new Set<ScrapeRead>();
+  return {
+    worked: (read) => {
+      failing.delete(read);
+      watches[read].back();
+    },
+    failed: (read, err) => {
+      if (watches[read].error(err) || failing.has(read)) return;
+      failing.add(read);
+      logger.warn({ err, read }, 'a metrics read failed; its series are left out of /metrics until it works');
+    },
+  };
 }
 
 export class FleetMetrics {
@@ -151,53 +204,106 @@ export class FleetMetrics {
     this.scrapedGauges(sources, registers);
   }
 
-  /** The gauges read when /metrics is scraped, from the sources given (none: no such gauge). */
+  /**
+   * The gauges read when /metrics is scraped, from the sources given (none: no such gauge). A read that fails or
+   * is late leaves its series out of the scrape rather than failing it (prom-client collects every metric at once,
+   * and one rejected collect fails the whole scrape) or repeating an old value as current: an absent series is
+   * what Prometheus's staleness handling and `absent()` understand as "not known now".
+   */
   private scrapedGauges(sources: FleetMetricsSources, registers: Registry[]): void {
-    const queueCounts = sources.queueCounts;
+    const queueCounts = sources.queueCounts === undefined ? undefined : this.scrapeRead('queue_counts', sources.queueCounts, sources.reads);
     if (queueCounts !== undefined) {
       new Gauge({
         name: 'fleet_queue_jobs',
-        help: 'Jobs per queue and state',
+        help: 'Jobs per queue and state (no series: Redis did not answer this scrape)',
         labelNames: ['queue', 'state'],
         registers,
         async collect() {
+          const read = await queueCounts();
           this.reset();
-          for (const [queue, counts] of Object.entries(await queueCounts())) {
+          for (const [queue, counts] of Object.entries(read ?? {})) {
             for (const [state, n] of Object.entries(counts)) this.set({ queue, state }, n);
           }
         },
       });
     }
-    const lag = sources.relayLagSeconds;
+    const lag = sources.relayLagSeconds === undefined ? undefined : this.scrapeRead('relay_lag', sources.relayLagSeconds, sources.reads);
     if (lag !== undefined) {
       new Gauge({
         name: 'fleet_outbox_lag_seconds',
-        help: 'Age of the oldest transition not yet published on the stream (0 when none)',
+        help: 'Age of the oldest transition not yet published on the stream (0 when none; no series: PostgreSQL did not answer this scrape)',
         registers,
         async collect() {
-          this.set(await lag());
+          const seconds = await lag();
+          // an unlabelled gauge's reset() sets 0, which would say "nothing waits": remove the series instead
+          if (seconds === undefined) this.remove();
+          else this.set(seconds);
         },
       });
     }
-    if (sources.streamPartitions !== undefined) this.partitionGauges(sources.streamPartitions, registers);
+    const postgresUp = sources.postgresUp;
+    if (postgresUp !== undefined) {
+      new Gauge({
+        name: 'fleet_postgres_up',
+        help: "1 while this process reaches PostgreSQL (its last statement worked, this scrape's own read included), 0 while it cannot",
+        registers,
+        async collect() {
+          await lag?.();
+          this.set(postgresUp() ? 1 : 0);
+        },
+      });
+    }
+    if (sources.streamPartitions !== undefined)
+      this.partitionGauges(this.scrapeRead('stream_partitions', sources.streamPartitions, sources.reads), registers);
   }
 
-  /** One read of the partitions per scrape, whichever of its gauges asks first (they are collected at once). */
-  private partitionGauges(read: () => Promise<readonly PartitionStats[]>, registers: Registry[]): void {
-    let inFlight: Promise<readonly PartitionStats[]> | null = null;
-    const shared = (): Promise<readonly PartitionStats[]> => {
-      inFlight ??= read().finally(() => {
-        inFlight = null;
-      });
-      return inFlight;
+  /**
+   * A read for the scrape's gauges: one at a time (the gauges it feeds, and a scrape that finds the previous
+   * scrape's read still waiting on a dead server, share it rather than stack another on the pool), each caller
+   * waiting at most SCRAPE_READ_TIMEOUT_MS. Resolves to undefined when the read failed or is late.
+   */
+  private scrapeRead<T>(name: ScrapeRead, read: () => Promise<T>, reads: FleetMetricsSources['reads']): () => Promise<T | undefined> {
+    let inFlight: Promise<T> | null = null;
+    return async () => {
+      if (inFlight === null) {
+        const started: Promise<T> = read()
+          .then(
+            (value) => {
+              reads?.worked(name);
+              return value;
+            },
+            (err: unknown) => {
+              reads?.failed(name, err);
+              throw err;
+            },
+          )
+          .finally(() => {
+            if (inFlight === started) inFlight = null;
+          });
+        inFlight = started;
+      }
+      const current = inFlight;
+      try {
+        if ((await settleWithin(current, SCRAPE_READ_TIMEOUT_MS)) === 'timeout') {
+          reads?.failed(name, Object.assign(new Error(`no answer within ${SCRAPE_READ_TIMEOUT_MS} ms (${name})`), { code: 'ETIMEDOUT' }));
+          return undefined;
+        }
+        return await current;
+      } catch {
+        return undefined; // reported as it failed
+      }
     };
+  }
+
+  /** The partition gauges, from one read per scrape (they are collected at once). */
+  private partitionGauges(shared: () => Promise<readonly PartitionStats[] | undefined>, registers: Registry[]): void {
     new Gauge({
       name: 'fleet_stream_partition_length',
       help: "Entries retained by each partition of the transition stream (partition 0 of 1: the stream's base key)",
       labelNames: ['partition'],
       registers,
       async collect() {
-        const stats = await shared();
+        const stats = (await shared()) ?? [];
         this.reset();
         for (const p of stats) this.set({ partition: String(p.partition) }, p.length);
       },
@@ -208,7 +314,7 @@ export class FleetMetrics {
       labelNames: ['group', 'partition'],
       registers,
       async collect() {
-        const stats = await shared();
+        const stats = (await shared()) ?? [];
         this.reset();
         for (const p of stats) for (const g of p.groups) if (g.lag !== null) this.set({ group: g.group, partition: String(p.partition) }, g.lag);
       },
@@ -219,7 +325,7 @@ export class FleetMetrics {
       labelNames: ['group', 'partition', 'consumer'],
       registers,
       async collect() {
-        const stats = await shared();
+        const stats = (await shared()) ?? [];
         this.reset();
         for (const p of stats) {
           for (const g of p.groups) if (g.owner !== null) this.set({ group: g.group, partition: String(p.partition), consumer: g.owner }, 1);

@@ -313,6 +313,7 @@ describe('monitoring: the Grafana dashboard and the Prometheus alert rules', fun
         'fleet_job_duration_seconds_bucket',
         'fleet_transitions_total',
         'fleet_outbox_lag_seconds',
+        'fleet_postgres_up',
         'fleet_outbox_published_total',
         'fleet_queue_jobs',
         'fleet_sweep_duration_seconds_bucket',

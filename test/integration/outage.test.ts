@@ -8,6 +8,8 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
+import { startFleet } from '../../src/app';
+import { loadConfig } from '../../src/config';
 import { MAINTENANCE_QUEUE } from '../../src/queues/names';
 import { LifecycleProducer } from '../../src/queues/producer';
 import { createRedis, describeServer, ServerWatch } from '../../src/redis/connection';
@@ -444,6 +446,132 @@ describe('outages: a PostgreSQL that goes silent', function () {
     } finally {
       await proxied.destroy();
       await proxy.close();
+      await db.close();
+    }
+  });
+});
+
+/** One scrape: the status, the text, and the value of the unlabelled PostgreSQL series. */
+async function scrape(url: string) {
+  // a generous bound: a scrape that hangs on a dead server fails here rather than at mocha's timeout
+  const res = await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(15_000) });
+  const text = await res.text();
+  const value = (name: string) => new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1];
+  return { status: res.status, text, up: value('fleet_postgres_up'), lag: value('fleet_outbox_lag_seconds') };
+}
+
+describe('outages: /metrics when PostgreSQL goes away', function () {
+  this.timeout(60_000);
+
+  for (const fault of ['cut', 'stall'] as const) {
+    // `fleet http` (nothing but the scrape tells the watch that PostgreSQL is back), and a process with the relay
+    const how =
+      fault === 'cut'
+        ? 'connections reset and refused (a killed primary), an HTTP-only process'
+        : 'connections silent (a hung primary), a process with the relay';
+    it(`answers 200 with fleet_postgres_up 0 and no lag series while PostgreSQL is away (${how}), 1 and the lag once it is back; says so once`, async () => {
+      const db = await openTestDatabase(2);
+      const target = new URL(db.url);
+      const proxy = new TcpProxy(target.hostname, Number(target.port));
+      const databaseUrl = TcpProxy.rewrite(db.url, await proxy.listen());
+      const prefix = uniquePrefix();
+      let log = '';
+      const logger = createLogger('info', { write: (line: string) => void (log += line) });
+      const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0' });
+      const fleet = await startFleet(config, { redisUrl: testEnv().redisUrl, databaseUrl }, logger, {
+        http: true,
+        worker: false,
+        sweep: false,
+        relay: fault === 'stall',
+      });
+      const url = fleet.httpUrl ?? '';
+      try {
+        const before = await scrape(url);
+        expect(before.status, before.text).to.equal(200);
+        expect(before.up).to.equal('1');
+        expect(before.lag).to.equal('0');
+
+        if (fault === 'cut') proxy.cut();
+        else proxy.stall();
+        const away = await waitFor('a scrape that says PostgreSQL is away', async () => {
+          const s = await scrape(url);
+          expect(s.status, s.text).to.equal(200);
+          return s.up === '0' ? s : undefined;
+        });
+        expect(away.lag, 'the lag series, which PostgreSQL could not tell').to.equal(undefined);
+        expect(away.text).to.match(/^fleet_queue_jobs\{/m); // the rest of the scrape is served
+        const again = await scrape(url);
+        expect([again.status, again.up, again.lag]).to.deep.equal([200, '0', undefined]);
+
+        proxy.restore();
+        const back = await waitFor('a scrape that says PostgreSQL is back', async () => {
+          const s = await scrape(url);
+          return s.status === 200 && s.up === '1' ? s : undefined;
+        });
+        expect(back.lag).to.match(/^\d/);
+        const lines = log
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l) as { level: number; msg: string; err?: unknown });
+        const at = `PostgreSQL at 127.0.0.1:${new URL(databaseUrl).port}`;
+        // one line when it was lost and one when it was back, however many scrapes failed in between
+        expect(lines.filter((l) => l.msg.includes(at)).map((l) => l.msg)).to.deep.equal([`lost ${at}, retrying`, `${at} is back`]);
+        expect(lines.filter((l) => l.level >= 40 && l.err !== undefined).map((l) => l.msg)).to.deep.equal([]); // no stacks
+      } finally {
+        proxy.restore();
+        await fleet.close(5000);
+        await proxy.close();
+        await dropPrefix(prefix);
+        await db.close();
+      }
+    });
+  }
+});
+
+describe('outages: /metrics when Redis does not answer', function () {
+  this.timeout(60_000);
+
+  it('answers 200 without the queue and stream series (read from Redis) and with the rest, and says Redis was lost once and back once', async () => {
+    const db = await openTestDatabase(2);
+    const own = await OwnRedis.start();
+    const prefix = uniquePrefix();
+    let log = '';
+    const logger = createLogger('info', { write: (line: string) => void (log += line) });
+    const config = loadConfig({ FLEET_PREFIX: prefix, FLEET_HTTP_PORT: '0' });
+    const fleet = await startFleet(config, { redisUrl: own.url, databaseUrl: db.url }, logger, {
+      http: true,
+      worker: false,
+      sweep: false,
+      relay: false,
+    });
+    const url = fleet.httpUrl ?? '';
+    const redisSeries = /^fleet_(queue_jobs|stream_partition_length)\{/m;
+    try {
+      const before = await scrape(url);
+      expect(before.status, before.text).to.equal(200);
+      expect(before.text).to.match(redisSeries);
+
+      own.pause();
+      const away = await scrape(url);
+      expect(away.status, away.text).to.equal(200);
+      expect(away.text).not.to.match(redisSeries);
+      expect([away.up, away.lag]).to.deep.equal(['1', '0']); // PostgreSQL's series are there
+
+      own.resume();
+      await waitFor('a scrape with the Redis series again', async () => {
+        const s = await scrape(url);
+        return s.status === 200 && redisSeries.test(s.text) ? true : undefined;
+      });
+      const said = log
+        .trim()
+        .split('\n')
+        .map((l) => (JSON.parse(l) as { msg: string }).msg)
+        .filter((m) => m.includes(`Redis at 127.0.0.1:${own.port}`));
+      expect(said).to.deep.equal([`lost Redis at 127.0.0.1:${own.port}, retrying`, `Redis at 127.0.0.1:${own.port} is back`]);
+    } finally {
+      own.resume();
+      await fleet.close(5000);
+      await own.stop();
       await db.close();
     }
   });

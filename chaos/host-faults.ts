@@ -339,9 +339,9 @@ export class HostFaults {
     if (pg === null) return 'PostgreSQL does not fail over in this run (no --pg-failover)';
     const waitedFrom = Date.now();
     await this.pgFailingOver;
-    // every worker host connected when the primary dies: a host cut off meanwhile keeps statements it sent into the
-    // cut waiting on TCP's retransmissions (the pool has no client-side timeout: docs/postgres-failover.md, "Known
-    // limits"), its slots held past the liveness check (seen once, seed 226725)
+    // every worker host connected when the primary dies: one host fault at a time (a host cut off meanwhile keeps
+    // statements it sent into the cut waiting on TCP's retransmissions until the pool's deadline, 35 s:
+    // docs/postgres-failover.md, "Known limits")
     await this.partitioning;
     const waited = Date.now() - waitedFrom > 100 ? ` (after the last one healed, ${((Date.now() - waitedFrom) / 1000).toFixed(1)} s)` : '';
     const atS = Number(this.elapsedS().toFixed(1));

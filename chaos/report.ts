@@ -113,7 +113,7 @@ export function hostsHeld(hosts: HostsReport | null): boolean {
         (!p.ledRelay || (p.firstPublishMs !== null && p.firstPublishMs <= TAKEOVER_WITHIN_MS)),
     ) &&
     hosts.failovers.every((f) => f.rejoinedAfterMs !== null) &&
-    hosts.pgFailovers.every((f) => f.rejoinedAfterMs !== null && f.twoPrimaries === 0 && f.fleetAppliedMs !== null) &&
+    hosts.pgFailovers.every((f) => f.rejoinedAfterMs !== null && f.twoPrimaries === 0 && f.fleetAppliedMs !== null && f.decidedBefore > 0) &&
     hosts.activity.every((a) => a.probed > 0)
   );
 }
@@ -148,7 +148,9 @@ export function buildReport(r: RunResults): ChaosReport {
     hostsHeld(r.hosts) &&
     (r.upgrade === null || upgradeShown(r.upgrade)) &&
     (!options.durable || failoverLosses(r.hosts) === 0) &&
-    (!options.pgSync || pgFailoverLosses(r.hosts) === 0);
+    (!options.pgSync || pgFailoverLosses(r.hosts) === 0) &&
+    // every PostgreSQL failover injected was measured to its end (one that failed half-way leaves no record)
+    (r.hosts?.pgFailovers.length ?? 0) === (byKind['postgres-failover'] ?? 0);
   const {
     deployments,
     workers,

@@ -103,7 +103,8 @@ function removeLeftovers(log: (line: string) => void): void {
     let killed = 0;
     for (const pid of pids) {
       try {
-        if (fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir)) {
+        // pg_autoctl's children retitle themselves; each keeps the environment naming the directory (HOME)
+        if (fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir) || fs.readFileSync(`/proc/${pid}/environ`, 'utf8').includes(dir)) {
           process.kill(pid, 'SIGKILL');
           killed++;
         }
@@ -541,7 +542,8 @@ export class PgFormation {
       const killedAt = Date.now();
       await this.killHost(old);
       old.keeper = null;
-      this.healBetweenNodes();
+      // the link stays cut until the promotion: the dead host's kernel may still hold WAL in a closed walsender
+      // socket's send buffer, which it would otherwise hand the standby after all
       await waitFor(
         `${next.name} promoted`,
         async () => {
@@ -552,6 +554,7 @@ export class PgFormation {
         120_000,
       );
       const promotedMs = Date.now() - killedAt;
+      this.healBetweenNodes();
       this.removeAddress(old);
       this.addAddress(next);
       const addressMovedMs = Date.now() - killedAt;

@@ -11,6 +11,7 @@ import { NetnsLab, netnsUnavailable } from '../../dev/netns';
 import { PgFormation, pgFailoverUnavailable } from '../../dev/pg-failover';
 import { repoRoot } from '../../src/util';
 import * as path from 'node:path';
+import { waitFor } from '../helpers/wait';
 
 /** Writers inserting ids through the address; what they were told was committed. */
 class Writers {
@@ -43,7 +44,7 @@ class Writers {
   /** Waits until `n` more commits were acknowledged. */
   async more(n: number): Promise<void> {
     const target = this.acked.size + n;
-    while (this.acked.size < target) await new Promise((resolve) => setTimeout(resolve, 20));
+    await waitFor(`${n} more acknowledged commits`, () => (this.acked.size >= target ? true : undefined), 60_000);
   }
 
   async stop(): Promise<void> {

@@ -99,13 +99,13 @@ export interface PgFailoverEvent {
 /** Counts events acknowledged before `before` (ms) that are gone: neither decided nor queued any more. */
 export type AckedLostCheck = (before: number) => Promise<number>;
 
-/** `fn`, tried again every 500 ms while it fails, up to 20 times. */
-async function retried<T>(fn: () => Promise<T>): Promise<T> {
+/** `fn`, tried again every 500 ms while it fails, up to `tries` times. */
+async function retried<T>(fn: () => Promise<T>, tries = 20): Promise<T> {
   for (let attempt = 1; ; attempt++) {
     try {
       return await fn();
     } catch (err) {
-      if (attempt >= 20) throw err;
+      if (attempt >= tries) throw err;
       await sleep(500);
     }
   }
@@ -304,7 +304,8 @@ export class HostFaults {
     const killedAt = Date.now();
     const run = async (): Promise<void> => {
       const done = await cluster.failover(port, { replicaLagMs: this.replicaLagMs });
-      const ackedLost = await this.ackedLost(killedAt).catch((err: unknown) => {
+      // (PostgreSQL, which it reads, may be failing over itself: up to 30 s of tries)
+      const ackedLost = await retried(() => this.ackedLost(killedAt), 60).catch((err: unknown) => {
         this.say(`could not count what the failover lost: ${err instanceof Error ? err.message : String(err)}`);
         return -1;
       });

@@ -13,6 +13,7 @@ import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from 'node:
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { isProcessAlive } from '../src/util';
 
 /** Why namespaces cannot be made here, or null when they can. */
 export function netnsUnavailable(): string | null {
@@ -77,7 +78,7 @@ function claimLab(name: string): void {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
     const holder = Number(fs.readFileSync(file, 'utf8').trim());
-    if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && processAlive(holder)) {
+    if (Number.isInteger(holder) && holder > 0 && holder !== process.pid && isProcessAlive(holder)) {
       throw new Error(`netns lab ${name} is in use by process ${holder} (another run on this machine); wait for it to end, or run one at a time`);
     }
     fs.rmSync(file, { force: true }); // its process is gone: a killed run's
@@ -90,15 +91,6 @@ function releaseLab(name: string): void {
     if (fs.readFileSync(file, 'utf8').trim() === String(process.pid)) fs.rmSync(file, { force: true });
   } catch {
     // not claimed (any more): nothing to release
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

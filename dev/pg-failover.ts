@@ -28,7 +28,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Client } from 'pg';
-import { sleep } from '../src/util';
+import { isProcessAlive, sleep } from '../src/util';
 import type { NetnsLab } from './netns';
 import { ensureOsUser, type RunAs } from './servers/os-user';
 import { waitFor } from './wait';
@@ -66,15 +66,6 @@ const BASE_PREFIX = 'lifecycle-fleet-pgha-';
 /** in a formation's directory: the pid of the process that made it */
 const OWNER_FILE = 'owner.pid';
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /**
  * The formations of killed runs: their keepers and PostgreSQL live on in namespaces the next lab removed. Each
  * formation directory whose owner is gone: every process whose command line names it is SIGKILLed, then the
@@ -95,7 +86,7 @@ function removeLeftovers(log: (line: string) => void): void {
     } catch {
       // no owner file: made by a run killed at its start
     }
-    if (Number.isInteger(owner) && owner > 0 && processAlive(owner)) continue;
+    if (Number.isInteger(owner) && owner > 0 && isProcessAlive(owner)) continue;
     const pids = fs
       .readdirSync('/proc')
       .filter((p) => /^\d+$/.test(p))
